@@ -1,0 +1,298 @@
+//! Length-prefixed frames.
+//!
+//! A frame is a 4-byte little-endian body length followed by that many bytes
+//! of postcard-encoded message. [`MAX_FRAME`] bounds the body; a length above
+//! it is rejected as soon as the 4 prefix bytes are seen, before anything is
+//! allocated for the body.
+
+use alloc::vec::Vec;
+use core::fmt;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Largest frame body accepted or produced, in bytes (1 MiB).
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Size of the length prefix.
+pub const PREFIX_LEN: usize = 4;
+
+/// What went wrong while framing or encoding a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// The length prefix announces a body larger than [`MAX_FRAME`].
+    TooLarge {
+        /// The announced length.
+        len: usize,
+    },
+    /// The body is not a valid postcard encoding of the expected message.
+    Malformed,
+    /// The body decoded but bytes were left over after the message.
+    TrailingBytes,
+    /// Encoding failed (only possible for messages larger than [`MAX_FRAME`]).
+    Encode,
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::TooLarge { len } => {
+                write!(f, "frame of {len} bytes exceeds the maximum of {MAX_FRAME}")
+            }
+            FrameError::Malformed => f.write_str("malformed message"),
+            FrameError::TrailingBytes => f.write_str("trailing bytes after message"),
+            FrameError::Encode => f.write_str("message could not be encoded"),
+        }
+    }
+}
+
+struct Extender<'a>(&'a mut Vec<u8>);
+
+impl Extend<u8> for Extender<'_> {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
+        self.0.extend(iter)
+    }
+}
+
+/// The encoded body size of `msg`, without the prefix.
+pub fn encoded_len<T: Serialize + ?Sized>(msg: &T) -> Result<usize, FrameError> {
+    postcard::experimental::serialized_size(msg).map_err(|_| FrameError::Encode)
+}
+
+/// Append one frame holding `msg` to `out`.
+///
+/// The body size is measured first; a message whose body would exceed
+/// [`MAX_FRAME`] is refused with [`FrameError::TooLarge`] and `out` is left
+/// untouched.
+pub fn encode_frame<T: Serialize + ?Sized>(msg: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let len = encoded_len(msg)?;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge { len });
+    }
+    let start = out.len();
+    out.reserve(PREFIX_LEN + len);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    if postcard::to_extend(msg, Extender(out)).is_err() {
+        out.truncate(start);
+        return Err(FrameError::Encode);
+    }
+    debug_assert_eq!(out.len() - start, PREFIX_LEN + len);
+    Ok(())
+}
+
+/// One frame holding `msg`, as a new vector.
+pub fn to_frame<T: Serialize + ?Sized>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::new();
+    encode_frame(msg, &mut out)?;
+    Ok(out)
+}
+
+/// Decode a frame body (without its prefix) as a `T`; the whole body must be
+/// consumed.
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    match postcard::take_from_bytes::<T>(body) {
+        Ok((msg, [])) => Ok(msg),
+        Ok(_) => Err(FrameError::TrailingBytes),
+        Err(_) => Err(FrameError::Malformed),
+    }
+}
+
+/// A streaming frame decoder.
+///
+/// Feed it bytes in chunks of any size; it yields whole frame bodies. It
+/// buffers at most one frame: the body buffer grows only as body bytes
+/// arrive, so a peer announcing a large frame and sending nothing costs
+/// nothing. After an error the decoder stays failed: the stream has lost
+/// its framing and the connection should be closed.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    prefix: [u8; PREFIX_LEN],
+    prefix_len: usize,
+    /// Body length of the frame in progress, once the prefix is complete.
+    body_len: Option<usize>,
+    body: Vec<u8>,
+    failed: Option<FrameError>,
+}
+
+impl FrameDecoder {
+    /// A decoder at a frame boundary.
+    pub const fn new() -> Self {
+        FrameDecoder {
+            prefix: [0; PREFIX_LEN],
+            prefix_len: 0,
+            body_len: None,
+            body: Vec::new(),
+            failed: None,
+        }
+    }
+
+    /// Consume bytes from the front of `input` until one frame is complete
+    /// (returned as its body) or `input` is exhausted (`Ok(None)`).
+    ///
+    /// Call it again with the remaining `input` to get further frames; bytes
+    /// after a complete frame are never consumed by that call.
+    pub fn feed(&mut self, input: &mut &[u8]) -> Result<Option<Vec<u8>>, FrameError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        loop {
+            let Some(len) = self.body_len else {
+                if input.is_empty() {
+                    return Ok(None);
+                }
+                let take = (PREFIX_LEN - self.prefix_len).min(input.len());
+                self.prefix[self.prefix_len..self.prefix_len + take]
+                    .copy_from_slice(&input[..take]);
+                self.prefix_len += take;
+                *input = &input[take..];
+                if self.prefix_len == PREFIX_LEN {
+                    let len = u32::from_le_bytes(self.prefix) as usize;
+                    if len > MAX_FRAME {
+                        let err = FrameError::TooLarge { len };
+                        self.failed = Some(err.clone());
+                        return Err(err);
+                    }
+                    self.body_len = Some(len);
+                }
+                continue;
+            };
+            let take = (len - self.body.len()).min(input.len());
+            self.body.extend_from_slice(&input[..take]);
+            *input = &input[take..];
+            if self.body.len() == len {
+                self.prefix_len = 0;
+                self.body_len = None;
+                return Ok(Some(core::mem::take(&mut self.body)));
+            }
+            return Ok(None);
+        }
+    }
+
+    /// True when no partial frame is buffered.
+    pub fn is_idle(&self) -> bool {
+        self.prefix_len == 0 && self.body_len.is_none()
+    }
+
+    /// Bytes held for the frame in progress (prefix and body).
+    pub fn buffered(&self) -> usize {
+        self.prefix_len + self.body.len()
+    }
+
+    /// Whether the decoder has failed and the stream must be abandoned.
+    pub fn is_failed(&self) -> bool {
+        self.failed.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    fn frames_of(bodies: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for b in bodies {
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(b);
+        }
+        out
+    }
+
+    #[test]
+    fn oversize_prefix_is_rejected_before_body() {
+        let mut d = FrameDecoder::new();
+        let bytes = ((MAX_FRAME + 1) as u32).to_le_bytes();
+        let mut input = &bytes[..];
+        assert_eq!(
+            d.feed(&mut input),
+            Err(FrameError::TooLarge { len: MAX_FRAME + 1 })
+        );
+        assert!(d.is_failed());
+        let mut more: &[u8] = &[1, 2, 3];
+        assert!(d.feed(&mut more).is_err());
+    }
+
+    #[test]
+    fn max_frame_is_accepted() {
+        let body = vec![7u8; MAX_FRAME];
+        let stream = frames_of(core::slice::from_ref(&body));
+        let mut d = FrameDecoder::new();
+        let mut input = &stream[..];
+        assert_eq!(d.feed(&mut input).unwrap(), Some(body));
+        assert!(input.is_empty());
+        assert!(d.is_idle());
+    }
+
+    #[test]
+    fn truncated_frame_waits() {
+        let stream = frames_of(&[vec![1, 2, 3, 4, 5]]);
+        let mut d = FrameDecoder::new();
+        let mut input = &stream[..stream.len() - 1];
+        assert_eq!(d.feed(&mut input).unwrap(), None);
+        assert_eq!(d.buffered(), stream.len() - 1);
+        assert!(!d.is_idle());
+    }
+
+    #[test]
+    fn empty_body_frame() {
+        let stream = frames_of(&[vec![], vec![9]]);
+        let mut d = FrameDecoder::new();
+        let mut input = &stream[..];
+        assert_eq!(d.feed(&mut input).unwrap(), Some(vec![]));
+        assert_eq!(d.feed(&mut input).unwrap(), Some(vec![9]));
+        assert_eq!(d.feed(&mut input).unwrap(), None);
+    }
+
+    #[test]
+    fn encode_refuses_oversize() {
+        let big = vec![0u8; MAX_FRAME + 1];
+        let mut out = vec![1, 2];
+        assert!(matches!(
+            encode_frame(&big, &mut out),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert_eq!(out, vec![1, 2]);
+    }
+
+    #[test]
+    fn trailing_bytes_rejected() {
+        let mut body = postcard::to_allocvec(&5u32).unwrap();
+        body.push(0);
+        assert_eq!(decode_body::<u32>(&body), Err(FrameError::TrailingBytes));
+        assert_eq!(decode_body::<u32>(&[]), Err(FrameError::Malformed));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_chunking_yields_the_same_frames(
+            bodies in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..300), 0..20),
+            cuts in proptest::collection::vec(1usize..64, 1..200),
+        ) {
+            let stream = frames_of(&bodies);
+            let mut d = FrameDecoder::new();
+            let mut got = Vec::new();
+            let mut rest = &stream[..];
+            let mut i = 0;
+            while !rest.is_empty() {
+                let n = cuts[i % cuts.len()].min(rest.len());
+                i += 1;
+                let mut chunk = &rest[..n];
+                rest = &rest[n..];
+                while let Some(f) = d.feed(&mut chunk).unwrap() {
+                    got.push(f);
+                }
+                proptest::prop_assert!(chunk.is_empty());
+            }
+            proptest::prop_assert_eq!(got, bodies);
+            proptest::prop_assert!(d.is_idle());
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..2048)) {
+            let mut d = FrameDecoder::new();
+            let mut input = &bytes[..];
+            while let Ok(Some(body)) = d.feed(&mut input) {
+                let _ = decode_body::<crate::Request>(&body);
+            }
+        }
+    }
+}

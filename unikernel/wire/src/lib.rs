@@ -1,0 +1,160 @@
+//! memd's control protocol.
+//!
+//! - [`frame`]: length-prefixed frames (u32 little-endian length, postcard
+//!   body), [`MAX_FRAME`], and the streaming [`FrameDecoder`].
+//! - [`msg`]: [`Request`] / [`Response`], the handshake, every [`Op`] and
+//!   its [`Reply`].
+//! - [`stats`]: the statistics views.
+//! - [`flags`]: GFP flags, slab flags, DMA masks.
+//! - [`error`]: errno-style [`WireError`]s (numbers from hermit-abi).
+//! - [`pattern`]: the DMA fill pattern and checksum, so clients can verify.
+//!
+//! A session: the client sends `Request::Hello` with [`PROTOCOL_VERSION`]
+//! and the token; the service answers `Response::Hello` or
+//! `Response::Error { closing: true }`. Then each request gets exactly one
+//! response, in order.
+#![no_std]
+#![deny(missing_docs)]
+
+extern crate alloc;
+
+pub mod error;
+pub mod flags;
+pub mod frame;
+pub mod msg;
+pub mod pattern;
+pub mod stats;
+
+pub use error::{errno, errno_name, WireError};
+pub use flags::{DmaMask, Gfp, SlabFlags};
+pub use frame::{decode_body, encode_frame, to_frame, FrameDecoder, FrameError, MAX_FRAME};
+pub use msg::*;
+pub use pattern::{checksum, fill_pattern, Checksum};
+pub use stats::*;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::String;
+    use alloc::vec;
+    use alloc::vec::Vec;
+
+    fn roundtrip<T>(v: &T)
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + core::fmt::Debug,
+    {
+        let frame = to_frame(v).unwrap();
+        let mut d = FrameDecoder::new();
+        let mut input = &frame[..];
+        let body = d.feed(&mut input).unwrap().unwrap();
+        assert!(input.is_empty());
+        assert_eq!(&decode_body::<T>(&body).unwrap(), v);
+    }
+
+    #[test]
+    fn requests_roundtrip() {
+        roundtrip(&Request::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            token: "secret".into(),
+            client: "test".into(),
+        }));
+        let ops = vec![
+            Op::Status,
+            Op::AllocPages {
+                order: 3,
+                gfp: Gfp::KERNEL | Gfp::ZERO,
+            },
+            Op::CacheCreate {
+                name: "foo".into(),
+                size: 96,
+                align: 8,
+                flags: SlabFlags::POISON,
+                ctor: Ctor::Fill(0xa5),
+            },
+            Op::PoolCreate {
+                name: "p".into(),
+                backing: PoolBacking::Pages { order: 1 },
+                min_nr: 4,
+            },
+            Op::DmaAlloc {
+                len: 64 << 20,
+                align: 4096,
+                mask: DmaMask::Bits32,
+            },
+            Op::DmaWrite {
+                handle: 9,
+                offset: 5,
+                data: vec![1, 2, 3],
+            },
+            Op::FaultInject {
+                target: FaultTarget::Slab,
+                config: FaultConfig {
+                    probability: 10,
+                    interval: 1,
+                    times: -1,
+                },
+            },
+            Op::Shutdown,
+        ];
+        for op in &ops {
+            roundtrip(&Request::Call(op.clone()));
+        }
+        roundtrip(&Request::Batch(Batch {
+            stop_on_error: true,
+            ops,
+        }));
+    }
+
+    #[test]
+    fn responses_roundtrip() {
+        roundtrip(&Response::Hello(HelloAck {
+            version: 1,
+            conn: 3,
+            quota: Quota {
+                pages: 1,
+                bytes: 2,
+                handles: 3,
+            },
+        }));
+        roundtrip(&Response::Call(Ok(Reply::Zoneinfo(vec![ZoneInfo {
+            name: "DMA".into(),
+            free_blocks: vec![1, 2, 3],
+            lowmem_reserve: vec![0, 10, 20],
+            ..Default::default()
+        }]))));
+        roundtrip(&Response::Batch(vec![
+            Ok(Reply::Object {
+                handle: 1,
+                addr: 0x1000,
+                size: 64,
+            }),
+            Err(WireError::new(errno::ENOMEM, "out of memory")),
+        ]));
+        roundtrip(&Response::Error {
+            error: WireError::new(errno::EACCES, "bad token"),
+            closing: true,
+        });
+    }
+
+    #[test]
+    fn errno_names() {
+        let e = WireError::new(errno::EBUSY, "2 objects live");
+        assert_eq!(e.code_name(), "EBUSY");
+        assert_eq!(alloc::format!("{e}"), "EBUSY (16): 2 objects live");
+        let _: String = errno_name(9999).into();
+    }
+
+    #[test]
+    fn max_io_read_reply_fits_a_frame() {
+        let r = Response::Call(Ok(Reply::Data(vec![0xff; MAX_IO])));
+        assert!(to_frame(&r).is_ok());
+        let batch: Vec<Result<Reply, WireError>> = vec![
+            Ok(Reply::Data(vec![0; MAX_IO])),
+            Ok(Reply::Data(vec![0; MAX_IO])),
+        ];
+        assert!(matches!(
+            to_frame(&Response::Batch(batch)),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,455 @@
+//! Requests and responses.
+//!
+//! A client sends [`Request`] frames and receives one [`Response`] frame for
+//! each, in order. The first request must be [`Request::Hello`]; until it
+//! succeeds nothing else is served. None of these types is recursive (a
+//! batch holds [`Op`]s, never another batch), so decoding hostile input
+//! cannot recurse deeply.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::WireError;
+use crate::flags::{DmaMask, Gfp, SlabFlags};
+use crate::stats::*;
+
+/// Protocol version spoken by this crate.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Most operations one batch may carry.
+pub const MAX_BATCH_OPS: usize = 65_536;
+
+/// Longest name accepted for a cache or pool.
+pub const MAX_NAME_LEN: usize = 32;
+
+/// Most bytes one DMA read may return, so a reply always fits a frame.
+pub const MAX_IO: usize = crate::frame::MAX_FRAME - 4096;
+
+/// A resource owned by one connection: pages, an object, a cache, a pool or
+/// a DMA buffer. Handles are never reused within a service's lifetime.
+pub type Handle = u64;
+
+/// One frame from the client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// The handshake; must come first.
+    Hello(Hello),
+    /// One operation.
+    Call(Op),
+    /// Many operations in one frame, answered by [`Response::Batch`].
+    Batch(Batch),
+}
+
+/// The handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The client's [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// The token given to the service at boot (`memd.token=`).
+    pub token: String,
+    /// A name for the client, shown in the per-client view.
+    pub client: String,
+}
+
+/// A batch of operations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    /// Stop at the first failing operation (the rest are not run and get
+    /// no result).
+    pub stop_on_error: bool,
+    /// The operations, run in order.
+    pub ops: Vec<Op>,
+}
+
+/// A mempool's backing allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PoolBacking {
+    /// Objects of a slab cache created by this connection.
+    Cache(Handle),
+    /// kmalloc'd elements of `size` bytes.
+    Kmalloc {
+        /// Element size.
+        size: u32,
+    },
+    /// Page blocks of `order`.
+    Pages {
+        /// Block order.
+        order: u8,
+    },
+}
+
+/// A slab cache constructor, run once per object when a slab is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ctor {
+    /// No constructor.
+    None,
+    /// Fill each object with this byte.
+    Fill(u8),
+}
+
+/// Which allocations a fault-injection rule applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FaultTarget {
+    /// Slab allocations (Linux `failslab`).
+    Slab,
+    /// Page allocations (Linux `fail_page_alloc`).
+    Pages,
+}
+
+/// A fault-injection rule in the style of Linux's fault-injection
+/// attributes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FaultConfig {
+    /// Percent chance (0..=100) that an eligible allocation fails.
+    pub probability: u8,
+    /// Only every `interval`-th eligible allocation may fail (1 = each).
+    pub interval: u32,
+    /// Stop after this many injected failures (-1 = no limit, 0 = off).
+    pub times: i64,
+}
+
+/// One operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Service status.
+    Status,
+    /// `/proc/meminfo`.
+    Meminfo,
+    /// `/proc/zoneinfo`.
+    Zoneinfo,
+    /// `/proc/buddyinfo`.
+    Buddyinfo,
+    /// `/proc/slabinfo`.
+    Slabinfo,
+    /// Every mempool.
+    Mempools,
+    /// The contiguous-memory region.
+    Cma,
+    /// Per-connection usage.
+    Clients,
+    /// Every DMA buffer held by a client.
+    DmaBuffers,
+
+    /// Allocate `2^order` pages.
+    AllocPages {
+        /// Block order.
+        order: u8,
+        /// GFP flags.
+        gfp: Gfp,
+    },
+    /// Free pages from [`Op::AllocPages`].
+    FreePages {
+        /// The pages' handle.
+        handle: Handle,
+    },
+    /// kmalloc `size` bytes.
+    Kmalloc {
+        /// Bytes.
+        size: u64,
+        /// GFP flags.
+        gfp: Gfp,
+    },
+    /// kfree an object from [`Op::Kmalloc`].
+    Kfree {
+        /// The object's handle.
+        handle: Handle,
+    },
+
+    /// Create a slab cache.
+    CacheCreate {
+        /// Name (at most [`MAX_NAME_LEN`] bytes).
+        name: String,
+        /// Object size.
+        size: u32,
+        /// Alignment (0 = default).
+        align: u32,
+        /// SLAB_* flags.
+        flags: SlabFlags,
+        /// Constructor.
+        ctor: Ctor,
+    },
+    /// Allocate an object from a cache.
+    CacheAlloc {
+        /// The cache.
+        cache: Handle,
+        /// GFP flags.
+        gfp: Gfp,
+    },
+    /// Free an object to the cache it came from.
+    CacheFree {
+        /// The cache.
+        cache: Handle,
+        /// The object.
+        object: Handle,
+    },
+    /// Return a cache's empty slabs to the page allocator.
+    CacheShrink {
+        /// The cache.
+        cache: Handle,
+    },
+    /// Destroy a cache; fails with `EBUSY` while objects are live.
+    CacheDestroy {
+        /// The cache.
+        cache: Handle,
+    },
+
+    /// Create a mempool with `min_nr` reserved elements.
+    PoolCreate {
+        /// Name (at most [`MAX_NAME_LEN`] bytes).
+        name: String,
+        /// Backing allocator.
+        backing: PoolBacking,
+        /// Reserved elements.
+        min_nr: u32,
+    },
+    /// Allocate an element.
+    PoolAlloc {
+        /// The pool.
+        pool: Handle,
+        /// GFP flags.
+        gfp: Gfp,
+    },
+    /// Free an element to its pool.
+    PoolFree {
+        /// The pool.
+        pool: Handle,
+        /// The element.
+        object: Handle,
+    },
+    /// Destroy a pool; fails with `EBUSY` while elements are out.
+    PoolDestroy {
+        /// The pool.
+        pool: Handle,
+    },
+
+    /// Allocate a physically contiguous DMA buffer.
+    DmaAlloc {
+        /// Bytes.
+        len: u64,
+        /// Alignment, a power of two (0 = page).
+        align: u64,
+        /// Address limit.
+        mask: DmaMask,
+    },
+    /// Free a DMA buffer.
+    DmaFree {
+        /// The buffer.
+        handle: Handle,
+    },
+    /// Copy bytes into a buffer.
+    DmaWrite {
+        /// The buffer.
+        handle: Handle,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes to write.
+        data: Vec<u8>,
+    },
+    /// Copy bytes out of a buffer (at most [`MAX_IO`]).
+    DmaRead {
+        /// The buffer.
+        handle: Handle,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes to read.
+        len: u32,
+    },
+    /// Fill a whole buffer with the pattern of [`crate::fill_pattern`].
+    DmaFill {
+        /// The buffer.
+        handle: Handle,
+        /// Pattern seed.
+        seed: u64,
+    },
+    /// FNV-1a 64 of a range of a buffer (`len` 0 = to the end).
+    DmaChecksum {
+        /// The buffer.
+        handle: Handle,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes (0 = to the end).
+        len: u64,
+    },
+    /// Write a whole buffer to the block device at `sector` (512 bytes).
+    DmaWriteDisk {
+        /// The buffer.
+        handle: Handle,
+        /// First sector.
+        sector: u64,
+    },
+    /// Read the block device at `sector` into a whole buffer.
+    DmaReadDisk {
+        /// The buffer.
+        handle: Handle,
+        /// First sector.
+        sector: u64,
+    },
+
+    /// Run every invariant checker.
+    Check,
+    /// Run `ops` random allocator operations inside the guest.
+    Stress {
+        /// Operations to run.
+        ops: u64,
+        /// PRNG seed.
+        seed: u64,
+    },
+    /// Set a fault-injection rule.
+    FaultInject {
+        /// Which allocations.
+        target: FaultTarget,
+        /// The rule (probability 0 or times 0 turns it off).
+        config: FaultConfig,
+    },
+    /// Stop the service after replying.
+    Shutdown,
+}
+
+impl Op {
+    /// The operation's name, as memctl spells its subcommand.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Status => "status",
+            Op::Meminfo => "meminfo",
+            Op::Zoneinfo => "zoneinfo",
+            Op::Buddyinfo => "buddyinfo",
+            Op::Slabinfo => "slabinfo",
+            Op::Mempools => "mempools",
+            Op::Cma => "cma",
+            Op::Clients => "clients",
+            Op::DmaBuffers => "dma-list",
+            Op::AllocPages { .. } => "alloc-pages",
+            Op::FreePages { .. } => "free-pages",
+            Op::Kmalloc { .. } => "kmalloc",
+            Op::Kfree { .. } => "kfree",
+            Op::CacheCreate { .. } => "cache-create",
+            Op::CacheAlloc { .. } => "cache-alloc",
+            Op::CacheFree { .. } => "cache-free",
+            Op::CacheShrink { .. } => "cache-shrink",
+            Op::CacheDestroy { .. } => "cache-destroy",
+            Op::PoolCreate { .. } => "pool-create",
+            Op::PoolAlloc { .. } => "pool-alloc",
+            Op::PoolFree { .. } => "pool-free",
+            Op::PoolDestroy { .. } => "pool-destroy",
+            Op::DmaAlloc { .. } => "dma-alloc",
+            Op::DmaFree { .. } => "dma-free",
+            Op::DmaWrite { .. } => "dma-write",
+            Op::DmaRead { .. } => "dma-read",
+            Op::DmaFill { .. } => "dma-fill",
+            Op::DmaChecksum { .. } => "dma-checksum",
+            Op::DmaWriteDisk { .. } => "dma-write-disk",
+            Op::DmaReadDisk { .. } => "dma-read-disk",
+            Op::Check => "check",
+            Op::Stress { .. } => "stress",
+            Op::FaultInject { .. } => "fault-inject",
+            Op::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Accepted handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloAck {
+    /// The server's protocol version.
+    pub version: u32,
+    /// The connection's id in the per-client view.
+    pub conn: u64,
+    /// The limits this connection runs under.
+    pub quota: Quota,
+}
+
+/// Per-connection limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    /// Pages held at once (page blocks, DMA buffers, object footprints).
+    pub pages: u64,
+    /// Bytes held at once.
+    pub bytes: u64,
+    /// Handles held at once.
+    pub handles: u64,
+}
+
+/// The successful result of one operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Done; nothing to return.
+    Done,
+    /// [`Op::Status`].
+    Status(Status),
+    /// [`Op::Meminfo`].
+    Meminfo(Meminfo),
+    /// [`Op::Zoneinfo`].
+    Zoneinfo(Vec<ZoneInfo>),
+    /// [`Op::Buddyinfo`].
+    Buddyinfo(Vec<BuddyZone>),
+    /// [`Op::Slabinfo`].
+    Slabinfo(Vec<SlabInfo>),
+    /// [`Op::Mempools`].
+    Mempools(Vec<MempoolInfo>),
+    /// [`Op::Cma`].
+    Cma(CmaInfo),
+    /// [`Op::Clients`].
+    Clients(Vec<ClientInfo>),
+    /// [`Op::DmaBuffers`].
+    DmaBuffers(Vec<DmaBufferInfo>),
+    /// A page block.
+    Pages {
+        /// Its handle.
+        handle: Handle,
+        /// Physical address.
+        phys: u64,
+        /// Order.
+        order: u8,
+    },
+    /// An object (kmalloc, cache or pool).
+    Object {
+        /// Its handle.
+        handle: Handle,
+        /// Its address in the guest.
+        addr: u64,
+        /// Usable size (`ksize`).
+        size: u64,
+    },
+    /// A created cache or pool.
+    Created {
+        /// Its handle.
+        handle: Handle,
+    },
+    /// [`Op::CacheShrink`]: pages returned.
+    Shrunk {
+        /// Pages returned to the page allocator.
+        pages: u64,
+    },
+    /// A DMA buffer.
+    Dma(DmaBufferInfo),
+    /// Bytes read.
+    Data(Vec<u8>),
+    /// A checksum.
+    Checksum(u64),
+    /// [`Op::Check`].
+    Check(CheckReport),
+    /// [`Op::Stress`].
+    Stress(StressReport),
+}
+
+/// One frame from the service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The handshake succeeded.
+    Hello(HelloAck),
+    /// The result of [`Request::Call`].
+    Call(Result<Reply, WireError>),
+    /// The results of [`Request::Batch`], one per operation run.
+    Batch(Vec<Result<Reply, WireError>>),
+    /// The request could not be served at all (bad frame, no hello, wrong
+    /// token, ...). `closing` says the service closes the connection after
+    /// this frame.
+    Error {
+        /// What went wrong.
+        error: WireError,
+        /// The connection is being closed.
+        closing: bool,
+    },
+}

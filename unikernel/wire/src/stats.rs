@@ -1,0 +1,257 @@
+//! Statistics views, as the wire carries them.
+//!
+//! These are the protocol's own copies of the memory manager's views, so
+//! the protocol does not change when memd-mm's internals do; the service
+//! converts. Sizes are in bytes unless a field says pages.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use serde::{Deserialize, Serialize};
+
+use crate::flags::DmaMask;
+use crate::msg::{Handle, Quota};
+
+/// [`crate::Op::Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Status {
+    /// Protocol version.
+    pub version: u32,
+    /// Server name and version.
+    pub server: String,
+    /// Time since the service started.
+    pub uptime_ns: u64,
+    /// Open connections (authenticated or not).
+    pub connections: u64,
+    /// Requests served since start (batch operations count one each).
+    pub requests: u64,
+    /// Page size.
+    pub page_size: u64,
+    /// Number of buddy orders (blocks up to `2^(max_order-1)` pages).
+    pub max_order: u32,
+    /// Memory managed by the page allocator.
+    pub total_bytes: u64,
+    /// Memory on the buddy free lists.
+    pub free_bytes: u64,
+    /// Whether a block device is attached (for the disk DMA operations).
+    pub block_device: bool,
+}
+
+/// `/proc/meminfo`, in bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Meminfo {
+    /// RAM handed to the memory manager at boot.
+    pub total: u64,
+    /// Free pages (buddy and per-CPU lists).
+    pub free: u64,
+    /// Free less the zones' `min` watermarks.
+    pub available: u64,
+    /// Reserved at boot (kernel image, boot tables, memmap holes, frame table).
+    pub reserved: u64,
+    /// Frame table (`struct page` array).
+    pub frame_table: u64,
+    /// Pages held by slab caches.
+    pub slab: u64,
+    /// Bytes in use by slab objects.
+    pub slab_objects: u64,
+    /// kmalloc allocations served straight from the buddy.
+    pub kmalloc_large: u64,
+    /// Idle mempool reserves.
+    pub mempool_reserve: u64,
+    /// Contiguous-memory region.
+    pub cma_total: u64,
+    /// Free in the contiguous-memory region.
+    pub cma_free: u64,
+    /// In DMA buffers.
+    pub dma: u64,
+}
+
+/// One zone of `/proc/zoneinfo`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ZoneInfo {
+    /// NUMA node (always 0 today).
+    pub node: u32,
+    /// "DMA", "DMA32" or "Normal".
+    pub name: String,
+    /// First frame number spanned.
+    pub start_pfn: u64,
+    /// Frames spanned.
+    pub spanned: u64,
+    /// Frames handed to the page allocator.
+    pub managed: u64,
+    /// Free frames.
+    pub free: u64,
+    /// `min` watermark, pages.
+    pub min: u64,
+    /// `low` watermark, pages.
+    pub low: u64,
+    /// `high` watermark, pages.
+    pub high: u64,
+    /// Pages held back per requesting zone.
+    pub lowmem_reserve: Vec<u64>,
+    /// Free blocks per order.
+    pub free_blocks: Vec<u64>,
+    /// Pages on the per-CPU lists.
+    pub pcp_count: u64,
+    /// Successful allocations.
+    pub alloc_success: u64,
+    /// Failed allocations.
+    pub alloc_fail: u64,
+    /// Allocations served from the ATOMIC reserve.
+    pub atomic_reserve_used: u64,
+    /// Allocations that fell back to this zone.
+    pub fallback: u64,
+}
+
+/// One line of `/proc/buddyinfo`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct BuddyZone {
+    /// NUMA node.
+    pub node: u32,
+    /// Zone name.
+    pub zone: String,
+    /// Free blocks per order.
+    pub free: Vec<u64>,
+}
+
+/// One line of `/proc/slabinfo`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SlabInfo {
+    /// Cache name.
+    pub name: String,
+    /// Objects in use.
+    pub active_objs: u64,
+    /// Object slots in all slabs.
+    pub num_objs: u64,
+    /// Object size as requested.
+    pub objsize: u64,
+    /// Stride between objects (size plus alignment and red zones).
+    pub stride: u64,
+    /// Objects per slab.
+    pub objperslab: u64,
+    /// Pages per slab.
+    pub pagesperslab: u64,
+    /// Slabs with at least one object in use.
+    pub active_slabs: u64,
+    /// All slabs.
+    pub num_slabs: u64,
+    /// Constructor calls made.
+    pub ctor_calls: u64,
+    /// Created by a client (as opposed to kmalloc's own caches).
+    pub client: bool,
+}
+
+/// One mempool.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MempoolInfo {
+    /// Pool name.
+    pub name: String,
+    /// What backs it, for humans ("cache foo", "kmalloc-256", "pages order 2").
+    pub backing: String,
+    /// Element size.
+    pub elem_size: u64,
+    /// Reserve size.
+    pub min_nr: u64,
+    /// Elements currently in the reserve.
+    pub curr_nr: u64,
+    /// Bytes idle in the reserve.
+    pub reserve_bytes: u64,
+    /// Elements handed out and not yet freed.
+    pub in_use: u64,
+    /// Allocations served from the reserve because the backing failed.
+    pub reserve_hits: u64,
+}
+
+/// The contiguous-memory region.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CmaInfo {
+    /// First physical address (0 when there is no region).
+    pub base: u64,
+    /// Region size.
+    pub total: u64,
+    /// Free bytes.
+    pub free: u64,
+    /// Largest free contiguous range.
+    pub largest_free: u64,
+    /// Live allocations: (physical address, length).
+    pub allocations: Vec<(u64, u64)>,
+    /// Allocations made.
+    pub alloc_count: u64,
+    /// Allocations that failed.
+    pub alloc_fail: u64,
+}
+
+/// One connection in the per-client view.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ClientInfo {
+    /// Connection id.
+    pub conn: u64,
+    /// The name the client gave in its hello ("" before it).
+    pub name: String,
+    /// Whether it has authenticated.
+    pub authenticated: bool,
+    /// Handles held.
+    pub handles: u64,
+    /// Pages accounted (page blocks, DMA buffers, object footprints).
+    pub pages: u64,
+    /// Bytes accounted.
+    pub bytes: u64,
+    /// Requests served (batch operations count one each).
+    pub requests: u64,
+    /// Errors returned.
+    pub errors: u64,
+    /// Its limits.
+    pub quota: Option<Quota>,
+}
+
+/// Where a DMA buffer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DmaSource {
+    /// The buddy allocator (fits an order).
+    Buddy,
+    /// The contiguous-memory region.
+    Cma,
+}
+
+/// A DMA buffer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DmaBufferInfo {
+    /// Its handle.
+    pub handle: Handle,
+    /// Owning connection.
+    pub conn: u64,
+    /// Physical address.
+    pub phys: u64,
+    /// Length.
+    pub len: u64,
+    /// Alignment asked for.
+    pub align: u64,
+    /// Address limit asked for.
+    pub mask: DmaMask,
+    /// Where it came from.
+    pub source: DmaSource,
+}
+
+/// [`crate::Op::Check`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CheckReport {
+    /// Whether every invariant held.
+    pub ok: bool,
+    /// What was violated.
+    pub violations: Vec<String>,
+}
+
+/// [`crate::Op::Stress`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct StressReport {
+    /// Operations run.
+    pub ops: u64,
+    /// Allocations that failed (out of memory; not errors of the run).
+    pub failed_allocs: u64,
+    /// Time taken inside the guest.
+    pub elapsed_ns: u64,
+    /// `ops` per second.
+    pub ops_per_sec: u64,
+    /// Whether the invariant check after the run passed.
+    pub check_ok: bool,
+}
