@@ -1,0 +1,188 @@
+//! Exceptions: an IDT whose 32 CPU exception vectors print what happened
+//! (vector, error code, RIP, CR2) and end QEMU with a failure status, instead
+//! of a silent triple fault. Interrupts stay disabled: memd polls.
+
+use core::arch::{asm, global_asm};
+use core::fmt::Write;
+
+use super::serial::Serial;
+
+// Stubs: vectors without a CPU error code push a 0 so every frame looks the
+// same, then push the vector number and jump to the common path, which aligns
+// the stack and calls `exception_entry(frame)`. Exceptions are fatal here, so
+// nothing is restored.
+global_asm!(
+    r#"
+    .pushsection .text.isr, "ax"
+    .macro ISR_NOERR n
+isr_\n:
+    pushq $0
+    pushq $\n
+    jmp isr_common
+    .endm
+    .macro ISR_ERR n
+isr_\n:
+    pushq $\n
+    jmp isr_common
+    .endm
+    ISR_NOERR 0
+    ISR_NOERR 1
+    ISR_NOERR 2
+    ISR_NOERR 3
+    ISR_NOERR 4
+    ISR_NOERR 5
+    ISR_NOERR 6
+    ISR_NOERR 7
+    ISR_ERR 8
+    ISR_NOERR 9
+    ISR_ERR 10
+    ISR_ERR 11
+    ISR_ERR 12
+    ISR_ERR 13
+    ISR_ERR 14
+    ISR_NOERR 15
+    ISR_NOERR 16
+    ISR_ERR 17
+    ISR_NOERR 18
+    ISR_NOERR 19
+    ISR_NOERR 20
+    ISR_ERR 21
+    ISR_NOERR 22
+    ISR_NOERR 23
+    ISR_NOERR 24
+    ISR_NOERR 25
+    ISR_NOERR 26
+    ISR_NOERR 27
+    ISR_NOERR 28
+    ISR_ERR 29
+    ISR_ERR 30
+    ISR_NOERR 31
+isr_common:
+    movq %rsp, %rdi
+    andq $-16, %rsp
+    call {entry}
+    ud2
+    .popsection
+
+    .pushsection .rodata.isr, "a"
+    .balign 8
+    .global isr_table
+isr_table:
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .quad isr_\n
+    .endr
+    .popsection
+    "#,
+    entry = sym exception_entry,
+    options(att_syntax),
+);
+
+extern "C" {
+    static isr_table: [u64; 32];
+}
+
+/// What the stubs and the CPU left on the stack.
+#[repr(C)]
+struct Frame {
+    vector: u64,
+    error: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+const NAMES: [&str; 32] = [
+    "divide error",
+    "debug",
+    "NMI",
+    "breakpoint",
+    "overflow",
+    "bound range",
+    "invalid opcode",
+    "device not available",
+    "double fault",
+    "coprocessor overrun",
+    "invalid TSS",
+    "segment not present",
+    "stack fault",
+    "general protection",
+    "page fault",
+    "reserved",
+    "x87 error",
+    "alignment check",
+    "machine check",
+    "SIMD error",
+    "virtualisation",
+    "control protection",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "hypervisor injection",
+    "VMM communication",
+    "security",
+    "reserved",
+];
+
+extern "C" fn exception_entry(frame: *const Frame) -> ! {
+    // SAFETY: `frame` is the stack pointer the stub saw, pointing at the
+    // vector/error words it pushed followed by the CPU's interrupt frame.
+    let f = unsafe { &*frame };
+    let name = NAMES.get(f.vector as usize).copied().unwrap_or("?");
+    let mut s = Serial;
+    let _ = writeln!(
+        s,
+        "\nmemd: FATAL exception {} ({}) error={:#x} rip={:#x} rsp={:#x} rflags={:#x}",
+        f.vector, name, f.error, f.rip, f.rsp, f.rflags
+    );
+    if f.vector == 14 {
+        let _ = writeln!(s, "memd: page fault address cr2={:#x}", super::read_cr2());
+    }
+    let stack_bottom = crate::boot::stack_bottom();
+    if f.rsp < stack_bottom + 4096 && f.rsp + 65536 > stack_bottom {
+        let _ = writeln!(
+            s,
+            "memd: (stack pointer near the bottom of the boot stack: overflow?)"
+        );
+    }
+    super::exit::failure()
+}
+
+#[repr(C, packed)]
+struct IdtPtr {
+    limit: u16,
+    base: u64,
+}
+
+#[repr(C, align(16))]
+struct Idt([u64; 64]);
+
+static mut IDT: Idt = Idt([0; 64]);
+
+/// Installs the exception handlers.
+pub fn init() {
+    // SAFETY: single-threaded boot; IDT is written once here, before any
+    // exception handler can run, and is never touched again. The table of stub
+    // addresses is read-only data emitted by the assembly above.
+    unsafe {
+        let idt = &mut *(&raw mut IDT);
+        for v in 0..32 {
+            let addr = isr_table[v];
+            let low = (addr & 0xffff)
+                | (0x08 << 16) // kernel code selector
+                | (0x8e << 40) // present, DPL 0, 64-bit interrupt gate
+                | ((addr >> 16) & 0xffff) << 48;
+            idt.0[2 * v] = low;
+            idt.0[2 * v + 1] = addr >> 32;
+        }
+        let ptr = IdtPtr {
+            limit: (core::mem::size_of::<Idt>() - 1) as u16,
+            base: idt as *const Idt as u64,
+        };
+        asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags));
+    }
+}

@@ -1,0 +1,83 @@
+//! x86-64 specifics: port I/O, CPUID, control registers, the serial console,
+//! QEMU's exit device, exceptions, time and paging.
+
+#![allow(unsafe_code)]
+
+pub mod exit;
+pub mod idt;
+pub mod paging;
+pub mod serial;
+pub mod time;
+
+use core::arch::asm;
+use core::arch::x86_64::{__cpuid_count, _rdtsc, CpuidResult};
+
+/// Writes a byte to an I/O port.
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: port I/O has no memory effects visible to Rust; the ports used
+    // by this kernel (UART, PIT, debug-exit) have no DMA side effects.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Reads a byte from an I/O port.
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
+/// Writes a 32-bit value to an I/O port.
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// CPUID leaf/subleaf.
+pub fn cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
+    __cpuid_count(leaf, subleaf)
+}
+
+/// Highest basic CPUID leaf.
+pub fn cpuid_max_leaf() -> u32 {
+    cpuid(0, 0).eax
+}
+
+/// Highest extended CPUID leaf.
+pub fn cpuid_max_ext_leaf() -> u32 {
+    cpuid(0x8000_0000, 0).eax
+}
+
+/// The time-stamp counter.
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC is unprivileged and always present on x86-64.
+    unsafe { _rdtsc() }
+}
+
+/// CR2 (faulting address of the last page fault).
+pub fn read_cr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR2 has no side effects (we run in ring 0).
+    unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+/// Halts until the next interrupt (interrupts stay disabled, so forever
+/// unless an NMI arrives).
+pub fn halt() {
+    // SAFETY: HLT only stops the CPU until an interrupt.
+    unsafe { asm!("hlt", options(nomem, nostack, preserves_flags)) }
+}
+
+/// Stops the CPU for good.
+pub fn halt_forever() -> ! {
+    loop {
+        halt();
+    }
+}

@@ -1,0 +1,227 @@
+//! The final page tables: a direct map of all RAM at `DIRECT_MAP_OFFSET`
+//! (1 GiB pages where the CPU has them and a whole GiB is RAM, else 2 MiB
+//! pages), the device windows below 4 GiB mapped uncached in the same direct
+//! map (microvm's virtio-mmio slots, IOAPIC and LAPIC; q35's ECAM and 32-bit
+//! PCI BAR window: everything in the 32-bit hole above RAM), and an identity
+//! map of the kernel image, which is linked at 1 MiB.
+//!
+//! Page-table frames come from a bump allocator over the usable RAM right
+//! after the kernel image; the range it used is handed to the memory manager
+//! as reserved.
+
+use core::arch::asm;
+use core::ops::Range;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::cpuid;
+use crate::boot::E820Entry;
+
+/// Virtual address of physical address 0 in the direct map (PML4 slot 256).
+pub const DIRECT_MAP_OFFSET: u64 = 0xffff_8000_0000_0000;
+
+const PAGE: u64 = 4096;
+const MIB2: u64 = 2 << 20;
+const GIB: u64 = 1 << 30;
+const FOUR_GIB: u64 = 4 << 30;
+/// The direct map spans at most 64 TiB (PML4 slots 256..384).
+const MAX_PHYS: u64 = 64 << 40;
+
+const P: u64 = 1;
+const RW: u64 = 2;
+const PWT: u64 = 1 << 3;
+const PCD: u64 = 1 << 4;
+const PS: u64 = 1 << 7;
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// Offset through which page-table frames are reached: 0 while the boot
+/// identity map is live, `DIRECT_MAP_OFFSET` afterwards.
+static TABLE_OFFSET: AtomicU64 = AtomicU64::new(0);
+
+/// The result of `init`.
+#[derive(Clone, Debug)]
+pub struct PagingInfo {
+    pub direct_map_offset: u64,
+    /// Physical frames used by the page tables (reserve them).
+    pub table_frames: Range<u64>,
+    /// End of the direct map's physical range.
+    pub mapped_end: u64,
+    pub gib_pages: u64,
+    pub mib2_pages: u64,
+    pub uncached_mib2_pages: u64,
+    pub huge_1g: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    None,
+    Ram,
+    Device,
+}
+
+fn ram_like(kind: u32) -> bool {
+    matches!(kind, 1 | 3 | 4)
+}
+
+struct Bump {
+    start: u64,
+    next: u64,
+    end: u64,
+}
+
+impl Bump {
+    fn alloc(&mut self) -> u64 {
+        assert!(
+            self.next + PAGE <= self.end,
+            "out of early frames for page tables"
+        );
+        let f = self.next;
+        self.next += PAGE;
+        let p = table_ptr(f);
+        // SAFETY: `f` is a fresh frame of usable RAM past the kernel image,
+        // reachable through the current offset (identity below 4 GiB).
+        unsafe { core::ptr::write_bytes(p, 0, 512) };
+        f
+    }
+}
+
+fn table_ptr(phys: u64) -> *mut u64 {
+    (phys + TABLE_OFFSET.load(Ordering::Relaxed)) as *mut u64
+}
+
+fn entry(table: u64, index: u64) -> u64 {
+    // SAFETY: `table` is a page-table frame allocated by `Bump`, index < 512.
+    unsafe { table_ptr(table).add(index as usize).read() }
+}
+
+fn set_entry(table: u64, index: u64, value: u64) {
+    // SAFETY: as for `entry`.
+    unsafe { table_ptr(table).add(index as usize).write(value) }
+}
+
+/// Returns the next-level table under `table[index]`, allocating it.
+fn next_table(bump: &mut Bump, table: u64, index: u64) -> u64 {
+    let e = entry(table, index);
+    if e & P != 0 {
+        return e & ADDR_MASK;
+    }
+    let t = bump.alloc();
+    set_entry(table, index, t | P | RW);
+    t
+}
+
+fn classify(chunk: u64, map: &[E820Entry], low_top: u64) -> Kind {
+    let end = chunk + MIB2;
+    if map
+        .iter()
+        .any(|e| ram_like(e.kind) && e.addr < end && e.end() > chunk)
+    {
+        Kind::Ram
+    } else if chunk >= low_top && chunk < FOUR_GIB {
+        Kind::Device
+    } else {
+        Kind::None
+    }
+}
+
+/// True if the CPU supports 1 GiB pages.
+pub fn has_1g_pages() -> bool {
+    super::cpuid_max_ext_leaf() >= 0x8000_0001 && cpuid(0x8000_0001, 0).edx & (1 << 26) != 0
+}
+
+/// Builds and loads the final page tables. `kernel` is the kernel image.
+pub fn init(map: &[E820Entry], kernel: Range<u64>) -> PagingInfo {
+    let huge_1g = has_1g_pages();
+    // Frames for the tables: the usable region holding the first page after
+    // the kernel, below 4 GiB (the boot identity map's reach).
+    let first = kernel.end.next_multiple_of(PAGE);
+    let region = map
+        .iter()
+        .find(|e| e.kind == 1 && e.addr <= first && e.end() >= first + 16 * PAGE)
+        .expect("no usable RAM after the kernel image for page tables");
+    let mut bump = Bump {
+        start: first,
+        next: first,
+        end: region.end().min(FOUR_GIB) & !(PAGE - 1),
+    };
+
+    let low_top = map
+        .iter()
+        .filter(|e| ram_like(e.kind) && e.addr < FOUR_GIB)
+        .map(|e| e.end().min(FOUR_GIB))
+        .max()
+        .unwrap_or(0)
+        .next_multiple_of(MIB2);
+    let ram_end = map
+        .iter()
+        .filter(|e| ram_like(e.kind))
+        .map(|e| e.end())
+        .max()
+        .unwrap_or(0);
+    let mapped_end = ram_end.max(FOUR_GIB).min(MAX_PHYS);
+
+    let pml4 = bump.alloc();
+    // Identity map of the kernel image (2 MiB pages).
+    let id_pdpt = next_table(&mut bump, pml4, 0);
+    let id_pd = next_table(&mut bump, id_pdpt, 0);
+    let kernel_top = kernel.end.next_multiple_of(MIB2);
+    assert!(kernel_top <= GIB, "kernel image beyond 1 GiB");
+    for i in 0..kernel_top / MIB2 {
+        set_entry(id_pd, i, (i * MIB2) | P | RW | PS);
+    }
+
+    let mut info = PagingInfo {
+        direct_map_offset: DIRECT_MAP_OFFSET,
+        table_frames: 0..0,
+        mapped_end,
+        gib_pages: 0,
+        mib2_pages: 0,
+        uncached_mib2_pages: 0,
+        huge_1g,
+    };
+    let mut kinds = [Kind::None; 512];
+    for gib in 0..mapped_end.div_ceil(GIB) {
+        let base = gib * GIB;
+        for (i, k) in kinds.iter_mut().enumerate() {
+            *k = classify(base + i as u64 * MIB2, map, low_top);
+        }
+        if kinds.iter().all(|&k| k == Kind::None) {
+            continue;
+        }
+        let virt = DIRECT_MAP_OFFSET + base;
+        let pml4_index = (virt >> 39) & 511;
+        let pdpt = next_table(&mut bump, pml4, pml4_index);
+        let pdpt_index = (virt >> 30) & 511;
+        if huge_1g && kinds.iter().all(|&k| k == Kind::Ram) {
+            set_entry(pdpt, pdpt_index, base | P | RW | PS);
+            info.gib_pages += 1;
+            continue;
+        }
+        let pd = next_table(&mut bump, pdpt, pdpt_index);
+        for (i, &k) in kinds.iter().enumerate() {
+            let phys = base + i as u64 * MIB2;
+            let flags = match k {
+                Kind::None => continue,
+                Kind::Ram => P | RW | PS,
+                Kind::Device => {
+                    info.uncached_mib2_pages += 1;
+                    P | RW | PS | PCD | PWT
+                }
+            };
+            info.mib2_pages += 1;
+            set_entry(pd, i as u64, phys | flags);
+        }
+    }
+    info.table_frames = bump.start..bump.next;
+
+    // SAFETY: the new tables map the kernel image at the same addresses as
+    // the boot tables (code, stack and statics stay reachable) and map every
+    // page-table frame through the direct map, which TABLE_OFFSET switches to.
+    unsafe { asm!("mov cr3, {}", in(reg) pml4, options(nostack, preserves_flags)) };
+    TABLE_OFFSET.store(DIRECT_MAP_OFFSET, Ordering::Relaxed);
+    info
+}
+
+/// Virtual address of a physical address in the direct map.
+pub fn phys_to_virt(phys: u64) -> u64 {
+    phys + DIRECT_MAP_OFFSET
+}

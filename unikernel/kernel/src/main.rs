@@ -1,0 +1,147 @@
+//! memd-kernel: boots by PVH under QEMU (`-M microvm` or `-M q35`), maps all
+//! RAM, and runs the memd memory service.
+//!
+//! `unsafe` lives only in `boot` (entry, start_info) and `arch` (port I/O,
+//! control registers, page tables, exceptions); the rest of the crate denies
+//! it.
+
+#![no_std]
+#![no_main]
+#![deny(unsafe_code)]
+
+mod arch;
+mod boot;
+mod cmdline;
+mod logger;
+
+use log::{info, warn};
+use spin::Mutex;
+
+use crate::arch::time::TscSource;
+use crate::boot::{BootData, E820Entry, MAX_CMDLINE, MAX_E820};
+
+static BOOT_DATA: Mutex<BootData> = Mutex::new(BootData {
+    start_info: 0,
+    map: [E820Entry {
+        addr: 0,
+        size: 0,
+        kind: 0,
+    }; MAX_E820],
+    map_len: 0,
+    map_dropped: 0,
+    cmdline: [0; MAX_CMDLINE],
+    cmdline_len: 0,
+    cmdline_truncated: false,
+});
+
+fn e820_name(kind: u32) -> &'static str {
+    match kind {
+        1 => "usable",
+        2 => "reserved",
+        3 => "ACPI",
+        4 => "ACPI NVS",
+        5 => "unusable",
+        _ => "unknown",
+    }
+}
+
+/// The kernel proper, entered from `boot` in 64-bit mode on the boot stack.
+pub fn kmain(start_info: u64) -> ! {
+    arch::time::mark_boot();
+    arch::serial::init();
+    logger::init();
+    arch::idt::init();
+
+    let mut boot = BOOT_DATA.lock();
+    if let Err(e) = boot::read_start_info(start_info, &mut boot) {
+        panic!("PVH start_info at {start_info:#x}: {e}");
+    }
+    let cmdline = boot.cmdline();
+    let bad_level = match cmdline::get(cmdline, "memd.log") {
+        Some(v) => match logger::parse_level(v) {
+            Some(level) => {
+                log::set_max_level(level);
+                None
+            }
+            None => Some(v),
+        },
+        None => None,
+    };
+    info!("memd: PVH boot, start_info at {start_info:#x}, command line {cmdline:?}");
+    if let Some(v) = bad_level {
+        warn!("memd.log={v:?} is not one of off/error/warn/info/debug/trace; keeping info");
+    }
+    if boot.cmdline_truncated {
+        warn!("command line longer than {MAX_CMDLINE} bytes: truncated");
+    }
+
+    let (hz, source) = arch::time::calibrate();
+    match source {
+        TscSource::Pit => info!(
+            "tsc: {}.{:03} MHz (calibrated against the PIT)",
+            hz / 1_000_000,
+            hz / 1000 % 1000
+        ),
+        TscSource::CpuidCrystal => {
+            warn!("tsc: no PIT; {} MHz from CPUID leaf 0x15", hz / 1_000_000)
+        }
+        TscSource::CpuidBase => warn!("tsc: no PIT; {} MHz from CPUID leaf 0x16", hz / 1_000_000),
+        TscSource::Guess => warn!(
+            "tsc: no PIT and no CPUID frequency leaf; guessing {} MHz",
+            hz / 1_000_000
+        ),
+    }
+
+    let map = boot.memory_map();
+    info!(
+        "memory map: {} entries ({} dropped: zero-sized or beyond {MAX_E820})",
+        map.len(),
+        boot.map_dropped
+    );
+    for e in map {
+        info!(
+            "  [{:#014x}-{:#014x}) {:>10} KiB {}",
+            e.addr,
+            e.end(),
+            e.size / 1024,
+            e820_name(e.kind)
+        );
+    }
+    let kernel = boot::kernel_image();
+    let paging = arch::paging::init(map, kernel.clone());
+    info!(
+        "paging: direct map at {:#x} up to {:#x}: {} x 1 GiB, {} x 2 MiB ({} uncached device), tables {:#x}-{:#x}{}",
+        paging.direct_map_offset,
+        paging.mapped_end,
+        paging.gib_pages,
+        paging.mib2_pages,
+        paging.uncached_mib2_pages,
+        paging.table_frames.start,
+        paging.table_frames.end,
+        if paging.huge_1g { "" } else { " (no 1 GiB pages on this CPU)" }
+    );
+    info!("kernel image {:#x}-{:#x}", kernel.start, kernel.end);
+
+    info!("memd: ready");
+    if cmdline::flag(cmdline, "memd.selftest") {
+        warn!("memd.selftest: the self-test needs memd-mm, which is not integrated yet");
+        arch::exit::failure();
+    }
+    drop(boot);
+    arch::halt_forever()
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    match info.location() {
+        Some(loc) => logger::write_raw(format_args!(
+            "\nmemd: PANIC at {}:{}:{}: {}\n",
+            loc.file(),
+            loc.line(),
+            loc.column(),
+            info.message()
+        )),
+        None => logger::write_raw(format_args!("\nmemd: PANIC: {}\n", info.message())),
+    }
+    arch::exit::failure()
+}
