@@ -161,28 +161,27 @@ struct IdtPtr {
 #[repr(C, align(16))]
 struct Idt([u64; 64]);
 
-static mut IDT: Idt = Idt([0; 64]);
+static IDT: spin::Once<Idt> = spin::Once::new();
+
+fn build() -> Idt {
+    let mut idt = Idt([0; 64]);
+    // SAFETY: `isr_table` is read-only data emitted by the assembly above.
+    let table = unsafe { &isr_table };
+    for (v, &addr) in table.iter().enumerate() {
+        idt.0[2 * v] = (addr & 0xffff)
+            | (0x08 << 16) // kernel code selector
+            | (0x8e << 40) // present, DPL 0, 64-bit interrupt gate
+            | ((addr >> 16) & 0xffff) << 48;
+        idt.0[2 * v + 1] = addr >> 32;
+    }
+    idt
+}
 
 /// Installs the exception handlers.
 pub fn init() {
-    // SAFETY: single-threaded boot; IDT is written once here, before any
-    // exception handler can run, and is never touched again. The table of stub
-    // addresses is read-only data emitted by the assembly above.
-    unsafe {
-        let idt = &mut *(&raw mut IDT);
-        for v in 0..32 {
-            let addr = isr_table[v];
-            let low = (addr & 0xffff)
-                | (0x08 << 16) // kernel code selector
-                | (0x8e << 40) // present, DPL 0, 64-bit interrupt gate
-                | ((addr >> 16) & 0xffff) << 48;
-            idt.0[2 * v] = low;
-            idt.0[2 * v + 1] = addr >> 32;
-        }
-        let ptr = IdtPtr {
-            limit: (core::mem::size_of::<Idt>() - 1) as u16,
-            base: idt as *const Idt as u64,
-        };
-        asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags));
-    }
+    let idt: &'static Idt = IDT.call_once(build);
+    let ptr = IdtPtr { limit: (core::mem::size_of::<Idt>() - 1) as u16, base: idt as *const Idt as u64 };
+    // SAFETY: the IDT is a static that lives forever and holds valid gates
+    // for vectors 0..32 (the rest are not present).
+    unsafe { asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) };
 }

@@ -220,8 +220,3 @@ pub fn init(map: &[E820Entry], kernel: Range<u64>) -> PagingInfo {
     TABLE_OFFSET.store(DIRECT_MAP_OFFSET, Ordering::Relaxed);
     info
 }
-
-/// Virtual address of a physical address in the direct map.
-pub fn phys_to_virt(phys: u64) -> u64 {
-    phys + DIRECT_MAP_OFFSET
-}

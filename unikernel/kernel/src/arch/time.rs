@@ -11,7 +11,7 @@ const PIT_CMD: u16 = 0x43;
 /// PIT ticks measured: 2 ms (2386 ticks) keeps boot fast and the error small.
 const CAL_TICKS: u16 = 2386;
 /// Polls without a counter change before concluding there is no PIT.
-const NO_PIT_POLLS: u32 = 20_000;
+const NO_PIT_POLLS: u32 = 2_000;
 /// Guess used when nothing else is available.
 const FALLBACK_HZ: u64 = 2_000_000_000;
 

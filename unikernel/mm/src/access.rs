@@ -1,0 +1,85 @@
+//! Raw access to managed memory through the direct map.
+//!
+//! This is one of the two modules of memd-mm that contain `unsafe` (the
+//! other is `arena`, host-only). Everything else reaches memory through the
+//! functions here. Their soundness rests on one contract, made once by the
+//! caller of [`crate::MemoryManager::init`]: every usable physical range it
+//! hands in is RAM that memd-mm owns exclusively for its lifetime, mapped
+//! read-write at `phys + direct_map_offset`.
+
+use crate::frame::Frame;
+
+/// Translation between physical addresses and their direct-map alias.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectMap {
+    offset: u64,
+}
+
+impl DirectMap {
+    pub const fn new(offset: u64) -> Self {
+        Self { offset }
+    }
+
+    pub const fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    #[inline(always)]
+    pub fn virt(&self, phys: u64) -> usize {
+        phys.wrapping_add(self.offset) as usize
+    }
+
+    #[inline(always)]
+    pub fn phys(&self, virt: usize) -> u64 {
+        (virt as u64).wrapping_sub(self.offset)
+    }
+}
+
+/// Reads the word that links free objects (slab free lists, mempool
+/// reserves) at `virt`.
+#[inline(always)]
+pub fn read_link(virt: usize) -> u64 {
+    // SAFETY: callers pass addresses of free elements inside managed memory
+    // (see the module contract); the address is 8-byte aligned because every
+    // slab stride and page is.
+    unsafe { core::ptr::read(virt as *const u64) }
+}
+
+/// Writes a free-list link word at `virt`.
+#[inline(always)]
+pub fn write_link(virt: usize, value: u64) {
+    // SAFETY: as for `read_link`; the element is free, so nobody else holds a
+    // reference to it.
+    unsafe { core::ptr::write(virt as *mut u64, value) }
+}
+
+/// Fills `len` bytes at `virt` with `byte`.
+#[inline]
+pub fn fill(virt: usize, len: usize, byte: u8) {
+    // SAFETY: the range lies in managed memory owned by the caller (a fresh
+    // or freed allocation), per the module contract.
+    unsafe { core::ptr::write_bytes(virt as *mut u8, byte, len) }
+}
+
+/// Borrows `len` bytes of managed memory at `virt`.
+///
+/// Callers only build this for memory they own at that moment (an object
+/// being constructed, checked or poisoned) and drop it before the memory
+/// changes hands.
+#[inline]
+#[allow(clippy::mut_from_ref)]
+pub fn bytes_mut<'a>(virt: usize, len: usize) -> &'a mut [u8] {
+    // SAFETY: see above and the module contract; `len` bytes at `virt` are
+    // inside one allocation of managed memory.
+    unsafe { core::slice::from_raw_parts_mut(virt as *mut u8, len) }
+}
+
+/// Turns the memory reserved for the frame table into a slice.
+///
+/// # Safety
+/// `virt` must point to `len` frames' worth of writable memory, 16-byte
+/// aligned, owned by the memory manager for as long as the slice is used.
+pub unsafe fn frame_table(virt: usize, len: usize) -> &'static mut [Frame] {
+    // SAFETY: forwarded to the caller.
+    unsafe { core::slice::from_raw_parts_mut(virt as *mut Frame, len) }
+}

@@ -1,0 +1,79 @@
+//! The binary buddy allocator over one zone's free lists.
+//!
+//! A free block of order `k` is `2^k` frames aligned to `2^k`; its buddy is
+//! the block whose frame number differs only in bit `k`. Splitting and
+//! coalescing are O(1) per order because the free lists are doubly linked
+//! through the frame table, so any block can be unlinked by its number.
+
+use crate::frame::{Frame, FrameState};
+use crate::zone::{Zone, ZoneType};
+
+/// Takes a block of exactly `order` from the zone, splitting a larger one
+/// when needed (Linux's `__rmqueue_smallest` + `expand`). The returned head
+/// is unlinked and still marked `Buddy`; the caller gives it its new state.
+#[inline]
+pub fn take(zone: &mut Zone, frames: &mut [Frame], order: u32, max_order: u32) -> Option<u32> {
+    let mut current = order;
+    while current < max_order {
+        let area = &mut zone.free_area[current as usize];
+        if let Some(pfn) = area.list.pop(frames) {
+            let mut size_order = current;
+            while size_order > order {
+                size_order -= 1;
+                let half = pfn + (1 << size_order);
+                frames[half as usize].set(FrameState::Buddy, zone.ty, size_order);
+                zone.free_area[size_order as usize]
+                    .list
+                    .push(frames, half);
+            }
+            frames[pfn as usize].order = order as u8;
+            zone.free -= 1 << order;
+            return Some(pfn);
+        }
+        current += 1;
+    }
+    None
+}
+
+/// Returns a block to the zone, merging with free buddies as far as they
+/// go (Linux's `__free_one_page`).
+#[inline]
+pub fn give(zone: &mut Zone, frames: &mut [Frame], pfn: u32, order: u32, max_order: u32) {
+    zone.free += 1 << order;
+    let mut pfn = pfn;
+    let mut order = order;
+    while order + 1 < max_order {
+        let buddy = pfn ^ (1 << order);
+        let Some(b) = frames.get(buddy as usize) else {
+            break;
+        };
+        // A buddy in another zone (possible only with very large orders)
+        // or in a hole reads as not free.
+        if !b.is(FrameState::Buddy) || b.order as u32 != order || b.zone() != zone.ty {
+            break;
+        }
+        zone.free_area[order as usize].list.remove(frames, buddy);
+        frames[buddy as usize].clear();
+        frames[pfn as usize].clear();
+        pfn &= !(1 << order);
+        order += 1;
+    }
+    frames[pfn as usize].set(FrameState::Buddy, zone.ty, order);
+    zone.free_area[order as usize].list.push(frames, pfn);
+}
+
+/// Hands a range of frames to the buddy at boot, in the largest aligned
+/// blocks that fit (Linux's `__free_pages_memory`). Only block heads are
+/// written.
+pub fn give_range(zone: &mut Zone, frames: &mut [Frame], start: u64, end: u64, max_order: u32) {
+    let mut pfn = start;
+    while pfn < end {
+        let mut order = (max_order - 1).min(pfn.trailing_zeros());
+        while pfn + (1 << order) > end {
+            order -= 1;
+        }
+        debug_assert_eq!(ZoneType::of_pfn(pfn), zone.ty);
+        give(zone, frames, pfn as u32, order, max_order);
+        pfn += 1 << order;
+    }
+}

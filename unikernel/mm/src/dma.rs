@@ -1,0 +1,172 @@
+//! The DMA API: zeroed, physically contiguous buffers a device can reach.
+//!
+//! `dma_alloc(len, align, mask)` serves from the buddy when the request fits
+//! one block (a block of order k is naturally aligned to its size) in a zone
+//! below the device's mask, and from the CMA region when it is larger or the
+//! buddy cannot serve it. The buffer carries both addresses: the physical
+//! one for the device, the direct-map one for the CPU.
+
+use crate::frame::FrameState;
+use crate::gfp::Gfp;
+use crate::memblock::PAGE_SIZE;
+use crate::zone::{ZoneType, DMA32_LIMIT, DMA_LIMIT};
+use crate::{access, MemoryManager, MmError};
+
+/// A device's addressing limit (`dma_set_mask`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DmaMask {
+    Bits24,
+    Bits32,
+    Bits64,
+}
+
+impl DmaMask {
+    pub fn from_bits(bits: u8) -> Option<DmaMask> {
+        match bits {
+            24 => Some(DmaMask::Bits24),
+            32 => Some(DmaMask::Bits32),
+            64 => Some(DmaMask::Bits64),
+            _ => None,
+        }
+    }
+
+    pub fn bits(self) -> u8 {
+        match self {
+            DmaMask::Bits24 => 24,
+            DmaMask::Bits32 => 32,
+            DmaMask::Bits64 => 64,
+        }
+    }
+
+    /// One past the highest address the device reaches.
+    pub fn limit(self) -> u64 {
+        match self {
+            DmaMask::Bits24 => DMA_LIMIT,
+            DmaMask::Bits32 => DMA32_LIMIT,
+            DmaMask::Bits64 => u64::MAX,
+        }
+    }
+
+    fn gfp(self) -> Gfp {
+        match self {
+            DmaMask::Bits24 => Gfp::DMA,
+            DmaMask::Bits32 => Gfp::DMA32,
+            DmaMask::Bits64 => Gfp::NOWAIT,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmaSource {
+    Buddy { order: u32 },
+    Cma,
+}
+
+/// A DMA buffer: where the device sees it and where the CPU does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaBuffer {
+    pub phys: u64,
+    pub virt: usize,
+    pub len: usize,
+    pub source: DmaSource,
+}
+
+impl DmaBuffer {
+    pub fn zone(&self) -> ZoneType {
+        ZoneType::of_pfn(self.phys / PAGE_SIZE)
+    }
+}
+
+impl MemoryManager {
+    /// Allocates a zeroed DMA buffer of `len` bytes aligned to `align` (a
+    /// power of two) that lies entirely below `mask`.
+    pub fn dma_alloc(&mut self, len: usize, align: usize, mask: DmaMask) -> Result<DmaBuffer, MmError> {
+        if len == 0 || !align.is_power_of_two() {
+            return Err(MmError::Invalid("dma: length must be non-zero and alignment a power of two"));
+        }
+        let bytes = (len as u64).max(align as u64);
+        let pages = bytes.div_ceil(PAGE_SIZE);
+        let order = pages.next_power_of_two().trailing_zeros();
+        if order < self.max_order {
+            let gfp = mask.gfp().union(Gfp::KERNEL).union(Gfp::NOWARN);
+            if let Ok(pfn) = self.alloc_frames(order, gfp) {
+                let phys = pfn as u64 * PAGE_SIZE;
+                let f = &mut self.frames[pfn as usize];
+                f.set_state(FrameState::Allocated);
+                f.count = 1;
+                f.owner = self.owners.current.0;
+                self.owners.charge(f.owner, 1 << order);
+                self.counters.dma_buddy_pages += 1 << order;
+                self.counters.dma_buffers += 1;
+                let virt = self.dmap.virt(phys);
+                access::fill(virt, (PAGE_SIZE as usize) << order, 0);
+                return Ok(DmaBuffer {
+                    phys,
+                    virt,
+                    len,
+                    source: DmaSource::Buddy { order },
+                });
+            }
+        }
+        let cma = self.cma.as_mut().ok_or(if order < self.max_order {
+            MmError::NoMemory
+        } else {
+            MmError::Invalid("dma: larger than a buddy block and no memd.dma_reserve region")
+        })?;
+        let phys = cma.alloc(len as u64, align as u64, mask.limit()).ok_or(MmError::NoMemory)?;
+        self.counters.dma_buffers += 1;
+        let virt = self.dmap.virt(phys);
+        access::fill(virt, len.next_multiple_of(PAGE_SIZE as usize), 0);
+        Ok(DmaBuffer {
+            phys,
+            virt,
+            len,
+            source: DmaSource::Cma,
+        })
+    }
+
+    /// Frees a buffer from [`MemoryManager::dma_alloc`].
+    pub fn dma_free(&mut self, buf: &DmaBuffer) -> Result<(), MmError> {
+        match buf.source {
+            DmaSource::Buddy { order } => {
+                self.free_pages(buf.phys, order)?;
+                self.counters.dma_buddy_pages -= 1 << order;
+            }
+            DmaSource::Cma => {
+                let cma = self.cma.as_mut().ok_or(MmError::Invalid("dma: no CMA region"))?;
+                cma.free(buf.phys).ok_or(MmError::Invalid("dma: not a CMA buffer"))?;
+            }
+        }
+        self.counters.dma_buffers -= 1;
+        Ok(())
+    }
+
+    pub fn cma(&self) -> Option<&crate::Cma> {
+        self.cma.as_ref()
+    }
+
+    /// Borrows a DMA buffer's bytes for the CPU.
+    ///
+    /// The buffer is checked against the frame table or the CMA extents,
+    /// so a stale or made-up `DmaBuffer` is refused rather than aliasing
+    /// someone else's memory.
+    pub fn dma_bytes(&mut self, buf: &DmaBuffer) -> Result<&mut [u8], MmError> {
+        let live = match buf.source {
+            DmaSource::Buddy { order } => self.frame(buf.phys).is_some_and(|f| {
+                f.is(FrameState::Allocated)
+                    && f.order as u32 == order
+                    && buf.phys % PAGE_SIZE == 0
+                    && buf.len as u64 <= PAGE_SIZE << order
+            }),
+            DmaSource::Cma => self.cma.as_ref().is_some_and(|c| {
+                c.extents()
+                    .iter()
+                    .any(|e| e.start == buf.phys && buf.len as u64 <= e.pages * PAGE_SIZE)
+            }),
+        };
+        if !live || buf.virt != self.dmap.virt(buf.phys) {
+            return Err(MmError::Invalid("dma: not a live buffer"));
+        }
+        Ok(access::bytes_mut(buf.virt, buf.len))
+    }
+}

@@ -1,0 +1,139 @@
+//! Fault injection, like Linux's `fail_page_alloc` and `failslab`.
+//!
+//! Each attribute fails an allocation with a probability (percent), every
+//! `interval`-th time, or both, at most `times` times (-1: no limit), so
+//! error paths can be exercised on a running system.
+
+/// One fault attribute (`/sys/kernel/debug/fail_*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultAttr {
+    /// Percent chance that an eligible call fails (0..=100).
+    pub probability: u8,
+    /// Only every `interval`-th call is eligible (0 or 1: every call).
+    pub interval: u32,
+    /// Failures left; negative means unlimited.
+    pub times: i64,
+    /// Calls seen while enabled.
+    pub calls: u64,
+    /// Failures injected so far.
+    pub injected: u64,
+}
+
+impl FaultAttr {
+    pub const fn disabled() -> Self {
+        FaultAttr {
+            probability: 0,
+            interval: 0,
+            times: 0,
+            calls: 0,
+            injected: 0,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.probability > 0 && self.times != 0
+    }
+}
+
+/// Both attributes and the generator they draw from.
+#[derive(Clone, Copy, Debug)]
+pub struct FaultConfig {
+    pub page: FaultAttr,
+    pub slab: FaultAttr,
+    /// Cached `page.enabled() || slab.enabled()` for the hot paths.
+    pub(crate) armed_page: bool,
+    pub(crate) armed_slab: bool,
+    rng: u64,
+}
+
+impl Default for FaultConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FaultConfig {
+    pub const fn new() -> Self {
+        FaultConfig {
+            page: FaultAttr::disabled(),
+            slab: FaultAttr::disabled(),
+            armed_page: false,
+            armed_slab: false,
+            rng: 0x9e37_79b9_7f4a_7c15,
+        }
+    }
+
+    fn next_percent(&mut self) -> u8 {
+        // xorshift64*: deterministic, tiny, good enough for fault injection.
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        ((x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) % 100) as u8
+    }
+
+    fn should_fail(&mut self, slab: bool) -> bool {
+        let roll = self.next_percent();
+        let attr = if slab { &mut self.slab } else { &mut self.page };
+        attr.calls += 1;
+        if attr.interval > 1 && attr.calls % attr.interval as u64 != 0 {
+            return false;
+        }
+        if roll >= attr.probability {
+            return false;
+        }
+        if attr.times > 0 {
+            attr.times -= 1;
+        }
+        attr.injected += 1;
+        let still = attr.enabled();
+        if slab {
+            self.armed_slab = still;
+        } else {
+            self.armed_page = still;
+        }
+        true
+    }
+
+    #[inline(always)]
+    pub(crate) fn fail_page(&mut self) -> bool {
+        self.armed_page && self.should_fail(false)
+    }
+
+    #[inline(always)]
+    pub(crate) fn fail_slab(&mut self) -> bool {
+        self.armed_slab && self.should_fail(true)
+    }
+}
+
+impl crate::MemoryManager {
+    /// Configures `fail_page_alloc` (`slab == false`) or `failslab`.
+    pub fn set_fault(&mut self, slab: bool, probability: u8, interval: u32, times: i64, seed: u64) -> Result<(), crate::MmError> {
+        if probability > 100 {
+            return Err(crate::MmError::Invalid("fault probability is a percentage"));
+        }
+        let attr = FaultAttr {
+            probability,
+            interval,
+            times,
+            calls: 0,
+            injected: 0,
+        };
+        if seed != 0 {
+            self.fault.rng = seed;
+        }
+        if slab {
+            self.fault.slab = attr;
+            self.fault.armed_slab = attr.enabled();
+        } else {
+            self.fault.page = attr;
+            self.fault.armed_page = attr.enabled();
+        }
+        Ok(())
+    }
+
+    pub fn faults(&self) -> (FaultAttr, FaultAttr) {
+        (self.fault.page, self.fault.slab)
+    }
+}

@@ -1,0 +1,217 @@
+//! The frame table: one [`Frame`] (Linux's `struct page`) per 4 KiB frame.
+//!
+//! Linux pays 64 bytes a frame; memd pays 16. Links are frame numbers, not
+//! pointers, so the same table works at any direct-map address and halves
+//! the link size. A frame's meaning depends on its [`FrameState`]; only the
+//! first frame of a block (its head) carries state, the rest read `None`
+//! (or `SlabTail`, pointing back at the head).
+
+use crate::zone::ZoneType;
+
+/// Frame number used as "no frame" in links.
+pub const NIL: u32 = u32::MAX;
+
+/// What a frame currently is. Stored in the low four bits of `Frame::flags`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameState {
+    /// Not a block head: unmanaged, reserved, or inside a larger block.
+    None = 0,
+    /// Head of a free block on a buddy free list.
+    Buddy = 1,
+    /// A free order-0 frame held on the zone's per-CPU list.
+    Pcp = 2,
+    /// Head of a block handed out by `alloc_pages`.
+    Allocated = 3,
+    /// Head of a slab; `owner` is the cache, `count` the objects in use,
+    /// `aux` the first free object.
+    Slab = 4,
+    /// A non-head frame of a multi-page slab; `next` is the head.
+    SlabTail = 5,
+    /// Head of a kmalloc allocation too large for the size classes.
+    Large = 6,
+    /// Reserved at boot (kernel image, frame table, CMA region).
+    Reserved = 7,
+    /// Head of a block held in a mempool's reserve.
+    Pool = 8,
+}
+
+impl FrameState {
+    fn from_bits(bits: u8) -> Self {
+        match bits & 0xf {
+            1 => Self::Buddy,
+            2 => Self::Pcp,
+            3 => Self::Allocated,
+            4 => Self::Slab,
+            5 => Self::SlabTail,
+            6 => Self::Large,
+            7 => Self::Reserved,
+            8 => Self::Pool,
+            _ => Self::None,
+        }
+    }
+}
+
+/// One frame descriptor. 16 bytes, checked at compile time below.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(16))]
+pub struct Frame {
+    /// Free-list / slab-list link, or the head frame for `SlabTail`.
+    pub next: u32,
+    pub prev: u32,
+    /// Reference count for pages, objects in use for slabs.
+    pub count: u16,
+    /// Owner tag for pages (who allocated it), cache id for slabs.
+    pub owner: u16,
+    /// State (bits 0-3) and zone (bits 4-5).
+    flags: u8,
+    /// Block order for heads.
+    pub order: u8,
+    /// Slab: index of the first free object (`u16::MAX` when full).
+    pub aux: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<Frame>() == 16);
+
+/// Bytes of frame table per 4 KiB frame, for the statistics and benchmarks.
+pub const FRAME_DESCRIPTOR_BYTES: usize = core::mem::size_of::<Frame>();
+
+impl Frame {
+    pub const EMPTY: Frame = Frame {
+        next: NIL,
+        prev: NIL,
+        count: 0,
+        owner: 0,
+        flags: 0,
+        order: 0,
+        aux: 0,
+    };
+
+    #[inline(always)]
+    pub fn state(&self) -> FrameState {
+        FrameState::from_bits(self.flags)
+    }
+
+    #[inline(always)]
+    pub fn is(&self, state: FrameState) -> bool {
+        self.flags & 0xf == state as u8
+    }
+
+    #[inline(always)]
+    pub fn zone(&self) -> ZoneType {
+        ZoneType::from_index(((self.flags >> 4) & 3) as usize)
+    }
+
+    /// Makes this frame the head of a block.
+    #[inline(always)]
+    pub fn set(&mut self, state: FrameState, zone: ZoneType, order: u32) {
+        self.flags = state as u8 | ((zone as u8) << 4);
+        self.order = order as u8;
+    }
+
+    #[inline(always)]
+    pub fn set_state(&mut self, state: FrameState) {
+        self.flags = (self.flags & 0xf0) | state as u8;
+    }
+
+    /// Returns the frame to "not a head".
+    #[inline(always)]
+    pub fn clear(&mut self) {
+        *self = Frame::EMPTY;
+    }
+}
+
+/// An intrusive doubly linked list of frames, linked through
+/// `Frame::next`/`prev` (Linux's `list_head` in `struct page`).
+#[derive(Clone, Copy, Debug)]
+pub struct FrameList {
+    pub head: u32,
+    pub len: u32,
+}
+
+impl Default for FrameList {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FrameList {
+    pub const fn new() -> Self {
+        Self { head: NIL, len: 0 }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.head == NIL
+    }
+
+    /// Pushes `pfn` at the front.
+    #[inline(always)]
+    pub fn push(&mut self, frames: &mut [Frame], pfn: u32) {
+        let head = self.head;
+        frames[pfn as usize].next = head;
+        frames[pfn as usize].prev = NIL;
+        if head != NIL {
+            frames[head as usize].prev = pfn;
+        }
+        self.head = pfn;
+        self.len += 1;
+    }
+
+    /// Unlinks `pfn`, which must be on this list.
+    #[inline(always)]
+    pub fn remove(&mut self, frames: &mut [Frame], pfn: u32) {
+        let Frame { next, prev, .. } = frames[pfn as usize];
+        if prev == NIL {
+            self.head = next;
+        } else {
+            frames[prev as usize].next = next;
+        }
+        if next != NIL {
+            frames[next as usize].prev = prev;
+        }
+        frames[pfn as usize].next = NIL;
+        frames[pfn as usize].prev = NIL;
+        self.len -= 1;
+    }
+
+    /// Removes and returns the first frame.
+    #[inline(always)]
+    pub fn pop(&mut self, frames: &mut [Frame]) -> Option<u32> {
+        let head = self.head;
+        if head == NIL {
+            return None;
+        }
+        self.remove(frames, head);
+        Some(head)
+    }
+
+    /// Iterates the list's frame numbers (for statistics and checks).
+    pub fn iter<'a>(&self, frames: &'a [Frame]) -> FrameListIter<'a> {
+        FrameListIter {
+            frames,
+            cur: self.head,
+            budget: self.len as usize + 1,
+        }
+    }
+}
+
+/// Iterator over a [`FrameList`]; stops after `len + 1` steps so that a
+/// corrupted (cyclic) list cannot hang the invariant checker.
+pub struct FrameListIter<'a> {
+    frames: &'a [Frame],
+    cur: u32,
+    budget: usize,
+}
+
+impl Iterator for FrameListIter<'_> {
+    type Item = u32;
+    fn next(&mut self) -> Option<u32> {
+        if self.cur == NIL || self.budget == 0 || self.cur as usize >= self.frames.len() {
+            return None;
+        }
+        self.budget -= 1;
+        let pfn = self.cur;
+        self.cur = self.frames[pfn as usize].next;
+        Some(pfn)
+    }
+}

@@ -1,0 +1,183 @@
+//! kmalloc: general-purpose allocation on size-class slab caches.
+//!
+//! Linux's classes from 8 to 8192 bytes (with the odd 96 and 192 that fit
+//! common structures); anything larger, or aligned beyond a page, comes
+//! straight from the buddy allocator as a `Large` block.
+
+use crate::frame::FrameState;
+use crate::gfp::Gfp;
+use crate::memblock::PAGE_SIZE;
+use crate::slab::{self, CacheId, KmemCache, SlabFlags};
+use crate::{MemoryManager, MmError};
+use core::alloc::Layout;
+use core::ptr::NonNull;
+
+/// Object sizes of the kmalloc caches; the cache id is the index.
+pub const KMALLOC_SIZES: [usize; 13] = [8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192];
+pub const NR_KMALLOC: usize = KMALLOC_SIZES.len();
+pub const KMALLOC_MAX_CACHE_SIZE: usize = 8192;
+const KMALLOC_NAMES: [&str; NR_KMALLOC] = [
+    "kmalloc-8", "kmalloc-16", "kmalloc-32", "kmalloc-64", "kmalloc-96", "kmalloc-128", "kmalloc-192",
+    "kmalloc-256", "kmalloc-512", "kmalloc-1k", "kmalloc-2k", "kmalloc-4k", "kmalloc-8k",
+];
+
+/// Linux's `size_index`: class for sizes 1..=192 by `(size - 1) / 8`.
+const SIZE_INDEX: [u8; 24] = [
+    0, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6,
+];
+
+/// The size class for `size` bytes with `align` alignment, if any.
+/// Power-of-two classes are naturally aligned (slabs are page aligned and
+/// the stride equals the size); 96 and 192 are only 32- and 64-aligned.
+#[inline(always)]
+pub fn size_class(size: usize, align: usize) -> Option<usize> {
+    if align <= 8 {
+        if size <= 192 {
+            return Some(SIZE_INDEX[size.saturating_sub(1) / 8] as usize);
+        }
+    } else if align > PAGE_SIZE as usize {
+        return None;
+    }
+    let size = size.max(align).max(8);
+    if size > KMALLOC_MAX_CACHE_SIZE {
+        return None;
+    }
+    // Classes 8,16,32,64 are 0..=3; 128 is 5; 256.. are 7..
+    let log = usize::BITS - (size - 1).leading_zeros();
+    Some(match log {
+        0..=3 => 0,
+        4..=6 => log as usize - 3,
+        7 => 5,
+        _ => log as usize - 1,
+    })
+}
+
+impl MemoryManager {
+    pub(crate) fn create_kmalloc_caches(&mut self) -> Result<(), MmError> {
+        for (i, (&size, name)) in KMALLOC_SIZES.iter().zip(KMALLOC_NAMES).enumerate() {
+            let mut cache = KmemCache::new(name, size, 8, SlabFlags::NONE, None, self.max_order)
+                .ok_or(MmError::Invalid("kmalloc cache layout"))?;
+            cache.builtin = true;
+            self.caches[i] = Some(cache);
+        }
+        Ok(())
+    }
+
+    /// `kmalloc`: `size` bytes, 8-byte aligned (naturally aligned for
+    /// power-of-two sizes).
+    #[inline]
+    pub fn kmalloc(&mut self, size: usize, gfp: Gfp) -> Result<NonNull<u8>, MmError> {
+        let layout = Layout::from_size_align(size.max(1), 8).map_err(|_| MmError::Invalid("size too large"))?;
+        self.kmalloc_layout(layout, gfp)
+    }
+
+    /// Allocation for an arbitrary layout: a size class when one fits,
+    /// otherwise a buddy block (naturally aligned to its size).
+    #[inline]
+    pub fn kmalloc_layout(&mut self, layout: Layout, gfp: Gfp) -> Result<NonNull<u8>, MmError> {
+        match size_class(layout.size(), layout.align()) {
+            Some(class) => self.cache_alloc(CacheId(class as u16), gfp),
+            None => self.kmalloc_large(layout, gfp),
+        }
+    }
+
+    #[cold]
+    fn kmalloc_large(&mut self, layout: Layout, gfp: Gfp) -> Result<NonNull<u8>, MmError> {
+        let bytes = layout.size().max(layout.align()) as u64;
+        let pages = bytes.div_ceil(PAGE_SIZE);
+        let order = pages.next_power_of_two().trailing_zeros();
+        if order >= self.max_order {
+            return Err(MmError::Invalid("kmalloc: larger than the largest buddy block"));
+        }
+        let pfn = self.alloc_frames(order, gfp)?;
+        let f = &mut self.frames[pfn as usize];
+        f.set_state(FrameState::Large);
+        f.count = 1;
+        self.counters.large_pages += 1 << order;
+        let virt = self.dmap.virt(pfn as u64 * PAGE_SIZE);
+        Ok(NonNull::new(virt as *mut u8).expect("direct map maps frame at 0"))
+    }
+
+    /// `kfree`: finds the owner through the frame table, like Linux's
+    /// `virt_to_slab`. Pointers memd did not hand out are refused.
+    pub fn kfree(&mut self, ptr: NonNull<u8>) -> Result<(), MmError> {
+        let virt = ptr.as_ptr() as usize;
+        let pfn = (self.dmap.phys(virt) / PAGE_SIZE) as usize;
+        let Some(f) = self.frames.get(pfn) else {
+            return Err(MmError::Invalid("kfree: not a kmalloc pointer"));
+        };
+        match f.state() {
+            FrameState::Large if self.dmap.phys(virt) % PAGE_SIZE == 0 => {
+                let order = f.order as u32;
+                self.frames[pfn].count = 0;
+                self.counters.large_pages -= 1 << order;
+                self.free_frames(pfn as u32, order);
+                Ok(())
+            }
+            FrameState::Slab | FrameState::SlabTail => {
+                let head = slab::slab_head(self.frames, self.dmap, virt).unwrap_or(pfn as u32);
+                let id = self.frames[head as usize].owner;
+                if id as usize >= NR_KMALLOC {
+                    return Err(MmError::Invalid("kfree: object belongs to a named cache"));
+                }
+                self.cache_free(CacheId(id), ptr)
+            }
+            _ => Err(MmError::Invalid("kfree: not a kmalloc pointer")),
+        }
+    }
+
+    /// Frees what [`MemoryManager::kmalloc_layout`] returned for `layout`.
+    /// The class comes from the layout, as `GlobalAlloc::dealloc` allows,
+    /// which skips the frame-table lookup on the hot path.
+    #[inline]
+    pub fn kfree_layout(&mut self, ptr: NonNull<u8>, layout: Layout) {
+        match size_class(layout.size(), layout.align()) {
+            Some(class) => self.free_to_array(CacheId(class as u16), ptr.as_ptr() as usize),
+            None => {
+                let _ = self.kfree(ptr);
+            }
+        }
+    }
+
+    /// `ksize`: the usable size of a kmalloc allocation.
+    pub fn ksize(&self, ptr: NonNull<u8>) -> Result<usize, MmError> {
+        let virt = ptr.as_ptr() as usize;
+        let pfn = (self.dmap.phys(virt) / PAGE_SIZE) as usize;
+        let f = self.frames.get(pfn).ok_or(MmError::Invalid("ksize: not a kmalloc pointer"))?;
+        match f.state() {
+            FrameState::Large => Ok((PAGE_SIZE as usize) << f.order),
+            FrameState::Slab | FrameState::SlabTail => {
+                let head = slab::slab_head(self.frames, self.dmap, virt).unwrap_or(pfn as u32);
+                let cache = self
+                    .cache(CacheId(self.frames[head as usize].owner))
+                    .ok_or(MmError::Invalid("ksize: not a kmalloc pointer"))?;
+                Ok(cache.object_size)
+            }
+            _ => Err(MmError::Invalid("ksize: not a kmalloc pointer")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_fit_and_align() {
+        for size in 1..=KMALLOC_MAX_CACHE_SIZE {
+            for align in [1, 8, 16, 32, 64, 128, 4096] {
+                let c = size_class(size, align).unwrap();
+                let class = KMALLOC_SIZES[c];
+                assert!(class >= size, "size {size} align {align} -> {class}");
+                let natural = if class.is_power_of_two() { class } else { class & class.wrapping_neg() };
+                assert!(natural >= align.min(8) && (align <= 8 || natural % align == 0), "size {size} align {align} -> {class}");
+            }
+        }
+        assert_eq!(size_class(8193, 8), None);
+        assert_eq!(size_class(8, 8192), None);
+        assert_eq!(size_class(96, 8), Some(4));
+        assert_eq!(size_class(96, 64), Some(5));
+        assert_eq!(size_class(192, 8), Some(6));
+        assert_eq!(size_class(193, 8), Some(7));
+    }
+}

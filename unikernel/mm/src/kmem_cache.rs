@@ -1,0 +1,310 @@
+//! The `kmem_cache_*` API on the memory manager: create, alloc, free,
+//! shrink, destroy.
+
+use crate::frame::FrameState;
+use crate::gfp::Gfp;
+use crate::slab::{self, CacheId, Corruption, CorruptionKind, Ctor, KmemCache, SlabFlags, AC_BATCH, AC_LIMIT};
+use crate::{MemoryManager, MmError};
+use core::ptr::NonNull;
+
+impl MemoryManager {
+    /// `kmem_cache_create`: a cache of `size`-byte objects.
+    pub fn cache_create(
+        &mut self,
+        name: &str,
+        size: usize,
+        align: usize,
+        flags: SlabFlags,
+        ctor: Option<Ctor>,
+    ) -> Result<CacheId, MmError> {
+        let cache = KmemCache::new(name, size, align, flags, ctor, self.max_order).ok_or(
+            MmError::Invalid("cache: size must be 1..=128 KiB, align a power of two <= 4096, no constructor with poison"),
+        )?;
+        let slot = self
+            .caches
+            .iter()
+            .position(|c| c.is_none())
+            .ok_or(MmError::TableFull)?;
+        self.caches[slot] = Some(cache);
+        Ok(CacheId(slot as u16))
+    }
+
+    pub fn cache(&self, id: CacheId) -> Option<&KmemCache> {
+        self.caches.get(id.0 as usize)?.as_ref()
+    }
+
+    fn cache_mut(&mut self, id: CacheId) -> Result<&mut KmemCache, MmError> {
+        self.caches
+            .get_mut(id.0 as usize)
+            .and_then(|c| c.as_mut())
+            .ok_or(MmError::NotFound)
+    }
+
+    /// `kmem_cache_alloc`.
+    #[inline]
+    pub fn cache_alloc(&mut self, id: CacheId, gfp: Gfp) -> Result<NonNull<u8>, MmError> {
+        if self.fault.fail_slab() {
+            self.cache_mut(id)?.counters.alloc_fail += 1;
+            return Err(MmError::InjectedFault);
+        }
+        let cache = self.cache_mut(id)?;
+        if cache.ac.avail > 0 {
+            cache.ac.avail -= 1;
+            cache.counters.allocs += 1;
+            let obj = cache.ac.entry[cache.ac.avail];
+            return Ok(self.finish_alloc(obj, gfp, id));
+        }
+        self.cache_alloc_refill(id, gfp)
+    }
+
+    #[inline(always)]
+    fn finish_alloc(&mut self, obj: usize, gfp: Gfp, id: CacheId) -> NonNull<u8> {
+        if gfp.zero() {
+            let size = self.caches[id.0 as usize].as_ref().map_or(0, |c| c.object_size);
+            crate::access::fill(obj, size, 0);
+        }
+        // SAFETY-free: objects live in managed memory, never at address 0.
+        NonNull::new(obj as *mut u8).expect("slab object at address 0")
+    }
+
+    /// Slow path: refill the per-CPU array from the slabs, growing the
+    /// cache when they are all full; debug caches take one object directly.
+    #[cold]
+    fn cache_alloc_refill(&mut self, id: CacheId, gfp: Gfp) -> Result<NonNull<u8>, MmError> {
+        let want = if self.cache_mut(id)?.uses_array() { AC_BATCH } else { 1 };
+        let mut got = 0;
+        let mut last = 0;
+        while got < want {
+            let dmap = self.dmap;
+            let cache = self.caches[id.0 as usize].as_mut().ok_or(MmError::NotFound)?;
+            match cache.slab_take(self.frames, dmap) {
+                Some(obj) => {
+                    if want > 1 {
+                        cache.ac.entry[cache.ac.avail] = obj;
+                        cache.ac.avail += 1;
+                    } else {
+                        last = obj;
+                    }
+                    got += 1;
+                }
+                None if got > 0 => break,
+                None => {
+                    if let Err(e) = self.cache_grow(id, gfp) {
+                        self.cache_mut(id)?.counters.alloc_fail += 1;
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let cache = self.caches[id.0 as usize].as_mut().ok_or(MmError::NotFound)?;
+        cache.counters.allocs += 1;
+        if want > 1 {
+            cache.ac.avail -= 1;
+            last = cache.ac.entry[cache.ac.avail];
+        } else if let Some(c) = cache.debug_on_alloc(id, last) {
+            self.corruption_log.record(c);
+        }
+        Ok(self.finish_alloc(last, gfp, id))
+    }
+
+    /// Adds one slab to a cache (Linux's `cache_grow`).
+    fn cache_grow(&mut self, id: CacheId, gfp: Gfp) -> Result<(), MmError> {
+        let order = self.cache_mut(id)?.order;
+        let pfn = self.alloc_frames(order, gfp.without(Gfp::ZERO))?;
+        self.frames[pfn as usize].set_state(FrameState::Slab);
+        self.counters.slab_pages += 1 << order;
+        let dmap = self.dmap;
+        let cache = self.caches[id.0 as usize].as_mut().ok_or(MmError::NotFound)?;
+        cache.init_slab(self.frames, dmap, pfn, id);
+        Ok(())
+    }
+
+    /// `kmem_cache_free`. The pointer is checked to be an object of this
+    /// cache; debug caches also check red zones (double free, overrun).
+    #[inline]
+    pub fn cache_free(&mut self, id: CacheId, obj: NonNull<u8>) -> Result<(), MmError> {
+        let obj = obj.as_ptr() as usize;
+        let dmap = self.dmap;
+        let cache = self
+            .caches
+            .get_mut(id.0 as usize)
+            .and_then(|c| c.as_mut())
+            .ok_or(MmError::NotFound)?;
+        let head = cache
+            .owning_slab(self.frames, dmap, id, obj)
+            .ok_or(MmError::Invalid("pointer is not an object of this cache"))?;
+        if cache.uses_array() {
+            self.free_to_array(id, obj);
+            return Ok(());
+        }
+        let checked = cache.debug_check_free(id, obj);
+        match checked {
+            Err(c) if c.kind == CorruptionKind::DoubleFree => {
+                cache.counters.corruptions += 1;
+                self.corruption_log.record(c);
+                return Err(MmError::Corrupted(c));
+            }
+            _ => {}
+        }
+        cache.counters.frees += 1;
+        cache.debug_release(obj);
+        cache.slab_put(self.frames, dmap, obj, head);
+        if let Err(c) = checked {
+            cache.counters.corruptions += 1;
+            self.corruption_log.record(c);
+            return Err(MmError::Corrupted(c));
+        }
+        Ok(())
+    }
+
+    /// Pushes onto the per-CPU array, flushing a batch to the slabs when it
+    /// is full. The caller has established that `obj` belongs to cache `id`.
+    #[inline(always)]
+    pub(crate) fn free_to_array(&mut self, id: CacheId, obj: usize) {
+        let Some(cache) = self.caches[id.0 as usize].as_mut() else {
+            return;
+        };
+        cache.counters.frees += 1;
+        if cache.ac.avail == AC_LIMIT {
+            self.flush_array(id.0 as usize, AC_BATCH);
+        }
+        if let Some(cache) = self.caches[id.0 as usize].as_mut() {
+            cache.ac.entry[cache.ac.avail] = obj;
+            cache.ac.avail += 1;
+        }
+    }
+
+    /// Returns the `count` oldest objects of a cache's array to their slabs.
+    fn flush_array(&mut self, index: usize, count: usize) {
+        let dmap = self.dmap;
+        let Some(cache) = self.caches[index].as_mut() else {
+            return;
+        };
+        let count = count.min(cache.ac.avail);
+        for i in 0..count {
+            let obj = cache.ac.entry[i];
+            if let Some(head) = slab::slab_head(self.frames, dmap, obj) {
+                cache.slab_put(self.frames, dmap, obj, head);
+            }
+        }
+        cache.ac.entry.copy_within(count..cache.ac.avail, 0);
+        cache.ac.avail -= count;
+    }
+
+    /// `kmem_cache_shrink`: returns empty slabs to the page allocator.
+    pub fn cache_shrink(&mut self, id: CacheId) -> Result<u64, MmError> {
+        self.cache_mut(id)?;
+        Ok(self.shrink_cache_index(id.0 as usize))
+    }
+
+    pub(crate) fn shrink_cache_index(&mut self, index: usize) -> u64 {
+        let avail = self.caches[index].as_ref().map_or(0, |c| c.ac.avail);
+        self.flush_array(index, avail);
+        let mut freed = 0;
+        loop {
+            let Some(cache) = self.caches[index].as_mut() else {
+                return freed;
+            };
+            let order = cache.order;
+            let Some(head) = cache.empty.pop(self.frames) else {
+                break;
+            };
+            cache.counters.pages_shrunk += 1 << order;
+            self.release_slab(head, order);
+            freed += 1 << order;
+        }
+        freed
+    }
+
+    fn release_slab(&mut self, head: u32, order: u32) {
+        for tail in 1..(1u32 << order) {
+            self.frames[(head + tail) as usize].clear();
+        }
+        let zone = self.frames[head as usize].zone();
+        let f = &mut self.frames[head as usize];
+        f.set(FrameState::Allocated, zone, order);
+        f.count = 0;
+        f.owner = 0;
+        f.aux = 0;
+        self.counters.slab_pages -= 1 << order;
+        self.free_frames(head, order);
+    }
+
+    /// `kmem_cache_destroy`. Fails with `Busy { live }` while objects are
+    /// allocated (the seeds' leak check); the cache stays usable then. For
+    /// poisoned caches every free object is checked first, and damage is
+    /// reported after the cache is gone.
+    pub fn cache_destroy(&mut self, id: CacheId) -> Result<(), MmError> {
+        let cache = self.cache_mut(id)?;
+        if cache.builtin {
+            return Err(MmError::NotPermitted);
+        }
+        let avail = cache.ac.avail;
+        self.flush_array(id.0 as usize, avail);
+        let dmap = self.dmap;
+        let cache = self.caches[id.0 as usize].as_mut().ok_or(MmError::NotFound)?;
+        if cache.slab_inuse > 0 {
+            return Err(MmError::Busy {
+                live: cache.slab_inuse,
+            });
+        }
+        let mut damage: Option<Corruption> = None;
+        for head in cache.empty.iter(self.frames) {
+            cache.for_each_free_object(self.frames, dmap, head, |obj| {
+                if damage.is_none() {
+                    if let Some(offset) = cache.poison_damage(obj) {
+                        damage = Some(Corruption {
+                            kind: CorruptionKind::UseAfterFree,
+                            cache: id,
+                            object: obj,
+                            offset,
+                        });
+                    }
+                }
+            });
+        }
+        self.shrink_cache_index(id.0 as usize);
+        self.caches[id.0 as usize] = None;
+        if let Some(c) = damage {
+            self.corruption_log.record(c);
+            return Err(MmError::Corrupted(c));
+        }
+        Ok(())
+    }
+
+    /// Scans a poisoned cache's free objects now (Linux's slab validate).
+    pub fn cache_validate(&mut self, id: CacheId) -> Result<(), MmError> {
+        let dmap = self.dmap;
+        let cache = self.cache(id).ok_or(MmError::NotFound)?;
+        let mut damage = None;
+        for list in [&cache.partial, &cache.empty] {
+            for head in list.iter(self.frames) {
+                cache.for_each_free_object(self.frames, dmap, head, |obj| {
+                    if damage.is_none() {
+                        damage = cache.poison_damage(obj).map(|offset| Corruption {
+                            kind: CorruptionKind::UseAfterFree,
+                            cache: id,
+                            object: obj,
+                            offset,
+                        });
+                    }
+                });
+            }
+        }
+        match damage {
+            Some(c) => {
+                self.corruption_log.record(c);
+                Err(MmError::Corrupted(c))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Iterates the live caches.
+    pub fn caches(&self) -> impl Iterator<Item = (CacheId, &KmemCache)> {
+        self.caches
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.as_ref().map(|c| (CacheId(i as u16), c)))
+    }
+}

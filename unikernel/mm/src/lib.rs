@@ -1,0 +1,268 @@
+//! memd-mm: a memory manager built the way Linux's `mm/` is.
+//!
+//! Layers, bottom up, each in its own module and named as Linux names it:
+//! [`memblock`] (boot allocator) → [`frame`] (the frame table, `struct
+//! page`) → [`zone`] (DMA / DMA32 / Normal with watermarks) → [`buddy`]
+//! with [`pcp`] lists in front → [`slab`] caches and [`kmalloc`] →
+//! [`mempool`] → [`cma`] (boot-time contiguous region) → [`dma`] (the DMA
+//! API) → [`global`] (a `GlobalAlloc`). [`stats`] renders the Linux views,
+//! [`check`] verifies every invariant.
+//!
+//! The crate knows nothing of x86, virtio or sockets. It is handed physical
+//! ranges and a direct-map offset through which it reaches them. `unsafe`
+//! lives only in [`access`] (and the host-only `arena`).
+//!
+//! # Booting
+//! ```ignore
+//! static MM: memd_mm::GlobalMm = memd_mm::GlobalMm::new();
+//! unsafe { MM.init(&BootInfo { regions, cmdline, direct_map_offset, reserved, zeroed: false }) }?;
+//! ```
+
+#![no_std]
+
+#[cfg(any(test, feature = "std"))]
+extern crate std;
+
+pub mod access;
+#[cfg(feature = "std")]
+pub mod arena;
+pub mod buddy;
+pub mod check;
+pub mod cma;
+pub mod cmdline;
+pub mod dma;
+pub mod error;
+pub mod fault;
+pub mod frame;
+pub mod gfp;
+pub mod global;
+pub mod kmalloc;
+pub mod kmem_cache;
+pub mod memblock;
+pub mod mempool;
+pub mod owner;
+pub mod page_alloc;
+pub mod pcp;
+pub mod slab;
+pub mod stats;
+pub mod zone;
+
+pub use access::DirectMap;
+pub use cma::Cma;
+pub use cmdline::MmOptions;
+pub use dma::{DmaBuffer, DmaMask, DmaSource};
+pub use error::MmError;
+pub use fault::{FaultAttr, FaultConfig};
+pub use frame::{Frame, FrameState, FRAME_DESCRIPTOR_BYTES};
+pub use gfp::Gfp;
+pub use global::GlobalMm;
+pub use memblock::{MemRegion, Memblock, RegionKind, ReserveKind, Reservation, PAGE_SIZE};
+pub use mempool::{PoolBacking, PoolElement, PoolId};
+pub use owner::{Owner, MAX_OWNERS};
+pub use slab::{CacheId, Corruption, CorruptionKind, Ctor, KmemCache, SlabFlags};
+pub use zone::{ZoneType, DEFAULT_MAX_ORDER, MAX_ORDER_LIMIT, NR_ZONES};
+
+use core::ops::Range;
+
+/// What the kernel hands the memory manager at boot.
+pub struct BootInfo<'a> {
+    /// The firmware memory map, in any order.
+    pub regions: &'a [MemRegion],
+    /// The kernel command line (`memd.dma_reserve=`, `memmap=`, ...).
+    pub cmdline: &'a str,
+    /// Virtual address of physical address 0 in the direct map.
+    pub direct_map_offset: u64,
+    /// Physical ranges already in use: kernel image, page tables, boot data.
+    pub reserved: &'a [Range<u64>],
+    /// True when RAM is known to read as zero (a fresh QEMU guest), so the
+    /// frame table need not be cleared; clearing 16 bytes per frame is the
+    /// largest fixed cost of booting a big guest.
+    pub zeroed: bool,
+}
+
+/// The memory manager: Linux's node (`pglist_data`) with everything that
+/// hangs off it.
+pub struct MemoryManager {
+    pub(crate) frames: &'static mut [Frame],
+    pub(crate) dmap: DirectMap,
+    pub(crate) max_order: u32,
+    pub(crate) zones: [zone::Zone; NR_ZONES],
+    pub(crate) memblock: Memblock,
+    pub(crate) caches: [Option<KmemCache>; slab::MAX_CACHES],
+    pub(crate) pools: [Option<mempool::Mempool>; mempool::MAX_POOLS],
+    pub(crate) cma: Option<Cma>,
+    pub(crate) owners: owner::OwnerTable,
+    pub(crate) fault: FaultConfig,
+    pub(crate) counters: stats::MmCounters,
+    pub(crate) corruption_log: stats::CorruptionLog,
+    initialized: bool,
+}
+
+impl Default for MemoryManager {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryManager {
+    /// An empty manager; [`MemoryManager::init`] gives it memory. `const` so
+    /// that it can live in a static (it is tens of KiB: never put it on a
+    /// small stack).
+    pub const fn new() -> Self {
+        MemoryManager {
+            frames: &mut [],
+            dmap: DirectMap::new(0),
+            max_order: DEFAULT_MAX_ORDER as u32,
+            zones: [
+                zone::Zone::new(ZoneType::Dma),
+                zone::Zone::new(ZoneType::Dma32),
+                zone::Zone::new(ZoneType::Normal),
+            ],
+            memblock: Memblock::new(),
+            caches: [const { None }; slab::MAX_CACHES],
+            pools: [const { None }; mempool::MAX_POOLS],
+            cma: None,
+            owners: owner::OwnerTable::new(),
+            fault: FaultConfig::new(),
+            counters: stats::MmCounters::new(),
+            corruption_log: stats::CorruptionLog::new(),
+            initialized: false,
+        }
+    }
+
+    pub fn is_initialized(&self) -> bool {
+        self.initialized
+    }
+
+    /// Takes ownership of the machine's memory: builds the memblock view,
+    /// places the frame table and the DMA reservation, releases the rest to
+    /// the zones and creates kmalloc's caches.
+    ///
+    /// # Safety
+    /// Every `Usable` range in `boot.regions`, minus `boot.reserved`, must be
+    /// RAM that nothing else uses from now on, mapped read-write at
+    /// `phys + boot.direct_map_offset`, and must stay so while this manager
+    /// (or anything it handed out) is in use.
+    pub unsafe fn init(&mut self, boot: &BootInfo) -> Result<(), MmError> {
+        if self.initialized {
+            return Err(MmError::Invalid("memory manager already initialised"));
+        }
+        let opts = MmOptions::parse(boot.cmdline)?;
+        self.max_order = opts.max_order.unwrap_or(DEFAULT_MAX_ORDER) as u32;
+        self.dmap = DirectMap::new(boot.direct_map_offset);
+
+        let mb = &mut self.memblock;
+        for r in boot.regions.iter().filter(|r| r.kind == RegionKind::Usable) {
+            if !mb.add_memory(r.start, r.end) {
+                return Err(MmError::TableFull);
+            }
+        }
+        for &(start, end) in opts.holes() {
+            if !mb.remove_memory(start, end) || !mb.reserve(start, end, ReserveKind::Hole) {
+                return Err(MmError::TableFull);
+            }
+        }
+        for r in boot.reserved {
+            if !mb.reserve(r.start, r.end, ReserveKind::Kernel) {
+                return Err(MmError::TableFull);
+            }
+        }
+        mb.reserve(0, PAGE_SIZE, ReserveKind::Zero);
+
+        let end = mb.end_of_memory();
+        if end == 0 {
+            return Err(MmError::Invalid("no usable memory in the memory map"));
+        }
+        let nr_frames = end / PAGE_SIZE;
+        if nr_frames > u32::MAX as u64 - 1 {
+            return Err(MmError::Invalid("more memory than 32-bit frame numbers reach"));
+        }
+        let table_bytes = nr_frames * FRAME_DESCRIPTOR_BYTES as u64;
+        let table = mb
+            .alloc(table_bytes, PAGE_SIZE, 0, u64::MAX, ReserveKind::FrameTable)
+            .ok_or(MmError::NoMemory)?;
+        // SAFETY: `table` was just carved out of usable RAM that the caller
+        // gave us (see this function's contract) and reserved, so nothing else
+        // will use it; it is page aligned.
+        self.frames = unsafe { access::frame_table(self.dmap.virt(table), nr_frames as usize) };
+        if !boot.zeroed {
+            self.frames.fill(Frame::EMPTY);
+        }
+        // Zeroed RAM reads as `FrameState::None` everywhere, which is what an
+        // untouched frame must be; only the link fields differ, and they are
+        // only read on list members.
+
+        if let Some(reserve) = opts.dma_reserve {
+            let (lo, hi) = reserve.zone.span();
+            let align = reserve.size.next_power_of_two().min(4 << 20);
+            let base = mb
+                .alloc(reserve.size, align, lo, hi, ReserveKind::DmaReserve)
+                .ok_or(MmError::Invalid(
+                    "memd.dma_reserve: no contiguous range of that size in that zone",
+                ))?;
+            self.cma = Some(Cma::new(base, reserve.size, reserve.zone));
+        }
+
+        for r in self.memblock.reserved() {
+            let first = r.start / PAGE_SIZE;
+            let last = (r.end / PAGE_SIZE).min(nr_frames);
+            for pfn in first..last {
+                self.frames[pfn as usize].set(FrameState::Reserved, ZoneType::of_pfn(pfn), 0);
+            }
+        }
+
+        let frames = &mut *self.frames;
+        let zones = &mut self.zones;
+        let max_order = self.max_order;
+        self.memblock.for_each_free(|start, end| {
+            let mut pfn = start / PAGE_SIZE;
+            let end_pfn = end / PAGE_SIZE;
+            while pfn < end_pfn {
+                let ty = ZoneType::of_pfn(pfn);
+                let zone_end = (ty.span().1 / PAGE_SIZE).min(end_pfn);
+                let zone = &mut zones[ty as usize];
+                if zone.managed == 0 {
+                    zone.start_pfn = pfn;
+                }
+                zone.end_pfn = zone_end;
+                zone.managed += zone_end - pfn;
+                buddy::give_range(zone, frames, pfn, zone_end, max_order);
+                pfn = zone_end;
+            }
+        });
+        zone::set_watermarks(&mut self.zones);
+        self.initialized = true;
+        self.create_kmalloc_caches()?;
+        Ok(())
+    }
+
+    /// The direct map this manager reaches memory through.
+    pub fn direct_map(&self) -> DirectMap {
+        self.dmap
+    }
+
+    /// Number of buddy free lists (orders `0..max_order`).
+    pub fn max_order(&self) -> u32 {
+        self.max_order
+    }
+
+    /// Boot-time reservations, for the memory map views.
+    pub fn reservations(&self) -> &[Reservation] {
+        self.memblock.reserved()
+    }
+
+    /// Usable RAM ranges as memblock saw them.
+    pub fn memory_ranges(&self) -> &[(u64, u64)] {
+        self.memblock.memory()
+    }
+
+    /// The frame descriptor of a physical address, for views and tests.
+    pub fn frame(&self, phys: u64) -> Option<&Frame> {
+        self.frames.get((phys / PAGE_SIZE) as usize)
+    }
+
+    /// Number of frames the frame table describes.
+    pub fn nr_frames(&self) -> usize {
+        self.frames.len()
+    }
+}

@@ -1,0 +1,298 @@
+//! Statistics as typed values: the views kernel engineers already read
+//! (/proc/meminfo, /proc/zoneinfo, /proc/buddyinfo, /proc/slabinfo) plus
+//! mempools, CMA and per-owner usage.
+
+use crate::memblock::PAGE_SIZE;
+use crate::owner::{Owner, MAX_OWNERS};
+use crate::slab::{CacheCounters, Corruption};
+use crate::zone::{Watermarks, ZoneCounters, ZoneType, MAX_ORDER_LIMIT, NR_ZONES};
+use crate::MemoryManager;
+
+/// Manager-wide counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmCounters {
+    pub slab_pages: u64,
+    pub large_pages: u64,
+    pub pool_pages: u64,
+    pub dma_buddy_pages: u64,
+    pub dma_buffers: u64,
+    pub reclaim_runs: u64,
+    pub reclaimed_pages: u64,
+    pub alloc_fail_warnings: u64,
+}
+
+impl MmCounters {
+    pub const fn new() -> Self {
+        MmCounters {
+            slab_pages: 0,
+            large_pages: 0,
+            pool_pages: 0,
+            dma_buddy_pages: 0,
+            dma_buffers: 0,
+            reclaim_runs: 0,
+            reclaimed_pages: 0,
+            alloc_fail_warnings: 0,
+        }
+    }
+}
+
+/// The last few debug findings, newest last.
+#[derive(Clone, Copy, Debug)]
+pub struct CorruptionLog {
+    entries: [Option<Corruption>; 8],
+    pub total: u64,
+}
+
+impl CorruptionLog {
+    pub const fn new() -> Self {
+        CorruptionLog {
+            entries: [None; 8],
+            total: 0,
+        }
+    }
+
+    pub fn record(&mut self, c: Corruption) {
+        self.entries.rotate_left(1);
+        self.entries[7] = Some(c);
+        self.total += 1;
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Corruption> {
+        self.entries.iter().flatten()
+    }
+}
+
+/// /proc/meminfo, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemInfo {
+    /// Memory the manager owns: managed zone pages plus the CMA region.
+    pub total: u64,
+    /// Buddy free + pcp lists + CMA free.
+    pub free: u64,
+    pub buddy_free: u64,
+    pub pcp: u64,
+    pub slab: u64,
+    /// Objects parked in slab caches' per-CPU arrays and empty slabs:
+    /// reclaimable on demand.
+    pub slab_reclaimable: u64,
+    pub kmalloc_large: u64,
+    pub pages_allocated: u64,
+    pub mempool_reserve: u64,
+    pub dma_buddy: u64,
+    pub cma_total: u64,
+    pub cma_free: u64,
+    pub reserved: u64,
+    pub frame_table: u64,
+}
+
+/// One zone of /proc/zoneinfo.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ZoneInfo {
+    pub zone: ZoneType,
+    pub start_pfn: u64,
+    pub end_pfn: u64,
+    pub managed: u64,
+    pub free: u64,
+    pub watermark: Watermarks,
+    pub lowmem_reserve: [u64; NR_ZONES],
+    pub pcp_count: u64,
+    pub pcp_high: u64,
+    pub pcp_batch: u64,
+    pub nr_free: [u64; MAX_ORDER_LIMIT],
+    pub max_order: u32,
+    pub counters: ZoneCounters,
+}
+
+/// One line of /proc/slabinfo.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlabInfo<'a> {
+    pub id: u16,
+    pub name: &'a str,
+    pub active_objs: u64,
+    pub num_objs: u64,
+    pub objsize: u64,
+    pub stride: u64,
+    pub objperslab: u64,
+    pub pagesperslab: u64,
+    pub active_slabs: u64,
+    pub num_slabs: u64,
+    pub array_avail: u64,
+    pub flags: u32,
+    pub has_ctor: bool,
+    pub builtin: bool,
+    pub counters: CacheCounters,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MempoolInfo {
+    pub id: u16,
+    pub backing: crate::PoolBacking,
+    pub min_nr: u64,
+    pub curr_nr: u64,
+    pub element_size: u64,
+    /// Bytes parked in the reserve, doing nothing until memory runs out.
+    pub idle_bytes: u64,
+    pub outstanding: u64,
+    pub counters: crate::mempool::PoolCounters,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CmaInfo {
+    pub base: u64,
+    pub size: u64,
+    pub zone: ZoneType,
+    pub used: u64,
+    pub free: u64,
+    pub largest_free: u64,
+    pub buffers: u64,
+    pub allocs: u64,
+    pub failures: u64,
+}
+
+impl MemoryManager {
+    pub fn meminfo(&self) -> MemInfo {
+        let page = PAGE_SIZE;
+        let buddy_free: u64 = self.zones.iter().map(|z| z.free).sum();
+        let pcp: u64 = self.zones.iter().map(|z| z.pcp.count as u64).sum();
+        let managed: u64 = self.zones.iter().map(|z| z.managed).sum();
+        let (cma_total, cma_free) = self
+            .cma
+            .as_ref()
+            .map_or((0, 0), |c| (c.pages * page, c.free_pages() * page));
+        let mut slab_reclaimable = 0;
+        for (_, c) in self.caches() {
+            slab_reclaimable += c.ac.avail as u64 * c.stride as u64
+                + c.empty.len as u64 * c.slab_bytes() as u64;
+        }
+        let mempool_reserve = self
+            .mempools()
+            .map(|(_, p)| p.curr_nr as u64 * p.element_size as u64)
+            .sum();
+        let pages_allocated: u64 = self.owners.pages.iter().sum();
+        let reserved = self
+            .memblock
+            .reserved()
+            .iter()
+            .filter(|r| r.kind != crate::ReserveKind::Hole)
+            .map(|r| r.end - r.start)
+            .sum();
+        let frame_table = self
+            .memblock
+            .reserved()
+            .iter()
+            .filter(|r| r.kind == crate::ReserveKind::FrameTable)
+            .map(|r| r.end - r.start)
+            .sum();
+        MemInfo {
+            total: managed * page + cma_total,
+            free: (buddy_free + pcp) * page + cma_free,
+            buddy_free: buddy_free * page,
+            pcp: pcp * page,
+            slab: self.counters.slab_pages * page,
+            slab_reclaimable,
+            kmalloc_large: self.counters.large_pages * page,
+            pages_allocated: pages_allocated * page,
+            mempool_reserve,
+            dma_buddy: self.counters.dma_buddy_pages * page,
+            cma_total,
+            cma_free,
+            reserved,
+            frame_table,
+        }
+    }
+
+    pub fn zoneinfo(&self) -> [ZoneInfo; NR_ZONES] {
+        ZoneType::ALL.map(|ty| {
+            let z = &self.zones[ty as usize];
+            let mut nr_free = [0; MAX_ORDER_LIMIT];
+            for (o, n) in nr_free.iter_mut().enumerate().take(self.max_order as usize) {
+                *n = z.free_area[o].list.len as u64;
+            }
+            ZoneInfo {
+                zone: ty,
+                start_pfn: z.start_pfn,
+                end_pfn: z.end_pfn,
+                managed: z.managed,
+                free: z.free,
+                watermark: z.watermark,
+                lowmem_reserve: z.lowmem_reserve,
+                pcp_count: z.pcp.count as u64,
+                pcp_high: crate::pcp::PCP_HIGH as u64,
+                pcp_batch: crate::pcp::PCP_BATCH as u64,
+                nr_free,
+                max_order: self.max_order,
+                counters: z.counters,
+            }
+        })
+    }
+
+    /// /proc/buddyinfo: free blocks per order, per zone.
+    pub fn buddyinfo(&self) -> [(ZoneType, [u64; MAX_ORDER_LIMIT]); NR_ZONES] {
+        self.zoneinfo().map(|z| (z.zone, z.nr_free))
+    }
+
+    pub fn slabinfo(&self) -> impl Iterator<Item = SlabInfo<'_>> {
+        self.caches().map(|(id, c)| {
+            let slabs = c.nr_slabs();
+            SlabInfo {
+                id: id.0,
+                name: c.name(),
+                active_objs: c.active_objects(),
+                num_objs: slabs * c.objs_per_slab as u64,
+                objsize: c.object_size as u64,
+                stride: c.stride as u64,
+                objperslab: c.objs_per_slab as u64,
+                pagesperslab: 1 << c.order,
+                active_slabs: (c.partial.len + c.full.len) as u64,
+                num_slabs: slabs,
+                array_avail: c.ac.avail as u64,
+                flags: c.flags.0,
+                has_ctor: c.ctor.is_some(),
+                builtin: c.builtin,
+                counters: c.counters,
+            }
+        })
+    }
+
+    pub fn mempool_info(&self) -> impl Iterator<Item = MempoolInfo> + '_ {
+        self.mempools().map(|(id, p)| MempoolInfo {
+            id: id.0,
+            backing: p.backing,
+            min_nr: p.min_nr as u64,
+            curr_nr: p.curr_nr as u64,
+            element_size: p.element_size as u64,
+            idle_bytes: p.curr_nr as u64 * p.element_size as u64,
+            outstanding: p.outstanding,
+            counters: p.counters,
+        })
+    }
+
+    pub fn cma_info(&self) -> Option<CmaInfo> {
+        self.cma.as_ref().map(|c| CmaInfo {
+            base: c.base,
+            size: c.pages * PAGE_SIZE,
+            zone: c.zone,
+            used: c.used_pages * PAGE_SIZE,
+            free: c.free_pages() * PAGE_SIZE,
+            largest_free: c.largest_free(),
+            buffers: c.extents().len() as u64,
+            allocs: c.allocs,
+            failures: c.failures,
+        })
+    }
+
+    /// Owners holding pages, with their page counts.
+    pub fn owners(&self) -> impl Iterator<Item = (Owner, u64)> + '_ {
+        (0..MAX_OWNERS)
+            .filter(|&i| self.owners.pages[i] > 0)
+            .map(|i| (Owner(i as u16), self.owners.pages[i]))
+    }
+
+    pub fn counters(&self) -> MmCounters {
+        self.counters
+    }
+
+    pub fn corruptions(&self) -> &CorruptionLog {
+        &self.corruption_log
+    }
+}

@@ -1,0 +1,63 @@
+//! What the kernel gives the service on each call: the memory manager (lent
+//! through a closure, so the kernel can keep it behind its lock), a clock,
+//! and an optional block device.
+
+use crate::memory::Memory;
+
+/// A block device with 512-byte sectors, for the disk DMA operations.
+pub trait BlockDevice {
+    /// Device size in sectors.
+    fn capacity_sectors(&self) -> u64;
+    /// Read `buf.len() / 512` sectors starting at `sector` into `buf`.
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), &'static str>;
+    /// Write `buf` to `buf.len() / 512` sectors starting at `sector`.
+    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), &'static str>;
+}
+
+/// Sector size of [`BlockDevice`].
+pub const SECTOR: u64 = 512;
+
+/// The service's view of its surroundings.
+pub trait Env {
+    /// The memory manager type.
+    type Mem: Memory;
+
+    /// Run `f` with the memory manager and the block device, if any.
+    ///
+    /// In the kernel the memory manager sits behind the global allocator's
+    /// lock; the service does its own heap work (handle tables, replies)
+    /// outside these calls.
+    fn with_mem<R>(
+        &mut self,
+        f: impl FnOnce(&mut Self::Mem, Option<&mut dyn BlockDevice>) -> R,
+    ) -> R;
+
+    /// A monotonic clock in nanoseconds.
+    fn now_ns(&mut self) -> u64;
+}
+
+/// An [`Env`] over plain borrows: for host programs and tests, or a kernel
+/// that needs no lock around the memory manager.
+pub struct DirectEnv<'a, M> {
+    /// The memory manager.
+    pub mem: &'a mut M,
+    /// The block device.
+    pub block: Option<&'a mut dyn BlockDevice>,
+    /// The clock.
+    pub clock: fn() -> u64,
+}
+
+impl<M: Memory> Env for DirectEnv<'_, M> {
+    type Mem = M;
+
+    fn with_mem<R>(&mut self, f: impl FnOnce(&mut M, Option<&mut dyn BlockDevice>) -> R) -> R {
+        match &mut self.block {
+            Some(b) => f(self.mem, Some(&mut **b)),
+            None => f(self.mem, None),
+        }
+    }
+
+    fn now_ns(&mut self) -> u64 {
+        (self.clock)()
+    }
+}

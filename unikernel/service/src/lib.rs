@@ -1,0 +1,31 @@
+//! memd's control service.
+//!
+//! The kernel drives a [`Service`] purely with bytes: [`Service::on_connect`]
+//! when a client connects, [`Service::on_bytes`] with whatever arrived (any
+//! chunking; replies are appended to an output buffer), and
+//! [`Service::on_close`] when the connection goes away, which releases
+//! every handle the connection held.
+//!
+//! Each connection first awaits a hello with the right protocol version and
+//! token; anything else closes it. After that every request gets one reply.
+//! Resources are handles in a per-connection table, checked on every use and
+//! bounded by a per-connection [`memd_wire::Quota`]. Hostile input gets an
+//! error reply or a [`Flow::Close`]; it never panics and never touches other
+//! connections.
+//!
+//! The memory manager is reached through the [`Memory`] trait (implemented
+//! for memd-mm's `MemoryManager`) and lent per call through an
+//! [`Env`], so the kernel can keep it behind its lock.
+#![no_std]
+#![deny(missing_docs)]
+
+extern crate alloc;
+
+pub mod env;
+pub mod memory;
+pub mod service;
+pub mod stress;
+
+pub use env::{BlockDevice, DirectEnv, Env, SECTOR};
+pub use memory::{Backing, DmaFacts, MemError, Memory, Obj};
+pub use service::{Config, ConnId, Flow, Service};

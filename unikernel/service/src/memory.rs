@@ -1,0 +1,157 @@
+//! What the service needs from a memory manager.
+//!
+//! The service is written against this trait so that it holds only opaque
+//! ids and plain addresses; [`crate::mm`] implements it for memd-mm's
+//! `MemoryManager`. Methods take and return the protocol's types; errors
+//! carry an errno number and a static message, so that no formatting (and
+//! no heap allocation) is needed while the memory manager is borrowed —
+//! except for the statistics views, which build their vectors there.
+
+use alloc::vec::Vec;
+
+use memd_wire::{
+    BuddyZone, CheckReport, CmaInfo, Ctor, DmaMask, DmaSource, FaultConfig, FaultTarget, Gfp,
+    MempoolInfo, Meminfo, SlabFlags, SlabInfo, ZoneInfo,
+};
+
+/// An error from the memory manager: errno number, message, and an optional
+/// number that completes it (live objects for `EBUSY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemError {
+    /// errno number.
+    pub code: i32,
+    /// What happened.
+    pub message: &'static str,
+    /// Live objects, for `EBUSY`.
+    pub live: Option<u64>,
+}
+
+impl MemError {
+    /// An error without a count.
+    pub const fn new(code: i32, message: &'static str) -> Self {
+        MemError {
+            code,
+            message,
+            live: None,
+        }
+    }
+}
+
+/// An allocated object: its address and usable size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Obj {
+    /// Address in the guest's (or host arena's) address space.
+    pub addr: u64,
+    /// Usable size (`ksize`).
+    pub size: u64,
+}
+
+/// A mempool's backing, with the memory manager's cache id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing<C> {
+    /// Objects of a cache.
+    Cache(C),
+    /// kmalloc'd elements.
+    Kmalloc(u32),
+    /// Page blocks.
+    Pages(u8),
+}
+
+/// A DMA buffer's public facts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaFacts {
+    /// Physical address.
+    pub phys: u64,
+    /// Length.
+    pub len: u64,
+    /// Where it came from.
+    pub source: DmaSource,
+}
+
+/// The memory manager as the service drives it.
+pub trait Memory {
+    /// A slab cache.
+    type CacheId: Copy;
+    /// A mempool.
+    type PoolId: Copy;
+    /// A DMA buffer, given back to free it.
+    type DmaBuf;
+
+    /// Page size in bytes.
+    fn page_size(&self) -> u64;
+    /// Number of buddy orders.
+    fn max_order(&self) -> u32;
+    /// Bytes managed by the page allocator.
+    fn total_bytes(&mut self) -> u64;
+    /// Bytes free in the page allocator.
+    fn free_bytes(&mut self) -> u64;
+    /// Tag the following allocations with `owner` (a connection id).
+    fn set_owner(&mut self, owner: u64);
+
+    /// Allocate `2^order` pages; returns the physical address.
+    fn alloc_pages(&mut self, order: u8, gfp: Gfp) -> Result<u64, MemError>;
+    /// Free pages from [`Memory::alloc_pages`].
+    fn free_pages(&mut self, phys: u64, order: u8) -> Result<(), MemError>;
+    /// kmalloc.
+    fn kmalloc(&mut self, size: u64, gfp: Gfp) -> Result<Obj, MemError>;
+    /// kfree.
+    fn kfree(&mut self, addr: u64) -> Result<(), MemError>;
+
+    /// Create a slab cache.
+    fn cache_create(
+        &mut self,
+        name: &str,
+        size: u32,
+        align: u32,
+        flags: SlabFlags,
+        ctor: Ctor,
+    ) -> Result<Self::CacheId, MemError>;
+    /// Allocate from a cache.
+    fn cache_alloc(&mut self, cache: Self::CacheId, gfp: Gfp) -> Result<Obj, MemError>;
+    /// Free to a cache.
+    fn cache_free(&mut self, cache: Self::CacheId, addr: u64) -> Result<(), MemError>;
+    /// Return empty slabs; returns the pages freed.
+    fn cache_shrink(&mut self, cache: Self::CacheId) -> Result<u64, MemError>;
+    /// Destroy a cache (`EBUSY` with the live count while objects are out).
+    fn cache_destroy(&mut self, cache: Self::CacheId) -> Result<(), MemError>;
+
+    /// Create a mempool; returns its id and element size.
+    fn pool_create(
+        &mut self,
+        name: &str,
+        backing: Backing<Self::CacheId>,
+        min_nr: u32,
+    ) -> Result<(Self::PoolId, u64), MemError>;
+    /// Allocate an element.
+    fn pool_alloc(&mut self, pool: Self::PoolId, gfp: Gfp) -> Result<Obj, MemError>;
+    /// Free an element.
+    fn pool_free(&mut self, pool: Self::PoolId, addr: u64) -> Result<(), MemError>;
+    /// Destroy a pool (its reserve goes back to the backing allocator).
+    fn pool_destroy(&mut self, pool: Self::PoolId) -> Result<(), MemError>;
+
+    /// Allocate a physically contiguous buffer.
+    fn dma_alloc(&mut self, len: u64, align: u64, mask: DmaMask) -> Result<Self::DmaBuf, MemError>;
+    /// Its public facts.
+    fn dma_facts(&self, buf: &Self::DmaBuf) -> DmaFacts;
+    /// Its bytes.
+    fn dma_bytes<'a>(&'a mut self, buf: &'a Self::DmaBuf) -> &'a mut [u8];
+    /// Free it.
+    fn dma_free(&mut self, buf: Self::DmaBuf) -> Result<(), MemError>;
+
+    /// `/proc/meminfo`.
+    fn meminfo(&mut self) -> Meminfo;
+    /// `/proc/zoneinfo`.
+    fn zoneinfo(&mut self) -> Vec<ZoneInfo>;
+    /// `/proc/buddyinfo`.
+    fn buddyinfo(&mut self) -> Vec<BuddyZone>;
+    /// `/proc/slabinfo`.
+    fn slabinfo(&mut self) -> Vec<SlabInfo>;
+    /// Mempools.
+    fn mempools(&mut self) -> Vec<MempoolInfo>;
+    /// The contiguous region.
+    fn cma(&mut self) -> CmaInfo;
+    /// Every invariant checker.
+    fn check(&mut self) -> CheckReport;
+    /// Set a fault-injection rule.
+    fn set_fault(&mut self, target: FaultTarget, config: FaultConfig) -> Result<(), MemError>;
+}

@@ -1,0 +1,996 @@
+//! Connections, sessions, handles, quotas and dispatch.
+
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use memd_wire::{
+    decode_body, encode_frame, errno, frame::encoded_len, Batch, ClientInfo, DmaBufferInfo,
+    FrameDecoder, FrameError, Hello, HelloAck, Op, PoolBacking, Quota, Reply, Request,
+    Response, Status, WireError, MAX_BATCH_OPS, MAX_FRAME, MAX_IO, MAX_NAME_LEN,
+    PROTOCOL_VERSION,
+};
+
+use crate::env::{Env, SECTOR};
+use crate::memory::{Backing, MemError, Memory, Obj};
+use crate::stress;
+
+/// A connection's id; also the owner tag of what it allocates.
+pub type ConnId = u64;
+
+/// Service settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The token clients must present in their hello.
+    pub token: String,
+    /// Per-connection limits.
+    pub quota: Quota,
+    /// Server name shown in the status.
+    pub server: String,
+    /// Clock reading when the service started.
+    pub started_ns: u64,
+    /// Most operations one stress request may run.
+    pub max_stress_ops: u64,
+}
+
+impl Config {
+    /// Defaults with `token`: 64 Ki pages, 256 MiB, 65 536 handles per
+    /// connection.
+    pub fn new(token: impl Into<String>) -> Self {
+        Config {
+            token: token.into(),
+            quota: Quota {
+                pages: 64 * 1024,
+                bytes: 256 << 20,
+                handles: 65_536,
+            },
+            server: format!("memd {}", env!("CARGO_PKG_VERSION")),
+            started_ns: 0,
+            max_stress_ops: 50_000_000,
+        }
+    }
+}
+
+/// What the kernel should do with a connection after [`Service::on_bytes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep it open.
+    Continue,
+    /// Send what was written, then close it (and call [`Service::on_close`]).
+    Close,
+    /// Send what was written, then stop the service.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitHello,
+    Ready,
+    Closing,
+}
+
+enum Res<M: Memory> {
+    Pages { phys: u64, order: u8 },
+    Kmalloc(Obj),
+    Cache { id: M::CacheId, size: u64, objects: u64, pools: u64 },
+    CacheObj { cache: u64, obj: Obj },
+    Pool { id: M::PoolId, cache: Option<u64>, elem: u64, objects: u64, reserve: u64 },
+    PoolObj { pool: u64, obj: Obj },
+    Dma { buf: M::DmaBuf, info: DmaBufferInfo },
+}
+
+impl<M: Memory> Res<M> {
+    /// (pages, bytes) this resource counts against the quota.
+    fn charge(&self, page: u64) -> (u64, u64) {
+        match self {
+            Res::Pages { order, .. } => (1 << order, page << order),
+            Res::Kmalloc(o) | Res::CacheObj { obj: o, .. } | Res::PoolObj { obj: o, .. } => {
+                (0, o.size)
+            }
+            Res::Cache { .. } => (0, 0),
+            Res::Pool { reserve, .. } => (0, *reserve),
+            Res::Dma { info, .. } => (info.len.div_ceil(page), info.len),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Res::Pages { .. } => "pages",
+            Res::Kmalloc(_) => "kmalloc object",
+            Res::Cache { .. } => "cache",
+            Res::CacheObj { .. } => "cache object",
+            Res::Pool { .. } => "mempool",
+            Res::PoolObj { .. } => "mempool element",
+            Res::Dma { .. } => "DMA buffer",
+        }
+    }
+}
+
+struct Conn<M: Memory> {
+    state: State,
+    decoder: FrameDecoder,
+    name: String,
+    handles: BTreeMap<u64, Res<M>>,
+    pages: u64,
+    bytes: u64,
+    requests: u64,
+    errors: u64,
+}
+
+fn err(code: i32, msg: impl Into<String>) -> WireError {
+    WireError::new(code, msg)
+}
+
+fn mem_err(e: MemError) -> WireError {
+    match e.live {
+        Some(n) => WireError::new(e.code, format!("{} ({n} live)", e.message)),
+        None => WireError::new(e.code, e.message),
+    }
+}
+
+fn no_handle(h: u64) -> WireError {
+    err(errno::ENOENT, format!("no handle {h} on this connection"))
+}
+
+fn wrong_kind(h: u64, want: &str, got: &str) -> WireError {
+    err(errno::EINVAL, format!("handle {h} is a {got}, not a {want}"))
+}
+
+fn tokens_equal(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut diff = (a.len() != b.len()) as u8;
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+/// The control service: feed it each connection's bytes, send what it
+/// writes back.
+pub struct Service<M: Memory> {
+    config: Config,
+    conns: BTreeMap<ConnId, Conn<M>>,
+    next_conn: ConnId,
+    next_handle: u64,
+    requests: u64,
+    shutdown: bool,
+}
+
+impl<M: Memory> Service<M> {
+    /// A service with no connections.
+    pub fn new(config: Config) -> Self {
+        Service {
+            config,
+            conns: BTreeMap::new(),
+            next_conn: 1,
+            next_handle: 1,
+            requests: 0,
+            shutdown: false,
+        }
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Handles held by `conn` (None when it does not exist).
+    pub fn handles_of(&self, conn: ConnId) -> Option<usize> {
+        self.conns.get(&conn).map(|c| c.handles.len())
+    }
+
+    /// Whether a shutdown was requested.
+    pub fn shutdown_requested(&self) -> bool {
+        self.shutdown
+    }
+
+    /// A new connection, awaiting its hello.
+    pub fn on_connect(&mut self) -> ConnId {
+        let id = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(
+            id,
+            Conn {
+                state: State::AwaitHello,
+                decoder: FrameDecoder::new(),
+                name: String::new(),
+                handles: BTreeMap::new(),
+                pages: 0,
+                bytes: 0,
+                requests: 0,
+                errors: 0,
+            },
+        );
+        id
+    }
+
+    /// Bytes arrived on `conn`; replies are appended to `out`.
+    pub fn on_bytes<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        conn: ConnId,
+        mut input: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Flow {
+        loop {
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return Flow::Close;
+            };
+            if c.state == State::Closing {
+                return Flow::Close;
+            }
+            let body = match c.decoder.feed(&mut input) {
+                Ok(Some(body)) => body,
+                Ok(None) => return Flow::Continue,
+                Err(e) => {
+                    let code = match e {
+                        FrameError::TooLarge { .. } => errno::E2BIG,
+                        _ => errno::EPROTO,
+                    };
+                    c.state = State::Closing;
+                    write_response(
+                        out,
+                        &Response::Error {
+                            error: err(code, e.to_string()),
+                            closing: true,
+                        },
+                    );
+                    return Flow::Close;
+                }
+            };
+            let flow = self.on_frame(env, conn, &body, out);
+            if flow != Flow::Continue {
+                return flow;
+            }
+        }
+    }
+
+    /// `conn` is gone: release everything it held.
+    pub fn on_close<E: Env<Mem = M>>(&mut self, env: &mut E, conn: ConnId) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        release_all(env, c.handles);
+    }
+
+    fn close_with(&mut self, conn: ConnId, out: &mut Vec<u8>, error: WireError) -> Flow {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.state = State::Closing;
+        }
+        write_response(out, &Response::Error { error, closing: true });
+        Flow::Close
+    }
+
+    fn on_frame<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        conn: ConnId,
+        body: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Flow {
+        let state = match self.conns.get(&conn) {
+            Some(c) => c.state,
+            None => return Flow::Close,
+        };
+        let req = match decode_body::<Request>(body) {
+            Ok(r) => r,
+            Err(e) => {
+                let error = err(errno::EPROTO, format!("bad request: {e}"));
+                if state == State::AwaitHello {
+                    return self.close_with(conn, out, error);
+                }
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.errors += 1;
+                }
+                write_response(out, &Response::Error { error, closing: false });
+                return Flow::Continue;
+            }
+        };
+        match (state, req) {
+            (State::AwaitHello, Request::Hello(h)) => self.hello(conn, h, out),
+            (State::AwaitHello, _) => self.close_with(
+                conn,
+                out,
+                err(errno::EACCES, "hello with the token first"),
+            ),
+            (_, Request::Hello(_)) => {
+                write_response(
+                    out,
+                    &Response::Error {
+                        error: err(errno::EPROTO, "already authenticated"),
+                        closing: false,
+                    },
+                );
+                Flow::Continue
+            }
+            (_, Request::Call(op)) => {
+                let mut budget = MAX_IO;
+                let result = self.run_op(env, conn, op, &mut budget);
+                let resp = Response::Call(result);
+                if encode_frame(&resp, out).is_err() {
+                    write_response(
+                        out,
+                        &Response::Call(Err(err(errno::E2BIG, "reply larger than a frame"))),
+                    );
+                }
+                self.flow()
+            }
+            (_, Request::Batch(batch)) => {
+                let results = self.run_batch(env, conn, batch);
+                let resp = Response::Batch(results);
+                if encode_frame(&resp, out).is_err() {
+                    write_response(
+                        out,
+                        &Response::Error {
+                            error: err(errno::E2BIG, "batch reply larger than a frame"),
+                            closing: false,
+                        },
+                    );
+                }
+                self.flow()
+            }
+        }
+    }
+
+    fn flow(&self) -> Flow {
+        if self.shutdown {
+            Flow::Shutdown
+        } else {
+            Flow::Continue
+        }
+    }
+
+    fn hello(&mut self, conn: ConnId, h: Hello, out: &mut Vec<u8>) -> Flow {
+        if h.version != PROTOCOL_VERSION {
+            let e = err(
+                errno::EPROTO,
+                format!(
+                    "protocol version {} not supported (server speaks {PROTOCOL_VERSION})",
+                    h.version
+                ),
+            );
+            return self.close_with(conn, out, e);
+        }
+        if !tokens_equal(&h.token, &self.config.token) {
+            return self.close_with(conn, out, err(errno::EACCES, "wrong token"));
+        }
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return Flow::Close;
+        };
+        c.state = State::Ready;
+        c.name = h.client.chars().take(MAX_NAME_LEN).collect();
+        write_response(
+            out,
+            &Response::Hello(HelloAck {
+                version: PROTOCOL_VERSION,
+                conn,
+                quota: self.config.quota,
+            }),
+        );
+        Flow::Continue
+    }
+
+    fn run_batch<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        conn: ConnId,
+        batch: Batch,
+    ) -> Vec<Result<Reply, WireError>> {
+        if batch.ops.len() > MAX_BATCH_OPS {
+            return alloc::vec![Err(err(
+                errno::E2BIG,
+                format!("batch of {} ops exceeds {MAX_BATCH_OPS}", batch.ops.len()),
+            ))];
+        }
+        let total = batch.ops.len();
+        let mut results = Vec::with_capacity(total);
+        // Room for the reply: frame limit less the enum tag and length varint.
+        let mut room = MAX_FRAME - 16;
+        let mut budget = MAX_IO;
+        for (i, op) in batch.ops.into_iter().enumerate() {
+            let r = self.run_op(env, conn, op, &mut budget);
+            let size = encoded_len(&r).unwrap_or(usize::MAX);
+            // Keep room for one final error entry.
+            if size.saturating_add(128) > room {
+                // The op ran; its result cannot be reported, so undo nothing
+                // silently: report how far the batch got instead.
+                results.push(Err(err(
+                    errno::E2BIG,
+                    format!(
+                        "batch reply full: op {i} ran but its result was dropped; {} ops not run",
+                        total - i - 1
+                    ),
+                )));
+                break;
+            }
+            room -= size;
+            let failed = r.is_err();
+            results.push(r);
+            if failed && batch.stop_on_error {
+                break;
+            }
+        }
+        results
+    }
+
+    fn run_op<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        conn: ConnId,
+        op: Op,
+        io_budget: &mut usize,
+    ) -> Result<Reply, WireError> {
+        self.requests += 1;
+        let r = self.dispatch(env, conn, op, io_budget);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.requests += 1;
+            if r.is_err() {
+                c.errors += 1;
+            }
+        }
+        r
+    }
+
+    fn new_handle(&mut self) -> u64 {
+        let h = self.next_handle;
+        self.next_handle += 1;
+        h
+    }
+
+    /// Checks that `conn` may take one more handle charging (pages, bytes).
+    fn check_quota(&self, conn: ConnId, pages: u64, bytes: u64) -> Result<(), WireError> {
+        let c = self.conns.get(&conn).ok_or_else(|| err(errno::EBADF, "no connection"))?;
+        let q = &self.config.quota;
+        if c.handles.len() as u64 >= q.handles {
+            return Err(err(errno::EDQUOT, format!("handle quota of {} reached", q.handles)));
+        }
+        if c.pages.saturating_add(pages) > q.pages {
+            return Err(err(
+                errno::EDQUOT,
+                format!("page quota: {} held + {pages} > {}", c.pages, q.pages),
+            ));
+        }
+        if c.bytes.saturating_add(bytes) > q.bytes {
+            return Err(err(
+                errno::EDQUOT,
+                format!("byte quota: {} held + {bytes} > {}", c.bytes, q.bytes),
+            ));
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, conn: ConnId, res: Res<M>, page: u64) -> u64 {
+        let h = self.new_handle();
+        let (p, b) = res.charge(page);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.pages += p;
+            c.bytes += b;
+            c.handles.insert(h, res);
+        }
+        h
+    }
+
+    fn remove(&mut self, conn: ConnId, h: u64, page: u64) -> Option<Res<M>> {
+        let c = self.conns.get_mut(&conn)?;
+        let res = c.handles.remove(&h)?;
+        let (p, b) = res.charge(page);
+        c.pages -= p;
+        c.bytes -= b;
+        Some(res)
+    }
+
+    fn get(&self, conn: ConnId, h: u64) -> Result<&Res<M>, WireError> {
+        self.conns
+            .get(&conn)
+            .and_then(|c| c.handles.get(&h))
+            .ok_or_else(|| no_handle(h))
+    }
+
+    fn get_mut(&mut self, conn: ConnId, h: u64) -> Option<&mut Res<M>> {
+        self.conns.get_mut(&conn)?.handles.get_mut(&h)
+    }
+
+    fn dispatch<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        conn: ConnId,
+        op: Op,
+        io_budget: &mut usize,
+    ) -> Result<Reply, WireError> {
+        let page = env.with_mem(|m, _| m.page_size());
+        match op {
+            Op::Status => {
+                let now = env.now_ns();
+                let (total, free, max_order, has_block) = env.with_mem(|m, b| {
+                    (m.total_bytes(), m.free_bytes(), m.max_order(), b.is_some())
+                });
+                Ok(Reply::Status(Status {
+                    version: PROTOCOL_VERSION,
+                    server: self.config.server.clone(),
+                    uptime_ns: now.saturating_sub(self.config.started_ns),
+                    connections: self.conns.len() as u64,
+                    requests: self.requests,
+                    page_size: page,
+                    max_order,
+                    total_bytes: total,
+                    free_bytes: free,
+                    block_device: has_block,
+                }))
+            }
+            Op::Meminfo => Ok(Reply::Meminfo(env.with_mem(|m, _| m.meminfo()))),
+            Op::Zoneinfo => Ok(Reply::Zoneinfo(env.with_mem(|m, _| m.zoneinfo()))),
+            Op::Buddyinfo => Ok(Reply::Buddyinfo(env.with_mem(|m, _| m.buddyinfo()))),
+            Op::Slabinfo => Ok(Reply::Slabinfo(env.with_mem(|m, _| m.slabinfo()))),
+            Op::Mempools => Ok(Reply::Mempools(env.with_mem(|m, _| m.mempools()))),
+            Op::Cma => Ok(Reply::Cma(env.with_mem(|m, _| m.cma()))),
+            Op::Clients => Ok(Reply::Clients(self.clients())),
+            Op::DmaBuffers => Ok(Reply::DmaBuffers(
+                self.conns
+                    .values()
+                    .flat_map(|c| c.handles.values())
+                    .filter_map(|r| match r {
+                        Res::Dma { info, .. } => Some(info.clone()),
+                        _ => None,
+                    })
+                    .collect(),
+            )),
+
+            Op::AllocPages { order, gfp } => {
+                if order >= 64 {
+                    return Err(err(errno::EINVAL, format!("order {order} out of range")));
+                }
+                self.check_quota(conn, 1u64 << order, page << order)?;
+                let phys = env
+                    .with_mem(|m, _| {
+                        m.set_owner(conn);
+                        m.alloc_pages(order, gfp)
+                    })
+                    .map_err(mem_err)?;
+                let handle = self.insert(conn, Res::Pages { phys, order }, page);
+                Ok(Reply::Pages { handle, phys, order })
+            }
+            Op::FreePages { handle } => match self.get(conn, handle)? {
+                Res::Pages { phys, order } => {
+                    let (phys, order) = (*phys, *order);
+                    env.with_mem(|m, _| m.free_pages(phys, order)).map_err(mem_err)?;
+                    self.remove(conn, handle, page);
+                    Ok(Reply::Done)
+                }
+                r => Err(wrong_kind(handle, "pages", r.kind())),
+            },
+            Op::Kmalloc { size, gfp } => {
+                self.check_quota(conn, 0, size)?;
+                let obj = env
+                    .with_mem(|m, _| {
+                        m.set_owner(conn);
+                        m.kmalloc(size, gfp)
+                    })
+                    .map_err(mem_err)?;
+                let handle = self.insert(conn, Res::Kmalloc(obj), page);
+                Ok(Reply::Object { handle, addr: obj.addr, size: obj.size })
+            }
+            Op::Kfree { handle } => match self.get(conn, handle)? {
+                Res::Kmalloc(obj) => {
+                    let addr = obj.addr;
+                    env.with_mem(|m, _| m.kfree(addr)).map_err(mem_err)?;
+                    self.remove(conn, handle, page);
+                    Ok(Reply::Done)
+                }
+                r => Err(wrong_kind(handle, "kmalloc object", r.kind())),
+            },
+
+            Op::CacheCreate { name, size, align, flags, ctor } => {
+                if name.is_empty() || name.len() > MAX_NAME_LEN {
+                    return Err(err(
+                        errno::EINVAL,
+                        format!("cache name must be 1..={MAX_NAME_LEN} bytes"),
+                    ));
+                }
+                self.check_quota(conn, 0, 0)?;
+                let id = env
+                    .with_mem(|m, _| m.cache_create(&name, size, align, flags, ctor))
+                    .map_err(mem_err)?;
+                let res = Res::Cache { id, size: size as u64, objects: 0, pools: 0 };
+                Ok(Reply::Created { handle: self.insert(conn, res, page) })
+            }
+            Op::CacheAlloc { cache, gfp } => {
+                let (id, size) = match self.get(conn, cache)? {
+                    Res::Cache { id, size, .. } => (*id, *size),
+                    r => return Err(wrong_kind(cache, "cache", r.kind())),
+                };
+                self.check_quota(conn, 0, size)?;
+                let obj = env
+                    .with_mem(|m, _| {
+                        m.set_owner(conn);
+                        m.cache_alloc(id, gfp)
+                    })
+                    .map_err(mem_err)?;
+                if let Some(Res::Cache { objects, .. }) = self.get_mut(conn, cache) {
+                    *objects += 1;
+                }
+                let handle = self.insert(conn, Res::CacheObj { cache, obj }, page);
+                Ok(Reply::Object { handle, addr: obj.addr, size: obj.size })
+            }
+            Op::CacheFree { cache, object } => {
+                let id = match self.get(conn, cache)? {
+                    Res::Cache { id, .. } => *id,
+                    r => return Err(wrong_kind(cache, "cache", r.kind())),
+                };
+                let addr = match self.get(conn, object)? {
+                    Res::CacheObj { cache: c, obj } if *c == cache => obj.addr,
+                    Res::CacheObj { cache: c, .. } => {
+                        return Err(err(
+                            errno::EINVAL,
+                            format!("object {object} belongs to cache {c}, not {cache}"),
+                        ))
+                    }
+                    r => return Err(wrong_kind(object, "cache object", r.kind())),
+                };
+                env.with_mem(|m, _| m.cache_free(id, addr)).map_err(mem_err)?;
+                self.remove(conn, object, page);
+                if let Some(Res::Cache { objects, .. }) = self.get_mut(conn, cache) {
+                    *objects -= 1;
+                }
+                Ok(Reply::Done)
+            }
+            Op::CacheShrink { cache } => {
+                let id = match self.get(conn, cache)? {
+                    Res::Cache { id, .. } => *id,
+                    r => return Err(wrong_kind(cache, "cache", r.kind())),
+                };
+                let pages = env.with_mem(|m, _| m.cache_shrink(id)).map_err(mem_err)?;
+                Ok(Reply::Shrunk { pages })
+            }
+            Op::CacheDestroy { cache } => {
+                let id = match self.get(conn, cache)? {
+                    Res::Cache { pools, .. } if *pools > 0 => {
+                        return Err(err(
+                            errno::EBUSY,
+                            format!("cache {cache} backs {pools} mempool(s)"),
+                        ))
+                    }
+                    Res::Cache { id, .. } => *id,
+                    r => return Err(wrong_kind(cache, "cache", r.kind())),
+                };
+                env.with_mem(|m, _| m.cache_destroy(id)).map_err(mem_err)?;
+                self.remove(conn, cache, page);
+                Ok(Reply::Done)
+            }
+
+            Op::PoolCreate { name, backing, min_nr } => {
+                if name.is_empty() || name.len() > MAX_NAME_LEN {
+                    return Err(err(
+                        errno::EINVAL,
+                        format!("pool name must be 1..={MAX_NAME_LEN} bytes"),
+                    ));
+                }
+                let (backing, cache, elem) = match backing {
+                    PoolBacking::Cache(h) => match self.get(conn, h)? {
+                        Res::Cache { id, size, .. } => (Backing::Cache(*id), Some(h), *size),
+                        r => return Err(wrong_kind(h, "cache", r.kind())),
+                    },
+                    PoolBacking::Kmalloc { size } => (Backing::Kmalloc(size), None, size as u64),
+                    PoolBacking::Pages { order } => {
+                        if order >= 64 {
+                            return Err(err(errno::EINVAL, format!("order {order} out of range")));
+                        }
+                        (Backing::Pages(order), None, page << order)
+                    }
+                };
+                let reserve = elem.saturating_mul(min_nr as u64);
+                self.check_quota(conn, 0, reserve)?;
+                let (id, elem) = env
+                    .with_mem(|m, _| {
+                        m.set_owner(conn);
+                        m.pool_create(&name, backing, min_nr)
+                    })
+                    .map_err(mem_err)?;
+                if let Some(h) = cache {
+                    if let Some(Res::Cache { pools, .. }) = self.get_mut(conn, h) {
+                        *pools += 1;
+                    }
+                }
+                let reserve = elem.saturating_mul(min_nr as u64);
+                let res = Res::Pool { id, cache, elem, objects: 0, reserve };
+                Ok(Reply::Created { handle: self.insert(conn, res, page) })
+            }
+            Op::PoolAlloc { pool, gfp } => {
+                let (id, elem) = match self.get(conn, pool)? {
+                    Res::Pool { id, elem, .. } => (*id, *elem),
+                    r => return Err(wrong_kind(pool, "mempool", r.kind())),
+                };
+                self.check_quota(conn, 0, elem)?;
+                let obj = env
+                    .with_mem(|m, _| {
+                        m.set_owner(conn);
+                        m.pool_alloc(id, gfp)
+                    })
+                    .map_err(mem_err)?;
+                if let Some(Res::Pool { objects, .. }) = self.get_mut(conn, pool) {
+                    *objects += 1;
+                }
+                let handle = self.insert(conn, Res::PoolObj { pool, obj }, page);
+                Ok(Reply::Object { handle, addr: obj.addr, size: obj.size })
+            }
+            Op::PoolFree { pool, object } => {
+                let id = match self.get(conn, pool)? {
+                    Res::Pool { id, .. } => *id,
+                    r => return Err(wrong_kind(pool, "mempool", r.kind())),
+                };
+                let addr = match self.get(conn, object)? {
+                    Res::PoolObj { pool: p, obj } if *p == pool => obj.addr,
+                    Res::PoolObj { pool: p, .. } => {
+                        return Err(err(
+                            errno::EINVAL,
+                            format!("element {object} belongs to pool {p}, not {pool}"),
+                        ))
+                    }
+                    r => return Err(wrong_kind(object, "mempool element", r.kind())),
+                };
+                env.with_mem(|m, _| m.pool_free(id, addr)).map_err(mem_err)?;
+                self.remove(conn, object, page);
+                if let Some(Res::Pool { objects, .. }) = self.get_mut(conn, pool) {
+                    *objects -= 1;
+                }
+                Ok(Reply::Done)
+            }
+            Op::PoolDestroy { pool } => {
+                let (id, cache) = match self.get(conn, pool)? {
+                    Res::Pool { objects, .. } if *objects > 0 => {
+                        return Err(err(
+                            errno::EBUSY,
+                            format!("mempool {pool} has {objects} element(s) out"),
+                        ))
+                    }
+                    Res::Pool { id, cache, .. } => (*id, *cache),
+                    r => return Err(wrong_kind(pool, "mempool", r.kind())),
+                };
+                env.with_mem(|m, _| m.pool_destroy(id)).map_err(mem_err)?;
+                self.remove(conn, pool, page);
+                if let Some(h) = cache {
+                    if let Some(Res::Cache { pools, .. }) = self.get_mut(conn, h) {
+                        *pools -= 1;
+                    }
+                }
+                Ok(Reply::Done)
+            }
+
+            Op::DmaAlloc { len, align, mask } => {
+                if len == 0 {
+                    return Err(err(errno::EINVAL, "zero-length DMA buffer"));
+                }
+                if align != 0 && !align.is_power_of_two() {
+                    return Err(err(errno::EINVAL, format!("alignment {align} is not a power of two")));
+                }
+                self.check_quota(conn, len.div_ceil(page), len)?;
+                let buf = env
+                    .with_mem(|m, _| {
+                        m.set_owner(conn);
+                        m.dma_alloc(len, align, mask)
+                    })
+                    .map_err(mem_err)?;
+                let facts = env.with_mem(|m, _| m.dma_facts(&buf));
+                let handle = self.new_handle();
+                let info = DmaBufferInfo {
+                    handle,
+                    conn,
+                    phys: facts.phys,
+                    len: facts.len,
+                    align: if align == 0 { page } else { align },
+                    mask,
+                    source: facts.source,
+                };
+                let res: Res<M> = Res::Dma { buf, info: info.clone() };
+                let (p, b) = res.charge(page);
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.pages += p;
+                    c.bytes += b;
+                    c.handles.insert(handle, res);
+                }
+                Ok(Reply::Dma(info))
+            }
+            Op::DmaFree { handle } => match self.get(conn, handle)? {
+                Res::Dma { .. } => {
+                    let Some(Res::Dma { buf, .. }) = self.remove(conn, handle, page) else {
+                        return Err(no_handle(handle));
+                    };
+                    env.with_mem(|m, _| m.dma_free(buf)).map_err(mem_err)?;
+                    Ok(Reply::Done)
+                }
+                r => Err(wrong_kind(handle, "DMA buffer", r.kind())),
+            },
+            Op::DmaWrite { handle, offset, data } => {
+                let (buf, buf_len) = self.dma(conn, handle)?;
+                let start = range(offset, data.len() as u64, buf_len)?;
+                env.with_mem(|m, _| {
+                    m.dma_bytes(buf)[start..start + data.len()].copy_from_slice(&data)
+                });
+                Ok(Reply::Done)
+            }
+            Op::DmaRead { handle, offset, len } => {
+                let len = len as usize;
+                if len > *io_budget {
+                    return Err(err(
+                        errno::E2BIG,
+                        format!("read of {len} bytes exceeds the {} left in this reply", *io_budget),
+                    ));
+                }
+                let (buf, buf_len) = self.dma(conn, handle)?;
+                let start = range(offset, len as u64, buf_len)?;
+                let mut data = alloc::vec![0u8; len];
+                env.with_mem(|m, _| data.copy_from_slice(&m.dma_bytes(buf)[start..start + len]));
+                *io_budget -= len;
+                Ok(Reply::Data(data))
+            }
+            Op::DmaFill { handle, seed } => {
+                let (buf, _) = self.dma(conn, handle)?;
+                env.with_mem(|m, _| memd_wire::fill_pattern(seed, 0, m.dma_bytes(buf)));
+                Ok(Reply::Done)
+            }
+            Op::DmaChecksum { handle, offset, len } => {
+                let (buf, buf_len) = self.dma(conn, handle)?;
+                let total = buf_len;
+                let len = if len == 0 { total.saturating_sub(offset) } else { len };
+                let start = range(offset, len, total)?;
+                let sum = env.with_mem(|m, _| {
+                    memd_wire::checksum(&m.dma_bytes(buf)[start..start + len as usize])
+                });
+                Ok(Reply::Checksum(sum))
+            }
+            Op::DmaWriteDisk { handle, sector } | Op::DmaReadDisk { handle, sector } => {
+                let write = matches!(op, Op::DmaWriteDisk { .. });
+                let (buf, buf_len) = self.dma(conn, handle)?;
+                let len = buf_len;
+                if len % SECTOR != 0 {
+                    return Err(err(
+                        errno::EINVAL,
+                        format!("buffer of {len} bytes is not a whole number of sectors"),
+                    ));
+                }
+                env.with_mem(|m, block| {
+                    let Some(block) = block else {
+                        return Err(err(errno::ENODEV, "no block device attached"));
+                    };
+                    let end = sector.checked_add(len / SECTOR);
+                    if end.is_none_or(|e| e > block.capacity_sectors()) {
+                        return Err(err(
+                            errno::EINVAL,
+                            format!(
+                                "sectors {sector}+{} past the end of the disk ({} sectors)",
+                                len / SECTOR,
+                                block.capacity_sectors()
+                            ),
+                        ));
+                    }
+                    let bytes = m.dma_bytes(buf);
+                    let r = if write {
+                        block.write(sector, bytes)
+                    } else {
+                        block.read(sector, bytes)
+                    };
+                    r.map_err(|e| err(errno::EIO, e))
+                })?;
+                Ok(Reply::Done)
+            }
+
+            Op::Check => Ok(Reply::Check(env.with_mem(|m, _| m.check()))),
+            Op::Stress { ops, seed } => {
+                if ops > self.config.max_stress_ops {
+                    return Err(err(
+                        errno::E2BIG,
+                        format!("at most {} stress ops per request", self.config.max_stress_ops),
+                    ));
+                }
+                Ok(Reply::Stress(stress::run(env, conn, ops, seed)))
+            }
+            Op::FaultInject { target, config } => {
+                if config.probability > 100 {
+                    return Err(err(errno::EINVAL, "probability is a percentage (0..=100)"));
+                }
+                env.with_mem(|m, _| m.set_fault(target, config)).map_err(mem_err)?;
+                Ok(Reply::Done)
+            }
+            Op::Shutdown => {
+                self.shutdown = true;
+                Ok(Reply::Done)
+            }
+        }
+    }
+
+    fn dma(&self, conn: ConnId, h: u64) -> Result<(&M::DmaBuf, u64), WireError> {
+        match self.get(conn, h)? {
+            Res::Dma { buf, info } => Ok((buf, info.len)),
+            r => Err(wrong_kind(h, "DMA buffer", r.kind())),
+        }
+    }
+
+    fn clients(&self) -> Vec<ClientInfo> {
+        self.conns
+            .iter()
+            .map(|(id, c)| ClientInfo {
+                conn: *id,
+                name: c.name.clone(),
+                authenticated: c.state == State::Ready,
+                handles: c.handles.len() as u64,
+                pages: c.pages,
+                bytes: c.bytes,
+                requests: c.requests,
+                errors: c.errors,
+                quota: (c.state == State::Ready).then_some(self.config.quota),
+            })
+            .collect()
+    }
+}
+
+/// Checks `[offset, offset+len)` lies within `total`; returns `offset` as usize.
+fn range(offset: u64, len: u64, total: u64) -> Result<usize, WireError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= total => Ok(offset as usize),
+        _ => Err(err(
+            errno::EINVAL,
+            format!("range {offset}+{len} outside the buffer of {total} bytes"),
+        )),
+    }
+}
+
+fn write_response(out: &mut Vec<u8>, resp: &Response) {
+    // Error responses are small; encoding them cannot exceed MAX_FRAME.
+    let _ = encode_frame(resp, out);
+}
+
+/// Frees everything in a closing connection's handle table: pool elements
+/// before their pools, pools before the caches that back them, cache
+/// objects before their caches.
+fn release_all<E: Env>(env: &mut E, handles: BTreeMap<u64, Res<E::Mem>>) {
+    let mut pool_ids = BTreeMap::new();
+    let mut cache_ids = BTreeMap::new();
+    for (h, r) in &handles {
+        match r {
+            Res::Pool { id, .. } => {
+                pool_ids.insert(*h, *id);
+            }
+            Res::Cache { id, .. } => {
+                cache_ids.insert(*h, *id);
+            }
+            _ => {}
+        }
+    }
+    env.with_mem(|m, _| {
+        let mut pools = Vec::new();
+        let mut caches = Vec::new();
+        // Freeing cannot fail for memory the connection really holds; an
+        // error here would be a memory-manager bug, reported by `check`.
+        for (_, r) in handles {
+            match r {
+                Res::Pages { phys, order } => {
+                    let _ = m.free_pages(phys, order);
+                }
+                Res::Kmalloc(obj) => {
+                    let _ = m.kfree(obj.addr);
+                }
+                Res::Dma { buf, .. } => {
+                    let _ = m.dma_free(buf);
+                }
+                Res::PoolObj { pool, obj } => {
+                    if let Some(id) = pool_ids.get(&pool) {
+                        let _ = m.pool_free(*id, obj.addr);
+                    }
+                }
+                Res::CacheObj { cache, obj } => {
+                    if let Some(id) = cache_ids.get(&cache) {
+                        let _ = m.cache_free(*id, obj.addr);
+                    }
+                }
+                Res::Pool { id, .. } => pools.push(id),
+                Res::Cache { id, .. } => caches.push(id),
+            }
+        }
+        for id in pools {
+            let _ = m.pool_destroy(id);
+        }
+        for id in caches {
+            let _ = m.cache_destroy(id);
+        }
+    });
+}

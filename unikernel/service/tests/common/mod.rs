@@ -1,0 +1,346 @@
+//! Test helpers: a model memory manager (a bookkeeping double that checks
+//! every free against what it handed out) and a client-side driver.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use memd_service::{
+    Backing, BlockDevice, Config, ConnId, DirectEnv, DmaFacts, Flow, MemError, Memory, Obj,
+    Service,
+};
+use memd_wire::*;
+
+pub const TOKEN: &str = "s3cret";
+
+/// A model memory manager: a byte budget, and a record of every live
+/// allocation with backing storage for DMA buffers. Freeing something it did
+/// not hand out is an error (and is counted), so leaks and double frees in
+/// the service show up.
+pub struct Model {
+    pub capacity: u64,
+    pub used: u64,
+    next_addr: u64,
+    pub live: BTreeMap<u64, (u64, &'static str)>,
+    caches: BTreeMap<u32, (u64, u64)>, // id -> (size, live)
+    pools: BTreeMap<u32, (u64, u64, u32)>, // id -> (elem, live, min_nr)
+    next_id: u32,
+    dma: BTreeMap<u64, Vec<u8>>,
+    pub bad_frees: u64,
+    pub fault_slab: Option<FaultConfig>,
+}
+
+impl Model {
+    pub fn new(capacity: u64) -> Self {
+        Model {
+            capacity,
+            used: 0,
+            next_addr: 0x10_0000,
+            live: BTreeMap::new(),
+            caches: BTreeMap::new(),
+            pools: BTreeMap::new(),
+            next_id: 1,
+            dma: BTreeMap::new(),
+            bad_frees: 0,
+            fault_slab: None,
+        }
+    }
+
+    fn take(&mut self, size: u64, what: &'static str) -> Result<u64, MemError> {
+        if self.used + size > self.capacity {
+            return Err(MemError::new(errno::ENOMEM, "out of memory"));
+        }
+        self.used += size;
+        let addr = self.next_addr;
+        self.next_addr += size.max(8).next_multiple_of(4096);
+        self.live.insert(addr, (size, what));
+        Ok(addr)
+    }
+
+    fn give(&mut self, addr: u64, what: &'static str) -> Result<u64, MemError> {
+        match self.live.get(&addr) {
+            Some((size, w)) if *w == what => {
+                let size = *size;
+                self.live.remove(&addr);
+                self.used -= size;
+                Ok(size)
+            }
+            _ => {
+                self.bad_frees += 1;
+                Err(MemError::new(errno::EINVAL, "not allocated"))
+            }
+        }
+    }
+}
+
+pub struct ModelDma(u64, u64);
+
+impl Memory for Model {
+    type CacheId = u32;
+    type PoolId = u32;
+    type DmaBuf = ModelDma;
+
+    fn page_size(&self) -> u64 {
+        4096
+    }
+    fn max_order(&self) -> u32 {
+        11
+    }
+    fn total_bytes(&mut self) -> u64 {
+        self.capacity
+    }
+    fn free_bytes(&mut self) -> u64 {
+        self.capacity - self.used
+    }
+    fn set_owner(&mut self, _owner: u64) {}
+    fn alloc_pages(&mut self, order: u8, _gfp: Gfp) -> Result<u64, MemError> {
+        if order >= 11 {
+            return Err(MemError::new(errno::EINVAL, "order too large"));
+        }
+        self.take(4096 << order, "pages")
+    }
+    fn free_pages(&mut self, phys: u64, order: u8) -> Result<(), MemError> {
+        let size = self.give(phys, "pages")?;
+        assert_eq!(size, 4096 << order);
+        Ok(())
+    }
+    fn kmalloc(&mut self, size: u64, _gfp: Gfp) -> Result<Obj, MemError> {
+        if size == 0 {
+            return Err(MemError::new(errno::EINVAL, "zero size"));
+        }
+        let size = size.next_power_of_two().max(8);
+        Ok(Obj { addr: self.take(size, "kmalloc")?, size })
+    }
+    fn kfree(&mut self, addr: u64) -> Result<(), MemError> {
+        self.give(addr, "kmalloc").map(|_| ())
+    }
+    fn cache_create(
+        &mut self,
+        _name: &str,
+        size: u32,
+        _align: u32,
+        _flags: SlabFlags,
+        _ctor: Ctor,
+    ) -> Result<u32, MemError> {
+        if size == 0 {
+            return Err(MemError::new(errno::EINVAL, "zero size"));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.caches.insert(id, (size as u64, 0));
+        Ok(id)
+    }
+    fn cache_alloc(&mut self, cache: u32, _gfp: Gfp) -> Result<Obj, MemError> {
+        if self.fault_slab.is_some_and(|f| f.probability == 100 && f.times != 0) {
+            return Err(MemError::new(errno::ENOMEM, "allocation failed by fault injection"));
+        }
+        let size = self.caches[&cache].0;
+        let addr = self.take(size, "cache")?;
+        self.caches.get_mut(&cache).unwrap().1 += 1;
+        Ok(Obj { addr, size })
+    }
+    fn cache_free(&mut self, cache: u32, addr: u64) -> Result<(), MemError> {
+        self.give(addr, "cache")?;
+        self.caches.get_mut(&cache).unwrap().1 -= 1;
+        Ok(())
+    }
+    fn cache_shrink(&mut self, _cache: u32) -> Result<u64, MemError> {
+        Ok(0)
+    }
+    fn cache_destroy(&mut self, cache: u32) -> Result<(), MemError> {
+        let live = self.caches[&cache].1;
+        if live > 0 {
+            return Err(MemError { code: errno::EBUSY, message: "objects still in use", live: Some(live) });
+        }
+        self.caches.remove(&cache);
+        Ok(())
+    }
+    fn pool_create(&mut self, _name: &str, backing: Backing<u32>, min_nr: u32) -> Result<(u32, u64), MemError> {
+        let elem = match backing {
+            Backing::Cache(c) => self.caches[&c].0,
+            Backing::Kmalloc(s) => s as u64,
+            Backing::Pages(o) => 4096 << o,
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        self.take(elem * min_nr as u64, "pool-reserve")?;
+        self.pools.insert(id, (elem, 0, min_nr));
+        Ok((id, elem))
+    }
+    fn pool_alloc(&mut self, pool: u32, _gfp: Gfp) -> Result<Obj, MemError> {
+        let elem = self.pools[&pool].0;
+        let addr = self.take(elem, "pool")?;
+        self.pools.get_mut(&pool).unwrap().1 += 1;
+        Ok(Obj { addr, size: elem })
+    }
+    fn pool_free(&mut self, pool: u32, addr: u64) -> Result<(), MemError> {
+        self.give(addr, "pool")?;
+        self.pools.get_mut(&pool).unwrap().1 -= 1;
+        Ok(())
+    }
+    fn pool_destroy(&mut self, pool: u32) -> Result<(), MemError> {
+        let (elem, live, min_nr) = self.pools[&pool];
+        assert_eq!(live, 0, "service destroyed a pool with elements out");
+        self.pools.remove(&pool);
+        self.used -= elem * min_nr as u64;
+        let key = self.live.iter().find(|(_, (s, w))| *w == "pool-reserve" && *s == elem * min_nr as u64).map(|(k, _)| *k);
+        self.live.remove(&key.unwrap());
+        Ok(())
+    }
+    fn dma_alloc(&mut self, len: u64, _align: u64, _mask: DmaMask) -> Result<ModelDma, MemError> {
+        let addr = self.take(len, "dma")?;
+        self.dma.insert(addr, vec![0; len as usize]);
+        Ok(ModelDma(addr, len))
+    }
+    fn dma_facts(&self, buf: &ModelDma) -> DmaFacts {
+        DmaFacts { phys: buf.0, len: buf.1, source: DmaSource::Buddy }
+    }
+    fn dma_bytes<'a>(&'a mut self, buf: &'a ModelDma) -> &'a mut [u8] {
+        self.dma.get_mut(&buf.0).unwrap()
+    }
+    fn dma_free(&mut self, buf: ModelDma) -> Result<(), MemError> {
+        self.give(buf.0, "dma")?;
+        self.dma.remove(&buf.0);
+        Ok(())
+    }
+    fn meminfo(&mut self) -> Meminfo {
+        Meminfo { total: self.capacity, free: self.capacity - self.used, ..Default::default() }
+    }
+    fn zoneinfo(&mut self) -> Vec<ZoneInfo> {
+        vec![]
+    }
+    fn buddyinfo(&mut self) -> Vec<BuddyZone> {
+        vec![]
+    }
+    fn slabinfo(&mut self) -> Vec<SlabInfo> {
+        self.caches
+            .iter()
+            .map(|(id, (size, live))| SlabInfo { name: format!("c{id}"), objsize: *size, active_objs: *live, ..Default::default() })
+            .collect()
+    }
+    fn mempools(&mut self) -> Vec<MempoolInfo> {
+        vec![]
+    }
+    fn cma(&mut self) -> CmaInfo {
+        CmaInfo::default()
+    }
+    fn check(&mut self) -> CheckReport {
+        CheckReport { ok: self.bad_frees == 0, violations: vec![] }
+    }
+    fn set_fault(&mut self, target: FaultTarget, config: FaultConfig) -> Result<(), MemError> {
+        if target == FaultTarget::Slab {
+            self.fault_slab = Some(config);
+        }
+        Ok(())
+    }
+}
+
+/// An in-memory disk.
+pub struct RamDisk(pub Vec<u8>);
+
+impl BlockDevice for RamDisk {
+    fn capacity_sectors(&self) -> u64 {
+        self.0.len() as u64 / 512
+    }
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), &'static str> {
+        let s = sector as usize * 512;
+        buf.copy_from_slice(&self.0[s..s + buf.len()]);
+        Ok(())
+    }
+    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), &'static str> {
+        let s = sector as usize * 512;
+        self.0[s..s + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+}
+
+pub fn clock() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+/// Drives one connection of a service as a client would, decoding replies.
+pub struct Harness<M: Memory> {
+    pub svc: Service<M>,
+    pub mem: M,
+    pub disk: Option<RamDisk>,
+}
+
+impl<M: Memory> Harness<M> {
+    pub fn new(mem: M) -> Self {
+        Harness { svc: Service::new(Config::new(TOKEN)), mem, disk: None }
+    }
+
+    pub fn connect(&mut self) -> ConnId {
+        self.svc.on_connect()
+    }
+
+    /// Send raw bytes; returns the decoded responses and the flow.
+    pub fn send_raw(&mut self, conn: ConnId, bytes: &[u8]) -> (Vec<Response>, Flow) {
+        let mut out = Vec::new();
+        let mut env = DirectEnv {
+            mem: &mut self.mem,
+            block: self.disk.as_mut().map(|d| d as &mut dyn BlockDevice),
+            clock,
+        };
+        let flow = self.svc.on_bytes(&mut env, conn, bytes, &mut out);
+        let mut dec = FrameDecoder::new();
+        let mut input = &out[..];
+        let mut resps = Vec::new();
+        while let Some(body) = dec.feed(&mut input).unwrap() {
+            resps.push(decode_body::<Response>(&body).unwrap());
+        }
+        assert!(input.is_empty() && dec.is_idle(), "partial reply frame");
+        (resps, flow)
+    }
+
+    pub fn request(&mut self, conn: ConnId, req: &Request) -> (Response, Flow) {
+        let (mut r, flow) = self.send_raw(conn, &to_frame(req).unwrap());
+        assert_eq!(r.len(), 1, "one response per request");
+        (r.remove(0), flow)
+    }
+
+    pub fn hello(&mut self, conn: ConnId) -> HelloAck {
+        match self.request(conn, &Request::Hello(Hello { version: PROTOCOL_VERSION, token: TOKEN.into(), client: "t".into() })) {
+            (Response::Hello(ack), Flow::Continue) => ack,
+            other => panic!("hello failed: {other:?}"),
+        }
+    }
+
+    pub fn login(&mut self) -> ConnId {
+        let c = self.connect();
+        self.hello(c);
+        c
+    }
+
+    pub fn call(&mut self, conn: ConnId, op: Op) -> Result<Reply, WireError> {
+        match self.request(conn, &Request::Call(op)) {
+            (Response::Call(r), _) => r,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    pub fn ok(&mut self, conn: ConnId, op: Op) -> Reply {
+        let name = op.name();
+        self.call(conn, op).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    pub fn code(&mut self, conn: ConnId, op: Op) -> i32 {
+        match self.call(conn, op) {
+            Err(e) => e.code,
+            Ok(r) => panic!("expected an error, got {r:?}"),
+        }
+    }
+
+    pub fn close(&mut self, conn: ConnId) {
+        let mut env = DirectEnv { mem: &mut self.mem, block: None, clock };
+        self.svc.on_close(&mut env, conn);
+    }
+}
+
+pub fn handle(r: &Reply) -> u64 {
+    match r {
+        Reply::Pages { handle, .. } | Reply::Object { handle, .. } | Reply::Created { handle } => *handle,
+        Reply::Dma(info) => info.handle,
+        other => panic!("no handle in {other:?}"),
+    }
+}

@@ -1,0 +1,456 @@
+//! The boot test matrix (issue 3): boot with `memd.selftest=1` on microvm and
+//! q35, with 64 MiB, 1 GiB and 5 GiB, with and without
+//! `memd.dma_reserve=64M@dma32`, and check from the console that
+//!
+//! - the guest exits through isa-debug-exit with success, within a time
+//!   bound, without a panic or CPU exception, after `memd: ready` and
+//!   `selftest: passed`;
+//! - the firmware memory map it printed accounts for the `-m` size;
+//! - every zone's managed page count equals the usable RAM of the memory map
+//!   inside the zone's span minus the reservations the kernel reported, and
+//!   exactly the zones that the memory size implies are populated;
+//! - the DMA reservation is there exactly when asked for, 64 MiB, inside
+//!   usable RAM of the DMA32 zone. A 64 MiB guest cannot hold it: that case
+//!   must fail cleanly (an error naming dma_reserve and a failure exit, no
+//!   hang, no fault).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+use crate::qemu::{self, Machine, QemuConfig, RunOutcome};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const PAGE: u64 = 4096;
+/// Zone spans (physical), as in memd-mm: DMA < 16 MiB, DMA32 < 4 GiB.
+const ZONES: [(&str, u64, u64); 3] = [
+    ("DMA", 0, 16 * MIB),
+    ("DMA32", 16 * MIB, 4 * GIB),
+    ("Normal", 4 * GIB, u64::MAX),
+];
+
+#[derive(Debug, Default, clap::Args)]
+pub struct BootTestArgs {
+    /// Only run cases whose name contains this string.
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Parallel QEMU instances (default: number of CPUs, at most 4).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Time bound for each boot, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    machine: Machine,
+    mem: u64,
+    dma_reserve: bool,
+}
+
+impl Case {
+    fn name(&self) -> String {
+        format!(
+            "{}-{}{}",
+            self.machine.name(),
+            mem_arg(self.mem),
+            if self.dma_reserve { "-dma_reserve" } else { "" }
+        )
+    }
+
+    /// Whether the reservation cannot fit: DMA32 below the guest's RAM top
+    /// is smaller than 64 MiB plus the kernel's own needs.
+    fn expect_reserve_failure(&self) -> bool {
+        self.dma_reserve && self.mem < 256 * MIB
+    }
+}
+
+fn mem_arg(mem: u64) -> String {
+    if mem.is_multiple_of(GIB) {
+        format!("{}G", mem / GIB)
+    } else {
+        format!("{}M", mem / MIB)
+    }
+}
+
+fn matrix() -> Vec<Case> {
+    let mut v = Vec::new();
+    for machine in [Machine::Microvm, Machine::Q35] {
+        for mem in [64 * MIB, GIB, 5 * GIB] {
+            for dma_reserve in [false, true] {
+                v.push(Case {
+                    machine,
+                    mem,
+                    dma_reserve,
+                });
+            }
+        }
+    }
+    v
+}
+
+/// A `[start-end) word` range from a console line, after `prefix`.
+fn parse_range(line: &str, prefix: &str) -> Option<(u64, u64, String)> {
+    let rest = &line[line.find(prefix)? + prefix.len()..];
+    let rest = rest.trim_start().strip_prefix('[')?;
+    let (start, rest) = rest.split_once('-')?;
+    let (end, rest) = rest.split_once(')')?;
+    let hex = |s: &str| u64::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok();
+    let word = rest.split_whitespace().next().unwrap_or("").to_string();
+    Some((hex(start)?, hex(end)?, word))
+}
+
+/// `key=value` (decimal) on a line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// What the console says about memory.
+#[derive(Debug, Default)]
+struct Report {
+    /// Usable RAM of the firmware map.
+    usable: Vec<(u64, u64)>,
+    /// memd-mm's boot reservations (start, end, kind).
+    reserved: Vec<(u64, u64, String)>,
+    /// name → (start pfn, end pfn, managed pages).
+    zones: Vec<(String, u64, u64, u64)>,
+    dma_reserve: Option<(u64, u64)>,
+}
+
+fn parse_report(console: &str) -> Report {
+    let mut r = Report::default();
+    for line in console.lines() {
+        if let Some((s, e, kind)) = parse_range(line, "e820 ") {
+            if kind == "usable" {
+                r.usable.push((s, e));
+            }
+        } else if let Some((s, e, kind)) = parse_range(line, "mm: reserved ") {
+            r.reserved.push((s, e, kind));
+        } else if let Some((s, e, _)) = parse_range(line, "mm: dma_reserve ") {
+            r.dma_reserve = Some((s, e));
+        } else if let Some(i) = line.find("mm: zone ") {
+            let rest = &line[i + "mm: zone ".len()..];
+            let name = rest.split_whitespace().next().unwrap_or("").to_string();
+            if let (Some((s, e, _)), Some(managed)) =
+                (parse_range(rest, "pfn "), field(rest, "managed"))
+            {
+                r.zones.push((name, s, e, managed));
+            }
+        }
+    }
+    r
+}
+
+/// Pages of `[s, e)` (rounded inwards to pages) not covered by `holes`.
+fn pages_outside(s: u64, e: u64, holes: &[(u64, u64)]) -> u64 {
+    let (s, e) = (s.next_multiple_of(PAGE), e / PAGE * PAGE);
+    if s >= e {
+        return 0;
+    }
+    let mut covered: Vec<(u64, u64)> = holes
+        .iter()
+        .map(|&(hs, he)| (hs / PAGE * PAGE, he.next_multiple_of(PAGE)))
+        .filter_map(|(hs, he)| {
+            let (a, b) = (hs.max(s), he.min(e));
+            (a < b).then_some((a, b))
+        })
+        .collect();
+    covered.sort();
+    let mut n = 0;
+    let mut pos = s;
+    for (a, b) in covered {
+        if a > pos {
+            n += (a - pos) / PAGE;
+        }
+        pos = pos.max(b);
+    }
+    if e > pos {
+        n += (e - pos) / PAGE;
+    }
+    n
+}
+
+/// Checks the console of a successful boot against the case.
+fn check_report(case: &Case, r: &Report) -> Result<(), String> {
+    if r.usable.is_empty() {
+        return Err("no usable e820 ranges on the console".into());
+    }
+    let total: u64 = r.usable.iter().map(|(s, e)| e - s).sum();
+    // The map loses the legacy hole below 1 MiB and a few firmware pages.
+    if total > case.mem || case.mem - total > 2 * MIB {
+        return Err(format!(
+            "usable RAM {total:#x} does not account for -m {}",
+            mem_arg(case.mem)
+        ));
+    }
+    if case.mem > 4 * GIB && !r.usable.iter().any(|&(s, _)| s >= 4 * GIB) {
+        return Err("guest larger than 4 GiB but no usable RAM above 4 GiB".into());
+    }
+    let holes: Vec<(u64, u64)> = r.reserved.iter().map(|&(s, e, _)| (s, e)).collect();
+    for (name, lo, hi) in ZONES {
+        let expected: u64 = r
+            .usable
+            .iter()
+            .filter_map(|&(s, e)| {
+                let (a, b) = (s.max(lo), e.min(hi));
+                (a < b).then_some((a, b))
+            })
+            .map(|(a, b)| pages_outside(a, b, &holes))
+            .sum();
+        let got = r.zones.iter().find(|z| z.0 == name);
+        match got {
+            None if expected == 0 => {}
+            None => {
+                return Err(format!(
+                    "zone {name}: expected {expected} managed pages, zone not reported"
+                ))
+            }
+            Some(&(_, spfn, epfn, managed)) => {
+                if managed != expected {
+                    return Err(format!("zone {name}: managed {managed} pages, memory map minus reservations gives {expected}"));
+                }
+                if managed > 0
+                    && (spfn * PAGE < lo || epfn * PAGE > hi.min(u64::MAX / 2) || spfn >= epfn)
+                {
+                    return Err(format!(
+                        "zone {name}: pfn span [{spfn:#x}-{epfn:#x}) outside [{lo:#x}-{hi:#x})"
+                    ));
+                }
+            }
+        }
+    }
+    let populated = |n: &str| r.zones.iter().any(|z| z.0 == n && z.3 > 0);
+    let want_normal = case.mem > 4 * GIB;
+    if !populated("DMA") || !populated("DMA32") || populated("Normal") != want_normal {
+        return Err(format!(
+            "populated zones wrong for {}: {:?}",
+            mem_arg(case.mem),
+            r.zones
+        ));
+    }
+    match (case.dma_reserve, r.dma_reserve) {
+        (false, None) => {}
+        (false, Some(x)) => return Err(format!("unrequested DMA reservation {x:x?}")),
+        (true, None) => {
+            return Err("memd.dma_reserve=64M@dma32 given but no reservation reported".into())
+        }
+        (true, Some((s, e))) => {
+            if e - s != 64 * MIB {
+                return Err(format!("DMA reservation is {:#x} bytes, not 64 MiB", e - s));
+            }
+            if s < 16 * MIB || e > 4 * GIB {
+                return Err(format!("DMA reservation [{s:#x}-{e:#x}) outside DMA32"));
+            }
+            if !r.usable.iter().any(|&(us, ue)| us <= s && e <= ue) {
+                return Err(format!(
+                    "DMA reservation [{s:#x}-{e:#x}) not inside usable RAM"
+                ));
+            }
+            if !r.reserved.iter().any(|&(rs, re, _)| rs <= s && e <= re) {
+                return Err("DMA reservation not among the boot reservations".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn judge(case: &Case, out: &RunOutcome) -> Result<(), String> {
+    if out.timed_out {
+        return Err("timed out (QEMU killed)".into());
+    }
+    if out.lines.iter().any(|(_, l)| l.contains("memd: FATAL")) {
+        return Err("CPU exception in the guest".into());
+    }
+    if case.expect_reserve_failure() {
+        let said = out.lines.iter().any(|(_, l)| {
+            l.contains("dma_reserve") && (l.contains("PANIC") || l.contains("ERROR"))
+        });
+        if out.status != Some(qemu::GUEST_FAILURE) || !said {
+            return Err(format!(
+                "expected a clean failure naming dma_reserve, got status {:?}",
+                out.status
+            ));
+        }
+        return Ok(());
+    }
+    if out.panicked() {
+        return Err("guest panicked".into());
+    }
+    if out.status != Some(qemu::GUEST_SUCCESS) {
+        return Err(format!(
+            "QEMU exit status {:?}, want {} (guest success)",
+            out.status,
+            qemu::GUEST_SUCCESS
+        ));
+    }
+    if out.ready_after.is_none() {
+        return Err(format!("no `{}` line", qemu::READY_LINE));
+    }
+    if !out
+        .lines
+        .iter()
+        .any(|(_, l)| l.contains("selftest: passed"))
+    {
+        return Err("no `selftest: passed` line".into());
+    }
+    check_report(case, &parse_report(&out.console()))
+}
+
+pub fn run(args: &BootTestArgs) -> Result<()> {
+    let kernel = crate::build::build_kernel()?;
+    let qemu_path = qemu::ensure_qemu()?;
+    // The matrix runs under TCG: it must behave the same on every host.
+    let cases: Vec<Case> = matrix()
+        .into_iter()
+        .filter(|c| {
+            args.filter
+                .as_ref()
+                .is_none_or(|f| c.name().contains(f.as_str()))
+        })
+        .collect();
+    if cases.is_empty() {
+        bail!("no boot test matches the filter");
+    }
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(4)
+        })
+        .max(1);
+    eprintln!(
+        "boot tests: {} cases, {jobs} at a time, TCG, {} s bound each",
+        cases.len(),
+        args.timeout
+    );
+    let queue = Mutex::new(cases.iter());
+    let failures = Mutex::new(Vec::<String>::new());
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| loop {
+                let Some(case) = queue.lock().unwrap().next() else {
+                    break;
+                };
+                let mut cmdline = String::from("memd.selftest=1");
+                if case.dma_reserve {
+                    cmdline += " memd.dma_reserve=64M@dma32";
+                }
+                let cfg = QemuConfig {
+                    qemu: qemu_path.clone(),
+                    kernel: kernel.clone(),
+                    machine: case.machine,
+                    kvm: false,
+                    mem: mem_arg(case.mem),
+                    cmdline,
+                    forward_port: None,
+                };
+                let t = Instant::now();
+                let verdict =
+                    match qemu::run_bounded(&cfg, Duration::from_secs(args.timeout), false) {
+                        Ok(out) => judge(case, &out).map_err(|e| {
+                            format!(
+                                "{e}\n--- console ---\n{}\n--- stderr ---\n{}",
+                                out.console(),
+                                out.stderr
+                            )
+                        }),
+                        Err(e) => Err(format!("could not run QEMU: {e:#}")),
+                    };
+                let ms = t.elapsed().as_millis();
+                match verdict {
+                    Ok(()) => eprintln!("  ok    {:<28} {ms:>6} ms", case.name()),
+                    Err(e) => {
+                        eprintln!("  FAIL  {:<28} {ms:>6} ms", case.name());
+                        failures.lock().unwrap().push(format!(
+                            "{}: {e}\n$ {}",
+                            case.name(),
+                            cfg.describe()
+                        ));
+                    }
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    eprintln!(
+        "boot tests: {} passed, {} failed in {:.1} s",
+        cases.len() - failures.len(),
+        failures.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if !failures.is_empty() {
+        for f in &failures {
+            eprintln!("\n==== {f}");
+        }
+        bail!("{} boot test(s) failed", failures.len());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONSOLE: &str = "\
+[   0.004] INFO  e820 [0x000000000000-0x00000009fc00) usable 639 KiB
+[   0.004] INFO  e820 [0x00000009fc00-0x0000000a0000) reserved 1 KiB
+[   0.004] INFO  e820 [0x000000100000-0x000004000000) usable 64512 KiB
+[   0.005] INFO  mm: reserved [0x000000000000-0x000000001000) zero
+[   0.005] INFO  mm: reserved [0x000000100000-0x000000200000) kernel
+[   0.005] INFO  mm: zone DMA pfn [0x1-0x1000) managed=3710 free=3710
+[   0.005] INFO  mm: zone DMA32 pfn [0x1000-0x4000) managed=12288 free=12000
+";
+
+    fn case() -> Case {
+        Case {
+            machine: Machine::Microvm,
+            mem: 64 * MIB,
+            dma_reserve: false,
+        }
+    }
+
+    #[test]
+    fn parses_console() {
+        let r = parse_report(CONSOLE);
+        assert_eq!(r.usable, vec![(0, 0x9fc00), (0x100000, 0x4000000)]);
+        assert_eq!(r.reserved.len(), 2);
+        assert_eq!(r.zones.len(), 2);
+        assert_eq!(r.zones[1], ("DMA32".to_string(), 0x1000, 0x4000, 12288));
+    }
+
+    #[test]
+    fn accepts_consistent_zones() {
+        // DMA: 0x9f pages below 640K minus page 0, plus 0x100..0x1000 minus
+        // the kernel's 0x100 pages: 158 + 3840 - 256 = 3742.
+        let fixed = CONSOLE.replace("managed=3710", "managed=3742");
+        check_report(&case(), &parse_report(&fixed)).unwrap();
+    }
+
+    #[test]
+    fn rejects_wrong_counts_and_missing_reservation() {
+        assert!(check_report(&case(), &parse_report(CONSOLE)).is_err());
+        let fixed = CONSOLE.replace("managed=3710", "managed=3742");
+        let with = Case {
+            dma_reserve: true,
+            mem: GIB,
+            ..case()
+        };
+        assert!(check_report(&with, &parse_report(&fixed)).is_err());
+    }
+
+    #[test]
+    fn pages_outside_counts_holes() {
+        assert_eq!(
+            pages_outside(0, 10 * PAGE, &[(PAGE, 3 * PAGE), (2 * PAGE, 4 * PAGE)]),
+            7
+        );
+        assert_eq!(pages_outside(0, 0x9fc00, &[]), 0x9f);
+    }
+}

@@ -1,0 +1,51 @@
+//! `cargo xtask build`: the kernel ELF (release).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// The repository root (xtask lives in `<root>/xtask`).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_path_buf()
+}
+
+pub fn kernel_dir() -> PathBuf {
+    repo_root().join("unikernel/kernel")
+}
+
+/// Path of the release kernel ELF.
+pub fn kernel_elf() -> PathBuf {
+    kernel_dir().join("target/x86_64-unknown-none/release/memd-kernel")
+}
+
+/// Builds the kernel (its own workspace, target and flags come from
+/// unikernel/kernel/.cargo/config.toml) and returns the ELF's path.
+pub fn build_kernel() -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(kernel_dir()).args(["build", "--release"]);
+    // Variables set for (or by) the outer cargo would override the kernel's
+    // own configuration: its target dir, its rustflags (static relocation).
+    for var in [
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+    ] {
+        cmd.env_remove(var);
+    }
+    let status = cmd.status().context("running cargo build for the kernel")?;
+    if !status.success() {
+        bail!("kernel build failed ({status})");
+    }
+    let elf = kernel_elf();
+    if !elf.is_file() {
+        bail!("kernel build succeeded but {} is missing", elf.display());
+    }
+    Ok(elf)
+}

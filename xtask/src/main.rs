@@ -1,0 +1,82 @@
+//! `cargo xtask`: build, run, test and benchmark memd.
+
+mod bench_boot;
+mod boot_tests;
+mod build;
+mod qemu;
+mod run;
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Build, run, test and benchmark memd")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the kernel ELF (release).
+    Build,
+    /// Build the kernel and run it under QEMU in the foreground.
+    Run(run::RunArgs),
+    /// Host tests, then the boot test matrix under QEMU.
+    Test(TestArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
+}
+
+#[derive(clap::Args)]
+struct TestArgs {
+    /// Skip the host test suite (cargo test --workspace).
+    #[arg(long)]
+    boot_only: bool,
+    #[command(flatten)]
+    boot: boot_tests::BootTestArgs,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Time from starting QEMU to `memd: ready`.
+    Boot(bench_boot::BootBenchArgs),
+}
+
+fn host_tests() -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(build::repo_root())
+        .args(["test", "--workspace"])
+        .status()
+        .context("running cargo test")?;
+    if !status.success() {
+        bail!("host tests failed");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Build => {
+            let elf = build::build_kernel()?;
+            println!("{}", elf.display());
+            Ok(())
+        }
+        Cmd::Run(args) => run::run(&args),
+        Cmd::Test(args) => {
+            if !args.boot_only {
+                host_tests()?;
+            }
+            boot_tests::run(&args.boot)
+        }
+        Cmd::Bench {
+            which: BenchCmd::Boot(args),
+        } => bench_boot::run(&args),
+    }
+}

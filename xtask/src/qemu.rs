@@ -1,0 +1,360 @@
+//! QEMU: finding (or installing) it, choosing the accelerator, building the
+//! command line, and running a guest with a time bound while reading its
+//! console.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+pub const QEMU: &str = "qemu-system-x86_64";
+pub const QEMU_PACKAGE: &str = "qemu-system-x86";
+
+/// isa-debug-exit: the guest writes `v`, QEMU exits with `(v << 1) | 1`.
+/// Must match unikernel/kernel/src/arch/exit.rs.
+pub const GUEST_SUCCESS: i32 = (0x10 << 1) | 1;
+pub const GUEST_FAILURE: i32 = (0x11 << 1) | 1;
+
+/// The line the kernel prints once it is up.
+pub const READY_LINE: &str = "memd: ready";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Machine {
+    /// `-M microvm`: qboot, virtio-mmio (the default).
+    Microvm,
+    /// `-M q35`: SeaBIOS + pvh.bin, virtio over PCI.
+    Q35,
+}
+
+impl Machine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Machine::Microvm => "microvm",
+            Machine::Q35 => "q35",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    /// KVM where the CPU really virtualises (vmx/svm) and /dev/kvm opens, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// The accelerator actually used, and why.
+#[derive(Clone, Debug)]
+pub struct AccelChoice {
+    pub kvm: bool,
+    pub reason: String,
+}
+
+impl AccelChoice {
+    pub fn name(&self) -> &'static str {
+        if self.kvm {
+            "kvm"
+        } else {
+            "tcg"
+        }
+    }
+}
+
+fn cpu_has_hw_virt() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false)
+}
+
+fn kvm_opens() -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Chooses the accelerator. KVM needs both a CPU that shows `vmx`/`svm` and a
+/// `/dev/kvm` that opens: a `/dev/kvm` served by `kvm_pvm` (no hardware
+/// virtualisation) runs guest kernel code ~1000x slower than TCG.
+pub fn choose_accel(requested: Accel) -> Result<AccelChoice> {
+    let hw = cpu_has_hw_virt();
+    let dev = kvm_opens();
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    match requested {
+        Accel::Tcg => Ok(AccelChoice { kvm: false, reason: "requested with --accel tcg".into() }),
+        Accel::Kvm => match dev {
+            Ok(()) if hw => Ok(AccelChoice { kvm: true, reason: "requested with --accel kvm".into() }),
+            Ok(()) => Ok(AccelChoice {
+                kvm: true,
+                reason: format!(
+                    "requested with --accel kvm, although the CPU shows no vmx/svm flag{}: expect guest code to run far slower than under TCG",
+                    if pvm { " and /dev/kvm is kvm_pvm" } else { "" }
+                ),
+            }),
+            Err(e) => bail!("--accel kvm: cannot open /dev/kvm: {e}"),
+        },
+        Accel::Auto => Ok(match (hw, dev) {
+            (true, Ok(())) => AccelChoice { kvm: true, reason: "CPU has vmx/svm and /dev/kvm opens".into() },
+            (true, Err(e)) => AccelChoice { kvm: false, reason: format!("CPU has vmx/svm but /dev/kvm does not open ({e})") },
+            (false, Ok(())) => AccelChoice {
+                kvm: false,
+                reason: format!(
+                    "/dev/kvm opens but the CPU shows no vmx/svm flag{}: KVM there runs guest kernel code ~1000x slower than TCG",
+                    if pvm { " (module kvm_pvm)" } else { "" }
+                ),
+            },
+            (false, Err(_)) => AccelChoice { kvm: false, reason: "no hardware virtualisation (no vmx/svm flag, no usable /dev/kvm)".into() },
+        }),
+    }
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Finds `qemu-system-x86_64`, installing the `qemu-system-x86` package with
+/// apt-get when it is missing and we are root.
+pub fn ensure_qemu() -> Result<PathBuf> {
+    if let Some(p) = find_in_path(QEMU) {
+        return Ok(p);
+    }
+    let have_apt = find_in_path("apt-get").is_some();
+    if !(is_root() && have_apt) {
+        bail!(
+            "{QEMU} not found in PATH. Install the package `{QEMU_PACKAGE}` (Debian/Ubuntu: `sudo apt-get install {QEMU_PACKAGE}`){}",
+            if have_apt { "" } else { "; apt-get is not available here" }
+        );
+    }
+    eprintln!("xtask: {QEMU} missing; installing {QEMU_PACKAGE} with apt-get");
+    let install = |update: bool| -> Result<bool> {
+        if update {
+            Command::new("apt-get")
+                .args(["update", "-q"])
+                .status()
+                .context("running apt-get update")?;
+        }
+        Ok(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                QEMU_PACKAGE,
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get install")?
+            .success())
+    };
+    if !install(false)? && !install(true)? {
+        bail!("apt-get install {QEMU_PACKAGE} failed");
+    }
+    find_in_path(QEMU)
+        .with_context(|| format!("{QEMU_PACKAGE} installed but {QEMU} still not in PATH"))
+}
+
+/// One guest.
+#[derive(Clone, Debug)]
+pub struct QemuConfig {
+    pub qemu: PathBuf,
+    pub kernel: PathBuf,
+    pub machine: Machine,
+    pub kvm: bool,
+    /// `-m` value, e.g. `1G`.
+    pub mem: String,
+    pub cmdline: String,
+    /// Forward host 127.0.0.1:port to the guest's port (user networking).
+    pub forward_port: Option<u16>,
+}
+
+impl QemuConfig {
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.qemu);
+        c.args(["-M", self.machine.name()]);
+        if self.kvm {
+            c.args(["-accel", "kvm", "-cpu", "host"]);
+        } else {
+            // `max` gives TCG 1 GiB pages (a smaller direct map) and more CPUID leaves.
+            c.args(["-accel", "tcg", "-cpu", "max"]);
+        }
+        c.args(["-m", &self.mem]);
+        c.arg("-kernel").arg(&self.kernel);
+        c.args(["-append", &self.cmdline]);
+        c.args([
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ]);
+        c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+        if let Some(port) = self.forward_port {
+            let dev = match self.machine {
+                Machine::Microvm => "virtio-net-device,netdev=n0",
+                Machine::Q35 => "virtio-net-pci,netdev=n0",
+            };
+            c.args([
+                "-netdev",
+                &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{port}"),
+            ]);
+            c.args(["-device", dev]);
+        }
+        c
+    }
+
+    /// The command line as a shell-like string, for messages.
+    pub fn describe(&self) -> String {
+        let c = self.command();
+        let mut s = c.get_program().to_string_lossy().into_owned();
+        for a in c.get_args() {
+            let a = a.to_string_lossy();
+            if a.contains(' ') || a.is_empty() {
+                s += &format!(" '{a}'");
+            } else {
+                s += &format!(" {a}");
+            }
+        }
+        s
+    }
+}
+
+/// What a bounded run saw.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// Console lines (stdout), with the time each arrived after spawn.
+    pub lines: Vec<(Duration, String)>,
+    pub stderr: String,
+    /// QEMU's exit status; `None` if it was killed (timeout or stop condition).
+    pub status: Option<i32>,
+    pub timed_out: bool,
+    /// Time from spawn to the `memd: ready` line.
+    pub ready_after: Option<Duration>,
+}
+
+impl RunOutcome {
+    pub fn console(&self) -> String {
+        self.lines
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn panicked(&self) -> bool {
+        self.lines
+            .iter()
+            .any(|(_, l)| l.contains("memd: PANIC") || l.contains("memd: FATAL"))
+    }
+}
+
+/// Kills the child when dropped (so no QEMU outlives an error path).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs a guest for at most `timeout`, collecting its console. If
+/// `stop_at_ready` is set, QEMU is killed as soon as `memd: ready` appears.
+pub fn run_bounded(cfg: &QemuConfig, timeout: Duration, stop_at_ready: bool) -> Result<RunOutcome> {
+    let mut cmd = cfg.command();
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = KillOnDrop(
+        cmd.spawn()
+            .with_context(|| format!("starting {}", cfg.qemu.display()))?,
+    );
+    let stdout = child.0.stdout.take().expect("piped stdout");
+    let stderr = child.0.stderr.take().expect("piped stderr");
+    let (tx, rx) = mpsc::channel::<(Duration, String)>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n') {
+            let Ok(line) = line else { break };
+            let s = String::from_utf8_lossy(&line)
+                .trim_end_matches('\r')
+                .to_string();
+            if tx.send((start.elapsed(), s)).is_err() {
+                break;
+            }
+        }
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s);
+        s
+    });
+    let mut out = RunOutcome {
+        lines: Vec::new(),
+        stderr: String::new(),
+        status: None,
+        timed_out: false,
+        ready_after: None,
+    };
+    let deadline = start + timeout;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            out.timed_out = true;
+            break;
+        }
+        match rx.recv_timeout(deadline - now) {
+            Ok((t, line)) => {
+                let ready = line.contains(READY_LINE);
+                if ready && out.ready_after.is_none() {
+                    out.ready_after = Some(t);
+                }
+                out.lines.push((t, line));
+                if ready && stop_at_ready {
+                    break;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                out.timed_out = true;
+                break;
+            }
+            // stdout closed: QEMU is exiting.
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    if out.timed_out || (stop_at_ready && out.ready_after.is_some()) {
+        let _ = child.0.kill();
+    }
+    let status = child.0.wait().context("waiting for QEMU")?;
+    out.status = status.code();
+    let _ = reader.join();
+    // Lines that arrived between the stop and the kill.
+    out.lines.extend(rx.try_iter());
+    out.stderr = err_reader.join().unwrap_or_default();
+    Ok(out)
+}
