@@ -16,15 +16,8 @@ static LOGGER: Console = Console {
     lock: Mutex::new(()),
 };
 
-impl Log for Console {
-    fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= log::max_level()
-    }
-
-    fn log(&self, record: &Record) {
-        if !self.enabled(record.metadata()) {
-            return;
-        }
+impl Console {
+    fn emit(&self, level: &str, args: core::fmt::Arguments) {
         let ns = time::uptime_ns();
         let _guard = self.lock.lock();
         let _ = writeln!(
@@ -32,9 +25,27 @@ impl Log for Console {
             "[{:>4}.{:06}] {:<5} {}",
             ns / 1_000_000_000,
             (ns / 1000) % 1_000_000,
-            record.level(),
-            record.args()
+            level,
+            args
         );
+    }
+}
+
+/// Logs a line whatever the level: milestones the host waits for
+/// (`memd: ready`, the self-test verdict).
+pub fn always(args: core::fmt::Arguments) {
+    LOGGER.emit("NOTE", args);
+}
+
+impl Log for Console {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record) {
+        if self.enabled(record.metadata()) {
+            self.emit(record.level().as_str(), *record.args());
+        }
     }
 
     fn flush(&self) {}

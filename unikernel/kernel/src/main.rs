@@ -122,7 +122,7 @@ pub fn kmain(start_info: u64) -> ! {
     );
     info!("kernel image {:#x}-{:#x}", kernel.start, kernel.end);
 
-    info!("memd: ready");
+    logger::always(format_args!("memd: ready"));
     if cmdline::flag(cmdline, "memd.selftest") {
         warn!("memd.selftest: the self-test needs memd-mm, which is not integrated yet");
         arch::exit::failure();

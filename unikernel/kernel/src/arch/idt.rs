@@ -180,7 +180,10 @@ fn build() -> Idt {
 /// Installs the exception handlers.
 pub fn init() {
     let idt: &'static Idt = IDT.call_once(build);
-    let ptr = IdtPtr { limit: (core::mem::size_of::<Idt>() - 1) as u16, base: idt as *const Idt as u64 };
+    let ptr = IdtPtr {
+        limit: (core::mem::size_of::<Idt>() - 1) as u16,
+        base: idt as *const Idt as u64,
+    };
     // SAFETY: the IDT is a static that lives forever and holds valid gates
     // for vectors 0..32 (the rest are not present).
     unsafe { asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) };
