@@ -11,7 +11,7 @@ use alloc::vec::Vec;
 
 use memd_wire::{
     BuddyZone, CheckReport, CmaInfo, Ctor, DmaMask, DmaSource, FaultConfig, FaultTarget, Gfp,
-    MempoolInfo, Meminfo, SlabFlags, SlabInfo, ZoneInfo,
+    Meminfo, MempoolInfo, SlabFlags, SlabInfo, ZoneInfo,
 };
 
 /// An error from the memory manager: errno number, message, and an optional

@@ -7,9 +7,8 @@ use alloc::vec::Vec;
 
 use memd_wire::{
     decode_body, encode_frame, errno, frame::encoded_len, Batch, ClientInfo, DmaBufferInfo,
-    FrameDecoder, FrameError, Hello, HelloAck, Op, PoolBacking, Quota, Reply, Request,
-    Response, Status, WireError, MAX_BATCH_OPS, MAX_FRAME, MAX_IO, MAX_NAME_LEN,
-    PROTOCOL_VERSION,
+    FrameDecoder, FrameError, Hello, HelloAck, Op, PoolBacking, Quota, Reply, Request, Response,
+    Status, WireError, MAX_BATCH_OPS, MAX_FRAME, MAX_IO, MAX_NAME_LEN, PROTOCOL_VERSION,
 };
 
 use crate::env::{Env, SECTOR};
@@ -71,13 +70,36 @@ enum State {
 }
 
 enum Res<M: Memory> {
-    Pages { phys: u64, order: u8 },
+    Pages {
+        phys: u64,
+        order: u8,
+    },
     Kmalloc(Obj),
-    Cache { id: M::CacheId, size: u64, objects: u64, pools: u64 },
-    CacheObj { cache: u64, obj: Obj },
-    Pool { id: M::PoolId, cache: Option<u64>, elem: u64, objects: u64, reserve: u64 },
-    PoolObj { pool: u64, obj: Obj },
-    Dma { buf: M::DmaBuf, info: DmaBufferInfo },
+    Cache {
+        id: M::CacheId,
+        size: u64,
+        objects: u64,
+        pools: u64,
+    },
+    CacheObj {
+        cache: u64,
+        obj: Obj,
+    },
+    Pool {
+        id: M::PoolId,
+        cache: Option<u64>,
+        elem: u64,
+        objects: u64,
+        reserve: u64,
+    },
+    PoolObj {
+        pool: u64,
+        obj: Obj,
+    },
+    Dma {
+        buf: M::DmaBuf,
+        info: DmaBufferInfo,
+    },
 }
 
 impl<M: Memory> Res<M> {
@@ -134,7 +156,10 @@ fn no_handle(h: u64) -> WireError {
 }
 
 fn wrong_kind(h: u64, want: &str, got: &str) -> WireError {
-    err(errno::EINVAL, format!("handle {h} is a {got}, not a {want}"))
+    err(
+        errno::EINVAL,
+        format!("handle {h} is a {got}, not a {want}"),
+    )
 }
 
 fn tokens_equal(a: &str, b: &str) -> bool {
@@ -258,7 +283,13 @@ impl<M: Memory> Service<M> {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.state = State::Closing;
         }
-        write_response(out, &Response::Error { error, closing: true });
+        write_response(
+            out,
+            &Response::Error {
+                error,
+                closing: true,
+            },
+        );
         Flow::Close
     }
 
@@ -283,17 +314,21 @@ impl<M: Memory> Service<M> {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.errors += 1;
                 }
-                write_response(out, &Response::Error { error, closing: false });
+                write_response(
+                    out,
+                    &Response::Error {
+                        error,
+                        closing: false,
+                    },
+                );
                 return Flow::Continue;
             }
         };
         match (state, req) {
             (State::AwaitHello, Request::Hello(h)) => self.hello(conn, h, out),
-            (State::AwaitHello, _) => self.close_with(
-                conn,
-                out,
-                err(errno::EACCES, "hello with the token first"),
-            ),
+            (State::AwaitHello, _) => {
+                self.close_with(conn, out, err(errno::EACCES, "hello with the token first"))
+            }
             (_, Request::Hello(_)) => {
                 write_response(
                     out,
@@ -440,10 +475,16 @@ impl<M: Memory> Service<M> {
 
     /// Checks that `conn` may take one more handle charging (pages, bytes).
     fn check_quota(&self, conn: ConnId, pages: u64, bytes: u64) -> Result<(), WireError> {
-        let c = self.conns.get(&conn).ok_or_else(|| err(errno::EBADF, "no connection"))?;
+        let c = self
+            .conns
+            .get(&conn)
+            .ok_or_else(|| err(errno::EBADF, "no connection"))?;
         let q = &self.config.quota;
         if c.handles.len() as u64 >= q.handles {
-            return Err(err(errno::EDQUOT, format!("handle quota of {} reached", q.handles)));
+            return Err(err(
+                errno::EDQUOT,
+                format!("handle quota of {} reached", q.handles),
+            ));
         }
         if c.pages.saturating_add(pages) > q.pages {
             return Err(err(
@@ -502,9 +543,8 @@ impl<M: Memory> Service<M> {
         match op {
             Op::Status => {
                 let now = env.now_ns();
-                let (total, free, max_order, has_block) = env.with_mem(|m, b| {
-                    (m.total_bytes(), m.free_bytes(), m.max_order(), b.is_some())
-                });
+                let (total, free, max_order, has_block) = env
+                    .with_mem(|m, b| (m.total_bytes(), m.free_bytes(), m.max_order(), b.is_some()));
                 Ok(Reply::Status(Status {
                     version: PROTOCOL_VERSION,
                     server: self.config.server.clone(),
@@ -548,12 +588,17 @@ impl<M: Memory> Service<M> {
                     })
                     .map_err(mem_err)?;
                 let handle = self.insert(conn, Res::Pages { phys, order }, page);
-                Ok(Reply::Pages { handle, phys, order })
+                Ok(Reply::Pages {
+                    handle,
+                    phys,
+                    order,
+                })
             }
             Op::FreePages { handle } => match self.get(conn, handle)? {
                 Res::Pages { phys, order } => {
                     let (phys, order) = (*phys, *order);
-                    env.with_mem(|m, _| m.free_pages(phys, order)).map_err(mem_err)?;
+                    env.with_mem(|m, _| m.free_pages(phys, order))
+                        .map_err(mem_err)?;
                     self.remove(conn, handle, page);
                     Ok(Reply::Done)
                 }
@@ -568,7 +613,11 @@ impl<M: Memory> Service<M> {
                     })
                     .map_err(mem_err)?;
                 let handle = self.insert(conn, Res::Kmalloc(obj), page);
-                Ok(Reply::Object { handle, addr: obj.addr, size: obj.size })
+                Ok(Reply::Object {
+                    handle,
+                    addr: obj.addr,
+                    size: obj.size,
+                })
             }
             Op::Kfree { handle } => match self.get(conn, handle)? {
                 Res::Kmalloc(obj) => {
@@ -580,7 +629,13 @@ impl<M: Memory> Service<M> {
                 r => Err(wrong_kind(handle, "kmalloc object", r.kind())),
             },
 
-            Op::CacheCreate { name, size, align, flags, ctor } => {
+            Op::CacheCreate {
+                name,
+                size,
+                align,
+                flags,
+                ctor,
+            } => {
                 if name.is_empty() || name.len() > MAX_NAME_LEN {
                     return Err(err(
                         errno::EINVAL,
@@ -591,8 +646,15 @@ impl<M: Memory> Service<M> {
                 let id = env
                     .with_mem(|m, _| m.cache_create(&name, size, align, flags, ctor))
                     .map_err(mem_err)?;
-                let res = Res::Cache { id, size: size as u64, objects: 0, pools: 0 };
-                Ok(Reply::Created { handle: self.insert(conn, res, page) })
+                let res = Res::Cache {
+                    id,
+                    size: size as u64,
+                    objects: 0,
+                    pools: 0,
+                };
+                Ok(Reply::Created {
+                    handle: self.insert(conn, res, page),
+                })
             }
             Op::CacheAlloc { cache, gfp } => {
                 let (id, size) = match self.get(conn, cache)? {
@@ -610,7 +672,11 @@ impl<M: Memory> Service<M> {
                     *objects += 1;
                 }
                 let handle = self.insert(conn, Res::CacheObj { cache, obj }, page);
-                Ok(Reply::Object { handle, addr: obj.addr, size: obj.size })
+                Ok(Reply::Object {
+                    handle,
+                    addr: obj.addr,
+                    size: obj.size,
+                })
             }
             Op::CacheFree { cache, object } => {
                 let id = match self.get(conn, cache)? {
@@ -627,7 +693,8 @@ impl<M: Memory> Service<M> {
                     }
                     r => return Err(wrong_kind(object, "cache object", r.kind())),
                 };
-                env.with_mem(|m, _| m.cache_free(id, addr)).map_err(mem_err)?;
+                env.with_mem(|m, _| m.cache_free(id, addr))
+                    .map_err(mem_err)?;
                 self.remove(conn, object, page);
                 if let Some(Res::Cache { objects, .. }) = self.get_mut(conn, cache) {
                     *objects -= 1;
@@ -658,7 +725,11 @@ impl<M: Memory> Service<M> {
                 Ok(Reply::Done)
             }
 
-            Op::PoolCreate { name, backing, min_nr } => {
+            Op::PoolCreate {
+                name,
+                backing,
+                min_nr,
+            } => {
                 if name.is_empty() || name.len() > MAX_NAME_LEN {
                     return Err(err(
                         errno::EINVAL,
@@ -692,8 +763,16 @@ impl<M: Memory> Service<M> {
                     }
                 }
                 let reserve = elem.saturating_mul(min_nr as u64);
-                let res = Res::Pool { id, cache, elem, objects: 0, reserve };
-                Ok(Reply::Created { handle: self.insert(conn, res, page) })
+                let res = Res::Pool {
+                    id,
+                    cache,
+                    elem,
+                    objects: 0,
+                    reserve,
+                };
+                Ok(Reply::Created {
+                    handle: self.insert(conn, res, page),
+                })
             }
             Op::PoolAlloc { pool, gfp } => {
                 let (id, elem) = match self.get(conn, pool)? {
@@ -711,7 +790,11 @@ impl<M: Memory> Service<M> {
                     *objects += 1;
                 }
                 let handle = self.insert(conn, Res::PoolObj { pool, obj }, page);
-                Ok(Reply::Object { handle, addr: obj.addr, size: obj.size })
+                Ok(Reply::Object {
+                    handle,
+                    addr: obj.addr,
+                    size: obj.size,
+                })
             }
             Op::PoolFree { pool, object } => {
                 let id = match self.get(conn, pool)? {
@@ -728,7 +811,8 @@ impl<M: Memory> Service<M> {
                     }
                     r => return Err(wrong_kind(object, "mempool element", r.kind())),
                 };
-                env.with_mem(|m, _| m.pool_free(id, addr)).map_err(mem_err)?;
+                env.with_mem(|m, _| m.pool_free(id, addr))
+                    .map_err(mem_err)?;
                 self.remove(conn, object, page);
                 if let Some(Res::Pool { objects, .. }) = self.get_mut(conn, pool) {
                     *objects -= 1;
@@ -761,7 +845,10 @@ impl<M: Memory> Service<M> {
                     return Err(err(errno::EINVAL, "zero-length DMA buffer"));
                 }
                 if align != 0 && !align.is_power_of_two() {
-                    return Err(err(errno::EINVAL, format!("alignment {align} is not a power of two")));
+                    return Err(err(
+                        errno::EINVAL,
+                        format!("alignment {align} is not a power of two"),
+                    ));
                 }
                 self.check_quota(conn, len.div_ceil(page), len)?;
                 let buf = env
@@ -781,7 +868,10 @@ impl<M: Memory> Service<M> {
                     mask,
                     source: facts.source,
                 };
-                let res: Res<M> = Res::Dma { buf, info: info.clone() };
+                let res: Res<M> = Res::Dma {
+                    buf,
+                    info: info.clone(),
+                };
                 let (p, b) = res.charge(page);
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.pages += p;
@@ -800,7 +890,11 @@ impl<M: Memory> Service<M> {
                 }
                 r => Err(wrong_kind(handle, "DMA buffer", r.kind())),
             },
-            Op::DmaWrite { handle, offset, data } => {
+            Op::DmaWrite {
+                handle,
+                offset,
+                data,
+            } => {
                 let (buf, buf_len) = self.dma(conn, handle)?;
                 let start = range(offset, data.len() as u64, buf_len)?;
                 env.with_mem(|m, _| {
@@ -808,12 +902,19 @@ impl<M: Memory> Service<M> {
                 });
                 Ok(Reply::Done)
             }
-            Op::DmaRead { handle, offset, len } => {
+            Op::DmaRead {
+                handle,
+                offset,
+                len,
+            } => {
                 let len = len as usize;
                 if len > *io_budget {
                     return Err(err(
                         errno::E2BIG,
-                        format!("read of {len} bytes exceeds the {} left in this reply", *io_budget),
+                        format!(
+                            "read of {len} bytes exceeds the {} left in this reply",
+                            *io_budget
+                        ),
                     ));
                 }
                 let (buf, buf_len) = self.dma(conn, handle)?;
@@ -828,10 +929,18 @@ impl<M: Memory> Service<M> {
                 env.with_mem(|m, _| memd_wire::fill_pattern(seed, 0, m.dma_bytes(buf)));
                 Ok(Reply::Done)
             }
-            Op::DmaChecksum { handle, offset, len } => {
+            Op::DmaChecksum {
+                handle,
+                offset,
+                len,
+            } => {
                 let (buf, buf_len) = self.dma(conn, handle)?;
                 let total = buf_len;
-                let len = if len == 0 { total.saturating_sub(offset) } else { len };
+                let len = if len == 0 {
+                    total.saturating_sub(offset)
+                } else {
+                    len
+                };
                 let start = range(offset, len, total)?;
                 let sum = env.with_mem(|m, _| {
                     memd_wire::checksum(&m.dma_bytes(buf)[start..start + len as usize])
@@ -879,7 +988,10 @@ impl<M: Memory> Service<M> {
                 if ops > self.config.max_stress_ops {
                     return Err(err(
                         errno::E2BIG,
-                        format!("at most {} stress ops per request", self.config.max_stress_ops),
+                        format!(
+                            "at most {} stress ops per request",
+                            self.config.max_stress_ops
+                        ),
                     ));
                 }
                 Ok(Reply::Stress(stress::run(env, conn, ops, seed)))
@@ -888,7 +1000,8 @@ impl<M: Memory> Service<M> {
                 if config.probability > 100 {
                     return Err(err(errno::EINVAL, "probability is a percentage (0..=100)"));
                 }
-                env.with_mem(|m, _| m.set_fault(target, config)).map_err(mem_err)?;
+                env.with_mem(|m, _| m.set_fault(target, config))
+                    .map_err(mem_err)?;
                 Ok(Reply::Done)
             }
             Op::Shutdown => {

@@ -5,8 +5,7 @@
 use std::collections::BTreeMap;
 
 use memd_service::{
-    Backing, BlockDevice, Config, ConnId, DirectEnv, DmaFacts, Flow, MemError, Memory, Obj,
-    Service,
+    Backing, BlockDevice, Config, ConnId, DirectEnv, DmaFacts, Flow, MemError, Memory, Obj, Service,
 };
 use memd_wire::*;
 
@@ -21,7 +20,7 @@ pub struct Model {
     pub used: u64,
     next_addr: u64,
     pub live: BTreeMap<u64, (u64, &'static str)>,
-    caches: BTreeMap<u32, (u64, u64)>, // id -> (size, live)
+    caches: BTreeMap<u32, (u64, u64)>,     // id -> (size, live)
     pools: BTreeMap<u32, (u64, u64, u32)>, // id -> (elem, live, min_nr)
     next_id: u32,
     dma: BTreeMap<u64, Vec<u8>>,
@@ -108,7 +107,10 @@ impl Memory for Model {
             return Err(MemError::new(errno::EINVAL, "zero size"));
         }
         let size = size.next_power_of_two().max(8);
-        Ok(Obj { addr: self.take(size, "kmalloc")?, size })
+        Ok(Obj {
+            addr: self.take(size, "kmalloc")?,
+            size,
+        })
     }
     fn kfree(&mut self, addr: u64) -> Result<(), MemError> {
         self.give(addr, "kmalloc").map(|_| ())
@@ -130,8 +132,14 @@ impl Memory for Model {
         Ok(id)
     }
     fn cache_alloc(&mut self, cache: u32, _gfp: Gfp) -> Result<Obj, MemError> {
-        if self.fault_slab.is_some_and(|f| f.probability == 100 && f.times != 0) {
-            return Err(MemError::new(errno::ENOMEM, "allocation failed by fault injection"));
+        if self
+            .fault_slab
+            .is_some_and(|f| f.probability == 100 && f.times != 0)
+        {
+            return Err(MemError::new(
+                errno::ENOMEM,
+                "allocation failed by fault injection",
+            ));
         }
         let size = self.caches[&cache].0;
         let addr = self.take(size, "cache")?;
@@ -149,12 +157,21 @@ impl Memory for Model {
     fn cache_destroy(&mut self, cache: u32) -> Result<(), MemError> {
         let live = self.caches[&cache].1;
         if live > 0 {
-            return Err(MemError { code: errno::EBUSY, message: "objects still in use", live: Some(live) });
+            return Err(MemError {
+                code: errno::EBUSY,
+                message: "objects still in use",
+                live: Some(live),
+            });
         }
         self.caches.remove(&cache);
         Ok(())
     }
-    fn pool_create(&mut self, _name: &str, backing: Backing<u32>, min_nr: u32) -> Result<(u32, u64), MemError> {
+    fn pool_create(
+        &mut self,
+        _name: &str,
+        backing: Backing<u32>,
+        min_nr: u32,
+    ) -> Result<(u32, u64), MemError> {
         let elem = match backing {
             Backing::Cache(c) => self.caches[&c].0,
             Backing::Kmalloc(s) => s as u64,
@@ -182,7 +199,11 @@ impl Memory for Model {
         assert_eq!(live, 0, "service destroyed a pool with elements out");
         self.pools.remove(&pool);
         self.used -= elem * min_nr as u64;
-        let key = self.live.iter().find(|(_, (s, w))| *w == "pool-reserve" && *s == elem * min_nr as u64).map(|(k, _)| *k);
+        let key = self
+            .live
+            .iter()
+            .find(|(_, (s, w))| *w == "pool-reserve" && *s == elem * min_nr as u64)
+            .map(|(k, _)| *k);
         self.live.remove(&key.unwrap());
         Ok(())
     }
@@ -192,7 +213,11 @@ impl Memory for Model {
         Ok(ModelDma(addr, len))
     }
     fn dma_facts(&self, buf: &ModelDma) -> DmaFacts {
-        DmaFacts { phys: buf.0, len: buf.1, source: DmaSource::Buddy }
+        DmaFacts {
+            phys: buf.0,
+            len: buf.1,
+            source: DmaSource::Buddy,
+        }
     }
     fn dma_bytes<'a>(&'a mut self, buf: &'a ModelDma) -> &'a mut [u8] {
         self.dma.get_mut(&buf.0).unwrap()
@@ -203,7 +228,11 @@ impl Memory for Model {
         Ok(())
     }
     fn meminfo(&mut self) -> Meminfo {
-        Meminfo { total: self.capacity, free: self.capacity - self.used, ..Default::default() }
+        Meminfo {
+            total: self.capacity,
+            free: self.capacity - self.used,
+            ..Default::default()
+        }
     }
     fn zoneinfo(&mut self) -> Vec<ZoneInfo> {
         vec![]
@@ -214,7 +243,12 @@ impl Memory for Model {
     fn slabinfo(&mut self) -> Vec<SlabInfo> {
         self.caches
             .iter()
-            .map(|(id, (size, live))| SlabInfo { name: format!("c{id}"), objsize: *size, active_objs: *live, ..Default::default() })
+            .map(|(id, (size, live))| SlabInfo {
+                name: format!("c{id}"),
+                objsize: *size,
+                active_objs: *live,
+                ..Default::default()
+            })
             .collect()
     }
     fn mempools(&mut self) -> Vec<MempoolInfo> {
@@ -224,7 +258,10 @@ impl Memory for Model {
         CmaInfo::default()
     }
     fn check(&mut self) -> CheckReport {
-        CheckReport { ok: self.bad_frees == 0, violations: vec![] }
+        CheckReport {
+            ok: self.bad_frees == 0,
+            violations: vec![],
+        }
     }
     fn set_fault(&mut self, target: FaultTarget, config: FaultConfig) -> Result<(), MemError> {
         if target == FaultTarget::Slab {
@@ -255,7 +292,10 @@ impl BlockDevice for RamDisk {
 
 pub fn clock() -> u64 {
     use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }
 
 /// Drives one connection of a service as a client would, decoding replies.
@@ -267,7 +307,11 @@ pub struct Harness<M: Memory> {
 
 impl<M: Memory> Harness<M> {
     pub fn new(mem: M) -> Self {
-        Harness { svc: Service::new(Config::new(TOKEN)), mem, disk: None }
+        Harness {
+            svc: Service::new(Config::new(TOKEN)),
+            mem,
+            disk: None,
+        }
     }
 
     pub fn connect(&mut self) -> ConnId {
@@ -300,7 +344,14 @@ impl<M: Memory> Harness<M> {
     }
 
     pub fn hello(&mut self, conn: ConnId) -> HelloAck {
-        match self.request(conn, &Request::Hello(Hello { version: PROTOCOL_VERSION, token: TOKEN.into(), client: "t".into() })) {
+        match self.request(
+            conn,
+            &Request::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                token: TOKEN.into(),
+                client: "t".into(),
+            }),
+        ) {
             (Response::Hello(ack), Flow::Continue) => ack,
             other => panic!("hello failed: {other:?}"),
         }
@@ -321,7 +372,8 @@ impl<M: Memory> Harness<M> {
 
     pub fn ok(&mut self, conn: ConnId, op: Op) -> Reply {
         let name = op.name();
-        self.call(conn, op).unwrap_or_else(|e| panic!("{name}: {e}"))
+        self.call(conn, op)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
     }
 
     pub fn code(&mut self, conn: ConnId, op: Op) -> i32 {
@@ -332,14 +384,20 @@ impl<M: Memory> Harness<M> {
     }
 
     pub fn close(&mut self, conn: ConnId) {
-        let mut env = DirectEnv { mem: &mut self.mem, block: None, clock };
+        let mut env = DirectEnv {
+            mem: &mut self.mem,
+            block: None,
+            clock,
+        };
         self.svc.on_close(&mut env, conn);
     }
 }
 
 pub fn handle(r: &Reply) -> u64 {
     match r {
-        Reply::Pages { handle, .. } | Reply::Object { handle, .. } | Reply::Created { handle } => *handle,
+        Reply::Pages { handle, .. } | Reply::Object { handle, .. } | Reply::Created { handle } => {
+            *handle
+        }
         Reply::Dma(info) => info.handle,
         other => panic!("no handle in {other:?}"),
     }
