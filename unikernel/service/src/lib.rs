@@ -27,5 +27,5 @@ pub mod service;
 pub mod stress;
 
 pub use env::{BlockDevice, DirectEnv, Env, SECTOR};
-pub use memory::{Backing, DmaFacts, MemError, Memory, Obj};
+pub use memory::{Backing, DmaFacts, MemError, Memory, Obj, View};
 pub use service::{Config, ConnId, Flow, Service};

@@ -3,16 +3,33 @@
 //! The service is written against this trait so that it holds only opaque
 //! ids and plain addresses; [`crate::mm`] implements it for memd-mm's
 //! `MemoryManager`. Methods take and return the protocol's types; errors
-//! carry an errno number and a static message, so that no formatting (and
-//! no heap allocation) is needed while the memory manager is borrowed —
-//! except for the statistics views, which build their vectors there.
+//! carry an errno number and a static message.
+//!
+//! **No method may allocate from the heap.** In the kernel the memory
+//! manager *is* the heap, behind one lock that [`crate::Env::with_mem`]
+//! holds while these methods run. That is why statistics come in two steps:
+//! [`Memory::snapshot`] copies plain data into a buffer the service
+//! allocated beforehand, and [`Memory::render`] turns it into protocol
+//! types after the lock is released.
 
-use alloc::vec::Vec;
+use memd_wire::{Ctor, DmaMask, DmaSource, FaultConfig, FaultTarget, Gfp, Reply, SlabFlags};
 
-use memd_wire::{
-    BuddyZone, CheckReport, CmaInfo, Ctor, DmaMask, DmaSource, FaultConfig, FaultTarget, Gfp,
-    Meminfo, MempoolInfo, SlabFlags, SlabInfo, ZoneInfo,
-};
+/// A statistics view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// `/proc/meminfo`.
+    Meminfo,
+    /// `/proc/zoneinfo`.
+    Zoneinfo,
+    /// `/proc/buddyinfo`.
+    Buddyinfo,
+    /// `/proc/slabinfo`.
+    Slabinfo,
+    /// Mempools.
+    Mempools,
+    /// The contiguous region.
+    Cma,
+}
 
 /// An error from the memory manager: errno number, message, and an optional
 /// number that completes it (live objects for `EBUSY`).
@@ -76,6 +93,9 @@ pub trait Memory {
     type PoolId: Copy;
     /// A DMA buffer, given back to free it.
     type DmaBuf;
+    /// A heap-free snapshot of the statistics (allocated by the service
+    /// before the memory manager is borrowed).
+    type Stats: Default;
 
     /// Page size in bytes.
     fn page_size(&self) -> u64;
@@ -118,7 +138,6 @@ pub trait Memory {
     /// Create a mempool; returns its id and element size.
     fn pool_create(
         &mut self,
-        name: &str,
         backing: Backing<Self::CacheId>,
         min_nr: u32,
     ) -> Result<(Self::PoolId, u64), MemError>;
@@ -134,24 +153,17 @@ pub trait Memory {
     /// Its public facts.
     fn dma_facts(&self, buf: &Self::DmaBuf) -> DmaFacts;
     /// Its bytes.
-    fn dma_bytes<'a>(&'a mut self, buf: &'a Self::DmaBuf) -> &'a mut [u8];
+    fn dma_bytes<'a>(&'a mut self, buf: &'a Self::DmaBuf) -> Result<&'a mut [u8], MemError>;
     /// Free it.
     fn dma_free(&mut self, buf: Self::DmaBuf) -> Result<(), MemError>;
 
-    /// `/proc/meminfo`.
-    fn meminfo(&mut self) -> Meminfo;
-    /// `/proc/zoneinfo`.
-    fn zoneinfo(&mut self) -> Vec<ZoneInfo>;
-    /// `/proc/buddyinfo`.
-    fn buddyinfo(&mut self) -> Vec<BuddyZone>;
-    /// `/proc/slabinfo`.
-    fn slabinfo(&mut self) -> Vec<SlabInfo>;
-    /// Mempools.
-    fn mempools(&mut self) -> Vec<MempoolInfo>;
-    /// The contiguous region.
-    fn cma(&mut self) -> CmaInfo;
-    /// Every invariant checker.
-    fn check(&mut self) -> CheckReport;
+    /// Copy the data of `view` into `out` (no heap allocation).
+    fn snapshot(&mut self, view: View, out: &mut Self::Stats);
+    /// Turn a snapshot into the reply for `view` (runs without the lock).
+    fn render(view: View, stats: &Self::Stats) -> Reply;
+    /// Every invariant checker: the first violation and where (a frame
+    /// number or address).
+    fn check(&mut self) -> Result<(), (&'static str, u64)>;
     /// Set a fault-injection rule.
     fn set_fault(&mut self, target: FaultTarget, config: FaultConfig) -> Result<(), MemError>;
 }

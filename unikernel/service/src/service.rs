@@ -6,13 +6,14 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use memd_wire::{
-    decode_body, encode_frame, errno, frame::encoded_len, Batch, ClientInfo, DmaBufferInfo,
-    FrameDecoder, FrameError, Hello, HelloAck, Op, PoolBacking, Quota, Reply, Request, Response,
-    Status, WireError, MAX_BATCH_OPS, MAX_FRAME, MAX_IO, MAX_NAME_LEN, PROTOCOL_VERSION,
+    decode_body, encode_frame, errno, frame::encoded_len, Batch, CheckReport, ClientInfo,
+    DmaBufferInfo, FrameDecoder, FrameError, Hello, HelloAck, Op, PoolBacking, Quota, Reply,
+    Request, Response, Status, WireError, MAX_BATCH_OPS, MAX_FRAME, MAX_IO, MAX_NAME_LEN,
+    PROTOCOL_VERSION,
 };
 
 use crate::env::{Env, SECTOR};
-use crate::memory::{Backing, MemError, Memory, Obj};
+use crate::memory::{Backing, MemError, Memory, Obj, View};
 use crate::stress;
 
 /// A connection's id; also the owner tag of what it allocates.
@@ -558,12 +559,12 @@ impl<M: Memory> Service<M> {
                     block_device: has_block,
                 }))
             }
-            Op::Meminfo => Ok(Reply::Meminfo(env.with_mem(|m, _| m.meminfo()))),
-            Op::Zoneinfo => Ok(Reply::Zoneinfo(env.with_mem(|m, _| m.zoneinfo()))),
-            Op::Buddyinfo => Ok(Reply::Buddyinfo(env.with_mem(|m, _| m.buddyinfo()))),
-            Op::Slabinfo => Ok(Reply::Slabinfo(env.with_mem(|m, _| m.slabinfo()))),
-            Op::Mempools => Ok(Reply::Mempools(env.with_mem(|m, _| m.mempools()))),
-            Op::Cma => Ok(Reply::Cma(env.with_mem(|m, _| m.cma()))),
+            Op::Meminfo => Ok(stats(env, View::Meminfo)),
+            Op::Zoneinfo => Ok(stats(env, View::Zoneinfo)),
+            Op::Buddyinfo => Ok(stats(env, View::Buddyinfo)),
+            Op::Slabinfo => Ok(stats(env, View::Slabinfo)),
+            Op::Mempools => Ok(stats(env, View::Mempools)),
+            Op::Cma => Ok(stats(env, View::Cma)),
             Op::Clients => Ok(Reply::Clients(self.clients())),
             Op::DmaBuffers => Ok(Reply::DmaBuffers(
                 self.conns
@@ -725,17 +726,7 @@ impl<M: Memory> Service<M> {
                 Ok(Reply::Done)
             }
 
-            Op::PoolCreate {
-                name,
-                backing,
-                min_nr,
-            } => {
-                if name.is_empty() || name.len() > MAX_NAME_LEN {
-                    return Err(err(
-                        errno::EINVAL,
-                        format!("pool name must be 1..={MAX_NAME_LEN} bytes"),
-                    ));
-                }
+            Op::PoolCreate { backing, min_nr } => {
                 let (backing, cache, elem) = match backing {
                     PoolBacking::Cache(h) => match self.get(conn, h)? {
                         Res::Cache { id, size, .. } => (Backing::Cache(*id), Some(h), *size),
@@ -754,7 +745,7 @@ impl<M: Memory> Service<M> {
                 let (id, elem) = env
                     .with_mem(|m, _| {
                         m.set_owner(conn);
-                        m.pool_create(&name, backing, min_nr)
+                        m.pool_create(backing, min_nr)
                     })
                     .map_err(mem_err)?;
                 if let Some(h) = cache {
@@ -898,8 +889,10 @@ impl<M: Memory> Service<M> {
                 let (buf, buf_len) = self.dma(conn, handle)?;
                 let start = range(offset, data.len() as u64, buf_len)?;
                 env.with_mem(|m, _| {
-                    m.dma_bytes(buf)[start..start + data.len()].copy_from_slice(&data)
-                });
+                    m.dma_bytes(buf)
+                        .map(|b| b[start..start + data.len()].copy_from_slice(&data))
+                })
+                .map_err(mem_err)?;
                 Ok(Reply::Done)
             }
             Op::DmaRead {
@@ -920,13 +913,21 @@ impl<M: Memory> Service<M> {
                 let (buf, buf_len) = self.dma(conn, handle)?;
                 let start = range(offset, len as u64, buf_len)?;
                 let mut data = alloc::vec![0u8; len];
-                env.with_mem(|m, _| data.copy_from_slice(&m.dma_bytes(buf)[start..start + len]));
+                env.with_mem(|m, _| {
+                    m.dma_bytes(buf)
+                        .map(|b| data.copy_from_slice(&b[start..start + len]))
+                })
+                .map_err(mem_err)?;
                 *io_budget -= len;
                 Ok(Reply::Data(data))
             }
             Op::DmaFill { handle, seed } => {
                 let (buf, _) = self.dma(conn, handle)?;
-                env.with_mem(|m, _| memd_wire::fill_pattern(seed, 0, m.dma_bytes(buf)));
+                env.with_mem(|m, _| {
+                    m.dma_bytes(buf)
+                        .map(|b| memd_wire::fill_pattern(seed, 0, b))
+                })
+                .map_err(mem_err)?;
                 Ok(Reply::Done)
             }
             Op::DmaChecksum {
@@ -942,9 +943,12 @@ impl<M: Memory> Service<M> {
                     len
                 };
                 let start = range(offset, len, total)?;
-                let sum = env.with_mem(|m, _| {
-                    memd_wire::checksum(&m.dma_bytes(buf)[start..start + len as usize])
-                });
+                let sum = env
+                    .with_mem(|m, _| {
+                        m.dma_bytes(buf)
+                            .map(|b| memd_wire::checksum(&b[start..start + len as usize]))
+                    })
+                    .map_err(mem_err)?;
                 Ok(Reply::Checksum(sum))
             }
             Op::DmaWriteDisk { handle, sector } | Op::DmaReadDisk { handle, sector } => {
@@ -957,33 +961,48 @@ impl<M: Memory> Service<M> {
                         format!("buffer of {len} bytes is not a whole number of sectors"),
                     ));
                 }
-                env.with_mem(|m, block| {
+                // No formatting inside: the closure runs under the allocator lock.
+                let r = env.with_mem(|m, block| {
                     let Some(block) = block else {
-                        return Err(err(errno::ENODEV, "no block device attached"));
+                        return Err(DiskError::NoDevice);
                     };
-                    let end = sector.checked_add(len / SECTOR);
-                    if end.is_none_or(|e| e > block.capacity_sectors()) {
-                        return Err(err(
-                            errno::EINVAL,
-                            format!(
-                                "sectors {sector}+{} past the end of the disk ({} sectors)",
-                                len / SECTOR,
-                                block.capacity_sectors()
-                            ),
-                        ));
+                    let cap = block.capacity_sectors();
+                    if sector.checked_add(len / SECTOR).is_none_or(|e| e > cap) {
+                        return Err(DiskError::PastEnd(cap));
                     }
-                    let bytes = m.dma_bytes(buf);
+                    let bytes = m.dma_bytes(buf).map_err(DiskError::Mem)?;
                     let r = if write {
                         block.write(sector, bytes)
                     } else {
                         block.read(sector, bytes)
                     };
-                    r.map_err(|e| err(errno::EIO, e))
-                })?;
-                Ok(Reply::Done)
+                    r.map_err(DiskError::Io)
+                });
+                match r {
+                    Ok(()) => Ok(Reply::Done),
+                    Err(DiskError::NoDevice) => Err(err(errno::ENODEV, "no block device attached")),
+                    Err(DiskError::PastEnd(cap)) => Err(err(
+                        errno::EINVAL,
+                        format!(
+                            "sectors {sector}+{} past the end of the disk ({cap} sectors)",
+                            len / SECTOR
+                        ),
+                    )),
+                    Err(DiskError::Io(e)) => Err(err(errno::EIO, e)),
+                    Err(DiskError::Mem(e)) => Err(mem_err(e)),
+                }
             }
 
-            Op::Check => Ok(Reply::Check(env.with_mem(|m, _| m.check()))),
+            Op::Check => Ok(Reply::Check(match env.with_mem(|m, _| m.check()) {
+                Ok(()) => CheckReport {
+                    ok: true,
+                    violations: Vec::new(),
+                },
+                Err((what, at)) => CheckReport {
+                    ok: false,
+                    violations: alloc::vec![format!("{what} (at {at:#x})")],
+                },
+            })),
             Op::Stress { ops, seed } => {
                 if ops > self.config.max_stress_ops {
                     return Err(err(
@@ -1036,6 +1055,21 @@ impl<M: Memory> Service<M> {
     }
 }
 
+enum DiskError {
+    NoDevice,
+    PastEnd(u64),
+    Io(&'static str),
+    Mem(MemError),
+}
+
+/// A statistics reply: snapshot under the lock into a buffer allocated
+/// before it, render after.
+fn stats<E: Env>(env: &mut E, view: View) -> Reply {
+    let mut snap = alloc::boxed::Box::<<E::Mem as Memory>::Stats>::default();
+    env.with_mem(|m, _| m.snapshot(view, &mut snap));
+    <E::Mem as Memory>::render(view, &snap)
+}
+
 /// Checks `[offset, offset+len)` lies within `total`; returns `offset` as usize.
 fn range(offset: u64, len: u64, total: u64) -> Result<usize, WireError> {
     match offset.checked_add(len) {
@@ -1069,12 +1103,15 @@ fn release_all<E: Env>(env: &mut E, handles: BTreeMap<u64, Res<E::Mem>>) {
             _ => {}
         }
     }
+    // Everything the closure touches is allocated here, outside the
+    // allocator lock, and dropped after it.
+    let mut all: Vec<Res<E::Mem>> = handles.into_values().collect();
+    let mut pools = Vec::with_capacity(pool_ids.len());
+    let mut caches = Vec::with_capacity(cache_ids.len());
     env.with_mem(|m, _| {
-        let mut pools = Vec::new();
-        let mut caches = Vec::new();
         // Freeing cannot fail for memory the connection really holds; an
         // error here would be a memory-manager bug, reported by `check`.
-        for (_, r) in handles {
+        for r in all.drain(..) {
             match r {
                 Res::Pages { phys, order } => {
                     let _ = m.free_pages(phys, order);
@@ -1099,10 +1136,10 @@ fn release_all<E: Env>(env: &mut E, handles: BTreeMap<u64, Res<E::Mem>>) {
                 Res::Cache { id, .. } => caches.push(id),
             }
         }
-        for id in pools {
+        for id in pools.drain(..) {
             let _ = m.pool_destroy(id);
         }
-        for id in caches {
+        for id in caches.drain(..) {
             let _ = m.cache_destroy(id);
         }
     });

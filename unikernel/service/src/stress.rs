@@ -95,7 +95,7 @@ pub fn run<E: Env>(env: &mut E, owner: u64, ops: u64, seed: u64) -> StressReport
             }
             *s = Slot::Empty;
         }
-        m.check().ok
+        m.check().is_ok()
     });
     StressReport {
         ops,

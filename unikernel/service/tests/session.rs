@@ -167,7 +167,6 @@ fn every_resource_is_released_on_close() {
     let pool = handle(&h.ok(
         c,
         Op::PoolCreate {
-            name: "p".into(),
             backing: PoolBacking::Cache(cache),
             min_nr: 4,
         },
@@ -223,7 +222,6 @@ fn cache_and_pool_lifecycles() {
     let pool = handle(&h.ok(
         c,
         Op::PoolCreate {
-            name: "p".into(),
             backing: PoolBacking::Cache(cache),
             min_nr: 2,
         },
@@ -803,12 +801,10 @@ fn arb_op(handles: u64) -> impl Strategy<Value = Op> {
         (h.clone(), h.clone()).prop_map(|(cache, object)| Op::CacheFree { cache, object }),
         h.clone().prop_map(|cache| Op::CacheDestroy { cache }),
         (h.clone(), 0u32..4).prop_map(|(c, min_nr)| Op::PoolCreate {
-            name: "p".into(),
             backing: PoolBacking::Cache(c),
             min_nr
         }),
         (0u8..3, 0u32..4).prop_map(|(order, min_nr)| Op::PoolCreate {
-            name: "p".into(),
             backing: PoolBacking::Pages { order },
             min_nr
         }),

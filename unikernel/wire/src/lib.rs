@@ -72,7 +72,6 @@ mod tests {
                 ctor: Ctor::Fill(0xa5),
             },
             Op::PoolCreate {
-                name: "p".into(),
                 backing: PoolBacking::Pages { order: 1 },
                 min_nr: 4,
             },

@@ -21,7 +21,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Most operations one batch may carry.
 pub const MAX_BATCH_OPS: usize = 65_536;
 
-/// Longest name accepted for a cache or pool.
+/// Longest name accepted for a cache or a client.
 pub const MAX_NAME_LEN: usize = 32;
 
 /// Most bytes one DMA read may return, so a reply always fits a frame.
@@ -197,8 +197,6 @@ pub enum Op {
 
     /// Create a mempool with `min_nr` reserved elements.
     PoolCreate {
-        /// Name (at most [`MAX_NAME_LEN`] bytes).
-        name: String,
         /// Backing allocator.
         backing: PoolBacking,
         /// Reserved elements.

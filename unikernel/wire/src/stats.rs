@@ -40,30 +40,34 @@ pub struct Status {
 /// `/proc/meminfo`, in bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Meminfo {
-    /// RAM handed to the memory manager at boot.
+    /// Memory the manager owns: managed zone pages plus the CMA region.
     pub total: u64,
-    /// Free pages (buddy and per-CPU lists).
+    /// Buddy free + per-CPU lists + CMA free.
     pub free: u64,
-    /// Free less the zones' `min` watermarks.
-    pub available: u64,
-    /// Reserved at boot (kernel image, boot tables, memmap holes, frame table).
-    pub reserved: u64,
-    /// Frame table (`struct page` array).
-    pub frame_table: u64,
+    /// On the buddy free lists.
+    pub buddy_free: u64,
+    /// On the per-CPU page lists.
+    pub pcp: u64,
     /// Pages held by slab caches.
     pub slab: u64,
-    /// Bytes in use by slab objects.
-    pub slab_objects: u64,
+    /// Slab memory reclaimable on demand (per-CPU arrays, empty slabs).
+    pub slab_reclaimable: u64,
     /// kmalloc allocations served straight from the buddy.
     pub kmalloc_large: u64,
+    /// Pages charged to owners (all page allocations).
+    pub pages_allocated: u64,
     /// Idle mempool reserves.
     pub mempool_reserve: u64,
+    /// DMA buffers served by the buddy.
+    pub dma_buddy: u64,
     /// Contiguous-memory region.
     pub cma_total: u64,
     /// Free in the contiguous-memory region.
     pub cma_free: u64,
-    /// In DMA buffers.
-    pub dma: u64,
+    /// Reserved at boot (kernel image, boot tables, frame table, CMA).
+    pub reserved: u64,
+    /// Frame table (`struct page` array).
+    pub frame_table: u64,
 }
 
 /// One zone of `/proc/zoneinfo`.
@@ -93,6 +97,10 @@ pub struct ZoneInfo {
     pub free_blocks: Vec<u64>,
     /// Pages on the per-CPU lists.
     pub pcp_count: u64,
+    /// Per-CPU list high mark.
+    pub pcp_high: u64,
+    /// Per-CPU list batch.
+    pub pcp_batch: u64,
     /// Successful allocations.
     pub alloc_success: u64,
     /// Failed allocations.
@@ -101,6 +109,10 @@ pub struct ZoneInfo {
     pub atomic_reserve_used: u64,
     /// Allocations that fell back to this zone.
     pub fallback: u64,
+    /// Per-CPU list refills.
+    pub pcp_refill: u64,
+    /// Per-CPU list drains.
+    pub pcp_drain: u64,
 }
 
 /// One line of `/proc/buddyinfo`.
@@ -135,18 +147,32 @@ pub struct SlabInfo {
     pub active_slabs: u64,
     /// All slabs.
     pub num_slabs: u64,
-    /// Constructor calls made.
-    pub ctor_calls: u64,
-    /// Created by a client (as opposed to kmalloc's own caches).
-    pub client: bool,
+    /// SLAB_* flags.
+    pub flags: crate::SlabFlags,
+    /// Has a constructor.
+    pub has_ctor: bool,
+    /// kmalloc's own cache (cannot be destroyed).
+    pub builtin: bool,
+    /// Allocations.
+    pub allocs: u64,
+    /// Frees.
+    pub frees: u64,
+    /// Slabs added.
+    pub grows: u64,
+    /// Pages returned by shrinking.
+    pub pages_shrunk: u64,
+    /// Failed allocations.
+    pub alloc_fail: u64,
+    /// Corruptions found by the debug checks.
+    pub corruptions: u64,
 }
 
 /// One mempool.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct MempoolInfo {
-    /// Pool name.
-    pub name: String,
-    /// What backs it, for humans ("cache foo", "kmalloc-256", "pages order 2").
+    /// Pool id in the memory manager.
+    pub id: u32,
+    /// What backs it, for humans ("cache 3", "kmalloc 256", "pages order 2").
     pub backing: String,
     /// Element size.
     pub elem_size: u64,
@@ -158,27 +184,37 @@ pub struct MempoolInfo {
     pub reserve_bytes: u64,
     /// Elements handed out and not yet freed.
     pub in_use: u64,
+    /// Allocations.
+    pub allocs: u64,
     /// Allocations served from the reserve because the backing failed.
     pub reserve_hits: u64,
+    /// Allocations that failed.
+    pub failures: u64,
 }
 
 /// The contiguous-memory region.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct CmaInfo {
-    /// First physical address (0 when there is no region).
+    /// Whether a region was reserved at boot (`memd.dma_reserve=`).
+    pub present: bool,
+    /// First physical address.
     pub base: u64,
     /// Region size.
     pub total: u64,
+    /// The zone it lies in.
+    pub zone: String,
+    /// Bytes in buffers.
+    pub used: u64,
     /// Free bytes.
     pub free: u64,
     /// Largest free contiguous range.
     pub largest_free: u64,
-    /// Live allocations: (physical address, length).
-    pub allocations: Vec<(u64, u64)>,
+    /// Live buffers.
+    pub buffers: u64,
     /// Allocations made.
-    pub alloc_count: u64,
+    pub allocs: u64,
     /// Allocations that failed.
-    pub alloc_fail: u64,
+    pub failures: u64,
 }
 
 /// One connection in the per-client view.

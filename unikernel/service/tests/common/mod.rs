@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use memd_service::{
-    Backing, BlockDevice, Config, ConnId, DirectEnv, DmaFacts, Flow, MemError, Memory, Obj, Service,
+    Backing, BlockDevice, Config, ConnId, DirectEnv, DmaFacts, Flow, MemError, Memory, Obj,
+    Service, View,
 };
 use memd_wire::*;
 
@@ -77,6 +78,7 @@ impl Memory for Model {
     type CacheId = u32;
     type PoolId = u32;
     type DmaBuf = ModelDma;
+    type Stats = Option<Reply>;
 
     fn page_size(&self) -> u64 {
         4096
@@ -166,12 +168,7 @@ impl Memory for Model {
         self.caches.remove(&cache);
         Ok(())
     }
-    fn pool_create(
-        &mut self,
-        _name: &str,
-        backing: Backing<u32>,
-        min_nr: u32,
-    ) -> Result<(u32, u64), MemError> {
+    fn pool_create(&mut self, backing: Backing<u32>, min_nr: u32) -> Result<(u32, u64), MemError> {
         let elem = match backing {
             Backing::Cache(c) => self.caches[&c].0,
             Backing::Kmalloc(s) => s as u64,
@@ -219,48 +216,49 @@ impl Memory for Model {
             source: DmaSource::Buddy,
         }
     }
-    fn dma_bytes<'a>(&'a mut self, buf: &'a ModelDma) -> &'a mut [u8] {
-        self.dma.get_mut(&buf.0).unwrap()
+    fn dma_bytes<'a>(&'a mut self, buf: &'a ModelDma) -> Result<&'a mut [u8], MemError> {
+        self.dma
+            .get_mut(&buf.0)
+            .map(|v| &mut v[..])
+            .ok_or(MemError::new(errno::EINVAL, "stale buffer"))
     }
     fn dma_free(&mut self, buf: ModelDma) -> Result<(), MemError> {
         self.give(buf.0, "dma")?;
         self.dma.remove(&buf.0);
         Ok(())
     }
-    fn meminfo(&mut self) -> Meminfo {
-        Meminfo {
-            total: self.capacity,
-            free: self.capacity - self.used,
-            ..Default::default()
-        }
-    }
-    fn zoneinfo(&mut self) -> Vec<ZoneInfo> {
-        vec![]
-    }
-    fn buddyinfo(&mut self) -> Vec<BuddyZone> {
-        vec![]
-    }
-    fn slabinfo(&mut self) -> Vec<SlabInfo> {
-        self.caches
-            .iter()
-            .map(|(id, (size, live))| SlabInfo {
-                name: format!("c{id}"),
-                objsize: *size,
-                active_objs: *live,
+    fn snapshot(&mut self, view: View, out: &mut Option<Reply>) {
+        *out = Some(match view {
+            View::Meminfo => Reply::Meminfo(Meminfo {
+                total: self.capacity,
+                free: self.capacity - self.used,
                 ..Default::default()
-            })
-            .collect()
+            }),
+            View::Slabinfo => Reply::Slabinfo(
+                self.caches
+                    .iter()
+                    .map(|(id, (size, live))| SlabInfo {
+                        name: format!("c{id}"),
+                        objsize: *size,
+                        active_objs: *live,
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            View::Zoneinfo => Reply::Zoneinfo(vec![]),
+            View::Buddyinfo => Reply::Buddyinfo(vec![]),
+            View::Mempools => Reply::Mempools(vec![]),
+            View::Cma => Reply::Cma(CmaInfo::default()),
+        });
     }
-    fn mempools(&mut self) -> Vec<MempoolInfo> {
-        vec![]
+    fn render(_view: View, stats: &Option<Reply>) -> Reply {
+        stats.clone().unwrap()
     }
-    fn cma(&mut self) -> CmaInfo {
-        CmaInfo::default()
-    }
-    fn check(&mut self) -> CheckReport {
-        CheckReport {
-            ok: self.bad_frees == 0,
-            violations: vec![],
+    fn check(&mut self) -> Result<(), (&'static str, u64)> {
+        if self.bad_frees == 0 {
+            Ok(())
+        } else {
+            Err(("bad frees", self.bad_frees))
         }
     }
     fn set_fault(&mut self, target: FaultTarget, config: FaultConfig) -> Result<(), MemError> {
