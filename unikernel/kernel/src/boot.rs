@@ -314,3 +314,21 @@ pub fn read_start_info(phys: u64, out: &mut BootData) -> Result<(), &'static str
     }
     Ok(())
 }
+
+/// Hands the machine's memory to memd-mm.
+///
+/// `regions` must be the firmware map and `reserved` must cover everything
+/// in use before the memory manager exists (kernel image with stack and
+/// statics, the page tables of `arch::paging`); `direct_map_offset` must be
+/// the offset of the live direct map, which maps every RAM-like range.
+pub fn hand_over_memory(
+    mm: &memd_mm::GlobalMm,
+    info: &memd_mm::BootInfo,
+) -> Result<(), memd_mm::MmError> {
+    // SAFETY: the caller passes the firmware map, whose usable ranges are RAM;
+    // after boot copied start_info, nothing but the kernel image and the page
+    // tables (both in `info.reserved`) is in use; `arch::paging` mapped all
+    // RAM-like ranges read-write at `info.direct_map_offset`, and the mapping
+    // is never removed.
+    unsafe { mm.init(info) }
+}

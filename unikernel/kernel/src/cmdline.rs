@@ -7,9 +7,8 @@ pub fn get<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline
         .split_ascii_whitespace()
         .filter_map(|w| w.split_once('='))
-        .filter(|(k, _)| *k == key)
+        .rfind(|(k, _)| *k == key)
         .map(|(_, v)| v)
-        .last()
 }
 
 /// Whether a boolean flag is on (`key=1`, `key=on`, `key=true`, `key=yes`).

@@ -9,16 +9,25 @@
 #![no_main]
 #![deny(unsafe_code)]
 
+extern crate alloc;
+
 mod arch;
 mod boot;
 mod cmdline;
+mod hermit;
 mod logger;
+mod selftest;
 
-use log::{info, warn};
+use log::{error, info, warn};
+use memd_mm::{BootInfo, GlobalMm, MemRegion, RegionKind};
 use spin::Mutex;
 
 use crate::arch::time::TscSource;
 use crate::boot::{BootData, E820Entry, MAX_CMDLINE, MAX_E820};
+
+/// memd-mm is the kernel's allocator (kmalloc + buddy behind a spin lock).
+#[global_allocator]
+static ALLOC: GlobalMm = GlobalMm::new();
 
 static BOOT_DATA: Mutex<BootData> = Mutex::new(BootData {
     start_info: 0,
@@ -39,7 +48,7 @@ fn e820_name(kind: u32) -> &'static str {
         1 => "usable",
         2 => "reserved",
         3 => "ACPI",
-        4 => "ACPI NVS",
+        4 => "ACPI-NVS",
         5 => "unusable",
         _ => "unknown",
     }
@@ -100,11 +109,11 @@ pub fn kmain(start_info: u64) -> ! {
     );
     for e in map {
         info!(
-            "  [{:#014x}-{:#014x}) {:>10} KiB {}",
+            "e820 [{:#014x}-{:#014x}) {} {} KiB",
             e.addr,
             e.end(),
-            e.size / 1024,
-            e820_name(e.kind)
+            e820_name(e.kind),
+            e.size / 1024
         );
     }
     let kernel = boot::kernel_image();
@@ -122,13 +131,101 @@ pub fn kmain(start_info: u64) -> ! {
     );
     info!("kernel image {:#x}-{:#x}", kernel.start, kernel.end);
 
-    logger::always(format_args!("memd: ready"));
-    if cmdline::flag(cmdline, "memd.selftest") {
-        warn!("memd.selftest: the self-test needs memd-mm, which is not integrated yet");
+    let mut regions = [MemRegion {
+        start: 0,
+        end: 0,
+        kind: RegionKind::Reserved,
+    }; MAX_E820];
+    for (r, e) in regions.iter_mut().zip(map) {
+        *r = MemRegion {
+            start: e.addr,
+            end: e.end(),
+            kind: region_kind(e.kind),
+        };
+    }
+    let reserved = [kernel, paging.table_frames.clone()];
+    let info = BootInfo {
+        regions: &regions[..map.len()],
+        cmdline,
+        direct_map_offset: paging.direct_map_offset,
+        reserved: &reserved,
+        zeroed: false,
+    };
+    if let Err(e) = boot::hand_over_memory(&ALLOC, &info) {
+        error!("memd-mm: initialisation failed: {e}");
         arch::exit::failure();
     }
+    log_memory_summary();
+
+    let selftest = cmdline::flag(cmdline, "memd.selftest");
     drop(boot);
+    logger::always(format_args!("memd: ready"));
+    if selftest {
+        match selftest::run() {
+            Ok(()) => {
+                logger::always(format_args!("selftest: passed"));
+                arch::exit::success();
+            }
+            Err(e) => {
+                logger::always(format_args!("selftest: FAILED: {e}"));
+                arch::exit::failure();
+            }
+        }
+    }
     arch::halt_forever()
+}
+
+fn region_kind(e820: u32) -> RegionKind {
+    match e820 {
+        1 => RegionKind::Usable,
+        3 => RegionKind::Acpi,
+        4 => RegionKind::Nvs,
+        5 => RegionKind::Bad,
+        _ => RegionKind::Reserved,
+    }
+}
+
+/// The zone summary and boot reservations, in a form the boot tests parse.
+fn log_memory_summary() {
+    let mm = ALLOC.lock();
+    for r in mm.reservations() {
+        info!(
+            "mm: reserved [{:#014x}-{:#014x}) {}",
+            r.start,
+            r.end,
+            r.kind.name()
+        );
+    }
+    if let Some(c) = mm.cma_info() {
+        info!(
+            "mm: dma_reserve [{:#014x}-{:#014x}) {} KiB in {}",
+            c.base,
+            c.base + c.size,
+            c.size / 1024,
+            c.zone.name()
+        );
+    }
+    for z in mm.zoneinfo() {
+        info!(
+            "mm: zone {} pfn [{:#x}-{:#x}) managed={} free={} min={} low={} high={}",
+            z.zone.name(),
+            z.start_pfn,
+            z.end_pfn,
+            z.managed,
+            z.free,
+            z.watermark.min,
+            z.watermark.low,
+            z.watermark.high
+        );
+    }
+    let m = mm.meminfo();
+    info!(
+        "mm: {} MiB managed, {} MiB free, frame table {} KiB, max order {}",
+        m.total >> 20,
+        m.free >> 20,
+        m.frame_table >> 10,
+        mm.max_order()
+    );
 }
 
 #[panic_handler]

@@ -157,7 +157,7 @@ pub fn init(map: &[E820Entry], kernel: Range<u64>) -> PagingInfo {
         .map(|e| e.end())
         .max()
         .unwrap_or(0);
-    let mapped_end = ram_end.max(FOUR_GIB).min(MAX_PHYS);
+    let mapped_end = ram_end.clamp(FOUR_GIB, MAX_PHYS);
 
     let pml4 = bump.alloc();
     // Identity map of the kernel image (2 MiB pages).

@@ -60,7 +60,7 @@ fn calibrate_pit() -> Option<u64> {
     loop {
         let now = pit_read();
         let elapsed = start.wrapping_sub(now);
-        if elapsed >= CAL_TICKS && elapsed < 0x8000 {
+        if (CAL_TICKS..0x8000).contains(&elapsed) {
             let t1 = rdtsc();
             let hz = (t1 - t0) as u128 * PIT_HZ as u128 / elapsed as u128;
             return Some(hz as u64);

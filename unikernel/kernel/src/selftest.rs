@@ -1,0 +1,321 @@
+//! The in-guest self-test (`memd.selftest=1`): memd-mm on real guest memory.
+//! Pages of every order and zone, kmalloc size classes, Rust collections on
+//! the global allocator, a slab cache with a constructor (and its leak check
+//! on destroy), a mempool, DMA buffers (buddy and, when reserved, the
+//! contiguous region), the hermit-abi calls, and memd-mm's invariant checker
+//! before and after. The result ends QEMU through isa-debug-exit.
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt::Write;
+
+use log::info;
+use memd_mm::access::bytes_mut;
+use memd_mm::{DmaMask, DmaSource, Gfp, PoolBacking, SlabFlags, PAGE_SIZE};
+
+use crate::ALLOC;
+
+type TestResult = Result<(), String>;
+type Test = (&'static str, fn() -> TestResult);
+
+fn fail(msg: impl core::fmt::Display) -> String {
+    let mut s = String::new();
+    let _ = write!(s, "{msg}");
+    s
+}
+
+fn check_invariants(when: &str) -> TestResult {
+    ALLOC
+        .lock()
+        .check()
+        .map_err(|e| fail(format_args!("memd-mm invariant broken {when}: {e}")))
+}
+
+/// Fills `len` bytes at `virt` with a position-dependent pattern and reads
+/// it back.
+fn scribble(virt: usize, len: usize, seed: u8) -> TestResult {
+    let b = bytes_mut(virt, len);
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = seed ^ (i as u8);
+    }
+    if b.iter().enumerate().any(|(i, &x)| x != seed ^ (i as u8)) {
+        return Err(fail(format_args!(
+            "memory at {virt:#x} does not keep what was written"
+        )));
+    }
+    Ok(())
+}
+
+fn pages() -> TestResult {
+    let mut mm = ALLOC.lock();
+    let dmap = mm.direct_map();
+    let before = mm.meminfo().free;
+    for order in 0..mm.max_order() {
+        let phys = mm
+            .alloc_pages(order, Gfp::KERNEL)
+            .map_err(|e| fail(format_args!("order {order}: {e}")))?;
+        let len = (PAGE_SIZE << order) as usize;
+        if phys % (len as u64) != 0 {
+            return Err(fail(format_args!(
+                "order {order} block {phys:#x} not naturally aligned"
+            )));
+        }
+        // Touch the first and the last page of the block.
+        scribble(dmap.virt(phys), PAGE_SIZE as usize, order as u8)?;
+        scribble(
+            dmap.virt(phys + len as u64 - PAGE_SIZE),
+            PAGE_SIZE as usize,
+            !(order as u8),
+        )?;
+        mm.free_pages(phys, order)
+            .map_err(|e| fail(format_args!("free order {order}: {e}")))?;
+    }
+    for (gfp, limit, name) in [
+        (Gfp::DMA, 16u64 << 20, "DMA"),
+        (Gfp::DMA32, 4u64 << 30, "DMA32"),
+    ] {
+        let phys = mm
+            .alloc_pages(0, gfp)
+            .map_err(|e| fail(format_args!("{name} page: {e}")))?;
+        if phys >= limit {
+            return Err(fail(format_args!(
+                "{name} page at {phys:#x}, above {limit:#x}"
+            )));
+        }
+        mm.free_pages(phys, 0)
+            .map_err(|e| fail(format_args!("free {name} page: {e}")))?;
+    }
+    // Many order-0 pages, then all back: free memory must return.
+    let mut held = [0u64; 512];
+    for p in held.iter_mut() {
+        *p = mm
+            .alloc_pages(0, Gfp::KERNEL)
+            .map_err(|e| fail(format_args!("order-0 burst: {e}")))?;
+    }
+    for &p in held.iter() {
+        mm.free_pages(p, 0)
+            .map_err(|e| fail(format_args!("order-0 burst free: {e}")))?;
+    }
+    let after = mm.meminfo().free;
+    if after != before {
+        return Err(fail(format_args!(
+            "free memory {before} before the page tests, {after} after"
+        )));
+    }
+    Ok(())
+}
+
+fn kmalloc() -> TestResult {
+    let mut mm = ALLOC.lock();
+    for (i, &size) in [
+        1usize,
+        8,
+        16,
+        24,
+        32,
+        64,
+        96,
+        128,
+        192,
+        256,
+        512,
+        1024,
+        2048,
+        4096,
+        8192,
+        8193,
+        65536,
+        1 << 20,
+    ]
+    .iter()
+    .enumerate()
+    {
+        let p = mm
+            .kmalloc(size, Gfp::KERNEL)
+            .map_err(|e| fail(format_args!("kmalloc({size}): {e}")))?;
+        let usable = mm
+            .ksize(p)
+            .map_err(|e| fail(format_args!("ksize after kmalloc({size}): {e}")))?;
+        if usable < size {
+            return Err(fail(format_args!("ksize {usable} < kmalloc size {size}")));
+        }
+        scribble(p.as_ptr() as usize, size, i as u8)?;
+        mm.kfree(p)
+            .map_err(|e| fail(format_args!("kfree after kmalloc({size}): {e}")))?;
+    }
+    Ok(())
+}
+
+fn rust_alloc() -> TestResult {
+    let mut v: Vec<u64> = Vec::new();
+    for i in 0..100_000u64 {
+        v.push(i * 7);
+    }
+    if v.iter().enumerate().any(|(i, &x)| x != i as u64 * 7) {
+        return Err(fail("Vec contents changed while growing"));
+    }
+    let boxes: Vec<Box<[u8; 300]>> = (0..200).map(|i| Box::new([i as u8; 300])).collect();
+    if boxes
+        .iter()
+        .enumerate()
+        .any(|(i, b)| b.iter().any(|&x| x != i as u8))
+    {
+        return Err(fail("Box contents changed"));
+    }
+    let mut s = String::new();
+    for i in 0..1000 {
+        let _ = write!(s, "{i},");
+    }
+    if !s.starts_with("0,1,2,") || !s.ends_with("998,999,") {
+        return Err(fail("String contents wrong"));
+    }
+    Ok(())
+}
+
+const OBJ_SIZE: usize = 200;
+const CTOR_BYTE: u8 = 0xc7;
+
+fn ctor(obj: &mut [u8]) {
+    obj.fill(CTOR_BYTE);
+}
+
+fn slab_cache() -> TestResult {
+    let mut mm = ALLOC.lock();
+    let id = mm
+        .cache_create(
+            "selftest_obj",
+            OBJ_SIZE,
+            8,
+            SlabFlags::HWCACHE_ALIGN,
+            Some(ctor),
+        )
+        .map_err(|e| fail(format_args!("cache_create: {e}")))?;
+    let mut objs = [None; 100];
+    for o in objs.iter_mut() {
+        let p = mm
+            .cache_alloc(id, Gfp::KERNEL)
+            .map_err(|e| fail(format_args!("cache_alloc: {e}")))?;
+        if !(p.as_ptr() as usize).is_multiple_of(64) {
+            return Err(fail("HWCACHE_ALIGN object not 64-byte aligned"));
+        }
+        if bytes_mut(p.as_ptr() as usize, OBJ_SIZE)
+            .iter()
+            .any(|&b| b != CTOR_BYTE)
+        {
+            return Err(fail("fresh slab object not initialised by the constructor"));
+        }
+        *o = Some(p);
+    }
+    // Destroying a cache with live objects must fail and report them.
+    if mm.cache_destroy(id).is_ok() {
+        return Err(fail("cache_destroy succeeded with 100 live objects"));
+    }
+    for p in objs.iter().flatten() {
+        mm.cache_free(id, *p)
+            .map_err(|e| fail(format_args!("cache_free: {e}")))?;
+    }
+    mm.cache_destroy(id)
+        .map_err(|e| fail(format_args!("cache_destroy after freeing all: {e}")))
+}
+
+fn mempool() -> TestResult {
+    let mut mm = ALLOC.lock();
+    let pool = mm
+        .mempool_create(PoolBacking::Kmalloc(256), 4)
+        .map_err(|e| fail(format_args!("mempool_create: {e}")))?;
+    let idle = mm
+        .mempool_info()
+        .find(|p| p.id == pool.0)
+        .map(|p| p.idle_bytes)
+        .unwrap_or(0);
+    if idle < 4 * 256 {
+        return Err(fail(format_args!(
+            "mempool of 4 x 256 B shows {idle} idle bytes"
+        )));
+    }
+    let mut held = [None; 8];
+    for e in held.iter_mut() {
+        let el = mm
+            .mempool_alloc(pool, Gfp::KERNEL)
+            .map_err(|e| fail(format_args!("mempool_alloc: {e}")))?;
+        scribble(el.virt, 256, 0x3c)?;
+        *e = Some(el);
+    }
+    for e in held.iter().flatten() {
+        mm.mempool_free(pool, *e)
+            .map_err(|e| fail(format_args!("mempool_free: {e}")))?;
+    }
+    mm.mempool_destroy(pool)
+        .map_err(|e| fail(format_args!("mempool_destroy: {e}")))
+}
+
+fn dma() -> TestResult {
+    let mut mm = ALLOC.lock();
+    for (mask, len) in [
+        (DmaMask::Bits24, 8192usize),
+        (DmaMask::Bits32, 64 << 10),
+        (DmaMask::Bits64, 1 << 20),
+    ] {
+        let buf = mm
+            .dma_alloc(len, 4096, mask)
+            .map_err(|e| fail(format_args!("dma_alloc({len}, {}-bit): {e}", mask.bits())))?;
+        if buf.phys % 4096 != 0 || buf.phys + buf.len as u64 > mask.limit() || buf.len < len {
+            return Err(fail(format_args!(
+                "DMA buffer {buf:?} violates its {}-bit mask or alignment",
+                mask.bits()
+            )));
+        }
+        let bytes = mm
+            .dma_bytes(&buf)
+            .map_err(|e| fail(format_args!("dma_bytes: {e}")))?;
+        bytes.fill(0x77);
+        if bytes.iter().any(|&b| b != 0x77) {
+            return Err(fail("DMA buffer does not keep what was written"));
+        }
+        mm.dma_free(&buf)
+            .map_err(|e| fail(format_args!("dma_free: {e}")))?;
+    }
+    if let Some(cma) = mm.cma_info() {
+        // Larger than the largest buddy block: must come from the reservation.
+        let len = (PAGE_SIZE << mm.max_order()) as usize * 2;
+        if (len as u64) <= cma.size {
+            let buf = mm
+                .dma_alloc(len, 1 << 20, DmaMask::Bits32)
+                .map_err(|e| fail(format_args!("contiguous dma_alloc({len}): {e}")))?;
+            if buf.source != DmaSource::Cma
+                || buf.phys < cma.base
+                || buf.phys + len as u64 > cma.base + cma.size
+            {
+                return Err(fail(format_args!(
+                    "large DMA buffer {buf:?} not from the reservation"
+                )));
+            }
+            scribble(buf.virt, len, 0x42)?;
+            mm.dma_free(&buf)
+                .map_err(|e| fail(format_args!("contiguous dma_free: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs every test; the first failure is returned.
+pub fn run() -> TestResult {
+    let tests: [Test; 8] = [
+        ("invariants at boot", || check_invariants("at boot")),
+        ("pages of every order", pages),
+        ("kmalloc size classes", kmalloc),
+        ("Rust collections on the global allocator", rust_alloc),
+        ("slab cache with constructor", slab_cache),
+        ("mempool", mempool),
+        ("DMA buffers", dma),
+        ("hermit-abi memory calls", || {
+            crate::hermit::selftest().map_err(fail)
+        }),
+    ];
+    for (name, test) in tests {
+        test().map_err(|e| fail(format_args!("{name}: {e}")))?;
+        info!("selftest: {name}: ok");
+    }
+    check_invariants("after the self-test")
+}
