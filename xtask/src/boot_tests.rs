@@ -13,6 +13,9 @@
 //!   usable RAM of the DMA32 zone. A 64 MiB guest cannot hold it: that case
 //!   must fail cleanly (an error naming dma_reserve and a failure exit, no
 //!   hang, no fault).
+//! - two deliberate crashes (`memd.selftest=panic` on microvm, a page fault
+//!   with `memd.selftest=fault` on q35) are seen as failures: the harness
+//!   can fail.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -49,15 +52,21 @@ struct Case {
     machine: Machine,
     mem: u64,
     dma_reserve: bool,
+    /// A deliberate crash (`memd.selftest=panic|fault`): the harness must
+    /// see a failure (status, PANIC/FATAL line) quickly, not a hang.
+    crash: Option<&'static str>,
 }
 
 impl Case {
     fn name(&self) -> String {
         format!(
-            "{}-{}{}",
+            "{}-{}{}{}",
             self.machine.name(),
             mem_arg(self.mem),
-            if self.dma_reserve { "-dma_reserve" } else { "" }
+            if self.dma_reserve { "-dma_reserve" } else { "" },
+            self.crash
+                .map(|c| format!("-{c}-detected"))
+                .unwrap_or_default()
         )
     }
 
@@ -85,10 +94,23 @@ fn matrix() -> Vec<Case> {
                     machine,
                     mem,
                     dma_reserve,
+                    crash: None,
                 });
             }
         }
     }
+    v.push(Case {
+        machine: Machine::Microvm,
+        mem: GIB,
+        dma_reserve: false,
+        crash: Some("panic"),
+    });
+    v.push(Case {
+        machine: Machine::Q35,
+        mem: GIB,
+        dma_reserve: false,
+        crash: Some("fault"),
+    });
     v
 }
 
@@ -262,6 +284,23 @@ fn judge(case: &Case, out: &RunOutcome) -> Result<(), String> {
     if out.timed_out {
         return Err("timed out (QEMU killed)".into());
     }
+    if let Some(crash) = case.crash {
+        let (marker, detail) = match crash {
+            "panic" => ("memd: PANIC at src/", "deliberate panic"),
+            _ => (
+                "memd: FATAL exception 14 (page fault)",
+                "cr2=0xffffff8000000000",
+            ),
+        };
+        let seen = |s: &str| out.lines.iter().any(|(_, l)| l.contains(s));
+        if out.status != Some(qemu::GUEST_FAILURE) || !seen(marker) || !seen(detail) {
+            return Err(format!(
+                "deliberate {crash}: want failure status and `{marker}`, got status {:?}",
+                out.status
+            ));
+        }
+        return Ok(());
+    }
     if out.lines.iter().any(|(_, l)| l.contains("memd: FATAL")) {
         return Err("CPU exception in the guest".into());
     }
@@ -338,7 +377,7 @@ pub fn run(args: &BootTestArgs) -> Result<()> {
                 let Some(case) = queue.lock().unwrap().next() else {
                     break;
                 };
-                let mut cmdline = String::from("memd.selftest=1");
+                let mut cmdline = format!("memd.selftest={}", case.crash.unwrap_or("1"));
                 if case.dma_reserve {
                     cmdline += " memd.dma_reserve=64M@dma32";
                 }
@@ -413,6 +452,7 @@ mod tests {
             machine: Machine::Microvm,
             mem: 64 * MIB,
             dma_reserve: false,
+            crash: None,
         }
     }
 

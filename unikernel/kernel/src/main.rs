@@ -158,8 +158,19 @@ pub fn kmain(start_info: u64) -> ! {
     log_memory_summary();
 
     let selftest = cmdline::flag(cmdline, "memd.selftest");
+    // Deliberate failures, so the host harness can prove it catches them.
+    let crash = match cmdline::get(cmdline, "memd.selftest") {
+        Some("panic") => Some(Crash::Panic),
+        Some("fault") => Some(Crash::Fault),
+        _ => None,
+    };
     drop(boot);
     logger::always(format_args!("memd: ready"));
+    match crash {
+        Some(Crash::Panic) => panic!("deliberate panic (memd.selftest=panic)"),
+        Some(Crash::Fault) => arch::trigger_page_fault(),
+        None => {}
+    }
     if selftest {
         match selftest::run() {
             Ok(()) => {
@@ -173,6 +184,11 @@ pub fn kmain(start_info: u64) -> ! {
         }
     }
     arch::halt_forever()
+}
+
+enum Crash {
+    Panic,
+    Fault,
 }
 
 fn region_kind(e820: u32) -> RegionKind {

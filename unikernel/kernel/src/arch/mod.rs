@@ -81,3 +81,14 @@ pub fn halt_forever() -> ! {
         halt();
     }
 }
+
+/// Reads an unmapped kernel address: a deliberate page fault, for testing
+/// the exception path (`memd.selftest=fault`).
+pub fn trigger_page_fault() -> ! {
+    // Canonical, in the upper half, outside the direct map: never mapped.
+    let addr = 0xffff_ff80_0000_0000u64 as *const u64;
+    // SAFETY: not sound to read, by design: the read faults and the
+    // exception handler ends QEMU; execution never continues past it.
+    let _ = unsafe { core::ptr::read_volatile(addr) };
+    unreachable!("read of an unmapped address did not fault")
+}
