@@ -48,6 +48,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         "xtask: host 127.0.0.1:{} is forwarded to the guest's port {}; Ctrl-C stops QEMU",
         args.port, args.port
     );
+    eprintln!("xtask: note: the kernel does not drive virtio-net yet (issue 4), so nothing answers on that port");
     let status = cfg
         .command()
         .stdin(Stdio::inherit())
