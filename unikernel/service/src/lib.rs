@@ -23,6 +23,7 @@ extern crate alloc;
 
 pub mod env;
 pub mod memory;
+pub mod mm;
 pub mod service;
 pub mod stress;
 

@@ -1,0 +1,453 @@
+//! The service over the real memd-mm (host arena): every operation, release
+//! on close back to the baseline, and no heap allocation while the memory
+//! manager is borrowed (in the kernel that would deadlock on its lock).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memd_mm::arena::HostMm;
+use memd_mm::MemoryManager;
+use memd_service::{BlockDevice, Config, ConnId, Env, Flow, Service};
+use memd_wire::*;
+
+thread_local! {
+    static IN_MEM: Cell<bool> = const { Cell::new(false) };
+}
+static ALLOCS_UNDER_LOCK: AtomicU64 = AtomicU64::new(0);
+
+struct Guard;
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Guard {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if IN_MEM.with(|f| f.get()) {
+            ALLOCS_UNDER_LOCK.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        if IN_MEM.with(|f| f.get()) {
+            ALLOCS_UNDER_LOCK.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Guard = Guard;
+
+/// Like the kernel's: lends the manager, flags the borrow.
+struct LockEnv<'a> {
+    mm: &'a mut MemoryManager,
+    disk: Option<&'a mut Disk>,
+}
+
+impl Env for LockEnv<'_> {
+    type Mem = MemoryManager;
+    fn with_mem<R>(
+        &mut self,
+        f: impl FnOnce(&mut MemoryManager, Option<&mut dyn BlockDevice>) -> R,
+    ) -> R {
+        IN_MEM.with(|x| x.set(true));
+        let r = match self.disk.as_deref_mut() {
+            Some(d) => f(self.mm, Some(d)),
+            None => f(self.mm, None),
+        };
+        IN_MEM.with(|x| x.set(false));
+        r
+    }
+    fn now_ns(&mut self) -> u64 {
+        std::time::Instant::now().elapsed().as_nanos() as u64 + 1
+    }
+}
+
+struct Disk(Vec<u8>);
+
+impl BlockDevice for Disk {
+    fn capacity_sectors(&self) -> u64 {
+        self.0.len() as u64 / 512
+    }
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), &'static str> {
+        let s = sector as usize * 512;
+        buf.copy_from_slice(&self.0[s..s + buf.len()]);
+        Ok(())
+    }
+    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), &'static str> {
+        let s = sector as usize * 512;
+        self.0[s..s + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+}
+
+struct T {
+    svc: Service<MemoryManager>,
+    mm: HostMm,
+    disk: Option<Disk>,
+}
+
+impl T {
+    fn new() -> T {
+        let mm = HostMm::three_zones(64 << 20, 0, "memd.dma_reserve=16M@dma32").expect("boot");
+        T {
+            svc: Service::new(Config::new("tok")),
+            mm,
+            disk: None,
+        }
+    }
+
+    fn send(&mut self, c: ConnId, req: &Request) -> (Response, Flow) {
+        let mut out = Vec::new();
+        let mut env = LockEnv {
+            mm: &mut self.mm,
+            disk: self.disk.as_mut(),
+        };
+        let flow = self
+            .svc
+            .on_bytes(&mut env, c, &to_frame(req).unwrap(), &mut out);
+        let mut d = FrameDecoder::new();
+        let mut input = &out[..];
+        let body = d.feed(&mut input).unwrap().expect("a reply");
+        (decode_body(&body).unwrap(), flow)
+    }
+
+    fn login(&mut self) -> ConnId {
+        let c = self.svc.on_connect();
+        let hello = Request::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            token: "tok".into(),
+            client: "t".into(),
+        });
+        assert!(matches!(self.send(c, &hello).0, Response::Hello(_)));
+        c
+    }
+
+    fn call(&mut self, c: ConnId, op: Op) -> Result<Reply, WireError> {
+        match self.send(c, &Request::Call(op)).0 {
+            Response::Call(r) => r,
+            r => panic!("{r:?}"),
+        }
+    }
+
+    fn ok(&mut self, c: ConnId, op: Op) -> Reply {
+        let n = op.name();
+        self.call(c, op).unwrap_or_else(|e| panic!("{n}: {e}"))
+    }
+
+    fn close(&mut self, c: ConnId) {
+        let mut env = LockEnv {
+            mm: &mut self.mm,
+            disk: None,
+        };
+        self.svc.on_close(&mut env, c);
+    }
+
+    fn free(&mut self) -> u64 {
+        self.mm.meminfo().free
+    }
+}
+
+fn h(r: &Reply) -> u64 {
+    match r {
+        Reply::Pages { handle, .. } | Reply::Object { handle, .. } | Reply::Created { handle } => {
+            *handle
+        }
+        Reply::Dma(i) => i.handle,
+        r => panic!("{r:?}"),
+    }
+}
+
+#[test]
+fn every_operation_over_memd_mm_and_back_to_baseline() {
+    let mut t = T::new();
+    let a = t.login();
+    // Warm up kmalloc caches the service itself does not use, then take
+    // the baseline after a shrink-free state: the service's own heap is the
+    // host's here, so free memory must return exactly.
+    t.mm.reclaim();
+    let base = t.free();
+    let b = t.login();
+
+    match t.ok(a, Op::Status) {
+        Reply::Status(s) => assert!(s.total_bytes > 0 && s.free_bytes <= s.total_bytes),
+        r => panic!("{r:?}"),
+    }
+    assert!(
+        matches!(t.ok(a, Op::Meminfo), Reply::Meminfo(m) if m.total > 0 && m.cma_total == 16 << 20)
+    );
+    assert!(
+        matches!(t.ok(a, Op::Zoneinfo), Reply::Zoneinfo(z) if z.len() == 3 && z[0].name == "DMA")
+    );
+    assert!(
+        matches!(t.ok(a, Op::Buddyinfo), Reply::Buddyinfo(z) if !z.is_empty() && z[0].free.len() == 11)
+    );
+    assert!(matches!(t.ok(a, Op::Slabinfo), Reply::Slabinfo(s) if s.iter().any(|c| c.builtin)));
+    assert!(matches!(t.ok(a, Op::Cma), Reply::Cma(c) if c.present && c.total == 16 << 20));
+
+    let p = t.ok(
+        a,
+        Op::AllocPages {
+            order: 3,
+            gfp: Gfp::KERNEL | Gfp::ZERO,
+        },
+    );
+    assert!(matches!(p, Reply::Pages { order: 3, phys, .. } if phys % (8 * 4096) == 0));
+    let k = t.ok(
+        a,
+        Op::Kmalloc {
+            size: 100,
+            gfp: Gfp::KERNEL,
+        },
+    );
+    assert!(matches!(k, Reply::Object { size: 128, .. }), "{k:?}");
+    t.ok(
+        a,
+        Op::Kmalloc {
+            size: 100_000,
+            gfp: Gfp::KERNEL,
+        },
+    );
+    let cache = h(&t.ok(
+        a,
+        Op::CacheCreate {
+            name: "svc-test".into(),
+            size: 200,
+            align: 64,
+            flags: SlabFlags::HWCACHE_ALIGN,
+            ctor: Ctor::Fill(0x5a),
+        },
+    ));
+    let objs: Vec<u64> = (0..50)
+        .map(|_| {
+            h(&t.ok(
+                a,
+                Op::CacheAlloc {
+                    cache,
+                    gfp: Gfp::KERNEL,
+                },
+            ))
+        })
+        .collect();
+    match t.ok(a, Op::Slabinfo) {
+        Reply::Slabinfo(s) => {
+            let c = s.iter().find(|c| c.name == "svc-test").unwrap();
+            assert_eq!(c.active_objs, 50);
+            assert!(c.has_ctor && !c.builtin);
+        }
+        r => panic!("{r:?}"),
+    }
+    let e = t.call(a, Op::CacheDestroy { cache }).unwrap_err();
+    assert_eq!(e.code, errno::EBUSY);
+    for o in &objs[..25] {
+        t.ok(a, Op::CacheFree { cache, object: *o });
+    }
+    let pool = h(&t.ok(
+        a,
+        Op::PoolCreate {
+            backing: PoolBacking::Pages { order: 1 },
+            min_nr: 4,
+        },
+    ));
+    t.ok(
+        a,
+        Op::PoolAlloc {
+            pool,
+            gfp: Gfp::ATOMIC,
+        },
+    );
+    let kpool = h(&t.ok(
+        a,
+        Op::PoolCreate {
+            backing: PoolBacking::Cache(cache),
+            min_nr: 2,
+        },
+    ));
+    let el = h(&t.ok(
+        a,
+        Op::PoolAlloc {
+            pool: kpool,
+            gfp: Gfp::KERNEL,
+        },
+    ));
+    assert!(
+        matches!(t.ok(a, Op::Mempools), Reply::Mempools(v) if v.len() == 2 && v.iter().any(|p| p.min_nr == 4))
+    );
+    t.ok(
+        a,
+        Op::PoolFree {
+            pool: kpool,
+            object: el,
+        },
+    );
+
+    // DMA: buddy-sized and CMA-sized, with I/O and the disk.
+    let small = h(&t.ok(
+        a,
+        Op::DmaAlloc {
+            len: 3 * 4096,
+            align: 0,
+            mask: DmaMask::Bits24,
+        },
+    ));
+    let big = match t.ok(
+        a,
+        Op::DmaAlloc {
+            len: 8 << 20,
+            align: 1 << 20,
+            mask: DmaMask::Bits32,
+        },
+    ) {
+        Reply::Dma(i) => {
+            assert_eq!(i.source, DmaSource::Cma);
+            assert_eq!(i.phys % (1 << 20), 0);
+            i.handle
+        }
+        r => panic!("{r:?}"),
+    };
+    t.ok(
+        a,
+        Op::DmaWrite {
+            handle: small,
+            offset: 10,
+            data: b"memd".to_vec(),
+        },
+    );
+    assert_eq!(
+        t.ok(
+            a,
+            Op::DmaRead {
+                handle: small,
+                offset: 10,
+                len: 4
+            }
+        ),
+        Reply::Data(b"memd".to_vec())
+    );
+    t.ok(
+        a,
+        Op::DmaFill {
+            handle: big,
+            seed: 99,
+        },
+    );
+    let mut expect = vec![0u8; 8 << 20];
+    fill_pattern(99, 0, &mut expect);
+    assert_eq!(
+        t.ok(
+            a,
+            Op::DmaChecksum {
+                handle: big,
+                offset: 0,
+                len: 0
+            }
+        ),
+        Reply::Checksum(checksum(&expect))
+    );
+    assert_eq!(
+        t.call(
+            a,
+            Op::DmaWriteDisk {
+                handle: big,
+                sector: 0
+            }
+        )
+        .unwrap_err()
+        .code,
+        errno::ENODEV
+    );
+    t.disk = Some(Disk(vec![0; 16 << 20]));
+    t.ok(
+        a,
+        Op::DmaWriteDisk {
+            handle: big,
+            sector: 8,
+        },
+    );
+    t.ok(
+        a,
+        Op::DmaFill {
+            handle: big,
+            seed: 1,
+        },
+    );
+    t.ok(
+        a,
+        Op::DmaReadDisk {
+            handle: big,
+            sector: 8,
+        },
+    );
+    assert_eq!(
+        t.ok(
+            a,
+            Op::DmaChecksum {
+                handle: big,
+                offset: 0,
+                len: 0
+            }
+        ),
+        Reply::Checksum(checksum(&expect))
+    );
+    assert!(matches!(t.ok(b, Op::DmaBuffers), Reply::DmaBuffers(v) if v.len() == 2));
+
+    // b cannot touch a's handles.
+    assert_eq!(
+        t.call(b, Op::DmaFree { handle: big }).unwrap_err().code,
+        errno::ENOENT
+    );
+
+    match t.ok(
+        a,
+        Op::Stress {
+            ops: 20_000,
+            seed: 5,
+        },
+    ) {
+        Reply::Stress(s) => assert!(s.check_ok && s.ops_per_sec > 0),
+        r => panic!("{r:?}"),
+    }
+    t.ok(
+        a,
+        Op::FaultInject {
+            target: FaultTarget::Pages,
+            config: FaultConfig {
+                probability: 100,
+                interval: 1,
+                times: 1,
+            },
+        },
+    );
+    assert_eq!(
+        t.call(
+            a,
+            Op::AllocPages {
+                order: 0,
+                gfp: Gfp::KERNEL
+            }
+        )
+        .unwrap_err()
+        .code,
+        errno::ENOMEM
+    );
+    assert!(matches!(t.ok(a, Op::Check), Reply::Check(r) if r.ok));
+
+    t.close(a);
+    t.close(b);
+    assert!(matches!(MemoryManager::check(&t.mm), Ok(())));
+    // Empty slabs the connection's caches grew are gone with the caches;
+    // kmalloc's own caches may keep empty slabs and per-CPU objects:
+    // shrink them before comparing.
+    t.mm.reclaim();
+    let c = t.login();
+    assert!(matches!(t.ok(c, Op::Clients), Reply::Clients(v) if v.len() == 1));
+    t.close(c);
+    t.mm.reclaim();
+    assert_eq!(t.free(), base, "free memory back to the baseline");
+    assert_eq!(
+        ALLOCS_UNDER_LOCK.load(Ordering::Relaxed),
+        0,
+        "heap used while the memory manager was borrowed"
+    );
+}
