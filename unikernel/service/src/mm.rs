@@ -211,8 +211,9 @@ impl Memory for MemoryManager {
             Ctor::None => None,
             Ctor::Fill(b) => Some(FILL_CTORS[b as usize]),
         };
-        MemoryManager::cache_create(self, name, size as usize, align as usize, flags, ctor)
-            .map_err(mm_err)
+        // 0 means the default alignment: a machine word, as in Linux.
+        let align = if align == 0 { 8 } else { align as usize };
+        MemoryManager::cache_create(self, name, size as usize, align, flags, ctor).map_err(mm_err)
     }
 
     fn cache_alloc(&mut self, cache: CacheId, g: Gfp) -> Result<Obj, MemError> {
