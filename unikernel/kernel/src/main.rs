@@ -1,9 +1,10 @@
 //! memd-kernel: boots by PVH under QEMU (`-M microvm` or `-M q35`), maps all
 //! RAM, and runs the memd memory service.
 //!
-//! `unsafe` lives only in `boot` (entry, start_info) and `arch` (port I/O,
-//! control registers, page tables, exceptions); the rest of the crate denies
-//! it.
+//! `unsafe` lives only in `boot` (entry, start_info, handing memory to
+//! memd-mm), `arch` (port I/O, control registers, page tables, exceptions),
+//! `drivers` (virtio `Hal`, device windows, queue buffers) and `hermit` (the
+//! hermit-abi exports); the rest of the crate denies it.
 
 #![no_std]
 #![no_main]
@@ -14,9 +15,15 @@ extern crate alloc;
 mod arch;
 mod boot;
 mod cmdline;
+mod drivers;
 mod hermit;
 mod logger;
+mod net;
 mod selftest;
+mod service;
+
+use alloc::string::String;
+use core::fmt::Write;
 
 use log::{error, info, warn};
 use memd_mm::{BootInfo, GlobalMm, MemRegion, RegionKind};
@@ -164,14 +171,14 @@ pub fn kmain(start_info: u64) -> ! {
         Some("fault") => Some(Crash::Fault),
         _ => None,
     };
-    drop(boot);
-    logger::always(format_args!("memd: ready"));
-    match crash {
-        Some(Crash::Panic) => panic!("deliberate panic (memd.selftest=panic)"),
-        Some(Crash::Fault) => arch::trigger_page_fault(),
-        None => {}
-    }
-    if selftest {
+    if selftest || crash.is_some() {
+        drop(boot);
+        logger::always(format_args!("memd: ready"));
+        match crash {
+            Some(Crash::Panic) => panic!("deliberate panic (memd.selftest=panic)"),
+            Some(Crash::Fault) => arch::trigger_page_fault(),
+            None => {}
+        }
         match selftest::run() {
             Ok(()) => {
                 logger::always(format_args!("selftest: passed"));
@@ -183,7 +190,40 @@ pub fn kmain(start_info: u64) -> ! {
             }
         }
     }
-    arch::halt_forever()
+
+    let net_config = match net::NetConfig::from_cmdline(cmdline) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            arch::exit::failure();
+        }
+    };
+    let token = match cmdline::get(cmdline, "memd.token") {
+        Some(t) if !t.is_empty() => String::from(t),
+        _ => {
+            warn!("no memd.token= on the command line: using a random token nobody knows, so no client can log in");
+            let mut t = String::new();
+            let _ = write!(t, "{:016x}{:016x}", arch::random_u64(), arch::random_u64());
+            t
+        }
+    };
+    drop(boot);
+    match drivers::net::NetDevice::probe() {
+        Ok(dev) => {
+            let mut service = service::MemdService::new(token);
+            logger::always(format_args!("memd: ready"));
+            net::serve(dev, net_config, &mut service);
+            logger::always(format_args!("memd: shut down by a client"));
+            arch::exit::success();
+        }
+        Err(e) => {
+            warn!(
+                "net: {e}: the control service is not reachable (QEMU needs -device virtio-net-*)"
+            );
+            logger::always(format_args!("memd: ready"));
+            arch::halt_forever()
+        }
+    }
 }
 
 enum Crash {

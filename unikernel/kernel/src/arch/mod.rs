@@ -39,6 +39,37 @@ pub fn outl(port: u16, value: u32) {
     }
 }
 
+/// Reads a 32-bit value from an I/O port.
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("in eax, dx", out("eax") value, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
+/// Legacy PCI configuration mechanism #1 (ports 0xcf8/0xcfc): reads the
+/// 32-bit register at `offset` (4-aligned) of bus/device/function.
+pub fn pci_config_read(bus: u8, device: u8, function: u8, offset: u8) -> u32 {
+    outl(0xcf8, pci_config_address(bus, device, function, offset));
+    inl(0xcfc)
+}
+
+/// Writes a PCI configuration register (see `pci_config_read`).
+pub fn pci_config_write(bus: u8, device: u8, function: u8, offset: u8, value: u32) {
+    outl(0xcf8, pci_config_address(bus, device, function, offset));
+    outl(0xcfc, value);
+}
+
+fn pci_config_address(bus: u8, device: u8, function: u8, offset: u8) -> u32 {
+    0x8000_0000
+        | (bus as u32) << 16
+        | ((device as u32) & 0x1f) << 11
+        | ((function as u32) & 7) << 8
+        | (offset as u32 & 0xfc)
+}
+
 /// CPUID leaf/subleaf.
 pub fn cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
     __cpuid_count(leaf, subleaf)
@@ -91,4 +122,23 @@ pub fn trigger_page_fault() -> ! {
     // exception handler ends QEMU; execution never continues past it.
     let _ = unsafe { core::ptr::read_volatile(addr) };
     unreachable!("read of an unmapped address did not fault")
+}
+
+/// A random 64-bit value: RDRAND where the CPU has it, else TSC-derived
+/// (not cryptographic then).
+pub fn random_u64() -> u64 {
+    if cpuid(1, 0).ecx & (1 << 30) != 0 {
+        for _ in 0..32 {
+            let mut v = 0u64;
+            // SAFETY: RDRAND exists (CPUID.1:ECX.RDRAND) and only writes `v`.
+            if unsafe { core::arch::x86_64::_rdrand64_step(&mut v) } == 1 {
+                return v;
+            }
+        }
+    }
+    // splitmix64 over the TSC.
+    let mut z = rdtsc().wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }

@@ -36,6 +36,10 @@ const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 /// Offset through which page-table frames are reached: 0 while the boot
 /// identity map is live, `DIRECT_MAP_OFFSET` afterwards.
 static TABLE_OFFSET: AtomicU64 = AtomicU64::new(0);
+/// Physical address of the live PML4 (0 before `init`).
+static PML4: AtomicU64 = AtomicU64::new(0);
+/// Serialises changes to the live page tables.
+static MAP_LOCK: spin::Mutex<()> = spin::Mutex::new(());
 
 /// The result of `init`.
 #[derive(Clone, Debug)]
@@ -218,5 +222,73 @@ pub fn init(map: &[E820Entry], kernel: Range<u64>) -> PagingInfo {
     // page-table frame through the direct map, which TABLE_OFFSET switches to.
     unsafe { asm!("mov cr3, {}", in(reg) pml4, options(nostack, preserves_flags)) };
     TABLE_OFFSET.store(DIRECT_MAP_OFFSET, Ordering::Relaxed);
+    PML4.store(pml4, Ordering::Relaxed);
     info
+}
+
+/// Why `map_mmio` refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapError {
+    /// The range overlaps RAM in the direct map (cached): not a device.
+    OverlapsRam,
+    /// Beyond the direct map's reach.
+    TooHigh,
+    /// No frame for a new page table.
+    NoMemory,
+}
+
+/// Makes the device window `[phys, phys + len)` reachable, uncached, in the
+/// direct map (for PCI BARs outside the 32-bit hole mapped at boot), and
+/// returns its virtual address. `alloc_table` provides zeroed 4 KiB frames
+/// for new page tables. Windows already mapped uncached are left as they are.
+pub fn map_mmio(
+    phys: u64,
+    len: u64,
+    alloc_table: &mut dyn FnMut() -> Option<u64>,
+) -> Result<u64, MapError> {
+    let end = phys.checked_add(len.max(1)).ok_or(MapError::TooHigh)?;
+    if end > MAX_PHYS {
+        return Err(MapError::TooHigh);
+    }
+    let _guard = MAP_LOCK.lock();
+    let pml4 = PML4.load(Ordering::Relaxed);
+    assert!(pml4 != 0, "map_mmio before paging::init");
+    let mut changed = false;
+    let mut chunk = phys & !(MIB2 - 1);
+    while chunk < end {
+        let virt = DIRECT_MAP_OFFSET + chunk;
+        let mut table = pml4;
+        for (shift, leaf_ok) in [(39, false), (30, true)] {
+            let index = (virt >> shift) & 511;
+            let e = entry(table, index);
+            if e & P == 0 {
+                let t = alloc_table().ok_or(MapError::NoMemory)?;
+                set_entry(table, index, t | P | RW);
+                table = t;
+            } else if e & PS != 0 && leaf_ok {
+                // A 1 GiB page: the boot map only uses those for RAM.
+                return Err(MapError::OverlapsRam);
+            } else {
+                table = e & ADDR_MASK;
+            }
+        }
+        let index = (virt >> 21) & 511;
+        let e = entry(table, index);
+        if e & P == 0 {
+            set_entry(table, index, chunk | P | RW | PS | PCD | PWT);
+            changed = true;
+        } else if e & PCD == 0 {
+            return Err(MapError::OverlapsRam);
+        }
+        chunk += MIB2;
+    }
+    if changed {
+        // Only not-present entries were filled: no stale translation can
+        // exist for them, but flush anyway to drop cached walks.
+        // SAFETY: reloading CR3 with its current value only flushes the TLB.
+        unsafe {
+            asm!("mov {0}, cr3", "mov cr3, {0}", out(reg) _, options(nostack, preserves_flags))
+        };
+    }
+    Ok(DIRECT_MAP_OFFSET + phys)
 }

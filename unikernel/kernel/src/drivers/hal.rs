@@ -1,0 +1,100 @@
+//! virtio-drivers' `Hal` on memd-mm: queues and buffers are memd-mm DMA
+//! buffers (zeroed, counted in its statistics, really freed), the CPU and the
+//! device see the same memory (no IOMMU, no bounce buffers), and MMIO
+//! windows are reached through the uncached part of the direct map.
+
+use core::ptr::NonNull;
+
+use memd_mm::{DmaBuffer, DmaMask, DmaSource, Gfp, PAGE_SIZE};
+use virtio_drivers::{BufferDirection, Hal, PhysAddr};
+
+use crate::arch::paging::{self, MapError, DIRECT_MAP_OFFSET};
+use crate::ALLOC;
+
+pub struct MemdHal;
+
+/// Maps a device window uncached (page-table frames from memd-mm) and
+/// returns its virtual address.
+pub fn map_device(phys: u64, len: u64) -> Result<u64, MapError> {
+    paging::map_mmio(phys, len, &mut || {
+        let mut mm = ALLOC.lock();
+        let frame = mm.alloc_pages(0, Gfp::KERNEL).ok()?;
+        memd_mm::access::fill(mm.direct_map().virt(frame), PAGE_SIZE as usize, 0);
+        Some(frame)
+    })
+}
+
+/// Physical address of memory the kernel can name: the direct map, or the
+/// kernel image (identity-mapped).
+pub fn virt_to_phys(virt: u64) -> u64 {
+    if virt >= DIRECT_MAP_OFFSET {
+        virt - DIRECT_MAP_OFFSET
+    } else {
+        virt
+    }
+}
+
+/// Rebuilds the `DmaBuffer` that `dma_alloc` returned for these pages.
+fn dma_buffer(paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> DmaBuffer {
+    let mm = ALLOC.lock();
+    let in_cma = mm
+        .cma_info()
+        .is_some_and(|c| paddr >= c.base && paddr < c.base + c.size);
+    let order = pages.next_power_of_two().trailing_zeros();
+    DmaBuffer {
+        phys: paddr,
+        virt: vaddr.as_ptr() as usize,
+        len: pages * PAGE_SIZE as usize,
+        source: if in_cma {
+            DmaSource::Cma
+        } else {
+            DmaSource::Buddy { order }
+        },
+    }
+}
+
+// SAFETY: dma_alloc returns zeroed, page-aligned memory that memd-mm hands
+// to nobody else until dma_dealloc frees it; mmio_phys_to_virt returns an
+// uncached mapping of the device window; share returns the physical address
+// of the buffer, which the device reaches directly (identity DMA).
+unsafe impl Hal for MemdHal {
+    fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+        let buf = ALLOC
+            .lock()
+            .dma_alloc(
+                pages * PAGE_SIZE as usize,
+                PAGE_SIZE as usize,
+                DmaMask::Bits64,
+            )
+            .unwrap_or_else(|e| panic!("virtio: no DMA memory for {pages} pages: {e}"));
+        let virt = NonNull::new(buf.virt as *mut u8).expect("DMA buffer at virtual address 0");
+        (buf.phys, virt)
+    }
+
+    unsafe fn dma_dealloc(paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
+        let buf = dma_buffer(paddr, vaddr, pages);
+        match ALLOC.lock().dma_free(&buf) {
+            Ok(()) => 0,
+            Err(e) => {
+                log::error!("virtio: freeing DMA buffer {paddr:#x}: {e}");
+                -1
+            }
+        }
+    }
+
+    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, size: usize) -> NonNull<u8> {
+        let virt = map_device(paddr, size as u64)
+            .unwrap_or_else(|e| panic!("virtio: device window {paddr:#x}+{size:#x}: {e:?}"));
+        NonNull::new(virt as *mut u8).expect("device window at virtual address 0")
+    }
+
+    unsafe fn share(buffer: NonNull<[u8]>, _direction: BufferDirection) -> PhysAddr {
+        // Buffers are in the direct map (heap, DMA buffers) or in the kernel
+        // image; both are physically contiguous.
+        virt_to_phys(buffer.as_ptr() as *mut u8 as u64)
+    }
+
+    unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _direction: BufferDirection) {
+        // Nothing was copied or mapped for the device in `share`.
+    }
+}

@@ -1,0 +1,70 @@
+//! Devices: virtio-drivers' `Hal` on memd-mm's DMA API, transport discovery
+//! (virtio-mmio slots on microvm, PCI on q35 through port-I/O configuration
+//! access), and the virtio-net device.
+//!
+//! One of the kernel's `unsafe` modules: virtio hands buffers to devices.
+
+#![allow(unsafe_code)]
+
+pub mod hal;
+pub mod net;
+pub mod pci;
+
+use alloc::string::String;
+use core::fmt::Write;
+use core::ptr::NonNull;
+
+use log::{debug, info, warn};
+use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
+use virtio_drivers::transport::{DeviceType, SomeTransport, Transport};
+
+/// microvm's virtio-mmio slots: 0xfeb00000 + i * 0x200.
+const MMIO_BASE: u64 = 0xfeb0_0000;
+const MMIO_SLOT: u64 = 0x200;
+const MMIO_SLOTS: u64 = 32;
+
+/// A transport for the first virtio device of type `want`, and where it was
+/// found (for the log).
+pub fn find(want: DeviceType) -> Option<(SomeTransport<'static>, String)> {
+    if let Some(found) = pci::find(want) {
+        return Some(found);
+    }
+    find_mmio(want)
+}
+
+fn find_mmio(want: DeviceType) -> Option<(SomeTransport<'static>, String)> {
+    let virt = match hal::map_device(MMIO_BASE, MMIO_SLOT * MMIO_SLOTS) {
+        Ok(v) => v,
+        Err(e) => {
+            warn!("virtio-mmio window at {MMIO_BASE:#x} not mappable: {e:?}");
+            return None;
+        }
+    };
+    for slot in 0..MMIO_SLOTS {
+        let header = NonNull::new((virt + slot * MMIO_SLOT) as *mut VirtIOHeader)?;
+        // SAFETY: the slot is a 0x200-byte virtio-mmio register window,
+        // mapped uncached for the kernel's lifetime; each slot is probed
+        // once, and a transport is kept only for the one device returned, so
+        // no two transports alias a window. Empty slots fail the magic or
+        // device-id check (reads only).
+        let transport = match unsafe { MmioTransport::new(header, MMIO_SLOT as usize) } {
+            Ok(t) => t,
+            Err(e) => {
+                debug!("virtio-mmio slot {slot}: {e:?}");
+                continue;
+            }
+        };
+        if transport.device_type() == want {
+            let mut at = String::new();
+            let _ = write!(
+                at,
+                "virtio-mmio slot {slot} at {:#x} ({:?})",
+                MMIO_BASE + slot * MMIO_SLOT,
+                transport.version()
+            );
+            info!("virtio: {want:?} on {at}");
+            return Some((transport.into(), at));
+        }
+    }
+    None
+}

@@ -1,0 +1,130 @@
+//! PCI for virtio on q35: configuration space through the legacy port-I/O
+//! mechanism (0xcf8/0xcfc, which works under every firmware), BAR
+//! assignment where the firmware left BARs at zero (qboot does), memory
+//! decoding and bus mastering switched on, then virtio-drivers' PCI
+//! transport.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt::Write;
+
+use log::{info, warn};
+use virtio_drivers::transport::pci::bus::{
+    BarInfo, Command, ConfigurationAccess, DeviceFunction, MemoryBarType, PciRoot,
+};
+use virtio_drivers::transport::pci::{virtio_device_type, PciTransport};
+use virtio_drivers::transport::{DeviceType, SomeTransport};
+
+use super::hal::MemdHal;
+use crate::arch;
+
+/// Where BARs the firmware left unassigned are placed: the 32-bit PCI
+/// window above q35's ECAM (0xb0000000..0xc0000000), below the IOAPIC.
+const BAR_WINDOW: core::ops::Range<u64> = 0xc000_0000..0xfec0_0000;
+
+/// Configuration access through ports 0xcf8/0xcfc.
+pub struct PortIoCam;
+
+impl ConfigurationAccess for PortIoCam {
+    fn read_word(&self, df: DeviceFunction, register_offset: u8) -> u32 {
+        arch::pci_config_read(df.bus, df.device, df.function, register_offset)
+    }
+
+    fn write_word(&mut self, df: DeviceFunction, register_offset: u8, data: u32) {
+        arch::pci_config_write(df.bus, df.device, df.function, register_offset, data)
+    }
+
+    unsafe fn unsafe_clone(&self) -> Self {
+        PortIoCam
+    }
+}
+
+/// End of the highest memory BAR already assigned inside `BAR_WINDOW`.
+fn assigned_top(root: &mut PciRoot<PortIoCam>, devices: &[DeviceFunction]) -> u64 {
+    let mut top = BAR_WINDOW.start;
+    for &df in devices {
+        let Ok(bars) = root.bars(df) else { continue };
+        for bar in bars.iter().flatten() {
+            if let BarInfo::Memory { address, size, .. } = *bar {
+                if address != 0 && BAR_WINDOW.contains(&address) {
+                    top = top.max(address + size);
+                }
+            }
+        }
+    }
+    top
+}
+
+/// Gives every zero memory BAR of `df` an address in `BAR_WINDOW`.
+fn assign_bars(
+    root: &mut PciRoot<PortIoCam>,
+    df: DeviceFunction,
+    next: &mut u64,
+) -> Result<(), &'static str> {
+    let bars = root.bars(df).map_err(|_| "cannot read BARs")?;
+    for (index, bar) in bars.iter().enumerate() {
+        let Some(BarInfo::Memory {
+            address_type,
+            address: 0,
+            size,
+            ..
+        }) = *bar
+        else {
+            continue;
+        };
+        if size == 0 {
+            continue;
+        }
+        let at = next.next_multiple_of(size.max(4096));
+        if at + size > BAR_WINDOW.end {
+            return Err("no room left for BARs in the 32-bit PCI window");
+        }
+        match address_type {
+            MemoryBarType::Width32 => root.set_bar_32(df, index as u8, at as u32),
+            MemoryBarType::Width64 => root.set_bar_64(df, index as u8, at),
+            MemoryBarType::Below1MiB => return Err("BAR must be below 1 MiB"),
+        }
+        info!(
+            "pci {:02x}:{:02x}.{}: BAR{index} assigned {at:#x} ({size:#x} bytes)",
+            df.bus, df.device, df.function
+        );
+        *next = at + size;
+    }
+    Ok(())
+}
+
+/// The first virtio PCI device of type `want` on bus 0.
+pub fn find(want: DeviceType) -> Option<(SomeTransport<'static>, String)> {
+    let mut root = PciRoot::new(PortIoCam);
+    let all: Vec<(DeviceFunction, _)> = root.enumerate_bus(0).collect();
+    if all.is_empty() {
+        return None;
+    }
+    let functions: Vec<DeviceFunction> = all.iter().map(|(df, _)| *df).collect();
+    let (df, info) = all
+        .into_iter()
+        .find(|(_, info)| virtio_device_type(info) == Some(want))?;
+    let mut next = assigned_top(&mut root, &functions);
+    if let Err(e) = assign_bars(&mut root, df, &mut next) {
+        warn!("pci {df}: {e}");
+        return None;
+    }
+    let (_, command) = root.get_status_command(df);
+    root.set_command(df, command | Command::MEMORY_SPACE | Command::BUS_MASTER);
+    match PciTransport::new::<MemdHal, _>(&mut root, df) {
+        Ok(t) => {
+            let mut at = String::new();
+            let _ = write!(
+                at,
+                "PCI {df} ({:04x}:{:04x})",
+                info.vendor_id, info.device_id
+            );
+            info!("virtio: {want:?} on {at}");
+            Some((t.into(), at))
+        }
+        Err(e) => {
+            warn!("pci {df}: virtio transport: {e:?}");
+            None
+        }
+    }
+}
