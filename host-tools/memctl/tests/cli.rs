@@ -1,0 +1,146 @@
+//! memctl as a process against a host-side service (memd-service over
+//! memd-mm's host arena, served on loopback): output formats and exit codes.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::thread;
+
+use memd_mm::arena::HostMm;
+use memd_mm::MemoryManager;
+use memd_service::{BlockDevice, Config, Env, Flow, Service};
+
+struct HostEnv<'a>(&'a mut MemoryManager);
+
+impl Env for HostEnv<'_> {
+    type Mem = MemoryManager;
+    fn with_mem<R>(
+        &mut self,
+        f: impl FnOnce(&mut MemoryManager, Option<&mut dyn BlockDevice>) -> R,
+    ) -> R {
+        f(self.0, None)
+    }
+    fn now_ns(&mut self) -> u64 {
+        1
+    }
+}
+
+/// Serves connections one at a time, forever (the test process exits).
+fn start_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    thread::spawn(move || {
+        let mut mm = HostMm::three_zones(64 << 20, 0, "memd.dma_reserve=8M@dma32").unwrap();
+        let mut svc: Service<MemoryManager> = Service::new(Config::new("tok"));
+        for s in listener.incoming() {
+            let mut s = s.unwrap();
+            let id = svc.on_connect();
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let n = match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let mut out = Vec::new();
+                let flow = svc.on_bytes(&mut HostEnv(&mut mm), id, &buf[..n], &mut out);
+                if s.write_all(&out).is_err() || flow != Flow::Continue {
+                    break;
+                }
+            }
+            svc.on_close(&mut HostEnv(&mut mm), id);
+        }
+    });
+    addr
+}
+
+fn memctl(addr: &str, token: &str, args: &str, stdin: &str) -> (i32, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_memctl"))
+        .args(["--addr", addr, "--token", token, "--wait", "1"])
+        .args(args.split_whitespace())
+        .env_remove("MEMD_TOKEN")
+        .env_remove("MEMD_ADDR")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn commands_formats_and_exit_codes() {
+    let addr = start_server();
+    let ok = |args: &str| {
+        let (code, out, err) = memctl(&addr, "tok", args, "");
+        assert_eq!(code, 0, "memctl {args}: {err}");
+        out
+    };
+    assert!(ok("meminfo").contains("MemTotal:"));
+    assert!(ok("buddyinfo").starts_with("Node 0, zone      DMA"));
+    assert!(ok("zoneinfo").contains("pages free"));
+    assert!(ok("slabinfo").contains("kmalloc-64"));
+    assert!(ok("status").contains("max order"));
+    assert!(ok("cma").contains("0x"));
+    assert!(ok("alloc-pages 2 --gfp KERNEL|ZERO").contains("4 page(s)"));
+    assert!(ok("kmalloc 100").contains("128 bytes"));
+    assert!(ok("dma-alloc 1M --mask 32").contains("1048576 bytes"));
+    assert!(ok("check").contains("hold"));
+    assert!(ok("stress 2000").contains("ops/s"));
+    assert!(ok("batch 500").contains("1000 ops"));
+    let json = ok("--json meminfo");
+    assert!(json.contains("\"total\""), "{json}");
+    assert!(ok("--json buddyinfo").trim_start().starts_with('['));
+
+    // A session keeps handles across commands.
+    let (code, out, err) = memctl(
+        &addr,
+        "tok",
+        "session",
+        "cache-create foo 96\ncache-alloc $1\nslabinfo\ncache-destroy $1\n",
+    );
+    assert_eq!(code, 1, "destroy with a live object fails: {out} {err}");
+    assert!(out.contains("foo"));
+    assert!(err.contains("EBUSY"), "{err}");
+    let (code, out, err) = memctl(
+        &addr,
+        "tok",
+        "session",
+        "kmalloc 64\nkfree $last\nkfree $1\n",
+    );
+    assert_eq!(code, 1, "{out} {err}");
+    assert!(
+        err.contains("kfree") && err.contains("ENOENT"),
+        "double free: {err}"
+    );
+
+    // Server error: errno shown, exit 1.
+    let (code, _, err) = memctl(&addr, "tok", "kfree 12345", "");
+    assert_eq!(code, 1);
+    assert!(err.contains("ENOENT"), "{err}");
+    // Wrong token: exit 1 with EACCES.
+    let (code, _, err) = memctl(&addr, "bad", "status", "");
+    assert_eq!(code, 1);
+    assert!(err.contains("EACCES"), "{err}");
+    // Usage: exit 2.
+    let (code, _, _) = memctl(&addr, "tok", "alloc-pages", "");
+    assert_eq!(code, 2);
+    // Nothing listening: exit 3.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let (code, _, _) = memctl(&dead, "tok", "status", "");
+    assert_eq!(code, 3);
+}
