@@ -156,4 +156,58 @@ mod tests {
             Err(FrameError::TooLarge { .. })
         ));
     }
+
+    fn arb_op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Op::Status),
+            Just(Op::Buddyinfo),
+            (any::<u8>(), any::<u32>())
+                .prop_map(|(order, g)| Op::AllocPages { order, gfp: Gfp(g) }),
+            (any::<u64>(), any::<u32>()).prop_map(|(size, g)| Op::Kmalloc { size, gfp: Gfp(g) }),
+            (".{0,40}", any::<u32>(), any::<u32>(), any::<u8>()).prop_map(
+                |(name, size, align, b)| Op::CacheCreate {
+                    name,
+                    size,
+                    align,
+                    flags: SlabFlags(align),
+                    ctor: Ctor::Fill(b),
+                }
+            ),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(handle, offset, data)| Op::DmaWrite {
+                    handle,
+                    offset,
+                    data
+                }),
+            (any::<u64>(), any::<u32>()).prop_map(|(pool, min_nr)| Op::PoolCreate {
+                backing: PoolBacking::Cache(pool),
+                min_nr,
+            }),
+            (any::<u8>(), any::<u32>(), any::<i64>()).prop_map(|(probability, interval, times)| {
+                Op::FaultInject {
+                    target: FaultTarget::Pages,
+                    config: FaultConfig {
+                        probability,
+                        interval,
+                        times,
+                    },
+                }
+            }),
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_requests_roundtrip(ops in proptest::collection::vec(arb_op(), 0..20), stop in proptest::bool::ANY) {
+            roundtrip(&Request::Batch(Batch { stop_on_error: stop, ops: ops.clone() }));
+            for op in ops {
+                roundtrip(&Request::Call(op));
+            }
+        }
+    }
 }
