@@ -45,14 +45,16 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
     if !args.json {
         eprintln!("xtask: accelerator {}: {}", accel.name(), accel.reason);
     }
+    let port = qemu::free_port()?;
     let cfg = QemuConfig {
         qemu: qemu_path,
         kernel,
         machine: args.machine,
         kvm: accel.kvm,
         mem: args.mem.clone(),
-        cmdline: "memd.log=warn".into(),
-        forward_port: None,
+        // The NIC is there, so `memd: ready` means the control port listens.
+        cmdline: format!("memd.log=warn memd.token=bench memd.port={port}"),
+        forward_port: Some(port),
     };
     let mut times = Vec::with_capacity(args.runs);
     for i in 0..args.runs {

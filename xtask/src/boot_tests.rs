@@ -13,6 +13,8 @@
 //!   usable RAM of the DMA32 zone. A 64 MiB guest cannot hold it: that case
 //!   must fail cleanly (an error naming dma_reserve and a failure exit, no
 //!   hang, no fault).
+//! - with virtio-net (mmio on microvm, PCI on q35) the control port answers
+//!   a hostile frame with an error and a close, twice;
 //! - two deliberate crashes (`memd.selftest=panic` on microvm, a page fault
 //!   with `memd.selftest=fault` on q35) are seen as failures: the harness
 //!   can fail.
@@ -55,6 +57,8 @@ struct Case {
     /// A deliberate crash (`memd.selftest=panic|fault`): the harness must
     /// see a failure (status, PANIC/FATAL line) quickly, not a hang.
     crash: Option<&'static str>,
+    /// Boot with virtio-net and talk to the control port from the host.
+    net: bool,
 }
 
 impl Case {
@@ -67,7 +71,7 @@ impl Case {
             self.crash
                 .map(|c| format!("-{c}-detected"))
                 .unwrap_or_default()
-        )
+        ) + if self.net { "-virtio-net" } else { "" }
     }
 
     /// Whether the reservation cannot fit: DMA32 below the guest's RAM top
@@ -95,6 +99,7 @@ fn matrix() -> Vec<Case> {
                     mem,
                     dma_reserve,
                     crash: None,
+                    net: false,
                 });
             }
         }
@@ -104,13 +109,24 @@ fn matrix() -> Vec<Case> {
         mem: GIB,
         dma_reserve: false,
         crash: Some("panic"),
+        net: false,
     });
     v.push(Case {
         machine: Machine::Q35,
         mem: GIB,
         dma_reserve: false,
         crash: Some("fault"),
+        net: false,
     });
+    for machine in [Machine::Microvm, Machine::Q35] {
+        v.push(Case {
+            machine,
+            mem: GIB,
+            dma_reserve: false,
+            crash: None,
+            net: true,
+        });
+    }
     v
 }
 
@@ -284,6 +300,20 @@ fn judge(case: &Case, out: &RunOutcome) -> Result<(), String> {
     if out.timed_out {
         return Err("timed out (QEMU killed)".into());
     }
+    if case.net {
+        if out.panicked() {
+            return Err("guest panicked".into());
+        }
+        return match &out.action {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(format!("control port: {e}")),
+            None => Err(format!(
+                "no `{}` line (status {:?})",
+                qemu::READY_LINE,
+                out.status
+            )),
+        };
+    }
     if let Some(crash) = case.crash {
         let (marker, detail) = match crash {
             "panic" => ("memd: PANIC at src/", "deliberate panic"),
@@ -339,6 +369,41 @@ fn judge(case: &Case, out: &RunOutcome) -> Result<(), String> {
     check_report(case, &parse_report(&out.console()))
 }
 
+/// Through the host forward: a frame announcing more than the maximum frame
+/// size must get a reply (an error) and a closed connection, twice in a row
+/// (the service survives a hostile client). This crosses virtio-net, smoltcp
+/// and memd-service.
+fn control_port_check(port: u16) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    for round in 0..2 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        // A little-endian length prefix of 0x7fffffff bytes, then junk.
+        s.write_all(&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3, 4])
+            .map_err(|e| format!("send: {e}"))?;
+        let mut reply = Vec::new();
+        match s.read_to_end(&mut reply) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !reply.is_empty() => {}
+            Err(e) => {
+                return Err(format!(
+                    "round {round}: reading the reply: {e} (after {} bytes)",
+                    reply.len()
+                ))
+            }
+        }
+        if reply.len() < 5 {
+            return Err(format!(
+                "round {round}: reply of {} bytes to an oversize frame, want an error frame",
+                reply.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: &BootTestArgs) -> Result<()> {
     let kernel = crate::build::build_kernel()?;
     let qemu_path = qemu::ensure_qemu()?;
@@ -377,7 +442,16 @@ pub fn run(args: &BootTestArgs) -> Result<()> {
                 let Some(case) = queue.lock().unwrap().next() else {
                     break;
                 };
-                let mut cmdline = format!("memd.selftest={}", case.crash.unwrap_or("1"));
+                let port = if case.net {
+                    qemu::free_port().ok()
+                } else {
+                    None
+                };
+                let mut cmdline = if case.net {
+                    format!("memd.token=boot-test memd.port={}", port.unwrap_or(0))
+                } else {
+                    format!("memd.selftest={}", case.crash.unwrap_or("1"))
+                };
                 if case.dma_reserve {
                     cmdline += " memd.dma_reserve=64M@dma32";
                 }
@@ -388,11 +462,14 @@ pub fn run(args: &BootTestArgs) -> Result<()> {
                     kvm: false,
                     mem: mem_arg(case.mem),
                     cmdline,
-                    forward_port: None,
+                    forward_port: port,
                 };
                 let t = Instant::now();
+                let mut client = || control_port_check(port.unwrap_or(0));
+                let action: Option<&mut dyn FnMut() -> Result<(), String>> =
+                    if case.net { Some(&mut client) } else { None };
                 let verdict =
-                    match qemu::run_bounded(&cfg, Duration::from_secs(args.timeout), false) {
+                    match qemu::run_with(&cfg, Duration::from_secs(args.timeout), false, action) {
                         Ok(out) => judge(case, &out).map_err(|e| {
                             format!(
                                 "{e}\n--- console ---\n{}\n--- stderr ---\n{}",
@@ -453,6 +530,7 @@ mod tests {
             mem: 64 * MIB,
             dma_reserve: false,
             crash: None,
+            net: false,
         }
     }
 

@@ -253,6 +253,8 @@ pub struct RunOutcome {
     pub timed_out: bool,
     /// Time from spawn to the `memd: ready` line.
     pub ready_after: Option<Duration>,
+    /// What the `on_ready` action returned, if it ran.
+    pub action: Option<Result<(), String>>,
 }
 
 impl RunOutcome {
@@ -286,6 +288,23 @@ impl Drop for KillOnDrop {
 /// Runs a guest for at most `timeout`, collecting its console. If
 /// `stop_at_ready` is set, QEMU is killed as soon as `memd: ready` appears.
 pub fn run_bounded(cfg: &QemuConfig, timeout: Duration, stop_at_ready: bool) -> Result<RunOutcome> {
+    run_with(cfg, timeout, stop_at_ready, None)
+}
+
+/// A free TCP port on 127.0.0.1 (for a host forward).
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// As `run_bounded`; when `memd: ready` appears, runs `on_ready` (e.g. a
+/// client talking to the guest), records its result and stops QEMU.
+pub fn run_with(
+    cfg: &QemuConfig,
+    timeout: Duration,
+    stop_at_ready: bool,
+    mut on_ready: Option<&mut dyn FnMut() -> Result<(), String>>,
+) -> Result<RunOutcome> {
     let mut cmd = cfg.command();
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -320,6 +339,7 @@ pub fn run_bounded(cfg: &QemuConfig, timeout: Duration, stop_at_ready: bool) -> 
         status: None,
         timed_out: false,
         ready_after: None,
+        action: None,
     };
     let deadline = start + timeout;
     loop {
@@ -335,8 +355,14 @@ pub fn run_bounded(cfg: &QemuConfig, timeout: Duration, stop_at_ready: bool) -> 
                     out.ready_after = Some(t);
                 }
                 out.lines.push((t, line));
-                if ready && stop_at_ready {
-                    break;
+                if ready {
+                    if let Some(action) = on_ready.as_mut() {
+                        out.action = Some(action());
+                        break;
+                    }
+                    if stop_at_ready {
+                        break;
+                    }
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -347,7 +373,7 @@ pub fn run_bounded(cfg: &QemuConfig, timeout: Duration, stop_at_ready: bool) -> 
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    if out.timed_out || (stop_at_ready && out.ready_after.is_some()) {
+    if out.timed_out || out.action.is_some() || (stop_at_ready && out.ready_after.is_some()) {
         let _ = child.0.kill();
     }
     let status = child.0.wait().context("waiting for QEMU")?;

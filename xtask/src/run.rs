@@ -1,7 +1,10 @@
 //! `cargo xtask run`: build the kernel, start QEMU in the foreground with the
 //! console on stdout (Ctrl-C stops it).
 
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
 use std::process::Stdio;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
@@ -26,14 +29,45 @@ pub struct RunArgs {
     pub cmdline: String,
 }
 
+/// A fresh random token (hex, 128 bits) from the OS.
+pub fn random_token() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .context("reading /dev/urandom for the auth token")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes `.memd/token` and `.memd/addr` at the repository root, where
+/// memctl and memd-client look for them.
+pub fn write_connection_files(token: &str, port: u16) -> Result<PathBuf> {
+    let dir = crate::build::repo_root().join(".memd");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let token_path = dir.join("token");
+    std::fs::write(&token_path, format!("{token}\n")).context("writing .memd/token")?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&token_path, std::fs::Permissions::from_mode(0o600));
+    }
+    std::fs::write(dir.join("addr"), format!("127.0.0.1:{port}\n"))
+        .context("writing .memd/addr")?;
+    Ok(dir)
+}
+
 pub fn run(args: &RunArgs) -> Result<()> {
     let kernel = crate::build::build_kernel()?;
     let qemu_path = qemu::ensure_qemu()?;
     let accel = qemu::choose_accel(args.accel)?;
     eprintln!("xtask: accelerator {}: {}", accel.name(), accel.reason);
-    let cmdline = format!("memd.port={} {}", args.port, args.cmdline)
-        .trim()
-        .to_string();
+    let token = random_token()?;
+    let dir = write_connection_files(&token, args.port)?;
+    let cmdline = format!(
+        "memd.port={} memd.token={token} {}",
+        args.port, args.cmdline
+    )
+    .trim()
+    .to_string();
     let cfg = QemuConfig {
         qemu: qemu_path,
         kernel,
@@ -45,17 +79,40 @@ pub fn run(args: &RunArgs) -> Result<()> {
     };
     eprintln!("xtask: {}", cfg.describe());
     eprintln!(
-        "xtask: host 127.0.0.1:{} is forwarded to the guest's port {}; Ctrl-C stops QEMU",
-        args.port, args.port
+        "xtask: host 127.0.0.1:{} is forwarded to the guest's port; Ctrl-C stops QEMU",
+        args.port
     );
-    eprintln!("xtask: note: the kernel does not drive virtio-net yet (issue 4), so nothing answers on that port");
-    let status = cfg
+    let mut child = cfg
         .command()
         .stdin(Stdio::inherit())
-        .stdout(Stdio::inherit())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .status()
-        .context("running QEMU")?;
+        .spawn()
+        .context("starting QEMU")?;
+    let started = Instant::now();
+    let stdout = child.stdout.take().expect("piped stdout");
+    let port = args.port;
+    let copier = std::thread::spawn(move || {
+        let mut out = std::io::stdout().lock();
+        for line in BufReader::new(stdout).split(b'\n') {
+            let Ok(line) = line else { break };
+            let _ = out.write_all(&line);
+            let _ = out.write_all(b"\n");
+            let _ = out.flush();
+            if line
+                .windows(qemu::READY_LINE.len())
+                .any(|w| w == qemu::READY_LINE.as_bytes())
+            {
+                eprintln!(
+                    "xtask: memd is ready after {} ms: connect to 127.0.0.1:{port} (token in {}/token; memctl finds it)",
+                    started.elapsed().as_millis(),
+                    dir.display()
+                );
+            }
+        }
+    });
+    let status = child.wait().context("running QEMU")?;
+    let _ = copier.join();
     match status.code() {
         Some(qemu::GUEST_SUCCESS) => Ok(()),
         Some(qemu::GUEST_FAILURE) => {

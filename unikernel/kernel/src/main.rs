@@ -211,7 +211,7 @@ pub fn kmain(start_info: u64) -> ! {
     match drivers::net::NetDevice::probe() {
         Ok(dev) => {
             let mut service = service::MemdService::new(token);
-            logger::always(format_args!("memd: ready"));
+            // `serve` prints `memd: ready` once the port listens.
             net::serve(dev, net_config, &mut service);
             logger::always(format_args!("memd: shut down by a client"));
             arch::exit::success();

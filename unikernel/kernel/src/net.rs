@@ -196,7 +196,7 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, handler: &mut dyn Handler) {
         dev.location, cfg.addr, cfg.gateway, cfg.port
     );
     crate::logger::always(format_args!(
-        "memd: listening on {}:{}",
+        "memd: ready, listening on {}:{}",
         cfg.addr.address(),
         cfg.port
     ));
