@@ -9,8 +9,24 @@
 
 use crate::{BootInfo, MemRegion, MemoryManager, MmError, RegionKind};
 use core::ops::{Deref, DerefMut};
-use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::alloc::Layout;
 use std::boxed::Box;
+
+/// Takes `bytes` (plus a page for alignment) of zeroed host memory.
+///
+/// Asks for 16-byte alignment so that the system allocator uses `calloc`,
+/// whose large blocks are fresh mappings the kernel zeroes lazily; a
+/// page-aligned `alloc_zeroed` would memset the whole arena up front.
+fn zeroed_arena(bytes: usize) -> Option<(*mut u8, Layout)> {
+    let layout = Layout::from_size_align(bytes.checked_add(4096)?, 16).ok()?;
+    // SAFETY: the layout has a non-zero size.
+    let base = unsafe { std::alloc::GlobalAlloc::alloc_zeroed(&std::alloc::System, layout) };
+    (!base.is_null()).then_some((base, layout))
+}
+
+fn page_align(p: *mut u8) -> usize {
+    (p as usize).next_multiple_of(4096)
+}
 
 /// A memory manager that owns its host memory.
 pub struct HostMm {
@@ -28,13 +44,11 @@ impl HostMm {
     /// Boots a manager over `ranges` (physical `[start, end)`), with `cmdline`.
     pub fn boot(ranges: &[(u64, u64)], cmdline: &str) -> Result<HostMm, MmError> {
         let end = ranges.iter().map(|r| r.1).max().unwrap_or(0);
-        let layout = Layout::from_size_align(end as usize, 4096).map_err(|_| MmError::Invalid("arena too large"))?;
-        // SAFETY: the layout has a non-zero size (checked just below for the
-        // empty case by `init`, which rejects a map without memory).
-        let base = if end == 0 { core::ptr::null_mut() } else { unsafe { alloc_zeroed(layout) } };
-        if end != 0 && base.is_null() {
-            return Err(MmError::NoMemory);
-        }
+        let (base, layout) = if end == 0 {
+            (core::ptr::null_mut(), Layout::new::<u8>())
+        } else {
+            zeroed_arena(end as usize).ok_or(MmError::NoMemory)?
+        };
         let regions: std::vec::Vec<MemRegion> = ranges
             .iter()
             .map(|&(start, end)| MemRegion {
@@ -47,7 +61,7 @@ impl HostMm {
         let boot = BootInfo {
             regions: &regions,
             cmdline,
-            direct_map_offset: base as u64,
+            direct_map_offset: page_align(base) as u64,
             reserved: &[],
             zeroed: true,
         };
@@ -88,7 +102,88 @@ impl Drop for HostMm {
         *self.mm = MemoryManager::new();
         if !self.base.is_null() {
             // SAFETY: allocated in `boot` with this layout, freed once.
-            unsafe { dealloc(self.base, self.layout) };
+            unsafe { std::alloc::GlobalAlloc::dealloc(&std::alloc::System, self.base, self.layout) };
         }
+    }
+}
+
+/// A `#[global_allocator]` for host programs: memd-mm over an arena taken
+/// from the system allocator on first use.
+///
+/// ```ignore
+/// #[global_allocator]
+/// static A: memd_mm::arena::HostGlobal = memd_mm::arena::HostGlobal::new(256 << 20);
+/// ```
+pub struct HostGlobal {
+    mm: crate::GlobalMm,
+    ready: spin::Once<bool>,
+    bytes: u64,
+}
+
+impl HostGlobal {
+    pub const fn new(bytes: u64) -> Self {
+        HostGlobal {
+            mm: crate::GlobalMm::new(),
+            ready: spin::Once::new(),
+            bytes,
+        }
+    }
+
+    fn ensure(&self) -> bool {
+        *self.ready.call_once(|| {
+            let Some((base, _)) = zeroed_arena(self.bytes as usize + (1 << 20)) else {
+                return false;
+            };
+            // The arena is never returned: it backs the allocator for the
+            // rest of the program.
+            let base = page_align(base);
+            let regions = [MemRegion {
+                start: 1 << 20,
+                end: self.bytes + (1 << 20),
+                kind: RegionKind::Usable,
+            }];
+            let boot = BootInfo {
+                regions: &regions,
+                // Host programs grow vectors past 4 MiB: give the buddy
+                // 256 MiB blocks (Linux would use vmalloc there).
+                cmdline: "memd.max_order=17",
+                direct_map_offset: base as u64,
+                reserved: &[],
+                zeroed: true,
+            };
+            // SAFETY: the arena is fresh, zeroed, owned by us forever.
+            unsafe { self.mm.init(&boot) }.is_ok()
+        })
+    }
+
+    /// The manager, for statistics.
+    pub fn lock(&self) -> spin::MutexGuard<'_, MemoryManager> {
+        self.mm.lock()
+    }
+}
+
+// SAFETY: delegates to `GlobalMm`, which upholds the `GlobalAlloc` contract
+// once initialised; before that (or if the arena cannot be had) it returns
+// null, which callers treat as allocation failure.
+unsafe impl std::alloc::GlobalAlloc for HostGlobal {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if !self.ensure() {
+            return core::ptr::null_mut();
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.mm.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if !self.ensure() {
+            return core::ptr::null_mut();
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.mm.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded contract; `ptr` came from `alloc` above.
+        unsafe { self.mm.dealloc(ptr, layout) }
     }
 }

@@ -1,0 +1,421 @@
+//! One test per rule of the memory manager, each on a small host machine.
+
+use memd_mm::arena::HostMm;
+use memd_mm::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const MIB: u64 = 1 << 20;
+const MIB_USIZE: usize = 1 << 20;
+
+/// DMA 1-16 MiB, DMA32 16-64 MiB, Normal 4 GiB .. 4 GiB + 32 MiB.
+fn machine(cmdline: &str) -> HostMm {
+    let mm = HostMm::three_zones(64 * MIB, 32 * MIB, cmdline).unwrap();
+    mm.check().unwrap();
+    mm
+}
+
+fn zone_of(phys: u64) -> ZoneType {
+    ZoneType::of_pfn(phys / PAGE_SIZE)
+}
+
+fn fill_zone(mm: &mut HostMm, gfp: Gfp) -> Vec<u64> {
+    let mut got = Vec::new();
+    while let Ok(p) = mm.alloc_pages(0, gfp) {
+        got.push(p);
+    }
+    got
+}
+
+#[test]
+fn boot_builds_zones_from_the_map() {
+    let mm = machine("");
+    let zi = mm.zoneinfo();
+    assert_eq!(zi[0].start_pfn, 256);
+    assert_eq!(zi[0].end_pfn, 4096);
+    assert_eq!(zi[1].start_pfn, 4096);
+    assert_eq!(zi[2].start_pfn, (4 << 30) / PAGE_SIZE);
+    // The frame table (16 bytes per frame up to the end of memory) is
+    // carved top-down from Normal.
+    let table = ((4 << 30) + 32 * MIB) / PAGE_SIZE * 16;
+    assert_eq!(zi[2].managed * PAGE_SIZE, 32 * MIB - table);
+    assert_eq!(zi[0].managed, 4096 - 256 - 0);
+    assert!(mm.reservations().iter().any(|r| r.kind == ReserveKind::FrameTable));
+    assert_eq!(FRAME_DESCRIPTOR_BYTES, 16);
+    for z in &zi {
+        assert!(z.watermark.min > 0 && z.watermark.min < z.watermark.low);
+    }
+}
+
+#[test]
+fn gfp_zone_flags_constrain_addresses() {
+    let mut mm = machine("");
+    let p = mm.alloc_pages(0, Gfp::KERNEL).unwrap();
+    assert_eq!(zone_of(p), ZoneType::Normal, "KERNEL prefers the highest zone");
+    let p = mm.alloc_pages(3, Gfp::KERNEL | Gfp::DMA32).unwrap();
+    assert_eq!(zone_of(p), ZoneType::Dma32);
+    let p = mm.alloc_pages(2, Gfp::KERNEL | Gfp::DMA).unwrap();
+    assert!(p + (4 << 12) <= 16 * MIB);
+    let dma = fill_zone(&mut mm, Gfp::KERNEL | Gfp::DMA);
+    assert!(dma.iter().all(|&p| p < 16 * MIB));
+    assert_eq!(mm.alloc_pages(0, Gfp::NOWAIT | Gfp::DMA), Err(MmError::NoMemory));
+    let reserve = mm.alloc_pages(0, Gfp::ATOMIC | Gfp::DMA).unwrap();
+    assert!(reserve < 16 * MIB, "ATOMIC may still use the DMA reserve");
+    mm.check().unwrap();
+}
+
+#[test]
+fn zonelist_falls_back_and_lowmem_reserve_protects_dma() {
+    let mut mm = machine("");
+    let normal_free = mm.zoneinfo()[2].free;
+    let got = fill_zone(&mut mm, Gfp::KERNEL);
+    let zi = mm.zoneinfo();
+    assert!(got.iter().any(|&p| zone_of(p) == ZoneType::Dma32), "fell back to DMA32");
+    assert!(got.iter().filter(|&&p| zone_of(p) == ZoneType::Normal).count() as u64 <= normal_free);
+    assert!(zi[1].counters.fallback > 0);
+    // DMA keeps at least its min watermark plus the reserve against Normal.
+    assert!(zi[0].free >= zi[0].watermark.min + zi[0].lowmem_reserve[2]);
+    assert!(zi[0].lowmem_reserve[2] > 0);
+    // A DMA request can still be served from what Normal could not take.
+    assert!(mm.alloc_pages(0, Gfp::KERNEL | Gfp::DMA).is_ok());
+    mm.check().unwrap();
+}
+
+#[test]
+fn atomic_dips_below_min_but_nowait_and_kernel_do_not() {
+    let mut mm = machine("");
+    fill_zone(&mut mm, Gfp::KERNEL | Gfp::DMA32);
+    assert_eq!(mm.alloc_pages(0, Gfp::NOWAIT | Gfp::DMA32), Err(MmError::NoMemory));
+    let zi = mm.zoneinfo()[1];
+    assert!(zi.free >= zi.watermark.min);
+    let atomic = fill_zone(&mut mm, Gfp::ATOMIC | Gfp::DMA32);
+    assert!(!atomic.is_empty(), "ATOMIC got pages from the reserve");
+    let zi = mm.zoneinfo()[1];
+    assert!(zi.free < zi.watermark.min);
+    assert!(zi.counters.atomic_reserve_used > 0);
+    mm.check().unwrap();
+}
+
+#[test]
+fn kernel_requests_reclaim_slab_before_failing() {
+    let mut mm = machine("");
+    let cache = mm.cache_create("reclaimable", 512, 8, SlabFlags::NONE, None).unwrap();
+    let objs: Vec<_> = (0..20_000).map(|_| mm.cache_alloc(cache, Gfp::KERNEL).unwrap()).collect();
+    for o in objs {
+        mm.cache_free(cache, o).unwrap();
+    }
+    let held = mm.slabinfo().find(|s| s.id == cache.0).unwrap().num_slabs;
+    assert!(held > 0, "freed objects leave empty slabs behind");
+    // Exhaust without reclaim: NOWAIT cannot get the slab memory back.
+    let mut pages = fill_zone(&mut mm, Gfp::NOWAIT);
+    let before = mm.counters().reclaim_runs;
+    pages.extend(fill_zone(&mut mm, Gfp::KERNEL));
+    assert!(mm.counters().reclaim_runs > before);
+    assert!(mm.counters().reclaimed_pages > 0);
+    assert_eq!(mm.slabinfo().find(|s| s.id == cache.0).unwrap().num_slabs, 0);
+    mm.check().unwrap();
+    for p in pages {
+        mm.free_pages(p, 0).unwrap();
+    }
+    mm.check().unwrap();
+}
+
+#[test]
+fn zero_flag_zeroes_reused_memory() {
+    let mut mm = machine("");
+    let p = mm.alloc_pages(1, Gfp::KERNEL).unwrap();
+    let v = mm.direct_map().virt(p);
+    unsafe { core::ptr::write_bytes(v as *mut u8, 0xee, 8192) };
+    mm.free_pages(p, 1).unwrap();
+    let q = mm.alloc_pages(1, Gfp::KERNEL | Gfp::ZERO).unwrap();
+    assert_eq!(p, q, "the same block comes back");
+    let bytes = unsafe { core::slice::from_raw_parts(mm.direct_map().virt(q) as *const u8, 8192) };
+    assert!(bytes.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn buddy_splits_and_coalesces_back() {
+    let mut mm = machine("");
+    mm.drain_all_pages();
+    let before = mm.buddyinfo();
+    let mut got = Vec::new();
+    for order in [0, 3, 0, 5, 1, 10, 2, 0] {
+        got.push((mm.alloc_pages(order, Gfp::KERNEL).unwrap(), order));
+        mm.check().unwrap();
+    }
+    for (p, order) in got.into_iter().rev() {
+        mm.free_pages(p, order).unwrap();
+        mm.check().unwrap();
+    }
+    mm.drain_all_pages();
+    assert_eq!(mm.buddyinfo(), before);
+}
+
+#[test]
+fn bad_frees_are_refused() {
+    let mut mm = machine("");
+    let p = mm.alloc_pages(2, Gfp::KERNEL).unwrap();
+    assert!(mm.free_pages(p, 1).is_err(), "wrong order");
+    assert!(mm.free_pages(p + 4096, 0).is_err(), "inside the block");
+    assert!(mm.free_pages(p + 1, 2).is_err(), "unaligned");
+    mm.free_pages(p, 2).unwrap();
+    assert!(mm.free_pages(p, 2).is_err(), "double free");
+    assert!(mm.free_pages(1 << 50, 0).is_err(), "beyond memory");
+    mm.check().unwrap();
+}
+
+#[test]
+fn max_order_is_settable() {
+    let mut mm = machine("memd.max_order=5");
+    assert_eq!(mm.max_order(), 5);
+    assert!(mm.alloc_pages(4, Gfp::KERNEL).is_ok());
+    assert!(matches!(mm.alloc_pages(5, Gfp::KERNEL), Err(MmError::Invalid(_))));
+    assert_eq!(mm.zoneinfo()[1].nr_free[5], 0);
+    mm.check().unwrap();
+}
+
+#[test]
+fn memmap_hole_is_never_handed_out() {
+    let mut mm = machine("memmap=2M$0x2000000");
+    assert!(mm.reservations().iter().any(|r| r.kind == ReserveKind::Hole && r.start == 0x2000000));
+    for p in fill_zone(&mut mm, Gfp::ATOMIC | Gfp::DMA32) {
+        assert!(!(0x2000000..0x2200000).contains(&p));
+    }
+}
+
+static CTOR_RUNS: AtomicUsize = AtomicUsize::new(0);
+fn ctor(obj: &mut [u8]) {
+    CTOR_RUNS.fetch_add(1, Ordering::SeqCst);
+    obj.fill(0x5a);
+}
+
+#[test]
+fn constructor_runs_when_a_slab_is_populated_not_per_alloc() {
+    let mut mm = machine("");
+    let c = mm.cache_create("ctor-test", 100, 8, SlabFlags::NONE, Some(ctor)).unwrap();
+    let a = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
+    let per_slab = mm.cache(c).unwrap().objs_per_slab as usize;
+    assert_eq!(CTOR_RUNS.load(Ordering::SeqCst), per_slab);
+    let obj = unsafe { core::slice::from_raw_parts_mut(a.as_ptr(), 100) };
+    assert!(obj.iter().all(|&b| b == 0x5a));
+    mm.cache_free(c, a).unwrap();
+    for _ in 0..5 {
+        let b = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
+        let obj = unsafe { core::slice::from_raw_parts(b.as_ptr(), 100) };
+        assert!(obj.iter().all(|&x| x == 0x5a), "constructed state survives free");
+        mm.cache_free(c, b).unwrap();
+    }
+    assert_eq!(CTOR_RUNS.load(Ordering::SeqCst), per_slab, "no constructor call on alloc");
+    mm.cache_destroy(c).unwrap();
+    mm.check().unwrap();
+}
+
+#[test]
+fn destroy_with_live_objects_fails_and_reports_them() {
+    let mut mm = machine("");
+    let c = mm.cache_create("leaky", 64, 8, SlabFlags::HWCACHE_ALIGN, None).unwrap();
+    let objs: Vec<_> = (0..3).map(|_| mm.cache_alloc(c, Gfp::KERNEL).unwrap()).collect();
+    assert_eq!(mm.cache_destroy(c), Err(MmError::Busy { live: 3 }));
+    assert!(mm.cache(c).is_some(), "cache survives a refused destroy");
+    for o in objs {
+        mm.cache_free(c, o).unwrap();
+    }
+    let free_before = mm.meminfo().free;
+    mm.cache_destroy(c).unwrap();
+    assert!(mm.meminfo().free > free_before, "slabs returned to the buddy");
+    assert_eq!(mm.cache_destroy(c), Err(MmError::NotFound));
+    assert_eq!(mm.cache_destroy(CacheId(0)), Err(MmError::NotPermitted), "kmalloc caches stay");
+    mm.check().unwrap();
+}
+
+#[test]
+fn poison_catches_use_after_free() {
+    let mut mm = machine("");
+    let c = mm.cache_create("poisoned", 48, 8, SlabFlags::POISON, None).unwrap();
+    let a = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
+    let _b = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
+    mm.cache_free(c, a).unwrap();
+    mm.cache_validate(c).unwrap();
+    unsafe { *a.as_ptr().add(10) = 1 }; // write after free
+    match mm.cache_validate(c) {
+        Err(MmError::Corrupted(x)) => {
+            assert_eq!(x.kind, CorruptionKind::UseAfterFree);
+            assert_eq!(x.object, a.as_ptr() as usize);
+            assert_eq!(x.offset, 10);
+        }
+        other => panic!("expected use-after-free, got {other:?}"),
+    }
+    assert!(mm.corruptions().total >= 1);
+    mm.cache_free(c, _b).unwrap();
+    assert!(matches!(mm.cache_destroy(c), Err(MmError::Corrupted(_))), "destroy reports it too");
+    assert!(mm.cache(c).is_none());
+    mm.check().unwrap();
+}
+
+#[test]
+fn red_zone_catches_overrun_and_double_free() {
+    let mut mm = machine("");
+    let c = mm.cache_create("guarded", 20, 8, SlabFlags::RED_ZONE, None).unwrap();
+    let a = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
+    let b = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
+    unsafe { *a.as_ptr().add(21) = 0 }; // one past the end (+1)
+    match mm.cache_free(c, a) {
+        Err(MmError::Corrupted(x)) => assert_eq!((x.kind, x.offset), (CorruptionKind::Overrun, 21)),
+        other => panic!("expected overrun, got {other:?}"),
+    }
+    mm.cache_free(c, b).unwrap();
+    match mm.cache_free(c, b) {
+        Err(MmError::Corrupted(x)) => assert_eq!(x.kind, CorruptionKind::DoubleFree),
+        other => panic!("expected double free, got {other:?}"),
+    }
+    mm.cache_destroy(c).unwrap();
+    mm.check().unwrap();
+}
+
+#[test]
+fn kmalloc_classes_ksize_large_and_bad_pointers() {
+    let mut mm = machine("");
+    let mut ptrs = Vec::new();
+    for size in [1, 8, 9, 96, 100, 192, 200, 4096, 8192, 8193, 100_000, 4 << 20] {
+        let p = mm.kmalloc(size, Gfp::KERNEL).unwrap();
+        let k = mm.ksize(p).unwrap();
+        assert!(k >= size, "ksize({size}) = {k}");
+        unsafe { core::ptr::write_bytes(p.as_ptr(), 0xab, size) };
+        ptrs.push(p);
+    }
+    assert!(mm.kmalloc(8 << 20, Gfp::KERNEL).is_err(), "beyond the largest block");
+    assert!(mm.meminfo().kmalloc_large > 0);
+    mm.check().unwrap();
+    let bogus = core::ptr::NonNull::new((ptrs[0].as_ptr() as usize + 1) as *mut u8).unwrap();
+    assert!(mm.kfree(bogus).is_err());
+    for p in ptrs {
+        mm.kfree(p).unwrap();
+    }
+    assert_eq!(mm.meminfo().kmalloc_large, 0);
+    let stack = 5u64;
+    assert!(mm.kfree(core::ptr::NonNull::from(&stack).cast()).is_err());
+    mm.check().unwrap();
+}
+
+#[test]
+fn mempool_makes_progress_when_the_backing_allocator_fails() {
+    let mut mm = machine("");
+    let c = mm.cache_create("bio", 256, 8, SlabFlags::NONE, None).unwrap();
+    let pool = mm.mempool_create(PoolBacking::Cache(c), 4).unwrap();
+    let info = mm.mempool_info().next().unwrap();
+    assert_eq!((info.curr_nr, info.idle_bytes), (4, 4 * 256));
+    // Every slab allocation fails now.
+    mm.set_fault(true, 100, 0, -1, 1).unwrap();
+    assert!(mm.cache_alloc(c, Gfp::KERNEL).is_err());
+    let got: Vec<_> = (0..4).map(|_| mm.mempool_alloc(pool, Gfp::KERNEL).unwrap()).collect();
+    assert_eq!(mm.mempool(pool).unwrap().counters.from_reserve, 4);
+    assert!(mm.mempool_alloc(pool, Gfp::KERNEL).is_err(), "reserve exhausted");
+    mm.check().unwrap();
+    mm.mempool_free(pool, got[0]).unwrap();
+    assert_eq!(mm.mempool(pool).unwrap().curr_nr, 1, "free refills the reserve first");
+    assert!(mm.mempool_alloc(pool, Gfp::KERNEL).is_ok());
+    mm.set_fault(true, 0, 0, 0, 0).unwrap();
+    assert_eq!(mm.mempool_destroy(pool), Err(MmError::Busy { live: 4 }));
+    mm.check().unwrap();
+}
+
+#[test]
+fn page_mempool_under_real_exhaustion() {
+    let mut mm = machine("");
+    let pool = mm.mempool_create(PoolBacking::Pages(0), 8).unwrap();
+    let hog = fill_zone(&mut mm, Gfp::ATOMIC);
+    assert!(mm.alloc_pages(0, Gfp::ATOMIC).is_err());
+    let got: Vec<_> = (0..8).map(|_| mm.mempool_alloc(pool, Gfp::ATOMIC).unwrap()).collect();
+    assert!(mm.mempool_alloc(pool, Gfp::ATOMIC).is_err());
+    for e in got {
+        mm.mempool_free(pool, e).unwrap();
+    }
+    for p in hog {
+        mm.free_pages(p, 0).unwrap();
+    }
+    mm.mempool_destroy(pool).unwrap();
+    mm.check().unwrap();
+}
+
+#[test]
+fn contiguous_buffers_beyond_max_order_after_fragmentation() {
+    let mut mm = machine("memd.dma_reserve=24M@dma32");
+    let cma = mm.cma_info().unwrap();
+    assert_eq!(cma.size, 24 * MIB);
+    assert_eq!(cma.zone, ZoneType::Dma32);
+    // Fragment ordinary memory: every other page stays allocated.
+    let mut pages = fill_zone(&mut mm, Gfp::ATOMIC);
+    pages.sort_unstable();
+    let mut kept = Vec::new();
+    for (i, p) in pages.into_iter().enumerate() {
+        if i % 2 == 0 {
+            mm.free_pages(p, 0).unwrap();
+        } else {
+            kept.push(p);
+        }
+    }
+    mm.drain_all_pages();
+    assert!(mm.alloc_pages(10, Gfp::KERNEL).is_err(), "no 4 MiB block left in the buddy");
+    let buf = mm.dma_alloc(16 * MIB_USIZE, 1 << 20, DmaMask::Bits32).unwrap();
+    assert_eq!(buf.source, DmaSource::Cma);
+    assert!(buf.phys >= cma.base && buf.phys + 16 * MIB <= cma.base + cma.size);
+    assert_eq!(buf.phys % (1 << 20), 0);
+    assert!(mm.dma_bytes(&buf).unwrap().iter().all(|&b| b == 0));
+    assert_eq!(mm.dma_alloc(16 * MIB_USIZE, 4096, DmaMask::Bits32), Err(MmError::NoMemory));
+    assert_eq!(mm.dma_alloc(4 * MIB_USIZE, 4096, DmaMask::Bits24), Err(MmError::NoMemory), "outside the mask");
+    mm.check().unwrap();
+    mm.dma_free(&buf).unwrap();
+    assert!(mm.dma_bytes(&buf).is_err(), "freed buffers are refused");
+    assert_eq!(mm.cma_info().unwrap().largest_free, 24 * MIB);
+    for p in kept {
+        mm.free_pages(p, 0).unwrap();
+    }
+    mm.check().unwrap();
+}
+
+#[test]
+fn small_dma_buffers_come_from_the_buddy_below_the_mask() {
+    let mut mm = machine("");
+    let b = mm.dma_alloc(10_000, 4096, DmaMask::Bits24).unwrap();
+    assert_eq!(b.source, DmaSource::Buddy { order: 2 });
+    assert_eq!(b.zone(), ZoneType::Dma);
+    let c = mm.dma_alloc(4096, 64 << 10, DmaMask::Bits32).unwrap();
+    assert_eq!(c.phys % (64 << 10), 0);
+    assert!(c.phys < 4 << 30);
+    assert!(matches!(mm.dma_alloc(64 * MIB_USIZE, 4096, DmaMask::Bits64), Err(MmError::Invalid(_))), "no reserve");
+    assert!(mm.dma_alloc(0, 4096, DmaMask::Bits64).is_err());
+    assert!(mm.dma_alloc(4096, 3, DmaMask::Bits64).is_err());
+    mm.dma_free(&b).unwrap();
+    mm.dma_free(&c).unwrap();
+    mm.check().unwrap();
+}
+
+#[test]
+fn fault_injection_fails_exactly_as_configured() {
+    let mut mm = machine("");
+    mm.set_fault(false, 100, 0, 3, 7).unwrap();
+    for _ in 0..3 {
+        assert_eq!(mm.alloc_pages(0, Gfp::KERNEL), Err(MmError::InjectedFault));
+    }
+    assert!(mm.alloc_pages(0, Gfp::KERNEL).is_ok());
+    assert_eq!(mm.faults().0.injected, 3);
+    mm.set_fault(false, 100, 4, -1, 7).unwrap();
+    let results: Vec<bool> = (0..8).map(|_| mm.alloc_pages(0, Gfp::KERNEL).is_ok()).collect();
+    assert_eq!(results, [true, true, true, false, true, true, true, false]);
+    assert!(mm.set_fault(true, 101, 0, 1, 0).is_err());
+}
+
+#[test]
+fn owners_are_charged_per_page() {
+    let mut mm = machine("");
+    mm.set_owner(Owner(7)).unwrap();
+    let a = mm.alloc_pages(3, Gfp::KERNEL).unwrap();
+    mm.set_owner(Owner(9)).unwrap();
+    let b = mm.alloc_pages(0, Gfp::KERNEL).unwrap();
+    assert_eq!(mm.owner_pages(Owner(7)), 8);
+    assert_eq!(mm.owner_pages(Owner(9)), 1);
+    mm.check().unwrap();
+    mm.free_pages(a, 3).unwrap();
+    mm.free_pages(b, 0).unwrap();
+    assert_eq!(mm.owners().count(), 0);
+    assert!(mm.set_owner(Owner(MAX_OWNERS as u16)).is_err());
+}
