@@ -13,7 +13,8 @@
 //!   usable RAM of the DMA32 zone. A 64 MiB guest cannot hold it: that case
 //!   must fail cleanly (an error naming dma_reserve and a failure exit, no
 //!   hang, no fault).
-//! - with virtio-net (mmio on microvm, PCI on q35) the control port works
+//! - with virtio-net (mmio on microvm, PCI on q35, PCIe with BARs the
+//!   kernel assigns on microvm,pcie=on) the control port works
 //!   end to end (see `control_port_check`);
 //! - two deliberate crashes (`memd.selftest=panic` on microvm, a page fault
 //!   with `memd.selftest=fault` on q35) are seen as failures: the harness
@@ -118,7 +119,7 @@ fn matrix() -> Vec<Case> {
         crash: Some("fault"),
         net: false,
     });
-    for machine in [Machine::Microvm, Machine::Q35] {
+    for machine in [Machine::Microvm, Machine::Q35, Machine::MicrovmPcie] {
         v.push(Case {
             machine,
             mem: GIB,

@@ -27,6 +27,8 @@ pub enum Machine {
     Microvm,
     /// `-M q35`: SeaBIOS + pvh.bin, virtio over PCI.
     Q35,
+    /// `-M microvm,pcie=on`: qboot (BARs left unassigned), virtio over PCIe.
+    MicrovmPcie,
 }
 
 impl Machine {
@@ -34,6 +36,16 @@ impl Machine {
         match self {
             Machine::Microvm => "microvm",
             Machine::Q35 => "q35",
+            Machine::MicrovmPcie => "microvm-pcie",
+        }
+    }
+
+    /// The `-M` argument.
+    pub fn qemu_machine(self) -> &'static str {
+        match self {
+            Machine::Microvm => "microvm",
+            Machine::Q35 => "q35",
+            Machine::MicrovmPcie => "microvm,pcie=on",
         }
     }
 }
@@ -193,7 +205,7 @@ pub struct QemuConfig {
 impl QemuConfig {
     pub fn command(&self) -> Command {
         let mut c = Command::new(&self.qemu);
-        c.args(["-M", self.machine.name()]);
+        c.args(["-M", self.machine.qemu_machine()]);
         if self.kvm {
             c.args(["-accel", "kvm", "-cpu", "host"]);
         } else {
@@ -215,7 +227,7 @@ impl QemuConfig {
         if let Some(port) = self.forward_port {
             let dev = match self.machine {
                 Machine::Microvm => "virtio-net-device,netdev=n0",
-                Machine::Q35 => "virtio-net-pci,netdev=n0",
+                Machine::Q35 | Machine::MicrovmPcie => "virtio-net-pci,netdev=n0",
             };
             c.args([
                 "-netdev",

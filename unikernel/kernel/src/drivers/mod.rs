@@ -1,6 +1,7 @@
 //! Devices: virtio-drivers' `Hal` on memd-mm's DMA API, transport discovery
-//! (virtio-mmio slots on microvm, PCI on q35 through port-I/O configuration
-//! access), and the virtio-net device.
+//! (PCI through port-I/O configuration access on q35, virtio-mmio slots on
+//! microvm, PCIe through ECAM on `microvm,pcie=on`), and the virtio-net
+//! device.
 //!
 //! One of the kernel's `unsafe` modules: virtio hands buffers to devices.
 
@@ -26,10 +27,9 @@ const MMIO_SLOTS: u64 = 32;
 /// A transport for the first virtio device of type `want`, and where it was
 /// found (for the log).
 pub fn find(want: DeviceType) -> Option<(SomeTransport<'static>, String)> {
-    if let Some(found) = pci::find(want) {
-        return Some(found);
-    }
-    find_mmio(want)
+    pci::find(want)
+        .or_else(|| find_mmio(want))
+        .or_else(|| pci::find_ecam(want))
 }
 
 fn find_mmio(want: DeviceType) -> Option<(SomeTransport<'static>, String)> {

@@ -1,16 +1,18 @@
-//! PCI for virtio on q35: configuration space through the legacy port-I/O
-//! mechanism (0xcf8/0xcfc, which works under every firmware), BAR
-//! assignment where the firmware left BARs at zero (qboot does), memory
-//! decoding and bus mastering switched on, then virtio-drivers' PCI
-//! transport.
+//! PCI for virtio: configuration space through the legacy port-I/O
+//! mechanism (0xcf8/0xcfc: q35 under SeaBIOS), or, where no host bridge
+//! answers there, through the ECAM window of microvm's PCIe host
+//! (`-M microvm,pcie=on`, ECAM at 0xe0000000); BAR assignment where the
+//! firmware left BARs at zero (qboot does), memory decoding and bus
+//! mastering switched on, then virtio-drivers' PCI transport.
 
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
+use core::ops::Range;
 
 use log::{info, warn};
 use virtio_drivers::transport::pci::bus::{
-    BarInfo, Command, ConfigurationAccess, DeviceFunction, MemoryBarType, PciRoot,
+    BarInfo, Cam, Command, ConfigurationAccess, DeviceFunction, MemoryBarType, MmioCam, PciRoot,
 };
 use virtio_drivers::transport::pci::{virtio_device_type, PciTransport};
 use virtio_drivers::transport::{DeviceType, SomeTransport};
@@ -18,9 +20,14 @@ use virtio_drivers::transport::{DeviceType, SomeTransport};
 use super::hal::MemdHal;
 use crate::arch;
 
-/// Where BARs the firmware left unassigned are placed: the 32-bit PCI
-/// window above q35's ECAM (0xb0000000..0xc0000000), below the IOAPIC.
-const BAR_WINDOW: core::ops::Range<u64> = 0xc000_0000..0xfec0_0000;
+/// Where BARs the firmware left unassigned are placed, per root complex:
+/// q35's 32-bit window above its ECAM (0xb0000000..0xc0000000), below the
+/// IOAPIC; microvm's 32-bit PCIe MMIO window, below its ECAM.
+const Q35_BAR_WINDOW: Range<u64> = 0xc000_0000..0xfec0_0000;
+const MICROVM_BAR_WINDOW: Range<u64> = 0xc000_0000..0xe000_0000;
+/// microvm's PCIe ECAM (QEMU's MICROVM_PCIE_ECAM_BASE), 256 MiB.
+const MICROVM_ECAM: u64 = 0xe000_0000;
+const ECAM_SIZE: u64 = 256 << 20;
 
 /// Configuration access through ports 0xcf8/0xcfc.
 pub struct PortIoCam;
@@ -40,13 +47,17 @@ impl ConfigurationAccess for PortIoCam {
 }
 
 /// End of the highest memory BAR already assigned inside `BAR_WINDOW`.
-fn assigned_top(root: &mut PciRoot<PortIoCam>, devices: &[DeviceFunction]) -> u64 {
-    let mut top = BAR_WINDOW.start;
+fn assigned_top<C: ConfigurationAccess>(
+    root: &mut PciRoot<C>,
+    devices: &[DeviceFunction],
+    window: &Range<u64>,
+) -> u64 {
+    let mut top = window.start;
     for &df in devices {
         let Ok(bars) = root.bars(df) else { continue };
         for bar in bars.iter().flatten() {
             if let BarInfo::Memory { address, size, .. } = *bar {
-                if address != 0 && BAR_WINDOW.contains(&address) {
+                if address != 0 && window.contains(&address) {
                     top = top.max(address + size);
                 }
             }
@@ -55,11 +66,12 @@ fn assigned_top(root: &mut PciRoot<PortIoCam>, devices: &[DeviceFunction]) -> u6
     top
 }
 
-/// Gives every zero memory BAR of `df` an address in `BAR_WINDOW`.
-fn assign_bars(
-    root: &mut PciRoot<PortIoCam>,
+/// Gives every zero memory BAR of `df` an address in `window`.
+fn assign_bars<C: ConfigurationAccess>(
+    root: &mut PciRoot<C>,
     df: DeviceFunction,
     next: &mut u64,
+    window: &Range<u64>,
 ) -> Result<(), &'static str> {
     let bars = root.bars(df).map_err(|_| "cannot read BARs")?;
     for (index, bar) in bars.iter().enumerate() {
@@ -76,7 +88,7 @@ fn assign_bars(
             continue;
         }
         let at = next.next_multiple_of(size.max(4096));
-        if at + size > BAR_WINDOW.end {
+        if at + size > window.end {
             return Err("no room left for BARs in the 32-bit PCI window");
         }
         match address_type {
@@ -84,18 +96,35 @@ fn assign_bars(
             MemoryBarType::Width64 => root.set_bar_64(df, index as u8, at),
             MemoryBarType::Below1MiB => return Err("BAR must be below 1 MiB"),
         }
-        info!(
-            "pci {:02x}:{:02x}.{}: BAR{index} assigned {at:#x} ({size:#x} bytes)",
-            df.bus, df.device, df.function
-        );
+        info!("pci {df}: BAR{index} assigned {at:#x} ({size:#x} bytes)");
         *next = at + size;
     }
     Ok(())
 }
 
-/// The first virtio PCI device of type `want` on bus 0.
+/// The first virtio PCI device of type `want` on bus 0 behind the port-I/O
+/// configuration mechanism (q35).
 pub fn find(want: DeviceType) -> Option<(SomeTransport<'static>, String)> {
-    let mut root = PciRoot::new(PortIoCam);
+    find_on(PciRoot::new(PortIoCam), want, &Q35_BAR_WINDOW, "PCI")
+}
+
+/// As `find`, behind microvm's PCIe ECAM, if that host bridge exists.
+pub fn find_ecam(want: DeviceType) -> Option<(SomeTransport<'static>, String)> {
+    let virt = super::hal::map_device(MICROVM_ECAM, ECAM_SIZE).ok()?;
+    // SAFETY: the 256 MiB ECAM window is mapped uncached for the kernel's
+    // lifetime (`map_device`) and nothing else in the kernel touches it; if
+    // no host bridge decodes it, reads return all-ones and enumeration finds
+    // no device.
+    let cam = unsafe { MmioCam::new(virt as *mut u8, Cam::Ecam) };
+    find_on(PciRoot::new(cam), want, &MICROVM_BAR_WINDOW, "PCIe (ECAM)")
+}
+
+fn find_on<C: ConfigurationAccess>(
+    mut root: PciRoot<C>,
+    want: DeviceType,
+    window: &Range<u64>,
+    bus_name: &str,
+) -> Option<(SomeTransport<'static>, String)> {
     let all: Vec<(DeviceFunction, _)> = root.enumerate_bus(0).collect();
     if all.is_empty() {
         return None;
@@ -104,8 +133,8 @@ pub fn find(want: DeviceType) -> Option<(SomeTransport<'static>, String)> {
     let (df, info) = all
         .into_iter()
         .find(|(_, info)| virtio_device_type(info) == Some(want))?;
-    let mut next = assigned_top(&mut root, &functions);
-    if let Err(e) = assign_bars(&mut root, df, &mut next) {
+    let mut next = assigned_top(&mut root, &functions, window);
+    if let Err(e) = assign_bars(&mut root, df, &mut next, window) {
         warn!("pci {df}: {e}");
         return None;
     }
@@ -116,7 +145,7 @@ pub fn find(want: DeviceType) -> Option<(SomeTransport<'static>, String)> {
             let mut at = String::new();
             let _ = write!(
                 at,
-                "PCI {df} ({:04x}:{:04x})",
+                "{bus_name} {df} ({:04x}:{:04x})",
                 info.vendor_id, info.device_id
             );
             info!("virtio: {want:?} on {at}");
