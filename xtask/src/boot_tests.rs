@@ -60,6 +60,8 @@ struct Case {
     crash: Option<&'static str>,
     /// Boot with virtio-net and talk to the control port from the host.
     net: bool,
+    /// `memmap=64M$512M memd.max_order=13`: a hole and a larger buddy.
+    memmap: bool,
 }
 
 impl Case {
@@ -73,6 +75,7 @@ impl Case {
                 .map(|c| format!("-{c}-detected"))
                 .unwrap_or_default()
         ) + if self.net { "-virtio-net" } else { "" }
+            + if self.memmap { "-memmap-max_order" } else { "" }
     }
 
     /// Whether the reservation cannot fit: DMA32 below the guest's RAM top
@@ -101,6 +104,7 @@ fn matrix() -> Vec<Case> {
                     dma_reserve,
                     crash: None,
                     net: false,
+                    memmap: false,
                 });
             }
         }
@@ -111,6 +115,7 @@ fn matrix() -> Vec<Case> {
         dma_reserve: false,
         crash: Some("panic"),
         net: false,
+        memmap: false,
     });
     v.push(Case {
         machine: Machine::Q35,
@@ -118,7 +123,18 @@ fn matrix() -> Vec<Case> {
         dma_reserve: false,
         crash: Some("fault"),
         net: false,
+        memmap: false,
     });
+    for machine in [Machine::Microvm, Machine::Q35] {
+        v.push(Case {
+            machine,
+            mem: GIB,
+            dma_reserve: true,
+            crash: None,
+            net: false,
+            memmap: true,
+        });
+    }
     for machine in [Machine::Microvm, Machine::Q35, Machine::MicrovmPcie] {
         v.push(Case {
             machine,
@@ -126,6 +142,7 @@ fn matrix() -> Vec<Case> {
             dma_reserve: false,
             crash: None,
             net: true,
+            memmap: false,
         });
     }
     v
@@ -524,6 +541,9 @@ pub fn run(args: &BootTestArgs) -> Result<()> {
                 if case.dma_reserve {
                     cmdline += " memd.dma_reserve=64M@dma32";
                 }
+                if case.memmap {
+                    cmdline += " memmap=64M$512M memd.max_order=13";
+                }
                 let cfg = QemuConfig {
                     qemu: qemu_path.clone(),
                     kernel: kernel.clone(),
@@ -600,6 +620,7 @@ mod tests {
             dma_reserve: false,
             crash: None,
             net: false,
+            memmap: false,
         }
     }
 
