@@ -102,7 +102,9 @@ impl Drop for HostMm {
         *self.mm = MemoryManager::new();
         if !self.base.is_null() {
             // SAFETY: allocated in `boot` with this layout, freed once.
-            unsafe { std::alloc::GlobalAlloc::dealloc(&std::alloc::System, self.base, self.layout) };
+            unsafe {
+                std::alloc::GlobalAlloc::dealloc(&std::alloc::System, self.base, self.layout)
+            };
         }
     }
 }

@@ -22,9 +22,7 @@ pub fn take(zone: &mut Zone, frames: &mut [Frame], order: u32, max_order: u32) -
                 size_order -= 1;
                 let half = pfn + (1 << size_order);
                 frames[half as usize].set(FrameState::Buddy, zone.ty, size_order);
-                zone.free_area[size_order as usize]
-                    .list
-                    .push(frames, half);
+                zone.free_area[size_order as usize].list.push(frames, half);
             }
             frames[pfn as usize].order = order as u8;
             zone.free -= 1 << order;

@@ -44,7 +44,10 @@ impl MemoryManager {
         self.check_caches()?;
         self.check_pools()?;
         if let Some(cma) = &self.cma {
-            cma.check().map_err(|what| CheckError { what, pfn: cma.base / PAGE_SIZE })?;
+            cma.check().map_err(|what| CheckError {
+                what,
+                pfn: cma.base / PAGE_SIZE,
+            })?;
         }
         Ok(())
     }
@@ -61,7 +64,10 @@ impl MemoryManager {
                 for pfn in list.iter(self.frames) {
                     let f = &self.frames[pfn as usize];
                     if !f.is(FrameState::Buddy) || f.order as u32 != order {
-                        return fail("free list holds a frame that is not a free head of its order", pfn as u64);
+                        return fail(
+                            "free list holds a frame that is not a free head of its order",
+                            pfn as u64,
+                        );
                     }
                     if f.zone() != zone.ty || ZoneType::of_pfn(pfn as u64) != zone.ty {
                         return fail("free block in the wrong zone", pfn as u64);
@@ -81,7 +87,10 @@ impl MemoryManager {
                 free += (n as u64) << order;
             }
             if free != zone.free {
-                return fail("zone free count differs from its free lists", zone.start_pfn);
+                return fail(
+                    "zone free count differs from its free lists",
+                    zone.start_pfn,
+                );
             }
             if zone.pcp.count > PCP_HIGH {
                 return fail("pcp list over its high mark", zone.start_pfn);
@@ -89,7 +98,10 @@ impl MemoryManager {
             for &pfn in zone.pcp.as_slice() {
                 let f = &self.frames[pfn as usize];
                 if !f.is(FrameState::Pcp) || f.zone() != zone.ty {
-                    return fail("pcp list holds a frame that is not a pcp frame of this zone", pfn as u64);
+                    return fail(
+                        "pcp list holds a frame that is not a pcp frame of this zone",
+                        pfn as u64,
+                    );
                 }
             }
         }
@@ -113,7 +125,10 @@ impl MemoryManager {
         }
         for zone in &self.zones {
             if tally.managed[zone.ty as usize] != zone.managed {
-                return fail("zone's blocks do not add up to its managed pages", zone.start_pfn);
+                return fail(
+                    "zone's blocks do not add up to its managed pages",
+                    zone.start_pfn,
+                );
             }
         }
         if tally.owner_pages != self.owners.pages {
@@ -121,7 +136,10 @@ impl MemoryManager {
         }
         let c = &self.counters;
         if (tally.slab, tally.large, tally.pool) != (c.slab_pages, c.large_pages, c.pool_pages) {
-            return fail("slab/large/pool page counters differ from the frame table", 0);
+            return fail(
+                "slab/large/pool page counters differ from the frame table",
+                0,
+            );
         }
         Ok(())
     }
@@ -137,7 +155,9 @@ impl MemoryManager {
                     pfn += 1;
                     continue;
                 }
-                FrameState::SlabTail => return fail("slab tail frame outside any slab", pfn as u64),
+                FrameState::SlabTail => {
+                    return fail("slab tail frame outside any slab", pfn as u64)
+                }
                 _ => 1usize << f.order,
             };
             if pfn + pages > n {
@@ -159,7 +179,9 @@ impl MemoryManager {
             let pages64 = pages as u64;
             tally.managed[f.zone() as usize] += pages64;
             match state {
-                FrameState::Allocated => tally.owner_pages[f.owner as usize % crate::MAX_OWNERS] += pages64,
+                FrameState::Allocated => {
+                    tally.owner_pages[f.owner as usize % crate::MAX_OWNERS] += pages64
+                }
                 FrameState::Slab => tally.slab += pages64,
                 FrameState::Large => tally.large += pages64,
                 FrameState::Pool => tally.pool += pages64,
@@ -183,16 +205,28 @@ impl MemoryManager {
                     n += 1;
                     let f = &self.frames[head as usize];
                     if !f.is(FrameState::Slab) || f.owner != id.0 || f.order as u32 != cache.order {
-                        return fail("slab list holds a frame that is not this cache's slab", head as u64);
+                        return fail(
+                            "slab list holds a frame that is not this cache's slab",
+                            head as u64,
+                        );
                     }
                     let count = f.count as u64;
-                    let level = if count == 0 { 0 } else if count == objs { 2 } else { 1 };
+                    let level = if count == 0 {
+                        0
+                    } else if count == objs {
+                        2
+                    } else {
+                        1
+                    };
                     if level != want {
                         return fail("slab on the wrong list for its fill level", head as u64);
                     }
                     let free = cache.for_each_free_object(self.frames, self.dmap, head, |_| {});
                     if free as u64 != objs - count {
-                        return fail("slab free list length differs from its in-use count", head as u64);
+                        return fail(
+                            "slab free list length differs from its in-use count",
+                            head as u64,
+                        );
                     }
                     inuse += count;
                 }
@@ -205,7 +239,10 @@ impl MemoryManager {
             }
             for &obj in &cache.ac.entry[..cache.ac.avail] {
                 if cache.owning_slab(self.frames, self.dmap, id, obj).is_none() {
-                    return fail("per-CPU array holds a foreign object", self.dmap.phys(obj) / PAGE_SIZE);
+                    return fail(
+                        "per-CPU array holds a foreign object",
+                        self.dmap.phys(obj) / PAGE_SIZE,
+                    );
                 }
             }
         }
@@ -218,7 +255,10 @@ impl MemoryManager {
                 return fail("mempool reserve above min_nr", id.0 as u64);
             }
             if self.pool_reserve_len(PoolId(id.0)) != pool.curr_nr {
-                return fail("mempool reserve list length differs from curr_nr", id.0 as u64);
+                return fail(
+                    "mempool reserve list length differs from curr_nr",
+                    id.0 as u64,
+                );
             }
         }
         Ok(())

@@ -92,7 +92,10 @@ impl Cma {
                 return;
             }
             let start = s.next_multiple_of(align);
-            if start.checked_add(size).is_some_and(|end| end <= e && end <= limit) {
+            if start
+                .checked_add(size)
+                .is_some_and(|end| end <= e && end <= limit)
+            {
                 found = Some(start);
             }
         });
@@ -111,7 +114,10 @@ impl Cma {
 
     /// Frees the buffer starting at `start`; returns its size in pages.
     pub fn free(&mut self, start: u64) -> Option<u64> {
-        let at = self.extents().binary_search_by_key(&start, |x| x.start).ok()?;
+        let at = self
+            .extents()
+            .binary_search_by_key(&start, |x| x.start)
+            .ok()?;
         let pages = self.extents[at].pages;
         self.extents.copy_within(at + 1..self.nr, at);
         self.nr -= 1;
@@ -152,7 +158,10 @@ mod tests {
         let b = c.alloc(8 << 20, 8 << 20, u64::MAX).unwrap();
         assert_eq!(b, 0x1080_0000);
         assert!(c.alloc(64 << 20, 4096, u64::MAX).is_none());
-        assert!(c.alloc(1 << 20, 4096, 0x1000_0000).is_none(), "limit below region");
+        assert!(
+            c.alloc(1 << 20, 4096, 0x1000_0000).is_none(),
+            "limit below region"
+        );
         assert_eq!(c.free(a), Some(1280));
         assert_eq!(c.free(a), None);
         assert_eq!(c.largest_free(), (64 << 20) - (8 << 20) - (8 << 20));

@@ -80,9 +80,16 @@ impl DmaBuffer {
 impl MemoryManager {
     /// Allocates a zeroed DMA buffer of `len` bytes aligned to `align` (a
     /// power of two) that lies entirely below `mask`.
-    pub fn dma_alloc(&mut self, len: usize, align: usize, mask: DmaMask) -> Result<DmaBuffer, MmError> {
+    pub fn dma_alloc(
+        &mut self,
+        len: usize,
+        align: usize,
+        mask: DmaMask,
+    ) -> Result<DmaBuffer, MmError> {
         if len == 0 || !align.is_power_of_two() {
-            return Err(MmError::Invalid("dma: length must be non-zero and alignment a power of two"));
+            return Err(MmError::Invalid(
+                "dma: length must be non-zero and alignment a power of two",
+            ));
         }
         let bytes = (len as u64).max(align as u64);
         let pages = bytes.div_ceil(PAGE_SIZE);
@@ -113,7 +120,9 @@ impl MemoryManager {
         } else {
             MmError::Invalid("dma: larger than a buddy block and no memd.dma_reserve region")
         })?;
-        let phys = cma.alloc(len as u64, align as u64, mask.limit()).ok_or(MmError::NoMemory)?;
+        let phys = cma
+            .alloc(len as u64, align as u64, mask.limit())
+            .ok_or(MmError::NoMemory)?;
         self.counters.dma_buffers += 1;
         let virt = self.dmap.virt(phys);
         access::fill(virt, len.next_multiple_of(PAGE_SIZE as usize), 0);
@@ -133,8 +142,12 @@ impl MemoryManager {
                 self.counters.dma_buddy_pages -= 1 << order;
             }
             DmaSource::Cma => {
-                let cma = self.cma.as_mut().ok_or(MmError::Invalid("dma: no CMA region"))?;
-                cma.free(buf.phys).ok_or(MmError::Invalid("dma: not a CMA buffer"))?;
+                let cma = self
+                    .cma
+                    .as_mut()
+                    .ok_or(MmError::Invalid("dma: no CMA region"))?;
+                cma.free(buf.phys)
+                    .ok_or(MmError::Invalid("dma: not a CMA buffer"))?;
             }
         }
         self.counters.dma_buffers -= 1;
@@ -155,7 +168,7 @@ impl MemoryManager {
             DmaSource::Buddy { order } => self.frame(buf.phys).is_some_and(|f| {
                 f.is(FrameState::Allocated)
                     && f.order as u32 == order
-                    && buf.phys % PAGE_SIZE == 0
+                    && buf.phys.is_multiple_of(PAGE_SIZE)
                     && buf.len as u64 <= PAGE_SIZE << order
             }),
             DmaSource::Cma => self.cma.as_ref().is_some_and(|c| {

@@ -109,7 +109,14 @@ impl FaultConfig {
 
 impl crate::MemoryManager {
     /// Configures `fail_page_alloc` (`slab == false`) or `failslab`.
-    pub fn set_fault(&mut self, slab: bool, probability: u8, interval: u32, times: i64, seed: u64) -> Result<(), crate::MmError> {
+    pub fn set_fault(
+        &mut self,
+        slab: bool,
+        probability: u8,
+        interval: u32,
+        times: i64,
+        seed: u64,
+    ) -> Result<(), crate::MmError> {
         if probability > 100 {
             return Err(crate::MmError::Invalid("fault probability is a percentage"));
         }

@@ -53,7 +53,8 @@ unsafe impl GlobalAlloc for GlobalMm {
         if !mm.is_initialized() {
             return null_mut();
         }
-        mm.kmalloc_layout(layout, Gfp::KERNEL).map_or(null_mut(), |p| p.as_ptr())
+        mm.kmalloc_layout(layout, Gfp::KERNEL)
+            .map_or(null_mut(), |p| p.as_ptr())
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {

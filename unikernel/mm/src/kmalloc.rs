@@ -13,12 +13,25 @@ use core::alloc::Layout;
 use core::ptr::NonNull;
 
 /// Object sizes of the kmalloc caches; the cache id is the index.
-pub const KMALLOC_SIZES: [usize; 13] = [8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192];
+pub const KMALLOC_SIZES: [usize; 13] = [
+    8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192,
+];
 pub const NR_KMALLOC: usize = KMALLOC_SIZES.len();
 pub const KMALLOC_MAX_CACHE_SIZE: usize = 8192;
 const KMALLOC_NAMES: [&str; NR_KMALLOC] = [
-    "kmalloc-8", "kmalloc-16", "kmalloc-32", "kmalloc-64", "kmalloc-96", "kmalloc-128", "kmalloc-192",
-    "kmalloc-256", "kmalloc-512", "kmalloc-1k", "kmalloc-2k", "kmalloc-4k", "kmalloc-8k",
+    "kmalloc-8",
+    "kmalloc-16",
+    "kmalloc-32",
+    "kmalloc-64",
+    "kmalloc-96",
+    "kmalloc-128",
+    "kmalloc-192",
+    "kmalloc-256",
+    "kmalloc-512",
+    "kmalloc-1k",
+    "kmalloc-2k",
+    "kmalloc-4k",
+    "kmalloc-8k",
 ];
 
 /// Linux's `size_index`: class for sizes 1..=192 by `(size - 1) / 8`.
@@ -67,7 +80,8 @@ impl MemoryManager {
     /// power-of-two sizes).
     #[inline]
     pub fn kmalloc(&mut self, size: usize, gfp: Gfp) -> Result<NonNull<u8>, MmError> {
-        let layout = Layout::from_size_align(size.max(1), 8).map_err(|_| MmError::Invalid("size too large"))?;
+        let layout = Layout::from_size_align(size.max(1), 8)
+            .map_err(|_| MmError::Invalid("size too large"))?;
         self.kmalloc_layout(layout, gfp)
     }
 
@@ -87,7 +101,9 @@ impl MemoryManager {
         let pages = bytes.div_ceil(PAGE_SIZE);
         let order = pages.next_power_of_two().trailing_zeros();
         if order >= self.max_order {
-            return Err(MmError::Invalid("kmalloc: larger than the largest buddy block"));
+            return Err(MmError::Invalid(
+                "kmalloc: larger than the largest buddy block",
+            ));
         }
         let pfn = self.alloc_frames(order, gfp)?;
         let f = &mut self.frames[pfn as usize];
@@ -107,7 +123,7 @@ impl MemoryManager {
             return Err(MmError::Invalid("kfree: not a kmalloc pointer"));
         };
         match f.state() {
-            FrameState::Large if self.dmap.phys(virt) % PAGE_SIZE == 0 => {
+            FrameState::Large if self.dmap.phys(virt).is_multiple_of(PAGE_SIZE) => {
                 let order = f.order as u32;
                 self.frames[pfn].count = 0;
                 self.counters.large_pages -= 1 << order;
@@ -143,7 +159,10 @@ impl MemoryManager {
     pub fn ksize(&self, ptr: NonNull<u8>) -> Result<usize, MmError> {
         let virt = ptr.as_ptr() as usize;
         let pfn = (self.dmap.phys(virt) / PAGE_SIZE) as usize;
-        let f = self.frames.get(pfn).ok_or(MmError::Invalid("ksize: not a kmalloc pointer"))?;
+        let f = self
+            .frames
+            .get(pfn)
+            .ok_or(MmError::Invalid("ksize: not a kmalloc pointer"))?;
         match f.state() {
             FrameState::Large => Ok((PAGE_SIZE as usize) << f.order),
             FrameState::Slab | FrameState::SlabTail => {
@@ -169,8 +188,15 @@ mod tests {
                 let c = size_class(size, align).unwrap();
                 let class = KMALLOC_SIZES[c];
                 assert!(class >= size, "size {size} align {align} -> {class}");
-                let natural = if class.is_power_of_two() { class } else { class & class.wrapping_neg() };
-                assert!(natural >= align.min(8) && (align <= 8 || natural % align == 0), "size {size} align {align} -> {class}");
+                let natural = if class.is_power_of_two() {
+                    class
+                } else {
+                    class & class.wrapping_neg()
+                };
+                assert!(
+                    natural >= align.min(8) && (align <= 8 || natural % align == 0),
+                    "size {size} align {align} -> {class}"
+                );
             }
         }
         assert_eq!(size_class(8193, 8), None);

@@ -3,7 +3,9 @@
 
 use crate::frame::FrameState;
 use crate::gfp::Gfp;
-use crate::slab::{self, CacheId, Corruption, CorruptionKind, Ctor, KmemCache, SlabFlags, AC_BATCH, AC_LIMIT};
+use crate::slab::{
+    self, CacheId, Corruption, CorruptionKind, Ctor, KmemCache, SlabFlags, AC_BATCH, AC_LIMIT,
+};
 use crate::{MemoryManager, MmError};
 use core::ptr::NonNull;
 
@@ -60,7 +62,9 @@ impl MemoryManager {
     #[inline(always)]
     fn finish_alloc(&mut self, obj: usize, gfp: Gfp, id: CacheId) -> NonNull<u8> {
         if gfp.zero() {
-            let size = self.caches[id.0 as usize].as_ref().map_or(0, |c| c.object_size);
+            let size = self.caches[id.0 as usize]
+                .as_ref()
+                .map_or(0, |c| c.object_size);
             crate::access::fill(obj, size, 0);
         }
         // SAFETY-free: objects live in managed memory, never at address 0.
@@ -71,12 +75,18 @@ impl MemoryManager {
     /// cache when they are all full; debug caches take one object directly.
     #[cold]
     fn cache_alloc_refill(&mut self, id: CacheId, gfp: Gfp) -> Result<NonNull<u8>, MmError> {
-        let want = if self.cache_mut(id)?.uses_array() { AC_BATCH } else { 1 };
+        let want = if self.cache_mut(id)?.uses_array() {
+            AC_BATCH
+        } else {
+            1
+        };
         let mut got = 0;
         let mut last = 0;
         while got < want {
             let dmap = self.dmap;
-            let cache = self.caches[id.0 as usize].as_mut().ok_or(MmError::NotFound)?;
+            let cache = self.caches[id.0 as usize]
+                .as_mut()
+                .ok_or(MmError::NotFound)?;
             match cache.slab_take(self.frames, dmap) {
                 Some(obj) => {
                     if want > 1 {
@@ -96,7 +106,9 @@ impl MemoryManager {
                 }
             }
         }
-        let cache = self.caches[id.0 as usize].as_mut().ok_or(MmError::NotFound)?;
+        let cache = self.caches[id.0 as usize]
+            .as_mut()
+            .ok_or(MmError::NotFound)?;
         cache.counters.allocs += 1;
         if want > 1 {
             cache.ac.avail -= 1;
@@ -114,7 +126,9 @@ impl MemoryManager {
         self.frames[pfn as usize].set_state(FrameState::Slab);
         self.counters.slab_pages += 1 << order;
         let dmap = self.dmap;
-        let cache = self.caches[id.0 as usize].as_mut().ok_or(MmError::NotFound)?;
+        let cache = self.caches[id.0 as usize]
+            .as_mut()
+            .ok_or(MmError::NotFound)?;
         cache.init_slab(self.frames, dmap, pfn, id);
         Ok(())
     }
@@ -242,7 +256,9 @@ impl MemoryManager {
         let avail = cache.ac.avail;
         self.flush_array(id.0 as usize, avail);
         let dmap = self.dmap;
-        let cache = self.caches[id.0 as usize].as_mut().ok_or(MmError::NotFound)?;
+        let cache = self.caches[id.0 as usize]
+            .as_mut()
+            .ok_or(MmError::NotFound)?;
         if cache.slab_inuse > 0 {
             return Err(MmError::Busy {
                 live: cache.slab_inuse,

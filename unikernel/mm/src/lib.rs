@@ -56,7 +56,7 @@ pub use fault::{FaultAttr, FaultConfig};
 pub use frame::{Frame, FrameState, FRAME_DESCRIPTOR_BYTES};
 pub use gfp::Gfp;
 pub use global::GlobalMm;
-pub use memblock::{MemRegion, Memblock, RegionKind, ReserveKind, Reservation, PAGE_SIZE};
+pub use memblock::{MemRegion, Memblock, RegionKind, Reservation, ReserveKind, PAGE_SIZE};
 pub use mempool::{PoolBacking, PoolElement, PoolId};
 pub use owner::{Owner, MAX_OWNERS};
 pub use slab::{CacheId, Corruption, CorruptionKind, Ctor, KmemCache, SlabFlags};
@@ -175,7 +175,9 @@ impl MemoryManager {
         }
         let nr_frames = end / PAGE_SIZE;
         if nr_frames > u32::MAX as u64 - 1 {
-            return Err(MmError::Invalid("more memory than 32-bit frame numbers reach"));
+            return Err(MmError::Invalid(
+                "more memory than 32-bit frame numbers reach",
+            ));
         }
         let table_bytes = nr_frames * FRAME_DESCRIPTOR_BYTES as u64;
         let table = mb

@@ -210,7 +210,14 @@ impl Memblock {
 
     /// Allocates `size` bytes aligned to `align` inside `[lo, hi)`, from the
     /// top down as Linux's memblock does, and reserves them.
-    pub fn alloc(&mut self, size: u64, align: u64, lo: u64, hi: u64, kind: ReserveKind) -> Option<u64> {
+    pub fn alloc(
+        &mut self,
+        size: u64,
+        align: u64,
+        lo: u64,
+        hi: u64,
+        kind: ReserveKind,
+    ) -> Option<u64> {
         let size = page_up(size);
         let align = align.max(PAGE_SIZE);
         let mut best: Option<u64> = None;
@@ -275,11 +282,17 @@ mod tests {
     fn alloc_is_top_down_aligned_and_limited() {
         let mut m = Memblock::new();
         m.add_memory(0, 0x4000000);
-        let a = m.alloc(0x3000, 0x1000, 0, u64::MAX, ReserveKind::FrameTable).unwrap();
+        let a = m
+            .alloc(0x3000, 0x1000, 0, u64::MAX, ReserveKind::FrameTable)
+            .unwrap();
         assert_eq!(a, 0x4000000 - 0x3000);
-        let b = m.alloc(0x200000, 0x200000, 0, 0x1000000, ReserveKind::DmaReserve).unwrap();
+        let b = m
+            .alloc(0x200000, 0x200000, 0, 0x1000000, ReserveKind::DmaReserve)
+            .unwrap();
         assert_eq!(b, 0xe00000);
-        assert!(m.alloc(0x8000000, 0x1000, 0, u64::MAX, ReserveKind::DmaReserve).is_none());
+        assert!(m
+            .alloc(0x8000000, 0x1000, 0, u64::MAX, ReserveKind::DmaReserve)
+            .is_none());
         let total: u64 = free_ranges(&m).iter().map(|r| r.1 - r.0).sum();
         assert_eq!(total, 0x4000000 - 0x3000 - 0x200000);
     }

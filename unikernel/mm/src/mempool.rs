@@ -70,18 +70,32 @@ pub struct Mempool {
 impl MemoryManager {
     /// `mempool_create`: fills the reserve with `min_nr` elements, or fails
     /// and frees what it took.
-    pub fn mempool_create(&mut self, backing: PoolBacking, min_nr: usize) -> Result<PoolId, MmError> {
+    pub fn mempool_create(
+        &mut self,
+        backing: PoolBacking,
+        min_nr: usize,
+    ) -> Result<PoolId, MmError> {
         if min_nr == 0 || min_nr > MAX_MIN_NR {
             return Err(MmError::Invalid("mempool: min_nr must be 1..=65536"));
         }
         let element_size = match backing {
             PoolBacking::Cache(id) => self.cache(id).ok_or(MmError::NotFound)?.object_size,
-            PoolBacking::Kmalloc(size) if (1..=(PAGE_SIZE as usize) << (self.max_order - 1)).contains(&size) => size,
+            PoolBacking::Kmalloc(size)
+                if (1..=(PAGE_SIZE as usize) << (self.max_order - 1)).contains(&size) =>
+            {
+                size
+            }
             PoolBacking::Kmalloc(_) => return Err(MmError::Invalid("mempool: bad kmalloc size")),
             PoolBacking::Pages(order) if order < self.max_order => (PAGE_SIZE as usize) << order,
-            PoolBacking::Pages(_) => return Err(MmError::Invalid("mempool: order is not below max_order")),
+            PoolBacking::Pages(_) => {
+                return Err(MmError::Invalid("mempool: order is not below max_order"))
+            }
         };
-        let slot = self.pools.iter().position(|p| p.is_none()).ok_or(MmError::TableFull)?;
+        let slot = self
+            .pools
+            .iter()
+            .position(|p| p.is_none())
+            .ok_or(MmError::TableFull)?;
         self.pools[slot] = Some(Mempool {
             backing,
             min_nr,
@@ -116,10 +130,17 @@ impl MemoryManager {
     }
 
     fn pool_mut(&mut self, id: PoolId) -> Result<&mut Mempool, MmError> {
-        self.pools.get_mut(id.0 as usize).and_then(|p| p.as_mut()).ok_or(MmError::NotFound)
+        self.pools
+            .get_mut(id.0 as usize)
+            .and_then(|p| p.as_mut())
+            .ok_or(MmError::NotFound)
     }
 
-    fn pool_backing_alloc(&mut self, backing: PoolBacking, gfp: Gfp) -> Result<PoolElement, MmError> {
+    fn pool_backing_alloc(
+        &mut self,
+        backing: PoolBacking,
+        gfp: Gfp,
+    ) -> Result<PoolElement, MmError> {
         let virt = match backing {
             PoolBacking::Cache(id) => self.cache_alloc(id, gfp)?.as_ptr() as usize,
             PoolBacking::Kmalloc(size) => self.kmalloc(size, gfp)?.as_ptr() as usize,
@@ -247,7 +268,9 @@ impl MemoryManager {
 
     /// Walks a pool's reserve list (for the checker).
     pub(crate) fn pool_reserve_len(&self, id: PoolId) -> usize {
-        let Some(pool) = self.mempool(id) else { return 0 };
+        let Some(pool) = self.mempool(id) else {
+            return 0;
+        };
         let mut n = 0;
         let mut cur = pool.head;
         while cur != END && n <= pool.min_nr {

@@ -37,7 +37,7 @@ impl MemoryManager {
     pub fn free_pages(&mut self, phys: u64, order: u32) -> Result<(), MmError> {
         let pfn = phys / PAGE_SIZE;
         let f = match self.frames.get_mut(pfn as usize) {
-            Some(f) if phys % PAGE_SIZE == 0 && f.is(FrameState::Allocated) => f,
+            Some(f) if phys.is_multiple_of(PAGE_SIZE) && f.is(FrameState::Allocated) => f,
             _ => return Err(MmError::Invalid("not the start of an allocated page block")),
         };
         if f.order as u32 != order {
@@ -66,7 +66,11 @@ impl MemoryManager {
             None => self.alloc_slowpath(order, gfp, highest)?,
         };
         if gfp.zero() {
-            access::fill(self.dmap.virt(pfn as u64 * PAGE_SIZE), (PAGE_SIZE as usize) << order, 0);
+            access::fill(
+                self.dmap.virt(pfn as u64 * PAGE_SIZE),
+                (PAGE_SIZE as usize) << order,
+                0,
+            );
         }
         Ok(pfn)
     }
@@ -83,7 +87,13 @@ impl MemoryManager {
             self.zones[zone_ty as usize].pcp.push(pfn);
         } else {
             let max_order = self.max_order;
-            buddy::give(&mut self.zones[zone_ty as usize], self.frames, pfn, order, max_order);
+            buddy::give(
+                &mut self.zones[zone_ty as usize],
+                self.frames,
+                pfn,
+                order,
+                max_order,
+            );
         }
     }
 

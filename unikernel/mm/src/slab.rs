@@ -154,7 +154,10 @@ impl KmemCache {
         ctor: Option<Ctor>,
         max_order: u32,
     ) -> Option<KmemCache> {
-        if size == 0 || size > MAX_OBJECT_SIZE || !align.is_power_of_two() || align > PAGE_SIZE as usize
+        if size == 0
+            || size > MAX_OBJECT_SIZE
+            || !align.is_power_of_two()
+            || align > PAGE_SIZE as usize
         {
             return None;
         }
@@ -244,7 +247,13 @@ impl KmemCache {
 
     /// Lays out a fresh slab at `head`: tail frames point back, objects are
     /// linked into its free list and constructed (poisoned, red-zoned).
-    pub(crate) fn init_slab(&mut self, frames: &mut [Frame], dmap: DirectMap, head: u32, id: CacheId) {
+    pub(crate) fn init_slab(
+        &mut self,
+        frames: &mut [Frame],
+        dmap: DirectMap,
+        head: u32,
+        id: CacheId,
+    ) {
         for tail in 1..(1u32 << self.order) {
             let f = &mut frames[(head + tail) as usize];
             f.set(FrameState::SlabTail, frames_zone(head), 0);
@@ -262,7 +271,11 @@ impl KmemCache {
                 ctor(access::bytes_mut(obj, self.object_size));
             }
             self.debug_on_free(obj);
-            let next = if i + 1 == objs { NO_OBJECT } else { (i + 1) as u16 };
+            let next = if i + 1 == objs {
+                NO_OBJECT
+            } else {
+                (i + 1) as u16
+            };
             access::write_link(self.link_at(obj), next as u64);
         }
         self.empty.push(frames, head);
@@ -303,7 +316,13 @@ impl KmemCache {
     }
 
     /// Returns an object to its slab.
-    pub(crate) fn slab_put(&mut self, frames: &mut [Frame], dmap: DirectMap, obj: usize, head: u32) {
+    pub(crate) fn slab_put(
+        &mut self,
+        frames: &mut [Frame],
+        dmap: DirectMap,
+        obj: usize,
+        head: u32,
+    ) {
         let base = self.slab_base(dmap, head);
         let idx = ((obj - base) / self.stride) as u16;
         let f = &mut frames[head as usize];
@@ -328,7 +347,13 @@ impl KmemCache {
 
     /// Finds the slab head of `obj` and checks that `obj` is an object
     /// boundary of this cache.
-    pub(crate) fn owning_slab(&self, frames: &[Frame], dmap: DirectMap, id: CacheId, obj: usize) -> Option<u32> {
+    pub(crate) fn owning_slab(
+        &self,
+        frames: &[Frame],
+        dmap: DirectMap,
+        id: CacheId,
+        obj: usize,
+    ) -> Option<u32> {
         let head = slab_head(frames, dmap, obj)?;
         let f = &frames[head as usize];
         if f.owner != id.0 {
@@ -368,9 +393,10 @@ impl KmemCache {
         }
         let bytes = access::bytes_mut(obj, self.object_size);
         let last = self.object_size - 1;
-        bytes.iter().enumerate().position(|(i, &b)| {
-            b != if i == last { POISON_END } else { POISON_FREE }
-        })
+        bytes
+            .iter()
+            .enumerate()
+            .position(|(i, &b)| b != if i == last { POISON_END } else { POISON_FREE })
     }
 
     /// Debug checks on allocation: poison intact (else a use after free is
@@ -421,7 +447,13 @@ impl KmemCache {
     }
 
     /// Every object index on a slab's free list (for checks and destroy).
-    pub(crate) fn for_each_free_object(&self, frames: &[Frame], dmap: DirectMap, head: u32, mut f: impl FnMut(usize)) -> usize {
+    pub(crate) fn for_each_free_object(
+        &self,
+        frames: &[Frame],
+        dmap: DirectMap,
+        head: u32,
+        mut f: impl FnMut(usize),
+    ) -> usize {
         let base = self.slab_base(dmap, head);
         let mut idx = frames[head as usize].aux;
         let mut n = 0;
@@ -483,7 +515,15 @@ mod tests {
         }
         let c = KmemCache::new("b", 24, 8, SlabFlags::NONE, Some(ctor), 11).unwrap();
         assert_eq!((c.stride, c.freeptr_offset), (32, 24));
-        let d = KmemCache::new("c", 20, 8, SlabFlags::POISON | SlabFlags::RED_ZONE, None, 11).unwrap();
+        let d = KmemCache::new(
+            "c",
+            20,
+            8,
+            SlabFlags::POISON | SlabFlags::RED_ZONE,
+            None,
+            11,
+        )
+        .unwrap();
         assert_eq!((d.stride, d.freeptr_offset), (40, 32));
         let h = KmemCache::new("d", 40, 8, SlabFlags::HWCACHE_ALIGN, None, 11).unwrap();
         assert_eq!(h.stride, 64);

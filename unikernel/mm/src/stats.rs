@@ -43,6 +43,12 @@ pub struct CorruptionLog {
     pub total: u64,
 }
 
+impl Default for CorruptionLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl CorruptionLog {
     pub const fn new() -> Self {
         CorruptionLog {
@@ -161,8 +167,8 @@ impl MemoryManager {
             .map_or((0, 0), |c| (c.pages * page, c.free_pages() * page));
         let mut slab_reclaimable = 0;
         for (_, c) in self.caches() {
-            slab_reclaimable += c.ac.avail as u64 * c.stride as u64
-                + c.empty.len as u64 * c.slab_bytes() as u64;
+            slab_reclaimable +=
+                c.ac.avail as u64 * c.stride as u64 + c.empty.len as u64 * c.slab_bytes() as u64;
         }
         let mempool_reserve = self
             .mempools()

@@ -25,8 +25,14 @@ fn std_collections_run_on_memd() {
         let used: u64 = mm.slabinfo().map(|s| s.active_objs).sum();
         (used, mm.meminfo().kmalloc_large, mm.check())
     };
-    assert!(used_slab >= 20_000, "the collections' values live in memd's slabs: {used_slab}");
-    assert!(large >= 3 << 20, "the 3 MiB vector is a buddy block: {large}");
+    assert!(
+        used_slab >= 20_000,
+        "the collections' values live in memd's slabs: {used_slab}"
+    );
+    assert!(
+        large >= 3 << 20,
+        "the 3 MiB vector is a buddy block: {large}"
+    );
     checked.unwrap();
     drop((map, tree, big));
     let (large_after, checked) = {

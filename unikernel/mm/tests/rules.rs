@@ -38,8 +38,11 @@ fn boot_builds_zones_from_the_map() {
     // carved top-down from Normal.
     let table = ((4 << 30) + 32 * MIB) / PAGE_SIZE * 16;
     assert_eq!(zi[2].managed * PAGE_SIZE, 32 * MIB - table);
-    assert_eq!(zi[0].managed, 4096 - 256 - 0);
-    assert!(mm.reservations().iter().any(|r| r.kind == ReserveKind::FrameTable));
+    assert_eq!(zi[0].managed, 4096 - 256, "DMA: 1-16 MiB");
+    assert!(mm
+        .reservations()
+        .iter()
+        .any(|r| r.kind == ReserveKind::FrameTable));
     assert_eq!(FRAME_DESCRIPTOR_BYTES, 16);
     for z in &zi {
         assert!(z.watermark.min > 0 && z.watermark.min < z.watermark.low);
@@ -50,14 +53,21 @@ fn boot_builds_zones_from_the_map() {
 fn gfp_zone_flags_constrain_addresses() {
     let mut mm = machine("");
     let p = mm.alloc_pages(0, Gfp::KERNEL).unwrap();
-    assert_eq!(zone_of(p), ZoneType::Normal, "KERNEL prefers the highest zone");
+    assert_eq!(
+        zone_of(p),
+        ZoneType::Normal,
+        "KERNEL prefers the highest zone"
+    );
     let p = mm.alloc_pages(3, Gfp::KERNEL | Gfp::DMA32).unwrap();
     assert_eq!(zone_of(p), ZoneType::Dma32);
     let p = mm.alloc_pages(2, Gfp::KERNEL | Gfp::DMA).unwrap();
     assert!(p + (4 << 12) <= 16 * MIB);
     let dma = fill_zone(&mut mm, Gfp::KERNEL | Gfp::DMA);
     assert!(dma.iter().all(|&p| p < 16 * MIB));
-    assert_eq!(mm.alloc_pages(0, Gfp::NOWAIT | Gfp::DMA), Err(MmError::NoMemory));
+    assert_eq!(
+        mm.alloc_pages(0, Gfp::NOWAIT | Gfp::DMA),
+        Err(MmError::NoMemory)
+    );
     let reserve = mm.alloc_pages(0, Gfp::ATOMIC | Gfp::DMA).unwrap();
     assert!(reserve < 16 * MIB, "ATOMIC may still use the DMA reserve");
     mm.check().unwrap();
@@ -69,8 +79,16 @@ fn zonelist_falls_back_and_lowmem_reserve_protects_dma() {
     let normal_free = mm.zoneinfo()[2].free;
     let got = fill_zone(&mut mm, Gfp::KERNEL);
     let zi = mm.zoneinfo();
-    assert!(got.iter().any(|&p| zone_of(p) == ZoneType::Dma32), "fell back to DMA32");
-    assert!(got.iter().filter(|&&p| zone_of(p) == ZoneType::Normal).count() as u64 <= normal_free);
+    assert!(
+        got.iter().any(|&p| zone_of(p) == ZoneType::Dma32),
+        "fell back to DMA32"
+    );
+    assert!(
+        got.iter()
+            .filter(|&&p| zone_of(p) == ZoneType::Normal)
+            .count() as u64
+            <= normal_free
+    );
     assert!(zi[1].counters.fallback > 0);
     // DMA keeps at least its min watermark plus the reserve against Normal.
     assert!(zi[0].free >= zi[0].watermark.min + zi[0].lowmem_reserve[2]);
@@ -84,7 +102,10 @@ fn zonelist_falls_back_and_lowmem_reserve_protects_dma() {
 fn atomic_dips_below_min_but_nowait_and_kernel_do_not() {
     let mut mm = machine("");
     fill_zone(&mut mm, Gfp::KERNEL | Gfp::DMA32);
-    assert_eq!(mm.alloc_pages(0, Gfp::NOWAIT | Gfp::DMA32), Err(MmError::NoMemory));
+    assert_eq!(
+        mm.alloc_pages(0, Gfp::NOWAIT | Gfp::DMA32),
+        Err(MmError::NoMemory)
+    );
     let zi = mm.zoneinfo()[1];
     assert!(zi.free >= zi.watermark.min);
     let atomic = fill_zone(&mut mm, Gfp::ATOMIC | Gfp::DMA32);
@@ -98,8 +119,12 @@ fn atomic_dips_below_min_but_nowait_and_kernel_do_not() {
 #[test]
 fn kernel_requests_reclaim_slab_before_failing() {
     let mut mm = machine("");
-    let cache = mm.cache_create("reclaimable", 512, 8, SlabFlags::NONE, None).unwrap();
-    let objs: Vec<_> = (0..20_000).map(|_| mm.cache_alloc(cache, Gfp::KERNEL).unwrap()).collect();
+    let cache = mm
+        .cache_create("reclaimable", 512, 8, SlabFlags::NONE, None)
+        .unwrap();
+    let objs: Vec<_> = (0..20_000)
+        .map(|_| mm.cache_alloc(cache, Gfp::KERNEL).unwrap())
+        .collect();
     for o in objs {
         mm.cache_free(cache, o).unwrap();
     }
@@ -111,7 +136,10 @@ fn kernel_requests_reclaim_slab_before_failing() {
     pages.extend(fill_zone(&mut mm, Gfp::KERNEL));
     assert!(mm.counters().reclaim_runs > before);
     assert!(mm.counters().reclaimed_pages > 0);
-    assert_eq!(mm.slabinfo().find(|s| s.id == cache.0).unwrap().num_slabs, 0);
+    assert_eq!(
+        mm.slabinfo().find(|s| s.id == cache.0).unwrap().num_slabs,
+        0
+    );
     mm.check().unwrap();
     for p in pages {
         mm.free_pages(p, 0).unwrap();
@@ -168,7 +196,10 @@ fn max_order_is_settable() {
     let mut mm = machine("memd.max_order=5");
     assert_eq!(mm.max_order(), 5);
     assert!(mm.alloc_pages(4, Gfp::KERNEL).is_ok());
-    assert!(matches!(mm.alloc_pages(5, Gfp::KERNEL), Err(MmError::Invalid(_))));
+    assert!(matches!(
+        mm.alloc_pages(5, Gfp::KERNEL),
+        Err(MmError::Invalid(_))
+    ));
     assert_eq!(mm.zoneinfo()[1].nr_free[5], 0);
     mm.check().unwrap();
 }
@@ -176,7 +207,10 @@ fn max_order_is_settable() {
 #[test]
 fn memmap_hole_is_never_handed_out() {
     let mut mm = machine("memmap=2M$0x2000000");
-    assert!(mm.reservations().iter().any(|r| r.kind == ReserveKind::Hole && r.start == 0x2000000));
+    assert!(mm
+        .reservations()
+        .iter()
+        .any(|r| r.kind == ReserveKind::Hole && r.start == 0x2000000));
     for p in fill_zone(&mut mm, Gfp::ATOMIC | Gfp::DMA32) {
         assert!(!(0x2000000..0x2200000).contains(&p));
     }
@@ -191,7 +225,9 @@ fn ctor(obj: &mut [u8]) {
 #[test]
 fn constructor_runs_when_a_slab_is_populated_not_per_alloc() {
     let mut mm = machine("");
-    let c = mm.cache_create("ctor-test", 100, 8, SlabFlags::NONE, Some(ctor)).unwrap();
+    let c = mm
+        .cache_create("ctor-test", 100, 8, SlabFlags::NONE, Some(ctor))
+        .unwrap();
     let a = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
     let per_slab = mm.cache(c).unwrap().objs_per_slab as usize;
     assert_eq!(CTOR_RUNS.load(Ordering::SeqCst), per_slab);
@@ -201,10 +237,17 @@ fn constructor_runs_when_a_slab_is_populated_not_per_alloc() {
     for _ in 0..5 {
         let b = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
         let obj = unsafe { core::slice::from_raw_parts(b.as_ptr(), 100) };
-        assert!(obj.iter().all(|&x| x == 0x5a), "constructed state survives free");
+        assert!(
+            obj.iter().all(|&x| x == 0x5a),
+            "constructed state survives free"
+        );
         mm.cache_free(c, b).unwrap();
     }
-    assert_eq!(CTOR_RUNS.load(Ordering::SeqCst), per_slab, "no constructor call on alloc");
+    assert_eq!(
+        CTOR_RUNS.load(Ordering::SeqCst),
+        per_slab,
+        "no constructor call on alloc"
+    );
     mm.cache_destroy(c).unwrap();
     mm.check().unwrap();
 }
@@ -212,8 +255,12 @@ fn constructor_runs_when_a_slab_is_populated_not_per_alloc() {
 #[test]
 fn destroy_with_live_objects_fails_and_reports_them() {
     let mut mm = machine("");
-    let c = mm.cache_create("leaky", 64, 8, SlabFlags::HWCACHE_ALIGN, None).unwrap();
-    let objs: Vec<_> = (0..3).map(|_| mm.cache_alloc(c, Gfp::KERNEL).unwrap()).collect();
+    let c = mm
+        .cache_create("leaky", 64, 8, SlabFlags::HWCACHE_ALIGN, None)
+        .unwrap();
+    let objs: Vec<_> = (0..3)
+        .map(|_| mm.cache_alloc(c, Gfp::KERNEL).unwrap())
+        .collect();
     assert_eq!(mm.cache_destroy(c), Err(MmError::Busy { live: 3 }));
     assert!(mm.cache(c).is_some(), "cache survives a refused destroy");
     for o in objs {
@@ -221,16 +268,25 @@ fn destroy_with_live_objects_fails_and_reports_them() {
     }
     let free_before = mm.meminfo().free;
     mm.cache_destroy(c).unwrap();
-    assert!(mm.meminfo().free > free_before, "slabs returned to the buddy");
+    assert!(
+        mm.meminfo().free > free_before,
+        "slabs returned to the buddy"
+    );
     assert_eq!(mm.cache_destroy(c), Err(MmError::NotFound));
-    assert_eq!(mm.cache_destroy(CacheId(0)), Err(MmError::NotPermitted), "kmalloc caches stay");
+    assert_eq!(
+        mm.cache_destroy(CacheId(0)),
+        Err(MmError::NotPermitted),
+        "kmalloc caches stay"
+    );
     mm.check().unwrap();
 }
 
 #[test]
 fn poison_catches_use_after_free() {
     let mut mm = machine("");
-    let c = mm.cache_create("poisoned", 48, 8, SlabFlags::POISON, None).unwrap();
+    let c = mm
+        .cache_create("poisoned", 48, 8, SlabFlags::POISON, None)
+        .unwrap();
     let a = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
     let _b = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
     mm.cache_free(c, a).unwrap();
@@ -246,7 +302,10 @@ fn poison_catches_use_after_free() {
     }
     assert!(mm.corruptions().total >= 1);
     mm.cache_free(c, _b).unwrap();
-    assert!(matches!(mm.cache_destroy(c), Err(MmError::Corrupted(_))), "destroy reports it too");
+    assert!(
+        matches!(mm.cache_destroy(c), Err(MmError::Corrupted(_))),
+        "destroy reports it too"
+    );
     assert!(mm.cache(c).is_none());
     mm.check().unwrap();
 }
@@ -254,7 +313,9 @@ fn poison_catches_use_after_free() {
 #[test]
 fn red_zone_catches_overrun_and_double_free() {
     let mut mm = machine("");
-    let c = mm.cache_create("guarded", 20, 8, SlabFlags::RED_ZONE, None).unwrap();
+    let c = mm
+        .cache_create("guarded", 20, 8, SlabFlags::RED_ZONE, None)
+        .unwrap();
     let a = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
     let b = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
     unsafe { *a.as_ptr().add(21) = 0 }; // one past the end (+1)
@@ -275,14 +336,30 @@ fn red_zone_catches_overrun_and_double_free() {
 fn kmalloc_classes_ksize_large_and_bad_pointers() {
     let mut mm = machine("");
     let mut ptrs = Vec::new();
-    for size in [1, 8, 9, 96, 100, 192, 200, 4096, 8192, 8193, 100_000, 4 << 20] {
+    for size in [
+        1,
+        8,
+        9,
+        96,
+        100,
+        192,
+        200,
+        4096,
+        8192,
+        8193,
+        100_000,
+        4 << 20,
+    ] {
         let p = mm.kmalloc(size, Gfp::KERNEL).unwrap();
         let k = mm.ksize(p).unwrap();
         assert!(k >= size, "ksize({size}) = {k}");
         unsafe { core::ptr::write_bytes(p.as_ptr(), 0xab, size) };
         ptrs.push(p);
     }
-    assert!(mm.kmalloc(8 << 20, Gfp::KERNEL).is_err(), "beyond the largest block");
+    assert!(
+        mm.kmalloc(8 << 20, Gfp::KERNEL).is_err(),
+        "beyond the largest block"
+    );
     assert!(mm.meminfo().kmalloc_large > 0);
     mm.check().unwrap();
     let bogus = core::ptr::NonNull::new((ptrs[0].as_ptr() as usize + 1) as *mut u8).unwrap();
@@ -299,19 +376,30 @@ fn kmalloc_classes_ksize_large_and_bad_pointers() {
 #[test]
 fn mempool_makes_progress_when_the_backing_allocator_fails() {
     let mut mm = machine("");
-    let c = mm.cache_create("bio", 256, 8, SlabFlags::NONE, None).unwrap();
+    let c = mm
+        .cache_create("bio", 256, 8, SlabFlags::NONE, None)
+        .unwrap();
     let pool = mm.mempool_create(PoolBacking::Cache(c), 4).unwrap();
     let info = mm.mempool_info().next().unwrap();
     assert_eq!((info.curr_nr, info.idle_bytes), (4, 4 * 256));
     // Every slab allocation fails now.
     mm.set_fault(true, 100, 0, -1, 1).unwrap();
     assert!(mm.cache_alloc(c, Gfp::KERNEL).is_err());
-    let got: Vec<_> = (0..4).map(|_| mm.mempool_alloc(pool, Gfp::KERNEL).unwrap()).collect();
+    let got: Vec<_> = (0..4)
+        .map(|_| mm.mempool_alloc(pool, Gfp::KERNEL).unwrap())
+        .collect();
     assert_eq!(mm.mempool(pool).unwrap().counters.from_reserve, 4);
-    assert!(mm.mempool_alloc(pool, Gfp::KERNEL).is_err(), "reserve exhausted");
+    assert!(
+        mm.mempool_alloc(pool, Gfp::KERNEL).is_err(),
+        "reserve exhausted"
+    );
     mm.check().unwrap();
     mm.mempool_free(pool, got[0]).unwrap();
-    assert_eq!(mm.mempool(pool).unwrap().curr_nr, 1, "free refills the reserve first");
+    assert_eq!(
+        mm.mempool(pool).unwrap().curr_nr,
+        1,
+        "free refills the reserve first"
+    );
     assert!(mm.mempool_alloc(pool, Gfp::KERNEL).is_ok());
     mm.set_fault(true, 0, 0, 0, 0).unwrap();
     assert_eq!(mm.mempool_destroy(pool), Err(MmError::Busy { live: 4 }));
@@ -324,7 +412,9 @@ fn page_mempool_under_real_exhaustion() {
     let pool = mm.mempool_create(PoolBacking::Pages(0), 8).unwrap();
     let hog = fill_zone(&mut mm, Gfp::ATOMIC);
     assert!(mm.alloc_pages(0, Gfp::ATOMIC).is_err());
-    let got: Vec<_> = (0..8).map(|_| mm.mempool_alloc(pool, Gfp::ATOMIC).unwrap()).collect();
+    let got: Vec<_> = (0..8)
+        .map(|_| mm.mempool_alloc(pool, Gfp::ATOMIC).unwrap())
+        .collect();
     assert!(mm.mempool_alloc(pool, Gfp::ATOMIC).is_err());
     for e in got {
         mm.mempool_free(pool, e).unwrap();
@@ -354,14 +444,26 @@ fn contiguous_buffers_beyond_max_order_after_fragmentation() {
         }
     }
     mm.drain_all_pages();
-    assert!(mm.alloc_pages(10, Gfp::KERNEL).is_err(), "no 4 MiB block left in the buddy");
-    let buf = mm.dma_alloc(16 * MIB_USIZE, 1 << 20, DmaMask::Bits32).unwrap();
+    assert!(
+        mm.alloc_pages(10, Gfp::KERNEL).is_err(),
+        "no 4 MiB block left in the buddy"
+    );
+    let buf = mm
+        .dma_alloc(16 * MIB_USIZE, 1 << 20, DmaMask::Bits32)
+        .unwrap();
     assert_eq!(buf.source, DmaSource::Cma);
     assert!(buf.phys >= cma.base && buf.phys + 16 * MIB <= cma.base + cma.size);
     assert_eq!(buf.phys % (1 << 20), 0);
     assert!(mm.dma_bytes(&buf).unwrap().iter().all(|&b| b == 0));
-    assert_eq!(mm.dma_alloc(16 * MIB_USIZE, 4096, DmaMask::Bits32), Err(MmError::NoMemory));
-    assert_eq!(mm.dma_alloc(4 * MIB_USIZE, 4096, DmaMask::Bits24), Err(MmError::NoMemory), "outside the mask");
+    assert_eq!(
+        mm.dma_alloc(16 * MIB_USIZE, 4096, DmaMask::Bits32),
+        Err(MmError::NoMemory)
+    );
+    assert_eq!(
+        mm.dma_alloc(4 * MIB_USIZE, 4096, DmaMask::Bits24),
+        Err(MmError::NoMemory),
+        "outside the mask"
+    );
     mm.check().unwrap();
     mm.dma_free(&buf).unwrap();
     assert!(mm.dma_bytes(&buf).is_err(), "freed buffers are refused");
@@ -381,7 +483,13 @@ fn small_dma_buffers_come_from_the_buddy_below_the_mask() {
     let c = mm.dma_alloc(4096, 64 << 10, DmaMask::Bits32).unwrap();
     assert_eq!(c.phys % (64 << 10), 0);
     assert!(c.phys < 4 << 30);
-    assert!(matches!(mm.dma_alloc(64 * MIB_USIZE, 4096, DmaMask::Bits64), Err(MmError::Invalid(_))), "no reserve");
+    assert!(
+        matches!(
+            mm.dma_alloc(64 * MIB_USIZE, 4096, DmaMask::Bits64),
+            Err(MmError::Invalid(_))
+        ),
+        "no reserve"
+    );
     assert!(mm.dma_alloc(0, 4096, DmaMask::Bits64).is_err());
     assert!(mm.dma_alloc(4096, 3, DmaMask::Bits64).is_err());
     mm.dma_free(&b).unwrap();
@@ -399,7 +507,9 @@ fn fault_injection_fails_exactly_as_configured() {
     assert!(mm.alloc_pages(0, Gfp::KERNEL).is_ok());
     assert_eq!(mm.faults().0.injected, 3);
     mm.set_fault(false, 100, 4, -1, 7).unwrap();
-    let results: Vec<bool> = (0..8).map(|_| mm.alloc_pages(0, Gfp::KERNEL).is_ok()).collect();
+    let results: Vec<bool> = (0..8)
+        .map(|_| mm.alloc_pages(0, Gfp::KERNEL).is_ok())
+        .collect();
     assert_eq!(results, [true, true, true, false, true, true, true, false]);
     assert!(mm.set_fault(true, 101, 0, 1, 0).is_err());
 }

@@ -1,0 +1,313 @@
+//! Property tests: long random operation sequences against a simple model,
+//! with the invariant checker after every step.
+//!
+//! The model is the set of live allocations as physical ranges. After every
+//! step: `check()` passes, no two live allocations overlap, every address
+//! obeys its request's zone or DMA mask, and every allocation still holds
+//! the tag written into it. At the end everything is freed and free memory
+//! must equal the baseline exactly.
+
+use memd_mm::arena::HostMm;
+use memd_mm::*;
+use proptest::prelude::*;
+use std::ptr::NonNull;
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Pages {
+        order: u32,
+        zone: u8,
+        atomic: bool,
+    },
+    Kmalloc {
+        size: usize,
+    },
+    CacheAlloc {
+        debug: bool,
+    },
+    Dma {
+        len: usize,
+        align_log: u32,
+        mask: u8,
+    },
+    PoolAlloc,
+    Free {
+        pick: usize,
+    },
+    Shrink,
+    Reclaim,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u32..6, 0u8..3, any::<bool>()).prop_map(|(order, zone, atomic)| Op::Pages { order, zone, atomic }),
+        4 => prop_oneof![1usize..256, 1usize..9000, 1usize..200_000].prop_map(|size| Op::Kmalloc { size }),
+        3 => any::<bool>().prop_map(|debug| Op::CacheAlloc { debug }),
+        2 => (1usize..(12 << 20), 12u32..22, 0u8..3).prop_map(|(len, align_log, mask)| Op::Dma { len, align_log, mask }),
+        1 => Just(Op::PoolAlloc),
+        6 => any::<usize>().prop_map(|pick| Op::Free { pick }),
+        1 => Just(Op::Shrink),
+        1 => Just(Op::Reclaim),
+    ]
+}
+
+enum Kind {
+    Pages(u32),
+    Kmalloc,
+    Cache(CacheId),
+    Dma(DmaBuffer),
+    Pool(PoolId, PoolElement),
+}
+
+struct Live {
+    start: u64,
+    len: u64,
+    limit: u64,
+    tag: u8,
+    kind: Kind,
+}
+
+struct Harness {
+    mm: HostMm,
+    live: Vec<Live>,
+    caches: [CacheId; 2],
+    pool: PoolId,
+    next_tag: u8,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let mut mm = HostMm::three_zones(48 * MIB, 24 * MIB, "memd.dma_reserve=16M@dma32").unwrap();
+        let plain = mm
+            .cache_create("model-plain", 72, 8, SlabFlags::NONE, None)
+            .unwrap();
+        let debug = mm
+            .cache_create(
+                "model-debug",
+                40,
+                8,
+                SlabFlags::POISON | SlabFlags::RED_ZONE,
+                None,
+            )
+            .unwrap();
+        let pool = mm.mempool_create(PoolBacking::Pages(1), 3).unwrap();
+        Harness {
+            mm,
+            live: Vec::new(),
+            caches: [plain, debug],
+            pool,
+            next_tag: 1,
+        }
+    }
+
+    fn virt(&self, phys: u64) -> *mut u8 {
+        self.mm.direct_map().virt(phys) as *mut u8
+    }
+
+    fn add(&mut self, start: u64, len: u64, limit: u64, kind: Kind) {
+        let tag = self.next_tag;
+        self.next_tag = self.next_tag.wrapping_add(1).max(1);
+        // SAFETY: the range was just handed out to us by the manager.
+        unsafe {
+            *self.virt(start) = tag;
+            *self.virt(start + len - 1) = tag;
+        }
+        self.live.push(Live {
+            start,
+            len,
+            limit,
+            tag,
+            kind,
+        });
+    }
+
+    fn phys(&self, p: NonNull<u8>) -> u64 {
+        self.mm.direct_map().phys(p.as_ptr() as usize)
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Pages {
+                order,
+                zone,
+                atomic,
+            } => {
+                let (gfp, limit) = match zone {
+                    0 => (Gfp::NOWAIT, u64::MAX),
+                    1 => (Gfp::DMA32, 4 << 30),
+                    _ => (Gfp::DMA, 16 * MIB),
+                };
+                let gfp = gfp | if atomic { Gfp::ATOMIC } else { Gfp::KERNEL };
+                if let Ok(p) = self.mm.alloc_pages(order, gfp) {
+                    self.add(p, PAGE_SIZE << order, limit, Kind::Pages(order));
+                }
+            }
+            Op::Kmalloc { size } => {
+                if let Ok(p) = self.mm.kmalloc(size, Gfp::KERNEL) {
+                    assert!(self.mm.ksize(p).unwrap() >= size);
+                    let phys = self.phys(p);
+                    self.add(phys, size as u64, u64::MAX, Kind::Kmalloc);
+                }
+            }
+            Op::CacheAlloc { debug } => {
+                let id = self.caches[debug as usize];
+                if let Ok(p) = self.mm.cache_alloc(id, Gfp::KERNEL) {
+                    let phys = self.phys(p);
+                    let len = self.mm.cache(id).unwrap().object_size as u64;
+                    self.add(phys, len, u64::MAX, Kind::Cache(id));
+                }
+            }
+            Op::Dma {
+                len,
+                align_log,
+                mask,
+            } => {
+                let mask = [DmaMask::Bits24, DmaMask::Bits32, DmaMask::Bits64][mask as usize];
+                if let Ok(b) = self.mm.dma_alloc(len, 1 << align_log, mask) {
+                    assert_eq!(b.phys % (1 << align_log), 0, "DMA alignment");
+                    assert!(self
+                        .mm
+                        .dma_bytes(&b)
+                        .unwrap()
+                        .iter()
+                        .step_by(4096)
+                        .all(|&x| x == 0));
+                    self.add(b.phys, len as u64, mask.limit(), Kind::Dma(b));
+                }
+            }
+            Op::PoolAlloc => {
+                if let Ok(e) = self.mm.mempool_alloc(self.pool, Gfp::ATOMIC) {
+                    self.add(e.phys, 2 * PAGE_SIZE, u64::MAX, Kind::Pool(self.pool, e));
+                }
+            }
+            Op::Free { pick } => {
+                if self.live.is_empty() {
+                    return;
+                }
+                let l = self.live.swap_remove(pick % self.live.len());
+                self.release(l);
+            }
+            Op::Shrink => {
+                for id in self.caches {
+                    self.mm.cache_shrink(id).unwrap();
+                }
+            }
+            Op::Reclaim => {
+                self.mm.reclaim();
+            }
+        }
+    }
+
+    fn release(&mut self, l: Live) {
+        // SAFETY: still live, so still ours.
+        unsafe {
+            assert_eq!(
+                *self.virt(l.start),
+                l.tag,
+                "allocation at {:#x} was overwritten",
+                l.start
+            );
+            assert_eq!(
+                *self.virt(l.start + l.len - 1),
+                l.tag,
+                "allocation at {:#x} was overwritten",
+                l.start
+            );
+        }
+        let ptr = NonNull::new(self.virt(l.start)).unwrap();
+        match l.kind {
+            Kind::Pages(order) => self.mm.free_pages(l.start, order).unwrap(),
+            Kind::Kmalloc => self.mm.kfree(ptr).unwrap(),
+            Kind::Cache(id) => self.mm.cache_free(id, ptr).unwrap(),
+            Kind::Dma(b) => self.mm.dma_free(&b).unwrap(),
+            Kind::Pool(id, e) => self.mm.mempool_free(id, e).unwrap(),
+        }
+    }
+
+    fn verify(&self) {
+        if let Err(e) = self.mm.check() {
+            panic!("invariant broken: {e}");
+        }
+        let mut ranges: Vec<(u64, u64)> = self
+            .live
+            .iter()
+            .map(|l| (l.start, l.start + l.len))
+            .collect();
+        ranges.sort_unstable();
+        for w in ranges.windows(2) {
+            assert!(
+                w[0].1 <= w[1].0,
+                "live allocations overlap: {:x?} {:x?}",
+                w[0],
+                w[1]
+            );
+        }
+        for l in &self.live {
+            assert!(
+                l.start + l.len <= l.limit,
+                "{:#x}+{:#x} beyond its limit {:#x}",
+                l.start,
+                l.len,
+                l.limit
+            );
+        }
+    }
+
+    fn free_everything(&mut self) {
+        while let Some(l) = self.live.pop() {
+            self.release(l);
+        }
+        for id in self.caches {
+            self.mm.cache_destroy(id).unwrap();
+        }
+        self.mm.mempool_destroy(self.pool).unwrap();
+        self.mm.reclaim();
+        self.mm.drain_all_pages();
+        self.verify();
+    }
+}
+
+fn baseline() -> u64 {
+    let mut h = HostMm::three_zones(48 * MIB, 24 * MIB, "memd.dma_reserve=16M@dma32").unwrap();
+    h.reclaim();
+    h.meminfo().free
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_operations_keep_every_invariant(ops in prop::collection::vec(op(), 1..400)) {
+        let mut h = Harness::new();
+        h.verify();
+        for op in &ops {
+            h.apply(op);
+            h.verify();
+        }
+        h.free_everything();
+        prop_assert_eq!(h.mm.meminfo().free, baseline(), "free memory returns to its baseline");
+        prop_assert_eq!(h.mm.owners().count(), 0);
+    }
+
+    #[test]
+    fn buddy_state_is_independent_of_free_order(orders in prop::collection::vec(0u32..8, 1..200), seed in any::<u64>()) {
+        let mut mm = HostMm::three_zones(48 * MIB, 0, "").unwrap();
+        mm.drain_all_pages();
+        let before = mm.buddyinfo();
+        let mut got: Vec<(u64, u32)> = orders.iter().filter_map(|&o| mm.alloc_pages(o, Gfp::KERNEL).ok().map(|p| (p, o))).collect();
+        // Shuffle deterministically from the seed.
+        let mut s = seed | 1;
+        for i in (1..got.len()).rev() {
+            s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+            got.swap(i, (s % (i as u64 + 1)) as usize);
+        }
+        for (p, o) in got {
+            mm.free_pages(p, o).unwrap();
+            mm.check().unwrap();
+        }
+        mm.drain_all_pages();
+        prop_assert_eq!(mm.buddyinfo(), before, "everything coalesces back");
+    }
+}
