@@ -244,6 +244,18 @@ impl QemuConfig {
         let mut s = c.get_program().to_string_lossy().into_owned();
         for a in c.get_args() {
             let a = a.to_string_lossy();
+            // Keep the auth token off terminals and logs.
+            let a: String = a
+                .split(' ')
+                .map(|w| {
+                    if w.starts_with("memd.token=") {
+                        "memd.token=<redacted>"
+                    } else {
+                        w
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
             if a.contains(' ') || a.is_empty() {
                 s += &format!(" '{a}'");
             } else {

@@ -15,3 +15,22 @@ pub fn get<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
 pub fn flag(cmdline: &str, key: &str) -> bool {
     matches!(get(cmdline, key), Some("1" | "on" | "true" | "yes"))
 }
+
+/// Displays a command line with the value of `memd.token=` hidden, for logs.
+pub struct Redacted<'a>(pub &'a str);
+
+impl core::fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for (i, word) in self.0.split_ascii_whitespace().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            if word.starts_with("memd.token=") {
+                f.write_str("memd.token=<redacted>")?;
+            } else {
+                f.write_str(word)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -83,7 +83,10 @@ pub fn kmain(start_info: u64) -> ! {
         },
         None => None,
     };
-    info!("memd: PVH boot, start_info at {start_info:#x}, command line {cmdline:?}");
+    info!(
+        "memd: PVH boot, start_info at {start_info:#x}, command line \"{}\"",
+        cmdline::Redacted(cmdline)
+    );
     if let Some(v) = bad_level {
         warn!("memd.log={v:?} is not one of off/error/warn/info/debug/trace; keeping info");
     }
