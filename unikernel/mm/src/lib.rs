@@ -39,6 +39,7 @@ pub mod global;
 pub mod kmalloc;
 pub mod kmem_cache;
 pub mod memblock;
+pub mod memmap_view;
 pub mod mempool;
 pub mod owner;
 pub mod page_alloc;

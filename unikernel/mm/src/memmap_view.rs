@@ -1,0 +1,219 @@
+//! A read-only walk of the frame table as runs of frame states, for the
+//! physical memory map pictures (`memctl map`).
+//!
+//! [`MemoryManager::frame_runs`] visits every frame from 0 to the end of
+//! the frame table once, block by block (a block head's order says how far
+//! to skip), and yields maximal runs of one [`RunKind`]: free blocks by
+//! order, per-CPU pages, allocated pages, slab pages, large kmalloc pages,
+//! mempool reserves, boot reservations and frames that are not RAM.
+//! Adjacent free blocks of the same order merge into one run (its length
+//! divided by the block size is the number of blocks).
+//!
+//! Nothing here allocates or writes: it may run under the allocator lock.
+
+use crate::frame::FrameState;
+use crate::memblock::PAGE_SIZE;
+use crate::MemoryManager;
+
+/// What a run of frames is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunKind {
+    /// Free blocks of this order on the buddy free lists.
+    Free(u8),
+    /// Free order-0 frames on a per-CPU list.
+    Pcp,
+    /// Pages from `alloc_pages` (including DMA buffers the buddy served).
+    Allocated,
+    /// Slab pages.
+    Slab,
+    /// kmalloc allocations too large for the size classes.
+    Large,
+    /// Blocks held in a mempool's reserve.
+    Pool,
+    /// Reserved at boot (kernel, frame table, CMA region, holes, frame 0).
+    Reserved,
+    /// Not memory the manager was given.
+    Absent,
+}
+
+/// `pages` frames of one kind starting at frame `start_pfn`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameRun {
+    /// First frame number.
+    pub start_pfn: u64,
+    /// Number of frames.
+    pub pages: u64,
+    /// What they are.
+    pub kind: RunKind,
+}
+
+impl FrameRun {
+    /// One past the last frame number.
+    pub fn end_pfn(&self) -> u64 {
+        self.start_pfn + self.pages
+    }
+
+    /// Physical address of the first frame.
+    pub fn start(&self) -> u64 {
+        self.start_pfn * PAGE_SIZE
+    }
+}
+
+/// Iterator returned by [`MemoryManager::frame_runs`].
+pub struct FrameRuns<'a> {
+    mm: &'a MemoryManager,
+    pfn: u64,
+}
+
+impl FrameRuns<'_> {
+    /// The block at `pfn`: its kind and length in frames (clipped to the
+    /// table, so a corrupt order cannot run past it).
+    fn block(&self, pfn: u64) -> (RunKind, u64) {
+        let frames = &self.mm.frames;
+        let n = frames.len() as u64;
+        let f = &frames[pfn as usize];
+        let head = |kind| (kind, (1u64 << f.order.min(63)).min(n - pfn));
+        match f.state() {
+            FrameState::None => (RunKind::Absent, 1),
+            FrameState::Reserved => (RunKind::Reserved, 1),
+            FrameState::Buddy => head(RunKind::Free(f.order)),
+            FrameState::Pcp => (RunKind::Pcp, 1),
+            FrameState::Allocated => head(RunKind::Allocated),
+            FrameState::Slab => head(RunKind::Slab),
+            // Only seen if a slab's head was lost; count the frame as slab.
+            FrameState::SlabTail => (RunKind::Slab, 1),
+            FrameState::Large => head(RunKind::Large),
+            FrameState::Pool => head(RunKind::Pool),
+        }
+    }
+}
+
+impl Iterator for FrameRuns<'_> {
+    type Item = FrameRun;
+
+    fn next(&mut self) -> Option<FrameRun> {
+        let n = self.mm.frames.len() as u64;
+        if self.pfn >= n {
+            return None;
+        }
+        let start = self.pfn;
+        let (kind, len) = self.block(start);
+        self.pfn += len;
+        while self.pfn < n {
+            let (k, len) = self.block(self.pfn);
+            if k != kind {
+                break;
+            }
+            self.pfn += len;
+        }
+        Some(FrameRun {
+            start_pfn: start,
+            pages: self.pfn - start,
+            kind,
+        })
+    }
+}
+
+impl MemoryManager {
+    /// Every frame of the table as maximal runs of one kind, in address
+    /// order, covering `0..nr_frames()` without gaps.
+    pub fn frame_runs(&self) -> FrameRuns<'_> {
+        FrameRuns { mm: self, pfn: 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arena::HostMm;
+    use crate::{Gfp, ReserveKind, SlabFlags};
+
+    fn runs(mm: &MemoryManager) -> std::vec::Vec<FrameRun> {
+        mm.frame_runs().collect()
+    }
+
+    #[test]
+    fn runs_cover_the_table_and_agree_with_the_counters() {
+        let mut host = HostMm::three_zones(64 << 20, 0, "memd.dma_reserve=8M@dma32").unwrap();
+        let mm: &mut MemoryManager = &mut host;
+        let a = mm.alloc_pages(3, Gfp::KERNEL).unwrap();
+        let c = mm.cache_create("t", 200, 8, SlabFlags::NONE, None).unwrap();
+        let _o = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
+        let rs = runs(mm);
+        // Contiguous, complete, maximal.
+        let mut pfn = 0;
+        for w in rs.windows(2) {
+            assert_ne!(w[0].kind, w[1].kind, "runs are maximal");
+        }
+        for r in &rs {
+            assert_eq!(r.start_pfn, pfn);
+            assert!(r.pages > 0);
+            pfn = r.end_pfn();
+        }
+        assert_eq!(pfn, mm.nr_frames() as u64);
+
+        let sum = |pred: &dyn Fn(RunKind) -> bool| -> u64 {
+            rs.iter().filter(|r| pred(r.kind)).map(|r| r.pages).sum()
+        };
+        let free: u64 = mm.zoneinfo().iter().map(|z| z.free).sum();
+        assert_eq!(sum(&|k| matches!(k, RunKind::Free(_))), free);
+        let pcp: u64 = mm.zoneinfo().iter().map(|z| z.pcp_count).sum();
+        assert_eq!(sum(&|k| k == RunKind::Pcp), pcp);
+        assert_eq!(
+            sum(&|k| k == RunKind::Slab) * PAGE_SIZE,
+            mm.meminfo().slab,
+            "slab pages"
+        );
+        // Frames below 1 MiB are not RAM in this layout.
+        assert_eq!(rs[0].kind, RunKind::Reserved, "frame 0");
+        assert!(rs.iter().any(|r| r.kind == RunKind::Absent));
+        // Every reservation is covered by reserved frames.
+        let reserved = sum(&|k| k == RunKind::Reserved);
+        let want: u64 = mm
+            .reservations()
+            .iter()
+            .map(|r| (r.end - r.start) / PAGE_SIZE)
+            .sum();
+        assert_eq!(reserved, want);
+        let cma = mm
+            .reservations()
+            .iter()
+            .find(|r| r.kind == ReserveKind::DmaReserve)
+            .unwrap();
+        assert!(rs.iter().any(|r| r.kind == RunKind::Reserved
+            && r.start() <= cma.start
+            && r.end_pfn() * PAGE_SIZE >= cma.end));
+        // The allocated block is an Allocated run that contains it.
+        assert!(rs.iter().any(|r| r.kind == RunKind::Allocated
+            && r.start() <= a
+            && r.end_pfn() * PAGE_SIZE >= a + (8 << 12)));
+    }
+
+    #[test]
+    fn free_runs_count_blocks_by_order() {
+        let mut host = HostMm::three_zones(32 << 20, 0, "").unwrap();
+        let mm: &mut MemoryManager = &mut host;
+        // Split a high-order block: frees of alternate order-0 pages leave
+        // isolated free pages.
+        let pages: std::vec::Vec<u64> = (0..64)
+            .map(|_| mm.alloc_pages(0, Gfp::KERNEL).unwrap())
+            .collect();
+        for p in pages.iter().step_by(2) {
+            mm.free_pages(*p, 0).unwrap();
+        }
+        let mut per_order = [0u64; crate::MAX_ORDER_LIMIT];
+        for r in mm.frame_runs() {
+            if let RunKind::Free(o) = r.kind {
+                assert_eq!(r.pages % (1 << o), 0, "whole blocks");
+                per_order[o as usize] += r.pages >> o;
+            }
+        }
+        let mut want = [0u64; crate::MAX_ORDER_LIMIT];
+        for z in mm.zoneinfo() {
+            for (w, n) in want.iter_mut().zip(z.nr_free) {
+                *w += n;
+            }
+        }
+        assert_eq!(per_order, want);
+    }
+}
