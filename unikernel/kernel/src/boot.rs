@@ -11,6 +11,10 @@
 
 use core::arch::global_asm;
 
+use memd_mm::{BootInfo, GlobalMm, MemRegion, MmError, RegionKind};
+
+use crate::arch::paging::PagingInfo;
+
 /// `XEN_ELFNOTE_PHYS32_ENTRY`: the note type holding the 32-bit entry point.
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 /// `hvm_start_info.magic`.
@@ -315,20 +319,53 @@ pub fn read_start_info(phys: u64, out: &mut BootData) -> Result<(), &'static str
     Ok(())
 }
 
-/// Hands the machine's memory to memd-mm.
-///
-/// `regions` must be the firmware map and `reserved` must cover everything
-/// in use before the memory manager exists (kernel image with stack and
-/// statics, the page tables of `arch::paging`); `direct_map_offset` must be
-/// the offset of the live direct map, which maps every RAM-like range.
+fn region_kind(e820: u32) -> RegionKind {
+    match e820 {
+        1 => RegionKind::Usable,
+        3 => RegionKind::Acpi,
+        4 => RegionKind::Nvs,
+        5 => RegionKind::Bad,
+        _ => RegionKind::Reserved,
+    }
+}
+
+/// Hands the machine's memory to memd-mm: the firmware map and command line
+/// from `data`, the direct map and page-table frames from `paging`, and the
+/// kernel image (with its stack and statics) as reserved.
 pub fn hand_over_memory(
-    mm: &memd_mm::GlobalMm,
-    info: &memd_mm::BootInfo,
-) -> Result<(), memd_mm::MmError> {
-    // SAFETY: the caller passes the firmware map, whose usable ranges are RAM;
-    // after boot copied start_info, nothing but the kernel image and the page
-    // tables (both in `info.reserved`) is in use; `arch::paging` mapped all
-    // RAM-like ranges read-write at `info.direct_map_offset`, and the mapping
-    // is never removed.
-    unsafe { mm.init(info) }
+    mm: &GlobalMm,
+    data: &BootData,
+    paging: &PagingInfo,
+) -> Result<(), MmError> {
+    let map = data.memory_map();
+    let mut regions = [MemRegion {
+        start: 0,
+        end: 0,
+        kind: RegionKind::Reserved,
+    }; MAX_E820];
+    for (r, e) in regions.iter_mut().zip(map) {
+        *r = MemRegion {
+            start: e.addr,
+            end: e.end(),
+            kind: region_kind(e.kind),
+        };
+    }
+    let reserved = [kernel_image(), paging.table_frames.clone()];
+    let info = BootInfo {
+        regions: &regions[..map.len()],
+        cmdline: data.cmdline(),
+        direct_map_offset: paging.direct_map_offset,
+        reserved: &reserved,
+        // Firmware may have used RAM it reports usable (SeaBIOS does):
+        // the frame table is cleared.
+        zeroed: false,
+    };
+    // SAFETY: the regions are the firmware's map, whose usable ranges are
+    // RAM; after `read_start_info` copied what it needed, nothing but the
+    // kernel image (stack and statics included) and the page tables of
+    // `arch::paging` is in use, and both are reserved; `arch::paging::init`
+    // mapped every RAM-like range read-write at `direct_map_offset`, and that
+    // mapping is never removed (`map_mmio` only adds uncached device windows
+    // where nothing was mapped).
+    unsafe { mm.init(&info) }
 }

@@ -26,7 +26,7 @@ use alloc::string::String;
 use core::fmt::Write;
 
 use log::{error, info, warn};
-use memd_mm::{BootInfo, GlobalMm, MemRegion, RegionKind};
+use memd_mm::GlobalMm;
 use spin::Mutex;
 
 use crate::arch::time::TscSource;
@@ -141,27 +141,7 @@ pub fn kmain(start_info: u64) -> ! {
     );
     info!("kernel image {:#x}-{:#x}", kernel.start, kernel.end);
 
-    let mut regions = [MemRegion {
-        start: 0,
-        end: 0,
-        kind: RegionKind::Reserved,
-    }; MAX_E820];
-    for (r, e) in regions.iter_mut().zip(map) {
-        *r = MemRegion {
-            start: e.addr,
-            end: e.end(),
-            kind: region_kind(e.kind),
-        };
-    }
-    let reserved = [kernel, paging.table_frames.clone()];
-    let info = BootInfo {
-        regions: &regions[..map.len()],
-        cmdline,
-        direct_map_offset: paging.direct_map_offset,
-        reserved: &reserved,
-        zeroed: false,
-    };
-    if let Err(e) = boot::hand_over_memory(&ALLOC, &info) {
+    if let Err(e) = boot::hand_over_memory(&ALLOC, &boot, &paging) {
         error!("memd-mm: initialisation failed: {e}");
         arch::exit::failure();
     }
@@ -232,16 +212,6 @@ pub fn kmain(start_info: u64) -> ! {
 enum Crash {
     Panic,
     Fault,
-}
-
-fn region_kind(e820: u32) -> RegionKind {
-    match e820 {
-        1 => RegionKind::Usable,
-        3 => RegionKind::Acpi,
-        4 => RegionKind::Nvs,
-        5 => RegionKind::Bad,
-        _ => RegionKind::Reserved,
-    }
 }
 
 /// The zone summary and boot reservations, in a form the boot tests parse.
