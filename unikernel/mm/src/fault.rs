@@ -143,4 +143,24 @@ impl crate::MemoryManager {
     pub fn faults(&self) -> (FaultAttr, FaultAttr) {
         (self.fault.page, self.fault.slab)
     }
+
+    /// Runs `f` with both rules disarmed, neither consulting nor counting
+    /// them. The global allocator (the kernel's own heap: connection state,
+    /// socket buffers, reply frames) allocates through this, so injected
+    /// faults land on the requests of clients, whose errors are reported,
+    /// and never on the kernel itself, where a failed allocation is fatal.
+    /// Linux's failslab restricts itself the same way with `cache-filter`.
+    #[inline(always)]
+    pub(crate) fn without_faults<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let (page, slab) = (self.fault.armed_page, self.fault.armed_slab);
+        if !(page || slab) {
+            return f(self);
+        }
+        self.fault.armed_page = false;
+        self.fault.armed_slab = false;
+        let r = f(self);
+        self.fault.armed_page = page;
+        self.fault.armed_slab = slab;
+        r
+    }
 }

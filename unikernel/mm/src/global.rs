@@ -53,7 +53,7 @@ unsafe impl GlobalAlloc for GlobalMm {
         if !mm.is_initialized() {
             return null_mut();
         }
-        mm.kmalloc_layout(layout, Gfp::KERNEL)
+        mm.without_faults(|mm| mm.kmalloc_layout(layout, Gfp::KERNEL))
             .map_or(null_mut(), |p| p.as_ptr())
     }
 
@@ -62,7 +62,7 @@ unsafe impl GlobalAlloc for GlobalMm {
         if !mm.is_initialized() {
             return null_mut();
         }
-        mm.kmalloc_layout(layout, Gfp::KERNEL | Gfp::ZERO)
+        mm.without_faults(|mm| mm.kmalloc_layout(layout, Gfp::KERNEL | Gfp::ZERO))
             .map_or(null_mut(), |p| p.as_ptr())
     }
 

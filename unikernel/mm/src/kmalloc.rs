@@ -87,10 +87,17 @@ impl MemoryManager {
 
     /// Allocation for an arbitrary layout: a size class when one fits,
     /// otherwise a buddy block (naturally aligned to its size).
-    #[inline]
+    #[inline(always)]
     pub fn kmalloc_layout(&mut self, layout: Layout, gfp: Gfp) -> Result<NonNull<u8>, MmError> {
         match size_class(layout.size(), layout.align()) {
-            Some(class) => self.cache_alloc(CacheId(class as u16), gfp),
+            Some(class) => {
+                if !self.fault.armed_slab && !gfp.zero() {
+                    if let Some(obj) = self.alloc_from_array(class) {
+                        return Ok(obj);
+                    }
+                }
+                self.cache_alloc(CacheId(class as u16), gfp)
+            }
             None => self.kmalloc_large(layout, gfp),
         }
     }
@@ -145,7 +152,7 @@ impl MemoryManager {
     /// Frees what [`MemoryManager::kmalloc_layout`] returned for `layout`.
     /// The class comes from the layout, as `GlobalAlloc::dealloc` allows,
     /// which skips the frame-table lookup on the hot path.
-    #[inline]
+    #[inline(always)]
     pub fn kfree_layout(&mut self, ptr: NonNull<u8>, layout: Layout) {
         match size_class(layout.size(), layout.align()) {
             Some(class) => self.free_to_array(CacheId(class as u16), ptr.as_ptr() as usize),

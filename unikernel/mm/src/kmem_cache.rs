@@ -43,7 +43,7 @@ impl MemoryManager {
     }
 
     /// `kmem_cache_alloc`.
-    #[inline]
+    #[inline(never)]
     pub fn cache_alloc(&mut self, id: CacheId, gfp: Gfp) -> Result<NonNull<u8>, MmError> {
         if self.fault.fail_slab() {
             self.cache_mut(id)?.counters.alloc_fail += 1;
@@ -179,13 +179,32 @@ impl MemoryManager {
             return;
         };
         cache.counters.frees += 1;
-        if cache.ac.avail == AC_LIMIT {
-            self.flush_array(id.0 as usize, AC_BATCH);
+        if cache.ac.avail < AC_LIMIT {
+            cache.ac.entry[cache.ac.avail] = obj;
+            cache.ac.avail += 1;
+            return;
         }
+        self.free_to_array_slow(id, obj);
+    }
+
+    #[inline(never)]
+    fn free_to_array_slow(&mut self, id: CacheId, obj: usize) {
+        self.flush_array(id.0 as usize, AC_BATCH);
         if let Some(cache) = self.caches[id.0 as usize].as_mut() {
             cache.ac.entry[cache.ac.avail] = obj;
             cache.ac.avail += 1;
         }
+    }
+
+    /// The allocation fast path: pop from the per-CPU array. `None` sends
+    /// the caller to [`MemoryManager::cache_alloc`]'s full path.
+    #[inline(always)]
+    pub(crate) fn alloc_from_array(&mut self, index: usize) -> Option<NonNull<u8>> {
+        let cache = self.caches.get_mut(index)?.as_mut()?;
+        let avail = cache.ac.avail.checked_sub(1)?;
+        cache.ac.avail = avail;
+        cache.counters.allocs += 1;
+        NonNull::new(cache.ac.entry[avail] as *mut u8)
     }
 
     /// Returns the `count` oldest objects of a cache's array to their slabs.

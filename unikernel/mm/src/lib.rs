@@ -88,6 +88,9 @@ pub struct MemoryManager {
     pub(crate) dmap: DirectMap,
     pub(crate) max_order: u32,
     pub(crate) zones: [zone::Zone; NR_ZONES],
+    /// First populated zone of each zonelist (Linux's preferred zone): a
+    /// Normal request on a machine without Normal memory starts at DMA32.
+    pub(crate) preferred_zone: [ZoneType; NR_ZONES],
     pub(crate) memblock: Memblock,
     pub(crate) caches: [Option<KmemCache>; slab::MAX_CACHES],
     pub(crate) pools: [Option<mempool::Mempool>; mempool::MAX_POOLS],
@@ -119,6 +122,7 @@ impl MemoryManager {
                 zone::Zone::new(ZoneType::Dma32),
                 zone::Zone::new(ZoneType::Normal),
             ],
+            preferred_zone: ZoneType::ALL,
             memblock: Memblock::new(),
             caches: [const { None }; slab::MAX_CACHES],
             pools: [const { None }; mempool::MAX_POOLS],
@@ -234,6 +238,14 @@ impl MemoryManager {
             }
         });
         zone::set_watermarks(&mut self.zones);
+        for highest in ZoneType::ALL {
+            self.preferred_zone[highest as usize] = ZoneType::ALL[..=highest as usize]
+                .iter()
+                .rev()
+                .copied()
+                .find(|&z| self.zones[z as usize].is_populated())
+                .unwrap_or(highest);
+        }
         self.initialized = true;
         self.create_kmalloc_caches()?;
         Ok(())

@@ -18,8 +18,31 @@ use crate::{access, MemoryManager, MmError};
 impl MemoryManager {
     /// Allocates `2^order` contiguous frames and returns the physical
     /// address of the first (Linux's `alloc_pages` + `page_to_phys`).
-    #[inline]
+    #[inline(always)]
     pub fn alloc_pages(&mut self, order: u32, gfp: Gfp) -> Result<u64, MmError> {
+        // Fast path (Linux's rmqueue_pcplist): a single frame from the
+        // preferred zone's pcp list while the zone is above `low`.
+        if order == 0 && !self.fault.armed_page && !gfp.zero() {
+            let owner = self.owners.current.0;
+            let zone_ty = self.preferred_zone[gfp.highest_zone() as usize];
+            let zone = &mut self.zones[zone_ty as usize];
+            if zone.free > zone.watermark.low {
+                if let Some(pfn) = zone.pcp.pop() {
+                    zone.counters.alloc_success += 1;
+                    let f = &mut self.frames[pfn as usize];
+                    f.set(FrameState::Allocated, zone_ty, 0);
+                    f.count = 1;
+                    f.owner = owner;
+                    self.owners.charge(owner, 1);
+                    return Ok(pfn as u64 * PAGE_SIZE);
+                }
+            }
+        }
+        self.alloc_pages_slow(order, gfp)
+    }
+
+    #[inline(never)]
+    fn alloc_pages_slow(&mut self, order: u32, gfp: Gfp) -> Result<u64, MmError> {
         let pfn = self.alloc_frames(order, gfp)?;
         let owner = self.owners.current.0;
         let f = &mut self.frames[pfn as usize];
@@ -33,7 +56,7 @@ impl MemoryManager {
     /// Frees a block from [`MemoryManager::alloc_pages`]. The address and
     /// order are checked against the frame table, so a bad or repeated free
     /// is refused instead of corrupting the free lists.
-    #[inline]
+    #[inline(always)]
     pub fn free_pages(&mut self, phys: u64, order: u32) -> Result<(), MmError> {
         let pfn = phys / PAGE_SIZE;
         let f = match self.frames.get_mut(pfn as usize) {
@@ -45,9 +68,24 @@ impl MemoryManager {
         }
         let owner = f.owner;
         f.count = 0;
-        self.owners.uncharge(owner, 1 << order);
-        self.free_frames(pfn as u32, order);
+        if order == 0 {
+            let zone = f.zone();
+            let pcp = &mut self.zones[zone as usize].pcp;
+            if !pcp.is_full() {
+                f.set(FrameState::Pcp, zone, 0);
+                pcp.push(pfn as u32);
+                self.owners.uncharge(owner, 1);
+                return Ok(());
+            }
+        }
+        self.free_pages_slow(pfn as u32, order, owner);
         Ok(())
+    }
+
+    #[inline(never)]
+    fn free_pages_slow(&mut self, pfn: u32, order: u32, owner: u16) {
+        self.owners.uncharge(owner, 1 << order);
+        self.free_frames(pfn, order);
     }
 
     /// Core allocation: returns a block head whose frame the caller stamps.
@@ -118,7 +156,7 @@ impl MemoryManager {
             if let Some(pfn) = pfn {
                 let zone = &mut self.zones[z];
                 zone.counters.alloc_success += 1;
-                if z != highest as usize {
+                if z != self.preferred_zone[highest as usize] as usize {
                     zone.counters.fallback += 1;
                 }
                 if mark == Mark::Atomic && zone.free < zone.watermark.min {
