@@ -55,6 +55,7 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
         // The NIC is there, so `memd: ready` means the control port listens.
         cmdline: format!("memd.log=warn memd.token=bench memd.port={port}"),
         forward_port: Some(port),
+        disk: None,
     };
     let mut times = Vec::with_capacity(args.runs);
     for i in 0..args.runs {

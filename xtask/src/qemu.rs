@@ -200,6 +200,8 @@ pub struct QemuConfig {
     pub cmdline: String,
     /// Forward host 127.0.0.1:port to the guest's port (user networking).
     pub forward_port: Option<u16>,
+    /// A raw disk image attached as virtio-blk.
+    pub disk: Option<PathBuf>,
 }
 
 impl QemuConfig {
@@ -234,6 +236,19 @@ impl QemuConfig {
                 &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{port}"),
             ]);
             c.args(["-device", dev]);
+        }
+        if let Some(disk) = &self.disk {
+            let mut drive = std::ffi::OsString::from("file=");
+            drive.push(disk);
+            drive.push(",if=none,format=raw,id=d0");
+            c.arg("-drive").arg(drive);
+            c.args([
+                "-device",
+                match self.machine {
+                    Machine::Microvm => "virtio-blk-device,drive=d0",
+                    Machine::Q35 | Machine::MicrovmPcie => "virtio-blk-pci,drive=d0",
+                },
+            ]);
         }
         c
     }

@@ -24,10 +24,17 @@ pub struct RunArgs {
     /// TCP port of the service; QEMU forwards 127.0.0.1:PORT to the guest.
     #[arg(long, default_value_t = 5555)]
     pub port: u16,
+    /// Raw disk image for virtio-blk (default: .memd/disk.img, created
+    /// sparse when missing).
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
     /// Extra kernel command line (e.g. "memd.log=debug memd.dma_reserve=64M@dma32").
     #[arg(long, default_value = "")]
     pub cmdline: String,
 }
+
+/// Size of the default disk image.
+const DEFAULT_DISK_BYTES: u64 = 256 << 20;
 
 /// A fresh random token (hex, 128 bits) from the OS.
 pub fn random_token() -> Result<String> {
@@ -62,6 +69,24 @@ pub fn run(args: &RunArgs) -> Result<()> {
     eprintln!("xtask: accelerator {}: {}", accel.name(), accel.reason);
     let token = random_token()?;
     let dir = write_connection_files(&token, args.port)?;
+    let disk = match &args.disk {
+        Some(p) => p.clone(),
+        None => {
+            let p = dir.join("disk.img");
+            if !p.exists() {
+                let f = std::fs::File::create(&p)
+                    .with_context(|| format!("creating {}", p.display()))?;
+                f.set_len(DEFAULT_DISK_BYTES)
+                    .context("sizing the disk image")?;
+                eprintln!(
+                    "xtask: created {} ({} MiB, sparse)",
+                    p.display(),
+                    DEFAULT_DISK_BYTES >> 20
+                );
+            }
+            p
+        }
+    };
     let cmdline = format!(
         "memd.port={} memd.token={token} {}",
         args.port, args.cmdline
@@ -76,6 +101,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         mem: args.mem.clone(),
         cmdline,
         forward_port: Some(args.port),
+        disk: Some(disk),
     };
     eprintln!("xtask: {}", cfg.describe());
     eprintln!(

@@ -193,7 +193,23 @@ pub fn kmain(start_info: u64) -> ! {
     drop(boot);
     match drivers::net::NetDevice::probe() {
         Ok(dev) => {
-            let mut service = service::MemdService::new(token);
+            let disk = match drivers::blk::BlkDevice::probe() {
+                Ok(d) => {
+                    info!(
+                        "disk: {} sectors ({} MiB){} on {}",
+                        d.capacity_sectors(),
+                        d.capacity_sectors() >> 11,
+                        if d.readonly() { ", read-only" } else { "" },
+                        d.location
+                    );
+                    Some(d)
+                }
+                Err(e) => {
+                    info!("disk: {e}; the disk DMA operations answer ENODEV");
+                    None
+                }
+            };
+            let mut service = service::MemdService::new(token, disk);
             // `serve` prints `memd: ready` once the port listens.
             net::serve(dev, net_config, &mut service);
             logger::always(format_args!("memd: shut down by a client"));

@@ -9,10 +9,13 @@ use memd_mm::MemoryManager;
 use memd_service::{BlockDevice, Config, Env, Flow as SvcFlow, Service};
 
 use crate::arch::time;
+use crate::drivers::blk::BlkDevice;
 use crate::net::{Flow, Handler};
 use crate::ALLOC;
 
-struct KernelEnv;
+struct KernelEnv {
+    disk: Option<BlkDevice>,
+}
 
 impl Env for KernelEnv {
     type Mem = MemoryManager;
@@ -22,9 +25,13 @@ impl Env for KernelEnv {
         f: impl FnOnce(&mut MemoryManager, Option<&mut dyn BlockDevice>) -> R,
     ) -> R {
         // memd-service's `Memory` calls never allocate (the manager is the
-        // heap), so holding its lock here cannot deadlock.
+        // heap), and the disk driver does not either once it is set up, so
+        // holding the allocator's lock here cannot deadlock.
         let mut mm = ALLOC.lock();
-        f(&mut mm, None)
+        match &mut self.disk {
+            Some(d) => f(&mut mm, Some(d)),
+            None => f(&mut mm, None),
+        }
     }
 
     fn now_ns(&mut self) -> u64 {
@@ -38,12 +45,12 @@ pub struct MemdService {
 }
 
 impl MemdService {
-    pub fn new(token: String) -> Self {
+    pub fn new(token: String, disk: Option<BlkDevice>) -> Self {
         let mut config = Config::new(token);
         config.started_ns = time::uptime_ns();
         MemdService {
             svc: Service::new(config),
-            env: KernelEnv,
+            env: KernelEnv { disk },
         }
     }
 }

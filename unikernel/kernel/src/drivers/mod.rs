@@ -7,6 +7,7 @@
 
 #![allow(unsafe_code)]
 
+pub mod blk;
 pub mod hal;
 pub mod net;
 pub mod pci;
@@ -23,6 +24,8 @@ use virtio_drivers::transport::{DeviceType, SomeTransport, Transport};
 const MMIO_BASE: u64 = 0xfeb0_0000;
 const MMIO_SLOT: u64 = 0x200;
 const MMIO_SLOTS: u64 = 32;
+/// "virt", little-endian.
+const VIRTIO_MMIO_MAGIC: u32 = 0x7472_6976;
 
 /// A transport for the first virtio device of type `want`, and where it was
 /// found (for the log).
@@ -41,12 +44,27 @@ fn find_mmio(want: DeviceType) -> Option<(SomeTransport<'static>, String)> {
         }
     };
     for slot in 0..MMIO_SLOTS {
-        let header = NonNull::new((virt + slot * MMIO_SLOT) as *mut VirtIOHeader)?;
+        let base = virt + slot * MMIO_SLOT;
+        // Peek at magic and device id first: a transport that is dropped
+        // resets its device, so only the wanted one gets a transport.
+        // SAFETY: `base` is the start of a 0x200-byte virtio-mmio register
+        // window, mapped uncached; offsets 0 (magic) and 8 (device id) are
+        // read-only registers without read side effects.
+        let (magic, id) = unsafe {
+            (
+                core::ptr::read_volatile(base as *const u32),
+                core::ptr::read_volatile((base + 8) as *const u32),
+            )
+        };
+        if magic != VIRTIO_MMIO_MAGIC || DeviceType::try_from(id).ok() != Some(want) {
+            continue;
+        }
+        let header = NonNull::new(base as *mut VirtIOHeader)?;
         // SAFETY: the slot is a 0x200-byte virtio-mmio register window,
-        // mapped uncached for the kernel's lifetime; each slot is probed
-        // once, and a transport is kept only for the one device returned, so
-        // no two transports alias a window. Empty slots fail the magic or
-        // device-id check (reads only).
+        // mapped uncached for the kernel's lifetime; a transport is only made
+        // for a slot holding the wanted device type, and each device is
+        // found once (the kernel probes each type once), so no two transports
+        // alias a window.
         let transport = match unsafe { MmioTransport::new(header, MMIO_SLOT as usize) } {
             Ok(t) => t,
             Err(e) => {
