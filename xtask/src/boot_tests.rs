@@ -18,6 +18,7 @@
 //! - with virtio-net (mmio on microvm, PCI on q35, PCIe with BARs the
 //!   kernel assigns on microvm,pcie=on) the control port works
 //!   end to end (see `control_port_check`);
+//! - without a PIT (`microvm,pit=off`) boot completes and says so;
 //! - two deliberate crashes (`memd.selftest=panic` on microvm, a page fault
 //!   with `memd.selftest=fault` on q35) are seen as failures: the harness
 //!   can fail.
@@ -137,6 +138,15 @@ fn matrix() -> Vec<Case> {
             memmap: true,
         });
     }
+    // No PIT: boot must not hang, and must say where the TSC rate came from.
+    v.push(Case {
+        machine: Machine::MicrovmNoPit,
+        mem: GIB,
+        dma_reserve: false,
+        crash: None,
+        net: false,
+        memmap: false,
+    });
     for machine in [Machine::Microvm, Machine::Q35, Machine::MicrovmPcie] {
         v.push(Case {
             machine,
@@ -386,7 +396,32 @@ fn judge(case: &Case, out: &RunOutcome) -> Result<(), String> {
     {
         return Err("no `selftest: passed` line".into());
     }
-    check_report(case, &parse_report(&out.console()))
+    if case.machine == Machine::MicrovmNoPit
+        && !out.lines.iter().any(|(_, l)| l.contains("tsc: no PIT"))
+    {
+        return Err(
+            "no PIT, but the console does not say where the TSC frequency came from".into(),
+        );
+    }
+    let report = parse_report(&out.console());
+    if case.memmap {
+        let hole = (512 * MIB, 576 * MIB, "memmap-hole".to_string());
+        if !report.reserved.contains(&hole) {
+            return Err(format!(
+                "memmap=64M$512M: no hole [0x20000000-0x24000000) among {:?}",
+                report.reserved
+            ));
+        }
+        if let Some((s, e)) = report.dma_reserve {
+            if s < hole.1 && e > hole.0 {
+                return Err("the DMA reservation overlaps the memmap hole".into());
+            }
+        }
+        if !out.lines.iter().any(|(_, l)| l.contains("max order 13")) {
+            return Err("memd.max_order=13 not in effect".into());
+        }
+    }
+    check_report(case, &report)
 }
 
 /// Clients this check holds at once (issue 4 asks for at least 64).

@@ -29,6 +29,9 @@ pub enum Machine {
     Q35,
     /// `-M microvm,pcie=on`: qboot (BARs left unassigned), virtio over PCIe.
     MicrovmPcie,
+    /// `-M microvm,pit=off`: no PIT to calibrate the TSC against (tests).
+    #[value(skip)]
+    MicrovmNoPit,
 }
 
 impl Machine {
@@ -37,6 +40,7 @@ impl Machine {
             Machine::Microvm => "microvm",
             Machine::Q35 => "q35",
             Machine::MicrovmPcie => "microvm-pcie",
+            Machine::MicrovmNoPit => "microvm-nopit",
         }
     }
 
@@ -46,6 +50,7 @@ impl Machine {
             Machine::Microvm => "microvm",
             Machine::Q35 => "q35",
             Machine::MicrovmPcie => "microvm,pcie=on",
+            Machine::MicrovmNoPit => "microvm,pit=off",
         }
     }
 }
@@ -228,7 +233,7 @@ impl QemuConfig {
         c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
         if let Some(port) = self.forward_port {
             let dev = match self.machine {
-                Machine::Microvm => "virtio-net-device,netdev=n0",
+                Machine::Microvm | Machine::MicrovmNoPit => "virtio-net-device,netdev=n0",
                 Machine::Q35 | Machine::MicrovmPcie => "virtio-net-pci,netdev=n0",
             };
             c.args([
@@ -245,7 +250,7 @@ impl QemuConfig {
             c.args([
                 "-device",
                 match self.machine {
-                    Machine::Microvm => "virtio-blk-device,drive=d0",
+                    Machine::Microvm | Machine::MicrovmNoPit => "virtio-blk-device,drive=d0",
                     Machine::Q35 | Machine::MicrovmPcie => "virtio-blk-pci,drive=d0",
                 },
             ]);
