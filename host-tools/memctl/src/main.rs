@@ -11,7 +11,9 @@
 //! command created and `$N` for the handle of the N-th command (from 1).
 
 use std::io::BufRead;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
@@ -19,11 +21,51 @@ use memd_client::{Client, Error, Options};
 use memd_wire::*;
 use serde::Serialize;
 
+mod histogram;
+mod map;
+mod progress;
+mod watch;
+
+const EXAMPLES: &str = "\
+Examples:
+  memctl status                       is it up, how much is free
+  memctl meminfo                      /proc/meminfo, in kB
+  memctl buddy --histogram            free blocks per order, as bars
+  memctl watch                        live view of zones, buddy, slabs, pools, CMA, clients (q quits)
+  memctl map --out mem.svg            picture of physical memory (also .png)
+  memctl dma-alloc 64M --mask 32      a contiguous buffer below 4 GiB (from CMA)
+  memctl stress 1000000               random allocator work inside the guest
+  memctl --json zoneinfo | jq .       JSON for scripts
+  printf 'kmalloc 4k\\nslabinfo\\n' | memctl session
+  memctl completions bash > /etc/bash_completion.d/memctl
+
+The address and token come from --addr/--token, $MEMD_ADDR/$MEMD_TOKEN, or the
+.memd/ directory that `cargo xtask run` writes.";
+
+const MAP_EXAMPLES: &str = "\
+Examples:
+  memctl map                          zones, reservations, CMA and what every page is, as text
+  memctl map --out mem.svg            the same as a picture (open it in a browser)
+  memctl map --out mem.png --width 1600
+  memctl --json map                   the raw map (runs of frame states)";
+
+const WATCH_EXAMPLES: &str = "\
+Examples:
+  memctl watch                        refresh every second until q
+  memctl watch --interval-ms 250      faster
+  memctl watch --iterations 10        stop by itself after 10 refreshes";
+
+const BUDDY_EXAMPLES: &str = "\
+Examples:
+  memctl buddy                        /proc/buddyinfo
+  memctl buddy --histogram            bars: free memory held at each order, per zone";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "memctl",
     version,
-    about = "Drive and observe memd, the unikernel memory service"
+    about = "Drive and observe memd, the unikernel memory service",
+    after_help = EXAMPLES
 )]
 struct Cli {
     /// Service address [default: $MEMD_ADDR, .memd/addr, 127.0.0.1:5555]
@@ -105,6 +147,38 @@ enum Cmd {
     Clients,
     /// Every DMA buffer held by a client
     DmaList,
+    /// The physical memory map: as text, or as a picture with --out
+    #[command(after_help = MAP_EXAMPLES)]
+    Map {
+        /// Write a picture instead: FILE.svg or FILE.png
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Picture width in pixels
+        #[arg(long, default_value_t = map::DEFAULT_WIDTH)]
+        width: u32,
+    },
+    /// Buddy free lists per zone and order
+    #[command(after_help = BUDDY_EXAMPLES)]
+    Buddy {
+        /// Draw bars of the free memory held at each order
+        #[arg(long)]
+        histogram: bool,
+        /// Longest bar, in terminal cells
+        #[arg(long, default_value_t = 40)]
+        width: usize,
+    },
+    /// Live full-screen view: zones, buddy, slabs, mempools, CMA, clients
+    #[command(after_help = WATCH_EXAMPLES)]
+    Watch {
+        /// Refresh period
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Stop after this many refreshes (default: until q)
+        #[arg(long)]
+        iterations: Option<u64>,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions { shell: clap_complete::Shell },
     /// Allocate 2^order pages
     AllocPages {
         order: u8,
@@ -221,7 +295,8 @@ enum Cmd {
         #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
         times: i64,
     },
-    /// Allocate COUNT objects of SIZE and free them, in two batch frames
+    /// Allocate COUNT objects of SIZE and free them, in batch frames of up
+    /// to 8192 operations
     Batch {
         #[arg(default_value_t = 10_000)]
         count: u32,
@@ -456,6 +531,7 @@ fn print_reply(r: &Reply) {
             }
             println!("{t}");
         }
+        Reply::MemMap(m) => print!("{}", map::text(m)),
         Reply::DmaBuffers(bs) => {
             let mut t = table(&["handle", "conn", "phys", "len", "align", "mask", "source"]);
             for b in bs {
@@ -537,6 +613,8 @@ fn to_op(cmd: Cmd) -> Result<Op, Fail> {
         Cmd::Cma => Op::Cma,
         Cmd::Clients => Op::Clients,
         Cmd::DmaList => Op::DmaBuffers,
+        Cmd::Map { .. } => Op::MemMap,
+        Cmd::Buddy { .. } => Op::Buddyinfo,
         Cmd::AllocPages { order, gfp } => Op::AllocPages { order, gfp },
         Cmd::FreePages { handle } => Op::FreePages { handle },
         Cmd::Kmalloc { size, gfp } => Op::Kmalloc { size, gfp },
@@ -639,21 +717,36 @@ fn to_op(cmd: Cmd) -> Result<Op, Fail> {
             },
         },
         Cmd::Shutdown => Op::Shutdown,
-        Cmd::Batch { .. } | Cmd::Session => unreachable!("handled by the caller"),
+        Cmd::Batch { .. } | Cmd::Session | Cmd::Watch { .. } | Cmd::Completions { .. } => {
+            unreachable!("handled by the caller")
+        }
     })
 }
 
+/// Operations per batch frame: small enough that the replies fit a frame.
+const BATCH_CHUNK: u32 = 8192;
+
 fn run_batch(c: &mut Client, count: u32, size: u64, as_json: bool) -> Result<(), Fail> {
     let t0 = std::time::Instant::now();
-    let allocs = c.batch(
-        (0..count)
-            .map(|_| Op::Kmalloc {
-                size,
-                gfp: Gfp::KERNEL,
-            })
-            .collect(),
-        false,
-    )?;
+    let pb = progress::bar(2 * count as u64, "kmalloc + kfree", as_json);
+    let mut allocs = Vec::with_capacity(count as usize);
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(BATCH_CHUNK);
+        allocs.extend(
+            c.batch(
+                (0..n)
+                    .map(|_| Op::Kmalloc {
+                        size,
+                        gfp: Gfp::KERNEL,
+                    })
+                    .collect(),
+                false,
+            )?,
+        );
+        pb.inc(n as u64);
+        left -= n;
+    }
     let handles: Vec<Handle> = allocs
         .iter()
         .filter_map(|r| match r {
@@ -662,10 +755,16 @@ fn run_batch(c: &mut Client, count: u32, size: u64, as_json: bool) -> Result<(),
         })
         .collect();
     let failed = allocs.len() - handles.len();
-    let frees = c.batch(
-        handles.iter().map(|&handle| Op::Kfree { handle }).collect(),
-        false,
-    )?;
+    pb.inc(failed as u64);
+    let mut frees = Vec::with_capacity(handles.len());
+    for chunk in handles.chunks(BATCH_CHUNK as usize) {
+        frees.extend(c.batch(
+            chunk.iter().map(|&handle| Op::Kfree { handle }).collect(),
+            false,
+        )?);
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
     let ops = allocs.len() + frees.len();
     #[derive(Serialize)]
@@ -695,13 +794,93 @@ fn run_batch(c: &mut Client, count: u32, size: u64, as_json: bool) -> Result<(),
     Ok(())
 }
 
+/// Writes the map picture: PNG for a `.png` path, SVG otherwise.
+fn write_map(m: &MemMap, path: &std::path::Path, width: u32) -> Result<(), Fail> {
+    let svg = map::svg(m, width);
+    let is_png = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    let bytes = if is_png {
+        map::png(&svg).map_err(Fail::Usage)?
+    } else {
+        svg.into_bytes()
+    };
+    std::fs::write(path, bytes).map_err(|e| Fail::Usage(format!("{}: {e}", path.display())))
+}
+
+fn completions(shell: clap_complete::Shell) {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut cmd, "memctl", &mut std::io::stdout());
+}
+
 /// Runs one command; returns the handle it created, if any.
 fn run(c: &mut Client, cmd: Cmd, as_json: bool) -> Result<Option<Handle>, Fail> {
     match cmd {
         Cmd::Batch { count, size } => run_batch(c, count, size, as_json).map(|()| None),
         Cmd::Session => Err(Fail::Usage("session cannot be nested".into())),
+        Cmd::Watch {
+            interval_ms,
+            iterations,
+        } => watch::run(c, Duration::from_millis(interval_ms.max(50)), iterations)
+            .map(|()| None)
+            .map_err(|e| Fail::Conn(format!("terminal: {e}"))),
+        Cmd::Completions { shell } => {
+            completions(shell);
+            Ok(None)
+        }
+        Cmd::Map {
+            out: Some(path),
+            width,
+        } => {
+            let m = match c.call(Op::MemMap)? {
+                Reply::MemMap(m) => m,
+                r => return Err(Fail::Conn(format!("unexpected reply {r:?}"))),
+            };
+            write_map(&m, &path, width)?;
+            if as_json {
+                json(
+                    &serde_json::json!({ "out": path, "runs": m.runs.len(), "granule": m.granule }),
+                );
+            } else {
+                println!(
+                    "wrote {} ({} zones, {} reservations, {} runs{})",
+                    path.display(),
+                    m.zones.len(),
+                    m.reservations.len(),
+                    m.runs.len(),
+                    if m.granule > 1 {
+                        format!(", cells of {} pages", m.granule)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            Ok(None)
+        }
+        Cmd::Buddy {
+            histogram: true,
+            width,
+        } if !as_json => {
+            let replies = c.batch(vec![Op::Status, Op::Buddyinfo], true)?;
+            match &replies[..] {
+                [Ok(Reply::Status(s)), Ok(Reply::Buddyinfo(zones))] => {
+                    print!("{}", histogram::render(zones, s.page_size, width))
+                }
+                [.., Err(e)] => return Err(Fail::Server(e.clone())),
+                r => return Err(Fail::Conn(format!("unexpected reply {r:?}"))),
+            }
+            Ok(None)
+        }
         cmd => {
-            let reply = c.call(to_op(cmd)?)?;
+            let op = to_op(cmd)?;
+            let reply = if progress::is_long(&op) {
+                let pb = progress::spinner(format!("memd: {}", op.name()), as_json);
+                let r = c.call(op);
+                pb.finish_and_clear();
+                r?
+            } else {
+                c.call(op)?
+            };
             if as_json {
                 reply_json(&reply);
             } else {
@@ -787,6 +966,10 @@ fn session(c: &mut Client, as_json: bool) -> Result<(), Fail> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Completions { shell } = cli.cmd {
+        completions(shell);
+        return ExitCode::SUCCESS;
+    }
     let mut opts = match Options::discover(cli.addr.as_deref(), cli.token.as_deref()) {
         Ok(o) => o,
         Err(e) => {
@@ -846,6 +1029,11 @@ mod tests {
             "cma",
             "clients",
             "dma-list",
+            "map",
+            "map --out m.svg --width 800",
+            "buddy --histogram",
+            "watch --interval-ms 200 --iterations 3",
+            "completions zsh",
             "alloc-pages 3 --gfp KERNEL|ZERO",
             "free-pages 1",
             "kmalloc 4k",
@@ -876,7 +1064,10 @@ mod tests {
         ] {
             let args = std::iter::once("memctl").chain(line.split_whitespace());
             let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{line}: {e}"));
-            if !matches!(cli.cmd, Cmd::Batch { .. } | Cmd::Session) {
+            if !matches!(
+                cli.cmd,
+                Cmd::Batch { .. } | Cmd::Session | Cmd::Watch { .. } | Cmd::Completions { .. }
+            ) {
                 to_op(cli.cmd).unwrap_or_else(|_| panic!("{line}"));
             }
         }

@@ -22,11 +22,13 @@
 extern crate alloc;
 
 pub mod env;
+pub mod memmap;
 pub mod memory;
 pub mod mm;
 pub mod service;
 pub mod stress;
 
 pub use env::{BlockDevice, DirectEnv, Env, SECTOR};
+pub use memmap::MapSnapshot;
 pub use memory::{Backing, DmaFacts, MemError, Memory, Obj, View};
 pub use service::{Config, ConnId, Flow, Service};

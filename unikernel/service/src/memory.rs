@@ -164,6 +164,16 @@ pub trait Memory {
     /// Every invariant checker: the first violation and where (a frame
     /// number or address).
     fn check(&mut self) -> Result<(), (&'static str, u64)>;
+    /// Copy the physical memory map into `out`, whose buffers the service
+    /// allocated beforehand (no heap allocation). A manager without a frame
+    /// table to show answers `ENOSYS`, which is what this default does.
+    fn memmap(&mut self, out: &mut crate::memmap::MapSnapshot) -> Result<(), MemError> {
+        let _ = out;
+        Err(MemError::new(
+            memd_wire::errno::ENOSYS,
+            "this memory manager has no physical memory map",
+        ))
+    }
     /// Set a fault-injection rule.
     fn set_fault(&mut self, target: FaultTarget, config: FaultConfig) -> Result<(), MemError>;
 }

@@ -12,6 +12,7 @@ use memd_wire::{
     MempoolInfo, Reply, SlabFlags, SlabInfo, ZoneInfo,
 };
 
+use crate::memmap::{collect_runs, MapSnapshot, PageRun, MAP_MAX_EXTENTS, MAP_MAX_RANGES};
 use crate::memory::{Backing, DmaFacts, MemError, Memory, Obj, View};
 
 fn mm_err(e: MmError) -> MemError {
@@ -443,6 +444,61 @@ impl Memory for MemoryManager {
                 },
             }),
         }
+    }
+
+    fn memmap(&mut self, out: &mut MapSnapshot) -> Result<(), MemError> {
+        use memd_mm::memmap_view::RunKind;
+        use memd_wire::MapKind;
+        let page = memd_mm::PAGE_SIZE;
+        out.page_size = page;
+        out.nr_frames = self.nr_frames() as u64;
+        let mem = self.memory_ranges();
+        out.nr_memory = mem.len().min(MAP_MAX_RANGES);
+        out.memory[..out.nr_memory].copy_from_slice(&mem[..out.nr_memory]);
+        out.nr_zones = 0;
+        for z in self.zoneinfo().iter().filter(|z| z.managed > 0) {
+            out.zones[out.nr_zones] = (
+                z.zone.name(),
+                z.start_pfn * page,
+                z.end_pfn * page,
+                z.managed,
+                z.free,
+            );
+            out.nr_zones += 1;
+        }
+        let res = self.reservations();
+        out.nr_reservations = res.len().min(MAP_MAX_RANGES);
+        for (slot, r) in out.reservations.iter_mut().zip(res) {
+            *slot = (r.kind.name(), r.start, r.end);
+        }
+        out.cma = self.cma().map(|c| (c.base, c.end()));
+        out.nr_cma_extents = 0;
+        if let Some(c) = self.cma() {
+            out.nr_cma_extents = c.extents().len().min(MAP_MAX_EXTENTS);
+            for (slot, e) in out.cma_extents.iter_mut().zip(c.extents()) {
+                *slot = (e.start, e.start + e.pages * page);
+            }
+        }
+        let kind = |k: RunKind| match k {
+            RunKind::Free(o) => MapKind::Free(o),
+            RunKind::Pcp => MapKind::Pcp,
+            RunKind::Allocated => MapKind::Allocated,
+            RunKind::Slab => MapKind::Slab,
+            RunKind::Large => MapKind::Large,
+            RunKind::Pool => MapKind::Pool,
+            RunKind::Reserved => MapKind::Reserved,
+            RunKind::Absent => MapKind::Absent,
+        };
+        let (n, granule) = collect_runs(&mut out.runs, out.nr_frames, || {
+            self.frame_runs().map(|r| PageRun {
+                start_pfn: r.start_pfn,
+                pages: r.pages,
+                kind: kind(r.kind),
+            })
+        });
+        out.nr_runs = n;
+        out.granule = granule;
+        Ok(())
     }
 
     fn check(&mut self) -> Result<(), (&'static str, u64)> {

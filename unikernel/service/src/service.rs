@@ -577,6 +577,29 @@ impl<M: Memory> Service<M> {
                     .collect(),
             )),
 
+            Op::MemMap => {
+                // Buffers first, then the walk under the lock, then the
+                // protocol types.
+                let mut snap = alloc::boxed::Box::new(crate::memmap::MapSnapshot::new());
+                env.with_mem(|m, _| m.memmap(&mut snap)).map_err(mem_err)?;
+                let dma = self
+                    .conns
+                    .values()
+                    .flat_map(|c| c.handles.values())
+                    .filter_map(|r| match r {
+                        Res::Dma { info, .. } => Some(memd_wire::MapDma {
+                            handle: info.handle,
+                            conn: info.conn,
+                            phys: info.phys,
+                            len: info.len,
+                            source: info.source,
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                Ok(Reply::MemMap(snap.render(dma)))
+            }
+
             Op::AllocPages { order, gfp } => {
                 if order >= 64 {
                     return Err(err(errno::EINVAL, format!("order {order} out of range")));

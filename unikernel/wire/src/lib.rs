@@ -5,6 +5,7 @@
 //! - [`msg`]: [`Request`] / [`Response`], the handshake, every [`Op`] and
 //!   its [`Reply`].
 //! - [`stats`]: the statistics views.
+//! - [`memmap`]: the physical memory map.
 //! - [`flags`]: GFP flags, slab flags, DMA masks.
 //! - [`error`]: errno-style [`WireError`]s (numbers from hermit-abi).
 //! - [`pattern`]: the DMA fill pattern and checksum, so clients can verify.
@@ -21,6 +22,7 @@ extern crate alloc;
 pub mod error;
 pub mod flags;
 pub mod frame;
+pub mod memmap;
 pub mod msg;
 pub mod pattern;
 pub mod stats;
@@ -28,6 +30,7 @@ pub mod stats;
 pub use error::{errno, errno_name, WireError};
 pub use flags::{DmaMask, Gfp, SlabFlags};
 pub use frame::{decode_body, encode_frame, to_frame, FrameDecoder, FrameError, MAX_FRAME};
+pub use memmap::*;
 pub use msg::*;
 pub use pattern::{checksum, fill_pattern, Checksum};
 pub use stats::*;

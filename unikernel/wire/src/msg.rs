@@ -131,6 +131,9 @@ pub enum Op {
     Clients,
     /// Every DMA buffer held by a client.
     DmaBuffers,
+    /// The physical memory map: zones, reservations, CMA, DMA buffers and
+    /// what every frame is (see [`crate::memmap`]).
+    MemMap,
 
     /// Allocate `2^order` pages.
     AllocPages {
@@ -318,6 +321,7 @@ impl Op {
             Op::Cma => "cma",
             Op::Clients => "clients",
             Op::DmaBuffers => "dma-list",
+            Op::MemMap => "map",
             Op::AllocPages { .. } => "alloc-pages",
             Op::FreePages { .. } => "free-pages",
             Op::Kmalloc { .. } => "kmalloc",
@@ -392,6 +396,8 @@ pub enum Reply {
     Clients(Vec<ClientInfo>),
     /// [`Op::DmaBuffers`].
     DmaBuffers(Vec<DmaBufferInfo>),
+    /// [`Op::MemMap`].
+    MemMap(crate::memmap::MemMap),
     /// A page block.
     Pages {
         /// Its handle.

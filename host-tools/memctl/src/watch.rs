@@ -1,0 +1,483 @@
+//! `memctl watch`: a live full-screen view, like slabtop or top.
+//!
+//! Every refresh asks for all the views in one batch frame (status,
+//! zoneinfo, slabinfo, mempools, CMA, clients) and redraws: zones with their
+//! free pages against the min/low/high watermarks, buddy free blocks per
+//! order, the busiest slab caches, mempools, CMA use and per-client usage.
+//! `q`, Esc or Ctrl-C quits; `--iterations N` stops by itself.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use memd_client::Client;
+use memd_wire::*;
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
+use ratatui::layout::{Constraint, Direction, Layout};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table};
+use ratatui::Frame;
+
+use crate::map::human;
+
+/// Everything one refresh shows.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub status: Status,
+    pub zones: Vec<ZoneInfo>,
+    pub slabs: Vec<SlabInfo>,
+    pub pools: Vec<MempoolInfo>,
+    pub cma: CmaInfo,
+    pub clients: Vec<ClientInfo>,
+}
+
+/// Fetches a snapshot in one batch frame.
+pub fn fetch(c: &mut Client) -> Result<Snapshot, memd_client::Error> {
+    let ops = vec![
+        Op::Status,
+        Op::Zoneinfo,
+        Op::Slabinfo,
+        Op::Mempools,
+        Op::Cma,
+        Op::Clients,
+    ];
+    let mut s = Snapshot::default();
+    for r in c.batch(ops, false)? {
+        match r.map_err(memd_client::Error::Server)? {
+            Reply::Status(v) => s.status = v,
+            Reply::Zoneinfo(v) => s.zones = v,
+            Reply::Slabinfo(v) => s.slabs = v,
+            Reply::Mempools(v) => s.pools = v,
+            Reply::Cma(v) => s.cma = v,
+            Reply::Clients(v) => s.clients = v,
+            _ => {}
+        }
+    }
+    Ok(s)
+}
+
+fn header(h: &str) -> Row<'_> {
+    Row::new(h.split('|').map(|c| Cell::from(c.to_string())))
+        .style(Style::default().add_modifier(Modifier::BOLD))
+}
+
+fn boxed(title: &str) -> Block<'_> {
+    Block::default().borders(Borders::ALL).title(Span::styled(
+        format!(" {title} "),
+        Style::default().add_modifier(Modifier::BOLD),
+    ))
+}
+
+/// A bar of `width` cells: free pages against the zone's managed pages,
+/// with the min/low/high watermarks marked, coloured by the lowest
+/// watermark the free count is under.
+fn watermark_bar(z: &ZoneInfo, width: usize) -> Line<'static> {
+    let total = z.managed.max(1);
+    let cell = |pages: u64| ((pages as u128 * width as u128) / total as u128) as usize;
+    let filled = cell(z.free).min(width);
+    let (lo_c, low_c, hi_c) = (cell(z.min), cell(z.low), cell(z.high));
+    let color = if z.free <= z.min {
+        Color::Red
+    } else if z.free <= z.low {
+        Color::Yellow
+    } else {
+        Color::Green
+    };
+    let mut spans = Vec::new();
+    for i in 0..width {
+        let mark = if i == hi_c {
+            Some('H')
+        } else if i == low_c {
+            Some('L')
+        } else if i == lo_c {
+            Some('M')
+        } else {
+            None
+        };
+        let ch = mark.unwrap_or(if i < filled { '█' } else { '·' });
+        let style = if mark.is_some() {
+            Style::default().fg(Color::White).bg(Color::DarkGray)
+        } else {
+            Style::default().fg(color)
+        };
+        spans.push(Span::styled(ch.to_string(), style));
+    }
+    Line::from(spans)
+}
+
+/// Draws one frame of the view.
+pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
+    let area = f.area();
+    let zones: Vec<&ZoneInfo> = s.zones.iter().filter(|z| z.managed > 0).collect();
+    let rows = Layout::default()
+        .direction(Direction::Vertical)
+        .constraints([
+            Constraint::Length(2),
+            Constraint::Length(zones.len() as u16 + 3),
+            Constraint::Length(zones.len() as u16 + 3),
+            Constraint::Min(6),
+            Constraint::Length(1),
+        ])
+        .split(area);
+
+    // Status line.
+    let st = &s.status;
+    let used = st.total_bytes.saturating_sub(st.free_bytes);
+    let head = vec![
+        Line::from(vec![
+            Span::styled(
+                "memd watch",
+                Style::default()
+                    .fg(Color::Cyan)
+                    .add_modifier(Modifier::BOLD),
+            ),
+            Span::raw(format!(
+                "  {}  up {:.0}s  {} connection(s)  {} requests",
+                st.server,
+                st.uptime_ns as f64 / 1e9,
+                st.connections,
+                st.requests
+            )),
+        ]),
+        Line::from(format!(
+            "memory {} total, {} used, {} free   CMA {}",
+            human(st.total_bytes),
+            human(used),
+            human(st.free_bytes),
+            if s.cma.present {
+                format!(
+                    "{} of {} used in {} buffer(s), largest free {}",
+                    human(s.cma.used),
+                    human(s.cma.total),
+                    s.cma.buffers,
+                    human(s.cma.largest_free)
+                )
+            } else {
+                "none".to_string()
+            }
+        )),
+    ];
+    f.render_widget(Paragraph::new(head), rows[0]);
+
+    // Zones with watermarks.
+    let bar_w = (rows[1].width as usize).saturating_sub(60).clamp(10, 60);
+    let zrows: Vec<Row> = zones
+        .iter()
+        .map(|z| {
+            Row::new(vec![
+                Cell::from(z.name.clone()),
+                Cell::from(z.free.to_string()),
+                Cell::from(z.min.to_string()),
+                Cell::from(z.low.to_string()),
+                Cell::from(z.high.to_string()),
+                Cell::from(z.managed.to_string()),
+                Cell::from(watermark_bar(z, bar_w)),
+            ])
+        })
+        .collect();
+    let t = Table::new(
+        zrows,
+        [
+            Constraint::Length(7),
+            Constraint::Length(9),
+            Constraint::Length(7),
+            Constraint::Length(7),
+            Constraint::Length(7),
+            Constraint::Length(9),
+            Constraint::Length(bar_w as u16),
+        ],
+    )
+    .header(header(
+        "zone|free|min|low|high|managed|free pages vs watermarks (M L H)",
+    ))
+    .block(boxed("zones (pages)"));
+    f.render_widget(t, rows[1]);
+
+    // Buddy free blocks per order.
+    let orders = zones.iter().map(|z| z.free_blocks.len()).max().unwrap_or(0);
+    let mut cols = vec![Constraint::Length(7)];
+    cols.extend(std::iter::repeat_n(Constraint::Length(6), orders));
+    let head: Vec<String> = std::iter::once("zone".to_string())
+        .chain((0..orders).map(|o| format!("{o:>5}")))
+        .collect();
+    let brows: Vec<Row> = zones
+        .iter()
+        .map(|z| {
+            Row::new(
+                std::iter::once(Cell::from(z.name.clone()))
+                    .chain(z.free_blocks.iter().map(|n| Cell::from(format!("{n:>5}")))),
+            )
+        })
+        .collect();
+    let t = Table::new(brows, cols)
+        .header(
+            Row::new(head.into_iter().map(Cell::from))
+                .style(Style::default().add_modifier(Modifier::BOLD)),
+        )
+        .block(boxed("buddy free blocks per order"));
+    f.render_widget(t, rows[2]);
+
+    // Bottom: slabs | pools + clients.
+    let bottom = Layout::default()
+        .direction(Direction::Horizontal)
+        .constraints([Constraint::Percentage(55), Constraint::Percentage(45)])
+        .split(rows[3]);
+    let mut slabs: Vec<&SlabInfo> = s.slabs.iter().collect();
+    slabs.sort_by_key(|c| {
+        std::cmp::Reverse((c.num_slabs * c.pagesperslab, c.active_objs, c.name.clone()))
+    });
+    let room = bottom[0].height.saturating_sub(3) as usize;
+    let srows: Vec<Row> = slabs
+        .iter()
+        .take(room)
+        .map(|c| {
+            Row::new(vec![
+                c.name.clone(),
+                c.active_objs.to_string(),
+                c.num_objs.to_string(),
+                c.objsize.to_string(),
+                (c.num_slabs * c.pagesperslab).to_string(),
+                c.allocs.to_string(),
+            ])
+        })
+        .collect();
+    let t = Table::new(
+        srows,
+        [
+            Constraint::Min(14),
+            Constraint::Length(8),
+            Constraint::Length(8),
+            Constraint::Length(7),
+            Constraint::Length(7),
+            Constraint::Length(10),
+        ],
+    )
+    .header(header("cache|active|objs|size|pages|allocs"))
+    .block(boxed("busiest slab caches"));
+    f.render_widget(t, bottom[0]);
+
+    let right = Layout::default()
+        .direction(Direction::Vertical)
+        .constraints([Constraint::Percentage(50), Constraint::Percentage(50)])
+        .split(bottom[1]);
+    let prows: Vec<Row> = s
+        .pools
+        .iter()
+        .map(|p| {
+            Row::new(vec![
+                p.id.to_string(),
+                p.backing.clone(),
+                format!("{}/{}", p.curr_nr, p.min_nr),
+                human(p.reserve_bytes),
+                p.in_use.to_string(),
+            ])
+        })
+        .collect();
+    let t = Table::new(
+        prows,
+        [
+            Constraint::Length(4),
+            Constraint::Min(12),
+            Constraint::Length(9),
+            Constraint::Length(10),
+            Constraint::Length(7),
+        ],
+    )
+    .header(header("id|backing|reserve|idle|in use"))
+    .block(boxed("mempools"));
+    f.render_widget(t, right[0]);
+    let crows: Vec<Row> = s
+        .clients
+        .iter()
+        .map(|c| {
+            Row::new(vec![
+                c.conn.to_string(),
+                c.name.clone(),
+                c.handles.to_string(),
+                c.pages.to_string(),
+                human(c.bytes),
+            ])
+        })
+        .collect();
+    let t = Table::new(
+        crows,
+        [
+            Constraint::Length(5),
+            Constraint::Min(10),
+            Constraint::Length(8),
+            Constraint::Length(8),
+            Constraint::Length(10),
+        ],
+    )
+    .header(header("conn|name|handles|pages|bytes"))
+    .block(boxed("clients"));
+    f.render_widget(t, right[1]);
+
+    let foot = match error {
+        Some(e) => Line::from(Span::styled(
+            format!(" error: {e}"),
+            Style::default().fg(Color::Red),
+        )),
+        None => Line::from(format!(" q quits · refresh #{refreshed}")),
+    };
+    f.render_widget(Paragraph::new(foot), rows[4]);
+}
+
+/// Runs the view until `q` (or `iterations` refreshes, if given).
+pub fn run(c: &mut Client, interval: Duration, iterations: Option<u64>) -> io::Result<()> {
+    let mut terminal = ratatui::try_init()?;
+    let result = (|| -> io::Result<()> {
+        let mut refreshed = 0u64;
+        let mut snap = Snapshot::default();
+        loop {
+            let error = match fetch(c) {
+                Ok(s) => {
+                    snap = s;
+                    None
+                }
+                Err(e) => Some(e.to_string()),
+            };
+            refreshed += 1;
+            terminal.draw(|f| draw(f, &snap, refreshed, error.as_deref()))?;
+            if iterations.is_some_and(|n| refreshed >= n) {
+                return Ok(());
+            }
+            let next = Instant::now() + interval;
+            loop {
+                let left = next.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                if event::poll(left)? {
+                    match event::read()? {
+                        Event::Key(k) if k.kind != KeyEventKind::Release => match k.code {
+                            KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
+                            KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => {
+                                return Ok(())
+                            }
+                            _ => {}
+                        },
+                        Event::Resize(..) => {
+                            terminal.draw(|f| draw(f, &snap, refreshed, error.as_deref()))?;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    })();
+    ratatui::try_restore()?;
+    result
+}
+
+#[cfg(test)]
+/// Renders a snapshot into a test backend of `w`×`h` cells and returns
+/// the screen as text, one line per row.
+pub fn render_text(s: &Snapshot, w: u16, h: u16) -> String {
+    let backend = ratatui::backend::TestBackend::new(w, h);
+    let mut t = ratatui::Terminal::new(backend).expect("test backend");
+    t.draw(|f| draw(f, s, 1, None)).expect("draw");
+    let buf = t.backend().buffer().clone();
+    let mut out = String::new();
+    for y in 0..buf.area.height {
+        for x in 0..buf.area.width {
+            out.push_str(buf[(x, y)].symbol());
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zone(name: &str, managed: u64, free: u64) -> ZoneInfo {
+        ZoneInfo {
+            name: name.into(),
+            managed,
+            free,
+            min: managed / 20,
+            low: managed / 16,
+            high: managed / 12,
+            free_blocks: vec![3, 1, 0, 2],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn screen_shows_every_panel() {
+        let s = Snapshot {
+            status: Status {
+                server: "memd test".into(),
+                total_bytes: 64 << 20,
+                free_bytes: 60 << 20,
+                ..Default::default()
+            },
+            zones: vec![
+                zone("DMA", 3840, 3000),
+                zone("DMA32", 12000, 500),
+                zone("Normal", 0, 0),
+            ],
+            slabs: vec![
+                SlabInfo {
+                    name: "kmalloc-64".into(),
+                    num_slabs: 2,
+                    pagesperslab: 1,
+                    ..Default::default()
+                },
+                SlabInfo {
+                    name: "busy-cache".into(),
+                    num_slabs: 9,
+                    pagesperslab: 2,
+                    ..Default::default()
+                },
+            ],
+            pools: vec![MempoolInfo {
+                id: 1,
+                backing: "pages order 2".into(),
+                ..Default::default()
+            }],
+            cma: CmaInfo {
+                present: true,
+                total: 8 << 20,
+                ..Default::default()
+            },
+            clients: vec![ClientInfo {
+                conn: 7,
+                name: "walkthrough".into(),
+                ..Default::default()
+            }],
+        };
+        let text = render_text(&s, 120, 40);
+        for want in [
+            "memd watch",
+            "DMA32",
+            "buddy free blocks per order",
+            "busy-cache",
+            "pages order 2",
+            "walkthrough",
+            "CMA 0 B of 8 MiB",
+            "q quits",
+        ] {
+            assert!(text.contains(want), "{want} missing from\n{text}");
+        }
+        // Busiest cache first; the empty Normal zone is left out.
+        assert!(text.find("busy-cache").unwrap() < text.find("kmalloc-64").unwrap());
+        assert!(!text.contains("Normal"));
+    }
+
+    #[test]
+    fn watermark_bar_marks_and_fills() {
+        let z = zone("DMA", 100, 50);
+        let line: String = watermark_bar(&z, 100)
+            .spans
+            .iter()
+            .map(|s| s.content.to_string())
+            .collect();
+        assert_eq!(line.chars().filter(|&c| c == '█').count(), 47);
+        assert_eq!(line.chars().nth(5), Some('M'));
+        assert_eq!(line.chars().nth(6), Some('L'));
+        assert_eq!(line.chars().nth(8), Some('H'));
+    }
+}

@@ -1,0 +1,438 @@
+//! The physical memory map ([`memd_wire::Op::MemMap`]), in two steps like
+//! the other statistics: [`MapSnapshot::new`] allocates every buffer before
+//! the memory manager is borrowed, [`crate::Memory::memmap`] fills them
+//! under the lock without touching the heap, and [`MapSnapshot::render`]
+//! builds the protocol type afterwards.
+//!
+//! The reply is bounded: at most [`MAX_MAP_RUNS`] runs. When the exact runs
+//! do not fit, [`RunSink`] summarises cells of `granule` pages (a power of
+//! two), each taking the kind that covers most of it, and merges equal
+//! neighbours.
+
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use memd_wire::{
+    MapCma, MapDma, MapKind, MapRange, MapReservation, MapRun, MapZone, MemMap, MAX_MAP_DMA,
+    MAX_MAP_RUNS,
+};
+
+/// Most memory ranges, reservations and zones a snapshot keeps.
+pub const MAP_MAX_RANGES: usize = 64;
+/// Most CMA extents a snapshot keeps.
+pub const MAP_MAX_EXTENTS: usize = 256;
+
+/// Number of distinct [`MapKind`]s a cell tally tells apart: free orders
+/// 0..32 and the seven other kinds.
+const KINDS: usize = 32 + 7;
+
+fn kind_index(k: MapKind) -> usize {
+    match k {
+        MapKind::Free(o) => (o as usize).min(31),
+        MapKind::Pcp => 32,
+        MapKind::Allocated => 33,
+        MapKind::Slab => 34,
+        MapKind::Large => 35,
+        MapKind::Pool => 36,
+        MapKind::Reserved => 37,
+        MapKind::Absent => 38,
+    }
+}
+
+fn kind_of(i: usize) -> MapKind {
+    match i {
+        0..=31 => MapKind::Free(i as u8),
+        32 => MapKind::Pcp,
+        33 => MapKind::Allocated,
+        34 => MapKind::Slab,
+        35 => MapKind::Large,
+        36 => MapKind::Pool,
+        37 => MapKind::Reserved,
+        _ => MapKind::Absent,
+    }
+}
+
+/// A run in pages, as the snapshot stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRun {
+    /// First frame number.
+    pub start_pfn: u64,
+    /// Frames.
+    pub pages: u64,
+    /// What they are.
+    pub kind: MapKind,
+}
+
+const EMPTY_RUN: PageRun = PageRun {
+    start_pfn: 0,
+    pages: 0,
+    kind: MapKind::Absent,
+};
+
+/// The run didn't fit: the sink is full at this granule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
+
+/// Collects runs in address order into a fixed slice, summarising cells of
+/// `granule` pages (1 = exact). Never allocates.
+pub struct RunSink<'a> {
+    out: &'a mut [PageRun],
+    len: usize,
+    granule: u64,
+    /// The cell being tallied (granule > 1): its first frame and what
+    /// covers it so far.
+    cell: u64,
+    tally: [u64; KINDS],
+    tallied: u64,
+}
+
+impl<'a> RunSink<'a> {
+    /// A sink writing into `out` with cells of `granule` pages.
+    pub fn new(out: &'a mut [PageRun], granule: u64) -> Self {
+        RunSink {
+            out,
+            len: 0,
+            granule: granule.max(1),
+            cell: 0,
+            tally: [0; KINDS],
+            tallied: 0,
+        }
+    }
+
+    fn emit(&mut self, start_pfn: u64, pages: u64, kind: MapKind) -> Result<(), Full> {
+        if let Some(last) = self.len.checked_sub(1).map(|i| &mut self.out[i]) {
+            if last.kind == kind && last.start_pfn + last.pages == start_pfn {
+                last.pages += pages;
+                return Ok(());
+            }
+        }
+        let slot = self.out.get_mut(self.len).ok_or(Full)?;
+        *slot = PageRun {
+            start_pfn,
+            pages,
+            kind,
+        };
+        self.len += 1;
+        Ok(())
+    }
+
+    fn flush_cell(&mut self) -> Result<(), Full> {
+        if self.tallied == 0 {
+            return Ok(());
+        }
+        let mut best = 0;
+        for i in 1..KINDS {
+            if self.tally[i] > self.tally[best] {
+                best = i;
+            }
+        }
+        let (cell, pages) = (self.cell, self.tallied);
+        self.tally = [0; KINDS];
+        self.tallied = 0;
+        self.emit(cell, pages, kind_of(best))
+    }
+
+    /// Adds `pages` frames of `kind` at `start_pfn`; runs must come in
+    /// address order without gaps.
+    pub fn push(&mut self, start_pfn: u64, pages: u64, kind: MapKind) -> Result<(), Full> {
+        if self.granule == 1 {
+            return self.emit(start_pfn, pages, kind);
+        }
+        let g = self.granule;
+        let (mut pfn, end) = (start_pfn, start_pfn + pages);
+        while pfn < end {
+            let cell = pfn / g * g;
+            if self.tallied > 0 && cell != self.cell {
+                self.flush_cell()?;
+            }
+            if self.tallied == 0 && pfn == cell && end - pfn >= g {
+                // Whole cells of one kind: no tally needed.
+                let whole = (end - pfn) / g * g;
+                self.emit(pfn, whole, kind)?;
+                pfn += whole;
+                continue;
+            }
+            self.cell = cell;
+            let take = (cell + g).min(end) - pfn;
+            self.tally[kind_index(kind)] += take;
+            self.tallied += take;
+            pfn += take;
+        }
+        Ok(())
+    }
+
+    /// Flushes the last cell; returns the number of runs written.
+    pub fn finish(mut self) -> Result<usize, Full> {
+        self.flush_cell()?;
+        Ok(self.len)
+    }
+}
+
+/// Fills `out` from `runs()` (called again for each attempt) at the finest
+/// granule that fits: exact first, then an estimate from how far the exact
+/// pass got, then one that always fits (at most `out.len()` cells). Returns
+/// the number of runs and the granule.
+pub fn collect_runs<I>(out: &mut [PageRun], nr_frames: u64, runs: impl Fn() -> I) -> (usize, u64)
+where
+    I: Iterator<Item = PageRun>,
+{
+    let cap = out.len().max(1) as u64;
+    // Always fits: no more cells than slots.
+    let safe = nr_frames.div_ceil(cap).max(1).next_power_of_two();
+    let mut granule = 1;
+    loop {
+        let mut sink = RunSink::new(out, granule);
+        let mut reached = 0;
+        let mut fit = true;
+        for r in runs() {
+            if sink.push(r.start_pfn, r.pages, r.kind).is_err() {
+                fit = false;
+                break;
+            }
+            reached = r.start_pfn + r.pages;
+        }
+        if fit {
+            if let Ok(n) = sink.finish() {
+                return (n, granule);
+            }
+        }
+        if granule >= safe {
+            // Cannot happen (each cell yields at most one run); stay
+            // bounded anyway.
+            return (0, granule);
+        }
+        // Runs per frame so far, extrapolated to the whole table, with room
+        // to spare; never finer than twice the last try.
+        let reached = reached.max(1);
+        let estimate = (nr_frames / reached + 1).saturating_mul(2 * granule);
+        granule = estimate.max(granule * 2).next_power_of_two().min(safe);
+    }
+}
+
+/// A heap-free snapshot of the memory map. Every buffer is allocated by
+/// [`MapSnapshot::new`], before the memory manager is borrowed; filling it
+/// writes into those buffers only.
+#[derive(Debug, Clone)]
+pub struct MapSnapshot {
+    /// Page size.
+    pub page_size: u64,
+    /// Frames the frame table describes.
+    pub nr_frames: u64,
+    /// Pages per summary cell.
+    pub granule: u64,
+    /// Usable RAM `[start, end)`; `nr_memory` are valid.
+    pub memory: [(u64, u64); MAP_MAX_RANGES],
+    /// Valid entries of `memory`.
+    pub nr_memory: usize,
+    /// Zones: name, first byte, end, managed pages, free pages.
+    pub zones: [(&'static str, u64, u64, u64, u64); 3],
+    /// Valid entries of `zones`.
+    pub nr_zones: usize,
+    /// Reservations: kind name, start, end.
+    pub reservations: [(&'static str, u64, u64); MAP_MAX_RANGES],
+    /// Valid entries of `reservations`.
+    pub nr_reservations: usize,
+    /// The CMA region `[base, end)`.
+    pub cma: Option<(u64, u64)>,
+    /// CMA extents `[start, end)`.
+    pub cma_extents: [(u64, u64); MAP_MAX_EXTENTS],
+    /// Valid entries of `cma_extents`.
+    pub nr_cma_extents: usize,
+    /// Runs; `nr_runs` are valid.
+    pub runs: Vec<PageRun>,
+    /// Valid entries of `runs`.
+    pub nr_runs: usize,
+}
+
+impl MapSnapshot {
+    /// An empty snapshot with room for [`MAX_MAP_RUNS`] runs.
+    pub fn new() -> Self {
+        MapSnapshot {
+            page_size: 4096,
+            nr_frames: 0,
+            granule: 1,
+            memory: [(0, 0); MAP_MAX_RANGES],
+            nr_memory: 0,
+            zones: [("", 0, 0, 0, 0); 3],
+            nr_zones: 0,
+            reservations: [("", 0, 0); MAP_MAX_RANGES],
+            nr_reservations: 0,
+            cma: None,
+            cma_extents: [(0, 0); MAP_MAX_EXTENTS],
+            nr_cma_extents: 0,
+            runs: vec![EMPTY_RUN; MAX_MAP_RUNS],
+            nr_runs: 0,
+        }
+    }
+
+    /// The protocol's map, with the DMA buffers the service knows about
+    /// (sorted by address and cut to [`MAX_MAP_DMA`]).
+    pub fn render(&self, mut dma: Vec<MapDma>) -> MemMap {
+        let page = self.page_size;
+        dma.sort_by_key(|d| (d.phys, d.handle));
+        let omitted = dma.len().saturating_sub(MAX_MAP_DMA) as u64;
+        dma.truncate(MAX_MAP_DMA);
+        MemMap {
+            page_size: page,
+            end: self.nr_frames * page,
+            granule: self.granule,
+            memory: self.memory[..self.nr_memory]
+                .iter()
+                .map(|&(start, end)| MapRange { start, end })
+                .collect(),
+            zones: self.zones[..self.nr_zones]
+                .iter()
+                .map(|&(name, start, end, managed, free)| MapZone {
+                    name: String::from(name),
+                    start,
+                    end,
+                    managed,
+                    free,
+                })
+                .collect(),
+            reservations: self.reservations[..self.nr_reservations]
+                .iter()
+                .map(|&(kind, start, end)| MapReservation {
+                    kind: String::from(kind),
+                    start,
+                    end,
+                })
+                .collect(),
+            cma: self.cma.map(|(base, end)| MapCma {
+                base,
+                end,
+                extents: self.cma_extents[..self.nr_cma_extents]
+                    .iter()
+                    .map(|&(start, end)| MapRange { start, end })
+                    .collect(),
+            }),
+            runs: self.runs[..self.nr_runs]
+                .iter()
+                .map(|r| MapRun {
+                    start: r.start_pfn * page,
+                    len: r.pages * page,
+                    kind: r.kind,
+                })
+                .collect(),
+            dma,
+            dma_omitted: omitted,
+        }
+    }
+}
+
+impl Default for MapSnapshot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(start_pfn: u64, pages: u64, kind: MapKind) -> PageRun {
+        PageRun {
+            start_pfn,
+            pages,
+            kind,
+        }
+    }
+
+    /// Alternating single pages: a fragmented table.
+    fn checkerboard(n: u64) -> impl Fn() -> std::vec::IntoIter<PageRun> {
+        move || {
+            (0..n)
+                .map(|p| {
+                    let k = if p % 2 == 0 {
+                        MapKind::Free(0)
+                    } else {
+                        MapKind::Allocated
+                    };
+                    run(p, 1, k)
+                })
+                .collect::<std::vec::Vec<_>>()
+                .into_iter()
+        }
+    }
+
+    extern crate std;
+
+    fn assert_cover(out: &[PageRun], n: u64) {
+        let mut pfn = 0;
+        for r in out {
+            assert_eq!(r.start_pfn, pfn, "contiguous");
+            pfn += r.pages;
+        }
+        assert_eq!(pfn, n, "complete");
+        for w in out.windows(2) {
+            assert!(w[0].kind != w[1].kind, "merged");
+        }
+    }
+
+    #[test]
+    fn exact_when_it_fits() {
+        let mut out = [EMPTY_RUN; 16];
+        let runs = || {
+            [
+                run(0, 1, MapKind::Reserved),
+                run(1, 255, MapKind::Absent),
+                run(256, 512, MapKind::Free(9)),
+                run(768, 3, MapKind::Slab),
+            ]
+            .into_iter()
+        };
+        let (n, g) = collect_runs(&mut out, 771, runs);
+        assert_eq!((n, g), (4, 1));
+        assert_eq!(out[3], run(768, 3, MapKind::Slab));
+    }
+
+    #[test]
+    fn coarsens_to_fit_and_keeps_the_dominant_kind() {
+        let mut out = [EMPTY_RUN; 64];
+        // 4096 alternating pages then a long slab run: cannot be exact.
+        let n = 4096u64;
+        let runs = || {
+            let mut v: std::vec::Vec<PageRun> = checkerboard(n)().collect();
+            v.push(run(n, 4096, MapKind::Slab));
+            v.into_iter()
+        };
+        let (len, g) = collect_runs(&mut out, 2 * n, runs);
+        assert!(g > 1 && g.is_power_of_two());
+        assert!(len <= out.len());
+        assert_cover(&out[..len], 2 * n);
+        // The slab half stays slab, exactly.
+        let slab: u64 = out[..len]
+            .iter()
+            .filter(|r| r.kind == MapKind::Slab)
+            .map(|r| r.pages)
+            .sum();
+        assert_eq!(slab, 4096);
+    }
+
+    #[test]
+    fn cells_take_the_majority() {
+        let mut out = [EMPTY_RUN; 8];
+        let mut sink = RunSink::new(&mut out, 4);
+        // Cell 0: 3 allocated + 1 free; cell 1: 1 slab + 3 free.
+        sink.push(0, 3, MapKind::Allocated).unwrap();
+        sink.push(3, 1, MapKind::Free(0)).unwrap();
+        sink.push(4, 1, MapKind::Slab).unwrap();
+        sink.push(5, 3, MapKind::Free(0)).unwrap();
+        let n = sink.finish().unwrap();
+        assert_eq!(
+            &out[..n],
+            &[run(0, 4, MapKind::Allocated), run(4, 4, MapKind::Free(0))]
+        );
+    }
+
+    #[test]
+    fn worst_case_fragmentation_stays_bounded() {
+        let n = 1 << 16;
+        let mut out = vec![EMPTY_RUN; 100];
+        let (len, g) = collect_runs(&mut out, n, checkerboard(n));
+        assert!(len <= 100, "{len}");
+        assert!(g <= n.div_ceil(100).next_power_of_two());
+        assert_cover(&out[..len], n);
+    }
+}

@@ -1,0 +1,289 @@
+//! The memory map request over the real memd-mm (host arena): what it
+//! shows, that it stays within a frame however fragmented memory is, and
+//! that it allocates nothing while the memory manager is borrowed.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memd_mm::arena::HostMm;
+use memd_mm::MemoryManager;
+use memd_service::{BlockDevice, Config, ConnId, Env, Service};
+use memd_wire::*;
+
+thread_local! {
+    static IN_MEM: Cell<bool> = const { Cell::new(false) };
+}
+static ALLOCS_UNDER_LOCK: AtomicU64 = AtomicU64::new(0);
+
+struct Guard;
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Guard {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if IN_MEM.with(|f| f.get()) {
+            ALLOCS_UNDER_LOCK.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        if IN_MEM.with(|f| f.get()) {
+            ALLOCS_UNDER_LOCK.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Guard = Guard;
+
+struct LockEnv<'a>(&'a mut MemoryManager);
+
+impl Env for LockEnv<'_> {
+    type Mem = MemoryManager;
+    fn with_mem<R>(
+        &mut self,
+        f: impl FnOnce(&mut MemoryManager, Option<&mut dyn BlockDevice>) -> R,
+    ) -> R {
+        IN_MEM.with(|x| x.set(true));
+        let r = f(self.0, None);
+        IN_MEM.with(|x| x.set(false));
+        r
+    }
+    fn now_ns(&mut self) -> u64 {
+        1
+    }
+}
+
+struct Harness {
+    mm: HostMm,
+    svc: Service<MemoryManager>,
+}
+
+impl Harness {
+    fn new(cmdline: &str) -> Self {
+        Harness {
+            mm: HostMm::three_zones(64 << 20, 32 << 20, cmdline).unwrap(),
+            svc: Service::new(Config::new("t")),
+        }
+    }
+
+    fn connect(&mut self) -> ConnId {
+        let c = self.svc.on_connect();
+        let hello = Request::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            token: "t".into(),
+            client: "map-test".into(),
+        });
+        assert!(matches!(self.send(c, &hello), Response::Hello(_)));
+        c
+    }
+
+    fn send(&mut self, c: ConnId, req: &Request) -> Response {
+        let mut out = Vec::new();
+        self.svc.on_bytes(
+            &mut LockEnv(&mut self.mm),
+            c,
+            &to_frame(req).unwrap(),
+            &mut out,
+        );
+        let mut d = FrameDecoder::new();
+        let mut input = &out[..];
+        let body = d.feed(&mut input).unwrap().expect("one whole frame");
+        decode_body(&body).unwrap()
+    }
+
+    fn ok(&mut self, c: ConnId, op: Op) -> Reply {
+        match self.send(c, &Request::Call(op.clone())) {
+            Response::Call(Ok(r)) => r,
+            r => panic!("{op:?}: {r:?}"),
+        }
+    }
+
+    fn map(&mut self, c: ConnId) -> MemMap {
+        ALLOCS_UNDER_LOCK.store(0, Ordering::Relaxed);
+        let r = self.ok(c, Op::MemMap);
+        assert_eq!(
+            ALLOCS_UNDER_LOCK.load(Ordering::Relaxed),
+            0,
+            "the map allocated while the memory manager was borrowed"
+        );
+        match r {
+            Reply::MemMap(m) => m,
+            r => panic!("{r:?}"),
+        }
+    }
+}
+
+fn covered(map: &MemMap) {
+    let mut at = 0;
+    for r in &map.runs {
+        assert_eq!(r.start, at, "runs are contiguous");
+        assert!(r.len > 0);
+        at += r.len;
+    }
+    assert_eq!(at, map.end, "runs cover the frame table");
+    assert!(map.runs.len() <= MAX_MAP_RUNS);
+}
+
+#[test]
+fn map_shows_zones_reservations_cma_and_buffers() {
+    let mut h = Harness::new("memd.dma_reserve=8M@dma32");
+    let c = h.connect();
+    let base = h.map(c);
+    assert_eq!(base.granule, 1, "a fresh manager fits exactly");
+    covered(&base);
+    let names: Vec<&str> = base.zones.iter().map(|z| z.name.as_str()).collect();
+    assert_eq!(names, ["DMA", "DMA32", "Normal"]);
+    assert_eq!(base.zones[0].start, 1 << 20);
+    assert_eq!(base.zones[1].start, 16 << 20);
+    assert!(base.zones[1].end <= 64 << 20);
+    assert_eq!(base.zones[2].start, 4 << 30);
+    assert_eq!(base.end, (4 << 30) + (32 << 20));
+    let kinds: Vec<&str> = base.reservations.iter().map(|r| r.kind.as_str()).collect();
+    for k in ["zero-page", "frame-table", "dma-reserve"] {
+        assert!(kinds.contains(&k), "{k} in {kinds:?}");
+    }
+    let cma = base.cma.clone().expect("CMA region");
+    assert_eq!(cma.end - cma.base, 8 << 20);
+    assert!(cma.extents.is_empty());
+    // Between 64 MiB and 4 GiB there is no RAM.
+    assert!(base
+        .runs
+        .iter()
+        .any(|r| r.kind == MapKind::Absent && r.start <= 64 << 20 && r.start + r.len >= 4 << 30));
+
+    // A large DMA buffer lands in CMA; a small one in the buddy.
+    let big = match h.ok(
+        c,
+        Op::DmaAlloc {
+            len: 6 << 20,
+            align: 0,
+            mask: DmaMask::Bits32,
+        },
+    ) {
+        Reply::Dma(b) => b,
+        r => panic!("{r:?}"),
+    };
+    assert_eq!(big.source, DmaSource::Cma);
+    let small = match h.ok(
+        c,
+        Op::DmaAlloc {
+            len: 64 << 10,
+            align: 0,
+            mask: DmaMask::Bits64,
+        },
+    ) {
+        Reply::Dma(b) => b,
+        r => panic!("{r:?}"),
+    };
+    let cache = match h.ok(
+        c,
+        Op::CacheCreate {
+            name: "maptest".into(),
+            size: 512,
+            align: 0,
+            flags: SlabFlags(0),
+            ctor: Ctor::None,
+        },
+    ) {
+        Reply::Created { handle } => handle,
+        r => panic!("{r:?}"),
+    };
+    h.ok(
+        c,
+        Op::CacheAlloc {
+            cache,
+            gfp: Gfp::KERNEL,
+        },
+    );
+
+    let m = h.map(c);
+    covered(&m);
+    let cma = m.cma.clone().unwrap();
+    assert_eq!(
+        cma.extents,
+        [MapRange {
+            start: big.phys,
+            end: big.phys + (6 << 20)
+        }]
+    );
+    let phys: Vec<(u64, u64, DmaSource)> =
+        m.dma.iter().map(|d| (d.phys, d.len, d.source)).collect();
+    let mut want = vec![
+        (big.phys, big.len, DmaSource::Cma),
+        (small.phys, small.len, DmaSource::Buddy),
+    ];
+    want.sort_by_key(|w| w.0);
+    assert_eq!(phys, want);
+    // The buddy-served buffer is allocated memory in the map.
+    assert!(m.runs.iter().any(|r| r.kind == MapKind::Allocated
+        && r.start <= small.phys
+        && r.start + r.len >= small.phys + small.len));
+    let slab = |m: &MemMap| -> u64 {
+        m.runs
+            .iter()
+            .filter(|r| r.kind == MapKind::Slab)
+            .map(|r| r.len)
+            .sum()
+    };
+    assert!(slab(&m) > slab(&base), "the new slab shows");
+}
+
+#[test]
+fn fragmented_memory_is_summarised_within_bounds() {
+    let mut h = Harness::new("");
+    let c = h.connect();
+    // 12 000 single pages, every other one freed again: more runs than a
+    // map may carry.
+    let n = 12_000;
+    let replies = match h.send(
+        c,
+        &Request::Batch(Batch {
+            stop_on_error: true,
+            ops: vec![
+                Op::AllocPages {
+                    order: 0,
+                    gfp: Gfp::KERNEL,
+                };
+                n
+            ],
+        }),
+    ) {
+        Response::Batch(r) => r,
+        r => panic!("{r:?}"),
+    };
+    let mut pages: Vec<(u64, Handle)> = replies
+        .into_iter()
+        .map(|r| match r {
+            Ok(Reply::Pages { handle, phys, .. }) => (phys, handle),
+            r => panic!("{r:?}"),
+        })
+        .collect();
+    pages.sort();
+    let frees = pages
+        .iter()
+        .step_by(2)
+        .map(|&(_, handle)| Op::FreePages { handle })
+        .collect();
+    h.send(
+        c,
+        &Request::Batch(Batch {
+            stop_on_error: true,
+            ops: frees,
+        }),
+    );
+    let m = h.map(c);
+    covered(&m);
+    assert!(m.granule > 1, "summarised");
+    assert!(m.granule.is_power_of_two());
+    let frame = to_frame(&Response::Call(Ok(Reply::MemMap(m.clone())))).unwrap();
+    assert!(frame.len() <= MAX_FRAME);
+    // Cells are whole multiples of the granule (except the table's end).
+    let cell = m.granule * m.page_size;
+    for r in &m.runs {
+        assert_eq!(r.start % cell, 0, "{r:?}");
+    }
+}
