@@ -201,7 +201,9 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, handler: &mut dyn Handler) {
         cfg.port
     ));
 
-    let mut shutdown = false;
+    // Set when a client asks for shutdown: the deadline for flushing replies
+    // (a client that never reads must not keep the service up).
+    let mut shutdown: Option<u64> = None;
     loop {
         iface.poll(now(), &mut Phy(&mut dev), &mut sockets);
         for c in clients.iter_mut() {
@@ -228,7 +230,7 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, handler: &mut dyn Handler) {
                         Flow::Close => c.closing = true,
                         Flow::Shutdown => {
                             c.closing = true;
-                            shutdown = true;
+                            shutdown.get_or_insert(time::uptime_ns() + 1_000_000_000);
                         }
                     }
                 }
@@ -257,13 +259,14 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, handler: &mut dyn Handler) {
                 let _ = s.listen(cfg.port);
             }
         }
-        if shutdown && clients.iter().all(|c| c.out.is_empty()) {
+        let flushed = clients.iter().all(|c| c.out.is_empty());
+        if shutdown.is_some_and(|deadline| flushed || time::uptime_ns() > deadline) {
             // Let the last replies and FINs leave.
             let until = time::uptime_ns() + 50_000_000;
             while time::uptime_ns() < until {
                 iface.poll(now(), &mut Phy(&mut dev), &mut sockets);
             }
-            info!("net: shutdown requested; rx {:?}", dev.stats);
+            info!("net: shutdown requested; {:?}", dev.stats);
             return;
         }
         core::hint::spin_loop();
