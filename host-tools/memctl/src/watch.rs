@@ -68,13 +68,23 @@ fn boxed(title: &str) -> Block<'_> {
     ))
 }
 
-/// A bar of `width` cells: free pages against the zone's managed pages,
-/// with the min/low/high watermarks marked, coloured by the lowest
-/// watermark the free count is under.
+/// A bar of `width` cells: free pages on a log scale from 1 to the zone's
+/// managed pages, with the min/low/high watermarks marked (M, L, H) and
+/// the bar coloured by the lowest watermark the free count is under. The
+/// watermarks are about a percent of a zone: on a log scale they sit apart
+/// in the middle of the bar, and the bar's end meets them as free pages
+/// run out.
 fn watermark_bar(z: &ZoneInfo, width: usize) -> Line<'static> {
-    let total = z.managed.max(1);
-    let cell = |pages: u64| ((pages as u128 * width as u128) / total as u128) as usize;
-    let filled = cell(z.free).min(width);
+    let top = ((z.managed.max(1) + 1) as f64).ln();
+    let cell = |pages: u64| -> usize {
+        let at = ((pages + 1) as f64).ln() / top * width as f64;
+        (at.floor() as usize).min(width.saturating_sub(1))
+    };
+    let filled = if z.free == 0 {
+        0
+    } else {
+        ((((z.free + 1) as f64).ln() / top * width as f64).round() as usize).min(width)
+    };
     let (lo_c, low_c, hi_c) = (cell(z.min), cell(z.low), cell(z.high));
     let color = if z.free <= z.min {
         Color::Red
@@ -188,7 +198,7 @@ pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
         ],
     )
     .header(header(
-        "zone|free|min|low|high|managed|free pages vs watermarks (M L H)",
+        "zone|free|min|low|high|managed|free pages, log scale, vs watermarks M L H",
     ))
     .block(boxed("zones (pages)"));
     f.render_widget(t, rows[1]);
@@ -469,15 +479,26 @@ mod tests {
 
     #[test]
     fn watermark_bar_marks_and_fills() {
-        let z = zone("DMA", 100, 50);
-        let line: String = watermark_bar(&z, 100)
-            .spans
-            .iter()
-            .map(|s| s.content.to_string())
-            .collect();
-        assert_eq!(line.chars().filter(|&c| c == '█').count(), 47);
-        assert_eq!(line.chars().nth(5), Some('M'));
-        assert_eq!(line.chars().nth(6), Some('L'));
-        assert_eq!(line.chars().nth(8), Some('H'));
+        let text = |z: &ZoneInfo| -> String {
+            watermark_bar(z, 100)
+                .spans
+                .iter()
+                .map(|s| s.content.to_string())
+                .collect()
+        };
+        let z = zone("DMA", 12000, 6000);
+        let line = text(&z);
+        assert_eq!(line.chars().count(), 100);
+        let at = |c: char| line.chars().position(|x| x == c).unwrap();
+        assert!(at('M') < at('L') && at('L') < at('H'), "{line}");
+        let filled = line.chars().filter(|&c| c == '█').count() + 3;
+        assert!(filled > at('H') && filled < 100, "{line}");
+        // Out of memory: nothing filled, marks still shown.
+        let empty = text(&zone("DMA", 12000, 0));
+        assert_eq!(empty.chars().filter(|&c| c == '█').count(), 0);
+        assert!(empty.contains('M') && empty.contains('H'));
+        // All free: full bar.
+        let full = text(&zone("DMA", 12000, 12000));
+        assert_eq!(full.chars().filter(|&c| c == '·').count(), 0, "{full}");
     }
 }
