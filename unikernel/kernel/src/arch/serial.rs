@@ -17,18 +17,31 @@ pub fn init() {
     outb(COM1 + 4, 0x03); // DTR, RTS
 }
 
-fn put(b: u8) {
-    // Bounded wait: a missing or wedged UART must not hang the kernel.
+/// Transmit FIFO depth of a 16550A (enabled in `init`).
+const FIFO: usize = 16;
+
+/// Waits (bounded: a missing or wedged UART must not hang the kernel) until
+/// the transmitter is empty, i.e. the FIFO can take `FIFO` bytes.
+fn wait_empty() {
     for _ in 0..100_000 {
         if inb(COM1 + 5) & LSR_THR_EMPTY != 0 {
             break;
         }
     }
-    outb(COM1, b);
 }
 
-/// Writes bytes, turning `\n` into `\r\n`.
+/// Writes bytes, turning `\n` into `\r\n`: one status read per FIFO-full
+/// instead of one per byte (each port access is a VM exit or a TCG helper).
 pub fn write_bytes(bytes: &[u8]) {
+    let mut room = 0;
+    let mut put = |b: u8| {
+        if room == 0 {
+            wait_empty();
+            room = FIFO;
+        }
+        outb(COM1, b);
+        room -= 1;
+    };
     for &b in bytes {
         if b == b'\n' {
             put(b'\r');

@@ -105,12 +105,24 @@ fn assign_bars<C: ConfigurationAccess>(
 /// The first virtio PCI device of type `want` on bus 0 behind the port-I/O
 /// configuration mechanism (q35).
 pub fn find(want: DeviceType) -> Option<(SomeTransport<'static>, String)> {
+    // No host bridge at 00:00.0 (microvm has no port-I/O PCI): skip the scan.
+    let id = arch::pci_config_read(0, 0, 0, 0);
+    if id == 0 || id == u32::MAX {
+        return None;
+    }
     find_on(PciRoot::new(PortIoCam), want, &Q35_BAR_WINDOW, "PCI")
 }
 
 /// As `find`, behind microvm's PCIe ECAM, if that host bridge exists.
 pub fn find_ecam(want: DeviceType) -> Option<(SomeTransport<'static>, String)> {
     let virt = super::hal::map_device(MICROVM_ECAM, ECAM_SIZE).ok()?;
+    // Without a host bridge at 00:00.0 there is no PCIe here: skip the scan.
+    // SAFETY: the first word of the ECAM window (vendor/device id of
+    // 00:00.0), mapped uncached just above; a read-only register.
+    let id = unsafe { core::ptr::read_volatile(virt as *const u32) };
+    if id == 0 || id == u32::MAX {
+        return None;
+    }
     // SAFETY: the 256 MiB ECAM window is mapped uncached for the kernel's
     // lifetime (`map_device`) and nothing else in the kernel touches it; if
     // no host bridge decodes it, reads return all-ones and enumeration finds
