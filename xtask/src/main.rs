@@ -3,7 +3,6 @@
 mod bench_boot;
 mod boot_tests;
 mod build;
-mod loadtest;
 mod qemu;
 mod run;
 
@@ -27,8 +26,6 @@ enum Cmd {
     Run(run::RunArgs),
     /// Host tests, then the boot test matrix under QEMU.
     Test(TestArgs),
-    /// Many concurrent clients: throughput, latency, errors, memory baseline.
-    Loadtest(loadtest::Args),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -78,7 +75,6 @@ fn main() -> Result<()> {
             }
             boot_tests::run(&args.boot)
         }
-        Cmd::Loadtest(args) => loadtest::run(&args),
         Cmd::Bench {
             which: BenchCmd::Boot(args),
         } => bench_boot::run(&args),
