@@ -269,14 +269,14 @@ pub fn svg(map: &MemMap, width: u32) -> String {
                 free = z.free,
                 managed = z.managed,
             );
-            if pw > 40.0 {
+            let text = format!("{} {}", z.name, human(b - a));
+            if pw > text.len() as f64 * 7.5 + 8.0 {
                 let _ = writeln!(
                     body,
-                    r#"<text x="{:.1}" y="{:.1}" font-size="12" text-anchor="middle">{} {}</text>"#,
+                    r#"<text x="{:.1}" y="{:.1}" font-size="12" text-anchor="middle">{}</text>"#,
                     x + pw / 2.0,
                     y + h / 2.0 + 4.0,
-                    esc(&z.name),
-                    human(b - a)
+                    esc(&text)
                 );
             }
         }
@@ -354,11 +354,12 @@ pub fn svg(map: &MemMap, width: u32) -> String {
     let row_h = 18.0;
     let rows = FRAME_ROWS;
     let row_w = track_w * rows as f64;
-    // Positions along the unwrapped strip: x - track_x in [0, track_w) maps
-    // to (row, offset) by scaling to the wrapped length.
-    let wrap = |x: f64, pw: f64| -> Vec<(usize, f64, f64)> {
-        let p0 = (x - track_x) / track_w * row_w;
-        let p1 = p0 + pw / track_w * row_w;
+    // The frames have an axis of their own, `rows` times longer (so gaps
+    // without RAM stay narrow), wrapped into rows: position p lands in row
+    // p / track_w.
+    let faxis = Axis::new(map, 0.0, row_w);
+    let wrap = |p0: f64, pw: f64| -> Vec<(usize, f64, f64)> {
+        let p1 = p0 + pw;
         let mut out = Vec::new();
         let mut p = p0;
         while p < p1 - 1e-9 {
@@ -374,12 +375,16 @@ pub fn svg(map: &MemMap, width: u32) -> String {
         out
     };
     label(&mut body, y, row_h, "frames");
-    let _ = writeln!(body, r#"<g class="frames">"#);
+    let _ = writeln!(
+        body,
+        r#"<g class="frames" data-scale="{:e}" data-rows="{rows}">"#,
+        faxis.scale
+    );
     for r in &map.runs {
         if r.kind == MapKind::Absent {
             continue;
         }
-        for (a, b, x, pw) in axis.pieces(r.start, r.start + r.len) {
+        for (a, b, x, pw) in faxis.pieces(r.start, r.start + r.len) {
             for (row, off, len) in wrap(x, pw) {
                 let _ = writeln!(
                     body,
@@ -399,7 +404,7 @@ pub fn svg(map: &MemMap, width: u32) -> String {
     y += rows as f64 * (row_h + 2.0) + 4.0;
     let _ = writeln!(
         body,
-        r##"<text x="{track_x}" y="{:.1}" font-size="10" fill="#555">each row is 1/{rows} of the zones track; read left to right, top to bottom</text>"##,
+        r##"<text x="{track_x}" y="{:.1}" font-size="10" fill="#555">frames: read left to right, top to bottom ({rows} rows); hatched: no RAM</text>"##,
         y + 8.0
     );
     y += 20.0;
@@ -413,7 +418,9 @@ pub fn svg(map: &MemMap, width: u32) -> String {
             tracks_bottom - tracks_top,
             human(*bytes)
         );
-        for (row, off, len) in wrap(*gx, GAP_PX) {
+    }
+    for (gx, _) in faxis.gaps() {
+        for (row, off, len) in wrap(gx, GAP_PX) {
             let _ = writeln!(
                 body,
                 r##"<rect class="gap" x="{:.3}" y="{:.1}" width="{:.3}" height="{row_h}" fill="url(#hatch)"/>"##,
@@ -432,7 +439,7 @@ pub fn svg(map: &MemMap, width: u32) -> String {
     );
     y += 12.0;
     let items = totals(map);
-    let cols = 4;
+    let cols = ((w - 2.0 * MARGIN) / 290.0).floor().max(1.0) as usize;
     let col_w = (w - 2.0 * MARGIN) / cols as f64;
     for (i, (k, bytes)) in items.iter().enumerate() {
         let lx = MARGIN + (i % cols) as f64 * col_w;
@@ -473,7 +480,11 @@ pub fn svg(map: &MemMap, width: u32) -> String {
             lx + 16.0,
             y + 10.0
         );
-        lx += col_w * 2.0 / 3.0;
+        lx += 130.0;
+        if lx + 130.0 > w - MARGIN {
+            lx = MARGIN;
+            y += 18.0;
+        }
     }
     y += 18.0 + MARGIN;
 
