@@ -3,6 +3,7 @@
 mod bench_boot;
 mod boot_tests;
 mod build;
+mod loadtest;
 mod qemu;
 mod run;
 
@@ -26,6 +27,8 @@ enum Cmd {
     Run(run::RunArgs),
     /// Host tests, then the boot test matrix under QEMU.
     Test(TestArgs),
+    /// Many concurrent clients: throughput, latency, errors, memory baseline.
+    Loadtest(loadtest::Args),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -75,6 +78,7 @@ fn main() -> Result<()> {
             }
             boot_tests::run(&args.boot)
         }
+        Cmd::Loadtest(args) => loadtest::run(&args),
         Cmd::Bench {
             which: BenchCmd::Boot(args),
         } => bench_boot::run(&args),

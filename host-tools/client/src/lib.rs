@@ -517,6 +517,13 @@ impl Client {
     pub fn fault_inject(&mut self, target: FaultTarget, config: FaultConfig) -> Result<()> {
         done(self.call(Op::FaultInject { target, config })?)
     }
+    /// Both fault-injection rules with their counters.
+    pub fn faults(&mut self) -> Result<FaultStatus> {
+        match self.call(Op::Faults)? {
+            Reply::Faults(f) => Ok(f),
+            r => unexpected(r),
+        }
+    }
     /// Stop the service.
     pub fn shutdown(&mut self) -> Result<()> {
         done(self.call(Op::Shutdown)?)

@@ -295,6 +295,27 @@ enum Cmd {
         #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
         times: i64,
     },
+    /// Set fault injection on slab and/or page allocations, then show both
+    /// rules; with neither --slab nor --page, just show them
+    Fault {
+        /// The failslab rule (slab and kmalloc allocations)
+        #[arg(long)]
+        slab: bool,
+        /// The fail_page_alloc rule (page allocations)
+        #[arg(long, alias = "pages")]
+        page: bool,
+        /// Percent chance an eligible allocation fails (0 turns it off)
+        #[arg(long)]
+        probability: Option<u8>,
+        /// Only every N-th allocation is eligible
+        #[arg(long, default_value_t = 1)]
+        interval: u32,
+        /// Stop after this many failures (-1: no limit)
+        #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+        times: i64,
+    },
+    /// Fault-injection rules with their counters (calls seen, failures injected)
+    Faults,
     /// Allocate COUNT objects of SIZE and free them, in batch frames of up
     /// to 8192 operations
     Batch {
@@ -532,6 +553,31 @@ fn print_reply(r: &Reply) {
             println!("{t}");
         }
         Reply::MemMap(m) => print!("{}", map::text(m)),
+        Reply::Faults(f) => {
+            let mut t = table(&[
+                "rule",
+                "probability %",
+                "interval",
+                "times left",
+                "calls",
+                "injected",
+            ]);
+            for (name, r) in [("failslab", f.slab), ("fail_page_alloc", f.pages)] {
+                t.add_row(vec![
+                    name.to_string(),
+                    r.probability.to_string(),
+                    r.interval.to_string(),
+                    if r.times < 0 {
+                        "unlimited".to_string()
+                    } else {
+                        r.times.to_string()
+                    },
+                    r.calls.to_string(),
+                    r.injected.to_string(),
+                ]);
+            }
+            println!("{t}");
+        }
         Reply::DmaBuffers(bs) => {
             let mut t = table(&["handle", "conn", "phys", "len", "align", "mask", "source"]);
             for b in bs {
@@ -717,6 +763,7 @@ fn to_op(cmd: Cmd) -> Result<Op, Fail> {
             },
         },
         Cmd::Shutdown => Op::Shutdown,
+        Cmd::Faults | Cmd::Fault { .. } => Op::Faults,
         Cmd::Batch { .. } | Cmd::Session | Cmd::Watch { .. } | Cmd::Completions { .. } => {
             unreachable!("handled by the caller")
         }
@@ -817,6 +864,38 @@ fn completions(shell: clap_complete::Shell) {
 fn run(c: &mut Client, cmd: Cmd, as_json: bool) -> Result<Option<Handle>, Fail> {
     match cmd {
         Cmd::Batch { count, size } => run_batch(c, count, size, as_json).map(|()| None),
+        Cmd::Fault {
+            slab,
+            page,
+            probability,
+            interval,
+            times,
+        } if slab || page => {
+            let Some(probability) = probability else {
+                return Err(Fail::Usage(
+                    "fault --slab/--page needs --probability".into(),
+                ));
+            };
+            let config = FaultConfig {
+                probability,
+                interval,
+                times,
+            };
+            let mut ops: Vec<Op> = [(slab, FaultTarget::Slab), (page, FaultTarget::Pages)]
+                .into_iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, target)| Op::FaultInject { target, config })
+                .collect();
+            ops.push(Op::Faults);
+            let replies = c.batch(ops, true)?;
+            match replies.last() {
+                Some(Ok(r @ Reply::Faults(_))) if as_json => reply_json(r),
+                Some(Ok(r @ Reply::Faults(_))) => print_reply(r),
+                Some(Err(e)) => return Err(Fail::Server(e.clone())),
+                r => return Err(Fail::Conn(format!("unexpected reply {r:?}"))),
+            }
+            Ok(None)
+        }
         Cmd::Session => Err(Fail::Usage("session cannot be nested".into())),
         Cmd::Watch {
             interval_ms,
@@ -1058,6 +1137,9 @@ mod tests {
             "check",
             "stress 1000",
             "fault-inject slab --times -1",
+            "fault --slab --page --probability 5 --interval 2 --times 10",
+            "fault",
+            "faults",
             "batch 100 --size 32",
             "session",
             "shutdown",

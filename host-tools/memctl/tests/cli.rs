@@ -144,3 +144,38 @@ fn commands_formats_and_exit_codes() {
     let (code, _, _) = memctl(&dead, "tok", "status", "");
     assert_eq!(code, 3);
 }
+
+#[test]
+fn fault_injection_is_set_counted_and_cleared() {
+    let addr = start_server();
+    let run = |args: &str| memctl(&addr, "tok", args, "");
+    let (code, out, err) = run("--json fault --slab --probability 100 --times 2");
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["slab"]["probability"], 100);
+    assert_eq!(v["slab"]["times"], 2);
+    assert_eq!(v["pages"]["probability"], 0);
+    // Exactly two slab allocations fail, with ENOMEM; the third succeeds.
+    for _ in 0..2 {
+        let (code, _, err) = run("kmalloc 64");
+        assert_eq!(code, 1);
+        assert!(err.contains("ENOMEM"), "{err}");
+    }
+    let (code, _, err) = run("kmalloc 64");
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = run("--json faults");
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["slab"]["injected"], 2, "{out}");
+    assert_eq!(v["slab"]["times"], 0, "{out}");
+    // The table names both rules; --page sets the page rule.
+    let (code, out, err) = run("fault --page --probability 0");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("failslab") && out.contains("fail_page_alloc"),
+        "{out}"
+    );
+    // Setting needs a probability.
+    let (code, _, err) = run("fault --slab");
+    assert_eq!(code, 2, "usage error: {err}");
+}

@@ -12,7 +12,9 @@
 //! allocated beforehand, and [`Memory::render`] turns it into protocol
 //! types after the lock is released.
 
-use memd_wire::{Ctor, DmaMask, DmaSource, FaultConfig, FaultTarget, Gfp, Reply, SlabFlags};
+use memd_wire::{
+    Ctor, DmaMask, DmaSource, FaultConfig, FaultStatus, FaultTarget, Gfp, Reply, SlabFlags,
+};
 
 /// A statistics view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,4 +178,6 @@ pub trait Memory {
     }
     /// Set a fault-injection rule.
     fn set_fault(&mut self, target: FaultTarget, config: FaultConfig) -> Result<(), MemError>;
+    /// Both fault-injection rules with their counters.
+    fn faults(&self) -> FaultStatus;
 }

@@ -8,8 +8,8 @@ use core::ptr::NonNull;
 use memd_mm::stats::{CmaInfo as MmCma, MemInfo, MempoolInfo as MmPool, ZoneInfo as MmZone};
 use memd_mm::{CacheId, DmaBuffer, MemoryManager, MmError, Owner, PoolElement, PoolId};
 use memd_wire::{
-    errno, BuddyZone, CmaInfo, Ctor, DmaMask, DmaSource, FaultConfig, FaultTarget, Gfp, Meminfo,
-    MempoolInfo, Reply, SlabFlags, SlabInfo, ZoneInfo,
+    errno, BuddyZone, CmaInfo, Ctor, DmaMask, DmaSource, FaultConfig, FaultState, FaultStatus,
+    FaultTarget, Gfp, Meminfo, MempoolInfo, Reply, SlabFlags, SlabInfo, ZoneInfo,
 };
 
 use crate::memmap::{collect_runs, MapSnapshot, PageRun, MAP_MAX_EXTENTS, MAP_MAX_RANGES};
@@ -515,5 +515,20 @@ impl Memory for MemoryManager {
             0,
         )
         .map_err(mm_err)
+    }
+
+    fn faults(&self) -> FaultStatus {
+        let state = |a: memd_mm::FaultAttr| FaultState {
+            probability: a.probability,
+            interval: a.interval,
+            times: a.times,
+            calls: a.calls,
+            injected: a.injected,
+        };
+        let (page, slab) = MemoryManager::faults(self);
+        FaultStatus {
+            slab: state(slab),
+            pages: state(page),
+        }
     }
 }

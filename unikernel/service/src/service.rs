@@ -1046,6 +1046,7 @@ impl<M: Memory> Service<M> {
                     .map_err(mem_err)?;
                 Ok(Reply::Done)
             }
+            Op::Faults => Ok(Reply::Faults(env.with_mem(|m, _| m.faults()))),
             Op::Shutdown => {
                 self.shutdown = true;
                 Ok(Reply::Done)

@@ -110,6 +110,31 @@ pub struct FaultConfig {
     pub times: i64,
 }
 
+/// One fault-injection rule as it stands, with its counters (Linux's
+/// `/sys/kernel/debug/fail*/` attributes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FaultState {
+    /// Percent chance (0..=100) that an eligible allocation fails.
+    pub probability: u8,
+    /// Only every `interval`-th eligible allocation may fail.
+    pub interval: u32,
+    /// Failures left (-1 = no limit, 0 = off).
+    pub times: i64,
+    /// Allocations seen while the rule was armed.
+    pub calls: u64,
+    /// Failures injected since the rule was set.
+    pub injected: u64,
+}
+
+/// [`Op::Faults`]: both rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FaultStatus {
+    /// `failslab`.
+    pub slab: FaultState,
+    /// `fail_page_alloc`.
+    pub pages: FaultState,
+}
+
 /// One operation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
@@ -306,6 +331,8 @@ pub enum Op {
     },
     /// Stop the service after replying.
     Shutdown,
+    /// Fault-injection settings and counters.
+    Faults,
 }
 
 impl Op {
@@ -347,6 +374,7 @@ impl Op {
             Op::Stress { .. } => "stress",
             Op::FaultInject { .. } => "fault-inject",
             Op::Shutdown => "shutdown",
+            Op::Faults => "faults",
         }
     }
 }
@@ -436,6 +464,8 @@ pub enum Reply {
     Check(CheckReport),
     /// [`Op::Stress`].
     Stress(StressReport),
+    /// [`Op::Faults`].
+    Faults(FaultStatus),
 }
 
 /// One frame from the service.

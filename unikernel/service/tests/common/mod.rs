@@ -267,6 +267,22 @@ impl Memory for Model {
         }
         Ok(())
     }
+    /// The slab rule as set (the model keeps no counters); pages are never
+    /// failed by the model.
+    fn faults(&self) -> FaultStatus {
+        FaultStatus {
+            slab: self
+                .fault_slab
+                .map_or(FaultState::default(), |f| FaultState {
+                    probability: f.probability,
+                    interval: f.interval,
+                    times: f.times,
+                    calls: 0,
+                    injected: 0,
+                }),
+            pages: FaultState::default(),
+        }
+    }
 }
 
 /// An in-memory disk.
