@@ -156,7 +156,7 @@ pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
             human(st.free_bytes),
             if s.cma.present {
                 format!(
-                    "{} of {} used in {} buffer(s), largest free {}",
+                    "{}/{} in {} buffer(s), largest free {}",
                     human(s.cma.used),
                     human(s.cma.total),
                     s.cma.buffers,
@@ -467,7 +467,7 @@ mod tests {
             "busy-cache",
             "pages order 2",
             "walkthrough",
-            "CMA 0 B of 8 MiB",
+            "CMA 0 B/8 MiB in 0 buffer(s)",
             "q quits",
         ] {
             assert!(text.contains(want), "{want} missing from\n{text}");
