@@ -49,6 +49,36 @@ struct TestArgs {
 enum BenchCmd {
     /// Time from starting QEMU to `memd: ready`.
     Boot(bench_boot::BootBenchArgs),
+    /// memd-mm against buddy_system_allocator, talc, rlsf and the system
+    /// allocator on the same traces, side by side in one process.
+    Mm {
+        /// Print one JSON array of rows instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn bench_mm(json: bool) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(build::repo_root()).args([
+        "bench",
+        "--quiet",
+        "-p",
+        "memd-mm",
+        "--features",
+        "std",
+        "--bench",
+        "compare",
+    ]);
+    if json {
+        cmd.args(["--", "--json"]);
+    }
+    let status = cmd.status().context("running the memd-mm benchmark")?;
+    if !status.success() {
+        bail!("memd-mm benchmark failed");
+    }
+    Ok(())
 }
 
 fn host_tests() -> Result<()> {
@@ -82,5 +112,8 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: BenchCmd::Boot(args),
         } => bench_boot::run(&args),
+        Cmd::Bench {
+            which: BenchCmd::Mm { json },
+        } => bench_mm(json),
     }
 }

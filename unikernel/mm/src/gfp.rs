@@ -18,6 +18,8 @@ impl Gfp {
     const ZONE_DMA32: u32 = 1 << 3;
     const ZERO_BIT: u32 = 1 << 4;
     const NOWARN_BIT: u32 = 1 << 5;
+    const MEMALLOC_BIT: u32 = 1 << 6;
+    /// Flags a request from outside (the wire) may carry.
     const ALL: u32 = (1 << 6) - 1;
 
     /// Normal kernel allocation: may reclaim.
@@ -34,6 +36,11 @@ impl Gfp {
     pub const ZERO: Gfp = Gfp(Self::ZERO_BIT);
     /// Do not count the failure as a warning.
     pub const NOWARN: Gfp = Gfp(Self::NOWARN_BIT);
+    /// The kernel's own heap (Linux's `__GFP_MEMALLOC`): may use the
+    /// reserve below `min` whoever the current owner is. Never accepted
+    /// from the wire, so clients cannot take the memory the kernel needs
+    /// to keep answering them.
+    pub const MEMALLOC: Gfp = Gfp(Self::MEMALLOC_BIT);
 
     pub const fn bits(self) -> u32 {
         self.0
@@ -76,6 +83,10 @@ impl Gfp {
         self.0 & Self::NOWARN_BIT != 0
     }
 
+    pub const fn memalloc(self) -> bool {
+        self.0 & Self::MEMALLOC_BIT != 0
+    }
+
     /// The highest zone this request may use (Linux's `gfp_zone`).
     pub const fn highest_zone(self) -> ZoneType {
         if self.0 & Self::ZONE_DMA != 0 {
@@ -104,6 +115,7 @@ impl core::fmt::Debug for Gfp {
             (Self::ZONE_DMA32, "DMA32"),
             (Self::ZERO_BIT, "ZERO"),
             (Self::NOWARN_BIT, "NOWARN"),
+            (Self::MEMALLOC_BIT, "MEMALLOC"),
         ];
         let mut first = true;
         for (bit, name) in names {

@@ -47,14 +47,24 @@ impl GlobalMm {
 // bytes aligned to `layout.align()` (size classes are naturally aligned,
 // larger requests are buddy blocks aligned to their size), and the spin lock
 // serialises all access.
+//
+// The heap is the kernel's own (connection state, reply frames, socket
+// buffers): when a KERNEL allocation fails because clients have taken
+// memory down to the `min` watermark, it retries as ATOMIC and dips into
+// the reserve below `min`, which exists for exactly such callers (Linux's
+// network stack allocates GFP_ATOMIC for the same reason). Clients' KERNEL
+// requests stop at `min`, so they cannot take the kernel's lifeline.
 unsafe impl GlobalAlloc for GlobalMm {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let mut mm = self.inner.lock();
         if !mm.is_initialized() {
             return null_mut();
         }
-        mm.without_faults(|mm| mm.kmalloc_layout(layout, Gfp::KERNEL))
-            .map_or(null_mut(), |p| p.as_ptr())
+        mm.without_faults(|mm| {
+            mm.kmalloc_layout(layout, Gfp::KERNEL)
+                .or_else(|_| mm.kmalloc_layout(layout, Gfp::ATOMIC))
+        })
+        .map_or(null_mut(), |p| p.as_ptr())
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
@@ -62,8 +72,11 @@ unsafe impl GlobalAlloc for GlobalMm {
         if !mm.is_initialized() {
             return null_mut();
         }
-        mm.without_faults(|mm| mm.kmalloc_layout(layout, Gfp::KERNEL | Gfp::ZERO))
-            .map_or(null_mut(), |p| p.as_ptr())
+        mm.without_faults(|mm| {
+            mm.kmalloc_layout(layout, Gfp::KERNEL | Gfp::MEMALLOC | Gfp::ZERO)
+                .or_else(|_| mm.kmalloc_layout(layout, Gfp::ATOMIC | Gfp::ZERO))
+        })
+        .map_or(null_mut(), |p| p.as_ptr())
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {

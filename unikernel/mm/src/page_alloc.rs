@@ -175,8 +175,18 @@ impl MemoryManager {
             if let Some(pfn) = self.get_page_from_freelist(order, highest, Mark::Min) {
                 return Ok(pfn);
             }
-        } else if gfp.is_atomic() {
+        }
+        // The reserve below `min` is for the kernel: its own heap
+        // (MEMALLOC) and ATOMIC requests it makes itself. A client's ATOMIC
+        // request stops at `min`, so clients draining memory can never
+        // starve the kernel of the memory it needs to answer them.
+        let kernel = self.owners.current == crate::Owner::KERNEL;
+        if gfp.memalloc() || (gfp.is_atomic() && kernel) {
             if let Some(pfn) = self.get_page_from_freelist(order, highest, Mark::Atomic) {
+                return Ok(pfn);
+            }
+        } else if gfp.is_atomic() && !gfp.can_reclaim() {
+            if let Some(pfn) = self.get_page_from_freelist(order, highest, Mark::Min) {
                 return Ok(pfn);
             }
         }
