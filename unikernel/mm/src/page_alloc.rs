@@ -145,9 +145,11 @@ impl MemoryManager {
                 continue;
             }
             let pfn = if order == 0 {
+                // A refill may not take the zone below the mark either.
+                let budget = zone.free - zone.mark_pages(mark, highest);
                 match zone.pcp.pop() {
                     Some(pfn) => Some(pfn),
-                    None => self.pcp_refill(z),
+                    None => self.pcp_refill(z, budget),
                 }
             } else {
                 let max_order = self.max_order;
@@ -221,11 +223,11 @@ impl MemoryManager {
 
     /// Fills an empty pcp list with a batch from the buddy and pops one.
     #[cold]
-    fn pcp_refill(&mut self, z: usize) -> Option<u32> {
+    fn pcp_refill(&mut self, z: usize, budget: u64) -> Option<u32> {
         let max_order = self.max_order;
         let zone = &mut self.zones[z];
         zone.counters.pcp_refill += 1;
-        for _ in 0..PCP_BATCH {
+        for _ in 0..(PCP_BATCH as u64).min(budget) {
             let Some(pfn) = buddy::take(zone, self.frames, 0, max_order) else {
                 break;
             };

@@ -537,13 +537,23 @@ fn clients_never_reach_the_kernel_reserve() {
     let client = fill_zone(&mut mm, Gfp::ATOMIC);
     assert!(!client.is_empty());
     for z in mm.zoneinfo() {
-        assert!(z.free >= z.watermark.min, "{:?}: a client's ATOMIC stopped at min", z.zone);
+        assert!(
+            z.free >= z.watermark.min,
+            "{:?}: a client's ATOMIC stopped at min",
+            z.zone
+        );
     }
     // The kernel's heap still gets memory, from the reserve.
     mm.set_owner(Owner::KERNEL).unwrap();
     let heap = mm.kmalloc(8192 * 4, Gfp::KERNEL | Gfp::MEMALLOC).unwrap();
-    assert!(mm.alloc_pages(0, Gfp::ATOMIC).is_ok(), "the kernel's own ATOMIC may dip below min");
-    assert!(Gfp::from_bits(Gfp::MEMALLOC.bits()).is_none(), "MEMALLOC is not accepted from the wire");
+    assert!(
+        mm.alloc_pages(0, Gfp::ATOMIC).is_ok(),
+        "the kernel's own ATOMIC may dip below min"
+    );
+    assert!(
+        Gfp::from_bits(Gfp::MEMALLOC.bits()).is_none(),
+        "MEMALLOC is not accepted from the wire"
+    );
     mm.kfree(heap).unwrap();
     mm.check().unwrap();
 }
