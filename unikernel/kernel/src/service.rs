@@ -28,10 +28,15 @@ impl Env for KernelEnv {
         // heap), and the disk driver does not either once it is set up, so
         // holding the allocator's lock here cannot deadlock.
         let mut mm = ALLOC.lock();
-        match &mut self.disk {
+        let result = match &mut self.disk {
             Some(d) => f(&mut mm, Some(d)),
             None => f(&mut mm, None),
-        }
+        };
+        // Whatever the service charged to a client ends here: pages the
+        // kernel takes next (virtio buffers, its heap) are its own, and only
+        // kernel-owned ATOMIC requests may use the reserve below `min`.
+        let _ = mm.set_owner(memd_mm::Owner::KERNEL);
+        result
     }
 
     fn now_ns(&mut self) -> u64 {
