@@ -49,11 +49,11 @@ impl GlobalMm {
 // serialises all access.
 //
 // The heap is the kernel's own (connection state, reply frames, socket
-// buffers): when a KERNEL allocation fails because clients have taken
-// memory down to the `min` watermark, it retries as ATOMIC and dips into
-// the reserve below `min`, which exists for exactly such callers (Linux's
-// network stack allocates GFP_ATOMIC for the same reason). Clients' KERNEL
-// requests stop at `min`, so they cannot take the kernel's lifeline.
+// buffers): its requests carry MEMALLOC, so when clients have taken memory
+// down to the `min` watermark they dip into the reserve below it, whoever
+// the current owner tag is (the service leaves it at the last client).
+// Clients' requests stop at `min`, so they cannot take the kernel's
+// lifeline.
 unsafe impl GlobalAlloc for GlobalMm {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let mut mm = self.inner.lock();
@@ -61,7 +61,7 @@ unsafe impl GlobalAlloc for GlobalMm {
             return null_mut();
         }
         mm.without_faults(|mm| {
-            mm.kmalloc_layout(layout, Gfp::KERNEL)
+            mm.kmalloc_layout(layout, Gfp::KERNEL | Gfp::MEMALLOC)
                 .or_else(|_| mm.kmalloc_layout(layout, Gfp::ATOMIC))
         })
         .map_or(null_mut(), |p| p.as_ptr())
