@@ -28,6 +28,10 @@ pub struct RunArgs {
     /// sparse when missing).
     #[arg(long)]
     pub disk: Option<PathBuf>,
+    /// Size of the disk image (512M, 1G ...): a missing image is created
+    /// sparse with this size, a smaller one is extended (never shrunk).
+    #[arg(long, value_parser = parse_size)]
+    pub disk_size: Option<u64>,
     /// Extra kernel command line (e.g. "memd.log=debug memd.dma_reserve=64M@dma32").
     #[arg(long, default_value = "")]
     pub cmdline: String,
@@ -35,6 +39,62 @@ pub struct RunArgs {
 
 /// Size of the default disk image.
 const DEFAULT_DISK_BYTES: u64 = 256 << 20;
+
+/// Parses a byte size: a number with an optional K, M, G or T suffix
+/// (powers of 1024, optional trailing "iB"/"B").
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 512M, 1G)"))?;
+    n.checked_mul(1 << shift)
+        .filter(|&b| b > 0 && b % 512 == 0)
+        .ok_or_else(|| format!("{s:?}: a disk size must be a non-zero multiple of 512 bytes"))
+}
+
+/// Makes sure `path` is a raw image of at least `size` bytes: created
+/// sparse when missing, extended (sparse) when smaller.
+pub fn ensure_disk(path: &std::path::Path, size: u64) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() >= size => Ok(()),
+        Ok(m) => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            f.set_len(size).context("extending the disk image")?;
+            eprintln!(
+                "xtask: extended {} from {} to {} MiB (sparse)",
+                path.display(),
+                m.len() >> 20,
+                size >> 20
+            );
+            Ok(())
+        }
+        Err(_) => {
+            let f = std::fs::File::create(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            f.set_len(size).context("sizing the disk image")?;
+            eprintln!(
+                "xtask: created {} ({} MiB, sparse)",
+                path.display(),
+                size >> 20
+            );
+            Ok(())
+        }
+    }
+}
 
 /// A fresh random token (hex, 128 bits) from the OS.
 pub fn random_token() -> Result<String> {
@@ -69,24 +129,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
     eprintln!("xtask: accelerator {}: {}", accel.name(), accel.reason);
     let token = random_token()?;
     let dir = write_connection_files(&token, args.port)?;
-    let disk = match &args.disk {
-        Some(p) => p.clone(),
-        None => {
-            let p = dir.join("disk.img");
-            if !p.exists() {
-                let f = std::fs::File::create(&p)
-                    .with_context(|| format!("creating {}", p.display()))?;
-                f.set_len(DEFAULT_DISK_BYTES)
-                    .context("sizing the disk image")?;
-                eprintln!(
-                    "xtask: created {} ({} MiB, sparse)",
-                    p.display(),
-                    DEFAULT_DISK_BYTES >> 20
-                );
-            }
-            p
-        }
-    };
+    let disk = args.disk.clone().unwrap_or_else(|| dir.join("disk.img"));
+    match args.disk_size {
+        Some(size) => ensure_disk(&disk, size)?,
+        None if !disk.exists() => ensure_disk(&disk, DEFAULT_DISK_BYTES)?,
+        None => {}
+    }
     let cmdline = format!(
         "memd.port={} memd.token={token} {}",
         args.port, args.cmdline
@@ -146,5 +194,40 @@ pub fn run(args: &RunArgs) -> Result<()> {
         }
         Some(0) | None => Ok(()), // QEMU quit or was interrupted (Ctrl-C)
         Some(c) => bail!("QEMU exited with status {c}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("100").is_err());
+        assert!(parse_size("1X").is_err());
+    }
+
+    #[test]
+    fn disk_is_created_sparse_and_only_grows() {
+        let p = std::env::temp_dir().join(format!("xtask-disk-{}.img", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        ensure_disk(&p, 1 << 30).unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.len(), 1 << 30);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            assert!(m.blocks() * 512 < 1 << 20, "the image is not sparse");
+        }
+        ensure_disk(&p, 1 << 20).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 30);
+        ensure_disk(&p, 2 << 30).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 << 30);
+        std::fs::remove_file(&p).unwrap();
     }
 }
