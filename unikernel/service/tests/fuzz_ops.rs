@@ -1,0 +1,414 @@
+//! Fuzzing the service over the real memd-mm (host arena) with proptest:
+//! random sequences of operations on several connections (handles taken
+//! from earlier replies of any connection, or made up), batches, mutated
+//! and random frames, reconnects, fault injection and tight quotas. After
+//! every step the memory manager's invariant checker must pass and every
+//! reply must decode; after every connection has closed, free memory must
+//! be exactly what it was before. `cargo xtask fuzz` runs it with many more
+//! cases (PROPTEST_CASES).
+
+use memd_mm::arena::HostMm;
+use memd_mm::MemoryManager;
+use memd_service::{BlockDevice, Config, ConnId, Env, Flow, Service};
+use memd_wire::*;
+use proptest::prelude::*;
+
+const TOKEN: &str = "fuzz-token";
+
+struct HostEnv<'a>(&'a mut MemoryManager);
+
+impl Env for HostEnv<'_> {
+    type Mem = MemoryManager;
+    fn with_mem<R>(
+        &mut self,
+        f: impl FnOnce(&mut MemoryManager, Option<&mut dyn BlockDevice>) -> R,
+    ) -> R {
+        f(self.0, None)
+    }
+    fn now_ns(&mut self) -> u64 {
+        1
+    }
+}
+
+/// A handle: one seen in an earlier reply (counted back from the newest),
+/// or a made-up number.
+#[derive(Debug, Clone, Copy)]
+enum H {
+    Seen(u8),
+    Raw(u64),
+}
+
+fn h() -> impl Strategy<Value = H> {
+    prop_oneof![
+        6 => any::<u8>().prop_map(H::Seen),
+        1 => any::<u64>().prop_map(H::Raw),
+    ]
+}
+
+fn gfp() -> impl Strategy<Value = Gfp> {
+    any::<u8>().prop_map(|bits| {
+        Gfp::NAMED
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| bits & (1 << i) != 0)
+            .fold(
+                Gfp::KERNEL,
+                |g, (_, (_, f))| if bits == 0 { g } else { g | *f },
+            )
+    })
+}
+
+/// An operation with symbolic handles.
+#[derive(Debug, Clone)]
+enum T {
+    AllocPages(u8, Gfp),
+    FreePages(H),
+    Kmalloc(u64, Gfp),
+    Kfree(H),
+    CacheCreate(u32, u32, u8, Option<u8>),
+    CacheAlloc(H, Gfp),
+    CacheFree(H, H),
+    CacheShrink(H),
+    CacheDestroy(H),
+    PoolCreate(u8, u32, H, u32),
+    PoolAlloc(H, Gfp),
+    PoolFree(H, H),
+    PoolDestroy(H),
+    DmaAlloc(u64, u64, u8),
+    DmaFree(H),
+    DmaWrite(H, u64, Vec<u8>),
+    DmaRead(H, u64, u32),
+    DmaFill(H, u64),
+    DmaChecksum(H, u64, u64),
+    View(u8),
+    Check,
+    Stress(u16, u64),
+    Fault(bool, u8, u32, i64),
+}
+
+fn t() -> impl Strategy<Value = T> {
+    prop_oneof![
+        4 => (0u8..14, gfp()).prop_map(|(o, g)| T::AllocPages(o, g)),
+        3 => h().prop_map(T::FreePages),
+        4 => (prop_oneof![0u64..9000, 0u64..(8 << 20), any::<u64>()], gfp()).prop_map(|(s, g)| T::Kmalloc(s, g)),
+        3 => h().prop_map(T::Kfree),
+        1 => (prop_oneof![1u32..2048, any::<u32>()], prop_oneof![Just(0u32), 1u32..8192], any::<u8>(), proptest::option::of(any::<u8>()))
+            .prop_map(|(s, a, f, c)| T::CacheCreate(s, a, f, c)),
+        3 => (h(), gfp()).prop_map(|(c, g)| T::CacheAlloc(c, g)),
+        2 => (h(), h()).prop_map(|(c, o)| T::CacheFree(c, o)),
+        1 => h().prop_map(T::CacheShrink),
+        1 => h().prop_map(T::CacheDestroy),
+        1 => (0u8..3, 0u32..5000, h(), prop_oneof![0u32..8, any::<u32>()]).prop_map(|(k, a, c, n)| T::PoolCreate(k, a, c, n)),
+        2 => (h(), gfp()).prop_map(|(p, g)| T::PoolAlloc(p, g)),
+        2 => (h(), h()).prop_map(|(p, o)| T::PoolFree(p, o)),
+        1 => h().prop_map(T::PoolDestroy),
+        2 => (prop_oneof![0u64..(64 << 10), 0u64..(12 << 20), any::<u64>()], prop_oneof![Just(0u64), any::<u64>(), (0u32..24).prop_map(|s| 1u64 << s)], 0u8..4)
+            .prop_map(|(l, a, m)| T::DmaAlloc(l, a, m)),
+        2 => h().prop_map(T::DmaFree),
+        1 => (h(), prop_oneof![0u64..8192, any::<u64>()], proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(b, o, d)| T::DmaWrite(b, o, d)),
+        1 => (h(), prop_oneof![0u64..8192, any::<u64>()], prop_oneof![0u32..4096, any::<u32>()]).prop_map(|(b, o, l)| T::DmaRead(b, o, l)),
+        1 => (h(), any::<u64>()).prop_map(|(b, s)| T::DmaFill(b, s)),
+        1 => (h(), prop_oneof![0u64..8192, any::<u64>()], any::<u64>()).prop_map(|(b, o, l)| T::DmaChecksum(b, o, l)),
+        2 => any::<u8>().prop_map(T::View),
+        1 => Just(T::Check),
+        1 => (0u16..300, any::<u64>()).prop_map(|(n, s)| T::Stress(n, s)),
+        1 => (any::<bool>(), prop_oneof![0u8..=100, any::<u8>()], 0u32..4, -1i64..4).prop_map(|(s, p, i, n)| T::Fault(s, p, i, n)),
+    ]
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Call(u8, T),
+    Batch(u8, Vec<T>, bool),
+    /// A valid frame with a byte changed.
+    Mutated(u8, T, usize, u8),
+    /// Random bytes (they usually break the connection's framing).
+    Raw(u8, Vec<u8>),
+    /// Close and reconnect; the hello carries a wrong token when false.
+    Reconnect(u8, bool),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        20 => (0u8..3, t()).prop_map(|(c, t)| Step::Call(c, t)),
+        3 => (0u8..3, proptest::collection::vec(t(), 0..12), any::<bool>()).prop_map(|(c, v, s)| Step::Batch(c, v, s)),
+        2 => (0u8..3, t(), any::<usize>(), 1u8..=255).prop_map(|(c, t, i, x)| Step::Mutated(c, t, i, x)),
+        1 => (0u8..3, proptest::collection::vec(any::<u8>(), 0..40)).prop_map(|(c, b)| Step::Raw(c, b)),
+        2 => (0u8..3, prop_oneof![5 => Just(true), 1 => Just(false)]).prop_map(|(c, ok)| Step::Reconnect(c, ok)),
+    ]
+}
+
+struct World {
+    mm: HostMm,
+    svc: Service<MemoryManager>,
+    conns: [Option<ConnId>; 3],
+    seen: Vec<u64>,
+}
+
+impl World {
+    fn new() -> World {
+        let mm = HostMm::three_zones(64 << 20, 0, "memd.dma_reserve=8M@dma32").unwrap();
+        let mut config = Config::new(TOKEN);
+        // Tight quotas, so EDQUOT paths run too.
+        config.quota = Quota {
+            pages: 4096,
+            bytes: 16 << 20,
+            handles: 200,
+        };
+        config.max_stress_ops = 300;
+        let mut w = World {
+            mm,
+            svc: Service::new(config),
+            conns: [None; 3],
+            seen: Vec::new(),
+        };
+        for c in 0..3 {
+            w.reconnect(c, true);
+        }
+        w
+    }
+
+    fn h(&self, h: H) -> u64 {
+        match h {
+            H::Raw(x) => x,
+            H::Seen(i) if !self.seen.is_empty() => {
+                let n = self.seen.len();
+                self.seen[n - 1 - (i as usize % n)]
+            }
+            H::Seen(i) => i as u64,
+        }
+    }
+
+    fn op(&self, t: &T) -> Op {
+        match t.clone() {
+            T::AllocPages(order, gfp) => Op::AllocPages { order, gfp },
+            T::FreePages(x) => Op::FreePages { handle: self.h(x) },
+            T::Kmalloc(size, gfp) => Op::Kmalloc { size, gfp },
+            T::Kfree(x) => Op::Kfree { handle: self.h(x) },
+            T::CacheCreate(size, align, flags, ctor) => Op::CacheCreate {
+                name: format!("fz{size}"),
+                size,
+                align,
+                flags: SlabFlags::NAMED
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| flags & (1 << i) != 0)
+                    .fold(SlabFlags::default(), |a, (_, (_, f))| a | *f),
+                ctor: ctor.map_or(Ctor::None, Ctor::Fill),
+            },
+            T::CacheAlloc(c, gfp) => Op::CacheAlloc {
+                cache: self.h(c),
+                gfp,
+            },
+            T::CacheFree(c, o) => Op::CacheFree {
+                cache: self.h(c),
+                object: self.h(o),
+            },
+            T::CacheShrink(c) => Op::CacheShrink { cache: self.h(c) },
+            T::CacheDestroy(c) => Op::CacheDestroy { cache: self.h(c) },
+            T::PoolCreate(kind, arg, cache, min_nr) => Op::PoolCreate {
+                backing: match kind {
+                    0 => PoolBacking::Cache(self.h(cache)),
+                    1 => PoolBacking::Kmalloc { size: arg },
+                    _ => PoolBacking::Pages {
+                        order: (arg % 12) as u8,
+                    },
+                },
+                min_nr,
+            },
+            T::PoolAlloc(p, gfp) => Op::PoolAlloc {
+                pool: self.h(p),
+                gfp,
+            },
+            T::PoolFree(p, o) => Op::PoolFree {
+                pool: self.h(p),
+                object: self.h(o),
+            },
+            T::PoolDestroy(p) => Op::PoolDestroy { pool: self.h(p) },
+            T::DmaAlloc(len, align, mask) => Op::DmaAlloc {
+                len,
+                align,
+                mask: match mask {
+                    0 => DmaMask::Bits24,
+                    1 => DmaMask::Bits32,
+                    _ => DmaMask::Bits64,
+                },
+            },
+            T::DmaFree(b) => Op::DmaFree { handle: self.h(b) },
+            T::DmaWrite(b, offset, data) => Op::DmaWrite {
+                handle: self.h(b),
+                offset,
+                data,
+            },
+            T::DmaRead(b, offset, len) => Op::DmaRead {
+                handle: self.h(b),
+                offset,
+                len,
+            },
+            T::DmaFill(b, seed) => Op::DmaFill {
+                handle: self.h(b),
+                seed,
+            },
+            T::DmaChecksum(b, offset, len) => Op::DmaChecksum {
+                handle: self.h(b),
+                offset,
+                len,
+            },
+            T::View(v) => [
+                Op::Status,
+                Op::Meminfo,
+                Op::Zoneinfo,
+                Op::Buddyinfo,
+                Op::Slabinfo,
+                Op::Mempools,
+                Op::Cma,
+                Op::Clients,
+                Op::DmaBuffers,
+                Op::Faults,
+            ][v as usize % 10]
+                .clone(),
+            T::Check => Op::Check,
+            T::Stress(ops, seed) => Op::Stress {
+                ops: ops as u64,
+                seed,
+            },
+            T::Fault(slab, probability, interval, times) => Op::FaultInject {
+                target: if slab {
+                    FaultTarget::Slab
+                } else {
+                    FaultTarget::Pages
+                },
+                config: FaultConfig {
+                    probability,
+                    interval,
+                    times,
+                },
+            },
+        }
+    }
+
+    fn note(&mut self, r: &Result<Reply, WireError>) {
+        if let Ok(
+            Reply::Pages { handle, .. } | Reply::Object { handle, .. } | Reply::Created { handle },
+        ) = r
+        {
+            self.seen.push(*handle);
+        }
+        if let Ok(Reply::Dma(b)) = r {
+            self.seen.push(b.handle);
+        }
+    }
+
+    /// Sends bytes on connection `c`; checks the replies decode and the
+    /// memory manager's invariants hold.
+    fn send(&mut self, c: usize, bytes: &[u8]) {
+        let Some(id) = self.conns[c] else {
+            return;
+        };
+        let mut out = Vec::new();
+        let flow = self
+            .svc
+            .on_bytes(&mut HostEnv(&mut self.mm), id, bytes, &mut out);
+        let mut d = FrameDecoder::new();
+        let mut rest = &out[..];
+        while let Some(body) = d.feed(&mut rest).expect("the service frames its replies") {
+            match decode_body::<Response>(&body).expect("replies decode") {
+                Response::Call(r) => self.note(&r),
+                Response::Batch(rs) => rs.iter().for_each(|r| self.note(r)),
+                Response::Hello(_) | Response::Error { .. } => {}
+            }
+        }
+        assert!(rest.is_empty(), "whole reply frames only");
+        // A mutated frame can be a valid Shutdown request: the kernel would
+        // stop the service after replying; here the connection just closes.
+        if flow != Flow::Continue {
+            self.svc.on_close(&mut HostEnv(&mut self.mm), id);
+            self.conns[c] = None;
+        }
+        if let Err(e) = self.mm.check() {
+            panic!("invariant broken after a request: {e:?}");
+        }
+    }
+
+    fn reconnect(&mut self, c: usize, good_token: bool) {
+        if let Some(id) = self.conns[c].take() {
+            self.svc.on_close(&mut HostEnv(&mut self.mm), id);
+        }
+        self.conns[c] = Some(self.svc.on_connect());
+        let hello = Request::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            token: if good_token { TOKEN } else { "wrong" }.into(),
+            client: format!("fuzz-{c}"),
+        });
+        self.send(c, &to_frame(&hello).unwrap());
+    }
+
+    fn run(&mut self, s: &Step) {
+        match s {
+            Step::Call(c, t) => {
+                let f = to_frame(&Request::Call(self.op(t))).unwrap();
+                self.send(*c as usize, &f);
+            }
+            Step::Batch(c, ts, stop) => {
+                let ops = ts.iter().map(|t| self.op(t)).collect();
+                let f = to_frame(&Request::Batch(Batch {
+                    stop_on_error: *stop,
+                    ops,
+                }))
+                .unwrap();
+                self.send(*c as usize, &f);
+            }
+            Step::Mutated(c, t, i, x) => {
+                let mut f = to_frame(&Request::Call(self.op(t))).unwrap();
+                let body = f.len() - 4;
+                if body > 0 {
+                    f[4 + i % body] ^= x;
+                }
+                self.send(*c as usize, &f);
+            }
+            Step::Raw(c, b) => self.send(*c as usize, b),
+            Step::Reconnect(c, ok) => self.reconnect(*c as usize, *ok),
+        }
+    }
+
+    /// Free memory counting every slab byte that holds no live object.
+    fn available(&self) -> u64 {
+        let m = self.mm.meminfo();
+        let live: u64 = self.mm.slabinfo().map(|s| s.active_objs * s.stride).sum();
+        m.free + m.slab - live
+    }
+}
+
+fn run_sequence(steps: &[Step]) {
+    let mut w = World::new();
+    // What the connections' first requests grow once (nothing, on the
+    // host: the service's own state lives on the test's heap).
+    let baseline = w.available();
+    for s in steps {
+        w.run(s);
+    }
+    for c in 0..3 {
+        if let Some(id) = w.conns[c].take() {
+            w.svc.on_close(&mut HostEnv(&mut w.mm), id);
+        }
+    }
+    w.mm.set_fault(true, 0, 0, 0, 0).unwrap();
+    w.mm.set_fault(false, 0, 0, 0, 0).unwrap();
+    w.mm.check().unwrap();
+    assert_eq!(w.svc.connections(), 0);
+    assert_eq!(w.available(), baseline, "memory returned to the baseline");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        // Overridden by PROPTEST_CASES (cargo xtask fuzz).
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(64),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn random_sessions_keep_invariants_and_baseline(steps in proptest::collection::vec(step(), 1..120)) {
+        run_sequence(&steps);
+    }
+}
