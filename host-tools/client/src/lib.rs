@@ -499,12 +499,18 @@ impl Client {
         }
     }
     /// Write a DMA buffer to the disk.
-    pub fn dma_write_disk(&mut self, handle: Handle, sector: u64) -> Result<()> {
-        done(self.call(Op::DmaWriteDisk { handle, sector })?)
+    pub fn dma_write_disk(&mut self, handle: Handle, sector: u64) -> Result<DiskTransfer> {
+        match self.call(Op::DmaWriteDisk { handle, sector })? {
+            Reply::Transfer(t) => Ok(t),
+            r => unexpected(r),
+        }
     }
     /// Read the disk into a DMA buffer.
-    pub fn dma_read_disk(&mut self, handle: Handle, sector: u64) -> Result<()> {
-        done(self.call(Op::DmaReadDisk { handle, sector })?)
+    pub fn dma_read_disk(&mut self, handle: Handle, sector: u64) -> Result<DiskTransfer> {
+        match self.call(Op::DmaReadDisk { handle, sector })? {
+            Reply::Transfer(t) => Ok(t),
+            r => unexpected(r),
+        }
     }
     /// In-guest stress run.
     pub fn stress(&mut self, ops: u64, seed: u64) -> Result<StressReport> {

@@ -444,6 +444,25 @@ fn print_slabinfo(caches: &[SlabInfo]) {
     }
 }
 
+/// Bytes as KiB/MiB/GiB when they divide evenly, else bytes.
+fn human_bytes(b: u64) -> String {
+    match b {
+        0 => "0 B".to_string(),
+        b if b.is_multiple_of(1 << 30) => format!("{} GiB", b >> 30),
+        b if b.is_multiple_of(1 << 20) => format!("{} MiB", b >> 20),
+        b if b.is_multiple_of(1 << 10) => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
+fn mib_per_s(bytes: u64, ns: u64) -> f64 {
+    if ns == 0 {
+        0.0
+    } else {
+        bytes as f64 / (1 << 20) as f64 / (ns as f64 / 1e9)
+    }
+}
+
 fn print_reply(r: &Reply) {
     match r {
         Reply::Done => println!("ok"),
@@ -613,6 +632,17 @@ fn print_reply(r: &Reply) {
             b.phys,
             b.source,
             b.mask.bits()
+        ),
+        Reply::Transfer(t) => println!(
+            "{} bytes ({}) at sector {} moved in place: {} request(s), {} descriptor(s) ({} on the buffer), {:.1} ms, {:.1} MiB/s",
+            t.bytes,
+            human_bytes(t.bytes),
+            t.sector,
+            t.requests,
+            t.descriptors,
+            t.data_descriptors,
+            t.device_ns as f64 / 1e6,
+            mib_per_s(t.bytes, t.device_ns)
         ),
         Reply::Data(d) => {
             for (i, chunk) in d.chunks(16).enumerate() {

@@ -4,14 +4,28 @@
 
 use crate::memory::Memory;
 
+/// How a [`BlockDevice`] moved a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Transfer {
+    /// Device requests.
+    pub requests: u64,
+    /// Queue descriptors in all.
+    pub descriptors: u64,
+    /// Descriptors pointing into the buffer.
+    pub data_descriptors: u64,
+}
+
 /// A block device with 512-byte sectors, for the disk DMA operations.
+///
+/// `read` and `write` are synchronous: they return once the device has
+/// completed every request, so the buffer is the caller's again.
 pub trait BlockDevice {
     /// Device size in sectors.
     fn capacity_sectors(&self) -> u64;
     /// Read `buf.len() / 512` sectors starting at `sector` into `buf`.
-    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), &'static str>;
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<Transfer, &'static str>;
     /// Write `buf` to `buf.len() / 512` sectors starting at `sector`.
-    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), &'static str>;
+    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<Transfer, &'static str>;
 }
 
 /// Sector size of [`BlockDevice`].

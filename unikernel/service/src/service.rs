@@ -985,6 +985,7 @@ impl<M: Memory> Service<M> {
                     ));
                 }
                 // No formatting inside: the closure runs under the allocator lock.
+                let started = env.now_ns();
                 let r = env.with_mem(|m, block| {
                     let Some(block) = block else {
                         return Err(DiskError::NoDevice);
@@ -1001,8 +1002,16 @@ impl<M: Memory> Service<M> {
                     };
                     r.map_err(DiskError::Io)
                 });
+                let device_ns = env.now_ns().saturating_sub(started);
                 match r {
-                    Ok(()) => Ok(Reply::Done),
+                    Ok(t) => Ok(Reply::Transfer(memd_wire::DiskTransfer {
+                        bytes: len,
+                        sector,
+                        requests: t.requests,
+                        descriptors: t.descriptors,
+                        data_descriptors: t.data_descriptors,
+                        device_ns,
+                    })),
                     Err(DiskError::NoDevice) => Err(err(errno::ENODEV, "no block device attached")),
                     Err(DiskError::PastEnd(cap)) => Err(err(
                         errno::EINVAL,

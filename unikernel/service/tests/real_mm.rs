@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use memd_mm::arena::HostMm;
 use memd_mm::MemoryManager;
-use memd_service::{BlockDevice, Config, ConnId, Env, Flow, Service};
+use memd_service::{BlockDevice, Config, ConnId, Env, Flow, Service, Transfer};
 use memd_wire::*;
 
 thread_local! {
@@ -70,15 +70,21 @@ impl BlockDevice for Disk {
     fn capacity_sectors(&self) -> u64 {
         self.0.len() as u64 / 512
     }
-    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), &'static str> {
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<Transfer, &'static str> {
         let s = sector as usize * 512;
         buf.copy_from_slice(&self.0[s..s + buf.len()]);
-        Ok(())
+        Ok(Transfer {
+            requests: 1,
+            ..Transfer::default()
+        })
     }
-    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), &'static str> {
+    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<Transfer, &'static str> {
         let s = sector as usize * 512;
         self.0[s..s + buf.len()].copy_from_slice(buf);
-        Ok(())
+        Ok(Transfer {
+            requests: 1,
+            ..Transfer::default()
+        })
     }
 }
 

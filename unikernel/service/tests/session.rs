@@ -443,13 +443,18 @@ fn dma_buffer_io() {
         errno::ENODEV
     );
     h.disk = Some(RamDisk(vec![0; 64 * 512]));
-    h.ok(
+    match h.ok(
         c,
         Op::DmaWriteDisk {
             handle: buf,
             sector: 3,
         },
-    );
+    ) {
+        Reply::Transfer(t) => {
+            assert_eq!((t.bytes, t.sector, t.requests), (8192, 3, 1), "{t:?}")
+        }
+        r => panic!("write-disk replied {r:?}"),
+    }
     assert_eq!(
         &h.disk.as_ref().unwrap().0[3 * 512..3 * 512 + 8192],
         &expect[..]

@@ -466,6 +466,26 @@ pub enum Reply {
     Stress(StressReport),
     /// [`Op::Faults`].
     Faults(FaultStatus),
+    /// [`Op::DmaWriteDisk`] / [`Op::DmaReadDisk`]: what moved and how.
+    Transfer(DiskTransfer),
+}
+
+/// A disk transfer of a whole DMA buffer, done in place: the device reads or
+/// writes the buffer's own pages (no bounce copy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DiskTransfer {
+    /// Bytes moved.
+    pub bytes: u64,
+    /// First sector.
+    pub sector: u64,
+    /// Device requests used (one per at most the driver's largest request).
+    pub requests: u64,
+    /// Virtqueue descriptors used in all, headers and status bytes included.
+    pub descriptors: u64,
+    /// Of those, descriptors that point into the buffer.
+    pub data_descriptors: u64,
+    /// Time the device took, in the guest's clock (nanoseconds).
+    pub device_ns: u64,
 }
 
 /// One frame from the service.

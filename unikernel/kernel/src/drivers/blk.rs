@@ -2,17 +2,39 @@
 //! writes go straight between the client's DMA buffer and the device
 //! (virtio-drivers shares the buffer through `MemdHal`, no copy), in requests
 //! of at most `MAX_REQUEST` bytes.
+//!
+//! Descriptors: virtio-drivers is built without its `alloc` feature, so a
+//! request is three direct descriptors in the ring (header, the data, the
+//! status byte), never an indirect table. The driver negotiates neither
+//! `VIRTIO_BLK_F_SIZE_MAX` nor `VIRTIO_BLK_F_SEG_MAX`, so the device sets no
+//! per-segment limit below the descriptor's 32-bit length: a physically
+//! contiguous buffer of up to `MAX_REQUEST` bytes is one data descriptor.
+//! Transfers are synchronous: `read`/`write` return once the device has
+//! used every request, with the allocator lock held throughout.
 
 use alloc::string::String;
 
 use virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
 use virtio_drivers::transport::{DeviceType, SomeTransport};
 
+use memd_service::Transfer;
+
 use super::hal::MemdHal;
 
-/// Largest single request (QEMU splits bigger ones anyway; this keeps each
-/// poll short).
-const MAX_REQUEST: usize = 1 << 20;
+/// Largest single request: 1 GiB, below both the descriptor's 32-bit length
+/// and QEMU's per-request limit (`BDRV_REQUEST_MAX_BYTES`, just under 2 GiB).
+const MAX_REQUEST: usize = 1 << 30;
+
+/// Descriptors one request takes: header, data, status.
+const DESCRIPTORS_PER_REQUEST: u64 = 3;
+
+fn transfer(requests: usize) -> Transfer {
+    Transfer {
+        requests: requests as u64,
+        descriptors: requests as u64 * DESCRIPTORS_PER_REQUEST,
+        data_descriptors: requests as u64,
+    }
+}
 
 pub struct BlkDevice {
     dev: VirtIOBlk<MemdHal, SomeTransport<'static>>,
@@ -52,28 +74,30 @@ impl memd_service::BlockDevice for BlkDevice {
         self.dev.capacity()
     }
 
-    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), &'static str> {
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<Transfer, &'static str> {
         check(sector, buf.len(), self.dev.capacity())?;
+        let requests = buf.len().div_ceil(MAX_REQUEST);
         for (i, chunk) in buf.chunks_mut(MAX_REQUEST).enumerate() {
             let block = sector as usize + i * (MAX_REQUEST / SECTOR_SIZE);
             self.dev
                 .read_blocks(block, chunk)
                 .map_err(|_| "virtio-blk read failed")?;
         }
-        Ok(())
+        Ok(transfer(requests))
     }
 
-    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), &'static str> {
+    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<Transfer, &'static str> {
         check(sector, buf.len(), self.dev.capacity())?;
         if self.dev.readonly() {
             return Err("the disk is read-only");
         }
+        let requests = buf.len().div_ceil(MAX_REQUEST);
         for (i, chunk) in buf.chunks(MAX_REQUEST).enumerate() {
             let block = sector as usize + i * (MAX_REQUEST / SECTOR_SIZE);
             self.dev
                 .write_blocks(block, chunk)
                 .map_err(|_| "virtio-blk write failed")?;
         }
-        Ok(())
+        Ok(transfer(requests))
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use memd_service::{
     Backing, BlockDevice, Config, ConnId, DirectEnv, DmaFacts, Flow, MemError, Memory, Obj,
-    Service, View,
+    Service, Transfer, View,
 };
 use memd_wire::*;
 
@@ -292,15 +292,21 @@ impl BlockDevice for RamDisk {
     fn capacity_sectors(&self) -> u64 {
         self.0.len() as u64 / 512
     }
-    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), &'static str> {
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<Transfer, &'static str> {
         let s = sector as usize * 512;
         buf.copy_from_slice(&self.0[s..s + buf.len()]);
-        Ok(())
+        Ok(Transfer {
+            requests: 1,
+            ..Transfer::default()
+        })
     }
-    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), &'static str> {
+    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<Transfer, &'static str> {
         let s = sector as usize * 512;
         self.0[s..s + buf.len()].copy_from_slice(buf);
-        Ok(())
+        Ok(Transfer {
+            requests: 1,
+            ..Transfer::default()
+        })
     }
 }
 
