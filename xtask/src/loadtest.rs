@@ -105,6 +105,29 @@ pub struct Args {
 }
 
 impl Args {
+    /// The smoke run of `cargo xtask test`: short, TCG, asserted.
+    pub fn smoke(clients: u32, secs: u64, fault_probability: Option<u8>) -> Args {
+        Args {
+            addr: None,
+            token: None,
+            clients,
+            duration: Some(secs),
+            ops: None,
+            profile: Profile::Mixed,
+            batch: 256,
+            seed: 7,
+            fault_probability,
+            fault_target: FaultWhich::Both,
+            fault_interval: 1,
+            json: true,
+            machine: Machine::Microvm,
+            accel: Accel::Tcg,
+            mem: "1G".into(),
+            cmdline: "memd.dma_reserve=128M@dma32".into(),
+            settle: 20,
+        }
+    }
+
     fn time_bound(&self) -> Duration {
         Duration::from_secs(match (self.duration, self.ops) {
             (Some(d), _) => d,
@@ -1551,6 +1574,45 @@ pub fn boot_and_run(args: &Args) -> Result<Report> {
         );
     }
     report.context("the load test did not run")?
+}
+
+/// The short end-to-end run of `cargo xtask test` (TCG): 8 clients for a
+/// few seconds with 3 % injected faults, then the exhaustion test in a
+/// 256 MiB guest. Each must pass: no crash, no unexplained error, free
+/// memory back at its baseline, invariants clean.
+pub fn smoke() -> Result<()> {
+    let mixed = Args::smoke(8, 4, Some(3));
+    let exhaust = Args {
+        profile: Profile::Exhaust,
+        clients: 4,
+        mem: "256M".into(),
+        cmdline: String::new(),
+        fault_probability: None,
+        ..Args::smoke(4, 4, None)
+    };
+    for (name, args) in [("mixed+faults", mixed), ("exhaust", exhaust)] {
+        let t = Instant::now();
+        let r = boot_and_run(&args).with_context(|| format!("loadtest smoke {name}"))?;
+        let line = format!(
+            "{name}: {} clients, {} ops, {:.0} ops/s, p99 {:.0} us, {} errors ({} unexplained), baseline {}",
+            r.clients,
+            r.ops,
+            r.ops_per_sec(),
+            r.all.p99,
+            r.errors.values().sum::<u64>(),
+            r.unexplained,
+            if r.baseline_restored { "restored" } else { "NOT restored" }
+        );
+        if !r.passed() {
+            r.print();
+            bail!("loadtest smoke {line}");
+        }
+        eprintln!(
+            "  ok    loadtest {line} ({:.1} s)",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 pub fn run(args: &Args) -> Result<()> {

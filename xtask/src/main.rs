@@ -3,6 +3,7 @@
 mod bench_boot;
 mod boot_tests;
 mod build;
+mod fuzz;
 mod loadtest;
 mod qemu;
 mod run;
@@ -29,6 +30,8 @@ enum Cmd {
     Test(TestArgs),
     /// Many concurrent clients: throughput, latency, errors, memory baseline.
     Loadtest(loadtest::Args),
+    /// The proptest fuzz targets with many cases.
+    Fuzz(fuzz::Args),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -106,9 +109,19 @@ fn main() -> Result<()> {
             if !args.boot_only {
                 host_tests()?;
             }
-            boot_tests::run(&args.boot)
+            // `--filter loadtest` runs only the load-test smoke run; no
+            // filter runs the boot tests and then the smoke run.
+            let filter = args.boot.filter.as_deref();
+            if !filter.is_some_and(|f| "loadtest".contains(f)) {
+                boot_tests::run(&args.boot)?;
+            }
+            if filter.is_none_or(|f| "loadtest".contains(f)) {
+                loadtest::smoke()?;
+            }
+            Ok(())
         }
         Cmd::Loadtest(args) => loadtest::run(&args),
+        Cmd::Fuzz(args) => fuzz::run(&args),
         Cmd::Bench {
             which: BenchCmd::Boot(args),
         } => bench_boot::run(&args),
