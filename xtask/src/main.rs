@@ -1,6 +1,7 @@
 //! `cargo xtask`: build, run, test and benchmark memd.
 
 mod bench_boot;
+mod bench_disk;
 mod boot_tests;
 mod build;
 mod fuzz;
@@ -52,6 +53,8 @@ struct TestArgs {
 enum BenchCmd {
     /// Time from starting QEMU to `memd: ready`.
     Boot(bench_boot::BootBenchArgs),
+    /// virtio-blk MiB/s: one 64 MiB contiguous DMA buffer against 4 KiB buffers.
+    Disk(bench_disk::DiskBenchArgs),
     /// memd-mm against buddy_system_allocator, talc, rlsf and the system
     /// allocator on the same traces, side by side in one process.
     Mm {
@@ -125,6 +128,9 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: BenchCmd::Boot(args),
         } => bench_boot::run(&args),
+        Cmd::Bench {
+            which: BenchCmd::Disk(args),
+        } => bench_disk::run(&args),
         Cmd::Bench {
             which: BenchCmd::Mm { json },
         } => bench_mm(json),
