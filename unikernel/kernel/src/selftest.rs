@@ -11,8 +11,7 @@ use alloc::vec::Vec;
 use core::fmt::Write;
 
 use log::info;
-use memd_mm::access::bytes_mut;
-use memd_mm::{DmaMask, DmaSource, Gfp, PoolBacking, SlabFlags, PAGE_SIZE};
+use memd_mm::{DmaMask, DmaSource, Gfp, MemoryManager, PoolBacking, SlabFlags, PAGE_SIZE};
 
 use crate::ALLOC;
 
@@ -34,8 +33,10 @@ fn check_invariants(when: &str) -> TestResult {
 
 /// Fills `len` bytes at `virt` with a position-dependent pattern and reads
 /// it back.
-fn scribble(virt: usize, len: usize, seed: u8) -> TestResult {
-    let b = bytes_mut(virt, len);
+fn scribble(mm: &mut MemoryManager, virt: usize, len: usize, seed: u8) -> TestResult {
+    let b = mm
+        .bytes_of(virt, len)
+        .map_err(|e| fail(format_args!("bytes of {virt:#x}+{len}: {e}")))?;
     for (i, x) in b.iter_mut().enumerate() {
         *x = seed ^ (i as u8);
     }
@@ -62,8 +63,9 @@ fn pages() -> TestResult {
             )));
         }
         // Touch the first and the last page of the block.
-        scribble(dmap.virt(phys), PAGE_SIZE as usize, order as u8)?;
+        scribble(&mut mm, dmap.virt(phys), PAGE_SIZE as usize, order as u8)?;
         scribble(
+            &mut mm,
             dmap.virt(phys + len as u64 - PAGE_SIZE),
             PAGE_SIZE as usize,
             !(order as u8),
@@ -140,7 +142,7 @@ fn kmalloc() -> TestResult {
         if usable < size {
             return Err(fail(format_args!("ksize {usable} < kmalloc size {size}")));
         }
-        scribble(p.as_ptr() as usize, size, i as u8)?;
+        scribble(&mut mm, p.as_ptr() as usize, size, i as u8)?;
         mm.kfree(p)
             .map_err(|e| fail(format_args!("kfree after kmalloc({size}): {e}")))?;
     }
@@ -199,7 +201,9 @@ fn slab_cache() -> TestResult {
         if !(p.as_ptr() as usize).is_multiple_of(64) {
             return Err(fail("HWCACHE_ALIGN object not 64-byte aligned"));
         }
-        if bytes_mut(p.as_ptr() as usize, OBJ_SIZE)
+        if mm
+            .bytes_of(p.as_ptr() as usize, OBJ_SIZE)
+            .map_err(|e| fail(format_args!("constructed object: {e}")))?
             .iter()
             .any(|&b| b != CTOR_BYTE)
         {
@@ -239,7 +243,7 @@ fn mempool() -> TestResult {
         let el = mm
             .mempool_alloc(pool, Gfp::KERNEL)
             .map_err(|e| fail(format_args!("mempool_alloc: {e}")))?;
-        scribble(el.virt, 256, 0x3c)?;
+        scribble(&mut mm, el.virt, 256, 0x3c)?;
         *e = Some(el);
     }
     for e in held.iter().flatten() {
@@ -291,7 +295,7 @@ fn dma() -> TestResult {
                     "large DMA buffer {buf:?} not from the reservation"
                 )));
             }
-            scribble(buf.virt, len, 0x42)?;
+            scribble(&mut mm, buf.virt, len, 0x42)?;
             mm.dma_free(&buf)
                 .map_err(|e| fail(format_args!("contiguous dma_free: {e}")))?;
         }

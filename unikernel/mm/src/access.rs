@@ -38,7 +38,7 @@ impl DirectMap {
 /// Reads the word that links free objects (slab free lists, mempool
 /// reserves) at `virt`.
 #[inline(always)]
-pub fn read_link(virt: usize) -> u64 {
+pub(crate) fn read_link(virt: usize) -> u64 {
     // SAFETY: callers pass addresses of free elements inside managed memory
     // (see the module contract); the address is 8-byte aligned because every
     // slab stride and page is.
@@ -47,7 +47,7 @@ pub fn read_link(virt: usize) -> u64 {
 
 /// Writes a free-list link word at `virt`.
 #[inline(always)]
-pub fn write_link(virt: usize, value: u64) {
+pub(crate) fn write_link(virt: usize, value: u64) {
     // SAFETY: as for `read_link`; the element is free, so nobody else holds a
     // reference to it.
     unsafe { core::ptr::write(virt as *mut u64, value) }
@@ -55,7 +55,7 @@ pub fn write_link(virt: usize, value: u64) {
 
 /// Fills `len` bytes at `virt` with `byte`.
 #[inline]
-pub fn fill(virt: usize, len: usize, byte: u8) {
+pub(crate) fn fill(virt: usize, len: usize, byte: u8) {
     // SAFETY: the range lies in managed memory owned by the caller (a fresh
     // or freed allocation), per the module contract.
     unsafe { core::ptr::write_bytes(virt as *mut u8, byte, len) }
@@ -68,9 +68,23 @@ pub fn fill(virt: usize, len: usize, byte: u8) {
 /// changes hands.
 #[inline]
 #[allow(clippy::mut_from_ref)]
-pub fn bytes_mut<'a>(virt: usize, len: usize) -> &'a mut [u8] {
+pub(crate) fn bytes_mut<'a>(virt: usize, len: usize) -> &'a mut [u8] {
     // SAFETY: see above and the module contract; `len` bytes at `virt` are
     // inside one allocation of managed memory.
+    unsafe { core::slice::from_raw_parts_mut(virt as *mut u8, len) }
+}
+
+/// Borrows `len` bytes of managed memory at `virt`, for code outside
+/// memd-mm that keeps a buffer it owns (a driver's DMA ring) and cannot hold
+/// the manager while it uses it. Everyone else uses
+/// [`crate::MemoryManager::bytes_of`], which checks the range.
+///
+/// # Safety
+/// `[virt, virt + len)` must lie inside one live allocation the caller
+/// owns, and no other reference to those bytes may exist while the slice
+/// is used.
+pub unsafe fn slice_mut<'a>(virt: usize, len: usize) -> &'a mut [u8] {
+    // SAFETY: forwarded to the caller.
     unsafe { core::slice::from_raw_parts_mut(virt as *mut u8, len) }
 }
 

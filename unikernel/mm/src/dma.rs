@@ -158,28 +158,12 @@ impl MemoryManager {
         self.cma.as_ref()
     }
 
-    /// Borrows a DMA buffer's bytes for the CPU.
-    ///
-    /// The buffer is checked against the frame table or the CMA extents,
-    /// so a stale or made-up `DmaBuffer` is refused rather than aliasing
-    /// someone else's memory.
+    /// Borrows a DMA buffer's bytes for the CPU. A stale or made-up
+    /// `DmaBuffer` is refused rather than aliasing someone else's memory.
     pub fn dma_bytes(&mut self, buf: &DmaBuffer) -> Result<&mut [u8], MmError> {
-        let live = match buf.source {
-            DmaSource::Buddy { order } => self.frame(buf.phys).is_some_and(|f| {
-                f.is(FrameState::Allocated)
-                    && f.order as u32 == order
-                    && buf.phys.is_multiple_of(PAGE_SIZE)
-                    && buf.len as u64 <= PAGE_SIZE << order
-            }),
-            DmaSource::Cma => self.cma.as_ref().is_some_and(|c| {
-                c.extents()
-                    .iter()
-                    .any(|e| e.start == buf.phys && buf.len as u64 <= e.pages * PAGE_SIZE)
-            }),
-        };
-        if !live || buf.virt != self.dmap.virt(buf.phys) {
+        if buf.virt != self.dmap.virt(buf.phys) {
             return Err(MmError::Invalid("dma: not a live buffer"));
         }
-        Ok(access::bytes_mut(buf.virt, buf.len))
+        self.bytes_of(buf.virt, buf.len)
     }
 }

@@ -27,6 +27,7 @@ pub mod access;
 #[cfg(feature = "std")]
 pub mod arena;
 pub mod buddy;
+pub mod bytes;
 pub mod check;
 pub mod cma;
 pub mod cmdline;

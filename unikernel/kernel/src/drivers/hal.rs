@@ -18,9 +18,7 @@ pub struct MemdHal;
 pub fn map_device(phys: u64, len: u64) -> Result<u64, MapError> {
     paging::map_mmio(phys, len, &mut || {
         let mut mm = ALLOC.lock();
-        let frame = mm.alloc_pages(0, Gfp::KERNEL).ok()?;
-        memd_mm::access::fill(mm.direct_map().virt(frame), PAGE_SIZE as usize, 0);
-        Some(frame)
+        mm.alloc_pages(0, Gfp::KERNEL | Gfp::ZERO).ok()
     })
 }
 

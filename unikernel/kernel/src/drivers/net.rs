@@ -49,7 +49,11 @@ pub struct NetDevice {
 }
 
 fn slot(buf: &DmaBuffer, index: usize) -> &'static mut [u8] {
-    memd_mm::access::bytes_mut(buf.virt + index * SLOT, SLOT)
+    // SAFETY: `buf` is one of this device's own DMA buffers, allocated at
+    // init and never freed while the device exists; every slot index is
+    // below the buffer's slot count, and a slot is only touched while the
+    // device does not own it (before submit or after completion).
+    unsafe { memd_mm::access::slice_mut(buf.virt + index * SLOT, SLOT) }
 }
 
 impl NetDevice {
