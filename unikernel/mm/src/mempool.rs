@@ -228,6 +228,12 @@ impl MemoryManager {
 
     /// `mempool_free`: refills the reserve first.
     pub fn mempool_free(&mut self, id: PoolId, e: PoolElement) -> Result<(), MmError> {
+        let backing = self.pool_mut(id)?.backing;
+        if !self.is_pool_element(backing, e) {
+            return Err(MmError::Invalid(
+                "mempool: not an element of this pool's backing",
+            ));
+        }
         let pool = self.pool_mut(id)?;
         if pool.outstanding == 0 {
             return Err(MmError::Invalid("mempool: nothing outstanding to free"));
@@ -242,6 +248,28 @@ impl MemoryManager {
             self.pool_backing_free(backing, e);
         }
         Ok(())
+    }
+
+    /// Whether `e` can be an element from `backing`: an object of its
+    /// cache, a kmalloc block large enough, or a page block of its order.
+    fn is_pool_element(&self, backing: PoolBacking, e: PoolElement) -> bool {
+        if e.virt != self.dmap.virt(e.phys) {
+            return false;
+        }
+        let Some(ptr) = NonNull::new(e.virt as *mut u8) else {
+            return false;
+        };
+        match backing {
+            PoolBacking::Cache(id) => self
+                .cache(id)
+                .is_some_and(|c| c.owning_slab(self.frames, self.dmap, id, e.virt).is_some()),
+            PoolBacking::Kmalloc(size) => self.ksize(ptr).is_ok_and(|k| k >= size),
+            PoolBacking::Pages(order) => self.frame(e.phys).is_some_and(|f| {
+                f.is(FrameState::Pool)
+                    && f.order as u32 == order
+                    && e.phys.is_multiple_of(PAGE_SIZE)
+            }),
+        }
     }
 
     /// `mempool_destroy`: refused while elements are outstanding.

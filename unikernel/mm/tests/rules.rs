@@ -564,11 +564,21 @@ fn bytes_of_accepts_only_live_allocations() {
     let dmap = mm.direct_map();
     let page = mm.alloc_pages(2, Gfp::KERNEL).unwrap();
     let inside = dmap.virt(page + 3 * 4096);
-    assert_eq!(mm.bytes_of(inside, 4096).unwrap().len(), 4096, "last page of an order-2 block");
+    assert_eq!(
+        mm.bytes_of(inside, 4096).unwrap().len(),
+        4096,
+        "last page of an order-2 block"
+    );
     assert!(mm.bytes_of(inside, 4097).is_err(), "past the block");
     let obj = mm.kmalloc(100, Gfp::KERNEL).unwrap();
-    assert!(mm.bytes_of(obj.as_ptr() as usize, 128).is_ok(), "kmalloc-128 object");
-    assert!(mm.bytes_of(obj.as_ptr() as usize, 129).is_err(), "into the next object");
+    assert!(
+        mm.bytes_of(obj.as_ptr() as usize, 128).is_ok(),
+        "kmalloc-128 object"
+    );
+    assert!(
+        mm.bytes_of(obj.as_ptr() as usize, 129).is_err(),
+        "into the next object"
+    );
     let dma = mm.dma_alloc(6 << 20, 4096, DmaMask::Bits32).unwrap();
     assert!(mm.dma_bytes(&dma).is_ok());
     mm.free_pages(page, 2).unwrap();
@@ -576,5 +586,8 @@ fn bytes_of_accepts_only_live_allocations() {
     mm.kfree(obj).unwrap();
     mm.dma_free(&dma).unwrap();
     assert!(mm.dma_bytes(&dma).is_err(), "freed CMA buffer");
-    assert!(mm.bytes_of(dmap.virt(0x5000), 1).is_err(), "never allocated");
+    assert!(
+        mm.bytes_of(dmap.virt(0x5000), 1).is_err(),
+        "never allocated"
+    );
 }
