@@ -183,6 +183,10 @@ struct Tally {
     /// ENOMEM replies (explained only by injected faults in the mixed
     /// profile).
     enomem: u64,
+    /// ENOSPC from cache-create / pool-create: the service's global cache
+    /// or pool table is full (64 each), a documented limit with many
+    /// clients; the client goes on with fewer caches and pools.
+    table_full: u64,
     ops: u64,
 }
 
@@ -195,6 +199,7 @@ impl Tally {
             *self.errors.entry(k).or_default() += n;
         }
         self.enomem += o.enomem;
+        self.table_full += o.table_full;
         self.ops += o.ops;
     }
 }
@@ -244,6 +249,8 @@ struct Worker<'a> {
     dma: Vec<(Handle, bool)>,
     /// May hold one DMA buffer larger than the buddy's largest block (CMA).
     large_dma_ok: bool,
+    /// The code of the last server error.
+    last_error: Option<i32>,
 }
 
 /// Per-client bound on live resources of each kind.
@@ -267,6 +274,7 @@ impl<'a> Worker<'a> {
         match r {
             Ok(v) => Ok(Some(v)),
             Err(ClientError::Server(e)) => {
+                self.last_error = Some(e.code);
                 if e.code == errno::ENOMEM {
                     self.tally.enomem += 1;
                 }
@@ -282,13 +290,16 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Creates the client's cache and pools (retrying injected failures).
+    /// Creates the client's cache and up to three pools, retrying injected
+    /// failures (ENOMEM); a full global table (ENOSPC) leaves the client
+    /// with fewer.
     fn setup(&mut self) -> Result<(), Fatal> {
+        let (mut cache_full, mut pools_full) = (false, false);
         for _ in 0..100 {
-            if self.cache.is_some() && self.pools.len() == 3 {
+            if (self.cache.is_some() || cache_full) && (self.pools.len() == 3 || pools_full) {
                 return Ok(());
             }
-            if self.cache.is_none() {
+            if self.cache.is_none() && !cache_full {
                 let size = 24 + self.rng.below(1000) as u32;
                 let flags = if self.rng.chance(50) {
                     SlabFlags::HWCACHE_ALIGN
@@ -305,11 +316,15 @@ impl<'a> Worker<'a> {
                 self.cache = self.timed("cache-create", |c| {
                     c.cache_create("lt", size, 0, flags, ctor)
                 })?;
+                if self.cache.is_none() && self.last_error == Some(errno::ENOSPC) {
+                    cache_full = true;
+                    self.tally.table_full += 1;
+                }
                 continue;
             }
-            let backing = match self.pools.len() {
-                0 => PoolBacking::Cache(self.cache.expect("created above")),
-                1 => PoolBacking::Kmalloc {
+            let backing = match (self.pools.len(), self.cache) {
+                (0, Some(cache)) => PoolBacking::Cache(cache),
+                (0 | 1, _) => PoolBacking::Kmalloc {
                     size: 64 + self.rng.below(2000) as u32,
                 },
                 _ => PoolBacking::Pages {
@@ -317,8 +332,13 @@ impl<'a> Worker<'a> {
                 },
             };
             let min_nr = 1 + self.rng.below(4) as u32;
-            if let Some(h) = self.timed("pool-create", |c| c.pool_create(backing, min_nr))? {
-                self.pools.push((h, Vec::new()));
+            match self.timed("pool-create", |c| c.pool_create(backing, min_nr))? {
+                Some(h) => self.pools.push((h, Vec::new())),
+                None if self.last_error == Some(errno::ENOSPC) => {
+                    pools_full = true;
+                    self.tally.table_full += 1;
+                }
+                None => {}
             }
         }
         Err(Fatal(
@@ -373,8 +393,8 @@ impl<'a> Worker<'a> {
                     self.timed("kfree", |c| c.kfree(h))?;
                 }
             }
-            2 => {
-                let cache = self.cache.expect("set up");
+            2 if self.cache.is_some() => {
+                let cache = self.cache.expect("checked");
                 if Self::alloc_or_free(&mut self.rng, self.cache_objs.len()) {
                     if let Some(o) =
                         self.timed("cache-alloc", |c| c.cache_alloc(cache, Gfp::KERNEL))?
@@ -389,7 +409,7 @@ impl<'a> Worker<'a> {
                     }
                 }
             }
-            3 => {
+            3 if !self.pools.is_empty() => {
                 let p = self.rng.below(self.pools.len() as u64) as usize;
                 let pool = self.pools[p].0;
                 if Self::alloc_or_free(&mut self.rng, self.pools[p].1.len()) {
@@ -686,6 +706,8 @@ pub struct Report {
     pub per_kind: Vec<(&'static str, Lat)>,
     pub errors: BTreeMap<(&'static str, String), u64>,
     pub enomem: u64,
+    /// ENOSPC from a full global cache or pool table (explained).
+    pub table_full: u64,
     /// Errors no injected fault explains.
     pub unexplained: u64,
     pub fatal: Vec<String>,
@@ -747,6 +769,7 @@ impl Report {
             "errors": self.errors.values().sum::<u64>(),
             "errors_by_code": by_code,
             "enomem": self.enomem,
+            "table_full": self.table_full,
             "unexplained_errors": self.unexplained,
             "client_failures": self.fatal,
             "faults": self.faults.as_ref().map(|f| json!({"probability": f.probability, "injected": f.injected, "calls": f.calls})),
@@ -786,6 +809,12 @@ impl Report {
             for ((k, c), n) in &self.errors {
                 println!("  {k:<20} {c:<8} {n}");
             }
+        }
+        if self.table_full > 0 {
+            println!(
+                "ENOSPC from full global cache/pool tables (64 each): {}",
+                self.table_full
+            );
         }
         println!("unexplained errors: {}", self.unexplained);
         if let Some(f) = &self.faults {
@@ -967,7 +996,7 @@ pub fn run_against(addr: &str, token: &str, args: &Args) -> Result<Report> {
     // ENOMEM is explained by injected faults, one failed request per
     // injection at most; any other code is unexplained.
     let total_errors: u64 = tally.errors.values().sum();
-    let other = total_errors - tally.enomem;
+    let other = total_errors - tally.enomem - tally.table_full;
     let unexplained = other + tally.enomem.saturating_sub(injected);
     let mut all: Vec<u64> = tally.lat.values().flatten().copied().collect();
     let mut per_kind: Vec<(&'static str, Lat)> = tally
@@ -985,6 +1014,7 @@ pub fn run_against(addr: &str, token: &str, args: &Args) -> Result<Report> {
         per_kind,
         errors: tally.errors,
         enomem: tally.enomem,
+        table_full: tally.table_full,
         unexplained,
         fatal,
         faults: fault_figures,
@@ -1083,6 +1113,7 @@ fn worker(
         pools: Vec::new(),
         dma: Vec::new(),
         large_dma_ok: !no_large_dma,
+        last_error: None,
     };
     let r = (|| -> Result<(), Fatal> {
         match profile {
@@ -1501,6 +1532,7 @@ fn exhaust(
         per_kind,
         errors: tally.errors,
         enomem: tally.enomem,
+        table_full: tally.table_full,
         unexplained,
         fatal: Vec::new(),
         faults: None,
