@@ -145,7 +145,7 @@ enum Cmd {
     Cma,
     /// Per-client usage
     Clients,
-    /// Every DMA buffer held by a client
+    /// Every DMA buffer: owner, size, address, zone
     DmaList,
     /// The physical memory map: as text, or as a picture with --out
     #[command(after_help = MAP_EXAMPLES)]
@@ -598,14 +598,25 @@ fn print_reply(r: &Reply) {
             println!("{t}");
         }
         Reply::DmaBuffers(bs) => {
-            let mut t = table(&["handle", "conn", "phys", "len", "align", "mask", "source"]);
+            let mut t = table(&[
+                "owner", "handle", "size", "bytes", "phys", "zone", "mask", "source",
+            ]);
             for b in bs {
+                let owner = match &b.owner {
+                    DmaOwner::Client { name } => format!("client {} ({name})", b.conn),
+                    DmaOwner::DeviceQueue { device } => format!("device queue {device}"),
+                };
                 t.add_row(vec![
-                    b.handle.to_string(),
-                    b.conn.to_string(),
-                    format!("{:#x}", b.phys),
+                    owner,
+                    if b.handle == 0 {
+                        "-".to_string()
+                    } else {
+                        b.handle.to_string()
+                    },
+                    human_bytes(b.len),
                     b.len.to_string(),
-                    b.align.to_string(),
+                    format!("{:#x}", b.phys),
+                    b.zone.clone(),
                     b.mask.bits().to_string(),
                     format!("{:?}", b.source),
                 ]);
@@ -626,10 +637,13 @@ fn print_reply(r: &Reply) {
         Reply::Created { handle } => println!("handle {handle}"),
         Reply::Shrunk { pages } => println!("{pages} page(s) returned"),
         Reply::Dma(b) => println!(
-            "handle {}: {} bytes at phys {:#x} ({:?}, mask {} bits)",
+            "handle {}: {} bytes ({}) at phys {:#x}-{:#x}, zone {}, from {:?}, mask {} bits",
             b.handle,
             b.len,
+            human_bytes(b.len),
             b.phys,
+            b.phys + b.len,
+            b.zone,
             b.source,
             b.mask.bits()
         ),

@@ -881,6 +881,16 @@ impl<M: Memory> Service<M> {
                     align: if align == 0 { page } else { align },
                     mask,
                     source: facts.source,
+                    zone: memd_mm::ZoneType::of_pfn(facts.phys / page)
+                        .name()
+                        .into(),
+                    owner: memd_wire::DmaOwner::Client {
+                        name: self
+                            .conns
+                            .get(&conn)
+                            .map(|c| c.name.clone())
+                            .unwrap_or_default(),
+                    },
                 };
                 let res: Res<M> = Res::Dma {
                     buf,
@@ -1139,6 +1149,16 @@ fn release_all<E: Env>(env: &mut E, handles: BTreeMap<u64, Res<E::Mem>>) {
     // Everything the closure touches is allocated here, outside the
     // allocator lock, and dropped after it.
     let mut all: Vec<Res<E::Mem>> = handles.into_values().collect();
+    // A DMA buffer's description owns strings: drop them here, so the
+    // closure frees nothing of the heap but what memd-mm frees.
+    for r in &mut all {
+        if let Res::Dma { info, .. } = r {
+            info.zone = String::new();
+            info.owner = memd_wire::DmaOwner::Client {
+                name: String::new(),
+            };
+        }
+    }
     let mut pools = Vec::with_capacity(pool_ids.len());
     let mut caches = Vec::with_capacity(cache_ids.len());
     env.with_mem(|m, _| {

@@ -266,6 +266,25 @@ pub struct DmaBufferInfo {
     pub mask: DmaMask,
     /// Where it came from.
     pub source: DmaSource,
+    /// The zone it lies in (DMA, DMA32, Normal).
+    pub zone: String,
+    /// Who holds it.
+    pub owner: DmaOwner,
+}
+
+/// Who holds a DMA buffer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DmaOwner {
+    /// A client connection (`conn`, `handle`).
+    Client {
+        /// The name the client gave in its hello.
+        name: String,
+    },
+    /// A device's queue (rings, descriptor tables), held by the kernel.
+    DeviceQueue {
+        /// The device and queue, e.g. "virtio-blk".
+        device: String,
+    },
 }
 
 /// [`crate::Op::Check`].
