@@ -881,9 +881,7 @@ impl<M: Memory> Service<M> {
                     align: if align == 0 { page } else { align },
                     mask,
                     source: facts.source,
-                    zone: memd_mm::ZoneType::of_pfn(facts.phys / page)
-                        .name()
-                        .into(),
+                    zone: memd_mm::ZoneType::of_pfn(facts.phys / page).name().into(),
                     owner: memd_wire::DmaOwner::Client {
                         name: self
                             .conns
