@@ -7,8 +7,8 @@ use alloc::vec::Vec;
 
 use memd_wire::{
     decode_body, encode_frame, errno, frame::encoded_len, Batch, CheckReport, ClientInfo,
-    DmaBufferInfo, FrameDecoder, FrameError, Hello, HelloAck, Op, PoolBacking, Quota, Reply,
-    Request, Response, Status, WireError, MAX_BATCH_OPS, MAX_FRAME, MAX_IO, MAX_NAME_LEN,
+    DmaBufferInfo, DmaMask, FrameDecoder, FrameError, Hello, HelloAck, Op, PoolBacking, Quota,
+    Reply, Request, Response, Status, WireError, MAX_BATCH_OPS, MAX_FRAME, MAX_IO, MAX_NAME_LEN,
     PROTOCOL_VERSION,
 };
 
@@ -864,13 +864,42 @@ impl<M: Memory> Service<M> {
                         format!("alignment {align} is not a power of two"),
                     ));
                 }
+                let max_block = page << env.with_mem(|m, _| m.max_order()).saturating_sub(1);
+                // A request the reservation can never serve is refused with
+                // the reason, before the quota or the allocator see it.
+                if len > max_block {
+                    if let Some(why) = dma_refusal(&cma_info(env), len, mask, max_block) {
+                        return Err(err(errno::ENOMEM, why));
+                    }
+                }
                 self.check_quota(conn, len.div_ceil(page), len)?;
                 let buf = env
                     .with_mem(|m, _| {
                         m.set_owner(conn);
                         m.dma_alloc(len, align, mask)
                     })
-                    .map_err(mem_err)?;
+                    .map_err(|e| {
+                        if e.code != errno::ENOMEM {
+                            return mem_err(e);
+                        }
+                        let why = if len > max_block {
+                            let c = cma_info(env);
+                            format!(
+                                "no free {} contiguous below the {}-bit mask: the DMA reservation's largest free range is {}",
+                                size(len),
+                                mask.bits(),
+                                size(c.largest_free)
+                            )
+                        } else {
+                            format!(
+                                "no free {} block below the {}-bit mask ({:#x}) in the buddy, and the DMA reservation cannot serve it",
+                                size(len.next_power_of_two().max(page)),
+                                mask.bits(),
+                                mask_limit(mask)
+                            )
+                        };
+                        err(errno::ENOMEM, why)
+                    })?;
                 let facts = env.with_mem(|m, _| m.dma_facts(&buf));
                 let handle = self.new_handle();
                 let info = DmaBufferInfo {
@@ -1094,6 +1123,72 @@ impl<M: Memory> Service<M> {
             })
             .collect()
     }
+}
+
+fn cma_info<E: Env>(env: &mut E) -> memd_wire::CmaInfo {
+    match stats(env, View::Cma) {
+        Reply::Cma(c) => c,
+        _ => memd_wire::CmaInfo::default(),
+    }
+}
+
+/// One past the highest address a device with `mask` reaches.
+fn mask_limit(mask: DmaMask) -> u64 {
+    match mask.bits() {
+        24 => 1 << 24,
+        32 => 1 << 32,
+        _ => u64::MAX,
+    }
+}
+
+/// Bytes as "N MiB" (or KiB, GiB, bytes) for messages.
+fn size(b: u64) -> String {
+    if b >= 1 << 30 && b.is_multiple_of(1 << 30) {
+        format!("{} GiB", b >> 30)
+    } else if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
+        format!("{} MiB", b >> 20)
+    } else if b >= 1 << 10 && b.is_multiple_of(1 << 10) {
+        format!("{} KiB", b >> 10)
+    } else {
+        format!("{b} bytes")
+    }
+}
+
+/// Why a DMA buffer larger than the buddy's largest block can never be
+/// served from the reservation `cma`, if it cannot.
+fn dma_refusal(
+    cma: &memd_wire::CmaInfo,
+    len: u64,
+    mask: DmaMask,
+    max_block: u64,
+) -> Option<String> {
+    if !cma.present {
+        return Some(format!(
+            "{} is larger than the buddy's largest block ({}) and no DMA region was reserved at boot (memd.dma_reserve=SIZE@ZONE)",
+            size(len),
+            size(max_block)
+        ));
+    }
+    if len > cma.total {
+        return Some(format!(
+            "{} is larger than the DMA reservation ({} at {:#x}, memd.dma_reserve)",
+            size(len),
+            size(cma.total),
+            cma.base
+        ));
+    }
+    let limit = mask_limit(mask);
+    if cma.base.saturating_add(len) > limit {
+        return Some(format!(
+            "the DMA reservation [{:#x}-{:#x}) does not reach below the {}-bit mask ({:#x}) far enough for {}",
+            cma.base,
+            cma.base + cma.total,
+            mask.bits(),
+            limit,
+            size(len)
+        ));
+    }
+    None
 }
 
 enum DiskError {
