@@ -1353,12 +1353,6 @@ fn exhaust(
         if stopped.iter().all(|s| s.is_some()) {
             break;
         }
-        if std::env::var_os("LT_DEBUG").is_some() {
-            eprintln!("exhaust: order {order} held {held:?} stopped {stopped:?}");
-            if let Ok(b) = ctl.buddyinfo() {
-                eprintln!("  buddy {:?}", b);
-            }
-        }
         if !progressed {
             if order == 0 {
                 continue;
