@@ -1239,49 +1239,61 @@ fn release_all<E: Env>(env: &mut E, handles: BTreeMap<u64, Res<E::Mem>>) {
             _ => {}
         }
     }
-    // Everything the closure touches is allocated here, outside the
-    // allocator lock, and dropped after it.
-    let mut all: Vec<Res<E::Mem>> = handles.into_values().collect();
-    // A DMA buffer's description owns strings: drop them here, so the
-    // closure frees nothing of the heap but what memd-mm frees.
-    for r in &mut all {
-        if let Res::Dma { info, .. } = r {
-            info.zone = String::new();
-            info.owner = memd_wire::DmaOwner::Client {
-                name: String::new(),
-            };
-        }
-    }
+    // Everything the closures touch is allocated here, outside the
+    // allocator lock, and dropped after it. Handles go in chunks: one vector
+    // of all of them (65 536 handles of ~190 bytes) would be a heap block
+    // larger than the buddy's largest.
+    const CHUNK: usize = 1024;
+    let mut rest = handles.into_values();
+    let mut chunk: Vec<Res<E::Mem>> = Vec::with_capacity(CHUNK);
     let mut pools = Vec::with_capacity(pool_ids.len());
     let mut caches = Vec::with_capacity(cache_ids.len());
-    env.with_mem(|m, _| {
-        // Freeing cannot fail for memory the connection really holds; an
-        // error here would be a memory-manager bug, reported by `check`.
-        for r in all.drain(..) {
-            match r {
-                Res::Pages { phys, order } => {
-                    let _ = m.free_pages(phys, order);
-                }
-                Res::Kmalloc(obj) => {
-                    let _ = m.kfree(obj.addr);
-                }
-                Res::Dma { buf, .. } => {
-                    let _ = m.dma_free(buf);
-                }
-                Res::PoolObj { pool, obj } => {
-                    if let Some(id) = pool_ids.get(&pool) {
-                        let _ = m.pool_free(*id, obj.addr);
-                    }
-                }
-                Res::CacheObj { cache, obj } => {
-                    if let Some(id) = cache_ids.get(&cache) {
-                        let _ = m.cache_free(*id, obj.addr);
-                    }
-                }
-                Res::Pool { id, .. } => pools.push(id),
-                Res::Cache { id, .. } => caches.push(id),
+    loop {
+        chunk.extend(rest.by_ref().take(CHUNK));
+        if chunk.is_empty() {
+            break;
+        }
+        // A DMA buffer's description owns strings: drop them here, so the
+        // closure frees nothing of the heap but what memd-mm frees.
+        for r in &mut chunk {
+            if let Res::Dma { info, .. } = r {
+                info.zone = String::new();
+                info.owner = memd_wire::DmaOwner::Client {
+                    name: String::new(),
+                };
             }
         }
+        env.with_mem(|m, _| {
+            // Freeing cannot fail for memory the connection really holds; an
+            // error here would be a memory-manager bug, reported by `check`.
+            for r in chunk.drain(..) {
+                match r {
+                    Res::Pages { phys, order } => {
+                        let _ = m.free_pages(phys, order);
+                    }
+                    Res::Kmalloc(obj) => {
+                        let _ = m.kfree(obj.addr);
+                    }
+                    Res::Dma { buf, .. } => {
+                        let _ = m.dma_free(buf);
+                    }
+                    Res::PoolObj { pool, obj } => {
+                        if let Some(id) = pool_ids.get(&pool) {
+                            let _ = m.pool_free(*id, obj.addr);
+                        }
+                    }
+                    Res::CacheObj { cache, obj } => {
+                        if let Some(id) = cache_ids.get(&cache) {
+                            let _ = m.cache_free(*id, obj.addr);
+                        }
+                    }
+                    Res::Pool { id, .. } => pools.push(id),
+                    Res::Cache { id, .. } => caches.push(id),
+                }
+            }
+        });
+    }
+    env.with_mem(|m, _| {
         for id in pools.drain(..) {
             let _ = m.pool_destroy(id);
         }
