@@ -630,7 +630,7 @@ fn disk_check(port: u16, image: &std::path::Path) -> Result<(), String> {
 ///   request of 3 descriptors, freed; a new buffer (zeroed) reads it back
 ///   and the checksums are equal;
 /// - the same after three other clients have fragmented ordinary memory
-///   with 180 000 single-page allocations, every other one then freed;
+///   with 184 320 single-page allocations, every other one then freed;
 /// - when everyone has gone, no page, large kmalloc block or reservation
 ///   byte is held, and every page is free or in the slab layer exactly as
 ///   at the baseline (the handle tables' slabs stay cached).
@@ -775,15 +775,14 @@ fn dma_disk_check(port: u16) -> Result<(), String> {
     for i in 0..3 {
         let mut f = Client::connect(&opts).map_err(|e| format!("fragmenter {i}: {e}"))?;
         let mut handles = Vec::with_capacity(60_000);
-        // Batches of 5 000: the service builds a batch's replies in one
-        // vector, which must stay a heap block the buddy can serve.
-        for _ in 0..12 {
+        // 15 full batches (memd-wire's MAX_BATCH_OPS, 4096 each).
+        for _ in 0..15 {
             let ops = vec![
                 Op::AllocPages {
                     order: 0,
                     gfp: Gfp::KERNEL
                 };
-                5_000
+                memd_client::wire::MAX_BATCH_OPS
             ];
             for r in f
                 .batch(ops, true)
@@ -800,7 +799,7 @@ fn dma_disk_check(port: u16) -> Result<(), String> {
             .step_by(2)
             .map(|&handle| Op::FreePages { handle })
             .collect();
-        for chunk in frees.chunks(5_000) {
+        for chunk in frees.chunks(memd_client::wire::MAX_BATCH_OPS) {
             for r in f
                 .batch(chunk.to_vec(), true)
                 .map_err(|e| format!("fragmenter {i}: {e}"))?
@@ -823,7 +822,7 @@ fn dma_disk_check(port: u16) -> Result<(), String> {
     drop(fragmenters);
     drop(d);
     nothing_held(&mut c, "the round trips")?;
-    // 180 000 handles grew the service's handle tables in the slab layer;
+    // 184 320 handles grew the service's handle tables in the slab layer;
     // closing returns every object, but slabs the kernel's other objects
     // keep partly used stay with the slab layer. So: every page is either
     // free or held by the slab layer, exactly as at the baseline, and no

@@ -317,7 +317,7 @@ enum Cmd {
     /// Fault-injection rules with their counters (calls seen, failures injected)
     Faults,
     /// Allocate COUNT objects of SIZE and free them, in batch frames of up
-    /// to 8192 operations
+    /// to 4096 operations (memd-wire's MAX_BATCH_OPS)
     Batch {
         #[arg(default_value_t = 10_000)]
         count: u32,
@@ -815,7 +815,7 @@ fn to_op(cmd: Cmd) -> Result<Op, Fail> {
 }
 
 /// Operations per batch frame: small enough that the replies fit a frame.
-const BATCH_CHUNK: u32 = 8192;
+const BATCH_CHUNK: u32 = memd_wire::MAX_BATCH_OPS as u32;
 
 fn run_batch(c: &mut Client, count: u32, size: u64, as_json: bool) -> Result<(), Fail> {
     let t0 = std::time::Instant::now();

@@ -17,7 +17,9 @@ impl MemoryManager {
     /// The bytes `[virt, virt + len)` of a live allocation.
     pub fn bytes_of(&mut self, virt: usize, len: usize) -> Result<&mut [u8], MmError> {
         let (start, end) = self.live_extent(virt).ok_or(NOT_LIVE)?;
-        let fits = virt.checked_add(len).is_some_and(|e| virt >= start && e <= end);
+        let fits = virt
+            .checked_add(len)
+            .is_some_and(|e| virt >= start && e <= end);
         if !fits || len == 0 {
             return Err(NOT_LIVE);
         }
@@ -56,7 +58,9 @@ impl MemoryManager {
                 (0..self.max_order).find_map(|order| {
                     let head = pfn & !((1usize << order) - 1);
                     let h = &self.frames[head];
-                    let live = h.is(FrameState::Allocated) || h.is(FrameState::Large) || h.is(FrameState::Pool);
+                    let live = h.is(FrameState::Allocated)
+                        || h.is(FrameState::Large)
+                        || h.is(FrameState::Pool);
                     let covers = head + (1usize << h.order) > pfn;
                     (live && h.order as u32 >= order && covers).then(|| {
                         let start = self.dmap.virt(head as u64 * PAGE_SIZE);

@@ -239,22 +239,28 @@ fn fragmented_memory_is_summarised_within_bounds() {
     // 12 000 single pages, every other one freed again: more runs than a
     // map may carry.
     let n = 12_000;
-    let replies = match h.send(
-        c,
-        &Request::Batch(Batch {
-            stop_on_error: true,
-            ops: vec![
-                Op::AllocPages {
-                    order: 0,
-                    gfp: Gfp::KERNEL,
-                };
-                n
-            ],
-        }),
-    ) {
-        Response::Batch(r) => r,
-        r => panic!("{r:?}"),
-    };
+    let mut replies = Vec::new();
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(memd_wire::MAX_BATCH_OPS);
+        left -= chunk;
+        match h.send(
+            c,
+            &Request::Batch(Batch {
+                stop_on_error: true,
+                ops: vec![
+                    Op::AllocPages {
+                        order: 0,
+                        gfp: Gfp::KERNEL,
+                    };
+                    chunk
+                ],
+            }),
+        ) {
+            Response::Batch(r) => replies.extend(r),
+            r => panic!("{r:?}"),
+        }
+    }
     let mut pages: Vec<(u64, Handle)> = replies
         .into_iter()
         .map(|r| match r {
@@ -263,18 +269,20 @@ fn fragmented_memory_is_summarised_within_bounds() {
         })
         .collect();
     pages.sort();
-    let frees = pages
+    let frees: Vec<Op> = pages
         .iter()
         .step_by(2)
         .map(|&(_, handle)| Op::FreePages { handle })
         .collect();
-    h.send(
-        c,
-        &Request::Batch(Batch {
-            stop_on_error: true,
-            ops: frees,
-        }),
-    );
+    for chunk in frees.chunks(memd_wire::MAX_BATCH_OPS) {
+        h.send(
+            c,
+            &Request::Batch(Batch {
+                stop_on_error: true,
+                ops: chunk.to_vec(),
+            }),
+        );
+    }
     let m = h.map(c);
     covered(&m);
     assert!(m.granule > 1, "summarised");

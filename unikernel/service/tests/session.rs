@@ -703,11 +703,27 @@ fn huge_batches_of_errors_still_fit_a_frame() {
     let Response::Batch(results) = r else {
         panic!()
     };
-    assert!(results.len() < MAX_BATCH_OPS);
     assert_eq!(
-        results.last().unwrap().as_ref().unwrap_err().code,
-        errno::E2BIG
+        results.len(),
+        MAX_BATCH_OPS,
+        "a full batch of errors fits one frame"
     );
+    assert!(results
+        .iter()
+        .all(|r| r.as_ref().is_err_and(|e| e.code == errno::ENOENT)));
+    let ops = vec![Op::Kfree { handle: 77 }; MAX_BATCH_OPS + 1];
+    let (r, _) = h.request(
+        c,
+        &Request::Batch(Batch {
+            stop_on_error: false,
+            ops,
+        }),
+    );
+    let Response::Batch(results) = r else {
+        panic!("a batch gets a batch reply")
+    };
+    assert_eq!(results.len(), 1, "one op too many is refused whole");
+    assert_eq!(results[0].as_ref().unwrap_err().code, errno::E2BIG);
 }
 
 #[test]

@@ -18,8 +18,11 @@ use crate::stats::*;
 /// Protocol version spoken by this crate.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Most operations one batch may carry.
-pub const MAX_BATCH_OPS: usize = 65_536;
+/// Most operations one batch may carry. The service holds a batch's
+/// results in memory before encoding them (a few hundred bytes each), and
+/// the kernel's heap serves at most one buddy block (4 MiB) at a time:
+/// 4096 keeps a whole batch well inside that.
+pub const MAX_BATCH_OPS: usize = 4096;
 
 /// Longest name accepted for a cache or a client.
 pub const MAX_NAME_LEN: usize = 32;
