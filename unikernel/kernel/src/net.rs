@@ -20,7 +20,7 @@ use crate::drivers::net::NetDevice;
 
 /// Clients connected at once.
 pub const MAX_CLIENTS: usize = 72;
-const SOCKET_BUF: usize = 16 * 1024;
+const SOCKET_BUF: usize = 64 * 1024;
 /// Stop reading a client while this much of its output is still unsent.
 const MAX_PENDING_OUT: usize = 256 * 1024;
 /// Largest Ethernet frame (no FCS).
