@@ -621,9 +621,12 @@ fn disk_check(port: u16, image: &std::path::Path) -> Result<(), String> {
 /// Large contiguous DMA buffers and the disk (issue 5), on a 1 GiB guest
 /// with `memd.dma_reserve=64M@dma32` and a 32 MiB disk:
 ///
+/// - the DMA list names the kernel's device buffers with their device
+///   queue (virtio-net's receive buffers, both devices' virtqueue rings),
+///   page-aligned, page-multiple sizes, in a real zone;
 /// - requests the reservation can never serve (larger than it, or a 24-bit
 ///   mask when it lies above 16 MiB) fail with ENOMEM and a message naming
-///   the reason, and leave nothing allocated: no buffer listed, the region
+///   the reason, and leave nothing allocated: no client buffer listed, the region
 ///   empty, free memory equal to the baseline;
 /// - a 24 MiB buffer (larger than a 4 MiB buddy block) below 4 GiB: zone
 ///   DMA32, listed with its owner; filled, written to the disk in one
@@ -664,13 +667,48 @@ fn dma_disk_check(port: u16) -> Result<(), String> {
         }
     };
     let baseline = settle(&mut c, None)?;
+    // The kernel's own device buffers are listed with their device queue:
+    // virtio-net's receive buffers (64 slots of 2 KiB) and virtqueue rings
+    // of both devices, page-sized and page-aligned, in a real zone.
+    let devices = c.dma_buffers().map_err(|e| format!("dma list: {e}"))?;
+    let device_owned = |name: &str| {
+        devices
+            .iter()
+            .filter(|b| matches!(&b.owner, DmaOwner::DeviceQueue { device } if device.starts_with(name)))
+            .count()
+    };
+    for b in &devices {
+        if let DmaOwner::DeviceQueue { .. } = &b.owner {
+            if b.handle != 0
+                || b.len == 0
+                || b.len % 4096 != 0
+                || b.phys % 4096 != 0
+                || !["DMA", "DMA32", "Normal"].contains(&b.zone.as_str())
+            {
+                return Err(format!("implausible device DMA buffer: {b:?}"));
+            }
+        }
+    }
+    if !devices.iter().any(|b| {
+        matches!(&b.owner, DmaOwner::DeviceQueue { device } if device == "virtio-net receive buffers (queue 0)")
+            && b.len == 64 * 2048
+    }) || device_owned("virtio-net virtqueue") < 2
+        || device_owned("virtio-blk virtqueue") < 1
+    {
+        return Err(format!(
+            "want virtio-net's receive buffers and both devices' virtqueues listed as device-owned: {devices:?}"
+        ));
+    }
     let nothing_held = |c: &mut Client, what: &str| -> Result<(), String> {
         let listed = c.dma_buffers().map_err(|e| format!("dma list: {e}"))?;
+        let clients = listed
+            .iter()
+            .filter(|b| matches!(b.owner, DmaOwner::Client { .. }))
+            .count();
         let cma = c.cma().map_err(|e| format!("cma: {e}"))?;
-        if !listed.is_empty() || cma.used != 0 || cma.buffers != 0 {
+        if clients != 0 || cma.used != 0 || cma.buffers != 0 {
             return Err(format!(
-                "after {what}: {} buffer(s) listed, {} bytes of the reservation used",
-                listed.len(),
+                "after {what}: {clients} client buffer(s) listed, {} bytes of the reservation used",
                 cma.used
             ));
         }
@@ -726,7 +764,10 @@ fn dma_disk_check(port: u16) -> Result<(), String> {
                 && b.phys == a.phys
                 && b.zone == "DMA32"
                 && matches!(&b.owner, DmaOwner::Client { name } if name == "boot-test-dma")
-        }) {
+        }) || listed
+            .iter()
+            .any(|b| b.phys == a.phys && matches!(b.owner, DmaOwner::DeviceQueue { .. }))
+        {
             return Err(format!(
                 "buffer {a:?} not listed with its owner: {listed:?}"
             ));

@@ -6,10 +6,11 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use memd_mm::MemoryManager;
-use memd_service::{BlockDevice, Config, Env, Flow as SvcFlow, Service};
+use memd_service::{BlockDevice, Config, DeviceDma, Env, Flow as SvcFlow, Service};
 
 use crate::arch::time;
 use crate::drivers::blk::BlkDevice;
+use crate::drivers::hal;
 use crate::net::{Flow, Handler};
 use crate::ALLOC;
 
@@ -41,6 +42,26 @@ impl Env for KernelEnv {
 
     fn now_ns(&mut self) -> u64 {
         time::uptime_ns()
+    }
+
+    fn device_dma(&mut self) -> Vec<DeviceDma> {
+        // Copied out of the registry first: building the strings allocates,
+        // and the allocator is never taken while the registry is locked.
+        let held = hal::device_dma();
+        held.iter()
+            .flatten()
+            .map(|d| {
+                let mut owner = String::from(d.device);
+                owner.push(' ');
+                owner.push_str(d.purpose);
+                DeviceDma {
+                    owner,
+                    phys: d.phys,
+                    len: d.len,
+                    cma: d.cma,
+                }
+            })
+            .collect()
     }
 }
 

@@ -31,6 +31,20 @@ pub trait BlockDevice {
 /// Sector size of [`BlockDevice`].
 pub const SECTOR: u64 = 512;
 
+/// A DMA buffer the kernel holds for a device (rings, driver buffers), for
+/// the DMA list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceDma {
+    /// The device and what the buffer is for, e.g. "virtio-net used ring".
+    pub owner: alloc::string::String,
+    /// Physical address.
+    pub phys: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// From the contiguous-memory reservation (else the buddy).
+    pub cma: bool,
+}
+
 /// The service's view of its surroundings.
 pub trait Env {
     /// The memory manager type.
@@ -48,6 +62,13 @@ pub trait Env {
 
     /// A monotonic clock in nanoseconds.
     fn now_ns(&mut self) -> u64;
+
+    /// The DMA buffers devices hold now. Called outside [`Env::with_mem`]:
+    /// the result may allocate. None by default (host environments have no
+    /// devices).
+    fn device_dma(&mut self) -> alloc::vec::Vec<DeviceDma> {
+        alloc::vec::Vec::new()
+    }
 }
 
 /// An [`Env`] over plain borrows: for host programs and tests, or a kernel

@@ -28,7 +28,7 @@ pub mod mm;
 pub mod service;
 pub mod stress;
 
-pub use env::{BlockDevice, DirectEnv, Env, Transfer, SECTOR};
+pub use env::{BlockDevice, DeviceDma, DirectEnv, Env, Transfer, SECTOR};
 pub use memmap::MapSnapshot;
 pub use memory::{Backing, DmaFacts, MemError, Memory, Obj, View};
 pub use service::{Config, ConnId, Flow, Service};

@@ -566,16 +566,34 @@ impl<M: Memory> Service<M> {
             Op::Mempools => Ok(stats(env, View::Mempools)),
             Op::Cma => Ok(stats(env, View::Cma)),
             Op::Clients => Ok(Reply::Clients(self.clients())),
-            Op::DmaBuffers => Ok(Reply::DmaBuffers(
-                self.conns
+            Op::DmaBuffers => {
+                let page = memd_mm::PAGE_SIZE;
+                let mut list: Vec<DmaBufferInfo> = self
+                    .conns
                     .values()
                     .flat_map(|c| c.handles.values())
                     .filter_map(|r| match r {
                         Res::Dma { info, .. } => Some(info.clone()),
                         _ => None,
                     })
-                    .collect(),
-            )),
+                    .collect();
+                list.extend(env.device_dma().into_iter().map(|d| DmaBufferInfo {
+                    handle: 0,
+                    conn: 0,
+                    phys: d.phys,
+                    len: d.len,
+                    align: page,
+                    mask: DmaMask::Bits64,
+                    source: if d.cma {
+                        memd_wire::DmaSource::Cma
+                    } else {
+                        memd_wire::DmaSource::Buddy
+                    },
+                    zone: memd_mm::ZoneType::of_pfn(d.phys / page).name().into(),
+                    owner: memd_wire::DmaOwner::DeviceQueue { device: d.owner },
+                }));
+                Ok(Reply::DmaBuffers(list))
+            }
 
             Op::MemMap => {
                 // Buffers first, then the walk under the lock, then the

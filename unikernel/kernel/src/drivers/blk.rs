@@ -46,7 +46,8 @@ impl BlkDevice {
     /// Finds and initialises the first virtio-blk device.
     pub fn probe() -> Result<BlkDevice, &'static str> {
         let (transport, location) = super::find(DeviceType::Block).ok_or("no virtio-blk device")?;
-        let dev = VirtIOBlk::new(transport).map_err(|_| "virtio-blk initialisation failed")?;
+        let dev = super::hal::with_device("virtio-blk", || VirtIOBlk::new(transport))
+            .map_err(|_| "virtio-blk initialisation failed")?;
         Ok(BlkDevice { dev, location })
     }
 

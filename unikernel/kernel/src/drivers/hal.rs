@@ -13,6 +13,78 @@ use crate::ALLOC;
 
 pub struct MemdHal;
 
+/// Device DMA buffers the registry can name; more are still allocated and
+/// freed, only not listed (a warning says so).
+pub const DEVICE_DMA_SLOTS: usize = 32;
+
+/// A DMA buffer held by a device driver (rings, its own data buffers).
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceDma {
+    /// The device, e.g. "virtio-net".
+    pub device: &'static str,
+    /// What the buffer is for, e.g. "used ring".
+    pub purpose: &'static str,
+    pub phys: u64,
+    pub len: u64,
+    pub cma: bool,
+}
+
+/// Every device DMA buffer held now: fixed capacity, so registering and
+/// listing never allocate (`Hal::dma_alloc` runs with no heap to spare, and
+/// the list is copied out before the service builds its reply). Lock order:
+/// never take `ALLOC` while holding this lock.
+static DEVICE_DMA: spin::Mutex<[Option<DeviceDma>; DEVICE_DMA_SLOTS]> =
+    spin::Mutex::new([None; DEVICE_DMA_SLOTS]);
+
+/// The device whose virtqueues `MemdHal::dma_alloc` is allocating now (set
+/// by the driver around virtio-drivers' constructors).
+static CURRENT_DEVICE: spin::Mutex<&'static str> = spin::Mutex::new(UNATTRIBUTED);
+const UNATTRIBUTED: &str = "virtio (device not named)";
+
+/// Runs `f` (a virtio-drivers constructor) with the virtqueue memory it
+/// allocates attributed to `device`.
+pub fn with_device<R>(device: &'static str, f: impl FnOnce() -> R) -> R {
+    *CURRENT_DEVICE.lock() = device;
+    let r = f();
+    *CURRENT_DEVICE.lock() = UNATTRIBUTED;
+    r
+}
+
+/// Lists `buf` as held by `device` for `purpose`.
+pub fn register_device_dma(device: &'static str, purpose: &'static str, buf: &DmaBuffer) {
+    let entry = DeviceDma {
+        device,
+        purpose,
+        phys: buf.phys,
+        len: buf.len as u64,
+        cma: matches!(buf.source, DmaSource::Cma),
+    };
+    let mut reg = DEVICE_DMA.lock();
+    match reg.iter_mut().find(|e| e.is_none()) {
+        Some(slot) => *slot = Some(entry),
+        None => {
+            drop(reg);
+            log::warn!(
+                "device DMA registry full: {device} {purpose} at {:#x} is not listed",
+                buf.phys
+            );
+        }
+    }
+}
+
+/// Removes the buffer at `phys` from the list.
+pub fn unregister_device_dma(phys: u64) {
+    let mut reg = DEVICE_DMA.lock();
+    if let Some(slot) = reg.iter_mut().find(|e| e.is_some_and(|e| e.phys == phys)) {
+        *slot = None;
+    }
+}
+
+/// A copy of the device DMA buffers held now.
+pub fn device_dma() -> [Option<DeviceDma>; DEVICE_DMA_SLOTS] {
+    *DEVICE_DMA.lock()
+}
+
 /// Maps a device window uncached (page-table frames from memd-mm) and
 /// returns its virtual address.
 pub fn map_device(phys: u64, len: u64) -> Result<u64, MapError> {
@@ -56,7 +128,7 @@ fn dma_buffer(paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> DmaBuffer {
 // uncached mapping of the device window; share returns the physical address
 // of the buffer, which the device reaches directly (identity DMA).
 unsafe impl Hal for MemdHal {
-    fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+    fn dma_alloc(pages: usize, direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
         let buf = ALLOC
             .lock()
             .dma_alloc(
@@ -65,12 +137,23 @@ unsafe impl Hal for MemdHal {
                 DmaMask::Bits64,
             )
             .unwrap_or_else(|e| panic!("virtio: no DMA memory for {pages} pages: {e}"));
+        // virtio-drivers allocates only virtqueues through the Hal; the
+        // direction tells which part (split rings: a legacy queue is one
+        // area, a modern one two).
+        let purpose = match direction {
+            BufferDirection::DriverToDevice => "virtqueue descriptors + available ring",
+            BufferDirection::DeviceToDriver => "virtqueue used ring",
+            BufferDirection::Both => "virtqueue (descriptors, available and used rings)",
+        };
+        let device = *CURRENT_DEVICE.lock();
+        register_device_dma(device, purpose, &buf);
         let virt = NonNull::new(buf.virt as *mut u8).expect("DMA buffer at virtual address 0");
         (buf.phys, virt)
     }
 
     unsafe fn dma_dealloc(paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
         let buf = dma_buffer(paddr, vaddr, pages);
+        unregister_device_dma(paddr);
         match ALLOC.lock().dma_free(&buf) {
             Ok(()) => 0,
             Err(e) => {

@@ -13,6 +13,9 @@ use virtio_drivers::transport::{DeviceType, SomeTransport};
 use super::hal::MemdHal;
 use crate::ALLOC;
 
+/// The owner name in the device DMA list.
+const DEVICE: &str = "virtio-net";
+
 /// Descriptors per queue (a power of two).
 const QUEUE: usize = 64;
 /// Bytes per buffer slot: virtio-net header + a 1514-byte frame, rounded.
@@ -61,7 +64,8 @@ impl NetDevice {
     pub fn probe() -> Result<NetDevice, &'static str> {
         let (transport, location) =
             super::find(DeviceType::Network).ok_or("no virtio-net device")?;
-        let raw = Raw::new(transport).map_err(|_| "virtio-net initialisation failed")?;
+        let raw = super::hal::with_device(DEVICE, || Raw::new(transport))
+            .map_err(|_| "virtio-net initialisation failed")?;
         let (rx, tx) = {
             let mut mm = ALLOC.lock();
             let rx = mm
@@ -76,6 +80,8 @@ impl NetDevice {
             };
             (rx, tx)
         };
+        super::hal::register_device_dma(DEVICE, "receive buffers (queue 0)", &rx);
+        super::hal::register_device_dma(DEVICE, "transmit buffers (queue 1)", &tx);
         let mut dev = NetDevice {
             raw,
             location,
