@@ -3,9 +3,7 @@
 
 use crate::frame::FrameState;
 use crate::gfp::Gfp;
-use crate::slab::{
-    self, CacheId, Corruption, CorruptionKind, Ctor, KmemCache, SlabFlags, AC_BATCH, AC_LIMIT,
-};
+use crate::slab::{self, CacheId, CorruptionKind, Ctor, KmemCache, SlabFlags, AC_BATCH, AC_LIMIT};
 use crate::{MemoryManager, MmError};
 use core::ptr::NonNull;
 
@@ -283,21 +281,7 @@ impl MemoryManager {
                 live: cache.slab_inuse,
             });
         }
-        let mut damage: Option<Corruption> = None;
-        for head in cache.empty.iter(self.frames) {
-            cache.for_each_free_object(self.frames, dmap, head, |obj| {
-                if damage.is_none() {
-                    if let Some(offset) = cache.poison_damage(obj) {
-                        damage = Some(Corruption {
-                            kind: CorruptionKind::UseAfterFree,
-                            cache: id,
-                            object: obj,
-                            offset,
-                        });
-                    }
-                }
-            });
-        }
+        let damage = cache.first_poison_damage(self.frames, dmap, id, &[cache.empty]);
         self.shrink_cache_index(id.0 as usize);
         self.caches[id.0 as usize] = None;
         if let Some(c) = damage {
@@ -311,21 +295,8 @@ impl MemoryManager {
     pub fn cache_validate(&mut self, id: CacheId) -> Result<(), MmError> {
         let dmap = self.dmap;
         let cache = self.cache(id).ok_or(MmError::NotFound)?;
-        let mut damage = None;
-        for list in [&cache.partial, &cache.empty] {
-            for head in list.iter(self.frames) {
-                cache.for_each_free_object(self.frames, dmap, head, |obj| {
-                    if damage.is_none() {
-                        damage = cache.poison_damage(obj).map(|offset| Corruption {
-                            kind: CorruptionKind::UseAfterFree,
-                            cache: id,
-                            object: obj,
-                            offset,
-                        });
-                    }
-                });
-            }
-        }
+        let damage =
+            cache.first_poison_damage(self.frames, dmap, id, &[cache.partial, cache.empty]);
         match damage {
             Some(c) => {
                 self.corruption_log.record(c);

@@ -446,6 +446,33 @@ impl KmemCache {
         self.debug_on_free(obj);
     }
 
+    /// The first free object on the given slab lists whose poison is
+    /// damaged (destroy and validate scan with this).
+    pub(crate) fn first_poison_damage(
+        &self,
+        frames: &[Frame],
+        dmap: DirectMap,
+        id: CacheId,
+        lists: &[FrameList],
+    ) -> Option<Corruption> {
+        let mut damage = None;
+        for list in lists {
+            for head in list.iter(frames) {
+                self.for_each_free_object(frames, dmap, head, |obj| {
+                    if damage.is_none() {
+                        damage = self.poison_damage(obj).map(|offset| Corruption {
+                            kind: CorruptionKind::UseAfterFree,
+                            cache: id,
+                            object: obj,
+                            offset,
+                        });
+                    }
+                });
+            }
+        }
+        damage
+    }
+
     /// Every object index on a slab's free list (for checks and destroy).
     pub(crate) fn for_each_free_object(
         &self,
