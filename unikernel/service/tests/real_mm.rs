@@ -62,6 +62,16 @@ impl Env for LockEnv<'_> {
     fn now_ns(&mut self) -> u64 {
         std::time::Instant::now().elapsed().as_nanos() as u64 + 1
     }
+
+    /// One ring a pretend device holds, for the DMA list.
+    fn device_dma(&mut self) -> Vec<memd_service::DeviceDma> {
+        vec![memd_service::DeviceDma {
+            owner: "virtio-test queue 0 ring".into(),
+            phys: 0x20_0000,
+            len: 8192,
+            cma: false,
+        }]
+    }
 }
 
 struct Disk(Vec<u8>);
@@ -396,7 +406,33 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
         ),
         Reply::Checksum(checksum(&expect))
     );
-    assert!(matches!(t.ok(b, Op::DmaBuffers), Reply::DmaBuffers(v) if v.len() == 2));
+    let Reply::DmaBuffers(listed) = t.ok(b, Op::DmaBuffers) else {
+        panic!("dma list")
+    };
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert_eq!(
+        listed
+            .iter()
+            .filter(|d| matches!(d.owner, DmaOwner::Client { .. }) && d.handle != 0)
+            .count(),
+        2,
+        "{listed:?}"
+    );
+    let dev = listed
+        .iter()
+        .find(|d| matches!(&d.owner, DmaOwner::DeviceQueue { device } if device == "virtio-test queue 0 ring"))
+        .unwrap_or_else(|| panic!("device ring not listed: {listed:?}"));
+    assert_eq!(
+        (
+            dev.handle,
+            dev.conn,
+            dev.phys,
+            dev.len,
+            dev.zone.as_str(),
+            dev.source
+        ),
+        (0, 0, 0x20_0000, 8192, "DMA", DmaSource::Buddy)
+    );
 
     // b cannot touch a's handles.
     assert_eq!(
