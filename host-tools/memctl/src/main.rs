@@ -604,7 +604,7 @@ fn print_reply(r: &Reply) {
             for b in bs {
                 let owner = match &b.owner {
                     DmaOwner::Client { name } => format!("client {} ({name})", b.conn),
-                    DmaOwner::DeviceQueue { device } => format!("device queue {device}"),
+                    DmaOwner::DeviceQueue { device } => format!("device {device}"),
                 };
                 t.add_row(vec![
                     owner,
