@@ -37,6 +37,9 @@ pub enum Profile {
     Mixed,
     /// Batches of kmalloc/kfree and page alloc/free (allocator ops/s).
     Batch,
+    /// One small request at a time: kmalloc(64) then kfree, alternately
+    /// (the single-operation request rate and latency).
+    Single,
     /// Take all memory: ENOMEM within quotas, reserve intact, service alive.
     Exhaust,
 }
@@ -356,6 +359,20 @@ impl<'a> Worker<'a> {
     }
 
     /// One step of the mixed profile.
+    fn single_step(&mut self) -> Result<(), Fatal> {
+        match self.objs.pop() {
+            Some(h) => {
+                self.timed("kfree", |c| c.kfree(h))?;
+            }
+            None => {
+                if let Some(o) = self.timed("kmalloc", |c| c.kmalloc(64, Gfp::KERNEL))? {
+                    self.objs.push(o.handle);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn mixed_step(&mut self) -> Result<(), Fatal> {
         const ORDER_W: [u64; 6] = [40, 20, 15, 10, 10, 5];
         match self.rng.weighted(&[25, 25, 15, 12, 10, 13]) {
@@ -1129,6 +1146,14 @@ fn worker(
             Profile::Batch => {
                 while shared.claim(batch as u64) {
                     w.batch_step(batch)?;
+                }
+            }
+            Profile::Single => {
+                while shared.claim(1) {
+                    w.single_step()?;
+                }
+                while let Some(h) = w.objs.pop() {
+                    w.timed("kfree", |c| c.kfree(h))?;
                 }
             }
             Profile::Exhaust => unreachable!("exhaust has its own driver"),
