@@ -1,8 +1,8 @@
 //! The network: smoltcp on virtio-net, polled. A static IPv4 address
 //! (`memd.ip=10.0.2.15/24`, `memd.gw=10.0.2.2`: QEMU user networking's
 //! defaults) and a TCP server on `memd.port=` (default 5555) with one
-//! listening socket per client slot, so `MAX_CLIENTS` clients can be
-//! connected at once. What the bytes mean is the job of a `Handler`.
+//! listening socket per client slot, so up to `MAX_CLIENTS` clients can be
+//! connected at once (fewer on small guests, see `client_slots`). What the bytes mean is the job of a `Handler`.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -18,13 +18,24 @@ use crate::arch::time;
 use crate::cmdline;
 use crate::drivers::net::NetDevice;
 
-/// Clients connected at once.
-pub const MAX_CLIENTS: usize = 72;
+/// Most clients connected at once.
+/// 256 load-test clients plus control connections.
+pub const MAX_CLIENTS: usize = 264;
+/// Fewest client slots, whatever the guest's size.
+const MIN_CLIENTS: usize = 16;
 const SOCKET_BUF: usize = 64 * 1024;
 /// Stop reading a client while this much of its output is still unsent.
 const MAX_PENDING_OUT: usize = 256 * 1024;
 /// Largest Ethernet frame (no FCS).
 const MTU: usize = 1514;
+
+/// Client slots for a guest with `total` bytes under memd-mm: one per
+/// 3 MiB, between `MIN_CLIENTS` and `MAX_CLIENTS`. Each slot holds 128 KiB
+/// of socket buffers, so a 64 MiB guest keeps 21 slots (2.6 MiB) and a
+/// 1 GiB guest serves 264 clients for 33 MiB (3 %).
+fn client_slots(total: u64) -> usize {
+    ((total / (3 << 20)) as usize).clamp(MIN_CLIENTS, MAX_CLIENTS)
+}
 
 /// What to do with a connection after its bytes were handled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,8 +185,9 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, handler: &mut dyn Handler) {
     {
         warn!("net: could not add the default route via {}", cfg.gateway);
     }
-    let mut sockets = SocketSet::new(Vec::with_capacity(MAX_CLIENTS));
-    let mut clients: Vec<Client> = (0..MAX_CLIENTS)
+    let slots = client_slots(crate::ALLOC.lock().meminfo().total);
+    let mut sockets = SocketSet::new(Vec::with_capacity(slots));
+    let mut clients: Vec<Client> = (0..slots)
         .map(|_| {
             let rx = tcp::SocketBuffer::new(vec![0u8; SOCKET_BUF]);
             let tx = tcp::SocketBuffer::new(vec![0u8; SOCKET_BUF]);
@@ -192,7 +204,7 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, handler: &mut dyn Handler) {
         })
         .collect();
     info!(
-        "net: {} mac {mac} ip {} gw {}, TCP port {} ({MAX_CLIENTS} client slots)",
+        "net: {} mac {mac} ip {} gw {}, TCP port {} ({slots} client slots)",
         dev.location, cfg.addr, cfg.gateway, cfg.port
     );
     crate::logger::always(format_args!(
