@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 
 use memd_wire::{
     decode_body, encode_frame, errno, frame::encoded_len, Batch, CheckReport, ClientInfo,
-    DmaBufferInfo, DmaMask, FrameDecoder, FrameError, Hello, HelloAck, Op, PoolBacking, Quota,
+    DmaBufferInfo, DmaMask, FrameDecoder, FrameError, Gfp, Hello, HelloAck, Op, PoolBacking, Quota,
     Reply, Request, Response, Status, WireError, MAX_BATCH_OPS, MAX_FRAME, MAX_IO, MAX_NAME_LEN,
     PROTOCOL_VERSION,
 };
@@ -127,6 +127,100 @@ impl<M: Memory> Res<M> {
             Res::PoolObj { .. } => "mempool element",
             Res::Dma { .. } => "DMA buffer",
         }
+    }
+}
+
+/// A handle kind that hands out child objects: a slab cache (children
+/// are `Res::CacheObj`) or a mempool (children are `Res::PoolObj`).
+#[derive(Clone, Copy)]
+enum Parent {
+    Cache,
+    Pool,
+}
+
+/// A parent's id in the memory manager.
+enum ParentId<M: Memory> {
+    Cache(M::CacheId),
+    Pool(M::PoolId),
+}
+
+impl<M: Memory> ParentId<M> {
+    /// Runs inside [`Env::with_mem`]: must not allocate.
+    fn alloc(self, m: &mut M, gfp: Gfp) -> Result<Obj, MemError> {
+        match self {
+            ParentId::Cache(id) => m.cache_alloc(id, gfp),
+            ParentId::Pool(id) => m.pool_alloc(id, gfp),
+        }
+    }
+
+    /// Runs inside [`Env::with_mem`]: must not allocate.
+    fn free(self, m: &mut M, addr: u64) -> Result<(), MemError> {
+        match self {
+            ParentId::Cache(id) => m.cache_free(id, addr),
+            ParentId::Pool(id) => m.pool_free(id, addr),
+        }
+    }
+}
+
+impl Parent {
+    /// The parent's kind, as [`Res::kind`] names it.
+    fn name(self) -> &'static str {
+        match self {
+            Parent::Cache => "cache",
+            Parent::Pool => "mempool",
+        }
+    }
+
+    /// The child's kind, as [`Res::kind`] names it.
+    fn child_name(self) -> &'static str {
+        match self {
+            Parent::Cache => "cache object",
+            Parent::Pool => "mempool element",
+        }
+    }
+
+    /// The id and per-object size of `res`, if it is a parent of this kind.
+    fn id_size<M: Memory>(self, res: &Res<M>) -> Option<(ParentId<M>, u64)> {
+        match (self, res) {
+            (Parent::Cache, Res::Cache { id, size, .. }) => Some((ParentId::Cache(*id), *size)),
+            (Parent::Pool, Res::Pool { id, elem, .. }) => Some((ParentId::Pool(*id), *elem)),
+            _ => None,
+        }
+    }
+
+    /// The count of children out, if `res` is a parent of this kind.
+    fn objects<M: Memory>(self, res: &mut Res<M>) -> Option<&mut u64> {
+        match (self, res) {
+            (Parent::Cache, Res::Cache { objects, .. })
+            | (Parent::Pool, Res::Pool { objects, .. }) => Some(objects),
+            _ => None,
+        }
+    }
+
+    /// A child of handle `parent`.
+    fn child<M: Memory>(self, parent: u64, obj: Obj) -> Res<M> {
+        match self {
+            Parent::Cache => Res::CacheObj { cache: parent, obj },
+            Parent::Pool => Res::PoolObj { pool: parent, obj },
+        }
+    }
+
+    /// The parent handle and object of `res`, if it is a child of this kind.
+    fn child_of<M: Memory>(self, res: &Res<M>) -> Option<(u64, Obj)> {
+        match (self, res) {
+            (Parent::Cache, Res::CacheObj { cache: p, obj })
+            | (Parent::Pool, Res::PoolObj { pool: p, obj }) => Some((*p, *obj)),
+            _ => None,
+        }
+    }
+
+    /// `object` is a child of `actual`, not of `parent`.
+    fn not_its_child(self, object: u64, actual: u64, parent: u64) -> WireError {
+        let msg = match self {
+            Parent::Cache => format!("object {object} belongs to cache {actual}, not {parent}"),
+            Parent::Pool => format!("element {object} belongs to pool {actual}, not {parent}"),
+        };
+        err(errno::EINVAL, msg)
     }
 }
 
@@ -533,6 +627,70 @@ impl<M: Memory> Service<M> {
         self.conns.get_mut(&conn)?.handles.get_mut(&h)
     }
 
+    /// Allocates one object from the cache or mempool `parent` names
+    /// (`Op::CacheAlloc`, `Op::PoolAlloc`).
+    fn alloc_child<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        conn: ConnId,
+        kind: Parent,
+        parent: u64,
+        gfp: Gfp,
+        page: u64,
+    ) -> Result<Reply, WireError> {
+        let r = self.get(conn, parent)?;
+        let (id, size) = match kind.id_size(r) {
+            Some(v) => v,
+            None => return Err(wrong_kind(parent, kind.name(), r.kind())),
+        };
+        self.check_quota(conn, 0, size)?;
+        let obj = env
+            .with_mem(|m, _| {
+                m.set_owner(conn);
+                id.alloc(m, gfp)
+            })
+            .map_err(mem_err)?;
+        if let Some(objects) = self.get_mut(conn, parent).and_then(|r| kind.objects(r)) {
+            *objects += 1;
+        }
+        let handle = self.insert(conn, kind.child(parent, obj), page);
+        Ok(Reply::Object {
+            handle,
+            addr: obj.addr,
+            size: obj.size,
+        })
+    }
+
+    /// Frees `object` back to the cache or mempool `parent` names
+    /// (`Op::CacheFree`, `Op::PoolFree`).
+    fn free_child<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        conn: ConnId,
+        kind: Parent,
+        parent: u64,
+        object: u64,
+        page: u64,
+    ) -> Result<Reply, WireError> {
+        let r = self.get(conn, parent)?;
+        let id = match kind.id_size(r) {
+            Some((id, _)) => id,
+            None => return Err(wrong_kind(parent, kind.name(), r.kind())),
+        };
+        let r = self.get(conn, object)?;
+        let addr = match kind.child_of(r) {
+            Some((p, obj)) if p == parent => obj.addr,
+            Some((p, _)) => return Err(kind.not_its_child(object, p, parent)),
+            None => return Err(wrong_kind(object, kind.child_name(), r.kind())),
+        };
+        env.with_mem(|m, _| id.free(m, addr)).map_err(mem_err)?;
+        self.remove(conn, object, page);
+        if let Some(objects) = self.get_mut(conn, parent).and_then(|r| kind.objects(r)) {
+            *objects -= 1;
+        }
+        Ok(Reply::Done)
+    }
+
     fn dispatch<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
@@ -699,49 +857,10 @@ impl<M: Memory> Service<M> {
                 })
             }
             Op::CacheAlloc { cache, gfp } => {
-                let (id, size) = match self.get(conn, cache)? {
-                    Res::Cache { id, size, .. } => (*id, *size),
-                    r => return Err(wrong_kind(cache, "cache", r.kind())),
-                };
-                self.check_quota(conn, 0, size)?;
-                let obj = env
-                    .with_mem(|m, _| {
-                        m.set_owner(conn);
-                        m.cache_alloc(id, gfp)
-                    })
-                    .map_err(mem_err)?;
-                if let Some(Res::Cache { objects, .. }) = self.get_mut(conn, cache) {
-                    *objects += 1;
-                }
-                let handle = self.insert(conn, Res::CacheObj { cache, obj }, page);
-                Ok(Reply::Object {
-                    handle,
-                    addr: obj.addr,
-                    size: obj.size,
-                })
+                self.alloc_child(env, conn, Parent::Cache, cache, gfp, page)
             }
             Op::CacheFree { cache, object } => {
-                let id = match self.get(conn, cache)? {
-                    Res::Cache { id, .. } => *id,
-                    r => return Err(wrong_kind(cache, "cache", r.kind())),
-                };
-                let addr = match self.get(conn, object)? {
-                    Res::CacheObj { cache: c, obj } if *c == cache => obj.addr,
-                    Res::CacheObj { cache: c, .. } => {
-                        return Err(err(
-                            errno::EINVAL,
-                            format!("object {object} belongs to cache {c}, not {cache}"),
-                        ))
-                    }
-                    r => return Err(wrong_kind(object, "cache object", r.kind())),
-                };
-                env.with_mem(|m, _| m.cache_free(id, addr))
-                    .map_err(mem_err)?;
-                self.remove(conn, object, page);
-                if let Some(Res::Cache { objects, .. }) = self.get_mut(conn, cache) {
-                    *objects -= 1;
-                }
-                Ok(Reply::Done)
+                self.free_child(env, conn, Parent::Cache, cache, object, page)
             }
             Op::CacheShrink { cache } => {
                 let id = match self.get(conn, cache)? {
@@ -807,49 +926,10 @@ impl<M: Memory> Service<M> {
                 })
             }
             Op::PoolAlloc { pool, gfp } => {
-                let (id, elem) = match self.get(conn, pool)? {
-                    Res::Pool { id, elem, .. } => (*id, *elem),
-                    r => return Err(wrong_kind(pool, "mempool", r.kind())),
-                };
-                self.check_quota(conn, 0, elem)?;
-                let obj = env
-                    .with_mem(|m, _| {
-                        m.set_owner(conn);
-                        m.pool_alloc(id, gfp)
-                    })
-                    .map_err(mem_err)?;
-                if let Some(Res::Pool { objects, .. }) = self.get_mut(conn, pool) {
-                    *objects += 1;
-                }
-                let handle = self.insert(conn, Res::PoolObj { pool, obj }, page);
-                Ok(Reply::Object {
-                    handle,
-                    addr: obj.addr,
-                    size: obj.size,
-                })
+                self.alloc_child(env, conn, Parent::Pool, pool, gfp, page)
             }
             Op::PoolFree { pool, object } => {
-                let id = match self.get(conn, pool)? {
-                    Res::Pool { id, .. } => *id,
-                    r => return Err(wrong_kind(pool, "mempool", r.kind())),
-                };
-                let addr = match self.get(conn, object)? {
-                    Res::PoolObj { pool: p, obj } if *p == pool => obj.addr,
-                    Res::PoolObj { pool: p, .. } => {
-                        return Err(err(
-                            errno::EINVAL,
-                            format!("element {object} belongs to pool {p}, not {pool}"),
-                        ))
-                    }
-                    r => return Err(wrong_kind(object, "mempool element", r.kind())),
-                };
-                env.with_mem(|m, _| m.pool_free(id, addr))
-                    .map_err(mem_err)?;
-                self.remove(conn, object, page);
-                if let Some(Res::Pool { objects, .. }) = self.get_mut(conn, pool) {
-                    *objects -= 1;
-                }
-                Ok(Reply::Done)
+                self.free_child(env, conn, Parent::Pool, pool, object, page)
             }
             Op::PoolDestroy { pool } => {
                 let (id, cache) = match self.get(conn, pool)? {
