@@ -2,42 +2,19 @@
 //! shows, that it stays within a frame however fragmented memory is, and
 //! that it allocates nothing while the memory manager is borrowed.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
+mod common;
+
+use std::sync::atomic::Ordering;
+
+use common::{under_lock, ALLOCS_UNDER_LOCK};
 
 use memd_mm::arena::HostMm;
 use memd_mm::MemoryManager;
 use memd_service::{BlockDevice, Config, ConnId, Env, Service};
 use memd_wire::*;
 
-thread_local! {
-    static IN_MEM: Cell<bool> = const { Cell::new(false) };
-}
-static ALLOCS_UNDER_LOCK: AtomicU64 = AtomicU64::new(0);
-
-struct Guard;
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for Guard {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if IN_MEM.with(|f| f.get()) {
-            ALLOCS_UNDER_LOCK.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        if IN_MEM.with(|f| f.get()) {
-            ALLOCS_UNDER_LOCK.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(p, l) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Guard = Guard;
+static GLOBAL: common::Guard = common::Guard;
 
 struct LockEnv<'a>(&'a mut MemoryManager);
 
@@ -47,10 +24,7 @@ impl Env for LockEnv<'_> {
         &mut self,
         f: impl FnOnce(&mut MemoryManager, Option<&mut dyn BlockDevice>) -> R,
     ) -> R {
-        IN_MEM.with(|x| x.set(true));
-        let r = f(self.0, None);
-        IN_MEM.with(|x| x.set(false));
-        r
+        under_lock(|| f(self.0, None))
     }
     fn now_ns(&mut self) -> u64 {
         1

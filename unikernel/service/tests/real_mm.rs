@@ -2,47 +2,24 @@
 //! on close back to the baseline, and no heap allocation while the memory
 //! manager is borrowed (in the kernel that would deadlock on its lock).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
+mod common;
+
+use std::sync::atomic::Ordering;
+
+use common::{under_lock, RamDisk, ALLOCS_UNDER_LOCK};
 
 use memd_mm::arena::HostMm;
 use memd_mm::MemoryManager;
-use memd_service::{BlockDevice, Config, ConnId, Env, Flow, Service, Transfer};
+use memd_service::{BlockDevice, Config, ConnId, Env, Flow, Service};
 use memd_wire::*;
 
-thread_local! {
-    static IN_MEM: Cell<bool> = const { Cell::new(false) };
-}
-static ALLOCS_UNDER_LOCK: AtomicU64 = AtomicU64::new(0);
-
-struct Guard;
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for Guard {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if IN_MEM.with(|f| f.get()) {
-            ALLOCS_UNDER_LOCK.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        if IN_MEM.with(|f| f.get()) {
-            ALLOCS_UNDER_LOCK.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(p, l) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Guard = Guard;
+static GLOBAL: common::Guard = common::Guard;
 
 /// Like the kernel's: lends the manager, flags the borrow.
 struct LockEnv<'a> {
     mm: &'a mut MemoryManager,
-    disk: Option<&'a mut Disk>,
+    disk: Option<&'a mut RamDisk>,
 }
 
 impl Env for LockEnv<'_> {
@@ -51,13 +28,10 @@ impl Env for LockEnv<'_> {
         &mut self,
         f: impl FnOnce(&mut MemoryManager, Option<&mut dyn BlockDevice>) -> R,
     ) -> R {
-        IN_MEM.with(|x| x.set(true));
-        let r = match self.disk.as_deref_mut() {
+        under_lock(|| match self.disk.as_deref_mut() {
             Some(d) => f(self.mm, Some(d)),
             None => f(self.mm, None),
-        };
-        IN_MEM.with(|x| x.set(false));
-        r
+        })
     }
     fn now_ns(&mut self) -> u64 {
         std::time::Instant::now().elapsed().as_nanos() as u64 + 1
@@ -74,34 +48,10 @@ impl Env for LockEnv<'_> {
     }
 }
 
-struct Disk(Vec<u8>);
-
-impl BlockDevice for Disk {
-    fn capacity_sectors(&self) -> u64 {
-        self.0.len() as u64 / 512
-    }
-    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<Transfer, &'static str> {
-        let s = sector as usize * 512;
-        buf.copy_from_slice(&self.0[s..s + buf.len()]);
-        Ok(Transfer {
-            requests: 1,
-            ..Transfer::default()
-        })
-    }
-    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<Transfer, &'static str> {
-        let s = sector as usize * 512;
-        self.0[s..s + buf.len()].copy_from_slice(buf);
-        Ok(Transfer {
-            requests: 1,
-            ..Transfer::default()
-        })
-    }
-}
-
 struct T {
     svc: Service<MemoryManager>,
     mm: HostMm,
-    disk: Option<Disk>,
+    disk: Option<RamDisk>,
 }
 
 impl T {
@@ -373,7 +323,7 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
         .code,
         errno::ENODEV
     );
-    t.disk = Some(Disk(vec![0; 16 << 20]));
+    t.disk = Some(RamDisk(vec![0; 16 << 20]));
     t.ok(
         a,
         Op::DmaWriteDisk {

@@ -2,7 +2,10 @@
 //! every free against what it handed out) and a client-side driver.
 #![allow(dead_code)]
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use memd_service::{
     Backing, BlockDevice, Config, ConnId, DirectEnv, DmaFacts, Flow, MemError, Memory, Obj,
@@ -11,6 +14,46 @@ use memd_service::{
 use memd_wire::*;
 
 pub const TOKEN: &str = "s3cret";
+
+thread_local! {
+    static IN_MEM: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Heap allocations and frees made inside [`under_lock`], counted by
+/// [`Guard`].
+pub static ALLOCS_UNDER_LOCK: AtomicU64 = AtomicU64::new(0);
+
+/// A global allocator that forwards to the system one and counts what
+/// happens inside [`under_lock`]. A test binary installs it with
+/// `#[global_allocator] static GLOBAL: common::Guard = common::Guard;`.
+pub struct Guard;
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Guard {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if IN_MEM.with(|f| f.get()) {
+            ALLOCS_UNDER_LOCK.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        if IN_MEM.with(|f| f.get()) {
+            ALLOCS_UNDER_LOCK.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(p, l) }
+    }
+}
+
+/// Runs `f` flagged as holding the memory manager (like the kernel's lock
+/// around it), so [`Guard`] counts any heap use.
+pub fn under_lock<R>(f: impl FnOnce() -> R) -> R {
+    IN_MEM.with(|x| x.set(true));
+    let r = f();
+    IN_MEM.with(|x| x.set(false));
+    r
+}
 
 /// A model memory manager: a byte budget, and a record of every live
 /// allocation with backing storage for DMA buffers. Freeing something it did
