@@ -891,3 +891,130 @@ proptest! {
         prop_assert!(matches!(h.ok(other, Op::Status), Reply::Status(_)));
     }
 }
+
+#[test]
+fn objects_go_back_only_to_their_own_parent() {
+    let mut h = harness();
+    let c = h.login();
+    let mk_cache = |h: &mut Harness<Model>, name: &str| {
+        handle(&h.ok(
+            c,
+            Op::CacheCreate {
+                name: name.into(),
+                size: 32,
+                align: 0,
+                flags: SlabFlags::default(),
+                ctor: Ctor::None,
+            },
+        ))
+    };
+    let a = mk_cache(&mut h, "a");
+    let b = mk_cache(&mut h, "b");
+    let o = handle(&h.ok(
+        c,
+        Op::CacheAlloc {
+            cache: a,
+            gfp: Gfp::KERNEL,
+        },
+    ));
+    let e = h
+        .call(
+            c,
+            Op::CacheFree {
+                cache: b,
+                object: o,
+            },
+        )
+        .unwrap_err();
+    assert_eq!(e.code, errno::EINVAL);
+    assert!(
+        e.message
+            .contains(&format!("belongs to cache {a}, not {b}")),
+        "{}",
+        e.message
+    );
+    let e = h
+        .call(
+            c,
+            Op::CacheFree {
+                cache: o,
+                object: o,
+            },
+        )
+        .unwrap_err();
+    assert_eq!(
+        e.code,
+        errno::EINVAL,
+        "a cache object is not a cache: {}",
+        e.message
+    );
+    let p = handle(&h.ok(
+        c,
+        Op::PoolCreate {
+            backing: PoolBacking::Cache(a),
+            min_nr: 1,
+        },
+    ));
+    let q = handle(&h.ok(
+        c,
+        Op::PoolCreate {
+            backing: PoolBacking::Cache(b),
+            min_nr: 1,
+        },
+    ));
+    let el = handle(&h.ok(
+        c,
+        Op::PoolAlloc {
+            pool: p,
+            gfp: Gfp::KERNEL,
+        },
+    ));
+    let e = h
+        .call(
+            c,
+            Op::PoolFree {
+                pool: q,
+                object: el,
+            },
+        )
+        .unwrap_err();
+    assert_eq!(e.code, errno::EINVAL);
+    assert!(
+        e.message.contains(&format!("belongs to pool {p}, not {q}")),
+        "{}",
+        e.message
+    );
+    assert_eq!(
+        h.code(
+            c,
+            Op::CacheFree {
+                cache: a,
+                object: el
+            }
+        ),
+        errno::EINVAL
+    );
+    // Nothing was released by the refused calls.
+    h.ok(
+        c,
+        Op::CacheFree {
+            cache: a,
+            object: o,
+        },
+    );
+    h.ok(
+        c,
+        Op::PoolFree {
+            pool: p,
+            object: el,
+        },
+    );
+    for pool in [p, q] {
+        h.ok(c, Op::PoolDestroy { pool });
+    }
+    for cache in [a, b] {
+        h.ok(c, Op::CacheDestroy { cache });
+    }
+    assert_eq!(h.svc.handles_of(c), Some(0));
+    assert_eq!(h.mem.used, 0);
+}
