@@ -315,12 +315,36 @@ fn unexpected<T>(r: Reply) -> Result<T> {
     Err(Error::Protocol(format!("unexpected reply {r:?}")))
 }
 
+/// Views arrive boxed (single structs) or as vectors; callers get the
+/// value itself.
+trait IntoView<T> {
+    fn into_view(self) -> T;
+}
+
+impl<T> IntoView<T> for Box<T> {
+    fn into_view(self) -> T {
+        *self
+    }
+}
+
+impl<T> IntoView<Vec<T>> for Vec<T> {
+    fn into_view(self) -> Vec<T> {
+        self
+    }
+}
+
+impl IntoView<CheckReport> for CheckReport {
+    fn into_view(self) -> CheckReport {
+        self
+    }
+}
+
 macro_rules! view {
     ($(#[$m:meta])* $name:ident, $op:ident, $variant:ident, $ty:ty) => {
         $(#[$m])*
         pub fn $name(&mut self) -> Result<$ty> {
             match self.call(Op::$op)? {
-                Reply::$variant(v) => Ok(v),
+                Reply::$variant(v) => Ok(v.into_view()),
                 r => unexpected(r),
             }
         }
@@ -456,7 +480,7 @@ impl Client {
     /// Allocate a DMA buffer.
     pub fn dma_alloc(&mut self, len: u64, align: u64, mask: DmaMask) -> Result<DmaBufferInfo> {
         match self.call(Op::DmaAlloc { len, align, mask })? {
-            Reply::Dma(i) => Ok(i),
+            Reply::Dma(i) => Ok(*i),
             r => unexpected(r),
         }
     }
@@ -526,7 +550,7 @@ impl Client {
     /// Both fault-injection rules with their counters.
     pub fn faults(&mut self) -> Result<FaultStatus> {
         match self.call(Op::Faults)? {
-            Reply::Faults(f) => Ok(f),
+            Reply::Faults(f) => Ok(*f),
             r => unexpected(r),
         }
     }

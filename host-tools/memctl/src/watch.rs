@@ -44,11 +44,11 @@ pub fn fetch(c: &mut Client) -> Result<Snapshot, memd_client::Error> {
     let mut s = Snapshot::default();
     for r in c.batch(ops, false)? {
         match r.map_err(memd_client::Error::Server)? {
-            Reply::Status(v) => s.status = v,
+            Reply::Status(v) => s.status = *v,
             Reply::Zoneinfo(v) => s.zones = v,
             Reply::Slabinfo(v) => s.slabs = v,
             Reply::Mempools(v) => s.pools = v,
-            Reply::Cma(v) => s.cma = v,
+            Reply::Cma(v) => s.cma = *v,
             Reply::Clients(v) => s.clients = v,
             _ => {}
         }

@@ -1,5 +1,6 @@
 //! [`Memory`] for memd-mm's `MemoryManager`.
 
+use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -354,7 +355,7 @@ impl Memory for MemoryManager {
         match view {
             View::Meminfo => {
                 let m = s.meminfo.unwrap_or_default();
-                Reply::Meminfo(Meminfo {
+                Reply::Meminfo(Box::new(Meminfo {
                     total: m.total,
                     free: m.free,
                     buddy_free: m.buddy_free,
@@ -369,7 +370,7 @@ impl Memory for MemoryManager {
                     cma_free: m.cma_free,
                     reserved: m.reserved,
                     frame_table: m.frame_table,
-                })
+                }))
             }
             View::Zoneinfo => Reply::Zoneinfo(s.zones.iter().flatten().map(zone_info).collect()),
             View::Buddyinfo => Reply::Buddyinfo(
@@ -428,7 +429,7 @@ impl Memory for MemoryManager {
                     })
                     .collect::<Vec<_>>(),
             ),
-            View::Cma => Reply::Cma(match &s.cma {
+            View::Cma => Reply::Cma(Box::new(match &s.cma {
                 None => CmaInfo::default(),
                 Some(c) => CmaInfo {
                     present: true,
@@ -442,7 +443,7 @@ impl Memory for MemoryManager {
                     allocs: c.allocs,
                     failures: c.failures,
                 },
-            }),
+            })),
         }
     }
 

@@ -1,5 +1,6 @@
 //! Connections, sessions, handles, quotas and dispatch.
 
+use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -704,7 +705,7 @@ impl<M: Memory> Service<M> {
                 let now = env.now_ns();
                 let (total, free, max_order, has_block) = env
                     .with_mem(|m, b| (m.total_bytes(), m.free_bytes(), m.max_order(), b.is_some()));
-                Ok(Reply::Status(Status {
+                Ok(Reply::Status(Box::new(Status {
                     version: PROTOCOL_VERSION,
                     server: self.config.server.clone(),
                     uptime_ns: now.saturating_sub(self.config.started_ns),
@@ -715,7 +716,7 @@ impl<M: Memory> Service<M> {
                     total_bytes: total,
                     free_bytes: free,
                     block_device: has_block,
-                }))
+                })))
             }
             Op::Meminfo => Ok(stats(env, View::Meminfo)),
             Op::Zoneinfo => Ok(stats(env, View::Zoneinfo)),
@@ -773,7 +774,7 @@ impl<M: Memory> Service<M> {
                         _ => None,
                     })
                     .collect();
-                Ok(Reply::MemMap(snap.render(dma)))
+                Ok(Reply::MemMap(Box::new(snap.render(dma))))
             }
 
             Op::AllocPages { order, gfp } => {
@@ -1027,7 +1028,7 @@ impl<M: Memory> Service<M> {
                     c.bytes += b;
                     c.handles.insert(handle, res);
                 }
-                Ok(Reply::Dma(info))
+                Ok(Reply::Dma(Box::new(info)))
             }
             Op::DmaFree { handle } => match self.get(conn, handle)? {
                 Res::Dma { .. } => {
@@ -1190,7 +1191,10 @@ impl<M: Memory> Service<M> {
                     .map_err(mem_err)?;
                 Ok(Reply::Done)
             }
-            Op::Faults => Ok(Reply::Faults(env.with_mem(|m, _| m.faults()))),
+            Op::Faults => {
+                let faults = env.with_mem(|m, _| m.faults());
+                Ok(Reply::Faults(Box::new(faults)))
+            }
             Op::Shutdown => {
                 self.shutdown = true;
                 Ok(Reply::Done)
@@ -1225,7 +1229,7 @@ impl<M: Memory> Service<M> {
 
 fn cma_info<E: Env>(env: &mut E) -> memd_wire::CmaInfo {
     match stats(env, View::Cma) {
-        Reply::Cma(c) => c,
+        Reply::Cma(c) => *c,
         _ => memd_wire::CmaInfo::default(),
     }
 }

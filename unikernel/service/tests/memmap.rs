@@ -85,7 +85,7 @@ impl Harness {
             "the map allocated while the memory manager was borrowed"
         );
         match r {
-            Reply::MemMap(m) => m,
+            Reply::MemMap(m) => *m,
             r => panic!("{r:?}"),
         }
     }
@@ -261,7 +261,7 @@ fn fragmented_memory_is_summarised_within_bounds() {
     covered(&m);
     assert!(m.granule > 1, "summarised");
     assert!(m.granule.is_power_of_two());
-    let frame = to_frame(&Response::Call(Ok(Reply::MemMap(m.clone())))).unwrap();
+    let frame = to_frame(&Response::Call(Ok(Reply::MemMap(Box::new(m.clone()))))).unwrap();
     assert!(frame.len() <= MAX_FRAME);
     // Cells are whole multiples of the granule (except the table's end).
     let cell = m.granule * m.page_size;

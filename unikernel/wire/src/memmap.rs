@@ -218,7 +218,10 @@ mod tests {
             ],
             dma_omitted: big,
         };
-        let frame = to_frame(&Response::Call(Ok(Reply::MemMap(map)))).unwrap();
+        let frame = to_frame(&Response::Call(Ok(Reply::MemMap(alloc::boxed::Box::new(
+            map,
+        )))))
+        .unwrap();
         assert!(frame.len() <= crate::MAX_FRAME);
     }
 }

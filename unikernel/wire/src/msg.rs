@@ -6,6 +6,7 @@
 //! batch holds [`Op`]s, never another batch), so decoding hostile input
 //! cannot recurse deeply.
 
+use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -405,14 +406,19 @@ pub struct Quota {
 }
 
 /// The successful result of one operation.
+///
+/// Large views are boxed so that a `Reply` stays small (56 bytes): a batch
+/// holds thousands of them, and every one is moved several times between
+/// running the operation and encoding the reply. The encoding is the same
+/// either way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     /// Done; nothing to return.
     Done,
     /// [`Op::Status`].
-    Status(Status),
+    Status(Box<Status>),
     /// [`Op::Meminfo`].
-    Meminfo(Meminfo),
+    Meminfo(Box<Meminfo>),
     /// [`Op::Zoneinfo`].
     Zoneinfo(Vec<ZoneInfo>),
     /// [`Op::Buddyinfo`].
@@ -422,13 +428,13 @@ pub enum Reply {
     /// [`Op::Mempools`].
     Mempools(Vec<MempoolInfo>),
     /// [`Op::Cma`].
-    Cma(CmaInfo),
+    Cma(Box<CmaInfo>),
     /// [`Op::Clients`].
     Clients(Vec<ClientInfo>),
     /// [`Op::DmaBuffers`].
     DmaBuffers(Vec<DmaBufferInfo>),
     /// [`Op::MemMap`].
-    MemMap(crate::memmap::MemMap),
+    MemMap(Box<crate::memmap::MemMap>),
     /// A page block.
     Pages {
         /// Its handle.
@@ -458,7 +464,7 @@ pub enum Reply {
         pages: u64,
     },
     /// A DMA buffer.
-    Dma(DmaBufferInfo),
+    Dma(Box<DmaBufferInfo>),
     /// Bytes read.
     Data(Vec<u8>),
     /// A checksum.
@@ -468,7 +474,7 @@ pub enum Reply {
     /// [`Op::Stress`].
     Stress(StressReport),
     /// [`Op::Faults`].
-    Faults(FaultStatus),
+    Faults(Box<FaultStatus>),
     /// [`Op::DmaWriteDisk`] / [`Op::DmaReadDisk`]: what moved and how.
     Transfer(DiskTransfer),
 }

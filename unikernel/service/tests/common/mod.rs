@@ -272,11 +272,11 @@ impl Memory for Model {
     }
     fn snapshot(&mut self, view: View, out: &mut Option<Reply>) {
         *out = Some(match view {
-            View::Meminfo => Reply::Meminfo(Meminfo {
+            View::Meminfo => Reply::Meminfo(Box::new(Meminfo {
                 total: self.capacity,
                 free: self.capacity - self.used,
                 ..Default::default()
-            }),
+            })),
             View::Slabinfo => Reply::Slabinfo(
                 self.caches
                     .iter()
@@ -291,7 +291,7 @@ impl Memory for Model {
             View::Zoneinfo => Reply::Zoneinfo(vec![]),
             View::Buddyinfo => Reply::Buddyinfo(vec![]),
             View::Mempools => Reply::Mempools(vec![]),
-            View::Cma => Reply::Cma(CmaInfo::default()),
+            View::Cma => Reply::Cma(Box::default()),
         });
     }
     fn render(_view: View, stats: &Option<Reply>) -> Reply {
