@@ -9,8 +9,11 @@
 //! [`check`] verifies every invariant.
 //!
 //! The crate knows nothing of x86, virtio or sockets. It is handed physical
-//! ranges and a direct-map offset through which it reaches them. `unsafe`
-//! lives only in [`access`] (and the host-only `arena`).
+//! ranges and a direct-map offset through which it reaches them. Raw memory
+//! access lives only in [`access`] (and the host-only `arena`); the one
+//! other `unsafe` block turns the frame table's memory into a slice in
+//! [`MemoryManager::init`], whose contract the kernel signs, and [`global`]
+//! implements the unsafe `GlobalAlloc` trait.
 //!
 //! # Booting
 //! ```ignore
