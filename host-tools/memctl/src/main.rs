@@ -1022,6 +1022,13 @@ fn run(c: &mut Client, cmd: Cmd, as_json: bool) -> Result<Option<Handle>, Fail> 
 
 /// Replaces `$last` and `$N` with handles from earlier commands.
 fn substitute(word: &str, handles: &[Option<Handle>]) -> Result<String, String> {
+    // `cache:$3` (a pool's backing) names a handle after a prefix.
+    if let Some((prefix, var)) = word.split_once(":$") {
+        return Ok(format!(
+            "{prefix}:{}",
+            substitute(&format!("${var}"), handles)?
+        ));
+    }
     let Some(var) = word.strip_prefix('$') else {
         return Ok(word.to_string());
     };
