@@ -65,7 +65,7 @@ impl MemoryManager {
                 .map_or(0, |c| c.object_size);
             crate::access::fill(obj, size, 0);
         }
-        // SAFETY-free: objects live in managed memory, never at address 0.
+        // Objects live in managed memory, which never includes address 0.
         NonNull::new(obj as *mut u8).expect("slab object at address 0")
     }
 
