@@ -194,6 +194,18 @@ struct Tally {
 }
 
 impl Tally {
+    /// Counts a server error by operation kind and code; ENOMEM also counts
+    /// toward the total that injected faults must explain.
+    fn record_error(&mut self, kind: &'static str, e: &wire::WireError) {
+        if e.code == errno::ENOMEM {
+            self.enomem += 1;
+        }
+        *self
+            .errors
+            .entry((kind, e.code_name().to_string()))
+            .or_default() += 1;
+    }
+
     fn merge(&mut self, o: Tally) {
         for (k, mut v) in o.lat {
             self.lat.entry(k).or_default().append(&mut v);
@@ -278,14 +290,7 @@ impl<'a> Worker<'a> {
             Ok(v) => Ok(Some(v)),
             Err(ClientError::Server(e)) => {
                 self.last_error = Some(e.code);
-                if e.code == errno::ENOMEM {
-                    self.tally.enomem += 1;
-                }
-                *self
-                    .tally
-                    .errors
-                    .entry((kind, e.code_name().to_string()))
-                    .or_default() += 1;
+                self.tally.record_error(kind, &e);
                 self.shared.errors.fetch_add(1, Ordering::Relaxed);
                 Ok(None)
             }
@@ -529,14 +534,7 @@ impl<'a> Worker<'a> {
                 Ok(Reply::Object { handle, .. }) => frees.push(Op::Kfree { handle }),
                 Ok(other) => return Err(Fatal(format!("{akind}: unexpected reply {other:?}"))),
                 Err(e) => {
-                    if e.code == errno::ENOMEM {
-                        self.tally.enomem += 1;
-                    }
-                    *self
-                        .tally
-                        .errors
-                        .entry((akind, e.code_name().to_string()))
-                        .or_default() += 1;
+                    self.tally.record_error(akind, &e);
                     self.shared.errors.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -1357,12 +1355,8 @@ fn exhaust(
                     }
                     Ok(other) => bail!("unexpected reply {other:?}"),
                     Err(e) => {
-                        *tally
-                            .errors
-                            .entry(("alloc-pages", e.code_name().to_string()))
-                            .or_default() += 1;
+                        tally.record_error("alloc-pages", &e);
                         if e.code == errno::ENOMEM {
-                            tally.enomem += 1;
                             // Smaller blocks may still fit: only order 0
                             // failing means memory is gone for this client.
                             if order == 0 {
@@ -1433,12 +1427,8 @@ fn exhaust(
                 }
                 Ok(other) => bail!("unexpected reply {other:?}"),
                 Err(e) => {
-                    *tally
-                        .errors
-                        .entry(("alloc-pages-atomic", e.code_name().to_string()))
-                        .or_default() += 1;
+                    tally.record_error("alloc-pages-atomic", &e);
                     if e.code == errno::ENOMEM {
-                        tally.enomem += 1;
                         fig.atomic_refused += 1;
                     }
                 }
