@@ -6,7 +6,6 @@
 //! buddy cannot serve it. The buffer carries both addresses: the physical
 //! one for the device, the direct-map one for the CPU.
 
-use crate::frame::FrameState;
 use crate::gfp::Gfp;
 use crate::memblock::PAGE_SIZE;
 use crate::zone::{ZoneType, DMA32_LIMIT, DMA_LIMIT};
@@ -98,11 +97,8 @@ impl MemoryManager {
             let gfp = mask.gfp().union(Gfp::KERNEL).union(Gfp::NOWARN);
             if let Ok(pfn) = self.alloc_frames(order, gfp) {
                 let phys = pfn as u64 * PAGE_SIZE;
-                let f = &mut self.frames[pfn as usize];
-                f.set_state(FrameState::Allocated);
-                f.count = 1;
-                f.owner = self.owners.current.0;
-                self.owners.charge(f.owner, 1 << order);
+                let zone = self.frames[pfn as usize].zone();
+                self.stamp_allocated(pfn, zone, order);
                 self.counters.dma_buddy_pages += 1 << order;
                 self.counters.dma_buffers += 1;
                 let virt = self.dmap.virt(phys);

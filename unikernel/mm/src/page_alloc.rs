@@ -23,17 +23,12 @@ impl MemoryManager {
         // Fast path (Linux's rmqueue_pcplist): a single frame from the
         // preferred zone's pcp list while the zone is above `low`.
         if order == 0 && !self.fault.armed_page && !gfp.zero() {
-            let owner = self.owners.current.0;
             let zone_ty = self.preferred_zone[gfp.highest_zone() as usize];
             let zone = &mut self.zones[zone_ty as usize];
             if zone.free > zone.watermark.low {
                 if let Some(pfn) = zone.pcp.pop() {
                     zone.counters.alloc_success += 1;
-                    let f = &mut self.frames[pfn as usize];
-                    f.set(FrameState::Allocated, zone_ty, 0);
-                    f.count = 1;
-                    f.owner = owner;
-                    self.owners.charge(owner, 1);
+                    self.stamp_allocated(pfn, zone_ty, 0);
                     return Ok(pfn as u64 * PAGE_SIZE);
                 }
             }
@@ -44,13 +39,21 @@ impl MemoryManager {
     #[inline(never)]
     fn alloc_pages_slow(&mut self, order: u32, gfp: Gfp) -> Result<u64, MmError> {
         let pfn = self.alloc_frames(order, gfp)?;
+        let zone = self.frames[pfn as usize].zone();
+        self.stamp_allocated(pfn, zone, order);
+        Ok(pfn as u64 * PAGE_SIZE)
+    }
+
+    /// Marks a block head as handed out to the current owner and charges
+    /// the owner for it (page allocations and buddy-backed DMA buffers).
+    #[inline(always)]
+    pub(crate) fn stamp_allocated(&mut self, pfn: u32, zone: ZoneType, order: u32) {
         let owner = self.owners.current.0;
         let f = &mut self.frames[pfn as usize];
-        f.set_state(FrameState::Allocated);
+        f.set(FrameState::Allocated, zone, order);
         f.count = 1;
         f.owner = owner;
         self.owners.charge(owner, 1 << order);
-        Ok(pfn as u64 * PAGE_SIZE)
     }
 
     /// Frees a block from [`MemoryManager::alloc_pages`]. The address and
