@@ -560,6 +560,7 @@ stress 20000
 fault --slab --probability 0
 batch 200
 check
+drop-caches
 ";
     let out = expect(&["session"], script, "hold")?;
     for want in [
@@ -587,11 +588,14 @@ fn control_port_check(port: u16) -> Result<(), String> {
     let opts = Options::new(addr.clone(), TOKEN);
     let mut main = Client::connect(&opts).map_err(|e| format!("connect: {e}"))?;
     let status = main.status().map_err(|e| format!("status: {e}"))?;
-    // Free memory counting what the slab layer keeps cached for reuse
-    // (per-CPU arrays, empty slabs): connections allocate through kmalloc.
+    // Free memory once the slab layer and the per-CPU page lists gave back
+    // what they keep for reuse (drop-caches): connections allocate through
+    // kmalloc, and how much a cache keeps depends on how requests happened
+    // to interleave.
     let available = |c: &mut Client| {
+        c.drop_caches().map_err(|e| format!("drop-caches: {e}"))?;
         c.meminfo()
-            .map(|m| m.free + m.slab_reclaimable)
+            .map(|m| m.free)
             .map_err(|e| format!("meminfo: {e}"))
     };
     let baseline = available(&mut main)?;
@@ -881,9 +885,10 @@ fn dma_disk_check(port: u16) -> Result<(), String> {
             baseline = settle(&mut c, None)?;
         }
     }
-    let base_info = c.meminfo().map_err(|e| format!("meminfo: {e}"))?;
-    {}
+    // Taken once the refused clients' sockets are gone: the kernel's socket
+    // buffers (large kmalloc blocks) come and go with connections.
     settle(&mut c, Some(baseline)).map_err(|e| format!("after refused requests: {e}"))?;
+    let base_info = c.meminfo().map_err(|e| format!("meminfo: {e}"))?;
 
     let round_trip = |c: &mut Client, seed: u64, sector: u64| -> Result<(), String> {
         let a = c

@@ -457,6 +457,13 @@ impl Client {
             r => unexpected(r),
         }
     }
+    /// Shrink every cache and drain the per-CPU page lists: pages returned.
+    pub fn drop_caches(&mut self) -> Result<u64> {
+        match self.call(Op::DropCaches)? {
+            Reply::Shrunk { pages } => Ok(pages),
+            r => unexpected(r),
+        }
+    }
     /// Destroy a cache.
     pub fn cache_destroy(&mut self, cache: Handle) -> Result<()> {
         done(self.call(Op::CacheDestroy { cache })?)

@@ -222,6 +222,9 @@ enum Cmd {
     CacheShrink { cache: Handle },
     /// Destroy a cache (fails while objects are live)
     CacheDestroy { cache: Handle },
+    /// Shrink every slab cache and drain the per-CPU page lists, like
+    /// `echo 2 > /proc/sys/vm/drop_caches`
+    DropCaches,
     /// Create a mempool: backing is cache:HANDLE, kmalloc:SIZE or pages:ORDER
     PoolCreate { backing: String, min_nr: u32 },
     /// Allocate from a mempool
@@ -784,6 +787,7 @@ fn to_op(cmd: Cmd) -> Result<Op, Fail> {
         Cmd::DmaWriteDisk { handle, sector } => Op::DmaWriteDisk { handle, sector },
         Cmd::DmaReadDisk { handle, sector } => Op::DmaReadDisk { handle, sector },
         Cmd::Check => Op::Check,
+        Cmd::DropCaches => Op::DropCaches,
         Cmd::Stress { ops, seed } => Op::Stress { ops, seed },
         Cmd::FaultInject {
             target,

@@ -22,6 +22,7 @@
 extern crate alloc;
 
 pub mod env;
+pub mod handles;
 pub mod memmap;
 pub mod memory;
 pub mod mm;

@@ -134,6 +134,9 @@ pub trait Memory {
     fn cache_free(&mut self, cache: Self::CacheId, addr: u64) -> Result<(), MemError>;
     /// Return empty slabs; returns the pages freed.
     fn cache_shrink(&mut self, cache: Self::CacheId) -> Result<u64, MemError>;
+    /// Shrink every cache and drain the per-CPU page lists; returns the
+    /// pages given back to the buddy.
+    fn drop_caches(&mut self) -> u64;
     /// Destroy a cache (`EBUSY` with the live count while objects are out).
     fn cache_destroy(&mut self, cache: Self::CacheId) -> Result<(), MemError>;
 

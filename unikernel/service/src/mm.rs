@@ -235,6 +235,10 @@ impl Memory for MemoryManager {
         MemoryManager::cache_shrink(self, cache).map_err(mm_err)
     }
 
+    fn drop_caches(&mut self) -> u64 {
+        self.reclaim()
+    }
+
     fn cache_destroy(&mut self, cache: CacheId) -> Result<(), MemError> {
         MemoryManager::cache_destroy(self, cache).map_err(mm_err)
     }

@@ -7,13 +7,14 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use memd_wire::{
-    decode_body, encode_frame, errno, frame::encoded_len, Batch, CheckReport, ClientInfo,
+    decode_body, encode_frame, errno, Batch, BatchReplyWriter, CheckReport, ClientInfo,
     DmaBufferInfo, DmaMask, FrameDecoder, FrameError, Gfp, Hello, HelloAck, Op, PoolBacking, Quota,
-    Reply, Request, Response, Status, WireError, MAX_BATCH_OPS, MAX_FRAME, MAX_IO, MAX_NAME_LEN,
+    Reply, Request, Response, Status, WireError, MAX_BATCH_OPS, MAX_IO, MAX_NAME_LEN,
     PROTOCOL_VERSION,
 };
 
 use crate::env::{Env, SECTOR};
+use crate::handles::{HandleTable, MAX_HANDLES};
 use crate::memory::{Backing, MemError, Memory, Obj, View};
 use crate::stress;
 
@@ -100,7 +101,9 @@ enum Res<M: Memory> {
     },
     Dma {
         buf: M::DmaBuf,
-        info: DmaBufferInfo,
+        /// Boxed: inline it would triple every handle's size (and the
+        /// copies into and out of the handle table).
+        info: Box<DmaBufferInfo>,
     },
 }
 
@@ -229,7 +232,7 @@ struct Conn<M: Memory> {
     state: State,
     decoder: FrameDecoder,
     name: String,
-    handles: BTreeMap<u64, Res<M>>,
+    handles: HandleTable<Res<M>>,
     pages: u64,
     bytes: u64,
     requests: u64,
@@ -273,19 +276,20 @@ pub struct Service<M: Memory> {
     config: Config,
     conns: BTreeMap<ConnId, Conn<M>>,
     next_conn: ConnId,
-    next_handle: u64,
     requests: u64,
     shutdown: bool,
 }
 
 impl<M: Memory> Service<M> {
     /// A service with no connections.
-    pub fn new(config: Config) -> Self {
+    /// A quota of more handles than a handle table holds
+    /// ([`MAX_HANDLES`]) is lowered to that.
+    pub fn new(mut config: Config) -> Self {
+        config.quota.handles = config.quota.handles.min(MAX_HANDLES);
         Service {
             config,
             conns: BTreeMap::new(),
             next_conn: 1,
-            next_handle: 1,
             requests: 0,
             shutdown: false,
         }
@@ -316,7 +320,7 @@ impl<M: Memory> Service<M> {
                 state: State::AwaitHello,
                 decoder: FrameDecoder::new(),
                 name: String::new(),
-                handles: BTreeMap::new(),
+                handles: HandleTable::new(id),
                 pages: 0,
                 bytes: 0,
                 requests: 0,
@@ -448,9 +452,8 @@ impl<M: Memory> Service<M> {
                 self.flow()
             }
             (_, Request::Batch(batch)) => {
-                let results = self.run_batch(env, conn, batch);
-                let resp = Response::Batch(results);
-                if encode_frame(&resp, out).is_err() {
+                let reply = self.run_batch(env, conn, batch);
+                if reply.finish(out).is_err() {
                     write_response(
                         out,
                         &Response::Error {
@@ -507,42 +510,43 @@ impl<M: Memory> Service<M> {
         env: &mut E,
         conn: ConnId,
         batch: Batch,
-    ) -> Vec<Result<Reply, WireError>> {
+    ) -> BatchReplyWriter {
+        let mut reply = BatchReplyWriter::new();
         if batch.ops.len() > MAX_BATCH_OPS {
-            return alloc::vec![Err(err(
-                errno::E2BIG,
-                format!("batch of {} ops exceeds {MAX_BATCH_OPS}", batch.ops.len()),
-            ))];
+            let _ = reply.push(
+                &Err(err(
+                    errno::E2BIG,
+                    format!("batch of {} ops exceeds {MAX_BATCH_OPS}", batch.ops.len()),
+                )),
+                0,
+            );
+            return reply;
         }
         let total = batch.ops.len();
-        let mut results = Vec::with_capacity(total);
-        // Room for the reply: frame limit less the enum tag and length varint.
-        let mut room = MAX_FRAME - 16;
         let mut budget = MAX_IO;
         for (i, op) in batch.ops.into_iter().enumerate() {
             let r = self.run_op(env, conn, op, &mut budget);
-            let size = encoded_len(&r).unwrap_or(usize::MAX);
             // Keep room for one final error entry.
-            if size.saturating_add(128) > room {
+            if reply.push(&r, 128).is_err() {
                 // The op ran; its result cannot be reported, so undo nothing
                 // silently: report how far the batch got instead.
-                results.push(Err(err(
-                    errno::E2BIG,
-                    format!(
-                        "batch reply full: op {i} ran but its result was dropped; {} ops not run",
-                        total - i - 1
-                    ),
-                )));
+                let _ = reply.push(
+                    &Err(err(
+                        errno::E2BIG,
+                        format!(
+                            "batch reply full: op {i} ran but its result was dropped; {} ops not run",
+                            total - i - 1
+                        ),
+                    )),
+                    0,
+                );
                 break;
             }
-            room -= size;
-            let failed = r.is_err();
-            results.push(r);
-            if failed && batch.stop_on_error {
+            if r.is_err() && batch.stop_on_error {
                 break;
             }
         }
-        results
+        reply
     }
 
     fn run_op<E: Env<Mem = M>>(
@@ -561,12 +565,6 @@ impl<M: Memory> Service<M> {
             }
         }
         r
-    }
-
-    fn new_handle(&mut self) -> u64 {
-        let h = self.next_handle;
-        self.next_handle += 1;
-        h
     }
 
     /// Checks that `conn` may take one more handle charging (pages, bytes).
@@ -597,20 +595,23 @@ impl<M: Memory> Service<M> {
         Ok(())
     }
 
+    /// Files `res` under a new handle of `conn`. Callers checked the quota
+    /// first, and the quota is at most what a table holds.
     fn insert(&mut self, conn: ConnId, res: Res<M>, page: u64) -> u64 {
-        let h = self.new_handle();
         let (p, b) = res.charge(page);
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.pages += p;
-            c.bytes += b;
-            c.handles.insert(h, res);
-        }
-        h
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return 0;
+        };
+        c.pages += p;
+        c.bytes += b;
+        c.handles
+            .insert(res)
+            .unwrap_or_else(|_| unreachable!("check_quota keeps tables below MAX_HANDLES"))
     }
 
     fn remove(&mut self, conn: ConnId, h: u64, page: u64) -> Option<Res<M>> {
         let c = self.conns.get_mut(&conn)?;
-        let res = c.handles.remove(&h)?;
+        let res = c.handles.remove(h)?;
         let (p, b) = res.charge(page);
         c.pages -= p;
         c.bytes -= b;
@@ -620,12 +621,12 @@ impl<M: Memory> Service<M> {
     fn get(&self, conn: ConnId, h: u64) -> Result<&Res<M>, WireError> {
         self.conns
             .get(&conn)
-            .and_then(|c| c.handles.get(&h))
+            .and_then(|c| c.handles.get(h))
             .ok_or_else(|| no_handle(h))
     }
 
     fn get_mut(&mut self, conn: ConnId, h: u64) -> Option<&mut Res<M>> {
-        self.conns.get_mut(&conn)?.handles.get_mut(&h)
+        self.conns.get_mut(&conn)?.handles.get_mut(h)
     }
 
     /// Allocates one object from the cache or mempool `parent` names
@@ -732,7 +733,7 @@ impl<M: Memory> Service<M> {
                     .values()
                     .flat_map(|c| c.handles.values())
                     .filter_map(|r| match r {
-                        Res::Dma { info, .. } => Some(info.clone()),
+                        Res::Dma { info, .. } => Some(DmaBufferInfo::clone(info)),
                         _ => None,
                     })
                     .collect();
@@ -871,6 +872,9 @@ impl<M: Memory> Service<M> {
                 let pages = env.with_mem(|m, _| m.cache_shrink(id)).map_err(mem_err)?;
                 Ok(Reply::Shrunk { pages })
             }
+            Op::DropCaches => Ok(Reply::Shrunk {
+                pages: env.with_mem(|m, _| m.drop_caches()),
+            }),
             Op::CacheDestroy { cache } => {
                 let id = match self.get(conn, cache)? {
                     Res::Cache { pools, .. } if *pools > 0 => {
@@ -1000,9 +1004,9 @@ impl<M: Memory> Service<M> {
                         err(errno::ENOMEM, why)
                     })?;
                 let facts = env.with_mem(|m, _| m.dma_facts(&buf));
-                let handle = self.new_handle();
-                let info = DmaBufferInfo {
-                    handle,
+                let mut info = DmaBufferInfo {
+                    // Known once filed, below.
+                    handle: 0,
                     conn,
                     phys: facts.phys,
                     len: facts.len,
@@ -1020,13 +1024,11 @@ impl<M: Memory> Service<M> {
                 };
                 let res: Res<M> = Res::Dma {
                     buf,
-                    info: info.clone(),
+                    info: Box::new(info.clone()),
                 };
-                let (p, b) = res.charge(page);
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.pages += p;
-                    c.bytes += b;
-                    c.handles.insert(handle, res);
+                info.handle = self.insert(conn, res, page);
+                if let Some(Res::Dma { info: filed, .. }) = self.get_mut(conn, info.handle) {
+                    filed.handle = info.handle;
                 }
                 Ok(Reply::Dma(Box::new(info)))
             }
@@ -1327,45 +1329,48 @@ fn write_response(out: &mut Vec<u8>, resp: &Response) {
 /// Frees everything in a closing connection's handle table: pool elements
 /// before their pools, pools before the caches that back them, cache
 /// objects before their caches.
-fn release_all<E: Env>(env: &mut E, handles: BTreeMap<u64, Res<E::Mem>>) {
+fn release_all<E: Env>(env: &mut E, handles: HandleTable<Res<E::Mem>>) {
     let mut pool_ids = BTreeMap::new();
     let mut cache_ids = BTreeMap::new();
-    for (h, r) in &handles {
+    for (h, r) in handles.iter() {
         match r {
             Res::Pool { id, .. } => {
-                pool_ids.insert(*h, *id);
+                pool_ids.insert(h, *id);
             }
             Res::Cache { id, .. } => {
-                cache_ids.insert(*h, *id);
+                cache_ids.insert(h, *id);
             }
             _ => {}
         }
     }
     // Everything the closures touch is allocated here, outside the
-    // allocator lock, and dropped after it. Handles go in chunks: one vector
-    // of all of them (65 536 handles of ~190 bytes) would be a heap block
-    // larger than the buddy's largest.
+    // allocator lock, and dropped after it. Handles go in chunks, so no
+    // vector grows past a small heap block.
     const CHUNK: usize = 1024;
     let mut rest = handles.into_values();
     let mut chunk: Vec<Res<E::Mem>> = Vec::with_capacity(CHUNK);
+    let mut dma_bufs = Vec::with_capacity(CHUNK);
     let mut pools = Vec::with_capacity(pool_ids.len());
     let mut caches = Vec::with_capacity(cache_ids.len());
     loop {
-        chunk.extend(rest.by_ref().take(CHUNK));
-        if chunk.is_empty() {
-            break;
-        }
-        // A DMA buffer's description owns strings: drop them here, so the
-        // closure frees nothing of the heap but what memd-mm frees.
-        for r in &mut chunk {
-            if let Res::Dma { info, .. } = r {
-                info.zone = String::new();
-                info.owner = memd_wire::DmaOwner::Client {
-                    name: String::new(),
-                };
+        // A DMA buffer's description is on the heap: it is dropped here, so
+        // the closure frees nothing of the heap but what memd-mm frees.
+        for r in rest.by_ref().take(CHUNK) {
+            match r {
+                Res::Dma { buf, info } => {
+                    dma_bufs.push(buf);
+                    drop(info);
+                }
+                r => chunk.push(r),
             }
         }
+        if chunk.is_empty() && dma_bufs.is_empty() {
+            break;
+        }
         env.with_mem(|m, _| {
+            for buf in dma_bufs.drain(..) {
+                let _ = m.dma_free(buf);
+            }
             // Freeing cannot fail for memory the connection really holds; an
             // error here would be a memory-manager bug, reported by `check`.
             for r in chunk.drain(..) {
@@ -1376,9 +1381,8 @@ fn release_all<E: Env>(env: &mut E, handles: BTreeMap<u64, Res<E::Mem>>) {
                     Res::Kmalloc(obj) => {
                         let _ = m.kfree(obj.addr);
                     }
-                    Res::Dma { buf, .. } => {
-                        let _ = m.dma_free(buf);
-                    }
+                    // Taken out above.
+                    Res::Dma { .. } => {}
                     Res::PoolObj { pool, obj } => {
                         if let Some(id) = pool_ids.get(&pool) {
                             let _ = m.pool_free(*id, obj.addr);

@@ -45,12 +45,30 @@ impl fmt::Display for FrameError {
     }
 }
 
-struct Extender<'a>(&'a mut Vec<u8>);
+/// postcard output appended to a vector a slice at a time (postcard's
+/// `Extend` flavor goes byte by byte).
+struct Appender<'a>(&'a mut Vec<u8>);
 
-impl Extend<u8> for Extender<'_> {
-    fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
-        self.0.extend(iter)
+impl postcard::ser_flavors::Flavor for Appender<'_> {
+    type Output = ();
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
     }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+fn append<T: Serialize + ?Sized>(msg: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    postcard::serialize_with_flavor(msg, Appender(out)).map_err(|_| FrameError::Encode)
 }
 
 /// The encoded body size of `msg`, without the prefix.
@@ -60,23 +78,28 @@ pub fn encoded_len<T: Serialize + ?Sized>(msg: &T) -> Result<usize, FrameError> 
 
 /// Append one frame holding `msg` to `out`.
 ///
-/// The body size is measured first; a message whose body would exceed
-/// [`MAX_FRAME`] is refused with [`FrameError::TooLarge`] and `out` is left
-/// untouched.
+/// The body is encoded once, in place after a placeholder prefix; a message
+/// whose body would exceed [`MAX_FRAME`] is refused with
+/// [`FrameError::TooLarge`] and `out` is left as it was.
 pub fn encode_frame<T: Serialize + ?Sized>(msg: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
-    let len = encoded_len(msg)?;
+    let start = out.len();
+    out.extend_from_slice(&[0; PREFIX_LEN]);
+    if let Err(e) = append(msg, out) {
+        out.truncate(start);
+        return Err(e);
+    }
+    let len = out.len() - start - PREFIX_LEN;
     if len > MAX_FRAME {
+        out.truncate(start);
         return Err(FrameError::TooLarge { len });
     }
-    let start = out.len();
-    out.reserve(PREFIX_LEN + len);
-    out.extend_from_slice(&(len as u32).to_le_bytes());
-    if postcard::to_extend(msg, Extender(out)).is_err() {
-        out.truncate(start);
-        return Err(FrameError::Encode);
-    }
-    debug_assert_eq!(out.len() - start, PREFIX_LEN + len);
+    out[start..start + PREFIX_LEN].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(())
+}
+
+/// Append `msg`'s encoding (no frame prefix) to `out`.
+pub fn encode_into<T: Serialize + ?Sized>(msg: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    append(msg, out)
 }
 
 /// One frame holding `msg`, as a new vector.

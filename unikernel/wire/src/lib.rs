@@ -19,6 +19,7 @@
 
 extern crate alloc;
 
+pub mod batch;
 pub mod error;
 pub mod flags;
 pub mod frame;
@@ -27,6 +28,7 @@ pub mod msg;
 pub mod pattern;
 pub mod stats;
 
+pub use batch::BatchReplyWriter;
 pub use error::{errno, errno_name, WireError};
 pub use flags::{DmaMask, Gfp, SlabFlags};
 pub use frame::{decode_body, encode_frame, to_frame, FrameDecoder, FrameError, MAX_FRAME};

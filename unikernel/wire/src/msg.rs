@@ -337,6 +337,10 @@ pub enum Op {
     Shutdown,
     /// Fault-injection settings and counters.
     Faults,
+    /// Return every slab cache's empty slabs and cached objects and drain
+    /// the per-CPU page lists (`echo 2 > /proc/sys/vm/drop_caches`, plus
+    /// `drain_all_pages`); replies [`Reply::Shrunk`].
+    DropCaches,
 }
 
 impl Op {
@@ -379,6 +383,7 @@ impl Op {
             Op::FaultInject { .. } => "fault-inject",
             Op::Shutdown => "shutdown",
             Op::Faults => "faults",
+            Op::DropCaches => "drop-caches",
         }
     }
 }
@@ -458,7 +463,7 @@ pub enum Reply {
         /// Its handle.
         handle: Handle,
     },
-    /// [`Op::CacheShrink`]: pages returned.
+    /// [`Op::CacheShrink`], [`Op::DropCaches`]: pages returned.
     Shrunk {
         /// Pages returned to the page allocator.
         pages: u64,

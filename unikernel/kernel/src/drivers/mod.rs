@@ -10,6 +10,7 @@
 pub mod blk;
 pub mod hal;
 pub mod net;
+pub mod notify;
 pub mod pci;
 
 use alloc::string::String;

@@ -11,6 +11,7 @@ use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::{DeviceType, SomeTransport};
 
 use super::hal::MemdHal;
+use super::notify::FlagNotify;
 use crate::ALLOC;
 
 /// The owner name in the device DMA list.
@@ -23,7 +24,7 @@ const SLOT: usize = 2048;
 /// Transmit slots.
 const TX_SLOTS: usize = 32;
 
-type Raw = VirtIONetRaw<MemdHal, SomeTransport<'static>, QUEUE>;
+type Raw = VirtIONetRaw<MemdHal, FlagNotify<SomeTransport<'static>>, QUEUE>;
 
 /// Counters for the log and statistics.
 #[derive(Clone, Copy, Debug, Default)]
@@ -64,7 +65,7 @@ impl NetDevice {
     pub fn probe() -> Result<NetDevice, &'static str> {
         let (transport, location) =
             super::find(DeviceType::Network).ok_or("no virtio-net device")?;
-        let raw = super::hal::with_device(DEVICE, || Raw::new(transport))
+        let raw = super::hal::with_device(DEVICE, || Raw::new(FlagNotify(transport)))
             .map_err(|_| "virtio-net initialisation failed")?;
         let (rx, tx) = {
             let mut mm = ALLOC.lock();

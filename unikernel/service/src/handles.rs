@@ -1,0 +1,233 @@
+//! A connection's handle table: slots in fixed-size chunks, each slot with
+//! a generation, like a file descriptor table that never hands out the same
+//! number twice.
+//!
+//! A handle packs the owning connection, the slot and the slot's
+//! generation, so a lookup is two indexings and two compares. The table it
+//! replaces, a `BTreeMap`, cost about 700 host instructions per
+//! kmalloc/kfree pair, a third of a batched operation. A handle from
+//! another connection or a freed one is still refused, however slots are
+//! reused. Chunks keep every allocation small: 65 536 slots in one array
+//! would need a block larger than the buddy's largest.
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+
+/// Slot index bits: the most handles one connection can hold at once.
+const INDEX_BITS: u32 = 20;
+/// Generation bits: a slot is reused this many times before a stale handle
+/// to it could match again.
+const GEN_BITS: u32 = 20;
+/// Connection tag bits (the rest of the 64).
+const TAG_BITS: u32 = 64 - INDEX_BITS - GEN_BITS;
+const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
+const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
+const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
+/// Slots per chunk.
+const CHUNK: usize = 1024;
+
+/// Most handles one table holds.
+pub const MAX_HANDLES: u64 = 1 << INDEX_BITS;
+
+struct Slot<T> {
+    /// Generation of the slot's current (or next) handle; never 0, so no
+    /// handle is 0.
+    generation: u32,
+    value: Option<T>,
+}
+
+/// Handles of one connection.
+pub struct HandleTable<T> {
+    chunks: Vec<Box<[Slot<T>]>>,
+    /// Free slot indices, most recently freed last.
+    free: Vec<u32>,
+    len: usize,
+    tag: u64,
+}
+
+impl<T> HandleTable<T> {
+    /// An empty table whose handles carry `owner` (a connection id).
+    pub fn new(owner: u64) -> Self {
+        HandleTable {
+            chunks: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+            tag: owner & TAG_MASK,
+        }
+    }
+
+    /// Handles held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no handle is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn handle(&self, index: usize, generation: u32) -> u64 {
+        (self.tag << (INDEX_BITS + GEN_BITS)) | ((generation as u64) << INDEX_BITS) | index as u64
+    }
+
+    /// The slot `handle` names, if it is this table's and current.
+    fn locate(&self, handle: u64) -> Option<(usize, usize)> {
+        if handle >> (INDEX_BITS + GEN_BITS) != self.tag {
+            return None;
+        }
+        let index = (handle & INDEX_MASK) as usize;
+        let (chunk, at) = (index / CHUNK, index % CHUNK);
+        let slot = self.chunks.get(chunk)?.get(at)?;
+        let current =
+            slot.value.is_some() && slot.generation as u64 == (handle >> INDEX_BITS) & GEN_MASK;
+        current.then_some((chunk, at))
+    }
+
+    /// Stores `value` under a new handle; gives it back when the table is
+    /// full ([`MAX_HANDLES`]).
+    pub fn insert(&mut self, value: T) -> Result<u64, T> {
+        let index = match self.free.pop() {
+            Some(i) => i as usize,
+            None => {
+                let index = self.chunks.len() * CHUNK;
+                if index as u64 >= MAX_HANDLES {
+                    return Err(value);
+                }
+                let chunk: Box<[Slot<T>]> = (0..CHUNK)
+                    .map(|_| Slot {
+                        generation: 1,
+                        value: None,
+                    })
+                    .collect();
+                self.chunks.push(chunk);
+                // Hand out the new chunk's slots lowest first.
+                self.free
+                    .extend((index + 1..index + CHUNK).rev().map(|i| i as u32));
+                index
+            }
+        };
+        let slot = &mut self.chunks[index / CHUNK][index % CHUNK];
+        slot.value = Some(value);
+        let generation = slot.generation;
+        self.len += 1;
+        Ok(self.handle(index, generation))
+    }
+
+    /// The value `handle` names, if it is this table's and still held.
+    pub fn get(&self, handle: u64) -> Option<&T> {
+        let (chunk, at) = self.locate(handle)?;
+        self.chunks[chunk][at].value.as_ref()
+    }
+
+    /// [`HandleTable::get`], mutable.
+    pub fn get_mut(&mut self, handle: u64) -> Option<&mut T> {
+        let (chunk, at) = self.locate(handle)?;
+        self.chunks[chunk][at].value.as_mut()
+    }
+
+    /// Takes the value out; the handle is dead from now on.
+    pub fn remove(&mut self, handle: u64) -> Option<T> {
+        let (chunk, at) = self.locate(handle)?;
+        let slot = &mut self.chunks[chunk][at];
+        let value = slot.value.take()?;
+        slot.generation = match (slot.generation as u64 + 1) & GEN_MASK {
+            0 => 1,
+            g => g as u32,
+        };
+        self.free.push((chunk * CHUNK + at) as u32);
+        self.len -= 1;
+        Some(value)
+    }
+
+    /// Every (handle, value), in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &T)> {
+        self.chunks
+            .iter()
+            .flat_map(|c| c.iter())
+            .enumerate()
+            .filter_map(|(i, s)| s.value.as_ref().map(|v| (self.handle(i, s.generation), v)))
+    }
+
+    /// Every value, in slot order.
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.iter().map(|(_, v)| v)
+    }
+
+    /// Every value, emptying the table chunk by chunk.
+    pub fn into_values(self) -> impl Iterator<Item = T> {
+        self.chunks
+            .into_iter()
+            .flat_map(|c| c.into_vec().into_iter().filter_map(|s| s.value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_are_unique_and_die_when_removed() {
+        let mut t = HandleTable::new(7);
+        let a = t.insert("a").unwrap();
+        let b = t.insert("b").unwrap();
+        assert_ne!(a, b);
+        assert_ne!(a, 0);
+        assert_eq!(t.get(a), Some(&"a"));
+        assert_eq!(t.remove(a), Some("a"));
+        assert_eq!(t.get(a), None, "a removed handle is dead");
+        assert_eq!(t.remove(a), None, "double remove");
+        let c = t.insert("c").unwrap();
+        assert_ne!(c, a, "the reused slot has a new generation");
+        assert_eq!(
+            t.get(a),
+            None,
+            "the stale handle does not reach the new value"
+        );
+        assert_eq!(t.get(c), Some(&"c"));
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn another_tables_handles_are_refused() {
+        let mut mine = HandleTable::new(1);
+        let mut theirs = HandleTable::new(2);
+        let h = theirs.insert(5u32).unwrap();
+        let own = mine.insert(6u32).unwrap();
+        assert_eq!(h & INDEX_MASK, own & INDEX_MASK, "same slot in both");
+        assert_eq!(mine.get(h), None);
+        assert_eq!(mine.remove(h), None);
+        assert_eq!(mine.get(own), Some(&6));
+    }
+
+    #[test]
+    fn grows_by_chunks_and_iterates_everything() {
+        let mut t = HandleTable::new(3);
+        let handles: Vec<u64> = (0..3 * CHUNK as u32 + 5)
+            .map(|v| t.insert(v).unwrap())
+            .collect();
+        assert_eq!(t.chunks.len(), 4);
+        for (v, h) in handles.iter().enumerate() {
+            assert_eq!(t.get(*h), Some(&(v as u32)));
+        }
+        for h in handles.iter().step_by(2) {
+            t.remove(*h).unwrap();
+        }
+        let left: Vec<u32> = t.values().copied().collect();
+        assert_eq!(left.len(), t.len());
+        assert!(left.iter().all(|v| v % 2 == 1));
+        let mut all: Vec<u32> = t.into_values().collect();
+        all.sort();
+        assert_eq!(all, left);
+    }
+
+    #[test]
+    fn generation_wraps_past_zero() {
+        let mut t = HandleTable::new(0);
+        let mut h = t.insert(()).unwrap();
+        for _ in 0..GEN_MASK + 2 {
+            t.remove(h).unwrap();
+            h = t.insert(()).unwrap();
+            assert_ne!(h, 0);
+        }
+    }
+}
