@@ -247,15 +247,14 @@ impl Sockets {
     }
 
     /// Feeds each client's input to `handler` and queues its output; closes
-    /// and drops the sockets whose connection ended. Returns whether any
-    /// input was handled, and the shutdown deadline if a client asked for it.
-    fn serve(&mut self, handler: &mut dyn Handler, shutdown: &mut Option<u64>) -> bool {
-        let mut handled = false;
+    /// and drops the sockets whose connection ended. Sets the shutdown
+    /// deadline if a client asked for it.
+    fn serve(&mut self, handler: &mut dyn Handler, shutdown: &mut Option<u64>) {
         let mut i = 0;
         while i < self.clients.len() {
             let c = &mut self.clients[i];
             let s = self.set.get_mut::<tcp::Socket>(c.handle);
-            handled |= serve_client(c, s, handler, shutdown);
+            serve_client(c, s, handler, shutdown);
             if s.is_open() && s.state() != tcp::State::Listen {
                 i += 1;
             } else {
@@ -265,10 +264,10 @@ impl Sockets {
                 self.clients.swap_remove(i);
             }
         }
-        if handled || self.listeners.len() < SPARE_LISTENERS {
+        // Short of listeners only while every slot was taken.
+        if self.listeners.len() < SPARE_LISTENERS {
             self.top_up_listeners();
         }
-        handled
     }
 
     fn all_flushed(&self) -> bool {
@@ -277,13 +276,13 @@ impl Sockets {
 }
 
 /// One client's turn: input to the handler, output to the socket, and the
-/// end of its connection. Returns whether any input was handled.
+/// end of its connection.
 fn serve_client(
     c: &mut Client,
     s: &mut tcp::Socket,
     handler: &mut dyn Handler,
     shutdown: &mut Option<u64>,
-) -> bool {
+) {
     let handshaking = matches!(
         s.state(),
         tcp::State::Listen | tcp::State::SynReceived | tcp::State::SynSent
@@ -292,11 +291,9 @@ fn serve_client(
         c.conn = Some(handler.on_connect());
     }
     let Some(conn) = c.conn else {
-        return false;
+        return;
     };
-    let mut handled = false;
     while !c.closing && c.out.len() < MAX_PENDING_OUT && s.can_recv() {
-        handled = true;
         let flow = s
             .recv(|input| {
                 let flow = handler.on_bytes(conn, input, &mut c.out);
@@ -332,7 +329,6 @@ fn serve_client(
         c.conn = None;
         c.out = Vec::new();
     }
-    handled
 }
 
 /// Serves forever (or until a handler asks for shutdown).

@@ -10,7 +10,7 @@
 
 use alloc::vec::Vec;
 
-use crate::frame::{encode_frame, encode_into, FrameError, MAX_FRAME, PREFIX_LEN};
+use crate::frame::{encode_frame, encode_into, seal_frame, FrameError, MAX_FRAME};
 use crate::msg::{Reply, Response};
 use crate::WireError;
 
@@ -77,19 +77,14 @@ impl BatchReplyWriter {
         out.pop();
         encode_into(&self.count, out)?;
         out.extend_from_slice(&self.results);
-        let len = out.len() - start - PREFIX_LEN;
-        if len > MAX_FRAME {
-            out.truncate(start);
-            return Err(FrameError::TooLarge { len });
-        }
-        out[start..start + PREFIX_LEN].copy_from_slice(&(len as u32).to_le_bytes());
-        Ok(())
+        seal_frame(out, start)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::PREFIX_LEN;
     use crate::{errno, to_frame};
     use alloc::vec;
 

@@ -88,6 +88,13 @@ pub fn encode_frame<T: Serialize + ?Sized>(msg: &T, out: &mut Vec<u8>) -> Result
         out.truncate(start);
         return Err(e);
     }
+    seal_frame(out, start)
+}
+
+/// Finishes the frame that starts at `out[start]` with a placeholder
+/// prefix: writes the body's length there, or removes the frame when the
+/// body exceeds [`MAX_FRAME`].
+pub(crate) fn seal_frame(out: &mut Vec<u8>, start: usize) -> Result<(), FrameError> {
     let len = out.len() - start - PREFIX_LEN;
     if len > MAX_FRAME {
         out.truncate(start);
