@@ -65,6 +65,22 @@ pub fn size_class(size: usize, align: usize) -> Option<usize> {
     })
 }
 
+/// `kmalloc_size_roundup`: what [`MemoryManager::ksize`] will say of a
+/// `kmalloc(size)`, known without allocating (0 for sizes no buddy block
+/// holds).
+pub fn kmalloc_size_roundup(size: usize) -> usize {
+    match size_class(size.max(1), 8) {
+        Some(class) => KMALLOC_SIZES[class],
+        None => {
+            let pages = size.div_ceil(PAGE_SIZE as usize);
+            pages
+                .checked_next_power_of_two()
+                .and_then(|p| p.checked_mul(PAGE_SIZE as usize))
+                .unwrap_or(0)
+        }
+    }
+}
+
 impl MemoryManager {
     pub(crate) fn create_kmalloc_caches(&mut self) -> Result<(), MmError> {
         for (i, (&size, name)) in KMALLOC_SIZES.iter().zip(KMALLOC_NAMES).enumerate() {

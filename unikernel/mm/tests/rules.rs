@@ -591,3 +591,21 @@ fn bytes_of_accepts_only_live_allocations() {
         "never allocated"
     );
 }
+
+#[test]
+fn kmalloc_size_roundup_is_what_ksize_reports() {
+    let mut mm = machine("");
+    let sizes = (1..=300)
+        .chain([511, 512, 513, 4095, 4096, 4097, 8192, 8193, 20_000, 70_000])
+        .collect::<Vec<usize>>();
+    for size in sizes {
+        let p = mm.kmalloc(size, Gfp::KERNEL).unwrap();
+        assert_eq!(
+            memd_mm::kmalloc::kmalloc_size_roundup(size),
+            mm.ksize(p).unwrap(),
+            "kmalloc({size})"
+        );
+        mm.kfree(p).unwrap();
+    }
+    mm.check().unwrap();
+}

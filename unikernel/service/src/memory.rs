@@ -116,8 +116,9 @@ pub trait Memory {
     fn free_pages(&mut self, phys: u64, order: u8) -> Result<(), MemError>;
     /// kmalloc.
     fn kmalloc(&mut self, size: u64, gfp: Gfp) -> Result<Obj, MemError>;
-    /// kfree.
-    fn kfree(&mut self, addr: u64) -> Result<(), MemError>;
+    /// kfree `obj`, as [`Memory::kmalloc`] returned it: its usable size
+    /// names the cache, so nothing is looked up.
+    fn kfree(&mut self, obj: Obj) -> Result<(), MemError>;
 
     /// Create a slab cache.
     fn cache_create(

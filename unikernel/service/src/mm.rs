@@ -188,15 +188,19 @@ impl Memory for MemoryManager {
         let size =
             usize::try_from(size).map_err(|_| MemError::new(errno::EINVAL, "size too large"))?;
         let p = MemoryManager::kmalloc(self, size, gfp(g)?).map_err(mm_err)?;
-        let size = self.ksize(p).map_err(mm_err)? as u64;
         Ok(Obj {
             addr: p.as_ptr() as usize as u64,
-            size,
+            size: memd_mm::kmalloc::kmalloc_size_roundup(size) as u64,
         })
     }
 
-    fn kfree(&mut self, addr: u64) -> Result<(), MemError> {
-        MemoryManager::kfree(self, ptr(addr)?).map_err(mm_err)
+    fn kfree(&mut self, obj: Obj) -> Result<(), MemError> {
+        // The object is the service's own record of what kmalloc returned,
+        // so its size class is trusted and the frame table is not consulted.
+        let layout = core::alloc::Layout::from_size_align(obj.size as usize, 8)
+            .map_err(|_| MemError::new(errno::EINVAL, "not a kmalloc object"))?;
+        MemoryManager::kfree_layout(self, ptr(obj.addr)?, layout);
+        Ok(())
     }
 
     fn cache_create(

@@ -823,8 +823,8 @@ impl<M: Memory> Service<M> {
             }
             Op::Kfree { handle } => match self.get(conn, handle)? {
                 Res::Kmalloc(obj) => {
-                    let addr = obj.addr;
-                    env.with_mem(|m, _| m.kfree(addr)).map_err(mem_err)?;
+                    let obj = *obj;
+                    env.with_mem(|m, _| m.kfree(obj)).map_err(mem_err)?;
                     self.remove(conn, handle, page);
                     Ok(Reply::Done)
                 }
@@ -1379,7 +1379,7 @@ fn release_all<E: Env>(env: &mut E, handles: HandleTable<Res<E::Mem>>) {
                         let _ = m.free_pages(phys, order);
                     }
                     Res::Kmalloc(obj) => {
-                        let _ = m.kfree(obj.addr);
+                        let _ = m.kfree(obj);
                     }
                     // Taken out above.
                     Res::Dma { .. } => {}

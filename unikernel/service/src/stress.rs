@@ -6,7 +6,7 @@ use alloc::vec;
 use memd_wire::{Gfp, StressReport};
 
 use crate::env::Env;
-use crate::memory::Memory;
+use crate::memory::{Memory, Obj};
 
 /// Live allocations a run keeps at most.
 pub const SLOTS: usize = 512;
@@ -15,7 +15,7 @@ pub const SLOTS: usize = 512;
 enum Slot {
     Empty,
     Pages(u64, u8),
-    Object(u64),
+    Object(Obj),
 }
 
 struct Rng(u64);
@@ -54,8 +54,8 @@ pub fn run<E: Env>(env: &mut E, owner: u64, ops: u64, seed: u64) -> StressReport
                     let _ = m.free_pages(phys, order);
                     Slot::Empty
                 }
-                Slot::Object(addr) => {
-                    let _ = m.kfree(addr);
+                Slot::Object(obj) => {
+                    let _ = m.kfree(obj);
                     Slot::Empty
                 }
                 Slot::Empty if (r >> 32) & 1 == 0 => {
@@ -71,7 +71,7 @@ pub fn run<E: Env>(env: &mut E, owner: u64, ops: u64, seed: u64) -> StressReport
                 Slot::Empty => {
                     let size = 8 + (r >> 33) % 4089;
                     match m.kmalloc(size, Gfp::KERNEL) {
-                        Ok(obj) => Slot::Object(obj.addr),
+                        Ok(obj) => Slot::Object(obj),
                         Err(_) => {
                             failed += 1;
                             Slot::Empty
@@ -88,8 +88,8 @@ pub fn run<E: Env>(env: &mut E, owner: u64, ops: u64, seed: u64) -> StressReport
                 Slot::Pages(phys, order) => {
                     let _ = m.free_pages(phys, order);
                 }
-                Slot::Object(addr) => {
-                    let _ = m.kfree(addr);
+                Slot::Object(obj) => {
+                    let _ = m.kfree(obj);
                 }
                 Slot::Empty => {}
             }

@@ -157,8 +157,8 @@ impl Memory for Model {
             size,
         })
     }
-    fn kfree(&mut self, addr: u64) -> Result<(), MemError> {
-        self.give(addr, "kmalloc").map(|_| ())
+    fn kfree(&mut self, obj: Obj) -> Result<(), MemError> {
+        self.give(obj.addr, "kmalloc").map(|_| ())
     }
     fn cache_create(
         &mut self,
