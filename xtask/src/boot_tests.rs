@@ -806,7 +806,7 @@ fn dma_disk_check(port: u16) -> Result<(), String> {
     };
     let baseline = settle(&mut c, None)?;
     // The kernel's own device buffers are listed with their device queue:
-    // virtio-net's receive buffers (64 slots of 2 KiB) and virtqueue rings
+    // virtio-net's receive buffers (256 slots of 2 KiB) and virtqueue rings
     // of both devices, page-sized and page-aligned, in a real zone.
     let devices = c.dma_buffers().map_err(|e| format!("dma list: {e}"))?;
     let device_owned = |name: &str| {
@@ -829,7 +829,7 @@ fn dma_disk_check(port: u16) -> Result<(), String> {
     }
     if !devices.iter().any(|b| {
         matches!(&b.owner, DmaOwner::DeviceQueue { device } if device == "virtio-net receive buffers (queue 0)")
-            && b.len == 64 * 2048
+            && b.len == 256 * 2048
     }) || device_owned("virtio-net virtqueue") < 2
         || device_owned("virtio-blk virtqueue") < 1
     {

@@ -42,8 +42,11 @@ impl Tags {
         Tags { bytes, len }
     }
 
+    /// Byte by byte: a tag is a byte or two, too short for a `memcpy` call.
     fn put(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.bytes[..self.len]);
+        for &b in &self.bytes[..self.len] {
+            out.push(b);
+        }
     }
 }
 
@@ -114,6 +117,8 @@ impl BatchReplyWriter {
     ) -> Result<(), FrameError> {
         let before = self.results.len();
         let out = &mut self.results;
+        // Tags and three varints: no reallocation in the middle of them.
+        out.reserve(2 * 8 + 3 * 10);
         match result {
             Ok(Reply::Done) => self.done.put(out),
             Ok(Reply::Object { handle, addr, size }) => {
