@@ -2,68 +2,44 @@
 //! one server thread serving connections one at a time, as a stand-in for
 //! the kernel's loop.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use memd_client::{Client, Error, Options};
 use memd_mm::arena::HostMm;
-use memd_mm::MemoryManager;
-use memd_service::{BlockDevice, Config, Env, Flow, Service};
+use memd_service::host::{serve, serve_on, HostService};
 use memd_wire::*;
 
-struct HostEnv<'a>(&'a mut MemoryManager);
-
-impl Env for HostEnv<'_> {
-    type Mem = MemoryManager;
-    fn with_mem<R>(
-        &mut self,
-        f: impl FnOnce(&mut MemoryManager, Option<&mut dyn BlockDevice>) -> R,
-    ) -> R {
-        f(self.0, None)
-    }
-    fn now_ns(&mut self) -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-    }
+/// A host service over a 64 MiB arena, and its free memory once the
+/// caches are drained.
+fn host() -> (Arc<Mutex<HostService>>, u64) {
+    let shared = HostService::shared(HostMm::three_zones(64 << 20, 0, "").unwrap(), "tok");
+    let free = drained_free(&shared);
+    (shared, free)
 }
 
-/// Serves `conns` connections on `listener`, then returns the free memory
-/// before the first and after the last.
-fn serve(listener: TcpListener, conns: usize) -> (u64, u64) {
-    let mut mm = HostMm::three_zones(64 << 20, 0, "").unwrap();
-    let mut svc: Service<MemoryManager> = Service::new(Config::new("tok"));
-    mm.reclaim();
-    let before = mm.meminfo().free;
-    for _ in 0..conns {
-        let (mut s, _) = listener.accept().unwrap();
-        let id = svc.on_connect();
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let n = match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            let mut out = Vec::new();
-            let flow = svc.on_bytes(&mut HostEnv(&mut mm), id, &buf[..n], &mut out);
-            if s.write_all(&out).is_err() || flow != Flow::Continue {
-                break;
-            }
-        }
-        svc.on_close(&mut HostEnv(&mut mm), id);
+fn drained_free(shared: &Mutex<HostService>) -> u64 {
+    let mut h = shared.lock().unwrap();
+    h.mm.reclaim();
+    h.mm.meminfo().free
+}
+
+/// Waits until every connection has been closed by the service.
+fn all_closed(shared: &Mutex<HostService>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shared.lock().unwrap().svc.connections() > 0 {
+        assert!(Instant::now() < deadline, "connections still open");
+        thread::sleep(Duration::from_millis(10));
     }
-    mm.reclaim();
-    (before, mm.meminfo().free)
 }
 
 #[test]
 fn typed_calls_over_tcp_and_memory_returns() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let server = thread::spawn(move || serve(listener, 3));
+    let (shared, before) = host();
+    let addr = serve(shared.clone()).unwrap();
 
     // Wrong token: a final server error, not a retry loop.
     let err = Client::connect(&Options::new(&addr, "nope")).err().unwrap();
@@ -144,31 +120,41 @@ fn typed_calls_over_tcp_and_memory_returns() {
     s.write_all(&[1, 2, 3]).unwrap();
     drop(s);
 
-    let (before, after) = server.join().unwrap();
-    assert_eq!(before, after, "free memory back to the baseline");
+    all_closed(&shared);
+    assert_eq!(
+        before,
+        drained_free(&shared),
+        "free memory back to the baseline"
+    );
+}
+
+/// A loopback port nothing listens on (bound, then released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
 fn connect_waits_for_the_listener() {
-    // Reserve a port, release it, and start listening on it only later.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Start listening on the port only later.
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let server = thread::spawn(move || {
+    let (shared, _) = host();
+    thread::spawn(move || {
         thread::sleep(Duration::from_millis(300));
-        serve(TcpListener::bind(("127.0.0.1", port)).unwrap(), 1)
+        serve_on(TcpListener::bind(("127.0.0.1", port)).unwrap(), shared)
     });
     let mut opts = Options::new(&addr, "tok");
     opts.ready_timeout = Duration::from_secs(10);
     let mut c = Client::connect(&opts).unwrap();
     assert!(c.status().is_ok());
     drop(c);
-    server.join().unwrap();
 
     // Nothing listening at all: a connection error after the timeout.
+    let addr = format!("127.0.0.1:{}", free_port());
     let mut opts = Options::new(&addr, "tok");
     opts.ready_timeout = Duration::from_millis(200);
     assert!(matches!(Client::connect(&opts), Err(Error::Connect(_))));

@@ -1,56 +1,17 @@
 //! memctl as a process against a host-side service (memd-service over
 //! memd-mm's host arena, served on loopback): output formats and exit codes.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
-use std::thread;
 
 use memd_mm::arena::HostMm;
-use memd_mm::MemoryManager;
-use memd_service::{BlockDevice, Config, Env, Flow, Service};
+use memd_service::host::{serve, HostService};
 
-struct HostEnv<'a>(&'a mut MemoryManager);
-
-impl Env for HostEnv<'_> {
-    type Mem = MemoryManager;
-    fn with_mem<R>(
-        &mut self,
-        f: impl FnOnce(&mut MemoryManager, Option<&mut dyn BlockDevice>) -> R,
-    ) -> R {
-        f(self.0, None)
-    }
-    fn now_ns(&mut self) -> u64 {
-        1
-    }
-}
-
-/// Serves connections one at a time, forever (the test process exits).
+/// A host service on loopback (the test process exits at the end).
 fn start_server() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    thread::spawn(move || {
-        let mut mm = HostMm::three_zones(64 << 20, 0, "memd.dma_reserve=8M@dma32").unwrap();
-        let mut svc: Service<MemoryManager> = Service::new(Config::new("tok"));
-        for s in listener.incoming() {
-            let mut s = s.unwrap();
-            let id = svc.on_connect();
-            let mut buf = vec![0u8; 65536];
-            loop {
-                let n = match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                let mut out = Vec::new();
-                let flow = svc.on_bytes(&mut HostEnv(&mut mm), id, &buf[..n], &mut out);
-                if s.write_all(&out).is_err() || flow != Flow::Continue {
-                    break;
-                }
-            }
-            svc.on_close(&mut HostEnv(&mut mm), id);
-        }
-    });
-    addr
+    let mm = HostMm::three_zones(64 << 20, 0, "memd.dma_reserve=8M@dma32").unwrap();
+    serve(HostService::shared(mm, "tok")).unwrap()
 }
 
 fn memctl(addr: &str, token: &str, args: &str, stdin: &str) -> (i32, String, String) {

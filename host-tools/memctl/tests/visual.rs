@@ -4,79 +4,25 @@
 //! `memctl watch` runs in a pseudo-terminal, shows the zones and quits on q.
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use memd_mm::arena::HostMm;
-use memd_mm::MemoryManager;
-use memd_service::{BlockDevice, Config, Env, Flow, Service};
+use memd_service::host::{serve, HostService};
 
-struct HostEnv<'a>(&'a mut MemoryManager);
-
-impl Env for HostEnv<'_> {
-    type Mem = MemoryManager;
-    fn with_mem<R>(
-        &mut self,
-        f: impl FnOnce(&mut MemoryManager, Option<&mut dyn BlockDevice>) -> R,
-    ) -> R {
-        f(self.0, None)
-    }
-    fn now_ns(&mut self) -> u64 {
-        1
-    }
-}
-
-struct Shared {
-    mm: HostMm,
-    svc: Service<MemoryManager>,
-}
-
-/// Serves any number of connections at once, each on its own thread, one
-/// request at a time under a lock (the test process exits at the end).
+/// A host service on loopback with DMA, DMA32 and Normal, a CMA region
+/// and a memmap= hole, serving any number of connections at once (the test
+/// process exits at the end).
 fn start_server() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let shared = Arc::new(Mutex::new(Shared {
-        // DMA, DMA32 and Normal, with a CMA region and a memmap= hole.
-        mm: HostMm::three_zones(
-            128 << 20,
-            64 << 20,
-            "memd.dma_reserve=16M@dma32 memmap=4M$0x2000000",
-        )
-        .unwrap(),
-        svc: Service::new(Config::new("tok")),
-    }));
-    thread::spawn(move || {
-        for s in listener.incoming() {
-            let mut s = s.unwrap();
-            let shared = shared.clone();
-            thread::spawn(move || {
-                let id = shared.lock().unwrap().svc.on_connect();
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    let n = match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    let mut out = Vec::new();
-                    let flow = {
-                        let sh = &mut *shared.lock().unwrap();
-                        sh.svc
-                            .on_bytes(&mut HostEnv(&mut sh.mm), id, &buf[..n], &mut out)
-                    };
-                    if s.write_all(&out).is_err() || flow != Flow::Continue {
-                        break;
-                    }
-                }
-                let sh = &mut *shared.lock().unwrap();
-                sh.svc.on_close(&mut HostEnv(&mut sh.mm), id);
-            });
-        }
-    });
-    addr
+    let mm = HostMm::three_zones(
+        128 << 20,
+        64 << 20,
+        "memd.dma_reserve=16M@dma32 memmap=4M$0x2000000",
+    )
+    .unwrap();
+    serve(HostService::shared(mm, "tok")).unwrap()
 }
 
 fn memctl(addr: &str, args: &[&str], stdin: &str) -> (i32, String, String) {

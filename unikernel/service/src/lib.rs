@@ -20,9 +20,13 @@
 #![deny(missing_docs)]
 
 extern crate alloc;
+#[cfg(feature = "host")]
+extern crate std;
 
 pub mod env;
 pub mod handles;
+#[cfg(feature = "host")]
+pub mod host;
 pub mod memmap;
 pub mod memory;
 pub mod mm;

@@ -8,27 +8,12 @@
 //! cases (PROPTEST_CASES).
 
 use memd_mm::arena::HostMm;
-use memd_mm::MemoryManager;
-use memd_service::{BlockDevice, Config, ConnId, Env, Flow, Service};
+use memd_service::host::HostService;
+use memd_service::{Config, ConnId, Flow};
 use memd_wire::*;
 use proptest::prelude::*;
 
 const TOKEN: &str = "fuzz-token";
-
-struct HostEnv<'a>(&'a mut MemoryManager);
-
-impl Env for HostEnv<'_> {
-    type Mem = MemoryManager;
-    fn with_mem<R>(
-        &mut self,
-        f: impl FnOnce(&mut MemoryManager, Option<&mut dyn BlockDevice>) -> R,
-    ) -> R {
-        f(self.0, None)
-    }
-    fn now_ns(&mut self) -> u64 {
-        1
-    }
-}
 
 /// A handle: one seen in an earlier reply (counted back from the newest),
 /// or a made-up number.
@@ -139,8 +124,7 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 struct World {
-    mm: HostMm,
-    svc: Service<MemoryManager>,
+    host: HostService,
     conns: [Option<ConnId>; 3],
     seen: Vec<u64>,
 }
@@ -157,8 +141,7 @@ impl World {
         };
         config.max_stress_ops = 300;
         let mut w = World {
-            mm,
-            svc: Service::new(config),
+            host: HostService::new(mm, config),
             conns: [None; 3],
             seen: Vec::new(),
         };
@@ -306,9 +289,7 @@ impl World {
             return;
         };
         let mut out = Vec::new();
-        let flow = self
-            .svc
-            .on_bytes(&mut HostEnv(&mut self.mm), id, bytes, &mut out);
+        let flow = self.host.on_bytes(id, bytes, &mut out);
         let mut d = FrameDecoder::new();
         let mut rest = &out[..];
         while let Some(body) = d.feed(&mut rest).expect("the service frames its replies") {
@@ -322,19 +303,19 @@ impl World {
         // A mutated frame can be a valid Shutdown request: the kernel would
         // stop the service after replying; here the connection just closes.
         if flow != Flow::Continue {
-            self.svc.on_close(&mut HostEnv(&mut self.mm), id);
+            self.host.on_close(id);
             self.conns[c] = None;
         }
-        if let Err(e) = self.mm.check() {
+        if let Err(e) = self.host.mm.check() {
             panic!("invariant broken after a request: {e:?}");
         }
     }
 
     fn reconnect(&mut self, c: usize, good_token: bool) {
         if let Some(id) = self.conns[c].take() {
-            self.svc.on_close(&mut HostEnv(&mut self.mm), id);
+            self.host.on_close(id);
         }
-        self.conns[c] = Some(self.svc.on_connect());
+        self.conns[c] = Some(self.host.svc.on_connect());
         let hello = Request::Hello(Hello {
             version: PROTOCOL_VERSION,
             token: if good_token { TOKEN } else { "wrong" }.into(),
@@ -373,8 +354,13 @@ impl World {
 
     /// Free memory counting every slab byte that holds no live object.
     fn available(&self) -> u64 {
-        let m = self.mm.meminfo();
-        let live: u64 = self.mm.slabinfo().map(|s| s.active_objs * s.stride).sum();
+        let m = self.host.mm.meminfo();
+        let live: u64 = self
+            .host
+            .mm
+            .slabinfo()
+            .map(|s| s.active_objs * s.stride)
+            .sum();
         m.free + m.slab - live
     }
 }
@@ -389,13 +375,13 @@ fn run_sequence(steps: &[Step]) {
     }
     for c in 0..3 {
         if let Some(id) = w.conns[c].take() {
-            w.svc.on_close(&mut HostEnv(&mut w.mm), id);
+            w.host.on_close(id);
         }
     }
-    w.mm.set_fault(true, 0, 0, 0, 0).unwrap();
-    w.mm.set_fault(false, 0, 0, 0, 0).unwrap();
-    w.mm.check().unwrap();
-    assert_eq!(w.svc.connections(), 0);
+    w.host.mm.set_fault(true, 0, 0, 0, 0).unwrap();
+    w.host.mm.set_fault(false, 0, 0, 0, 0).unwrap();
+    w.host.mm.check().unwrap();
+    assert_eq!(w.host.svc.connections(), 0);
     assert_eq!(w.available(), baseline, "memory returned to the baseline");
 }
 

@@ -1,0 +1,108 @@
+//! The service on the host, for tests: memd-mm's host arena and a
+//! [`Service`] behind one lock, served over TCP on loopback with a thread
+//! per connection and one request at a time under the lock, as the kernel's
+//! loop serves them.
+
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+use std::{io::Read, io::Write, string::String, string::ToString, thread, vec, vec::Vec};
+
+use memd_mm::arena::HostMm;
+use memd_mm::MemoryManager;
+
+use crate::{Config, ConnId, DirectEnv, Flow, Service};
+
+/// Nanoseconds since the first call: the service's clock on the host.
+pub fn host_clock() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// A service over a host arena.
+pub struct HostService {
+    /// The memory manager.
+    pub mm: HostMm,
+    /// The service.
+    pub svc: Service<MemoryManager>,
+}
+
+impl HostService {
+    /// A service with `config` over `mm`.
+    pub fn new(mm: HostMm, config: Config) -> HostService {
+        HostService {
+            mm,
+            svc: Service::new(config),
+        }
+    }
+
+    /// A service with `token` and the default quotas over `mm`, shared.
+    pub fn shared(mm: HostMm, token: &str) -> Arc<Mutex<HostService>> {
+        Arc::new(Mutex::new(HostService::new(mm, Config::new(token))))
+    }
+
+    fn env(mm: &mut HostMm) -> DirectEnv<'_, MemoryManager> {
+        DirectEnv {
+            mem: mm,
+            block: None,
+            clock: host_clock,
+        }
+    }
+
+    /// [`Service::on_bytes`] with the arena.
+    pub fn on_bytes(&mut self, conn: ConnId, input: &[u8], out: &mut Vec<u8>) -> Flow {
+        self.svc
+            .on_bytes(&mut Self::env(&mut self.mm), conn, input, out)
+    }
+
+    /// [`Service::on_close`] with the arena.
+    pub fn on_close(&mut self, conn: ConnId) {
+        self.svc.on_close(&mut Self::env(&mut self.mm), conn)
+    }
+}
+
+/// Serves `shared` on `listener` until the process ends: each connection on
+/// its own thread. Returns the listener's address.
+pub fn serve_on(listener: TcpListener, shared: Arc<Mutex<HostService>>) -> String {
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let shared = shared.clone();
+            thread::spawn(move || {
+                let Ok(id) = shared.lock().map(|mut h| h.svc.on_connect()) else {
+                    return;
+                };
+                let mut buf = vec![0u8; 65536];
+                let mut out = Vec::new();
+                loop {
+                    let n = match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    out.clear();
+                    let Ok(flow) = shared
+                        .lock()
+                        .map(|mut h| h.on_bytes(id, &buf[..n], &mut out))
+                    else {
+                        break;
+                    };
+                    if stream.write_all(&out).is_err() || flow != Flow::Continue {
+                        break;
+                    }
+                }
+                if let Ok(mut h) = shared.lock() {
+                    h.on_close(id);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// [`serve_on`] a new listener on a free loopback port.
+pub fn serve(shared: Arc<Mutex<HostService>>) -> std::io::Result<String> {
+    Ok(serve_on(TcpListener::bind("127.0.0.1:0")?, shared))
+}
