@@ -30,6 +30,9 @@ pub const MAX_CLIENTS: usize = 264;
 /// Fewest client slots, whatever the guest's size.
 const MIN_CLIENTS: usize = 16;
 const SOCKET_BUF: usize = 64 * 1024;
+/// Transmit buffer: a whole reply to a batch of 4096 operations (about
+/// 80 KiB) fits, so it leaves in one go.
+const TX_BUF: usize = 128 * 1024;
 /// Stop reading a client while this much of its output is still unsent.
 const MAX_PENDING_OUT: usize = 256 * 1024;
 /// Largest Ethernet frame (no FCS).
@@ -241,7 +244,7 @@ impl Sockets {
             && self.listeners.len() + self.clients.len() < self.slots
         {
             let rx = tcp::SocketBuffer::new(vec![0u8; SOCKET_BUF]);
-            let tx = tcp::SocketBuffer::new(vec![0u8; SOCKET_BUF]);
+            let tx = tcp::SocketBuffer::new(vec![0u8; TX_BUF]);
             let mut s = tcp::Socket::new(rx, tx);
             s.set_nagle_enabled(false);
             if s.listen(self.port).is_err() {
@@ -263,7 +266,7 @@ impl Sockets {
         &mut self,
         handler: &mut dyn Handler,
         shutdown: &mut Option<u64>,
-        mut flush: impl FnMut(&mut SocketSet<'static>),
+        mut flush: impl FnMut(&mut SocketSet<'static>, &[SocketHandle]),
     ) {
         let mut i = 0;
         while i < self.clients.len() {
@@ -271,7 +274,7 @@ impl Sockets {
             let s = self.set.get_mut::<tcp::Socket>(c.handle);
             let start = time::uptime_ns();
             if serve_client(c, s, handler, shutdown) && time::uptime_ns() - start > FLUSH_AFTER_NS {
-                flush(&mut self.set);
+                flush(&mut self.set, &self.listeners);
             }
             let c = &self.clients[i];
             let s = self.set.get::<tcp::Socket>(c.handle);
@@ -284,8 +287,9 @@ impl Sockets {
                 self.clients.swap_remove(i);
             }
         }
-        // Short of listeners only while every slot was taken.
-        if self.listeners.len() < SPARE_LISTENERS {
+        // Short of listeners while every slot was taken, or a flush took a
+        // SYN.
+        if self.listeners.len() < SPARE_LISTENERS || self.listener_taken() {
             self.top_up_listeners();
         }
     }
@@ -397,7 +401,16 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, handler: &mut dyn Handler) {
                 sockets.top_up_listeners();
             }
         }
-        sockets.serve(handler, &mut shutdown, |set| {
+        sockets.serve(handler, &mut shutdown, |set, listeners| {
+            // ACKs first (they open the window for the rest of a reply),
+            // stopping at a SYN that took a listener: it is replaced later.
+            let t = now();
+            while !listeners
+                .iter()
+                .any(|h| set.get::<tcp::Socket>(*h).state() != tcp::State::Listen)
+                && iface.poll_ingress_single(t, &mut Phy(&mut dev), set)
+                    != PollIngressSingleResult::None
+            {}
             while iface.poll_egress(now(), &mut Phy(&mut dev), set) != PollResult::None {}
         });
         while iface.poll_egress(now(), &mut Phy(&mut dev), &mut sockets.set) != PollResult::None {}
