@@ -56,6 +56,7 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
         cmdline: format!("memd.log=warn memd.token=bench memd.port={port}"),
         forward_port: Some(port),
         disk: None,
+        monitor: None,
     };
     let mut times = Vec::with_capacity(args.runs);
     for i in 0..args.runs {

@@ -218,6 +218,7 @@ pub fn run(args: &DiskBenchArgs) -> Result<()> {
         ),
         forward_port: Some(port),
         disk: Some(image.clone()),
+        monitor: None,
     };
     eprintln!("xtask: {}", cfg.describe());
     let mut rows = Err(String::from("the guest never became ready"));

@@ -1095,6 +1095,7 @@ pub fn run(args: &BootTestArgs) -> Result<()> {
                     cmdline,
                     forward_port: port,
                     disk: disk.as_ref().map(|d| d.path.clone()),
+                    monitor: None,
                 };
                 let t = Instant::now();
                 let mut client = || {

@@ -25,6 +25,16 @@ pub fn kernel_elf() -> PathBuf {
 /// Builds the kernel (its own workspace, target and flags come from
 /// unikernel/kernel/.cargo/config.toml) and returns the ELF's path.
 pub fn build_kernel() -> Result<PathBuf> {
+    build_kernel_in(None)
+}
+
+/// The release kernel with line tables, for `cargo xtask profile`: the
+/// same code, built in its own target directory so the plain build stays.
+pub fn build_kernel_with_lines() -> Result<PathBuf> {
+    build_kernel_in(Some(kernel_dir().join("target/lines")))
+}
+
+fn build_kernel_in(target_dir: Option<PathBuf>) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(kernel_dir()).args(["build", "--release"]);
@@ -39,11 +49,18 @@ pub fn build_kernel() -> Result<PathBuf> {
     ] {
         cmd.env_remove(var);
     }
+    if let Some(dir) = &target_dir {
+        cmd.arg("--target-dir").arg(dir);
+        cmd.env("CARGO_PROFILE_RELEASE_DEBUG", "line-tables-only");
+    }
     let status = cmd.status().context("running cargo build for the kernel")?;
     if !status.success() {
         bail!("kernel build failed ({status})");
     }
-    let elf = kernel_elf();
+    let elf = match target_dir {
+        Some(dir) => dir.join("x86_64-unknown-none/release/memd-kernel"),
+        None => kernel_elf(),
+    };
     if !elf.is_file() {
         bail!("kernel build succeeded but {} is missing", elf.display());
     }

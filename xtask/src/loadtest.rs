@@ -1557,7 +1557,24 @@ fn exhaust(
 /// Boots memd under QEMU on a free loopback port and runs the load test
 /// against it; the report, and whether the guest crashed.
 pub fn boot_and_run(args: &Args) -> Result<Report> {
-    let kernel = crate::build::build_kernel()?;
+    boot_and_run_with(args, None)
+}
+
+/// What runs beside a load test (`cargo xtask profile`): its own kernel
+/// build, a QEMU monitor socket, and a task that runs while the load does
+/// and is told when it ends.
+pub struct Alongside<'a> {
+    pub kernel: std::path::PathBuf,
+    pub monitor: std::path::PathBuf,
+    pub task: &'a mut (dyn FnMut(&std::sync::atomic::AtomicBool) + Send),
+}
+
+/// [`boot_and_run`], with `alongside` running beside the load.
+pub fn boot_and_run_with(args: &Args, mut alongside: Option<Alongside>) -> Result<Report> {
+    let kernel = match &alongside {
+        Some(a) => a.kernel.clone(),
+        None => crate::build::build_kernel()?,
+    };
     let qemu_path = qemu::ensure_qemu()?;
     let accel = qemu::choose_accel(args.accel)?;
     let port = qemu::free_port()?;
@@ -1573,6 +1590,7 @@ pub fn boot_and_run(args: &Args) -> Result<Report> {
             .to_string(),
         forward_port: Some(port),
         disk: None,
+        monitor: alongside.as_ref().map(|a| a.monitor.clone()),
     };
     if !args.json {
         eprintln!("loadtest: accelerator {}: {}", accel.name(), accel.reason);
@@ -1581,7 +1599,16 @@ pub fn boot_and_run(args: &Args) -> Result<Report> {
     let mut report: Option<Result<Report>> = None;
     let addr = format!("127.0.0.1:{port}");
     let mut action = || -> Result<(), String> {
-        let r = run_against(&addr, &token, args);
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let r = std::thread::scope(|s| {
+            if let Some(a) = alongside.as_mut() {
+                let (task, done) = (&mut a.task, &done);
+                s.spawn(move || task(done));
+            }
+            let r = run_against(&addr, &token, args);
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            r
+        });
         let msg = r.as_ref().err().map(|e| format!("{e:#}"));
         report = Some(r);
         msg.map_or(Ok(()), Err)

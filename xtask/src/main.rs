@@ -6,6 +6,7 @@ mod boot_tests;
 mod build;
 mod fuzz;
 mod loadtest;
+mod profile;
 mod qemu;
 mod run;
 
@@ -31,6 +32,9 @@ enum Cmd {
     Test(TestArgs),
     /// Many concurrent clients: throughput, latency, errors, memory baseline.
     Loadtest(loadtest::Args),
+    /// Where the guest's CPU goes during a load test: sampled instruction
+    /// pointers, symbolised with their inline chains (`perf top`-like).
+    Profile(profile::ProfileArgs),
     /// The proptest fuzz targets with many cases.
     Fuzz(fuzz::Args),
     /// Benchmarks.
@@ -112,18 +116,23 @@ fn main() -> Result<()> {
             if !args.boot_only {
                 host_tests()?;
             }
-            // `--filter loadtest` runs only the load-test smoke run; no
-            // filter runs the boot tests and then the smoke run.
+            // `--filter loadtest` (or `profile`) runs only that smoke run;
+            // no filter runs the boot tests and then both.
             let filter = args.boot.filter.as_deref();
-            if !filter.is_some_and(|f| "loadtest".contains(f)) {
+            let smoke = |name: &str| filter.is_none_or(|f| name.contains(f));
+            if !filter.is_some_and(|f| "loadtest".contains(f) || "profile".contains(f)) {
                 boot_tests::run(&args.boot)?;
             }
-            if filter.is_none_or(|f| "loadtest".contains(f)) {
+            if smoke("loadtest") {
                 loadtest::smoke()?;
+            }
+            if smoke("profile") {
+                profile::smoke()?;
             }
             Ok(())
         }
         Cmd::Loadtest(args) => loadtest::run(&args),
+        Cmd::Profile(args) => profile::run(&args),
         Cmd::Fuzz(args) => fuzz::run(&args),
         Cmd::Bench {
             which: BenchCmd::Boot(args),

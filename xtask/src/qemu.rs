@@ -207,6 +207,9 @@ pub struct QemuConfig {
     pub forward_port: Option<u16>,
     /// A raw disk image attached as virtio-blk.
     pub disk: Option<PathBuf>,
+    /// A Unix socket for QEMU's monitor (`cargo xtask profile` reads the
+    /// vCPU's registers through it).
+    pub monitor: Option<PathBuf>,
 }
 
 impl QemuConfig {
@@ -241,6 +244,12 @@ impl QemuConfig {
                 &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{port}"),
             ]);
             c.args(["-device", dev]);
+        }
+        if let Some(sock) = &self.monitor {
+            let mut arg = std::ffi::OsString::from("unix:");
+            arg.push(sock);
+            arg.push(",server,nowait");
+            c.arg("-monitor").arg(arg);
         }
         if let Some(disk) = &self.disk {
             let mut drive = std::ffi::OsString::from("file=");

@@ -150,6 +150,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         cmdline,
         forward_port: Some(args.port),
         disk: Some(disk),
+        monitor: None,
     };
     eprintln!("xtask: {}", cfg.describe());
     eprintln!(
