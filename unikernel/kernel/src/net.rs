@@ -401,6 +401,8 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, handler: &mut dyn Handler) {
                 sockets.top_up_listeners();
             }
         }
+        // Receive buffers re-posted while taking packets in.
+        dev.kick();
         sockets.serve(handler, &mut shutdown, |set, listeners| {
             // ACKs first (they open the window for the rest of a reply),
             // stopping at a SYN that took a listener: it is replaced later.
@@ -412,13 +414,16 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, handler: &mut dyn Handler) {
                     != PollIngressSingleResult::None
             {}
             while iface.poll_egress(now(), &mut Phy(&mut dev), set) != PollResult::None {}
+            dev.kick();
         });
         while iface.poll_egress(now(), &mut Phy(&mut dev), &mut sockets.set) != PollResult::None {}
+        dev.kick();
         if shutdown.is_some_and(|deadline| sockets.all_flushed() || time::uptime_ns() > deadline) {
             // Let the last replies and FINs leave.
             let until = time::uptime_ns() + 50_000_000;
             while time::uptime_ns() < until {
                 iface.poll(now(), &mut Phy(&mut dev), &mut sockets.set);
+                dev.kick();
             }
             info!("net: shutdown requested; {:?}", dev.stats);
             return;

@@ -11,7 +11,7 @@ use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::{DeviceType, SomeTransport};
 
 use super::hal::MemdHal;
-use super::notify::FlagNotify;
+use super::notify::{Deferred, Notifier};
 use crate::ALLOC;
 
 /// The owner name in the device DMA list.
@@ -26,7 +26,7 @@ const SLOT: usize = 2048;
 /// Transmit slots.
 const TX_SLOTS: usize = 32;
 
-type Raw = VirtIONetRaw<MemdHal, FlagNotify<SomeTransport<'static>>, QUEUE>;
+type Raw = VirtIONetRaw<MemdHal, Deferred<SomeTransport<'static>>, QUEUE>;
 
 /// Counters for the log and statistics.
 #[derive(Clone, Copy, Debug, Default)]
@@ -42,6 +42,8 @@ pub struct NetStats {
 
 pub struct NetDevice {
     raw: Raw,
+    /// Sends the notifications the driver held back: see [`NetDevice::kick`].
+    notifier: &'static Notifier<SomeTransport<'static>>,
     /// Where the device was found.
     pub location: String,
     rx: DmaBuffer,
@@ -67,7 +69,8 @@ impl NetDevice {
     pub fn probe() -> Result<NetDevice, &'static str> {
         let (transport, location) =
             super::find(DeviceType::Network).ok_or("no virtio-net device")?;
-        let raw = super::hal::with_device(DEVICE, || Raw::new(FlagNotify(transport)))
+        let notifier = Notifier::leak(transport);
+        let raw = super::hal::with_device(DEVICE, || Raw::new(Deferred(notifier)))
             .map_err(|_| "virtio-net initialisation failed")?;
         let (rx, tx) = {
             let mut mm = ALLOC.lock();
@@ -87,6 +90,7 @@ impl NetDevice {
         super::hal::register_device_dma(DEVICE, "transmit buffers (queue 1)", &tx);
         let mut dev = NetDevice {
             raw,
+            notifier,
             location,
             rx,
             tx,
@@ -98,6 +102,7 @@ impl NetDevice {
         for i in 0..QUEUE {
             dev.post_rx(i)?;
         }
+        dev.kick();
         Ok(dev)
     }
 
@@ -111,6 +116,12 @@ impl NetDevice {
             .map_err(|_| "virtio-net: receive_begin failed")?;
         self.rx_token_slot[token as usize] = Some(index);
         Ok(())
+    }
+
+    /// Tells the device of the buffers posted and frames queued since the
+    /// last kick: once per pass of the poll loop, not once per buffer.
+    pub fn kick(&self) {
+        self.notifier.kick();
     }
 
     pub fn mac(&self) -> [u8; 6] {
