@@ -452,8 +452,7 @@ impl<M: Memory> Service<M> {
                 self.flow()
             }
             (_, Request::Batch(batch)) => {
-                let reply = self.run_batch(env, conn, batch);
-                if reply.finish(out).is_err() {
+                if self.run_batch(env, conn, batch, out).is_err() {
                     write_response(
                         out,
                         &Response::Error {
@@ -505,13 +504,16 @@ impl<M: Memory> Service<M> {
         Flow::Continue
     }
 
+    /// Runs `batch` and appends its reply frame to `out`.
     fn run_batch<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
         conn: ConnId,
         batch: Batch,
-    ) -> BatchReplyWriter {
-        let mut reply = BatchReplyWriter::new();
+        out: &mut Vec<u8>,
+    ) -> Result<(), FrameError> {
+        // Room for the usual reply: an object's handle, address and size.
+        let mut reply = BatchReplyWriter::new(out, batch.ops.len().min(MAX_BATCH_OPS) * 24)?;
         if batch.ops.len() > MAX_BATCH_OPS {
             let _ = reply.push(
                 &Err(err(
@@ -520,7 +522,7 @@ impl<M: Memory> Service<M> {
                 )),
                 0,
             );
-            return reply;
+            return reply.finish();
         }
         let total = batch.ops.len();
         let mut budget = MAX_IO;
@@ -546,7 +548,7 @@ impl<M: Memory> Service<M> {
                 break;
             }
         }
-        reply
+        reply.finish()
     }
 
     fn run_op<E: Env<Mem = M>>(

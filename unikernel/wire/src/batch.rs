@@ -3,10 +3,11 @@
 //! The service used to collect a batch's results in a vector, measure each
 //! one's encoding to keep the frame under [`MAX_FRAME`], then encode the
 //! whole vector twice (size, then bytes): three encodings and a 56-byte move
-//! per operation. This writer encodes each result once, straight after the
-//! ones before it, and knows the frame's size as it goes. Its bytes are
-//! exactly those of `encode_frame(&Response::Batch(results))`, so clients
-//! decode it like any other response.
+//! per operation. This writer encodes each result once, in place in the
+//! output buffer that goes to the socket, and knows the frame's size as it
+//! goes; only the count is filled in at the end. Its bytes are exactly
+//! those of `encode_frame(&Response::Batch(results))`, so clients decode it
+//! like any other response.
 //!
 //! The results a batch is mostly made of (`Ok(Done)`, `Ok(Object)`,
 //! `Ok(Pages)`) are written without serde: their variant tags, taken once
@@ -16,12 +17,9 @@
 
 use alloc::vec::Vec;
 
-use crate::frame::{encode_frame, encode_into, seal_frame, FrameError, MAX_FRAME};
+use crate::frame::{encode_frame, encode_into, seal_frame, FrameError, MAX_FRAME, PREFIX_LEN};
 use crate::msg::{Reply, Response};
 use crate::WireError;
-
-/// Longest varint of a `usize` count.
-const MAX_COUNT_LEN: usize = 10;
 
 /// The leading bytes of a result's encoding: its `Result` and `Reply`
 /// variant tags.
@@ -59,25 +57,37 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-/// Builds one `Response::Batch` frame.
-pub struct BatchReplyWriter {
-    /// The encoded results so far.
-    results: Vec<u8>,
+/// Bytes kept for the result count: two varint bytes hold counts up to
+/// 16 383, above [`crate::MAX_BATCH_OPS`].
+const COUNT_ROOM: usize = 2;
+
+/// Builds one `Response::Batch` frame in place at the end of an output
+/// buffer: the results are encoded where they will be sent, and only the
+/// count is filled in at the end.
+pub struct BatchReplyWriter<'a> {
+    out: &'a mut Vec<u8>,
+    /// Where the frame starts in `out`.
+    start: usize,
+    /// Where the results start (after the count's room).
+    results: usize,
     count: usize,
     done: Tags,
     object: Tags,
     pages: Tags,
 }
 
-impl Default for BatchReplyWriter {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl BatchReplyWriter {
-    /// An empty batch reply.
-    pub fn new() -> Self {
+impl<'a> BatchReplyWriter<'a> {
+    /// Starts a batch reply at the end of `out`, with room for about
+    /// `expected_bytes` of results.
+    pub fn new(out: &'a mut Vec<u8>, expected_bytes: usize) -> Result<Self, FrameError> {
+        let start = out.len();
+        // The frame of an empty batch is the prefix, the variant's tag and
+        // a zero count: keep the first two, make room for the real count.
+        encode_frame(&Response::Batch(Vec::new()), out)?;
+        out.pop();
+        out.extend_from_slice(&[0; COUNT_ROOM]);
+        out.reserve(expected_bytes.min(MAX_FRAME));
+        let results = out.len();
         let object = Reply::Object {
             handle: 0,
             addr: 0,
@@ -88,13 +98,15 @@ impl BatchReplyWriter {
             phys: 0,
             order: 0,
         };
-        BatchReplyWriter {
-            results: Vec::new(),
+        Ok(BatchReplyWriter {
+            out,
+            start,
+            results,
             count: 0,
             done: Tags::of(&Ok(Reply::Done), 0),
             object: Tags::of(&Ok(object), 3),
             pages: Tags::of(&Ok(pages), 3),
-        }
+        })
     }
 
     /// Results written so far.
@@ -102,9 +114,14 @@ impl BatchReplyWriter {
         self.count
     }
 
-    /// Bytes the frame body could still take, allowing for the header.
+    /// The frame body's size so far.
+    fn body(&self) -> usize {
+        self.out.len() - self.start - PREFIX_LEN
+    }
+
+    /// Bytes the frame body can still take.
     pub fn room(&self) -> usize {
-        MAX_FRAME.saturating_sub(self.results.len() + 1 + MAX_COUNT_LEN)
+        MAX_FRAME.saturating_sub(self.body())
     }
 
     /// Appends `result` if the frame body stays within `MAX_FRAME - reserve`
@@ -115,8 +132,8 @@ impl BatchReplyWriter {
         result: &Result<Reply, WireError>,
         reserve: usize,
     ) -> Result<(), FrameError> {
-        let before = self.results.len();
-        let out = &mut self.results;
+        let before = self.out.len();
+        let out = &mut *self.out;
         // Tags and three varints: no reallocation in the middle of them.
         out.reserve(2 * 8 + 3 * 10);
         match result {
@@ -139,32 +156,33 @@ impl BatchReplyWriter {
             }
             r => encode_into(r, out)?,
         }
-        let body = self.results.len() + 1 + MAX_COUNT_LEN;
+        let body = self.body();
         if body.saturating_add(reserve) > MAX_FRAME {
-            self.results.truncate(before);
+            self.out.truncate(before);
             return Err(FrameError::TooLarge { len: body });
         }
         self.count += 1;
         Ok(())
     }
 
-    /// Appends the finished frame to `out`.
-    pub fn finish(self, out: &mut Vec<u8>) -> Result<(), FrameError> {
-        // The variant's tag as postcard writes it: the encoding of an empty
-        // batch less its zero count byte.
-        let start = out.len();
-        encode_frame(&Response::Batch(Vec::new()), out)?;
-        out.pop();
-        encode_into(&self.count, out)?;
-        out.extend_from_slice(&self.results);
-        seal_frame(out, start)
+    /// Writes the count and the frame's length: the frame is complete.
+    pub fn finish(self) -> Result<(), FrameError> {
+        let mut count = Vec::with_capacity(10);
+        put_varint(&mut count, self.count as u64);
+        let room = self.results - COUNT_ROOM..self.results;
+        if count.len() == COUNT_ROOM {
+            self.out[room].copy_from_slice(&count);
+        } else {
+            // Fewer than 128 results: a short move.
+            self.out.splice(room, count);
+        }
+        seal_frame(self.out, self.start)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::PREFIX_LEN;
     use crate::{errno, to_frame};
     use alloc::vec;
 
@@ -193,13 +211,13 @@ mod tests {
     fn same_bytes_as_the_whole_vector() {
         for n in [0, 1, 127, 128, 129, 300] {
             let results = &results()[..n];
-            let mut w = BatchReplyWriter::new();
+            let mut out = vec![9u8];
+            let mut w = BatchReplyWriter::new(&mut out, 0).unwrap();
             for r in results {
                 w.push(r, 0).unwrap();
             }
             assert_eq!(w.count(), n);
-            let mut out = vec![9u8];
-            w.finish(&mut out).unwrap();
+            w.finish().unwrap();
             assert_eq!(
                 out[1..],
                 to_frame(&Response::Batch(results.to_vec())).unwrap()[..],
@@ -223,27 +241,27 @@ mod tests {
                 Ok(Reply::Shrunk { pages: size }),
                 Err(WireError::new(errno::EINVAL, "x")),
             ];
-            let mut w = BatchReplyWriter::new();
+            let mut out = Vec::new();
+            let mut w = BatchReplyWriter::new(&mut out, 64).unwrap();
             for r in &results {
                 w.push(r, 0).unwrap();
             }
-            let mut out = Vec::new();
-            w.finish(&mut out).unwrap();
+            w.finish().unwrap();
             proptest::prop_assert_eq!(out, to_frame(&Response::Batch(results)).unwrap());
         }
     }
 
     #[test]
     fn a_result_that_would_overflow_the_frame_is_refused() {
-        let mut w = BatchReplyWriter::new();
+        let mut out = Vec::new();
+        let mut w = BatchReplyWriter::new(&mut out, 0).unwrap();
         let big = Ok(Reply::Data(vec![7u8; MAX_FRAME / 2]));
         w.push(&big, 0).unwrap();
         let room = w.room();
         assert!(matches!(w.push(&big, 0), Err(FrameError::TooLarge { .. })));
         assert_eq!((w.count(), w.room()), (1, room), "nothing appended");
         w.push(&Ok(Reply::Done), 0).unwrap();
-        let mut out = Vec::new();
-        w.finish(&mut out).unwrap();
+        w.finish().unwrap();
         assert!(out.len() <= MAX_FRAME + PREFIX_LEN);
     }
 }
