@@ -17,6 +17,15 @@ const NO_PIT_POLLS: u32 = 2_000;
 const FALLBACK_HZ: u64 = 2_000_000_000;
 
 static TSC_HZ: AtomicU64 = AtomicU64::new(FALLBACK_HZ);
+/// Nanoseconds per tick as a 32.32 fixed-point multiplier (Linux's
+/// clocksource `mult`/`shift`): the poll loop reads the clock several times
+/// a pass, and a 128-bit division is a long library call under TCG.
+static NS_MULT: AtomicU64 = AtomicU64::new(ns_mult(FALLBACK_HZ));
+const NS_SHIFT: u32 = 32;
+
+const fn ns_mult(hz: u64) -> u64 {
+    ((1_000_000_000u128 << NS_SHIFT) / hz as u128) as u64
+}
 static BOOT_TSC: AtomicU64 = AtomicU64::new(0);
 
 /// Where the TSC frequency came from.
@@ -103,6 +112,7 @@ pub fn calibrate() -> (u64, TscSource) {
     };
     let hz = hz.max(1_000_000);
     TSC_HZ.store(hz, Ordering::Relaxed);
+    NS_MULT.store(ns_mult(hz), Ordering::Relaxed);
     (hz, src)
 }
 
@@ -114,5 +124,5 @@ pub fn tsc_hz() -> u64 {
 /// Nanoseconds since `mark_boot`.
 pub fn uptime_ns() -> u64 {
     let ticks = rdtsc().wrapping_sub(BOOT_TSC.load(Ordering::Relaxed));
-    (ticks as u128 * 1_000_000_000 / tsc_hz() as u128) as u64
+    ((ticks as u128 * NS_MULT.load(Ordering::Relaxed) as u128) >> NS_SHIFT) as u64
 }
