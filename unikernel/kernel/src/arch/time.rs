@@ -16,7 +16,6 @@ const NO_PIT_POLLS: u32 = 2_000;
 /// Guess used when nothing else is available.
 const FALLBACK_HZ: u64 = 2_000_000_000;
 
-static TSC_HZ: AtomicU64 = AtomicU64::new(FALLBACK_HZ);
 /// Nanoseconds per tick as a 32.32 fixed-point multiplier (Linux's
 /// clocksource `mult`/`shift`): the poll loop reads the clock several times
 /// a pass, and a 128-bit division is a long library call under TCG.
@@ -111,14 +110,8 @@ pub fn calibrate() -> (u64, TscSource) {
         (FALLBACK_HZ, TscSource::Guess)
     };
     let hz = hz.max(1_000_000);
-    TSC_HZ.store(hz, Ordering::Relaxed);
     NS_MULT.store(ns_mult(hz), Ordering::Relaxed);
     (hz, src)
-}
-
-/// TSC frequency in Hz (the fallback guess until `calibrate` ran).
-pub fn tsc_hz() -> u64 {
-    TSC_HZ.load(Ordering::Relaxed)
 }
 
 /// Nanoseconds since `mark_boot`.
