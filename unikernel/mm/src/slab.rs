@@ -125,6 +125,12 @@ pub struct KmemCache {
     /// Distance between objects in a slab (object + red zone + free pointer,
     /// aligned).
     pub stride: usize,
+    /// `ceil(2^32 / stride)`: an object's index in its slab is
+    /// `offset * stride_recip >> 32`, exact for offsets that are multiples of
+    /// the stride (Linux's `obj_to_index` uses `reciprocal_divide` too). A
+    /// division is a slow helper call under TCG, and this runs for every
+    /// object returned to a slab.
+    stride_recip: u64,
     pub flags: SlabFlags,
     pub ctor: Option<Ctor>,
     /// Where the free-list link lives inside a free object. 0 unless the
@@ -190,6 +196,7 @@ impl KmemCache {
             object_size: size,
             align,
             stride,
+            stride_recip: (1u64 << 32).div_ceil(stride as u64),
             flags,
             ctor,
             freeptr_offset,
@@ -239,6 +246,13 @@ impl KmemCache {
 
     fn slab_base(&self, dmap: DirectMap, head: u32) -> usize {
         dmap.virt((head as u64) * PAGE_SIZE)
+    }
+
+    /// The index of the object at `offset` in its slab; `offset` is a
+    /// multiple of the stride (the caller established the object is one).
+    fn index_of(&self, offset: usize) -> u16 {
+        debug_assert_eq!(offset % self.stride, 0);
+        ((offset as u64 * self.stride_recip) >> 32) as u16
     }
 
     fn link_at(&self, obj: usize) -> usize {
@@ -324,7 +338,7 @@ impl KmemCache {
         head: u32,
     ) {
         let base = self.slab_base(dmap, head);
-        let idx = ((obj - base) / self.stride) as u16;
+        let idx = self.index_of(obj - base);
         let f = &mut frames[head as usize];
         access::write_link(self.link_at(obj), f.aux as u64);
         f.aux = idx;
@@ -554,6 +568,21 @@ mod tests {
         assert_eq!((d.stride, d.freeptr_offset), (40, 32));
         let h = KmemCache::new("d", 40, 8, SlabFlags::HWCACHE_ALIGN, None, 11).unwrap();
         assert_eq!(h.stride, 64);
+    }
+
+    #[test]
+    fn reciprocal_index_is_exact_for_object_offsets() {
+        for size in [8, 24, 40, 96, 100, 192, 700, 1000, 3000, 4096, 8192, 70_000] {
+            let c = KmemCache::new("r", size, 8, SlabFlags::NONE, None, 11).unwrap();
+            for idx in 0..c.objs_per_slab as usize {
+                assert_eq!(
+                    c.index_of(idx * c.stride) as usize,
+                    idx,
+                    "stride {}",
+                    c.stride
+                );
+            }
+        }
     }
 
     #[test]
