@@ -5,12 +5,13 @@
 //! booted with a QEMU monitor socket; while the load runs, the vCPU's
 //! instruction pointer is read through the monitor (`info registers`) at a
 //! fixed rate, then every address is turned into its inline chain by
-//! `addr2line`. Under TCG the saved instruction pointer is where the vCPU
-//! last synchronised it: the start of a translated block, or an
-//! instruction that calls into QEMU (rdtsc, port and MMIO access, atomics).
-//! Those points collect the samples of the straight-line code after them,
-//! so read the table as "the block that starts here", not "this
-//! instruction".
+//! `addr2line`. Under TCG the saved instruction pointer is the last one
+//! that called into QEMU: rdtsc, port and MMIO access, divisions, atomics,
+//! exits to QEMU's main loop. Chained translated blocks do not save it, so
+//! a sample is charged to the last such instruction before the vCPU was
+//! stopped, and code that never calls out is charged to the call before
+//! it. Time spent inside a call (an MMIO write waiting for QEMU's lock) is
+//! charged where it belongs; read the rest as "since this point".
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufReader, Read, Write};
