@@ -71,11 +71,6 @@ fn append<T: Serialize + ?Sized>(msg: &T, out: &mut Vec<u8>) -> Result<(), Frame
     postcard::serialize_with_flavor(msg, Appender(out)).map_err(|_| FrameError::Encode)
 }
 
-/// The encoded body size of `msg`, without the prefix.
-pub fn encoded_len<T: Serialize + ?Sized>(msg: &T) -> Result<usize, FrameError> {
-    postcard::experimental::serialized_size(msg).map_err(|_| FrameError::Encode)
-}
-
 /// Append one frame holding `msg` to `out`.
 ///
 /// The body is encoded once, in place after a placeholder prefix; a message
