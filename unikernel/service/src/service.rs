@@ -276,6 +276,9 @@ pub struct Service<M: Memory> {
     config: Config,
     conns: BTreeMap<ConnId, Conn<M>>,
     next_conn: ConnId,
+    /// The memory manager's page size, asked once: every operation needs
+    /// it, and asking takes the manager's lock.
+    page_size: Option<u64>,
     requests: u64,
     shutdown: bool,
 }
@@ -290,6 +293,7 @@ impl<M: Memory> Service<M> {
             config,
             conns: BTreeMap::new(),
             next_conn: 1,
+            page_size: None,
             requests: 0,
             shutdown: false,
         }
@@ -702,7 +706,9 @@ impl<M: Memory> Service<M> {
         op: Op,
         io_budget: &mut usize,
     ) -> Result<Reply, WireError> {
-        let page = env.with_mem(|m, _| m.page_size());
+        let page = *self
+            .page_size
+            .get_or_insert_with(|| env.with_mem(|m, _| m.page_size()));
         match op {
             Op::Status => {
                 let now = env.now_ns();
