@@ -23,6 +23,7 @@ extern crate alloc;
 #[cfg(feature = "host")]
 extern crate std;
 
+mod conns;
 pub mod env;
 pub mod handles;
 #[cfg(feature = "host")]

@@ -13,13 +13,14 @@ use memd_wire::{
     PROTOCOL_VERSION,
 };
 
+use crate::conns::ConnTable;
 use crate::env::{Env, SECTOR};
 use crate::handles::{HandleTable, MAX_HANDLES};
 use crate::memory::{Backing, MemError, Memory, Obj, View};
 use crate::stress;
 
 /// A connection's id; also the owner tag of what it allocates.
-pub type ConnId = u64;
+pub use crate::conns::ConnId;
 
 /// Service settings.
 #[derive(Debug, Clone)]
@@ -274,7 +275,7 @@ fn tokens_equal(a: &str, b: &str) -> bool {
 /// writes back.
 pub struct Service<M: Memory> {
     config: Config,
-    conns: BTreeMap<ConnId, Conn<M>>,
+    conns: ConnTable<Conn<M>>,
     next_conn: ConnId,
     /// The memory manager's page size, asked once: every operation needs
     /// it, and asking takes the manager's lock.
@@ -291,7 +292,7 @@ impl<M: Memory> Service<M> {
         config.quota.handles = config.quota.handles.min(MAX_HANDLES);
         Service {
             config,
-            conns: BTreeMap::new(),
+            conns: ConnTable::new(),
             next_conn: 1,
             page_size: None,
             requests: 0,

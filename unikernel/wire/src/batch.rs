@@ -39,22 +39,49 @@ impl Tags {
         bytes[..len].copy_from_slice(&encoded[..len]);
         Tags { bytes, len }
     }
-
-    /// Byte by byte: a tag is a byte or two, too short for a `memcpy` call.
-    fn put(&self, out: &mut Vec<u8>) {
-        for &b in &self.bytes[..self.len] {
-            out.push(b);
-        }
-    }
 }
 
-/// Appends `v` as postcard writes integers wider than a byte.
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
+/// One result's bytes, assembled on the stack and appended in one copy:
+/// pushing them one by one onto the vector cost a length and capacity
+/// update per byte.
+struct Scratch {
+    bytes: [u8; 8 + 3 * 10],
+    len: usize,
+}
+
+impl Scratch {
+    fn new(tags: &Tags) -> Scratch {
+        let mut s = Scratch {
+            bytes: [0; 8 + 3 * 10],
+            len: tags.len,
+        };
+        s.bytes[..8].copy_from_slice(&tags.bytes);
+        s
     }
-    out.push(v as u8);
+
+    fn written(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// `v` as postcard writes integers wider than a byte.
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.bytes[self.len] = v as u8 | 0x80;
+            self.len += 1;
+            v >>= 7;
+        }
+        self.bytes[self.len] = v as u8;
+        self.len += 1;
+    }
+
+    fn byte(&mut self, b: u8) {
+        self.bytes[self.len] = b;
+        self.len += 1;
+    }
+
+    fn append_to(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.written());
+    }
 }
 
 /// Bytes kept for the result count: two varint bytes hold counts up to
@@ -134,25 +161,25 @@ impl<'a> BatchReplyWriter<'a> {
     ) -> Result<(), FrameError> {
         let before = self.out.len();
         let out = &mut *self.out;
-        // Tags and three varints: no reallocation in the middle of them.
-        out.reserve(2 * 8 + 3 * 10);
         match result {
-            Ok(Reply::Done) => self.done.put(out),
+            Ok(Reply::Done) => Scratch::new(&self.done).append_to(out),
             Ok(Reply::Object { handle, addr, size }) => {
-                self.object.put(out);
-                put_varint(out, *handle);
-                put_varint(out, *addr);
-                put_varint(out, *size);
+                let mut s = Scratch::new(&self.object);
+                s.varint(*handle);
+                s.varint(*addr);
+                s.varint(*size);
+                s.append_to(out);
             }
             Ok(Reply::Pages {
                 handle,
                 phys,
                 order,
             }) => {
-                self.pages.put(out);
-                put_varint(out, *handle);
-                put_varint(out, *phys);
-                out.push(*order);
+                let mut s = Scratch::new(&self.pages);
+                s.varint(*handle);
+                s.varint(*phys);
+                s.byte(*order);
+                s.append_to(out);
             }
             r => encode_into(r, out)?,
         }
@@ -167,14 +194,17 @@ impl<'a> BatchReplyWriter<'a> {
 
     /// Writes the count and the frame's length: the frame is complete.
     pub fn finish(self) -> Result<(), FrameError> {
-        let mut count = Vec::with_capacity(10);
-        put_varint(&mut count, self.count as u64);
+        let mut count = Scratch::new(&Tags {
+            bytes: [0; 8],
+            len: 0,
+        });
+        count.varint(self.count as u64);
         let room = self.results - COUNT_ROOM..self.results;
-        if count.len() == COUNT_ROOM {
-            self.out[room].copy_from_slice(&count);
+        if count.len == COUNT_ROOM {
+            self.out[room].copy_from_slice(count.written());
         } else {
             // Fewer than 128 results: a short move.
-            self.out.splice(room, count);
+            self.out.splice(room, count.written().iter().copied());
         }
         seal_frame(self.out, self.start)
     }
