@@ -57,6 +57,7 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
         forward_port: Some(port),
         disk: None,
         monitor: None,
+        icount: false,
     };
     let mut times = Vec::with_capacity(args.runs);
     for i in 0..args.runs {

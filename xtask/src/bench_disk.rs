@@ -219,6 +219,7 @@ pub fn run(args: &DiskBenchArgs) -> Result<()> {
         forward_port: Some(port),
         disk: Some(image.clone()),
         monitor: None,
+        icount: false,
     };
     eprintln!("xtask: {}", cfg.describe());
     let mut rows = Err(String::from("the guest never became ready"));

@@ -105,6 +105,10 @@ pub struct Args {
     /// Seconds to wait for free memory to settle back to its baseline.
     #[arg(long, default_value_t = 20)]
     pub settle: u64,
+    /// Boot with QEMU's `-icount shift=0` (TCG): the guest's busy time per
+    /// operation is then its instruction count, free of the host's noise.
+    #[arg(long)]
+    pub icount: bool,
 }
 
 impl Args {
@@ -128,6 +132,7 @@ impl Args {
             mem: "1G".into(),
             cmdline: "memd.dma_reserve=128M@dma32".into(),
             settle: 20,
+            icount: false,
         }
     }
 
@@ -736,6 +741,11 @@ pub struct Report {
     pub check_ok: Result<(), String>,
     /// Exhaustion profile: what was seen (None for other profiles).
     pub exhaust: Option<ExhaustFigures>,
+    /// The guest's busy time during the run (`Status::busy_ns`), if it
+    /// measures it.
+    pub busy_ns: Option<u64>,
+    /// Whether the guest's clock counted instructions (`--icount`).
+    pub icount: bool,
 }
 
 impl Report {
@@ -780,6 +790,8 @@ impl Report {
             "p90_us": self.all.p90,
             "p99_us": self.all.p99,
             "max_us": self.all.max,
+            "guest_busy_ns": self.busy_ns,
+            "icount": self.icount,
             "per_op": per,
             "errors": self.errors.values().sum::<u64>(),
             "errors_by_code": by_code,
@@ -816,6 +828,22 @@ impl Report {
                 "{:<20} {:>9} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
                 k, l.count, l.p50, l.p90, l.p99, l.max
             );
+        }
+        if let Some(busy) = self.busy_ns {
+            let per_op = busy as f64 / self.ops.max(1) as f64;
+            if self.icount {
+                println!(
+                    "guest: {:.0} instructions per operation (icount; busy {busy} instructions)",
+                    per_op
+                );
+            } else {
+                println!(
+                    "guest: busy {:.3} s of {:.3} s, {:.2} us per operation",
+                    busy as f64 / 1e9,
+                    self.elapsed.as_secs_f64(),
+                    per_op / 1e3
+                );
+            }
         }
         if self.errors.is_empty() {
             println!("errors: none");
@@ -974,9 +1002,14 @@ pub fn run_against(addr: &str, token: &str, args: &Args) -> Result<Report> {
         }
     }
 
+    let busy_before = ctl.status().ok().and_then(|s| s.busy_ns);
     let started = Instant::now();
     let (mut tally, fatal) = drive(&opts, args, args.ops, args.time_bound(), large_slots, true);
     let elapsed = started.elapsed();
+    let busy_ns = busy_before.and_then(|b| {
+        let after = ctl.status().ok()?.busy_ns?;
+        Some(after.saturating_sub(b))
+    });
 
     // Faults off before the baseline comparison; read what was injected.
     let mut fault_figures = None;
@@ -1039,6 +1072,8 @@ pub fn run_against(addr: &str, token: &str, args: &Args) -> Result<Report> {
         meminfo_diff: base_info.diff(&Snapshot::take(&mut ctl)?),
         check_ok,
         exhaust: None,
+        busy_ns,
+        icount: args.icount,
     })
 }
 
@@ -1551,6 +1586,8 @@ fn exhaust(
         meminfo_diff: base_info.diff(&Snapshot::take(ctl)?),
         check_ok,
         exhaust: Some(fig),
+        busy_ns: None,
+        icount: args.icount,
     })
 }
 
@@ -1591,6 +1628,7 @@ pub fn boot_and_run_with(args: &Args, mut alongside: Option<Alongside>) -> Resul
         forward_port: Some(port),
         disk: None,
         monitor: alongside.as_ref().map(|a| a.monitor.clone()),
+        icount: args.icount,
     };
     if !args.json {
         eprintln!("loadtest: accelerator {}: {}", accel.name(), accel.reason);

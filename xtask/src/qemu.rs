@@ -210,6 +210,9 @@ pub struct QemuConfig {
     /// A Unix socket for QEMU's monitor (`cargo xtask profile` reads the
     /// vCPU's registers through it).
     pub monitor: Option<PathBuf>,
+    /// `-icount shift=0` (TCG): the guest's clock counts instructions, one
+    /// nanosecond each, so guest-measured times are instruction counts.
+    pub icount: bool,
 }
 
 impl QemuConfig {
@@ -244,6 +247,9 @@ impl QemuConfig {
                 &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{port}"),
             ]);
             c.args(["-device", dev]);
+        }
+        if self.icount && !self.kvm {
+            c.args(["-icount", "shift=0,sleep=off"]);
         }
         if let Some(sock) = &self.monitor {
             let mut arg = std::ffi::OsString::from("unix:");

@@ -151,6 +151,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         forward_port: Some(args.port),
         disk: Some(disk),
         monitor: None,
+        icount: false,
     };
     eprintln!("xtask: {}", cfg.describe());
     eprintln!(

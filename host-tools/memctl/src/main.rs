@@ -477,6 +477,16 @@ fn print_reply(r: &Reply) {
                 "uptime".to_string(),
                 format!("{:.3} s", s.uptime_ns as f64 / 1e9),
             ]);
+            if let Some(busy) = s.busy_ns {
+                t.add_row(vec![
+                    "busy".to_string(),
+                    format!(
+                        "{:.3} s ({:.1} % of uptime; the rest is idle polling)",
+                        busy as f64 / 1e9,
+                        busy as f64 * 100.0 / s.uptime_ns.max(1) as f64
+                    ),
+                ]);
+            }
             t.add_row(vec!["connections".to_string(), s.connections.to_string()]);
             t.add_row(vec!["requests".to_string(), s.requests.to_string()]);
             t.add_row(vec!["page size".to_string(), s.page_size.to_string()]);

@@ -63,6 +63,12 @@ pub trait Env {
     /// A monotonic clock in nanoseconds.
     fn now_ns(&mut self) -> u64;
 
+    /// Time spent on work so far ([`memd_wire::Status::busy_ns`]); `None`
+    /// by default (host environments do not measure it).
+    fn busy_ns(&mut self) -> Option<u64> {
+        None
+    }
+
     /// The DMA buffers devices hold now. Called outside [`Env::with_mem`]:
     /// the result may allocate. None by default (host environments have no
     /// devices).

@@ -726,6 +726,7 @@ impl<M: Memory> Service<M> {
                     total_bytes: total,
                     free_bytes: free,
                     block_device: has_block,
+                    busy_ns: env.busy_ns(),
                 })))
             }
             Op::Meminfo => Ok(stats(env, View::Meminfo)),
