@@ -13,10 +13,13 @@ use core::cell::Cell;
 /// A connection's id (ids start at 1; 0 is never one).
 pub type ConnId = u64;
 
-/// Connections in slots, indexed by id.
+/// Connections in slots, indexed by id. The slot vector is always exactly
+/// as long as its highest live slot (grown by one, shrunk to fit when its
+/// last slot empties), so the table holds no more memory after a crowd of
+/// clients left than before it came: the load tests compare free memory to
+/// the byte.
 pub struct ConnTable<C> {
     slots: Vec<Option<C>>,
-    free: Vec<usize>,
     /// Id to slot, in id order (for listings).
     index: BTreeMap<ConnId, usize>,
     /// The last (id, slot) looked up; id 0 when none.
@@ -33,7 +36,6 @@ impl<C> ConnTable<C> {
     pub fn new() -> Self {
         ConnTable {
             slots: Vec::new(),
-            free: Vec::new(),
             index: BTreeMap::new(),
             last: Cell::new((0, 0)),
         }
@@ -68,12 +70,14 @@ impl<C> ConnTable<C> {
             self.slots[at] = Some(conn);
             return;
         }
-        let at = match self.free.pop() {
+        // Connections come and go rarely: a scan for a free slot is fine.
+        let at = match self.slots.iter().position(Option::is_none) {
             Some(at) => {
                 self.slots[at] = Some(conn);
                 at
             }
             None => {
+                self.slots.reserve_exact(1);
                 self.slots.push(Some(conn));
                 self.slots.len() - 1
             }
@@ -86,8 +90,14 @@ impl<C> ConnTable<C> {
         if self.last.get().0 == *id {
             self.last.set((0, 0));
         }
-        self.free.push(at);
-        self.slots[at].take()
+        let conn = self.slots[at].take();
+        if self.slots.last().is_some_and(Option::is_none) {
+            while self.slots.last().is_some_and(Option::is_none) {
+                self.slots.pop();
+            }
+            self.slots.shrink_to_fit();
+        }
+        conn
     }
 
     /// Every connection, in id order.
@@ -126,5 +136,27 @@ mod tests {
         let all: Vec<_> = t.iter().map(|(id, c)| (*id, *c)).collect();
         assert_eq!(all, vec![(1, "A"), (3, "c")]);
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn slots_shrink_back_when_a_crowd_leaves() {
+        let mut t = ConnTable::new();
+        t.insert(1, [0u8; 100]);
+        t.remove(&1);
+        t.insert(2, [0u8; 100]);
+        let alone = t.slots.capacity();
+        for id in 3..40 {
+            t.insert(id, [0u8; 100]);
+        }
+        assert!(t.slots.capacity() > alone);
+        for id in (3..40).rev() {
+            t.remove(&id);
+        }
+        assert_eq!(
+            t.slots.capacity(),
+            alone,
+            "back to what one connection needs"
+        );
+        assert!(t.get(&2).is_some());
     }
 }
