@@ -7,7 +7,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use memd_wire::{
-    decode_body, encode_frame, errno, Batch, BatchReplyWriter, CheckReport, ClientInfo,
+    decode_request, encode_frame, errno, Batch, BatchReplyWriter, CheckReport, ClientInfo,
     DmaBufferInfo, DmaMask, FrameDecoder, FrameError, Gfp, Hello, HelloAck, Op, PoolBacking, Quota,
     Reply, Request, Response, Status, WireError, MAX_BATCH_OPS, MAX_IO, MAX_NAME_LEN,
     PROTOCOL_VERSION,
@@ -409,7 +409,7 @@ impl<M: Memory> Service<M> {
             Some(c) => c.state,
             None => return Flow::Close,
         };
-        let req = match decode_body::<Request>(body) {
+        let req = match decode_request(body) {
             Ok(r) => r,
             Err(e) => {
                 let error = err(errno::EPROTO, format!("bad request: {e}"));

@@ -20,6 +20,7 @@
 extern crate alloc;
 
 pub mod batch;
+pub mod batch_decode;
 pub mod error;
 pub mod flags;
 pub mod frame;
@@ -29,6 +30,7 @@ pub mod pattern;
 pub mod stats;
 
 pub use batch::BatchReplyWriter;
+pub use batch_decode::decode_request;
 pub use error::{errno, errno_name, WireError};
 pub use flags::{DmaMask, Gfp, SlabFlags};
 pub use frame::{decode_body, encode_frame, to_frame, FrameDecoder, FrameError, MAX_FRAME};
