@@ -269,8 +269,10 @@ fn print(p: &Profile, top: usize) {
     }
 }
 
-/// The short run of `cargo xtask test`: a few seconds of batches, and the
-/// samples must land in the kernel's own functions.
+/// The short run of `cargo xtask test`: a few seconds of batches; the
+/// samples must be taken, nearly all must resolve to source lines, and
+/// memd's own functions must be among them. (How many land there depends
+/// on how busy the machine keeps the guest waiting.)
 pub fn smoke() -> Result<()> {
     let args = ProfileArgs {
         samples: 300,
@@ -283,21 +285,24 @@ pub fn smoke() -> Result<()> {
         },
     };
     let p = profile(&args)?;
-    let named = p
-        .places
-        .iter()
-        .filter(|(_, c)| c.iter().any(|f| f.starts_with("memd_")))
-        .map(|(n, _)| n)
-        .sum::<usize>();
-    if p.samples < 50 || named * 2 < p.samples {
+    let count = |pred: &dyn Fn(&[String]) -> bool| -> usize {
+        p.places
+            .iter()
+            .filter(|(_, c)| pred(c))
+            .map(|(n, _)| n)
+            .sum()
+    };
+    let named = count(&|c| c.iter().any(|f| f.contains("memd_")));
+    let unresolved = count(&|c| c.iter().all(|f| f.starts_with("??")));
+    if p.samples < 100 || unresolved * 10 > p.samples || named == 0 {
         print(&p, 10);
         bail!(
-            "profile smoke: {} samples, {named} in memd's functions",
+            "profile smoke: {} samples, {unresolved} unresolved, {named} in memd's functions",
             p.samples
         );
     }
     println!(
-        "  ok    profile: {} samples, {:.0} % in memd's functions",
+        "  ok    profile: {} samples, {unresolved} unresolved, {:.0} % in memd's functions",
         p.samples,
         named as f64 * 100.0 / p.samples as f64
     );
