@@ -1,9 +1,9 @@
 //! memctl as a process against a host-side service (memd-service over
 //! memd-mm's host arena, served on loopback): output formats and exit codes.
 
-use std::io::Write;
+mod common;
+
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
 
 use memd_mm::arena::HostMm;
 use memd_service::host::{serve, HostService};
@@ -14,29 +14,10 @@ fn start_server() -> String {
     serve(HostService::shared(mm, "tok")).unwrap()
 }
 
+/// memctl with `args` split at whitespace.
 fn memctl(addr: &str, token: &str, args: &str, stdin: &str) -> (i32, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_memctl"))
-        .args(["--addr", addr, "--token", token, "--wait", "1"])
-        .args(args.split_whitespace())
-        .env_remove("MEMD_TOKEN")
-        .env_remove("MEMD_ADDR")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let args: Vec<&str> = args.split_whitespace().collect();
+    common::memctl(addr, token, &args, stdin)
 }
 
 #[test]

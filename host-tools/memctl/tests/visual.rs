@@ -3,8 +3,9 @@
 //! `memctl map --out` draws every zone and reservation to scale, and
 //! `memctl watch` runs in a pseudo-terminal, shows the zones and quits on q.
 
+mod common;
+
 use std::io::{Read, Write};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -26,28 +27,7 @@ fn start_server() -> String {
 }
 
 fn memctl(addr: &str, args: &[&str], stdin: &str) -> (i32, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_memctl"))
-        .args(["--addr", addr, "--token", "tok", "--wait", "2"])
-        .args(args)
-        .env_remove("MEMD_TOKEN")
-        .env_remove("MEMD_ADDR")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::memctl(addr, "tok", args, stdin)
 }
 
 /// One SVG element's attributes.
