@@ -199,6 +199,18 @@ struct Tally {
 }
 
 impl Tally {
+    /// Percentiles of every operation together, and of each kind (by name).
+    fn latencies(&mut self) -> (Lat, Vec<(&'static str, Lat)>) {
+        let mut all: Vec<u64> = self.lat.values().flatten().copied().collect();
+        let mut per_kind: Vec<(&'static str, Lat)> = self
+            .lat
+            .iter_mut()
+            .map(|(k, v)| (*k, percentiles(v)))
+            .collect();
+        per_kind.sort_by_key(|(k, _)| *k);
+        (percentiles(&mut all), per_kind)
+    }
+
     /// Counts a server error by operation kind and code; ENOMEM also counts
     /// toward the total that injected faults must explain.
     fn record_error(&mut self, kind: &'static str, e: &wire::WireError) {
@@ -1046,19 +1058,13 @@ pub fn run_against(addr: &str, token: &str, args: &Args) -> Result<Report> {
     let total_errors: u64 = tally.errors.values().sum();
     let other = total_errors - tally.enomem - tally.table_full;
     let unexplained = other + tally.enomem.saturating_sub(injected);
-    let mut all: Vec<u64> = tally.lat.values().flatten().copied().collect();
-    let mut per_kind: Vec<(&'static str, Lat)> = tally
-        .lat
-        .iter_mut()
-        .map(|(k, v)| (*k, percentiles(v)))
-        .collect();
-    per_kind.sort_by_key(|(k, _)| *k);
+    let (all, per_kind) = tally.latencies();
     Ok(Report {
         profile: args.profile,
         clients: args.clients,
         elapsed,
         ops: tally.ops,
-        all: percentiles(&mut all),
+        all,
         per_kind,
         errors: tally.errors,
         enomem: tally.enomem,
@@ -1560,19 +1566,13 @@ fn exhaust(
         .filter(|((_, c), _)| c != "ENOMEM" && c != "EDQUOT")
         .map(|(_, n)| n)
         .sum();
-    let mut all: Vec<u64> = tally.lat.values().flatten().copied().collect();
-    let mut per_kind: Vec<(&'static str, Lat)> = tally
-        .lat
-        .iter_mut()
-        .map(|(k, v)| (*k, percentiles(v)))
-        .collect();
-    per_kind.sort_by_key(|(k, _)| *k);
+    let (all, per_kind) = tally.latencies();
     Ok(Report {
         profile: Profile::Exhaust,
         clients: args.clients,
         elapsed,
         ops: tally.ops,
-        all: percentiles(&mut all),
+        all,
         per_kind,
         errors: tally.errors,
         enomem: tally.enomem,
