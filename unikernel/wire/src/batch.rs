@@ -17,7 +17,9 @@
 
 use alloc::vec::Vec;
 
-use crate::frame::{encode_frame, encode_into, seal_frame, FrameError, MAX_FRAME, PREFIX_LEN};
+use crate::frame::{
+    encode_frame, encode_into, leading_bytes, seal_frame, FrameError, MAX_FRAME, PREFIX_LEN,
+};
 use crate::msg::{Reply, Response};
 use crate::WireError;
 
@@ -30,13 +32,17 @@ struct Tags {
 }
 
 impl Tags {
+    const NONE: Tags = Tags {
+        bytes: [0; 8],
+        len: 0,
+    };
+
     /// The tags of `sample`, whose fields encode to `fields` bytes.
     fn of(sample: &Result<Reply, WireError>, fields: usize) -> Tags {
-        let mut encoded = Vec::new();
-        let _ = encode_into(sample, &mut encoded);
-        let len = encoded.len().saturating_sub(fields).min(8);
+        let leading = leading_bytes(sample, fields);
+        let len = leading.len().min(8);
         let mut bytes = [0; 8];
-        bytes[..len].copy_from_slice(&encoded[..len]);
+        bytes[..len].copy_from_slice(&leading[..len]);
         Tags { bytes, len }
     }
 }
@@ -194,10 +200,7 @@ impl<'a> BatchReplyWriter<'a> {
 
     /// Writes the count and the frame's length: the frame is complete.
     pub fn finish(self) -> Result<(), FrameError> {
-        let mut count = Scratch::new(&Tags {
-            bytes: [0; 8],
-            len: 0,
-        });
+        let mut count = Scratch::new(&Tags::NONE);
         count.varint(self.count as u64);
         let room = self.results - COUNT_ROOM..self.results;
         if count.len == COUNT_ROOM {

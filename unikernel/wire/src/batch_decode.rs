@@ -14,7 +14,7 @@
 use alloc::vec::Vec;
 
 use crate::flags::Gfp;
-use crate::frame::{decode_body, encode_into, FrameError};
+use crate::frame::{decode_body, leading_bytes, FrameError};
 use crate::msg::{Batch, Op, Request};
 
 /// Decodes a request body: batches through the fast reader when it can,
@@ -29,9 +29,10 @@ pub fn decode_request(body: &[u8]) -> Result<Request, FrameError> {
 /// The byte postcard writes before the fields of `sample`, whose fields
 /// take `fields` bytes: its variant tag, when that is one byte (below 128).
 fn tag_of<T: serde::Serialize>(sample: &T, fields: usize) -> Option<u8> {
-    let mut bytes = Vec::new();
-    let _ = encode_into(sample, &mut bytes);
-    (bytes.len() == fields + 1).then(|| bytes[0])
+    match leading_bytes(sample, fields)[..] {
+        [tag] => Some(tag),
+        _ => None,
+    }
 }
 
 struct Reader<'a> {

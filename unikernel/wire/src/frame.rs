@@ -99,6 +99,17 @@ pub(crate) fn seal_frame(out: &mut Vec<u8>, start: usize) -> Result<(), FrameErr
     Ok(())
 }
 
+/// What postcard writes for `sample` before its last `fields` bytes: the
+/// variant tags leading an enum value. The paths that skip serde for the
+/// common messages take their tags from here, so they follow the enums'
+/// order.
+pub(crate) fn leading_bytes<T: Serialize + ?Sized>(sample: &T, fields: usize) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let _ = encode_into(sample, &mut bytes);
+    bytes.truncate(bytes.len().saturating_sub(fields));
+    bytes
+}
+
 /// Append `msg`'s encoding (no frame prefix) to `out`.
 pub fn encode_into<T: Serialize + ?Sized>(msg: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
     append(msg, out)
