@@ -176,7 +176,12 @@ impl Device for Phy<'_> {
 }
 
 fn now() -> Instant {
-    Instant::from_micros((time::uptime_ns() / 1000) as i64)
+    instant(time::uptime_ns())
+}
+
+/// smoltcp's time for an uptime reading.
+fn instant(uptime_ns: u64) -> Instant {
+    Instant::from_micros((uptime_ns / 1000) as i64)
 }
 
 /// A socket that has left `Listen`: handshaking, connected or closing.
@@ -228,9 +233,7 @@ impl Sockets {
 
     /// Whether a listener took a SYN since the last top-up.
     fn listener_taken(&self) -> bool {
-        self.listeners
-            .iter()
-            .any(|h| self.set.get::<tcp::Socket>(*h).state() != tcp::State::Listen)
+        listener_taken(&self.set, &self.listeners)
     }
 
     /// Moves listeners that took a SYN to the clients and opens new ones.
@@ -310,6 +313,19 @@ impl Sockets {
     fn all_flushed(&self) -> bool {
         self.clients.iter().all(|c| c.out.is_empty())
     }
+}
+
+/// Whether one of `listeners` left `Listen` (took a SYN).
+fn listener_taken(set: &SocketSet<'_>, listeners: &[SocketHandle]) -> bool {
+    listeners
+        .iter()
+        .any(|h| set.get::<tcp::Socket>(*h).state() != tcp::State::Listen)
+}
+
+/// Sends what the sockets have queued, then tells the device.
+fn send_queued(iface: &mut Interface, dev: &mut NetDevice, set: &mut SocketSet<'_>) {
+    while iface.poll_egress(now(), &mut Phy(dev), set) != PollResult::None {}
+    dev.kick();
 }
 
 /// One client's turn: input to the handler, output to the socket, and the
@@ -407,7 +423,7 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, handler: &mut dyn Handler) {
     loop {
         let pass = time::uptime_ns();
         let packets = dev.stats.rx_packets + dev.stats.tx_packets;
-        let t = now();
+        let t = instant(pass);
         iface.poll_maintenance(t);
         while iface.poll_ingress_single(t, &mut Phy(&mut dev), &mut sockets.set)
             != PollIngressSingleResult::None
@@ -422,17 +438,13 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, handler: &mut dyn Handler) {
             // ACKs first (they open the window for the rest of a reply),
             // stopping at a SYN that took a listener: it is replaced later.
             let t = now();
-            while !listeners
-                .iter()
-                .any(|h| set.get::<tcp::Socket>(*h).state() != tcp::State::Listen)
+            while !listener_taken(set, listeners)
                 && iface.poll_ingress_single(t, &mut Phy(&mut dev), set)
                     != PollIngressSingleResult::None
             {}
-            while iface.poll_egress(now(), &mut Phy(&mut dev), set) != PollResult::None {}
-            dev.kick();
+            send_queued(&mut iface, &mut dev, set);
         });
-        while iface.poll_egress(now(), &mut Phy(&mut dev), &mut sockets.set) != PollResult::None {}
-        dev.kick();
+        send_queued(&mut iface, &mut dev, &mut sockets.set);
         if dev.stats.rx_packets + dev.stats.tx_packets != packets {
             BUSY_NS.fetch_add(time::uptime_ns() - pass, Ordering::Relaxed);
         }
