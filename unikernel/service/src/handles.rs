@@ -86,31 +86,64 @@ impl<T> HandleTable<T> {
     /// Stores `value` under a new handle; gives it back when the table is
     /// full ([`MAX_HANDLES`]).
     pub fn insert(&mut self, value: T) -> Result<u64, T> {
-        let index = match self.free.pop() {
-            Some(i) => i as usize,
-            None => {
-                let index = self.chunks.len() * CHUNK;
-                if index as u64 >= MAX_HANDLES {
-                    return Err(value);
-                }
-                let chunk: Box<[Slot<T>]> = (0..CHUNK)
-                    .map(|_| Slot {
-                        generation: 1,
-                        value: None,
-                    })
-                    .collect();
-                self.chunks.push(chunk);
-                // Hand out the new chunk's slots lowest first.
-                self.free
-                    .extend((index + 1..index + CHUNK).rev().map(|i| i as u32));
-                index
-            }
+        if self.free.is_empty() && !self.grow() {
+            return Err(value);
+        }
+        self.insert_reserved(value)
+    }
+
+    /// [`HandleTable::insert`] into a slot already free: never allocates,
+    /// so it may run under the memory manager's lock. Gives `value` back
+    /// when no slot is free.
+    pub fn insert_reserved(&mut self, value: T) -> Result<u64, T> {
+        let Some(index) = self.free.pop() else {
+            return Err(value);
         };
+        let index = index as usize;
         let slot = &mut self.chunks[index / CHUNK][index % CHUNK];
         slot.value = Some(value);
         let generation = slot.generation;
         self.len += 1;
         Ok(self.handle(index, generation))
+    }
+
+    /// Adds a chunk of free slots; false when the table is at
+    /// [`MAX_HANDLES`].
+    fn grow(&mut self) -> bool {
+        let index = self.chunks.len() * CHUNK;
+        if index as u64 >= MAX_HANDLES {
+            return false;
+        }
+        let chunk: Box<[Slot<T>]> = (0..CHUNK)
+            .map(|_| Slot {
+                generation: 1,
+                value: None,
+            })
+            .collect();
+        self.chunks.push(chunk);
+        // Hand out the new chunk's slots lowest first.
+        self.free
+            .extend((index..index + CHUNK).rev().map(|i| i as u32));
+        true
+    }
+
+    /// Allocates now what `inserts` insertions and `removes` removals
+    /// would, so that [`HandleTable::insert_reserved`] and
+    /// [`HandleTable::remove`] can then run without touching the heap (as
+    /// far as [`MAX_HANDLES`] allows).
+    pub fn reserve(&mut self, inserts: usize, removes: usize) {
+        while self.free.len() < inserts && self.grow() {}
+        self.free.reserve(removes);
+    }
+
+    /// Slots free for [`HandleTable::insert_reserved`].
+    pub fn free_slots(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Removals that can happen before one has to grow the free list.
+    pub fn removes_without_growing(&self) -> usize {
+        self.free.capacity() - self.free.len()
     }
 
     /// The value `handle` names, if it is this table's and still held.
@@ -229,5 +262,25 @@ mod tests {
             h = t.insert(()).unwrap();
             assert_ne!(h, 0);
         }
+    }
+
+    #[test]
+    fn reserved_inserts_and_removes_do_not_grow_anything() {
+        let mut t = HandleTable::new(4);
+        assert_eq!(t.insert_reserved(1u32), Err(1), "no slot yet");
+        t.reserve(CHUNK + 3, 2 * CHUNK);
+        let (slots, capacity) = (t.free_slots(), t.free.capacity());
+        assert_eq!(slots, 2 * CHUNK, "whole chunks");
+        let handles: Vec<u64> = (0..slots as u32)
+            .map(|v| t.insert_reserved(v).unwrap())
+            .collect();
+        assert_eq!(t.insert_reserved(9), Err(9), "reserved slots used up");
+        assert!(t.removes_without_growing() >= handles.len());
+        for h in &handles {
+            t.remove(*h).unwrap();
+        }
+        assert_eq!(t.chunks.len(), 2);
+        assert_eq!(t.free.capacity(), capacity, "the free list never grew");
+        assert_eq!(t.free_slots(), slots);
     }
 }

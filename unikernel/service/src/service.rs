@@ -19,6 +19,8 @@ use crate::handles::{HandleTable, MAX_HANDLES};
 use crate::memory::{Backing, MemError, Memory, Obj, View};
 use crate::stress;
 
+mod bulk;
+
 /// A connection's id; also the owner tag of what it allocates.
 pub use crate::conns::ConnId;
 
@@ -238,6 +240,88 @@ struct Conn<M: Memory> {
     bytes: u64,
     requests: u64,
     errors: u64,
+}
+
+/// Which of a connection's limits one more handle would pass.
+enum Over {
+    Handles,
+    Pages,
+    Bytes,
+}
+
+impl<M: Memory> Conn<M> {
+    /// Which limit of `q` one more handle charging (pages, bytes) would
+    /// pass, if any. Allocates nothing, so it may run under the memory
+    /// manager's lock.
+    fn over_quota(&self, q: &Quota, pages: u64, bytes: u64) -> Option<Over> {
+        if self.handles.len() as u64 >= q.handles {
+            Some(Over::Handles)
+        } else if self.pages.saturating_add(pages) > q.pages {
+            Some(Over::Pages)
+        } else if self.bytes.saturating_add(bytes) > q.bytes {
+            Some(Over::Bytes)
+        } else {
+            None
+        }
+    }
+}
+
+/// [`HandleTable::insert`] or [`HandleTable::insert_reserved`].
+type Inserter<M> = fn(&mut HandleTable<Res<M>>, Res<M>) -> Result<u64, Res<M>>;
+
+impl<M: Memory> Conn<M> {
+    /// Files `res` under a new handle by `insert` (which may or may not
+    /// grow the table) and charges it; None when the table is full.
+    fn file(
+        &mut self,
+        res: Res<M>,
+        page: u64,
+        insert: Inserter<M>,
+    ) -> Option<u64> {
+        let (pages, bytes) = res.charge(page);
+        let handle = insert(&mut self.handles, res).ok()?;
+        self.pages += pages;
+        self.bytes += bytes;
+        Some(handle)
+    }
+
+    /// Takes `handle`'s resource out and uncharges it.
+    fn unfile(&mut self, handle: u64, page: u64) -> Option<Res<M>> {
+        let res = self.handles.remove(handle)?;
+        let (pages, bytes) = res.charge(page);
+        self.pages -= pages;
+        self.bytes -= bytes;
+        Some(res)
+    }
+}
+
+/// Bytes of a batch's reply frame kept free for a final error entry.
+const FINAL_ENTRY_ROOM: usize = 128;
+
+/// Appends op `i`'s result to a batch reply of `total` ops, keeping room
+/// for one final error entry. When it does not fit, the entry says how far
+/// the batch got instead, and the batch stops (false): the op ran, so its
+/// result is not silently dropped.
+fn push_result(
+    reply: &mut BatchReplyWriter,
+    r: &Result<Reply, WireError>,
+    i: usize,
+    total: usize,
+) -> bool {
+    if reply.push(r, FINAL_ENTRY_ROOM).is_ok() {
+        return true;
+    }
+    let _ = reply.push(
+        &Err(err(
+            errno::E2BIG,
+            format!(
+                "batch reply full: op {i} ran but its result was dropped; {} ops not run",
+                total - i - 1
+            ),
+        )),
+        0,
+    );
+    false
 }
 
 fn err(code: i32, msg: impl Into<String>) -> WireError {
@@ -531,25 +615,27 @@ impl<M: Memory> Service<M> {
         }
         let total = batch.ops.len();
         let mut budget = MAX_IO;
-        for (i, op) in batch.ops.into_iter().enumerate() {
-            let r = self.run_op(env, conn, op, &mut budget);
-            // Keep room for one final error entry.
-            if reply.push(&r, 128).is_err() {
-                // The op ran; its result cannot be reported, so undo nothing
-                // silently: report how far the batch got instead.
-                let _ = reply.push(
-                    &Err(err(
-                        errno::E2BIG,
-                        format!(
-                            "batch reply full: op {i} ran but its result was dropped; {} ops not run",
-                            total - i - 1
-                        ),
-                    )),
-                    0,
-                );
-                break;
+        let mut ops = batch.ops.into_iter();
+        let mut done = 0;
+        loop {
+            let run = self.run_bulk(env, conn, ops.as_slice(), &mut reply);
+            if run.ran > 0 {
+                ops.nth(run.ran - 1);
+                done += run.ran;
+                if let Some(e) = run.refused {
+                    let r = Err(mem_err(e));
+                    if !push_result(&mut reply, &r, done - 1, total) || batch.stop_on_error {
+                        break;
+                    }
+                }
             }
-            if r.is_err() && batch.stop_on_error {
+            let Some(op) = ops.next() else {
+                break;
+            };
+            let r = self.run_op(env, conn, op, &mut budget);
+            done += 1;
+            if !push_result(&mut reply, &r, done - 1, total) || (r.is_err() && batch.stop_on_error)
+            {
                 break;
             }
         }
@@ -581,48 +667,36 @@ impl<M: Memory> Service<M> {
             .get(&conn)
             .ok_or_else(|| err(errno::EBADF, "no connection"))?;
         let q = &self.config.quota;
-        if c.handles.len() as u64 >= q.handles {
-            return Err(err(
+        match c.over_quota(q, pages, bytes) {
+            None => Ok(()),
+            Some(Over::Handles) => Err(err(
                 errno::EDQUOT,
                 format!("handle quota of {} reached", q.handles),
-            ));
-        }
-        if c.pages.saturating_add(pages) > q.pages {
-            return Err(err(
+            )),
+            Some(Over::Pages) => Err(err(
                 errno::EDQUOT,
                 format!("page quota: {} held + {pages} > {}", c.pages, q.pages),
-            ));
-        }
-        if c.bytes.saturating_add(bytes) > q.bytes {
-            return Err(err(
+            )),
+            Some(Over::Bytes) => Err(err(
                 errno::EDQUOT,
                 format!("byte quota: {} held + {bytes} > {}", c.bytes, q.bytes),
-            ));
+            )),
         }
-        Ok(())
     }
 
     /// Files `res` under a new handle of `conn`. Callers checked the quota
     /// first, and the quota is at most what a table holds.
     fn insert(&mut self, conn: ConnId, res: Res<M>, page: u64) -> u64 {
-        let (p, b) = res.charge(page);
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return 0;
-        };
-        c.pages += p;
-        c.bytes += b;
-        c.handles
-            .insert(res)
-            .unwrap_or_else(|_| unreachable!("check_quota keeps tables below MAX_HANDLES"))
+        match self.conns.get_mut(&conn) {
+            Some(c) => c
+                .file(res, page, HandleTable::insert)
+                .unwrap_or_else(|| unreachable!("check_quota keeps tables below MAX_HANDLES")),
+            None => 0,
+        }
     }
 
     fn remove(&mut self, conn: ConnId, h: u64, page: u64) -> Option<Res<M>> {
-        let c = self.conns.get_mut(&conn)?;
-        let res = c.handles.remove(h)?;
-        let (p, b) = res.charge(page);
-        c.pages -= p;
-        c.bytes -= b;
-        Some(res)
+        self.conns.get_mut(&conn)?.unfile(h, page)
     }
 
     fn get(&self, conn: ConnId, h: u64) -> Result<&Res<M>, WireError> {
@@ -700,6 +774,12 @@ impl<M: Memory> Service<M> {
         Ok(Reply::Done)
     }
 
+    fn page_size<E: Env<Mem = M>>(&mut self, env: &mut E) -> u64 {
+        *self
+            .page_size
+            .get_or_insert_with(|| env.with_mem(|m, _| m.page_size()))
+    }
+
     fn dispatch<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
@@ -707,9 +787,7 @@ impl<M: Memory> Service<M> {
         op: Op,
         io_budget: &mut usize,
     ) -> Result<Reply, WireError> {
-        let page = *self
-            .page_size
-            .get_or_insert_with(|| env.with_mem(|m, _| m.page_size()));
+        let page = self.page_size(env);
         match op {
             Op::Status => {
                 let now = env.now_ns();

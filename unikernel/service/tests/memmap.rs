@@ -6,30 +6,15 @@ mod common;
 
 use std::sync::atomic::Ordering;
 
-use common::{under_lock, ALLOCS_UNDER_LOCK};
+use common::{LockEnv, ALLOCS_UNDER_LOCK};
 
 use memd_mm::arena::HostMm;
 use memd_mm::MemoryManager;
-use memd_service::{BlockDevice, Config, ConnId, Env, Service};
+use memd_service::{Config, ConnId, Service};
 use memd_wire::*;
 
 #[global_allocator]
 static GLOBAL: common::Guard = common::Guard;
-
-struct LockEnv<'a>(&'a mut MemoryManager);
-
-impl Env for LockEnv<'_> {
-    type Mem = MemoryManager;
-    fn with_mem<R>(
-        &mut self,
-        f: impl FnOnce(&mut MemoryManager, Option<&mut dyn BlockDevice>) -> R,
-    ) -> R {
-        under_lock(|| f(self.0, None))
-    }
-    fn now_ns(&mut self) -> u64 {
-        1
-    }
-}
 
 struct Harness {
     mm: HostMm,

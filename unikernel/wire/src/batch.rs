@@ -90,6 +90,10 @@ impl Scratch {
     }
 }
 
+/// Most bytes one plain result (`Ok` of `Done`, `Object` or `Pages`)
+/// takes: its tags and three varints.
+pub const PLAIN_RESULT_MAX: usize = 8 + 3 * 10;
+
 /// Bytes kept for the result count: two varint bytes hold counts up to
 /// 16 383, above [`crate::MAX_BATCH_OPS`].
 const COUNT_ROOM: usize = 2;
@@ -166,28 +170,15 @@ impl<'a> BatchReplyWriter<'a> {
         reserve: usize,
     ) -> Result<(), FrameError> {
         let before = self.out.len();
-        let out = &mut *self.out;
         match result {
-            Ok(Reply::Done) => Scratch::new(&self.done).append_to(out),
-            Ok(Reply::Object { handle, addr, size }) => {
-                let mut s = Scratch::new(&self.object);
-                s.varint(*handle);
-                s.varint(*addr);
-                s.varint(*size);
-                s.append_to(out);
-            }
+            Ok(Reply::Done) => self.write_done(),
+            Ok(Reply::Object { handle, addr, size }) => self.write_object(*handle, *addr, *size),
             Ok(Reply::Pages {
                 handle,
                 phys,
                 order,
-            }) => {
-                let mut s = Scratch::new(&self.pages);
-                s.varint(*handle);
-                s.varint(*phys);
-                s.byte(*order);
-                s.append_to(out);
-            }
-            r => encode_into(r, out)?,
+            }) => self.write_pages(*handle, *phys, *order),
+            r => encode_into(r, self.out)?,
         }
         let body = self.body();
         if body.saturating_add(reserve) > MAX_FRAME {
@@ -196,6 +187,62 @@ impl<'a> BatchReplyWriter<'a> {
         }
         self.count += 1;
         Ok(())
+    }
+
+    /// Whether one more plain result ([`BatchReplyWriter::push_done`],
+    /// `push_object`, `push_pages`) fits both the frame, keeping `reserve`
+    /// bytes, and the buffer's capacity: then writing it cannot allocate,
+    /// which matters under the memory manager's lock.
+    pub fn plain_fits(&self, reserve: usize) -> bool {
+        self.out.capacity() - self.out.len() >= PLAIN_RESULT_MAX
+            && self.room() >= PLAIN_RESULT_MAX.saturating_add(reserve)
+    }
+
+    /// Makes room in the buffer for `n` more plain results.
+    pub fn reserve_plain(&mut self, n: usize) {
+        self.out
+            .reserve(n.saturating_mul(PLAIN_RESULT_MAX).min(self.room()));
+    }
+
+    /// Appends `Ok(Reply::Done)`. The frame's limit is the caller's to
+    /// check ([`BatchReplyWriter::plain_fits`]).
+    pub fn push_done(&mut self) {
+        self.write_done();
+        self.count += 1;
+    }
+
+    /// Appends `Ok(Reply::Object { handle, addr, size })`; see
+    /// [`BatchReplyWriter::push_done`].
+    pub fn push_object(&mut self, handle: u64, addr: u64, size: u64) {
+        self.write_object(handle, addr, size);
+        self.count += 1;
+    }
+
+    /// Appends `Ok(Reply::Pages { handle, phys, order })`; see
+    /// [`BatchReplyWriter::push_done`].
+    pub fn push_pages(&mut self, handle: u64, phys: u64, order: u8) {
+        self.write_pages(handle, phys, order);
+        self.count += 1;
+    }
+
+    fn write_done(&mut self) {
+        Scratch::new(&self.done).append_to(self.out);
+    }
+
+    fn write_object(&mut self, handle: u64, addr: u64, size: u64) {
+        let mut s = Scratch::new(&self.object);
+        s.varint(handle);
+        s.varint(addr);
+        s.varint(size);
+        s.append_to(self.out);
+    }
+
+    fn write_pages(&mut self, handle: u64, phys: u64, order: u8) {
+        let mut s = Scratch::new(&self.pages);
+        s.varint(handle);
+        s.varint(phys);
+        s.byte(order);
+        s.append_to(self.out);
     }
 
     /// Writes the count and the frame's length: the frame is complete.
@@ -280,8 +327,36 @@ mod tests {
                 w.push(r, 0).unwrap();
             }
             w.finish().unwrap();
-            proptest::prop_assert_eq!(out, to_frame(&Response::Batch(results)).unwrap());
+            proptest::prop_assert_eq!(&out, &to_frame(&Response::Batch(results.clone())).unwrap());
+
+            let mut plain = Vec::new();
+            let mut w = BatchReplyWriter::new(&mut plain, 0).unwrap();
+            w.push_object(handle, addr, size);
+            w.push_pages(handle, addr, order);
+            w.push_done();
+            for r in &results[3..] {
+                w.push(r, 0).unwrap();
+            }
+            w.finish().unwrap();
+            proptest::prop_assert_eq!(plain, out);
         }
+    }
+
+    #[test]
+    fn reserved_plain_results_never_grow_the_buffer() {
+        let mut out = Vec::new();
+        let mut w = BatchReplyWriter::new(&mut out, 0).unwrap();
+        w.reserve_plain(1000);
+        let capacity = w.out.capacity();
+        for i in 0..1000u64 {
+            assert!(w.plain_fits(128));
+            w.push_object(u64::MAX - i, u64::MAX, u64::MAX);
+        }
+        while w.plain_fits(128) {
+            w.push_object(u64::MAX, u64::MAX, u64::MAX);
+        }
+        assert_eq!(w.out.capacity(), capacity, "the buffer never grew");
+        assert!(w.out.capacity() - w.out.len() < PLAIN_RESULT_MAX);
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub mod msg;
 pub mod pattern;
 pub mod stats;
 
-pub use batch::BatchReplyWriter;
+pub use batch::{BatchReplyWriter, PLAIN_RESULT_MAX};
 pub use batch_decode::decode_request;
 pub use error::{errno, errno_name, WireError};
 pub use flags::{DmaMask, Gfp, SlabFlags};

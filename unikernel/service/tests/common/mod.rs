@@ -55,6 +55,23 @@ pub fn under_lock<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// An [`Env`] over the real memd-mm that flags every borrow like the
+/// kernel's lock, so [`Guard`] counts heap use inside it.
+pub struct LockEnv<'a>(pub &'a mut memd_mm::MemoryManager);
+
+impl memd_service::Env for LockEnv<'_> {
+    type Mem = memd_mm::MemoryManager;
+    fn with_mem<R>(
+        &mut self,
+        f: impl FnOnce(&mut memd_mm::MemoryManager, Option<&mut dyn BlockDevice>) -> R,
+    ) -> R {
+        under_lock(|| f(self.0, None))
+    }
+    fn now_ns(&mut self) -> u64 {
+        1
+    }
+}
+
 /// A model memory manager: a byte budget, and a record of every live
 /// allocation with backing storage for DMA buffers. Freeing something it did
 /// not hand out is an error (and is counted), so leaks and double frees in

@@ -1,0 +1,211 @@
+//! A batch's runs of plain allocations and frees, each run under one hold
+//! of the memory manager, like Linux's `kmem_cache_alloc_bulk` and
+//! `release_pages` take a lock once for many objects.
+//!
+//! Through the general path every batched kmalloc took and dropped the
+//! allocator's lock, switched the page owner twice, built a
+//! `Result<Reply, WireError>` and dropped it again: more work than the
+//! allocation itself. Here consecutive kmalloc, kfree, alloc-pages and
+//! free-pages operations run inside one [`Env::with_mem`], and their
+//! results go straight into the reply frame.
+//!
+//! Nothing in a run may allocate: the handle table and the reply buffer
+//! are grown beforehand, and every step checks that they still have room.
+//! Whatever a run cannot finish without the heap — an operation of another
+//! kind, an unknown handle, a quota refusal, a full frame — ends the run
+//! before that operation, which then takes the general path and gets
+//! exactly the reply it always did. Only the memory manager's own refusal
+//! happens inside a run; its message is static, and the caller reports it.
+
+use memd_wire::{BatchReplyWriter, Gfp, Op};
+
+use super::{Conn, Res, Service, FINAL_ENTRY_ROOM};
+use crate::env::Env;
+use crate::handles::HandleTable;
+use crate::memory::{MemError, Memory};
+use crate::ConnId;
+
+/// An operation a run takes.
+#[derive(Clone, Copy)]
+enum BulkOp {
+    Kmalloc { size: u64, gfp: Gfp },
+    Kfree { handle: u64 },
+    AllocPages { order: u8, gfp: Gfp },
+    FreePages { handle: u64 },
+}
+
+impl BulkOp {
+    fn of(op: &Op) -> Option<BulkOp> {
+        Some(match *op {
+            Op::Kmalloc { size, gfp } => BulkOp::Kmalloc { size, gfp },
+            Op::Kfree { handle } => BulkOp::Kfree { handle },
+            Op::AllocPages { order, gfp } => BulkOp::AllocPages { order, gfp },
+            Op::FreePages { handle } => BulkOp::FreePages { handle },
+            _ => return None,
+        })
+    }
+
+    fn allocates(self) -> bool {
+        matches!(self, BulkOp::Kmalloc { .. } | BulkOp::AllocPages { .. })
+    }
+}
+
+/// How far a run got.
+pub(super) struct Run {
+    /// Operations run, their results written, except for `refused`'s.
+    pub ran: usize,
+    /// The memory manager refused the last operation run; its error entry
+    /// is the caller's to write.
+    pub refused: Option<MemError>,
+}
+
+/// What one step of a run did.
+enum Step {
+    Ran,
+    Refused(MemError),
+    /// Not run: the general path takes it.
+    Leave,
+}
+
+impl<M: Memory> Service<M> {
+    /// Runs the plain allocations and frees at the front of `ops` under one
+    /// hold of the memory manager.
+    pub(super) fn run_bulk<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        conn: ConnId,
+        ops: &[Op],
+        reply: &mut BatchReplyWriter,
+    ) -> Run {
+        let (mut allocs, mut frees) = (0, 0);
+        for op in ops.iter().map_while(BulkOp::of) {
+            if op.allocates() {
+                allocs += 1;
+            } else {
+                frees += 1;
+            }
+        }
+        let mut run = Run {
+            ran: 0,
+            refused: None,
+        };
+        if allocs + frees == 0 {
+            return run;
+        }
+        let page = self.page_size(env);
+        let quota = self.config.quota;
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return run;
+        };
+        let room = (quota.handles as usize).saturating_sub(c.handles.len());
+        c.handles.reserve(allocs.min(room), frees);
+        reply.reserve_plain(allocs + frees);
+        env.with_mem(|m, _| {
+            m.set_owner(conn);
+            for op in ops.iter().map_while(BulkOp::of) {
+                if !reply.plain_fits(FINAL_ENTRY_ROOM) {
+                    break;
+                }
+                match step(m, c, &quota, page, op, reply) {
+                    Step::Ran => run.ran += 1,
+                    Step::Refused(e) => {
+                        run.ran += 1;
+                        run.refused = Some(e);
+                        break;
+                    }
+                    Step::Leave => break,
+                }
+            }
+        });
+        c.requests += run.ran as u64;
+        c.errors += u64::from(run.refused.is_some());
+        self.requests += run.ran as u64;
+        run
+    }
+}
+
+/// One operation of a run, exactly as `Service::dispatch` would run it,
+/// or [`Step::Leave`] when that would need the heap or end in an error
+/// of the service's own.
+fn step<M: Memory>(
+    m: &mut M,
+    c: &mut Conn<M>,
+    quota: &memd_wire::Quota,
+    page: u64,
+    op: BulkOp,
+    reply: &mut BatchReplyWriter,
+) -> Step {
+    match op {
+        BulkOp::Kmalloc { size, gfp } => {
+            if c.handles.free_slots() == 0 || c.over_quota(quota, 0, size).is_some() {
+                return Step::Leave;
+            }
+            match m.kmalloc(size, gfp) {
+                Ok(obj) => {
+                    let Some(handle) =
+                        c.file(Res::Kmalloc(obj), page, HandleTable::insert_reserved)
+                    else {
+                        unreachable!("step checked for a free slot")
+                    };
+                    reply.push_object(handle, obj.addr, obj.size);
+                    Step::Ran
+                }
+                Err(e) => Step::Refused(e),
+            }
+        }
+        BulkOp::AllocPages { order, gfp } => {
+            if order >= 64
+                || c.handles.free_slots() == 0
+                || c.over_quota(quota, 1 << order, page << order).is_some()
+            {
+                return Step::Leave;
+            }
+            match m.alloc_pages(order, gfp) {
+                Ok(phys) => {
+                    let Some(handle) = c.file(
+                        Res::Pages { phys, order },
+                        page,
+                        HandleTable::insert_reserved,
+                    ) else {
+                        unreachable!("step checked for a free slot")
+                    };
+                    reply.push_pages(handle, phys, order);
+                    Step::Ran
+                }
+                Err(e) => Step::Refused(e),
+            }
+        }
+        BulkOp::Kfree { handle } => {
+            let Some(&Res::Kmalloc(obj)) = c.handles.get(handle) else {
+                return Step::Leave;
+            };
+            if c.handles.removes_without_growing() == 0 {
+                return Step::Leave;
+            }
+            match m.kfree(obj) {
+                Ok(()) => {
+                    c.unfile(handle, page);
+                    reply.push_done();
+                    Step::Ran
+                }
+                Err(e) => Step::Refused(e),
+            }
+        }
+        BulkOp::FreePages { handle } => {
+            let Some(&Res::Pages { phys, order }) = c.handles.get(handle) else {
+                return Step::Leave;
+            };
+            if c.handles.removes_without_growing() == 0 {
+                return Step::Leave;
+            }
+            match m.free_pages(phys, order) {
+                Ok(()) => {
+                    c.unfile(handle, page);
+                    reply.push_done();
+                    Step::Ran
+                }
+                Err(e) => Step::Refused(e),
+            }
+        }
+    }
+}
