@@ -272,12 +272,7 @@ type Inserter<M> = fn(&mut HandleTable<Res<M>>, Res<M>) -> Result<u64, Res<M>>;
 impl<M: Memory> Conn<M> {
     /// Files `res` under a new handle by `insert` (which may or may not
     /// grow the table) and charges it; None when the table is full.
-    fn file(
-        &mut self,
-        res: Res<M>,
-        page: u64,
-        insert: Inserter<M>,
-    ) -> Option<u64> {
+    fn file(&mut self, res: Res<M>, page: u64, insert: Inserter<M>) -> Option<u64> {
         let (pages, bytes) = res.charge(page);
         let handle = insert(&mut self.handles, res).ok()?;
         self.pages += pages;

@@ -47,18 +47,18 @@ impl Tags {
     }
 }
 
-/// One result's bytes, assembled on the stack and appended in one copy:
-/// pushing them one by one onto the vector cost a length and capacity
-/// update per byte.
+/// One result's bytes, assembled on the stack and appended in one copy of
+/// fixed size: pushing them one by one onto the vector cost a length and
+/// capacity update per byte, and a copy of variable length is a call.
 struct Scratch {
-    bytes: [u8; 8 + 3 * 10],
+    bytes: [u8; PLAIN_RESULT_MAX],
     len: usize,
 }
 
 impl Scratch {
     fn new(tags: &Tags) -> Scratch {
         let mut s = Scratch {
-            bytes: [0; 8 + 3 * 10],
+            bytes: [0; PLAIN_RESULT_MAX],
             len: tags.len,
         };
         s.bytes[..8].copy_from_slice(&tags.bytes);
@@ -72,12 +72,10 @@ impl Scratch {
     /// `v` as postcard writes integers wider than a byte.
     fn varint(&mut self, mut v: u64) {
         while v >= 0x80 {
-            self.bytes[self.len] = v as u8 | 0x80;
-            self.len += 1;
+            self.byte(v as u8 | 0x80);
             v >>= 7;
         }
-        self.bytes[self.len] = v as u8;
-        self.len += 1;
+        self.byte(v as u8);
     }
 
     fn byte(&mut self, b: u8) {
@@ -86,7 +84,9 @@ impl Scratch {
     }
 
     fn append_to(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(self.written());
+        let end = out.len() + self.len;
+        out.extend_from_slice(&self.bytes);
+        out.truncate(end);
     }
 }
 
@@ -339,6 +339,34 @@ mod tests {
             }
             w.finish().unwrap();
             proptest::prop_assert_eq!(plain, out);
+        }
+    }
+
+    #[test]
+    fn varints_match_postcard_at_every_length_boundary() {
+        let edges: Vec<u64> = (0..64)
+            .flat_map(|k| [(1u64 << k) - 1, 1 << k, (1 << k) + 1])
+            .chain([u64::MAX])
+            .collect();
+        for &v in &edges {
+            let results = vec![
+                Ok(Reply::Object {
+                    handle: v,
+                    addr: v,
+                    size: v,
+                }),
+                Ok(Reply::Pages {
+                    handle: v,
+                    phys: v,
+                    order: 3,
+                }),
+            ];
+            let mut out = Vec::new();
+            let mut w = BatchReplyWriter::new(&mut out, 0).unwrap();
+            w.push_object(v, v, v);
+            w.push_pages(v, v, 3);
+            w.finish().unwrap();
+            assert_eq!(out, to_frame(&Response::Batch(results)).unwrap(), "{v:#x}");
         }
     }
 
