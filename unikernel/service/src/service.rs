@@ -1,4 +1,9 @@
 //! Connections, sessions, handles, quotas and dispatch.
+//!
+//! The operation families that need more than a few lines live beside it:
+//! `bulk` runs a batch's plain allocations and frees under one hold of
+//! the memory manager, `caches` has slab caches and mempools, `dma` the
+//! DMA buffers and the disk.
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
@@ -8,18 +13,21 @@ use alloc::vec::Vec;
 
 use memd_wire::{
     decode_request, encode_frame, errno, Batch, BatchReplyWriter, CheckReport, ClientInfo,
-    DmaBufferInfo, DmaMask, FrameDecoder, FrameError, Gfp, Hello, HelloAck, Op, PoolBacking, Quota,
-    Reply, Request, Response, Status, WireError, MAX_BATCH_OPS, MAX_IO, MAX_NAME_LEN,
-    PROTOCOL_VERSION,
+    DmaBufferInfo, DmaMask, FrameDecoder, FrameError, Hello, HelloAck, Op, Quota, Reply, Request,
+    Response, Status, WireError, MAX_BATCH_OPS, MAX_IO, MAX_NAME_LEN, PROTOCOL_VERSION,
 };
 
 use crate::conns::ConnTable;
-use crate::env::{Env, SECTOR};
+use crate::env::Env;
 use crate::handles::{HandleTable, MAX_HANDLES};
-use crate::memory::{Backing, MemError, Memory, Obj, View};
+use crate::memory::{MemError, Memory, Obj, View};
 use crate::stress;
 
 mod bulk;
+mod caches;
+mod dma;
+
+use caches::Parent;
 
 /// A connection's id; also the owner tag of what it allocates.
 pub use crate::conns::ConnId;
@@ -134,100 +142,6 @@ impl<M: Memory> Res<M> {
             Res::PoolObj { .. } => "mempool element",
             Res::Dma { .. } => "DMA buffer",
         }
-    }
-}
-
-/// A handle kind that hands out child objects: a slab cache (children
-/// are `Res::CacheObj`) or a mempool (children are `Res::PoolObj`).
-#[derive(Clone, Copy)]
-enum Parent {
-    Cache,
-    Pool,
-}
-
-/// A parent's id in the memory manager.
-enum ParentId<M: Memory> {
-    Cache(M::CacheId),
-    Pool(M::PoolId),
-}
-
-impl<M: Memory> ParentId<M> {
-    /// Runs inside [`Env::with_mem`]: must not allocate.
-    fn alloc(self, m: &mut M, gfp: Gfp) -> Result<Obj, MemError> {
-        match self {
-            ParentId::Cache(id) => m.cache_alloc(id, gfp),
-            ParentId::Pool(id) => m.pool_alloc(id, gfp),
-        }
-    }
-
-    /// Runs inside [`Env::with_mem`]: must not allocate.
-    fn free(self, m: &mut M, addr: u64) -> Result<(), MemError> {
-        match self {
-            ParentId::Cache(id) => m.cache_free(id, addr),
-            ParentId::Pool(id) => m.pool_free(id, addr),
-        }
-    }
-}
-
-impl Parent {
-    /// The parent's kind, as [`Res::kind`] names it.
-    fn name(self) -> &'static str {
-        match self {
-            Parent::Cache => "cache",
-            Parent::Pool => "mempool",
-        }
-    }
-
-    /// The child's kind, as [`Res::kind`] names it.
-    fn child_name(self) -> &'static str {
-        match self {
-            Parent::Cache => "cache object",
-            Parent::Pool => "mempool element",
-        }
-    }
-
-    /// The id and per-object size of `res`, if it is a parent of this kind.
-    fn id_size<M: Memory>(self, res: &Res<M>) -> Option<(ParentId<M>, u64)> {
-        match (self, res) {
-            (Parent::Cache, Res::Cache { id, size, .. }) => Some((ParentId::Cache(*id), *size)),
-            (Parent::Pool, Res::Pool { id, elem, .. }) => Some((ParentId::Pool(*id), *elem)),
-            _ => None,
-        }
-    }
-
-    /// The count of children out, if `res` is a parent of this kind.
-    fn objects<M: Memory>(self, res: &mut Res<M>) -> Option<&mut u64> {
-        match (self, res) {
-            (Parent::Cache, Res::Cache { objects, .. })
-            | (Parent::Pool, Res::Pool { objects, .. }) => Some(objects),
-            _ => None,
-        }
-    }
-
-    /// A child of handle `parent`.
-    fn child<M: Memory>(self, parent: u64, obj: Obj) -> Res<M> {
-        match self {
-            Parent::Cache => Res::CacheObj { cache: parent, obj },
-            Parent::Pool => Res::PoolObj { pool: parent, obj },
-        }
-    }
-
-    /// The parent handle and object of `res`, if it is a child of this kind.
-    fn child_of<M: Memory>(self, res: &Res<M>) -> Option<(u64, Obj)> {
-        match (self, res) {
-            (Parent::Cache, Res::CacheObj { cache: p, obj })
-            | (Parent::Pool, Res::PoolObj { pool: p, obj }) => Some((*p, *obj)),
-            _ => None,
-        }
-    }
-
-    /// `object` is a child of `actual`, not of `parent`.
-    fn not_its_child(self, object: u64, actual: u64, parent: u64) -> WireError {
-        let msg = match self {
-            Parent::Cache => format!("object {object} belongs to cache {actual}, not {parent}"),
-            Parent::Pool => format!("element {object} belongs to pool {actual}, not {parent}"),
-        };
-        err(errno::EINVAL, msg)
     }
 }
 
@@ -705,70 +619,6 @@ impl<M: Memory> Service<M> {
         self.conns.get_mut(&conn)?.handles.get_mut(h)
     }
 
-    /// Allocates one object from the cache or mempool `parent` names
-    /// (`Op::CacheAlloc`, `Op::PoolAlloc`).
-    fn alloc_child<E: Env<Mem = M>>(
-        &mut self,
-        env: &mut E,
-        conn: ConnId,
-        kind: Parent,
-        parent: u64,
-        gfp: Gfp,
-        page: u64,
-    ) -> Result<Reply, WireError> {
-        let r = self.get(conn, parent)?;
-        let (id, size) = match kind.id_size(r) {
-            Some(v) => v,
-            None => return Err(wrong_kind(parent, kind.name(), r.kind())),
-        };
-        self.check_quota(conn, 0, size)?;
-        let obj = env
-            .with_mem(|m, _| {
-                m.set_owner(conn);
-                id.alloc(m, gfp)
-            })
-            .map_err(mem_err)?;
-        if let Some(objects) = self.get_mut(conn, parent).and_then(|r| kind.objects(r)) {
-            *objects += 1;
-        }
-        let handle = self.insert(conn, kind.child(parent, obj), page);
-        Ok(Reply::Object {
-            handle,
-            addr: obj.addr,
-            size: obj.size,
-        })
-    }
-
-    /// Frees `object` back to the cache or mempool `parent` names
-    /// (`Op::CacheFree`, `Op::PoolFree`).
-    fn free_child<E: Env<Mem = M>>(
-        &mut self,
-        env: &mut E,
-        conn: ConnId,
-        kind: Parent,
-        parent: u64,
-        object: u64,
-        page: u64,
-    ) -> Result<Reply, WireError> {
-        let r = self.get(conn, parent)?;
-        let id = match kind.id_size(r) {
-            Some((id, _)) => id,
-            None => return Err(wrong_kind(parent, kind.name(), r.kind())),
-        };
-        let r = self.get(conn, object)?;
-        let addr = match kind.child_of(r) {
-            Some((p, obj)) if p == parent => obj.addr,
-            Some((p, _)) => return Err(kind.not_its_child(object, p, parent)),
-            None => return Err(wrong_kind(object, kind.child_name(), r.kind())),
-        };
-        env.with_mem(|m, _| id.free(m, addr)).map_err(mem_err)?;
-        self.remove(conn, object, page);
-        if let Some(objects) = self.get_mut(conn, parent).and_then(|r| kind.objects(r)) {
-            *objects -= 1;
-        }
-        Ok(Reply::Done)
-    }
-
     fn page_size<E: Env<Mem = M>>(&mut self, env: &mut E) -> u64 {
         *self
             .page_size
@@ -947,71 +797,13 @@ impl<M: Memory> Service<M> {
             Op::CacheFree { cache, object } => {
                 self.free_child(env, conn, Parent::Cache, cache, object, page)
             }
-            Op::CacheShrink { cache } => {
-                let id = match self.get(conn, cache)? {
-                    Res::Cache { id, .. } => *id,
-                    r => return Err(wrong_kind(cache, "cache", r.kind())),
-                };
-                let pages = env.with_mem(|m, _| m.cache_shrink(id)).map_err(mem_err)?;
-                Ok(Reply::Shrunk { pages })
-            }
+            Op::CacheShrink { cache } => self.cache_shrink(env, conn, cache),
             Op::DropCaches => Ok(Reply::Shrunk {
                 pages: env.with_mem(|m, _| m.drop_caches()),
             }),
-            Op::CacheDestroy { cache } => {
-                let id = match self.get(conn, cache)? {
-                    Res::Cache { pools, .. } if *pools > 0 => {
-                        return Err(err(
-                            errno::EBUSY,
-                            format!("cache {cache} backs {pools} mempool(s)"),
-                        ))
-                    }
-                    Res::Cache { id, .. } => *id,
-                    r => return Err(wrong_kind(cache, "cache", r.kind())),
-                };
-                env.with_mem(|m, _| m.cache_destroy(id)).map_err(mem_err)?;
-                self.remove(conn, cache, page);
-                Ok(Reply::Done)
-            }
-
+            Op::CacheDestroy { cache } => self.cache_destroy(env, conn, cache, page),
             Op::PoolCreate { backing, min_nr } => {
-                let (backing, cache, elem) = match backing {
-                    PoolBacking::Cache(h) => match self.get(conn, h)? {
-                        Res::Cache { id, size, .. } => (Backing::Cache(*id), Some(h), *size),
-                        r => return Err(wrong_kind(h, "cache", r.kind())),
-                    },
-                    PoolBacking::Kmalloc { size } => (Backing::Kmalloc(size), None, size as u64),
-                    PoolBacking::Pages { order } => {
-                        if order >= 64 {
-                            return Err(err(errno::EINVAL, format!("order {order} out of range")));
-                        }
-                        (Backing::Pages(order), None, page << order)
-                    }
-                };
-                let reserve = elem.saturating_mul(min_nr as u64);
-                self.check_quota(conn, 0, reserve)?;
-                let (id, elem) = env
-                    .with_mem(|m, _| {
-                        m.set_owner(conn);
-                        m.pool_create(backing, min_nr)
-                    })
-                    .map_err(mem_err)?;
-                if let Some(h) = cache {
-                    if let Some(Res::Cache { pools, .. }) = self.get_mut(conn, h) {
-                        *pools += 1;
-                    }
-                }
-                let reserve = elem.saturating_mul(min_nr as u64);
-                let res = Res::Pool {
-                    id,
-                    cache,
-                    elem,
-                    objects: 0,
-                    reserve,
-                };
-                Ok(Reply::Created {
-                    handle: self.insert(conn, res, page),
-                })
+                self.pool_create(env, conn, backing, min_nr, page)
             }
             Op::PoolAlloc { pool, gfp } => {
                 self.alloc_child(env, conn, Parent::Pool, pool, gfp, page)
@@ -1019,232 +811,28 @@ impl<M: Memory> Service<M> {
             Op::PoolFree { pool, object } => {
                 self.free_child(env, conn, Parent::Pool, pool, object, page)
             }
-            Op::PoolDestroy { pool } => {
-                let (id, cache) = match self.get(conn, pool)? {
-                    Res::Pool { objects, .. } if *objects > 0 => {
-                        return Err(err(
-                            errno::EBUSY,
-                            format!("mempool {pool} has {objects} element(s) out"),
-                        ))
-                    }
-                    Res::Pool { id, cache, .. } => (*id, *cache),
-                    r => return Err(wrong_kind(pool, "mempool", r.kind())),
-                };
-                env.with_mem(|m, _| m.pool_destroy(id)).map_err(mem_err)?;
-                self.remove(conn, pool, page);
-                if let Some(h) = cache {
-                    if let Some(Res::Cache { pools, .. }) = self.get_mut(conn, h) {
-                        *pools -= 1;
-                    }
-                }
-                Ok(Reply::Done)
-            }
+            Op::PoolDestroy { pool } => self.pool_destroy(env, conn, pool, page),
 
-            Op::DmaAlloc { len, align, mask } => {
-                if len == 0 {
-                    return Err(err(errno::EINVAL, "zero-length DMA buffer"));
-                }
-                if align != 0 && !align.is_power_of_two() {
-                    return Err(err(
-                        errno::EINVAL,
-                        format!("alignment {align} is not a power of two"),
-                    ));
-                }
-                let max_block = page << env.with_mem(|m, _| m.max_order()).saturating_sub(1);
-                // A request the reservation can never serve is refused with
-                // the reason, before the quota or the allocator see it.
-                if len > max_block {
-                    if let Some(why) = dma_refusal(&cma_info(env), len, mask, max_block) {
-                        return Err(err(errno::ENOMEM, why));
-                    }
-                }
-                self.check_quota(conn, len.div_ceil(page), len)?;
-                let buf = env
-                    .with_mem(|m, _| {
-                        m.set_owner(conn);
-                        m.dma_alloc(len, align, mask)
-                    })
-                    .map_err(|e| {
-                        if e.code != errno::ENOMEM {
-                            return mem_err(e);
-                        }
-                        let why = if len > max_block {
-                            let c = cma_info(env);
-                            format!(
-                                "no free {} contiguous below the {}-bit mask: the DMA reservation's largest free range is {}",
-                                size(len),
-                                mask.bits(),
-                                size(c.largest_free)
-                            )
-                        } else {
-                            format!(
-                                "no free {} block below the {}-bit mask ({:#x}) in the buddy, and the DMA reservation cannot serve it",
-                                size(len.next_power_of_two().max(page)),
-                                mask.bits(),
-                                mask_limit(mask)
-                            )
-                        };
-                        err(errno::ENOMEM, why)
-                    })?;
-                let facts = env.with_mem(|m, _| m.dma_facts(&buf));
-                let mut info = DmaBufferInfo {
-                    // Known once filed, below.
-                    handle: 0,
-                    conn,
-                    phys: facts.phys,
-                    len: facts.len,
-                    align: if align == 0 { page } else { align },
-                    mask,
-                    source: facts.source,
-                    zone: memd_mm::ZoneType::of_pfn(facts.phys / page).name().into(),
-                    owner: memd_wire::DmaOwner::Client {
-                        name: self
-                            .conns
-                            .get(&conn)
-                            .map(|c| c.name.clone())
-                            .unwrap_or_default(),
-                    },
-                };
-                let res: Res<M> = Res::Dma {
-                    buf,
-                    info: Box::new(info.clone()),
-                };
-                info.handle = self.insert(conn, res, page);
-                if let Some(Res::Dma { info: filed, .. }) = self.get_mut(conn, info.handle) {
-                    filed.handle = info.handle;
-                }
-                Ok(Reply::Dma(Box::new(info)))
-            }
-            Op::DmaFree { handle } => match self.get(conn, handle)? {
-                Res::Dma { .. } => {
-                    let Some(Res::Dma { buf, .. }) = self.remove(conn, handle, page) else {
-                        return Err(no_handle(handle));
-                    };
-                    env.with_mem(|m, _| m.dma_free(buf)).map_err(mem_err)?;
-                    Ok(Reply::Done)
-                }
-                r => Err(wrong_kind(handle, "DMA buffer", r.kind())),
-            },
+            Op::DmaAlloc { len, align, mask } => self.dma_alloc(env, conn, len, align, mask, page),
+            Op::DmaFree { handle } => self.dma_free(env, conn, handle, page),
             Op::DmaWrite {
                 handle,
                 offset,
                 data,
-            } => {
-                let (buf, buf_len) = self.dma(conn, handle)?;
-                let start = range(offset, data.len() as u64, buf_len)?;
-                env.with_mem(|m, _| {
-                    m.dma_bytes(buf)
-                        .map(|b| b[start..start + data.len()].copy_from_slice(&data))
-                })
-                .map_err(mem_err)?;
-                Ok(Reply::Done)
-            }
+            } => self.dma_write(env, conn, handle, offset, &data),
             Op::DmaRead {
                 handle,
                 offset,
                 len,
-            } => {
-                let len = len as usize;
-                if len > *io_budget {
-                    return Err(err(
-                        errno::E2BIG,
-                        format!(
-                            "read of {len} bytes exceeds the {} left in this reply",
-                            *io_budget
-                        ),
-                    ));
-                }
-                let (buf, buf_len) = self.dma(conn, handle)?;
-                let start = range(offset, len as u64, buf_len)?;
-                let mut data = alloc::vec![0u8; len];
-                env.with_mem(|m, _| {
-                    m.dma_bytes(buf)
-                        .map(|b| data.copy_from_slice(&b[start..start + len]))
-                })
-                .map_err(mem_err)?;
-                *io_budget -= len;
-                Ok(Reply::Data(data))
-            }
-            Op::DmaFill { handle, seed } => {
-                let (buf, _) = self.dma(conn, handle)?;
-                env.with_mem(|m, _| {
-                    m.dma_bytes(buf)
-                        .map(|b| memd_wire::fill_pattern(seed, 0, b))
-                })
-                .map_err(mem_err)?;
-                Ok(Reply::Done)
-            }
+            } => self.dma_read(env, conn, handle, offset, len, io_budget),
+            Op::DmaFill { handle, seed } => self.dma_fill(env, conn, handle, seed),
             Op::DmaChecksum {
                 handle,
                 offset,
                 len,
-            } => {
-                let (buf, buf_len) = self.dma(conn, handle)?;
-                let total = buf_len;
-                let len = if len == 0 {
-                    total.saturating_sub(offset)
-                } else {
-                    len
-                };
-                let start = range(offset, len, total)?;
-                let sum = env
-                    .with_mem(|m, _| {
-                        m.dma_bytes(buf)
-                            .map(|b| memd_wire::checksum(&b[start..start + len as usize]))
-                    })
-                    .map_err(mem_err)?;
-                Ok(Reply::Checksum(sum))
-            }
-            Op::DmaWriteDisk { handle, sector } | Op::DmaReadDisk { handle, sector } => {
-                let write = matches!(op, Op::DmaWriteDisk { .. });
-                let (buf, buf_len) = self.dma(conn, handle)?;
-                let len = buf_len;
-                if len % SECTOR != 0 {
-                    return Err(err(
-                        errno::EINVAL,
-                        format!("buffer of {len} bytes is not a whole number of sectors"),
-                    ));
-                }
-                // No formatting inside: the closure runs under the allocator lock.
-                let started = env.now_ns();
-                let r = env.with_mem(|m, block| {
-                    let Some(block) = block else {
-                        return Err(DiskError::NoDevice);
-                    };
-                    let cap = block.capacity_sectors();
-                    if sector.checked_add(len / SECTOR).is_none_or(|e| e > cap) {
-                        return Err(DiskError::PastEnd(cap));
-                    }
-                    let bytes = m.dma_bytes(buf).map_err(DiskError::Mem)?;
-                    let r = if write {
-                        block.write(sector, bytes)
-                    } else {
-                        block.read(sector, bytes)
-                    };
-                    r.map_err(DiskError::Io)
-                });
-                let device_ns = env.now_ns().saturating_sub(started);
-                match r {
-                    Ok(t) => Ok(Reply::Transfer(memd_wire::DiskTransfer {
-                        bytes: len,
-                        sector,
-                        requests: t.requests,
-                        descriptors: t.descriptors,
-                        data_descriptors: t.data_descriptors,
-                        device_ns,
-                    })),
-                    Err(DiskError::NoDevice) => Err(err(errno::ENODEV, "no block device attached")),
-                    Err(DiskError::PastEnd(cap)) => Err(err(
-                        errno::EINVAL,
-                        format!(
-                            "sectors {sector}+{} past the end of the disk ({cap} sectors)",
-                            len / SECTOR
-                        ),
-                    )),
-                    Err(DiskError::Io(e)) => Err(err(errno::EIO, e)),
-                    Err(DiskError::Mem(e)) => Err(mem_err(e)),
-                }
-            }
+            } => self.dma_checksum(env, conn, handle, offset, len),
+            Op::DmaWriteDisk { handle, sector } => self.dma_disk(env, conn, handle, sector, true),
+            Op::DmaReadDisk { handle, sector } => self.dma_disk(env, conn, handle, sector, false),
 
             Op::Check => Ok(Reply::Check(match env.with_mem(|m, _| m.check()) {
                 Ok(()) => CheckReport {
@@ -1287,13 +875,6 @@ impl<M: Memory> Service<M> {
         }
     }
 
-    fn dma(&self, conn: ConnId, h: u64) -> Result<(&M::DmaBuf, u64), WireError> {
-        match self.get(conn, h)? {
-            Res::Dma { buf, info } => Ok((buf, info.len)),
-            r => Err(wrong_kind(h, "DMA buffer", r.kind())),
-        }
-    }
-
     fn clients(&self) -> Vec<ClientInfo> {
         self.conns
             .iter()
@@ -1312,96 +893,12 @@ impl<M: Memory> Service<M> {
     }
 }
 
-fn cma_info<E: Env>(env: &mut E) -> memd_wire::CmaInfo {
-    match stats(env, View::Cma) {
-        Reply::Cma(c) => *c,
-        _ => memd_wire::CmaInfo::default(),
-    }
-}
-
-/// One past the highest address a device with `mask` reaches.
-fn mask_limit(mask: DmaMask) -> u64 {
-    match mask.bits() {
-        24 => 1 << 24,
-        32 => 1 << 32,
-        _ => u64::MAX,
-    }
-}
-
-/// Bytes as "N MiB" (or KiB, GiB, bytes) for messages.
-fn size(b: u64) -> String {
-    if b >= 1 << 30 && b.is_multiple_of(1 << 30) {
-        format!("{} GiB", b >> 30)
-    } else if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
-        format!("{} MiB", b >> 20)
-    } else if b >= 1 << 10 && b.is_multiple_of(1 << 10) {
-        format!("{} KiB", b >> 10)
-    } else {
-        format!("{b} bytes")
-    }
-}
-
-/// Why a DMA buffer larger than the buddy's largest block can never be
-/// served from the reservation `cma`, if it cannot.
-fn dma_refusal(
-    cma: &memd_wire::CmaInfo,
-    len: u64,
-    mask: DmaMask,
-    max_block: u64,
-) -> Option<String> {
-    if !cma.present {
-        return Some(format!(
-            "{} is larger than the buddy's largest block ({}) and no DMA region was reserved at boot (memd.dma_reserve=SIZE@ZONE)",
-            size(len),
-            size(max_block)
-        ));
-    }
-    if len > cma.total {
-        return Some(format!(
-            "{} is larger than the DMA reservation ({} at {:#x}, memd.dma_reserve)",
-            size(len),
-            size(cma.total),
-            cma.base
-        ));
-    }
-    let limit = mask_limit(mask);
-    if cma.base.saturating_add(len) > limit {
-        return Some(format!(
-            "the DMA reservation [{:#x}-{:#x}) does not reach below the {}-bit mask ({:#x}) far enough for {}",
-            cma.base,
-            cma.base + cma.total,
-            mask.bits(),
-            limit,
-            size(len)
-        ));
-    }
-    None
-}
-
-enum DiskError {
-    NoDevice,
-    PastEnd(u64),
-    Io(&'static str),
-    Mem(MemError),
-}
-
 /// A statistics reply: snapshot under the lock into a buffer allocated
 /// before it, render after.
 fn stats<E: Env>(env: &mut E, view: View) -> Reply {
     let mut snap = alloc::boxed::Box::<<E::Mem as Memory>::Stats>::default();
     env.with_mem(|m, _| m.snapshot(view, &mut snap));
     <E::Mem as Memory>::render(view, &snap)
-}
-
-/// Checks `[offset, offset+len)` lies within `total`; returns `offset` as usize.
-fn range(offset: u64, len: u64, total: u64) -> Result<usize, WireError> {
-    match offset.checked_add(len) {
-        Some(end) if end <= total => Ok(offset as usize),
-        _ => Err(err(
-            errno::EINVAL,
-            format!("range {offset}+{len} outside the buffer of {total} bytes"),
-        )),
-    }
 }
 
 fn write_response(out: &mut Vec<u8>, resp: &Response) {
