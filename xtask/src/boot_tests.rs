@@ -684,6 +684,21 @@ fn control_port_check(port: u16) -> Result<(), String> {
             ))
         }
     }
+    // Idle, the poll loop halts on the APIC timer instead of spinning: over
+    // half a second with no requests, most of the time is spent halted.
+    let (a, b) = (main.status().map_err(|e| format!("status: {e}"))?, {
+        std::thread::sleep(Duration::from_millis(500));
+        main.status().map_err(|e| format!("status: {e}"))?
+    });
+    match (a.halted_ns, b.halted_ns) {
+        (Some(x), Some(y)) if (y - x) * 2 > b.uptime_ns - a.uptime_ns => {}
+        other => {
+            return Err(format!(
+                "halted time over {} ms idle: {other:?}",
+                (b.uptime_ns - a.uptime_ns) / 1_000_000
+            ))
+        }
+    }
     Ok(())
 }
 

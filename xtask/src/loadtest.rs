@@ -756,6 +756,9 @@ pub struct Report {
     /// The guest's busy time during the run (`Status::busy_ns`), if it
     /// measures it.
     pub busy_ns: Option<u64>,
+    /// The guest's time halted while idle during the run
+    /// (`Status::halted_ns`), if it measures it.
+    pub halted_ns: Option<u64>,
     /// Whether the guest's clock counted instructions (`--icount`).
     pub icount: bool,
 }
@@ -803,6 +806,7 @@ impl Report {
             "p99_us": self.all.p99,
             "max_us": self.all.max,
             "guest_busy_ns": self.busy_ns,
+            "guest_halted_ns": self.halted_ns,
             "icount": self.icount,
             "per_op": per,
             "errors": self.errors.values().sum::<u64>(),
@@ -850,8 +854,11 @@ impl Report {
                 );
             } else {
                 println!(
-                    "guest: busy {:.3} s of {:.3} s, {:.2} us per operation",
+                    "guest: busy {:.3} s{} of {:.3} s, {:.2} us per operation",
                     busy as f64 / 1e9,
+                    self.halted_ns
+                        .map(|h| format!(", halted {:.3} s", h as f64 / 1e9))
+                        .unwrap_or_default(),
                     self.elapsed.as_secs_f64(),
                     per_op / 1e3
                 );
@@ -1014,14 +1021,15 @@ pub fn run_against(addr: &str, token: &str, args: &Args) -> Result<Report> {
         }
     }
 
-    let busy_before = ctl.status().ok().and_then(|s| s.busy_ns);
+    let before = ctl.status().ok();
     let started = Instant::now();
     let (mut tally, fatal) = drive(&opts, args, args.ops, args.time_bound(), large_slots, true);
     let elapsed = started.elapsed();
-    let busy_ns = busy_before.and_then(|b| {
-        let after = ctl.status().ok()?.busy_ns?;
-        Some(after.saturating_sub(b))
-    });
+    let after = ctl.status().ok();
+    let grew = |field: fn(&wire::Status) -> Option<u64>| {
+        Some(field(after.as_ref()?)?.saturating_sub(field(before.as_ref()?)?))
+    };
+    let (busy_ns, halted_ns) = (grew(|s| s.busy_ns), grew(|s| s.halted_ns));
 
     // Faults off before the baseline comparison; read what was injected.
     let mut fault_figures = None;
@@ -1079,6 +1087,7 @@ pub fn run_against(addr: &str, token: &str, args: &Args) -> Result<Report> {
         check_ok,
         exhaust: None,
         busy_ns,
+        halted_ns,
         icount: args.icount,
     })
 }
@@ -1587,6 +1596,7 @@ fn exhaust(
         check_ok,
         exhaust: Some(fig),
         busy_ns: None,
+        halted_ns: None,
         icount: args.icount,
     })
 }

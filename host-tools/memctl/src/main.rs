@@ -481,9 +481,19 @@ fn print_reply(r: &Reply) {
                 t.add_row(vec![
                     "busy".to_string(),
                     format!(
-                        "{:.3} s ({:.1} % of uptime; the rest is idle polling)",
+                        "{:.3} s ({:.1} % of uptime)",
                         busy as f64 / 1e9,
                         busy as f64 * 100.0 / s.uptime_ns.max(1) as f64
+                    ),
+                ]);
+            }
+            if let Some(halted) = s.halted_ns {
+                t.add_row(vec![
+                    "halted".to_string(),
+                    format!(
+                        "{:.3} s ({:.1} % of uptime; the rest is polling)",
+                        halted as f64 / 1e9,
+                        halted as f64 * 100.0 / s.uptime_ns.max(1) as f64
                     ),
                 ]);
             }

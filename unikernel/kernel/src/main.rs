@@ -140,6 +140,15 @@ pub fn kmain(start_info: u64) -> ! {
         if paging.huge_1g { "" } else { " (no 1 GiB pages on this CPU)" }
     );
     info!("kernel image {:#x}-{:#x}", kernel.start, kernel.end);
+    match arch::apic::init() {
+        Ok(hz) => info!(
+            "idle: halts on the local APIC timer ({}.{:03} MHz) after {} us without work",
+            hz / 1_000_000,
+            hz / 1000 % 1000,
+            net::IDLE_BEFORE_HALT_NS / 1000
+        ),
+        Err(e) => warn!("idle: no APIC timer ({e:?}): the poll loop never halts"),
+    }
 
     if let Err(e) = boot::hand_over_memory(&ALLOC, &boot, &paging) {
         error!("memd-mm: initialisation failed: {e}");

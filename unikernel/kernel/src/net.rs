@@ -21,7 +21,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
 
-use crate::arch::time;
+use crate::arch::{self, time};
 use crate::cmdline;
 use crate::drivers::net::NetDevice;
 
@@ -54,6 +54,22 @@ static BUSY_NS: AtomicU64 = AtomicU64::new(0);
 /// [`BUSY_NS`], for the status view.
 pub fn busy_ns() -> u64 {
     BUSY_NS.load(Ordering::Relaxed)
+}
+
+/// How long the loop must have moved no packet before it halts the CPU:
+/// long enough that a loaded service (requests microseconds apart) never
+/// halts, short enough that an idle one stops spinning at once.
+pub const IDLE_BEFORE_HALT_NS: u64 = 1_000_000;
+/// The longest halt, and so the most a packet arriving at an idle service
+/// waits before it is seen (the device does not interrupt; the timer wakes
+/// the loop).
+const MAX_HALT_NS: u64 = 1_000_000;
+/// Nanoseconds halted while idle.
+static HALTED_NS: AtomicU64 = AtomicU64::new(0);
+
+/// [`HALTED_NS`].
+pub fn halted_ns() -> u64 {
+    HALTED_NS.load(Ordering::Relaxed)
 }
 
 /// What to do with a connection after its bytes were handled.
@@ -420,6 +436,7 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, handler: &mut dyn Handler) {
     // Set when a client asks for shutdown: the deadline for flushing replies
     // (a client that never reads must not keep the service up).
     let mut shutdown: Option<u64> = None;
+    let mut last_work = time::uptime_ns();
     loop {
         let pass = time::uptime_ns();
         let packets = dev.stats.rx_packets + dev.stats.tx_packets;
@@ -445,8 +462,19 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, handler: &mut dyn Handler) {
             send_queued(&mut iface, &mut dev, set);
         });
         send_queued(&mut iface, &mut dev, &mut sockets.set);
+        let end = time::uptime_ns();
         if dev.stats.rx_packets + dev.stats.tx_packets != packets {
-            BUSY_NS.fetch_add(time::uptime_ns() - pass, Ordering::Relaxed);
+            BUSY_NS.fetch_add(end - pass, Ordering::Relaxed);
+            last_work = end;
+        } else if end - last_work > IDLE_BEFORE_HALT_NS && shutdown.is_none() {
+            let due = iface
+                .poll_delay(instant(end), &sockets.set)
+                .map_or(MAX_HALT_NS, |d| d.total_micros() * 1000);
+            if due > 0 {
+                let halt = time::uptime_ns();
+                arch::apic::halt_for(due.min(MAX_HALT_NS));
+                HALTED_NS.fetch_add(time::uptime_ns() - halt, Ordering::Relaxed);
+            }
         }
         if shutdown.is_some_and(|deadline| sockets.all_flushed() || time::uptime_ns() > deadline) {
             // Let the last replies and FINs leave.

@@ -48,6 +48,10 @@ impl Env for KernelEnv {
         Some(crate::net::busy_ns())
     }
 
+    fn halted_ns(&mut self) -> Option<u64> {
+        Some(crate::net::halted_ns())
+    }
+
     fn device_dma(&mut self) -> Vec<DeviceDma> {
         // Copied out of the registry first: building the strings allocates,
         // and the allocator is never taken while the registry is locked.

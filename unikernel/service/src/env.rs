@@ -69,6 +69,12 @@ pub trait Env {
         None
     }
 
+    /// Time spent halted while idle so far
+    /// ([`memd_wire::Status::halted_ns`]); `None` by default.
+    fn halted_ns(&mut self) -> Option<u64> {
+        None
+    }
+
     /// The DMA buffers devices hold now. Called outside [`Env::with_mem`]:
     /// the result may allocate. None by default (host environments have no
     /// devices).

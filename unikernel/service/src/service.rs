@@ -650,6 +650,7 @@ impl<M: Memory> Service<M> {
                     free_bytes: free,
                     block_device: has_block,
                     busy_ns: env.busy_ns(),
+                    halted_ns: env.halted_ns(),
                 })))
             }
             Op::Meminfo => Ok(stats(env, View::Meminfo)),

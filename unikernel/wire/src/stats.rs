@@ -40,6 +40,10 @@ pub struct Status {
     /// polling). Under QEMU's `-icount shift=0` a nanosecond is one guest
     /// instruction. `None` where the environment does not measure it.
     pub busy_ns: Option<u64>,
+    /// Time the CPU spent halted since it started: an idle poll loop halts
+    /// until a timer tick instead of spinning. `None` where the environment
+    /// does not halt.
+    pub halted_ns: Option<u64>,
 }
 
 /// `/proc/meminfo`, in bytes.

@@ -1,6 +1,10 @@
 //! Exceptions: an IDT whose 32 CPU exception vectors print what happened
 //! (vector, error code, RIP, CR2) and end QEMU with a failure status, instead
-//! of a silent triple fault. Interrupts stay disabled: memd polls.
+//! of a silent triple fault.
+//!
+//! memd polls, and interrupts are enabled only inside the idle halt
+//! (`apic::halt_for`): there, any interrupt just ends the `hlt`. Every
+//! vector from 32 up is a bare `iretq`; the halt's caller sends the EOI.
 
 use core::arch::{asm, global_asm};
 use core::fmt::Write;
@@ -57,6 +61,8 @@ isr_\n:
     ISR_ERR 29
     ISR_ERR 30
     ISR_NOERR 31
+isr_wake:
+    iretq
 isr_common:
     movq %rsp, %rdi
     andq $-16, %rsp
@@ -71,6 +77,9 @@ isr_table:
     .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
     .quad isr_\n
     .endr
+    .global isr_wake_addr
+isr_wake_addr:
+    .quad isr_wake
     .popsection
     "#,
     entry = sym exception_entry,
@@ -79,6 +88,7 @@ isr_table:
 
 extern "C" {
     static isr_table: [u64; 32];
+    static isr_wake_addr: u64;
 }
 
 /// What the stubs and the CPU left on the stack.
@@ -159,25 +169,34 @@ struct IdtPtr {
 }
 
 #[repr(C, align(16))]
-struct Idt([u64; 64]);
+struct Idt([u64; 512]);
 
 static IDT: spin::Once<Idt> = spin::Once::new();
 
-fn build() -> Idt {
-    let mut idt = Idt([0; 64]);
-    // SAFETY: `isr_table` is read-only data emitted by the assembly above.
-    let table = unsafe { &isr_table };
-    for (v, &addr) in table.iter().enumerate() {
-        idt.0[2 * v] = (addr & 0xffff)
+/// A present 64-bit interrupt gate to `addr` in the kernel code segment.
+fn gate(addr: u64) -> [u64; 2] {
+    [
+        (addr & 0xffff)
             | (0x08 << 16) // kernel code selector
             | (0x8e << 40) // present, DPL 0, 64-bit interrupt gate
-            | ((addr >> 16) & 0xffff) << 48;
-        idt.0[2 * v + 1] = addr >> 32;
+            | ((addr >> 16) & 0xffff) << 48,
+        addr >> 32,
+    ]
+}
+
+fn build() -> Idt {
+    let mut idt = Idt([0; 512]);
+    // SAFETY: `isr_table` and `isr_wake_addr` are read-only data emitted
+    // by the assembly above.
+    let (table, wake) = unsafe { (&isr_table, isr_wake_addr) };
+    let handlers = table.iter().copied().chain(core::iter::repeat(wake));
+    for (slot, addr) in idt.0.chunks_exact_mut(2).zip(handlers) {
+        slot.copy_from_slice(&gate(addr));
     }
     idt
 }
 
-/// Installs the exception handlers.
+/// Installs the exception handlers and the wake-up gates.
 pub fn init() {
     let idt: &'static Idt = IDT.call_once(build);
     let ptr = IdtPtr {
@@ -185,6 +204,6 @@ pub fn init() {
         base: idt as *const Idt as u64,
     };
     // SAFETY: the IDT is a static that lives forever and holds valid gates
-    // for vectors 0..32 (the rest are not present).
+    // for all 256 vectors.
     unsafe { asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) };
 }

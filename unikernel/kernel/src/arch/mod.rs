@@ -3,6 +3,7 @@
 
 #![allow(unsafe_code)]
 
+pub mod apic;
 pub mod exit;
 pub mod idt;
 pub mod paging;

@@ -1,0 +1,147 @@
+//! The local APIC's timer, for halting the CPU while memd is idle.
+//!
+//! memd polls, which under QEMU keeps a host core busy even when no client
+//! is connected. When the poll loop has had nothing to do for a while it
+//! arms the one-shot APIC timer and halts (`halt_for`), like Linux's idle
+//! loop with a tick. The timer's interrupt only ends the `hlt`: its gate is
+//! a bare `iretq` (see `idt`), interrupts are enabled for the `hlt` alone,
+//! and the EOI is sent after. The legacy PICs are masked, and the I/O
+//! APIC's pins stay masked as reset left them, so nothing else arrives.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::{cpuid, outb, paging::DIRECT_MAP_OFFSET, time};
+
+const APIC_BASE_MSR: u32 = 0x1b;
+const APIC_BASE_ENABLE: u64 = 1 << 11;
+const APIC_BASE_X2APIC: u64 = 1 << 10;
+
+const REG_EOI: u64 = 0xb0;
+const REG_SPURIOUS: u64 = 0xf0;
+const REG_LVT_TIMER: u64 = 0x320;
+const REG_LVT_LINT0: u64 = 0x350;
+const REG_LVT_LINT1: u64 = 0x360;
+const REG_LVT_ERROR: u64 = 0x370;
+const REG_INITIAL_COUNT: u64 = 0x380;
+const REG_CURRENT_COUNT: u64 = 0x390;
+const REG_DIVIDE: u64 = 0x3e0;
+
+const LVT_MASKED: u32 = 1 << 16;
+const SOFTWARE_ENABLE: u32 = 1 << 8;
+const DIVIDE_BY_1: u32 = 0b1011;
+/// The timer's vector (any above the exceptions would do).
+const WAKE_VECTOR: u32 = 0x30;
+const SPURIOUS_VECTOR: u32 = 0xff;
+
+/// How long calibration counts the timer against the TSC.
+const CALIBRATION_NS: u64 = 500_000;
+
+/// Virtual address of the APIC's registers; 0 until `init` succeeds.
+static REGS: AtomicU64 = AtomicU64::new(0);
+/// Timer ticks per nanosecond as 32.32 fixed point.
+static TICKS_PER_NS: AtomicU64 = AtomicU64::new(0);
+
+fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: reading IA32_APIC_BASE, which exists on every CPU with an
+    // APIC (checked by the caller), has no side effects.
+    unsafe {
+        core::arch::asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi,
+            options(nomem, nostack, preserves_flags))
+    };
+    (hi as u64) << 32 | lo as u64
+}
+
+fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: only IA32_APIC_BASE is written, with its base unchanged and
+    // the global enable bit set.
+    unsafe {
+        core::arch::asm!("wrmsr", in("ecx") msr, in("eax") value as u32,
+            in("edx") (value >> 32) as u32, options(nostack, preserves_flags))
+    };
+}
+
+fn write(regs: u64, reg: u64, value: u32) {
+    // SAFETY: `regs` is the APIC's register page, mapped uncached in the
+    // direct map at boot (the 32-bit device hole); `reg` is one of its
+    // 16-byte-aligned registers.
+    unsafe { core::ptr::write_volatile((regs + reg) as *mut u32, value) }
+}
+
+fn read(regs: u64, reg: u64) -> u32 {
+    // SAFETY: as for `write`.
+    unsafe { core::ptr::read_volatile((regs + reg) as *const u32) }
+}
+
+/// Why the idle halt is not available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoTimer {
+    /// CPUID shows no local APIC.
+    NoApic,
+    /// Firmware left the APIC in x2APIC mode (registers as MSRs), which
+    /// this driver does not speak.
+    X2Apic,
+    /// The timer did not count during calibration.
+    Stopped,
+}
+
+/// Sets the APIC up for `halt_for` and returns the timer's frequency (Hz).
+pub fn init() -> Result<u64, NoTimer> {
+    if cpuid(1, 0).edx & (1 << 9) == 0 {
+        return Err(NoTimer::NoApic);
+    }
+    let base = rdmsr(APIC_BASE_MSR);
+    if base & APIC_BASE_X2APIC != 0 {
+        return Err(NoTimer::X2Apic);
+    }
+    wrmsr(APIC_BASE_MSR, base | APIC_BASE_ENABLE);
+    // Both 8259s masked: their timer IRQ would arrive on an exception
+    // vector in the firmware's setup.
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
+    let regs = DIRECT_MAP_OFFSET + (base & 0x000f_ffff_ffff_f000);
+    write(regs, REG_SPURIOUS, SOFTWARE_ENABLE | SPURIOUS_VECTOR);
+    for lvt in [REG_LVT_LINT0, REG_LVT_LINT1, REG_LVT_ERROR] {
+        write(regs, lvt, LVT_MASKED);
+    }
+    write(regs, REG_DIVIDE, DIVIDE_BY_1);
+    write(regs, REG_LVT_TIMER, LVT_MASKED | WAKE_VECTOR);
+    write(regs, REG_INITIAL_COUNT, u32::MAX);
+    let start = time::uptime_ns();
+    while time::uptime_ns() - start < CALIBRATION_NS {
+        core::hint::spin_loop();
+    }
+    let counted = u32::MAX - read(regs, REG_CURRENT_COUNT);
+    let elapsed = time::uptime_ns() - start;
+    write(regs, REG_INITIAL_COUNT, 0);
+    if counted == 0 {
+        return Err(NoTimer::Stopped);
+    }
+    write(regs, REG_LVT_TIMER, WAKE_VECTOR);
+    let hz = counted as u64 * 1_000_000_000 / elapsed.max(1);
+    TICKS_PER_NS.store(((counted as u64) << 32) / elapsed.max(1), Ordering::Relaxed);
+    REGS.store(regs, Ordering::Relaxed);
+    Ok(hz)
+}
+
+/// Halts the CPU for about `ns` nanoseconds (at least one timer tick, at
+/// most what the 32-bit count holds), or until another interrupt. Returns
+/// at once when `init` did not succeed.
+pub fn halt_for(ns: u64) {
+    let regs = REGS.load(Ordering::Relaxed);
+    if regs == 0 {
+        return;
+    }
+    let ticks = (ns as u128 * TICKS_PER_NS.load(Ordering::Relaxed) as u128) >> 32;
+    write(
+        regs,
+        REG_INITIAL_COUNT,
+        ticks.clamp(1, u32::MAX as u128) as u32,
+    );
+    // SAFETY: interrupts are enabled only for the HLT (STI's shadow covers
+    // it, so a timer that already fired wakes it at once rather than being
+    // taken before it); every vector's gate is valid (`idt::init`).
+    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+    write(regs, REG_INITIAL_COUNT, 0);
+    write(regs, REG_EOI, 0);
+}
