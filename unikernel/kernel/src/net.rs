@@ -469,7 +469,7 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, handler: &mut dyn Handler) {
         } else if end - last_work > IDLE_BEFORE_HALT_NS && shutdown.is_none() {
             let due = iface
                 .poll_delay(instant(end), &sockets.set)
-                .map_or(MAX_HALT_NS, |d| d.total_micros() * 1000);
+                .map_or(MAX_HALT_NS, |d| d.total_micros().saturating_mul(1000));
             if due > 0 {
                 let halt = time::uptime_ns();
                 arch::apic::halt_for(due.min(MAX_HALT_NS));

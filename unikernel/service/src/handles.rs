@@ -127,12 +127,15 @@ impl<T> HandleTable<T> {
         true
     }
 
-    /// Allocates now what `inserts` insertions and `removes` removals
-    /// would, so that [`HandleTable::insert_reserved`] and
-    /// [`HandleTable::remove`] can then run without touching the heap (as
-    /// far as [`MAX_HANDLES`] allows).
+    /// Allocates now what the first of `inserts` insertions and `removes`
+    /// removals would, so that [`HandleTable::insert_reserved`] and
+    /// [`HandleTable::remove`] can then run without touching the heap:
+    /// a chunk when no slot is free (as `insert` would add it, so handles
+    /// come out as they would one by one), and room in the free list.
     pub fn reserve(&mut self, inserts: usize, removes: usize) {
-        while self.free.len() < inserts && self.grow() {}
+        if inserts > 0 && self.free.is_empty() {
+            self.grow();
+        }
         self.free.reserve(removes);
     }
 
@@ -269,9 +272,9 @@ mod tests {
         let mut t = HandleTable::new(4);
         assert_eq!(t.insert_reserved(1u32), Err(1), "no slot yet");
         t.reserve(CHUNK + 3, 2 * CHUNK);
-        let (slots, capacity) = (t.free_slots(), t.free.capacity());
-        assert_eq!(slots, 2 * CHUNK, "whole chunks");
-        let handles: Vec<u64> = (0..slots as u32)
+        let capacity = t.free.capacity();
+        assert_eq!(t.free_slots(), CHUNK, "one chunk, as insert would add");
+        let handles: Vec<u64> = (0..CHUNK as u32)
             .map(|v| t.insert_reserved(v).unwrap())
             .collect();
         assert_eq!(t.insert_reserved(9), Err(9), "reserved slots used up");
@@ -279,8 +282,30 @@ mod tests {
         for h in &handles {
             t.remove(*h).unwrap();
         }
-        assert_eq!(t.chunks.len(), 2);
+        assert_eq!(t.chunks.len(), 1);
         assert_eq!(t.free.capacity(), capacity, "the free list never grew");
-        assert_eq!(t.free_slots(), slots);
+    }
+
+    #[test]
+    fn reserving_hands_out_the_handles_one_by_one_insertion_would() {
+        let (mut lazy, mut eager) = (HandleTable::new(5), HandleTable::new(5));
+        let mut held = Vec::new();
+        for v in 0..CHUNK as u32 + 300 {
+            let h = lazy.insert(v).unwrap();
+            assert_eq!(eager.insert(v), Ok(h));
+            held.push(h);
+        }
+        // Free some old slots, then take more than are free.
+        for h in held.iter().step_by(7) {
+            lazy.remove(*h).unwrap();
+            eager.remove(*h).unwrap();
+        }
+        for v in 0..2 * CHUNK as u32 {
+            let want = lazy.insert(v).unwrap();
+            if eager.free_slots() == 0 {
+                eager.reserve(2 * CHUNK, 0);
+            }
+            assert_eq!(eager.insert_reserved(v), Ok(want), "insert {v}");
+        }
     }
 }

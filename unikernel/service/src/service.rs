@@ -27,6 +27,7 @@ mod bulk;
 mod caches;
 mod dma;
 
+use bulk::Stretch;
 use caches::Parent;
 
 /// A connection's id; also the owner tag of what it allocates.
@@ -526,8 +527,10 @@ impl<M: Memory> Service<M> {
         let mut budget = MAX_IO;
         let mut ops = batch.ops.into_iter();
         let mut done = 0;
+        let mut stretch = Stretch::default();
         loop {
-            let run = self.run_bulk(env, conn, ops.as_slice(), &mut reply);
+            stretch.renew(ops.as_slice());
+            let run = self.run_bulk(env, conn, ops.as_slice(), &mut stretch, &mut reply);
             if run.ran > 0 {
                 ops.nth(run.ran - 1);
                 done += run.ran;
@@ -541,6 +544,7 @@ impl<M: Memory> Service<M> {
             let Some(op) = ops.next() else {
                 break;
             };
+            stretch.consume(&op);
             let r = self.run_op(env, conn, op, &mut budget);
             done += 1;
             if !push_result(&mut reply, &r, done - 1, total) || (r.is_err() && batch.stop_on_error)

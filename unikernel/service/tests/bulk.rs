@@ -30,10 +30,12 @@ enum T {
     Meminfo,
 }
 
-/// A handle seen earlier (counted back from the newest), or a made-up one.
+/// A handle seen earlier (counted back from the newest, or from the
+/// oldest), or a made-up one.
 #[derive(Debug, Clone, Copy)]
 enum Pick {
     Seen(u8),
+    Oldest(usize),
     Raw(u64),
 }
 
@@ -67,16 +69,19 @@ struct Side {
     conn: ConnId,
 }
 
+/// Tight limits, so that refusals of every kind happen mid-run.
+const TIGHT: Quota = Quota {
+    pages: 600,
+    bytes: 3 << 20,
+    handles: 40,
+};
+
 impl Side {
-    fn new() -> Side {
+    fn new(quota: Quota, arena: u64) -> Side {
         let mut config = Config::new("t");
-        config.quota = Quota {
-            pages: 600,
-            bytes: 3 << 20,
-            handles: 40,
-        };
+        config.quota = quota;
         let mut side = Side {
-            mm: HostMm::three_zones(8 << 20, 0, "").expect("boot"),
+            mm: HostMm::three_zones(arena, 0, "").expect("boot"),
             svc: Service::new(config),
             conn: 0,
         };
@@ -126,6 +131,7 @@ fn resolve(p: Pick, seen: &[u64]) -> u64 {
     match p {
         Pick::Seen(i) if !seen.is_empty() => seen[seen.len() - 1 - i as usize % seen.len()],
         Pick::Seen(i) => i as u64,
+        Pick::Oldest(i) => seen.get(i).copied().unwrap_or(i as u64),
         Pick::Raw(h) => h,
     }
 }
@@ -144,6 +150,68 @@ fn concrete(t: &T, seen: &[u64]) -> Op {
     }
 }
 
+/// Sends `batches` to one side as batches and to the other op by op, and
+/// checks that they answer alike and end alike.
+fn compare(batches: &[(Vec<T>, bool)], quota: Quota, arena: u64) -> Result<(), TestCaseError> {
+    let (mut bulk, mut single) = (Side::new(quota, arena), Side::new(quota, arena));
+    let mut seen = Vec::new();
+    for (ts, stop_on_error) in batches {
+        let ops: Vec<Op> = ts.iter().map(|t| concrete(t, &seen)).collect();
+        ALLOCS_UNDER_LOCK.store(0, Ordering::Relaxed);
+        let Response::Batch(batched) = bulk.send(&Request::Batch(Batch {
+            stop_on_error: *stop_on_error,
+            ops: ops.clone(),
+        })) else {
+            panic!("a batch reply");
+        };
+        let batched: Vec<_> = batched.into_iter().map(|r| bulk.physical(r)).collect();
+        prop_assert_eq!(
+            ALLOCS_UNDER_LOCK.load(Ordering::Relaxed),
+            0,
+            "heap use under the lock"
+        );
+        let mut one_by_one = Vec::new();
+        for op in ops {
+            let Response::Call(r) = single.send(&Request::Call(op)) else {
+                panic!("a call reply");
+            };
+            let failed = r.is_err();
+            one_by_one.push(single.physical(r));
+            if failed && *stop_on_error {
+                break;
+            }
+        }
+        prop_assert_eq!(&batched, &one_by_one);
+        seen.extend(batched.iter().filter_map(handle_of));
+        prop_assert_eq!(bulk.mm.meminfo(), single.mm.meminfo());
+        prop_assert!(bulk.mm.check().is_ok());
+    }
+    let Response::Call(Ok(Reply::Clients(b))) = bulk.send(&Request::Call(Op::Clients)) else {
+        panic!("clients");
+    };
+    let Response::Call(Ok(Reply::Clients(s))) = single.send(&Request::Call(Op::Clients)) else {
+        panic!("clients");
+    };
+    prop_assert_eq!(b.len(), 1);
+    prop_assert_eq!(
+        (
+            b[0].handles,
+            b[0].pages,
+            b[0].bytes,
+            b[0].requests,
+            b[0].errors
+        ),
+        (
+            s[0].handles,
+            s[0].pages,
+            s[0].bytes,
+            s[0].requests,
+            s[0].errors
+        )
+    );
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -154,45 +222,42 @@ proptest! {
             1..6,
         ),
     ) {
-        let (mut bulk, mut single) = (Side::new(), Side::new());
-        let mut seen = Vec::new();
-        for (ts, stop_on_error) in &batches {
-            let ops: Vec<Op> = ts.iter().map(|t| concrete(t, &seen)).collect();
-            ALLOCS_UNDER_LOCK.store(0, Ordering::Relaxed);
-            let Response::Batch(batched) = bulk.send(&Request::Batch(Batch {
-                stop_on_error: *stop_on_error,
-                ops: ops.clone(),
-            })) else {
-                panic!("a batch reply");
-            };
-            let batched: Vec<_> = batched.into_iter().map(|r| bulk.physical(r)).collect();
-            prop_assert_eq!(ALLOCS_UNDER_LOCK.load(Ordering::Relaxed), 0, "heap use under the lock");
-            let mut one_by_one = Vec::new();
-            for op in ops {
-                let Response::Call(r) = single.send(&Request::Call(op)) else {
-                    panic!("a call reply");
-                };
-                let failed = r.is_err();
-                one_by_one.push(single.physical(r));
-                if failed && *stop_on_error {
-                    break;
-                }
-            }
-            prop_assert_eq!(&batched, &one_by_one);
-            seen.extend(batched.iter().filter_map(handle_of));
-            prop_assert_eq!(bulk.mm.meminfo(), single.mm.meminfo());
-            prop_assert!(bulk.mm.check().is_ok());
-        }
-        let Response::Call(Ok(Reply::Clients(b))) = bulk.send(&Request::Call(Op::Clients)) else {
-            panic!("clients");
-        };
-        let Response::Call(Ok(Reply::Clients(s))) = single.send(&Request::Call(Op::Clients)) else {
-            panic!("clients");
-        };
-        prop_assert_eq!(b.len(), 1);
-        prop_assert_eq!(
-            (b[0].handles, b[0].pages, b[0].bytes, b[0].requests, b[0].errors),
-            (s[0].handles, s[0].pages, s[0].bytes, s[0].requests, s[0].errors)
-        );
+        compare(&batches, TIGHT, 8 << 20)?;
     }
+}
+
+/// Handle tables grow by chunks of 1024 slots: batches that cross chunk
+/// boundaries, with slots freed in between, get the handles single calls
+/// would.
+#[test]
+fn batches_across_handle_table_chunks() {
+    let roomy = Quota {
+        pages: 1 << 20,
+        bytes: 1 << 30,
+        handles: 10_000,
+    };
+    let kmallocs = |n| (vec![T::Kmalloc(64, Gfp::KERNEL); n], false);
+    // Every third of the handles seen so far, oldest first.
+    let frees = |n: usize| {
+        (
+            (0..n).map(|i| T::Kfree(Pick::Oldest(3 * i))).collect(),
+            false,
+        )
+    };
+    let batches = [
+        kmallocs(1000),
+        frees(50),
+        kmallocs(1500),
+        frees(700),
+        kmallocs(2000),
+    ];
+    compare(&batches, roomy, 64 << 20).unwrap();
+}
+
+/// A batch of refusals (every op left to the general path) answers like
+/// single calls too.
+#[test]
+fn a_batch_of_refusals() {
+    let batches = vec![(vec![T::Kfree(Pick::Raw(12345)); 4096], false)];
+    compare(&batches, TIGHT, 8 << 20).unwrap();
 }

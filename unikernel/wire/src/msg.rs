@@ -16,8 +16,9 @@ use crate::error::WireError;
 use crate::flags::{DmaMask, Gfp, SlabFlags};
 use crate::stats::*;
 
-/// Protocol version spoken by this crate.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Protocol version spoken by this crate. 2: `Status` carries `busy_ns`
+/// and `halted_ns`.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Most operations one batch may carry. The service holds a batch's
 /// results in memory before encoding them (a few hundred bytes each), and

@@ -16,6 +16,7 @@ const APIC_BASE_MSR: u32 = 0x1b;
 const APIC_BASE_ENABLE: u64 = 1 << 11;
 const APIC_BASE_X2APIC: u64 = 1 << 10;
 
+const REG_TASK_PRIORITY: u64 = 0x80;
 const REG_EOI: u64 = 0xb0;
 const REG_SPURIOUS: u64 = 0xf0;
 const REG_LVT_TIMER: u64 = 0x320;
@@ -100,6 +101,9 @@ pub fn init() -> Result<u64, NoTimer> {
     outb(0x21, 0xff);
     outb(0xa1, 0xff);
     let regs = DIRECT_MAP_OFFSET + (base & 0x000f_ffff_ffff_f000);
+    // Accept every vector: firmware may have left a priority that would
+    // hold the timer's back, and the halt would last until the next NMI.
+    write(regs, REG_TASK_PRIORITY, 0);
     write(regs, REG_SPURIOUS, SOFTWARE_ENABLE | SPURIOUS_VECTOR);
     for lvt in [REG_LVT_LINT0, REG_LVT_LINT1, REG_LVT_ERROR] {
         write(regs, lvt, LVT_MASKED);
@@ -140,8 +144,9 @@ pub fn halt_for(ns: u64) {
     );
     // SAFETY: interrupts are enabled only for the HLT (STI's shadow covers
     // it, so a timer that already fired wakes it at once rather than being
-    // taken before it); every vector's gate is valid (`idt::init`).
-    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+    // taken before it); every vector's gate is valid (`idt::init`). Not
+    // `nomem`: the asm orders the timer's register writes around the halt.
+    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nostack)) };
     write(regs, REG_INITIAL_COUNT, 0);
     write(regs, REG_EOI, 0);
 }

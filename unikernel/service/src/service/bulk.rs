@@ -67,29 +67,66 @@ enum Step {
     Leave,
 }
 
+/// The stretch of consecutive bulk operations at the front of what is left
+/// of a batch, and what it holds. Worked out once per stretch and counted
+/// down as its operations run, by a run or by the general path, so that a
+/// run cut short (an unknown handle, a quota) resumes without scanning
+/// again: a batch of 4096 refusals stays linear.
+#[derive(Default)]
+pub(super) struct Stretch {
+    left: usize,
+    allocs: usize,
+    frees: usize,
+}
+
+impl Stretch {
+    /// The stretch at the front of `ops` (empty when the first is not a
+    /// bulk operation), unless one is still being worked through.
+    pub(super) fn renew(&mut self, ops: &[Op]) {
+        if self.left > 0 {
+            return;
+        }
+        for op in ops.iter().map_while(BulkOp::of) {
+            self.count(op, 1);
+        }
+    }
+
+    /// `op`, the stretch's next operation, ran (by a run or by the general
+    /// path).
+    pub(super) fn consume(&mut self, op: &Op) {
+        if self.left > 0 {
+            if let Some(op) = BulkOp::of(op) {
+                self.count(op, -1);
+            }
+        }
+    }
+
+    fn count(&mut self, op: BulkOp, by: isize) {
+        self.left = self.left.wrapping_add_signed(by);
+        if op.allocates() {
+            self.allocs = self.allocs.wrapping_add_signed(by);
+        } else {
+            self.frees = self.frees.wrapping_add_signed(by);
+        }
+    }
+}
+
 impl<M: Memory> Service<M> {
-    /// Runs the plain allocations and frees at the front of `ops` under one
-    /// hold of the memory manager.
+    /// Runs the plain allocations and frees at the front of `ops`, the
+    /// stretch `stretch` describes, under one hold of the memory manager.
     pub(super) fn run_bulk<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
         conn: ConnId,
         ops: &[Op],
+        stretch: &mut Stretch,
         reply: &mut BatchReplyWriter,
     ) -> Run {
-        let (mut allocs, mut frees) = (0, 0);
-        for op in ops.iter().map_while(BulkOp::of) {
-            if op.allocates() {
-                allocs += 1;
-            } else {
-                frees += 1;
-            }
-        }
         let mut run = Run {
             ran: 0,
             refused: None,
         };
-        if allocs + frees == 0 {
+        if stretch.left == 0 {
             return run;
         }
         let page = self.page_size(env);
@@ -97,23 +134,23 @@ impl<M: Memory> Service<M> {
         let Some(c) = self.conns.get_mut(&conn) else {
             return run;
         };
-        let room = (quota.handles as usize).saturating_sub(c.handles.len());
-        c.handles.reserve(allocs.min(room), frees);
-        reply.reserve_plain(allocs + frees);
+        c.handles.reserve(stretch.allocs, stretch.frees);
+        reply.reserve_plain(stretch.left);
         env.with_mem(|m, _| {
             m.set_owner(conn);
-            for op in ops.iter().map_while(BulkOp::of) {
+            for op in ops[..stretch.left].iter().map_while(BulkOp::of) {
                 if !reply.plain_fits(FINAL_ENTRY_ROOM) {
                     break;
                 }
-                match step(m, c, &quota, page, op, reply) {
-                    Step::Ran => run.ran += 1,
-                    Step::Refused(e) => {
-                        run.ran += 1;
-                        run.refused = Some(e);
-                        break;
-                    }
-                    Step::Leave => break,
+                let step = step(m, c, &quota, page, op, reply);
+                if matches!(step, Step::Leave) {
+                    break;
+                }
+                stretch.count(op, -1);
+                run.ran += 1;
+                if let Step::Refused(e) = step {
+                    run.refused = Some(e);
+                    break;
                 }
             }
         });
