@@ -19,6 +19,7 @@ pub struct Args {
 const TARGETS: [(&str, &str); 3] = [
     ("memd-wire", "fuzz_frames"),
     ("memd-service", "fuzz_ops"),
+    ("memd-service", "bulk"),
     ("memd-mm", "model"),
 ];
 

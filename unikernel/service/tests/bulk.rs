@@ -213,7 +213,11 @@ fn compare(batches: &[(Vec<T>, bool)], quota: Quota, arena: u64) -> Result<(), T
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig {
+        // Overridden by PROPTEST_CASES (cargo xtask fuzz).
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(64),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn a_batch_answers_as_its_ops_one_by_one(
