@@ -16,7 +16,7 @@ pub struct Args {
 }
 
 /// (package, test target).
-const TARGETS: [(&str, &str); 3] = [
+const TARGETS: [(&str, &str); 4] = [
     ("memd-wire", "fuzz_frames"),
     ("memd-service", "fuzz_ops"),
     ("memd-service", "bulk"),
