@@ -29,6 +29,35 @@ pub struct Snapshot {
     pub pools: Vec<MempoolInfo>,
     pub cma: CmaInfo,
     pub clients: Vec<ClientInfo>,
+    /// The guest CPU's busy and halted shares since the previous snapshot.
+    pub cpu: Option<CpuShare>,
+}
+
+/// How the guest's CPU spent an interval, as fractions of it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CpuShare {
+    /// Poll-loop passes that moved packets.
+    pub busy: f64,
+    /// Halted while idle.
+    pub halted: f64,
+}
+
+impl CpuShare {
+    /// Between two status replies; None when the service does not measure
+    /// both times or no time passed.
+    pub fn between(before: &Status, after: &Status) -> Option<CpuShare> {
+        let span = after.uptime_ns.checked_sub(before.uptime_ns)?;
+        if span == 0 {
+            return None;
+        }
+        let share = |a: Option<u64>, b: Option<u64>| -> Option<f64> {
+            Some(b?.saturating_sub(a?) as f64 / span as f64)
+        };
+        Some(CpuShare {
+            busy: share(before.busy_ns, after.busy_ns)?,
+            halted: share(before.halted_ns, after.halted_ns)?,
+        })
+    }
 }
 
 /// Fetches a snapshot in one batch frame.
@@ -142,11 +171,18 @@ pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
                     .add_modifier(Modifier::BOLD),
             ),
             Span::raw(format!(
-                "  {}  up {:.0}s  {} connection(s)  {} requests",
+                "  {}  up {:.0}s  {} connection(s)  {} requests{}",
                 st.server,
                 st.uptime_ns as f64 / 1e9,
                 st.connections,
-                st.requests
+                st.requests,
+                s.cpu
+                    .map(|c| format!(
+                        "  cpu busy {:.0}% halted {:.0}%",
+                        c.busy * 100.0,
+                        c.halted * 100.0
+                    ))
+                    .unwrap_or_default()
             )),
         ]),
         Line::from(format!(
@@ -341,7 +377,8 @@ pub fn run(c: &mut Client, interval: Duration, iterations: Option<u64>) -> io::R
         let mut snap = Snapshot::default();
         loop {
             let error = match fetch(c) {
-                Ok(s) => {
+                Ok(mut s) => {
+                    s.cpu = CpuShare::between(&snap.status, &s.status);
                     snap = s;
                     None
                 }
@@ -458,6 +495,10 @@ mod tests {
                 name: "walkthrough".into(),
                 ..Default::default()
             }],
+            cpu: Some(CpuShare {
+                busy: 0.031,
+                halted: 0.952,
+            }),
         };
         let text = render_text(&s, 120, 40);
         for want in [
@@ -468,6 +509,7 @@ mod tests {
             "pages order 2",
             "walkthrough",
             "CMA 0 B/8 MiB in 0 buffer(s)",
+            "cpu busy 3% halted 95%",
             "q quits",
         ] {
             assert!(text.contains(want), "{want} missing from\n{text}");
@@ -475,6 +517,24 @@ mod tests {
         // Busiest cache first; the empty Normal zone is left out.
         assert!(text.find("busy-cache").unwrap() < text.find("kmalloc-64").unwrap());
         assert!(!text.contains("Normal"));
+    }
+
+    #[test]
+    fn cpu_share_is_the_growth_over_the_interval() {
+        let at = |up: u64, busy: u64, halted: u64| Status {
+            uptime_ns: up,
+            busy_ns: Some(busy),
+            halted_ns: Some(halted),
+            ..Default::default()
+        };
+        let share = CpuShare::between(&at(1_000, 100, 500), &at(3_000, 600, 1_700)).unwrap();
+        assert_eq!((share.busy, share.halted), (0.25, 0.6));
+        assert_eq!(CpuShare::between(&at(1_000, 0, 0), &at(1_000, 0, 0)), None);
+        let unmeasured = Status {
+            uptime_ns: 5_000,
+            ..Default::default()
+        };
+        assert_eq!(CpuShare::between(&at(1_000, 0, 0), &unmeasured), None);
     }
 
     #[test]
