@@ -9,12 +9,14 @@
 //! free-pages operations run inside one [`Env::with_mem`], and their
 //! results go straight into the reply frame.
 //!
-//! Nothing in a run may allocate: the handle table and the reply buffer
-//! are grown beforehand, and every step checks that they still have room.
-//! Whatever a run cannot finish without the heap — an operation of another
-//! kind, an unknown handle, a quota refusal, a full frame — ends the run
-//! before that operation, which then takes the general path and gets
-//! exactly the reply it always did. Only the memory manager's own refusal
+//! Nothing in a run may allocate: the reply buffer is grown beforehand,
+//! the handle table by the chunk its next insertion would add (so handles
+//! come out as they would one by one), and every step checks that they
+//! still have room. Whatever a run cannot finish without the heap — an
+//! operation of another kind, an unknown handle, a quota refusal, a full
+//! frame, a used-up chunk of handles — ends the run before that operation,
+//! which then takes the general path and gets exactly the reply it always
+//! did. Only the memory manager's own refusal
 //! happens inside a run; its message is static, and the caller reports it.
 
 use memd_wire::{BatchReplyWriter, Gfp, Op};
