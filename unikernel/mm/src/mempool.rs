@@ -18,7 +18,8 @@ use crate::slab::CacheId;
 use crate::{MemoryManager, MmError};
 use core::ptr::NonNull;
 
-pub const MAX_POOLS: usize = 64;
+/// Mempools at once: three for each of 64 clients and then some.
+pub const MAX_POOLS: usize = 256;
 /// Largest reserve one pool may hold.
 pub const MAX_MIN_NR: usize = 1 << 16;
 const END: u64 = 0;

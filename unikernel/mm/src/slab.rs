@@ -11,7 +11,10 @@ use crate::access::{self, DirectMap};
 use crate::frame::{Frame, FrameList, FrameState};
 use crate::memblock::PAGE_SIZE;
 
-pub const MAX_CACHES: usize = 64;
+/// Slab caches at once, the 13 kmalloc caches included: room for a cache
+/// of each of 64 clients and then some. The table is inline (a cache is
+/// about 1 KiB), so this is its memory.
+pub const MAX_CACHES: usize = 128;
 pub const CACHE_NAME_LEN: usize = 32;
 /// Objects held in a cache's per-CPU array.
 pub const AC_LIMIT: usize = 120;

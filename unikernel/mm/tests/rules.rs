@@ -609,3 +609,40 @@ fn kmalloc_size_roundup_is_what_ksize_reports() {
     }
     mm.check().unwrap();
 }
+
+#[test]
+fn cache_and_pool_tables_fill_then_free_a_slot() {
+    let mut mm = machine("");
+    let builtin = mm.caches().count();
+    let mut caches = Vec::new();
+    let refused = loop {
+        match mm.cache_create("t", 64, 8, SlabFlags::NONE, None) {
+            Ok(id) => caches.push(id),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(refused, MmError::TableFull);
+    assert_eq!(builtin + caches.len(), slab::MAX_CACHES);
+    mm.cache_destroy(caches.pop().unwrap()).unwrap();
+    caches.push(
+        mm.cache_create("again", 64, 8, SlabFlags::NONE, None)
+            .unwrap(),
+    );
+
+    let mut pools = Vec::new();
+    let refused = loop {
+        match mm.mempool_create(PoolBacking::Kmalloc(32), 1) {
+            Ok(id) => pools.push(id),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(refused, MmError::TableFull);
+    assert_eq!(pools.len(), mempool::MAX_POOLS);
+    for id in pools {
+        mm.mempool_destroy(id).unwrap();
+    }
+    for id in caches {
+        mm.cache_destroy(id).unwrap();
+    }
+    assert!(mm.check().is_ok());
+}

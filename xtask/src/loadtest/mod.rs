@@ -200,7 +200,7 @@ struct Tally {
     /// profile).
     enomem: u64,
     /// ENOSPC from cache-create / pool-create: the service's global cache
-    /// or pool table is full (64 each), a documented limit with many
+    /// or pool table is full (128 caches, 256 mempools), a documented limit with many
     /// clients; the client goes on with fewer caches and pools.
     table_full: u64,
     ops: u64,

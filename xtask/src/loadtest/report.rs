@@ -192,7 +192,7 @@ impl Report {
         }
         if self.table_full > 0 {
             println!(
-                "ENOSPC from full global cache/pool tables (64 each): {}",
+                "ENOSPC from full global cache/pool tables: {}",
                 self.table_full
             );
         }
