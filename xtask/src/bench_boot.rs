@@ -41,7 +41,7 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
     }
     let kernel = crate::build::build_kernel()?;
     let qemu_path = qemu::ensure_qemu()?;
-    let accel = qemu::choose_accel(args.accel)?;
+    let accel = qemu::choose_accel(args.accel, &qemu_path, args.machine)?;
     if !args.json {
         eprintln!("xtask: accelerator {}: {}", accel.name(), accel.reason);
     }

@@ -201,7 +201,7 @@ pub fn run(args: &DiskBenchArgs) -> Result<()> {
     let bytes = args.mib * MIB;
     let kernel = crate::build::build_kernel()?;
     let qemu_path = qemu::ensure_qemu()?;
-    let accel = qemu::choose_accel(args.accel)?;
+    let accel = qemu::choose_accel(args.accel, &qemu_path, args.machine)?;
     eprintln!("xtask: accelerator {}: {}", accel.name(), accel.reason);
     let port = qemu::free_port()?;
     let image = std::env::temp_dir().join(format!("memd-bench-disk-{}.img", std::process::id()));

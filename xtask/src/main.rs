@@ -9,6 +9,7 @@ mod loadtest;
 mod profile;
 mod qemu;
 mod run;
+mod toolchain;
 
 use std::process::Command;
 

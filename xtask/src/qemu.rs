@@ -99,28 +99,109 @@ fn kvm_opens() -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// Chooses the accelerator. KVM needs both a CPU that shows `vmx`/`svm` and a
-/// `/dev/kvm` that opens: a `/dev/kvm` served by `kvm_pvm` (no hardware
-/// virtualisation) runs guest kernel code ~1000x slower than TCG.
-pub fn choose_accel(requested: Accel) -> Result<AccelChoice> {
+/// Whether QEMU can start a `machine` with KVM here: a paused guest
+/// (`-S`) is created, its vCPU reset and its registers loaded into KVM, then
+/// quit from the monitor. Some `/dev/kvm`s open but refuse a vCPU's MSRs and
+/// QEMU aborts at start; that is caught here, before a real run.
+pub fn kvm_starts(qemu: &Path, machine: Machine) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = Command::new(qemu)
+        .args(["-M", machine.qemu_machine(), "-accel", "kvm", "-cpu", "host"])
+        .args(["-m", "32M", "-S", "-nodefaults", "-display", "none"])
+        .args(["-monitor", "stdio", "-serial", "none"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", qemu.display()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // QEMU reads the monitor once the machine is up; if it died first,
+        // the write fails and the status below tells why.
+        let _ = stdin.write_all(b"quit\n");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                return if status.success() {
+                    Ok(())
+                } else {
+                    let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+                    Err(format!("QEMU with KVM failed to start ({}): {first}", describe_status(status)))
+                };
+            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("QEMU with KVM did not come up within 20 s".into());
+            }
+            Err(e) => return Err(format!("waiting for QEMU: {e}")),
+        }
+    }
+}
+
+/// "exit status 3" or "killed by signal 6 (SIGABRT)".
+pub fn describe_status(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(sig)) => {
+            let name = match sig {
+                1 => " (SIGHUP)",
+                2 => " (SIGINT)",
+                4 => " (SIGILL)",
+                6 => " (SIGABRT)",
+                7 => " (SIGBUS)",
+                9 => " (SIGKILL)",
+                11 => " (SIGSEGV)",
+                15 => " (SIGTERM)",
+                _ => "",
+            };
+            format!("killed by signal {sig}{name}")
+        }
+        (None, None) => "no exit status".into(),
+    }
+}
+
+/// Chooses the accelerator. KVM needs a CPU that shows `vmx`/`svm`, a
+/// `/dev/kvm` that opens, and a QEMU that starts with it (`kvm_starts`): a
+/// `/dev/kvm` served by `kvm_pvm` (no hardware virtualisation) runs guest
+/// kernel code ~1000x slower than TCG, and may refuse the vCPU outright.
+pub fn choose_accel(requested: Accel, qemu: &Path, machine: Machine) -> Result<AccelChoice> {
     let hw = cpu_has_hw_virt();
     let dev = kvm_opens();
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
     match requested {
         Accel::Tcg => Ok(AccelChoice { kvm: false, reason: "requested with --accel tcg".into() }),
         Accel::Kvm => match dev {
-            Ok(()) if hw => Ok(AccelChoice { kvm: true, reason: "requested with --accel kvm".into() }),
-            Ok(()) => Ok(AccelChoice {
-                kvm: true,
-                reason: format!(
-                    "requested with --accel kvm, although the CPU shows no vmx/svm flag{}: expect guest code to run far slower than under TCG",
-                    if pvm { " and /dev/kvm is kvm_pvm" } else { "" }
-                ),
-            }),
             Err(e) => bail!("--accel kvm: cannot open /dev/kvm: {e}"),
+            Ok(()) => {
+                if let Err(e) = kvm_starts(qemu, machine) {
+                    bail!("--accel kvm: {e}{}", if pvm { " (/dev/kvm is kvm_pvm; use --accel tcg)" } else { "" });
+                }
+                Ok(if hw {
+                    AccelChoice { kvm: true, reason: "requested with --accel kvm".into() }
+                } else {
+                    AccelChoice {
+                        kvm: true,
+                        reason: format!(
+                            "requested with --accel kvm, although the CPU shows no vmx/svm flag{}: expect guest code to run far slower than under TCG",
+                            if pvm { " and /dev/kvm is kvm_pvm" } else { "" }
+                        ),
+                    }
+                })
+            }
         },
         Accel::Auto => Ok(match (hw, dev) {
-            (true, Ok(())) => AccelChoice { kvm: true, reason: "CPU has vmx/svm and /dev/kvm opens".into() },
+            (true, Ok(())) => match kvm_starts(qemu, machine) {
+                Ok(()) => AccelChoice { kvm: true, reason: "CPU has vmx/svm, /dev/kvm opens and QEMU starts with it".into() },
+                Err(e) => AccelChoice { kvm: false, reason: format!("CPU has vmx/svm but {e}") },
+            },
             (true, Err(e)) => AccelChoice { kvm: false, reason: format!("CPU has vmx/svm but /dev/kvm does not open ({e})") },
             (false, Ok(())) => AccelChoice {
                 kvm: false,
@@ -134,7 +215,7 @@ pub fn choose_accel(requested: Accel) -> Result<AccelChoice> {
     }
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join(name))

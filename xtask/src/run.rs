@@ -125,7 +125,7 @@ pub fn write_connection_files(token: &str, port: u16) -> Result<PathBuf> {
 pub fn run(args: &RunArgs) -> Result<()> {
     let kernel = crate::build::build_kernel()?;
     let qemu_path = qemu::ensure_qemu()?;
-    let accel = qemu::choose_accel(args.accel)?;
+    let accel = qemu::choose_accel(args.accel, &qemu_path, args.machine)?;
     eprintln!("xtask: accelerator {}: {}", accel.name(), accel.reason);
     let token = random_token()?;
     let dir = write_connection_files(&token, args.port)?;
@@ -189,19 +189,63 @@ pub fn run(args: &RunArgs) -> Result<()> {
     });
     let status = child.wait().context("running QEMU")?;
     let _ = copier.join();
+    run_result(status, selftest_requested(&args.cmdline))
+}
+
+/// Whether the guest was asked to run its self-test and exit.
+fn selftest_requested(cmdline: &str) -> bool {
+    cmdline
+        .split_whitespace()
+        .any(|w| w.strip_prefix("memd.selftest=").is_some_and(|v| v != "0"))
+}
+
+/// What `cargo xtask run` reports for QEMU's exit. A Ctrl-C reaches QEMU
+/// and xtask alike: QEMU catches it and exits 0, and xtask itself dies of
+/// it. So a QEMU killed by a signal (an abort at start, a crash) is always
+/// a failure, and with a self-test only the guest's own success counts.
+fn run_result(status: std::process::ExitStatus, selftest: bool) -> Result<()> {
     match status.code() {
         Some(qemu::GUEST_SUCCESS) => Ok(()),
         Some(qemu::GUEST_FAILURE) => {
             bail!("the guest reported a failure (panic, fault or failed self-test)")
         }
-        Some(0) | None => Ok(()), // QEMU quit or was interrupted (Ctrl-C)
-        Some(c) => bail!("QEMU exited with status {c}"),
+        Some(0) if selftest => {
+            bail!("QEMU exited before the guest reported its self-test result")
+        }
+        Some(0) => Ok(()), // QEMU quit (monitor `quit`, or Ctrl-C caught by QEMU)
+        _ => bail!("QEMU failed: {}", qemu::describe_status(status)),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_qemu_killed_by_a_signal_fails_the_run() {
+        use std::os::unix::process::ExitStatusExt;
+        use std::process::ExitStatus;
+        // wait(2) statuses: a signal in the low 7 bits, an exit code above.
+        let abort = ExitStatus::from_raw(6);
+        let segv = ExitStatus::from_raw(11);
+        let exit = |c: i32| ExitStatus::from_raw(c << 8);
+        let err = run_result(abort, false).unwrap_err().to_string();
+        assert!(err.contains("SIGABRT"), "{err}");
+        assert!(run_result(segv, false).is_err());
+        assert!(run_result(exit(1), false).is_err());
+        assert!(run_result(exit(qemu::GUEST_FAILURE), false).is_err());
+        assert!(run_result(exit(qemu::GUEST_SUCCESS), true).is_ok());
+        assert!(run_result(exit(0), false).is_ok());
+        assert!(run_result(exit(0), true).is_err(), "a self-test passes only when the guest says so");
+    }
+
+    #[test]
+    fn selftest_is_seen_on_the_command_line() {
+        assert!(selftest_requested("memd.log=debug memd.selftest=1"));
+        assert!(selftest_requested("memd.selftest=panic"));
+        assert!(!selftest_requested("memd.selftest=0"));
+        assert!(!selftest_requested("memd.log=debug"));
+    }
 
     #[test]
     fn sizes() {

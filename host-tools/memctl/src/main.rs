@@ -374,6 +374,11 @@ fn run(c: &mut Client, cmd: Cmd, as_json: bool) -> Result<Option<Handle>, Fail> 
 }
 
 fn main() -> ExitCode {
+    // Like any Unix tool, end quietly when the reader of our output goes
+    // away (`memctl ... | head`): Rust ignores SIGPIPE, so every print would
+    // fail with EPIPE and panic. Sockets are unaffected (std sends with
+    // MSG_NOSIGNAL).
+    sigpipe::reset();
     let cli = Cli::parse();
     if let Cmd::Completions { shell } = cli.cmd {
         completions(shell);

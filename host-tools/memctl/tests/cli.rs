@@ -121,3 +121,44 @@ fn fault_injection_is_set_counted_and_cleared() {
     let (code, _, err) = run("fault --slab");
     assert_eq!(code, 2, "usage error: {err}");
 }
+
+/// memctl with `args`, its output a pipe whose reader is already gone:
+/// every write fails as it does under `memctl ... | head -1`.
+fn memctl_into_closed_pipe(addr: &str, args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    std::process::Command::new(env!("CARGO_BIN_EXE_memctl"))
+        .args(["--addr", addr, "--token", "tok", "--wait", "2"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_closed_pipe_ends_memctl_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let addr = start_server();
+    for args in [
+        &["completions", "bash"][..],
+        &["meminfo"],
+        &["--json", "slabinfo"],
+        &["buddy", "--histogram"],
+        &["map"],
+    ] {
+        let out = memctl_into_closed_pipe(&addr, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "memctl {args:?} into a closed pipe: {err}"
+        );
+        // Ended by SIGPIPE, as `cat` would be, or quietly by itself.
+        assert!(
+            out.status.signal() == Some(13) || out.status.success(),
+            "memctl {args:?}: {:?}",
+            out.status
+        );
+    }
+}

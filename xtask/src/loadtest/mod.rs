@@ -657,7 +657,7 @@ pub fn boot_and_run_with(args: &Args, mut alongside: Option<Alongside>) -> Resul
         None => crate::build::build_kernel()?,
     };
     let qemu_path = qemu::ensure_qemu()?;
-    let accel = qemu::choose_accel(args.accel)?;
+    let accel = qemu::choose_accel(args.accel, &qemu_path, args.machine)?;
     let port = qemu::free_port()?;
     let token = crate::run::random_token()?;
     let cfg = QemuConfig {
