@@ -227,6 +227,7 @@ impl Client {
                     bytes: 0,
                     handles: 0,
                 },
+                role: memd_wire::Role::Client,
             },
         };
         let resp = c.request(&Request::Hello(Hello {

@@ -14,7 +14,7 @@ use alloc::vec::Vec;
 use memd_wire::{
     decode_request, encode_frame, errno, Batch, BatchReplyWriter, CheckReport, ClientInfo,
     DmaBufferInfo, DmaMask, FrameDecoder, FrameError, Hello, HelloAck, Op, Quota, Reply, Request,
-    Response, Status, WireError, MAX_BATCH_OPS, MAX_IO, MAX_NAME_LEN, PROTOCOL_VERSION,
+    Response, Role, Status, WireError, MAX_BATCH_OPS, MAX_IO, MAX_NAME_LEN, PROTOCOL_VERSION,
 };
 
 use crate::conns::ConnTable;
@@ -36,8 +36,11 @@ pub use crate::conns::ConnId;
 /// Service settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The token clients must present in their hello.
-    pub token: String,
+    /// The operator's token: every operation ([`Role::Operator`]).
+    pub operator_token: String,
+    /// The clients' token, if clients are told apart from the operator:
+    /// allocation work and views only ([`Role::Client`]).
+    pub client_token: Option<String>,
     /// Per-connection limits.
     pub quota: Quota,
     /// Server name shown in the status.
@@ -49,11 +52,12 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults with `token`: 64 Ki pages, 256 MiB, 65 536 handles per
-    /// connection.
-    pub fn new(token: impl Into<String>) -> Self {
+    /// Defaults with one token, the operator's: 64 Ki pages, 256 MiB,
+    /// 65 536 handles per connection.
+    pub fn new(operator_token: impl Into<String>) -> Self {
         Config {
-            token: token.into(),
+            operator_token: operator_token.into(),
+            client_token: None,
             quota: Quota {
                 pages: 64 * 1024,
                 bytes: 256 << 20,
@@ -62,6 +66,29 @@ impl Config {
             server: format!("memd {}", env!("CARGO_PKG_VERSION")),
             started_ns: 0,
             max_stress_ops: 50_000_000,
+        }
+    }
+
+    /// Adds a client token, for [`Role::Client`] connections.
+    pub fn with_client_token(mut self, token: impl Into<String>) -> Self {
+        self.client_token = Some(token.into());
+        self
+    }
+
+    /// The role `token` grants, if any. Both tokens are compared in full
+    /// whatever the outcome, so the time taken says nothing of either.
+    fn role_of(&self, token: &str) -> Option<Role> {
+        let operator = tokens_equal(token, &self.operator_token);
+        let client = self
+            .client_token
+            .as_deref()
+            .is_some_and(|t| tokens_equal(token, t));
+        if operator {
+            Some(Role::Operator)
+        } else if client {
+            Some(Role::Client)
+        } else {
+            None
         }
     }
 }
@@ -148,6 +175,8 @@ impl<M: Memory> Res<M> {
 
 struct Conn<M: Memory> {
     state: State,
+    /// Set by the hello.
+    role: Role,
     decoder: FrameDecoder,
     name: String,
     handles: HandleTable<Res<M>>,
@@ -317,6 +346,7 @@ impl<M: Memory> Service<M> {
             id,
             Conn {
                 state: State::AwaitHello,
+                role: Role::Client,
                 decoder: FrameDecoder::new(),
                 name: String::new(),
                 handles: HandleTable::new(id),
@@ -484,13 +514,14 @@ impl<M: Memory> Service<M> {
             );
             return self.close_with(conn, out, e);
         }
-        if !tokens_equal(&h.token, &self.config.token) {
+        let Some(role) = self.config.role_of(&h.token) else {
             return self.close_with(conn, out, err(errno::EACCES, "wrong token"));
-        }
+        };
         let Some(c) = self.conns.get_mut(&conn) else {
             return Flow::Close;
         };
         c.state = State::Ready;
+        c.role = role;
         c.name = h.client.chars().take(MAX_NAME_LEN).collect();
         write_response(
             out,
@@ -498,6 +529,7 @@ impl<M: Memory> Service<M> {
                 version: PROTOCOL_VERSION,
                 conn,
                 quota: self.config.quota,
+                role,
             }),
         );
         Flow::Continue
@@ -563,7 +595,15 @@ impl<M: Memory> Service<M> {
         io_budget: &mut usize,
     ) -> Result<Reply, WireError> {
         self.requests += 1;
-        let r = self.dispatch(env, conn, op, io_budget);
+        let role = self.conns.get(&conn).map(|c| c.role);
+        let r = if op.operator_only() && role != Some(Role::Operator) {
+            Err(err(
+                errno::EPERM,
+                format!("{} needs the operator token", op.name()),
+            ))
+        } else {
+            self.dispatch(env, conn, op, io_budget)
+        };
         if let Some(c) = self.conns.get_mut(&conn) {
             c.requests += 1;
             if r.is_err() {

@@ -18,7 +18,7 @@ use crate::stats::*;
 
 /// Protocol version spoken by this crate. 2: `Status` carries `busy_ns`
 /// and `halted_ns`.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Most operations one batch may carry. The service holds a batch's
 /// results in memory before encoding them (a few hundred bytes each), and
@@ -345,6 +345,19 @@ pub enum Op {
 }
 
 impl Op {
+    /// Whether only the operator may run this: it stops the service, or
+    /// affects, or takes the loop from, every client.
+    pub fn operator_only(&self) -> bool {
+        matches!(
+            self,
+            Op::Shutdown
+                | Op::FaultInject { .. }
+                | Op::DropCaches
+                | Op::Stress { .. }
+                | Op::Check
+        )
+    }
+
     /// The operation's name, as memctl spells its subcommand.
     pub fn name(&self) -> &'static str {
         match self {
@@ -398,6 +411,22 @@ pub struct HelloAck {
     pub conn: u64,
     /// The limits this connection runs under.
     pub quota: Quota,
+    /// What the token presented allows.
+    pub role: Role,
+}
+
+/// What a connection may do, by the token it presented.
+///
+/// A client token allows allocation work on the connection's own
+/// resources and every read-only view. The operator token allows, besides,
+/// what affects every client: shutdown, fault injection, dropping caches,
+/// stress runs and the invariant check ([`Op::operator_only`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Allocation work and views.
+    Client,
+    /// Everything, including operations that affect every client.
+    Operator,
 }
 
 /// Per-connection limits.
