@@ -226,6 +226,7 @@ impl Client {
                     pages: 0,
                     bytes: 0,
                     handles: 0,
+                    caches: 0,
                 },
                 role: memd_wire::Role::Client,
             },
@@ -402,8 +403,25 @@ impl Client {
         cma, Cma, Cma, CmaInfo);
     view!(/// Per-client usage.
         clients, Clients, Clients, Vec<ClientInfo>);
-    view!(/// Every DMA buffer.
-        dma_buffers, DmaBuffers, DmaBuffers, Vec<DmaBufferInfo>);
+    /// Every DMA buffer, fetched a page ([`memd_wire::DMA_LIST_PAGE`]) at
+    /// a time. Buffers allocated or freed meanwhile may be missed or seen
+    /// twice, as with a /proc file read in pieces.
+    pub fn dma_buffers(&mut self) -> Result<Vec<DmaBufferInfo>> {
+        let mut all = Vec::new();
+        loop {
+            let start = all.len() as u64;
+            match self.call(Op::DmaBuffers { start })? {
+                Reply::DmaBuffers(page) => {
+                    let last = page.len() < memd_wire::DMA_LIST_PAGE;
+                    all.extend(page);
+                    if last {
+                        return Ok(all);
+                    }
+                }
+                r => return unexpected(r),
+            }
+        }
+    }
     view!(/// Run the invariant checkers.
         check, Check, Check, CheckReport);
 

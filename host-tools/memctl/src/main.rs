@@ -54,7 +54,7 @@ fn to_op(cmd: Cmd) -> Result<Op, Fail> {
         Cmd::Mempools => Op::Mempools,
         Cmd::Cma => Op::Cma,
         Cmd::Clients => Op::Clients,
-        Cmd::DmaList => Op::DmaBuffers,
+        Cmd::DmaList => Op::DmaBuffers { start: 0 },
         Cmd::Map { .. } => Op::MemMap,
         Cmd::Buddy { .. } => Op::Buddyinfo,
         Cmd::AllocPages { order, gfp } => Op::AllocPages { order, gfp },
@@ -302,6 +302,16 @@ fn run(c: &mut Client, cmd: Cmd, as_json: bool) -> Result<Option<Handle>, Fail> 
             .map_err(|e| Fail::Conn(format!("terminal: {e}"))),
         Cmd::Completions { shell } => {
             completions(shell);
+            Ok(None)
+        }
+        // Every page of the listing, printed as one.
+        Cmd::DmaList => {
+            let all = Reply::DmaBuffers(c.dma_buffers()?);
+            if as_json {
+                reply_json(&all);
+            } else {
+                print_reply(&all);
+            }
             Ok(None)
         }
         Cmd::Map {

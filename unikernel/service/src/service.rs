@@ -13,7 +13,7 @@ use alloc::vec::Vec;
 
 use memd_wire::{
     decode_request, encode_frame, errno, Batch, BatchReplyWriter, CheckReport, ClientInfo,
-    DmaBufferInfo, DmaMask, FrameDecoder, FrameError, Hello, HelloAck, Op, Quota, Reply, Request,
+    DmaBufferInfo, FrameDecoder, FrameError, Hello, HelloAck, Op, Quota, Reply, Request,
     Response, Role, Status, WireError, MAX_BATCH_OPS, MAX_IO, MAX_NAME_LEN, PROTOCOL_VERSION,
 };
 
@@ -49,6 +49,11 @@ pub struct Config {
     pub started_ns: u64,
     /// Most operations one stress request may run.
     pub max_stress_ops: u64,
+    /// Most slab caches all clients together may hold: the memory
+    /// manager's cache table is shared with the kernel's own caches.
+    pub max_client_caches: u64,
+    /// Most mempools all clients together may hold.
+    pub max_client_pools: u64,
 }
 
 impl Config {
@@ -62,10 +67,13 @@ impl Config {
                 pages: 64 * 1024,
                 bytes: 256 << 20,
                 handles: 65_536,
+                caches: 8,
             },
             server: format!("memd {}", env!("CARGO_PKG_VERSION")),
             started_ns: 0,
             max_stress_ops: 50_000_000,
+            max_client_caches: 96,
+            max_client_pools: 192,
         }
     }
 
@@ -160,6 +168,15 @@ impl<M: Memory> Res<M> {
         }
     }
 
+    /// (caches, pools) this resource takes of the shared tables.
+    fn tables(&self) -> (u64, u64) {
+        match self {
+            Res::Cache { .. } => (1, 0),
+            Res::Pool { .. } => (0, 1),
+            _ => (0, 0),
+        }
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             Res::Pages { .. } => "pages",
@@ -182,6 +199,10 @@ struct Conn<M: Memory> {
     handles: HandleTable<Res<M>>,
     pages: u64,
     bytes: u64,
+    /// Slab caches held.
+    caches: u64,
+    /// Mempools held.
+    pools: u64,
     requests: u64,
     errors: u64,
 }
@@ -218,9 +239,12 @@ impl<M: Memory> Conn<M> {
     /// grow the table) and charges it; None when the table is full.
     fn file(&mut self, res: Res<M>, page: u64, insert: Inserter<M>) -> Option<u64> {
         let (pages, bytes) = res.charge(page);
+        let (caches, pools) = res.tables();
         let handle = insert(&mut self.handles, res).ok()?;
         self.pages += pages;
         self.bytes += bytes;
+        self.caches += caches;
+        self.pools += pools;
         Some(handle)
     }
 
@@ -228,11 +252,19 @@ impl<M: Memory> Conn<M> {
     fn unfile(&mut self, handle: u64, page: u64) -> Option<Res<M>> {
         let res = self.handles.remove(handle)?;
         let (pages, bytes) = res.charge(page);
+        let (caches, pools) = res.tables();
         self.pages -= pages;
         self.bytes -= bytes;
+        self.caches -= caches;
+        self.pools -= pools;
         Some(res)
     }
 }
+
+/// Largest frame a connection may send before its hello is accepted: a
+/// hello with a 256-byte token and a client name fits with room to spare.
+/// Anything larger closes the connection before its body is buffered.
+pub const MAX_HELLO_FRAME: usize = 1024;
 
 /// Bytes of a batch's reply frame kept free for a final error entry.
 const FINAL_ENTRY_ROOM: usize = 128;
@@ -305,6 +337,9 @@ pub struct Service<M: Memory> {
     page_size: Option<u64>,
     requests: u64,
     shutdown: bool,
+    /// [`hello_tag`]: before its hello, a connection's frames are looked at
+    /// this far and no further.
+    hello_tag: Option<u8>,
 }
 
 impl<M: Memory> Service<M> {
@@ -320,6 +355,7 @@ impl<M: Memory> Service<M> {
             page_size: None,
             requests: 0,
             shutdown: false,
+            hello_tag: hello_tag(),
         }
     }
 
@@ -342,16 +378,20 @@ impl<M: Memory> Service<M> {
     pub fn on_connect(&mut self) -> ConnId {
         let id = self.next_conn;
         self.next_conn += 1;
+        let mut decoder = FrameDecoder::new();
+        decoder.set_limit(MAX_HELLO_FRAME);
         self.conns.insert(
             id,
             Conn {
                 state: State::AwaitHello,
                 role: Role::Client,
-                decoder: FrameDecoder::new(),
+                decoder,
                 name: String::new(),
                 handles: HandleTable::new(id),
                 pages: 0,
                 bytes: 0,
+                caches: 0,
+                pools: 0,
                 requests: 0,
                 errors: 0,
             },
@@ -359,45 +399,83 @@ impl<M: Memory> Service<M> {
         id
     }
 
-    /// Bytes arrived on `conn`; replies are appended to `out`.
+    /// Bytes arrived on `conn`; replies are appended to `out`. All of
+    /// `input` is taken, however much output that makes: see
+    /// [`Service::on_bytes_bounded`] for a caller that bounds it.
     pub fn on_bytes<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
         conn: ConnId,
-        mut input: &[u8],
+        input: &[u8],
         out: &mut Vec<u8>,
     ) -> Flow {
+        self.on_bytes_bounded(env, conn, input, out, usize::MAX).1
+    }
+
+    /// As [`Service::on_bytes`], but stops at the first frame boundary
+    /// after `out` has reached `max_out` bytes, and returns how much of
+    /// `input` it took: the rest waits (in the socket) until the peer has
+    /// taken its replies. One reply is at most a frame, so `out` stays
+    /// below `max_out` plus one frame.
+    pub fn on_bytes_bounded<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        conn: ConnId,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        max_out: usize,
+    ) -> (usize, Flow) {
+        let mut rest = input;
         loop {
+            let taken = input.len() - rest.len();
+            if out.len() >= max_out {
+                return (taken, Flow::Continue);
+            }
             let Some(c) = self.conns.get_mut(&conn) else {
-                return Flow::Close;
+                return (taken, Flow::Close);
             };
             if c.state == State::Closing {
-                return Flow::Close;
+                return (taken, Flow::Close);
             }
-            let body = match c.decoder.feed(&mut input) {
+            let body = match c.decoder.feed(&mut rest) {
                 Ok(Some(body)) => body,
-                Ok(None) => return Flow::Continue,
+                Ok(None) => return (input.len(), Flow::Continue),
                 Err(e) => {
                     let code = match e {
-                        FrameError::TooLarge { .. } => errno::E2BIG,
+                        FrameError::TooLarge { .. } | FrameError::OverLimit { .. } => {
+                            errno::E2BIG
+                        }
+                        FrameError::NoMemory { .. } => errno::ENOMEM,
                         _ => errno::EPROTO,
+                    };
+                    let msg = if c.state == State::AwaitHello {
+                        format!("{e} before a hello")
+                    } else {
+                        e.to_string()
                     };
                     c.state = State::Closing;
                     write_response(
                         out,
                         &Response::Error {
-                            error: err(code, e.to_string()),
+                            error: err(code, msg),
                             closing: true,
                         },
                     );
-                    return Flow::Close;
+                    return (input.len() - rest.len(), Flow::Close);
                 }
             };
             let flow = self.on_frame(env, conn, &body, out);
             if flow != Flow::Continue {
-                return flow;
+                return (input.len() - rest.len(), flow);
             }
         }
+    }
+
+    /// Whether `conn` has presented a valid hello.
+    pub fn is_authenticated(&self, conn: ConnId) -> bool {
+        self.conns
+            .get(&conn)
+            .is_some_and(|c| c.state == State::Ready)
     }
 
     /// `conn` is gone: release everything it held.
@@ -433,8 +511,26 @@ impl<M: Memory> Service<M> {
             Some(c) => c.state,
             None => return Flow::Close,
         };
+        if state == State::AwaitHello && body.first().copied() != self.hello_tag {
+            return self.close_with(conn, out, err(errno::EACCES, "hello with the token first"));
+        }
         let req = match decode_request(body) {
             Ok(r) => r,
+            Err(FrameError::TooManyOps { count }) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.errors += 1;
+                }
+                // A batch reply of one refusal, as for any batch refused
+                // whole.
+                write_response(
+                    out,
+                    &Response::Batch(alloc::vec![Err(err(
+                        errno::E2BIG,
+                        format!("batch of {count} ops exceeds {MAX_BATCH_OPS}"),
+                    ))]),
+                );
+                return Flow::Continue;
+            }
             Err(e) => {
                 let error = err(errno::EPROTO, format!("bad request: {e}"));
                 if state == State::AwaitHello {
@@ -472,23 +568,43 @@ impl<M: Memory> Service<M> {
                 let mut budget = MAX_IO;
                 let result = self.run_op(env, conn, op, &mut budget);
                 let resp = Response::Call(result);
-                if encode_frame(&resp, out).is_err() {
-                    write_response(
-                        out,
-                        &Response::Call(Err(err(errno::E2BIG, "reply larger than a frame"))),
-                    );
+                let error = match encode_frame(&resp, out) {
+                    Ok(()) => return self.flow(),
+                    Err(FrameError::NoMemory { len }) => err(
+                        errno::ENOMEM,
+                        format!("no memory for a reply of {len}+ bytes"),
+                    ),
+                    Err(_) => err(errno::E2BIG, "reply larger than a frame"),
+                };
+                drop(resp);
+                if !write_response(out, &Response::Call(Err(error))) {
+                    return self.close_with(conn, out, err(errno::ENOMEM, "no memory for replies"));
                 }
                 self.flow()
             }
             (_, Request::Batch(batch)) => {
-                if self.run_batch(env, conn, batch, out).is_err() {
-                    write_response(
+                if let Err(e) = self.run_batch(env, conn, batch, out) {
+                    let error = match e {
+                        FrameError::NoMemory { len } => err(
+                            errno::ENOMEM,
+                            format!("no memory for a batch reply of {len}+ bytes"),
+                        ),
+                        _ => err(errno::E2BIG, "batch reply larger than a frame"),
+                    };
+                    let sent = write_response(
                         out,
                         &Response::Error {
-                            error: err(errno::E2BIG, "batch reply larger than a frame"),
+                            error,
                             closing: false,
                         },
                     );
+                    if !sent {
+                        return self.close_with(
+                            conn,
+                            out,
+                            err(errno::ENOMEM, "no memory for replies"),
+                        );
+                    }
                 }
                 self.flow()
             }
@@ -522,6 +638,7 @@ impl<M: Memory> Service<M> {
         };
         c.state = State::Ready;
         c.role = role;
+        c.decoder.set_limit(memd_wire::MAX_FRAME);
         c.name = h.client.chars().take(MAX_NAME_LEN).collect();
         write_response(
             out,
@@ -637,6 +754,37 @@ impl<M: Memory> Service<M> {
         }
     }
 
+    /// Checks that `conn` may create one more slab cache (`pool` false) or
+    /// mempool: its own quota (EDQUOT), then what all clients hold
+    /// together (ENOSPC), so no one client fills the shared tables.
+    fn check_table_quota(&self, conn: ConnId, pool: bool) -> Result<(), WireError> {
+        let c = self
+            .conns
+            .get(&conn)
+            .ok_or_else(|| err(errno::EBADF, "no connection"))?;
+        let q = self.config.quota.caches;
+        if c.caches + c.pools >= q {
+            return Err(err(
+                errno::EDQUOT,
+                format!("cache and mempool quota of {q} reached"),
+            ));
+        }
+        let (held, cap, what) = if pool {
+            let held = self.conns.values().map(|c| c.pools).sum::<u64>();
+            (held, self.config.max_client_pools, "mempools")
+        } else {
+            let held = self.conns.values().map(|c| c.caches).sum::<u64>();
+            (held, self.config.max_client_caches, "slab caches")
+        };
+        if held >= cap {
+            return Err(err(
+                errno::ENOSPC,
+                format!("clients hold {held} {what}, the most allowed"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Files `res` under a new handle of `conn`. Callers checked the quota
     /// first, and the quota is at most what a table holds.
     fn insert(&mut self, conn: ConnId, res: Res<M>, page: u64) -> u64 {
@@ -704,55 +852,34 @@ impl<M: Memory> Service<M> {
             Op::Mempools => Ok(stats(env, View::Mempools)),
             Op::Cma => Ok(stats(env, View::Cma)),
             Op::Clients => Ok(Reply::Clients(self.clients())),
-            Op::DmaBuffers => {
-                let page = memd_mm::PAGE_SIZE;
-                let mut list: Vec<DmaBufferInfo> = self
-                    .conns
-                    .values()
-                    .flat_map(|c| c.handles.values())
-                    .filter_map(|r| match r {
-                        Res::Dma { info, .. } => Some(DmaBufferInfo::clone(info)),
-                        _ => None,
-                    })
-                    .collect();
-                list.extend(env.device_dma().into_iter().map(|d| DmaBufferInfo {
-                    handle: 0,
-                    conn: 0,
-                    phys: d.phys,
-                    len: d.len,
-                    align: page,
-                    mask: DmaMask::Bits64,
-                    source: if d.cma {
-                        memd_wire::DmaSource::Cma
-                    } else {
-                        memd_wire::DmaSource::Buddy
-                    },
-                    zone: memd_mm::ZoneType::of_pfn(d.phys / page).name().into(),
-                    owner: memd_wire::DmaOwner::DeviceQueue { device: d.owner },
-                }));
-                Ok(Reply::DmaBuffers(list))
-            }
+            Op::DmaBuffers { start } => self.dma_list(env, start),
 
             Op::MemMap => {
                 // Buffers first, then the walk under the lock, then the
                 // protocol types.
                 let mut snap = alloc::boxed::Box::new(crate::memmap::MapSnapshot::new());
                 env.with_mem(|m, _| m.memmap(&mut snap)).map_err(mem_err)?;
-                let dma = self
-                    .conns
-                    .values()
-                    .flat_map(|c| c.handles.values())
-                    .filter_map(|r| match r {
-                        Res::Dma { info, .. } => Some(memd_wire::MapDma {
-                            handle: info.handle,
-                            conn: info.conn,
-                            phys: info.phys,
-                            len: info.len,
-                            source: info.source,
-                        }),
-                        _ => None,
-                    })
-                    .collect();
+                // Counted first, then collected into a vector reserved
+                // fallibly: a client may hold tens of thousands.
+                let bufs = || {
+                    self.conns
+                        .values()
+                        .flat_map(|c| c.handles.values())
+                        .filter_map(|r| match r {
+                            Res::Dma { info, .. } => Some(memd_wire::MapDma {
+                                handle: info.handle,
+                                conn: info.conn,
+                                phys: info.phys,
+                                len: info.len,
+                                source: info.source,
+                            }),
+                            _ => None,
+                        })
+                };
+                let mut dma = Vec::new();
+                dma.try_reserve_exact(bufs().count())
+                    .map_err(|_| err(errno::ENOMEM, "no memory to list the DMA buffers"))?;
+                dma.extend(bufs());
                 Ok(Reply::MemMap(Box::new(snap.render(dma))))
             }
 
@@ -823,6 +950,7 @@ impl<M: Memory> Service<M> {
                     ));
                 }
                 self.check_quota(conn, 0, 0)?;
+                self.check_table_quota(conn, false)?;
                 let id = env
                     .with_mem(|m, _| m.cache_create(&name, size, align, flags, ctor))
                     .map_err(mem_err)?;
@@ -946,9 +1074,23 @@ fn stats<E: Env>(env: &mut E, view: View) -> Reply {
     <E::Mem as Memory>::render(view, &snap)
 }
 
-fn write_response(out: &mut Vec<u8>, resp: &Response) {
-    // Error responses are small; encoding them cannot exceed MAX_FRAME.
-    let _ = encode_frame(resp, out);
+/// Appends a small response (an error, a hello): false when the heap
+/// could not take even that.
+fn write_response(out: &mut Vec<u8>, resp: &Response) -> bool {
+    encode_frame(resp, out).is_ok()
+}
+
+/// The first byte of every `Request::Hello` body: its variant tag, as
+/// postcard writes it.
+fn hello_tag() -> Option<u8> {
+    let hello = Request::Hello(Hello {
+        version: 0,
+        token: String::new(),
+        client: String::new(),
+    });
+    let mut sample = Vec::new();
+    memd_wire::frame::encode_into(&hello, &mut sample).ok()?;
+    sample.first().copied()
 }
 
 /// Frees everything in a closing connection's handle table: pool elements

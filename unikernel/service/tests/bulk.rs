@@ -74,6 +74,7 @@ const TIGHT: Quota = Quota {
     pages: 600,
     bytes: 3 << 20,
     handles: 40,
+    caches: 8,
 };
 
 impl Side {
@@ -239,6 +240,7 @@ fn batches_across_handle_table_chunks() {
         pages: 1 << 20,
         bytes: 1 << 30,
         handles: 10_000,
+        caches: 8,
     };
     let kmallocs = |n| (vec![T::Kmalloc(64, Gfp::KERNEL); n], false);
     // Every third of the handles seen so far, oldest first.

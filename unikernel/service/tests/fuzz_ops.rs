@@ -138,6 +138,7 @@ impl World {
             pages: 4096,
             bytes: 16 << 20,
             handles: 200,
+            caches: 8,
         };
         config.max_stress_ops = 300;
         let mut w = World {
@@ -246,7 +247,7 @@ impl World {
                 Op::Mempools,
                 Op::Cma,
                 Op::Clients,
-                Op::DmaBuffers,
+                Op::DmaBuffers { start: 0 },
                 Op::Faults,
             ][v as usize % 10]
                 .clone(),

@@ -356,7 +356,7 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
         ),
         Reply::Checksum(checksum(&expect))
     );
-    let Reply::DmaBuffers(listed) = t.ok(b, Op::DmaBuffers) else {
+    let Reply::DmaBuffers(listed) = t.ok(b, Op::DmaBuffers { start: 0 }) else {
         panic!("dma list")
     };
     assert_eq!(listed.len(), 3, "{listed:?}");

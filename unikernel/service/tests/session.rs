@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use memd_service::{Config, Flow, Service};
+use memd_service::{Config, DirectEnv, Flow, Service};
 use memd_wire::*;
 use proptest::prelude::*;
 
@@ -407,7 +407,7 @@ fn dma_buffer_io() {
         Reply::Checksum(checksum(&expect[4096..4196]))
     );
     assert!(
-        matches!(h.ok(c, Op::DmaBuffers), Reply::DmaBuffers(v) if v.len() == 1 && v[0].handle == buf)
+        matches!(h.ok(c, Op::DmaBuffers { start: 0 }), Reply::DmaBuffers(v) if v.len() == 1 && v[0].handle == buf)
     );
     assert_eq!(
         h.code(
@@ -507,6 +507,7 @@ fn quotas_bound_one_client_only() {
         pages: 8,
         bytes: 64 << 10,
         handles: 4,
+        caches: 8,
     };
     let mut h = Harness {
         svc: Service::new(cfg),
@@ -1017,4 +1018,193 @@ fn objects_go_back_only_to_their_own_parent() {
     }
     assert_eq!(h.svc.handles_of(c), Some(0));
     assert_eq!(h.mem.used, 0);
+}
+
+#[test]
+fn before_hello_only_a_small_hello_is_taken() {
+    let mut h = harness();
+    // A frame above the hello limit: refused at its prefix, nothing of the
+    // body is buffered, the connection closes.
+    let c = h.connect();
+    let prefix = ((memd_service::service::MAX_HELLO_FRAME + 1) as u32).to_le_bytes();
+    let (rs, flow) = h.send_raw(c, &prefix);
+    assert_eq!(closing_code(&rs[0]), errno::E2BIG);
+    assert_eq!(flow, Flow::Close);
+    // The hostile batch: count 200000 and zero bytes, before any hello.
+    let c = h.connect();
+    let mut body = Vec::new();
+    memd_wire::frame::encode_into(
+        &Request::Batch(Batch {
+            stop_on_error: false,
+            ops: Vec::new(),
+        }),
+        &mut body,
+    )
+    .unwrap();
+    body.truncate(2);
+    body.extend_from_slice(&[0xc0, 0x9a, 0x0c]); // 200000 as a varint
+    body.resize(600, 0);
+    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    let (rs, flow) = h.send_raw(c, &frame);
+    assert_eq!(closing_code(&rs[0]), errno::EACCES);
+    assert_eq!(flow, Flow::Close);
+    // A real client is served all the while.
+    let good = h.login();
+    assert!(matches!(h.ok(good, Op::Status), Reply::Status(_)));
+}
+
+#[test]
+fn an_oversized_batch_count_is_refused_before_it_is_reserved() {
+    let mut h = harness();
+    let c = h.login();
+    let mut body = Vec::new();
+    memd_wire::frame::encode_into(
+        &Request::Batch(Batch {
+            stop_on_error: false,
+            ops: Vec::new(),
+        }),
+        &mut body,
+    )
+    .unwrap();
+    body.truncate(2);
+    body.extend_from_slice(&[0xc0, 0x9a, 0x0c]);
+    body.resize(200_000, 0);
+    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    let (rs, flow) = h.send_raw(c, &frame);
+    assert_eq!(flow, Flow::Continue);
+    assert!(
+        matches!(&rs[..], [Response::Batch(r)] if r.len() == 1 && r[0].as_ref().unwrap_err().code == errno::E2BIG),
+        "{rs:?}"
+    );
+    assert!(matches!(h.ok(c, Op::Status), Reply::Status(_)));
+}
+
+#[test]
+fn output_is_bounded_and_the_rest_of_the_input_waits() {
+    let mut h = harness();
+    let c = h.login();
+    let buf = handle(&h.ok(
+        c,
+        Op::DmaAlloc {
+            len: 64 << 10,
+            align: 4096,
+            mask: DmaMask::Bits64,
+        },
+    ));
+    // Eight pipelined reads of 64 KiB: 512 KiB of replies.
+    let read = to_frame(&Request::Call(Op::DmaRead {
+        handle: buf,
+        offset: 0,
+        len: 64 << 10,
+    }))
+    .unwrap();
+    let input: Vec<u8> = read.iter().copied().cycle().take(read.len() * 8).collect();
+    let mut env = DirectEnv {
+        mem: &mut h.mem,
+        block: None,
+        clock,
+    };
+    let mut out = Vec::new();
+    let (taken, flow) = h
+        .svc
+        .on_bytes_bounded(&mut env, c, &input, &mut out, 100 << 10);
+    assert_eq!(flow, Flow::Continue);
+    // Two reads answered (the second passes the bound), the rest untouched.
+    assert_eq!(taken, read.len() * 2);
+    assert!(out.len() < (100 << 10) + (65 << 10));
+    out.clear();
+    let (taken2, _) = h
+        .svc
+        .on_bytes_bounded(&mut env, c, &input[taken..], &mut out, usize::MAX);
+    assert_eq!(taken2, read.len() * 6);
+    let mut dec = FrameDecoder::new();
+    let mut o = &out[..];
+    let mut n = 0;
+    while let Some(body) = dec.feed(&mut o).unwrap() {
+        assert!(matches!(decode_body::<Response>(&body).unwrap(), Response::Call(Ok(Reply::Data(d))) if d.len() == 64 << 10));
+        n += 1;
+    }
+    assert_eq!(n, 6, "every request answered once, in order");
+}
+
+#[test]
+fn the_client_token_cannot_run_operator_operations() {
+    let mut h = harness();
+    h.svc = Service::new(Config::new(TOKEN).with_client_token("client-tok"));
+    let c = h.connect();
+    let (r, _) = h.request(
+        c,
+        &Request::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            token: "client-tok".into(),
+            client: "c".into(),
+        }),
+    );
+    let Response::Hello(ack) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(ack.role, Role::Client);
+    for op in [
+        Op::Shutdown,
+        Op::Check,
+        Op::DropCaches,
+        Op::Stress { ops: 10, seed: 1 },
+        Op::FaultInject {
+            target: FaultTarget::Slab,
+            config: FaultConfig {
+                probability: 100,
+                interval: 1,
+                times: -1,
+            },
+        },
+    ] {
+        assert_eq!(h.code(c, op), errno::EPERM);
+    }
+    assert!(!h.svc.shutdown_requested());
+    assert!(matches!(h.ok(c, Op::Kmalloc { size: 64, gfp: Gfp::KERNEL }), Reply::Object { .. }));
+    // The operator token does all of it.
+    let op = h.connect();
+    assert_eq!(h.hello(op).role, Role::Operator);
+    assert!(matches!(h.ok(op, Op::Check), Reply::Check(r) if r.ok));
+}
+
+#[test]
+fn caches_and_pools_count_against_the_quota_and_a_global_cap() {
+    let mut h = harness();
+    let mut cfg = Config::new(TOKEN);
+    cfg.quota.caches = 3;
+    cfg.max_client_caches = 4;
+    cfg.max_client_pools = 100;
+    h.svc = Service::new(cfg);
+    let create = |h: &mut Harness<Model>, c, i: usize| {
+        h.call(
+            c,
+            Op::CacheCreate {
+                name: format!("c{i}"),
+                size: 64,
+                align: 8,
+                flags: SlabFlags(0),
+                ctor: Ctor::None,
+            },
+        )
+    };
+    let a = h.login();
+    for i in 0..2 {
+        create(&mut h, a, i).unwrap();
+    }
+    let pool = h.ok(a, Op::PoolCreate { backing: PoolBacking::Kmalloc { size: 32 }, min_nr: 1 });
+    // Two caches and a pool: the quota of three is reached.
+    assert_eq!(create(&mut h, a, 9).unwrap_err().code, errno::EDQUOT);
+    h.ok(a, Op::PoolDestroy { pool: handle(&pool) });
+    create(&mut h, a, 3).unwrap();
+    // Another client takes the fourth cache of the global cap, then finds
+    // the cap reached.
+    let b = h.login();
+    create(&mut h, b, 4).unwrap();
+    assert_eq!(create(&mut h, b, 5).unwrap_err().code, errno::ENOSPC);
+    // When the first client leaves, its caches are counted out.
+    h.close(a);
+    create(&mut h, b, 6).unwrap();
 }

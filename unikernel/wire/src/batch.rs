@@ -123,7 +123,11 @@ impl<'a> BatchReplyWriter<'a> {
         encode_frame(&Response::Batch(Vec::new()), out)?;
         out.pop();
         out.extend_from_slice(&[0; COUNT_ROOM]);
-        out.reserve(expected_bytes.min(MAX_FRAME));
+        let room = expected_bytes.min(MAX_FRAME);
+        if out.try_reserve(room).is_err() {
+            out.truncate(start);
+            return Err(FrameError::NoMemory { len: room });
+        }
         let results = out.len();
         let object = Reply::Object {
             handle: 0,
@@ -170,6 +174,15 @@ impl<'a> BatchReplyWriter<'a> {
         reserve: usize,
     ) -> Result<(), FrameError> {
         let before = self.out.len();
+        if matches!(
+            result,
+            Ok(Reply::Done | Reply::Object { .. } | Reply::Pages { .. })
+        ) && self.out.try_reserve(PLAIN_RESULT_MAX).is_err()
+        {
+            return Err(FrameError::NoMemory {
+                len: PLAIN_RESULT_MAX,
+            });
+        }
         match result {
             Ok(Reply::Done) => self.write_done(),
             Ok(Reply::Object { handle, addr, size }) => self.write_object(*handle, *addr, *size),
@@ -198,10 +211,12 @@ impl<'a> BatchReplyWriter<'a> {
             && self.room() >= PLAIN_RESULT_MAX.saturating_add(reserve)
     }
 
-    /// Makes room in the buffer for `n` more plain results.
+    /// Makes room in the buffer for `n` more plain results, if the heap
+    /// has it ([`BatchReplyWriter::plain_fits`] tells).
     pub fn reserve_plain(&mut self, n: usize) {
-        self.out
-            .reserve(n.saturating_mul(PLAIN_RESULT_MAX).min(self.room()));
+        let _ = self
+            .out
+            .try_reserve(n.saturating_mul(PLAIN_RESULT_MAX).min(self.room()));
     }
 
     /// Appends `Ok(Reply::Done)`. The frame's limit is the caller's to

@@ -15,15 +15,37 @@ use alloc::vec::Vec;
 
 use crate::flags::Gfp;
 use crate::frame::{decode_body, leading_bytes, FrameError};
-use crate::msg::{Batch, Op, Request};
+use crate::msg::{Batch, Op, Request, MAX_BATCH_OPS};
 
 /// Decodes a request body: batches through the fast reader when it can,
 /// everything else (and anything it gives up on) through postcard.
+///
+/// A batch announcing more than [`MAX_BATCH_OPS`] operations is refused
+/// with [`FrameError::TooManyOps`] before anything is reserved for it.
 pub fn decode_request(body: &[u8]) -> Result<Request, FrameError> {
+    if let Some(count) = batch_count(body) {
+        if count > MAX_BATCH_OPS as u64 {
+            return Err(FrameError::TooManyOps { count });
+        }
+    }
     match read_batch(body) {
         Some(batch) => Ok(Request::Batch(batch)),
         None => decode_body(body),
     }
+}
+
+/// The operation count a batch body announces, if `body` starts as a
+/// batch does (its tag, its flag, a varint as postcard writes it).
+fn batch_count(body: &[u8]) -> Option<u64> {
+    let empty = Request::Batch(Batch {
+        stop_on_error: false,
+        ops: Vec::new(),
+    });
+    let mut r = Reader { rest: body };
+    if r.byte()? != tag_of(&empty, 2)? || r.byte()? > 1 {
+        return None;
+    }
+    r.varint(10)
 }
 
 /// The byte postcard writes before the fields of `sample`, whose fields
@@ -206,6 +228,43 @@ mod tests {
         let mut body = Vec::new();
         encode_into(&req, &mut body).unwrap();
         assert_eq!(read_batch(&body).map(Request::Batch), Some(req));
+    }
+
+    #[test]
+    fn a_count_above_the_limit_is_refused_before_decoding() {
+        // The batch of the hostile client: a huge count, a few bytes.
+        for count in [MAX_BATCH_OPS as u64 + 1, 200_000, u64::MAX] {
+            let mut body = Vec::new();
+            encode_into(
+                &Request::Batch(Batch {
+                    stop_on_error: false,
+                    ops: Vec::new(),
+                }),
+                &mut body,
+            )
+            .unwrap();
+            body.truncate(2);
+            let mut n = count;
+            loop {
+                let b = (n & 0x7f) as u8;
+                n >>= 7;
+                if n == 0 {
+                    body.push(b);
+                    break;
+                }
+                body.push(b | 0x80);
+            }
+            body.extend_from_slice(&[0; 64]);
+            assert_eq!(decode_request(&body), Err(FrameError::TooManyOps { count }));
+        }
+        // At the limit it decodes (as far as its bytes go).
+        let req = Request::Batch(Batch {
+            stop_on_error: false,
+            ops: vec![Op::Kfree { handle: 1 }; MAX_BATCH_OPS],
+        });
+        let mut body = Vec::new();
+        encode_into(&req, &mut body).unwrap();
+        assert_eq!(decode_request(&body), Ok(req));
     }
 
     #[test]

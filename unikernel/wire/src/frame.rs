@@ -30,6 +30,25 @@ pub enum FrameError {
     TrailingBytes,
     /// Encoding failed (only possible for messages larger than [`MAX_FRAME`]).
     Encode,
+    /// A batch announces more operations than [`crate::MAX_BATCH_OPS`];
+    /// refused before anything is reserved for them.
+    TooManyOps {
+        /// The announced count.
+        count: u64,
+    },
+    /// The length prefix announces a body larger than the decoder's
+    /// current limit ([`FrameDecoder::set_limit`]), below [`MAX_FRAME`].
+    OverLimit {
+        /// The announced length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The buffer for a frame could not be allocated.
+    NoMemory {
+        /// Bytes that were needed.
+        len: usize,
+    },
 }
 
 impl fmt::Display for FrameError {
@@ -41,25 +60,42 @@ impl fmt::Display for FrameError {
             FrameError::Malformed => f.write_str("malformed message"),
             FrameError::TrailingBytes => f.write_str("trailing bytes after message"),
             FrameError::Encode => f.write_str("message could not be encoded"),
+            FrameError::TooManyOps { count } => write!(
+                f,
+                "batch of {count} ops exceeds {}",
+                crate::MAX_BATCH_OPS
+            ),
+            FrameError::OverLimit { len, limit } => {
+                write!(f, "frame of {len} bytes exceeds the {limit} allowed here")
+            }
+            FrameError::NoMemory { len } => write!(f, "no memory for a frame of {len} bytes"),
         }
     }
 }
 
 /// postcard output appended to a vector a slice at a time (postcard's
-/// `Extend` flavor goes byte by byte).
-struct Appender<'a>(&'a mut Vec<u8>);
+/// `Extend` flavor goes byte by byte). Growing the vector is fallible: a
+/// reply the heap cannot hold is an error, not an abort.
+struct Appender<'a> {
+    out: &'a mut Vec<u8>,
+    /// Set when growing `out` failed.
+    no_memory: &'a mut bool,
+}
 
 impl postcard::ser_flavors::Flavor for Appender<'_> {
     type Output = ();
 
     fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.0.extend_from_slice(data);
+        if self.out.try_reserve(data.len()).is_err() {
+            *self.no_memory = true;
+            return Err(postcard::Error::SerializeBufferFull);
+        }
+        self.out.extend_from_slice(data);
         Ok(())
     }
 
     fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.0.push(data);
-        Ok(())
+        self.try_extend(&[data])
     }
 
     fn finalize(self) -> postcard::Result<()> {
@@ -68,7 +104,20 @@ impl postcard::ser_flavors::Flavor for Appender<'_> {
 }
 
 fn append<T: Serialize + ?Sized>(msg: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
-    postcard::serialize_with_flavor(msg, Appender(out)).map_err(|_| FrameError::Encode)
+    let start = out.len();
+    let mut no_memory = false;
+    let flavor = Appender {
+        out,
+        no_memory: &mut no_memory,
+    };
+    postcard::serialize_with_flavor(msg, flavor).map_err(|_| {
+        let len = out.len() - start;
+        if no_memory {
+            FrameError::NoMemory { len }
+        } else {
+            FrameError::Encode
+        }
+    })
 }
 
 /// Append one frame holding `msg` to `out`.
@@ -78,6 +127,8 @@ fn append<T: Serialize + ?Sized>(msg: &T, out: &mut Vec<u8>) -> Result<(), Frame
 /// [`FrameError::TooLarge`] and `out` is left as it was.
 pub fn encode_frame<T: Serialize + ?Sized>(msg: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
     let start = out.len();
+    out.try_reserve(PREFIX_LEN)
+        .map_err(|_| FrameError::NoMemory { len: PREFIX_LEN })?;
     out.extend_from_slice(&[0; PREFIX_LEN]);
     if let Err(e) = append(msg, out) {
         out.truncate(start);
@@ -139,7 +190,7 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 /// arrive, so a peer announcing a large frame and sending nothing costs
 /// nothing. After an error the decoder stays failed: the stream has lost
 /// its framing and the connection should be closed.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrameDecoder {
     prefix: [u8; PREFIX_LEN],
     prefix_len: usize,
@@ -147,6 +198,14 @@ pub struct FrameDecoder {
     body_len: Option<usize>,
     body: Vec<u8>,
     failed: Option<FrameError>,
+    /// Largest body accepted now (at most [`MAX_FRAME`]).
+    limit: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl FrameDecoder {
@@ -158,7 +217,15 @@ impl FrameDecoder {
             body_len: None,
             body: Vec::new(),
             failed: None,
+            limit: MAX_FRAME,
         }
+    }
+
+    /// Accepts bodies of at most `limit` bytes (capped at [`MAX_FRAME`])
+    /// from the next length prefix on: a server allows only small frames
+    /// until a peer has authenticated.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit.min(MAX_FRAME);
     }
 
     /// Consume bytes from the front of `input` until one frame is complete
@@ -182,8 +249,17 @@ impl FrameDecoder {
                 *input = &input[take..];
                 if self.prefix_len == PREFIX_LEN {
                     let len = u32::from_le_bytes(self.prefix) as usize;
-                    if len > MAX_FRAME {
-                        let err = FrameError::TooLarge { len };
+                    let err = if len > MAX_FRAME {
+                        Some(FrameError::TooLarge { len })
+                    } else if len > self.limit {
+                        Some(FrameError::OverLimit {
+                            len,
+                            limit: self.limit,
+                        })
+                    } else {
+                        None
+                    };
+                    if let Some(err) = err {
                         self.failed = Some(err.clone());
                         return Err(err);
                     }
@@ -192,6 +268,14 @@ impl FrameDecoder {
                 continue;
             };
             let take = (len - self.body.len()).min(input.len());
+            // The body grows as its bytes arrive, and fallibly: a heap that
+            // cannot hold it fails this stream, not the program.
+            if self.body.try_reserve(take).is_err() {
+                let err = FrameError::NoMemory { len };
+                self.failed = Some(err.clone());
+                self.body = Vec::new();
+                return Err(err);
+            }
             self.body.extend_from_slice(&input[..take]);
             *input = &input[take..];
             if self.body.len() == len {
@@ -231,6 +315,23 @@ mod tests {
             out.extend_from_slice(b);
         }
         out
+    }
+
+    #[test]
+    fn a_lowered_limit_refuses_larger_frames_before_their_body() {
+        let mut d = FrameDecoder::new();
+        d.set_limit(16);
+        let ok = frames_of(&[vec![1; 16]]);
+        let mut input = &ok[..];
+        assert_eq!(d.feed(&mut input).unwrap(), Some(vec![1; 16]));
+        let big = 17u32.to_le_bytes();
+        let mut input = &big[..];
+        assert_eq!(
+            d.feed(&mut input),
+            Err(FrameError::OverLimit { len: 17, limit: 16 })
+        );
+        assert!(d.is_failed());
+        assert_eq!(d.buffered(), 4, "nothing beyond the prefix was taken");
     }
 
     #[test]

@@ -120,7 +120,9 @@ mod tests {
                 pages: 1,
                 bytes: 2,
                 handles: 3,
+                caches: 4,
             },
+            role: Role::Operator,
         }));
         roundtrip(&Response::Call(Ok(Reply::Zoneinfo(vec![ZoneInfo {
             name: "DMA".into(),

@@ -26,6 +26,10 @@ pub const PROTOCOL_VERSION: u32 = 3;
 /// 4096 keeps a whole batch well inside that.
 pub const MAX_BATCH_OPS: usize = 4096;
 
+/// Entries in one page of [`Op::DmaBuffers`]: a page's reply stays far
+/// below a frame.
+pub const DMA_LIST_PAGE: usize = 2048;
+
 /// Longest name accepted for a cache or a client.
 pub const MAX_NAME_LEN: usize = 32;
 
@@ -159,8 +163,14 @@ pub enum Op {
     Cma,
     /// Per-connection usage.
     Clients,
-    /// Every DMA buffer held by a client.
-    DmaBuffers,
+    /// The DMA buffers held by clients and devices, a page at a time:
+    /// at most [`DMA_LIST_PAGE`] from position `start` of the listing
+    /// (devices' buffers first, then each connection's in id order). A
+    /// page shorter than [`DMA_LIST_PAGE`] is the last.
+    DmaBuffers {
+        /// Position of the first entry wanted.
+        start: u64,
+    },
     /// The physical memory map: zones, reservations, CMA, DMA buffers and
     /// what every frame is (see [`crate::memmap`]).
     MemMap,
@@ -369,7 +379,7 @@ impl Op {
             Op::Mempools => "mempools",
             Op::Cma => "cma",
             Op::Clients => "clients",
-            Op::DmaBuffers => "dma-list",
+            Op::DmaBuffers { .. } => "dma-list",
             Op::MemMap => "map",
             Op::AllocPages { .. } => "alloc-pages",
             Op::FreePages { .. } => "free-pages",
@@ -438,6 +448,9 @@ pub struct Quota {
     pub bytes: u64,
     /// Handles held at once.
     pub handles: u64,
+    /// Slab caches and mempools held at once (they take entries of the
+    /// memory manager's tables, which all clients share).
+    pub caches: u64,
 }
 
 /// The successful result of one operation.

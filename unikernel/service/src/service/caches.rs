@@ -231,6 +231,7 @@ impl<M: Memory> Service<M> {
         };
         let reserve = elem.saturating_mul(min_nr as u64);
         self.check_quota(conn, 0, reserve)?;
+        self.check_table_quota(conn, true)?;
         let (id, elem) = env
             .with_mem(|m, _| {
                 m.set_owner(conn);

@@ -8,8 +8,9 @@
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
+use alloc::vec::Vec;
 
-use memd_wire::{errno, DmaBufferInfo, DmaMask, Reply, WireError};
+use memd_wire::{errno, DmaBufferInfo, DmaMask, DmaOwner, DmaSource, Reply, WireError, DMA_LIST_PAGE};
 
 use super::{err, mem_err, no_handle, stats, wrong_kind, Res, Service};
 use crate::env::{Env, SECTOR};
@@ -17,6 +18,51 @@ use crate::memory::{MemError, Memory, View};
 use crate::ConnId;
 
 impl<M: Memory> Service<M> {
+    /// One page of the DMA listing: the devices' buffers, then every
+    /// connection's, from position `start`.
+    pub(super) fn dma_list<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        start: u64,
+    ) -> Result<Reply, WireError> {
+        let page = memd_mm::PAGE_SIZE;
+        let start = usize::try_from(start).unwrap_or(usize::MAX);
+        let devices = env.device_dma();
+        let clients = self
+            .conns
+            .values()
+            .flat_map(|c| c.handles.values())
+            .filter_map(|r| match r {
+                Res::Dma { info, .. } => Some(info),
+                _ => None,
+            });
+        let mut list = Vec::new();
+        list.try_reserve_exact(DMA_LIST_PAGE)
+            .map_err(|_| err(errno::ENOMEM, "no memory to list the DMA buffers"))?;
+        let device_infos = devices.into_iter().map(|d| DmaBufferInfo {
+            handle: 0,
+            conn: 0,
+            phys: d.phys,
+            len: d.len,
+            align: page,
+            mask: DmaMask::Bits64,
+            source: if d.cma {
+                DmaSource::Cma
+            } else {
+                DmaSource::Buddy
+            },
+            zone: memd_mm::ZoneType::of_pfn(d.phys / page).name().into(),
+            owner: DmaOwner::DeviceQueue { device: d.owner },
+        });
+        list.extend(
+            device_infos
+                .chain(clients.map(|i| DmaBufferInfo::clone(i)))
+                .skip(start)
+                .take(DMA_LIST_PAGE),
+        );
+        Ok(Reply::DmaBuffers(list))
+    }
+
     pub(super) fn dma_alloc<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
@@ -160,7 +206,10 @@ impl<M: Memory> Service<M> {
         }
         let (buf, buf_len) = self.dma(conn, handle)?;
         let start = range(offset, len as u64, buf_len)?;
-        let mut data = alloc::vec![0u8; len];
+        let mut data = Vec::new();
+        data.try_reserve_exact(len)
+            .map_err(|_| err(errno::ENOMEM, format!("no memory for a read of {len} bytes")))?;
+        data.resize(len, 0);
         env.with_mem(|m, _| {
             m.dma_bytes(buf)
                 .map(|b| data.copy_from_slice(&b[start..start + len]))
