@@ -5,6 +5,7 @@ mod bench_disk;
 mod boot_tests;
 mod build;
 mod fuzz;
+mod hostile;
 mod loadtest;
 mod profile;
 mod qemu;
@@ -117,12 +118,17 @@ fn main() -> Result<()> {
             if !args.boot_only {
                 host_tests()?;
             }
-            // `--filter loadtest` (or `profile`) runs only that smoke run;
-            // no filter runs the boot tests and then both.
+            // `--filter loadtest` (or `profile`, `hostile`) runs only that
+            // run; no filter runs the boot tests and then all three.
             let filter = args.boot.filter.as_deref();
             let smoke = |name: &str| filter.is_none_or(|f| name.contains(f));
-            if !filter.is_some_and(|f| "loadtest".contains(f) || "profile".contains(f)) {
+            if !filter.is_some_and(|f| {
+                "loadtest".contains(f) || "profile".contains(f) || "hostile".contains(f)
+            }) {
                 boot_tests::run(&args.boot)?;
+            }
+            if smoke("hostile") {
+                hostile::run(qemu::Accel::Tcg)?;
             }
             if smoke("loadtest") {
                 loadtest::smoke()?;

@@ -85,9 +85,50 @@ pub enum Flow {
 /// The service behind the sockets.
 pub trait Handler {
     fn on_connect(&mut self) -> u64;
-    fn on_bytes(&mut self, conn: u64, input: &[u8], out: &mut Vec<u8>) -> Flow;
+    /// Takes a prefix of `input` (returns its length), appending replies
+    /// to `out`; stops taking once `out` holds `max_out` bytes.
+    fn on_bytes(&mut self, conn: u64, input: &[u8], out: &mut Vec<u8>, max_out: usize)
+        -> (usize, Flow);
     fn on_close(&mut self, conn: u64);
+    /// Whether `conn` has authenticated.
+    fn authenticated(&self, conn: u64) -> bool;
+    /// Whether `conn` has part of a request buffered.
+    fn partial_request(&self, conn: u64) -> bool;
 }
+
+/// How long a connection may take to authenticate, to finish a request it
+/// started, to take its replies, and to stay silent (`memd.idle_timeout=`
+/// seconds; 0 keeps idle connections forever).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub hello_ns: u64,
+    pub partial_ns: u64,
+    pub send_ns: u64,
+    pub idle_ns: Option<u64>,
+}
+
+impl Timeouts {
+    pub fn from_cmdline(line: &str) -> Result<Timeouts, &'static str> {
+        let secs = |key: &str, default: u64| -> Result<u64, &'static str> {
+            match cmdline::get(line, key) {
+                None => Ok(default),
+                Some(v) => v.parse::<u64>().map_err(|_| "a memd.*_timeout= is not a number of seconds"),
+            }
+        };
+        const S: u64 = 1_000_000_000;
+        let idle = secs("memd.idle_timeout", 300)?;
+        Ok(Timeouts {
+            hello_ns: secs("memd.hello_timeout", 5)?.max(1) * S,
+            partial_ns: secs("memd.request_timeout", 10)?.max(1) * S,
+            send_ns: secs("memd.send_timeout", 10)?.max(1) * S,
+            idle_ns: (idle > 0).then_some(idle * S),
+        })
+    }
+}
+
+/// A connection that has moved no byte for this long may be evicted to
+/// make room for a new one when every slot is taken.
+const EVICT_IDLE_NS: u64 = 1_000_000_000;
 
 /// Network settings from the command line.
 #[derive(Clone, Copy, Debug)]
@@ -206,7 +247,40 @@ struct Client {
     conn: Option<u64>,
     out: Vec<u8>,
     closing: bool,
+    /// When the SYN arrived.
+    opened_ns: u64,
+    /// When a byte last moved: taken in, queued out, or acknowledged.
+    active_ns: u64,
+    /// The socket's unacknowledged output at the last look, to see ACKs.
+    send_queue: usize,
 }
+
+impl Client {
+    fn new(handle: SocketHandle, now: u64) -> Client {
+        Client {
+            handle,
+            conn: None,
+            out: Vec::new(),
+            closing: false,
+            opened_ns: now,
+            active_ns: now,
+            send_queue: 0,
+        }
+    }
+}
+
+/// Why a connection was cut.
+#[derive(Clone, Copy, Debug)]
+enum Cut {
+    NoHello,
+    PartialRequest,
+    NotReading,
+    Idle,
+    Evicted,
+}
+
+/// Connections cut, by reason, for the log.
+static CUTS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
 
 /// The TCP sockets. smoltcp has no accept queue (one socket serves one
 /// connection) and looks at every socket for every packet and every poll,
@@ -219,9 +293,10 @@ struct Sockets {
     /// Sockets in `Listen`, waiting for a SYN.
     listeners: Vec<SocketHandle>,
     clients: Vec<Client>,
-    /// Most sockets at once (listeners included).
+    /// Most connections at once (listeners not counted).
     slots: usize,
     port: u16,
+    timeouts: Timeouts,
 }
 
 /// Listening sockets kept beyond the connected ones. Packets are taken in
@@ -235,15 +310,16 @@ const SPARE_LISTENERS: usize = 2;
 const FLUSH_AFTER_NS: u64 = 200_000;
 
 impl Sockets {
-    fn new(slots: usize, port: u16) -> Sockets {
+    fn new(slots: usize, port: u16, timeouts: Timeouts) -> Sockets {
         let mut sockets = Sockets {
-            set: SocketSet::new(Vec::with_capacity(slots)),
+            set: SocketSet::new(Vec::with_capacity(slots + SPARE_LISTENERS)),
             listeners: Vec::with_capacity(SPARE_LISTENERS),
-            clients: Vec::with_capacity(slots),
+            clients: Vec::with_capacity(slots + SPARE_LISTENERS),
             slots,
             port,
+            timeouts,
         };
-        sockets.top_up_listeners();
+        sockets.top_up_listeners(time::uptime_ns());
         sockets
     }
 
@@ -253,7 +329,11 @@ impl Sockets {
     }
 
     /// Moves listeners that took a SYN to the clients and opens new ones.
-    fn top_up_listeners(&mut self) {
+    /// Listeners are kept even when every slot is taken: a new connection
+    /// then takes the slot of one that is not using it (see `make_room`).
+    /// Their buffers are allocated fallibly: near exhaustion there are
+    /// simply fewer listeners until memory returns.
+    fn top_up_listeners(&mut self, now: u64) {
         let mut i = 0;
         while i < self.listeners.len() {
             let handle = self.listeners[i];
@@ -261,25 +341,44 @@ impl Sockets {
                 i += 1;
             } else {
                 self.listeners.swap_remove(i);
-                self.clients.push(Client {
-                    handle,
-                    conn: None,
-                    out: Vec::new(),
-                    closing: false,
-                });
+                self.clients.push(Client::new(handle, now));
             }
         }
-        while self.listeners.len() < SPARE_LISTENERS
-            && self.listeners.len() + self.clients.len() < self.slots
-        {
-            let rx = tcp::SocketBuffer::new(vec![0u8; SOCKET_BUF]);
-            let tx = tcp::SocketBuffer::new(vec![0u8; TX_BUF]);
-            let mut s = tcp::Socket::new(rx, tx);
+        while self.listeners.len() < SPARE_LISTENERS {
+            let (Some(rx), Some(tx)) = (zeroed(SOCKET_BUF), zeroed(TX_BUF)) else {
+                return;
+            };
+            let mut s = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
             s.set_nagle_enabled(false);
             if s.listen(self.port).is_err() {
                 return;
             }
             self.listeners.push(self.set.add(s));
+        }
+    }
+
+    /// With more connections than slots, cuts those that use theirs least:
+    /// unauthenticated ones first (oldest first), then the longest idle
+    /// that has moved nothing for `EVICT_IDLE_NS`; failing both, the
+    /// newest connection itself. A crowd of silent sockets never locks a
+    /// real client out.
+    fn make_room(&mut self, handler: &mut dyn Handler, now: u64) {
+        while self.clients.len() > self.slots {
+            let newest = self.clients.len() - 1;
+            let unauth = (0..newest)
+                .filter(|&i| !self.clients[i].conn.is_some_and(|c| handler.authenticated(c)))
+                .min_by_key(|&i| self.clients[i].opened_ns);
+            let idle = || {
+                (0..newest)
+                    .filter(|&i| now.saturating_sub(self.clients[i].active_ns) > EVICT_IDLE_NS)
+                    .min_by_key(|&i| self.clients[i].active_ns)
+            };
+            let victim = unauth.or_else(idle).unwrap_or(newest);
+            let c = &mut self.clients[victim];
+            let s = self.set.get_mut::<tcp::Socket>(c.handle);
+            cut(c, s, handler, Cut::Evicted);
+            self.set.remove(c.handle);
+            self.clients.swap_remove(victim);
         }
     }
 
@@ -295,18 +394,27 @@ impl Sockets {
         &mut self,
         handler: &mut dyn Handler,
         shutdown: &mut Option<u64>,
+        now: u64,
         mut flush: impl FnMut(&mut SocketSet<'static>, &[SocketHandle]),
     ) {
+        if self.clients.len() > self.slots {
+            self.make_room(handler, now);
+        }
         let mut i = 0;
         while i < self.clients.len() {
             let c = &mut self.clients[i];
             let s = self.set.get_mut::<tcp::Socket>(c.handle);
             // Timed only when there is input: the clock costs a QEMU call.
             let start = s.can_recv().then(time::uptime_ns);
-            if serve_client(c, s, handler, shutdown)
+            if serve_client(c, s, handler, shutdown, now)
                 && start.is_some_and(|t| time::uptime_ns() - t > FLUSH_AFTER_NS)
             {
                 flush(&mut self.set, &self.listeners);
+            }
+            let c = &mut self.clients[i];
+            let s = self.set.get_mut::<tcp::Socket>(c.handle);
+            if let Some(why) = overdue(c, s, handler, &self.timeouts, now) {
+                cut(c, s, handler, why);
             }
             let c = &self.clients[i];
             let s = self.set.get::<tcp::Socket>(c.handle);
@@ -319,10 +427,9 @@ impl Sockets {
                 self.clients.swap_remove(i);
             }
         }
-        // Short of listeners while every slot was taken, or a flush took a
-        // SYN.
+        // Short of listeners (memory was short), or a flush took a SYN.
         if self.listeners.len() < SPARE_LISTENERS || self.listener_taken() {
-            self.top_up_listeners();
+            self.top_up_listeners(now);
         }
     }
 
@@ -351,6 +458,7 @@ fn serve_client(
     s: &mut tcp::Socket,
     handler: &mut dyn Handler,
     shutdown: &mut Option<u64>,
+    now: u64,
 ) -> bool {
     let handshaking = matches!(
         s.state(),
@@ -365,12 +473,18 @@ fn serve_client(
     let mut handled = false;
     while !c.closing && c.out.len() < MAX_PENDING_OUT && s.can_recv() {
         handled = true;
-        let flow = s
+        let (taken, flow) = s
             .recv(|input| {
-                let flow = handler.on_bytes(conn, input, &mut c.out);
-                (input.len(), flow)
+                let (taken, flow) = handler.on_bytes(conn, input, &mut c.out, MAX_PENDING_OUT);
+                (taken, (taken, flow))
             })
-            .unwrap_or(Flow::Close);
+            .unwrap_or((0, Flow::Close));
+        if taken > 0 {
+            c.active_ns = now;
+        } else if flow == Flow::Continue {
+            // The output bound stopped it: the rest waits for the peer.
+            break;
+        }
         match flow {
             Flow::Continue => {}
             Flow::Close => c.closing = true,
@@ -383,8 +497,17 @@ fn serve_client(
     if !c.out.is_empty() && s.can_send() {
         if let Ok(n) = s.send_slice(&c.out) {
             c.out.drain(..n);
+            if n > 0 {
+                c.active_ns = now;
+            }
         }
     }
+    // Acknowledged output is progress too: the peer is reading.
+    let queued = s.send_queue();
+    if queued < c.send_queue {
+        c.active_ns = now;
+    }
+    c.send_queue = queued;
     if !s.may_recv() && !s.can_recv() {
         // The peer finished sending (FIN) or the connection is gone.
         c.closing = true;
@@ -403,8 +526,57 @@ fn serve_client(
     handled
 }
 
+/// A zeroed buffer of `len` bytes, or None when the heap cannot hold it.
+fn zeroed(len: usize) -> Option<Vec<u8>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).ok()?;
+    v.resize(len, 0);
+    Some(v)
+}
+
+/// Whether `c` has outstayed a timeout, and which.
+fn overdue(
+    c: &Client,
+    s: &tcp::Socket,
+    handler: &dyn Handler,
+    t: &Timeouts,
+    now: u64,
+) -> Option<Cut> {
+    if !s.is_active() {
+        return None;
+    }
+    let quiet = now.saturating_sub(c.active_ns);
+    let authenticated = c.conn.is_some_and(|conn| handler.authenticated(conn));
+    if !authenticated && now.saturating_sub(c.opened_ns) > t.hello_ns {
+        Some(Cut::NoHello)
+    } else if (!c.out.is_empty() || s.send_queue() > 0) && quiet > t.send_ns {
+        Some(Cut::NotReading)
+    } else if c.conn.is_some_and(|conn| handler.partial_request(conn)) && quiet > t.partial_ns {
+        Some(Cut::PartialRequest)
+    } else if t.idle_ns.is_some_and(|idle| quiet > idle) {
+        Some(Cut::Idle)
+    } else {
+        None
+    }
+}
+
+/// Cuts a connection: reset, and what it held released at once, as on a
+/// disconnect.
+fn cut(c: &mut Client, s: &mut tcp::Socket, handler: &mut dyn Handler, why: Cut) {
+    let n = CUTS[why as usize].fetch_add(1, Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        info!("net: cut a connection ({why:?}; {n} so far)");
+    }
+    s.abort();
+    if let Some(conn) = c.conn.take() {
+        handler.on_close(conn);
+    }
+    c.out = Vec::new();
+    c.closing = true;
+}
+
 /// Serves forever (or until a handler asks for shutdown).
-pub fn serve(mut dev: NetDevice, cfg: NetConfig, handler: &mut dyn Handler) {
+pub fn serve(mut dev: NetDevice, cfg: NetConfig, timeouts: Timeouts, handler: &mut dyn Handler) {
     let mac = EthernetAddress(dev.mac());
     let mut iface = Interface::new(
         Config::new(HardwareAddress::Ethernet(mac)),
@@ -422,7 +594,7 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, handler: &mut dyn Handler) {
         warn!("net: could not add the default route via {}", cfg.gateway);
     }
     let slots = client_slots(crate::ALLOC.lock().meminfo().total);
-    let mut sockets = Sockets::new(slots, cfg.port);
+    let mut sockets = Sockets::new(slots, cfg.port, timeouts);
     info!(
         "net: {} mac {mac} ip {} gw {}, TCP port {} ({slots} client slots)",
         dev.location, cfg.addr, cfg.gateway, cfg.port
@@ -446,12 +618,12 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, handler: &mut dyn Handler) {
             != PollIngressSingleResult::None
         {
             if sockets.listener_taken() {
-                sockets.top_up_listeners();
+                sockets.top_up_listeners(pass);
             }
         }
         // Receive buffers re-posted while taking packets in.
         dev.kick();
-        sockets.serve(handler, &mut shutdown, |set, listeners| {
+        sockets.serve(handler, &mut shutdown, pass, |set, listeners| {
             // ACKs first (they open the window for the rest of a reply),
             // stopping at a SYN that took a listener: it is replaced later.
             let t = now();

@@ -471,6 +471,12 @@ impl<M: Memory> Service<M> {
         }
     }
 
+    /// Whether `conn` has part of a frame buffered (a request started and
+    /// not finished).
+    pub fn has_partial_request(&self, conn: ConnId) -> bool {
+        self.conns.get(&conn).is_some_and(|c| !c.decoder.is_idle())
+    }
+
     /// Whether `conn` has presented a valid hello.
     pub fn is_authenticated(&self, conn: ConnId) -> bool {
         self.conns

@@ -73,6 +73,8 @@ impl fmt::Display for FrameError {
     }
 }
 
+impl core::error::Error for FrameError {}
+
 /// postcard output appended to a vector a slice at a time (postcard's
 /// `Extend` flavor goes byte by byte). Growing the vector is fallible: a
 /// reply the heap cannot hold is an error, not an abort.

@@ -274,7 +274,7 @@ impl Shared {
 /// fragmentation: it returns to the baseline exactly when every page and
 /// every object the clients took is back and the kernel holds what it held
 /// before.
-fn available(c: &mut Client) -> Result<u64> {
+pub(crate) fn available(c: &mut Client) -> Result<u64> {
     let m = c.meminfo().context("meminfo")?;
     let live: u64 = c
         .slabinfo()
@@ -335,7 +335,7 @@ impl Snapshot {
 
 /// Polls `available` until it has not changed for `stable` reads in a row
 /// (or equals `target`), within `limit`.
-fn settle(c: &mut Client, target: Option<u64>, limit: Duration) -> Result<u64> {
+pub(crate) fn settle(c: &mut Client, target: Option<u64>, limit: Duration) -> Result<u64> {
     let deadline = Instant::now() + limit;
     let mut last = u64::MAX;
     let mut same = 0;
