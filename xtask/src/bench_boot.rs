@@ -46,6 +46,8 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
         eprintln!("xtask: accelerator {}: {}", accel.name(), accel.reason);
     }
     let port = qemu::free_port()?;
+    // Token files as for a real run, so the boot reads them as it would.
+    let tokens = qemu::GuestTokens::temporary("bench-boot")?;
     let cfg = QemuConfig {
         qemu: qemu_path,
         kernel,
@@ -53,11 +55,12 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
         kvm: accel.kvm,
         mem: args.mem.clone(),
         // The NIC is there, so `memd: ready` means the control port listens.
-        cmdline: format!("memd.log=warn memd.token=bench memd.port={port}"),
+        cmdline: format!("memd.log=warn memd.port={port}"),
         forward_port: Some(port),
         disk: None,
         monitor: None,
         icount: false,
+        tokens: Some(tokens.files.clone()),
     };
     let mut times = Vec::with_capacity(args.runs);
     for i in 0..args.runs {

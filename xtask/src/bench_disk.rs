@@ -22,7 +22,6 @@ use memd_client::{Client, Options};
 
 use crate::qemu::{self, Accel, Machine, QemuConfig};
 
-const TOKEN: &str = "bench-disk";
 const MIB: u64 = 1 << 20;
 const SMALL: u64 = 4096;
 /// Operations per batch frame (replies stay well under the frame limit).
@@ -109,9 +108,11 @@ fn batched_transfers(c: &mut Client, ops: Vec<Op>) -> Result<(u64, u64, u64, Dur
     Ok((ns, req, desc, t.elapsed()))
 }
 
-fn measure(port: u16, bytes: u64, runs: usize) -> Result<Vec<Row>, String> {
+/// Measures with a client's token: DMA buffers and disk transfers need no
+/// more.
+fn measure(port: u16, token: &str, bytes: u64, runs: usize) -> Result<Vec<Row>, String> {
     let mut c =
-        Client::connect(&Options::new(format!("127.0.0.1:{port}"), TOKEN)).map_err(e("connect"))?;
+        Client::connect(&Options::new(format!("127.0.0.1:{port}"), token)).map_err(e("connect"))?;
     let second = bytes / 512; // sector of the second region
     let big = c
         .dma_alloc(bytes, 0, DmaMask::Bits64)
@@ -207,24 +208,24 @@ pub fn run(args: &DiskBenchArgs) -> Result<()> {
     let image = std::env::temp_dir().join(format!("memd-bench-disk-{}.img", std::process::id()));
     crate::run::ensure_disk(&image, 2 * bytes)?;
     let reserve = (bytes / MIB).next_power_of_two().max(64);
+    let tokens = qemu::GuestTokens::temporary("bench-disk")?;
     let cfg = QemuConfig {
         qemu: qemu_path,
         kernel,
         machine: args.machine,
         kvm: accel.kvm,
         mem: "1G".into(),
-        cmdline: format!(
-            "memd.log=warn memd.token={TOKEN} memd.port={port} memd.dma_reserve={reserve}M@dma32"
-        ),
+        cmdline: format!("memd.log=warn memd.port={port} memd.dma_reserve={reserve}M@dma32"),
         forward_port: Some(port),
         disk: Some(image.clone()),
         monitor: None,
         icount: false,
+        tokens: Some(tokens.files.clone()),
     };
     eprintln!("xtask: {}", cfg.describe());
     let mut rows = Err(String::from("the guest never became ready"));
     let mut action = || {
-        rows = measure(port, bytes, args.runs);
+        rows = measure(port, &tokens.client, bytes, args.runs);
         rows.as_ref().map(|_| ()).map_err(Clone::clone)
     };
     let out = qemu::run_with(

@@ -10,15 +10,18 @@
 //!   inside the zone's span minus the reservations the kernel reported, and
 //!   exactly the zones that the memory size implies are populated;
 //! - the DMA reservation is there exactly when asked for, 64 MiB, inside
-//!   usable RAM of the DMA32 zone. A 64 MiB guest cannot hold it: that case
-//!   must fail cleanly (an error naming dma_reserve and a failure exit, no
-//!   hang, no fault).
+//!   usable RAM of the zone asked for (DMA32, or Normal above 4 GiB in a
+//!   6 GiB guest, where the self-test's large buffer needs a 64-bit mask).
+//!   A 64 MiB guest cannot hold it: that case must fail cleanly (an error
+//!   naming dma_reserve and a failure exit, no hang, no fault).
 //! - with virtio-blk, disk DMA through the service round-trips (see
 //!   `disk_check`), and large contiguous buffers from `memd.dma_reserve`
 //!   move through the disk, also after fragmentation (`dma_disk_check`);
 //! - with virtio-net (mmio on microvm, PCI on q35, PCIe with BARs the
 //!   kernel assigns on microvm,pcie=on) the control port works
-//!   end to end (see `control_port_check`);
+//!   end to end (see `control_port_check`), each role's token allows
+//!   what it should, and neither token is on QEMU's command line (they
+//!   reach the guest as fw_cfg files);
 //! - without a PIT (`microvm,pit=off`) boot completes and says so;
 //! - two deliberate crashes (`memd.selftest=panic` on microvm, a page fault
 //!   with `memd.selftest=fault` on q35) are seen as failures: the harness
@@ -54,11 +57,35 @@ pub struct BootTestArgs {
     pub timeout: u64,
 }
 
+/// The zone `memd.dma_reserve=64M@ZONE` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reserve {
+    Dma32,
+    Normal,
+}
+
+impl Reserve {
+    fn arg(self) -> &'static str {
+        match self {
+            Reserve::Dma32 => "memd.dma_reserve=64M@dma32",
+            Reserve::Normal => "memd.dma_reserve=64M@normal",
+        }
+    }
+
+    /// Where the zone lies, physically.
+    fn span(self) -> (u64, u64) {
+        match self {
+            Reserve::Dma32 => (16 * MIB, 4 * GIB),
+            Reserve::Normal => (4 * GIB, u64::MAX),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Case {
     machine: Machine,
     mem: u64,
-    dma_reserve: bool,
+    dma_reserve: Option<Reserve>,
     /// A deliberate crash (`memd.selftest=panic|fault`): the harness must
     /// see a failure (status, PANIC/FATAL line) quickly, not a hang.
     crash: Option<&'static str>,
@@ -74,7 +101,11 @@ impl Case {
             "{}-{}{}{}",
             self.machine.name(),
             mem_arg(self.mem),
-            if self.dma_reserve { "-dma_reserve" } else { "" },
+            match self.dma_reserve {
+                None => "",
+                Some(Reserve::Dma32) => "-dma_reserve",
+                Some(Reserve::Normal) => "-dma_reserve_normal",
+            },
             self.crash
                 .map(|c| format!("-{c}-detected"))
                 .unwrap_or_default()
@@ -85,7 +116,7 @@ impl Case {
     /// Whether the reservation cannot fit: DMA32 below the guest's RAM top
     /// is smaller than 64 MiB plus the kernel's own needs.
     fn expect_reserve_failure(&self) -> bool {
-        self.dma_reserve && self.mem < 256 * MIB
+        self.dma_reserve.is_some() && self.mem < 256 * MIB
     }
 }
 
@@ -101,7 +132,7 @@ fn matrix() -> Vec<Case> {
     let mut v = Vec::new();
     for machine in [Machine::Microvm, Machine::Q35] {
         for mem in [64 * MIB, GIB, 5 * GIB] {
-            for dma_reserve in [false, true] {
+            for dma_reserve in [None, Some(Reserve::Dma32)] {
                 v.push(Case {
                     machine,
                     mem,
@@ -116,7 +147,7 @@ fn matrix() -> Vec<Case> {
     v.push(Case {
         machine: Machine::Microvm,
         mem: GIB,
-        dma_reserve: false,
+        dma_reserve: None,
         crash: Some("panic"),
         net: false,
         memmap: false,
@@ -124,7 +155,7 @@ fn matrix() -> Vec<Case> {
     v.push(Case {
         machine: Machine::Q35,
         mem: GIB,
-        dma_reserve: false,
+        dma_reserve: None,
         crash: Some("fault"),
         net: false,
         memmap: false,
@@ -133,7 +164,7 @@ fn matrix() -> Vec<Case> {
         v.push(Case {
             machine,
             mem: GIB,
-            dma_reserve: true,
+            dma_reserve: Some(Reserve::Dma32),
             crash: None,
             net: false,
             memmap: true,
@@ -143,7 +174,7 @@ fn matrix() -> Vec<Case> {
     v.push(Case {
         machine: Machine::MicrovmNoPit,
         mem: GIB,
-        dma_reserve: false,
+        dma_reserve: None,
         crash: None,
         net: false,
         memmap: false,
@@ -152,17 +183,27 @@ fn matrix() -> Vec<Case> {
         v.push(Case {
             machine,
             mem: GIB,
-            dma_reserve: false,
+            dma_reserve: None,
             crash: None,
             net: true,
             memmap: false,
         });
     }
+    // A contiguous region above 4 GiB: the self-test's large buffer comes
+    // from it under a 64-bit mask, and a 32-bit request is refused.
+    v.push(Case {
+        machine: Machine::Microvm,
+        mem: 6 * GIB,
+        dma_reserve: Some(Reserve::Normal),
+        crash: None,
+        net: false,
+        memmap: false,
+    });
     // Large DMA buffers through virtio-blk (see `dma_disk_check`).
     v.push(Case {
         machine: Machine::Microvm,
         mem: GIB,
-        dma_reserve: true,
+        dma_reserve: Some(Reserve::Dma32),
         crash: None,
         net: true,
         memmap: false,
@@ -311,17 +352,21 @@ fn check_report(case: &Case, r: &Report) -> Result<(), String> {
         ));
     }
     match (case.dma_reserve, r.dma_reserve) {
-        (false, None) => {}
-        (false, Some(x)) => return Err(format!("unrequested DMA reservation {x:x?}")),
-        (true, None) => {
-            return Err("memd.dma_reserve=64M@dma32 given but no reservation reported".into())
+        (None, None) => {}
+        (None, Some(x)) => return Err(format!("unrequested DMA reservation {x:x?}")),
+        (Some(want), None) => {
+            return Err(format!("{} given but no reservation reported", want.arg()))
         }
-        (true, Some((s, e))) => {
+        (Some(want), Some((s, e))) => {
             if e - s != 64 * MIB {
                 return Err(format!("DMA reservation is {:#x} bytes, not 64 MiB", e - s));
             }
-            if s < 16 * MIB || e > 4 * GIB {
-                return Err(format!("DMA reservation [{s:#x}-{e:#x}) outside DMA32"));
+            let (lo, hi) = want.span();
+            if s < lo || e > hi {
+                return Err(format!(
+                    "DMA reservation [{s:#x}-{e:#x}) outside the zone of {}",
+                    want.arg()
+                ));
             }
             if !r.usable.iter().any(|&(us, ue)| us <= s && e <= ue) {
                 return Err(format!(
@@ -436,7 +481,6 @@ fn judge(case: &Case, out: &RunOutcome) -> Result<(), String> {
 
 /// Clients this check holds at once (issue 4 asks for at least 64).
 const CLIENTS: usize = 64;
-const TOKEN: &str = "boot-test";
 
 /// Through the host forward, across virtio-net, smoltcp and memd-service:
 /// a wrong token is refused; a hostile frame (length prefix beyond the
@@ -468,11 +512,21 @@ fn memctl_binary() -> Result<std::path::PathBuf, String> {
         .clone()
 }
 
-/// Runs memctl against the guest: returns (exit code, stdout, stderr).
-fn memctl(port: u16, args: &[&str], stdin: &str) -> Result<(i32, String, String), String> {
+/// Runs memctl against the guest with the token variables `env` (memctl
+/// picks the role's token itself; none goes on its command line): returns
+/// (exit code, stdout, stderr).
+fn memctl(
+    port: u16,
+    env: &[(&str, &str)],
+    args: &[&str],
+    stdin: &str,
+) -> Result<(i32, String, String), String> {
     use std::io::Write;
     let mut child = std::process::Command::new(memctl_binary()?)
-        .args(["--addr", &format!("127.0.0.1:{port}"), "--token", TOKEN])
+        .env_remove("MEMD_TOKEN")
+        .env_remove("MEMD_OPERATOR_TOKEN")
+        .envs(env.iter().copied())
+        .args(["--addr", &format!("127.0.0.1:{port}")])
         .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -497,10 +551,22 @@ fn memctl(port: u16, args: &[&str], stdin: &str) -> Result<(i32, String, String)
 
 /// Every memctl command against the booted kernel: each view in the human
 /// and the JSON form, the map picture, and every operation in one session
-/// (handles live as long as their connection).
-fn memctl_check(port: u16) -> Result<(), String> {
+/// (handles live as long as their connection). memctl is given both
+/// tokens and picks the operator's for `check` and sessions; given only
+/// the client's, `check` is refused with EPERM.
+fn memctl_check(port: u16, tokens: &qemu::GuestTokens) -> Result<(), String> {
+    let both = [
+        ("MEMD_TOKEN", tokens.client.as_str()),
+        ("MEMD_OPERATOR_TOKEN", tokens.operator.as_str()),
+    ];
+    let (code, _, err) = memctl(port, &both[..1], &["check"], "")?;
+    if code != 1 || !err.contains("EPERM") {
+        return Err(format!(
+            "memctl check with the client token: exit {code}, want 1 and EPERM\n{err}"
+        ));
+    }
     let expect = |args: &[&str], stdin: &str, want: &str| -> Result<String, String> {
-        let (code, out, err) = memctl(port, args, stdin)?;
+        let (code, out, err) = memctl(port, &both, args, stdin)?;
         if code != 0 || !out.contains(want) {
             return Err(format!(
                 "memctl {args:?}: exit {code}, wanted {want:?} in stdout\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
@@ -578,15 +644,24 @@ drop-caches
     Ok(())
 }
 
-fn control_port_check(port: u16) -> Result<(), String> {
-    use memd_client::wire::Gfp;
+fn control_port_check(port: u16, tokens: &qemu::GuestTokens) -> Result<(), String> {
+    use memd_client::wire::{errno, Gfp, Role};
     use memd_client::{Client, Error, Options};
     use std::io::{Read, Write};
     use std::net::TcpStream;
 
     let addr = format!("127.0.0.1:{port}");
-    let opts = Options::new(addr.clone(), TOKEN);
-    let mut main = Client::connect(&opts).map_err(|e| format!("connect: {e}"))?;
+    // The clients hold the client token; the main connection, which drops
+    // caches, the operator's.
+    let opts = Options::new(addr.clone(), &tokens.client);
+    let mut main = Client::connect(&Options::new(addr.clone(), &tokens.operator))
+        .map_err(|e| format!("connect: {e}"))?;
+    if main.hello().role != Role::Operator {
+        return Err(format!(
+            "the operator token got role {:?}",
+            main.hello().role
+        ));
+    }
     let status = main.status().map_err(|e| format!("status: {e}"))?;
     // Free memory once the slab layer and the per-CPU page lists gave back
     // what they keep for reuse (drop-caches): connections allocate through
@@ -609,6 +684,27 @@ fn control_port_check(port: u16) -> Result<(), String> {
         }
         Ok(_) => return Err("a wrong token was accepted".into()),
     }
+    // The client token: a client's role, and EPERM for what only the
+    // operator may do.
+    let mut client = Client::connect(&opts).map_err(|e| format!("client connect: {e}"))?;
+    if client.hello().role != Role::Client {
+        return Err(format!(
+            "the client token got role {:?}",
+            client.hello().role
+        ));
+    }
+    match client.check() {
+        Err(e) if e.code() == Some(errno::EPERM) => {}
+        other => {
+            return Err(format!(
+                "check with the client token: want EPERM, got {other:?}"
+            ))
+        }
+    }
+    if let Err(e) = client.meminfo() {
+        return Err(format!("meminfo with the client token: {e}"));
+    }
+    drop(client);
 
     let mut s = TcpStream::connect(&addr).map_err(|e| format!("raw connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))
@@ -627,6 +723,10 @@ fn control_port_check(port: u16) -> Result<(), String> {
             reply.len()
         ));
     }
+    // Closed from this side too, so the guest's socket is gone before the
+    // baseline: half-closed and never authenticated, it would be cut by
+    // the guest's hello timeout in the middle of the rounds.
+    drop(s);
 
     // Round 0 warms up what grows once and stays (the service's connection
     // table, socket buffers' first use); round 1 must then return every
@@ -728,12 +828,12 @@ const DISK_BYTES: u64 = 32 << 20;
 /// pattern is written at sector 8 and read back into a second buffer; the
 /// checksums match, the image file on the host holds the data, and a request
 /// past the end of the disk is refused.
-fn disk_check(port: u16, image: &std::path::Path) -> Result<(), String> {
+fn disk_check(port: u16, token: &str, image: &std::path::Path) -> Result<(), String> {
     use memd_client::wire::DmaMask;
     use memd_client::{Client, Options};
     use std::io::{Read, Seek, SeekFrom};
 
-    let mut c = Client::connect(&Options::new(format!("127.0.0.1:{port}"), TOKEN))
+    let mut c = Client::connect(&Options::new(format!("127.0.0.1:{port}"), token))
         .map_err(|e| format!("connect: {e}"))?;
     let status = c.status().map_err(|e| format!("status: {e}"))?;
     if !status.block_device {
@@ -802,12 +902,12 @@ fn disk_check(port: u16, image: &std::path::Path) -> Result<(), String> {
 /// - when everyone has gone, no page, large kmalloc block or reservation
 ///   byte is held, and every page is free or in the slab layer exactly as
 ///   at the baseline (the handle tables' slabs stay cached).
-fn dma_disk_check(port: u16) -> Result<(), String> {
+fn dma_disk_check(port: u16, token: &str) -> Result<(), String> {
     use memd_client::wire::{errno, DmaMask, DmaOwner, Gfp, Op, Reply};
     use memd_client::{Client, Error, Options};
 
     const LEN: u64 = 24 * MIB;
-    let opts = Options::new(format!("127.0.0.1:{port}"), TOKEN);
+    let opts = Options::new(format!("127.0.0.1:{port}"), token);
     let mut c = Client::connect(&opts).map_err(|e| format!("connect: {e}"))?;
     let free = |c: &mut Client| {
         c.meminfo()
@@ -1102,13 +1202,31 @@ pub fn run(args: &BootTestArgs) -> Result<()> {
                 } else {
                     None
                 };
+                // Fresh tokens for each guest that serves, in a private
+                // directory: only their paths go on QEMU's command line.
+                let tokens = match case
+                    .net
+                    .then(|| qemu::GuestTokens::temporary("boot-test"))
+                    .transpose()
+                {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("  FAIL  {:<28}", case.name());
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{}: writing the token files: {e:#}", case.name()));
+                        continue;
+                    }
+                };
                 let mut cmdline = if case.net {
-                    format!("memd.token={TOKEN} memd.port={}", port.unwrap_or(0))
+                    format!("memd.port={}", port.unwrap_or(0))
                 } else {
                     format!("memd.selftest={}", case.crash.unwrap_or("1"))
                 };
-                if case.dma_reserve {
-                    cmdline += " memd.dma_reserve=64M@dma32";
+                if let Some(reserve) = case.dma_reserve {
+                    cmdline += " ";
+                    cmdline += reserve.arg();
                 }
                 if case.memmap {
                     cmdline += " memmap=64M$512M memd.max_order=13";
@@ -1124,18 +1242,27 @@ pub fn run(args: &BootTestArgs) -> Result<()> {
                     disk: disk.as_ref().map(|d| d.path.clone()),
                     monitor: None,
                     icount: false,
+                    tokens: tokens.as_ref().map(|t| t.files.clone()),
                 };
                 let t = Instant::now();
                 let mut client = || {
-                    control_port_check(port.unwrap_or(0))?;
+                    let Some(tokens) = &tokens else {
+                        return Err("no tokens".into());
+                    };
+                    // Any local user can read a command line in /proc.
+                    if tokens.appear_in(&cfg.command()) {
+                        return Err("a token is on QEMU's command line".into());
+                    }
+                    let port = port.unwrap_or(0);
+                    control_port_check(port, tokens)?;
                     match &disk {
-                        Some(d) => disk_check(port.unwrap_or(0), &d.path)?,
+                        Some(d) => disk_check(port, &tokens.client, &d.path)?,
                         None => return Err("could not create the disk image".into()),
                     }
-                    if case.dma_reserve {
-                        dma_disk_check(port.unwrap_or(0))?;
+                    if case.dma_reserve == Some(Reserve::Dma32) {
+                        dma_disk_check(port, &tokens.client)?;
                     }
-                    memctl_check(port.unwrap_or(0))?;
+                    memctl_check(port, tokens)?;
                     Ok(())
                 };
                 let action: Option<&mut dyn FnMut() -> Result<(), String>> =
@@ -1200,7 +1327,7 @@ mod tests {
         Case {
             machine: Machine::Microvm,
             mem: 64 * MIB,
-            dma_reserve: false,
+            dma_reserve: None,
             crash: None,
             net: false,
             memmap: false,
@@ -1229,7 +1356,7 @@ mod tests {
         assert!(check_report(&case(), &parse_report(CONSOLE)).is_err());
         let fixed = CONSOLE.replace("managed=3710", "managed=3742");
         let with = Case {
-            dma_reserve: true,
+            dma_reserve: Some(Reserve::Dma32),
             mem: GIB,
             ..case()
         };

@@ -220,13 +220,16 @@ fn cases() -> Vec<Case> {
                 s.write_all(&batch_frame(200_000, 200_000)?)?;
                 match read_response(&mut s)? {
                     Some(Response::Batch(r))
-                        if r.len() == 1
-                            && r[0].as_ref().is_err_and(|e| e.code == errno::E2BIG) => {}
+                        if r.len() == 1 && r[0].as_ref().is_err_and(|e| e.code == errno::E2BIG) => {
+                    }
                     r => bail!("answered {r:?}"),
                 }
                 s.write_all(&to_frame(&Request::Call(Op::Status))?)?;
                 ensure!(
-                    matches!(read_response(&mut s)?, Some(Response::Call(Ok(Reply::Status(_))))),
+                    matches!(
+                        read_response(&mut s)?,
+                        Some(Response::Call(Ok(Reply::Status(_))))
+                    ),
                     "the connection stopped working"
                 );
                 Ok("E2BIG reply, connection kept".into())
@@ -339,11 +342,47 @@ fn cases() -> Vec<Case> {
             },
         },
         Case {
+            name: "client token asks for shutdown and faults",
+            run: |t| {
+                let mut c = t.client("usurper")?;
+                for op in [
+                    Op::Shutdown,
+                    Op::DropCaches,
+                    Op::Check,
+                    Op::Stress {
+                        ops: 1_000_000,
+                        seed: 1,
+                    },
+                    Op::FaultInject {
+                        target: wire::FaultTarget::Pages,
+                        config: wire::FaultConfig {
+                            probability: 100,
+                            interval: 1,
+                            times: -1,
+                        },
+                    },
+                ] {
+                    let name = op.name();
+                    match c.call(op) {
+                        Err(memd_client::Error::Server(e)) if e.code == errno::EPERM => {}
+                        r => bail!("{name}: {r:?}"),
+                    }
+                }
+                Ok("EPERM for each".into())
+            },
+        },
+        Case {
             name: "slab caches until the quota",
             run: |t| {
                 let mut c = t.client("cacher")?;
                 for i in 0.. {
-                    match c.cache_create(&format!("h{i}"), 64, 8, wire::SlabFlags(0), wire::Ctor::None) {
+                    match c.cache_create(
+                        &format!("h{i}"),
+                        64,
+                        8,
+                        wire::SlabFlags(0),
+                        wire::Ctor::None,
+                    ) {
                         Ok(_) => {}
                         Err(memd_client::Error::Server(e)) if e.code == errno::EDQUOT => {
                             return Ok(format!("EDQUOT after {i}"))
@@ -469,7 +508,8 @@ pub fn run(accel: Accel) -> Result<()> {
     let qemu_path = qemu::ensure_qemu()?;
     let accel = qemu::choose_accel(accel, &qemu_path, Machine::Microvm)?;
     let port = qemu::free_port()?;
-    let token = crate::run::random_token()?;
+    // The attackers hold the client token, as any client would.
+    let tokens = qemu::GuestTokens::temporary("hostile")?;
     let cfg = QemuConfig {
         qemu: qemu_path,
         kernel,
@@ -477,18 +517,22 @@ pub fn run(accel: Accel) -> Result<()> {
         kvm: accel.kvm,
         mem: "1G".into(),
         cmdline: format!(
-            "memd.port={port} memd.token={token} memd.hello_timeout={HELLO_TIMEOUT_S} \
+            "memd.port={port} memd.hello_timeout={HELLO_TIMEOUT_S} \
              memd.send_timeout={SEND_TIMEOUT_S} memd.request_timeout={REQUEST_TIMEOUT_S}"
         ),
         forward_port: Some(port),
         disk: None,
         monitor: None,
         icount: false,
+        tokens: Some(tokens.files.clone()),
     };
-    println!("hostile clients: memd on 127.0.0.1:{port}, {}", accel.name());
+    println!(
+        "hostile clients: memd on 127.0.0.1:{port}, {}",
+        accel.name()
+    );
     let target = Target {
         addr: format!("127.0.0.1:{port}"),
-        token,
+        token: tokens.client.clone(),
     };
     let mut result = None;
     let mut action = || -> Result<(), String> {

@@ -106,7 +106,14 @@ fn kvm_opens() -> Result<(), String> {
 pub fn kvm_starts(qemu: &Path, machine: Machine) -> Result<(), String> {
     use std::io::Write;
     let mut child = Command::new(qemu)
-        .args(["-M", machine.qemu_machine(), "-accel", "kvm", "-cpu", "host"])
+        .args([
+            "-M",
+            machine.qemu_machine(),
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+        ])
         .args(["-m", "32M", "-S", "-nodefaults", "-display", "none"])
         .args(["-monitor", "stdio", "-serial", "none"])
         .stdin(Stdio::piped())
@@ -131,7 +138,10 @@ pub fn kvm_starts(qemu: &Path, machine: Machine) -> Result<(), String> {
                     Ok(())
                 } else {
                     let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-                    Err(format!("QEMU with KVM failed to start ({}): {first}", describe_status(status)))
+                    Err(format!(
+                        "QEMU with KVM failed to start ({}): {first}",
+                        describe_status(status)
+                    ))
                 };
             }
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
@@ -294,6 +304,158 @@ pub struct QemuConfig {
     /// `-icount shift=0` (TCG): the guest's clock counts instructions, one
     /// nanosecond each, so guest-measured times are instruction counts.
     pub icount: bool,
+    /// Files holding the auth tokens, handed to the guest as fw_cfg files
+    /// (QEMU reads them; only their paths are on its command line).
+    pub tokens: Option<TokenFiles>,
+}
+
+/// The fw_cfg file names the kernel reads its tokens from.
+pub const FW_CFG_CLIENT_TOKEN: &str = "opt/memd/token";
+pub const FW_CFG_OPERATOR_TOKEN: &str = "opt/memd/operator-token";
+
+/// Where the two tokens are kept, one file each.
+#[derive(Clone, Debug)]
+pub struct TokenFiles {
+    /// The clients' token (allocation work and views).
+    pub client: PathBuf,
+    /// The operator's token (also shutdown, fault injection, drop-caches,
+    /// stress and check).
+    pub operator: PathBuf,
+}
+
+/// `-fw_cfg name=NAME,file=PATH`'s value, with the commas of the path
+/// doubled as QEMU's option syntax wants.
+fn fw_cfg_arg(name: &str, path: &Path) -> std::ffi::OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut arg = format!("name={name},file=").into_bytes();
+    for &b in path.as_os_str().as_bytes() {
+        arg.push(b);
+        if b == b',' {
+            arg.push(b',');
+        }
+    }
+    std::ffi::OsString::from_vec(arg)
+}
+
+/// Writes `contents` to `path`, readable and writable by its owner only:
+/// a new file is created with mode 0600, so it is never wider even for a
+/// moment; an existing one is truncated and, if its mode is not 0600, set
+/// to 0600 before anything is written, and failing that is an error.
+pub fn write_secret(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mode = f
+        .metadata()
+        .with_context(|| format!("reading the mode of {}", path.display()))?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if mode != 0o600 {
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| {
+                format!(
+                    "{} has mode {mode:o} and could not be set to 600: not writing a token to it",
+                    path.display()
+                )
+            })?;
+    }
+    f.write_all(contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// A new directory under the system's temporary directory that only this
+/// user may enter (mode 0700), removed with its contents when dropped.
+#[derive(Debug)]
+pub struct PrivateDir {
+    pub path: PathBuf,
+}
+
+impl PrivateDir {
+    /// Creates it; the name has `purpose`, the process id and a random
+    /// part, and an existing directory of that name is an error, never
+    /// reused.
+    pub fn new(purpose: &str) -> Result<PrivateDir> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let path = std::env::temp_dir().join(format!(
+            "memd-{purpose}-{}-{}",
+            std::process::id(),
+            &crate::run::random_token()?[..12]
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        let dir = PrivateDir { path };
+        let mode = std::fs::metadata(&dir.path)?.permissions().mode() & 0o7777;
+        if mode != 0o700 {
+            std::fs::set_permissions(&dir.path, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("setting {} to mode 700", dir.path.display()))?;
+        }
+        Ok(dir)
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A guest's two tokens and the files that hand them to it.
+#[derive(Debug)]
+pub struct GuestTokens {
+    pub client: String,
+    pub operator: String,
+    pub files: TokenFiles,
+    /// The directory holding the files when it is a temporary one (removed
+    /// with it when this is dropped).
+    _dir: Option<PrivateDir>,
+}
+
+impl GuestTokens {
+    /// Fresh random tokens, written (mode 0600) as `token` and
+    /// `operator-token` in `dir`, where they stay.
+    pub fn write_in(dir: &Path) -> Result<GuestTokens> {
+        let client = crate::run::random_token()?;
+        let operator = crate::run::random_token()?;
+        let files = TokenFiles {
+            client: dir.join("token"),
+            operator: dir.join("operator-token"),
+        };
+        write_secret(&files.client, &format!("{client}\n"))?;
+        write_secret(&files.operator, &format!("{operator}\n"))?;
+        Ok(GuestTokens {
+            client,
+            operator,
+            files,
+            _dir: None,
+        })
+    }
+
+    /// Fresh random tokens in a new private temporary directory (see
+    /// [`PrivateDir`]), for a test or bench guest; the files go when this
+    /// is dropped, so it must live as long as the guest may read them.
+    pub fn temporary(purpose: &str) -> Result<GuestTokens> {
+        let dir = PrivateDir::new(purpose)?;
+        let mut tokens = GuestTokens::write_in(&dir.path)?;
+        tokens._dir = Some(dir);
+        Ok(tokens)
+    }
+
+    /// Whether any argument of `cmd` holds either token.
+    pub fn appear_in(&self, cmd: &Command) -> bool {
+        std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy())
+            .any(|a| a.contains(&self.client) || a.contains(&self.operator))
+    }
 }
 
 impl QemuConfig {
@@ -338,6 +500,12 @@ impl QemuConfig {
             arg.push(",server,nowait");
             c.arg("-monitor").arg(arg);
         }
+        if let Some(t) = &self.tokens {
+            c.arg("-fw_cfg")
+                .arg(fw_cfg_arg(FW_CFG_CLIENT_TOKEN, &t.client));
+            c.arg("-fw_cfg")
+                .arg(fw_cfg_arg(FW_CFG_OPERATOR_TOKEN, &t.operator));
+        }
         if let Some(disk) = &self.disk {
             let mut drive = std::ffi::OsString::from("file=");
             drive.push(disk);
@@ -360,18 +528,6 @@ impl QemuConfig {
         let mut s = c.get_program().to_string_lossy().into_owned();
         for a in c.get_args() {
             let a = a.to_string_lossy();
-            // Keep the auth token off terminals and logs.
-            let a: String = a
-                .split(' ')
-                .map(|w| {
-                    if w.starts_with("memd.token=") {
-                        "memd.token=<redacted>"
-                    } else {
-                        w
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(" ");
             if a.contains(' ') || a.is_empty() {
                 s += &format!(" '{a}'");
             } else {
@@ -523,4 +679,94 @@ pub fn run_with(
     out.lines.extend(rx.try_iter());
     out.stderr = err_reader.join().unwrap_or_default();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn config(tokens: Option<TokenFiles>) -> QemuConfig {
+        QemuConfig {
+            qemu: PathBuf::from(QEMU),
+            kernel: PathBuf::from("/k/memd-kernel"),
+            machine: Machine::Microvm,
+            kvm: false,
+            mem: "1G".into(),
+            cmdline: "memd.port=5555".into(),
+            forward_port: Some(5555),
+            disk: None,
+            monitor: None,
+            icount: false,
+            tokens,
+        }
+    }
+
+    #[test]
+    fn tokens_reach_qemu_as_fw_cfg_files_never_as_arguments() {
+        let t = GuestTokens::temporary("xtask-unit").unwrap();
+        let dir = t.files.client.parent().unwrap().to_path_buf();
+        assert_eq!(mode(&dir), 0o700);
+        for (path, token) in [
+            (&t.files.client, &t.client),
+            (&t.files.operator, &t.operator),
+        ] {
+            assert_eq!(mode(path), 0o600, "{}", path.display());
+            assert_eq!(std::fs::read_to_string(path).unwrap().trim(), token);
+        }
+        assert_ne!(t.client, t.operator);
+        let cmd = config(Some(t.files.clone())).command();
+        assert!(!t.appear_in(&cmd), "a token on QEMU's command line");
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let fw_cfg: Vec<&String> = args
+            .windows(2)
+            .filter(|w| w[0] == "-fw_cfg")
+            .map(|w| &w[1])
+            .collect();
+        assert_eq!(
+            fw_cfg,
+            [
+                &format!("name=opt/memd/token,file={}", t.files.client.display()),
+                &format!(
+                    "name=opt/memd/operator-token,file={}",
+                    t.files.operator.display()
+                ),
+            ]
+        );
+        assert!(!args.iter().any(|a| a.contains("memd.token")));
+        let described = config(Some(t.files.clone())).describe();
+        assert!(!described.contains(&t.client) && !described.contains(&t.operator));
+        // Without token files there is no -fw_cfg.
+        assert!(!config(None).command().get_args().any(|a| a == "-fw_cfg"));
+        // The directory and the files go with the tokens.
+        drop(t);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn commas_in_token_paths_are_doubled() {
+        let arg = fw_cfg_arg("opt/x", Path::new("/tmp/a,b/t"));
+        assert_eq!(arg, "name=opt/x,file=/tmp/a,,b/t");
+    }
+
+    #[test]
+    fn secrets_are_written_0600_and_wider_files_narrowed() {
+        let dir = PrivateDir::new("xtask-unit-secret").unwrap();
+        let p = dir.path.join("secret");
+        write_secret(&p, "one\n").unwrap();
+        assert_eq!(mode(&p), 0o600);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_secret(&p, "two\n").unwrap();
+        assert_eq!(mode(&p), 0o600);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "two\n");
+        // A path that cannot be opened for writing is an error, not ignored.
+        assert!(write_secret(&dir.path.join("missing/secret"), "x").is_err());
+    }
 }

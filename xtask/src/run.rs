@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use crate::qemu::{self, Accel, Machine, QemuConfig};
+use crate::qemu::{self, Accel, GuestTokens, Machine, QemuConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -105,42 +105,46 @@ pub fn random_token() -> Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Writes `.memd/token` and `.memd/addr` at the repository root, where
-/// memctl and memd-client look for them.
-pub fn write_connection_files(token: &str, port: u16) -> Result<PathBuf> {
+/// Writes fresh tokens to `.memd/token` (the clients') and
+/// `.memd/operator-token` (mode 0600), and `.memd/addr`, at the repository
+/// root, where memctl and memd-client look for them.
+pub fn write_connection_files(port: u16) -> Result<(PathBuf, GuestTokens)> {
     let dir = crate::build::repo_root().join(".memd");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let token_path = dir.join("token");
-    std::fs::write(&token_path, format!("{token}\n")).context("writing .memd/token")?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&token_path, std::fs::Permissions::from_mode(0o600));
-    }
+    let tokens = GuestTokens::write_in(&dir)?;
     std::fs::write(dir.join("addr"), format!("127.0.0.1:{port}\n"))
         .context("writing .memd/addr")?;
-    Ok(dir)
+    Ok((dir, tokens))
+}
+
+/// Refuses a `memd.token=` word: tokens never go on a command line (any
+/// local user can read it in /proc), and the kernel ignores it.
+fn refuse_token_on_cmdline(cmdline: &str) -> Result<()> {
+    if cmdline
+        .split_whitespace()
+        .any(|w| w.starts_with("memd.token="))
+    {
+        bail!("memd.token= on --cmdline: the tokens are passed as fw_cfg files (.memd/token and .memd/operator-token, written by this command), never on a command line");
+    }
+    Ok(())
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
+    refuse_token_on_cmdline(&args.cmdline)?;
     let kernel = crate::build::build_kernel()?;
     let qemu_path = qemu::ensure_qemu()?;
     let accel = qemu::choose_accel(args.accel, &qemu_path, args.machine)?;
     eprintln!("xtask: accelerator {}: {}", accel.name(), accel.reason);
-    let token = random_token()?;
-    let dir = write_connection_files(&token, args.port)?;
+    let (dir, tokens) = write_connection_files(args.port)?;
     let disk = args.disk.clone().unwrap_or_else(|| dir.join("disk.img"));
     match args.disk_size {
         Some(size) => ensure_disk(&disk, size)?,
         None if !disk.exists() => ensure_disk(&disk, DEFAULT_DISK_BYTES)?,
         None => {}
     }
-    let cmdline = format!(
-        "memd.port={} memd.token={token} {}",
-        args.port, args.cmdline
-    )
-    .trim()
-    .to_string();
+    let cmdline = format!("memd.port={} {}", args.port, args.cmdline)
+        .trim()
+        .to_string();
     let cfg = QemuConfig {
         qemu: qemu_path,
         kernel,
@@ -152,6 +156,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         disk: Some(disk),
         monitor: None,
         icount: false,
+        tokens: Some(tokens.files.clone()),
     };
     eprintln!("xtask: {}", cfg.describe());
     eprintln!(
@@ -180,7 +185,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 .any(|w| w == qemu::READY_LINE.as_bytes())
             {
                 eprintln!(
-                    "xtask: memd is ready after {} ms: connect to 127.0.0.1:{port} (token in {}/token; memctl finds it)",
+                    "xtask: memd is ready after {} ms: connect to 127.0.0.1:{port} (tokens in {}/token and operator-token; memctl finds them)",
                     started.elapsed().as_millis(),
                     dir.display()
                 );
@@ -236,7 +241,10 @@ mod tests {
         assert!(run_result(exit(qemu::GUEST_FAILURE), false).is_err());
         assert!(run_result(exit(qemu::GUEST_SUCCESS), true).is_ok());
         assert!(run_result(exit(0), false).is_ok());
-        assert!(run_result(exit(0), true).is_err(), "a self-test passes only when the guest says so");
+        assert!(
+            run_result(exit(0), true).is_err(),
+            "a self-test passes only when the guest says so"
+        );
     }
 
     #[test]
@@ -245,6 +253,12 @@ mod tests {
         assert!(selftest_requested("memd.selftest=panic"));
         assert!(!selftest_requested("memd.selftest=0"));
         assert!(!selftest_requested("memd.log=debug"));
+    }
+
+    #[test]
+    fn a_token_on_the_command_line_is_refused() {
+        assert!(refuse_token_on_cmdline("memd.log=debug memd.token=abc").is_err());
+        assert!(refuse_token_on_cmdline("memd.log=debug memd.dma_reserve=64M@dma32").is_ok());
     }
 
     #[test]

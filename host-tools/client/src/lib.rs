@@ -8,11 +8,21 @@
 //! # Ok::<(), memd_client::Error>(())
 //! ```
 //!
+//! memd has two roles, each with its token: a client may allocate and
+//! read every view; the operator may also stop the service, inject faults,
+//! drop caches, run stress and check invariants.
+//!
 //! Token discovery, first hit wins: an explicit token (`--token`), the
 //! `MEMD_TOKEN` environment variable, then a file `.memd/token` in the
 //! current directory or any parent (written by `cargo xtask run`). The
-//! address: explicit (`--addr`), `MEMD_ADDR`, a file `.memd/addr` found the
-//! same way, else `127.0.0.1:5555`.
+//! operator's token ([`Options::discover_for`] with `operator`): an
+//! explicit token, `MEMD_OPERATOR_TOKEN`, `MEMD_TOKEN`, a file
+//! `.memd/operator-token` found the same way, then `.memd/token` (with the
+//! client's token the service refuses operator operations with EPERM).
+//! The environment comes before the files, so a token set for one service
+//! is never traded for the operator token of the local `cargo xtask run`.
+//! The address: explicit (`--addr`), `MEMD_ADDR`, a file `.memd/addr`
+//! found the same way, else `127.0.0.1:5555`.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -56,7 +66,7 @@ impl fmt::Display for Error {
             Error::Connect(e) => write!(f, "connection: {e}"),
             Error::Protocol(e) => write!(f, "protocol: {e}"),
             Error::NoToken => f.write_str(
-                "no token: pass --token, set MEMD_TOKEN, or run `cargo xtask run` (it writes .memd/token)",
+                "no token: pass --token, set MEMD_TOKEN (MEMD_OPERATOR_TOKEN for the operator), or run `cargo xtask run` (it writes .memd/token and .memd/operator-token)",
             ),
         }
     }
@@ -102,21 +112,77 @@ fn read_trimmed(p: &Path) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
-/// The token: explicit, else `MEMD_TOKEN`, else `.memd/token` upwards from
-/// the current directory.
-pub fn discover_token(explicit: Option<&str>) -> Result<String> {
+/// Where a role's token is kept: an environment variable, and a file
+/// name in `.memd/`.
+struct TokenSource {
+    var: &'static str,
+    file: &'static str,
+}
+
+const CLIENT_TOKEN: TokenSource = TokenSource {
+    var: "MEMD_TOKEN",
+    file: "token",
+};
+const OPERATOR_TOKEN: TokenSource = TokenSource {
+    var: "MEMD_OPERATOR_TOKEN",
+    file: "operator-token",
+};
+
+/// The first token of `sources` in the environment (a variable set and
+/// not empty, as `env` reads it), else the first in their files in
+/// `.memd/` upwards from `cwd`.
+fn token_from(
+    sources: &[&TokenSource],
+    cwd: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<String> {
+    sources
+        .iter()
+        .find_map(|s| env(s.var).filter(|t| !t.is_empty()))
+        .or_else(|| {
+            let cwd = cwd?;
+            sources
+                .iter()
+                .find_map(|s| find_memd_file(cwd, s.file).and_then(|p| read_trimmed(&p)))
+        })
+}
+
+/// The token for a role: explicit, else from the role's sources (the
+/// operator's own first, then the client's).
+fn role_token(
+    explicit: Option<&str>,
+    operator: bool,
+    cwd: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String> {
     if let Some(t) = explicit {
         return Ok(t.to_string());
     }
-    if let Ok(t) = std::env::var("MEMD_TOKEN") {
-        if !t.is_empty() {
-            return Ok(t);
-        }
-    }
-    let cwd = std::env::current_dir().map_err(|_| Error::NoToken)?;
-    find_memd_file(&cwd, "token")
-        .and_then(|p| read_trimmed(&p))
-        .ok_or(Error::NoToken)
+    let sources: &[&TokenSource] = if operator {
+        &[&OPERATOR_TOKEN, &CLIENT_TOKEN]
+    } else {
+        &[&CLIENT_TOKEN]
+    };
+    token_from(sources, cwd, env).ok_or(Error::NoToken)
+}
+
+fn process_env(var: &str) -> Option<String> {
+    std::env::var(var).ok()
+}
+
+/// The client token: explicit, else `MEMD_TOKEN`, else `.memd/token`
+/// upwards from the current directory.
+pub fn discover_token(explicit: Option<&str>) -> Result<String> {
+    let cwd = std::env::current_dir().ok();
+    role_token(explicit, false, cwd.as_deref(), &process_env)
+}
+
+/// The operator token: explicit, else `MEMD_OPERATOR_TOKEN`, `MEMD_TOKEN`,
+/// `.memd/operator-token`, `.memd/token` (upwards from the current
+/// directory), the first found.
+pub fn discover_operator_token(explicit: Option<&str>) -> Result<String> {
+    let cwd = std::env::current_dir().ok();
+    role_token(explicit, true, cwd.as_deref(), &process_env)
 }
 
 /// The address: explicit, else `MEMD_ADDR`, else `.memd/addr` upwards, else
@@ -138,11 +204,27 @@ pub fn discover_addr(explicit: Option<&str>) -> String {
 }
 
 impl Options {
-    /// Options from explicit values and the discovery rules.
+    /// Options from explicit values and the discovery rules, with the
+    /// client token.
     pub fn discover(addr: Option<&str>, token: Option<&str>) -> Result<Options> {
+        Self::discover_for(addr, token, false)
+    }
+
+    /// Options from explicit values and the discovery rules, with the
+    /// operator's token when `operator` (falling back to the client's when
+    /// there is none), else the client token.
+    pub fn discover_for(
+        addr: Option<&str>,
+        token: Option<&str>,
+        operator: bool,
+    ) -> Result<Options> {
         Ok(Options {
             addr: discover_addr(addr),
-            token: discover_token(token)?,
+            token: if operator {
+                discover_operator_token(token)?
+            } else {
+                discover_token(token)?
+            },
             client: format!("memd-client/{}", std::process::id()),
             ready_timeout: Duration::from_secs(10),
             io_timeout: Some(Duration::from_secs(120)),
@@ -583,5 +665,95 @@ impl Client {
     /// Stop the service.
     pub fn shutdown(&mut self) -> Result<()> {
         done(self.call(Op::Shutdown)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory tree `root/.memd/` with the given files, and `root/a/b`
+    /// to search from.
+    fn tree(name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let root =
+            std::env::temp_dir().join(format!("memd-client-roles-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join(".memd")).unwrap();
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        for (file, text) in files {
+            std::fs::write(root.join(".memd").join(file), text).unwrap();
+        }
+        root
+    }
+
+    fn env_of(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |var| {
+            vars.iter()
+                .find(|(k, _)| *k == var)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn each_role_finds_its_own_token() {
+        let root = tree("both", &[("token", "cl\n"), ("operator-token", " op \n")]);
+        let deep = root.join("a/b");
+        let none = env_of(&[]);
+        assert_eq!(role_token(None, false, Some(&deep), &none).unwrap(), "cl");
+        assert_eq!(role_token(None, true, Some(&deep), &none).unwrap(), "op");
+        // The variables beat the files.
+        let vars = env_of(&[("MEMD_TOKEN", "cl-env"), ("MEMD_OPERATOR_TOKEN", "op-env")]);
+        assert_eq!(
+            role_token(None, false, Some(&deep), &vars).unwrap(),
+            "cl-env"
+        );
+        assert_eq!(
+            role_token(None, true, Some(&deep), &vars).unwrap(),
+            "op-env"
+        );
+        // An explicit token wins for either role.
+        assert_eq!(
+            role_token(Some("x"), true, Some(&deep), &vars).unwrap(),
+            "x"
+        );
+        assert_eq!(
+            role_token(Some("x"), false, Some(&deep), &vars).unwrap(),
+            "x"
+        );
+        // An empty variable counts as unset.
+        let empty = env_of(&[("MEMD_OPERATOR_TOKEN", "")]);
+        assert_eq!(role_token(None, true, Some(&deep), &empty).unwrap(), "op");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn the_operator_falls_back_to_the_client_token() {
+        let root = tree("client-only", &[("token", "cl\n")]);
+        let deep = root.join("a/b");
+        let none = env_of(&[]);
+        assert_eq!(role_token(None, true, Some(&deep), &none).unwrap(), "cl");
+        let vars = env_of(&[("MEMD_TOKEN", "cl-env")]);
+        assert_eq!(
+            role_token(None, true, Some(&deep), &vars).unwrap(),
+            "cl-env"
+        );
+        // A client token in the environment (set for some service) comes
+        // before an operator token in a file (of the local `xtask run`).
+        let both = tree("env-over-file", &[("operator-token", "op\n")]);
+        assert_eq!(
+            role_token(None, true, Some(&both.join("a/b")), &vars).unwrap(),
+            "cl-env"
+        );
+        std::fs::remove_dir_all(&both).unwrap();
+        // The client never takes the operator's token.
+        let root2 = tree("operator-only", &[("operator-token", "op\n")]);
+        let deep2 = root2.join("a/b");
+        assert!(matches!(
+            role_token(None, false, Some(&deep2), &none),
+            Err(Error::NoToken)
+        ));
+        assert_eq!(role_token(None, true, Some(&deep2), &none).unwrap(), "op");
+        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::remove_dir_all(&root2).unwrap();
     }
 }

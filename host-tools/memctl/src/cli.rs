@@ -19,7 +19,10 @@ Examples:
   memctl completions bash > /etc/bash_completion.d/memctl
 
 The address and token come from --addr/--token, $MEMD_ADDR/$MEMD_TOKEN, or the
-.memd/ directory that `cargo xtask run` writes.";
+.memd/ directory that `cargo xtask run` writes. Commands only the operator may
+run (shutdown, fault, fault-inject, drop-caches, stress, check) and sessions
+take the operator token first: $MEMD_OPERATOR_TOKEN, then $MEMD_TOKEN, then
+.memd/operator-token, then .memd/token.";
 
 const MAP_EXAMPLES: &str = "\
 Examples:
@@ -50,7 +53,9 @@ pub(crate) struct Cli {
     /// Service address [default: $MEMD_ADDR, .memd/addr, 127.0.0.1:5555]
     #[arg(long, global = true)]
     pub(crate) addr: Option<String>,
-    /// Auth token [default: $MEMD_TOKEN, .memd/token]
+    /// Auth token, for every command [default: $MEMD_TOKEN, .memd/token;
+    /// operator commands and sessions: $MEMD_OPERATOR_TOKEN, $MEMD_TOKEN,
+    /// .memd/operator-token, .memd/token]
     #[arg(long, global = true)]
     pub(crate) token: Option<String>,
     /// Print JSON instead of tables
@@ -106,7 +111,7 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| "size overflows".to_string())
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, Clone)]
 pub(crate) enum Cmd {
     /// Service status
     Status,

@@ -167,6 +167,19 @@ fn to_op(cmd: Cmd) -> Result<Op, Fail> {
     })
 }
 
+/// Whether `cmd` connects with the operator's token: it runs an operation
+/// only the operator may ([`Op::operator_only`]), or it is a session, whose
+/// commands are read after it connects.
+fn wants_operator(cmd: &Cmd) -> bool {
+    match cmd {
+        Cmd::Session => true,
+        // Setting a rule is fault injection; without a target it only shows.
+        Cmd::Fault { slab, page, .. } => *slab || *page,
+        Cmd::Batch { .. } | Cmd::Watch { .. } | Cmd::Completions { .. } => false,
+        cmd => to_op(cmd.clone()).is_ok_and(|op| op.operator_only()),
+    }
+}
+
 /// Operations per batch frame: small enough that the replies fit a frame.
 const BATCH_CHUNK: u32 = memd_wire::MAX_BATCH_OPS as u32;
 
@@ -394,7 +407,9 @@ fn main() -> ExitCode {
         completions(shell);
         return ExitCode::SUCCESS;
     }
-    let mut opts = match Options::discover(cli.addr.as_deref(), cli.token.as_deref()) {
+    let operator = wants_operator(&cli.cmd);
+    let mut opts = match Options::discover_for(cli.addr.as_deref(), cli.token.as_deref(), operator)
+    {
         Ok(o) => o,
         Err(e) => {
             eprintln!("memctl: {e}");
@@ -500,6 +515,39 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["memctl", "alloc-pages", "1", "--gfp", "BOGUS"]).is_err());
         assert!(Cli::try_parse_from(["memctl", "dma-alloc", "4k", "--mask", "31"]).is_err());
+    }
+
+    #[test]
+    fn operator_commands_and_sessions_want_the_operator_token() {
+        let wants = |line: &str| {
+            let args = std::iter::once("memctl").chain(line.split_whitespace());
+            wants_operator(&Cli::try_parse_from(args).unwrap().cmd)
+        };
+        for line in [
+            "shutdown",
+            "check",
+            "drop-caches",
+            "stress 10",
+            "fault-inject slab",
+            "fault --slab --probability 5",
+            "fault --page --probability 0",
+            "session",
+        ] {
+            assert!(wants(line), "{line}");
+        }
+        for line in [
+            "status",
+            "meminfo",
+            "faults",
+            "fault",
+            "kmalloc 64",
+            "dma-alloc 1M",
+            "batch 10",
+            "watch",
+            "map",
+        ] {
+            assert!(!wants(line), "{line}");
+        }
     }
 
     #[test]

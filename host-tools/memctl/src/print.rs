@@ -53,6 +53,9 @@ fn print_meminfo(m: &Meminfo) {
         ("CmaFree", m.cma_free),
         ("Reserved", m.reserved),
         ("FrameTable", m.frame_table),
+        ("VmallocTotal", m.vmalloc_total),
+        ("VmallocUsed", m.vmalloc_used),
+        ("VmallocChunk", m.vmalloc_chunk),
     ];
     for (k, v) in rows {
         println!("{:<16}{:>10} kB", format!("{k}:"), kb(v));

@@ -162,3 +162,91 @@ fn a_closed_pipe_ends_memctl_quietly() {
         );
     }
 }
+
+/// A host service with both roles: operator token "op", client token "cl".
+fn start_server_with_roles() -> String {
+    let mm = HostMm::three_zones(64 << 20, 0, "").unwrap();
+    serve(HostService::shared_with_roles(mm, "op", "cl")).unwrap()
+}
+
+#[test]
+fn a_client_token_may_not_run_operator_commands() {
+    let addr = start_server_with_roles();
+    // The client token: views and allocation work, but EPERM (exit 1, a
+    // server error) for what only the operator may do.
+    for args in ["status", "meminfo", "kmalloc 64", "faults"] {
+        let (code, _, err) = memctl(&addr, "cl", args, "");
+        assert_eq!(code, 0, "client: memctl {args}: {err}");
+    }
+    for args in [
+        "check",
+        "shutdown",
+        "drop-caches",
+        "stress 100",
+        "fault --slab --probability 0",
+    ] {
+        let (code, _, err) = memctl(&addr, "cl", args, "");
+        assert_eq!(code, 1, "client: memctl {args}: {err}");
+        assert!(err.contains("EPERM"), "client: memctl {args}: {err}");
+    }
+    let (code, out, err) = memctl(&addr, "cl", "session", "kmalloc 64\ncheck\n");
+    assert_eq!(code, 1, "{out} {err}");
+    assert!(
+        out.contains("bytes") && err.contains("EPERM"),
+        "{out} {err}"
+    );
+    // The operator token runs them.
+    let (code, out, err) = memctl(&addr, "op", "check", "");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("hold"), "{out}");
+    let (code, _, err) = memctl(&addr, "op", "shutdown", "");
+    assert_eq!(code, 0, "operator shutdown: {err}");
+}
+
+#[test]
+fn memctl_picks_the_operator_token_for_operator_commands() {
+    let addr = start_server_with_roles();
+    let dir = std::env::temp_dir().join(format!("memctl-roles-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join(".memd")).unwrap();
+    std::fs::write(dir.join(".memd/token"), "cl\n").unwrap();
+    std::fs::write(dir.join(".memd/operator-token"), "op\n").unwrap();
+    let run = |env: &[(&str, &str)], args: &str, stdin: &str| {
+        let args: Vec<&str> = args.split_whitespace().collect();
+        common::memctl_discovering(&addr, &dir, env, &args, stdin)
+    };
+    // From .memd/: the operator's token where needed, the client's else.
+    let (code, out, err) = run(&[], "check", "");
+    assert_eq!(code, 0, "check with .memd/operator-token: {err}");
+    assert!(out.contains("hold"), "{out}");
+    let (code, out, err) = run(&[], "session", "kmalloc 64\ndrop-caches\ncheck\n");
+    assert_eq!(code, 0, "session: {out} {err}");
+    let (code, out, err) = run(&[], "--json clients", "");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("memctl"), "{out}");
+    // --token overrides both: the client token gets EPERM for check.
+    let (code, _, err) = run(&[], "--token cl check", "");
+    assert_eq!(code, 1);
+    assert!(err.contains("EPERM"), "{err}");
+    // The variables beat the files.
+    let (code, _, err) = run(&[("MEMD_OPERATOR_TOKEN", "cl")], "check", "");
+    assert_eq!(code, 1);
+    assert!(err.contains("EPERM"), "{err}");
+    let (code, _, err) = run(&[("MEMD_TOKEN", "wrong")], "status", "");
+    assert_eq!(code, 1);
+    assert!(err.contains("EACCES"), "{err}");
+    // A client token in the environment comes before the operator token
+    // in .memd/: it was set for a service the file may not belong to.
+    let (code, _, err) = run(&[("MEMD_TOKEN", "cl")], "check", "");
+    assert_eq!(code, 1);
+    assert!(err.contains("EPERM"), "{err}");
+    // No operator token anywhere: the client token is used, and the
+    // service's refusal is an ordinary server error.
+    std::fs::remove_file(dir.join(".memd/operator-token")).unwrap();
+    let (code, _, err) = run(&[], "check", "");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("EPERM"), "{err}");
+    let (code, _, err) = run(&[], "status", "");
+    assert_eq!(code, 0, "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

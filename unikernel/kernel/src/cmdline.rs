@@ -16,7 +16,9 @@ pub fn flag(cmdline: &str, key: &str) -> bool {
     matches!(get(cmdline, key), Some("1" | "on" | "true" | "yes"))
 }
 
-/// Displays a command line with the value of `memd.token=` hidden, for logs.
+/// Displays a command line with the value of any `memd.token=` hidden, for
+/// logs: the kernel takes its tokens from fw_cfg files and ignores that
+/// word, but a host script may still put a secret there.
 pub struct Redacted<'a>(pub &'a str);
 
 impl core::fmt::Display for Redacted<'_> {

@@ -32,9 +32,10 @@ use spin::Mutex;
 use crate::arch::time::TscSource;
 use crate::boot::{BootData, E820Entry, MAX_CMDLINE, MAX_E820};
 
-/// memd-mm is the kernel's allocator (kmalloc + buddy behind a spin lock).
+/// memd-mm is the kernel's allocator (kmalloc + buddy behind a spin lock,
+/// vmalloc for large requests).
 #[global_allocator]
-static ALLOC: GlobalMm = GlobalMm::new();
+static ALLOC: GlobalMm = arch::paging::kernel_heap();
 
 static BOOT_DATA: Mutex<BootData> = Mutex::new(BootData {
     start_info: 0,
@@ -190,16 +191,25 @@ pub fn kmain(start_info: u64) -> ! {
             arch::exit::failure();
         }
     };
-    let token = match cmdline::get(cmdline, "memd.token") {
-        Some(t) if !t.is_empty() => String::from(t),
-        _ => {
-            warn!("no memd.token= on the command line: using a random token nobody knows, so no client can log in");
-            let mut t = String::new();
-            let _ = write!(t, "{:016x}{:016x}", arch::random_u64(), arch::random_u64());
-            t
+    let timeouts = match net::Timeouts::from_cmdline(cmdline) {
+        Ok(t) => t,
+        Err(e) => {
+            error!("{e}");
+            arch::exit::failure();
         }
     };
+    if cmdline::get(cmdline, "memd.token").is_some() {
+        warn!(
+            "memd.token= on the command line is ignored: the tokens come from the fw_cfg files {CLIENT_TOKEN_FILE} and {OPERATOR_TOKEN_FILE}"
+        );
+    }
     drop(boot);
+    let fw_cfg = drivers::fw_cfg::FwCfg::probe();
+    if fw_cfg.is_none() {
+        warn!("no fw_cfg device: no token files to read");
+    }
+    let operator_token = token(fw_cfg.as_ref(), OPERATOR_TOKEN_FILE, "operator");
+    let client_token = token(fw_cfg.as_ref(), CLIENT_TOKEN_FILE, "client");
     match drivers::net::NetDevice::probe() {
         Ok(dev) => {
             let disk = match drivers::blk::BlkDevice::probe() {
@@ -218,9 +228,9 @@ pub fn kmain(start_info: u64) -> ! {
                     None
                 }
             };
-            let mut service = service::MemdService::new(token, disk);
+            let mut service = service::MemdService::new(operator_token, client_token, disk);
             // `serve` prints `memd: ready` once the port listens.
-            net::serve(dev, net_config, &mut service);
+            net::serve(dev, net_config, timeouts, &mut service);
             logger::always(format_args!("memd: shut down by a client"));
             arch::exit::success();
         }
@@ -237,6 +247,28 @@ pub fn kmain(start_info: u64) -> ! {
 enum Crash {
     Panic,
     Fault,
+}
+
+/// The fw_cfg files holding the tokens (`-fw_cfg name=...,file=...`).
+const CLIENT_TOKEN_FILE: &str = "opt/memd/token";
+const OPERATOR_TOKEN_FILE: &str = "opt/memd/operator-token";
+
+/// The `role`'s token from fw_cfg file `name`; when it is missing or
+/// refused, a random token nobody knows, so nobody gets that role.
+fn token(fw_cfg: Option<&drivers::fw_cfg::FwCfg>, name: &str, role: &str) -> String {
+    if let Some(fw) = fw_cfg {
+        match fw.read_secret(name) {
+            Ok(t) => {
+                info!("auth: the {role} token is set (fw_cfg {name})");
+                return t;
+            }
+            Err(e) => warn!("auth: fw_cfg {name}: {e}"),
+        }
+    }
+    warn!("auth: no {role} token: using a random one nobody knows, so nobody logs in as {role}");
+    let mut t = String::new();
+    let _ = write!(t, "{:016x}{:016x}", arch::random_u64(), arch::random_u64());
+    t
 }
 
 /// The zone summary and boot reservations, in a form the boot tests parse.

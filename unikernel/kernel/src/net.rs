@@ -87,8 +87,13 @@ pub trait Handler {
     fn on_connect(&mut self) -> u64;
     /// Takes a prefix of `input` (returns its length), appending replies
     /// to `out`; stops taking once `out` holds `max_out` bytes.
-    fn on_bytes(&mut self, conn: u64, input: &[u8], out: &mut Vec<u8>, max_out: usize)
-        -> (usize, Flow);
+    fn on_bytes(
+        &mut self,
+        conn: u64,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        max_out: usize,
+    ) -> (usize, Flow);
     fn on_close(&mut self, conn: u64);
     /// Whether `conn` has authenticated.
     fn authenticated(&self, conn: u64) -> bool;
@@ -112,7 +117,9 @@ impl Timeouts {
         let secs = |key: &str, default: u64| -> Result<u64, &'static str> {
             match cmdline::get(line, key) {
                 None => Ok(default),
-                Some(v) => v.parse::<u64>().map_err(|_| "a memd.*_timeout= is not a number of seconds"),
+                Some(v) => v
+                    .parse::<u64>()
+                    .map_err(|_| "a memd.*_timeout= is not a number of seconds"),
             }
         };
         const S: u64 = 1_000_000_000;
@@ -253,6 +260,9 @@ struct Client {
     active_ns: u64,
     /// The socket's unacknowledged output at the last look, to see ACKs.
     send_queue: usize,
+    /// Cut by memd: the socket is kept for one more pass, so its reset
+    /// leaves and the peer learns the connection is gone.
+    cut: bool,
 }
 
 impl Client {
@@ -265,6 +275,7 @@ impl Client {
             opened_ns: now,
             active_ns: now,
             send_queue: 0,
+            cut: false,
         }
     }
 }
@@ -363,13 +374,30 @@ impl Sockets {
     /// newest connection itself. A crowd of silent sockets never locks a
     /// real client out.
     fn make_room(&mut self, handler: &mut dyn Handler, now: u64) {
-        while self.clients.len() > self.slots {
-            let newest = self.clients.len() - 1;
-            let unauth = (0..newest)
-                .filter(|&i| !self.clients[i].conn.is_some_and(|c| handler.authenticated(c)))
+        loop {
+            let live: Vec<usize> = (0..self.clients.len())
+                .filter(|&i| {
+                    let c = &self.clients[i];
+                    !c.cut && self.set.get::<tcp::Socket>(c.handle).is_open()
+                })
+                .collect();
+            if live.len() <= self.slots {
+                return;
+            }
+            let (&newest, older) = live.split_last().expect("more than slots");
+            let unauth = older
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    !self.clients[i]
+                        .conn
+                        .is_some_and(|c| handler.authenticated(c))
+                })
                 .min_by_key(|&i| self.clients[i].opened_ns);
             let idle = || {
-                (0..newest)
+                older
+                    .iter()
+                    .copied()
                     .filter(|&i| now.saturating_sub(self.clients[i].active_ns) > EVICT_IDLE_NS)
                     .min_by_key(|&i| self.clients[i].active_ns)
             };
@@ -377,8 +405,6 @@ impl Sockets {
             let c = &mut self.clients[victim];
             let s = self.set.get_mut::<tcp::Socket>(c.handle);
             cut(c, s, handler, Cut::Evicted);
-            self.set.remove(c.handle);
-            self.clients.swap_remove(victim);
         }
     }
 
@@ -397,9 +423,7 @@ impl Sockets {
         now: u64,
         mut flush: impl FnMut(&mut SocketSet<'static>, &[SocketHandle]),
     ) {
-        if self.clients.len() > self.slots {
-            self.make_room(handler, now);
-        }
+        self.make_room(handler, now);
         let mut i = 0;
         while i < self.clients.len() {
             let c = &mut self.clients[i];
@@ -416,9 +440,14 @@ impl Sockets {
             if let Some(why) = overdue(c, s, handler, &self.timeouts, now) {
                 cut(c, s, handler, why);
             }
-            let c = &self.clients[i];
+            let c = &mut self.clients[i];
             let s = self.set.get::<tcp::Socket>(c.handle);
             if s.is_open() && s.state() != tcp::State::Listen {
+                i += 1;
+            } else if c.cut {
+                // Kept until its reset has left (the flush after the loop).
+                c.cut = false;
+                c.closing = true;
                 i += 1;
             } else {
                 // Closed or in TIME-WAIT (nothing left to deliver), or a
@@ -573,6 +602,7 @@ fn cut(c: &mut Client, s: &mut tcp::Socket, handler: &mut dyn Handler, why: Cut)
     }
     c.out = Vec::new();
     c.closing = true;
+    c.cut = true;
 }
 
 /// Serves forever (or until a handler asks for shutdown).

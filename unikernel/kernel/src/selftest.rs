@@ -2,26 +2,75 @@
 //! Pages of every order and zone, kmalloc size classes, Rust collections on
 //! the global allocator, a slab cache with a constructor (and its leak check
 //! on destroy), a mempool, DMA buffers (buddy and, when reserved, the
-//! contiguous region), the hermit-abi calls, and memd-mm's invariant checker
+//! contiguous region), vmalloc behind the global allocator (`vmalloc`), the
+//! hermit-abi calls, and memd-mm's invariant checker
 //! before and after. The result ends QEMU through isa-debug-exit.
+//!
+//! The tests hold the global allocator's lock (a spin lock, not reentrant)
+//! while they call memd-mm, so a failure message is built in a buffer of
+//! its own ([`Failure`]), never on the heap: allocating there would spin
+//! on the lock the test holds.
+
+// Results carry that buffer by value, on purpose.
+#![allow(clippy::result_large_err)]
 
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::fmt::Write;
+use core::fmt::{self, Write};
 
 use log::info;
-use memd_mm::{DmaMask, DmaSource, Gfp, MemoryManager, PoolBacking, SlabFlags, PAGE_SIZE};
+use memd_mm::{DmaMask, DmaSource, Gfp, MemoryManager, MmError, PoolBacking, SlabFlags, PAGE_SIZE};
 
 use crate::ALLOC;
 
-type TestResult = Result<(), String>;
+mod vmalloc;
+
+/// A failure message in a fixed buffer; longer messages are cut at a
+/// character boundary.
+pub struct Failure {
+    buf: [u8; Failure::CAPACITY],
+    len: usize,
+}
+
+impl Failure {
+    const CAPACITY: usize = 256;
+
+    fn as_str(&self) -> &str {
+        // `write_str` only ever appends whole characters.
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+impl Write for Failure {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let room = Self::CAPACITY - self.len;
+        let mut take = s.len().min(room);
+        while !s.is_char_boundary(take) {
+            take -= 1;
+        }
+        self.buf[self.len..self.len + take].copy_from_slice(&s.as_bytes()[..take]);
+        self.len += take;
+        Ok(())
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+type TestResult = Result<(), Failure>;
 type Test = (&'static str, fn() -> TestResult);
 
-fn fail(msg: impl core::fmt::Display) -> String {
-    let mut s = String::new();
-    let _ = write!(s, "{msg}");
-    s
+fn fail(msg: impl fmt::Display) -> Failure {
+    let mut f = Failure {
+        buf: [0; Failure::CAPACITY],
+        len: 0,
+    };
+    let _ = write!(f, "{msg}");
+    f
 }
 
 fn check_invariants(when: &str) -> TestResult {
@@ -283,10 +332,41 @@ fn dma() -> TestResult {
     if let Some(cma) = mm.cma_info() {
         // Larger than the largest buddy block: must come from the reservation.
         let len = (PAGE_SIZE << mm.max_order()) as usize * 2;
+        let end = cma.base + cma.size;
+        // The narrowest mask that reaches the whole reservation, as a device
+        // driver would set it for a region in that zone.
+        let mask = [DmaMask::Bits24, DmaMask::Bits32, DmaMask::Bits64]
+            .into_iter()
+            .find(|m| end <= m.limit())
+            .unwrap_or(DmaMask::Bits64);
         if (len as u64) <= cma.size {
-            let buf = mm
-                .dma_alloc(len, 1 << 20, DmaMask::Bits32)
-                .map_err(|e| fail(format_args!("contiguous dma_alloc({len}): {e}")))?;
+            // A mask the region lies beyond is refused: the buddy's blocks
+            // are too small for the length, so nothing else can serve it.
+            if cma.base >= DmaMask::Bits32.limit() {
+                match mm.dma_alloc(len, 1 << 20, DmaMask::Bits32) {
+                    Err(MmError::NoMemory) => {}
+                    Ok(buf) => {
+                        let _ = mm.dma_free(&buf);
+                        return Err(fail(format_args!(
+                            "a 32-bit dma_alloc({len}) was served at {:#x} by a reservation above 4 GiB",
+                            buf.phys
+                        )));
+                    }
+                    Err(e) => {
+                        return Err(fail(format_args!(
+                            "a 32-bit dma_alloc({len}) with the reservation above 4 GiB: want \"{}\", got \"{e}\"",
+                            MmError::NoMemory
+                        )))
+                    }
+                }
+            }
+            let buf = mm.dma_alloc(len, 1 << 20, mask).map_err(|e| {
+                fail(format_args!(
+                    "contiguous dma_alloc({len}, {}-bit) from the reservation in {}: {e}",
+                    mask.bits(),
+                    cma.zone.name()
+                ))
+            })?;
             if buf.source != DmaSource::Cma
                 || buf.phys < cma.base
                 || buf.phys + len as u64 > cma.base + cma.size
@@ -305,7 +385,7 @@ fn dma() -> TestResult {
 
 /// Runs every test; the first failure is returned.
 pub fn run() -> TestResult {
-    let tests: [Test; 8] = [
+    let tests: [Test; 10] = [
         ("invariants at boot", || check_invariants("at boot")),
         ("pages of every order", pages),
         ("kmalloc size classes", kmalloc),
@@ -313,6 +393,14 @@ pub fn run() -> TestResult {
         ("slab cache with constructor", slab_cache),
         ("mempool", mempool),
         ("DMA buffers", dma),
+        (
+            "vmalloc: larger than any buddy block",
+            vmalloc::larger_than_any_block,
+        ),
+        (
+            "vmalloc: 1 MiB with no 1 MiB block free",
+            vmalloc::fragmented,
+        ),
         ("hermit-abi memory calls", || {
             crate::hermit::selftest().map_err(fail)
         }),

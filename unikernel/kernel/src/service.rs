@@ -79,8 +79,10 @@ pub struct MemdService {
 }
 
 impl MemdService {
-    pub fn new(token: String, disk: Option<BlkDevice>) -> Self {
-        let mut config = Config::new(token);
+    /// The service with both roles: `operator_token` may do everything,
+    /// `client_token` allocation work and views only.
+    pub fn new(operator_token: String, client_token: String, disk: Option<BlkDevice>) -> Self {
+        let mut config = Config::new(operator_token).with_client_token(client_token);
         config.started_ns = time::uptime_ns();
         MemdService {
             svc: Service::new(config),
@@ -94,12 +96,30 @@ impl Handler for MemdService {
         self.svc.on_connect()
     }
 
-    fn on_bytes(&mut self, conn: u64, input: &[u8], out: &mut Vec<u8>) -> Flow {
-        match self.svc.on_bytes(&mut self.env, conn, input, out) {
+    fn on_bytes(
+        &mut self,
+        conn: u64,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        max_out: usize,
+    ) -> (usize, Flow) {
+        let (taken, flow) = self
+            .svc
+            .on_bytes_bounded(&mut self.env, conn, input, out, max_out);
+        let flow = match flow {
             SvcFlow::Continue => Flow::Continue,
             SvcFlow::Close => Flow::Close,
             SvcFlow::Shutdown => Flow::Shutdown,
-        }
+        };
+        (taken, flow)
+    }
+
+    fn authenticated(&self, conn: u64) -> bool {
+        self.svc.is_authenticated(conn)
+    }
+
+    fn partial_request(&self, conn: u64) -> bool {
+        self.svc.has_partial_request(conn)
     }
 
     fn on_close(&mut self, conn: u64) {

@@ -34,13 +34,25 @@ struct Tally {
     slab: u64,
     large: u64,
     pool: u64,
+    vmalloc: u64,
+    /// vmalloc pages that begin an area.
+    vmalloc_heads: u64,
 }
 
 impl MemoryManager {
     /// Checks every invariant; returns the first violation.
     pub fn check(&self) -> Result<(), CheckError> {
         self.check_free_lists()?;
-        self.check_frames()?;
+        let tally = self.check_frames()?;
+        let areas = self
+            .check_vmalloc()
+            .map_err(|what| CheckError { what, pfn: 0 })?;
+        if areas != tally.vmalloc_heads {
+            return fail(
+                "vmalloc areas differ from the first pages in the frame table",
+                0,
+            );
+        }
         self.check_caches()?;
         self.check_pools()?;
         if let Some(cma) = &self.cma {
@@ -112,13 +124,15 @@ impl MemoryManager {
     /// overlap, every managed frame is accounted for exactly once, counters
     /// add up. Holes between zones (q35's PCI hole, sparse test layouts)
     /// hold no blocks and are skipped.
-    fn check_frames(&self) -> Result<(), CheckError> {
+    fn check_frames(&self) -> Result<Tally, CheckError> {
         let mut tally = Tally {
             managed: [0; 3],
             owner_pages: [0; crate::MAX_OWNERS],
             slab: 0,
             large: 0,
             pool: 0,
+            vmalloc: 0,
+            vmalloc_heads: 0,
         };
         for zone in self.zones.iter().filter(|z| z.managed > 0) {
             self.check_span(zone.start_pfn as usize, zone.end_pfn as usize, &mut tally)?;
@@ -141,7 +155,10 @@ impl MemoryManager {
                 0,
             );
         }
-        Ok(())
+        if tally.vmalloc != c.vmalloc_pages {
+            return fail("vmalloc page counter differs from the frame table", 0);
+        }
+        Ok(tally)
     }
 
     fn check_span(&self, start: usize, end: usize, tally: &mut Tally) -> Result<(), CheckError> {
@@ -185,6 +202,13 @@ impl MemoryManager {
                 FrameState::Slab => tally.slab += pages64,
                 FrameState::Large => tally.large += pages64,
                 FrameState::Pool => tally.pool += pages64,
+                FrameState::Vmalloc if f.order != 0 => {
+                    return fail("vmalloc page with a non-zero order", pfn as u64)
+                }
+                FrameState::Vmalloc => {
+                    tally.vmalloc += 1;
+                    tally.vmalloc_heads += (f.count == 1) as u64;
+                }
                 _ => {}
             }
             pfn += pages;

@@ -34,6 +34,9 @@ pub enum FrameState {
     Reserved = 7,
     /// Head of a block held in a mempool's reserve.
     Pool = 8,
+    /// A page of a vmalloc area (order 0). The area's first page has
+    /// `count` 1 and holds the address of the area's record in its links.
+    Vmalloc = 9,
 }
 
 impl FrameState {
@@ -47,6 +50,7 @@ impl FrameState {
             6 => Self::Large,
             7 => Self::Reserved,
             8 => Self::Pool,
+            9 => Self::Vmalloc,
             _ => Self::None,
         }
     }

@@ -5,7 +5,8 @@
 //! page`) → [`zone`] (DMA / DMA32 / Normal with watermarks) → [`buddy`]
 //! with [`pcp`] lists in front → [`slab`] caches and [`kmalloc`] →
 //! [`mempool`] → [`cma`] (boot-time contiguous region) → [`dma`] (the DMA
-//! API) → [`global`] (a `GlobalAlloc`). [`stats`] renders the Linux views,
+//! API) → [`vmalloc`] (virtually contiguous memory from order-0 frames) →
+//! [`global`] (a `GlobalAlloc`). [`stats`] renders the Linux views,
 //! [`check`] verifies every invariant.
 //!
 //! The crate knows nothing of x86, virtio or sockets. It is handed physical
@@ -13,7 +14,9 @@
 //! access lives only in [`access`] (and the host-only `arena`); the one
 //! other `unsafe` block turns the frame table's memory into a slice in
 //! [`MemoryManager::init`], whose contract the kernel signs, and [`global`]
-//! implements the unsafe `GlobalAlloc` trait.
+//! implements the unsafe `GlobalAlloc` trait (and takes the architecture's
+//! word, in the unsafe `GlobalMm::with_vmalloc`, that [`vmalloc`]'s pages
+//! are really mapped).
 //!
 //! # Booting
 //! ```ignore
@@ -50,6 +53,7 @@ pub mod page_alloc;
 pub mod pcp;
 pub mod slab;
 pub mod stats;
+pub mod vmalloc;
 pub mod zone;
 
 pub use access::DirectMap;
@@ -65,6 +69,7 @@ pub use memblock::{MemRegion, Memblock, RegionKind, Reservation, ReserveKind, PA
 pub use mempool::{PoolBacking, PoolElement, PoolId};
 pub use owner::{Owner, MAX_OWNERS};
 pub use slab::{CacheId, Corruption, CorruptionKind, Ctor, KmemCache, SlabFlags};
+pub use vmalloc::{PgtableAlloc, VmallocArea, VmapOps};
 pub use zone::{ZoneType, DEFAULT_MAX_ORDER, MAX_ORDER_LIMIT, NR_ZONES};
 
 use core::ops::Range;
@@ -99,6 +104,7 @@ pub struct MemoryManager {
     pub(crate) caches: [Option<KmemCache>; slab::MAX_CACHES],
     pub(crate) pools: [Option<mempool::Mempool>; mempool::MAX_POOLS],
     pub(crate) cma: Option<Cma>,
+    pub(crate) vmalloc: vmalloc::Vmalloc,
     pub(crate) owners: owner::OwnerTable,
     pub(crate) fault: FaultConfig,
     pub(crate) counters: stats::MmCounters,
@@ -131,6 +137,7 @@ impl MemoryManager {
             caches: [const { None }; slab::MAX_CACHES],
             pools: [const { None }; mempool::MAX_POOLS],
             cma: None,
+            vmalloc: vmalloc::Vmalloc::new(),
             owners: owner::OwnerTable::new(),
             fault: FaultConfig::new(),
             counters: stats::MmCounters::new(),

@@ -26,7 +26,8 @@ pub enum RunKind {
     Allocated,
     /// Slab pages.
     Slab,
-    /// kmalloc allocations too large for the size classes.
+    /// The kernel heap's large allocations: kmalloc blocks too large for
+    /// the size classes, and vmalloc's pages.
     Large,
     /// Blocks held in a mempool's reserve.
     Pool,
@@ -84,6 +85,7 @@ impl FrameRuns<'_> {
             FrameState::SlabTail => (RunKind::Slab, 1),
             FrameState::Large => head(RunKind::Large),
             FrameState::Pool => head(RunKind::Pool),
+            FrameState::Vmalloc => (RunKind::Large, 1),
         }
     }
 }

@@ -19,6 +19,12 @@ pub struct MmCounters {
     pub reclaim_runs: u64,
     pub reclaimed_pages: u64,
     pub alloc_fail_warnings: u64,
+    /// Pages mapped in vmalloc areas.
+    pub vmalloc_pages: u64,
+    /// Frames holding page tables of the vmalloc window.
+    pub pgtable_pages: u64,
+    /// vmalloc requests refused (no room in the window, no memory).
+    pub vmalloc_failures: u64,
 }
 
 impl MmCounters {
@@ -32,6 +38,9 @@ impl MmCounters {
             reclaim_runs: 0,
             reclaimed_pages: 0,
             alloc_fail_warnings: 0,
+            vmalloc_pages: 0,
+            pgtable_pages: 0,
+            vmalloc_failures: 0,
         }
     }
 }
@@ -89,6 +98,13 @@ pub struct MemInfo {
     pub cma_free: u64,
     pub reserved: u64,
     pub frame_table: u64,
+    /// The vmalloc window's size (0 without vmalloc).
+    pub vmalloc_total: u64,
+    /// Pages mapped in vmalloc areas (guard pages are not).
+    pub vmalloc_used: u64,
+    /// The largest free range of the window: a vmalloc of up to this
+    /// less its guard page finds room.
+    pub vmalloc_chunk: u64,
 }
 
 /// One zone of /proc/zoneinfo.
@@ -189,6 +205,7 @@ impl MemoryManager {
             .filter(|r| r.kind == crate::ReserveKind::FrameTable)
             .map(|r| r.end - r.start)
             .sum();
+        let (vmalloc_total, vmalloc_chunk) = self.vmalloc_totals();
         MemInfo {
             total: managed * page + cma_total,
             free: (buddy_free + pcp) * page + cma_free,
@@ -204,6 +221,9 @@ impl MemoryManager {
             cma_free,
             reserved,
             frame_table,
+            vmalloc_total,
+            vmalloc_used: self.counters.vmalloc_pages * page,
+            vmalloc_chunk,
         }
     }
 

@@ -37,8 +37,20 @@ impl HostService {
     }
 
     /// A service with `token` and the default quotas over `mm`, shared.
+    /// The one token is the operator's: it may run every operation.
     pub fn shared(mm: HostMm, token: &str) -> Arc<Mutex<HostService>> {
         Arc::new(Mutex::new(HostService::new(mm, Config::new(token))))
+    }
+
+    /// As [`HostService::shared`], with both roles: `operator_token` may
+    /// run every operation, `client_token` allocation work and views only.
+    pub fn shared_with_roles(
+        mm: HostMm,
+        operator_token: &str,
+        client_token: &str,
+    ) -> Arc<Mutex<HostService>> {
+        let config = Config::new(operator_token).with_client_token(client_token);
+        Arc::new(Mutex::new(HostService::new(mm, config)))
     }
 
     fn env(mm: &mut HostMm) -> DirectEnv<'_, MemoryManager> {

@@ -378,6 +378,9 @@ impl Memory for MemoryManager {
                     cma_free: m.cma_free,
                     reserved: m.reserved,
                     frame_table: m.frame_table,
+                    vmalloc_total: m.vmalloc_total,
+                    vmalloc_used: m.vmalloc_used,
+                    vmalloc_chunk: m.vmalloc_chunk,
                 }))
             }
             View::Zoneinfo => Reply::Zoneinfo(s.zones.iter().flatten().map(zone_info).collect()),

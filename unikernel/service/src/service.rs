@@ -13,8 +13,8 @@ use alloc::vec::Vec;
 
 use memd_wire::{
     decode_request, encode_frame, errno, Batch, BatchReplyWriter, CheckReport, ClientInfo,
-    DmaBufferInfo, FrameDecoder, FrameError, Hello, HelloAck, Op, Quota, Reply, Request,
-    Response, Role, Status, WireError, MAX_BATCH_OPS, MAX_IO, MAX_NAME_LEN, PROTOCOL_VERSION,
+    DmaBufferInfo, FrameDecoder, FrameError, Hello, HelloAck, Op, Quota, Reply, Request, Response,
+    Role, Status, WireError, MAX_BATCH_OPS, MAX_IO, MAX_NAME_LEN, PROTOCOL_VERSION,
 };
 
 use crate::conns::ConnTable;
@@ -442,9 +442,7 @@ impl<M: Memory> Service<M> {
                 Ok(None) => return (input.len(), Flow::Continue),
                 Err(e) => {
                     let code = match e {
-                        FrameError::TooLarge { .. } | FrameError::OverLimit { .. } => {
-                            errno::E2BIG
-                        }
+                        FrameError::TooLarge { .. } | FrameError::OverLimit { .. } => errno::E2BIG,
                         FrameError::NoMemory { .. } => errno::ENOMEM,
                         _ => errno::EPROTO,
                     };

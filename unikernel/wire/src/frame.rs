@@ -60,11 +60,9 @@ impl fmt::Display for FrameError {
             FrameError::Malformed => f.write_str("malformed message"),
             FrameError::TrailingBytes => f.write_str("trailing bytes after message"),
             FrameError::Encode => f.write_str("message could not be encoded"),
-            FrameError::TooManyOps { count } => write!(
-                f,
-                "batch of {count} ops exceeds {}",
-                crate::MAX_BATCH_OPS
-            ),
+            FrameError::TooManyOps { count } => {
+                write!(f, "batch of {count} ops exceeds {}", crate::MAX_BATCH_OPS)
+            }
             FrameError::OverLimit { len, limit } => {
                 write!(f, "frame of {len} bytes exceeds the {limit} allowed here")
             }

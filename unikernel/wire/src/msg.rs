@@ -56,7 +56,9 @@ pub enum Request {
 pub struct Hello {
     /// The client's [`PROTOCOL_VERSION`].
     pub version: u32,
-    /// The token given to the service at boot (`memd.token=`).
+    /// One of the tokens given to the service at boot (fw_cfg files
+    /// `opt/memd/token` and `opt/memd/operator-token`); it decides the
+    /// connection's [`Role`].
     pub token: String,
     /// A name for the client, shown in the per-client view.
     pub client: String,
@@ -360,11 +362,7 @@ impl Op {
     pub fn operator_only(&self) -> bool {
         matches!(
             self,
-            Op::Shutdown
-                | Op::FaultInject { .. }
-                | Op::DropCaches
-                | Op::Stress { .. }
-                | Op::Check
+            Op::Shutdown | Op::FaultInject { .. } | Op::DropCaches | Op::Stress { .. } | Op::Check
         )
     }
 

@@ -77,6 +77,12 @@ pub struct Meminfo {
     pub reserved: u64,
     /// Frame table (`struct page` array).
     pub frame_table: u64,
+    /// The kernel's vmalloc window (0 where there is none).
+    pub vmalloc_total: u64,
+    /// Pages mapped in vmalloc areas: the kernel heap's large allocations.
+    pub vmalloc_used: u64,
+    /// Largest free range of the vmalloc window.
+    pub vmalloc_chunk: u64,
 }
 
 /// One zone of `/proc/zoneinfo`.

@@ -7,7 +7,9 @@
 //! client has disconnected.
 //!
 //! It boots memd under QEMU itself (on a free loopback port, with its own
-//! token) unless `--addr` names a running service. Every loop is bounded by
+//! tokens) unless `--addr` names a running service. The clients hold the
+//! client token; the run's own control steps (clearing and setting fault
+//! injection, the invariant check) the operator's. Every loop is bounded by
 //! a count and by time; only 127.0.0.1 is used when booting.
 //!
 //! `--profile exhaust` is the exhaustion test: clients take pages until the
@@ -64,9 +66,13 @@ pub struct Args {
     /// Target a running memd at this address instead of booting one.
     #[arg(long)]
     pub addr: Option<String>,
-    /// Token for `--addr` (default: MEMD_TOKEN or .memd/token).
+    /// Client token for `--addr` (default: MEMD_TOKEN or .memd/token).
     #[arg(long)]
     pub token: Option<String>,
+    /// Operator token for `--addr` (default: --token when given, else
+    /// MEMD_OPERATOR_TOKEN, MEMD_TOKEN, .memd/operator-token, .memd/token).
+    #[arg(long)]
+    pub operator_token: Option<String>,
     /// Concurrent clients (1..=256).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=MAX_CLIENTS as i64))]
     pub clients: u32,
@@ -125,6 +131,7 @@ impl Args {
         Args {
             addr: None,
             token: None,
+            operator_token: None,
             clients,
             duration: Some(secs),
             ops: None,
@@ -380,12 +387,23 @@ fn warm_up(opts: &Options, n: u32) -> Result<()> {
     Ok(())
 }
 
+/// The tokens of a run: the clients' for the load, the operator's for the
+/// control connection.
+#[derive(Clone, Debug)]
+pub struct Tokens {
+    pub client: String,
+    pub operator: String,
+}
+
 /// Runs the load test against a service at `addr`.
-pub fn run_against(addr: &str, token: &str, args: &Args) -> Result<Report> {
-    let mut opts = Options::new(addr, token);
+pub fn run_against(addr: &str, tokens: &Tokens, args: &Args) -> Result<Report> {
+    let mut opts = Options::new(addr, &tokens.client);
     opts.client = "loadtest".into();
     opts.ready_timeout = Duration::from_secs(30);
-    let mut ctl = Client::connect(&opts).context("control connection")?;
+    let mut ctl_opts = Options::new(addr, &tokens.operator);
+    ctl_opts.client = "loadtest-control".into();
+    ctl_opts.ready_timeout = opts.ready_timeout;
+    let mut ctl = Client::connect(&ctl_opts).context("control connection")?;
     // Turn off any fault rule left from before: the baseline is taken clean.
     for t in fault_targets(FaultWhich::Both) {
         ctl.fault_inject(*t, FaultConfig::default())
@@ -659,20 +677,25 @@ pub fn boot_and_run_with(args: &Args, mut alongside: Option<Alongside>) -> Resul
     let qemu_path = qemu::ensure_qemu()?;
     let accel = qemu::choose_accel(args.accel, &qemu_path, args.machine)?;
     let port = qemu::free_port()?;
-    let token = crate::run::random_token()?;
+    let guest_tokens = qemu::GuestTokens::temporary("loadtest")?;
+    let tokens = Tokens {
+        client: guest_tokens.client.clone(),
+        operator: guest_tokens.operator.clone(),
+    };
     let cfg = QemuConfig {
         qemu: qemu_path,
         kernel,
         machine: args.machine,
         kvm: accel.kvm,
         mem: args.mem.clone(),
-        cmdline: format!("memd.port={port} memd.token={token} {}", args.cmdline)
+        cmdline: format!("memd.port={port} {}", args.cmdline)
             .trim()
             .to_string(),
         forward_port: Some(port),
         disk: None,
         monitor: alongside.as_ref().map(|a| a.monitor.clone()),
         icount: args.icount,
+        tokens: Some(guest_tokens.files.clone()),
     };
     if !args.json {
         eprintln!("loadtest: accelerator {}: {}", accel.name(), accel.reason);
@@ -687,7 +710,7 @@ pub fn boot_and_run_with(args: &Args, mut alongside: Option<Alongside>) -> Resul
                 let (task, done) = (&mut a.task, &done);
                 s.spawn(move || task(done));
             }
-            let r = run_against(&addr, &token, args);
+            let r = run_against(&addr, &tokens, args);
             done.store(true, std::sync::atomic::Ordering::Relaxed);
             r
         });
@@ -768,9 +791,14 @@ pub fn smoke() -> Result<()> {
 pub fn run(args: &Args) -> Result<()> {
     let report = match &args.addr {
         Some(addr) => {
-            let token = memd_client::discover_token(args.token.as_deref())
+            let client = memd_client::discover_token(args.token.as_deref())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            run_against(addr, &token, args)?
+            let operator = match (&args.operator_token, &args.token) {
+                (Some(t), _) | (None, Some(t)) => t.clone(),
+                (None, None) => memd_client::discover_operator_token(None)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            };
+            run_against(addr, &Tokens { client, operator }, args)?
         }
         None => boot_and_run(args)?,
     };

@@ -8,10 +8,19 @@
 //! Page-table frames come from a bump allocator over the usable RAM right
 //! after the kernel image; the range it used is handed to the memory manager
 //! as reserved.
+//!
+//! The vmalloc window is PML4 slot 402 (where Linux puts `VMALLOC_START`
+//! with 4-level paging): 512 GiB of addresses, mapped with 4 KiB pages by
+//! memd-mm's vmalloc through [`KernelVmalloc`]. Its top table is built at
+//! boot with the direct map, so the PML4 never changes afterwards; the
+//! tables below it come from memd-mm's buddy and go back when they map
+//! nothing.
 
 use core::arch::asm;
 use core::ops::Range;
 use core::sync::atomic::{AtomicU64, Ordering};
+
+use memd_mm::{GlobalMm, MmError, PgtableAlloc, VmapOps};
 
 use super::cpuid;
 use crate::boot::E820Entry;
@@ -25,6 +34,10 @@ const GIB: u64 = 1 << 30;
 const FOUR_GIB: u64 = 4 << 30;
 /// The direct map spans at most 64 TiB (PML4 slots 256..384).
 const MAX_PHYS: u64 = 64 << 40;
+/// First address of the vmalloc window (PML4 slot 402).
+pub const VMALLOC_START: u64 = 0xffff_c900_0000_0000;
+/// The window's size: the whole PML4 slot, one PDPT.
+pub const VMALLOC_SIZE: u64 = 512 * GIB;
 
 const P: u64 = 1;
 const RW: u64 = 2;
@@ -38,8 +51,11 @@ const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 static TABLE_OFFSET: AtomicU64 = AtomicU64::new(0);
 /// Physical address of the live PML4 (0 before `init`).
 static PML4: AtomicU64 = AtomicU64::new(0);
-/// Serialises changes to the live page tables.
+/// Serialises changes to the live page tables (the direct map's; the
+/// vmalloc window's are serialised by memd-mm's lock, see `KernelVmalloc`).
 static MAP_LOCK: spin::Mutex<()> = spin::Mutex::new(());
+/// Physical address of the vmalloc window's PDPT (0 before `init`).
+static VMALLOC_PDPT: AtomicU64 = AtomicU64::new(0);
 
 /// The result of `init`.
 #[derive(Clone, Debug)]
@@ -93,7 +109,8 @@ fn table_ptr(phys: u64) -> *mut u64 {
 }
 
 fn entry(table: u64, index: u64) -> u64 {
-    // SAFETY: `table` is a page-table frame allocated by `Bump`, index < 512.
+    // SAFETY: `table` is a page-table frame (from `Bump`, or from memd-mm
+    // for the vmalloc window and device windows), index < 512.
     unsafe { table_ptr(table).add(index as usize).read() }
 }
 
@@ -215,6 +232,8 @@ pub fn init(map: &[E820Entry], kernel: Range<u64>) -> PagingInfo {
             set_entry(pd, i as u64, phys | flags);
         }
     }
+    // The vmalloc window's top table, so its PML4 entry never changes.
+    let vmalloc_pdpt = next_table(&mut bump, pml4, (VMALLOC_START >> 39) & 511);
     info.table_frames = bump.start..bump.next;
 
     // SAFETY: the new tables map the kernel image at the same addresses as
@@ -223,6 +242,7 @@ pub fn init(map: &[E820Entry], kernel: Range<u64>) -> PagingInfo {
     unsafe { asm!("mov cr3, {}", in(reg) pml4, options(nostack, preserves_flags)) };
     TABLE_OFFSET.store(DIRECT_MAP_OFFSET, Ordering::Relaxed);
     PML4.store(pml4, Ordering::Relaxed);
+    VMALLOC_PDPT.store(vmalloc_pdpt, Ordering::Relaxed);
     info
 }
 
@@ -291,4 +311,158 @@ pub fn map_mmio(
         };
     }
     Ok(DIRECT_MAP_OFFSET + phys)
+}
+
+/// memd-mm as the kernel heap, with vmalloc over [`VMALLOC_START`]
+/// (for `main`'s `#[global_allocator]`).
+pub const fn kernel_heap() -> GlobalMm {
+    // SAFETY: `KernelVmalloc::map_page` writes a present, writable 4 KiB
+    // entry for the frame at the address given into the live page tables
+    // (CR3 is loaded once, in `init`, and never changed), and only
+    // `unmap_page` clears it. Nothing else maps anything in PML4 slot 402:
+    // the direct map ends at slot 384 and the identity map is slot 0.
+    unsafe { GlobalMm::with_vmalloc(&KernelVmalloc) }
+}
+
+/// The vmalloc window's page tables: PDPT (built at boot) → PD → PT, the
+/// lower two allocated from memd-mm on demand.
+///
+/// memd-mm calls these only with its manager locked, one at a time, and
+/// `map_mmio` never touches slot 402, so the window's tables need no lock
+/// of their own (taking `MAP_LOCK` here would also invert `map_mmio`'s
+/// order: it takes memd-mm's lock for table frames while holding it).
+pub struct KernelVmalloc;
+
+fn in_vmalloc_window(virt: u64) -> bool {
+    virt >= VMALLOC_START && virt - VMALLOC_START < VMALLOC_SIZE
+}
+
+fn index(virt: u64, shift: u32) -> u64 {
+    (virt >> shift) & 511
+}
+
+/// The page-table entry slot `(table, index)` for `virt`'s 4 KiB page, if
+/// every table above it exists.
+fn vmalloc_pte(virt: u64) -> Option<(u64, u64)> {
+    let pdpt = VMALLOC_PDPT.load(Ordering::Relaxed);
+    if pdpt == 0 || !in_vmalloc_window(virt) {
+        return None;
+    }
+    let pd = entry(pdpt, index(virt, 30));
+    if pd & P == 0 {
+        return None;
+    }
+    let pt = entry(pd & ADDR_MASK, index(virt, 21));
+    if pt & P == 0 {
+        return None;
+    }
+    Some((pt & ADDR_MASK, index(virt, 12)))
+}
+
+/// True if no entry of `table` is in use.
+fn table_is_empty(table: u64) -> bool {
+    (0..512).all(|i| entry(table, i) == 0)
+}
+
+/// Drops the TLB's translation of `virt`, and every cached walk through
+/// the tables above it.
+fn invlpg(virt: u64) {
+    // SAFETY: `invlpg` only invalidates cached translations; it neither
+    // reads nor writes memory.
+    unsafe { asm!("invlpg [{}]", in(reg) virt, options(nostack, preserves_flags)) };
+}
+
+impl VmapOps for KernelVmalloc {
+    fn window(&self) -> (u64, u64) {
+        (VMALLOC_START, VMALLOC_SIZE)
+    }
+
+    fn map_page(&self, virt: u64, phys: u64, tables: &mut dyn PgtableAlloc) -> Result<(), MmError> {
+        let pdpt = VMALLOC_PDPT.load(Ordering::Relaxed);
+        if pdpt == 0 {
+            return Err(MmError::Invalid("vmalloc before paging::init"));
+        }
+        if !in_vmalloc_window(virt)
+            || !virt.is_multiple_of(PAGE)
+            || !phys.is_multiple_of(PAGE)
+            || phys >= MAX_PHYS
+        {
+            return Err(MmError::Invalid("vmalloc: bad page for the window"));
+        }
+        let mut table = pdpt;
+        for shift in [30, 21] {
+            let i = index(virt, shift);
+            let e = entry(table, i);
+            table = if e & P != 0 {
+                e & ADDR_MASK
+            } else {
+                // memd-mm hands out zeroed frames: a new table maps nothing.
+                let t = tables.alloc_table().ok_or(MmError::NoMemory)?;
+                set_entry(table, i, t | P | RW);
+                t
+            };
+        }
+        let i = index(virt, 12);
+        if entry(table, i) & P != 0 {
+            return Err(MmError::Invalid("vmalloc: page already mapped"));
+        }
+        // A not-present entry becomes present: no stale translation of it
+        // can be cached, so nothing to flush.
+        set_entry(table, i, phys | P | RW);
+        Ok(())
+    }
+
+    fn unmap_page(&self, virt: u64) -> Option<u64> {
+        let (pt, i) = vmalloc_pte(virt)?;
+        let e = entry(pt, i);
+        if e & P == 0 {
+            return None;
+        }
+        set_entry(pt, i, 0);
+        Some(e & ADDR_MASK)
+    }
+
+    fn flush_tlb_page(&self, virt: u64) {
+        // One CPU: no other TLB to shoot down.
+        invlpg(virt);
+    }
+
+    fn translate(&self, virt: u64) -> Option<u64> {
+        let (pt, i) = vmalloc_pte(virt)?;
+        let e = entry(pt, i);
+        (e & P != 0).then_some(e & ADDR_MASK)
+    }
+
+    fn free_empty_tables(&self, start: u64, end: u64, tables: &mut dyn PgtableAlloc) {
+        let pdpt = VMALLOC_PDPT.load(Ordering::Relaxed);
+        let end = end.min(VMALLOC_START + VMALLOC_SIZE);
+        if pdpt == 0 || start >= end || !in_vmalloc_window(start) {
+            return;
+        }
+        let mut gib = start & !(GIB - 1);
+        while gib < end {
+            let pdpt_index = index(gib, 30);
+            let e = entry(pdpt, pdpt_index);
+            if e & P != 0 {
+                let pd = e & ADDR_MASK;
+                let mut chunk = gib.max(start & !(MIB2 - 1));
+                while chunk < end.min(gib + GIB) {
+                    let pd_index = index(chunk, 21);
+                    let e = entry(pd, pd_index);
+                    if e & P != 0 && table_is_empty(e & ADDR_MASK) {
+                        set_entry(pd, pd_index, 0);
+                        invlpg(chunk);
+                        tables.free_table(e & ADDR_MASK);
+                    }
+                    chunk += MIB2;
+                }
+                if table_is_empty(pd) {
+                    set_entry(pdpt, pdpt_index, 0);
+                    invlpg(gib);
+                    tables.free_table(pd);
+                }
+            }
+            gib += GIB;
+        }
+    }
 }

@@ -1,13 +1,15 @@
 //! Devices: virtio-drivers' `Hal` on memd-mm's DMA API, transport discovery
 //! (PCI through port-I/O configuration access on q35, virtio-mmio slots on
-//! microvm, PCIe through ECAM on `microvm,pcie=on`), and the virtio-net
-//! device.
+//! microvm, PCIe through ECAM on `microvm,pcie=on`), the virtio-net and
+//! virtio-blk devices, and QEMU's fw_cfg files.
 //!
-//! One of the kernel's `unsafe` modules: virtio hands buffers to devices.
+//! One of the kernel's `unsafe` modules: virtio hands buffers to devices,
+//! and fw_cfg is driven through I/O ports.
 
 #![allow(unsafe_code)]
 
 pub mod blk;
+pub mod fw_cfg;
 pub mod hal;
 pub mod net;
 pub mod notify;

@@ -10,7 +10,9 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use memd_wire::{errno, DmaBufferInfo, DmaMask, DmaOwner, DmaSource, Reply, WireError, DMA_LIST_PAGE};
+use memd_wire::{
+    errno, DmaBufferInfo, DmaMask, DmaOwner, DmaSource, Reply, WireError, DMA_LIST_PAGE,
+};
 
 use super::{err, mem_err, no_handle, stats, wrong_kind, Res, Service};
 use crate::env::{Env, SECTOR};
@@ -207,8 +209,12 @@ impl<M: Memory> Service<M> {
         let (buf, buf_len) = self.dma(conn, handle)?;
         let start = range(offset, len as u64, buf_len)?;
         let mut data = Vec::new();
-        data.try_reserve_exact(len)
-            .map_err(|_| err(errno::ENOMEM, format!("no memory for a read of {len} bytes")))?;
+        data.try_reserve_exact(len).map_err(|_| {
+            err(
+                errno::ENOMEM,
+                format!("no memory for a read of {len} bytes"),
+            )
+        })?;
         data.resize(len, 0);
         env.with_mem(|m, _| {
             m.dma_bytes(buf)
