@@ -64,6 +64,7 @@ fn main() {
             panic!("batch reply")
         };
         alloc_ns += t.elapsed().as_nanos();
+        assert_eq!(results.len(), n, "every kmalloc of the batch ran");
         let frees: Vec<Op> = results
             .into_iter()
             .map(|r| match r {
@@ -72,7 +73,7 @@ fn main() {
             })
             .collect();
         let t = Instant::now();
-        send(
+        let freed = send(
             &mut svc,
             &mut mm,
             &Request::Batch(Batch {
@@ -82,6 +83,13 @@ fn main() {
             &mut out,
         );
         free_ns += t.elapsed().as_nanos();
+        // Every kfree ran and freed: a batch that stopped early would read
+        // as a speed-up.
+        match freed {
+            Response::Batch(r)
+                if r.len() == n && r.iter().all(|r| matches!(r, Ok(Reply::Done))) => {}
+            other => panic!("kfree batch: {other:?}"),
+        }
     }
     let per = |ns: u128| ns as f64 / (rounds * n) as f64;
     println!("kmalloc via batch: {:.0} ns/op; kfree via batch: {:.0} ns/op (native, incl. encode/decode)", per(alloc_ns), per(free_ns));

@@ -149,7 +149,26 @@ mod tests {
         let e = WireError::new(errno::EBUSY, "2 objects live");
         assert_eq!(e.code_name(), "EBUSY");
         assert_eq!(alloc::format!("{e}"), "EBUSY (16): 2 objects live");
-        let _: String = errno_name(9999).into();
+        assert_eq!(
+            errno_name(9999),
+            "E?",
+            "an unknown code has a name that says so"
+        );
+        for (code, name) in [
+            (errno::ENOMEM, "ENOMEM"),
+            (errno::EDQUOT, "EDQUOT"),
+            (errno::EPERM, "EPERM"),
+            (errno::E2BIG, "E2BIG"),
+            (errno::ENOSPC, "ENOSPC"),
+        ] {
+            assert_eq!(errno_name(code), name);
+            assert_eq!(WireError::new(code, "x").code_name(), name);
+        }
+        let names: Vec<String> = [errno::ENOENT, errno::EIO, errno::EINVAL, errno::EPROTO]
+            .iter()
+            .map(|&c| errno_name(c).into())
+            .collect();
+        assert_eq!(names, ["ENOENT", "EIO", "EINVAL", "EPROTO"]);
     }
 
     #[test]
