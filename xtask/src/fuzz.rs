@@ -1,6 +1,7 @@
 //! `cargo xtask fuzz`: the proptest fuzz targets with many more cases than
-//! `cargo test` runs (frame decoding in memd-wire, random sessions over
-//! memd-mm in memd-service, memd-mm's operation model), optimised.
+//! `cargo test` runs (frame decoding in memd-wire, random sessions and
+//! hostile well-formed frames over memd-mm in memd-service, memd-mm's
+//! operation model), optimised.
 //! Failures print the minimal input; keep it as a regression test.
 
 use std::process::Command;
@@ -16,9 +17,10 @@ pub struct Args {
 }
 
 /// (package, test target).
-const TARGETS: [(&str, &str); 4] = [
+const TARGETS: [(&str, &str); 5] = [
     ("memd-wire", "fuzz_frames"),
     ("memd-service", "fuzz_ops"),
+    ("memd-service", "fuzz_hostile"),
     ("memd-service", "bulk"),
     ("memd-mm", "model"),
 ];

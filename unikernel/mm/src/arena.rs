@@ -7,7 +7,7 @@
 //! the host only commits the pages that are touched, so a sparse layout
 //! above 4 GiB costs address space, not memory.
 
-use crate::{BootInfo, MemRegion, MemoryManager, MmError, RegionKind};
+use crate::{BootInfo, MemRegion, MemoryManager, MmError, RegionKind, MAX_ORDER_LIMIT, PAGE_SIZE};
 use core::ops::{Deref, DerefMut};
 use std::alloc::Layout;
 use std::boxed::Box;
@@ -116,46 +116,105 @@ impl Drop for HostMm {
 /// #[global_allocator]
 /// static A: memd_mm::arena::HostGlobal = memd_mm::arena::HostGlobal::new(256 << 20);
 /// ```
+///
+/// The arena never grows: once its `bytes` are taken, allocations fail
+/// (null), as the kernel's heap does when memory is short.
 pub struct HostGlobal {
     mm: crate::GlobalMm,
-    ready: spin::Once<bool>,
+    /// The arena's page-aligned start (physical 0 of the made-up machine),
+    /// once it is had; None when it could not be.
+    ready: spin::Once<Option<usize>>,
     bytes: u64,
+    /// Buddy orders `0..max_order`: the largest block, and so the largest
+    /// allocation served, is `PAGE_SIZE << (max_order - 1)`.
+    max_order: u32,
+}
+
+/// The boot option that sets the buddy's orders (at most two digits, as
+/// [`MAX_ORDER_LIMIT`] is 18), written into `buf`: the allocator cannot
+/// use the heap to format it.
+fn max_order_option(max_order: u32, buf: &mut [u8; 17]) -> &str {
+    const KEY: &[u8] = b"memd.max_order=";
+    buf[..KEY.len()].copy_from_slice(KEY);
+    let mut len = KEY.len();
+    if max_order >= 10 {
+        buf[len] = b'0' + (max_order / 10 % 10) as u8;
+        len += 1;
+    }
+    buf[len] = b'0' + (max_order % 10) as u8;
+    len += 1;
+    core::str::from_utf8(&buf[..len]).unwrap_or("")
 }
 
 impl HostGlobal {
+    /// An arena of `bytes` whose buddy has 256 MiB blocks (`max_order`
+    /// 17): host programs grow vectors past the kernel's 4 MiB blocks,
+    /// and the host has no vmalloc.
     pub const fn new(bytes: u64) -> Self {
+        Self::with_max_order(bytes, 17)
+    }
+
+    /// An arena of `bytes` with buddy orders `0..max_order`. With
+    /// [`crate::DEFAULT_MAX_ORDER`] it has the kernel's buddy: it serves
+    /// one 4 MiB block and nothing larger (it has no vmalloc), and fails
+    /// once the arena is used up. A test binary that installs it sees
+    /// those limits instead of the system allocator's.
+    ///
+    /// # Panics
+    /// When `max_order` is not in `1..=MAX_ORDER_LIMIT` (at compile time
+    /// in a `static`).
+    pub const fn with_max_order(bytes: u64, max_order: u32) -> Self {
+        assert!(
+            max_order >= 1 && max_order as usize <= MAX_ORDER_LIMIT,
+            "max_order must be 1..=MAX_ORDER_LIMIT"
+        );
         HostGlobal {
             mm: crate::GlobalMm::new(),
             ready: spin::Once::new(),
             bytes,
+            max_order,
         }
     }
 
+    /// The largest allocation this allocator can serve: one buddy block of
+    /// the highest order.
+    pub const fn largest_block(&self) -> u64 {
+        PAGE_SIZE << (self.max_order - 1)
+    }
+
     fn ensure(&self) -> bool {
-        *self.ready.call_once(|| {
-            let Some((base, _)) = zeroed_arena(self.bytes as usize + (1 << 20)) else {
-                return false;
-            };
-            // The arena is never returned: it backs the allocator for the
-            // rest of the program.
-            let base = page_align(base);
-            let regions = [MemRegion {
-                start: 1 << 20,
-                end: self.bytes + (1 << 20),
-                kind: RegionKind::Usable,
-            }];
-            let boot = BootInfo {
-                regions: &regions,
-                // Host programs grow vectors past 4 MiB: give the buddy
-                // 256 MiB blocks (Linux would use vmalloc there).
-                cmdline: "memd.max_order=17",
-                direct_map_offset: base as u64,
-                reserved: &[],
-                zeroed: true,
-            };
-            // SAFETY: the arena is fresh, zeroed, owned by us forever.
-            unsafe { self.mm.init(&boot) }.is_ok()
-        })
+        self.ready
+            .call_once(|| {
+                let (base, _) = zeroed_arena(self.bytes as usize + (1 << 20))?;
+                // The arena is never returned: it backs the allocator for the
+                // rest of the program.
+                let base = page_align(base);
+                let regions = [MemRegion {
+                    start: 1 << 20,
+                    end: self.bytes + (1 << 20),
+                    kind: RegionKind::Usable,
+                }];
+                let mut option = [0; 17];
+                let boot = BootInfo {
+                    regions: &regions,
+                    cmdline: max_order_option(self.max_order, &mut option),
+                    direct_map_offset: base as u64,
+                    reserved: &[],
+                    zeroed: true,
+                };
+                // SAFETY: the arena is fresh, zeroed, owned by us forever.
+                unsafe { self.mm.init(&boot) }.ok().map(|()| base)
+            })
+            .is_some()
+    }
+
+    /// Whether `ptr` points into this allocator's arena: a program that
+    /// mixes it with another allocator frees each block to its own.
+    pub fn owns(&self, ptr: *const u8) -> bool {
+        let Some(Some(base)) = self.ready.get() else {
+            return false;
+        };
+        (base + (1 << 20)..base + (1 << 20) + self.bytes as usize).contains(&(ptr as usize))
     }
 
     /// The manager, for statistics.
@@ -187,5 +246,92 @@ unsafe impl std::alloc::GlobalAlloc for HostGlobal {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: forwarded contract; `ptr` came from `alloc` above.
         unsafe { self.mm.dealloc(ptr, layout) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DEFAULT_MAX_ORDER;
+    use std::alloc::GlobalAlloc;
+    use std::vec::Vec;
+
+    #[test]
+    fn the_max_order_option_is_written_without_the_heap() {
+        let mut buf = [0; 17];
+        assert_eq!(max_order_option(1, &mut buf), "memd.max_order=1");
+        assert_eq!(max_order_option(11, &mut buf), "memd.max_order=11");
+        assert_eq!(max_order_option(18, &mut buf), "memd.max_order=18");
+        let parsed = crate::cmdline::MmOptions::parse(max_order_option(11, &mut buf)).unwrap();
+        assert_eq!(parsed.max_order, Some(11));
+    }
+
+    /// With the kernel's orders and a bounded arena, the allocator serves
+    /// one 4 MiB block but not a byte more, and runs out when the arena
+    /// does; what is freed can be had again.
+    #[test]
+    fn kernel_limits_refuse_above_the_largest_block_and_past_the_arena() {
+        let heap = HostGlobal::with_max_order(32 << 20, DEFAULT_MAX_ORDER as u32);
+        let block = heap.largest_block() as usize;
+        assert_eq!(block, 4 << 20);
+        let largest = Layout::from_size_align(block, 8).unwrap();
+        let over = Layout::from_size_align(block + 1, 8).unwrap();
+        // SAFETY: non-zero layouts; every block taken is written within its
+        // size and freed once with its layout.
+        unsafe {
+            assert!(heap.alloc(over).is_null(), "above the largest block");
+            let mut held = Vec::new();
+            loop {
+                let p = heap.alloc(largest);
+                if p.is_null() {
+                    break;
+                }
+                p.write_bytes(0xa5, block);
+                held.push(p);
+                assert!(held.len() <= 8, "a 32 MiB arena holds at most 8 blocks");
+            }
+            assert!(held.len() >= 5, "only {} blocks of 4 MiB", held.len());
+            assert!(heap.lock().check().is_ok());
+            for p in held.drain(..) {
+                heap.dealloc(p, largest);
+            }
+            let again = heap.alloc(largest);
+            assert!(!again.is_null(), "freed blocks are served again");
+            assert!(heap.owns(again) && heap.owns(again.add(block - 1)));
+            heap.dealloc(again, largest);
+        }
+    }
+
+    #[test]
+    fn owns_tells_its_blocks_from_others() {
+        let heap = HostGlobal::with_max_order(8 << 20, DEFAULT_MAX_ORDER as u32);
+        let small = Layout::from_size_align(100, 8).unwrap();
+        let other = std::boxed::Box::new(0u64);
+        assert!(
+            !heap.owns(&*other as *const u64 as *const u8),
+            "nothing before the arena"
+        );
+        // SAFETY: non-zero layout; freed once with it.
+        unsafe {
+            let p = heap.alloc(small);
+            assert!(!p.is_null());
+            assert!(heap.owns(p));
+            assert!(!heap.owns(&*other as *const u64 as *const u8));
+            assert!(!heap.owns(core::ptr::null()));
+            heap.dealloc(p, small);
+        }
+    }
+
+    #[test]
+    fn the_default_host_allocator_keeps_its_large_blocks() {
+        let heap = HostGlobal::new(64 << 20);
+        assert_eq!(heap.largest_block(), 256 << 20);
+        let big = Layout::from_size_align(8 << 20, 8).unwrap();
+        // SAFETY: non-zero layout; freed once with it.
+        unsafe {
+            let p = heap.alloc(big);
+            assert!(!p.is_null(), "8 MiB is one block of a larger order");
+            heap.dealloc(p, big);
+        }
     }
 }

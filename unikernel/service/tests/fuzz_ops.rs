@@ -6,6 +6,18 @@
 //! reply must decode; after every connection has closed, free memory must
 //! be exactly what it was before. `cargo xtask fuzz` runs it with many more
 //! cases (PROPTEST_CASES).
+//!
+//! The binary's heap is memd-mm with the kernel's limits
+//! ([`kernel_heap::KernelHeap`]: a bounded arena, nothing above one 4 MiB
+//! buddy block), not the system allocator: in the kernel the service's own
+//! allocations come from memd-mm, and hostile input that makes it allocate
+//! more than that heap gives must fail here as it would in the guest,
+//! where the system allocator would have served it without complaint.
+
+mod kernel_heap;
+
+#[global_allocator]
+static HEAP: kernel_heap::KernelHeap = kernel_heap::KernelHeap::new();
 
 use memd_mm::arena::HostMm;
 use memd_service::host::HostService;
@@ -111,6 +123,18 @@ enum Step {
     Raw(u8, Vec<u8>),
     /// Close and reconnect; the hello carries a wrong token when false.
     Reconnect(u8, bool),
+    /// A batch header (stop flag, count) claiming any number of
+    /// operations up to `u64::MAX`, those operations, then garbage.
+    Claimed(u8, bool, u64, Vec<T>, Vec<u8>),
+    /// A batch of `n` copies of one operation, `n` at and around
+    /// [`MAX_BATCH_OPS`].
+    Repeated(u8, usize, T),
+}
+
+/// Batch counts at, around and far past the limit.
+fn claimed_count() -> impl Strategy<Value = u64> {
+    let max = MAX_BATCH_OPS as u64;
+    prop_oneof![0..=max + 2, Just(u64::MAX), any::<u64>()]
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -120,12 +144,19 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (0u8..3, t(), any::<usize>(), 1u8..=255).prop_map(|(c, t, i, x)| Step::Mutated(c, t, i, x)),
         1 => (0u8..3, proptest::collection::vec(any::<u8>(), 0..40)).prop_map(|(c, b)| Step::Raw(c, b)),
         2 => (0u8..3, prop_oneof![5 => Just(true), 1 => Just(false)]).prop_map(|(c, ok)| Step::Reconnect(c, ok)),
+        1 => (0u8..3, any::<bool>(), claimed_count(), proptest::collection::vec(t(), 0..4), proptest::collection::vec(any::<u8>(), 0..8))
+            .prop_map(|(c, stop, n, ts, tail)| Step::Claimed(c, stop, n, ts, tail)),
+        1 => (0u8..3, (MAX_BATCH_OPS - 1)..=(MAX_BATCH_OPS + 1), t()).prop_map(|(c, n, t)| Step::Repeated(c, n, t)),
     ]
 }
 
 struct World {
     host: HostService,
     conns: [Option<ConnId>; 3],
+    /// Whether the connection's stream is at a frame boundary: random
+    /// bytes may leave a frame half sent, and then the next frame's bytes
+    /// are read as its rest.
+    framed: [bool; 3],
     seen: Vec<u64>,
 }
 
@@ -144,6 +175,7 @@ impl World {
         let mut w = World {
             host: HostService::new(mm, config),
             conns: [None; 3],
+            framed: [true; 3],
             seen: Vec::new(),
         };
         for c in 0..3 {
@@ -284,21 +316,25 @@ impl World {
     }
 
     /// Sends bytes on connection `c`; checks the replies decode and the
-    /// memory manager's invariants hold.
-    fn send(&mut self, c: usize, bytes: &[u8]) {
+    /// memory manager's invariants hold. Returns the replies (none when the
+    /// connection is closed).
+    fn send(&mut self, c: usize, bytes: &[u8]) -> Vec<Response> {
         let Some(id) = self.conns[c] else {
-            return;
+            return Vec::new();
         };
+        let mut replies = Vec::new();
         let mut out = Vec::new();
         let flow = self.host.on_bytes(id, bytes, &mut out);
         let mut d = FrameDecoder::new();
         let mut rest = &out[..];
         while let Some(body) = d.feed(&mut rest).expect("the service frames its replies") {
-            match decode_body::<Response>(&body).expect("replies decode") {
-                Response::Call(r) => self.note(&r),
+            let reply = decode_body::<Response>(&body).expect("replies decode");
+            match &reply {
+                Response::Call(r) => self.note(r),
                 Response::Batch(rs) => rs.iter().for_each(|r| self.note(r)),
                 Response::Hello(_) | Response::Error { .. } => {}
             }
+            replies.push(reply);
         }
         assert!(rest.is_empty(), "whole reply frames only");
         // A mutated frame can be a valid Shutdown request: the kernel would
@@ -310,6 +346,7 @@ impl World {
         if let Err(e) = self.host.mm.check() {
             panic!("invariant broken after a request: {e:?}");
         }
+        replies
     }
 
     fn reconnect(&mut self, c: usize, good_token: bool) {
@@ -317,6 +354,7 @@ impl World {
             self.host.on_close(id);
         }
         self.conns[c] = Some(self.host.svc.on_connect());
+        self.framed[c] = true;
         let hello = Request::Hello(Hello {
             version: PROTOCOL_VERSION,
             token: if good_token { TOKEN } else { "wrong" }.into(),
@@ -348,9 +386,81 @@ impl World {
                 }
                 self.send(*c as usize, &f);
             }
-            Step::Raw(c, b) => self.send(*c as usize, b),
+            Step::Raw(c, b) => {
+                self.framed[*c as usize] = false;
+                self.send(*c as usize, b);
+            }
             Step::Reconnect(c, ok) => self.reconnect(*c as usize, *ok),
+            Step::Claimed(c, stop, count, ts, tail) => {
+                let mut body = to_frame(&Request::Batch(Batch {
+                    stop_on_error: *stop,
+                    ops: Vec::new(),
+                }))
+                .unwrap()[4..]
+                    .to_vec();
+                // The empty batch's count (0) becomes the claimed one.
+                body.pop();
+                let mut n = *count;
+                while n >= 0x80 {
+                    body.push(n as u8 | 0x80);
+                    n >>= 7;
+                }
+                body.push(n as u8);
+                for t in ts {
+                    body.extend_from_slice(&to_frame(&self.op(t)).unwrap()[4..]);
+                }
+                body.extend_from_slice(tail);
+                let mut f = (body.len() as u32).to_le_bytes().to_vec();
+                f.extend_from_slice(&body);
+                self.batch_past_the_limit(*c as usize, &f, *count);
+            }
+            Step::Repeated(c, n, t) => {
+                let f = to_frame(&Request::Batch(Batch {
+                    stop_on_error: false,
+                    ops: vec![self.op(t); *n],
+                }))
+                .unwrap();
+                let was_open = self.conns[*c as usize].is_some() && self.framed[*c as usize];
+                let replies = self.batch_past_the_limit(*c as usize, &f, *n as u64);
+                if was_open && *n <= MAX_BATCH_OPS {
+                    // Every op answered, unless the reply filled its frame
+                    // (then the last entry says so).
+                    let [Response::Batch(rs)] = &replies[..] else {
+                        panic!("a batch of {n} gets a batch reply: {replies:?}");
+                    };
+                    assert!(
+                        rs.len() == *n
+                            || matches!(rs.last(), Some(Err(e)) if e.code == errno::E2BIG),
+                        "{} results for {n} ops",
+                        rs.len()
+                    );
+                }
+            }
         }
+    }
+
+    /// Sends a batch frame announcing `count` operations on connection
+    /// `c`: when it is open (authenticated), at a frame boundary, and
+    /// `count` is past [`MAX_BATCH_OPS`], the one reply is an E2BIG
+    /// refusal, nothing runs and the connection stays open.
+    fn batch_past_the_limit(&mut self, c: usize, frame: &[u8], count: u64) -> Vec<Response> {
+        let Some(id) = self.conns[c] else {
+            return Vec::new();
+        };
+        let framed = self.framed[c];
+        let handles = self.host.svc.handles_of(id);
+        let replies = self.send(c, frame);
+        if framed && count > MAX_BATCH_OPS as u64 {
+            let refused = match &replies[..] {
+                [Response::Batch(rs)] => matches!(&rs[..], [Err(e)] if e.code == errno::E2BIG),
+                [Response::Error { error, closing }] => error.code == errno::E2BIG && !closing,
+                _ => false,
+            };
+            assert!(refused, "a batch counting {count} ops: {replies:?}");
+            assert_eq!(self.conns[c], Some(id), "the connection stays open");
+            assert_eq!(self.host.svc.handles_of(id), handles, "nothing ran");
+        }
+        replies
     }
 
     /// Free memory counting every slab byte that holds no live object.
@@ -384,6 +494,11 @@ fn run_sequence(steps: &[Step]) {
     w.host.mm.check().unwrap();
     assert_eq!(w.host.svc.connections(), 0);
     assert_eq!(w.available(), baseline, "memory returned to the baseline");
+}
+
+#[test]
+fn the_heap_has_the_kernels_limits() {
+    kernel_heap::assert_kernel_limits(&HEAP);
 }
 
 proptest! {
