@@ -44,7 +44,11 @@ fn sysroot() -> Result<PathBuf> {
 
 /// Whether the toolchain at `sysroot` has the standard library for `target`.
 fn has_target(sysroot: &std::path::Path, target: &str) -> bool {
-    sysroot.join("lib/rustlib").join(target).join("lib").is_dir()
+    sysroot
+        .join("lib/rustlib")
+        .join(target)
+        .join("lib")
+        .is_dir()
 }
 
 /// Makes sure the active toolchain can build for [`KERNEL_TARGET`],

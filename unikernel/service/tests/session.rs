@@ -1123,7 +1123,9 @@ fn output_is_bounded_and_the_rest_of_the_input_waits() {
     let mut o = &out[..];
     let mut n = 0;
     while let Some(body) = dec.feed(&mut o).unwrap() {
-        assert!(matches!(decode_body::<Response>(&body).unwrap(), Response::Call(Ok(Reply::Data(d))) if d.len() == 64 << 10));
+        assert!(
+            matches!(decode_body::<Response>(&body).unwrap(), Response::Call(Ok(Reply::Data(d))) if d.len() == 64 << 10)
+        );
         n += 1;
     }
     assert_eq!(n, 6, "every request answered once, in order");
@@ -1163,7 +1165,16 @@ fn the_client_token_cannot_run_operator_operations() {
         assert_eq!(h.code(c, op), errno::EPERM);
     }
     assert!(!h.svc.shutdown_requested());
-    assert!(matches!(h.ok(c, Op::Kmalloc { size: 64, gfp: Gfp::KERNEL }), Reply::Object { .. }));
+    assert!(matches!(
+        h.ok(
+            c,
+            Op::Kmalloc {
+                size: 64,
+                gfp: Gfp::KERNEL
+            }
+        ),
+        Reply::Object { .. }
+    ));
     // The operator token does all of it.
     let op = h.connect();
     assert_eq!(h.hello(op).role, Role::Operator);
@@ -1194,10 +1205,21 @@ fn caches_and_pools_count_against_the_quota_and_a_global_cap() {
     for i in 0..2 {
         create(&mut h, a, i).unwrap();
     }
-    let pool = h.ok(a, Op::PoolCreate { backing: PoolBacking::Kmalloc { size: 32 }, min_nr: 1 });
+    let pool = h.ok(
+        a,
+        Op::PoolCreate {
+            backing: PoolBacking::Kmalloc { size: 32 },
+            min_nr: 1,
+        },
+    );
     // Two caches and a pool: the quota of three is reached.
     assert_eq!(create(&mut h, a, 9).unwrap_err().code, errno::EDQUOT);
-    h.ok(a, Op::PoolDestroy { pool: handle(&pool) });
+    h.ok(
+        a,
+        Op::PoolDestroy {
+            pool: handle(&pool),
+        },
+    );
     create(&mut h, a, 3).unwrap();
     // Another client takes the fourth cache of the global cap, then finds
     // the cap reached.
