@@ -1,8 +1,9 @@
 //! Hostile but well-formed frames against the service over the real memd-mm.
 //!
-//! Random bytes almost never form a frame, so `fuzz_ops.rs` mostly tests
-//! the framing. Here every frame has an honest length prefix and valid
-//! variant tags, and its contents are what a hostile client would send:
+//! `fuzz_ops.rs` sends what a client builds with ordinary values, random
+//! bytes (which almost never form a frame) and single-byte mutations.
+//! Here every frame has an honest length prefix and valid variant tags,
+//! and its contents are what a hostile client would send:
 //! batches whose count claims far more operations than follow (up to
 //! `u64::MAX`), counts at and above [`MAX_BATCH_OPS`], strings and DMA
 //! writes as large as a frame, extreme lengths, orders and offsets, valid
@@ -421,10 +422,11 @@ struct Sent {
     /// Bytes fed before the service said to stop (all of them when it
     /// did not).
     fed: usize,
-    /// Replies that came out before the frame's last piece went in.
+    /// Replies that came out before the frame's last byte went in.
     early: usize,
     /// The heap this thread took inside the service.
     heap: HeapUse,
+    /// Pieces the frame was fed in.
     pieces: usize,
 }
 

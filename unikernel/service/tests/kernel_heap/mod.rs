@@ -24,7 +24,8 @@
 //! all symbolising a backtrace under `RUST_BACKTRACE=1`, which asks for
 //! blocks of several MiB) is the harness's work, not the kernel's; on the
 //! kernel's heap it would fail, and an allocation failure inside the panic
-//! hook deadlocks on the backtrace lock instead of reporting anything.
+//! hook hangs the test instead of reporting anything (seen here: the
+//! out-of-memory hook waits for the backtrace the panic hook is printing).
 //! Each block is freed to the allocator whose memory it is.
 //!
 //! It also measures, per thread, what a piece of code allocated
@@ -46,7 +47,8 @@ pub const ARENA_BYTES: u64 = 96 << 20;
 /// Buddy orders as the kernel boots with (`memd.max_order` unset).
 pub const MAX_ORDER: u32 = memd_mm::DEFAULT_MAX_ORDER as u32;
 
-/// The largest allocation the kernel's heap serves (4 MiB).
+/// The largest allocation this heap serves: one buddy block of the
+/// kernel's top order (4 MiB).
 pub const LARGEST_BLOCK: usize = (memd_mm::PAGE_SIZE as usize) << (MAX_ORDER - 1);
 
 thread_local! {
