@@ -80,15 +80,6 @@ fn cases(default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-/// `v` as postcard writes a varint (LEB128).
-fn varint(mut v: u64, out: &mut Vec<u8>) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
 /// A request's body, as postcard writes it (with no frame limit: some
 /// tests need bodies past it).
 fn encoded(r: &Request) -> Vec<u8> {
@@ -102,17 +93,6 @@ fn encoded_op(op: &Op) -> Vec<u8> {
     let mut out = Vec::new();
     memd_wire::frame::encode_into(op, &mut out).expect("encodes");
     out
-}
-
-/// A batch's leading bytes up to (not including) its count: the
-/// `Request::Batch` tag and the stop flag, as postcard writes them.
-fn batch_header(stop: bool) -> Vec<u8> {
-    let mut h = encoded(&Request::Batch(Batch {
-        stop_on_error: stop,
-        ops: Vec::new(),
-    }));
-    assert_eq!(h.pop(), Some(0), "an empty batch ends with its zero count");
-    h
 }
 
 fn frame_of(body: &[u8]) -> Vec<u8> {
@@ -571,8 +551,7 @@ impl World {
                 ops,
                 tail,
             } => {
-                let mut body = batch_header(*stop);
-                varint(*count, &mut body);
+                let mut body = batch_prefix(*stop, *count);
                 for o in ops {
                     body.extend_from_slice(&encoded_op(&self.op(o)));
                 }
@@ -581,10 +560,10 @@ impl World {
             }
             B::Repeated { stop, n, op } => {
                 let one = encoded_op(&self.op(op));
-                let mut body = batch_header(*stop);
-                // Within a frame: as many as fit when `n` would not.
-                let n = (*n).min((MAX_FRAME - body.len() - 10) / one.len());
-                varint(n as u64, &mut body);
+                // Within a frame: as many as fit (after the tag, the flag
+                // and a count of up to ten bytes) when `n` would not.
+                let n = (*n).min((MAX_FRAME - 12) / one.len());
+                let mut body = batch_prefix(*stop, n as u64);
                 body.reserve(n * one.len());
                 for _ in 0..n {
                     body.extend_from_slice(&one);
@@ -927,7 +906,7 @@ impl World {
 /// The count a batch body announces, read as postcard reads it (up to ten
 /// varint bytes, so `u64::MAX` too); None when the body is not a batch.
 fn batch_count(body: &[u8]) -> Option<u64> {
-    let header = batch_header(false);
+    let header = batch_prefix(false, 0);
     if body.len() <= header.len() || body[0] != header[0] || body[1] > 1 {
         return None;
     }
@@ -1011,7 +990,7 @@ fn the_hello_tag_is_postcards() {
         client: String::new(),
     }));
     assert_eq!(hello[0], HELLO_TAG);
-    assert_ne!(batch_header(false)[0], HELLO_TAG);
+    assert_ne!(batch_prefix(false, 0)[0], HELLO_TAG);
 }
 
 proptest! {
@@ -1137,9 +1116,9 @@ fn frames_at_the_frame_limit() {
     // 256 times the limit.
     let status = encoded_op(&Op::Status);
     assert_eq!(status.len(), 1);
-    let mut body = batch_header(false);
-    let n = MAX_FRAME - body.len() - 3;
-    varint(n as u64, &mut body);
+    // The tag, the flag and a three-byte count, then the operations.
+    let n = MAX_FRAME - 5;
+    let mut body = batch_prefix(false, n as u64);
     body.resize(body.len() + n, status[0]);
     assert_eq!(body.len(), MAX_FRAME);
     let frame = frame_of(&body);

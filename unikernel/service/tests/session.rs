@@ -1020,6 +1020,16 @@ fn objects_go_back_only_to_their_own_parent() {
     assert_eq!(h.mem.used, 0);
 }
 
+/// A frame holding a batch that announces `count` operations, padded with
+/// zero bytes to `len`: the hostile client's batch.
+fn claimed_batch_frame(count: u64, len: usize) -> Vec<u8> {
+    let mut body = batch_prefix(false, count);
+    body.resize(len, 0);
+    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    frame
+}
+
 #[test]
 fn before_hello_only_a_small_hello_is_taken() {
     let mut h = harness();
@@ -1032,20 +1042,7 @@ fn before_hello_only_a_small_hello_is_taken() {
     assert_eq!(flow, Flow::Close);
     // The hostile batch: count 200000 and zero bytes, before any hello.
     let c = h.connect();
-    let mut body = Vec::new();
-    memd_wire::frame::encode_into(
-        &Request::Batch(Batch {
-            stop_on_error: false,
-            ops: Vec::new(),
-        }),
-        &mut body,
-    )
-    .unwrap();
-    body.truncate(2);
-    body.extend_from_slice(&[0xc0, 0x9a, 0x0c]); // 200000 as a varint
-    body.resize(600, 0);
-    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
-    frame.extend_from_slice(&body);
+    let frame = claimed_batch_frame(200_000, 600);
     let (rs, flow) = h.send_raw(c, &frame);
     assert_eq!(closing_code(&rs[0]), errno::EACCES);
     assert_eq!(flow, Flow::Close);
@@ -1058,20 +1055,7 @@ fn before_hello_only_a_small_hello_is_taken() {
 fn an_oversized_batch_count_is_refused_before_it_is_reserved() {
     let mut h = harness();
     let c = h.login();
-    let mut body = Vec::new();
-    memd_wire::frame::encode_into(
-        &Request::Batch(Batch {
-            stop_on_error: false,
-            ops: Vec::new(),
-        }),
-        &mut body,
-    )
-    .unwrap();
-    body.truncate(2);
-    body.extend_from_slice(&[0xc0, 0x9a, 0x0c]);
-    body.resize(200_000, 0);
-    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
-    frame.extend_from_slice(&body);
+    let frame = claimed_batch_frame(200_000, 200_000);
     let (rs, flow) = h.send_raw(c, &frame);
     assert_eq!(flow, Flow::Continue);
     assert!(

@@ -14,7 +14,7 @@
 use alloc::vec::Vec;
 
 use crate::flags::Gfp;
-use crate::frame::{decode_body, leading_bytes, FrameError};
+use crate::frame::{decode_body, encode_into, leading_bytes, FrameError};
 use crate::msg::{Batch, Op, Request, MAX_BATCH_OPS};
 
 /// Decodes a request body: batches through the fast reader when it can,
@@ -32,6 +32,26 @@ pub fn decode_request(body: &[u8]) -> Result<Request, FrameError> {
         Some(batch) => Ok(Request::Batch(batch)),
         None => decode_body(body),
     }
+}
+
+/// The bytes a `Request::Batch` body starts with: its variant tag, its
+/// stop flag and the count of operations that follow, as postcard writes
+/// them ([`batch_count`] reads them back). The operations are appended
+/// after it; a client streaming a batch starts from it, and so do tests
+/// that announce counts other than what follows.
+pub fn batch_prefix(stop_on_error: bool, count: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    let empty = Request::Batch(Batch {
+        stop_on_error,
+        ops: Vec::new(),
+    });
+    // Neither encoding can fail: both are a few bytes.
+    let _ = encode_into(&empty, &mut out);
+    // The empty batch ends with its count, zero: replaced by `count`,
+    // written as postcard writes a length (a varint).
+    out.pop();
+    let _ = encode_into(&count, &mut out);
+    out
 }
 
 /// The operation count a batch body announces, if `body` starts as a
@@ -231,29 +251,37 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_is_its_prefix_and_its_ops() {
+        let ops = vec![
+            Op::Kfree { handle: 9 },
+            Op::Meminfo,
+            Op::Kfree { handle: 300 },
+        ];
+        for stop_on_error in [false, true] {
+            let mut body = batch_prefix(stop_on_error, ops.len() as u64);
+            for op in &ops {
+                encode_into(op, &mut body).unwrap();
+            }
+            let mut whole = Vec::new();
+            encode_into(
+                &Request::Batch(Batch {
+                    stop_on_error,
+                    ops: ops.clone(),
+                }),
+                &mut whole,
+            )
+            .unwrap();
+            assert_eq!(body, whole);
+            assert_eq!(batch_count(&body), Some(3));
+        }
+        assert_eq!(batch_count(&batch_prefix(false, u64::MAX)), Some(u64::MAX));
+    }
+
+    #[test]
     fn a_count_above_the_limit_is_refused_before_decoding() {
         // The batch of the hostile client: a huge count, a few bytes.
         for count in [MAX_BATCH_OPS as u64 + 1, 200_000, u64::MAX] {
-            let mut body = Vec::new();
-            encode_into(
-                &Request::Batch(Batch {
-                    stop_on_error: false,
-                    ops: Vec::new(),
-                }),
-                &mut body,
-            )
-            .unwrap();
-            body.truncate(2);
-            let mut n = count;
-            loop {
-                let b = (n & 0x7f) as u8;
-                n >>= 7;
-                if n == 0 {
-                    body.push(b);
-                    break;
-                }
-                body.push(b | 0x80);
-            }
+            let mut body = batch_prefix(false, count);
             body.extend_from_slice(&[0; 64]);
             assert_eq!(decode_request(&body), Err(FrameError::TooManyOps { count }));
         }
