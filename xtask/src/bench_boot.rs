@@ -47,7 +47,7 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
     }
     let port = qemu::free_port()?;
     // Token files as for a real run, so the boot reads them as it would.
-    let tokens = qemu::GuestTokens::temporary("bench-boot")?;
+    let tokens = crate::tokens::GuestTokens::temporary("bench-boot")?;
     let cfg = QemuConfig {
         qemu: qemu_path,
         kernel,

@@ -208,7 +208,7 @@ pub fn run(args: &DiskBenchArgs) -> Result<()> {
     let image = std::env::temp_dir().join(format!("memd-bench-disk-{}.img", std::process::id()));
     crate::run::ensure_disk(&image, 2 * bytes)?;
     let reserve = (bytes / MIB).next_power_of_two().max(64);
-    let tokens = qemu::GuestTokens::temporary("bench-disk")?;
+    let tokens = crate::tokens::GuestTokens::temporary("bench-disk")?;
     let cfg = QemuConfig {
         qemu: qemu_path,
         kernel,

@@ -554,7 +554,7 @@ fn memctl(
 /// (handles live as long as their connection). memctl is given both
 /// tokens and picks the operator's for `check` and sessions; given only
 /// the client's, `check` is refused with EPERM.
-fn memctl_check(port: u16, tokens: &qemu::GuestTokens) -> Result<(), String> {
+fn memctl_check(port: u16, tokens: &crate::tokens::GuestTokens) -> Result<(), String> {
     let both = [
         ("MEMD_TOKEN", tokens.client.as_str()),
         ("MEMD_OPERATOR_TOKEN", tokens.operator.as_str()),
@@ -644,7 +644,7 @@ drop-caches
     Ok(())
 }
 
-fn control_port_check(port: u16, tokens: &qemu::GuestTokens) -> Result<(), String> {
+fn control_port_check(port: u16, tokens: &crate::tokens::GuestTokens) -> Result<(), String> {
     use memd_client::wire::{errno, Gfp, Role};
     use memd_client::{Client, Error, Options};
     use std::io::{Read, Write};
@@ -1206,7 +1206,7 @@ pub fn run(args: &BootTestArgs) -> Result<()> {
                 // directory: only their paths go on QEMU's command line.
                 let tokens = match case
                     .net
-                    .then(|| qemu::GuestTokens::temporary("boot-test"))
+                    .then(|| crate::tokens::GuestTokens::temporary("boot-test"))
                     .transpose()
                 {
                     Ok(t) => t,

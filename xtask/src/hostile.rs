@@ -489,7 +489,7 @@ pub fn run(accel: Accel) -> Result<()> {
     let accel = qemu::choose_accel(accel, &qemu_path, Machine::Microvm)?;
     let port = qemu::free_port()?;
     // The attackers hold the client token, as any client would.
-    let tokens = qemu::GuestTokens::temporary("hostile")?;
+    let tokens = crate::tokens::GuestTokens::temporary("hostile")?;
     let cfg = QemuConfig {
         qemu: qemu_path,
         kernel,

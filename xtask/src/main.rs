@@ -10,6 +10,7 @@ mod loadtest;
 mod profile;
 mod qemu;
 mod run;
+mod tokens;
 mod toolchain;
 
 use std::process::Command;

@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use crate::qemu::{self, Accel, GuestTokens, Machine, QemuConfig};
+use crate::qemu::{self, Accel, Machine, QemuConfig};
+use crate::tokens::GuestTokens;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -94,15 +95,6 @@ pub fn ensure_disk(path: &std::path::Path, size: u64) -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// A fresh random token (hex, 128 bits) from the OS.
-pub fn random_token() -> Result<String> {
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .context("reading /dev/urandom for the auth token")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Writes fresh tokens to `.memd/token` (the clients') and

@@ -677,7 +677,7 @@ pub fn boot_and_run_with(args: &Args, mut alongside: Option<Alongside>) -> Resul
     let qemu_path = qemu::ensure_qemu()?;
     let accel = qemu::choose_accel(args.accel, &qemu_path, args.machine)?;
     let port = qemu::free_port()?;
-    let guest_tokens = qemu::GuestTokens::temporary("loadtest")?;
+    let guest_tokens = crate::tokens::GuestTokens::temporary("loadtest")?;
     let tokens = Tokens {
         client: guest_tokens.client.clone(),
         operator: guest_tokens.operator.clone(),
