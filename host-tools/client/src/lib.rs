@@ -220,11 +220,12 @@ impl Options {
     ) -> Result<Options> {
         Ok(Options {
             addr: discover_addr(addr),
-            token: if operator {
-                discover_operator_token(token)?
-            } else {
-                discover_token(token)?
-            },
+            token: role_token(
+                token,
+                operator,
+                std::env::current_dir().ok().as_deref(),
+                &process_env,
+            )?,
             client: format!("memd-client/{}", std::process::id()),
             ready_timeout: Duration::from_secs(10),
             io_timeout: Some(Duration::from_secs(120)),
