@@ -16,7 +16,8 @@ use core::arch::x86_64::{__cpuid_count, _rdtsc, CpuidResult};
 /// Writes a byte to an I/O port.
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O has no memory effects visible to Rust; the ports used
-    // by this kernel (UART, PIT, debug-exit) have no DMA side effects.
+    // by this kernel (UART, PIT, debug-exit, PCI configuration, fw_cfg) have
+    // no DMA side effects.
     unsafe {
         asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
     }
@@ -30,6 +31,14 @@ pub fn inb(port: u16) -> u8 {
         asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags))
     }
     value
+}
+
+/// Writes a 16-bit value to an I/O port.
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Writes a 32-bit value to an I/O port.

@@ -8,10 +8,8 @@
 //! `-fw_cfg name=NAME,file=PATH`, which is how the host hands the kernel
 //! its auth tokens without putting them on a command line.
 
+use crate::arch::{inb, outw};
 use alloc::string::String;
-use core::arch::asm;
-
-use crate::arch::inb;
 
 const SELECTOR_PORT: u16 = 0x510;
 const DATA_PORT: u16 = 0x511;
@@ -58,12 +56,9 @@ impl core::fmt::Display for SecretError {
 /// The largest secret file accepted, in bytes (whitespace included).
 pub const MAX_SECRET: usize = 256;
 
+/// Chooses the item the data port reads next.
 fn select(key: u16) {
-    // SAFETY: a 16-bit write to fw_cfg's selector port only chooses which
-    // item the data port reads next; it touches no memory.
-    unsafe {
-        asm!("out dx, ax", in("dx") SELECTOR_PORT, in("ax") key, options(nomem, nostack, preserves_flags))
-    }
+    outw(SELECTOR_PORT, key);
 }
 
 fn read(buf: &mut [u8]) {

@@ -3,8 +3,7 @@
 //! microvm, PCIe through ECAM on `microvm,pcie=on`), the virtio-net and
 //! virtio-blk devices, and QEMU's fw_cfg files.
 //!
-//! One of the kernel's `unsafe` modules: virtio hands buffers to devices,
-//! and fw_cfg is driven through I/O ports.
+//! One of the kernel's `unsafe` modules: virtio hands buffers to devices.
 
 #![allow(unsafe_code)]
 
