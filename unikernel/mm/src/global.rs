@@ -86,9 +86,10 @@ impl GlobalMm {
 
     /// `kvmalloc`: large requests from vmalloc; the rest from kmalloc, and
     /// from vmalloc when kmalloc fails (fragmentation leaves no block of
-    /// the order it needs, or a slab cannot grow). `zero` zeroes the memory.
+    /// the order it needs, or a slab cannot grow). `extra` is added to every
+    /// request's flags (`Gfp::ZERO` for zeroed memory).
     #[inline(always)]
-    fn kvmalloc(&self, layout: Layout, zero: Gfp) -> *mut u8 {
+    fn kvmalloc(&self, layout: Layout, extra: Gfp) -> *mut u8 {
         let mut mm = self.inner.lock();
         if !mm.is_initialized() {
             return null_mut();
@@ -99,13 +100,13 @@ impl GlobalMm {
             // fallibly): it stops at the `min` watermark and leaves the
             // reserve to the kernel's small allocations.
             Some(ops) if size > VMALLOC_THRESHOLD => {
-                mm.vmalloc(size, align, Gfp::KERNEL | zero, ops)
+                mm.vmalloc(size, align, Gfp::KERNEL | extra, ops)
             }
             vmap => mm
-                .kmalloc_layout(layout, Gfp::KERNEL | Gfp::MEMALLOC | zero)
-                .or_else(|_| mm.kmalloc_layout(layout, Gfp::ATOMIC | zero))
+                .kmalloc_layout(layout, Gfp::KERNEL | Gfp::MEMALLOC | extra)
+                .or_else(|_| mm.kmalloc_layout(layout, Gfp::ATOMIC | extra))
                 .or_else(|e| match vmap {
-                    Some(ops) => mm.vmalloc(size, align, Gfp::KERNEL | Gfp::MEMALLOC | zero, ops),
+                    Some(ops) => mm.vmalloc(size, align, Gfp::KERNEL | Gfp::MEMALLOC | extra, ops),
                     None => Err(e),
                 }),
         })
@@ -136,7 +137,7 @@ impl GlobalMm {
 // kernel's lifeline.
 unsafe impl GlobalAlloc for GlobalMm {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        self.kvmalloc(layout, Gfp::NOWAIT)
+        self.kvmalloc(layout, Gfp::default())
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
