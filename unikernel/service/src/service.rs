@@ -571,47 +571,46 @@ impl<M: Memory> Service<M> {
             (_, Request::Call(op)) => {
                 let mut budget = MAX_IO;
                 let result = self.run_op(env, conn, op, &mut budget);
-                let resp = Response::Call(result);
-                let error = match encode_frame(&resp, out) {
-                    Ok(()) => return self.flow(),
-                    Err(FrameError::NoMemory { len }) => err(
-                        errno::ENOMEM,
-                        format!("no memory for a reply of {len}+ bytes"),
-                    ),
-                    Err(_) => err(errno::E2BIG, "reply larger than a frame"),
-                };
-                drop(resp);
-                if !write_response(out, &Response::Call(Err(error))) {
-                    return self.close_with(conn, out, err(errno::ENOMEM, "no memory for replies"));
+                // Its own statement: a reply that did not fit is dropped
+                // before the error that replaces it is written.
+                let sent = encode_frame(&Response::Call(result), out);
+                match sent {
+                    Ok(()) => self.flow(),
+                    Err(e) => self.unsent_reply(conn, out, e, "reply", |e| Response::Call(Err(e))),
                 }
-                self.flow()
             }
-            (_, Request::Batch(batch)) => {
-                if let Err(e) = self.run_batch(env, conn, batch, out) {
-                    let error = match e {
-                        FrameError::NoMemory { len } => err(
-                            errno::ENOMEM,
-                            format!("no memory for a batch reply of {len}+ bytes"),
-                        ),
-                        _ => err(errno::E2BIG, "batch reply larger than a frame"),
-                    };
-                    let sent = write_response(
-                        out,
-                        &Response::Error {
-                            error,
-                            closing: false,
-                        },
-                    );
-                    if !sent {
-                        return self.close_with(
-                            conn,
-                            out,
-                            err(errno::ENOMEM, "no memory for replies"),
-                        );
-                    }
-                }
-                self.flow()
-            }
+            (_, Request::Batch(batch)) => match self.run_batch(env, conn, batch, out) {
+                Ok(()) => self.flow(),
+                Err(e) => self.unsent_reply(conn, out, e, "batch reply", |error| Response::Error {
+                    error,
+                    closing: false,
+                }),
+            },
+        }
+    }
+
+    /// A `what` that could not be written (`e`): an ENOMEM or E2BIG error,
+    /// made a response by `wrap`, takes its place; when even that cannot be
+    /// written, the connection closes.
+    fn unsent_reply(
+        &mut self,
+        conn: ConnId,
+        out: &mut Vec<u8>,
+        e: FrameError,
+        what: &str,
+        wrap: fn(WireError) -> Response,
+    ) -> Flow {
+        let error = match e {
+            FrameError::NoMemory { len } => err(
+                errno::ENOMEM,
+                format!("no memory for a {what} of {len}+ bytes"),
+            ),
+            _ => err(errno::E2BIG, format!("{what} larger than a frame")),
+        };
+        if write_response(out, &wrap(error)) {
+            self.flow()
+        } else {
+            self.close_with(conn, out, err(errno::ENOMEM, "no memory for replies"))
         }
     }
 
