@@ -36,6 +36,16 @@ impl HostService {
         }
     }
 
+    /// Free memory as the baselines of tests count it: free pages plus
+    /// every slab byte that holds no live object, so it returns to the
+    /// byte once everything clients took is back, whatever the slabs'
+    /// fragmentation.
+    pub fn available(&self) -> u64 {
+        let m = self.mm.meminfo();
+        let live: u64 = self.mm.slabinfo().map(|s| s.active_objs * s.stride).sum();
+        m.free + m.slab - live
+    }
+
     /// A service with `token` and the default quotas over `mm`, shared.
     /// The one token is the operator's: it may run every operation.
     pub fn shared(mm: HostMm, token: &str) -> Arc<Mutex<HostService>> {

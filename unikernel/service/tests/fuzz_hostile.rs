@@ -438,7 +438,7 @@ impl World {
             seen: Vec::new(),
             baseline: 0,
         };
-        w.baseline = w.available();
+        w.baseline = w.host.available();
         w.login();
         w
     }
@@ -460,18 +460,6 @@ impl World {
             ),
             "{s:?}"
         );
-    }
-
-    /// Free memory counting every slab byte that holds no live object.
-    fn available(&self) -> u64 {
-        let m = self.host.mm.meminfo();
-        let live: u64 = self
-            .host
-            .mm
-            .slabinfo()
-            .map(|s| s.active_objs * s.stride)
-            .sum();
-        m.free + m.slab - live
     }
 
     fn handle(&self, h: Hd) -> u64 {
@@ -660,7 +648,7 @@ impl World {
     /// what a hostile frame there may and may not do, and closes it.
     fn unauthenticated(&mut self, frame: &[u8], feed: &Feed) {
         let body = &frame[4..];
-        let before = self.available();
+        let before = self.host.available();
         let conn = self.host.svc.on_connect();
         let s = self.send(conn, frame, feed);
         // Only a hello is decoded here: the test runs on the kernel's heap
@@ -713,7 +701,7 @@ impl World {
         );
         self.host.on_close(conn);
         assert_eq!(
-            self.available(),
+            self.host.available(),
             before,
             "an unauthenticated connection takes nothing from the memory manager"
         );
@@ -723,7 +711,7 @@ impl World {
     fn authenticated(&mut self, frame: &[u8], feed: &Feed) {
         let body = &frame[4..];
         let conn = self.authed;
-        let before = self.available();
+        let before = self.host.available();
         let handles = self.host.svc.handles_of(conn);
         let s = self.send(conn, frame, feed);
         if body.len() > MAX_FRAME {
@@ -780,7 +768,7 @@ impl World {
                 "a batch counting {count} ops is refused with E2BIG, got {}",
                 short(reply)
             );
-            assert_eq!(self.available(), before, "nothing ran");
+            assert_eq!(self.host.available(), before, "nothing ran");
             assert_eq!(self.host.svc.handles_of(conn), handles);
             let budget = buffer_budget(body.len(), s.pieces) + REFUSAL_SLACK;
             assert!(
@@ -896,28 +884,11 @@ impl World {
         self.host.mm.check().unwrap();
         assert_eq!(self.host.svc.connections(), 0);
         assert_eq!(
-            self.available(),
+            self.host.available(),
             self.baseline,
             "memory returned to the baseline"
         );
     }
-}
-
-/// The count a batch body announces, read as postcard reads it (up to ten
-/// varint bytes, so `u64::MAX` too); None when the body is not a batch.
-fn batch_count(body: &[u8]) -> Option<u64> {
-    let header = batch_prefix(false, 0);
-    if body.len() <= header.len() || body[0] != header[0] || body[1] > 1 {
-        return None;
-    }
-    let mut v = 0u64;
-    for (i, b) in body[2..].iter().take(10).enumerate() {
-        v |= ((b & 0x7f) as u64).checked_shl(7 * i as u32).unwrap_or(0);
-        if b & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
 }
 
 fn count_frames(out: &[u8]) -> usize {
@@ -1146,7 +1117,7 @@ fn batches_at_and_past_the_limit() {
     assert!(rs.iter().all(|r| matches!(r, Ok(Reply::Object { .. }))));
     assert_eq!(w.host.svc.handles_of(w.authed), Some(MAX_BATCH_OPS));
 
-    let before = w.available();
+    let before = w.host.available();
     let frame = frame_of(&w.body(&kmallocs(MAX_BATCH_OPS + 1)));
     let s = w.send(w.authed, &frame, &Feed::Whole);
     assert!(
@@ -1155,7 +1126,7 @@ fn batches_at_and_past_the_limit() {
         s.replies.iter().map(short).collect::<Vec<_>>()
     );
     assert_eq!(s.flow, Flow::Continue);
-    assert_eq!(w.available(), before, "none of it ran");
+    assert_eq!(w.host.available(), before, "none of it ran");
     assert_eq!(w.host.svc.handles_of(w.authed), Some(MAX_BATCH_OPS));
     // And the general checks, for both sides of the hello.
     w.both(&kmallocs(MAX_BATCH_OPS + 1), &Feed::Chunks(vec![7, 4096]));

@@ -462,25 +462,13 @@ impl World {
         }
         replies
     }
-
-    /// Free memory counting every slab byte that holds no live object.
-    fn available(&self) -> u64 {
-        let m = self.host.mm.meminfo();
-        let live: u64 = self
-            .host
-            .mm
-            .slabinfo()
-            .map(|s| s.active_objs * s.stride)
-            .sum();
-        m.free + m.slab - live
-    }
 }
 
 fn run_sequence(steps: &[Step]) {
     let mut w = World::new();
     // What the connections' first requests grow once (nothing, on the
     // host: the service's own state lives on the test's heap).
-    let baseline = w.available();
+    let baseline = w.host.available();
     for s in steps {
         w.run(s);
     }
@@ -493,7 +481,11 @@ fn run_sequence(steps: &[Step]) {
     w.host.mm.set_fault(false, 0, 0, 0, 0).unwrap();
     w.host.mm.check().unwrap();
     assert_eq!(w.host.svc.connections(), 0);
-    assert_eq!(w.available(), baseline, "memory returned to the baseline");
+    assert_eq!(
+        w.host.available(),
+        baseline,
+        "memory returned to the baseline"
+    );
 }
 
 #[test]

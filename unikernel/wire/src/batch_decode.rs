@@ -55,8 +55,9 @@ pub fn batch_prefix(stop_on_error: bool, count: u64) -> Vec<u8> {
 }
 
 /// The operation count a batch body announces, if `body` starts as a
-/// batch does (its tag, its flag, a varint as postcard writes it).
-fn batch_count(body: &[u8]) -> Option<u64> {
+/// batch does (its tag, its flag, a varint of up to ten bytes as postcard
+/// writes it), whatever follows.
+pub fn batch_count(body: &[u8]) -> Option<u64> {
     let empty = Request::Batch(Batch {
         stop_on_error: false,
         ops: Vec::new(),

@@ -30,7 +30,7 @@ pub mod pattern;
 pub mod stats;
 
 pub use batch::{BatchReplyWriter, PLAIN_RESULT_MAX};
-pub use batch_decode::{batch_prefix, decode_request};
+pub use batch_decode::{batch_count, batch_prefix, decode_request};
 pub use error::{errno, errno_name, WireError};
 pub use flags::{DmaMask, Gfp, SlabFlags};
 pub use frame::{decode_body, encode_frame, to_frame, FrameDecoder, FrameError, MAX_FRAME};
