@@ -663,16 +663,12 @@ fn control_port_check(port: u16, tokens: &crate::tokens::GuestTokens) -> Result<
         ));
     }
     let status = main.status().map_err(|e| format!("status: {e}"))?;
-    // Free memory once the slab layer and the per-CPU page lists gave back
-    // what they keep for reuse (drop-caches): connections allocate through
-    // kmalloc, and how much a cache keeps depends on how requests happened
-    // to interleave.
-    let available = |c: &mut Client| {
-        c.drop_caches().map_err(|e| format!("drop-caches: {e}"))?;
-        c.meminfo()
-            .map(|m| m.free)
-            .map_err(|e| format!("meminfo: {e}"))
-    };
+    // Free memory as the load test counts it: free pages plus every slab
+    // byte that holds no live object. Connections allocate through
+    // kmalloc, and which slab pages stay partly used depends on how
+    // requests happened to interleave; counting the free slots makes the
+    // figure exact whatever that fragmentation.
+    let available = |c: &mut Client| crate::loadtest::available(c).map_err(|e| format!("{e:#}"));
     let baseline = available(&mut main)?;
 
     match Client::connect(&Options::new(addr.clone(), "wrong-token")) {

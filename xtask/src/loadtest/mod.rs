@@ -281,7 +281,7 @@ impl Shared {
 /// fragmentation: it returns to the baseline exactly when every page and
 /// every object the clients took is back and the kernel holds what it held
 /// before.
-fn available(c: &mut Client) -> Result<u64> {
+pub(crate) fn available(c: &mut Client) -> Result<u64> {
     let m = c.meminfo().context("meminfo")?;
     let live: u64 = c
         .slabinfo()
