@@ -16,12 +16,27 @@ pub fn pattern_word(seed: u64, word_index: u64) -> u64 {
 }
 
 /// Fill `buf`, which starts `offset` bytes into the patterned region, with
-/// the pattern for `seed`.
+/// the pattern for `seed`: one pattern word per 8 bytes (a partial word at
+/// either end byte by byte).
 pub fn fill_pattern(seed: u64, offset: u64, buf: &mut [u8]) {
+    let head = ((8 - offset % 8) % 8).min(buf.len() as u64) as usize;
+    let (first, rest) = buf.split_at_mut(head);
+    fill_bytes(seed, offset, first);
+    let offset = offset + head as u64;
+    let mut words = rest.chunks_exact_mut(8);
+    let mut index = offset / 8;
+    for w in words.by_ref() {
+        w.copy_from_slice(&pattern_word(seed, index).to_le_bytes());
+        index += 1;
+    }
+    fill_bytes(seed, index * 8, words.into_remainder());
+}
+
+/// [`fill_pattern`] one byte at a time: for the ragged ends.
+fn fill_bytes(seed: u64, offset: u64, buf: &mut [u8]) {
     for (i, b) in buf.iter_mut().enumerate() {
         let pos = offset + i as u64;
-        let word = pattern_word(seed, pos / 8);
-        *b = word.to_le_bytes()[(pos % 8) as usize];
+        *b = pattern_word(seed, pos / 8).to_le_bytes()[(pos % 8) as usize];
     }
 }
 
@@ -78,6 +93,20 @@ mod tests {
         let mut other = [0u8; 100];
         fill_pattern(43, 0, &mut other);
         assert_ne!(whole, other);
+    }
+
+    #[test]
+    fn word_fill_matches_byte_fill_at_every_alignment() {
+        let mut bytes = [0u8; 80];
+        let mut words = [0u8; 80];
+        for offset in 0..17u64 {
+            for len in [0usize, 1, 7, 8, 9, 15, 16, 17, 63, 80] {
+                fill_bytes(7, offset, &mut bytes[..len]);
+                words[..len].fill(0);
+                fill_pattern(7, offset, &mut words[..len]);
+                assert_eq!(bytes[..len], words[..len], "offset {offset} len {len}");
+            }
+        }
     }
 
     #[test]
