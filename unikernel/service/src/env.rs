@@ -75,6 +75,12 @@ pub trait Env {
         None
     }
 
+    /// How long the loop's passes took ([`memd_wire::Status::loop_passes`]);
+    /// `None` by default (host environments have no loop of their own).
+    fn loop_passes(&mut self) -> Option<memd_wire::LoopPasses> {
+        None
+    }
+
     /// The DMA buffers devices hold now. Called outside [`Env::with_mem`]:
     /// the result may allocate. None by default (host environments have no
     /// devices).

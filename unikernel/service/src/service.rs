@@ -846,6 +846,7 @@ impl<M: Memory> Service<M> {
                     block_device: has_block,
                     busy_ns: env.busy_ns(),
                     halted_ns: env.halted_ns(),
+                    loop_passes: env.loop_passes(),
                 })))
             }
             Op::Meminfo => Ok(stats(env, View::Meminfo)),

@@ -9,6 +9,7 @@
 //! - [`flags`]: GFP flags, slab flags, DMA masks.
 //! - [`error`]: errno-style [`WireError`]s (numbers from hermit-abi).
 //! - [`pattern`]: the DMA fill pattern and checksum, so clients can verify.
+//! - [`passes`]: how long the service loop's passes took.
 //!
 //! A session: the client sends `Request::Hello` with [`PROTOCOL_VERSION`]
 //! and the token; the service answers `Response::Hello` or
@@ -26,6 +27,7 @@ pub mod flags;
 pub mod frame;
 pub mod memmap;
 pub mod msg;
+pub mod passes;
 pub mod pattern;
 pub mod stats;
 
@@ -36,6 +38,7 @@ pub use flags::{DmaMask, Gfp, SlabFlags};
 pub use frame::{decode_body, encode_frame, to_frame, FrameDecoder, FrameError, MAX_FRAME};
 pub use memmap::*;
 pub use msg::*;
+pub use passes::{LoopPasses, PassHistogram, PASS_BUCKETS};
 pub use pattern::{checksum, fill_pattern, Checksum};
 pub use stats::*;
 

@@ -18,7 +18,7 @@ use crate::stats::*;
 
 /// Protocol version spoken by this crate. 2: `Status` carries `busy_ns`
 /// and `halted_ns`.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Most operations one batch may carry. The service holds a batch's
 /// results in memory before encoding them (a few hundred bytes each), and

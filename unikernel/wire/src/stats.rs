@@ -44,6 +44,9 @@ pub struct Status {
     /// until a timer tick instead of spinning. `None` where the environment
     /// does not halt.
     pub halted_ns: Option<u64>,
+    /// How long the service loop's passes took. `None` where the
+    /// environment has no loop of its own.
+    pub loop_passes: Option<crate::LoopPasses>,
 }
 
 /// `/proc/meminfo`, in bytes.
