@@ -127,6 +127,41 @@ pub(crate) fn mib_per_s(bytes: u64, ns: u64) -> f64 {
     }
 }
 
+/// Nanoseconds as milliseconds to about two significant digits: 0.041 ms,
+/// 0.41 ms, 3.2 ms, 12 ms.
+pub(crate) fn ms(ns: u64) -> String {
+    let v = ns as f64 / 1e6;
+    match v {
+        v if v == 0.0 || v >= 10.0 => format!("{v:.0} ms"),
+        v if v >= 1.0 => format!("{v:.1} ms"),
+        v if v >= 0.1 => format!("{v:.2} ms"),
+        v => format!("{v:.3} ms"),
+    }
+}
+
+/// Nanoseconds as seconds: whole ones plainly (`1 s`), else to a tenth.
+fn secs(ns: u64) -> String {
+    if ns.is_multiple_of(1_000_000_000) {
+        format!("{} s", ns / 1_000_000_000)
+    } else {
+        format!("{:.1} s", ns as f64 / 1e9)
+    }
+}
+
+/// The service loop's passes in one line: the last interval's count, 99th
+/// percentile and longest, the longest since boot, and the turn budget.
+pub(crate) fn loop_passes(p: &LoopPasses) -> String {
+    format!(
+        "last {}: {} passes, p99 {}, max {}; since boot max {} (budget {} per turn)",
+        secs(p.interval_ns),
+        p.last.passes(),
+        ms(p.last.quantile(990)),
+        ms(p.last.max_ns),
+        ms(p.since_boot.max_ns),
+        ms(p.budget_ns)
+    )
+}
+
 pub(crate) fn print_reply(r: &Reply) {
     match r {
         Reply::Done => println!("ok"),
@@ -157,6 +192,9 @@ pub(crate) fn print_reply(r: &Reply) {
                         halted as f64 * 100.0 / s.uptime_ns.max(1) as f64
                     ),
                 ]);
+            }
+            if let Some(p) = &s.loop_passes {
+                t.add_row(vec!["loop passes".to_string(), loop_passes(p)]);
             }
             t.add_row(vec!["connections".to_string(), s.connections.to_string()]);
             t.add_row(vec!["requests".to_string(), s.requests.to_string()]);
@@ -373,5 +411,48 @@ pub(crate) fn print_reply(r: &Reply) {
             s.failed_allocs,
             if s.check_ok { "hold" } else { "VIOLATED" }
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn milliseconds_keep_two_digits() {
+        assert_eq!(ms(0), "0 ms");
+        assert_eq!(ms(41_000), "0.041 ms");
+        assert_eq!(ms(410_000), "0.41 ms");
+        assert_eq!(ms(200_000), "0.20 ms");
+        assert_eq!(ms(3_200_000), "3.2 ms");
+        assert_eq!(ms(12_400_000), "12 ms");
+    }
+
+    #[test]
+    fn loop_passes_line() {
+        let mut last = PassHistogram::default();
+        for _ in 0..800 {
+            last.record(100_000);
+        }
+        for _ in 0..12 {
+            last.record(630_000);
+        }
+        let mut since_boot = last.clone();
+        since_boot.record(3_200_000);
+        let p = LoopPasses {
+            budget_ns: 200_000,
+            interval_ns: 1_000_000_000,
+            last,
+            since_boot,
+        };
+        assert_eq!(
+            loop_passes(&p),
+            "last 1 s: 812 passes, p99 0.63 ms, max 0.63 ms; since boot max 3.2 ms (budget 0.20 ms per turn)"
+        );
+        let half = LoopPasses {
+            interval_ns: 500_000_000,
+            ..LoopPasses::default()
+        };
+        assert!(loop_passes(&half).starts_with("last 0.5 s: 0 passes, p99 0 ms"));
     }
 }

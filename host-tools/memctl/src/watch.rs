@@ -19,6 +19,7 @@ use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table};
 use ratatui::Frame;
 
 use crate::map::human;
+use crate::print::ms;
 
 /// Everything one refresh shows.
 #[derive(Debug, Clone, Default)]
@@ -31,6 +32,8 @@ pub struct Snapshot {
     pub clients: Vec<ClientInfo>,
     /// The guest CPU's busy and halted shares since the previous snapshot.
     pub cpu: Option<CpuShare>,
+    /// The service loop's passes since the previous snapshot.
+    pub passes: Option<IntervalPasses>,
 }
 
 /// How the guest's CPU spent an interval, as fractions of it.
@@ -56,6 +59,34 @@ impl CpuShare {
         Some(CpuShare {
             busy: share(before.busy_ns, after.busy_ns)?,
             halted: share(before.halted_ns, after.halted_ns)?,
+        })
+    }
+}
+
+/// The service loop's passes that did work over an interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntervalPasses {
+    /// How many.
+    pub passes: u64,
+    /// The 99th percentile of their durations.
+    pub p99_ns: u64,
+    /// The longest.
+    pub max_ns: u64,
+}
+
+impl IntervalPasses {
+    /// Between two status replies of one service; None unless both
+    /// report the loop's passes and time went forward.
+    pub fn between(before: &Status, after: &Status) -> Option<IntervalPasses> {
+        if after.uptime_ns <= before.uptime_ns {
+            return None;
+        }
+        let (a, b) = (before.loop_passes.as_ref()?, after.loop_passes.as_ref()?);
+        let d = b.since_boot.since(&a.since_boot);
+        Some(IntervalPasses {
+            passes: d.passes(),
+            p99_ns: d.quantile(990),
+            max_ns: d.max_ns,
         })
     }
 }
@@ -162,6 +193,27 @@ pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
     // Status line.
     let st = &s.status;
     let used = st.total_bytes.saturating_sub(st.free_bytes);
+    let cpu = s
+        .cpu
+        .map(|c| {
+            format!(
+                "  cpu busy {:.0}% halted {:.0}%",
+                c.busy * 100.0,
+                c.halted * 100.0
+            )
+        })
+        .unwrap_or_default();
+    let passes = s
+        .passes
+        .map(|p| {
+            format!(
+                "  {} passes, p99 {} max {}",
+                p.passes,
+                ms(p.p99_ns),
+                ms(p.max_ns)
+            )
+        })
+        .unwrap_or_default();
     let head = vec![
         Line::from(vec![
             Span::styled(
@@ -171,18 +223,11 @@ pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
                     .add_modifier(Modifier::BOLD),
             ),
             Span::raw(format!(
-                "  {}  up {:.0}s  {} connection(s)  {} requests{}",
+                "  {}  up {:.0}s  {} connection(s)  {} requests{cpu}{passes}",
                 st.server,
                 st.uptime_ns as f64 / 1e9,
                 st.connections,
                 st.requests,
-                s.cpu
-                    .map(|c| format!(
-                        "  cpu busy {:.0}% halted {:.0}%",
-                        c.busy * 100.0,
-                        c.halted * 100.0
-                    ))
-                    .unwrap_or_default()
             )),
         ]),
         Line::from(format!(
@@ -379,6 +424,7 @@ pub fn run(c: &mut Client, interval: Duration, iterations: Option<u64>) -> io::R
             let error = match fetch(c) {
                 Ok(mut s) => {
                     s.cpu = CpuShare::between(&snap.status, &s.status);
+                    s.passes = IntervalPasses::between(&snap.status, &s.status);
                     snap = s;
                     None
                 }
@@ -499,6 +545,11 @@ mod tests {
                 busy: 0.031,
                 halted: 0.952,
             }),
+            passes: Some(IntervalPasses {
+                passes: 812,
+                p99_ns: 410_000,
+                max_ns: 630_000,
+            }),
         };
         let text = render_text(&s, 120, 40);
         for want in [
@@ -509,7 +560,7 @@ mod tests {
             "pages order 2",
             "walkthrough",
             "CMA 0 B/8 MiB in 0 buffer(s)",
-            "cpu busy 3% halted 95%",
+            "cpu busy 3% halted 95%  812 passes, p99 0.41 ms max 0.63 ms",
             "q quits",
         ] {
             assert!(text.contains(want), "{want} missing from\n{text}");
@@ -535,6 +586,49 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(CpuShare::between(&at(1_000, 0, 0), &unmeasured), None);
+    }
+
+    #[test]
+    fn passes_are_those_of_the_interval() {
+        let mut h = PassHistogram::default();
+        // A long pass before the interval, at boot.
+        h.record(40_000_000);
+        let at = |up: u64, h: &PassHistogram| Status {
+            uptime_ns: up,
+            busy_ns: Some(up / 10),
+            halted_ns: Some(up / 2),
+            loop_passes: Some(LoopPasses {
+                budget_ns: 200_000,
+                interval_ns: 1_000_000_000,
+                last: PassHistogram::default(),
+                since_boot: h.clone(),
+            }),
+            ..Default::default()
+        };
+        let before = at(1_000_000_000, &h);
+        for _ in 0..95 {
+            h.record(50_000);
+        }
+        for _ in 0..5 {
+            h.record(600_000);
+        }
+        let after = at(3_000_000_000, &h);
+        let p = IntervalPasses::between(&before, &after).unwrap();
+        assert_eq!(p.passes, 100);
+        assert!((600_000..=750_000).contains(&p.p99_ns), "{p:?}");
+        assert!((600_000..=750_000).contains(&p.max_ns), "{p:?}");
+        // The CPU shares come from the same two replies.
+        let cpu = CpuShare::between(&before, &after).unwrap();
+        assert_eq!((cpu.busy, cpu.halted), (0.1, 0.5));
+        // The first refresh has nothing to compare with; a restarted
+        // service neither.
+        assert_eq!(IntervalPasses::between(&Status::default(), &after), None);
+        assert_eq!(IntervalPasses::between(&after, &before), None);
+        let unmeasured = Status {
+            uptime_ns: 5_000_000_000,
+            ..Default::default()
+        };
+        assert_eq!(IntervalPasses::between(&after, &unmeasured), None);
     }
 
     #[test]

@@ -195,6 +195,56 @@ impl<T> HandleTable<T> {
             .into_iter()
             .flat_map(|c| c.into_vec().into_iter().filter_map(|s| s.value))
     }
+
+    /// The table's values, to be taken out a few at a time: each chunk's
+    /// memory goes back as soon as it is empty.
+    pub fn drain(self) -> Drain<T> {
+        Drain {
+            chunks: self.chunks,
+            at: 0,
+            left: self.len,
+        }
+    }
+}
+
+/// [`HandleTable::drain`]: the values of a table nobody looks up any more,
+/// last chunk first.
+pub struct Drain<T> {
+    chunks: Vec<Box<[Slot<T>]>>,
+    /// Next slot to look at in the last chunk.
+    at: usize,
+    left: usize,
+}
+
+impl<T> Drain<T> {
+    /// Values not taken yet.
+    pub fn len(&self) -> usize {
+        self.left
+    }
+
+    /// Whether every value was taken.
+    pub fn is_empty(&self) -> bool {
+        self.left == 0
+    }
+}
+
+impl<T> Iterator for Drain<T> {
+    type Item = T;
+
+    fn next(&mut self) -> Option<T> {
+        loop {
+            let chunk = self.chunks.last_mut()?;
+            while let Some(slot) = chunk.get_mut(self.at) {
+                self.at += 1;
+                if let Some(v) = slot.value.take() {
+                    self.left -= 1;
+                    return Some(v);
+                }
+            }
+            self.chunks.pop();
+            self.at = 0;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -307,5 +357,25 @@ mod tests {
             }
             assert_eq!(eager.insert_reserved(v), Ok(want), "insert {v}");
         }
+    }
+
+    #[test]
+    fn drain_takes_every_value_once() {
+        let mut t = HandleTable::new(3);
+        let held: Vec<u64> = (0..2 * CHUNK as u32 + 5)
+            .map(|v| t.insert(v).unwrap())
+            .collect();
+        for h in held.iter().step_by(3) {
+            t.remove(*h).unwrap();
+        }
+        let want = t.len();
+        let mut d = t.drain();
+        let mut seen: Vec<u32> = d.by_ref().take(10).collect();
+        assert_eq!(d.len(), want - 10);
+        seen.extend(d.by_ref());
+        assert!(d.is_empty());
+        seen.sort_unstable();
+        let expect: Vec<u32> = (0..2 * CHUNK as u32 + 5).filter(|v| v % 3 != 0).collect();
+        assert_eq!(seen, expect);
     }
 }

@@ -79,7 +79,7 @@ impl HostService {
 
     /// [`Service::on_close`] with the arena.
     pub fn on_close(&mut self, conn: ConnId) {
-        self.svc.on_close(&mut Self::env(&mut self.mm), conn)
+        self.svc.on_close_now(&mut Self::env(&mut self.mm), conn)
     }
 }
 

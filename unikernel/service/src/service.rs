@@ -1,34 +1,44 @@
 //! Connections, sessions, handles, quotas and dispatch.
 //!
+//! Each call of [`Service::on_bytes_bounded`] is one connection's turn,
+//! bounded by [`Config::budget_ns`] of the clock: what does not finish in
+//! it (a long operation, a batch, a departed connection's handles) waits
+//! for the next turn, so one client never holds the others.
+//!
 //! The operation families that need more than a few lines live beside it:
-//! `bulk` runs a batch's plain allocations and frees under one hold of
-//! the memory manager, `caches` has slab caches and mempools, `dma` the
-//! DMA buffers and the disk.
+//! `work` runs long operations in slices, `batch` runs batches in turns,
+//! `bulk` a batch's plain allocations and frees under one hold of the
+//! memory manager, `release` frees what a departed connection held,
+//! `caches` has slab caches and mempools, `dma` the DMA buffers.
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use memd_wire::{
-    decode_request, encode_frame, errno, Batch, BatchReplyWriter, CheckReport, ClientInfo,
-    DmaBufferInfo, FrameDecoder, FrameError, Hello, HelloAck, Op, Quota, Reply, Request, Response,
-    Role, Status, WireError, MAX_BATCH_OPS, MAX_IO, MAX_NAME_LEN, PROTOCOL_VERSION,
+    decode_request, encode_frame, errno, Batch, CheckReport, ClientInfo, DmaBufferInfo,
+    FrameDecoder, FrameError, Hello, HelloAck, Op, Quota, Reply, Request, Response, Role, Status,
+    WireError, MAX_BATCH_OPS, MAX_IO, MAX_NAME_LEN, PROTOCOL_VERSION,
 };
 
 use crate::conns::ConnTable;
 use crate::env::Env;
 use crate::handles::{HandleTable, MAX_HANDLES};
 use crate::memory::{MemError, Memory, Obj, View};
-use crate::stress;
 
+mod batch;
 mod bulk;
 mod caches;
 mod dma;
+mod release;
+mod work;
 
-use bulk::Stretch;
+use batch::BatchJob;
 use caches::Parent;
+use release::Releases;
+pub use work::DEFAULT_BUDGET_NS;
+use work::{is_long, Budget, Work};
 
 /// A connection's id; also the owner tag of what it allocates.
 pub use crate::conns::ConnId;
@@ -54,6 +64,13 @@ pub struct Config {
     pub max_client_caches: u64,
     /// Most mempools all clients together may hold.
     pub max_client_pools: u64,
+    /// Most work one request may ask for: a stress operation counts one,
+    /// a DMA buffer one per 64 bytes it covers, anything else one. A
+    /// batch's operations count together.
+    pub max_request_work: u64,
+    /// Most clock time one connection's turn takes before the rest of its
+    /// work waits for its next turn.
+    pub budget_ns: u64,
 }
 
 impl Config {
@@ -74,6 +91,8 @@ impl Config {
             max_stress_ops: 50_000_000,
             max_client_caches: 96,
             max_client_pools: 192,
+            max_request_work: 50_000_000,
+            budget_ns: DEFAULT_BUDGET_NS,
         }
     }
 
@@ -133,6 +152,9 @@ enum Res<M: Memory> {
     },
     CacheObj {
         cache: u64,
+        /// The cache's id, so a departing connection's objects can be
+        /// freed in any order.
+        id: M::CacheId,
         obj: Obj,
     },
     Pool {
@@ -144,6 +166,8 @@ enum Res<M: Memory> {
     },
     PoolObj {
         pool: u64,
+        /// The pool's id, as for a cache object.
+        id: M::PoolId,
         obj: Obj,
     },
     Dma {
@@ -190,6 +214,22 @@ impl<M: Memory> Res<M> {
     }
 }
 
+/// A request that did not finish in its turn.
+enum Job {
+    /// A long operation of a single call; later calls of the connection
+    /// that are not long run meanwhile, their replies held back.
+    Call(Work),
+    /// A batch: the connection's later requests wait for it.
+    Batch(Box<BatchJob>),
+}
+
+/// How far [`Service::run_op`] got.
+enum Outcome {
+    Done(Result<Reply, WireError>),
+    /// Long work, not finished in the turn.
+    Pending(Work),
+}
+
 struct Conn<M: Memory> {
     state: State,
     /// Set by the hello.
@@ -205,6 +245,12 @@ struct Conn<M: Memory> {
     pools: u64,
     requests: u64,
     errors: u64,
+    /// The request in progress.
+    job: Option<Job>,
+    /// Replies to calls that ran while `job` did, sent after its reply.
+    held: Vec<u8>,
+    /// A request that waits for `job` to end (a long one, or a batch).
+    waiting: Option<Request>,
 }
 
 /// Which of a connection's limits one more handle would pass.
@@ -269,32 +315,6 @@ pub const MAX_HELLO_FRAME: usize = 1024;
 /// Bytes of a batch's reply frame kept free for a final error entry.
 const FINAL_ENTRY_ROOM: usize = 128;
 
-/// Appends op `i`'s result to a batch reply of `total` ops, keeping room
-/// for one final error entry. When it does not fit, the entry says how far
-/// the batch got instead, and the batch stops (false): the op ran, so its
-/// result is not silently dropped.
-fn push_result(
-    reply: &mut BatchReplyWriter,
-    r: &Result<Reply, WireError>,
-    i: usize,
-    total: usize,
-) -> bool {
-    if reply.push(r, FINAL_ENTRY_ROOM).is_ok() {
-        return true;
-    }
-    let _ = reply.push(
-        &Err(err(
-            errno::E2BIG,
-            format!(
-                "batch reply full: op {i} ran but its result was dropped; {} ops not run",
-                total - i - 1
-            ),
-        )),
-        0,
-    );
-    false
-}
-
 fn err(code: i32, msg: impl Into<String>) -> WireError {
     WireError::new(code, msg)
 }
@@ -340,6 +360,8 @@ pub struct Service<M: Memory> {
     /// [`hello_tag`]: before its hello, a connection's frames are looked at
     /// this far and no further.
     hello_tag: Option<u8>,
+    /// What departed connections held, being freed.
+    releases: Releases<M>,
 }
 
 impl<M: Memory> Service<M> {
@@ -356,6 +378,7 @@ impl<M: Memory> Service<M> {
             requests: 0,
             shutdown: false,
             hello_tag: hello_tag(),
+            releases: Releases::new(),
         }
     }
 
@@ -394,14 +417,18 @@ impl<M: Memory> Service<M> {
                 pools: 0,
                 requests: 0,
                 errors: 0,
+                job: None,
+                held: Vec::new(),
+                waiting: None,
             },
         );
         id
     }
 
     /// Bytes arrived on `conn`; replies are appended to `out`. All of
-    /// `input` is taken, however much output that makes: see
-    /// [`Service::on_bytes_bounded`] for a caller that bounds it.
+    /// `input` is taken and run to the end, in as many turns as that
+    /// takes, however much output it makes: see
+    /// [`Service::on_bytes_bounded`] for a caller that bounds both.
     pub fn on_bytes<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
@@ -409,14 +436,31 @@ impl<M: Memory> Service<M> {
         input: &[u8],
         out: &mut Vec<u8>,
     ) -> Flow {
-        self.on_bytes_bounded(env, conn, input, out, usize::MAX).1
+        let mut taken = 0;
+        loop {
+            let (n, flow) = self.on_bytes_bounded(env, conn, &input[taken..], out, usize::MAX);
+            taken += n;
+            if flow != Flow::Continue || (taken == input.len() && !self.has_work(conn)) {
+                return flow;
+            }
+        }
     }
 
-    /// As [`Service::on_bytes`], but stops at the first frame boundary
-    /// after `out` has reached `max_out` bytes, and returns how much of
-    /// `input` it took: the rest waits (in the socket) until the peer has
-    /// taken its replies. One reply is at most a frame, so `out` stays
-    /// below `max_out` plus one frame.
+    /// [`Service::on_close`], and everything `conn` held freed before it
+    /// returns: for hosts without a loop that calls
+    /// [`Service::background`].
+    pub fn on_close_now<E: Env<Mem = M>>(&mut self, env: &mut E, conn: ConnId) {
+        self.on_close(env, conn);
+        while self.background(env) {}
+    }
+
+    /// As [`Service::on_bytes`], but one turn: it stops at the first frame
+    /// boundary after `out` has reached `max_out` bytes or after the turn's
+    /// budget ([`Config::budget_ns`]) is spent, and returns how much of
+    /// `input` it took: the rest waits (in the socket) for the next turn.
+    /// A request in progress ([`Service::has_work`]) carries on first, even
+    /// with no input. One reply is at most a frame, so `out` stays below
+    /// `max_out` plus one frame.
     pub fn on_bytes_bounded<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
@@ -425,17 +469,26 @@ impl<M: Memory> Service<M> {
         out: &mut Vec<u8>,
         max_out: usize,
     ) -> (usize, Flow) {
+        let budget = Budget::new(env, self.config.budget_ns);
         let mut rest = input;
+        let flow = self.resume(env, conn, out, &budget);
+        if flow != Flow::Continue {
+            return (0, flow);
+        }
         loop {
             let taken = input.len() - rest.len();
-            if out.len() >= max_out {
-                return (taken, Flow::Continue);
-            }
             let Some(c) = self.conns.get_mut(&conn) else {
                 return (taken, Flow::Close);
             };
             if c.state == State::Closing {
                 return (taken, Flow::Close);
+            }
+            if out.len() + c.held.len() >= max_out || c.waiting.is_some() || rest.is_empty() {
+                return (taken, Flow::Continue);
+            }
+            // One frame at least per turn, so every turn moves on.
+            if taken > 0 && budget.spent(env) {
+                return (taken, Flow::Continue);
             }
             let body = match c.decoder.feed(&mut rest) {
                 Ok(Some(body)) => body,
@@ -451,22 +504,124 @@ impl<M: Memory> Service<M> {
                     } else {
                         e.to_string()
                     };
-                    c.state = State::Closing;
-                    write_response(
-                        out,
-                        &Response::Error {
-                            error: err(code, msg),
-                            closing: true,
-                        },
-                    );
-                    return (input.len() - rest.len(), Flow::Close);
+                    let error = err(code, msg);
+                    let flow =
+                        self.with_output(conn, out, |svc, out| svc.close_with(conn, out, error));
+                    return (input.len() - rest.len(), flow);
                 }
             };
-            let flow = self.on_frame(env, conn, &body, out);
+            let flow = self.on_frame(env, conn, &body, out, &budget);
             if flow != Flow::Continue {
                 return (input.len() - rest.len(), flow);
             }
         }
+    }
+
+    /// Runs `f` with the buffer `conn`'s next reply goes to: `out`, or the
+    /// held replies while a long call is in progress (they follow its
+    /// reply).
+    fn with_output(
+        &mut self,
+        conn: ConnId,
+        out: &mut Vec<u8>,
+        f: impl FnOnce(&mut Self, &mut Vec<u8>) -> Flow,
+    ) -> Flow {
+        let busy = self.conns.get(&conn).is_some_and(|c| c.job.is_some());
+        if !busy {
+            return f(self, out);
+        }
+        let mut held = self
+            .conns
+            .get_mut(&conn)
+            .map(|c| core::mem::take(&mut c.held))
+            .unwrap_or_default();
+        let flow = f(self, &mut held);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.held = held;
+        }
+        flow
+    }
+
+    /// Carries on with `conn`'s request in progress, then with the request
+    /// that waited for it, within `budget`.
+    fn resume<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        conn: ConnId,
+        out: &mut Vec<u8>,
+        budget: &Budget,
+    ) -> Flow {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return Flow::Close;
+        };
+        let Some(job) = c.job.take() else {
+            return match c.waiting.take() {
+                Some(req) => self.on_request(env, conn, req, out, budget),
+                None => Flow::Continue,
+            };
+        };
+        let flow = match job {
+            Job::Call(mut work) => match self.run_work(env, conn, &mut work, budget) {
+                None => {
+                    self.park(conn, Job::Call(work));
+                    return Flow::Continue;
+                }
+                Some(r) => {
+                    self.count_result(conn, &r);
+                    self.write_call(conn, r, out)
+                }
+            },
+            Job::Batch(mut b) => match self.batch_turn(env, conn, &mut b, out, budget) {
+                Ok(false) => {
+                    self.park(conn, Job::Batch(b));
+                    return Flow::Continue;
+                }
+                Ok(true) => self.flow(),
+                Err(e) => self.unsent_reply(conn, out, e, "batch reply", |error| Response::Error {
+                    error,
+                    closing: false,
+                }),
+            },
+        };
+        // The replies held back while it ran follow its own.
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if out.try_reserve(c.held.len()).is_err() {
+                c.held.clear();
+                return self.close_with(conn, out, err(errno::ENOMEM, "no memory for replies"));
+            }
+            out.append(&mut c.held);
+        }
+        if flow != Flow::Continue || budget.spent(env) {
+            return flow;
+        }
+        self.resume(env, conn, out, budget)
+    }
+
+    /// Sets `job` aside for `conn`'s next turn.
+    fn park(&mut self, conn: ConnId, job: Job) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.job = Some(job);
+        }
+    }
+
+    /// Whether `conn` has a request in progress or waiting: its next turn
+    /// has work even without input.
+    pub fn has_work(&self, conn: ConnId) -> bool {
+        self.conns
+            .get(&conn)
+            .is_some_and(|c| c.job.is_some() || c.waiting.is_some())
+    }
+
+    /// Frees some of what departed connections held, within one turn's
+    /// budget; true while some is left (call again on the next pass).
+    pub fn background<E: Env<Mem = M>>(&mut self, env: &mut E) -> bool {
+        let budget = Budget::new(env, self.config.budget_ns);
+        !self.release_some(env, &budget)
+    }
+
+    /// Handles of departed connections not freed yet.
+    pub fn pending_release(&self) -> usize {
+        self.releases.pending()
     }
 
     /// Whether `conn` has part of a frame buffered (a request started and
@@ -482,12 +637,32 @@ impl<M: Memory> Service<M> {
             .is_some_and(|c| c.state == State::Ready)
     }
 
-    /// `conn` is gone: release everything it held.
+    /// `conn` is gone: what it held is queued for [`Service::background`]
+    /// to free, after the long operation it was in the middle of (if any)
+    /// has given back what it holds of its own.
     pub fn on_close<E: Env<Mem = M>>(&mut self, env: &mut E, conn: ConnId) {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
-        release_all(env, c.handles);
+        let work = match c.job {
+            Some(Job::Call(work)) => Some(work),
+            Some(Job::Batch(mut b)) => b.take_work(),
+            None => None,
+        };
+        if let Some(work) = work {
+            work.abandon(env);
+        }
+        self.releases.push(c.handles);
+    }
+
+    /// The long operation that leases DMA buffer `handle` of `conn`, if
+    /// one does, described for a message.
+    fn leased(&self, conn: ConnId, handle: u64) -> Option<String> {
+        let work = match self.conns.get(&conn)?.job.as_ref()? {
+            Job::Call(work) => work,
+            Job::Batch(b) => b.work()?,
+        };
+        (work.leases() == Some(handle)).then(|| work.describe())
     }
 
     fn close_with(&mut self, conn: ConnId, out: &mut Vec<u8>, error: WireError) -> Flow {
@@ -504,54 +679,96 @@ impl<M: Memory> Service<M> {
         Flow::Close
     }
 
+    /// A frame from `conn`: decoded, then run (or set to wait for the
+    /// request in progress).
     fn on_frame<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
         conn: ConnId,
         body: &[u8],
         out: &mut Vec<u8>,
+        budget: &Budget,
     ) -> Flow {
-        let state = match self.conns.get(&conn) {
-            Some(c) => c.state,
-            None => return Flow::Close,
+        let Some(c) = self.conns.get(&conn) else {
+            return Flow::Close;
         };
+        let (state, busy) = (c.state, c.job.is_some());
         if state == State::AwaitHello && body.first().copied() != self.hello_tag {
             return self.close_with(conn, out, err(errno::EACCES, "hello with the token first"));
         }
         let req = match decode_request(body) {
             Ok(r) => r,
-            Err(FrameError::TooManyOps { count }) => {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.errors += 1;
-                }
-                // A batch reply of one refusal, as for any batch refused
-                // whole.
-                write_response(
-                    out,
-                    &Response::Batch(alloc::vec![Err(err(
-                        errno::E2BIG,
-                        format!("batch of {count} ops exceeds {MAX_BATCH_OPS}"),
-                    ))]),
-                );
-                return Flow::Continue;
-            }
             Err(e) => {
-                let error = err(errno::EPROTO, format!("bad request: {e}"));
-                if state == State::AwaitHello {
-                    return self.close_with(conn, out, error);
-                }
+                return self.with_output(conn, out, |svc, out| svc.undecodable(conn, state, e, out))
+            }
+        };
+        if busy {
+            // Calls that are quick run now, their replies held back; the
+            // rest waits for the request in progress.
+            let quick = matches!(&req, Request::Call(op) if !is_long(op));
+            if !quick {
                 if let Some(c) = self.conns.get_mut(&conn) {
-                    c.errors += 1;
+                    c.waiting = Some(req);
                 }
-                write_response(
-                    out,
-                    &Response::Error {
-                        error,
-                        closing: false,
-                    },
-                );
                 return Flow::Continue;
             }
+        }
+        self.with_output(conn, out, |svc, out| {
+            svc.on_request(env, conn, req, out, budget)
+        })
+    }
+
+    /// The reply to a frame that did not decode.
+    fn undecodable(
+        &mut self,
+        conn: ConnId,
+        state: State,
+        e: FrameError,
+        out: &mut Vec<u8>,
+    ) -> Flow {
+        if let FrameError::TooManyOps { count } = e {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.errors += 1;
+            }
+            // A batch reply of one refusal, as for any batch refused whole.
+            write_response(
+                out,
+                &Response::Batch(alloc::vec![Err(err(
+                    errno::E2BIG,
+                    format!("batch of {count} ops exceeds {MAX_BATCH_OPS}"),
+                ))]),
+            );
+            return Flow::Continue;
+        }
+        let error = err(errno::EPROTO, format!("bad request: {e}"));
+        if state == State::AwaitHello {
+            return self.close_with(conn, out, error);
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.errors += 1;
+        }
+        write_response(
+            out,
+            &Response::Error {
+                error,
+                closing: false,
+            },
+        );
+        Flow::Continue
+    }
+
+    /// Runs a decoded request, or starts it and leaves it as the
+    /// connection's job.
+    fn on_request<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        conn: ConnId,
+        req: Request,
+        out: &mut Vec<u8>,
+        budget: &Budget,
+    ) -> Flow {
+        let Some(state) = self.conns.get(&conn).map(|c| c.state) else {
+            return Flow::Close;
         };
         match (state, req) {
             (State::AwaitHello, Request::Hello(h)) => self.hello(conn, h, out),
@@ -569,23 +786,85 @@ impl<M: Memory> Service<M> {
                 Flow::Continue
             }
             (_, Request::Call(op)) => {
-                let mut budget = MAX_IO;
-                let result = self.run_op(env, conn, op, &mut budget);
-                // Its own statement: a reply that did not fit is dropped
-                // before the error that replaces it is written.
-                let sent = encode_frame(&Response::Call(result), out);
-                match sent {
-                    Ok(()) => self.flow(),
-                    Err(e) => self.unsent_reply(conn, out, e, "reply", |e| Response::Call(Err(e))),
+                let mut io_budget = MAX_IO;
+                match self.run_op(env, conn, op, &mut io_budget, budget) {
+                    Outcome::Done(r) => self.write_call(conn, r, out),
+                    Outcome::Pending(work) => {
+                        self.park(conn, Job::Call(work));
+                        Flow::Continue
+                    }
                 }
             }
-            (_, Request::Batch(batch)) => match self.run_batch(env, conn, batch, out) {
-                Ok(()) => self.flow(),
-                Err(e) => self.unsent_reply(conn, out, e, "batch reply", |error| Response::Error {
-                    error,
-                    closing: false,
-                }),
-            },
+            (_, Request::Batch(batch)) => {
+                if let Err(e) = self.check_batch_work(conn, &batch) {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.errors += 1;
+                    }
+                    write_response(out, &Response::Batch(alloc::vec![Err(e)]));
+                    return Flow::Continue;
+                }
+                let mut job = Box::new(BatchJob::new(batch));
+                match self.batch_turn(env, conn, &mut job, out, budget) {
+                    Ok(true) => self.flow(),
+                    Ok(false) => {
+                        self.park(conn, Job::Batch(job));
+                        Flow::Continue
+                    }
+                    Err(e) => {
+                        self.unsent_reply(conn, out, e, "batch reply", |error| Response::Error {
+                            error,
+                            closing: false,
+                        })
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes a call's reply; one that does not fit or cannot be allocated
+    /// is replaced by an error saying so.
+    fn write_call(&mut self, conn: ConnId, r: Result<Reply, WireError>, out: &mut Vec<u8>) -> Flow {
+        // Its own statement: a reply that did not fit is dropped before the
+        // error that replaces it is written.
+        let sent = encode_frame(&Response::Call(r), out);
+        match sent {
+            Ok(()) => self.flow(),
+            Err(e) => self.unsent_reply(conn, out, e, "reply", |e| Response::Call(Err(e))),
+        }
+    }
+
+    /// Refuses a batch that asks for more work than one request may
+    /// ([`Config::max_request_work`]), before any of it runs.
+    fn check_batch_work(&self, conn: ConnId, batch: &Batch) -> Result<(), WireError> {
+        let cap = self.config.max_request_work;
+        let mut total: u64 = 0;
+        for op in &batch.ops {
+            total = total.saturating_add(self.work_of(conn, op));
+            if total > cap {
+                return Err(err(
+                    errno::E2BIG,
+                    format!(
+                        "batch asks for more than {cap} units of work (a stress op is one, a DMA buffer one per 64 bytes)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The work `op` asks for, in [`Config::max_request_work`]'s units.
+    fn work_of(&self, conn: ConnId, op: &Op) -> u64 {
+        let buffer = |h: u64| self.dma(conn, h).map_or(1, |(_, len)| len.div_ceil(64));
+        match *op {
+            Op::Stress { ops, .. } => ops,
+            Op::DmaFill { handle, .. }
+            | Op::DmaWriteDisk { handle, .. }
+            | Op::DmaReadDisk { handle, .. } => buffer(handle),
+            Op::DmaChecksum { handle, len, .. } if len == 0 => buffer(handle),
+            Op::DmaChecksum { len, .. } => len.div_ceil(64),
+            Op::DmaRead { len, .. } => u64::from(len).div_ceil(64),
+            Op::DmaWrite { ref data, .. } => (data.len() as u64).div_ceil(64),
+            _ => 1,
         }
     }
 
@@ -655,82 +934,46 @@ impl<M: Memory> Service<M> {
         Flow::Continue
     }
 
-    /// Runs `batch` and appends its reply frame to `out`.
-    fn run_batch<E: Env<Mem = M>>(
-        &mut self,
-        env: &mut E,
-        conn: ConnId,
-        batch: Batch,
-        out: &mut Vec<u8>,
-    ) -> Result<(), FrameError> {
-        // Room for the usual reply: an object's handle, address and size.
-        let mut reply = BatchReplyWriter::new(out, batch.ops.len().min(MAX_BATCH_OPS) * 24)?;
-        if batch.ops.len() > MAX_BATCH_OPS {
-            let _ = reply.push(
-                &Err(err(
-                    errno::E2BIG,
-                    format!("batch of {} ops exceeds {MAX_BATCH_OPS}", batch.ops.len()),
-                )),
-                0,
-            );
-            return reply.finish();
-        }
-        let total = batch.ops.len();
-        let mut budget = MAX_IO;
-        let mut ops = batch.ops.into_iter();
-        let mut done = 0;
-        let mut stretch = Stretch::default();
-        loop {
-            stretch.renew(ops.as_slice());
-            let run = self.run_bulk(env, conn, ops.as_slice(), &mut stretch, &mut reply);
-            if run.ran > 0 {
-                ops.nth(run.ran - 1);
-                done += run.ran;
-                if let Some(e) = run.refused {
-                    let r = Err(mem_err(e));
-                    if !push_result(&mut reply, &r, done - 1, total) || batch.stop_on_error {
-                        break;
-                    }
-                }
-            }
-            let Some(op) = ops.next() else {
-                break;
-            };
-            stretch.consume(&op);
-            let r = self.run_op(env, conn, op, &mut budget);
-            done += 1;
-            if !push_result(&mut reply, &r, done - 1, total) || (r.is_err() && batch.stop_on_error)
-            {
-                break;
-            }
-        }
-        reply.finish()
-    }
-
+    /// Runs `op`, or starts it when it is long and leaves the rest for a
+    /// later turn.
     fn run_op<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
         conn: ConnId,
         op: Op,
         io_budget: &mut usize,
-    ) -> Result<Reply, WireError> {
+        budget: &Budget,
+    ) -> Outcome {
         self.requests += 1;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.requests += 1;
+        }
         let role = self.conns.get(&conn).map(|c| c.role);
         let r = if op.operator_only() && role != Some(Role::Operator) {
             Err(err(
                 errno::EPERM,
                 format!("{} needs the operator token", op.name()),
             ))
-        } else {
-            self.dispatch(env, conn, op, io_budget)
-        };
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.requests += 1;
-            if r.is_err() {
-                c.errors += 1;
+        } else if is_long(&op) {
+            match self.start_work(env, conn, op, io_budget) {
+                Ok(mut work) => match self.run_work(env, conn, &mut work, budget) {
+                    Some(r) => r,
+                    None => return Outcome::Pending(work),
+                },
+                Err(e) => Err(e),
             }
+        } else {
+            self.dispatch(env, conn, op)
+        };
+        self.count_result(conn, &r);
+        Outcome::Done(r)
+    }
+
+    /// Counts a failed request against `conn`.
+    fn count_result(&mut self, conn: ConnId, r: &Result<Reply, WireError>) {
+        if let (Some(c), true) = (self.conns.get_mut(&conn), r.is_err()) {
+            c.errors += 1;
         }
-        r
     }
 
     /// Checks that `conn` may take one more handle charging (pages, bytes).
@@ -825,7 +1068,6 @@ impl<M: Memory> Service<M> {
         env: &mut E,
         conn: ConnId,
         op: Op,
-        io_budget: &mut usize,
     ) -> Result<Reply, WireError> {
         let page = self.page_size(env);
         match op {
@@ -992,25 +1234,6 @@ impl<M: Memory> Service<M> {
 
             Op::DmaAlloc { len, align, mask } => self.dma_alloc(env, conn, len, align, mask, page),
             Op::DmaFree { handle } => self.dma_free(env, conn, handle, page),
-            Op::DmaWrite {
-                handle,
-                offset,
-                data,
-            } => self.dma_write(env, conn, handle, offset, &data),
-            Op::DmaRead {
-                handle,
-                offset,
-                len,
-            } => self.dma_read(env, conn, handle, offset, len, io_budget),
-            Op::DmaFill { handle, seed } => self.dma_fill(env, conn, handle, seed),
-            Op::DmaChecksum {
-                handle,
-                offset,
-                len,
-            } => self.dma_checksum(env, conn, handle, offset, len),
-            Op::DmaWriteDisk { handle, sector } => self.dma_disk(env, conn, handle, sector, true),
-            Op::DmaReadDisk { handle, sector } => self.dma_disk(env, conn, handle, sector, false),
-
             Op::Check => Ok(Reply::Check(match env.with_mem(|m, _| m.check()) {
                 Ok(()) => CheckReport {
                     ok: true,
@@ -1021,18 +1244,14 @@ impl<M: Memory> Service<M> {
                     violations: alloc::vec![format!("{what} (at {at:#x})")],
                 },
             })),
-            Op::Stress { ops, seed } => {
-                if ops > self.config.max_stress_ops {
-                    return Err(err(
-                        errno::E2BIG,
-                        format!(
-                            "at most {} stress ops per request",
-                            self.config.max_stress_ops
-                        ),
-                    ));
-                }
-                Ok(Reply::Stress(stress::run(env, conn, ops, seed)))
-            }
+            // Long operations run as work (`run_op`).
+            Op::DmaWrite { .. }
+            | Op::DmaRead { .. }
+            | Op::DmaFill { .. }
+            | Op::DmaChecksum { .. }
+            | Op::DmaWriteDisk { .. }
+            | Op::DmaReadDisk { .. }
+            | Op::Stress { .. } => Err(err(errno::EINVAL, "a long operation out of turn")),
             Op::FaultInject { target, config } => {
                 if config.probability > 100 {
                     return Err(err(errno::EINVAL, "probability is a percentage (0..=100)"));
@@ -1095,87 +1314,4 @@ fn hello_tag() -> Option<u8> {
     let mut sample = Vec::new();
     memd_wire::frame::encode_into(&hello, &mut sample).ok()?;
     sample.first().copied()
-}
-
-/// Frees everything in a closing connection's handle table: pool elements
-/// before their pools, pools before the caches that back them, cache
-/// objects before their caches.
-fn release_all<E: Env>(env: &mut E, handles: HandleTable<Res<E::Mem>>) {
-    let mut pool_ids = BTreeMap::new();
-    let mut cache_ids = BTreeMap::new();
-    for (h, r) in handles.iter() {
-        match r {
-            Res::Pool { id, .. } => {
-                pool_ids.insert(h, *id);
-            }
-            Res::Cache { id, .. } => {
-                cache_ids.insert(h, *id);
-            }
-            _ => {}
-        }
-    }
-    // Everything the closures touch is allocated here, outside the
-    // allocator lock, and dropped after it. Handles go in chunks, so no
-    // vector grows past a small heap block.
-    const CHUNK: usize = 1024;
-    let mut rest = handles.into_values();
-    let mut chunk: Vec<Res<E::Mem>> = Vec::with_capacity(CHUNK);
-    let mut dma_bufs = Vec::with_capacity(CHUNK);
-    let mut pools = Vec::with_capacity(pool_ids.len());
-    let mut caches = Vec::with_capacity(cache_ids.len());
-    loop {
-        // A DMA buffer's description is on the heap: it is dropped here, so
-        // the closure frees nothing of the heap but what memd-mm frees.
-        for r in rest.by_ref().take(CHUNK) {
-            match r {
-                Res::Dma { buf, info } => {
-                    dma_bufs.push(buf);
-                    drop(info);
-                }
-                r => chunk.push(r),
-            }
-        }
-        if chunk.is_empty() && dma_bufs.is_empty() {
-            break;
-        }
-        env.with_mem(|m, _| {
-            for buf in dma_bufs.drain(..) {
-                let _ = m.dma_free(buf);
-            }
-            // Freeing cannot fail for memory the connection really holds; an
-            // error here would be a memory-manager bug, reported by `check`.
-            for r in chunk.drain(..) {
-                match r {
-                    Res::Pages { phys, order } => {
-                        let _ = m.free_pages(phys, order);
-                    }
-                    Res::Kmalloc(obj) => {
-                        let _ = m.kfree(obj);
-                    }
-                    // Taken out above.
-                    Res::Dma { .. } => {}
-                    Res::PoolObj { pool, obj } => {
-                        if let Some(id) = pool_ids.get(&pool) {
-                            let _ = m.pool_free(*id, obj.addr);
-                        }
-                    }
-                    Res::CacheObj { cache, obj } => {
-                        if let Some(id) = cache_ids.get(&cache) {
-                            let _ = m.cache_free(*id, obj.addr);
-                        }
-                    }
-                    Res::Pool { id, .. } => pools.push(id),
-                    Res::Cache { id, .. } => caches.push(id),
-                }
-            }
-        });
-    }
-    env.with_mem(|m, _| {
-        for id in pools.drain(..) {
-            let _ = m.pool_destroy(id);
-        }
-        for id in caches.drain(..) {
-            let _ = m.cache_destroy(id);
-        }
-    });
 }

@@ -32,76 +32,137 @@ impl Rng {
     }
 }
 
-/// Run `ops` operations (each an allocation or a free) for `owner`, then
-/// free whatever is left and check the invariants.
+/// Operations per hold of the memory manager: a slice of a run, short
+/// enough that the caller's budget is looked at every few tens of
+/// microseconds.
+pub const SLICE_OPS: u64 = 64;
+
+/// A stress run in progress: `ops` operations (each an allocation or a
+/// free) for one owner, run a slice at a time by [`Run::step`], then
+/// [`Run::finish`] frees what is left and checks the invariants.
 ///
 /// Each step picks one of [`SLOTS`] slots: a full slot is freed, an empty
 /// one gets an order-0..=3 page block or a kmalloc of 8..=4096 bytes. The
 /// slot table is allocated before the memory manager is borrowed, so the
 /// timed loop does no heap work of its own.
-pub fn run<E: Env>(env: &mut E, owner: u64, ops: u64, seed: u64) -> StressReport {
-    let mut slots = vec![Slot::Empty; SLOTS];
-    let mut rng = Rng(seed | 1);
-    let start = env.now_ns();
-    let mut failed = 0u64;
-    env.with_mem(|m, _| {
-        m.set_owner(owner);
-        for _ in 0..ops {
-            let r = rng.next();
-            let i = (r % SLOTS as u64) as usize;
-            slots[i] = match slots[i] {
-                Slot::Pages(phys, order) => {
-                    let _ = m.free_pages(phys, order);
-                    Slot::Empty
-                }
-                Slot::Object(obj) => {
-                    let _ = m.kfree(obj);
-                    Slot::Empty
-                }
-                Slot::Empty if (r >> 32) & 1 == 0 => {
-                    let order = ((r >> 33) % 4) as u8;
-                    match m.alloc_pages(order, Gfp::KERNEL) {
-                        Ok(phys) => Slot::Pages(phys, order),
-                        Err(_) => {
-                            failed += 1;
-                            Slot::Empty
-                        }
-                    }
-                }
-                Slot::Empty => {
-                    let size = 8 + (r >> 33) % 4089;
-                    match m.kmalloc(size, Gfp::KERNEL) {
-                        Ok(obj) => Slot::Object(obj),
-                        Err(_) => {
-                            failed += 1;
-                            Slot::Empty
-                        }
-                    }
-                }
-            };
+pub struct Run {
+    slots: alloc::vec::Vec<Slot>,
+    rng: Rng,
+    ops: u64,
+    done: u64,
+    failed: u64,
+    /// Time spent inside steps: the run's own time, not the passes it
+    /// waited for.
+    elapsed_ns: u64,
+}
+
+impl Run {
+    /// A run of `ops` operations with `seed`'s sequence.
+    pub fn new(ops: u64, seed: u64) -> Run {
+        Run {
+            slots: vec![Slot::Empty; SLOTS],
+            rng: Rng(seed | 1),
+            ops,
+            done: 0,
+            failed: 0,
+            elapsed_ns: 0,
         }
-    });
-    let elapsed_ns = env.now_ns().saturating_sub(start).max(1);
-    let check_ok = env.with_mem(|m, _| {
-        for s in slots.iter_mut() {
-            match *s {
-                Slot::Pages(phys, order) => {
-                    let _ = m.free_pages(phys, order);
-                }
-                Slot::Object(obj) => {
-                    let _ = m.kfree(obj);
-                }
-                Slot::Empty => {}
-            }
-            *s = Slot::Empty;
-        }
-        m.check().is_ok()
-    });
-    StressReport {
-        ops,
-        failed_allocs: failed,
-        elapsed_ns,
-        ops_per_sec: ((ops as u128 * 1_000_000_000) / elapsed_ns as u128) as u64,
-        check_ok,
     }
+
+    /// Operations left.
+    pub fn left(&self) -> u64 {
+        self.ops - self.done
+    }
+
+    /// Runs up to [`SLICE_OPS`] operations for `owner`; true when none are
+    /// left.
+    pub fn step<E: Env>(&mut self, env: &mut E, owner: u64) -> bool {
+        let n = self.left().min(SLICE_OPS);
+        let start = env.now_ns();
+        let (slots, rng, failed) = (&mut self.slots, &mut self.rng, &mut self.failed);
+        env.with_mem(|m, _| {
+            m.set_owner(owner);
+            for _ in 0..n {
+                one_op(m, slots, rng, failed);
+            }
+        });
+        self.elapsed_ns += env.now_ns().saturating_sub(start);
+        self.done += n;
+        self.left() == 0
+    }
+
+    /// Frees what the run still holds (for a run cut short, too).
+    pub fn release<E: Env>(&mut self, env: &mut E) {
+        let slots = &mut self.slots;
+        env.with_mem(|m, _| {
+            for s in slots.iter_mut() {
+                free_slot(m, *s);
+                *s = Slot::Empty;
+            }
+        });
+    }
+
+    /// Frees what is left, checks the invariants, and reports.
+    pub fn finish<E: Env>(mut self, env: &mut E) -> StressReport {
+        self.release(env);
+        let check_ok = env.with_mem(|m, _| m.check().is_ok());
+        let elapsed_ns = self.elapsed_ns.max(1);
+        StressReport {
+            ops: self.ops,
+            failed_allocs: self.failed,
+            elapsed_ns,
+            ops_per_sec: ((self.ops as u128 * 1_000_000_000) / elapsed_ns as u128) as u64,
+            check_ok,
+        }
+    }
+}
+
+/// Runs `ops` operations for `owner` in one go (see [`Run`]).
+pub fn run<E: Env>(env: &mut E, owner: u64, ops: u64, seed: u64) -> StressReport {
+    let mut r = Run::new(ops, seed);
+    while !r.step(env, owner) {}
+    r.finish(env)
+}
+
+fn free_slot<M: Memory>(m: &mut M, s: Slot) {
+    match s {
+        Slot::Pages(phys, order) => {
+            let _ = m.free_pages(phys, order);
+        }
+        Slot::Object(obj) => {
+            let _ = m.kfree(obj);
+        }
+        Slot::Empty => {}
+    }
+}
+
+fn one_op<M: Memory>(m: &mut M, slots: &mut [Slot], rng: &mut Rng, failed: &mut u64) {
+    let r = rng.next();
+    let i = (r % SLOTS as u64) as usize;
+    slots[i] = match slots[i] {
+        full @ (Slot::Pages(..) | Slot::Object(_)) => {
+            free_slot(m, full);
+            Slot::Empty
+        }
+        Slot::Empty if (r >> 32) & 1 == 0 => {
+            let order = ((r >> 33) % 4) as u8;
+            match m.alloc_pages(order, Gfp::KERNEL) {
+                Ok(phys) => Slot::Pages(phys, order),
+                Err(_) => {
+                    *failed += 1;
+                    Slot::Empty
+                }
+            }
+        }
+        Slot::Empty => {
+            let size = 8 + (r >> 33) % 4089;
+            match m.kmalloc(size, Gfp::KERNEL) {
+                Ok(obj) => Slot::Object(obj),
+                Err(_) => {
+                    *failed += 1;
+                    Slot::Empty
+                }
+            }
+        }
+    };
 }

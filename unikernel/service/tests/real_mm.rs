@@ -107,7 +107,7 @@ impl T {
             mm: &mut self.mm,
             disk: None,
         };
-        self.svc.on_close(&mut env, c);
+        self.svc.on_close_now(&mut env, c);
     }
 
     fn free(&mut self) -> u64 {

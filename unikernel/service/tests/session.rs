@@ -1095,14 +1095,24 @@ fn output_is_bounded_and_the_rest_of_the_input_waits() {
         .svc
         .on_bytes_bounded(&mut env, c, &input, &mut out, 100 << 10);
     assert_eq!(flow, Flow::Continue);
-    // Two reads answered (the second passes the bound), the rest untouched.
-    assert_eq!(taken, read.len() * 2);
+    // At most two reads answered (the second passes the bound; the turn's
+    // budget may end it after the first), the rest untouched.
+    assert!(taken == read.len() * 2 || taken == read.len(), "{taken}");
     assert!(out.len() < (100 << 10) + (65 << 10));
     out.clear();
-    let (taken2, _) = h
-        .svc
-        .on_bytes_bounded(&mut env, c, &input[taken..], &mut out, usize::MAX);
-    assert_eq!(taken2, read.len() * 6);
+    // The rest, in as many turns as the budget makes of it.
+    let mut taken2 = 0;
+    for _ in 0..100 {
+        let (n, _) =
+            h.svc
+                .on_bytes_bounded(&mut env, c, &input[taken + taken2..], &mut out, usize::MAX);
+        taken2 += n;
+        if taken + taken2 == input.len() && !h.svc.has_work(c) {
+            break;
+        }
+    }
+    assert_eq!(taken + taken2, input.len());
+    let rest = 8 - taken / read.len();
     let mut dec = FrameDecoder::new();
     let mut o = &out[..];
     let mut n = 0;
@@ -1112,7 +1122,7 @@ fn output_is_bounded_and_the_rest_of_the_input_waits() {
         );
         n += 1;
     }
-    assert_eq!(n, 6, "every request answered once, in order");
+    assert_eq!(n, rest, "every request answered once, in order");
 }
 
 #[test]

@@ -98,6 +98,30 @@ pub const PLAIN_RESULT_MAX: usize = 8 + 3 * 10;
 /// 16 383, above [`crate::MAX_BATCH_OPS`].
 const COUNT_ROOM: usize = 2;
 
+/// Where a suspended batch reply stands in its buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchReplyMark {
+    start: usize,
+    results: usize,
+    count: usize,
+}
+
+impl BatchReplyMark {
+    /// Where the frame starts in its buffer.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// The same reply once its bytes were moved to start at `start`.
+    pub fn rebased(self, start: usize) -> Self {
+        BatchReplyMark {
+            start,
+            results: self.results - self.start + start,
+            count: self.count,
+        }
+    }
+}
+
 /// Builds one `Response::Batch` frame in place at the end of an output
 /// buffer: the results are encoded where they will be sent, and only the
 /// count is filled in at the end.
@@ -129,6 +153,20 @@ impl<'a> BatchReplyWriter<'a> {
             return Err(FrameError::NoMemory { len: room });
         }
         let results = out.len();
+        Ok(Self::resume(
+            out,
+            BatchReplyMark {
+                start,
+                results,
+                count: 0,
+            },
+        ))
+    }
+
+    /// Carries on with a reply [`BatchReplyWriter::suspend`] set aside,
+    /// in the buffer it was written to (or moved to, see
+    /// [`BatchReplyMark::rebased`]).
+    pub fn resume(out: &'a mut Vec<u8>, mark: BatchReplyMark) -> Self {
         let object = Reply::Object {
             handle: 0,
             addr: 0,
@@ -139,15 +177,25 @@ impl<'a> BatchReplyWriter<'a> {
             phys: 0,
             order: 0,
         };
-        Ok(BatchReplyWriter {
+        BatchReplyWriter {
             out,
-            start,
-            results,
-            count: 0,
+            start: mark.start,
+            results: mark.results,
+            count: mark.count,
             done: Tags::of(&Ok(Reply::Done), 0),
             object: Tags::of(&Ok(object), 3),
             pages: Tags::of(&Ok(pages), 3),
-        })
+        }
+    }
+
+    /// Stops writing for now: the frame so far stays in the buffer, and the
+    /// mark says where it is and how many results it holds.
+    pub fn suspend(self) -> BatchReplyMark {
+        BatchReplyMark {
+            start: self.start,
+            results: self.results,
+            count: self.count,
+        }
     }
 
     /// Results written so far.
@@ -317,6 +365,34 @@ mod tests {
                 out[1..],
                 to_frame(&Response::Batch(results.to_vec())).unwrap()[..],
                 "{n} results"
+            );
+        }
+    }
+
+    #[test]
+    fn a_suspended_reply_moved_and_resumed_is_the_same_frame() {
+        for (n, cut) in [(0, 0), (5, 2), (300, 128), (300, 299)] {
+            let results = &results()[..n];
+            let mut out = vec![1u8, 2, 3];
+            let mut w = BatchReplyWriter::new(&mut out, 0).unwrap();
+            for r in &results[..cut] {
+                w.push(r, 0).unwrap();
+            }
+            let mark = w.suspend();
+            assert_eq!(mark.start(), 3);
+            let mut moved = vec![7u8];
+            moved.extend(out.drain(mark.start()..));
+            let mut w = BatchReplyWriter::resume(&mut moved, mark.rebased(1));
+            for r in &results[cut..] {
+                w.push(r, 0).unwrap();
+            }
+            assert_eq!(w.count(), n);
+            w.finish().unwrap();
+            assert_eq!(out, [1, 2, 3]);
+            assert_eq!(
+                moved[1..],
+                to_frame(&Response::Batch(results.to_vec())).unwrap()[..],
+                "{n} results, cut at {cut}"
             );
         }
     }

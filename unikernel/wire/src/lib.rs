@@ -31,7 +31,7 @@ pub mod passes;
 pub mod pattern;
 pub mod stats;
 
-pub use batch::{BatchReplyWriter, PLAIN_RESULT_MAX};
+pub use batch::{BatchReplyMark, BatchReplyWriter, PLAIN_RESULT_MAX};
 pub use batch_decode::{batch_count, batch_prefix, decode_request};
 pub use error::{errno, errno_name, WireError};
 pub use flags::{DmaMask, Gfp, SlabFlags};

@@ -345,5 +345,7 @@ pub(super) fn exhaust(
         busy_ns: None,
         halted_ns: None,
         icount: args.icount,
+        noisy: None,
+        loop_passes: None,
     })
 }

@@ -12,6 +12,12 @@
 //! injection, the invariant check) the operator's. Every loop is bounded by
 //! a count and by time; only 127.0.0.1 is used when booting.
 //!
+//! `--noisy N` adds noisy neighbours beside the clients: operator
+//! connections looping over the heaviest requests (see [`noisy`]), whose
+//! figures the report keeps apart. The report also gives the service
+//! loop's passes over the run (see [`passes`]), when the service reports
+//! them.
+//!
 //! `--profile exhaust` is the exhaustion test: clients take pages until the
 //! service says ENOMEM (within their quotas), then the reserve below `min`,
 //! the statistics and new connections are checked while memory is
@@ -29,11 +35,15 @@ use memd_client::{wire, Client, Options};
 use crate::qemu::{self, Accel, Machine, QemuConfig};
 
 mod exhaust;
+mod noisy;
+mod passes;
 mod report;
 mod worker;
 
 use exhaust::exhaust;
 pub use exhaust::ExhaustFigures;
+pub use noisy::NoisyFigures;
+pub use passes::PassFigures;
 use report::percentiles;
 pub use report::{FaultFigures, Lat, Report};
 use worker::{worker, LARGE_DMA};
@@ -76,6 +86,13 @@ pub struct Args {
     /// Concurrent clients (1..=256).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=MAX_CLIENTS as i64))]
     pub clients: u32,
+    /// Noisy neighbours besides the clients: operator connections looping
+    /// over the heaviest requests (stress runs, large DMA fills and
+    /// checksums, disk transfers, batches of stress runs, cache and pool
+    /// storms) for as long as the clients run; reported apart. At most 256
+    /// with --clients.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=MAX_CLIENTS as i64))]
+    pub noisy: u32,
     /// Run for this many seconds (default 10 unless --ops is given).
     #[arg(long)]
     pub duration: Option<u64>,
@@ -133,6 +150,7 @@ impl Args {
             token: None,
             operator_token: None,
             clients,
+            noisy: 0,
             duration: Some(secs),
             ops: None,
             profile: Profile::Mixed,
@@ -149,6 +167,26 @@ impl Args {
             settle: 20,
             icount: false,
         }
+    }
+
+    /// Refuses what cannot run: more connections than one run may start,
+    /// noisy neighbours in the exhaustion test (it takes all memory), a
+    /// fault probability above 100 %.
+    fn validate(&self) -> Result<()> {
+        if self.clients + self.noisy > MAX_CLIENTS {
+            bail!(
+                "--clients {} and --noisy {} make more than {MAX_CLIENTS} connections",
+                self.clients,
+                self.noisy
+            );
+        }
+        if self.noisy > 0 && self.profile == Profile::Exhaust {
+            bail!("--noisy does not go with --profile exhaust");
+        }
+        if self.fault_probability.is_some_and(|p| p > 100) {
+            bail!("--fault-probability is a percentage (0..=100)");
+        }
+        Ok(())
     }
 
     fn time_bound(&self) -> Duration {
@@ -271,6 +309,16 @@ impl Shared {
             Some(b) => before < b,
             None => true,
         }
+    }
+
+    /// Whether the clients may still claim work, claiming none: the noisy
+    /// neighbours go on while this holds.
+    fn running(&self) -> bool {
+        !self.stop.load(Ordering::Relaxed)
+            && Instant::now() < self.deadline
+            && self
+                .budget
+                .is_none_or(|b| self.ops.load(Ordering::Relaxed) < b)
     }
 }
 
@@ -397,6 +445,7 @@ pub struct Tokens {
 
 /// Runs the load test against a service at `addr`.
 pub fn run_against(addr: &str, tokens: &Tokens, args: &Args) -> Result<Report> {
+    args.validate()?;
     let mut opts = Options::new(addr, &tokens.client);
     opts.client = "loadtest".into();
     opts.ready_timeout = Duration::from_secs(30);
@@ -404,6 +453,13 @@ pub fn run_against(addr: &str, tokens: &Tokens, args: &Args) -> Result<Report> {
     ctl_opts.client = "loadtest-control".into();
     ctl_opts.ready_timeout = opts.ready_timeout;
     let mut ctl = Client::connect(&ctl_opts).context("control connection")?;
+    // The noisy neighbours run stress, which only the operator may.
+    let mut noisy_opts = ctl_opts.clone();
+    noisy_opts.client = "loadtest-noisy".into();
+    let load = Load {
+        clients: &opts,
+        noisy: &noisy_opts,
+    };
     // Turn off any fault rule left from before: the baseline is taken clean.
     for t in fault_targets(FaultWhich::Both) {
         ctl.fault_inject(*t, FaultConfig::default())
@@ -439,18 +495,19 @@ pub fn run_against(addr: &str, tokens: &Tokens, args: &Args) -> Result<Report> {
     // clients as the region can serve at once, so they never fail for want
     // of room.
     let large_slots = (cma_total / LARGE_DMA.next_multiple_of(4096)).saturating_sub(1);
-    // The warm-up is the same profile, briefly, with as many clients: what
-    // grows once and stays (connection and handle tables, the cache and
-    // pool tables, socket buffers' first use) grows before the baseline.
+    // The warm-up is the same profile, briefly, with as many clients and
+    // noisy neighbours (each of which runs one whole round): what grows
+    // once and stays (connection and handle tables, the cache and pool
+    // tables, socket buffers' first use) grows before the baseline.
     let warm = drive(
-        &opts,
+        &load,
         args,
         Some(WARM_UP_OPS_PER_CLIENT * args.clients as u64),
         Duration::from_secs(30),
         large_slots,
         false,
     );
-    if let Some(e) = warm.1.first() {
+    if let Some(e) = warm.fatal.first().or(warm.noisy.fatal.first()) {
         bail!("warm-up: {e}");
     }
     let baseline = settle(&mut ctl, None, Duration::from_secs(args.settle))?;
@@ -458,9 +515,6 @@ pub fn run_against(addr: &str, tokens: &Tokens, args: &Args) -> Result<Report> {
 
     let faults = args.fault_probability.filter(|&p| p > 0);
     if let Some(p) = faults {
-        if p > 100 {
-            bail!("--fault-probability is a percentage (0..=100)");
-        }
         for t in fault_targets(args.fault_target) {
             ctl.fault_inject(
                 *t,
@@ -475,14 +529,23 @@ pub fn run_against(addr: &str, tokens: &Tokens, args: &Args) -> Result<Report> {
     }
 
     let before = ctl.status().ok();
-    let started = Instant::now();
-    let (mut tally, fatal) = drive(&opts, args, args.ops, args.time_bound(), large_slots, true);
-    let elapsed = started.elapsed();
+    let Driven {
+        mut tally,
+        fatal,
+        elapsed,
+        noisy,
+        noisy_elapsed,
+    } = drive(&load, args, args.ops, args.time_bound(), large_slots, true);
     let after = ctl.status().ok();
     let grew = |field: fn(&wire::Status) -> Option<u64>| {
         Some(field(after.as_ref()?)?.saturating_sub(field(before.as_ref()?)?))
     };
     let (busy_ns, halted_ns) = (grew(|s| s.busy_ns), grew(|s| s.halted_ns));
+    let loop_passes = before
+        .as_ref()
+        .zip(after.as_ref())
+        .and_then(|(b, a)| PassFigures::between(b, a));
+    let noisy = (args.noisy > 0).then(|| NoisyFigures::new(args.noisy, noisy_elapsed, noisy));
 
     // Faults off before the baseline comparison; read what was injected.
     let mut fault_figures = None;
@@ -542,22 +605,55 @@ pub fn run_against(addr: &str, tokens: &Tokens, args: &Args) -> Result<Report> {
         busy_ns,
         halted_ns,
         icount: args.icount,
+        noisy,
+        loop_passes,
     })
 }
 
 /// Operations each client runs in the warm-up.
 const WARM_UP_OPS_PER_CLIENT: u64 = 300;
 
-/// Runs the clients until `ops` or `bound`; their merged tally and the
-/// failures of clients that died.
+/// Where the load's connections go: the clients' options and the noisy
+/// neighbours' (the operator's token).
+struct Load<'a> {
+    clients: &'a Options,
+    noisy: &'a Options,
+}
+
+/// What [`drive`] measured.
+struct Driven {
+    /// The clients' merged tally.
+    tally: Tally,
+    /// The failures of clients that died.
+    fatal: Vec<String>,
+    /// From the start until the last client stopped.
+    elapsed: Duration,
+    /// The noisy neighbours' merged outcome.
+    noisy: noisy::Outcome,
+    /// From the start until the last noisy neighbour stopped.
+    noisy_elapsed: Duration,
+}
+
+/// How many of the large DMA slots the clients take (as many as there are
+/// clients, so their profile is the same with or without neighbours) and
+/// how many are left to the noisy neighbours.
+fn share_large_slots(slots: u64, clients: u32, noisy: u32) -> (u64, u64) {
+    let for_clients = slots.min(u64::from(clients));
+    (for_clients, (slots - for_clients).min(u64::from(noisy)))
+}
+
+/// Runs the clients until `ops` or `bound`, and the noisy neighbours as
+/// long as the clients run. In the measured run (`measured`) a progress
+/// bar is shown; otherwise each noisy neighbour runs one whole round
+/// first.
 fn drive(
-    opts: &Options,
+    load: &Load,
     args: &Args,
     ops: Option<u64>,
     bound: Duration,
     large_slots: u64,
-    show_progress: bool,
-) -> (Tally, Vec<String>) {
+    measured: bool,
+) -> Driven {
     let shared = Shared {
         stop: AtomicBool::new(false),
         ops: AtomicU64::new(0),
@@ -565,7 +661,10 @@ fn drive(
         budget: ops,
         deadline: Instant::now() + bound,
     };
-    let results: Mutex<Vec<Result<Tally, String>>> = Mutex::new(Vec::new());
+    let (client_slots, noisy_slots) = share_large_slots(large_slots, args.clients, args.noisy);
+    let results: Mutex<Vec<(Result<Tally, String>, Instant)>> = Mutex::new(Vec::new());
+    let noisy_results: Mutex<Vec<(noisy::Outcome, Instant)>> = Mutex::new(Vec::new());
+    let started = Instant::now();
     std::thread::scope(|s| {
         for i in 0..args.clients {
             let (shared, results) = (&shared, &results);
@@ -574,28 +673,60 @@ fn drive(
             let batch = args.batch.clamp(1, wire::MAX_BATCH_OPS as u32);
             s.spawn(move || {
                 let r = worker(
-                    opts,
+                    load.clients,
                     shared,
                     seed,
-                    i as u64 >= large_slots,
+                    i as u64 >= client_slots,
                     i,
                     profile,
                     batch,
                 );
-                results.lock().unwrap().push(r);
+                results.lock().unwrap().push((r, Instant::now()));
             });
         }
-        progress(&shared, ops, bound, show_progress);
+        for i in 0..args.noisy {
+            let (shared, noisy_results) = (&shared, &noisy_results);
+            let seed = args
+                .seed
+                .wrapping_add(u64::from(args.clients) + u64::from(i));
+            s.spawn(move || {
+                let o = noisy::noisy(
+                    load.noisy,
+                    shared,
+                    seed,
+                    i,
+                    u64::from(i) < noisy_slots,
+                    !measured,
+                );
+                noisy_results.lock().unwrap().push((o, Instant::now()));
+            });
+        }
+        progress(&shared, ops, bound, measured);
     });
+    let since_start = |t: Instant| t.saturating_duration_since(started);
     let mut tally = Tally::default();
     let mut fatal = Vec::new();
-    for r in results.into_inner().unwrap() {
+    let mut elapsed = Duration::ZERO;
+    for (r, done) in results.into_inner().unwrap() {
+        elapsed = elapsed.max(since_start(done));
         match r {
             Ok(t) => tally.merge(t),
             Err(e) => fatal.push(e),
         }
     }
-    (tally, fatal)
+    let mut noisy = noisy::Outcome::default();
+    let mut noisy_elapsed = Duration::ZERO;
+    for (o, done) in noisy_results.into_inner().unwrap() {
+        noisy_elapsed = noisy_elapsed.max(since_start(done));
+        noisy.merge(o);
+    }
+    Driven {
+        tally,
+        fatal,
+        elapsed,
+        noisy,
+        noisy_elapsed,
+    }
 }
 
 /// Injected failures and eligible calls so far, both targets together.
@@ -670,6 +801,7 @@ pub struct Alongside<'a> {
 
 /// [`boot_and_run`], with `alongside` running beside the load.
 pub fn boot_and_run_with(args: &Args, mut alongside: Option<Alongside>) -> Result<Report> {
+    args.validate()?;
     let kernel = match &alongside {
         Some(a) => a.kernel.clone(),
         None => crate::build::build_kernel()?,
@@ -859,5 +991,76 @@ mod tests {
             ..s
         };
         assert!(!late.claim(1));
+    }
+
+    #[test]
+    fn running_follows_the_claims_without_claiming() {
+        let s = Shared {
+            stop: AtomicBool::new(false),
+            ops: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            budget: Some(2),
+            deadline: Instant::now() + Duration::from_secs(60),
+        };
+        assert!(s.running() && s.running());
+        assert_eq!(s.ops.load(Ordering::Relaxed), 0);
+        assert!(s.claim(1) && s.running());
+        assert!(s.claim(1) && !s.running());
+        let unbounded = Shared {
+            budget: None,
+            ops: AtomicU64::new(1 << 40),
+            ..s
+        };
+        assert!(unbounded.running());
+        unbounded.stop.store(true, Ordering::Relaxed);
+        assert!(!unbounded.running());
+        let late = Shared {
+            stop: AtomicBool::new(false),
+            deadline: Instant::now(),
+            ..unbounded
+        };
+        assert!(!late.running());
+    }
+
+    #[test]
+    fn clients_keep_their_large_slots_before_noisy_neighbours() {
+        // Enough for everyone.
+        assert_eq!(share_large_slots(27, 16, 4), (16, 4));
+        // The clients as without neighbours; the neighbours get the rest.
+        assert_eq!(share_large_slots(27, 16, 20), (16, 11));
+        assert_eq!(share_large_slots(10, 16, 4), (10, 0));
+        assert_eq!(share_large_slots(0, 16, 4), (0, 0));
+        assert_eq!(share_large_slots(27, 16, 0), (16, 0));
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("loadtest").chain(argv.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn noisy_option_parses_and_is_checked() {
+        assert_eq!(parse(&[]).unwrap().noisy, 0);
+        assert_eq!(Args::smoke(8, 4, None).noisy, 0);
+        let a = parse(&["--noisy", "3", "--clients", "8"]).unwrap();
+        assert_eq!((a.noisy, a.clients), (3, 8));
+        a.validate().unwrap();
+        assert!(parse(&["--noisy", "257"]).is_err());
+        let too_many = parse(&["--noisy", "200", "--clients", "100"]).unwrap();
+        assert!(too_many.validate().is_err());
+        let exhaust = parse(&["--noisy", "1", "--profile", "exhaust"]).unwrap();
+        assert!(exhaust.validate().is_err());
+        let faults = parse(&["--fault-probability", "101"]).unwrap();
+        assert!(faults.validate().is_err());
+        parse(&["--profile", "exhaust"])
+            .unwrap()
+            .validate()
+            .unwrap();
     }
 }

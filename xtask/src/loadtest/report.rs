@@ -1,13 +1,14 @@
 //! What a load-test run measured, and how it is printed: latency
 //! percentiles per operation kind, errors by code, the guest's busy and
-//! halted time, the memory baseline, as a table or as JSON.
+//! halted time, the service loop's passes, the noisy neighbours' own
+//! figures, the memory baseline, as a table or as JSON.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Result;
 
-use super::{ExhaustFigures, Profile};
+use super::{ExhaustFigures, NoisyFigures, PassFigures, Profile};
 
 /// Percentiles of one operation kind, in microseconds.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +36,29 @@ pub(super) fn percentiles(v: &mut [u64]) -> Lat {
         p99: at(0.99),
         max: at(1.0),
     }
+}
+
+/// Latency percentiles per operation kind, as JSON.
+pub(super) fn per_op_json(per_kind: &[(&'static str, Lat)]) -> serde_json::Value {
+    per_kind
+        .iter()
+        .map(|(k, l)| {
+            (
+                k.to_string(),
+                serde_json::json!({"count": l.count, "p50_us": l.p50, "p90_us": l.p90, "p99_us": l.p99, "max_us": l.max}),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// Errors by operation kind and code (`"kmalloc:ENOMEM"`), as JSON.
+pub(super) fn errors_json(errors: &BTreeMap<(&'static str, String), u64>) -> serde_json::Value {
+    errors
+        .iter()
+        .map(|((k, c), n)| (format!("{k}:{c}"), serde_json::json!(n)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 /// Fault counters after a run (both targets).
@@ -79,6 +103,11 @@ pub struct Report {
     pub halted_ns: Option<u64>,
     /// Whether the guest's clock counted instructions (`--icount`).
     pub icount: bool,
+    /// The noisy neighbours' figures (`--noisy`); the fields above count
+    /// the clients only.
+    pub noisy: Option<NoisyFigures>,
+    /// The service loop's passes during the run, if it reports them.
+    pub loop_passes: Option<PassFigures>,
 }
 
 impl Report {
@@ -87,32 +116,19 @@ impl Report {
     }
 
     /// Whether the run passed: no unexplained error, no dead client,
-    /// memory back at its baseline, the invariant checkers clean.
+    /// memory back at its baseline, the invariant checkers clean, and no
+    /// noisy neighbour died or saw a wrong checksum or broken invariant.
     pub fn passed(&self) -> bool {
         self.unexplained == 0
             && self.fatal.is_empty()
             && self.baseline_restored
             && self.check_ok.is_ok()
             && self.exhaust.as_ref().is_none_or(|e| e.problems.is_empty())
+            && self.noisy.as_ref().is_none_or(|n| n.passed())
     }
 
     pub fn to_json(&self) -> serde_json::Value {
         use serde_json::json;
-        let per: serde_json::Map<String, serde_json::Value> = self
-            .per_kind
-            .iter()
-            .map(|(k, l)| {
-                (
-                    k.to_string(),
-                    json!({"count": l.count, "p50_us": l.p50, "p90_us": l.p90, "p99_us": l.p99, "max_us": l.max}),
-                )
-            })
-            .collect();
-        let by_code: serde_json::Map<String, serde_json::Value> = self
-            .errors
-            .iter()
-            .map(|((k, c), n)| (format!("{k}:{c}"), json!(n)))
-            .collect();
         json!({
             "profile": format!("{:?}", self.profile).to_lowercase(),
             "clients": self.clients,
@@ -126,9 +142,11 @@ impl Report {
             "guest_busy_ns": self.busy_ns,
             "guest_halted_ns": self.halted_ns,
             "icount": self.icount,
-            "per_op": per,
+            "loop_passes": self.loop_passes.map(PassFigures::to_json),
+            "noisy": self.noisy.as_ref().map(|n| n.to_json()),
+            "per_op": per_op_json(&self.per_kind),
             "errors": self.errors.values().sum::<u64>(),
-            "errors_by_code": by_code,
+            "errors_by_code": errors_json(&self.errors),
             "enomem": self.enomem,
             "table_full": self.table_full,
             "unexplained_errors": self.unexplained,
@@ -172,15 +190,26 @@ impl Report {
                 );
             } else {
                 println!(
-                    "guest: busy {:.3} s{} of {:.3} s, {:.2} us per operation",
+                    "guest: busy {:.3} s{} of {:.3} s, {:.2} us per operation{}",
                     busy as f64 / 1e9,
                     self.halted_ns
                         .map(|h| format!(", halted {:.3} s", h as f64 / 1e9))
                         .unwrap_or_default(),
                     self.elapsed.as_secs_f64(),
-                    per_op / 1e3
+                    per_op / 1e3,
+                    if self.noisy.is_some() {
+                        " (the noisy neighbours' work included)"
+                    } else {
+                        ""
+                    }
                 );
             }
+        }
+        if let Some(p) = &self.loop_passes {
+            println!("{}", p.line());
+        }
+        if let Some(n) = &self.noisy {
+            n.print();
         }
         if self.errors.is_empty() {
             println!("errors: none");
@@ -233,5 +262,116 @@ impl Report {
             }
         );
         println!("verdict: {}", if self.passed() { "PASS" } else { "FAIL" });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::noisy::Outcome;
+    use super::*;
+
+    fn lat(us: f64) -> Lat {
+        Lat {
+            count: 10,
+            p50: us,
+            p90: us,
+            p99: us,
+            max: us,
+        }
+    }
+
+    fn report() -> Report {
+        Report {
+            profile: Profile::Mixed,
+            clients: 2,
+            elapsed: Duration::from_secs(2),
+            ops: 100,
+            all: lat(5.0),
+            per_kind: vec![("kmalloc", lat(5.0))],
+            errors: BTreeMap::new(),
+            enomem: 0,
+            table_full: 0,
+            unexplained: 0,
+            fatal: Vec::new(),
+            faults: None,
+            baseline: 1 << 20,
+            after: 1 << 20,
+            baseline_restored: true,
+            meminfo_diff: Vec::new(),
+            check_ok: Ok(()),
+            exhaust: None,
+            busy_ns: None,
+            halted_ns: None,
+            icount: false,
+            noisy: None,
+            loop_passes: None,
+        }
+    }
+
+    fn noisy() -> NoisyFigures {
+        let mut o = Outcome::default();
+        o.tally.lat.insert("stress", vec![2_000_000, 4_000_000]);
+        o.tally.ops = 66;
+        o.tally.errors.insert(("stress", "E2BIG".into()), 1);
+        NoisyFigures::new(3, Duration::from_secs(3), o)
+    }
+
+    #[test]
+    fn without_noisy_or_passes_their_fields_are_null() {
+        let r = report();
+        let j = r.to_json();
+        assert!(j["noisy"].is_null() && j["loop_passes"].is_null());
+        assert_eq!(j["ops"], 100);
+        assert_eq!(j["ops_per_sec"], 50.0);
+        assert_eq!(j["per_op"]["kmalloc"]["count"], 10);
+        assert!(r.passed());
+    }
+
+    #[test]
+    fn noisy_figures_stand_apart() {
+        let mut r = report();
+        r.noisy = Some(noisy());
+        r.loop_passes = Some(PassFigures {
+            budget_us: 200.0,
+            passes: 812,
+            p50_us: 40.0,
+            p99_us: 410.0,
+            max_us: 630.0,
+        });
+        let j = r.to_json();
+        // The top level still counts the clients only.
+        assert_eq!(
+            (j["ops"].as_u64(), j["p99_us"].as_f64()),
+            (Some(100), Some(5.0))
+        );
+        let n = &j["noisy"];
+        assert_eq!(n["clients"], 3);
+        assert_eq!(n["ops"], 66);
+        assert_eq!(n["ops_per_sec"], 22.0);
+        assert_eq!(n["max_us"], 4000.0);
+        assert_eq!(n["per_op"]["stress"]["count"], 2);
+        assert_eq!(n["errors_by_code"]["stress:E2BIG"], 1);
+        assert_eq!(j["loop_passes"]["passes"], 812);
+        assert_eq!(j["loop_passes"]["budget_us"], 200.0);
+        // Server errors of the neighbours do not fail the run.
+        assert!(r.passed());
+    }
+
+    #[test]
+    fn a_wrong_checksum_or_dead_neighbour_fails_the_run() {
+        let mut r = report();
+        let mut n = noisy();
+        n.mismatches = 1;
+        r.noisy = Some(n);
+        assert!(!r.passed());
+        let mut n = noisy();
+        n.fatal
+            .push("noisy client 0: stress: connection reset".into());
+        r.noisy = Some(n);
+        assert!(!r.passed());
+        let mut n = noisy();
+        n.stress_check_failures = 1;
+        r.noisy = Some(n);
+        assert!(!r.passed());
     }
 }

@@ -115,7 +115,8 @@ impl Stretch {
 
 impl<M: Memory> Service<M> {
     /// Runs the plain allocations and frees at the front of `ops`, the
-    /// stretch `stretch` describes, under one hold of the memory manager.
+    /// stretch `stretch` describes (at most `limit` of them), under one
+    /// hold of the memory manager.
     pub(super) fn run_bulk<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
@@ -123,6 +124,7 @@ impl<M: Memory> Service<M> {
         ops: &[Op],
         stretch: &mut Stretch,
         reply: &mut BatchReplyWriter,
+        limit: usize,
     ) -> Run {
         let mut run = Run {
             ran: 0,
@@ -140,7 +142,7 @@ impl<M: Memory> Service<M> {
         reply.reserve_plain(stretch.left);
         env.with_mem(|m, _| {
             m.set_owner(conn);
-            for op in ops[..stretch.left].iter().map_while(BulkOp::of) {
+            for op in ops[..stretch.left.min(limit)].iter().map_while(BulkOp::of) {
                 if !reply.plain_fits(FINAL_ENTRY_ROOM) {
                     break;
                 }

@@ -27,6 +27,14 @@ enum ParentId<M: Memory> {
     Pool(M::PoolId),
 }
 
+impl<M: Memory> Clone for ParentId<M> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<M: Memory> Copy for ParentId<M> {}
+
 impl<M: Memory> ParentId<M> {
     /// Runs inside [`Env::with_mem`]: must not allocate.
     fn alloc(self, m: &mut M, gfp: Gfp) -> Result<Obj, MemError> {
@@ -80,19 +88,27 @@ impl Parent {
         }
     }
 
-    /// A child of handle `parent`.
-    fn child<M: Memory>(self, parent: u64, obj: Obj) -> Res<M> {
-        match self {
-            Parent::Cache => Res::CacheObj { cache: parent, obj },
-            Parent::Pool => Res::PoolObj { pool: parent, obj },
+    /// A child of handle `parent`, whose id is `id`.
+    fn child<M: Memory>(parent: u64, id: ParentId<M>, obj: Obj) -> Res<M> {
+        match id {
+            ParentId::Cache(id) => Res::CacheObj {
+                cache: parent,
+                id,
+                obj,
+            },
+            ParentId::Pool(id) => Res::PoolObj {
+                pool: parent,
+                id,
+                obj,
+            },
         }
     }
 
     /// The parent handle and object of `res`, if it is a child of this kind.
     fn child_of<M: Memory>(self, res: &Res<M>) -> Option<(u64, Obj)> {
         match (self, res) {
-            (Parent::Cache, Res::CacheObj { cache: p, obj })
-            | (Parent::Pool, Res::PoolObj { pool: p, obj }) => Some((*p, *obj)),
+            (Parent::Cache, Res::CacheObj { cache: p, obj, .. })
+            | (Parent::Pool, Res::PoolObj { pool: p, obj, .. }) => Some((*p, *obj)),
             _ => None,
         }
     }
@@ -134,7 +150,7 @@ impl<M: Memory> Service<M> {
         if let Some(objects) = self.get_mut(conn, parent).and_then(|r| kind.objects(r)) {
             *objects += 1;
         }
-        let handle = self.insert(conn, kind.child(parent, obj), page);
+        let handle = self.insert(conn, Parent::child(parent, id, obj), page);
         Ok(Reply::Object {
             handle,
             addr: obj.addr,

@@ -1,6 +1,7 @@
 //! DMA buffers for clients: allocation from the buddy or the contiguous
-//! reservation under a device's address mask, and the data operations on
-//! them (write, read, fill, checksum, and transfers to and from the disk).
+//! reservation under a device's address mask, the listing, and freeing
+//! (refused while a long operation leases the buffer). The data operations
+//! on them run as `work`.
 //!
 //! A refusal says why in terms of the reservation and the mask, since "no
 //! memory" alone does not tell a kernel engineer which limit they hit.
@@ -15,8 +16,8 @@ use memd_wire::{
 };
 
 use super::{err, mem_err, no_handle, stats, wrong_kind, Res, Service};
-use crate::env::{Env, SECTOR};
-use crate::memory::{MemError, Memory, View};
+use crate::env::Env;
+use crate::memory::{Memory, View};
 use crate::ConnId;
 
 impl<M: Memory> Service<M> {
@@ -158,6 +159,14 @@ impl<M: Memory> Service<M> {
     ) -> Result<Reply, WireError> {
         match self.get(conn, handle)? {
             Res::Dma { .. } => {
+                if let Some(work) = self.leased(conn, handle) {
+                    return Err(err(
+                        errno::EBUSY,
+                        format!(
+                            "DMA buffer {handle} is in use by {work}: free it once that reply has come"
+                        ),
+                    ));
+                }
                 let Some(Res::Dma { buf, .. }) = self.remove(conn, handle, page) else {
                     return Err(no_handle(handle));
                 };
@@ -168,164 +177,7 @@ impl<M: Memory> Service<M> {
         }
     }
 
-    pub(super) fn dma_write<E: Env<Mem = M>>(
-        &mut self,
-        env: &mut E,
-        conn: ConnId,
-        handle: u64,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<Reply, WireError> {
-        let (buf, buf_len) = self.dma(conn, handle)?;
-        let start = range(offset, data.len() as u64, buf_len)?;
-        env.with_mem(|m, _| {
-            m.dma_bytes(buf)
-                .map(|b| b[start..start + data.len()].copy_from_slice(data))
-        })
-        .map_err(mem_err)?;
-        Ok(Reply::Done)
-    }
-
-    /// Reads into the reply, within what `io_budget` leaves of its frame.
-    pub(super) fn dma_read<E: Env<Mem = M>>(
-        &mut self,
-        env: &mut E,
-        conn: ConnId,
-        handle: u64,
-        offset: u64,
-        len: u32,
-        io_budget: &mut usize,
-    ) -> Result<Reply, WireError> {
-        let len = len as usize;
-        if len > *io_budget {
-            return Err(err(
-                errno::E2BIG,
-                format!(
-                    "read of {len} bytes exceeds the {} left in this reply",
-                    *io_budget
-                ),
-            ));
-        }
-        let (buf, buf_len) = self.dma(conn, handle)?;
-        let start = range(offset, len as u64, buf_len)?;
-        let mut data = Vec::new();
-        data.try_reserve_exact(len).map_err(|_| {
-            err(
-                errno::ENOMEM,
-                format!("no memory for a read of {len} bytes"),
-            )
-        })?;
-        data.resize(len, 0);
-        env.with_mem(|m, _| {
-            m.dma_bytes(buf)
-                .map(|b| data.copy_from_slice(&b[start..start + len]))
-        })
-        .map_err(mem_err)?;
-        *io_budget -= len;
-        Ok(Reply::Data(data))
-    }
-
-    pub(super) fn dma_fill<E: Env<Mem = M>>(
-        &mut self,
-        env: &mut E,
-        conn: ConnId,
-        handle: u64,
-        seed: u64,
-    ) -> Result<Reply, WireError> {
-        let (buf, _) = self.dma(conn, handle)?;
-        env.with_mem(|m, _| {
-            m.dma_bytes(buf)
-                .map(|b| memd_wire::fill_pattern(seed, 0, b))
-        })
-        .map_err(mem_err)?;
-        Ok(Reply::Done)
-    }
-
-    /// The checksum of `len` bytes at `offset` (0: to the end).
-    pub(super) fn dma_checksum<E: Env<Mem = M>>(
-        &mut self,
-        env: &mut E,
-        conn: ConnId,
-        handle: u64,
-        offset: u64,
-        len: u64,
-    ) -> Result<Reply, WireError> {
-        let (buf, buf_len) = self.dma(conn, handle)?;
-        let total = buf_len;
-        let len = if len == 0 {
-            total.saturating_sub(offset)
-        } else {
-            len
-        };
-        let start = range(offset, len, total)?;
-        let sum = env
-            .with_mem(|m, _| {
-                m.dma_bytes(buf)
-                    .map(|b| memd_wire::checksum(&b[start..start + len as usize]))
-            })
-            .map_err(mem_err)?;
-        Ok(Reply::Checksum(sum))
-    }
-
-    /// Moves the whole buffer to (`write`) or from the disk at `sector`.
-    pub(super) fn dma_disk<E: Env<Mem = M>>(
-        &mut self,
-        env: &mut E,
-        conn: ConnId,
-        handle: u64,
-        sector: u64,
-        write: bool,
-    ) -> Result<Reply, WireError> {
-        let (buf, buf_len) = self.dma(conn, handle)?;
-        let len = buf_len;
-        if len % SECTOR != 0 {
-            return Err(err(
-                errno::EINVAL,
-                format!("buffer of {len} bytes is not a whole number of sectors"),
-            ));
-        }
-        // No formatting inside: the closure runs under the allocator lock.
-        let started = env.now_ns();
-        let r = env.with_mem(|m, block| {
-            let Some(block) = block else {
-                return Err(DiskError::NoDevice);
-            };
-            let cap = block.capacity_sectors();
-            if sector.checked_add(len / SECTOR).is_none_or(|e| e > cap) {
-                return Err(DiskError::PastEnd(cap));
-            }
-            let bytes = m.dma_bytes(buf).map_err(DiskError::Mem)?;
-            let r = if write {
-                block.write(sector, bytes)
-            } else {
-                block.read(sector, bytes)
-            };
-            r.map_err(DiskError::Io)
-        });
-        let device_ns = env.now_ns().saturating_sub(started);
-        match r {
-            Ok(t) => Ok(Reply::Transfer(memd_wire::DiskTransfer {
-                bytes: len,
-                sector,
-                requests: t.requests,
-                descriptors: t.descriptors,
-                data_descriptors: t.data_descriptors,
-                device_ns,
-            })),
-            Err(DiskError::NoDevice) => Err(err(errno::ENODEV, "no block device attached")),
-            Err(DiskError::PastEnd(cap)) => Err(err(
-                errno::EINVAL,
-                format!(
-                    "sectors {sector}+{} past the end of the disk ({cap} sectors)",
-                    len / SECTOR
-                ),
-            )),
-            Err(DiskError::Io(e)) => Err(err(errno::EIO, e)),
-            Err(DiskError::Mem(e)) => Err(mem_err(e)),
-        }
-    }
-
-    fn dma(&self, conn: ConnId, h: u64) -> Result<(&M::DmaBuf, u64), WireError> {
+    pub(super) fn dma(&self, conn: ConnId, h: u64) -> Result<(&M::DmaBuf, u64), WireError> {
         match self.get(conn, h)? {
             Res::Dma { buf, info } => Ok((buf, info.len)),
             r => Err(wrong_kind(h, "DMA buffer", r.kind())),
@@ -397,22 +249,4 @@ fn dma_refusal(
         ));
     }
     None
-}
-
-enum DiskError {
-    NoDevice,
-    PastEnd(u64),
-    Io(&'static str),
-    Mem(MemError),
-}
-
-/// Checks `[offset, offset+len)` lies within `total`; returns `offset` as usize.
-fn range(offset: u64, len: u64, total: u64) -> Result<usize, WireError> {
-    match offset.checked_add(len) {
-        Some(end) if end <= total => Ok(offset as usize),
-        _ => Err(err(
-            errno::EINVAL,
-            format!("range {offset}+{len} outside the buffer of {total} bytes"),
-        )),
-    }
 }

@@ -473,7 +473,7 @@ impl<M: Memory> Harness<M> {
             block: None,
             clock,
         };
-        self.svc.on_close(&mut env, conn);
+        self.svc.on_close_now(&mut env, conn);
     }
 }
 

@@ -1,0 +1,393 @@
+//! Long operations, run a slice at a time.
+//!
+//! Filling, checksumming, copying or moving a DMA buffer to and from the
+//! disk, and a stress run, take as long as their size makes them: a 4 MiB
+//! buffer is milliseconds of guest time under TCG. Each runs here as
+//! [`Work`], in slices of a few tens of microseconds, until the turn's
+//! [`Budget`] is spent; what is left waits for the connection's next turn,
+//! like a long loop in Linux that calls `cond_resched()`. The buffer being
+//! worked on is leased meanwhile: freeing it gets EBUSY until the work
+//! ends (see `Service::leased`).
+
+use alloc::format;
+use alloc::vec::Vec;
+
+use memd_wire::{errno, Checksum, DiskTransfer, Op, Reply, WireError};
+
+use super::{err, mem_err, Service};
+use crate::env::{Env, Transfer, SECTOR};
+use crate::memory::Memory;
+use crate::stress;
+use crate::ConnId;
+
+/// Bytes of a DMA buffer filled or copied per slice.
+const COPY_SLICE: usize = 32 << 10;
+/// Bytes checksummed per slice (a byte-at-a-time hash, the slowest walk).
+const CHECKSUM_SLICE: usize = 16 << 10;
+/// Bytes moved to or from the disk per slice: one device request.
+const DISK_SLICE: usize = 128 << 10;
+
+/// Default [`super::Config::budget_ns`]: the most guest time one
+/// connection's turn takes before its work waits for the next pass.
+pub const DEFAULT_BUDGET_NS: u64 = 200_000;
+
+/// The time a turn may take.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    deadline: u64,
+}
+
+impl Budget {
+    /// A budget of `ns` from now.
+    pub fn new<E: Env>(env: &mut E, ns: u64) -> Budget {
+        Budget {
+            deadline: env.now_ns().saturating_add(ns),
+        }
+    }
+
+    /// Whether the turn is over.
+    pub fn spent<E: Env>(&self, env: &mut E) -> bool {
+        env.now_ns() >= self.deadline
+    }
+}
+
+/// Whether `op` runs as [`Work`], in slices.
+pub(super) fn is_long(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::DmaFill { .. }
+            | Op::DmaChecksum { .. }
+            | Op::DmaWrite { .. }
+            | Op::DmaRead { .. }
+            | Op::DmaWriteDisk { .. }
+            | Op::DmaReadDisk { .. }
+            | Op::Stress { .. }
+    )
+}
+
+/// A long operation in progress.
+pub(super) enum Work {
+    Dma(DmaWork),
+    Stress(stress::Run),
+}
+
+/// Work on one DMA buffer: bytes `[pos, end)` are left.
+pub(super) struct DmaWork {
+    pub handle: u64,
+    start: usize,
+    pos: usize,
+    end: usize,
+    kind: DmaKind,
+}
+
+enum DmaKind {
+    Fill { seed: u64 },
+    Checksum(Checksum),
+    Write(Vec<u8>),
+    Read(Vec<u8>),
+    Disk(Disk),
+}
+
+struct Disk {
+    write: bool,
+    sector: u64,
+    moved: Transfer,
+    device_ns: u64,
+}
+
+impl Work {
+    /// The DMA buffer this work leases, if any.
+    pub(super) fn leases(&self) -> Option<u64> {
+        match self {
+            Work::Dma(w) => Some(w.handle),
+            Work::Stress(_) => None,
+        }
+    }
+
+    /// What the work is, and how far it got, for messages.
+    pub(super) fn describe(&self) -> alloc::string::String {
+        match self {
+            Work::Dma(w) => format!(
+                "a {} ({} of {} bytes done)",
+                w.kind.name(),
+                w.pos - w.start,
+                w.end - w.start
+            ),
+            Work::Stress(r) => format!("a stress run ({} ops left)", r.left()),
+        }
+    }
+
+    /// Gives back what the work holds of its own, for a connection that
+    /// left before it ended (a stress run's allocations; a DMA slice is
+    /// over when its step returns, so nothing is in flight).
+    pub(super) fn abandon<E: Env>(mut self, env: &mut E) {
+        if let Work::Stress(r) = &mut self {
+            r.release(env);
+        }
+    }
+}
+
+impl DmaKind {
+    fn name(&self) -> &'static str {
+        match self {
+            DmaKind::Fill { .. } => "fill",
+            DmaKind::Checksum(_) => "checksum",
+            DmaKind::Write(_) => "write",
+            DmaKind::Read(_) => "read",
+            DmaKind::Disk(d) if d.write => "disk write",
+            DmaKind::Disk(_) => "disk read",
+        }
+    }
+
+    fn slice(&self) -> usize {
+        match self {
+            DmaKind::Checksum(_) => CHECKSUM_SLICE,
+            DmaKind::Disk(_) => DISK_SLICE,
+            _ => COPY_SLICE,
+        }
+    }
+}
+
+/// What moving a slice to or from the disk ran into.
+enum DiskError {
+    NoDevice,
+    Io(&'static str),
+    Mem(crate::memory::MemError),
+}
+
+impl<M: Memory> Service<M> {
+    /// Checks `op` (one [`is_long`] says yes to) and sets up its work;
+    /// reads count against `io_budget`, the reply frame's room.
+    pub(super) fn start_work<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        conn: ConnId,
+        op: Op,
+        io_budget: &mut usize,
+    ) -> Result<Work, WireError> {
+        let dma = |handle, start, end, kind| {
+            Ok(Work::Dma(DmaWork {
+                handle,
+                start,
+                pos: start,
+                end,
+                kind,
+            }))
+        };
+        match op {
+            Op::Stress { ops, seed } => {
+                if ops > self.config.max_stress_ops {
+                    return Err(err(
+                        errno::E2BIG,
+                        format!(
+                            "at most {} stress ops per request",
+                            self.config.max_stress_ops
+                        ),
+                    ));
+                }
+                Ok(Work::Stress(stress::Run::new(ops, seed)))
+            }
+            Op::DmaFill { handle, seed } => {
+                let (_, len) = self.dma(conn, handle)?;
+                dma(handle, 0, len as usize, DmaKind::Fill { seed })
+            }
+            Op::DmaChecksum {
+                handle,
+                offset,
+                len,
+            } => {
+                let (_, total) = self.dma(conn, handle)?;
+                let len = if len == 0 {
+                    total.saturating_sub(offset)
+                } else {
+                    len
+                };
+                let start = range(offset, len, total)?;
+                dma(
+                    handle,
+                    start,
+                    start + len as usize,
+                    DmaKind::Checksum(Checksum::new()),
+                )
+            }
+            Op::DmaWrite {
+                handle,
+                offset,
+                data,
+            } => {
+                let (_, total) = self.dma(conn, handle)?;
+                let start = range(offset, data.len() as u64, total)?;
+                dma(handle, start, start + data.len(), DmaKind::Write(data))
+            }
+            Op::DmaRead {
+                handle,
+                offset,
+                len,
+            } => {
+                let len = len as usize;
+                if len > *io_budget {
+                    return Err(err(
+                        errno::E2BIG,
+                        format!(
+                            "read of {len} bytes exceeds the {} left in this reply",
+                            *io_budget
+                        ),
+                    ));
+                }
+                let (_, total) = self.dma(conn, handle)?;
+                let start = range(offset, len as u64, total)?;
+                let mut data = Vec::new();
+                data.try_reserve_exact(len).map_err(|_| {
+                    err(
+                        errno::ENOMEM,
+                        format!("no memory for a read of {len} bytes"),
+                    )
+                })?;
+                *io_budget -= len;
+                dma(handle, start, start + len, DmaKind::Read(data))
+            }
+            Op::DmaWriteDisk { handle, sector } | Op::DmaReadDisk { handle, sector } => {
+                let write = matches!(op, Op::DmaWriteDisk { .. });
+                let (_, len) = self.dma(conn, handle)?;
+                if len % SECTOR != 0 {
+                    return Err(err(
+                        errno::EINVAL,
+                        format!("buffer of {len} bytes is not a whole number of sectors"),
+                    ));
+                }
+                let cap = env.with_mem(|_, b| b.map(|b| b.capacity_sectors()));
+                let Some(cap) = cap else {
+                    return Err(err(errno::ENODEV, "no block device attached"));
+                };
+                if sector.checked_add(len / SECTOR).is_none_or(|e| e > cap) {
+                    return Err(err(
+                        errno::EINVAL,
+                        format!(
+                            "sectors {sector}+{} past the end of the disk ({cap} sectors)",
+                            len / SECTOR
+                        ),
+                    ));
+                }
+                let disk = Disk {
+                    write,
+                    sector,
+                    moved: Transfer::default(),
+                    device_ns: 0,
+                };
+                dma(handle, 0, len as usize, DmaKind::Disk(disk))
+            }
+            _ => Err(err(errno::EINVAL, "not a long operation")),
+        }
+    }
+
+    /// Runs slices of `work` until it ends (its result) or `budget` is
+    /// spent (None: call again on a later turn).
+    pub(super) fn run_work<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        conn: ConnId,
+        work: &mut Work,
+        budget: &Budget,
+    ) -> Option<Result<Reply, WireError>> {
+        loop {
+            let done = match work {
+                Work::Stress(run) => run.step(env, conn),
+                Work::Dma(w) => match self.dma_slice(env, conn, w) {
+                    Ok(done) => done,
+                    Err(e) => return Some(Err(e)),
+                },
+            };
+            if done {
+                return Some(Ok(self.finish_work(env, work)));
+            }
+            if budget.spent(env) {
+                return None;
+            }
+        }
+    }
+
+    /// The reply of work that has run to its end.
+    fn finish_work<E: Env<Mem = M>>(&mut self, env: &mut E, work: &mut Work) -> Reply {
+        match work {
+            Work::Stress(run) => {
+                let run = core::mem::replace(run, stress::Run::new(0, 0));
+                Reply::Stress(run.finish(env))
+            }
+            Work::Dma(w) => match &mut w.kind {
+                DmaKind::Fill { .. } | DmaKind::Write(_) => Reply::Done,
+                DmaKind::Checksum(sum) => Reply::Checksum(sum.value()),
+                DmaKind::Read(data) => Reply::Data(core::mem::take(data)),
+                DmaKind::Disk(d) => Reply::Transfer(DiskTransfer {
+                    bytes: (w.end - w.start) as u64,
+                    sector: d.sector,
+                    requests: d.moved.requests,
+                    descriptors: d.moved.descriptors,
+                    data_descriptors: d.moved.data_descriptors,
+                    device_ns: d.device_ns,
+                }),
+            },
+        }
+    }
+
+    /// One slice of `w`; true when it has reached the end.
+    fn dma_slice<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        conn: ConnId,
+        w: &mut DmaWork,
+    ) -> Result<bool, WireError> {
+        let (buf, _) = self.dma(conn, w.handle)?;
+        let (from, to) = (w.pos, w.end.min(w.pos + w.kind.slice()));
+        let base = w.start;
+        let started = env.now_ns();
+        // No formatting or heap work inside: it runs under the allocator's
+        // lock.
+        let r = env.with_mem(|m, block| {
+            let bytes = m.dma_bytes(buf).map_err(DiskError::Mem)?;
+            let span = &mut bytes[from..to];
+            match &mut w.kind {
+                DmaKind::Fill { seed } => memd_wire::fill_pattern(*seed, from as u64, span),
+                DmaKind::Checksum(sum) => sum.update(span),
+                DmaKind::Write(data) => span.copy_from_slice(&data[from - base..to - base]),
+                DmaKind::Read(data) => data.extend_from_slice(span),
+                DmaKind::Disk(d) => {
+                    let block = block.ok_or(DiskError::NoDevice)?;
+                    let sector = d.sector + (from as u64) / SECTOR;
+                    let t = if d.write {
+                        block.write(sector, span)
+                    } else {
+                        block.read(sector, span)
+                    }
+                    .map_err(DiskError::Io)?;
+                    d.moved.requests += t.requests;
+                    d.moved.descriptors += t.descriptors;
+                    d.moved.data_descriptors += t.data_descriptors;
+                }
+            }
+            Ok(())
+        });
+        if let DmaKind::Disk(d) = &mut w.kind {
+            d.device_ns += env.now_ns().saturating_sub(started);
+        }
+        match r {
+            Ok(()) => {
+                w.pos = to;
+                Ok(w.pos == w.end)
+            }
+            Err(DiskError::NoDevice) => Err(err(errno::ENODEV, "no block device attached")),
+            Err(DiskError::Io(e)) => Err(err(errno::EIO, e)),
+            Err(DiskError::Mem(e)) => Err(mem_err(e)),
+        }
+    }
+}
+
+/// Checks `[offset, offset+len)` lies within `total`; returns `offset` as usize.
+pub(super) fn range(offset: u64, len: u64, total: u64) -> Result<usize, WireError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= total => Ok(offset as usize),
+        _ => Err(err(
+            errno::EINVAL,
+            format!("range {offset}+{len} outside the buffer of {total} bytes"),
+        )),
+    }
+}
