@@ -19,6 +19,7 @@ mod drivers;
 mod hermit;
 mod logger;
 mod net;
+mod passes;
 mod selftest;
 mod service;
 

@@ -99,6 +99,12 @@ pub trait Handler {
     fn authenticated(&self, conn: u64) -> bool;
     /// Whether `conn` has part of a request buffered.
     fn partial_request(&self, conn: u64) -> bool;
+    /// Whether `conn` has a request in progress: its turn comes each pass,
+    /// input or not.
+    fn busy(&self, conn: u64) -> bool;
+    /// One turn of work that belongs to no connection (what departed ones
+    /// held); true when there was some.
+    fn background(&mut self) -> bool;
 }
 
 /// How long a connection may take to authenticate, to finish a request it
@@ -426,17 +432,19 @@ impl Sockets {
         shutdown: &mut Option<u64>,
         now: u64,
         mut flush: impl FnMut(&mut SocketSet<'static>, &[SocketHandle]),
-    ) {
+    ) -> bool {
         self.make_room(handler, now);
+        let mut turns = false;
         let mut i = 0;
         while i < self.clients.len() {
             let c = &mut self.clients[i];
             let s = self.set.get_mut::<tcp::Socket>(c.handle);
             // Timed only when there is input: the clock costs a QEMU call.
-            let start = s.can_recv().then(time::uptime_ns);
-            if serve_client(c, s, handler, shutdown, now)
-                && start.is_some_and(|t| time::uptime_ns() - t > FLUSH_AFTER_NS)
-            {
+            let start = (s.can_recv() || c.conn.is_some_and(|c| handler.busy(c)))
+                .then(time::uptime_ns);
+            let served = serve_client(c, s, handler, shutdown, now);
+            turns |= served;
+            if served && start.is_some_and(|t| time::uptime_ns() - t > FLUSH_AFTER_NS) {
                 flush(&mut self.set, &self.listeners);
             }
             let c = &mut self.clients[i];
@@ -464,6 +472,7 @@ impl Sockets {
         if self.listeners.len() < SPARE_LISTENERS || self.listener_taken() {
             self.top_up_listeners(now);
         }
+        turns
     }
 
     fn all_flushed(&self) -> bool {
@@ -504,19 +513,24 @@ fn serve_client(
         return false;
     };
     let mut handled = false;
-    while !c.closing && c.out.len() < MAX_PENDING_OUT && s.can_recv() {
-        handled = true;
-        let (taken, flow) = s
-            .recv(|input| {
-                let (taken, flow) = handler.on_bytes(conn, input, &mut c.out, MAX_PENDING_OUT);
-                (taken, (taken, flow))
-            })
-            .unwrap_or((0, Flow::Close));
-        if taken > 0 {
-            c.active_ns = now;
-        } else if flow == Flow::Continue {
-            // The output bound stopped it: the rest waits for the peer.
+    while !c.closing && c.out.len() < MAX_PENDING_OUT {
+        let busy = handler.busy(conn);
+        if !busy && !s.can_recv() {
             break;
+        }
+        handled = true;
+        let (taken, offered, flow) = if s.can_recv() {
+            s.recv(|input| {
+                let (taken, flow) = handler.on_bytes(conn, input, &mut c.out, MAX_PENDING_OUT);
+                (taken, (taken, input.len(), flow))
+            })
+            .unwrap_or((0, 0, Flow::Close))
+        } else {
+            let (_, flow) = handler.on_bytes(conn, &[], &mut c.out, MAX_PENDING_OUT);
+            (0, 0, flow)
+        };
+        if taken > 0 || busy {
+            c.active_ns = now;
         }
         match flow {
             Flow::Continue => {}
@@ -525,6 +539,12 @@ fn serve_client(
                 c.closing = true;
                 shutdown.get_or_insert(time::uptime_ns() + 1_000_000_000);
             }
+        }
+        // The turn ended before the input did (its budget, the output
+        // bound, or a request waiting for the one in progress), or there
+        // was none: the rest is for the next pass.
+        if taken < offered || offered == 0 {
+            break;
         }
     }
     if !c.out.is_empty() && s.can_send() {
@@ -657,7 +677,7 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, timeouts: Timeouts, handler: &m
         }
         // Receive buffers re-posted while taking packets in.
         dev.kick();
-        sockets.serve(handler, &mut shutdown, pass, |set, listeners| {
+        let turns = sockets.serve(handler, &mut shutdown, pass, |set, listeners| {
             // ACKs first (they open the window for the rest of a reply),
             // stopping at a SYN that took a listener: it is replaced later.
             let t = now();
@@ -667,10 +687,13 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, timeouts: Timeouts, handler: &m
             {}
             send_queued(&mut iface, &mut dev, set);
         });
+        // What departed connections held, a turn's worth per pass.
+        let background = handler.background();
         send_queued(&mut iface, &mut dev, &mut sockets.set);
         let end = time::uptime_ns();
-        if dev.stats.rx_packets + dev.stats.tx_packets != packets {
+        if dev.stats.rx_packets + dev.stats.tx_packets != packets || turns || background {
             BUSY_NS.fetch_add(end - pass, Ordering::Relaxed);
+            crate::passes::record(pass, end);
             last_work = end;
         } else if end - last_work > IDLE_BEFORE_HALT_NS && shutdown.is_none() {
             let due = iface

@@ -16,6 +16,8 @@ use crate::ALLOC;
 
 struct KernelEnv {
     disk: Option<BlkDevice>,
+    /// The service's turn budget, for the status view.
+    budget_ns: u64,
 }
 
 impl Env for KernelEnv {
@@ -52,6 +54,10 @@ impl Env for KernelEnv {
         Some(crate::net::halted_ns())
     }
 
+    fn loop_passes(&mut self) -> Option<memd_wire::LoopPasses> {
+        Some(crate::passes::snapshot(self.budget_ns, time::uptime_ns()))
+    }
+
     fn device_dma(&mut self) -> Vec<DeviceDma> {
         // Copied out of the registry first: building the strings allocates,
         // and the allocator is never taken while the registry is locked.
@@ -84,9 +90,10 @@ impl MemdService {
     pub fn new(operator_token: String, client_token: String, disk: Option<BlkDevice>) -> Self {
         let mut config = Config::new(operator_token).with_client_token(client_token);
         config.started_ns = time::uptime_ns();
+        let budget_ns = config.budget_ns;
         MemdService {
             svc: Service::new(config),
-            env: KernelEnv { disk },
+            env: KernelEnv { disk, budget_ns },
         }
     }
 }
@@ -124,5 +131,17 @@ impl Handler for MemdService {
 
     fn on_close(&mut self, conn: u64) {
         self.svc.on_close(&mut self.env, conn)
+    }
+
+    fn busy(&self, conn: u64) -> bool {
+        self.svc.has_work(conn)
+    }
+
+    fn background(&mut self) -> bool {
+        if self.svc.pending_release() == 0 {
+            return false;
+        }
+        self.svc.background(&mut self.env);
+        true
     }
 }

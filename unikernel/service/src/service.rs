@@ -860,7 +860,7 @@ impl<M: Memory> Service<M> {
             Op::DmaFill { handle, .. }
             | Op::DmaWriteDisk { handle, .. }
             | Op::DmaReadDisk { handle, .. } => buffer(handle),
-            Op::DmaChecksum { handle, len, .. } if len == 0 => buffer(handle),
+            Op::DmaChecksum { handle, len: 0, .. } => buffer(handle),
             Op::DmaChecksum { len, .. } => len.div_ceil(64),
             Op::DmaRead { len, .. } => u64::from(len).div_ceil(64),
             Op::DmaWrite { ref data, .. } => (data.len() as u64).div_ceil(64),
