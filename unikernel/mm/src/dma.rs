@@ -74,12 +74,35 @@ impl DmaBuffer {
     pub fn zone(&self) -> ZoneType {
         ZoneType::of_pfn(self.phys / PAGE_SIZE)
     }
+
+    /// Bytes the buffer takes: its whole block from the buddy, its pages
+    /// from the reservation.
+    pub fn span(&self) -> usize {
+        match self.source {
+            DmaSource::Buddy { order } => (PAGE_SIZE as usize) << order,
+            DmaSource::Cma => self.len.next_multiple_of(PAGE_SIZE as usize),
+        }
+    }
 }
 
 impl MemoryManager {
     /// Allocates a zeroed DMA buffer of `len` bytes aligned to `align` (a
     /// power of two) that lies entirely below `mask`.
     pub fn dma_alloc(
+        &mut self,
+        len: usize,
+        align: usize,
+        mask: DmaMask,
+    ) -> Result<DmaBuffer, MmError> {
+        let buf = self.dma_alloc_unzeroed(len, align, mask)?;
+        access::fill(buf.virt, buf.span(), 0);
+        Ok(buf)
+    }
+
+    /// As [`MemoryManager::dma_alloc`], but the bytes are left as the last
+    /// user left them: for a caller that zeroes the buffer itself, a piece
+    /// at a time, before anyone sees it.
+    pub fn dma_alloc_unzeroed(
         &mut self,
         len: usize,
         align: usize,
@@ -102,7 +125,6 @@ impl MemoryManager {
                 self.counters.dma_buddy_pages += 1 << order;
                 self.counters.dma_buffers += 1;
                 let virt = self.dmap.virt(phys);
-                access::fill(virt, (PAGE_SIZE as usize) << order, 0);
                 return Ok(DmaBuffer {
                     phys,
                     virt,
@@ -121,7 +143,6 @@ impl MemoryManager {
             .ok_or(MmError::NoMemory)?;
         self.counters.dma_buffers += 1;
         let virt = self.dmap.virt(phys);
-        access::fill(virt, len.next_multiple_of(PAGE_SIZE as usize), 0);
         Ok(DmaBuffer {
             phys,
             virt,
@@ -161,5 +182,14 @@ impl MemoryManager {
             return Err(MmError::Invalid("dma: not a live buffer"));
         }
         self.bytes_of(buf.virt, buf.len)
+    }
+
+    /// All the bytes `buf` takes ([`DmaBuffer::span`]), its length and the
+    /// rest of its block or pages: what zeroing it must cover.
+    pub fn dma_span_bytes(&mut self, buf: &DmaBuffer) -> Result<&mut [u8], MmError> {
+        if buf.virt != self.dmap.virt(buf.phys) {
+            return Err(MmError::Invalid("dma: not a live buffer"));
+        }
+        self.bytes_of(buf.virt, buf.span())
     }
 }

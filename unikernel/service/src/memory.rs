@@ -156,8 +156,24 @@ pub trait Memory {
 
     /// Allocate a physically contiguous buffer.
     fn dma_alloc(&mut self, len: u64, align: u64, mask: DmaMask) -> Result<Self::DmaBuf, MemError>;
+    /// As [`Memory::dma_alloc`], but the bytes may be left as they were:
+    /// the caller zeroes [`Memory::dma_span_bytes`] before anyone sees
+    /// them. By default, zeroed anyway.
+    fn dma_alloc_unzeroed(
+        &mut self,
+        len: u64,
+        align: u64,
+        mask: DmaMask,
+    ) -> Result<Self::DmaBuf, MemError> {
+        self.dma_alloc(len, align, mask)
+    }
     /// Its public facts.
     fn dma_facts(&self, buf: &Self::DmaBuf) -> DmaFacts;
+    /// Every byte it takes, its length and whatever rounding added: what
+    /// zeroing covers. By default its bytes.
+    fn dma_span_bytes<'a>(&'a mut self, buf: &'a Self::DmaBuf) -> Result<&'a mut [u8], MemError> {
+        self.dma_bytes(buf)
+    }
     /// Its bytes.
     fn dma_bytes<'a>(&'a mut self, buf: &'a Self::DmaBuf) -> Result<&'a mut [u8], MemError>;
     /// Free it.

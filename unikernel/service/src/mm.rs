@@ -287,6 +287,19 @@ impl Memory for MemoryManager {
     }
 
     fn dma_alloc(&mut self, len: u64, align: u64, mask: DmaMask) -> Result<DmaBuffer, MemError> {
+        let buf = Memory::dma_alloc_unzeroed(self, len, align, mask)?;
+        if let Ok(bytes) = MemoryManager::dma_span_bytes(self, &buf) {
+            bytes.fill(0);
+        }
+        Ok(buf)
+    }
+
+    fn dma_alloc_unzeroed(
+        &mut self,
+        len: u64,
+        align: u64,
+        mask: DmaMask,
+    ) -> Result<DmaBuffer, MemError> {
         let too_big = MemError::new(errno::EINVAL, "length or alignment too large");
         let len = usize::try_from(len).map_err(|_| too_big)?;
         let align = if align == 0 {
@@ -300,7 +313,7 @@ impl Memory for MemoryManager {
             DmaMask::Bits32 => memd_mm::DmaMask::Bits32,
             DmaMask::Bits64 => memd_mm::DmaMask::Bits64,
         };
-        MemoryManager::dma_alloc(self, len, align, mask).map_err(mm_err)
+        MemoryManager::dma_alloc_unzeroed(self, len, align, mask).map_err(mm_err)
     }
 
     fn dma_facts(&self, buf: &DmaBuffer) -> DmaFacts {
@@ -316,6 +329,10 @@ impl Memory for MemoryManager {
 
     fn dma_bytes<'a>(&'a mut self, buf: &'a DmaBuffer) -> Result<&'a mut [u8], MemError> {
         MemoryManager::dma_bytes(self, buf).map_err(mm_err)
+    }
+
+    fn dma_span_bytes<'a>(&'a mut self, buf: &'a DmaBuffer) -> Result<&'a mut [u8], MemError> {
+        MemoryManager::dma_span_bytes(self, buf).map_err(mm_err)
     }
 
     fn dma_free(&mut self, buf: DmaBuffer) -> Result<(), MemError> {

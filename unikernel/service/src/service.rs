@@ -1232,7 +1232,9 @@ impl<M: Memory> Service<M> {
             }
             Op::PoolDestroy { pool } => self.pool_destroy(env, conn, pool, page),
 
-            Op::DmaAlloc { len, align, mask } => self.dma_alloc(env, conn, len, align, mask, page),
+            Op::DmaAlloc { len, align, mask } => {
+                self.dma_alloc(env, conn, len, align, mask, page, true)
+            }
             Op::DmaFree { handle } => self.dma_free(env, conn, handle, page),
             Op::Check => Ok(Reply::Check(match env.with_mem(|m, _| m.check()) {
                 Ok(()) => CheckReport {

@@ -66,6 +66,8 @@ impl<M: Memory> Service<M> {
         Ok(Reply::DmaBuffers(list))
     }
 
+    /// A DMA buffer for `conn`, zeroed unless `zeroed` is false (the
+    /// caller zeroes it, see `work`).
     pub(super) fn dma_alloc<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
@@ -74,6 +76,7 @@ impl<M: Memory> Service<M> {
         align: u64,
         mask: DmaMask,
         page: u64,
+        zeroed: bool,
     ) -> Result<Reply, WireError> {
         if len == 0 {
             return Err(err(errno::EINVAL, "zero-length DMA buffer"));
@@ -96,7 +99,11 @@ impl<M: Memory> Service<M> {
         let buf = env
             .with_mem(|m, _| {
                 m.set_owner(conn);
-                m.dma_alloc(len, align, mask)
+                if zeroed {
+                    m.dma_alloc(len, align, mask)
+                } else {
+                    m.dma_alloc_unzeroed(len, align, mask)
+                }
             })
             .map_err(|e| {
                 if e.code != errno::ENOMEM {

@@ -31,8 +31,8 @@ pub(super) struct Departed<M: Memory> {
 /// The departed connections, oldest first.
 pub(super) struct Releases<M: Memory> {
     queue: VecDeque<Departed<M>>,
-    /// The slice being freed: allocated once, so a turn's heap work stays
-    /// outside the allocator's lock.
+    /// The slice being freed: allocated once per burst of departures, so a
+    /// turn's heap work stays outside the allocator's lock.
     slice: Vec<Res<M>>,
     dma: Vec<M::DmaBuf>,
 }
@@ -115,9 +115,15 @@ impl<M: Memory> Service<M> {
                 r.queue.pop_front();
             }
             if budget.spent(env) {
-                return r.queue.is_empty();
+                break;
             }
         }
+        if !r.queue.is_empty() {
+            return false;
+        }
+        // Nothing of the releases outlives them: an idle service holds
+        // exactly what it held before the connections came.
+        *r = Releases::new();
         true
     }
 }

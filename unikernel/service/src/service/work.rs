@@ -12,7 +12,8 @@
 use alloc::format;
 use alloc::vec::Vec;
 
-use memd_wire::{errno, Checksum, DiskTransfer, Op, Reply, WireError};
+use alloc::boxed::Box;
+use memd_wire::{errno, Checksum, DiskTransfer, DmaBufferInfo, Op, Reply, WireError};
 
 use super::{err, mem_err, Service};
 use crate::env::{Env, Transfer, SECTOR};
@@ -26,6 +27,9 @@ const COPY_SLICE: usize = 32 << 10;
 const CHECKSUM_SLICE: usize = 16 << 10;
 /// Bytes moved to or from the disk per slice: one device request.
 const DISK_SLICE: usize = 128 << 10;
+/// Bytes zeroed per slice, and the largest DMA buffer zeroed at once when
+/// it is allocated.
+const ZERO_SLICE: usize = 64 << 10;
 
 /// Default [`super::Config::budget_ns`]: the most guest time one
 /// connection's turn takes before its work waits for the next pass.
@@ -53,16 +57,17 @@ impl Budget {
 
 /// Whether `op` runs as [`Work`], in slices.
 pub(super) fn is_long(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::DmaFill { .. }
-            | Op::DmaChecksum { .. }
-            | Op::DmaWrite { .. }
-            | Op::DmaRead { .. }
-            | Op::DmaWriteDisk { .. }
-            | Op::DmaReadDisk { .. }
-            | Op::Stress { .. }
-    )
+    matches!(op, Op::DmaAlloc { len, .. } if *len > ZERO_SLICE as u64)
+        || matches!(
+            op,
+            Op::DmaFill { .. }
+                | Op::DmaChecksum { .. }
+                | Op::DmaWrite { .. }
+                | Op::DmaRead { .. }
+                | Op::DmaWriteDisk { .. }
+                | Op::DmaReadDisk { .. }
+                | Op::Stress { .. }
+        )
 }
 
 /// A long operation in progress.
@@ -81,7 +86,11 @@ pub(super) struct DmaWork {
 }
 
 enum DmaKind {
-    Fill { seed: u64 },
+    /// A new buffer, zeroed before its handle is given out.
+    Zero(Box<DmaBufferInfo>),
+    Fill {
+        seed: u64,
+    },
     Checksum(Checksum),
     Write(Vec<u8>),
     Read(Vec<u8>),
@@ -130,6 +139,7 @@ impl Work {
 impl DmaKind {
     fn name(&self) -> &'static str {
         match self {
+            DmaKind::Zero(_) => "zeroing",
             DmaKind::Fill { .. } => "fill",
             DmaKind::Checksum(_) => "checksum",
             DmaKind::Write(_) => "write",
@@ -143,6 +153,7 @@ impl DmaKind {
         match self {
             DmaKind::Checksum(_) => CHECKSUM_SLICE,
             DmaKind::Disk(_) => DISK_SLICE,
+            DmaKind::Zero(_) => ZERO_SLICE,
             _ => COPY_SLICE,
         }
     }
@@ -175,6 +186,18 @@ impl<M: Memory> Service<M> {
             }))
         };
         match op {
+            Op::DmaAlloc { len, align, mask } => {
+                let page = self.page_size(env);
+                let Reply::Dma(info) = self.dma_alloc(env, conn, len, align, mask, page, false)?
+                else {
+                    return Err(err(errno::EINVAL, "not a DMA buffer"));
+                };
+                let (buf, _) = self.dma(conn, info.handle)?;
+                let span = env
+                    .with_mem(|m, _| m.dma_span_bytes(buf).map(|b| b.len()))
+                    .map_err(mem_err)?;
+                dma(info.handle, 0, span, DmaKind::Zero(info))
+            }
             Op::Stress { ops, seed } => {
                 if ops > self.config.max_stress_ops {
                     return Err(err(
@@ -314,6 +337,7 @@ impl<M: Memory> Service<M> {
                 Reply::Stress(run.finish(env))
             }
             Work::Dma(w) => match &mut w.kind {
+                DmaKind::Zero(info) => Reply::Dma(info.clone()),
                 DmaKind::Fill { .. } | DmaKind::Write(_) => Reply::Done,
                 DmaKind::Checksum(sum) => Reply::Checksum(sum.value()),
                 DmaKind::Read(data) => Reply::Data(core::mem::take(data)),
@@ -343,9 +367,14 @@ impl<M: Memory> Service<M> {
         // No formatting or heap work inside: it runs under the allocator's
         // lock.
         let r = env.with_mem(|m, block| {
-            let bytes = m.dma_bytes(buf).map_err(DiskError::Mem)?;
+            let bytes = match w.kind {
+                DmaKind::Zero(_) => m.dma_span_bytes(buf),
+                _ => m.dma_bytes(buf),
+            }
+            .map_err(DiskError::Mem)?;
             let span = &mut bytes[from..to];
             match &mut w.kind {
+                DmaKind::Zero(_) => span.fill(0),
                 DmaKind::Fill { seed } => memd_wire::fill_pattern(*seed, from as u64, span),
                 DmaKind::Checksum(sum) => sum.update(span),
                 DmaKind::Write(data) => span.copy_from_slice(&data[from - base..to - base]),
