@@ -38,7 +38,7 @@ use batch::BatchJob;
 use caches::Parent;
 use release::Releases;
 pub use work::DEFAULT_BUDGET_NS;
-use work::{is_long, Budget, Work};
+use work::{is_long, Budget, Work, CONTENDED_NS, WORK_SHARE};
 
 /// A connection's id; also the owner tag of what it allocates.
 pub use crate::conns::ConnId;
@@ -362,6 +362,9 @@ pub struct Service<M: Memory> {
     hello_tag: Option<u8>,
     /// What departed connections held, being freed.
     releases: Releases<M>,
+    /// When the last turn began that ran a request other than long work:
+    /// other clients are being served, and long work gets its share.
+    served_at: u64,
 }
 
 impl<M: Memory> Service<M> {
@@ -379,6 +382,7 @@ impl<M: Memory> Service<M> {
             shutdown: false,
             hello_tag: hello_tag(),
             releases: Releases::new(),
+            served_at: 0,
         }
     }
 
@@ -469,7 +473,7 @@ impl<M: Memory> Service<M> {
         out: &mut Vec<u8>,
         max_out: usize,
     ) -> (usize, Flow) {
-        let budget = Budget::new(env, self.config.budget_ns);
+        let budget = self.turn_budget(env);
         let mut rest = input;
         let flow = self.resume(env, conn, out, &budget);
         if flow != Flow::Continue {
@@ -597,6 +601,16 @@ impl<M: Memory> Service<M> {
         self.resume(env, conn, out, budget)
     }
 
+    /// A turn's budget: [`Config::budget_ns`], of which long work gets a
+    /// [`WORK_SHARE`] part while other requests are being served.
+    fn turn_budget<E: Env<Mem = M>>(&mut self, env: &mut E) -> Budget {
+        let ns = self.config.budget_ns;
+        let now = env.now_ns();
+        let contended = now.saturating_sub(self.served_at) < CONTENDED_NS;
+        let work = if contended { ns / WORK_SHARE } else { ns };
+        Budget::new(env, ns, work)
+    }
+
     /// Sets `job` aside for `conn`'s next turn.
     fn park(&mut self, conn: ConnId, job: Job) {
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -615,7 +629,7 @@ impl<M: Memory> Service<M> {
     /// Frees some of what departed connections held, within one turn's
     /// budget; true while some is left (call again on the next pass).
     pub fn background<E: Env<Mem = M>>(&mut self, env: &mut E) -> bool {
-        let budget = Budget::new(env, self.config.budget_ns);
+        let budget = self.turn_budget(env);
         !self.release_some(env, &budget)
     }
 
@@ -692,7 +706,13 @@ impl<M: Memory> Service<M> {
         let Some(c) = self.conns.get(&conn) else {
             return Flow::Close;
         };
-        let (state, busy) = (c.state, c.job.is_some());
+        let state = c.state;
+        // Quick calls may run beside a long call, not inside a batch.
+        let beside = match &c.job {
+            None => None,
+            Some(Job::Call(_)) => Some(true),
+            Some(Job::Batch(_)) => Some(false),
+        };
         if state == State::AwaitHello && body.first().copied() != self.hello_tag {
             return self.close_with(conn, out, err(errno::EACCES, "hello with the token first"));
         }
@@ -702,10 +722,10 @@ impl<M: Memory> Service<M> {
                 return self.with_output(conn, out, |svc, out| svc.undecodable(conn, state, e, out))
             }
         };
-        if busy {
-            // Calls that are quick run now, their replies held back; the
-            // rest waits for the request in progress.
-            let quick = matches!(&req, Request::Call(op) if !is_long(op));
+        if let Some(beside) = beside {
+            // Calls that are quick run now beside a long call, their
+            // replies held back; the rest waits for the request in progress.
+            let quick = beside && matches!(&req, Request::Call(op) if !is_long(op));
             if !quick {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.waiting = Some(req);
@@ -786,6 +806,9 @@ impl<M: Memory> Service<M> {
                 Flow::Continue
             }
             (_, Request::Call(op)) => {
+                if !is_long(&op) {
+                    self.served_at = budget.start();
+                }
                 let mut io_budget = MAX_IO;
                 match self.run_op(env, conn, op, &mut io_budget, budget) {
                     Outcome::Done(r) => self.write_call(conn, r, out),
@@ -803,6 +826,7 @@ impl<M: Memory> Service<M> {
                     write_response(out, &Response::Batch(alloc::vec![Err(e)]));
                     return Flow::Continue;
                 }
+                self.served_at = budget.start();
                 let mut job = Box::new(BatchJob::new(batch));
                 match self.batch_turn(env, conn, &mut job, out, budget) {
                     Ok(true) => self.flow(),
@@ -1232,9 +1256,7 @@ impl<M: Memory> Service<M> {
             }
             Op::PoolDestroy { pool } => self.pool_destroy(env, conn, pool, page),
 
-            Op::DmaAlloc { len, align, mask } => {
-                self.dma_alloc(env, conn, len, align, mask, page, true)
-            }
+            Op::DmaAlloc { len, align, mask } => self.dma_alloc(env, conn, len, align, mask, true),
             Op::DmaFree { handle } => self.dma_free(env, conn, handle, page),
             Op::Check => Ok(Reply::Check(match env.with_mem(|m, _| m.check()) {
                 Ok(()) => CheckReport {

@@ -917,6 +917,46 @@ pub fn smoke() -> Result<()> {
             t.elapsed().as_secs_f64()
         );
     }
+    noisy_neighbour()
+}
+
+/// Ordinary requests may wait this many turn budgets behind a noisy
+/// neighbour, at the 99th percentile (the request's own round trip
+/// included), before the smoke run fails.
+const NEIGHBOUR_WAIT_BUDGETS: f64 = 10.0;
+/// Busy loop passes may take this many budgets at the 99th percentile.
+const PASS_BUDGETS: f64 = 5.0;
+
+/// The noisy-neighbour smoke run: four clients of one small request at a
+/// time beside one client that asks for nothing but the heaviest legal
+/// work. Fails if the small requests wait behind the heavy ones for more
+/// than a few turn budgets.
+fn noisy_neighbour() -> Result<()> {
+    let args = Args {
+        profile: Profile::Single,
+        noisy: 1,
+        ..Args::smoke(4, 6, None)
+    };
+    let t = Instant::now();
+    let r = boot_and_run(&args).context("loadtest smoke noisy-neighbour")?;
+    let passes = r
+        .loop_passes
+        .context("the service reports no loop passes")?;
+    let noisy_ops = r.noisy.as_ref().map_or(0, |n| n.ops);
+    let line = format!(
+        "noisy-neighbour: {} clients beside 1 noisy ({noisy_ops} heavy ops), p99 {:.0} us, loop passes p99 {:.0} us (budget {:.0} us)",
+        r.clients, r.all.p99, passes.p99_us, passes.budget_us
+    );
+    let waited = r.all.p99 > NEIGHBOUR_WAIT_BUDGETS * passes.budget_us;
+    let long_passes = passes.p99_us > PASS_BUDGETS * passes.budget_us;
+    if !r.passed() || waited || long_passes || noisy_ops == 0 {
+        r.print();
+        bail!("loadtest smoke {line}");
+    }
+    eprintln!(
+        "  ok    loadtest {line} ({:.1} s)",
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -75,9 +75,9 @@ impl<M: Memory> Service<M> {
         len: u64,
         align: u64,
         mask: DmaMask,
-        page: u64,
         zeroed: bool,
     ) -> Result<Reply, WireError> {
+        let page = self.page_size(env);
         if len == 0 {
             return Err(err(errno::EINVAL, "zero-length DMA buffer"));
         }

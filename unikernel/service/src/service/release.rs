@@ -114,7 +114,7 @@ impl<M: Memory> Service<M> {
             if last {
                 r.queue.pop_front();
             }
-            if budget.spent(env) {
+            if budget.work_spent(env) {
                 break;
             }
         }

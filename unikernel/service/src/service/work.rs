@@ -35,23 +35,46 @@ const ZERO_SLICE: usize = 64 << 10;
 /// connection's turn takes before its work waits for the next pass.
 pub const DEFAULT_BUDGET_NS: u64 = 200_000;
 
-/// The time a turn may take.
+/// Long work's share of a turn while other clients are being served:
+/// a quarter, so a client that only asks for heavy work takes a fifth of
+/// the loop from those that do not.
+pub const WORK_SHARE: u64 = 4;
+/// Other clients count as being served if one's request ran this recently.
+pub const CONTENDED_NS: u64 = 2_000_000;
+
+/// The time a turn may take: `budget_ns` in all, of which long work
+/// (and background frees) may take `work_ns`.
 #[derive(Clone, Copy, Debug)]
 pub struct Budget {
+    start: u64,
     deadline: u64,
+    work_deadline: u64,
 }
 
 impl Budget {
-    /// A budget of `ns` from now.
-    pub fn new<E: Env>(env: &mut E, ns: u64) -> Budget {
+    /// A budget of `ns` from now, `work_ns` of it for long work.
+    pub fn new<E: Env>(env: &mut E, ns: u64, work_ns: u64) -> Budget {
+        let start = env.now_ns();
         Budget {
-            deadline: env.now_ns().saturating_add(ns),
+            start,
+            deadline: start.saturating_add(ns),
+            work_deadline: start.saturating_add(work_ns.min(ns)),
         }
+    }
+
+    /// When the turn began.
+    pub fn start(&self) -> u64 {
+        self.start
     }
 
     /// Whether the turn is over.
     pub fn spent<E: Env>(&self, env: &mut E) -> bool {
         env.now_ns() >= self.deadline
+    }
+
+    /// Whether long work has had its share of the turn.
+    pub fn work_spent<E: Env>(&self, env: &mut E) -> bool {
+        env.now_ns() >= self.work_deadline
     }
 }
 
@@ -187,9 +210,7 @@ impl<M: Memory> Service<M> {
         };
         match op {
             Op::DmaAlloc { len, align, mask } => {
-                let page = self.page_size(env);
-                let Reply::Dma(info) = self.dma_alloc(env, conn, len, align, mask, page, false)?
-                else {
+                let Reply::Dma(info) = self.dma_alloc(env, conn, len, align, mask, false)? else {
                     return Err(err(errno::EINVAL, "not a DMA buffer"));
                 };
                 let (buf, _) = self.dma(conn, info.handle)?;
@@ -323,7 +344,7 @@ impl<M: Memory> Service<M> {
             if done {
                 return Some(Ok(self.finish_work(env, work)));
             }
-            if budget.spent(env) {
+            if budget.work_spent(env) {
                 return None;
             }
         }
