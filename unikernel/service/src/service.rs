@@ -608,7 +608,7 @@ impl<M: Memory> Service<M> {
         let now = env.now_ns();
         let contended = now.saturating_sub(self.served_at) < CONTENDED_NS;
         let work = if contended { ns / WORK_SHARE } else { ns };
-        Budget::new(env, ns, work)
+        Budget::new(now, ns, work)
     }
 
     /// Sets `job` aside for `conn`'s next turn.

@@ -52,9 +52,8 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// A budget of `ns` from now, `work_ns` of it for long work.
-    pub fn new<E: Env>(env: &mut E, ns: u64, work_ns: u64) -> Budget {
-        let start = env.now_ns();
+    /// A budget of `ns` from `start`, `work_ns` of it for long work.
+    pub fn new(start: u64, ns: u64, work_ns: u64) -> Budget {
         Budget {
             start,
             deadline: start.saturating_add(ns),
