@@ -15,17 +15,26 @@ pub struct Transfer {
     pub data_descriptors: u64,
 }
 
-/// A block device with 512-byte sectors, for the disk DMA operations.
+/// A block device with 512-byte sectors, for the disk DMA operations,
+/// driven one request at a time without waiting for it: [`BlockDevice::start`]
+/// hands a buffer to the device, [`BlockDevice::poll`] says when the device
+/// has given it back.
 ///
-/// `read` and `write` are synchronous: they return once the device has
-/// completed every request, so the buffer is the caller's again.
+/// Between the two the buffer is the device's: the caller passes the very
+/// same slice to `poll` until it reports the request done, and neither
+/// reads, writes nor frees the buffer meanwhile (memd-service leases it).
 pub trait BlockDevice {
     /// Device size in sectors.
     fn capacity_sectors(&self) -> u64;
-    /// Read `buf.len() / 512` sectors starting at `sector` into `buf`.
-    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<Transfer, &'static str>;
-    /// Write `buf` to `buf.len() / 512` sectors starting at `sector`.
-    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<Transfer, &'static str>;
+    /// The largest request, in bytes (a multiple of [`SECTOR`]).
+    fn max_request(&self) -> usize;
+    /// Starts reading (`write` false) or writing `buf.len() / 512` sectors
+    /// at `sector` into or from `buf`. Ok(false): a request is already in
+    /// flight; try again later.
+    fn start(&mut self, write: bool, sector: u64, buf: &mut [u8]) -> Result<bool, &'static str>;
+    /// The request in flight on `buf`, once the device has completed it
+    /// (None: not yet, or no request on `buf` in flight).
+    fn poll(&mut self, buf: &mut [u8]) -> Option<Result<Transfer, &'static str>>;
 }
 
 /// Sector size of [`BlockDevice`].

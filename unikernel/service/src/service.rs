@@ -663,10 +663,14 @@ impl<M: Memory> Service<M> {
             Some(Job::Batch(mut b)) => b.take_work(),
             None => None,
         };
-        if let Some(work) = work {
-            work.abandon(env);
+        let mut handles = c.handles;
+        if let Some(f) = work.and_then(|w| w.abandon(env)) {
+            // The device holds that buffer: it is freed when it gives it back.
+            if let Some(Res::Dma { buf, .. }) = handles.remove(f.handle) {
+                self.releases.push_in_flight(buf, f.from, f.to);
+            }
         }
-        self.releases.push(c.handles);
+        self.releases.push(handles);
     }
 
     /// The long operation that leases DMA buffer `handle` of `conn`, if

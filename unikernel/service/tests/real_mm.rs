@@ -323,7 +323,7 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
         .code,
         errno::ENODEV
     );
-    t.disk = Some(RamDisk(vec![0; 16 << 20]));
+    t.disk = Some(RamDisk::new(vec![0; 16 << 20]));
     t.ok(
         a,
         Op::DmaWriteDisk {

@@ -442,7 +442,7 @@ fn dma_buffer_io() {
         ),
         errno::ENODEV
     );
-    h.disk = Some(RamDisk(vec![0; 64 * 512]));
+    h.disk = Some(RamDisk::new(vec![0; 64 * 512]));
     match h.ok(
         c,
         Op::DmaWriteDisk {

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 
 use common::*;
 use memd_service::service::DEFAULT_BUDGET_NS;
-use memd_service::{Config, ConnId, DirectEnv, Flow, Memory, Service};
+use memd_service::{BlockDevice, Config, ConnId, DirectEnv, Flow, Memory, Service};
 use memd_wire::*;
 
 /// How far the fake clock moves at every reading.
@@ -719,4 +719,90 @@ fn a_call_behind_a_batch_runs_after_the_batch() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// One turn of `conn` with the harness's disk attached.
+fn disk_turn(h: &mut Harness<Model>, conn: ConnId, input: &[u8]) -> Turn {
+    let mut env = DirectEnv {
+        mem: &mut h.mem,
+        block: h.disk.as_mut().map(|d| d as &mut dyn BlockDevice),
+        clock: fake_clock,
+    };
+    let mut out = Vec::new();
+    let (taken, flow) = h
+        .svc
+        .on_bytes_bounded(&mut env, conn, input, &mut out, usize::MAX);
+    Turn { taken, flow, out }
+}
+
+#[test]
+fn a_disk_transfer_leases_its_buffer_until_the_device_gives_it_back() {
+    let mut h = harness();
+    h.disk = Some(RamDisk::new(vec![0; 4 << 20]));
+    let c = h.login();
+    let (buf, _) = dma_alloc(&mut h, c, MIB);
+    // The device holds the buffer after the first turn (the RAM disk
+    // completes at its second poll): a pipelined free is refused.
+    let mut input = call_frame(Op::DmaWriteDisk {
+        handle: buf,
+        sector: 8,
+    });
+    input.extend(call_frame(Op::DmaFree { handle: buf }));
+    let t = disk_turn(&mut h, c, &input);
+    assert_eq!(t.flow, Flow::Continue);
+    assert_eq!(t.taken, input.len());
+    assert!(t.out.is_empty(), "{:?}", t.responses());
+    assert!(h.svc.has_work(c));
+    let t = disk_turn(&mut h, c, &[]);
+    match &t.responses()[..] {
+        [Response::Call(Ok(Reply::Transfer(x))), Response::Call(Err(e))] => {
+            assert_eq!((x.bytes, x.sector, x.requests), (MIB, 8, 1));
+            assert_eq!(e.code, errno::EBUSY);
+            assert!(e.message.contains("disk write"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(h.ok(c, Op::DmaFree { handle: buf }), Reply::Done));
+}
+
+#[test]
+fn a_buffer_left_with_the_device_is_freed_when_the_transfer_ends() {
+    let mut h = harness();
+    h.disk = Some(RamDisk::new(vec![0; 4 << 20]));
+    let baseline = h.mem.free_bytes();
+    let c = h.login();
+    let (buf, _) = dma_alloc(&mut h, c, MIB);
+    let t = disk_turn(
+        &mut h,
+        c,
+        &call_frame(Op::DmaReadDisk {
+            handle: buf,
+            sector: 0,
+        }),
+    );
+    assert!(t.out.is_empty());
+    assert!(h.disk.as_ref().unwrap().1.is_some(), "no request in flight");
+    let mut env = DirectEnv {
+        mem: &mut h.mem,
+        block: h.disk.as_mut().map(|d| d as &mut dyn BlockDevice),
+        clock: fake_clock,
+    };
+    h.svc.on_close(&mut env, c);
+    assert_eq!(
+        h.svc.pending_release(),
+        1,
+        "the buffer waits for the device"
+    );
+    assert!(
+        env.mem.free_bytes() < baseline,
+        "freed while the device held it"
+    );
+    // The RAM disk completes at its second poll: the background's first.
+    while h.svc.background(&mut env) {}
+    assert_eq!(h.svc.pending_release(), 0);
+    assert_eq!(env.mem.free_bytes(), baseline);
+    assert!(
+        h.disk.as_ref().unwrap().1.is_none(),
+        "request never completed"
+    );
 }

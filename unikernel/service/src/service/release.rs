@@ -31,6 +31,9 @@ pub(super) struct Departed<M: Memory> {
 /// The departed connections, oldest first.
 pub(super) struct Releases<M: Memory> {
     queue: VecDeque<Departed<M>>,
+    /// DMA buffers a departed connection left with the disk: each is freed
+    /// once the device has completed the request on bytes `[from, to)`.
+    in_flight: Vec<(M::DmaBuf, usize, usize)>,
     /// The slice being freed: allocated once per burst of departures, so a
     /// turn's heap work stays outside the allocator's lock.
     slice: Vec<Res<M>>,
@@ -41,6 +44,7 @@ impl<M: Memory> Releases<M> {
     pub(super) fn new() -> Self {
         Releases {
             queue: VecDeque::new(),
+            in_flight: Vec::new(),
             slice: Vec::new(),
             dma: Vec::new(),
         }
@@ -58,12 +62,20 @@ impl<M: Memory> Releases<M> {
         });
     }
 
+    /// Queues a DMA buffer the device holds, to be freed when it gives it
+    /// back.
+    pub(super) fn push_in_flight(&mut self, buf: M::DmaBuf, from: usize, to: usize) {
+        self.in_flight.push((buf, from, to));
+    }
+
     /// Handles still to be freed.
     pub(super) fn pending(&self) -> usize {
-        self.queue
-            .iter()
-            .map(|d| d.rest.len() + d.pools.len() + d.caches.len())
-            .sum()
+        self.in_flight.len()
+            + self
+                .queue
+                .iter()
+                .map(|d| d.rest.len() + d.pools.len() + d.caches.len())
+                .sum::<usize>()
     }
 }
 
@@ -72,6 +84,27 @@ impl<M: Memory> Service<M> {
     /// `budget` is spent.
     pub(super) fn release_some<E: Env<Mem = M>>(&mut self, env: &mut E, budget: &Budget) -> bool {
         let r = &mut self.releases;
+        if !r.in_flight.is_empty() {
+            let in_flight = &mut r.in_flight;
+            env.with_mem(|m, mut block| {
+                let mut i = 0;
+                while i < in_flight.len() {
+                    let (buf, from, to) = &in_flight[i];
+                    let done = match (block.as_deref_mut(), m.dma_bytes(buf)) {
+                        (Some(b), Ok(bytes)) => b.poll(&mut bytes[*from..*to]).is_some(),
+                        // No device, or not a live buffer: nothing can be
+                        // in flight on it.
+                        _ => true,
+                    };
+                    if done {
+                        let (buf, ..) = in_flight.swap_remove(i);
+                        let _ = m.dma_free(buf);
+                    } else {
+                        i += 1;
+                    }
+                }
+            });
+        }
         if r.slice.capacity() < SLICE {
             r.slice.reserve_exact(SLICE);
             r.dma.reserve_exact(SLICE);
@@ -118,7 +151,7 @@ impl<M: Memory> Service<M> {
                 break;
             }
         }
-        if !r.queue.is_empty() {
+        if !r.queue.is_empty() || !r.in_flight.is_empty() {
             return false;
         }
         // Nothing of the releases outlives them: an idle service holds

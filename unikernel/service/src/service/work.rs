@@ -25,8 +25,6 @@ use crate::ConnId;
 const COPY_SLICE: usize = 32 << 10;
 /// Bytes checksummed per slice (a byte-at-a-time hash, the slowest walk).
 const CHECKSUM_SLICE: usize = 16 << 10;
-/// Bytes moved to or from the disk per slice: one device request.
-const DISK_SLICE: usize = 128 << 10;
 /// Bytes zeroed per slice, and the largest DMA buffer zeroed at once when
 /// it is allocated.
 const ZERO_SLICE: usize = 64 << 10;
@@ -98,6 +96,14 @@ pub(super) enum Work {
     Stress(stress::Run),
 }
 
+/// A disk request a departed connection left in flight: bytes
+/// `[from, to)` of its DMA buffer `handle` are the device's.
+pub(super) struct InFlight {
+    pub handle: u64,
+    pub from: usize,
+    pub to: usize,
+}
+
 /// Work on one DMA buffer: bytes `[pos, end)` are left.
 pub(super) struct DmaWork {
     pub handle: u64,
@@ -123,7 +129,12 @@ struct Disk {
     write: bool,
     sector: u64,
     moved: Transfer,
+    /// When the first request started, and the time to the last one's
+    /// completion.
+    first_start: Option<u64>,
     device_ns: u64,
+    /// The end of the request the device holds, if one is in flight.
+    in_flight: Option<usize>,
 }
 
 impl Work {
@@ -149,11 +160,26 @@ impl Work {
     }
 
     /// Gives back what the work holds of its own, for a connection that
-    /// left before it ended (a stress run's allocations; a DMA slice is
-    /// over when its step returns, so nothing is in flight).
-    pub(super) fn abandon<E: Env>(mut self, env: &mut E) {
-        if let Work::Stress(r) = &mut self {
-            r.release(env);
+    /// left before it ended (a stress run's allocations). A disk request
+    /// in flight is returned: its buffer is the device's until it
+    /// completes.
+    pub(super) fn abandon<E: Env>(mut self, env: &mut E) -> Option<InFlight> {
+        match &mut self {
+            Work::Stress(r) => {
+                r.release(env);
+                None
+            }
+            Work::Dma(w) => match &w.kind {
+                DmaKind::Disk(Disk {
+                    in_flight: Some(to),
+                    ..
+                }) => Some(InFlight {
+                    handle: w.handle,
+                    from: w.pos,
+                    to: *to,
+                }),
+                _ => None,
+            },
         }
     }
 }
@@ -174,7 +200,7 @@ impl DmaKind {
     fn slice(&self) -> usize {
         match self {
             DmaKind::Checksum(_) => CHECKSUM_SLICE,
-            DmaKind::Disk(_) => DISK_SLICE,
+            DmaKind::Disk(_) => usize::MAX,
             DmaKind::Zero(_) => ZERO_SLICE,
             _ => COPY_SLICE,
         }
@@ -315,7 +341,9 @@ impl<M: Memory> Service<M> {
                     write,
                     sector,
                     moved: Transfer::default(),
+                    first_start: None,
                     device_ns: 0,
+                    in_flight: None,
                 };
                 dma(handle, 0, len as usize, DmaKind::Disk(disk))
             }
@@ -336,8 +364,20 @@ impl<M: Memory> Service<M> {
             let done = match work {
                 Work::Stress(run) => run.step(env, conn),
                 Work::Dma(w) => match self.dma_slice(env, conn, w) {
-                    Ok(done) => done,
-                    Err(e) => return Some(Err(e)),
+                    Ok(Slice::Done) => true,
+                    Ok(Slice::Moved) => false,
+                    Ok(Slice::Waiting) => return None,
+                    Err(e) => {
+                        if let DmaKind::Disk(d) = &w.kind {
+                            if d.in_flight.is_some() {
+                                // The device still holds the buffer: the
+                                // error waits for it (a lookup cannot fail
+                                // while the lease holds the handle).
+                                return None;
+                            }
+                        }
+                        return Some(Err(e));
+                    }
                 },
             };
             if done {
@@ -373,17 +413,20 @@ impl<M: Memory> Service<M> {
         }
     }
 
-    /// One slice of `w`; true when it has reached the end.
+    /// One slice of `w`.
     fn dma_slice<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
         conn: ConnId,
         w: &mut DmaWork,
-    ) -> Result<bool, WireError> {
+    ) -> Result<Slice, WireError> {
         let (buf, _) = self.dma(conn, w.handle)?;
-        let (from, to) = (w.pos, w.end.min(w.pos + w.kind.slice()));
-        let base = w.start;
-        let started = env.now_ns();
+        let (from, base, end) = (w.pos, w.start, w.end);
+        let to = end.min(from.saturating_add(w.kind.slice()));
+        let now = env.now_ns();
+        if let DmaKind::Disk(d) = &mut w.kind {
+            d.first_start.get_or_insert(now);
+        }
         // No formatting or heap work inside: it runs under the allocator's
         // lock.
         let r = env.with_mem(|m, block| {
@@ -401,33 +444,71 @@ impl<M: Memory> Service<M> {
                 DmaKind::Read(data) => data.extend_from_slice(span),
                 DmaKind::Disk(d) => {
                     let block = block.ok_or(DiskError::NoDevice)?;
-                    let sector = d.sector + (from as u64) / SECTOR;
-                    let t = if d.write {
-                        block.write(sector, span)
-                    } else {
-                        block.read(sector, span)
-                    }
-                    .map_err(DiskError::Io)?;
-                    d.moved.requests += t.requests;
-                    d.moved.descriptors += t.descriptors;
-                    d.moved.data_descriptors += t.data_descriptors;
+                    return disk_step(d, block, bytes, from, end);
                 }
             }
-            Ok(())
+            Ok(Some(to))
         });
-        if let DmaKind::Disk(d) = &mut w.kind {
-            d.device_ns += env.now_ns().saturating_sub(started);
-        }
         match r {
-            Ok(()) => {
+            Ok(Some(to)) => {
                 w.pos = to;
-                Ok(w.pos == w.end)
+                if let (DmaKind::Disk(d), true) = (&mut w.kind, to == end) {
+                    let started = d.first_start.unwrap_or(now);
+                    d.device_ns = env.now_ns().saturating_sub(started);
+                }
+                Ok(if to == end { Slice::Done } else { Slice::Moved })
             }
+            Ok(None) => Ok(Slice::Waiting),
             Err(DiskError::NoDevice) => Err(err(errno::ENODEV, "no block device attached")),
             Err(DiskError::Io(e)) => Err(err(errno::EIO, e)),
             Err(DiskError::Mem(e)) => Err(mem_err(e)),
         }
     }
+}
+
+/// How far a slice got.
+enum Slice {
+    Moved,
+    /// Waiting for the device: nothing more to do this turn.
+    Waiting,
+    Done,
+}
+
+/// Moves a disk transfer on: starts the next request of `bytes[from..end]`
+/// (as much as the device takes at once) if none is in flight, and sees
+/// whether the one in flight has completed. Some(position) once it has.
+fn disk_step(
+    d: &mut Disk,
+    block: &mut dyn crate::env::BlockDevice,
+    bytes: &mut [u8],
+    from: usize,
+    end: usize,
+) -> Result<Option<usize>, DiskError> {
+    let to = match d.in_flight {
+        Some(to) => to,
+        None => {
+            let to = end.min(from + block.max_request().max(SECTOR as usize));
+            let sector = d.sector + (from as u64) / SECTOR;
+            if !block
+                .start(d.write, sector, &mut bytes[from..to])
+                .map_err(DiskError::Io)?
+            {
+                // Another connection's request is in flight.
+                return Ok(None);
+            }
+            d.in_flight = Some(to);
+            to
+        }
+    };
+    let Some(t) = block.poll(&mut bytes[from..to]) else {
+        return Ok(None);
+    };
+    d.in_flight = None;
+    let t = t.map_err(DiskError::Io)?;
+    d.moved.requests += t.requests;
+    d.moved.descriptors += t.descriptors;
+    d.moved.data_descriptors += t.data_descriptors;
+    Ok(Some(to))
 }
 
 /// Checks `[offset, offset+len)` lies within `total`; returns `offset` as usize.

@@ -349,28 +349,49 @@ impl Memory for Model {
     }
 }
 
-/// An in-memory disk.
-pub struct RamDisk(pub Vec<u8>);
+/// An in-memory disk. A request completes at the second poll after it
+/// started, so work waits for the device at least one turn.
+pub struct RamDisk(pub Vec<u8>, pub Option<(bool, u64, usize, u32)>);
+
+impl RamDisk {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        RamDisk(bytes, None)
+    }
+}
 
 impl BlockDevice for RamDisk {
     fn capacity_sectors(&self) -> u64 {
         self.0.len() as u64 / 512
     }
-    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<Transfer, &'static str> {
-        let s = sector as usize * 512;
-        buf.copy_from_slice(&self.0[s..s + buf.len()]);
-        Ok(Transfer {
-            requests: 1,
-            ..Transfer::default()
-        })
+    fn max_request(&self) -> usize {
+        1 << 20
     }
-    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<Transfer, &'static str> {
-        let s = sector as usize * 512;
-        self.0[s..s + buf.len()].copy_from_slice(buf);
-        Ok(Transfer {
+    fn start(&mut self, write: bool, sector: u64, buf: &mut [u8]) -> Result<bool, &'static str> {
+        if self.1.is_some() {
+            return Ok(false);
+        }
+        self.1 = Some((write, sector, buf.len(), 0));
+        Ok(true)
+    }
+    fn poll(&mut self, buf: &mut [u8]) -> Option<Result<Transfer, &'static str>> {
+        let (write, sector, len, polls) = self.1.as_mut()?;
+        assert_eq!(*len, buf.len(), "polled with another buffer");
+        *polls += 1;
+        if *polls < 2 {
+            return None;
+        }
+        let s = *sector as usize * 512;
+        if *write {
+            self.0[s..s + buf.len()].copy_from_slice(buf);
+        } else {
+            buf.copy_from_slice(&self.0[s..s + buf.len()]);
+        }
+        self.1 = None;
+        Some(Ok(Transfer {
             requests: 1,
-            ..Transfer::default()
-        })
+            descriptors: 3,
+            data_descriptors: 1,
+        }))
     }
 }
 
