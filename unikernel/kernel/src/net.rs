@@ -442,9 +442,10 @@ impl Sockets {
             // Timed only when there is input: the clock costs a QEMU call.
             let start = (s.can_recv() || c.conn.is_some_and(|c| handler.busy(c)))
                 .then(time::uptime_ns);
-            let served = serve_client(c, s, handler, shutdown, now);
-            turns |= served;
-            if served && start.is_some_and(|t| time::uptime_ns() - t > FLUSH_AFTER_NS) {
+            let wrote = serve_client(c, s, handler, shutdown, now);
+            turns |= start.is_some();
+            // A turn that wrote nothing (work set aside) has nothing to send.
+            if wrote && start.is_some_and(|t| time::uptime_ns() - t > FLUSH_AFTER_NS) {
                 flush(&mut self.set, &self.listeners);
             }
             let c = &mut self.clients[i];
@@ -494,7 +495,7 @@ fn send_queued(iface: &mut Interface, dev: &mut NetDevice, set: &mut SocketSet<'
 }
 
 /// One client's turn: input to the handler, output to the socket, and the
-/// end of its connection. Returns whether input was handled.
+/// end of its connection. Returns whether its turn wrote replies.
 fn serve_client(
     c: &mut Client,
     s: &mut tcp::Socket,
@@ -512,13 +513,13 @@ fn serve_client(
     let Some(conn) = c.conn else {
         return false;
     };
-    let mut handled = false;
+    let mut wrote = false;
     while !c.closing && c.out.len() < MAX_PENDING_OUT {
         let busy = handler.busy(conn);
         if !busy && !s.can_recv() {
             break;
         }
-        handled = true;
+        let before = c.out.len();
         let (taken, offered, flow) = if s.can_recv() {
             s.recv(|input| {
                 let (taken, flow) = handler.on_bytes(conn, input, &mut c.out, MAX_PENDING_OUT);
@@ -532,6 +533,7 @@ fn serve_client(
         if taken > 0 || busy {
             c.active_ns = now;
         }
+        wrote |= c.out.len() > before;
         match flow {
             Flow::Continue => {}
             Flow::Close => c.closing = true,
@@ -576,7 +578,7 @@ fn serve_client(
         c.conn = None;
         c.out = Vec::new();
     }
-    handled
+    wrote
 }
 
 /// A zeroed buffer of `len` bytes, or None when the heap cannot hold it.

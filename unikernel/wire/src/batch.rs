@@ -99,11 +99,13 @@ pub const PLAIN_RESULT_MAX: usize = 8 + 3 * 10;
 const COUNT_ROOM: usize = 2;
 
 /// Where a suspended batch reply stands in its buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub struct BatchReplyMark {
     start: usize,
     results: usize,
     count: usize,
+    /// The writer's tags, worked out once per reply.
+    tags: Option<[Tags; 3]>,
 }
 
 impl BatchReplyMark {
@@ -118,6 +120,7 @@ impl BatchReplyMark {
             start,
             results: self.results - self.start + start,
             count: self.count,
+            tags: self.tags,
         }
     }
 }
@@ -159,6 +162,7 @@ impl<'a> BatchReplyWriter<'a> {
                 start,
                 results,
                 count: 0,
+                tags: None,
             },
         ))
     }
@@ -167,24 +171,31 @@ impl<'a> BatchReplyWriter<'a> {
     /// in the buffer it was written to (or moved to, see
     /// [`BatchReplyMark::rebased`]).
     pub fn resume(out: &'a mut Vec<u8>, mark: BatchReplyMark) -> Self {
-        let object = Reply::Object {
-            handle: 0,
-            addr: 0,
-            size: 0,
-        };
-        let pages = Reply::Pages {
-            handle: 0,
-            phys: 0,
-            order: 0,
-        };
+        let [done, object, pages] = mark.tags.unwrap_or_else(|| {
+            let object = Reply::Object {
+                handle: 0,
+                addr: 0,
+                size: 0,
+            };
+            let pages = Reply::Pages {
+                handle: 0,
+                phys: 0,
+                order: 0,
+            };
+            [
+                Tags::of(&Ok(Reply::Done), 0),
+                Tags::of(&Ok(object), 3),
+                Tags::of(&Ok(pages), 3),
+            ]
+        });
         BatchReplyWriter {
             out,
             start: mark.start,
             results: mark.results,
             count: mark.count,
-            done: Tags::of(&Ok(Reply::Done), 0),
-            object: Tags::of(&Ok(object), 3),
-            pages: Tags::of(&Ok(pages), 3),
+            done,
+            object,
+            pages,
         }
     }
 
@@ -195,6 +206,7 @@ impl<'a> BatchReplyWriter<'a> {
             start: self.start,
             results: self.results,
             count: self.count,
+            tags: Some([self.done, self.object, self.pages]),
         }
     }
 

@@ -21,7 +21,7 @@ use crate::ConnId;
 
 /// Plain operations per hold of the memory manager: about 100 µs under
 /// TCG, so the budget is looked at between runs.
-const BULK_SLICE: usize = 128;
+const BULK_SLICE: usize = 256;
 
 /// A batch in progress.
 pub(super) struct BatchJob {
@@ -137,18 +137,27 @@ impl<M: Memory> Service<M> {
         if finished {
             reply.finish()?;
             if job.moved {
-                out.try_reserve(job.reply.len())
-                    .map_err(|_| FrameError::NoMemory {
-                        len: job.reply.len(),
-                    })?;
-                out.append(&mut job.reply);
+                if out.is_empty() {
+                    core::mem::swap(out, &mut job.reply);
+                } else {
+                    out.try_reserve(job.reply.len())
+                        .map_err(|_| FrameError::NoMemory {
+                            len: job.reply.len(),
+                        })?;
+                    out.append(&mut job.reply);
+                }
             }
             return Ok(true);
         }
         let mark = reply.suspend();
-        if !job.moved {
+        if !job.moved && mark.start() == 0 {
             // Set aside: the output buffer is sent as it is, so the partial
-            // frame moves to the batch's own buffer.
+            // frame moves to the batch's own buffer; alone there, it moves
+            // whole, uncopied.
+            core::mem::swap(out, &mut job.reply);
+            job.moved = true;
+            st.mark = Some(mark);
+        } else if !job.moved {
             let part = &out[mark.start()..];
             job.reply
                 .try_reserve_exact(part.len())
