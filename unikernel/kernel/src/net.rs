@@ -269,6 +269,9 @@ struct Client {
     /// Cut by memd: the socket is kept for one more pass, so its reset
     /// leaves and the peer learns the connection is gone.
     cut: bool,
+    /// The handler had a request of this connection in progress after its
+    /// last turn: it gets a turn every pass, input or not.
+    busy: bool,
 }
 
 impl Client {
@@ -282,6 +285,7 @@ impl Client {
             active_ns: now,
             send_queue: 0,
             cut: false,
+            busy: false,
         }
     }
 }
@@ -440,8 +444,7 @@ impl Sockets {
             let c = &mut self.clients[i];
             let s = self.set.get_mut::<tcp::Socket>(c.handle);
             // Timed only when there is input: the clock costs a QEMU call.
-            let start = (s.can_recv() || c.conn.is_some_and(|c| handler.busy(c)))
-                .then(time::uptime_ns);
+            let start = (s.can_recv() || c.busy).then(time::uptime_ns);
             let wrote = serve_client(c, s, handler, shutdown, now);
             turns |= start.is_some();
             // A turn that wrote nothing (work set aside) has nothing to send.
@@ -515,7 +518,7 @@ fn serve_client(
     };
     let mut wrote = false;
     while !c.closing && c.out.len() < MAX_PENDING_OUT {
-        let busy = handler.busy(conn);
+        let busy = c.busy;
         if !busy && !s.can_recv() {
             break;
         }
@@ -534,6 +537,7 @@ fn serve_client(
             c.active_ns = now;
         }
         wrote |= c.out.len() > before;
+        c.busy = handler.busy(conn);
         match flow {
             Flow::Continue => {}
             Flow::Close => c.closing = true,
@@ -577,6 +581,7 @@ fn serve_client(
         handler.on_close(conn);
         c.conn = None;
         c.out = Vec::new();
+        c.busy = false;
     }
     wrote
 }
@@ -627,6 +632,7 @@ fn cut(c: &mut Client, s: &mut tcp::Socket, handler: &mut dyn Handler, why: Cut)
         handler.on_close(conn);
     }
     c.out = Vec::new();
+    c.busy = false;
     c.closing = true;
     c.cut = true;
 }
