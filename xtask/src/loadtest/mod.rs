@@ -924,8 +924,9 @@ pub fn smoke() -> Result<()> {
 /// neighbour, at the 99th percentile (the request's own round trip
 /// included), before the smoke run fails.
 const NEIGHBOUR_WAIT_BUDGETS: f64 = 10.0;
-/// Busy loop passes may take this many budgets at the 99th percentile.
-const PASS_BUDGETS: f64 = 5.0;
+/// Busy loop passes (every client's turn, the network's work around
+/// them) may take this many budgets at the 99th percentile.
+const PASS_BUDGETS: f64 = 8.0;
 
 /// The noisy-neighbour smoke run: four clients of one small request at a
 /// time beside one client that asks for nothing but the heaviest legal
