@@ -60,13 +60,41 @@ impl FrameRun {
     }
 }
 
-/// Iterator returned by [`MemoryManager::frame_runs`].
+/// Iterator returned by [`MemoryManager::frame_runs`] and
+/// [`MemoryManager::frame_runs_in`].
 pub struct FrameRuns<'a> {
     mm: &'a MemoryManager,
     pfn: u64,
+    /// Where the walk stops (at most the table's end).
+    end: u64,
+    /// The walk starts at `pfn`, which may be inside a block.
+    resumed: bool,
 }
 
 impl FrameRuns<'_> {
+    /// The block that covers `pfn` from a head below it, as (kind, frames
+    /// from `pfn` to the block's end), if `pfn` is a block's tail frame: a
+    /// walk resumed after the table changed may start inside a block.
+    fn covering(&self, pfn: u64) -> Option<(RunKind, u64)> {
+        let f = &self.mm.frames[pfn as usize];
+        match f.state() {
+            FrameState::SlabTail => {
+                let (kind, len) = self.block(u64::from(f.next));
+                let end = u64::from(f.next) + len;
+                (end > pfn).then(|| (kind, end - pfn))
+            }
+            FrameState::None => (1..64).find_map(|order| {
+                let head = pfn & !((1u64 << order) - 1);
+                if head == pfn {
+                    return None;
+                }
+                let (kind, len) = self.block(head);
+                (len > 1 && head + len > pfn).then(|| (kind, head + len - pfn))
+            }),
+            _ => None,
+        }
+    }
+
     /// The block at `pfn`: its kind and length in frames (clipped to the
     /// table, so a corrupt order cannot run past it).
     fn block(&self, pfn: u64) -> (RunKind, u64) {
@@ -94,19 +122,23 @@ impl Iterator for FrameRuns<'_> {
     type Item = FrameRun;
 
     fn next(&mut self) -> Option<FrameRun> {
-        let n = self.mm.frames.len() as u64;
+        let n = self.end;
         if self.pfn >= n {
             return None;
         }
         let start = self.pfn;
-        let (kind, len) = self.block(start);
-        self.pfn += len;
+        let first = match core::mem::take(&mut self.resumed) {
+            true => self.covering(start),
+            false => None,
+        };
+        let (kind, len) = first.unwrap_or_else(|| self.block(start));
+        self.pfn = (self.pfn + len).min(n);
         while self.pfn < n {
             let (k, len) = self.block(self.pfn);
             if k != kind {
                 break;
             }
-            self.pfn += len;
+            self.pfn = (self.pfn + len).min(n);
         }
         Some(FrameRun {
             start_pfn: start,
@@ -120,7 +152,26 @@ impl MemoryManager {
     /// Every frame of the table as maximal runs of one kind, in address
     /// order, covering `0..nr_frames()` without gaps.
     pub fn frame_runs(&self) -> FrameRuns<'_> {
-        FrameRuns { mm: self, pfn: 0 }
+        FrameRuns {
+            mm: self,
+            pfn: 0,
+            end: self.frames.len() as u64,
+            resumed: false,
+        }
+    }
+
+    /// The runs of frames `from..to` (clipped to the table), for a walk
+    /// made a window at a time while the table changes between windows:
+    /// `from` may be inside a block, whose frames from there on count as
+    /// the block's kind, and a run crossing `to` is cut there.
+    pub fn frame_runs_in(&self, from: u64, to: u64) -> FrameRuns<'_> {
+        let end = to.min(self.frames.len() as u64);
+        FrameRuns {
+            mm: self,
+            pfn: from.min(end),
+            end,
+            resumed: true,
+        }
     }
 }
 
@@ -217,5 +268,56 @@ mod tests {
             }
         }
         assert_eq!(per_order, want);
+    }
+
+    /// Runs of windows `[k*w, (k+1)*w)`, adjacent runs of one kind merged.
+    fn windowed(mm: &MemoryManager, w: u64) -> std::vec::Vec<FrameRun> {
+        let mut out: std::vec::Vec<FrameRun> = std::vec::Vec::new();
+        let n = mm.nr_frames() as u64;
+        let mut from = 0;
+        while from < n {
+            for r in mm.frame_runs_in(from, from + w) {
+                match out.last_mut() {
+                    Some(l) if l.kind == r.kind && l.end_pfn() == r.start_pfn => l.pages += r.pages,
+                    _ => out.push(r),
+                }
+            }
+            from += w;
+        }
+        out
+    }
+
+    #[test]
+    fn windows_starting_inside_blocks_add_up_to_the_whole_walk() {
+        let mut host = HostMm::three_zones(32 << 20, 0, "memd.dma_reserve=4M@dma32").unwrap();
+        let mm: &mut MemoryManager = &mut host;
+        let _a = mm.alloc_pages(5, Gfp::KERNEL).unwrap();
+        let c = mm
+            .cache_create("w", 3000, 8, SlabFlags::NONE, None)
+            .unwrap();
+        let _o = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
+        let pages: std::vec::Vec<u64> = (0..40)
+            .map(|_| mm.alloc_pages(0, Gfp::KERNEL).unwrap())
+            .collect();
+        for p in pages.iter().step_by(3) {
+            mm.free_pages(*p, 0).unwrap();
+        }
+        let whole = runs(mm);
+        for w in [1, 3, 7, 64, 1000, 1 << 20] {
+            assert_eq!(windowed(mm, w), whole, "windows of {w} frames");
+        }
+        // A window ends where it is told, even inside a block.
+        let big = whole.iter().find(|r| r.pages > 8).unwrap();
+        let cut: std::vec::Vec<FrameRun> = mm
+            .frame_runs_in(big.start_pfn + 3, big.start_pfn + 5)
+            .collect();
+        assert_eq!(
+            cut,
+            [FrameRun {
+                start_pfn: big.start_pfn + 3,
+                pages: 2,
+                kind: big.kind
+            }]
+        );
     }
 }

@@ -74,10 +74,10 @@ const EMPTY_RUN: PageRun = PageRun {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Full;
 
-/// Collects runs in address order into a fixed slice, summarising cells of
-/// `granule` pages (1 = exact). Never allocates.
-pub struct RunSink<'a> {
-    out: &'a mut [PageRun],
+/// Where a [`RunSink`] stands: kept between the windows of a walk made a
+/// turn at a time.
+#[derive(Debug, Clone, Copy)]
+pub struct SinkState {
     len: usize,
     granule: u64,
     /// The cell being tallied (granule > 1): its first frame and what
@@ -87,11 +87,10 @@ pub struct RunSink<'a> {
     tallied: u64,
 }
 
-impl<'a> RunSink<'a> {
-    /// A sink writing into `out` with cells of `granule` pages.
-    pub fn new(out: &'a mut [PageRun], granule: u64) -> Self {
-        RunSink {
-            out,
+impl SinkState {
+    /// An empty sink with cells of `granule` pages.
+    pub fn new(granule: u64) -> Self {
+        SinkState {
             len: 0,
             granule: granule.max(1),
             cell: 0,
@@ -100,63 +99,92 @@ impl<'a> RunSink<'a> {
         }
     }
 
+    /// Its cell size in pages.
+    pub fn granule(&self) -> u64 {
+        self.granule
+    }
+}
+
+/// Collects runs in address order into a fixed slice, summarising cells of
+/// `granule` pages (1 = exact). Never allocates.
+pub struct RunSink<'a> {
+    out: &'a mut [PageRun],
+    st: SinkState,
+}
+
+impl<'a> RunSink<'a> {
+    /// A sink writing into `out` with cells of `granule` pages.
+    pub fn new(out: &'a mut [PageRun], granule: u64) -> Self {
+        Self::resume(out, SinkState::new(granule))
+    }
+
+    /// A sink carrying on from `st` in the same `out`.
+    pub fn resume(out: &'a mut [PageRun], st: SinkState) -> Self {
+        RunSink { out, st }
+    }
+
+    /// Where it stands, to resume later.
+    pub fn state(&self) -> SinkState {
+        self.st
+    }
+
     fn emit(&mut self, start_pfn: u64, pages: u64, kind: MapKind) -> Result<(), Full> {
-        if let Some(last) = self.len.checked_sub(1).map(|i| &mut self.out[i]) {
+        if let Some(last) = self.st.len.checked_sub(1).map(|i| &mut self.out[i]) {
             if last.kind == kind && last.start_pfn + last.pages == start_pfn {
                 last.pages += pages;
                 return Ok(());
             }
         }
-        let slot = self.out.get_mut(self.len).ok_or(Full)?;
+        let slot = self.out.get_mut(self.st.len).ok_or(Full)?;
         *slot = PageRun {
             start_pfn,
             pages,
             kind,
         };
-        self.len += 1;
+        self.st.len += 1;
         Ok(())
     }
 
     fn flush_cell(&mut self) -> Result<(), Full> {
-        if self.tallied == 0 {
+        if self.st.tallied == 0 {
             return Ok(());
         }
         let mut best = 0;
         for i in 1..KINDS {
-            if self.tally[i] > self.tally[best] {
+            if self.st.tally[i] > self.st.tally[best] {
                 best = i;
             }
         }
-        let (cell, pages) = (self.cell, self.tallied);
-        self.tally = [0; KINDS];
-        self.tallied = 0;
+        let (cell, pages) = (self.st.cell, self.st.tallied);
+        self.st.tally = [0; KINDS];
+        self.st.tallied = 0;
         self.emit(cell, pages, kind_of(best))
     }
 
     /// Adds `pages` frames of `kind` at `start_pfn`; runs must come in
     /// address order without gaps.
     pub fn push(&mut self, start_pfn: u64, pages: u64, kind: MapKind) -> Result<(), Full> {
-        if self.granule == 1 {
+        if self.st.granule == 1 {
             return self.emit(start_pfn, pages, kind);
         }
-        let g = self.granule;
+        let g = self.st.granule;
         let (mut pfn, end) = (start_pfn, start_pfn + pages);
         while pfn < end {
             let cell = pfn / g * g;
-            if self.tallied > 0 && cell != self.cell {
+            if self.st.tallied > 0 && cell != self.st.cell {
                 self.flush_cell()?;
             }
-            if self.tallied == 0 && pfn == cell && end - pfn >= g {
+            if self.st.tallied == 0 && pfn == cell && end - pfn >= g {
                 // Whole cells of one kind: no tally needed.
                 let whole = (end - pfn) / g * g;
                 self.emit(pfn, whole, kind)?;
                 pfn += whole;
                 continue;
             }
-            self.cell = cell;
+            self.st.cell = cell;
             let take = (cell + g).min(end) - pfn;
-            self.tally[kind_index(kind)] += take;
-            self.tallied += take;
+            self.st.tally[kind_index(kind)] += take;
+            self.st.tallied += take;
             pfn += take;
         }
         Ok(())
@@ -165,7 +193,7 @@ impl<'a> RunSink<'a> {
     /// Flushes the last cell; returns the number of runs written.
     pub fn finish(mut self) -> Result<usize, Full> {
         self.flush_cell()?;
-        Ok(self.len)
+        Ok(self.st.len)
     }
 }
 
@@ -177,9 +205,6 @@ pub fn collect_runs<I>(out: &mut [PageRun], nr_frames: u64, runs: impl Fn() -> I
 where
     I: Iterator<Item = PageRun>,
 {
-    let cap = out.len().max(1) as u64;
-    // Always fits: no more cells than slots.
-    let safe = nr_frames.div_ceil(cap).max(1).next_power_of_two();
     let mut granule = 1;
     loop {
         let mut sink = RunSink::new(out, granule);
@@ -197,17 +222,29 @@ where
                 return (n, granule);
             }
         }
-        if granule >= safe {
+        match coarser(granule, reached, nr_frames, out.len()) {
+            Some(g) => granule = g,
             // Cannot happen (each cell yields at most one run); stay
             // bounded anyway.
-            return (0, granule);
+            None => return (0, granule),
         }
-        // Runs per frame so far, extrapolated to the whole table, with room
-        // to spare; never finer than twice the last try.
-        let reached = reached.max(1);
-        let estimate = (nr_frames / reached + 1).saturating_mul(2 * granule);
-        granule = estimate.max(granule * 2).next_power_of_two().min(safe);
     }
+}
+
+/// The granule to try after cells of `granule` pages filled `slots` runs
+/// having reached frame `reached` of `nr_frames`: the runs per frame so
+/// far, extrapolated to the whole table with room to spare, never finer
+/// than twice the last try, never coarser than one that always fits.
+/// None when `granule` already always fits.
+pub fn coarser(granule: u64, reached: u64, nr_frames: u64, slots: usize) -> Option<u64> {
+    let cap = slots.max(1) as u64;
+    let safe = nr_frames.div_ceil(cap).max(1).next_power_of_two();
+    if granule >= safe {
+        return None;
+    }
+    let reached = reached.max(1);
+    let estimate = (nr_frames / reached + 1).saturating_mul(2 * granule);
+    Some(estimate.max(granule * 2).next_power_of_two().min(safe))
 }
 
 /// A heap-free snapshot of the memory map. Every buffer is allocated by

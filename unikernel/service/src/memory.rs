@@ -186,15 +186,25 @@ pub trait Memory {
     /// Every invariant checker: the first violation and where (a frame
     /// number or address).
     fn check(&mut self) -> Result<(), (&'static str, u64)>;
-    /// Copy the physical memory map into `out`, whose buffers the service
-    /// allocated beforehand (no heap allocation). A manager without a frame
-    /// table to show answers `ENOSYS`, which is what this default does.
+    /// Copy the physical memory map's layout into `out` (memory ranges,
+    /// zones, reservations, the CMA region; the frame runs come from
+    /// [`Memory::memmap_runs`]), whose buffers the service allocated
+    /// beforehand (no heap allocation). A manager without a frame table to
+    /// show answers `ENOSYS`, which is what this default does.
     fn memmap(&mut self, out: &mut crate::memmap::MapSnapshot) -> Result<(), MemError> {
         let _ = out;
         Err(MemError::new(
             memd_wire::errno::ENOSYS,
             "this memory manager has no physical memory map",
         ))
+    }
+
+    /// The frame runs of frames `from..to`, in address order, each given
+    /// to `take` (no heap allocation): a map is walked a window at a time,
+    /// and `from` may fall inside a block after the table changed. Nothing
+    /// by default.
+    fn memmap_runs(&mut self, from: u64, to: u64, take: &mut dyn FnMut(crate::memmap::PageRun)) {
+        let _ = (from, to, take);
     }
     /// Set a fault-injection rule.
     fn set_fault(&mut self, target: FaultTarget, config: FaultConfig) -> Result<(), MemError>;

@@ -13,7 +13,7 @@ use memd_wire::{
     FaultTarget, Gfp, Meminfo, MempoolInfo, Reply, SlabFlags, SlabInfo, ZoneInfo,
 };
 
-use crate::memmap::{collect_runs, MapSnapshot, PageRun, MAP_MAX_EXTENTS, MAP_MAX_RANGES};
+use crate::memmap::{MapSnapshot, PageRun, MAP_MAX_EXTENTS, MAP_MAX_RANGES};
 use crate::memory::{Backing, DmaFacts, MemError, Memory, Obj, View};
 
 fn mm_err(e: MmError) -> MemError {
@@ -476,8 +476,6 @@ impl Memory for MemoryManager {
     }
 
     fn memmap(&mut self, out: &mut MapSnapshot) -> Result<(), MemError> {
-        use memd_mm::memmap_view::RunKind;
-        use memd_wire::MapKind;
         let page = memd_mm::PAGE_SIZE;
         out.page_size = page;
         out.nr_frames = self.nr_frames() as u64;
@@ -508,26 +506,30 @@ impl Memory for MemoryManager {
                 *slot = (e.start, e.start + e.pages * page);
             }
         }
-        let kind = |k: RunKind| match k {
-            RunKind::Free(o) => MapKind::Free(o),
-            RunKind::Pcp => MapKind::Pcp,
-            RunKind::Allocated => MapKind::Allocated,
-            RunKind::Slab => MapKind::Slab,
-            RunKind::Large => MapKind::Large,
-            RunKind::Pool => MapKind::Pool,
-            RunKind::Reserved => MapKind::Reserved,
-            RunKind::Absent => MapKind::Absent,
-        };
-        let (n, granule) = collect_runs(&mut out.runs, out.nr_frames, || {
-            self.frame_runs().map(|r| PageRun {
+        out.nr_runs = 0;
+        out.granule = 1;
+        Ok(())
+    }
+
+    fn memmap_runs(&mut self, from: u64, to: u64, take: &mut dyn FnMut(PageRun)) {
+        use memd_mm::memmap_view::RunKind;
+        use memd_wire::MapKind;
+        for r in self.frame_runs_in(from, to) {
+            take(PageRun {
                 start_pfn: r.start_pfn,
                 pages: r.pages,
-                kind: kind(r.kind),
-            })
-        });
-        out.nr_runs = n;
-        out.granule = granule;
-        Ok(())
+                kind: match r.kind {
+                    RunKind::Free(o) => MapKind::Free(o),
+                    RunKind::Pcp => MapKind::Pcp,
+                    RunKind::Allocated => MapKind::Allocated,
+                    RunKind::Slab => MapKind::Slab,
+                    RunKind::Large => MapKind::Large,
+                    RunKind::Pool => MapKind::Pool,
+                    RunKind::Reserved => MapKind::Reserved,
+                    RunKind::Absent => MapKind::Absent,
+                },
+            });
+        }
     }
 
     fn check(&mut self) -> Result<(), (&'static str, u64)> {

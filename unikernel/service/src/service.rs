@@ -31,6 +31,7 @@ mod batch;
 mod bulk;
 mod caches;
 mod dma;
+mod map;
 mod release;
 mod work;
 
@@ -1128,35 +1129,6 @@ impl<M: Memory> Service<M> {
             Op::Clients => Ok(Reply::Clients(self.clients())),
             Op::DmaBuffers { start } => self.dma_list(env, start),
 
-            Op::MemMap => {
-                // Buffers first, then the walk under the lock, then the
-                // protocol types.
-                let mut snap = alloc::boxed::Box::new(crate::memmap::MapSnapshot::new());
-                env.with_mem(|m, _| m.memmap(&mut snap)).map_err(mem_err)?;
-                // Counted first, then collected into a vector reserved
-                // fallibly: a client may hold tens of thousands.
-                let bufs = || {
-                    self.conns
-                        .values()
-                        .flat_map(|c| c.handles.values())
-                        .filter_map(|r| match r {
-                            Res::Dma { info, .. } => Some(memd_wire::MapDma {
-                                handle: info.handle,
-                                conn: info.conn,
-                                phys: info.phys,
-                                len: info.len,
-                                source: info.source,
-                            }),
-                            _ => None,
-                        })
-                };
-                let mut dma = Vec::new();
-                dma.try_reserve_exact(bufs().count())
-                    .map_err(|_| err(errno::ENOMEM, "no memory to list the DMA buffers"))?;
-                dma.extend(bufs());
-                Ok(Reply::MemMap(Box::new(snap.render(dma))))
-            }
-
             Op::AllocPages { order, gfp } => {
                 if order >= 64 {
                     return Err(err(errno::EINVAL, format!("order {order} out of range")));
@@ -1273,7 +1245,8 @@ impl<M: Memory> Service<M> {
                 },
             })),
             // Long operations run as work (`run_op`).
-            Op::DmaWrite { .. }
+            Op::MemMap
+            | Op::DmaWrite { .. }
             | Op::DmaRead { .. }
             | Op::DmaFill { .. }
             | Op::DmaChecksum { .. }

@@ -254,3 +254,83 @@ fn fragmented_memory_is_summarised_within_bounds() {
         assert_eq!(r.start % cell, 0, "{r:?}");
     }
 }
+
+/// A clock that moves 1 ms at every reading: every turn's budget is spent
+/// at its first look, so a map takes a turn per window.
+struct SteppingEnv<'a>(&'a mut MemoryManager, u64);
+
+impl memd_service::Env for SteppingEnv<'_> {
+    type Mem = MemoryManager;
+    fn with_mem<R>(
+        &mut self,
+        f: impl FnOnce(&mut MemoryManager, Option<&mut dyn memd_service::BlockDevice>) -> R,
+    ) -> R {
+        common::under_lock(|| f(self.0, None))
+    }
+    fn now_ns(&mut self) -> u64 {
+        self.1 += 1_000_000;
+        self.1
+    }
+}
+
+#[test]
+fn a_map_walked_over_turns_covers_memory_while_it_changes() {
+    let mut h = Harness::new("memd.dma_reserve=8M@dma32");
+    let c = h.connect();
+    let other = h.connect();
+    let whole = h.map(c);
+    let frame = to_frame(&Request::Call(Op::MemMap)).unwrap();
+    let mut env = SteppingEnv(&mut h.mm, 0);
+    let mut out = Vec::new();
+    let (taken, _) = h
+        .svc
+        .on_bytes_bounded(&mut env, c, &frame, &mut out, usize::MAX);
+    assert_eq!(taken, frame.len());
+    let mut turns = 1;
+    let mut held = Vec::new();
+    while h.svc.has_work(c) {
+        assert!(turns < 1000, "no end");
+        // Another client allocates between the map's turns.
+        let alloc = to_frame(&Request::Call(Op::AllocPages {
+            order: (turns % 4) as u8,
+            gfp: Gfp::KERNEL,
+        }))
+        .unwrap();
+        let mut reply = Vec::new();
+        h.svc
+            .on_bytes_bounded(&mut env, other, &alloc, &mut reply, usize::MAX);
+        held.push(reply);
+        h.svc
+            .on_bytes_bounded(&mut env, c, &[], &mut out, usize::MAX);
+        turns += 1;
+    }
+    assert!(turns > 2, "the map took {turns} turn(s)");
+    let mut d = FrameDecoder::new();
+    let mut input = &out[..];
+    let body = d.feed(&mut input).unwrap().expect("one whole frame");
+    let m = match decode_body::<Response>(&body).unwrap() {
+        Response::Call(Ok(Reply::MemMap(m))) => *m,
+        r => panic!("{r:?}"),
+    };
+    covered(&m);
+    assert_eq!(m.end, whole.end);
+    assert_eq!(m.zones.len(), whole.zones.len());
+    // The other client's pages show as allocated somewhere in it.
+    let allocated: u64 = m
+        .runs
+        .iter()
+        .filter(|r| r.kind == MapKind::Allocated)
+        .map(|r| r.len)
+        .sum();
+    let before: u64 = whole
+        .runs
+        .iter()
+        .filter(|r| r.kind == MapKind::Allocated)
+        .map(|r| r.len)
+        .sum();
+    assert!(allocated > before, "{allocated} <= {before}");
+    assert!(
+        held.iter().all(|r| !r.is_empty()),
+        "the other client waited"
+    );
+}

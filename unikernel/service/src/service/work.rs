@@ -15,6 +15,7 @@ use alloc::vec::Vec;
 use alloc::boxed::Box;
 use memd_wire::{errno, Checksum, DiskTransfer, DmaBufferInfo, Op, Reply, WireError};
 
+use super::map::MapWork;
 use super::{err, mem_err, Service};
 use crate::env::{Env, Transfer, SECTOR};
 use crate::memory::Memory;
@@ -80,7 +81,8 @@ pub(super) fn is_long(op: &Op) -> bool {
     matches!(op, Op::DmaAlloc { len, .. } if *len > ZERO_SLICE as u64)
         || matches!(
             op,
-            Op::DmaFill { .. }
+            Op::MemMap
+                | Op::DmaFill { .. }
                 | Op::DmaChecksum { .. }
                 | Op::DmaWrite { .. }
                 | Op::DmaRead { .. }
@@ -94,6 +96,7 @@ pub(super) fn is_long(op: &Op) -> bool {
 pub(super) enum Work {
     Dma(DmaWork),
     Stress(stress::Run),
+    Map(Box<MapWork>),
 }
 
 /// A disk request a departed connection left in flight: bytes
@@ -142,7 +145,7 @@ impl Work {
     pub(super) fn leases(&self) -> Option<u64> {
         match self {
             Work::Dma(w) => Some(w.handle),
-            Work::Stress(_) => None,
+            Work::Stress(_) | Work::Map(_) => None,
         }
     }
 
@@ -156,6 +159,11 @@ impl Work {
                 w.end - w.start
             ),
             Work::Stress(r) => format!("a stress run ({} ops left)", r.left()),
+            Work::Map(m) => format!(
+                "a memory map ({} of {} frames walked)",
+                m.walked(),
+                m.frames()
+            ),
         }
     }
 
@@ -180,6 +188,7 @@ impl Work {
                 }),
                 _ => None,
             },
+            Work::Map(_) => None,
         }
     }
 }
@@ -234,6 +243,7 @@ impl<M: Memory> Service<M> {
             }))
         };
         match op {
+            Op::MemMap => self.start_map(env),
             Op::DmaAlloc { len, align, mask } => {
                 let Reply::Dma(info) = self.dma_alloc(env, conn, len, align, mask, false)? else {
                     return Err(err(errno::EINVAL, "not a DMA buffer"));
@@ -363,6 +373,7 @@ impl<M: Memory> Service<M> {
         loop {
             let done = match work {
                 Work::Stress(run) => run.step(env, conn),
+                Work::Map(map) => self.map_slice(env, map),
                 Work::Dma(w) => match self.dma_slice(env, conn, w) {
                     Ok(Slice::Done) => true,
                     Ok(Slice::Moved) => false,
@@ -381,7 +392,7 @@ impl<M: Memory> Service<M> {
                 },
             };
             if done {
-                return Some(Ok(self.finish_work(env, work)));
+                return Some(self.finish_work(env, work));
             }
             if budget.work_spent(env) {
                 return None;
@@ -390,8 +401,13 @@ impl<M: Memory> Service<M> {
     }
 
     /// The reply of work that has run to its end.
-    fn finish_work<E: Env<Mem = M>>(&mut self, env: &mut E, work: &mut Work) -> Reply {
-        match work {
+    fn finish_work<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        work: &mut Work,
+    ) -> Result<Reply, WireError> {
+        Ok(match work {
+            Work::Map(map) => return self.finish_map(map),
             Work::Stress(run) => {
                 let run = core::mem::replace(run, stress::Run::new(0, 0));
                 Reply::Stress(run.finish(env))
@@ -410,7 +426,7 @@ impl<M: Memory> Service<M> {
                     device_ns: d.device_ns,
                 }),
             },
-        }
+        })
     }
 
     /// One slice of `w`.
