@@ -920,13 +920,16 @@ pub fn smoke() -> Result<()> {
     noisy_neighbour()
 }
 
-/// Ordinary requests may wait this many turn budgets behind a noisy
-/// neighbour, at the 99th percentile (the request's own round trip
-/// included), before the smoke run fails.
-const NEIGHBOUR_WAIT_BUDGETS: f64 = 10.0;
 /// Busy loop passes (every client's turn, the network's work around
-/// them) may take this many budgets at the 99th percentile.
+/// them) may take this many budgets at the 99th percentile: the guest's
+/// own measure of how long a request can wait behind the others' work.
 const PASS_BUDGETS: f64 = 8.0;
+/// The small requests' p99 as the clients see it may reach this many
+/// budgets: their round trip through QEMU's user networking and the host's
+/// scheduling of 2 cores come on top of any wait (1–2 ms on a busy host).
+/// A 1 M-operation stress run in one piece, as before turns were bounded,
+/// held the loop about 130 ms: 650 budgets.
+const NEIGHBOUR_WAIT_BUDGETS: f64 = 25.0;
 
 /// The noisy-neighbour smoke run: four clients of one small request at a
 /// time beside one client that asks for nothing but the heaviest legal
