@@ -1,10 +1,14 @@
 //! memd's control service.
 //!
 //! The kernel drives a [`Service`] purely with bytes: [`Service::on_connect`]
-//! when a client connects, [`Service::on_bytes`] with whatever arrived (any
-//! chunking; replies are appended to an output buffer), and
-//! [`Service::on_close`] when the connection goes away, which releases
-//! every handle the connection held.
+//! when a client connects, [`Service::on_bytes_bounded`] with whatever
+//! arrived (any chunking; replies are appended to an output buffer), one
+//! turn of bounded time per call, again each pass while
+//! [`Service::has_work`] says a request is in progress, and
+//! [`Service::on_close`] when the connection goes away, which queues every
+//! handle the connection held for [`Service::background`] to free.
+//! [`Service::on_bytes`] and [`Service::on_close_now`] do it all at once,
+//! for hosts without a loop.
 //!
 //! Each connection first awaits a hello with the right protocol version and
 //! token; anything else closes it. After that every request gets one reply.

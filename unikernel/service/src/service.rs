@@ -6,7 +6,8 @@
 //! for the next turn, so one client never holds the others.
 //!
 //! The operation families that need more than a few lines live beside it:
-//! `work` runs long operations in slices, `batch` runs batches in turns,
+//! `work` runs long operations in slices, `map` walks the memory map a
+//! window at a time, `batch` runs batches in turns,
 //! `bulk` a batch's plain allocations and frees under one hold of the
 //! memory manager, `release` frees what a departed connection held,
 //! `caches` has slab caches and mempools, `dma` the DMA buffers.

@@ -117,13 +117,6 @@ impl Run {
     }
 }
 
-/// Runs `ops` operations for `owner` in one go (see [`Run`]).
-pub fn run<E: Env>(env: &mut E, owner: u64, ops: u64, seed: u64) -> StressReport {
-    let mut r = Run::new(ops, seed);
-    while !r.step(env, owner) {}
-    r.finish(env)
-}
-
 fn free_slot<M: Memory>(m: &mut M, s: Slot) {
     match s {
         Slot::Pages(phys, order) => {
