@@ -103,7 +103,7 @@ impl Run {
     }
 
     /// Frees what is left, checks the invariants, and reports.
-    pub fn finish<E: Env>(mut self, env: &mut E) -> StressReport {
+    pub fn finish<E: Env>(&mut self, env: &mut E) -> StressReport {
         self.release(env);
         let check_ok = env.with_mem(|m, _| m.check().is_ok());
         let elapsed_ns = self.elapsed_ns.max(1);

@@ -408,10 +408,7 @@ impl<M: Memory> Service<M> {
     ) -> Result<Reply, WireError> {
         Ok(match work {
             Work::Map(map) => return self.finish_map(map),
-            Work::Stress(run) => {
-                let run = core::mem::replace(run, stress::Run::new(0, 0));
-                Reply::Stress(run.finish(env))
-            }
+            Work::Stress(run) => Reply::Stress(run.finish(env)),
             Work::Dma(w) => match &mut w.kind {
                 DmaKind::Zero(info) => Reply::Dma(info.clone()),
                 DmaKind::Fill { .. } | DmaKind::Write(_) => Reply::Done,
