@@ -577,17 +577,16 @@ impl<M: Memory> Service<M> {
                     self.write_call(conn, r, out)
                 }
             },
-            Job::Batch(mut b) => match self.batch_turn(env, conn, &mut b, out, budget) {
-                Ok(false) => {
-                    self.park(conn, Job::Batch(b));
-                    return Flow::Continue;
+            Job::Batch(mut b) => {
+                let turn = self.batch_turn(env, conn, &mut b, out, budget);
+                match self.batch_flow(conn, turn, out) {
+                    Some(flow) => flow,
+                    None => {
+                        self.park(conn, Job::Batch(b));
+                        return Flow::Continue;
+                    }
                 }
-                Ok(true) => self.flow(),
-                Err(e) => self.unsent_reply(conn, out, e, "batch reply", |error| Response::Error {
-                    error,
-                    closing: false,
-                }),
-            },
+            }
         };
         // The replies held back while it ran follow its own.
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -834,19 +833,33 @@ impl<M: Memory> Service<M> {
                 }
                 self.served_at = budget.start();
                 let mut job = Box::new(BatchJob::new(batch));
-                match self.batch_turn(env, conn, &mut job, out, budget) {
-                    Ok(true) => self.flow(),
-                    Ok(false) => {
-                        self.park(conn, Job::Batch(job));
-                        Flow::Continue
-                    }
-                    Err(e) => {
-                        self.unsent_reply(conn, out, e, "batch reply", |error| Response::Error {
-                            error,
-                            closing: false,
-                        })
-                    }
-                }
+                let turn = self.batch_turn(env, conn, &mut job, out, budget);
+                self.batch_flow(conn, turn, out).unwrap_or_else(|| {
+                    self.park(conn, Job::Batch(job));
+                    Flow::Continue
+                })
+            }
+        }
+    }
+
+    /// What a batch's turn (`turn`, from `batch_turn`) means for its
+    /// connection; None while the batch waits for another turn.
+    fn batch_flow(
+        &mut self,
+        conn: ConnId,
+        turn: Result<bool, FrameError>,
+        out: &mut Vec<u8>,
+    ) -> Option<Flow> {
+        match turn {
+            Ok(false) => None,
+            Ok(true) => Some(self.flow()),
+            Err(e) => {
+                Some(
+                    self.unsent_reply(conn, out, e, "batch reply", |error| Response::Error {
+                        error,
+                        closing: false,
+                    }),
+                )
             }
         }
     }
