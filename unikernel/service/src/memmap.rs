@@ -7,7 +7,8 @@
 //! The reply is bounded: at most [`MAX_MAP_RUNS`] runs. When the exact runs
 //! do not fit, [`RunSink`] summarises cells of `granule` pages (a power of
 //! two), each taking the kind that covers most of it, and merges equal
-//! neighbours.
+//! neighbours. [`RunWalk`] takes the runs a window of frames at a time and
+//! picks the granule.
 
 use alloc::string::String;
 use alloc::vec;
@@ -74,8 +75,7 @@ const EMPTY_RUN: PageRun = PageRun {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Full;
 
-/// Where a [`RunSink`] stands: kept between the windows of a walk made a
-/// turn at a time.
+/// Where a [`RunSink`] stands, kept between the windows of a [`RunWalk`].
 #[derive(Debug, Clone, Copy)]
 pub struct SinkState {
     len: usize,
@@ -98,34 +98,20 @@ impl SinkState {
             tallied: 0,
         }
     }
-
-    /// Its cell size in pages.
-    pub fn granule(&self) -> u64 {
-        self.granule
-    }
 }
 
 /// Collects runs in address order into a fixed slice, summarising cells of
-/// `granule` pages (1 = exact). Never allocates.
+/// `granule` pages (1 = exact), from where `st` says the sink stands.
+/// Never allocates.
 pub struct RunSink<'a> {
     out: &'a mut [PageRun],
-    st: SinkState,
+    st: &'a mut SinkState,
 }
 
 impl<'a> RunSink<'a> {
-    /// A sink writing into `out` with cells of `granule` pages.
-    pub fn new(out: &'a mut [PageRun], granule: u64) -> Self {
-        Self::resume(out, SinkState::new(granule))
-    }
-
-    /// A sink carrying on from `st` in the same `out`.
-    pub fn resume(out: &'a mut [PageRun], st: SinkState) -> Self {
+    /// A sink writing into `out` from where `st` stands.
+    pub fn new(out: &'a mut [PageRun], st: &'a mut SinkState) -> Self {
         RunSink { out, st }
-    }
-
-    /// Where it stands, to resume later.
-    pub fn state(&self) -> SinkState {
-        self.st
     }
 
     fn emit(&mut self, start_pfn: u64, pages: u64, kind: MapKind) -> Result<(), Full> {
@@ -197,36 +183,92 @@ impl<'a> RunSink<'a> {
     }
 }
 
-/// Fills `out` from `runs()` (called again for each attempt) at the finest
-/// granule that fits: exact first, then an estimate from how far the exact
-/// pass got, then one that always fits (at most `out.len()` cells). Returns
-/// the number of runs and the granule.
-pub fn collect_runs<I>(out: &mut [PageRun], nr_frames: u64, runs: impl Fn() -> I) -> (usize, u64)
-where
-    I: Iterator<Item = PageRun>,
-{
-    let mut granule = 1;
-    loop {
-        let mut sink = RunSink::new(out, granule);
-        let mut reached = 0;
-        let mut fit = true;
-        for r in runs() {
-            if sink.push(r.start_pfn, r.pages, r.kind).is_err() {
-                fit = false;
-                break;
-            }
-            reached = r.start_pfn + r.pages;
+/// A map's runs taken a window of frames at a time into a fixed slice, at
+/// the finest granule that fits: exact first; when the runs outgrow the
+/// slice, the walk starts again with coarser cells ([`coarser`]), up to
+/// one that always fits. The table may change between windows.
+#[derive(Debug, Clone, Copy)]
+pub struct RunWalk {
+    sink: SinkState,
+    /// The next frame to walk.
+    pfn: u64,
+    /// Where the runs taken so far end.
+    reached: u64,
+    /// The runs outgrew the slice: the rest of the window is ignored.
+    full: bool,
+}
+
+impl Default for RunWalk {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RunWalk {
+    /// A walk from frame 0, exact.
+    pub fn new() -> Self {
+        Self::at_granule(1)
+    }
+
+    fn at_granule(granule: u64) -> Self {
+        RunWalk {
+            sink: SinkState::new(granule),
+            pfn: 0,
+            reached: 0,
+            full: false,
         }
-        if fit {
-            if let Ok(n) = sink.finish() {
-                return (n, granule);
+    }
+
+    /// Frames walked so far.
+    pub fn walked(&self) -> u64 {
+        self.pfn
+    }
+
+    /// The next window, `size` frames of a table of `nr_frames`.
+    pub fn window(&self, size: u64, nr_frames: u64) -> (u64, u64) {
+        (self.pfn, self.pfn.saturating_add(size).min(nr_frames))
+    }
+
+    /// Takes the window's next run, in address order, into `out`.
+    pub fn push(&mut self, out: &mut [PageRun], r: PageRun) {
+        if self.full {
+            return;
+        }
+        match RunSink::new(out, &mut self.sink).push(r.start_pfn, r.pages, r.kind) {
+            Ok(()) => self.reached = r.start_pfn + r.pages,
+            Err(Full) => self.full = true,
+        }
+    }
+
+    /// Ends the window that ends at frame `to` of `nr_frames`: the number
+    /// of runs in `out` and their granule once the map is complete, None
+    /// while there is more to walk (from the start again, coarser, if the
+    /// runs outgrew `out`).
+    pub fn end_window(
+        &mut self,
+        out: &mut [PageRun],
+        to: u64,
+        nr_frames: u64,
+    ) -> Option<(usize, u64)> {
+        let granule = self.sink.granule;
+        if !self.full && to >= nr_frames {
+            match RunSink::new(out, &mut self.sink).finish() {
+                Ok(n) => return Some((n, granule)),
+                Err(Full) => self.full = true,
             }
         }
-        match coarser(granule, reached, nr_frames, out.len()) {
-            Some(g) => granule = g,
+        if !self.full {
+            self.pfn = to;
+            return None;
+        }
+        match coarser(granule, self.reached, nr_frames, out.len()) {
+            Some(g) => {
+                *self = RunWalk::at_granule(g);
+                None
+            }
             // Cannot happen (each cell yields at most one run); stay
             // bounded anyway.
-            None => return (0, granule),
+            None => Some((0, granule)),
         }
     }
 }
@@ -236,7 +278,7 @@ where
 /// far, extrapolated to the whole table with room to spare, never finer
 /// than twice the last try, never coarser than one that always fits.
 /// None when `granule` already always fits.
-pub fn coarser(granule: u64, reached: u64, nr_frames: u64, slots: usize) -> Option<u64> {
+fn coarser(granule: u64, reached: u64, nr_frames: u64, slots: usize) -> Option<u64> {
     let cap = slots.max(1) as u64;
     let safe = nr_frames.div_ceil(cap).max(1).next_power_of_two();
     if granule >= safe {
@@ -407,6 +449,27 @@ mod tests {
         }
     }
 
+    /// The runs of `runs()` (the whole table's, each time the walk starts
+    /// again) taken in one window.
+    fn collect<I: Iterator<Item = PageRun>>(
+        out: &mut [PageRun],
+        nr_frames: u64,
+        runs: impl Fn() -> I,
+    ) -> (usize, u64) {
+        let mut walk = RunWalk::new();
+        for _ in 0..64 {
+            let (from, to) = walk.window(nr_frames, nr_frames);
+            assert_eq!((from, to), (0, nr_frames));
+            for r in runs() {
+                walk.push(out, r);
+            }
+            if let Some(done) = walk.end_window(out, to, nr_frames) {
+                return done;
+            }
+        }
+        panic!("no granule fits");
+    }
+
     #[test]
     fn exact_when_it_fits() {
         let mut out = [EMPTY_RUN; 16];
@@ -419,7 +482,7 @@ mod tests {
             ]
             .into_iter()
         };
-        let (n, g) = collect_runs(&mut out, 771, runs);
+        let (n, g) = collect(&mut out, 771, runs);
         assert_eq!((n, g), (4, 1));
         assert_eq!(out[3], run(768, 3, MapKind::Slab));
     }
@@ -434,7 +497,7 @@ mod tests {
             v.push(run(n, 4096, MapKind::Slab));
             v.into_iter()
         };
-        let (len, g) = collect_runs(&mut out, 2 * n, runs);
+        let (len, g) = collect(&mut out, 2 * n, runs);
         assert!(g > 1 && g.is_power_of_two());
         assert!(len <= out.len());
         assert_cover(&out[..len], 2 * n);
@@ -450,7 +513,8 @@ mod tests {
     #[test]
     fn cells_take_the_majority() {
         let mut out = [EMPTY_RUN; 8];
-        let mut sink = RunSink::new(&mut out, 4);
+        let mut st = SinkState::new(4);
+        let mut sink = RunSink::new(&mut out, &mut st);
         // Cell 0: 3 allocated + 1 free; cell 1: 1 slab + 3 free.
         sink.push(0, 3, MapKind::Allocated).unwrap();
         sink.push(3, 1, MapKind::Free(0)).unwrap();
@@ -467,7 +531,7 @@ mod tests {
     fn worst_case_fragmentation_stays_bounded() {
         let n = 1 << 16;
         let mut out = vec![EMPTY_RUN; 100];
-        let (len, g) = collect_runs(&mut out, n, checkerboard(n));
+        let (len, g) = collect(&mut out, n, checkerboard(n));
         assert!(len <= 100, "{len}");
         assert!(g <= n.div_ceil(100).next_power_of_two());
         assert_cover(&out[..len], n);

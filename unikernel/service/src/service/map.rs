@@ -5,7 +5,7 @@
 //! change between slices, so the map is a sweep, each window as it was
 //! when walked (like reading `/proc/pagetypeinfo`, not a snapshot of one
 //! instant). When the runs outgrow the reply, the sweep starts again with
-//! coarser cells, as the one-piece walk did.
+//! coarser cells ([`RunWalk`]).
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -15,7 +15,7 @@ use memd_wire::{errno, MapDma, Reply, WireError};
 use super::work::Work;
 use super::{err, mem_err, Res, Service};
 use crate::env::Env;
-use crate::memmap::{coarser, MapSnapshot, RunSink, SinkState};
+use crate::memmap::{MapSnapshot, RunWalk};
 use crate::memory::Memory;
 
 /// Frames walked per slice: 32 MiB of 4 KiB pages.
@@ -24,15 +24,13 @@ const WINDOW: u64 = 8192;
 /// A memory map being walked.
 pub(super) struct MapWork {
     snap: Box<MapSnapshot>,
-    /// The next frame to walk.
-    pfn: u64,
-    sink: SinkState,
+    walk: RunWalk,
 }
 
 impl MapWork {
     /// Frames walked so far.
     pub(super) fn walked(&self) -> u64 {
-        self.pfn
+        self.walk.walked()
     }
 
     /// Frames in all.
@@ -49,52 +47,25 @@ impl<M: Memory> Service<M> {
         env.with_mem(|m, _| m.memmap(&mut snap)).map_err(mem_err)?;
         Ok(Work::Map(Box::new(MapWork {
             snap,
-            pfn: 0,
-            sink: SinkState::new(1),
+            walk: RunWalk::new(),
         })))
     }
 
     /// Walks one window; true when the map is complete.
     pub(super) fn map_slice<E: Env<Mem = M>>(&mut self, env: &mut E, w: &mut MapWork) -> bool {
-        let MapWork { snap, pfn, sink } = w;
+        let MapWork { snap, walk } = w;
         let nr_frames = snap.nr_frames;
-        let (from, to) = (*pfn, (*pfn + WINDOW).min(nr_frames));
-        let (mut full, mut reached) = (false, from);
+        let (from, to) = walk.window(WINDOW, nr_frames);
         let runs = &mut snap.runs;
-        env.with_mem(|m, _| {
-            let mut s = RunSink::resume(runs, *sink);
-            m.memmap_runs(from, to, &mut |r| {
-                if !full {
-                    full = s.push(r.start_pfn, r.pages, r.kind).is_err();
-                    reached = r.start_pfn + r.pages;
-                }
-            });
-            *sink = s.state();
-        });
-        if !full && to >= nr_frames {
-            if let Ok(n) = RunSink::resume(&mut snap.runs, *sink).finish() {
+        env.with_mem(|m, _| m.memmap_runs(from, to, &mut |r| walk.push(runs, r)));
+        match walk.end_window(&mut snap.runs, to, nr_frames) {
+            Some((n, granule)) => {
                 snap.nr_runs = n;
-                snap.granule = sink.granule();
-                return true;
+                snap.granule = granule;
+                true
             }
-            full = true;
+            None => false,
         }
-        if full {
-            match coarser(sink.granule(), reached, nr_frames, snap.runs.len()) {
-                Some(g) => {
-                    *sink = SinkState::new(g);
-                    *pfn = 0;
-                }
-                // Cannot happen (each cell yields at most one run).
-                None => {
-                    snap.nr_runs = 0;
-                    return true;
-                }
-            }
-            return false;
-        }
-        *pfn = to;
-        false
     }
 
     /// The finished map, with every client's DMA buffers.
