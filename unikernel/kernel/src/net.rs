@@ -72,21 +72,16 @@ pub fn halted_ns() -> u64 {
     HALTED_NS.load(Ordering::Relaxed)
 }
 
-/// What to do with a connection after its bytes were handled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Flow {
-    Continue,
-    /// Send what was written, then close.
-    Close,
-    /// Send what was written, then stop serving.
-    Shutdown,
-}
+/// What to do with a connection after its bytes were handled: the
+/// service's own answer.
+pub use memd_service::Flow;
 
 /// The service behind the sockets.
 pub trait Handler {
     fn on_connect(&mut self) -> u64;
-    /// Takes a prefix of `input` (returns its length), appending replies
-    /// to `out`; stops taking once `out` holds `max_out` bytes.
+    /// One turn of `conn`: takes a prefix of `input` (returns its length),
+    /// appending replies to `out`; stops taking once `out` holds `max_out`
+    /// bytes or the turn is over.
     fn on_bytes(
         &mut self,
         conn: u64,

@@ -6,7 +6,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use memd_mm::MemoryManager;
-use memd_service::{BlockDevice, Config, DeviceDma, Env, Flow as SvcFlow, Service};
+use memd_service::{BlockDevice, Config, DeviceDma, Env, Service};
 
 use crate::arch::time;
 use crate::drivers::blk::BlkDevice;
@@ -110,15 +110,8 @@ impl Handler for MemdService {
         out: &mut Vec<u8>,
         max_out: usize,
     ) -> (usize, Flow) {
-        let (taken, flow) = self
-            .svc
-            .on_bytes_bounded(&mut self.env, conn, input, out, max_out);
-        let flow = match flow {
-            SvcFlow::Continue => Flow::Continue,
-            SvcFlow::Close => Flow::Close,
-            SvcFlow::Shutdown => Flow::Shutdown,
-        };
-        (taken, flow)
+        self.svc
+            .on_bytes_bounded(&mut self.env, conn, input, out, max_out)
     }
 
     fn authenticated(&self, conn: u64) -> bool {
