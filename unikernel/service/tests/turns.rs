@@ -128,6 +128,45 @@ fn drive(h: &mut Harness<Model>, conn: ConnId, input: &[u8]) -> (Vec<Response>, 
     (decode_all(&outs.concat()), outs.len())
 }
 
+/// Turns of `conn` with the input from `*taken` on until one writes a
+/// reply; `quiet` looks at the harness after each turn that wrote none,
+/// with the input taken so far. Every turn's output goes to `outs`.
+fn until_answered(
+    h: &mut Harness<Model>,
+    conn: ConnId,
+    input: &[u8],
+    taken: &mut usize,
+    outs: &mut Vec<Vec<u8>>,
+    mut quiet: impl FnMut(&mut Harness<Model>, usize),
+) {
+    loop {
+        assert!(outs.len() < MAX_TURNS);
+        let t = turn(h, conn, &input[*taken..]);
+        *taken += t.taken;
+        let answered = !t.out.is_empty();
+        outs.push(t.out);
+        if answered {
+            return;
+        }
+        quiet(h, *taken);
+    }
+}
+
+/// Drives `batch`, which must be refused whole (one E2BIG entry) in one
+/// turn with nothing run: no allocation, no handle.
+fn refused_whole(h: &mut Harness<Model>, conn: ConnId, batch: &[u8]) {
+    let (r, turns) = drive(h, conn, batch);
+    assert_eq!(turns, 1);
+    match &r[..] {
+        [Response::Batch(b)] if b.len() == 1 => {
+            assert_eq!(b[0].as_ref().unwrap_err().code, errno::E2BIG, "{b:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.mem.used, 0);
+    assert_eq!(h.svc.handles_of(conn), Some(0));
+}
+
 /// The one call reply `drive` got for a single call.
 fn only_call(resps: Vec<Response>) -> Result<Reply, WireError> {
     match <[Response; 1]>::try_from(resps) {
@@ -336,15 +375,7 @@ fn a_batch_behind_a_long_call_waits_for_it() {
     // Until the fill ends, input stops at the waiting batch and the batch
     // does not run.
     let mut waited = 0;
-    loop {
-        assert!(outs.len() < MAX_TURNS);
-        let t = turn(&mut h, c, &input[taken..]);
-        taken += t.taken;
-        let answered = !t.out.is_empty();
-        outs.push(t.out);
-        if answered {
-            break;
-        }
+    until_answered(&mut h, c, &input, &mut taken, &mut outs, |h, taken| {
         assert!(
             taken <= fill.len() + batch.len(),
             "input behind a waiting batch was taken"
@@ -354,7 +385,7 @@ fn a_batch_behind_a_long_call_waits_for_it() {
         if taken == fill.len() + batch.len() {
             waited += 1;
         }
-    }
+    });
     assert!(waited > 1, "the batch waited {waited} turn(s): no test");
     outs.extend(drive_raw(&mut h, c, &input[taken..]));
     let r = decode_all(&outs.concat());
@@ -389,20 +420,12 @@ fn a_long_call_behind_a_long_call_waits_for_it() {
     let input = [fill.clone(), sum.clone(), status].concat();
     let mut taken = 0;
     let mut outs = Vec::new();
-    loop {
-        assert!(outs.len() < MAX_TURNS);
-        let t = turn(&mut h, c, &input[taken..]);
-        taken += t.taken;
-        let answered = !t.out.is_empty();
-        outs.push(t.out);
-        if answered {
-            break;
-        }
+    until_answered(&mut h, c, &input, &mut taken, &mut outs, |_, taken| {
         assert!(
             taken <= fill.len() + sum.len(),
             "input behind a waiting call was taken"
         );
-    }
+    });
     outs.extend(drive_raw(&mut h, c, &input[taken..]));
     let r = decode_all(&outs.concat());
     // The checksum waited for the fill, so it sums the filled buffer.
@@ -493,17 +516,8 @@ fn a_batch_over_the_work_cap_is_refused_whole() {
         stress(1000),
         stress(1000),
     ]);
-    let (r, turns) = drive(&mut h, c, &batch);
-    assert_eq!(turns, 1);
-    match &r[..] {
-        [Response::Batch(b)] if b.len() == 1 => {
-            assert_eq!(b[0].as_ref().unwrap_err().code, errno::E2BIG, "{b:?}")
-        }
-        other => panic!("{other:?}"),
-    }
-    // Nothing ran: no allocation, no request counted but the status.
-    assert_eq!(h.mem.used, 0);
-    assert_eq!(h.svc.handles_of(c), Some(0));
+    refused_whole(&mut h, c, &batch);
+    // No request counted but the status.
     assert_eq!(requests(&mut h), before + 1);
 
     // At the cap exactly, it runs.
@@ -540,16 +554,7 @@ fn two_maximal_stress_ops_in_a_batch_are_refused_whole() {
         Op::Stress { ops: max, seed: 1 },
         Op::Stress { ops: max, seed: 2 },
     ]);
-    let (r, turns) = drive(&mut h, c, &batch);
-    assert_eq!(turns, 1);
-    match &r[..] {
-        [Response::Batch(b)] if b.len() == 1 => {
-            assert_eq!(b[0].as_ref().unwrap_err().code, errno::E2BIG, "{b:?}")
-        }
-        other => panic!("{other:?}"),
-    }
-    assert_eq!(h.mem.used, 0);
-    assert_eq!(h.svc.handles_of(c), Some(0));
+    refused_whole(&mut h, c, &batch);
 }
 
 #[test]
