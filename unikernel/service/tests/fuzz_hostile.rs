@@ -80,18 +80,12 @@ fn cases(default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-/// A request's body, as postcard writes it (with no frame limit: some
-/// tests need bodies past it).
-fn encoded(r: &Request) -> Vec<u8> {
+/// A request's body, or one operation as it sits inside a call or a
+/// batch, as postcard writes it (with no frame limit: some tests need
+/// bodies past it).
+fn encoded<T: serde::Serialize>(v: &T) -> Vec<u8> {
     let mut out = Vec::new();
-    memd_wire::frame::encode_into(r, &mut out).expect("encodes");
-    out
-}
-
-/// One operation as postcard writes it inside a call or a batch.
-fn encoded_op(op: &Op) -> Vec<u8> {
-    let mut out = Vec::new();
-    memd_wire::frame::encode_into(op, &mut out).expect("encodes");
+    memd_wire::frame::encode_into(v, &mut out).expect("encodes");
     out
 }
 
@@ -541,13 +535,13 @@ impl World {
             } => {
                 let mut body = batch_prefix(*stop, *count);
                 for o in ops {
-                    body.extend_from_slice(&encoded_op(&self.op(o)));
+                    body.extend_from_slice(&encoded(&self.op(o)));
                 }
                 body.extend_from_slice(tail);
                 body
             }
             B::Repeated { stop, n, op } => {
-                let one = encoded_op(&self.op(op));
+                let one = encoded(&self.op(op));
                 // Within a frame: as many as fit (after the tag, the flag
                 // and a count of up to ten bytes) when `n` would not.
                 let n = (*n).min((MAX_FRAME - 12) / one.len());
@@ -1085,7 +1079,7 @@ fn frames_at_the_frame_limit() {
     }
     // A batch of one-byte operations filling the frame: 1 MiB of them,
     // 256 times the limit.
-    let status = encoded_op(&Op::Status);
+    let status = encoded(&Op::Status);
     assert_eq!(status.len(), 1);
     // The tag, the flag and a three-byte count, then the operations.
     let n = MAX_FRAME - 5;

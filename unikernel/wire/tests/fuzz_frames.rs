@@ -321,16 +321,11 @@ fn regression_inputs() {
     assert!(decode_body::<Request>(&[2, 1, 4, 12, 100, 1, 13, 1, 33, 128, 0, 5, 1, 1, 35]).is_ok());
 }
 
-/// `msg`'s encoding, with no frame limit (some bodies here are past it).
-fn body_of(msg: &Request) -> Vec<u8> {
+/// A request's or an operation's encoding, with no frame limit (some
+/// bodies here are past it).
+fn body_of<T: serde::Serialize>(v: &T) -> Vec<u8> {
     let mut out = Vec::new();
-    memd_wire::frame::encode_into(msg, &mut out).expect("encodes");
-    out
-}
-
-fn op_bytes(op: &Op) -> Vec<u8> {
-    let mut out = Vec::new();
-    memd_wire::frame::encode_into(op, &mut out).expect("encodes");
+    memd_wire::frame::encode_into(v, &mut out).expect("encodes");
     out
 }
 
@@ -442,7 +437,7 @@ fn count() -> impl Strategy<Value = u64> {
 fn claimed_batch(stop: bool, count: u64, ops: &[Op], tail: &[u8]) -> Vec<u8> {
     let mut body = batch_prefix(stop, count);
     for op in ops {
-        body.extend_from_slice(&op_bytes(op));
+        body.extend_from_slice(&body_of(op));
     }
     body.extend_from_slice(tail);
     body
@@ -512,7 +507,7 @@ proptest! {
         ],
         stop: bool,
     ) {
-        let one = op_bytes(&op);
+        let one = body_of(&op);
         let n = n.min((MAX_FRAME - 16) / one.len());
         let ops = vec![op; n];
         let body = claimed_batch(stop, n as u64, &ops, &[]);
