@@ -375,7 +375,7 @@ impl NoisyFigures {
     }
 
     pub fn ops_per_sec(&self) -> f64 {
-        self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        super::report::per_sec(self.ops, self.elapsed)
     }
 
     /// Whether nothing went wrong that a server error does not explain:
@@ -416,10 +416,7 @@ impl NoisyFigures {
             self.all.max
         );
         for (k, l) in &self.per_kind {
-            println!(
-                "  {:<18} {:>9} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
-                k, l.count, l.p50, l.p90, l.p99, l.max
-            );
+            println!("  {}", super::report::kind_row(k, l));
         }
         for ((k, c), n) in &self.errors {
             println!("  error {k:<20} {c:<8} {n}");

@@ -39,6 +39,19 @@ pub(super) fn percentiles(v: &mut [u64]) -> Lat {
 }
 
 /// Latency percentiles per operation kind, as JSON.
+/// Operations per second over `elapsed`.
+pub(super) fn per_sec(ops: u64, elapsed: Duration) -> f64 {
+    ops as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
+/// One operation kind's row of the latency tables.
+pub(super) fn kind_row(kind: &str, l: &Lat) -> String {
+    format!(
+        "{kind:<20} {:>9} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+        l.count, l.p50, l.p90, l.p99, l.max
+    )
+}
+
 pub(super) fn per_op_json(per_kind: &[(&'static str, Lat)]) -> serde_json::Value {
     per_kind
         .iter()
@@ -112,7 +125,7 @@ pub struct Report {
 
 impl Report {
     pub fn ops_per_sec(&self) -> f64 {
-        self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        per_sec(self.ops, self.elapsed)
     }
 
     /// Whether the run passed: no unexplained error, no dead client,
@@ -176,10 +189,7 @@ impl Report {
             "operation", "count", "p50 us", "p90 us", "p99 us", "max us"
         );
         for (k, l) in self.per_kind.iter().chain([("all", self.all)].iter()) {
-            println!(
-                "{:<20} {:>9} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
-                k, l.count, l.p50, l.p90, l.p99, l.max
-            );
+            println!("{}", kind_row(k, l));
         }
         if let Some(busy) = self.busy_ns {
             let per_op = busy as f64 / self.ops.max(1) as f64;
