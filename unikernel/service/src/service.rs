@@ -18,9 +18,9 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use memd_wire::{
-    decode_request, encode_frame, errno, Batch, CheckReport, ClientInfo, DmaBufferInfo,
-    FrameDecoder, FrameError, Hello, HelloAck, Op, Quota, Reply, Request, Response, Role, Status,
-    WireError, MAX_BATCH_OPS, MAX_IO, MAX_NAME_LEN, PROTOCOL_VERSION,
+    decode_request, encode_frame, errno, CheckReport, ClientInfo, DmaBufferInfo, FrameDecoder,
+    FrameError, Hello, HelloAck, Op, Quota, Reply, Request, Response, Role, Status, WireError,
+    MAX_BATCH_OPS, MAX_IO, MAX_NAME_LEN, PROTOCOL_VERSION,
 };
 
 use crate::conns::ConnTable;
@@ -873,41 +873,6 @@ impl<M: Memory> Service<M> {
         match sent {
             Ok(()) => self.flow(),
             Err(e) => self.unsent_reply(conn, out, e, "reply", |e| Response::Call(Err(e))),
-        }
-    }
-
-    /// Refuses a batch that asks for more work than one request may
-    /// ([`Config::max_request_work`]), before any of it runs.
-    fn check_batch_work(&self, conn: ConnId, batch: &Batch) -> Result<(), WireError> {
-        let cap = self.config.max_request_work;
-        let mut total: u64 = 0;
-        for op in &batch.ops {
-            total = total.saturating_add(self.work_of(conn, op));
-            if total > cap {
-                return Err(err(
-                    errno::E2BIG,
-                    format!(
-                        "batch asks for more than {cap} units of work (a stress op is one, a DMA buffer one per 64 bytes)"
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// The work `op` asks for, in [`Config::max_request_work`]'s units.
-    fn work_of(&self, conn: ConnId, op: &Op) -> u64 {
-        let buffer = |h: u64| self.dma(conn, h).map_or(1, |(_, len)| len.div_ceil(64));
-        match *op {
-            Op::Stress { ops, .. } => ops,
-            Op::DmaFill { handle, .. }
-            | Op::DmaWriteDisk { handle, .. }
-            | Op::DmaReadDisk { handle, .. } => buffer(handle),
-            Op::DmaChecksum { handle, len: 0, .. } => buffer(handle),
-            Op::DmaChecksum { len, .. } => len.div_ceil(64),
-            Op::DmaRead { len, .. } => u64::from(len).div_ceil(64),
-            Op::DmaWrite { ref data, .. } => (data.len() as u64).div_ceil(64),
-            _ => 1,
         }
     }
 

@@ -13,7 +13,7 @@ use alloc::format;
 use alloc::vec::Vec;
 
 use alloc::boxed::Box;
-use memd_wire::{errno, Checksum, DiskTransfer, DmaBufferInfo, Op, Reply, WireError};
+use memd_wire::{errno, Batch, Checksum, DiskTransfer, DmaBufferInfo, Op, Reply, WireError};
 
 use super::map::MapWork;
 use super::{err, mem_err, Service};
@@ -358,6 +358,41 @@ impl<M: Memory> Service<M> {
                 dma(handle, 0, len as usize, DmaKind::Disk(disk))
             }
             _ => Err(err(errno::EINVAL, "not a long operation")),
+        }
+    }
+
+    /// Refuses a batch that asks for more work than one request may
+    /// ([`Config::max_request_work`]), before any of it runs.
+    pub(super) fn check_batch_work(&self, conn: ConnId, batch: &Batch) -> Result<(), WireError> {
+        let cap = self.config.max_request_work;
+        let mut total: u64 = 0;
+        for op in &batch.ops {
+            total = total.saturating_add(self.work_of(conn, op));
+            if total > cap {
+                return Err(err(
+                    errno::E2BIG,
+                    format!(
+                        "batch asks for more than {cap} units of work (a stress op is one, a DMA buffer one per 64 bytes)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The work `op` asks for, in [`Config::max_request_work`]'s units.
+    fn work_of(&self, conn: ConnId, op: &Op) -> u64 {
+        let buffer = |h: u64| self.dma(conn, h).map_or(1, |(_, len)| len.div_ceil(64));
+        match *op {
+            Op::Stress { ops, .. } => ops,
+            Op::DmaFill { handle, .. }
+            | Op::DmaWriteDisk { handle, .. }
+            | Op::DmaReadDisk { handle, .. } => buffer(handle),
+            Op::DmaChecksum { handle, len: 0, .. } => buffer(handle),
+            Op::DmaChecksum { len, .. } => len.div_ceil(64),
+            Op::DmaRead { len, .. } => u64::from(len).div_ceil(64),
+            Op::DmaWrite { ref data, .. } => (data.len() as u64).div_ceil(64),
+            _ => 1,
         }
     }
 
