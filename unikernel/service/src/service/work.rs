@@ -362,7 +362,7 @@ impl<M: Memory> Service<M> {
     }
 
     /// Refuses a batch that asks for more work than one request may
-    /// ([`Config::max_request_work`]), before any of it runs.
+    /// ([`super::Config::max_request_work`]), before any of it runs.
     pub(super) fn check_batch_work(&self, conn: ConnId, batch: &Batch) -> Result<(), WireError> {
         let cap = self.config.max_request_work;
         let mut total: u64 = 0;
@@ -380,7 +380,7 @@ impl<M: Memory> Service<M> {
         Ok(())
     }
 
-    /// The work `op` asks for, in [`Config::max_request_work`]'s units.
+    /// The work `op` asks for, in [`super::Config::max_request_work`]'s units.
     fn work_of(&self, conn: ConnId, op: &Op) -> u64 {
         let buffer = |h: u64| self.dma(conn, h).map_or(1, |(_, len)| len.div_ceil(64));
         match *op {
