@@ -438,7 +438,8 @@ impl Sockets {
         while i < self.clients.len() {
             let c = &mut self.clients[i];
             let s = self.set.get_mut::<tcp::Socket>(c.handle);
-            // Timed only when there is input: the clock costs a QEMU call.
+            // Timed only when there is input or work in progress: the clock
+            // costs a QEMU call.
             let start = (s.can_recv() || c.busy).then(time::uptime_ns);
             let wrote = serve_client(c, s, handler, shutdown, now);
             turns |= start.is_some();
