@@ -20,7 +20,7 @@ Examples:
 
 The address and token come from --addr/--token, $MEMD_ADDR/$MEMD_TOKEN, or the
 .memd/ directory that `cargo xtask run` writes. Commands only the operator may
-run (shutdown, fault, fault-inject, drop-caches, stress, check) and sessions
+run (shutdown, fault with a rule, drop-caches, stress, check) and sessions
 take the operator token first: $MEMD_OPERATOR_TOKEN, then $MEMD_TOKEN, then
 .memd/operator-token, then .memd/token.";
 
@@ -268,22 +268,9 @@ pub(crate) enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
-    /// Configure fault injection (failslab / fail_page_alloc)
-    FaultInject {
-        /// slab or pages
-        target: String,
-        /// Percent chance an eligible allocation fails (0 turns it off)
-        #[arg(long, default_value_t = 100)]
-        probability: u8,
-        /// Only every N-th allocation is eligible
-        #[arg(long, default_value_t = 1)]
-        interval: u32,
-        /// Stop after this many failures (-1: no limit)
-        #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
-        times: i64,
-    },
-    /// Set fault injection on slab and/or page allocations, then show both
-    /// rules; with neither --slab nor --page, just show them
+    /// Fault injection (failslab / fail_page_alloc): with --slab and/or
+    /// --page, set those rules; then show both with their counters (calls
+    /// seen, failures injected)
     Fault {
         /// The failslab rule (slab and kmalloc allocations)
         #[arg(long)]
@@ -301,8 +288,6 @@ pub(crate) enum Cmd {
         #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
         times: i64,
     },
-    /// Fault-injection rules with their counters (calls seen, failures injected)
-    Faults,
     /// Allocate COUNT objects of SIZE and free them, in batch frames of up
     /// to 4096 operations (memd-wire's MAX_BATCH_OPS)
     Batch {

@@ -138,29 +138,8 @@ fn to_op(cmd: Cmd) -> Result<Op, Fail> {
         Cmd::Check => Op::Check,
         Cmd::DropCaches => Op::DropCaches,
         Cmd::Stress { ops, seed } => Op::Stress { ops, seed },
-        Cmd::FaultInject {
-            target,
-            probability,
-            interval,
-            times,
-        } => Op::FaultInject {
-            target: match target.as_str() {
-                "slab" | "failslab" => FaultTarget::Slab,
-                "pages" | "page" | "fail_page_alloc" => FaultTarget::Pages,
-                t => {
-                    return Err(Fail::Usage(format!(
-                        "fault target {t:?}: use slab or pages"
-                    )))
-                }
-            },
-            config: FaultConfig {
-                probability,
-                interval,
-                times,
-            },
-        },
         Cmd::Shutdown => Op::Shutdown,
-        Cmd::Faults | Cmd::Fault { .. } => Op::Faults,
+        Cmd::Fault { .. } => Op::Faults,
         Cmd::Batch { .. } | Cmd::Session | Cmd::Watch { .. } | Cmd::Completions { .. } => {
             unreachable!("handled by the caller")
         }
@@ -496,10 +475,8 @@ mod tests {
             "dma-read-disk 7 0",
             "check",
             "stress 1000",
-            "fault-inject slab --times -1",
             "fault --slab --page --probability 5 --interval 2 --times 10",
             "fault",
-            "faults",
             "batch 100 --size 32",
             "session",
             "shutdown",
@@ -528,7 +505,6 @@ mod tests {
             "check",
             "drop-caches",
             "stress 10",
-            "fault-inject slab",
             "fault --slab --probability 5",
             "fault --page --probability 0",
             "session",
@@ -538,7 +514,6 @@ mod tests {
         for line in [
             "status",
             "meminfo",
-            "faults",
             "fault",
             "kmalloc 64",
             "dma-alloc 1M",

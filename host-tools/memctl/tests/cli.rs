@@ -105,7 +105,7 @@ fn fault_injection_is_set_counted_and_cleared() {
     }
     let (code, _, err) = run("kmalloc 64");
     assert_eq!(code, 0, "{err}");
-    let (code, out, err) = run("--json faults");
+    let (code, out, err) = run("--json fault");
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["slab"]["injected"], 2, "{out}");
@@ -174,7 +174,7 @@ fn a_client_token_may_not_run_operator_commands() {
     let addr = start_server_with_roles();
     // The client token: views and allocation work, but EPERM (exit 1, a
     // server error) for what only the operator may do.
-    for args in ["status", "meminfo", "kmalloc 64", "faults"] {
+    for args in ["status", "meminfo", "kmalloc 64", "fault"] {
         let (code, _, err) = memctl(&addr, "cl", args, "");
         assert_eq!(code, 0, "client: memctl {args}: {err}");
     }
