@@ -211,9 +211,9 @@ pub fn kmain(start_info: u64) -> ! {
     }
     let operator_token = token(fw_cfg.as_ref(), OPERATOR_TOKEN_FILE, "operator");
     let client_token = token(fw_cfg.as_ref(), CLIENT_TOKEN_FILE, "client");
-    match drivers::net::NetDevice::probe() {
+    match drivers::virtio_net::NetDevice::probe() {
         Ok(dev) => {
-            let disk = match drivers::blk::BlkDevice::probe() {
+            let disk = match drivers::virtio_blk::BlkDevice::probe() {
                 Ok(d) => {
                     info!(
                         "disk: {} sectors ({} MiB){} on {}",

@@ -23,7 +23,7 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4C
 
 use crate::arch::{self, time};
 use crate::cmdline;
-use crate::drivers::net::NetDevice;
+use crate::drivers::virtio_net::NetDevice;
 
 /// Most clients connected at once.
 /// 256 load-test clients plus control connections.

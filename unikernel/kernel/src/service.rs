@@ -9,7 +9,7 @@ use memd_mm::MemoryManager;
 use memd_service::{BlockDevice, Config, DeviceDma, Env, Service};
 
 use crate::arch::time;
-use crate::drivers::blk::BlkDevice;
+use crate::drivers::virtio_blk::BlkDevice;
 use crate::drivers::hal;
 use crate::net::{Flow, Handler};
 use crate::ALLOC;

@@ -1292,6 +1292,6 @@ fn hello_tag() -> Option<u8> {
         client: String::new(),
     });
     let mut sample = Vec::new();
-    memd_wire::frame::encode_into(&hello, &mut sample).ok()?;
+    memd_wire::framing::encode_into(&hello, &mut sample).ok()?;
     sample.first().copied()
 }

@@ -85,7 +85,7 @@ fn cases(default: u32) -> u32 {
 /// bodies past it).
 fn encoded<T: serde::Serialize>(v: &T) -> Vec<u8> {
     let mut out = Vec::new();
-    memd_wire::frame::encode_into(v, &mut out).expect("encodes");
+    memd_wire::framing::encode_into(v, &mut out).expect("encodes");
     out
 }
 

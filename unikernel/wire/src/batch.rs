@@ -17,7 +17,7 @@
 
 use alloc::vec::Vec;
 
-use crate::frame::{
+use crate::framing::{
     encode_frame, encode_into, leading_bytes, seal_frame, FrameError, MAX_FRAME, PREFIX_LEN,
 };
 use crate::msg::{Reply, Response};

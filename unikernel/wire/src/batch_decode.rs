@@ -14,7 +14,7 @@
 use alloc::vec::Vec;
 
 use crate::flags::Gfp;
-use crate::frame::{decode_body, encode_into, leading_bytes, FrameError};
+use crate::framing::{decode_body, encode_into, leading_bytes, FrameError};
 use crate::msg::{Batch, Op, Request, MAX_BATCH_OPS};
 
 /// Decodes a request body: batches through the fast reader when it can,
@@ -173,7 +173,7 @@ fn read_batch(body: &[u8]) -> Option<Batch> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::encode_into;
+    use crate::framing::encode_into;
     use alloc::vec;
     use proptest::prelude::*;
 

@@ -1,6 +1,6 @@
 //! memd's control protocol.
 //!
-//! - [`frame`]: length-prefixed frames (u32 little-endian length, postcard
+//! - [`framing`]: length-prefixed frames (u32 little-endian length, postcard
 //!   body), [`MAX_FRAME`], and the streaming [`FrameDecoder`].
 //! - [`msg`]: [`Request`] / [`Response`], the handshake, every [`Op`] and
 //!   its [`Reply`].
@@ -24,7 +24,7 @@ pub mod batch;
 pub mod batch_decode;
 pub mod error;
 pub mod flags;
-pub mod frame;
+pub mod framing;
 pub mod memmap;
 pub mod msg;
 pub mod passes;
@@ -35,7 +35,7 @@ pub use batch::{BatchReplyMark, BatchReplyWriter, PLAIN_RESULT_MAX};
 pub use batch_decode::{batch_count, batch_prefix, decode_request};
 pub use error::{errno, errno_name, WireError};
 pub use flags::{DmaMask, Gfp, SlabFlags};
-pub use frame::{decode_body, encode_frame, to_frame, FrameDecoder, FrameError, MAX_FRAME};
+pub use framing::{decode_body, encode_frame, to_frame, FrameDecoder, FrameError, MAX_FRAME};
 pub use memmap::*;
 pub use msg::*;
 pub use passes::{LoopPasses, PassHistogram, PASS_BUCKETS};

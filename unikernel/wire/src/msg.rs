@@ -34,7 +34,7 @@ pub const DMA_LIST_PAGE: usize = 2048;
 pub const MAX_NAME_LEN: usize = 32;
 
 /// Most bytes one DMA read may return, so a reply always fits a frame.
-pub const MAX_IO: usize = crate::frame::MAX_FRAME - 4096;
+pub const MAX_IO: usize = crate::framing::MAX_FRAME - 4096;
 
 /// A resource owned by one connection: pages, an object, a cache, a pool or
 /// a DMA buffer. Handles are never reused within a service's lifetime.

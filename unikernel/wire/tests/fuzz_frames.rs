@@ -325,7 +325,7 @@ fn regression_inputs() {
 /// bodies here are past it).
 fn body_of<T: serde::Serialize>(v: &T) -> Vec<u8> {
     let mut out = Vec::new();
-    memd_wire::frame::encode_into(v, &mut out).expect("encodes");
+    memd_wire::framing::encode_into(v, &mut out).expect("encodes");
     out
 }
 

@@ -7,10 +7,10 @@
 
 #![allow(unsafe_code)]
 
-pub mod blk;
+pub mod virtio_blk;
 pub mod fw_cfg;
 pub mod hal;
-pub mod net;
+pub mod virtio_net;
 pub mod notify;
 pub mod pci;
 
