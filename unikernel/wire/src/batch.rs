@@ -1,11 +1,9 @@
 //! A `Response::Batch` frame written result by result.
 //!
-//! The service used to collect a batch's results in a vector, measure each
-//! one's encoding to keep the frame under [`MAX_FRAME`], then encode the
-//! whole vector twice (size, then bytes): three encodings and a 56-byte move
-//! per operation. This writer encodes each result once, in place in the
-//! output buffer that goes to the socket, and knows the frame's size as it
-//! goes; only the count is filled in at the end. Its bytes are exactly
+//! The writer encodes each result once, in place in the output buffer that
+//! goes to the socket, and knows the frame's size as it goes, so the frame
+//! stays under [`MAX_FRAME`] without a second encoding to measure it; only
+//! the count is filled in at the end. Its bytes are exactly
 //! those of `encode_frame(&Response::Batch(results))`, so clients decode it
 //! like any other response.
 //!

@@ -20,10 +20,9 @@ use crate::stats::*;
 /// and `halted_ns`.
 pub const PROTOCOL_VERSION: u32 = 4;
 
-/// Most operations one batch may carry. The service holds a batch's
-/// results in memory before encoding them (a few hundred bytes each), and
-/// the kernel's heap serves at most one buddy block (4 MiB) at a time:
-/// 4096 keeps a whole batch well inside that.
+/// Most operations one batch may carry. The decoded operations are held
+/// while the batch runs, and every result must fit the one reply frame
+/// ([`MAX_FRAME`](crate::MAX_FRAME)): 4096 keeps both small beside it.
 pub const MAX_BATCH_OPS: usize = 4096;
 
 /// Entries in one page of [`Op::DmaBuffers`]: a page's reply stays far
