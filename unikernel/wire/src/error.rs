@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 pub use hermit_abi::errno;
 
-/// An error reply: an errno number from [`errno`] and a human message.
+/// An error reply: an errno number from [`mod@errno`] and a human message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireError {
     /// errno number (`errno::ENOMEM`, `errno::EINVAL`, ...).
