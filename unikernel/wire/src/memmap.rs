@@ -12,8 +12,7 @@ use alloc::vec::Vec;
 
 use serde::{Deserialize, Serialize};
 
-use crate::msg::Handle;
-use crate::stats::DmaSource;
+use crate::stats::{DmaSource, Handle};
 
 /// Most runs one map carries.
 pub const MAX_MAP_RUNS: usize = 8192;

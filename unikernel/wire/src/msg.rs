@@ -35,10 +35,6 @@ pub const MAX_NAME_LEN: usize = 32;
 /// Most bytes one DMA read may return, so a reply always fits a frame.
 pub const MAX_IO: usize = crate::framing::MAX_FRAME - 4096;
 
-/// A resource owned by one connection: pages, an object, a cache, a pool or
-/// a DMA buffer. Handles are never reused within a service's lifetime.
-pub type Handle = u64;
-
 /// One frame from the client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -434,20 +430,6 @@ pub enum Role {
     Client,
     /// Everything, including operations that affect every client.
     Operator,
-}
-
-/// Per-connection limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Quota {
-    /// Pages held at once (page blocks, DMA buffers, object footprints).
-    pub pages: u64,
-    /// Bytes held at once.
-    pub bytes: u64,
-    /// Handles held at once.
-    pub handles: u64,
-    /// Slab caches and mempools held at once (they take entries of the
-    /// memory manager's tables, which all clients share).
-    pub caches: u64,
 }
 
 /// The successful result of one operation.

@@ -10,7 +10,24 @@ use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 use crate::flags::DmaMask;
-use crate::msg::{Handle, Quota};
+
+/// A resource owned by one connection: pages, an object, a cache, a pool or
+/// a DMA buffer. Handles are never reused within a service's lifetime.
+pub type Handle = u64;
+
+/// Per-connection limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    /// Pages held at once (page blocks, DMA buffers, object footprints).
+    pub pages: u64,
+    /// Bytes held at once.
+    pub bytes: u64,
+    /// Handles held at once.
+    pub handles: u64,
+    /// Slab caches and mempools held at once (they take entries of the
+    /// memory manager's tables, which all clients share).
+    pub caches: u64,
+}
 
 /// [`crate::Op::Status`].
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
