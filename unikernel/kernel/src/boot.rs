@@ -13,8 +13,6 @@ use core::arch::global_asm;
 
 use memd_mm::{BootInfo, GlobalMm, MemRegion, MmError, RegionKind};
 
-use crate::arch::paging::PagingInfo;
-
 /// `XEN_ELFNOTE_PHYS32_ENTRY`: the note type holding the 32-bit entry point.
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 /// `hvm_start_info.magic`.
@@ -330,12 +328,13 @@ fn region_kind(e820: u32) -> RegionKind {
 }
 
 /// Hands the machine's memory to memd-mm: the firmware map and command line
-/// from `data`, the direct map and page-table frames from `paging`, and the
-/// kernel image (with its stack and statics) as reserved.
+/// from `data`, the direct map at `direct_map_offset`, and the kernel image
+/// (with its stack and statics) and the page tables' frames as reserved.
 pub fn hand_over_memory(
     mm: &GlobalMm,
     data: &BootData,
-    paging: &PagingInfo,
+    direct_map_offset: u64,
+    table_frames: core::ops::Range<u64>,
 ) -> Result<(), MmError> {
     let map = data.memory_map();
     let mut regions = [MemRegion {
@@ -350,11 +349,11 @@ pub fn hand_over_memory(
             kind: region_kind(e.kind),
         };
     }
-    let reserved = [kernel_image(), paging.table_frames.clone()];
+    let reserved = [kernel_image(), table_frames];
     let info = BootInfo {
         regions: &regions[..map.len()],
         cmdline: data.cmdline(),
-        direct_map_offset: paging.direct_map_offset,
+        direct_map_offset,
         reserved: &reserved,
         // Firmware may have used RAM it reports usable (SeaBIOS does):
         // the frame table is cleared.

@@ -152,7 +152,12 @@ pub fn kmain(start_info: u64) -> ! {
         Err(e) => warn!("idle: no APIC timer ({e:?}): the poll loop never halts"),
     }
 
-    if let Err(e) = boot::hand_over_memory(&ALLOC, &boot, &paging) {
+    if let Err(e) = boot::hand_over_memory(
+        &ALLOC,
+        &boot,
+        paging.direct_map_offset,
+        paging.table_frames.clone(),
+    ) {
         error!("memd-mm: initialisation failed: {e}");
         arch::exit::failure();
     }

@@ -9,8 +9,8 @@ use memd_mm::MemoryManager;
 use memd_service::{BlockDevice, Config, DeviceDma, Env, Service};
 
 use crate::arch::time;
-use crate::drivers::virtio_blk::BlkDevice;
 use crate::drivers::hal;
+use crate::drivers::virtio_blk::BlkDevice;
 use crate::net::{Flow, Handler};
 use crate::ALLOC;
 

@@ -7,12 +7,12 @@
 
 #![allow(unsafe_code)]
 
-pub mod virtio_blk;
 pub mod fw_cfg;
 pub mod hal;
-pub mod virtio_net;
 pub mod notify;
 pub mod pci;
+pub mod virtio_blk;
+pub mod virtio_net;
 
 use alloc::string::String;
 use core::fmt::Write;
