@@ -10,13 +10,25 @@
 //! [`check`] verifies every invariant.
 //!
 //! The crate knows nothing of x86, virtio or sockets. It is handed physical
-//! ranges and a direct-map offset through which it reaches them. Raw memory
-//! access lives only in [`access`] (and the host-only `arena`); the one
-//! other `unsafe` block turns the frame table's memory into a slice in
-//! [`MemoryManager::init`], whose contract the kernel signs, and [`global`]
-//! implements the unsafe `GlobalAlloc` trait (and takes the architecture's
-//! word, in the unsafe `GlobalMm::with_vmalloc`, that [`vmalloc`]'s pages
-//! are really mapped).
+//! ranges and a direct-map offset through which it reaches them.
+//!
+//! # Unsafe code
+//!
+//! The crate denies `unsafe_code`. Four places are allowed it, each marked
+//! `#[allow(unsafe_code)]` in this file:
+//!
+//! - the `access` module: raw reads and writes of managed memory through
+//!   the direct map. No other module touches memory except through it.
+//! - [`MemoryManager::init`], an unsafe fn whose contract the kernel signs:
+//!   it turns the frame table's memory into a slice (with `access`).
+//! - the `global` module: [`GlobalMm`] implements the unsafe `GlobalAlloc`
+//!   trait, and takes the architecture's word, in the unsafe
+//!   [`GlobalMm::with_vmalloc`], that vmalloc's pages are really mapped.
+//! - the host-only `arena` module (feature `std`): it borrows memory from
+//!   the host allocator and boots a manager over it, and its `HostGlobal`
+//!   implements `GlobalAlloc`.
+//!
+//! Every unsafe block says why it is sound in a `// SAFETY:` comment.
 //!
 //! # Booting
 //! ```ignore
@@ -25,12 +37,15 @@
 //! ```
 
 #![no_std]
+#![deny(unsafe_code)]
 
 #[cfg(any(test, feature = "std"))]
 extern crate std;
 
+#[allow(unsafe_code)]
 pub mod access;
 #[cfg(feature = "std")]
+#[allow(unsafe_code)]
 pub mod arena;
 pub mod buddy;
 pub mod bytes;
@@ -42,6 +57,7 @@ pub mod error;
 pub mod fault;
 pub mod frame;
 pub mod gfp;
+#[allow(unsafe_code)]
 pub mod global;
 pub mod kmalloc;
 pub mod kmem_cache;
@@ -159,6 +175,7 @@ impl MemoryManager {
     /// RAM that nothing else uses from now on, mapped read-write at
     /// `phys + boot.direct_map_offset`, and must stay so while this manager
     /// (or anything it handed out) is in use.
+    #[allow(unsafe_code)]
     pub unsafe fn init(&mut self, boot: &BootInfo) -> Result<(), MmError> {
         if self.initialized {
             return Err(MmError::Invalid("memory manager already initialised"));
