@@ -1,6 +1,5 @@
 //! One test per rule of the memory manager, each on a small host machine.
 
-use memd_mm::arena::HostMm;
 use memd_mm::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -613,7 +612,7 @@ fn kmalloc_size_roundup_is_what_ksize_reports() {
     for size in sizes {
         let p = mm.kmalloc(size, Gfp::KERNEL).unwrap();
         assert_eq!(
-            memd_mm::kmalloc::kmalloc_size_roundup(size),
+            memd_mm::kmalloc_size_roundup(size),
             mm.ksize(p).unwrap(),
             "kmalloc({size})"
         );
@@ -634,7 +633,7 @@ fn cache_and_pool_tables_fill_then_free_a_slot() {
         }
     };
     assert_eq!(refused, MmError::TableFull);
-    assert_eq!(builtin + caches.len(), slab::MAX_CACHES);
+    assert_eq!(builtin + caches.len(), MAX_CACHES);
     mm.cache_destroy(caches.pop().unwrap()).unwrap();
     caches.push(
         mm.cache_create("again", 64, 8, SlabFlags::NONE, None)
@@ -649,7 +648,7 @@ fn cache_and_pool_tables_fill_then_free_a_slot() {
         }
     };
     assert_eq!(refused, MmError::TableFull);
-    assert_eq!(pools.len(), mempool::MAX_POOLS);
+    assert_eq!(pools.len(), MAX_POOLS);
     for id in pools {
         mm.mempool_destroy(id).unwrap();
     }
