@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use memd_client::{Client, Error, Options};
-use memd_mm::arena::HostMm;
+use memd_mm::HostMm;
 use memd_service::host::{serve, serve_on, HostService};
 use memd_wire::*;
 

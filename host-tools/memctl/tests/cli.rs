@@ -5,7 +5,7 @@ mod common;
 
 use std::net::TcpListener;
 
-use memd_mm::arena::HostMm;
+use memd_mm::HostMm;
 use memd_service::host::{serve, HostService};
 
 /// A host service on loopback (the test process exits at the end).

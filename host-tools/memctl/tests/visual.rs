@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use memd_mm::arena::HostMm;
+use memd_mm::HostMm;
 use memd_service::host::{serve, HostService};
 
 /// A host service on loopback with DMA, DMA32 and Normal, a CMA region

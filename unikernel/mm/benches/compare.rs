@@ -7,7 +7,7 @@
 //! ratio. `--json` prints one JSON array of rows for scripts.
 
 use buddy_system_allocator::{FrameAllocator, Heap};
-use memd_mm::arena::HostMm;
+use memd_mm::HostMm;
 use memd_mm::{DmaMask, Gfp, FRAME_DESCRIPTOR_BYTES};
 use rlsf::Tlsf;
 use std::alloc::{GlobalAlloc, Layout, System};

@@ -1,11 +1,12 @@
 //! Raw access to managed memory through the direct map.
 //!
-//! This is one of the two modules of memd-mm that contain `unsafe` (the
-//! other is `arena`, host-only). Everything else reaches memory through the
-//! functions here. Their soundness rests on one contract, made once by the
-//! caller of [`crate::MemoryManager::init`]: every usable physical range it
-//! hands in is RAM that memd-mm owns exclusively for its lifetime, mapped
-//! read-write at `phys + direct_map_offset`.
+//! memd-mm denies `unsafe_code`; this module is one of the four places
+//! allowed it (the crate documentation lists them) and the only one that
+//! reads or writes managed memory: every other module reaches memory
+//! through the functions here. Their soundness rests on one contract, made
+//! once by the caller of [`crate::MemoryManager::init`]: every usable
+//! physical range it hands in is RAM that memd-mm owns exclusively for its
+//! lifetime, mapped read-write at `phys + direct_map_offset`.
 
 use crate::frame::Frame;
 

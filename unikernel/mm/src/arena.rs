@@ -114,7 +114,7 @@ impl Drop for HostMm {
 ///
 /// ```ignore
 /// #[global_allocator]
-/// static A: memd_mm::arena::HostGlobal = memd_mm::arena::HostGlobal::new(256 << 20);
+/// static A: memd_mm::HostGlobal = memd_mm::HostGlobal::new(256 << 20);
 /// ```
 ///
 /// The arena never grows: once its `bytes` are taken, allocations fail

@@ -1,7 +1,9 @@
 //! The contiguous memory area: a region reserved at boot
 //! (`memd.dma_reserve=SIZE@zone`) that serves physically contiguous
 //! buffers of any size and power-of-two alignment, far beyond the buddy's
-//! largest block — the seeds' `alloc_bootmem` buffer, made reusable.
+//! largest block (Linux's CMA, `mm/cma.c`): reserved at boot, as a
+//! driver's own `memblock_alloc` buffer would be, but shared by many
+//! buffers that come and go.
 //!
 //! Allocations are kept as a sorted list of extents; a request takes the
 //! first gap that fits after alignment and below the caller's address

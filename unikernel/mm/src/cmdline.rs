@@ -1,8 +1,8 @@
 //! The kernel command-line options memd-mm understands.
 //!
 //! - `memd.dma_reserve=SIZE[@dma|@dma32|@normal]`: reserve a physically
-//!   contiguous region at boot for large DMA buffers (the seeds'
-//!   `pf_buf_len=size@nid`, served by [`crate::cma`]).
+//!   contiguous region at boot for large DMA buffers (Linux's
+//!   `cma=SIZE[@START[-END]]`), served by [`crate::cma`].
 //! - `memmap=SIZE$ADDR`: a hole; the range is never used.
 //! - `memd.max_order=N`: number of buddy free lists (orders `0..N`).
 //!

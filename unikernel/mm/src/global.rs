@@ -5,7 +5,7 @@
 //! (see the `arena` module), which is how memd-mm is benchmarked against
 //! other allocators with ordinary Rust code. Only a manager built with
 //! [`GlobalMm::with_vmalloc`] has vmalloc; without it (the host) large
-//! requests are buddy blocks, as before.
+//! requests are buddy blocks.
 
 use crate::gfp::Gfp;
 use crate::vmalloc::VmapOps;

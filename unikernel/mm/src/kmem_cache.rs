@@ -262,7 +262,8 @@ impl MemoryManager {
     }
 
     /// `kmem_cache_destroy`. Fails with `Busy { live }` while objects are
-    /// allocated (the seeds' leak check); the cache stays usable then. For
+    /// allocated (where Linux's warns "Slab cache still has objects" and
+    /// leaves the cache in place); the cache stays usable then. For
     /// poisoned caches every free object is checked first, and damage is
     /// reported after the cache is gone.
     pub fn cache_destroy(&mut self, id: CacheId) -> Result<(), MmError> {

@@ -1,22 +1,42 @@
 //! memd-mm: a memory manager built the way Linux's `mm/` is.
 //!
 //! Layers, bottom up, each in its own module and named as Linux names it:
-//! [`memblock`] (boot allocator) → [`frame`] (the frame table, `struct
-//! page`) → [`zone`] (DMA / DMA32 / Normal with watermarks) → [`buddy`]
-//! with [`pcp`] lists in front → [`slab`] caches and [`kmalloc`] →
-//! [`mempool`] → [`cma`] (boot-time contiguous region) → [`dma`] (the DMA
-//! API) → [`vmalloc`] (virtually contiguous memory from order-0 frames) →
-//! [`global`] (a `GlobalAlloc`). [`stats`] renders the Linux views,
-//! [`check`] verifies every invariant.
+//! `memblock`, the boot allocator ([`Memblock`]) → `frame`, the frame table
+//! ([`Frame`], Linux's `struct page`) → `zone`: DMA / DMA32 / Normal with
+//! watermarks ([`ZoneType`]) → `buddy` with `pcp` lists in front
+//! ([`MemoryManager::alloc_pages`]) → `slab` caches ([`KmemCache`]) and
+//! `kmalloc` ([`MemoryManager::kmalloc`]) → `mempool`
+//! ([`MemoryManager::mempool_create`]) → `cma`, the boot-time contiguous
+//! region ([`Cma`]) → `dma`, the DMA API ([`MemoryManager::dma_alloc`]) →
+//! `vmalloc`, virtually contiguous memory from order-0 frames
+//! ([`MemoryManager::vmalloc`]) → `global`, a `GlobalAlloc` ([`GlobalMm`]).
+//! [`stats`] renders the Linux views; `check` verifies every invariant
+//! ([`MemoryManager::check`]).
+//!
+//! The layers are methods of one [`MemoryManager`], Linux's node. The
+//! modules other than [`stats`] are private: what other crates use is
+//! re-exported at the root.
 //!
 //! The crate knows nothing of x86, virtio or sockets. It is handed physical
-//! ranges and a direct-map offset through which it reaches them. Raw memory
-//! access lives only in [`access`] (and the host-only `arena`); the one
-//! other `unsafe` block turns the frame table's memory into a slice in
-//! [`MemoryManager::init`], whose contract the kernel signs, and [`global`]
-//! implements the unsafe `GlobalAlloc` trait (and takes the architecture's
-//! word, in the unsafe `GlobalMm::with_vmalloc`, that [`vmalloc`]'s pages
-//! are really mapped).
+//! ranges and a direct-map offset through which it reaches them.
+//!
+//! # Unsafe code
+//!
+//! The crate denies `unsafe_code`. Four places are allowed it, each marked
+//! `#[allow(unsafe_code)]` in this file:
+//!
+//! - the `access` module: raw reads and writes of managed memory through
+//!   the direct map. No other module touches memory except through it.
+//! - [`MemoryManager::init`], an unsafe fn whose contract the kernel signs:
+//!   it turns the frame table's memory into a slice (with `access`).
+//! - the `global` module: [`GlobalMm`] implements the unsafe `GlobalAlloc`
+//!   trait, and takes the architecture's word, in the unsafe
+//!   [`GlobalMm::with_vmalloc`], that vmalloc's pages are really mapped.
+//! - the host-only `arena` module (feature `std`): it borrows memory from
+//!   the host allocator and boots a manager over it, and its `HostGlobal`
+//!   implements `GlobalAlloc`.
+//!
+//! Every unsafe block says why it is sound in a `// SAFETY:` comment.
 //!
 //! # Booting
 //! ```ignore
@@ -25,52 +45,71 @@
 //! ```
 
 #![no_std]
+#![deny(unsafe_code)]
 
 #[cfg(any(test, feature = "std"))]
 extern crate std;
 
-pub mod access;
+// The modules are private: other crates use the items re-exported below,
+// so how the code is split into modules can change without breaking them.
+// `stats` is the one public module (see its line).
+#[allow(unsafe_code)]
+mod access;
 #[cfg(feature = "std")]
-pub mod arena;
-pub mod buddy;
-pub mod bytes;
-pub mod check;
-pub mod cma;
-pub mod cmdline;
-pub mod dma;
-pub mod error;
-pub mod fault;
-pub mod frame;
-pub mod gfp;
-pub mod global;
-pub mod kmalloc;
-pub mod kmem_cache;
-pub mod memblock;
-pub mod memmap_view;
-pub mod mempool;
-pub mod owner;
-pub mod page_alloc;
-pub mod pcp;
-pub mod slab;
+#[allow(unsafe_code)]
+mod arena;
+mod buddy;
+mod bytes;
+mod check;
+mod cma;
+mod cmdline;
+mod dma;
+mod error;
+mod fault;
+mod frame;
+mod gfp;
+#[allow(unsafe_code)]
+mod global;
+mod kmalloc;
+mod kmem_cache;
+mod memblock;
+mod memmap_view;
+mod mempool;
+mod owner;
+mod page_alloc;
+mod pcp;
+mod slab;
+// Public as a namespace: its types are the Linux views (`stats::MemInfo`
+// is /proc/meminfo, `stats::ZoneInfo` one zone of /proc/zoneinfo, ...),
+// and memd-wire has types of the same names (`ZoneInfo`, `CmaInfo`, ...)
+// that the service converts these into, so callers name them by module.
 pub mod stats;
-pub mod vmalloc;
-pub mod zone;
+mod vmalloc;
+mod zone;
 
-pub use access::DirectMap;
-pub use cma::Cma;
-pub use cmdline::MmOptions;
+pub use access::{slice_mut, DirectMap};
+#[cfg(feature = "std")]
+pub use arena::{HostGlobal, HostMm};
+pub use check::CheckError;
+pub use cma::{Cma, Extent};
+pub use cmdline::{DmaReserve, MmOptions};
 pub use dma::{DmaBuffer, DmaMask, DmaSource};
 pub use error::MmError;
 pub use fault::{FaultAttr, FaultConfig};
-pub use frame::{Frame, FrameState, FRAME_DESCRIPTOR_BYTES};
+pub use frame::{Frame, FrameList, FrameListIter, FrameState, FRAME_DESCRIPTOR_BYTES};
 pub use gfp::Gfp;
 pub use global::GlobalMm;
+pub use kmalloc::kmalloc_size_roundup;
 pub use memblock::{MemRegion, Memblock, RegionKind, Reservation, ReserveKind, PAGE_SIZE};
-pub use mempool::{PoolBacking, PoolElement, PoolId};
+pub use memmap_view::{FrameRun, FrameRuns, RunKind};
+pub use mempool::{Mempool, PoolBacking, PoolCounters, PoolElement, PoolId, MAX_POOLS};
 pub use owner::{Owner, MAX_OWNERS};
-pub use slab::{CacheId, Corruption, CorruptionKind, Ctor, KmemCache, SlabFlags};
+pub use slab::{
+    CacheCounters, CacheId, Corruption, CorruptionKind, Ctor, KmemCache, SlabFlags, CACHE_NAME_LEN,
+    MAX_CACHES,
+};
 pub use vmalloc::{PgtableAlloc, VmallocArea, VmapOps};
-pub use zone::{ZoneType, DEFAULT_MAX_ORDER, MAX_ORDER_LIMIT, NR_ZONES};
+pub use zone::{Watermarks, ZoneCounters, ZoneType, DEFAULT_MAX_ORDER, MAX_ORDER_LIMIT, NR_ZONES};
 
 use core::ops::Range;
 
@@ -159,6 +198,7 @@ impl MemoryManager {
     /// RAM that nothing else uses from now on, mapped read-write at
     /// `phys + boot.direct_map_offset`, and must stay so while this manager
     /// (or anything it handed out) is in use.
+    #[allow(unsafe_code)]
     pub unsafe fn init(&mut self, boot: &BootInfo) -> Result<(), MmError> {
         if self.initialized {
             return Err(MmError::Invalid("memory manager already initialised"));

@@ -2,8 +2,8 @@
 //!
 //! It starts from the firmware's memory map, learns what is already taken
 //! (kernel image, boot page tables, `memmap=` holes), serves the early
-//! allocations that must exist before the page allocator does (the frame
-//! table, the `memd.dma_reserve=` region, like the seeds' `alloc_bootmem`)
+//! allocations that must exist before the page allocator does, as Linux's
+//! `memblock_alloc` does (the frame table, the `memd.dma_reserve=` region),
 //! and finally tells the zones which ranges are free.
 
 pub const MAX_RANGES: usize = 64;

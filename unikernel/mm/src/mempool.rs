@@ -4,8 +4,9 @@
 //! `min_nr` elements are allocated up front and parked. An allocation
 //! first asks the backing allocator; only when that fails does it take a
 //! parked element. A free refills the reserve before giving memory back.
-//! The parked elements are memory nobody uses while things go well — the
-//! seeds' warning — so the statistics show them as idle bytes.
+//! The parked elements are memory nobody uses while things go well (the
+//! reason Linux keeps mempools to the few paths, such as block I/O, that
+//! must not fail), so the statistics show them as idle bytes.
 //!
 //! Parked elements are linked through their own first word, so the reserve
 //! costs no memory beyond the elements themselves.

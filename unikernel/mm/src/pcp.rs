@@ -4,7 +4,7 @@
 //! Most page allocations are single frames that are freed soon after; the
 //! list serves them with a push and a pop, and talks to the buddy allocator
 //! only in batches, which is where the split/merge cost goes. memd polls on
-//! one CPU today, so there is one list per zone.
+//! one CPU, so there is one list per zone.
 
 /// Frames moved between the buddy lists and a pcp list at a time.
 pub const PCP_BATCH: usize = 31;

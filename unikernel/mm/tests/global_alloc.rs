@@ -1,6 +1,6 @@
 //! memd-mm as a host program's `#[global_allocator]`.
 
-use memd_mm::arena::HostGlobal;
+use memd_mm::HostGlobal;
 use std::collections::{BTreeMap, HashMap};
 
 #[global_allocator]

@@ -2,7 +2,7 @@
 //! API (what memd's clients ask for) and never the global allocator (the
 //! kernel's own heap), where a failed allocation would be fatal.
 
-use memd_mm::arena::HostGlobal;
+use memd_mm::HostGlobal;
 use memd_mm::{Gfp, MmError};
 
 #[global_allocator]

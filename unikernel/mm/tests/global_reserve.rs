@@ -2,7 +2,7 @@
 //! make), the global allocator (the kernel's own heap) still allocates from
 //! the ATOMIC reserve below the `min` watermark.
 
-use memd_mm::arena::HostGlobal;
+use memd_mm::HostGlobal;
 use memd_mm::{Gfp, MmError};
 
 #[global_allocator]

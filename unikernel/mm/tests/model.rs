@@ -7,7 +7,6 @@
 //! the tag written into it. At the end everything is freed and free memory
 //! must equal the baseline exactly.
 
-use memd_mm::arena::HostMm;
 use memd_mm::*;
 use proptest::prelude::*;
 use std::ptr::NonNull;

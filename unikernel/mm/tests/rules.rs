@@ -1,6 +1,5 @@
 //! One test per rule of the memory manager, each on a small host machine.
 
-use memd_mm::arena::HostMm;
 use memd_mm::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -152,10 +151,13 @@ fn zero_flag_zeroes_reused_memory() {
     let mut mm = machine("");
     let p = mm.alloc_pages(1, Gfp::KERNEL).unwrap();
     let v = mm.direct_map().virt(p);
+    // SAFETY: the order-1 block (8 KiB) at `p` is ours until it is freed.
     unsafe { core::ptr::write_bytes(v as *mut u8, 0xee, 8192) };
     mm.free_pages(p, 1).unwrap();
     let q = mm.alloc_pages(1, Gfp::KERNEL | Gfp::ZERO).unwrap();
     assert_eq!(p, q, "the same block comes back");
+    // SAFETY: the order-1 block at `q` is ours, and nothing writes it while
+    // `bytes` is read.
     let bytes = unsafe { core::slice::from_raw_parts(mm.direct_map().virt(q) as *const u8, 8192) };
     assert!(bytes.iter().all(|&b| b == 0));
 }
@@ -231,11 +233,13 @@ fn constructor_runs_when_a_slab_is_populated_not_per_alloc() {
     let a = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
     let per_slab = mm.cache(c).unwrap().objs_per_slab as usize;
     assert_eq!(CTOR_RUNS.load(Ordering::SeqCst), per_slab);
+    // SAFETY: `a` is a live 100-byte object of the cache, and ours.
     let obj = unsafe { core::slice::from_raw_parts_mut(a.as_ptr(), 100) };
     assert!(obj.iter().all(|&b| b == 0x5a));
     mm.cache_free(c, a).unwrap();
     for _ in 0..5 {
         let b = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
+        // SAFETY: `b` is a live 100-byte object of the cache, and ours.
         let obj = unsafe { core::slice::from_raw_parts(b.as_ptr(), 100) };
         assert!(
             obj.iter().all(|&x| x == 0x5a),
@@ -291,7 +295,10 @@ fn poison_catches_use_after_free() {
     let _b = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
     mm.cache_free(c, a).unwrap();
     mm.cache_validate(c).unwrap();
-    unsafe { *a.as_ptr().add(10) = 1 }; // write after free
+    // SAFETY: the freed object still lies in the host arena, which stays
+    // allocated while `mm` lives, and no reference to it exists; the write
+    // after free is the bug this test plants for the poison check to find.
+    unsafe { *a.as_ptr().add(10) = 1 };
     match mm.cache_validate(c) {
         Err(MmError::Corrupted(x)) => {
             assert_eq!(x.kind, CorruptionKind::UseAfterFree);
@@ -318,7 +325,10 @@ fn red_zone_catches_overrun_and_double_free() {
         .unwrap();
     let a = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
     let b = mm.cache_alloc(c, Gfp::KERNEL).unwrap();
-    unsafe { *a.as_ptr().add(21) = 0 }; // one past the end (+1)
+    // SAFETY: byte 21 of a 20-byte object lies in the red zone that follows
+    // it, inside its slab in the host arena; the overrun is the bug this test
+    // plants for the red-zone check to find.
+    unsafe { *a.as_ptr().add(21) = 0 };
     match mm.cache_free(c, a) {
         Err(MmError::Corrupted(x)) => assert_eq!((x.kind, x.offset), (CorruptionKind::Overrun, 21)),
         other => panic!("expected overrun, got {other:?}"),
@@ -353,6 +363,7 @@ fn kmalloc_classes_ksize_large_and_bad_pointers() {
         let p = mm.kmalloc(size, Gfp::KERNEL).unwrap();
         let k = mm.ksize(p).unwrap();
         assert!(k >= size, "ksize({size}) = {k}");
+        // SAFETY: `p` is a live kmalloc allocation of at least `size` bytes.
         unsafe { core::ptr::write_bytes(p.as_ptr(), 0xab, size) };
         ptrs.push(p);
     }
@@ -601,7 +612,7 @@ fn kmalloc_size_roundup_is_what_ksize_reports() {
     for size in sizes {
         let p = mm.kmalloc(size, Gfp::KERNEL).unwrap();
         assert_eq!(
-            memd_mm::kmalloc::kmalloc_size_roundup(size),
+            memd_mm::kmalloc_size_roundup(size),
             mm.ksize(p).unwrap(),
             "kmalloc({size})"
         );
@@ -622,7 +633,7 @@ fn cache_and_pool_tables_fill_then_free_a_slot() {
         }
     };
     assert_eq!(refused, MmError::TableFull);
-    assert_eq!(builtin + caches.len(), slab::MAX_CACHES);
+    assert_eq!(builtin + caches.len(), MAX_CACHES);
     mm.cache_destroy(caches.pop().unwrap()).unwrap();
     caches.push(
         mm.cache_create("again", 64, 8, SlabFlags::NONE, None)
@@ -637,7 +648,7 @@ fn cache_and_pool_tables_fill_then_free_a_slot() {
         }
     };
     assert_eq!(refused, MmError::TableFull);
-    assert_eq!(pools.len(), mempool::MAX_POOLS);
+    assert_eq!(pools.len(), MAX_POOLS);
     for id in pools {
         mm.mempool_destroy(id).unwrap();
     }

@@ -5,7 +5,6 @@
 //! vmalloc address into a pointer: the pages are reached through the
 //! direct map of the frames the double recorded.
 
-use memd_mm::arena::HostMm;
 use memd_mm::*;
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};

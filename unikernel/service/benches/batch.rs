@@ -4,7 +4,7 @@
 //! `cargo bench -p memd-service --bench batch`; compare with what the load
 //! test sees in a TCG guest to tell service cost from transport cost.
 
-use memd_mm::arena::HostMm;
+use memd_mm::HostMm;
 use memd_service::{Config, DirectEnv, Service};
 use memd_wire::*;
 use std::time::Instant;

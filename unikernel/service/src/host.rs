@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 use std::{io::Read, io::Write, string::String, string::ToString, thread, vec, vec::Vec};
 
-use memd_mm::arena::HostMm;
+use memd_mm::HostMm;
 use memd_mm::MemoryManager;
 
 use crate::{Config, ConnId, DirectEnv, Flow, Service};

@@ -72,7 +72,7 @@ static FILL_CTORS: [memd_mm::Ctor; 256] = fill_table!(0 1 2 3 4 5 6 7 8 9 10 11 
 /// A slabinfo line copied out of the manager (the name is borrowed there).
 #[derive(Clone, Copy)]
 pub struct SlabSnap {
-    name: [u8; memd_mm::slab::CACHE_NAME_LEN],
+    name: [u8; memd_mm::CACHE_NAME_LEN],
     name_len: usize,
     active_objs: u64,
     num_objs: u64,
@@ -85,7 +85,7 @@ pub struct SlabSnap {
     flags: u32,
     has_ctor: bool,
     builtin: bool,
-    counters: memd_mm::slab::CacheCounters,
+    counters: memd_mm::CacheCounters,
 }
 
 /// Heap-free statistics snapshot of a `MemoryManager`.
@@ -93,8 +93,8 @@ pub struct MmStats {
     max_order: u32,
     meminfo: Option<MemInfo>,
     zones: Option<[MmZone; memd_mm::NR_ZONES]>,
-    slabs: [Option<SlabSnap>; memd_mm::slab::MAX_CACHES],
-    pools: [Option<MmPool>; memd_mm::mempool::MAX_POOLS],
+    slabs: [Option<SlabSnap>; memd_mm::MAX_CACHES],
+    pools: [Option<MmPool>; memd_mm::MAX_POOLS],
     cma: Option<MmCma>,
 }
 
@@ -104,8 +104,8 @@ impl Default for MmStats {
             max_order: 0,
             meminfo: None,
             zones: None,
-            slabs: [None; memd_mm::slab::MAX_CACHES],
-            pools: [None; memd_mm::mempool::MAX_POOLS],
+            slabs: [None; memd_mm::MAX_CACHES],
+            pools: [None; memd_mm::MAX_POOLS],
             cma: None,
         }
     }
@@ -190,7 +190,7 @@ impl Memory for MemoryManager {
         let p = MemoryManager::kmalloc(self, size, gfp(g)?).map_err(mm_err)?;
         Ok(Obj {
             addr: p.as_ptr() as usize as u64,
-            size: memd_mm::kmalloc::kmalloc_size_roundup(size) as u64,
+            size: memd_mm::kmalloc_size_roundup(size) as u64,
         })
     }
 
@@ -346,7 +346,7 @@ impl Memory for MemoryManager {
             View::Zoneinfo | View::Buddyinfo => out.zones = Some(self.zoneinfo()),
             View::Slabinfo => {
                 for (slot, s) in out.slabs.iter_mut().zip(self.slabinfo()) {
-                    let mut name = [0u8; memd_mm::slab::CACHE_NAME_LEN];
+                    let mut name = [0u8; memd_mm::CACHE_NAME_LEN];
                     let n = s.name.len().min(name.len());
                     name[..n].copy_from_slice(&s.name.as_bytes()[..n]);
                     *slot = Some(SlabSnap {
@@ -512,7 +512,7 @@ impl Memory for MemoryManager {
     }
 
     fn memmap_runs(&mut self, from: u64, to: u64, take: &mut dyn FnMut(PageRun)) {
-        use memd_mm::memmap_view::RunKind;
+        use memd_mm::RunKind;
         use memd_wire::MapKind;
         for r in self.frame_runs_in(from, to) {
             take(PageRun {

@@ -13,7 +13,7 @@ mod common;
 use std::sync::atomic::Ordering;
 
 use common::{LockEnv, ALLOCS_UNDER_LOCK};
-use memd_mm::arena::HostMm;
+use memd_mm::HostMm;
 use memd_mm::MemoryManager;
 use memd_service::{Config, ConnId, Service};
 use memd_wire::*;

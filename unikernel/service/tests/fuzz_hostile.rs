@@ -39,7 +39,7 @@ use kernel_heap::{measure, HeapUse, KernelHeap};
 #[global_allocator]
 static HEAP: KernelHeap = KernelHeap::new();
 
-use memd_mm::arena::HostMm;
+use memd_mm::HostMm;
 use memd_service::host::HostService;
 use memd_service::{Config, ConnId, Flow};
 use memd_wire::*;

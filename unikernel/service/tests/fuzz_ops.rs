@@ -19,7 +19,7 @@ mod kernel_heap;
 #[global_allocator]
 static HEAP: kernel_heap::KernelHeap = kernel_heap::KernelHeap::new();
 
-use memd_mm::arena::HostMm;
+use memd_mm::HostMm;
 use memd_service::host::HostService;
 use memd_service::{Config, ConnId, Flow};
 use memd_wire::*;

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use common::{under_lock, RamDisk, ALLOCS_UNDER_LOCK};
 
-use memd_mm::arena::HostMm;
+use memd_mm::HostMm;
 use memd_mm::MemoryManager;
 use memd_service::{BlockDevice, Config, ConnId, Env, Flow, Service};
 use memd_wire::*;

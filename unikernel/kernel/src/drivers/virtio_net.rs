@@ -61,7 +61,7 @@ fn slot(buf: &DmaBuffer, index: usize) -> &'static mut [u8] {
     // init and never freed while the device exists; every slot index is
     // below the buffer's slot count, and a slot is only touched while the
     // device does not own it (before submit or after completion).
-    unsafe { memd_mm::access::slice_mut(buf.virt + index * SLOT, SLOT) }
+    unsafe { memd_mm::slice_mut(buf.virt + index * SLOT, SLOT) }
 }
 
 impl NetDevice {

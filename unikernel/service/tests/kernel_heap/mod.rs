@@ -36,7 +36,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use memd_mm::arena::HostGlobal;
+use memd_mm::HostGlobal;
 
 /// The heap's arena. The kernel's heap shares the guest's memory with the
 /// clients; a test binary's own needs (the harness, proptest, frames of up
