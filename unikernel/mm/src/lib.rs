@@ -67,13 +67,13 @@ mod dma;
 mod error;
 mod fault;
 mod frame;
+mod frame_runs;
 mod gfp;
 #[allow(unsafe_code)]
 mod global;
 mod kmalloc;
 mod kmem_cache;
 mod memblock;
-mod memmap_view;
 mod mempool;
 mod owner;
 mod page_alloc;
@@ -97,11 +97,11 @@ pub use dma::{DmaBuffer, DmaMask, DmaSource};
 pub use error::MmError;
 pub use fault::{FaultAttr, FaultConfig};
 pub use frame::{Frame, FrameList, FrameListIter, FrameState, FRAME_DESCRIPTOR_BYTES};
+pub use frame_runs::{FrameRun, FrameRuns, RunKind};
 pub use gfp::Gfp;
 pub use global::GlobalMm;
 pub use kmalloc::kmalloc_size_roundup;
 pub use memblock::{MemRegion, Memblock, RegionKind, Reservation, ReserveKind, PAGE_SIZE};
-pub use memmap_view::{FrameRun, FrameRuns, RunKind};
 pub use mempool::{Mempool, PoolBacking, PoolCounters, PoolElement, PoolId, MAX_POOLS};
 pub use owner::{Owner, MAX_OWNERS};
 pub use slab::{
