@@ -171,9 +171,15 @@ impl Memory for MemoryManager {
         self.meminfo().free
     }
 
-    fn set_owner(&mut self, owner: u64) {
-        // Cannot fail: the tag is always below MAX_OWNERS.
+    fn as_owner<R>(&mut self, owner: u64, f: impl FnOnce(&mut Self) -> R) -> R {
+        // Cannot fail: both tags are below MAX_OWNERS.
         let _ = MemoryManager::set_owner(self, owner_of(owner));
+        let r = f(self);
+        // Pages the kernel takes next (virtio buffers, its heap) are its
+        // own, and only kernel-owned ATOMIC requests may use the reserve
+        // below `min`.
+        let _ = MemoryManager::set_owner(self, Owner::KERNEL);
+        r
     }
 
     fn alloc_pages(&mut self, order: u8, g: Gfp) -> Result<u64, MemError> {

@@ -1114,10 +1114,7 @@ impl<M: Memory> Service<M> {
                 }
                 self.check_quota(conn, 1u64 << order, page << order)?;
                 let phys = env
-                    .with_mem(|m, _| {
-                        m.set_owner(conn);
-                        m.alloc_pages(order, gfp)
-                    })
+                    .with_mem_as(conn, |m, _| m.alloc_pages(order, gfp))
                     .map_err(mem_err)?;
                 let handle = self.insert(conn, Res::Pages { phys, order }, page);
                 Ok(Reply::Pages {
@@ -1139,10 +1136,7 @@ impl<M: Memory> Service<M> {
             Op::Kmalloc { size, gfp } => {
                 self.check_quota(conn, 0, size)?;
                 let obj = env
-                    .with_mem(|m, _| {
-                        m.set_owner(conn);
-                        m.kmalloc(size, gfp)
-                    })
+                    .with_mem_as(conn, |m, _| m.kmalloc(size, gfp))
                     .map_err(mem_err)?;
                 let handle = self.insert(conn, Res::Kmalloc(obj), page);
                 Ok(Reply::Object {

@@ -140,8 +140,7 @@ impl<M: Memory> Service<M> {
         };
         c.handles.reserve(stretch.allocs, stretch.frees);
         reply.reserve_plain(stretch.left);
-        env.with_mem(|m, _| {
-            m.set_owner(conn);
+        env.with_mem_as(conn, |m, _| {
             for op in ops[..stretch.left.min(limit)].iter().map_while(BulkOp::of) {
                 if !reply.plain_fits(FINAL_ENTRY_ROOM) {
                     break;

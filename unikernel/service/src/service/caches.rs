@@ -142,10 +142,7 @@ impl<M: Memory> Service<M> {
         };
         self.check_quota(conn, 0, size)?;
         let obj = env
-            .with_mem(|m, _| {
-                m.set_owner(conn);
-                id.alloc(m, gfp)
-            })
+            .with_mem_as(conn, |m, _| id.alloc(m, gfp))
             .map_err(mem_err)?;
         if let Some(objects) = self.get_mut(conn, parent).and_then(|r| kind.objects(r)) {
             *objects += 1;
@@ -249,10 +246,7 @@ impl<M: Memory> Service<M> {
         self.check_quota(conn, 0, reserve)?;
         self.check_table_quota(conn, true)?;
         let (id, elem) = env
-            .with_mem(|m, _| {
-                m.set_owner(conn);
-                m.pool_create(backing, min_nr)
-            })
+            .with_mem_as(conn, |m, _| m.pool_create(backing, min_nr))
             .map_err(mem_err)?;
         if let Some(h) = cache {
             if let Some(Res::Cache { pools, .. }) = self.get_mut(conn, h) {

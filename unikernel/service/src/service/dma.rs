@@ -97,8 +97,7 @@ impl<M: Memory> Service<M> {
         }
         self.check_quota(conn, len.div_ceil(page), len)?;
         let buf = env
-            .with_mem(|m, _| {
-                m.set_owner(conn);
+            .with_mem_as(conn, |m, _| {
                 if zeroed {
                     m.dma_alloc(len, align, mask)
                 } else {
