@@ -21,7 +21,10 @@
 
 use memd_wire::{BatchReplyWriter, Gfp, Op};
 
-use super::{Conn, Res, Service, FINAL_ENTRY_ROOM};
+use super::batch::FINAL_ENTRY_ROOM;
+use super::conn::Conn;
+use super::res::Res;
+use super::Service;
 use crate::env::Env;
 use crate::handles::HandleTable;
 use crate::memory::{MemError, Memory};

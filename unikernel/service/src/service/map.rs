@@ -12,8 +12,9 @@ use alloc::vec::Vec;
 
 use memd_wire::{errno, MapDma, Reply, WireError};
 
+use super::res::Res;
 use super::work::Work;
-use super::{err, mem_err, Res, Service};
+use super::{err, mem_err, Service};
 use crate::env::Env;
 use crate::memmap::{MapSnapshot, RunWalk};
 use crate::memory::Memory;

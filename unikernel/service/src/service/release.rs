@@ -10,12 +10,13 @@
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 
-use super::{Res, Service};
+use super::res::Res;
+use super::Service;
 use crate::env::Env;
 use crate::handles::{Drain, HandleTable};
 use crate::memory::Memory;
 
-use super::work::Budget;
+use super::budget::Budget;
 
 /// Handles freed per hold of the memory manager.
 const SLICE: usize = 64;
