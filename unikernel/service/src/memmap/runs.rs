@@ -152,7 +152,7 @@ impl<'a> RunSink<'a> {
 
 /// A map's runs taken a window of frames at a time into a fixed slice, at
 /// the finest granule that fits: exact first; when the runs outgrow the
-/// slice, the walk starts again with coarser cells ([`coarser`]), up to
+/// slice, the walk starts again with coarser cells (`coarser`), up to
 /// one that always fits. The table may change between windows.
 #[derive(Debug, Clone, Copy)]
 pub struct RunWalk {

@@ -42,8 +42,9 @@ impl<M: Memory> Service<M> {
 
     /// As [`Service::on_bytes`], but one turn: it stops at the first frame
     /// boundary after `out` has reached `max_out` bytes or after the turn's
-    /// budget ([`Config::budget_ns`]) is spent, and returns how much of
-    /// `input` it took: the rest waits (in the socket) for the next turn.
+    /// budget ([`Config::budget_ns`](super::Config::budget_ns)) is spent,
+    /// and returns how much of `input` it took: the rest waits (in the
+    /// socket) for the next turn.
     /// A request in progress ([`Service::has_work`]) carries on first, even
     /// with no input. One reply is at most a frame, so `out` stays below
     /// `max_out` plus one frame.
