@@ -30,16 +30,13 @@ impl Env for KernelEnv {
         // memd-service's `Memory` calls never allocate (the manager is the
         // heap), and the disk driver does not either once it is set up, so
         // holding the allocator's lock here cannot deadlock.
+        // What the service charges to a client is charged inside
+        // `Memory::as_owner`, which gives the kernel its owner back.
         let mut mm = ALLOC.lock();
-        let result = match &mut self.disk {
+        match &mut self.disk {
             Some(d) => f(&mut mm, Some(d)),
             None => f(&mut mm, None),
-        };
-        // Whatever the service charged to a client ends here: pages the
-        // kernel takes next (virtio buffers, its heap) are its own, and only
-        // kernel-owned ATOMIC requests may use the reserve below `min`.
-        let _ = mm.set_owner(memd_mm::Owner::KERNEL);
-        result
+        }
     }
 
     fn now_ns(&mut self) -> u64 {

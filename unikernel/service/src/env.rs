@@ -59,7 +59,8 @@ pub trait Env {
     /// The memory manager type.
     type Mem: Memory;
 
-    /// Run `f` with the memory manager and the block device, if any.
+    /// Run `f` with the memory manager and the block device, if any; what
+    /// `f` allocates is the kernel's.
     ///
     /// In the kernel the memory manager sits behind the global allocator's
     /// lock; the service does its own heap work (handle tables, replies)
@@ -68,6 +69,16 @@ pub trait Env {
         &mut self,
         f: impl FnOnce(&mut Self::Mem, Option<&mut dyn BlockDevice>) -> R,
     ) -> R;
+
+    /// As [`Env::with_mem`], with what `f` allocates charged to `owner`
+    /// (a connection id) through [`Memory::as_owner`].
+    fn with_mem_as<R>(
+        &mut self,
+        owner: u64,
+        f: impl FnOnce(&mut Self::Mem, Option<&mut dyn BlockDevice>) -> R,
+    ) -> R {
+        self.with_mem(|m, block| m.as_owner(owner, |m| f(m, block)))
+    }
 
     /// A monotonic clock in nanoseconds.
     fn now_ns(&mut self) -> u64;

@@ -28,17 +28,17 @@ extern crate alloc;
 extern crate std;
 
 mod conns;
-pub mod env;
+mod env;
 pub mod handles;
 #[cfg(feature = "host")]
 pub mod host;
 pub mod memmap;
-pub mod memory;
+mod memory;
 pub mod mm;
-pub mod service;
+mod service;
 pub mod stress;
 
 pub use env::{BlockDevice, DeviceDma, DirectEnv, Env, Transfer, SECTOR};
 pub use memmap::MapSnapshot;
 pub use memory::{Backing, DmaFacts, MemError, Memory, Obj, View};
-pub use service::{Config, ConnId, Flow, Service};
+pub use service::{Config, ConnId, Flow, Service, DEFAULT_BUDGET_NS, MAX_HELLO_FRAME};

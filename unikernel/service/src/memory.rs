@@ -107,8 +107,10 @@ pub trait Memory {
     fn total_bytes(&mut self) -> u64;
     /// Bytes free in the page allocator.
     fn free_bytes(&mut self) -> u64;
-    /// Tag the following allocations with `owner` (a connection id).
-    fn set_owner(&mut self, owner: u64);
+    /// Runs `f` with what it allocates charged to `owner` (a connection
+    /// id); everything outside `f` is the kernel's. Through
+    /// [`crate::Env::with_mem_as`].
+    fn as_owner<R>(&mut self, owner: u64, f: impl FnOnce(&mut Self) -> R) -> R;
 
     /// Allocate `2^order` pages; returns the physical address.
     fn alloc_pages(&mut self, order: u8, gfp: Gfp) -> Result<u64, MemError>;

@@ -1,20 +1,19 @@
 //! [`Memory`] for memd-mm's `MemoryManager`.
 
-use alloc::boxed::Box;
-use alloc::format;
-use alloc::string::{String, ToString};
-use alloc::vec::Vec;
 use core::ptr::NonNull;
 
-use memd_mm::stats::{CmaInfo as MmCma, MemInfo, MempoolInfo as MmPool, ZoneInfo as MmZone};
 use memd_mm::{CacheId, DmaBuffer, MemoryManager, MmError, Owner, PoolElement, PoolId};
 use memd_wire::{
-    errno, BuddyZone, CmaInfo, Ctor, DmaMask, DmaSource, FaultConfig, FaultState, FaultStatus,
-    FaultTarget, Gfp, Meminfo, MempoolInfo, Reply, SlabFlags, SlabInfo, ZoneInfo,
+    errno, Ctor, DmaMask, DmaSource, FaultConfig, FaultState, FaultStatus, FaultTarget, Gfp, Reply,
+    SlabFlags,
 };
 
 use crate::memmap::{MapSnapshot, PageRun, MAP_MAX_EXTENTS, MAP_MAX_RANGES};
 use crate::memory::{Backing, DmaFacts, MemError, Memory, Obj, View};
+
+mod stats;
+
+pub use stats::{MmStats, SlabSnap};
 
 fn mm_err(e: MmError) -> MemError {
     let code = match e {
@@ -69,81 +68,6 @@ macro_rules! fill_table {
 /// One constructor per fill byte: memd-mm constructors are plain `fn`s.
 static FILL_CTORS: [memd_mm::Ctor; 256] = fill_table!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63 64 65 66 67 68 69 70 71 72 73 74 75 76 77 78 79 80 81 82 83 84 85 86 87 88 89 90 91 92 93 94 95 96 97 98 99 100 101 102 103 104 105 106 107 108 109 110 111 112 113 114 115 116 117 118 119 120 121 122 123 124 125 126 127 128 129 130 131 132 133 134 135 136 137 138 139 140 141 142 143 144 145 146 147 148 149 150 151 152 153 154 155 156 157 158 159 160 161 162 163 164 165 166 167 168 169 170 171 172 173 174 175 176 177 178 179 180 181 182 183 184 185 186 187 188 189 190 191 192 193 194 195 196 197 198 199 200 201 202 203 204 205 206 207 208 209 210 211 212 213 214 215 216 217 218 219 220 221 222 223 224 225 226 227 228 229 230 231 232 233 234 235 236 237 238 239 240 241 242 243 244 245 246 247 248 249 250 251 252 253 254 255);
 
-/// A slabinfo line copied out of the manager (the name is borrowed there).
-#[derive(Clone, Copy)]
-pub struct SlabSnap {
-    name: [u8; memd_mm::CACHE_NAME_LEN],
-    name_len: usize,
-    active_objs: u64,
-    num_objs: u64,
-    objsize: u64,
-    stride: u64,
-    objperslab: u64,
-    pagesperslab: u64,
-    active_slabs: u64,
-    num_slabs: u64,
-    flags: u32,
-    has_ctor: bool,
-    builtin: bool,
-    counters: memd_mm::CacheCounters,
-}
-
-/// Heap-free statistics snapshot of a `MemoryManager`.
-pub struct MmStats {
-    max_order: u32,
-    meminfo: Option<MemInfo>,
-    zones: Option<[MmZone; memd_mm::NR_ZONES]>,
-    slabs: [Option<SlabSnap>; memd_mm::MAX_CACHES],
-    pools: [Option<MmPool>; memd_mm::MAX_POOLS],
-    cma: Option<MmCma>,
-}
-
-impl Default for MmStats {
-    fn default() -> Self {
-        MmStats {
-            max_order: 0,
-            meminfo: None,
-            zones: None,
-            slabs: [None; memd_mm::MAX_CACHES],
-            pools: [None; memd_mm::MAX_POOLS],
-            cma: None,
-        }
-    }
-}
-
-fn zone_info(z: &MmZone) -> ZoneInfo {
-    ZoneInfo {
-        node: 0,
-        name: z.zone.name().to_string(),
-        start_pfn: z.start_pfn,
-        spanned: z.end_pfn.saturating_sub(z.start_pfn),
-        managed: z.managed,
-        free: z.free,
-        min: z.watermark.min,
-        low: z.watermark.low,
-        high: z.watermark.high,
-        lowmem_reserve: z.lowmem_reserve.to_vec(),
-        free_blocks: z.nr_free[..z.max_order as usize].to_vec(),
-        pcp_count: z.pcp_count,
-        pcp_high: z.pcp_high,
-        pcp_batch: z.pcp_batch,
-        alloc_success: z.counters.alloc_success,
-        alloc_fail: z.counters.alloc_fail,
-        atomic_reserve_used: z.counters.atomic_reserve_used,
-        fallback: z.counters.fallback,
-        pcp_refill: z.counters.pcp_refill,
-        pcp_drain: z.counters.pcp_drain,
-    }
-}
-
-fn backing_name(b: memd_mm::PoolBacking) -> String {
-    match b {
-        memd_mm::PoolBacking::Cache(c) => format!("cache {}", c.0),
-        memd_mm::PoolBacking::Kmalloc(s) => format!("kmalloc {s}"),
-        memd_mm::PoolBacking::Pages(o) => format!("pages order {o}"),
-    }
-}
-
 /// The owner tag for a connection (memd-mm keeps 256 tags; 0 is the kernel).
 fn owner_of(conn: u64) -> Owner {
     Owner((conn % (memd_mm::MAX_OWNERS as u64 - 1) + 1) as u16)
@@ -171,9 +95,15 @@ impl Memory for MemoryManager {
         self.meminfo().free
     }
 
-    fn set_owner(&mut self, owner: u64) {
-        // Cannot fail: the tag is always below MAX_OWNERS.
+    fn as_owner<R>(&mut self, owner: u64, f: impl FnOnce(&mut Self) -> R) -> R {
+        // Cannot fail: both tags are below MAX_OWNERS.
         let _ = MemoryManager::set_owner(self, owner_of(owner));
+        let r = f(self);
+        // Pages the kernel takes next (virtio buffers, its heap) are its
+        // own, and only kernel-owned ATOMIC requests may use the reserve
+        // below `min`.
+        let _ = MemoryManager::set_owner(self, Owner::KERNEL);
+        r
     }
 
     fn alloc_pages(&mut self, order: u8, g: Gfp) -> Result<u64, MemError> {
@@ -340,139 +270,11 @@ impl Memory for MemoryManager {
     }
 
     fn snapshot(&mut self, view: View, out: &mut MmStats) {
-        out.max_order = MemoryManager::max_order(self);
-        match view {
-            View::Meminfo => out.meminfo = Some(self.meminfo()),
-            View::Zoneinfo | View::Buddyinfo => out.zones = Some(self.zoneinfo()),
-            View::Slabinfo => {
-                for (slot, s) in out.slabs.iter_mut().zip(self.slabinfo()) {
-                    let mut name = [0u8; memd_mm::CACHE_NAME_LEN];
-                    let n = s.name.len().min(name.len());
-                    name[..n].copy_from_slice(&s.name.as_bytes()[..n]);
-                    *slot = Some(SlabSnap {
-                        name,
-                        name_len: n,
-                        active_objs: s.active_objs,
-                        num_objs: s.num_objs,
-                        objsize: s.objsize,
-                        stride: s.stride,
-                        objperslab: s.objperslab,
-                        pagesperslab: s.pagesperslab,
-                        active_slabs: s.active_slabs,
-                        num_slabs: s.num_slabs,
-                        flags: s.flags,
-                        has_ctor: s.has_ctor,
-                        builtin: s.builtin,
-                        counters: s.counters,
-                    });
-                }
-            }
-            View::Mempools => {
-                for (slot, p) in out.pools.iter_mut().zip(self.mempool_info()) {
-                    *slot = Some(p);
-                }
-            }
-            View::Cma => out.cma = self.cma_info(),
-        }
+        stats::snapshot(self, view, out)
     }
 
     fn render(view: View, s: &MmStats) -> Reply {
-        match view {
-            View::Meminfo => {
-                let m = s.meminfo.unwrap_or_default();
-                Reply::Meminfo(Box::new(Meminfo {
-                    total: m.total,
-                    free: m.free,
-                    buddy_free: m.buddy_free,
-                    pcp: m.pcp,
-                    slab: m.slab,
-                    slab_reclaimable: m.slab_reclaimable,
-                    kmalloc_large: m.kmalloc_large,
-                    pages_allocated: m.pages_allocated,
-                    mempool_reserve: m.mempool_reserve,
-                    dma_buddy: m.dma_buddy,
-                    cma_total: m.cma_total,
-                    cma_free: m.cma_free,
-                    reserved: m.reserved,
-                    frame_table: m.frame_table,
-                    vmalloc_total: m.vmalloc_total,
-                    vmalloc_used: m.vmalloc_used,
-                    vmalloc_chunk: m.vmalloc_chunk,
-                }))
-            }
-            View::Zoneinfo => Reply::Zoneinfo(s.zones.iter().flatten().map(zone_info).collect()),
-            View::Buddyinfo => Reply::Buddyinfo(
-                s.zones
-                    .iter()
-                    .flatten()
-                    .filter(|z| z.managed > 0)
-                    .map(|z| BuddyZone {
-                        node: 0,
-                        zone: z.zone.name().to_string(),
-                        free: z.nr_free[..s.max_order as usize].to_vec(),
-                    })
-                    .collect(),
-            ),
-            View::Slabinfo => Reply::Slabinfo(
-                s.slabs
-                    .iter()
-                    .flatten()
-                    .map(|c| SlabInfo {
-                        name: String::from_utf8_lossy(&c.name[..c.name_len]).into_owned(),
-                        active_objs: c.active_objs,
-                        num_objs: c.num_objs,
-                        objsize: c.objsize,
-                        stride: c.stride,
-                        objperslab: c.objperslab,
-                        pagesperslab: c.pagesperslab,
-                        active_slabs: c.active_slabs,
-                        num_slabs: c.num_slabs,
-                        flags: SlabFlags(c.flags),
-                        has_ctor: c.has_ctor,
-                        builtin: c.builtin,
-                        allocs: c.counters.allocs,
-                        frees: c.counters.frees,
-                        grows: c.counters.grows,
-                        pages_shrunk: c.counters.pages_shrunk,
-                        alloc_fail: c.counters.alloc_fail,
-                        corruptions: c.counters.corruptions,
-                    })
-                    .collect(),
-            ),
-            View::Mempools => Reply::Mempools(
-                s.pools
-                    .iter()
-                    .flatten()
-                    .map(|p| MempoolInfo {
-                        id: p.id as u32,
-                        backing: backing_name(p.backing),
-                        elem_size: p.element_size,
-                        min_nr: p.min_nr,
-                        curr_nr: p.curr_nr,
-                        reserve_bytes: p.idle_bytes,
-                        in_use: p.outstanding,
-                        allocs: p.counters.allocs,
-                        reserve_hits: p.counters.from_reserve,
-                        failures: p.counters.failures,
-                    })
-                    .collect::<Vec<_>>(),
-            ),
-            View::Cma => Reply::Cma(Box::new(match &s.cma {
-                None => CmaInfo::default(),
-                Some(c) => CmaInfo {
-                    present: true,
-                    base: c.base,
-                    total: c.size,
-                    zone: c.zone.name().to_string(),
-                    used: c.used,
-                    free: c.free,
-                    largest_free: c.largest_free,
-                    buffers: c.buffers,
-                    allocs: c.allocs,
-                    failures: c.failures,
-                },
-            })),
-        }
+        stats::render(view, s)
     }
 
     fn memmap(&mut self, out: &mut MapSnapshot) -> Result<(), MemError> {

@@ -80,8 +80,7 @@ impl Run {
         let n = self.left().min(SLICE_OPS);
         let start = env.now_ns();
         let (slots, rng, failed) = (&mut self.slots, &mut self.rng, &mut self.failed);
-        env.with_mem(|m, _| {
-            m.set_owner(owner);
+        env.with_mem_as(owner, |m, _| {
             for _ in 0..n {
                 one_op(m, slots, rng, failed);
             }

@@ -443,3 +443,31 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
         "heap used while the memory manager was borrowed"
     );
 }
+
+/// A client's pages are charged to its connection's owner tag, and the
+/// kernel owns the memory manager again between calls.
+#[test]
+fn allocations_are_charged_to_the_client_and_the_kernel_owns_the_rest() {
+    let mut t = T::new();
+    let c = t.login();
+    let kernel = t.mm.owner_pages(memd_mm::Owner::KERNEL);
+    let clients = |mm: &MemoryManager| -> u64 {
+        mm.owners()
+            .filter(|(o, _)| *o != memd_mm::Owner::KERNEL)
+            .map(|(_, pages)| pages)
+            .sum()
+    };
+    let p = h(&t.ok(
+        c,
+        Op::AllocPages {
+            order: 2,
+            gfp: Gfp::KERNEL,
+        },
+    ));
+    assert_eq!(t.mm.owner(), memd_mm::Owner::KERNEL);
+    assert_eq!(clients(&t.mm), 4);
+    assert_eq!(t.mm.owner_pages(memd_mm::Owner::KERNEL), kernel);
+    t.ok(c, Op::FreePages { handle: p });
+    assert_eq!(clients(&t.mm), 0);
+    t.close(c);
+}

@@ -1036,7 +1036,7 @@ fn before_hello_only_a_small_hello_is_taken() {
     // A frame above the hello limit: refused at its prefix, nothing of the
     // body is buffered, the connection closes.
     let c = h.connect();
-    let prefix = ((memd_service::service::MAX_HELLO_FRAME + 1) as u32).to_le_bytes();
+    let prefix = ((memd_service::MAX_HELLO_FRAME + 1) as u32).to_le_bytes();
     let (rs, flow) = h.send_raw(c, &prefix);
     assert_eq!(closing_code(&rs[0]), errno::E2BIG);
     assert_eq!(flow, Flow::Close);

@@ -10,8 +10,9 @@ use std::cell::Cell;
 use std::collections::HashSet;
 
 use common::*;
-use memd_service::service::DEFAULT_BUDGET_NS;
-use memd_service::{BlockDevice, Config, ConnId, DirectEnv, Flow, Memory, Service};
+use memd_service::{
+    BlockDevice, Config, ConnId, DirectEnv, Flow, Memory, Service, DEFAULT_BUDGET_NS,
+};
 use memd_wire::*;
 
 /// How far the fake clock moves at every reading.

@@ -8,16 +8,20 @@ use alloc::format;
 use alloc::vec::Vec;
 
 use memd_wire::{
-    errno, Batch, BatchReplyMark, BatchReplyWriter, FrameError, Op, Reply, WireError,
+    errno, Batch, BatchReplyMark, BatchReplyWriter, FrameError, Op, Reply, Response, WireError,
     MAX_BATCH_OPS, MAX_IO,
 };
 
+use super::budget::Budget;
 use super::bulk::Stretch;
-use super::work::{Budget, Work};
-use super::{err, mem_err, Outcome, Service, FINAL_ENTRY_ROOM};
+use super::work::Work;
+use super::{err, mem_err, Flow, Outcome, Service};
 use crate::env::Env;
 use crate::memory::Memory;
 use crate::ConnId;
+
+/// Bytes of a batch's reply frame kept free for a final error entry.
+pub(super) const FINAL_ENTRY_ROOM: usize = 128;
 
 /// Plain operations per hold of the memory manager: about 100 µs under
 /// TCG, so the budget is looked at between runs.
@@ -102,6 +106,28 @@ fn push_result(
 }
 
 impl<M: Memory> Service<M> {
+    /// What a batch's turn (`turn`, from `batch_turn`) means for its
+    /// connection; None while the batch waits for another turn.
+    pub(super) fn batch_flow(
+        &mut self,
+        conn: ConnId,
+        turn: Result<bool, FrameError>,
+        out: &mut Vec<u8>,
+    ) -> Option<Flow> {
+        match turn {
+            Ok(false) => None,
+            Ok(true) => Some(self.flow()),
+            Err(e) => {
+                Some(
+                    self.unsent_reply(conn, out, e, "batch reply", |error| Response::Error {
+                        error,
+                        closing: false,
+                    }),
+                )
+            }
+        }
+    }
+
     /// Runs `job` for one turn. Ok(true): the batch ended and its reply
     /// frame is at the end of `out`; Ok(false): it waits for another turn.
     pub(super) fn batch_turn<E: Env<Mem = M>>(

@@ -2,12 +2,12 @@
 //! of the memory manager, like Linux's `kmem_cache_alloc_bulk` and
 //! `release_pages` take a lock once for many objects.
 //!
-//! Through the general path every batched kmalloc took and dropped the
-//! allocator's lock, switched the page owner twice, built a
-//! `Result<Reply, WireError>` and dropped it again: more work than the
-//! allocation itself. Here consecutive kmalloc, kfree, alloc-pages and
-//! free-pages operations run inside one [`Env::with_mem`], and their
-//! results go straight into the reply frame.
+//! Through the general path each kmalloc takes and drops the allocator's
+//! lock and builds a `Result<Reply, WireError>` to drop it again: more
+//! work than the allocation itself. Here consecutive kmalloc, kfree,
+//! alloc-pages and free-pages operations run inside one
+//! [`Env::with_mem_as`], and their results go straight into the reply
+//! frame.
 //!
 //! Nothing in a run may allocate: the reply buffer is grown beforehand,
 //! the handle table by the chunk its next insertion would add (so handles
@@ -15,13 +15,16 @@
 //! still have room. Whatever a run cannot finish without the heap — an
 //! operation of another kind, an unknown handle, a quota refusal, a full
 //! frame, a used-up chunk of handles — ends the run before that operation,
-//! which then takes the general path and gets exactly the reply it always
-//! did. Only the memory manager's own refusal
-//! happens inside a run; its message is static, and the caller reports it.
+//! which then takes the general path and gets the reply it gets there.
+//! Only the memory manager's own refusal happens inside a run; its message
+//! is static, and the caller reports it.
 
 use memd_wire::{BatchReplyWriter, Gfp, Op};
 
-use super::{Conn, Res, Service, FINAL_ENTRY_ROOM};
+use super::batch::FINAL_ENTRY_ROOM;
+use super::conn::Conn;
+use super::res::Res;
+use super::Service;
 use crate::env::Env;
 use crate::handles::HandleTable;
 use crate::memory::{MemError, Memory};
@@ -140,8 +143,7 @@ impl<M: Memory> Service<M> {
         };
         c.handles.reserve(stretch.allocs, stretch.frees);
         reply.reserve_plain(stretch.left);
-        env.with_mem(|m, _| {
-            m.set_owner(conn);
+        env.with_mem_as(conn, |m, _| {
             for op in ops[..stretch.left.min(limit)].iter().map_while(BulkOp::of) {
                 if !reply.plain_fits(FINAL_ENTRY_ROOM) {
                     break;
@@ -165,7 +167,7 @@ impl<M: Memory> Service<M> {
     }
 }
 
-/// One operation of a run, exactly as `Service::dispatch` would run it,
+/// One operation of a run, as the general path (`pages`, `kmalloc`) runs it,
 /// or [`Step::Leave`] when that would need the heap or end in an error
 /// of the service's own.
 fn step<M: Memory>(

@@ -1,193 +1,55 @@
-//! Slab caches and mempools for clients: creating and destroying them,
-//! and their objects, which are handles of their own that remember their
-//! parent. A parent cannot go while it has children out or backs a pool,
-//! so a client sees `EBUSY` with the count rather than memd-mm's leak
-//! report.
+//! Slab caches for clients: creating one, shrinking it, destroying it
+//! (refused while it has objects out or backs a mempool). Allocating and
+//! freeing its objects is `objects`'s.
 
 use alloc::format;
 
-use memd_wire::{errno, Gfp, PoolBacking, Reply, WireError};
+use memd_wire::{errno, Ctor, Reply, SlabFlags, WireError, MAX_NAME_LEN};
 
-use super::{err, mem_err, wrong_kind, Res, Service};
+use super::res::{wrong_kind, Res};
+use super::{err, mem_err, Service};
 use crate::env::Env;
-use crate::memory::{Backing, MemError, Memory, Obj};
+use crate::memory::Memory;
 use crate::ConnId;
 
-/// A handle kind that hands out child objects: a slab cache (children
-/// are `Res::CacheObj`) or a mempool (children are `Res::PoolObj`).
-#[derive(Clone, Copy)]
-pub(super) enum Parent {
-    Cache,
-    Pool,
-}
-
-/// A parent's id in the memory manager.
-enum ParentId<M: Memory> {
-    Cache(M::CacheId),
-    Pool(M::PoolId),
-}
-
-impl<M: Memory> Clone for ParentId<M> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<M: Memory> Copy for ParentId<M> {}
-
-impl<M: Memory> ParentId<M> {
-    /// Runs inside [`Env::with_mem`]: must not allocate.
-    fn alloc(self, m: &mut M, gfp: Gfp) -> Result<Obj, MemError> {
-        match self {
-            ParentId::Cache(id) => m.cache_alloc(id, gfp),
-            ParentId::Pool(id) => m.pool_alloc(id, gfp),
-        }
-    }
-
-    /// Runs inside [`Env::with_mem`]: must not allocate.
-    fn free(self, m: &mut M, addr: u64) -> Result<(), MemError> {
-        match self {
-            ParentId::Cache(id) => m.cache_free(id, addr),
-            ParentId::Pool(id) => m.pool_free(id, addr),
-        }
-    }
-}
-
-impl Parent {
-    /// The parent's kind, as [`Res::kind`] names it.
-    fn name(self) -> &'static str {
-        match self {
-            Parent::Cache => "cache",
-            Parent::Pool => "mempool",
-        }
-    }
-
-    /// The child's kind, as [`Res::kind`] names it.
-    fn child_name(self) -> &'static str {
-        match self {
-            Parent::Cache => "cache object",
-            Parent::Pool => "mempool element",
-        }
-    }
-
-    /// The id and per-object size of `res`, if it is a parent of this kind.
-    fn id_size<M: Memory>(self, res: &Res<M>) -> Option<(ParentId<M>, u64)> {
-        match (self, res) {
-            (Parent::Cache, Res::Cache { id, size, .. }) => Some((ParentId::Cache(*id), *size)),
-            (Parent::Pool, Res::Pool { id, elem, .. }) => Some((ParentId::Pool(*id), *elem)),
-            _ => None,
-        }
-    }
-
-    /// The count of children out, if `res` is a parent of this kind.
-    fn objects<M: Memory>(self, res: &mut Res<M>) -> Option<&mut u64> {
-        match (self, res) {
-            (Parent::Cache, Res::Cache { objects, .. })
-            | (Parent::Pool, Res::Pool { objects, .. }) => Some(objects),
-            _ => None,
-        }
-    }
-
-    /// A child of handle `parent`, whose id is `id`.
-    fn child<M: Memory>(parent: u64, id: ParentId<M>, obj: Obj) -> Res<M> {
-        match id {
-            ParentId::Cache(id) => Res::CacheObj {
-                cache: parent,
-                id,
-                obj,
-            },
-            ParentId::Pool(id) => Res::PoolObj {
-                pool: parent,
-                id,
-                obj,
-            },
-        }
-    }
-
-    /// The parent handle and object of `res`, if it is a child of this kind.
-    fn child_of<M: Memory>(self, res: &Res<M>) -> Option<(u64, Obj)> {
-        match (self, res) {
-            (Parent::Cache, Res::CacheObj { cache: p, obj, .. })
-            | (Parent::Pool, Res::PoolObj { pool: p, obj, .. }) => Some((*p, *obj)),
-            _ => None,
-        }
-    }
-
-    /// `object` is a child of `actual`, not of `parent`.
-    fn not_its_child(self, object: u64, actual: u64, parent: u64) -> WireError {
-        let msg = match self {
-            Parent::Cache => format!("object {object} belongs to cache {actual}, not {parent}"),
-            Parent::Pool => format!("element {object} belongs to pool {actual}, not {parent}"),
-        };
-        err(errno::EINVAL, msg)
-    }
-}
-
 impl<M: Memory> Service<M> {
-    /// Allocates one object from the cache or mempool `parent` names
-    /// (`Op::CacheAlloc`, `Op::PoolAlloc`).
-    pub(super) fn alloc_child<E: Env<Mem = M>>(
+    /// A slab cache for `conn`, named and shaped as Linux's
+    /// `kmem_cache_create` takes one: the operation's fields as they are.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn cache_create<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
         conn: ConnId,
-        kind: Parent,
-        parent: u64,
-        gfp: Gfp,
-        page: u64,
+        name: &str,
+        size: u32,
+        align: u32,
+        flags: SlabFlags,
+        ctor: Ctor,
     ) -> Result<Reply, WireError> {
-        let r = self.get(conn, parent)?;
-        let (id, size) = match kind.id_size(r) {
-            Some(v) => v,
-            None => return Err(wrong_kind(parent, kind.name(), r.kind())),
-        };
-        self.check_quota(conn, 0, size)?;
-        let obj = env
-            .with_mem(|m, _| {
-                m.set_owner(conn);
-                id.alloc(m, gfp)
-            })
-            .map_err(mem_err)?;
-        if let Some(objects) = self.get_mut(conn, parent).and_then(|r| kind.objects(r)) {
-            *objects += 1;
+        if name.is_empty() || name.len() > MAX_NAME_LEN {
+            return Err(err(
+                errno::EINVAL,
+                format!("cache name must be 1..={MAX_NAME_LEN} bytes"),
+            ));
         }
-        let handle = self.insert(conn, Parent::child(parent, id, obj), page);
-        Ok(Reply::Object {
-            handle,
-            addr: obj.addr,
-            size: obj.size,
+        self.check_quota(conn, 0, 0)?;
+        self.check_table_quota(conn, false)?;
+        let id = env
+            .with_mem(|m, _| m.cache_create(name, size, align, flags, ctor))
+            .map_err(mem_err)?;
+        let res = Res::Cache {
+            id,
+            size: size as u64,
+            objects: 0,
+            pools: 0,
+        };
+        let page = self.page_size(env);
+        Ok(Reply::Created {
+            handle: self.insert(conn, res, page),
         })
     }
 
-    /// Frees `object` back to the cache or mempool `parent` names
-    /// (`Op::CacheFree`, `Op::PoolFree`).
-    pub(super) fn free_child<E: Env<Mem = M>>(
-        &mut self,
-        env: &mut E,
-        conn: ConnId,
-        kind: Parent,
-        parent: u64,
-        object: u64,
-        page: u64,
-    ) -> Result<Reply, WireError> {
-        let r = self.get(conn, parent)?;
-        let id = match kind.id_size(r) {
-            Some((id, _)) => id,
-            None => return Err(wrong_kind(parent, kind.name(), r.kind())),
-        };
-        let r = self.get(conn, object)?;
-        let addr = match kind.child_of(r) {
-            Some((p, obj)) if p == parent => obj.addr,
-            Some((p, _)) => return Err(kind.not_its_child(object, p, parent)),
-            None => return Err(wrong_kind(object, kind.child_name(), r.kind())),
-        };
-        env.with_mem(|m, _| id.free(m, addr)).map_err(mem_err)?;
-        self.remove(conn, object, page);
-        if let Some(objects) = self.get_mut(conn, parent).and_then(|r| kind.objects(r)) {
-            *objects -= 1;
-        }
-        Ok(Reply::Done)
-    }
-
+    /// Gives `cache`'s empty slabs back.
     pub(super) fn cache_shrink<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
@@ -202,6 +64,7 @@ impl<M: Memory> Service<M> {
         Ok(Reply::Shrunk { pages })
     }
 
+    /// Destroys `cache`.
     pub(super) fn cache_destroy<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
@@ -221,81 +84,6 @@ impl<M: Memory> Service<M> {
         };
         env.with_mem(|m, _| m.cache_destroy(id)).map_err(mem_err)?;
         self.remove(conn, cache, page);
-        Ok(Reply::Done)
-    }
-
-    pub(super) fn pool_create<E: Env<Mem = M>>(
-        &mut self,
-        env: &mut E,
-        conn: ConnId,
-        backing: PoolBacking,
-        min_nr: u32,
-        page: u64,
-    ) -> Result<Reply, WireError> {
-        let (backing, cache, elem) = match backing {
-            PoolBacking::Cache(h) => match self.get(conn, h)? {
-                Res::Cache { id, size, .. } => (Backing::Cache(*id), Some(h), *size),
-                r => return Err(wrong_kind(h, "cache", r.kind())),
-            },
-            PoolBacking::Kmalloc { size } => (Backing::Kmalloc(size), None, size as u64),
-            PoolBacking::Pages { order } => {
-                if order >= 64 {
-                    return Err(err(errno::EINVAL, format!("order {order} out of range")));
-                }
-                (Backing::Pages(order), None, page << order)
-            }
-        };
-        let reserve = elem.saturating_mul(min_nr as u64);
-        self.check_quota(conn, 0, reserve)?;
-        self.check_table_quota(conn, true)?;
-        let (id, elem) = env
-            .with_mem(|m, _| {
-                m.set_owner(conn);
-                m.pool_create(backing, min_nr)
-            })
-            .map_err(mem_err)?;
-        if let Some(h) = cache {
-            if let Some(Res::Cache { pools, .. }) = self.get_mut(conn, h) {
-                *pools += 1;
-            }
-        }
-        let reserve = elem.saturating_mul(min_nr as u64);
-        let res = Res::Pool {
-            id,
-            cache,
-            elem,
-            objects: 0,
-            reserve,
-        };
-        Ok(Reply::Created {
-            handle: self.insert(conn, res, page),
-        })
-    }
-
-    pub(super) fn pool_destroy<E: Env<Mem = M>>(
-        &mut self,
-        env: &mut E,
-        conn: ConnId,
-        pool: u64,
-        page: u64,
-    ) -> Result<Reply, WireError> {
-        let (id, cache) = match self.get(conn, pool)? {
-            Res::Pool { objects, .. } if *objects > 0 => {
-                return Err(err(
-                    errno::EBUSY,
-                    format!("mempool {pool} has {objects} element(s) out"),
-                ))
-            }
-            Res::Pool { id, cache, .. } => (*id, *cache),
-            r => return Err(wrong_kind(pool, "mempool", r.kind())),
-        };
-        env.with_mem(|m, _| m.pool_destroy(id)).map_err(mem_err)?;
-        self.remove(conn, pool, page);
-        if let Some(h) = cache {
-            if let Some(Res::Cache { pools, .. }) = self.get_mut(conn, h) {
-                *pools -= 1;
-            }
-        }
         Ok(Reply::Done)
     }
 }

@@ -1,7 +1,7 @@
 //! DMA buffers for clients: allocation from the buddy or the contiguous
-//! reservation under a device's address mask, the listing, and freeing
-//! (refused while a long operation leases the buffer). The data operations
-//! on them run as `work`.
+//! reservation under a device's address mask, and freeing (refused while
+//! a long operation leases the buffer). The data operations on them run
+//! as `dma_work`, the listing is a view (`views`).
 //!
 //! A refusal says why in terms of the reservation and the mask, since "no
 //! memory" alone does not tell a kernel engineer which limit they hit.
@@ -9,65 +9,19 @@
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
-use alloc::vec::Vec;
 
-use memd_wire::{
-    errno, DmaBufferInfo, DmaMask, DmaOwner, DmaSource, Reply, WireError, DMA_LIST_PAGE,
-};
+use memd_wire::{errno, DmaBufferInfo, DmaMask, Reply, WireError};
 
-use super::{err, mem_err, no_handle, stats, wrong_kind, Res, Service};
+use super::res::{no_handle, wrong_kind, Res};
+use super::views::stats;
+use super::{err, mem_err, Service};
 use crate::env::Env;
 use crate::memory::{Memory, View};
 use crate::ConnId;
 
 impl<M: Memory> Service<M> {
-    /// One page of the DMA listing: the devices' buffers, then every
-    /// connection's, from position `start`.
-    pub(super) fn dma_list<E: Env<Mem = M>>(
-        &mut self,
-        env: &mut E,
-        start: u64,
-    ) -> Result<Reply, WireError> {
-        let page = memd_mm::PAGE_SIZE;
-        let start = usize::try_from(start).unwrap_or(usize::MAX);
-        let devices = env.device_dma();
-        let clients = self
-            .conns
-            .values()
-            .flat_map(|c| c.handles.values())
-            .filter_map(|r| match r {
-                Res::Dma { info, .. } => Some(info),
-                _ => None,
-            });
-        let mut list = Vec::new();
-        list.try_reserve_exact(DMA_LIST_PAGE)
-            .map_err(|_| err(errno::ENOMEM, "no memory to list the DMA buffers"))?;
-        let device_infos = devices.into_iter().map(|d| DmaBufferInfo {
-            handle: 0,
-            conn: 0,
-            phys: d.phys,
-            len: d.len,
-            align: page,
-            mask: DmaMask::Bits64,
-            source: if d.cma {
-                DmaSource::Cma
-            } else {
-                DmaSource::Buddy
-            },
-            zone: memd_mm::ZoneType::of_pfn(d.phys / page).name().into(),
-            owner: DmaOwner::DeviceQueue { device: d.owner },
-        });
-        list.extend(
-            device_infos
-                .chain(clients.map(|i| DmaBufferInfo::clone(i)))
-                .skip(start)
-                .take(DMA_LIST_PAGE),
-        );
-        Ok(Reply::DmaBuffers(list))
-    }
-
     /// A DMA buffer for `conn`, zeroed unless `zeroed` is false (the
-    /// caller zeroes it, see `work`).
+    /// caller zeroes it, see `dma_work`).
     pub(super) fn dma_alloc<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
@@ -97,8 +51,7 @@ impl<M: Memory> Service<M> {
         }
         self.check_quota(conn, len.div_ceil(page), len)?;
         let buf = env
-            .with_mem(|m, _| {
-                m.set_owner(conn);
+            .with_mem_as(conn, |m, _| {
                 if zeroed {
                     m.dma_alloc(len, align, mask)
                 } else {
@@ -157,6 +110,7 @@ impl<M: Memory> Service<M> {
         Ok(Reply::Dma(Box::new(info)))
     }
 
+    /// Frees the DMA buffer of `handle`.
     pub(super) fn dma_free<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
@@ -184,6 +138,7 @@ impl<M: Memory> Service<M> {
         }
     }
 
+    /// The DMA buffer of `h` and its length.
     pub(super) fn dma(&self, conn: ConnId, h: u64) -> Result<(&M::DmaBuf, u64), WireError> {
         match self.get(conn, h)? {
             Res::Dma { buf, info } => Ok((buf, info.len)),

@@ -1,6 +1,6 @@
 //! The physical memory map, walked a window of frames at a time.
 //!
-//! The walk of a 1 GiB guest's frame table took 3.9 ms under TCG in one
+//! The walk of a 1 GiB guest's frame table takes 3.9 ms under TCG in one
 //! piece. As work it takes [`WINDOW`] frames per slice; the table may
 //! change between slices, so the map is a sweep, each window as it was
 //! when walked (like reading `/proc/pagetypeinfo`, not a snapshot of one
@@ -12,8 +12,9 @@ use alloc::vec::Vec;
 
 use memd_wire::{errno, MapDma, Reply, WireError};
 
+use super::res::Res;
 use super::work::Work;
-use super::{err, mem_err, Res, Service};
+use super::{err, mem_err, Service};
 use crate::env::Env;
 use crate::memmap::{MapSnapshot, RunWalk};
 use crate::memory::Memory;

@@ -1,7 +1,7 @@
 //! What a departed connection held, given back a slice at a time.
 //!
 //! A client may leave holding 65 536 handles; freeing them all at once
-//! held the loop for tens of milliseconds under TCG. Like Redis's lazy
+//! holds the loop for tens of milliseconds under TCG. Like Redis's lazy
 //! free, the table moves to a queue when the connection closes, and
 //! [`Service::background`] frees a slice of it per turn: pool elements and
 //! cache objects as they come (each knows its parent's id), pools and
@@ -10,12 +10,13 @@
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 
-use super::{Res, Service};
+use super::res::Res;
+use super::Service;
 use crate::env::Env;
 use crate::handles::{Drain, HandleTable};
 use crate::memory::Memory;
 
-use super::work::Budget;
+use super::budget::Budget;
 
 /// Handles freed per hold of the memory manager.
 const SLICE: usize = 64;

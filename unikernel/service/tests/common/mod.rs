@@ -75,7 +75,8 @@ impl memd_service::Env for LockEnv<'_> {
 /// A model memory manager: a byte budget, and a record of every live
 /// allocation with backing storage for DMA buffers. Freeing something it did
 /// not hand out is an error (and is counted), so leaks and double frees in
-/// the service show up.
+/// the service show up; an allocation charged to no connection panics, so
+/// does a missing [`Memory::as_owner`].
 pub struct Model {
     pub capacity: u64,
     pub used: u64,
@@ -87,6 +88,8 @@ pub struct Model {
     dma: BTreeMap<u64, Vec<u8>>,
     pub bad_frees: u64,
     pub fault_slab: Option<FaultConfig>,
+    /// The connection allocations are charged to; 0 is the kernel.
+    pub owner: u64,
 }
 
 impl Model {
@@ -102,10 +105,12 @@ impl Model {
             dma: BTreeMap::new(),
             bad_frees: 0,
             fault_slab: None,
+            owner: 0,
         }
     }
 
     fn take(&mut self, size: u64, what: &'static str) -> Result<u64, MemError> {
+        assert_ne!(self.owner, 0, "a client's {what} charged to the kernel");
         if self.used + size > self.capacity {
             return Err(MemError::new(errno::ENOMEM, "out of memory"));
         }
@@ -152,7 +157,13 @@ impl Memory for Model {
     fn free_bytes(&mut self) -> u64 {
         self.capacity - self.used
     }
-    fn set_owner(&mut self, _owner: u64) {}
+    fn as_owner<R>(&mut self, owner: u64, f: impl FnOnce(&mut Self) -> R) -> R {
+        assert_eq!(self.owner, 0, "as_owner inside as_owner");
+        self.owner = owner;
+        let r = f(self);
+        self.owner = 0;
+        r
+    }
     fn alloc_pages(&mut self, order: u8, _gfp: Gfp) -> Result<u64, MemError> {
         if order >= 11 {
             return Err(MemError::new(errno::EINVAL, "order too large"));

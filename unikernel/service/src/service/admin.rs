@@ -1,0 +1,72 @@
+//! The operator's operations: checking the memory manager's invariants,
+//! a stress run, fault injection, dropping the caches, and shutting down.
+
+use alloc::format;
+use alloc::vec::Vec;
+
+use memd_wire::{errno, CheckReport, FaultConfig, FaultTarget, Reply, WireError};
+
+use super::work::Work;
+use super::{err, mem_err, Service};
+use crate::env::Env;
+use crate::memory::Memory;
+use crate::stress;
+
+impl<M: Memory> Service<M> {
+    /// Runs every invariant checker.
+    pub(super) fn check<E: Env<Mem = M>>(&mut self, env: &mut E) -> Reply {
+        Reply::Check(match env.with_mem(|m, _| m.check()) {
+            Ok(()) => CheckReport {
+                ok: true,
+                violations: Vec::new(),
+            },
+            Err((what, at)) => CheckReport {
+                ok: false,
+                violations: alloc::vec![format!("{what} (at {at:#x})")],
+            },
+        })
+    }
+
+    /// A stress run of `ops` operations with `seed`'s sequence, to run as
+    /// work.
+    pub(super) fn start_stress(&self, ops: u64, seed: u64) -> Result<Work, WireError> {
+        if ops > self.config.max_stress_ops {
+            return Err(err(
+                errno::E2BIG,
+                format!(
+                    "at most {} stress ops per request",
+                    self.config.max_stress_ops
+                ),
+            ));
+        }
+        Ok(Work::Stress(stress::Run::new(ops, seed)))
+    }
+
+    /// Sets a fault-injection rule.
+    pub(super) fn fault_inject<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        target: FaultTarget,
+        config: FaultConfig,
+    ) -> Result<Reply, WireError> {
+        if config.probability > 100 {
+            return Err(err(errno::EINVAL, "probability is a percentage (0..=100)"));
+        }
+        env.with_mem(|m, _| m.set_fault(target, config))
+            .map_err(mem_err)?;
+        Ok(Reply::Done)
+    }
+
+    /// Shrinks every cache and drains the per-CPU page lists.
+    pub(super) fn drop_caches<E: Env<Mem = M>>(&mut self, env: &mut E) -> Reply {
+        Reply::Shrunk {
+            pages: env.with_mem(|m, _| m.drop_caches()),
+        }
+    }
+
+    /// Stops the service once the reply is sent.
+    pub(super) fn shutdown(&mut self) -> Reply {
+        self.shutdown = true;
+        Reply::Done
+    }
+}

@@ -1,0 +1,109 @@
+//! A connection: where it is in its session, its handles and what they
+//! charge, its counters, and the request in progress.
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use memd_wire::{FrameDecoder, Request, Role};
+
+use super::batch::BatchJob;
+use super::hello::MAX_HELLO_FRAME;
+use super::res::Res;
+use super::work::Work;
+use super::ConnId;
+use crate::handles::HandleTable;
+use crate::memory::Memory;
+
+/// Where a connection is in its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum State {
+    AwaitHello,
+    Ready,
+    Closing,
+}
+
+/// A request that did not finish in its turn.
+pub(super) enum Job {
+    /// A long operation of a single call; later calls of the connection
+    /// that are not long run meanwhile, their replies held back.
+    Call(Work),
+    /// A batch: the connection's later requests wait for it.
+    Batch(Box<BatchJob>),
+}
+
+/// A connection's session.
+pub(super) struct Conn<M: Memory> {
+    pub(super) state: State,
+    /// Set by the hello.
+    pub(super) role: Role,
+    pub(super) decoder: FrameDecoder,
+    pub(super) name: String,
+    pub(super) handles: HandleTable<Res<M>>,
+    pub(super) pages: u64,
+    pub(super) bytes: u64,
+    /// Slab caches held.
+    pub(super) caches: u64,
+    /// Mempools held.
+    pub(super) pools: u64,
+    pub(super) requests: u64,
+    pub(super) errors: u64,
+    /// The request in progress.
+    pub(super) job: Option<Job>,
+    /// Replies to calls that ran while `job` did, sent after its reply.
+    pub(super) held: Vec<u8>,
+    /// A request that waits for `job` to end (a long one, or a batch).
+    pub(super) waiting: Option<Request>,
+}
+
+/// [`HandleTable::insert`] or [`HandleTable::insert_reserved`].
+pub(super) type Inserter<M> = fn(&mut HandleTable<Res<M>>, Res<M>) -> Result<u64, Res<M>>;
+
+impl<M: Memory> Conn<M> {
+    /// Connection `id`, awaiting its hello.
+    pub(super) fn new(id: ConnId) -> Self {
+        let mut decoder = FrameDecoder::new();
+        decoder.set_limit(MAX_HELLO_FRAME);
+        Conn {
+            state: State::AwaitHello,
+            role: Role::Client,
+            decoder,
+            name: String::new(),
+            handles: HandleTable::new(id),
+            pages: 0,
+            bytes: 0,
+            caches: 0,
+            pools: 0,
+            requests: 0,
+            errors: 0,
+            job: None,
+            held: Vec::new(),
+            waiting: None,
+        }
+    }
+
+    /// Files `res` under a new handle by `insert` (which may or may not
+    /// grow the table) and charges it; None when the table is full.
+    pub(super) fn file(&mut self, res: Res<M>, page: u64, insert: Inserter<M>) -> Option<u64> {
+        let (pages, bytes) = res.charge(page);
+        let (caches, pools) = res.tables();
+        let handle = insert(&mut self.handles, res).ok()?;
+        self.pages += pages;
+        self.bytes += bytes;
+        self.caches += caches;
+        self.pools += pools;
+        Some(handle)
+    }
+
+    /// Takes `handle`'s resource out and uncharges it.
+    pub(super) fn unfile(&mut self, handle: u64, page: u64) -> Option<Res<M>> {
+        let res = self.handles.remove(handle)?;
+        let (pages, bytes) = res.charge(page);
+        let (caches, pools) = res.tables();
+        self.pages -= pages;
+        self.bytes -= bytes;
+        self.caches -= caches;
+        self.pools -= pools;
+        Some(res)
+    }
+}

@@ -1,0 +1,116 @@
+//! What the service shows: its status, the memory manager's statistics
+//! views, the clients, the DMA buffers, and the fault-injection rules.
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+
+use memd_wire::{
+    errno, ClientInfo, DmaBufferInfo, DmaMask, DmaOwner, DmaSource, Reply, Status, WireError,
+    DMA_LIST_PAGE, PROTOCOL_VERSION,
+};
+
+use super::conn::State;
+use super::res::Res;
+use super::{err, Service};
+use crate::env::Env;
+use crate::memory::{Memory, View};
+
+impl<M: Memory> Service<M> {
+    /// The service's status.
+    pub(super) fn status<E: Env<Mem = M>>(&mut self, env: &mut E, page: u64) -> Reply {
+        let now = env.now_ns();
+        let (total, free, max_order, has_block) =
+            env.with_mem(|m, b| (m.total_bytes(), m.free_bytes(), m.max_order(), b.is_some()));
+        Reply::Status(Box::new(Status {
+            version: PROTOCOL_VERSION,
+            server: self.config.server.clone(),
+            uptime_ns: now.saturating_sub(self.config.started_ns),
+            connections: self.conns.len() as u64,
+            requests: self.requests,
+            page_size: page,
+            max_order,
+            total_bytes: total,
+            free_bytes: free,
+            block_device: has_block,
+            busy_ns: env.busy_ns(),
+            halted_ns: env.halted_ns(),
+            loop_passes: env.loop_passes(),
+        }))
+    }
+
+    /// Every connection, for the clients view.
+    pub(super) fn clients(&self) -> Vec<ClientInfo> {
+        self.conns
+            .iter()
+            .map(|(id, c)| ClientInfo {
+                conn: *id,
+                name: c.name.clone(),
+                authenticated: c.state == State::Ready,
+                handles: c.handles.len() as u64,
+                pages: c.pages,
+                bytes: c.bytes,
+                requests: c.requests,
+                errors: c.errors,
+                quota: (c.state == State::Ready).then_some(self.config.quota),
+            })
+            .collect()
+    }
+
+    /// One page of the DMA listing: the devices' buffers, then every
+    /// connection's, from position `start`.
+    pub(super) fn dma_list<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        start: u64,
+    ) -> Result<Reply, WireError> {
+        let page = memd_mm::PAGE_SIZE;
+        let start = usize::try_from(start).unwrap_or(usize::MAX);
+        let devices = env.device_dma();
+        let clients = self
+            .conns
+            .values()
+            .flat_map(|c| c.handles.values())
+            .filter_map(|r| match r {
+                Res::Dma { info, .. } => Some(info),
+                _ => None,
+            });
+        let mut list = Vec::new();
+        list.try_reserve_exact(DMA_LIST_PAGE)
+            .map_err(|_| err(errno::ENOMEM, "no memory to list the DMA buffers"))?;
+        let device_infos = devices.into_iter().map(|d| DmaBufferInfo {
+            handle: 0,
+            conn: 0,
+            phys: d.phys,
+            len: d.len,
+            align: page,
+            mask: DmaMask::Bits64,
+            source: if d.cma {
+                DmaSource::Cma
+            } else {
+                DmaSource::Buddy
+            },
+            zone: memd_mm::ZoneType::of_pfn(d.phys / page).name().into(),
+            owner: DmaOwner::DeviceQueue { device: d.owner },
+        });
+        list.extend(
+            device_infos
+                .chain(clients.map(|i| DmaBufferInfo::clone(i)))
+                .skip(start)
+                .take(DMA_LIST_PAGE),
+        );
+        Ok(Reply::DmaBuffers(list))
+    }
+}
+
+/// A statistics reply: snapshot under the lock into a buffer allocated
+/// before it, render after.
+pub(super) fn stats<E: Env>(env: &mut E, view: View) -> Reply {
+    let mut snap = Box::<<E::Mem as Memory>::Stats>::default();
+    env.with_mem(|m, _| m.snapshot(view, &mut snap));
+    <E::Mem as Memory>::render(view, &snap)
+}
+
+/// Both fault-injection rules with their counters.
+pub(super) fn faults<E: Env>(env: &mut E) -> Reply {
+    Reply::Faults(Box::new(env.with_mem(|m, _| m.faults())))
+}
