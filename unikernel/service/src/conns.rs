@@ -2,9 +2,9 @@
 //!
 //! Every operation of a request names the same connection, and dispatch
 //! looks it up about three times per operation (quota, handle table,
-//! counters). Measured in guest instructions (QEMU `-icount`), those map
-//! searches were a tenth of a batched kmalloc or kfree; with the last id
-//! remembered, a repeated lookup is a compare and an index.
+//! counters). A map search each time would be a tenth of a batched kmalloc
+//! or kfree in guest instructions; with the last id remembered, a repeated
+//! lookup is a compare and an index.
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;

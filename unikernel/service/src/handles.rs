@@ -3,11 +3,10 @@
 //! number twice.
 //!
 //! A handle packs the owning connection, the slot and the slot's
-//! generation, so a lookup is two indexings and two compares. The table it
-//! replaces, a `BTreeMap`, cost about 700 host instructions per
-//! kmalloc/kfree pair, a third of a batched operation. A handle from
-//! another connection or a freed one is still refused, however slots are
-//! reused. Chunks keep every allocation small: 65 536 slots in one array
+//! generation, so a lookup is two indexings and two compares (a map keyed
+//! by handle costs hundreds of instructions per batched operation). A
+//! handle from another connection or a freed one is refused, however
+//! slots are reused. Chunks keep every allocation small: 65 536 slots in one array
 //! would need a block larger than the buddy's largest.
 
 use alloc::boxed::Box;
