@@ -8,7 +8,7 @@
 
 use buddy_system_allocator::{FrameAllocator, Heap};
 use memd_mm::HostMm;
-use memd_mm::{DmaMask, Gfp, FRAME_DESCRIPTOR_BYTES};
+use memd_mm::{DmaMask, Gfp, Prandom, FRAME_DESCRIPTOR_BYTES};
 use rlsf::Tlsf;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
@@ -191,19 +191,14 @@ impl<T: Objects> Pages for PagesVia<T> {
     }
 }
 
-/// xorshift64*: the traces are the same for every allocator and every run.
-struct Rng(u64);
+/// The traces are the same for every allocator and every run.
+struct Rng(Prandom);
 impl Rng {
     fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.0.next_u64()
     }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        self.0.below(n as u64) as usize
     }
 }
 
@@ -219,7 +214,7 @@ struct SteadyTrace {
 }
 
 fn steady_trace(seed: u64, sizes: bool) -> SteadyTrace {
-    let mut rng = Rng(seed);
+    let mut rng = Rng(Prandom::new(seed));
     let initial = (0..LIVE)
         .map(|_| {
             if sizes {
@@ -330,7 +325,7 @@ fn frag_rate(
             break;
         }
     }
-    let mut rng = Rng(42);
+    let mut rng = Rng(Prandom::new(42));
     for i in (1..pages.len()).rev() {
         pages.swap(i, rng.below(i + 1));
     }

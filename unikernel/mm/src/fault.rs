@@ -4,6 +4,8 @@
 //! `interval`-th time, or both, at most `times` times (-1: no limit), so
 //! error paths can be exercised on a running system.
 
+use crate::Prandom;
+
 /// One fault attribute (`/sys/kernel/debug/fail_*`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FaultAttr {
@@ -43,7 +45,7 @@ pub struct FaultConfig {
     /// Cached `page.enabled() || slab.enabled()` for the hot paths.
     pub(crate) armed_page: bool,
     pub(crate) armed_slab: bool,
-    rng: u64,
+    rng: Prandom,
 }
 
 impl Default for FaultConfig {
@@ -59,18 +61,12 @@ impl FaultConfig {
             slab: FaultAttr::disabled(),
             armed_page: false,
             armed_slab: false,
-            rng: 0x9e37_79b9_7f4a_7c15,
+            rng: Prandom::new(1),
         }
     }
 
     fn next_percent(&mut self) -> u8 {
-        // xorshift64*: deterministic, tiny, good enough for fault injection.
-        let mut x = self.rng;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.rng = x;
-        ((x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) % 100) as u8
+        ((self.rng.next_u64() >> 32) % 100) as u8
     }
 
     fn should_fail(&mut self, slab: bool) -> bool {
@@ -128,7 +124,7 @@ impl crate::MemoryManager {
             injected: 0,
         };
         if seed != 0 {
-            self.fault.rng = seed;
+            self.fault.rng = Prandom::new(seed);
         }
         if slab {
             self.fault.slab = attr;

@@ -78,6 +78,7 @@ mod mempool;
 mod owner;
 mod page_alloc;
 mod pcp;
+mod prandom;
 mod slab;
 // Public as a namespace: its types are the Linux views (`stats::MemInfo`
 // is /proc/meminfo, `stats::ZoneInfo` one zone of /proc/zoneinfo, ...),
@@ -104,6 +105,7 @@ pub use kmalloc::kmalloc_size_roundup;
 pub use memblock::{MemRegion, Memblock, RegionKind, Reservation, ReserveKind, PAGE_SIZE};
 pub use mempool::{Mempool, PoolBacking, PoolCounters, PoolElement, PoolId, MAX_POOLS};
 pub use owner::{Owner, MAX_OWNERS};
+pub use prandom::Prandom;
 pub use slab::{
     CacheCounters, CacheId, Corruption, CorruptionKind, Ctor, KmemCache, SlabFlags, CACHE_NAME_LEN,
     MAX_CACHES,

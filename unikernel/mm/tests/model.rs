@@ -297,10 +297,9 @@ proptest! {
         let before = mm.buddyinfo();
         let mut got: Vec<(u64, u32)> = orders.iter().filter_map(|&o| mm.alloc_pages(o, Gfp::KERNEL).ok().map(|p| (p, o))).collect();
         // Shuffle deterministically from the seed.
-        let mut s = seed | 1;
+        let mut rng = memd_mm::Prandom::new(seed);
         for i in (1..got.len()).rev() {
-            s ^= s << 13; s ^= s >> 7; s ^= s << 17;
-            got.swap(i, (s % (i as u64 + 1)) as usize);
+            got.swap(i, rng.below(i as u64 + 1) as usize);
         }
         for (p, o) in got {
             mm.free_pages(p, o).unwrap();

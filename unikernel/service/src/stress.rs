@@ -3,6 +3,7 @@
 
 use alloc::vec;
 
+use memd_mm::Prandom;
 use memd_wire::{Gfp, StressReport};
 
 use crate::env::Env;
@@ -16,20 +17,6 @@ enum Slot {
     Empty,
     Pages(u64, u8),
     Object(Obj),
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
 }
 
 /// Operations per hold of the memory manager: a slice of a run, short
@@ -47,7 +34,7 @@ pub const SLICE_OPS: u64 = 64;
 /// timed loop does no heap work of its own.
 pub struct Run {
     slots: alloc::vec::Vec<Slot>,
-    rng: Rng,
+    rng: Prandom,
     ops: u64,
     done: u64,
     failed: u64,
@@ -61,7 +48,7 @@ impl Run {
     pub fn new(ops: u64, seed: u64) -> Run {
         Run {
             slots: vec![Slot::Empty; SLOTS],
-            rng: Rng(seed | 1),
+            rng: Prandom::new(seed),
             ops,
             done: 0,
             failed: 0,
@@ -128,8 +115,8 @@ fn free_slot<M: Memory>(m: &mut M, s: Slot) {
     }
 }
 
-fn one_op<M: Memory>(m: &mut M, slots: &mut [Slot], rng: &mut Rng, failed: &mut u64) {
-    let r = rng.next();
+fn one_op<M: Memory>(m: &mut M, slots: &mut [Slot], rng: &mut Prandom, failed: &mut u64) {
+    let r = rng.next_u64();
     let i = (r % SLOTS as u64) as usize;
     slots[i] = match slots[i] {
         full @ (Slot::Pages(..) | Slot::Object(_)) => {
