@@ -154,7 +154,7 @@ fn cases() -> Vec<Case> {
             name: "garbage before hello",
             run: |t| {
                 let mut s = t.raw()?;
-                let mut rng = crate::loadtest::Rng::new(99);
+                let mut rng = crate::rng::Rng::new(99);
                 let junk: Vec<u8> = (0..4096).map(|_| rng.next() as u8).collect();
                 let _ = s.write_all(&junk);
                 let r = expect_closed(&mut s, Duration::from_secs(5))?;

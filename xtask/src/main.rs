@@ -9,6 +9,7 @@ mod hostile;
 mod loadtest;
 mod profile;
 mod qemu;
+mod rng;
 mod run;
 mod tokens;
 mod toolchain;

@@ -20,7 +20,8 @@ use memd_client::wire::{
 use memd_client::{Client, Error as ClientError, Options};
 
 use super::report::Lat;
-use super::{Rng, Shared, Tally};
+use super::{Shared, Tally};
+use crate::rng::Rng;
 
 /// Operations a noisy client asks of one stress run; halved for good when
 /// the service answers E2BIG (its per-request limit).
