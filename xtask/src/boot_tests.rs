@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
+use crate::guest::Endpoint;
 use crate::qemu::{self, Machine, QemuConfig, RunOutcome};
 
 const MIB: u64 = 1 << 20;
@@ -117,6 +118,23 @@ impl Case {
     /// is smaller than 64 MiB plus the kernel's own needs.
     fn expect_reserve_failure(&self) -> bool {
         self.dma_reserve.is_some() && self.mem < 256 * MIB
+    }
+
+    /// The kernel command line besides `memd.port=`: the self-test (or the
+    /// crash asked for) unless the case serves, then the reservation and
+    /// the memory map's hole.
+    pub fn cmdline(&self) -> String {
+        let mut words = Vec::new();
+        if !self.net {
+            words.push(format!("memd.selftest={}", self.crash.unwrap_or("1")));
+        }
+        if let Some(reserve) = self.dma_reserve {
+            words.push(reserve.arg().into());
+        }
+        if self.memmap {
+            words.push("memmap=64M$512M memd.max_order=13".into());
+        }
+        words.join(" ")
     }
 }
 
@@ -1153,7 +1171,8 @@ fn dma_disk_check(port: u16, token: &str) -> Result<(), String> {
 pub fn run(args: &BootTestArgs) -> Result<()> {
     let kernel = crate::build::build_kernel()?;
     let qemu_path = qemu::ensure_qemu()?;
-    // The matrix runs under TCG: it must behave the same on every host.
+    // The matrix runs under TCG (QemuConfig's default): it must behave the
+    // same on every host.
     let cases: Vec<Case> = matrix()
         .into_iter()
         .filter(|c| {
@@ -1188,92 +1207,43 @@ pub fn run(args: &BootTestArgs) -> Result<()> {
                 let Some(case) = queue.lock().unwrap().next() else {
                     break;
                 };
-                let port = if case.net {
-                    qemu::free_port().ok()
-                } else {
-                    None
-                };
-                let disk = if case.net {
-                    TempDisk::new(&case.name()).ok()
-                } else {
-                    None
-                };
                 // Fresh tokens for each guest that serves, in a private
                 // directory: only their paths go on QEMU's command line.
-                let tokens = match case
-                    .net
-                    .then(|| crate::tokens::GuestTokens::temporary("boot-test"))
-                    .transpose()
-                {
-                    Ok(t) => t,
+                let served = match case.net.then(|| served(case)).transpose() {
+                    Ok(s) => s,
                     Err(e) => {
                         eprintln!("  FAIL  {:<28}", case.name());
                         failures
                             .lock()
                             .unwrap()
-                            .push(format!("{}: writing the token files: {e:#}", case.name()));
+                            .push(format!("{}: setting up the service: {e:#}", case.name()));
                         continue;
                     }
                 };
-                let mut cmdline = if case.net {
-                    format!("memd.port={}", port.unwrap_or(0))
-                } else {
-                    format!("memd.selftest={}", case.crash.unwrap_or("1"))
-                };
-                if let Some(reserve) = case.dma_reserve {
-                    cmdline += " ";
-                    cmdline += reserve.arg();
+                let mut cfg = QemuConfig::new(qemu_path.clone(), kernel.clone(), case.machine)
+                    .mem(&mem_arg(case.mem))
+                    .append(&case.cmdline())
+                    .time_bound(Duration::from_secs(args.timeout));
+                if let Some((endpoint, disk)) = &served {
+                    cfg = endpoint.serve(cfg).disk(disk.path.clone());
                 }
-                if case.memmap {
-                    cmdline += " memmap=64M$512M memd.max_order=13";
-                }
-                let cfg = QemuConfig {
-                    qemu: qemu_path.clone(),
-                    kernel: kernel.clone(),
-                    machine: case.machine,
-                    kvm: false,
-                    mem: mem_arg(case.mem),
-                    cmdline,
-                    forward_port: port,
-                    disk: disk.as_ref().map(|d| d.path.clone()),
-                    monitor: None,
-                    icount: false,
-                    tokens: tokens.as_ref().map(|t| t.files.clone()),
-                };
                 let t = Instant::now();
-                let mut client = || {
-                    let Some(tokens) = &tokens else {
-                        return Err("no tokens".into());
-                    };
-                    // Any local user can read a command line in /proc.
-                    if tokens.appear_in(&cfg.command()) {
-                        return Err("a token is on QEMU's command line".into());
+                let verdict = match &served {
+                    Some((endpoint, disk)) => {
+                        cfg.run_then(&mut || serve_checks(case, &cfg, endpoint, disk))
                     }
-                    let port = port.unwrap_or(0);
-                    control_port_check(port, tokens)?;
-                    match &disk {
-                        Some(d) => disk_check(port, &tokens.client, &d.path)?,
-                        None => return Err("could not create the disk image".into()),
-                    }
-                    if case.dma_reserve == Some(Reserve::Dma32) {
-                        dma_disk_check(port, &tokens.client)?;
-                    }
-                    memctl_check(port, tokens)?;
-                    Ok(())
+                    None => cfg.run_to_exit(),
                 };
-                let action: Option<&mut dyn FnMut() -> Result<(), String>> =
-                    if case.net { Some(&mut client) } else { None };
-                let verdict =
-                    match qemu::run_with(&cfg, Duration::from_secs(args.timeout), false, action) {
-                        Ok(out) => judge(case, &out).map_err(|e| {
-                            format!(
-                                "{e}\n--- console ---\n{}\n--- stderr ---\n{}",
-                                out.console(),
-                                out.stderr
-                            )
-                        }),
-                        Err(e) => Err(format!("could not run QEMU: {e:#}")),
-                    };
+                let verdict = match verdict {
+                    Ok(out) => judge(case, &out).map_err(|e| {
+                        format!(
+                            "{e}\n--- console ---\n{}\n--- stderr ---\n{}",
+                            out.console(),
+                            out.stderr
+                        )
+                    }),
+                    Err(e) => Err(format!("could not run QEMU: {e:#}")),
+                };
                 let ms = t.elapsed().as_millis();
                 match verdict {
                     Ok(()) => eprintln!("  ok    {:<28} {ms:>6} ms", case.name()),
@@ -1303,6 +1273,35 @@ pub fn run(args: &BootTestArgs) -> Result<()> {
         bail!("{} boot test(s) failed", failures.len());
     }
     Ok(())
+}
+
+/// A served case's endpoint and disk image.
+fn served(case: &Case) -> anyhow::Result<(Endpoint, TempDisk)> {
+    let endpoint = Endpoint::temporary("boot-test")?;
+    let disk = TempDisk::new(&case.name())?;
+    Ok((endpoint, disk))
+}
+
+/// What a served case checks once the guest is ready: no token on QEMU's
+/// command line (any local user can read one in /proc), the control port,
+/// the disk, large DMA buffers through the disk when the case reserves
+/// DMA32 memory, and memctl.
+fn serve_checks(
+    case: &Case,
+    cfg: &QemuConfig,
+    endpoint: &Endpoint,
+    disk: &TempDisk,
+) -> Result<(), String> {
+    let (port, tokens) = (endpoint.port, &endpoint.tokens);
+    if tokens.appear_in(&cfg.command()) {
+        return Err("a token is on QEMU's command line".into());
+    }
+    control_port_check(port, tokens)?;
+    disk_check(port, &tokens.client, &disk.path)?;
+    if case.dma_reserve == Some(Reserve::Dma32) {
+        dma_disk_check(port, &tokens.client)?;
+    }
+    memctl_check(port, tokens)
 }
 
 #[cfg(test)]

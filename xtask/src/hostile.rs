@@ -16,8 +16,9 @@ use memd_client::wire::{
 };
 use memd_client::{Client, Options};
 
+use crate::guest::{Endpoint, GuestArgs};
 use crate::loadtest::settle;
-use crate::qemu::{self, Accel, Machine, QemuConfig};
+use crate::qemu::Accel;
 
 /// Timeouts the guest runs with, short so the cases that wait for them
 /// stay short.
@@ -485,43 +486,30 @@ pub fn run_against(t: &Target) -> Result<()> {
 /// Boots memd (microvm, 1 GiB, TCG unless told) and runs the suite.
 pub fn run(accel: Accel) -> Result<()> {
     let kernel = crate::build::build_kernel()?;
-    let qemu_path = qemu::ensure_qemu()?;
-    let accel = qemu::choose_accel(accel, &qemu_path, Machine::Microvm)?;
-    let port = qemu::free_port()?;
-    // The attackers hold the client token, as any client would.
-    let tokens = crate::tokens::GuestTokens::temporary("hostile")?;
-    let cfg = QemuConfig {
-        qemu: qemu_path,
-        kernel,
-        machine: Machine::Microvm,
-        kvm: accel.kvm,
-        mem: "1G".into(),
-        cmdline: format!(
-            "memd.port={port} memd.hello_timeout={HELLO_TIMEOUT_S} \
-             memd.send_timeout={SEND_TIMEOUT_S} memd.request_timeout={REQUEST_TIMEOUT_S}"
-        ),
-        forward_port: Some(port),
-        disk: None,
-        monitor: None,
-        icount: false,
-        tokens: Some(tokens.files.clone()),
+    let guest = GuestArgs {
+        accel,
+        ..GuestArgs::default()
     };
+    let (cfg, accel) = guest.config(
+        kernel,
+        &format!(
+            "memd.hello_timeout={HELLO_TIMEOUT_S} memd.send_timeout={SEND_TIMEOUT_S} \
+             memd.request_timeout={REQUEST_TIMEOUT_S}"
+        ),
+    )?;
+    // The attackers hold the client token, as any client would.
+    let endpoint = Endpoint::temporary("hostile")?;
+    let cfg = endpoint.serve(cfg).time_bound(Duration::from_secs(600));
     println!(
-        "hostile clients: memd on 127.0.0.1:{port}, {}",
+        "hostile clients: memd on {}, {}",
+        endpoint.addr(),
         accel.name()
     );
     let target = Target {
-        addr: format!("127.0.0.1:{port}"),
-        token: tokens.client.clone(),
+        addr: endpoint.addr(),
+        token: endpoint.tokens.client.clone(),
     };
-    let mut result = None;
-    let mut action = || -> Result<(), String> {
-        let r = run_against(&target);
-        let msg = r.as_ref().err().map(|e| format!("{e:#}"));
-        result = Some(r);
-        msg.map_or(Ok(()), Err)
-    };
-    let out = qemu::run_with(&cfg, Duration::from_secs(600), false, Some(&mut action))?;
+    let (out, result) = cfg.run_client(|| run_against(&target))?;
     if out.panicked() {
         bail!(
             "memd crashed under hostile clients:\n{}",

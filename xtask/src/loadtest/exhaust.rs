@@ -344,7 +344,7 @@ pub(super) fn exhaust(
         exhaust: Some(fig),
         busy_ns: None,
         halted_ns: None,
-        icount: args.icount,
+        icount: args.guest.icount,
         noisy: None,
         loop_passes: None,
     })

@@ -32,7 +32,8 @@ use anyhow::{bail, Context, Result};
 use memd_client::wire::{errno, FaultConfig, FaultTarget, Gfp, Op};
 use memd_client::{wire, Client, Options};
 
-use crate::qemu::{self, Accel, Machine, QemuConfig};
+use crate::guest::{Endpoint, GuestArgs};
+use crate::qemu::Accel;
 
 mod exhaust;
 mod noisy;
@@ -71,9 +72,15 @@ pub enum FaultWhich {
     Both,
 }
 
+/// The kernel command line a load test's guest gets unless `--cmdline`
+/// says otherwise: a contiguous region for the large DMA buffers.
+pub const DEFAULT_CMDLINE: &str = "memd.dma_reserve=128M@dma32";
+
 #[derive(Debug, Clone, clap::Args)]
+#[command(mut_arg("cmdline", |a| a.default_value(DEFAULT_CMDLINE)))]
 pub struct Args {
-    /// Target a running memd at this address instead of booting one.
+    /// Target a running memd at this address instead of booting one (the
+    /// guest options are then unused).
     #[arg(long)]
     pub addr: Option<String>,
     /// Client token for `--addr` (default: MEMD_TOKEN or .memd/token).
@@ -121,25 +128,13 @@ pub struct Args {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
-    /// QEMU machine (when booting).
-    #[arg(long, value_enum, default_value_t = Machine::Microvm)]
-    pub machine: Machine,
-    /// Accelerator (when booting; auto never picks a kvm_pvm /dev/kvm).
-    #[arg(long, value_enum, default_value_t = Accel::Auto)]
-    pub accel: Accel,
-    /// Guest memory (when booting).
-    #[arg(long, default_value = "1G")]
-    pub mem: String,
-    /// Extra kernel command line (when booting).
-    #[arg(long, default_value = "memd.dma_reserve=128M@dma32")]
-    pub cmdline: String,
     /// Seconds to wait for free memory to settle back to its baseline.
     #[arg(long, default_value_t = 20)]
     pub settle: u64,
-    /// Boot with QEMU's `-icount shift=0` (TCG): the guest's busy time per
-    /// operation is then its instruction count, free of the host's noise.
-    #[arg(long)]
-    pub icount: bool,
+    /// The guest booted unless `--addr` is given; its `--cmdline` defaults
+    /// to a DMA reservation (DEFAULT_CMDLINE).
+    #[command(flatten)]
+    pub guest: GuestArgs,
 }
 
 impl Args {
@@ -160,12 +155,12 @@ impl Args {
             fault_target: FaultWhich::Both,
             fault_interval: 1,
             json: true,
-            machine: Machine::Microvm,
-            accel: Accel::Tcg,
-            mem: "1G".into(),
-            cmdline: "memd.dma_reserve=128M@dma32".into(),
             settle: 20,
-            icount: false,
+            guest: GuestArgs {
+                accel: Accel::Tcg,
+                cmdline: DEFAULT_CMDLINE.into(),
+                ..GuestArgs::default()
+            },
         }
     }
 
@@ -566,7 +561,7 @@ pub fn run_against(addr: &str, tokens: &Tokens, args: &Args) -> Result<Report> {
         exhaust: None,
         busy_ns,
         halted_ns,
-        icount: args.icount,
+        icount: args.guest.icount,
         noisy,
         loop_passes,
     })
@@ -747,7 +742,8 @@ fn progress(shared: &Shared, ops_bound: Option<u64>, bound: Duration, show: bool
 }
 
 /// Boots memd under QEMU on a free loopback port and runs the load test
-/// against it; the report, and whether the guest crashed.
+/// against it; the report, or why there is none (a crash, a guest that
+/// never became ready, the time bound).
 pub fn boot_and_run(args: &Args) -> Result<Report> {
     boot_and_run_with(args, None)
 }
@@ -768,53 +764,36 @@ pub fn boot_and_run_with(args: &Args, mut alongside: Option<Alongside>) -> Resul
         Some(a) => a.kernel.clone(),
         None => crate::build::build_kernel()?,
     };
-    let qemu_path = qemu::ensure_qemu()?;
-    let accel = qemu::choose_accel(args.accel, &qemu_path, args.machine)?;
-    let port = qemu::free_port()?;
-    let guest_tokens = crate::tokens::GuestTokens::temporary("loadtest")?;
+    let (cfg, accel) = args.guest.config(kernel, "")?;
+    let endpoint = Endpoint::temporary("loadtest")?;
     let tokens = Tokens {
-        client: guest_tokens.client.clone(),
-        operator: guest_tokens.operator.clone(),
+        client: endpoint.tokens.client.clone(),
+        operator: endpoint.tokens.operator.clone(),
     };
-    let cfg = QemuConfig {
-        qemu: qemu_path,
-        kernel,
-        machine: args.machine,
-        kvm: accel.kvm,
-        mem: args.mem.clone(),
-        cmdline: format!("memd.port={port} {}", args.cmdline)
-            .trim()
-            .to_string(),
-        forward_port: Some(port),
-        disk: None,
-        monitor: alongside.as_ref().map(|a| a.monitor.clone()),
-        icount: args.icount,
-        tokens: Some(guest_tokens.files.clone()),
-    };
+    let mut cfg = endpoint
+        .serve(cfg)
+        .time_bound(args.time_bound() + Duration::from_secs(180 + args.settle * 2));
+    if let Some(a) = &alongside {
+        cfg = cfg.monitor(a.monitor.clone());
+    }
     if !args.json {
         eprintln!("loadtest: accelerator {}: {}", accel.name(), accel.reason);
-        eprintln!("loadtest: booting memd on 127.0.0.1:{port}");
+        eprintln!("loadtest: booting memd on {}", endpoint.addr());
     }
-    let mut report: Option<Result<Report>> = None;
-    let addr = format!("127.0.0.1:{port}");
-    let mut action = || -> Result<(), String> {
-        let done = std::sync::atomic::AtomicBool::new(false);
-        let r = std::thread::scope(|s| {
+    let addr = endpoint.addr();
+    let (out, report) = cfg.run_client(|| {
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
             if let Some(a) = alongside.as_mut() {
                 let (task, done) = (&mut a.task, &done);
                 s.spawn(move || task(done));
             }
             let r = run_against(&addr, &tokens, args);
-            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            done.store(true, Ordering::Relaxed);
             r
-        });
-        let msg = r.as_ref().err().map(|e| format!("{e:#}"));
-        report = Some(r);
-        msg.map_or(Ok(()), Err)
-    };
-    let bound = args.time_bound() + Duration::from_secs(180 + args.settle * 2);
-    let out = qemu::run_with(&cfg, bound, false, Some(&mut action))?;
-    let crashed = out.panicked() || out.lines.iter().any(|(_, l)| l.contains("memd: FATAL"));
+        })
+    })?;
+    let crashed = out.panicked();
     if out.timed_out || crashed || out.ready_after.is_none() {
         let tail: Vec<&str> = out
             .lines
@@ -849,14 +828,14 @@ pub fn boot_and_run_with(args: &Args, mut alongside: Option<Alongside>) -> Resul
 /// memory back at its baseline, invariants clean.
 pub fn smoke() -> Result<()> {
     let mixed = Args::smoke(8, 4, Some(3));
-    let exhaust = Args {
+    let mut exhaust = Args {
         profile: Profile::Exhaust,
         clients: 4,
-        mem: "256M".into(),
-        cmdline: String::new(),
         fault_probability: None,
         ..Args::smoke(4, 4, None)
     };
+    exhaust.guest.mem = "256M".into();
+    exhaust.guest.cmdline = String::new();
     for (name, args) in [("mixed+faults", mixed), ("exhaust", exhaust)] {
         let t = Instant::now();
         let r = boot_and_run(&args).with_context(|| format!("loadtest smoke {name}"))?;
@@ -889,8 +868,8 @@ const PASS_BUDGETS: f64 = 8.0;
 /// The small requests' p99 as the clients see it may reach this many
 /// budgets: their round trip through QEMU's user networking and the host's
 /// scheduling of 2 cores come on top of any wait (1–2 ms on a busy host).
-/// A 1 M-operation stress run in one piece, as before turns were bounded,
-/// held the loop about 130 ms: 650 budgets.
+/// A 1 M-operation stress run in one piece, were turns unbounded, would
+/// hold the loop about 130 ms: 650 budgets.
 const NEIGHBOUR_WAIT_BUDGETS: f64 = 25.0;
 
 /// The noisy-neighbour smoke run: four clients of one small request at a
