@@ -5,23 +5,22 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
-use crate::qemu::{self, Accel, Machine, QemuConfig};
+use crate::guest::{Endpoint, GuestArgs};
+use crate::qemu;
 
 #[derive(Debug, clap::Args)]
+#[command(mut_arg("accel", |a| a.default_value("tcg")))]
 pub struct BootBenchArgs {
     /// Number of boots (at least 5).
     #[arg(long, default_value_t = 7)]
     pub runs: usize,
-    #[arg(long, value_enum, default_value_t = Machine::Microvm)]
-    pub machine: Machine,
-    /// Accelerator; the benchmark's reference numbers are for TCG.
-    #[arg(long, value_enum, default_value_t = Accel::Tcg)]
-    pub accel: Accel,
-    #[arg(long, default_value = "1G")]
-    pub mem: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// The guest; its `--accel` defaults to tcg, the accelerator of the
+    /// reference figures.
+    #[command(flatten)]
+    pub guest: GuestArgs,
 }
 
 /// Median of a non-empty list.
@@ -40,31 +39,18 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
         bail!("--runs must be at least 5");
     }
     let kernel = crate::build::build_kernel()?;
-    let qemu_path = qemu::ensure_qemu()?;
-    let accel = qemu::choose_accel(args.accel, &qemu_path, args.machine)?;
+    let (cfg, accel) = args.guest.config(kernel, "memd.log=warn")?;
     if !args.json {
         eprintln!("xtask: accelerator {}: {}", accel.name(), accel.reason);
     }
-    let port = qemu::free_port()?;
-    // Token files as for a real run, so the boot reads them as it would.
-    let tokens = crate::tokens::GuestTokens::temporary("bench-boot")?;
-    let cfg = QemuConfig {
-        qemu: qemu_path,
-        kernel,
-        machine: args.machine,
-        kvm: accel.kvm,
-        mem: args.mem.clone(),
-        // The NIC is there, so `memd: ready` means the control port listens.
-        cmdline: format!("memd.log=warn memd.port={port}"),
-        forward_port: Some(port),
-        disk: None,
-        monitor: None,
-        icount: false,
-        tokens: Some(tokens.files.clone()),
-    };
+    // A port and token files as for a real run: the NIC is there, so
+    // `memd: ready` means the control port listens, and the boot reads the
+    // tokens as it would.
+    let endpoint = Endpoint::temporary("bench-boot")?;
+    let cfg = endpoint.serve(cfg).time_bound(Duration::from_secs(30));
     let mut times = Vec::with_capacity(args.runs);
     for i in 0..args.runs {
-        let out = qemu::run_bounded(&cfg, Duration::from_secs(30), true)?;
+        let out = cfg.run_until_ready()?;
         let Some(t) = out.ready_after else {
             bail!(
                 "boot {i}: no `{}` line (timed out: {}, status {:?})\n{}\n{}",
@@ -89,8 +75,8 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
         println!(
             "{{\"boot_ms_median\": {med:.1}, \"accel\": \"{}\", \"machine\": \"{}\", \"mem\": \"{}\", \"runs\": {}}}",
             accel.name(),
-            args.machine.name(),
-            args.mem,
+            args.guest.machine.name(),
+            args.guest.mem,
             args.runs
         );
     } else {
@@ -98,9 +84,9 @@ pub fn run(args: &BootBenchArgs) -> Result<()> {
             "boot to `{}`: median {med:.1} ms over {} boots ({}, {}, {}); min {:.1} ms, max {:.1} ms",
             qemu::READY_LINE,
             args.runs,
-            args.machine.name(),
+            args.guest.machine.name(),
             accel.name(),
-            args.mem,
+            args.guest.mem,
             times[0],
             times[times.len() - 1]
         );

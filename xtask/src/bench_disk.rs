@@ -20,7 +20,7 @@ use anyhow::{anyhow, bail, Result};
 use memd_client::wire::{DiskTransfer, DmaMask, Op, Reply};
 use memd_client::{Client, Options};
 
-use crate::qemu::{self, Accel, Machine, QemuConfig};
+use crate::guest::{Endpoint, GuestArgs};
 
 const MIB: u64 = 1 << 20;
 const SMALL: u64 = 4096;
@@ -28,6 +28,7 @@ const SMALL: u64 = 4096;
 const BATCH: usize = 4096;
 
 #[derive(Debug, clap::Args)]
+#[command(mut_arg("accel", |a| a.default_value("tcg")))]
 pub struct DiskBenchArgs {
     /// Bytes moved per direction, in MiB.
     #[arg(long, default_value_t = 64)]
@@ -35,14 +36,13 @@ pub struct DiskBenchArgs {
     /// Repetitions of each big-buffer transfer (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    #[arg(long, value_enum, default_value_t = Machine::Microvm)]
-    pub machine: Machine,
-    /// Accelerator; the README's figures are for TCG.
-    #[arg(long, value_enum, default_value_t = Accel::Tcg)]
-    pub accel: Accel,
     /// Time bound for the whole run, in seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// The guest; its `--accel` defaults to tcg, the accelerator of the
+    /// README's figures.
+    #[command(flatten)]
+    pub guest: GuestArgs,
 }
 
 /// One side of the comparison.
@@ -201,44 +201,29 @@ pub fn run(args: &DiskBenchArgs) -> Result<()> {
     }
     let bytes = args.mib * MIB;
     let kernel = crate::build::build_kernel()?;
-    let qemu_path = qemu::ensure_qemu()?;
-    let accel = qemu::choose_accel(args.accel, &qemu_path, args.machine)?;
+    let reserve = (bytes / MIB).next_power_of_two().max(64);
+    let (cfg, accel) = args.guest.config(
+        kernel,
+        &format!("memd.log=warn memd.dma_reserve={reserve}M@dma32"),
+    )?;
     eprintln!("xtask: accelerator {}: {}", accel.name(), accel.reason);
-    let port = qemu::free_port()?;
     let image = std::env::temp_dir().join(format!("memd-bench-disk-{}.img", std::process::id()));
     crate::run::ensure_disk(&image, 2 * bytes)?;
-    let reserve = (bytes / MIB).next_power_of_two().max(64);
-    let tokens = crate::tokens::GuestTokens::temporary("bench-disk")?;
-    let cfg = QemuConfig {
-        qemu: qemu_path,
-        kernel,
-        machine: args.machine,
-        kvm: accel.kvm,
-        mem: "1G".into(),
-        cmdline: format!("memd.log=warn memd.port={port} memd.dma_reserve={reserve}M@dma32"),
-        forward_port: Some(port),
-        disk: Some(image.clone()),
-        monitor: None,
-        icount: false,
-        tokens: Some(tokens.files.clone()),
-    };
+    let endpoint = Endpoint::temporary("bench-disk")?;
+    let cfg = endpoint
+        .serve(cfg)
+        .disk(image.clone())
+        .time_bound(Duration::from_secs(args.timeout));
     eprintln!("xtask: {}", cfg.describe());
-    let mut rows = Err(String::from("the guest never became ready"));
-    let mut action = || {
-        rows = measure(port, &tokens.client, bytes, args.runs);
-        rows.as_ref().map(|_| ()).map_err(Clone::clone)
-    };
-    let out = qemu::run_with(
-        &cfg,
-        Duration::from_secs(args.timeout),
-        false,
-        Some(&mut action),
-    );
+    let out = cfg.run_client(|| {
+        measure(endpoint.port, &endpoint.tokens.client, bytes, args.runs).map_err(|e| anyhow!(e))
+    });
     let _ = std::fs::remove_file(&image);
-    let out = out?;
+    let (out, rows) = out?;
+    let rows = rows.unwrap_or_else(|| Err(anyhow!("the guest never became ready")));
     let rows = rows.map_err(|e| {
         anyhow!(
-            "{e}\n--- console ---\n{}\n--- stderr ---\n{}",
+            "{e:#}\n--- console ---\n{}\n--- stderr ---\n{}",
             out.console(),
             out.stderr
         )
@@ -246,7 +231,7 @@ pub fn run(args: &DiskBenchArgs) -> Result<()> {
     println!(
         "virtio-blk, {} MiB each way, {} {}, {}-run median for the big buffer",
         args.mib,
-        args.machine.name(),
+        args.guest.machine.name(),
         accel.name(),
         args.runs
     );

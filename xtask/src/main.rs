@@ -5,10 +5,12 @@ mod bench_disk;
 mod boot_tests;
 mod build;
 mod fuzz;
+mod guest;
 mod hostile;
 mod loadtest;
 mod profile;
 mod qemu;
+mod rng;
 mod run;
 mod tokens;
 mod toolchain;
@@ -151,5 +153,112 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: BenchCmd::Mm { json },
         } => bench_mm(json),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qemu::{Accel, Machine};
+    use clap::CommandFactory;
+
+    fn parse(line: &[&str]) -> Cmd {
+        Cli::try_parse_from(std::iter::once("xtask").chain(line.iter().copied()))
+            .unwrap_or_else(|e| panic!("{line:?}: {e}"))
+            .cmd
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_readme_commands_parse_with_their_defaults() {
+        let Cmd::Run(r) = parse(&[
+            "run",
+            "--mem",
+            "1G",
+            "--cmdline",
+            "memd.dma_reserve=64M@dma32",
+        ]) else {
+            panic!("not run")
+        };
+        assert_eq!((r.guest.mem.as_str(), r.port), ("1G", 5555));
+        assert_eq!(r.guest.cmdline, "memd.dma_reserve=64M@dma32");
+        assert_eq!(
+            (r.guest.machine, r.guest.accel),
+            (Machine::Microvm, Accel::Auto)
+        );
+        let Cmd::Run(r) = parse(&["run", "--disk", "/tmp/d.img", "--disk-size", "1G"]) else {
+            panic!("not run")
+        };
+        assert_eq!((r.disk_size, r.guest.cmdline.as_str()), (Some(1 << 30), ""));
+
+        let Cmd::Loadtest(l) = parse(&[
+            "loadtest",
+            "--clients",
+            "16",
+            "--duration",
+            "10",
+            "--json",
+            "--profile",
+            "batch",
+            "--batch",
+            "4096",
+            "--noisy",
+            "1",
+            "--icount",
+        ]) else {
+            panic!("not loadtest")
+        };
+        assert_eq!(
+            (l.clients, l.duration, l.batch, l.noisy),
+            (16, Some(10), 4096, 1)
+        );
+        assert!(l.json && l.guest.icount && l.profile == loadtest::Profile::Batch);
+        assert_eq!(l.guest.cmdline, loadtest::DEFAULT_CMDLINE);
+        assert_eq!((l.guest.accel, l.guest.mem.as_str()), (Accel::Auto, "1G"));
+        let Cmd::Loadtest(l) = parse(&[
+            "loadtest",
+            "--profile",
+            "exhaust",
+            "--clients",
+            "4",
+            "--mem",
+            "256M",
+            "--cmdline",
+            "",
+        ]) else {
+            panic!("not loadtest")
+        };
+        assert_eq!(
+            (l.guest.mem.as_str(), l.guest.cmdline.as_str()),
+            ("256M", "")
+        );
+
+        let Cmd::Profile(p) = parse(&["profile", "--profile", "batch", "--batch", "4096"]) else {
+            panic!("not profile")
+        };
+        assert_eq!(p.load.guest.cmdline, loadtest::DEFAULT_CMDLINE);
+
+        let Cmd::Bench {
+            which: BenchCmd::Boot(b),
+        } = parse(&["bench", "boot", "--mem", "2G", "--json"])
+        else {
+            panic!("not bench boot")
+        };
+        assert_eq!(
+            (b.guest.accel, b.guest.mem.as_str(), b.json),
+            (Accel::Tcg, "2G", true)
+        );
+        let Cmd::Bench {
+            which: BenchCmd::Disk(d),
+        } = parse(&["bench", "disk"])
+        else {
+            panic!("not bench disk")
+        };
+        assert_eq!((d.guest.accel, d.guest.mem.as_str()), (Accel::Tcg, "1G"));
+        assert_eq!(d.guest.cmdline, "");
     }
 }

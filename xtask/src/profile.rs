@@ -82,8 +82,8 @@ pub fn profile(args: &ProfileArgs) -> Result<Profile> {
         eprintln!(
             "profile: {} samples while {} clients ran {:.0} ops/s",
             rips.len(),
-            report.clients,
-            report.ops_per_sec()
+            report.load.clients,
+            report.load.ops_per_sec()
         );
     }
     let chains = symbolize(&kernel, &rips)?;

@@ -8,20 +8,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use crate::qemu::{self, Accel, Machine, QemuConfig};
+use crate::guest::GuestArgs;
+use crate::qemu;
 use crate::tokens::GuestTokens;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// QEMU machine.
-    #[arg(long, value_enum, default_value_t = Machine::Microvm)]
-    pub machine: Machine,
-    /// Accelerator (auto: KVM only with real hardware virtualisation).
-    #[arg(long, value_enum, default_value_t = Accel::Auto)]
-    pub accel: Accel,
-    /// Guest memory (QEMU `-m` syntax: 512M, 1G, 5G ...).
-    #[arg(long, default_value = "1G")]
-    pub mem: String,
     /// TCP port of the service; QEMU forwards 127.0.0.1:PORT to the guest.
     #[arg(long, default_value_t = 5555)]
     pub port: u16,
@@ -33,9 +25,8 @@ pub struct RunArgs {
     /// sparse with this size, a smaller one is extended (never shrunk).
     #[arg(long, value_parser = parse_size)]
     pub disk_size: Option<u64>,
-    /// Extra kernel command line (e.g. "memd.log=debug memd.dma_reserve=64M@dma32").
-    #[arg(long, default_value = "")]
-    pub cmdline: String,
+    #[command(flatten)]
+    pub guest: GuestArgs,
 }
 
 /// Size of the default disk image.
@@ -122,10 +113,9 @@ fn refuse_token_on_cmdline(cmdline: &str) -> Result<()> {
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
-    refuse_token_on_cmdline(&args.cmdline)?;
+    refuse_token_on_cmdline(&args.guest.cmdline)?;
     let kernel = crate::build::build_kernel()?;
-    let qemu_path = qemu::ensure_qemu()?;
-    let accel = qemu::choose_accel(args.accel, &qemu_path, args.machine)?;
+    let (cfg, accel) = args.guest.config(kernel, "")?;
     eprintln!("xtask: accelerator {}: {}", accel.name(), accel.reason);
     let (dir, tokens) = write_connection_files(args.port)?;
     let disk = args.disk.clone().unwrap_or_else(|| dir.join("disk.img"));
@@ -134,22 +124,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         None if !disk.exists() => ensure_disk(&disk, DEFAULT_DISK_BYTES)?,
         None => {}
     }
-    let cmdline = format!("memd.port={} {}", args.port, args.cmdline)
-        .trim()
-        .to_string();
-    let cfg = QemuConfig {
-        qemu: qemu_path,
-        kernel,
-        machine: args.machine,
-        kvm: accel.kvm,
-        mem: args.mem.clone(),
-        cmdline,
-        forward_port: Some(args.port),
-        disk: Some(disk),
-        monitor: None,
-        icount: false,
-        tokens: Some(tokens.files.clone()),
-    };
+    let cfg = cfg.serve(args.port, &tokens.files).disk(disk);
     eprintln!("xtask: {}", cfg.describe());
     eprintln!(
         "xtask: host 127.0.0.1:{} is forwarded to the guest's port; Ctrl-C stops QEMU",
@@ -186,7 +161,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     });
     let status = child.wait().context("running QEMU")?;
     let _ = copier.join();
-    run_result(status, selftest_requested(&args.cmdline))
+    run_result(status, selftest_requested(&args.guest.cmdline))
 }
 
 /// Whether the guest was asked to run its self-test and exit.

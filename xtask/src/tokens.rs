@@ -1,5 +1,5 @@
 //! The guest's auth tokens: random, written to files only their owner can
-//! read, and handed to QEMU by path (`qemu::QemuConfig::tokens`), so they
+//! read, and handed to QEMU by path (`qemu::QemuConfig::serve`), so they
 //! never appear on a command line.
 
 use std::path::{Path, PathBuf};

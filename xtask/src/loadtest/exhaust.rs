@@ -8,7 +8,9 @@ use anyhow::{bail, Context, Result};
 use memd_client::wire::{errno, Gfp, Op, Reply};
 use memd_client::{wire, Client, Options};
 
-use super::{settle, Args, Profile, Report, Snapshot, Tally};
+use super::baseline::Baseline;
+use super::tally::Tally;
+use super::{Args, Report};
 
 /// What the exhaustion profile saw.
 #[derive(Debug, Default)]
@@ -97,8 +99,7 @@ pub(super) fn exhaust(
     opts: &Options,
     ctl: &mut Client,
     args: &Args,
-    baseline: u64,
-    base_info: &Snapshot,
+    baseline: &Baseline,
 ) -> Result<Report> {
     let started = Instant::now();
     let deadline = started + args.time_bound().max(Duration::from_secs(120));
@@ -255,7 +256,7 @@ pub(super) fn exhaust(
     let page = 4096;
     let client_bytes: u64 = held.iter().sum::<u64>() * page;
     let kernel_now = mi.total - mi.free - client_bytes;
-    let kernel_base = base_info.meminfo.total - base_info.meminfo.free;
+    let kernel_base = baseline.info.meminfo.total - baseline.info.meminfo.free;
     fig.heap_growth_pages = kernel_now.saturating_sub(kernel_base) / page;
     for z in zones.iter().filter(|z| z.managed > 0) {
         let free = z.free + z.pcp_count;
@@ -304,17 +305,7 @@ pub(super) fn exhaust(
     }
     let elapsed = started.elapsed();
     drop(clients);
-    let after = settle(ctl, Some(baseline), Duration::from_secs(args.settle))?;
-    let check_ok = ctl
-        .check()
-        .map_err(|e| format!("check: {e}"))
-        .and_then(|r| {
-            if r.ok {
-                Ok(())
-            } else {
-                Err(format!("check failed: {r:?}"))
-            }
-        });
+    let end = baseline.compare(ctl, Duration::from_secs(args.settle))?;
     // ENOMEM and EDQUOT are the expected refusals here.
     let unexplained = tally
         .errors
@@ -322,30 +313,8 @@ pub(super) fn exhaust(
         .filter(|((_, c), _)| c != "ENOMEM" && c != "EDQUOT")
         .map(|(_, n)| n)
         .sum();
-    let (all, per_kind) = tally.latencies();
     Ok(Report {
-        profile: Profile::Exhaust,
-        clients: args.clients,
-        elapsed,
-        ops: tally.ops,
-        all,
-        per_kind,
-        errors: tally.errors,
-        enomem: tally.enomem,
-        table_full: tally.table_full,
-        unexplained,
-        fatal: Vec::new(),
-        faults: None,
-        baseline,
-        after,
-        baseline_restored: after == baseline,
-        meminfo_diff: base_info.diff(&Snapshot::take(ctl)?),
-        check_ok,
         exhaust: Some(fig),
-        busy_ns: None,
-        halted_ns: None,
-        icount: args.icount,
-        noisy: None,
-        loop_passes: None,
+        ..Report::new(args, elapsed, tally, unexplained, end)
     })
 }

@@ -11,16 +11,15 @@
 //! The disk transfers overwrite the disk from sector 0 on: a service with a
 //! disk whose contents matter is no target for `--noisy`.
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use memd_client::wire::{
     errno, fill_pattern, Checksum, Ctor, DmaMask, Handle, Op, PoolBacking, Reply, SlabFlags,
 };
 use memd_client::{Client, Error as ClientError, Options};
 
-use super::report::Lat;
-use super::{Rng, Shared, Tally};
+use super::tally::{Shared, Tally};
+use crate::rng::Rng;
 
 /// Operations a noisy client asks of one stress run; halved for good when
 /// the service answers E2BIG (its per-request limit).
@@ -118,7 +117,7 @@ impl<'a> Noisy<'a> {
     fn take_buffer(&mut self, large: bool) -> Result<(), String> {
         if large {
             match self.timed("dma-alloc", |c| {
-                c.dma_alloc(super::LARGE_DMA, 0, DmaMask::Bits32)
+                c.dma_alloc(super::worker::LARGE_DMA, 0, DmaMask::Bits32)
             })? {
                 Ok(b) => {
                     self.dma = Some((b.handle, b.len));
@@ -342,93 +341,6 @@ pub(super) fn noisy(
         n.out.fatal.push(format!("noisy client {idx}: {e}"));
     }
     n.out
-}
-
-/// The noisy clients' figures for the report.
-#[derive(Debug)]
-pub struct NoisyFigures {
-    pub clients: u32,
-    pub elapsed: Duration,
-    pub ops: u64,
-    pub all: Lat,
-    pub per_kind: Vec<(&'static str, Lat)>,
-    pub errors: BTreeMap<(&'static str, String), u64>,
-    pub mismatches: u64,
-    pub stress_check_failures: u64,
-    pub fatal: Vec<String>,
-}
-
-impl NoisyFigures {
-    pub(super) fn new(clients: u32, elapsed: Duration, mut o: Outcome) -> NoisyFigures {
-        let (all, per_kind) = o.tally.latencies();
-        NoisyFigures {
-            clients,
-            elapsed,
-            ops: o.tally.ops,
-            all,
-            per_kind,
-            errors: o.tally.errors,
-            mismatches: o.mismatches,
-            stress_check_failures: o.stress_check_failures,
-            fatal: o.fatal,
-        }
-    }
-
-    pub fn ops_per_sec(&self) -> f64 {
-        super::report::per_sec(self.ops, self.elapsed)
-    }
-
-    /// Whether nothing went wrong that a server error does not explain:
-    /// no connection failed, no checksum differed, no stress run found a
-    /// broken invariant.
-    pub fn passed(&self) -> bool {
-        self.fatal.is_empty() && self.mismatches == 0 && self.stress_check_failures == 0
-    }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        use serde_json::json;
-        json!({
-            "clients": self.clients,
-            "duration_s": self.elapsed.as_secs_f64(),
-            "ops": self.ops,
-            "ops_per_sec": self.ops_per_sec(),
-            "p50_us": self.all.p50,
-            "p99_us": self.all.p99,
-            "max_us": self.all.max,
-            "per_op": super::report::per_op_json(&self.per_kind),
-            "errors": self.errors.values().sum::<u64>(),
-            "errors_by_code": super::report::errors_json(&self.errors),
-            "checksum_mismatches": self.mismatches,
-            "stress_check_failures": self.stress_check_failures,
-            "client_failures": self.fatal,
-        })
-    }
-
-    pub fn print(&self) {
-        println!(
-            "noisy neighbours: {} clients, {:.1} s, {} ops, {:.0} ops/s, p50 {:.1} us, p99 {:.1} us, max {:.1} us",
-            self.clients,
-            self.elapsed.as_secs_f64(),
-            self.ops,
-            self.ops_per_sec(),
-            self.all.p50,
-            self.all.p99,
-            self.all.max
-        );
-        for (k, l) in &self.per_kind {
-            println!("  {}", super::report::kind_row(k, l));
-        }
-        for ((k, c), n) in &self.errors {
-            println!("  error {k:<20} {c:<8} {n}");
-        }
-        println!(
-            "  checksum mismatches: {}, stress runs with broken invariants: {}",
-            self.mismatches, self.stress_check_failures
-        );
-        for f in &self.fatal {
-            println!("  noisy client failure: {f}");
-        }
-    }
 }
 
 #[cfg(test)]

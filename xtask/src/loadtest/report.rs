@@ -1,78 +1,15 @@
-//! What a load-test run measured, and how it is printed: latency
-//! percentiles per operation kind, errors by code, the guest's busy and
-//! halted time, the service loop's passes, the noisy neighbours' own
-//! figures, the memory baseline, as a table or as JSON.
+//! What a load-test run measured, and how it is printed: the clients'
+//! figures (see [`Figures`]), the guest's busy and halted time, the
+//! service loop's passes, the noisy neighbours' own figures, the memory
+//! baseline, as a table or as JSON.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::Result;
-
-use super::{ExhaustFigures, NoisyFigures, PassFigures, Profile};
-
-/// Percentiles of one operation kind, in microseconds.
-#[derive(Debug, Clone, Copy)]
-pub struct Lat {
-    pub count: u64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub max: f64,
-}
-
-pub(super) fn percentiles(v: &mut [u64]) -> Lat {
-    v.sort_unstable();
-    let at = |q: f64| -> f64 {
-        if v.is_empty() {
-            return 0.0;
-        }
-        let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
-        v[i] as f64 / 1000.0
-    };
-    Lat {
-        count: v.len() as u64,
-        p50: at(0.50),
-        p90: at(0.90),
-        p99: at(0.99),
-        max: at(1.0),
-    }
-}
-
-/// Latency percentiles per operation kind, as JSON.
-/// Operations per second over `elapsed`.
-pub(super) fn per_sec(ops: u64, elapsed: Duration) -> f64 {
-    ops as f64 / elapsed.as_secs_f64().max(1e-9)
-}
-
-/// One operation kind's row of the latency tables.
-pub(super) fn kind_row(kind: &str, l: &Lat) -> String {
-    format!(
-        "{kind:<20} {:>9} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
-        l.count, l.p50, l.p90, l.p99, l.max
-    )
-}
-
-pub(super) fn per_op_json(per_kind: &[(&'static str, Lat)]) -> serde_json::Value {
-    per_kind
-        .iter()
-        .map(|(k, l)| {
-            (
-                k.to_string(),
-                serde_json::json!({"count": l.count, "p50_us": l.p50, "p90_us": l.p90, "p99_us": l.p99, "max_us": l.max}),
-            )
-        })
-        .collect::<serde_json::Map<_, _>>()
-        .into()
-}
-
-/// Errors by operation kind and code (`"kmalloc:ENOMEM"`), as JSON.
-pub(super) fn errors_json(errors: &BTreeMap<(&'static str, String), u64>) -> serde_json::Value {
-    errors
-        .iter()
-        .map(|((k, c), n)| (format!("{k}:{c}"), serde_json::json!(n)))
-        .collect::<serde_json::Map<_, _>>()
-        .into()
-}
+use super::baseline::Ending;
+use super::figures::{kind_header, kind_row, Figures};
+use super::noisy::Outcome;
+use super::tally::Tally;
+use super::{Args, ExhaustFigures, PassFigures, Profile};
 
 /// Fault counters after a run (both targets).
 #[derive(Debug, Clone, Default)]
@@ -86,12 +23,8 @@ pub struct FaultFigures {
 #[derive(Debug)]
 pub struct Report {
     pub profile: Profile,
-    pub clients: u32,
-    pub elapsed: Duration,
-    pub ops: u64,
-    pub all: Lat,
-    pub per_kind: Vec<(&'static str, Lat)>,
-    pub errors: BTreeMap<(&'static str, String), u64>,
+    /// The clients' figures (the noisy neighbours' are in `noisy`).
+    pub load: Figures,
     pub enomem: u64,
     /// ENOSPC from a full global cache or pool table (explained).
     pub table_full: u64,
@@ -124,8 +57,37 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn ops_per_sec(&self) -> f64 {
-        per_sec(self.ops, self.elapsed)
+    /// The report of `args`' run whose clients' merged tally is `tally`
+    /// over `elapsed`, with `unexplained` errors and memory as `end` found
+    /// it; nothing else measured (no faults, guest times, passes, noisy
+    /// neighbours or exhaustion figures).
+    pub(super) fn new(
+        args: &Args,
+        elapsed: Duration,
+        tally: Tally,
+        unexplained: u64,
+        end: Ending,
+    ) -> Report {
+        Report {
+            profile: args.profile,
+            enomem: tally.enomem,
+            table_full: tally.table_full,
+            load: Figures::new(args.clients, elapsed, tally),
+            unexplained,
+            fatal: Vec::new(),
+            faults: None,
+            baseline: end.baseline,
+            after: end.after,
+            baseline_restored: end.after == end.baseline,
+            meminfo_diff: end.meminfo_diff,
+            check_ok: end.check_ok,
+            exhaust: None,
+            busy_ns: None,
+            halted_ns: None,
+            icount: args.guest.icount,
+            noisy: None,
+            loop_passes: None,
+        }
     }
 
     /// Whether the run passed: no unexplained error, no dead client,
@@ -142,24 +104,14 @@ impl Report {
 
     pub fn to_json(&self) -> serde_json::Value {
         use serde_json::json;
-        json!({
+        let mut m = self.load.json_fields();
+        let rest = json!({
             "profile": format!("{:?}", self.profile).to_lowercase(),
-            "clients": self.clients,
-            "duration_s": self.elapsed.as_secs_f64(),
-            "ops": self.ops,
-            "ops_per_sec": self.ops_per_sec(),
-            "p50_us": self.all.p50,
-            "p90_us": self.all.p90,
-            "p99_us": self.all.p99,
-            "max_us": self.all.max,
             "guest_busy_ns": self.busy_ns,
             "guest_halted_ns": self.halted_ns,
             "icount": self.icount,
             "loop_passes": self.loop_passes.map(PassFigures::to_json),
             "noisy": self.noisy.as_ref().map(|n| n.to_json()),
-            "per_op": per_op_json(&self.per_kind),
-            "errors": self.errors.values().sum::<u64>(),
-            "errors_by_code": errors_json(&self.errors),
             "enomem": self.enomem,
             "table_full": self.table_full,
             "unexplained_errors": self.unexplained,
@@ -172,27 +124,22 @@ impl Report {
             "check": match &self.check_ok { Ok(()) => "ok".to_string(), Err(e) => e.clone() },
             "exhaust": self.exhaust.as_ref().map(|e| e.to_json()),
             "passed": self.passed(),
-        })
+        });
+        if let serde_json::Value::Object(rest) = rest {
+            m.extend(rest);
+        }
+        m.into()
     }
 
     pub fn print(&self) {
-        println!(
-            "loadtest: {:?} profile, {} clients, {:.1} s, {} ops, {:.0} ops/s",
-            self.profile,
-            self.clients,
-            self.elapsed.as_secs_f64(),
-            self.ops,
-            self.ops_per_sec()
-        );
-        println!(
-            "{:<20} {:>9} {:>10} {:>10} {:>10} {:>10}",
-            "operation", "count", "p50 us", "p90 us", "p99 us", "max us"
-        );
-        for (k, l) in self.per_kind.iter().chain([("all", self.all)].iter()) {
+        let load = &self.load;
+        println!("loadtest: {:?} profile, {}", self.profile, load.summary());
+        println!("{}", kind_header());
+        for (k, l) in load.per_kind.iter().chain([("all", load.all)].iter()) {
             println!("{}", kind_row(k, l));
         }
         if let Some(busy) = self.busy_ns {
-            let per_op = busy as f64 / self.ops.max(1) as f64;
+            let per_op = busy as f64 / load.ops.max(1) as f64;
             if self.icount {
                 println!(
                     "guest: {:.0} instructions per operation (icount; busy {busy} instructions)",
@@ -205,7 +152,7 @@ impl Report {
                     self.halted_ns
                         .map(|h| format!(", halted {:.3} s", h as f64 / 1e9))
                         .unwrap_or_default(),
-                    self.elapsed.as_secs_f64(),
+                    load.elapsed.as_secs_f64(),
                     per_op / 1e3,
                     if self.noisy.is_some() {
                         " (the noisy neighbours' work included)"
@@ -221,11 +168,11 @@ impl Report {
         if let Some(n) = &self.noisy {
             n.print();
         }
-        if self.errors.is_empty() {
+        if load.errors.is_empty() {
             println!("errors: none");
         } else {
             println!("errors:");
-            for ((k, c), n) in &self.errors {
+            for ((k, c), n) in &load.errors {
                 println!("  {k:<20} {c:<8} {n}");
             }
         }
@@ -275,47 +222,87 @@ impl Report {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::super::noisy::Outcome;
-    use super::*;
+/// The noisy clients' figures for the report.
+#[derive(Debug)]
+pub struct NoisyFigures {
+    pub load: Figures,
+    pub mismatches: u64,
+    pub stress_check_failures: u64,
+    pub fatal: Vec<String>,
+}
 
-    fn lat(us: f64) -> Lat {
-        Lat {
-            count: 10,
-            p50: us,
-            p90: us,
-            p99: us,
-            max: us,
+impl NoisyFigures {
+    pub(super) fn new(clients: u32, elapsed: Duration, o: Outcome) -> NoisyFigures {
+        NoisyFigures {
+            load: Figures::new(clients, elapsed, o.tally),
+            mismatches: o.mismatches,
+            stress_check_failures: o.stress_check_failures,
+            fatal: o.fatal,
         }
     }
 
+    /// Whether nothing went wrong that a server error does not explain:
+    /// no connection failed, no checksum differed, no stress run found a
+    /// broken invariant.
+    pub fn passed(&self) -> bool {
+        self.fatal.is_empty() && self.mismatches == 0 && self.stress_check_failures == 0
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut m = self.load.json_fields();
+        m.insert("checksum_mismatches".into(), self.mismatches.into());
+        m.insert(
+            "stress_check_failures".into(),
+            self.stress_check_failures.into(),
+        );
+        m.insert("client_failures".into(), self.fatal.clone().into());
+        m.into()
+    }
+
+    pub fn print(&self) {
+        let l = &self.load;
+        println!(
+            "noisy neighbours: {}, p50 {:.1} us, p99 {:.1} us, max {:.1} us",
+            l.summary(),
+            l.all.p50,
+            l.all.p99,
+            l.all.max
+        );
+        for (k, lat) in &l.per_kind {
+            println!("  {}", kind_row(k, lat));
+        }
+        for ((k, c), n) in &l.errors {
+            println!("  error {k:<20} {c:<8} {n}");
+        }
+        println!(
+            "  checksum mismatches: {}, stress runs with broken invariants: {}",
+            self.mismatches, self.stress_check_failures
+        );
+        for f in &self.fatal {
+            println!("  noisy client failure: {f}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
     fn report() -> Report {
-        Report {
-            profile: Profile::Mixed,
-            clients: 2,
-            elapsed: Duration::from_secs(2),
-            ops: 100,
-            all: lat(5.0),
-            per_kind: vec![("kmalloc", lat(5.0))],
-            errors: BTreeMap::new(),
-            enomem: 0,
-            table_full: 0,
-            unexplained: 0,
-            fatal: Vec::new(),
-            faults: None,
+        let mut tally = Tally::default();
+        tally.lat.insert("kmalloc", vec![5_000; 10]);
+        tally.ops = 100;
+        let end = Ending {
             baseline: 1 << 20,
             after: 1 << 20,
-            baseline_restored: true,
             meminfo_diff: Vec::new(),
             check_ok: Ok(()),
-            exhaust: None,
-            busy_ns: None,
-            halted_ns: None,
-            icount: false,
-            noisy: None,
-            loop_passes: None,
-        }
+        };
+        let args = Args {
+            clients: 2,
+            ..Args::smoke(2, 2, None)
+        };
+        Report::new(&args, Duration::from_secs(2), tally, 0, end)
     }
 
     fn noisy() -> NoisyFigures {
@@ -331,7 +318,10 @@ mod tests {
         let r = report();
         let j = r.to_json();
         assert!(j["noisy"].is_null() && j["loop_passes"].is_null());
+        assert_eq!(j["profile"], "mixed");
+        assert_eq!(j["clients"], 2);
         assert_eq!(j["ops"], 100);
+        assert_eq!(j["p99_us"], 5.0);
         assert_eq!(j["ops_per_sec"], 50.0);
         assert_eq!(j["per_op"]["kmalloc"]["count"], 10);
         assert!(r.passed());

@@ -8,7 +8,9 @@ use anyhow::Result;
 use memd_client::wire::{errno, DmaMask, Gfp, Handle, Op, PoolBacking, Reply, SlabFlags};
 use memd_client::{wire, Client, Error as ClientError, Options};
 
-use super::{Profile, Rng, Shared, Tally};
+use super::tally::{Shared, Tally};
+use super::Profile;
+use crate::rng::Rng;
 
 /// A connection-level failure: the worker stops.
 #[derive(Debug)]

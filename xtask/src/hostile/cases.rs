@@ -1,12 +1,8 @@
-//! The hostile-client suite: boots memd and attacks its control port the
-//! ways a careless or malicious client would, one case at a time. After
-//! every case memd must still answer, a well-behaved client working
-//! alongside must have been served throughout, and free memory must be
-//! back exactly at its baseline.
+//! The hostile cases, each an attack on the control port and the check of
+//! what memd answered, and the raw-frame helpers they use.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -14,67 +10,18 @@ use memd_client::wire::{
     self, errno, to_frame, DmaMask, Gfp, Hello, Op, Reply, Request, Response, MAX_IO,
     PROTOCOL_VERSION,
 };
-use memd_client::{Client, Options};
+use memd_client::Client;
 
-use crate::loadtest::settle;
-use crate::qemu::{self, Accel, Machine, QemuConfig};
-
-/// Timeouts the guest runs with, short so the cases that wait for them
-/// stay short.
-const HELLO_TIMEOUT_S: u64 = 1;
-const SEND_TIMEOUT_S: u64 = 2;
-const REQUEST_TIMEOUT_S: u64 = 2;
+use super::{Target, HELLO_TIMEOUT_S, REQUEST_TIMEOUT_S, SEND_TIMEOUT_S};
 
 /// One case: what it does, and the check of what memd answered.
-struct Case {
-    name: &'static str,
-    run: fn(&Target) -> Result<String>,
-}
-
-/// Where the guest is.
-pub struct Target {
-    addr: String,
-    token: String,
-}
-
-impl Target {
-    fn opts(&self, name: &str) -> Options {
-        let mut o = Options::new(&self.addr, &self.token);
-        o.client = name.into();
-        o.ready_timeout = Duration::from_secs(10);
-        o.io_timeout = Some(Duration::from_secs(30));
-        o
-    }
-
-    fn client(&self, name: &str) -> Result<Client> {
-        Client::connect(&self.opts(name)).with_context(|| format!("connecting {name}"))
-    }
-
-    fn raw(&self) -> Result<TcpStream> {
-        let s = TcpStream::connect(&self.addr).context("raw connect")?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.set_write_timeout(Some(Duration::from_secs(10)))?;
-        Ok(s)
-    }
-
-    /// A raw connection that has said hello.
-    fn raw_hello(&self) -> Result<TcpStream> {
-        let mut s = self.raw()?;
-        let hello = Request::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            token: self.token.clone(),
-            client: "hostile".into(),
-        });
-        s.write_all(&to_frame(&hello)?)?;
-        match read_response(&mut s)? {
-            Some(Response::Hello(_)) => Ok(s),
-            r => bail!("hello refused: {r:?}"),
-        }
-    }
+pub(super) struct Case {
+    pub name: &'static str,
+    pub run: fn(&Target) -> Result<String>,
 }
 
 /// Reads one response frame; None when the connection ended first.
-fn read_response(s: &mut TcpStream) -> Result<Option<Response>> {
+pub(super) fn read_response(s: &mut TcpStream) -> Result<Option<Response>> {
     let mut dec = wire::FrameDecoder::new();
     let mut buf = [0u8; 4096];
     let mut pending = Vec::new();
@@ -117,7 +64,7 @@ fn closing_code(r: &Option<Response>) -> Option<i32> {
 }
 
 /// A batch body that announces `count` operations, followed by `zeros`
-/// zero bytes: the frame that used to kill memd.
+/// zero bytes: far fewer bytes than the operations announced.
 fn batch_frame(count: u64, zeros: usize) -> Vec<u8> {
     let mut body = wire::batch_prefix(false, count);
     body.resize(body.len() + zeros, 0);
@@ -137,7 +84,8 @@ fn full_read(c: &mut Client) -> Result<Request> {
     }))
 }
 
-fn cases() -> Vec<Case> {
+/// Every case, in the order they run.
+pub(super) fn cases() -> Vec<Case> {
     vec![
         Case {
             name: "unauthenticated batch of 200000 ops",
@@ -154,7 +102,7 @@ fn cases() -> Vec<Case> {
             name: "garbage before hello",
             run: |t| {
                 let mut s = t.raw()?;
-                let mut rng = crate::loadtest::Rng::new(99);
+                let mut rng = crate::rng::Rng::new(99);
                 let junk: Vec<u8> = (0..4096).map(|_| rng.next() as u8).collect();
                 let _ = s.write_all(&junk);
                 let r = expect_closed(&mut s, Duration::from_secs(5))?;
@@ -380,6 +328,7 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// What memd answered, in a few words.
 fn describe(r: &Option<Response>) -> String {
     match r {
         None => "no reply".into(),
@@ -388,158 +337,5 @@ fn describe(r: &Option<Response>) -> String {
         }
         Some(Response::Call(Err(e))) => e.to_string(),
         Some(other) => format!("{other:?}").chars().take(80).collect(),
-    }
-}
-
-/// A well-behaved client working beside every case: kmalloc and kfree,
-/// one at a time. Counts what it got done, and what failed.
-fn bystander(t: &Target, stop: &AtomicBool, done: &AtomicU64) -> Result<()> {
-    let mut c = t.client("bystander")?;
-    while !stop.load(Ordering::Relaxed) {
-        let o = c.kmalloc(128, Gfp::KERNEL)?;
-        c.kfree(o.handle)?;
-        done.fetch_add(1, Ordering::Relaxed);
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
-}
-
-/// Runs every case against `t`, printing a line for each.
-pub fn run_against(t: &Target) -> Result<()> {
-    let mut ctl = t.client("hostile-control")?;
-    // Views once, so the control connection's buffers have grown first.
-    for op in [Op::Meminfo, Op::Slabinfo, Op::Clients] {
-        ctl.call(op)?;
-    }
-    let baseline = settle(&mut ctl, None, Duration::from_secs(10))?;
-    let mut failed = 0;
-    for case in cases() {
-        let stop = AtomicBool::new(false);
-        let done = AtomicU64::new(0);
-        let started = Instant::now();
-        let (outcome, by) = std::thread::scope(|s| {
-            let by = s.spawn(|| bystander(t, &stop, &done));
-            let before = done.load(Ordering::Relaxed);
-            let r = (case.run)(t);
-            // The bystander must have moved during the case (or, for a
-            // case shorter than one of its steps, just after).
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while done.load(Ordering::Relaxed) <= before && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            stop.store(true, Ordering::Relaxed);
-            (r, by.join())
-        });
-        let by = match by {
-            Ok(Ok(())) if done.load(Ordering::Relaxed) > 0 => Ok(()),
-            Ok(Ok(())) => Err("the bystander was not served".to_string()),
-            Ok(Err(e)) => Err(format!("the bystander failed: {e:#}")),
-            Err(_) => Err("the bystander panicked".into()),
-        };
-        let alive = ctl
-            .status()
-            .map(|_| ())
-            .map_err(|e| format!("memd no longer answers: {e}"));
-        let back = alive.clone().and_then(|()| {
-            let now = settle(&mut ctl, Some(baseline), Duration::from_secs(15))
-                .map_err(|e| e.to_string())?;
-            if now == baseline {
-                Ok(())
-            } else {
-                Err(format!(
-                    "free memory {} bytes off its baseline",
-                    now as i64 - baseline as i64
-                ))
-            }
-        });
-        let line = match (&outcome, by, alive, back) {
-            (Ok(what), Ok(()), Ok(()), Ok(())) => format!(
-                "  ok    {:<42} {what}; bystander served {} times; baseline restored ({:.1} s)",
-                case.name,
-                done.load(Ordering::Relaxed),
-                started.elapsed().as_secs_f64()
-            ),
-            (o, b, a, m) => {
-                failed += 1;
-                let why: Vec<String> = [
-                    o.as_ref().err().map(|e| format!("{e:#}")),
-                    b.err(),
-                    a.err(),
-                    m.err(),
-                ]
-                .into_iter()
-                .flatten()
-                .collect();
-                format!("  FAIL  {:<42} {}", case.name, why.join("; "))
-            }
-        };
-        println!("{line}");
-        if ctl.status().is_err() {
-            break;
-        }
-    }
-    ensure!(failed == 0, "{failed} hostile-client case(s) failed");
-    Ok(())
-}
-
-/// Boots memd (microvm, 1 GiB, TCG unless told) and runs the suite.
-pub fn run(accel: Accel) -> Result<()> {
-    let kernel = crate::build::build_kernel()?;
-    let qemu_path = qemu::ensure_qemu()?;
-    let accel = qemu::choose_accel(accel, &qemu_path, Machine::Microvm)?;
-    let port = qemu::free_port()?;
-    // The attackers hold the client token, as any client would.
-    let tokens = crate::tokens::GuestTokens::temporary("hostile")?;
-    let cfg = QemuConfig {
-        qemu: qemu_path,
-        kernel,
-        machine: Machine::Microvm,
-        kvm: accel.kvm,
-        mem: "1G".into(),
-        cmdline: format!(
-            "memd.port={port} memd.hello_timeout={HELLO_TIMEOUT_S} \
-             memd.send_timeout={SEND_TIMEOUT_S} memd.request_timeout={REQUEST_TIMEOUT_S}"
-        ),
-        forward_port: Some(port),
-        disk: None,
-        monitor: None,
-        icount: false,
-        tokens: Some(tokens.files.clone()),
-    };
-    println!(
-        "hostile clients: memd on 127.0.0.1:{port}, {}",
-        accel.name()
-    );
-    let target = Target {
-        addr: format!("127.0.0.1:{port}"),
-        token: tokens.client.clone(),
-    };
-    let mut result = None;
-    let mut action = || -> Result<(), String> {
-        let r = run_against(&target);
-        let msg = r.as_ref().err().map(|e| format!("{e:#}"));
-        result = Some(r);
-        msg.map_or(Ok(()), Err)
-    };
-    let out = qemu::run_with(&cfg, Duration::from_secs(600), false, Some(&mut action))?;
-    if out.panicked() {
-        bail!(
-            "memd crashed under hostile clients:\n{}",
-            out.console()
-                .lines()
-                .rev()
-                .take(20)
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-    }
-    match result {
-        Some(Ok(())) => Ok(()),
-        Some(Err(e)) => Err(e),
-        None => bail!(
-            "memd never became ready (timed out: {}); console:\n{}",
-            out.timed_out,
-            out.console()
-        ),
     }
 }

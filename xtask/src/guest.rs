@@ -1,0 +1,121 @@
+//! The guest options every subcommand that boots memd shares
+//! ([`GuestArgs`], flattened into each one's arguments), and where a booted
+//! service listens ([`Endpoint`]).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::qemu::{self, Accel, AccelChoice, Machine, QemuConfig};
+use crate::tokens::GuestTokens;
+
+/// The guest a subcommand boots. A subcommand whose default differs says
+/// so with `#[command(mut_arg(..))]` on its own arguments (the load test's
+/// `--cmdline`, the benchmarks' `--accel`), so `--help` shows the default
+/// that applies.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Guest")]
+pub struct GuestArgs {
+    /// QEMU machine.
+    #[arg(long, value_enum, default_value_t = Machine::Microvm)]
+    pub machine: Machine,
+    /// Accelerator (auto never takes a kvm_pvm /dev/kvm).
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
+    pub accel: Accel,
+    /// Guest memory (QEMU `-m` syntax: 256M, 1G, 5G ...).
+    #[arg(long, default_value = "1G")]
+    pub mem: String,
+    /// Extra kernel command line, after xtask's own words (a key's last
+    /// value wins), e.g. "memd.log=debug memd.dma_reserve=64M@dma32".
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// QEMU's `-icount shift=0` (TCG only): what the guest measures (busy
+    /// time per operation, device time) becomes an instruction count, free
+    /// of the host's noise.
+    #[arg(long)]
+    pub icount: bool,
+}
+
+impl Default for GuestArgs {
+    /// The command-line defaults.
+    fn default() -> GuestArgs {
+        GuestArgs {
+            machine: Machine::Microvm,
+            accel: Accel::Auto,
+            mem: "1G".into(),
+            cmdline: String::new(),
+            icount: false,
+        }
+    }
+}
+
+impl GuestArgs {
+    /// `kernel` booted with these options: QEMU found (or installed), the
+    /// accelerator chosen for the machine, and the configuration with the
+    /// machine, accelerator, memory and icount set. The kernel command line
+    /// is the subcommand's `words`, then `--cmdline`'s: the kernel takes a
+    /// key's last value, so the user's words win.
+    pub fn config(&self, kernel: PathBuf, words: &str) -> Result<(QemuConfig, AccelChoice)> {
+        let qemu_path = qemu::ensure_qemu()?;
+        let accel = qemu::choose_accel(self.accel, &qemu_path, self.machine)?;
+        let cfg = QemuConfig::new(qemu_path, kernel, self.machine)
+            .kvm(accel.kvm)
+            .mem(&self.mem)
+            .append(words)
+            .append(&self.cmdline)
+            .icount(self.icount);
+        Ok((cfg, accel))
+    }
+}
+
+/// Where a test or benchmark guest serves: a free loopback port, and fresh
+/// tokens in a private temporary directory (removed when this is dropped,
+/// so it must live as long as the guest may read them).
+pub struct Endpoint {
+    pub port: u16,
+    pub tokens: GuestTokens,
+}
+
+impl Endpoint {
+    /// A free port and new tokens; `purpose` names the tokens' directory.
+    pub fn temporary(purpose: &str) -> Result<Endpoint> {
+        Ok(Endpoint {
+            port: qemu::free_port()?,
+            tokens: GuestTokens::temporary(purpose)?,
+        })
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `cfg` serving here.
+    pub fn serve(&self, cfg: QemuConfig) -> QemuConfig {
+        cfg.serve(self.port, &self.tokens.files)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        guest: GuestArgs,
+    }
+
+    #[test]
+    fn default_is_what_the_command_line_gives() {
+        let parsed = Cli::parse_from(["x"]).guest;
+        let d = GuestArgs::default();
+        assert_eq!(
+            (parsed.machine, parsed.accel, &parsed.mem, &parsed.cmdline),
+            (d.machine, d.accel, &d.mem, &d.cmdline)
+        );
+        assert_eq!(parsed.icount, d.icount);
+        Cli::command().debug_assert();
+    }
+}

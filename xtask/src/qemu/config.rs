@@ -1,0 +1,372 @@
+//! [`QemuConfig`]: one guest's QEMU configuration, built up method by
+//! method from a kernel and a machine. Every guest xtask boots is made
+//! from one: its command line ([`QemuConfig::command`]), and its runs,
+//! each within the configuration's time bound ([`QemuConfig::run_to_exit`],
+//! [`QemuConfig::run_until_ready`], [`QemuConfig::run_then`],
+//! [`QemuConfig::run_client`]).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::accel::accel_args;
+use super::Machine;
+use crate::tokens::TokenFiles;
+
+/// The fw_cfg file names the kernel reads its tokens from.
+pub const FW_CFG_CLIENT_TOKEN: &str = "opt/memd/token";
+pub const FW_CFG_OPERATOR_TOKEN: &str = "opt/memd/operator-token";
+
+/// The time bound of a configuration that sets none.
+const DEFAULT_TIME_BOUND: Duration = Duration::from_secs(60);
+
+/// One guest: QEMU, the kernel, the machine and what is attached to it.
+/// [`QemuConfig::new`] gives a TCG guest with 1 GiB, no devices and an
+/// empty kernel command line, bounded to 60 s; the other methods change
+/// one thing each.
+#[derive(Clone, Debug)]
+pub struct QemuConfig {
+    qemu: PathBuf,
+    kernel: PathBuf,
+    machine: Machine,
+    kvm: bool,
+    /// `-m` value, e.g. `1G`.
+    mem: String,
+    /// Kernel command-line words besides the service's `memd.port=`.
+    cmdline: String,
+    /// The service's TCP port: `memd.port=PORT` on the kernel command
+    /// line, and host 127.0.0.1:PORT forwarded to it (user networking).
+    port: Option<u16>,
+    /// Files holding the auth tokens, handed to the guest as fw_cfg files
+    /// (QEMU reads them; only their paths are on its command line).
+    tokens: Option<TokenFiles>,
+    /// A raw disk image attached as virtio-blk.
+    disk: Option<PathBuf>,
+    /// A Unix socket for QEMU's monitor (`cargo xtask profile` reads the
+    /// vCPU's registers through it).
+    monitor: Option<PathBuf>,
+    /// `-icount shift=0` (TCG): the guest's clock counts instructions, one
+    /// nanosecond each, so guest-measured times are instruction counts.
+    icount: bool,
+    /// The longest a run of this guest may take before QEMU is killed.
+    pub(super) time_bound: Duration,
+}
+
+/// `-fw_cfg name=NAME,file=PATH`'s value, with the commas of the path
+/// doubled as QEMU's option syntax wants.
+fn fw_cfg_arg(name: &str, path: &Path) -> std::ffi::OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut arg = format!("name={name},file=").into_bytes();
+    for &b in path.as_os_str().as_bytes() {
+        arg.push(b);
+        if b == b',' {
+            arg.push(b',');
+        }
+    }
+    std::ffi::OsString::from_vec(arg)
+}
+
+impl QemuConfig {
+    /// `kernel` on `machine`, run by the QEMU binary `qemu`.
+    pub fn new(qemu: PathBuf, kernel: PathBuf, machine: Machine) -> QemuConfig {
+        QemuConfig {
+            qemu,
+            kernel,
+            machine,
+            kvm: false,
+            mem: "1G".into(),
+            cmdline: String::new(),
+            port: None,
+            tokens: None,
+            disk: None,
+            monitor: None,
+            icount: false,
+            time_bound: DEFAULT_TIME_BOUND,
+        }
+    }
+
+    /// KVM (`-accel kvm -cpu host`) when `kvm`, else TCG (`-cpu max`).
+    pub fn kvm(mut self, kvm: bool) -> QemuConfig {
+        self.kvm = kvm;
+        self
+    }
+
+    /// Guest memory, in QEMU's `-m` syntax (`256M`, `1G`).
+    pub fn mem(mut self, mem: &str) -> QemuConfig {
+        self.mem = mem.into();
+        self
+    }
+
+    /// Adds `words` to the end of the kernel command line.
+    pub fn append(mut self, words: &str) -> QemuConfig {
+        let words = words.trim();
+        if !words.is_empty() {
+            if !self.cmdline.is_empty() {
+                self.cmdline.push(' ');
+            }
+            self.cmdline.push_str(words);
+        }
+        self
+    }
+
+    /// The service on `port` (first on the kernel command line, forwarded
+    /// from host 127.0.0.1:`port`), with its tokens read from `tokens`.
+    pub fn serve(mut self, port: u16, tokens: &TokenFiles) -> QemuConfig {
+        self.port = Some(port);
+        self.tokens = Some(tokens.clone());
+        self
+    }
+
+    /// `image`, a raw disk image, as the guest's virtio-blk disk.
+    pub fn disk(mut self, image: PathBuf) -> QemuConfig {
+        self.disk = Some(image);
+        self
+    }
+
+    /// QEMU's monitor on the Unix socket `sock`.
+    pub fn monitor(mut self, sock: PathBuf) -> QemuConfig {
+        self.monitor = Some(sock);
+        self
+    }
+
+    /// `-icount shift=0,sleep=off` when `icount` (TCG only; ignored under
+    /// KVM).
+    pub fn icount(mut self, icount: bool) -> QemuConfig {
+        self.icount = icount;
+        self
+    }
+
+    /// The longest one run may take; QEMU is killed then.
+    pub fn time_bound(mut self, bound: Duration) -> QemuConfig {
+        self.time_bound = bound;
+        self
+    }
+
+    /// The QEMU binary.
+    pub fn qemu(&self) -> &Path {
+        &self.qemu
+    }
+
+    /// The kernel command line: `memd.port=PORT` when serving, then the
+    /// appended words.
+    pub fn kernel_cmdline(&self) -> String {
+        match self.port {
+            Some(port) if self.cmdline.is_empty() => format!("memd.port={port}"),
+            Some(port) => format!("memd.port={port} {}", self.cmdline),
+            None => self.cmdline.clone(),
+        }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.qemu);
+        c.args(["-M", self.machine.qemu_machine()]);
+        c.args(accel_args(self.kvm));
+        c.args(["-m", &self.mem]);
+        c.arg("-kernel").arg(&self.kernel);
+        c.args(["-append", &self.kernel_cmdline()]);
+        c.args([
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ]);
+        c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+        let pci = match self.machine {
+            Machine::Microvm | Machine::MicrovmNoPit => false,
+            Machine::Q35 | Machine::MicrovmPcie => true,
+        };
+        if let Some(port) = self.port {
+            c.args([
+                "-netdev",
+                &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{port}"),
+            ]);
+            c.args([
+                "-device",
+                if pci {
+                    "virtio-net-pci,netdev=n0"
+                } else {
+                    "virtio-net-device,netdev=n0"
+                },
+            ]);
+        }
+        if self.icount && !self.kvm {
+            c.args(["-icount", "shift=0,sleep=off"]);
+        }
+        if let Some(sock) = &self.monitor {
+            let mut arg = std::ffi::OsString::from("unix:");
+            arg.push(sock);
+            arg.push(",server,nowait");
+            c.arg("-monitor").arg(arg);
+        }
+        if let Some(t) = &self.tokens {
+            c.arg("-fw_cfg")
+                .arg(fw_cfg_arg(FW_CFG_CLIENT_TOKEN, &t.client));
+            c.arg("-fw_cfg")
+                .arg(fw_cfg_arg(FW_CFG_OPERATOR_TOKEN, &t.operator));
+        }
+        if let Some(disk) = &self.disk {
+            let mut drive = std::ffi::OsString::from("file=");
+            drive.push(disk);
+            drive.push(",if=none,format=raw,id=d0");
+            c.arg("-drive").arg(drive);
+            c.args([
+                "-device",
+                if pci {
+                    "virtio-blk-pci,drive=d0"
+                } else {
+                    "virtio-blk-device,drive=d0"
+                },
+            ]);
+        }
+        c
+    }
+
+    /// The command line as a shell-like string, for messages.
+    pub fn describe(&self) -> String {
+        let c = self.command();
+        let mut s = c.get_program().to_string_lossy().into_owned();
+        for a in c.get_args() {
+            let a = a.to_string_lossy();
+            if a.contains(' ') || a.is_empty() {
+                s += &format!(" '{a}'");
+            } else {
+                s += &format!(" {a}");
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qemu::QEMU;
+    use crate::tokens::tests::mode;
+    use crate::tokens::GuestTokens;
+
+    fn bare() -> QemuConfig {
+        QemuConfig::new(
+            PathBuf::from(QEMU),
+            PathBuf::from("/k/memd-kernel"),
+            Machine::Microvm,
+        )
+    }
+
+    fn config(tokens: Option<TokenFiles>) -> QemuConfig {
+        match tokens {
+            Some(t) => bare().serve(5555, &t),
+            None => bare(),
+        }
+    }
+
+    fn args(c: &QemuConfig) -> Vec<String> {
+        c.command()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// The value after each `flag`.
+    fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn the_port_comes_first_on_the_kernel_command_line() {
+        let c = bare()
+            .append(" memd.log=warn ")
+            .append("")
+            .append("memd.x=1");
+        assert_eq!(c.kernel_cmdline(), "memd.log=warn memd.x=1");
+        let t = GuestTokens::temporary("xtask-unit-port").unwrap();
+        let served = c.serve(6000, &t.files);
+        assert_eq!(
+            served.kernel_cmdline(),
+            "memd.port=6000 memd.log=warn memd.x=1"
+        );
+        let a = args(&served);
+        assert_eq!(
+            values(&a, "-append"),
+            ["memd.port=6000 memd.log=warn memd.x=1"]
+        );
+        assert_eq!(
+            values(&a, "-netdev"),
+            ["user,id=n0,hostfwd=tcp:127.0.0.1:6000-:6000"]
+        );
+        assert_eq!(bare().serve(1, &t.files).kernel_cmdline(), "memd.port=1");
+        assert!(values(&args(&bare()), "-netdev").is_empty());
+    }
+
+    #[test]
+    fn devices_follow_the_machine_and_icount_only_tcg() {
+        let disk = |m: Machine| {
+            let c = QemuConfig::new(PathBuf::from(QEMU), PathBuf::from("/k"), m)
+                .disk(PathBuf::from("/d.img"));
+            values(&args(&c), "-device")[1].to_string()
+        };
+        assert_eq!(disk(Machine::Microvm), "virtio-blk-device,drive=d0");
+        assert_eq!(disk(Machine::Q35), "virtio-blk-pci,drive=d0");
+        let a = args(&bare().icount(true).mem("256M"));
+        assert_eq!(values(&a, "-icount"), ["shift=0,sleep=off"]);
+        assert_eq!(values(&a, "-m"), ["256M"]);
+        assert_eq!(values(&a, "-cpu"), ["max"]);
+        let kvm = args(&bare().icount(true).kvm(true));
+        assert!(values(&kvm, "-icount").is_empty());
+        assert_eq!(values(&kvm, "-accel"), ["kvm"]);
+    }
+
+    #[test]
+    fn tokens_reach_qemu_as_fw_cfg_files_never_as_arguments() {
+        let t = GuestTokens::temporary("xtask-unit").unwrap();
+        let dir = t.files.client.parent().unwrap().to_path_buf();
+        assert_eq!(mode(&dir), 0o700);
+        for (path, token) in [
+            (&t.files.client, &t.client),
+            (&t.files.operator, &t.operator),
+        ] {
+            assert_eq!(mode(path), 0o600, "{}", path.display());
+            assert_eq!(std::fs::read_to_string(path).unwrap().trim(), token);
+        }
+        assert_ne!(t.client, t.operator);
+        let cmd = config(Some(t.files.clone())).command();
+        assert!(!t.appear_in(&cmd), "a token on QEMU's command line");
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let fw_cfg: Vec<&String> = args
+            .windows(2)
+            .filter(|w| w[0] == "-fw_cfg")
+            .map(|w| &w[1])
+            .collect();
+        assert_eq!(
+            fw_cfg,
+            [
+                &format!("name=opt/memd/token,file={}", t.files.client.display()),
+                &format!(
+                    "name=opt/memd/operator-token,file={}",
+                    t.files.operator.display()
+                ),
+            ]
+        );
+        assert!(!args.iter().any(|a| a.contains("memd.token")));
+        let described = config(Some(t.files.clone())).describe();
+        assert!(!described.contains(&t.client) && !described.contains(&t.operator));
+        // Without token files there is no -fw_cfg.
+        assert!(!config(None).command().get_args().any(|a| a == "-fw_cfg"));
+        // The directory and the files go with the tokens.
+        drop(t);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn commas_in_token_paths_are_doubled() {
+        let arg = fw_cfg_arg("opt/x", Path::new("/tmp/a,b/t"));
+        assert_eq!(arg, "name=opt/x,file=/tmp/a,,b/t");
+    }
+}

@@ -1,0 +1,63 @@
+//! xtask's one pseudo-random generator: small and deterministic, so a
+//! seed reproduces a load test's or a hostile case's choices.
+
+/// xorshift64*.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// True with `percent` % chance.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    /// An index chosen by weights.
+    pub fn weighted(&mut self, weights: &[u64]) -> usize {
+        let total: u64 = weights.iter().sum();
+        let mut r = self.below(total);
+        for (i, &w) in weights.iter().enumerate() {
+            if r < w {
+                return i;
+            }
+            r -= w;
+        }
+        weights.len() - 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weighted_choice_follows_weights() {
+        let mut r = Rng::new(3);
+        let mut n = [0u32; 3];
+        for _ in 0..30_000 {
+            n[r.weighted(&[1, 0, 2])] += 1;
+        }
+        assert_eq!(n[1], 0);
+        assert!(n[2] > n[0] * 3 / 2, "{n:?}");
+    }
+
+    #[test]
+    fn a_seed_gives_the_same_sequence() {
+        let (mut a, mut b) = (Rng::new(7), Rng::new(7));
+        assert!((0..100).all(|_| a.next() == b.next()));
+        assert_ne!(Rng::new(7).next(), Rng::new(8).next());
+    }
+}
