@@ -1,25 +1,21 @@
-//! xtask's one pseudo-random generator: small and deterministic, so a
-//! seed reproduces a load test's or a hostile case's choices.
+//! The load test's and the hostile suite's choices: memd-mm's generator
+//! (deterministic, so a seed reproduces a run) with the draws they make.
 
-/// xorshift64*.
+use memd_mm::Prandom;
+
 #[derive(Clone, Debug)]
-pub struct Rng(u64);
+pub struct Rng(Prandom);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+        Rng(Prandom::new(seed))
     }
     pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.0.next_u64()
     }
     /// Uniform in `0..n` (n > 0).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.0.below(n)
     }
     /// True with `percent` % chance.
     pub fn chance(&mut self, percent: u64) -> bool {
