@@ -35,7 +35,7 @@ pub fn build_kernel_with_lines() -> Result<PathBuf> {
 }
 
 fn build_kernel_in(target_dir: Option<PathBuf>) -> Result<PathBuf> {
-    crate::toolchain::ensure_kernel_target()?;
+    crate::toolchain::ensure_kernel_target(&kernel_dir())?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(kernel_dir()).args(["build", "--release"]);

@@ -25,11 +25,11 @@ fn rustc() -> std::ffi::OsString {
         .unwrap_or_else(|| "rustc".into())
 }
 
-/// The sysroot of the toolchain that builds the kernel.
-fn sysroot() -> Result<PathBuf> {
+/// The sysroot of the toolchain that builds the kernel in `kernel_dir`.
+fn sysroot(kernel_dir: &std::path::Path) -> Result<PathBuf> {
     let rustc = rustc();
     let out = Command::new(&rustc)
-        .current_dir(crate::build::kernel_dir())
+        .current_dir(kernel_dir)
         .args(["--print", "sysroot"])
         .output()
         .with_context(|| format!("running {} --print sysroot", rustc.to_string_lossy()))?;
@@ -51,10 +51,11 @@ fn has_target(sysroot: &std::path::Path, target: &str) -> bool {
         .is_dir()
 }
 
-/// Makes sure the active toolchain can build for [`KERNEL_TARGET`],
-/// installing the target with rustup when it is missing.
-pub fn ensure_kernel_target() -> Result<()> {
-    let root = sysroot()?;
+/// Makes sure the toolchain that builds the kernel in `kernel_dir` can
+/// build for [`KERNEL_TARGET`], installing the target with rustup when it
+/// is missing.
+pub fn ensure_kernel_target(kernel_dir: &std::path::Path) -> Result<()> {
+    let root = sysroot(kernel_dir)?;
     if has_target(&root, KERNEL_TARGET) {
         return Ok(());
     }
@@ -72,7 +73,7 @@ pub fn ensure_kernel_target() -> Result<()> {
         toolchain.as_deref().unwrap_or("the active toolchain")
     );
     let mut cmd = Command::new("rustup");
-    cmd.current_dir(crate::build::kernel_dir())
+    cmd.current_dir(kernel_dir)
         .args(["target", "add", KERNEL_TARGET]);
     if let Some(t) = &toolchain {
         cmd.args(["--toolchain", t]);
@@ -96,7 +97,7 @@ mod tests {
 
     #[test]
     fn the_host_target_is_found_and_a_made_up_one_is_not() {
-        let root = sysroot().unwrap();
+        let root = sysroot(std::path::Path::new(env!("CARGO_MANIFEST_DIR"))).unwrap();
         let host = std::env::var("TARGET").unwrap_or_else(|_| "x86_64-unknown-linux-gnu".into());
         assert!(has_target(&root, &host), "{} has no {host}", root.display());
         assert!(!has_target(&root, "no-such-target-none"));

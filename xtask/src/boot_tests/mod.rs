@@ -41,12 +41,14 @@ mod dma_disk;
 mod matrix;
 mod memctl;
 mod memory;
+mod verdict;
 
 use control::control_port_check;
 use disk::{disk_check, TempDisk};
 use dma_disk::dma_disk_check;
-use matrix::{judge, matrix, mem_arg, Case, Reserve};
+use matrix::{matrix, mem_arg, Case, Reserve};
 use memctl::memctl_check;
+use verdict::judge;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
