@@ -55,7 +55,7 @@ mod work;
 
 pub use budget::DEFAULT_BUDGET_NS;
 pub use config::Config;
-pub use hello::MAX_HELLO_FRAME;
+pub use conn::MAX_HELLO_FRAME;
 
 use budget::Budget;
 use conn::{Conn, Job, State};

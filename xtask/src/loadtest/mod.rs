@@ -36,6 +36,7 @@ mod boot;
 mod drive;
 mod exhaust;
 mod figures;
+mod latency;
 mod noisy;
 mod passes;
 mod report;

@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use super::baseline::Ending;
-use super::figures::{kind_header, kind_row, Figures};
+use super::figures::Figures;
+use super::latency::{kind_header, kind_row};
 use super::noisy::Outcome;
 use super::tally::Tally;
 use super::{Args, ExhaustFigures, PassFigures, Profile};

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use memd_client::wire::{self, errno};
 
-use super::figures::{percentiles, Lat};
+use super::latency::{percentiles, Lat};
 
 /// Latency samples (ns) per operation kind, errors per (kind, code).
 #[derive(Default, Debug)]

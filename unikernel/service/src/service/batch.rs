@@ -13,15 +13,12 @@ use memd_wire::{
 };
 
 use super::budget::Budget;
-use super::bulk::Stretch;
+use super::bulk::{Stretch, FINAL_ENTRY_ROOM};
 use super::work::Work;
 use super::{err, mem_err, Flow, Outcome, Service};
 use crate::env::Env;
 use crate::memory::Memory;
 use crate::ConnId;
-
-/// Bytes of a batch's reply frame kept free for a final error entry.
-pub(super) const FINAL_ENTRY_ROOM: usize = 128;
 
 /// Plain operations per hold of the memory manager: about 100 µs under
 /// TCG, so the budget is looked at between runs.

@@ -21,7 +21,6 @@
 
 use memd_wire::{BatchReplyWriter, Gfp, Op};
 
-use super::batch::FINAL_ENTRY_ROOM;
 use super::conn::Conn;
 use super::res::Res;
 use super::Service;
@@ -29,6 +28,9 @@ use crate::env::Env;
 use crate::handles::HandleTable;
 use crate::memory::{MemError, Memory};
 use crate::ConnId;
+
+/// Bytes of a batch's reply frame kept free for a final error entry.
+pub(super) const FINAL_ENTRY_ROOM: usize = 128;
 
 /// An operation a run takes.
 #[derive(Clone, Copy)]

@@ -8,7 +8,6 @@ use alloc::vec::Vec;
 use memd_wire::{FrameDecoder, Request, Role};
 
 use super::batch::BatchJob;
-use super::hello::MAX_HELLO_FRAME;
 use super::res::Res;
 use super::work::Work;
 use super::ConnId;
@@ -23,6 +22,11 @@ pub(super) enum State {
     Closing,
 }
 
+/// Largest frame a connection may send before its hello is accepted: a
+/// hello with a 256-byte token and a client name fits with room to spare.
+/// Anything larger closes the connection before its body is buffered.
+pub const MAX_HELLO_FRAME: usize = 1024;
+
 /// A request that did not finish in its turn.
 pub(super) enum Job {
     /// A long operation of a single call; later calls of the connection
@@ -30,6 +34,17 @@ pub(super) enum Job {
     Call(Work),
     /// A batch: the connection's later requests wait for it.
     Batch(Box<BatchJob>),
+}
+
+impl Job {
+    /// The long operation in progress, if any (a batch may be between
+    /// operations).
+    pub(super) fn work(&self) -> Option<&Work> {
+        match self {
+            Job::Call(work) => Some(work),
+            Job::Batch(b) => b.work(),
+        }
+    }
 }
 
 /// A connection's session.

@@ -12,11 +12,6 @@ use super::reply::write_response;
 use super::{err, Config, ConnId, Flow, Service};
 use crate::memory::Memory;
 
-/// Largest frame a connection may send before its hello is accepted: a
-/// hello with a 256-byte token and a client name fits with room to spare.
-/// Anything larger closes the connection before its body is buffered.
-pub const MAX_HELLO_FRAME: usize = 1024;
-
 impl<M: Memory> Service<M> {
     /// Accepts the hello `h` of `conn`, or closes the connection.
     pub(super) fn hello(&mut self, conn: ConnId, h: Hello, out: &mut Vec<u8>) -> Flow {

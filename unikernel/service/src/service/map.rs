@@ -13,7 +13,6 @@ use alloc::vec::Vec;
 use memd_wire::{errno, MapDma, Reply, WireError};
 
 use super::res::Res;
-use super::work::Work;
 use super::{err, mem_err, Service};
 use crate::env::Env;
 use crate::memmap::{MapSnapshot, RunWalk};
@@ -42,14 +41,17 @@ impl MapWork {
 
 impl<M: Memory> Service<M> {
     /// The map's layout (ranges, zones, reservations), its walk to come.
-    pub(super) fn start_map<E: Env<Mem = M>>(&mut self, env: &mut E) -> Result<Work, WireError> {
+    pub(super) fn start_map<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+    ) -> Result<Box<MapWork>, WireError> {
         // Buffers first, then the manager's lock.
         let mut snap = Box::new(MapSnapshot::new());
         env.with_mem(|m, _| m.memmap(&mut snap)).map_err(mem_err)?;
-        Ok(Work::Map(Box::new(MapWork {
+        Ok(Box::new(MapWork {
             snap,
             walk: RunWalk::new(),
-        })))
+        }))
     }
 
     /// Walks one window; true when the map is complete.

@@ -15,7 +15,6 @@ use alloc::string::String;
 use memd_wire::{errno, Batch, Op, Reply, WireError};
 
 use super::budget::Budget;
-use super::conn::Job;
 use super::dma_work::{DmaWork, Slice, ZERO_SLICE};
 use super::map::MapWork;
 use super::{err, Service};
@@ -101,10 +100,7 @@ impl<M: Memory> Service<M> {
     /// The long operation that leases DMA buffer `handle` of `conn`, if
     /// one does, described for a message.
     pub(super) fn leased(&self, conn: ConnId, handle: u64) -> Option<String> {
-        let work = match self.conns.get(&conn)?.job.as_ref()? {
-            Job::Call(work) => work,
-            Job::Batch(b) => b.work()?,
-        };
+        let work = self.conns.get(&conn)?.job.as_ref()?.work()?;
         (work.leases() == Some(handle)).then(|| work.describe())
     }
 
@@ -118,7 +114,7 @@ impl<M: Memory> Service<M> {
         io_budget: &mut usize,
     ) -> Result<Work, WireError> {
         match op {
-            Op::MemMap => self.start_map(env),
+            Op::MemMap => self.start_map(env).map(Work::Map),
             Op::Stress { ops, seed } => self.start_stress(ops, seed),
             op => self.start_dma_work(env, conn, op, io_budget).map(Work::Dma),
         }
