@@ -189,6 +189,7 @@ impl<T> HandleTable<T> {
     }
 
     /// Every value, emptying the table chunk by chunk.
+    #[cfg(test)]
     pub fn into_values(self) -> impl Iterator<Item = T> {
         self.chunks
             .into_iter()

@@ -29,14 +29,14 @@ extern crate std;
 
 mod conns;
 mod env;
-pub mod handles;
+mod handles;
 #[cfg(feature = "host")]
 pub mod host;
-pub mod memmap;
+mod memmap;
 mod memory;
-pub mod mm;
+mod mm;
 mod service;
-pub mod stress;
+mod stress;
 
 pub use env::{BlockDevice, DeviceDma, DirectEnv, Env, Transfer, SECTOR};
 pub use memmap::MapSnapshot;

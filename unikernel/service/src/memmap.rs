@@ -18,7 +18,7 @@ use memd_wire::{
 
 mod runs;
 
-pub use runs::{Full, RunSink, RunWalk, SinkState};
+pub use runs::RunWalk;
 
 /// Most memory ranges, reservations and zones a snapshot keeps.
 pub const MAP_MAX_RANGES: usize = 64;
