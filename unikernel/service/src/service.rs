@@ -122,9 +122,8 @@ pub struct Service<M: Memory> {
 }
 
 impl<M: Memory> Service<M> {
-    /// A service with no connections.
-    /// A quota of more handles than a handle table holds
-    /// ([`MAX_HANDLES`]) is lowered to that.
+    /// A service with no connections. A quota of more handles than a
+    /// handle table holds (2^20) is lowered to that.
     pub fn new(mut config: Config) -> Self {
         config.quota.handles = config.quota.handles.min(MAX_HANDLES);
         Service {
