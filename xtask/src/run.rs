@@ -112,8 +112,22 @@ fn refuse_token_on_cmdline(cmdline: &str) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a port something already listens on (most often a memd left
+/// running): QEMU could not forward it, and fresh tokens written for the
+/// new guest would lock clients out of the old one.
+fn refuse_taken_port(port: u16) -> Result<()> {
+    if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+        bail!(
+            "127.0.0.1:{port} is taken (a memd still running? `cargo run -q -p memctl -- shutdown` stops it); \
+             choose another with --port"
+        );
+    }
+    Ok(())
+}
+
 pub fn run(args: &RunArgs) -> Result<()> {
     refuse_token_on_cmdline(&args.guest.cmdline)?;
+    refuse_taken_port(args.port)?;
     let kernel = crate::build::build_kernel()?;
     let (cfg, accel) = args.guest.config(kernel, "")?;
     eprintln!("xtask: accelerator {}: {}", accel.name(), accel.reason);
@@ -192,6 +206,16 @@ fn run_result(status: std::process::ExitStatus, selftest: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_in_use_is_refused_before_anything_is_written() {
+        let held = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = held.local_addr().unwrap().port();
+        let e = refuse_taken_port(port).unwrap_err().to_string();
+        assert!(e.contains("is taken"), "{e}");
+        drop(held);
+        refuse_taken_port(port).unwrap();
+    }
 
     #[test]
     fn a_qemu_killed_by_a_signal_fails_the_run() {
