@@ -489,7 +489,7 @@ fn contiguous_buffers_beyond_max_order_after_fragmentation() {
 fn small_dma_buffers_come_from_the_buddy_below_the_mask() {
     let mut mm = machine("");
     let b = mm.dma_alloc(10_000, 4096, DmaMask::Bits24).unwrap();
-    assert_eq!(b.source, DmaSource::Buddy { order: 2 });
+    assert_eq!((b.source, b.order), (DmaSource::Buddy, 2));
     assert_eq!(b.zone(), ZoneType::Dma);
     let c = mm.dma_alloc(4096, 64 << 10, DmaMask::Bits32).unwrap();
     assert_eq!(c.phys % (64 << 10), 0);

@@ -251,7 +251,7 @@ impl Memory for MemoryManager {
             phys: buf.phys,
             len: buf.len as u64,
             source: match buf.source {
-                memd_mm::DmaSource::Buddy { .. } => DmaSource::Buddy,
+                memd_mm::DmaSource::Buddy => DmaSource::Buddy,
                 memd_mm::DmaSource::Cma => DmaSource::Cma,
             },
         }
