@@ -15,8 +15,10 @@ use crate::frame::FrameState;
 use crate::memblock::PAGE_SIZE;
 use crate::MemoryManager;
 
-/// What a run of frames is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a run of frames is. Shared with the protocol: memd-wire's memory
+/// map (`MapRun`) carries it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum RunKind {
     /// Free blocks of this order on the buddy free lists.
     Free(u8),
@@ -35,6 +37,22 @@ pub enum RunKind {
     Reserved,
     /// Not memory the manager was given.
     Absent,
+}
+
+/// A short name for legends and tables ("free order 3", "slab", ...).
+impl core::fmt::Display for RunKind {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            RunKind::Free(o) => return write!(f, "free order {o}"),
+            RunKind::Pcp => "per-cpu free",
+            RunKind::Allocated => "allocated",
+            RunKind::Slab => "slab",
+            RunKind::Large => "kmalloc large",
+            RunKind::Pool => "mempool reserve",
+            RunKind::Reserved => "reserved",
+            RunKind::Absent => "not RAM",
+        })
+    }
 }
 
 /// `pages` frames of one kind starting at frame `start_pfn`.

@@ -4,7 +4,7 @@
 
 use crate::memblock::PAGE_SIZE;
 use crate::owner::{Owner, MAX_OWNERS};
-use crate::slab::{CacheCounters, Corruption};
+use crate::slab::{CacheCounters, CacheName, Corruption, SlabFlags};
 use crate::zone::{Watermarks, ZoneCounters, ZoneType, MAX_ORDER_LIMIT, NR_ZONES};
 use crate::MemoryManager;
 
@@ -78,29 +78,49 @@ impl CorruptionLog {
 }
 
 /// /proc/meminfo, in bytes.
+///
+/// Shared with the protocol: memd-wire re-exports this type and the
+/// service sends it as it is, so the order of the fields is the order of
+/// the bytes on the wire (memd-wire pins it in a test). A new field goes
+/// at the end.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct MemInfo {
     /// Memory the manager owns: managed zone pages plus the CMA region.
     pub total: u64,
-    /// Buddy free + pcp lists + CMA free.
+    /// Buddy free + per-CPU lists + CMA free.
     pub free: u64,
+    /// On the buddy free lists.
     pub buddy_free: u64,
+    /// On the per-CPU page lists.
     pub pcp: u64,
+    /// Pages held by slab caches.
     pub slab: u64,
     /// Objects parked in slab caches' per-CPU arrays and empty slabs:
     /// reclaimable on demand.
     pub slab_reclaimable: u64,
+    /// kmalloc allocations too large for the size classes, served straight
+    /// from the buddy.
     pub kmalloc_large: u64,
+    /// Pages charged to owners (all page allocations).
     pub pages_allocated: u64,
+    /// Idle mempool reserves.
     pub mempool_reserve: u64,
+    /// DMA buffers served by the buddy.
     pub dma_buddy: u64,
+    /// The contiguous-memory region.
     pub cma_total: u64,
+    /// Free in the contiguous-memory region.
     pub cma_free: u64,
+    /// Reserved at boot (kernel image, boot tables, frame table, CMA),
+    /// holes of the memory map excluded.
     pub reserved: u64,
+    /// The frame table (`struct page` array).
     pub frame_table: u64,
     /// The vmalloc window's size (0 without vmalloc).
     pub vmalloc_total: u64,
-    /// Pages mapped in vmalloc areas (guard pages are not).
+    /// Pages mapped in vmalloc areas (guard pages are not): the kernel
+    /// heap's large allocations.
     pub vmalloc_used: u64,
     /// The largest free range of the window: a vmalloc of up to this
     /// less its guard page finds room.
@@ -127,21 +147,36 @@ pub struct ZoneInfo {
 
 /// One line of /proc/slabinfo.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SlabInfo<'a> {
+pub struct SlabInfo {
+    /// The cache's id.
     pub id: u16,
-    pub name: &'a str,
+    /// Its name.
+    pub name: CacheName,
+    /// Objects in use.
     pub active_objs: u64,
+    /// Object slots in all slabs.
     pub num_objs: u64,
+    /// Object size as requested.
     pub objsize: u64,
+    /// Stride between objects (size plus alignment, red zone, free pointer).
     pub stride: u64,
+    /// Objects per slab.
     pub objperslab: u64,
+    /// Pages per slab.
     pub pagesperslab: u64,
+    /// Slabs with at least one object in use.
     pub active_slabs: u64,
+    /// All slabs.
     pub num_slabs: u64,
+    /// Free objects parked in the per-CPU array.
     pub array_avail: u64,
-    pub flags: u32,
+    /// Creation flags.
+    pub flags: SlabFlags,
+    /// Has a constructor.
     pub has_ctor: bool,
+    /// kmalloc's own cache (cannot be destroyed).
     pub builtin: bool,
+    /// Activity counters.
     pub counters: CacheCounters,
 }
 
@@ -257,12 +292,12 @@ impl MemoryManager {
         self.zoneinfo().map(|z| (z.zone, z.nr_free))
     }
 
-    pub fn slabinfo(&self) -> impl Iterator<Item = SlabInfo<'_>> {
+    pub fn slabinfo(&self) -> impl Iterator<Item = SlabInfo> + '_ {
         self.caches().map(|(id, c)| {
             let slabs = c.nr_slabs();
             SlabInfo {
                 id: id.0,
-                name: c.name(),
+                name: c.cache_name(),
                 active_objs: c.active_objects(),
                 num_objs: slabs * c.objs_per_slab as u64,
                 objsize: c.object_size as u64,
@@ -272,7 +307,7 @@ impl MemoryManager {
                 active_slabs: (c.partial.len + c.full.len) as u64,
                 num_slabs: slabs,
                 array_avail: c.ac.avail as u64,
-                flags: c.flags.0,
+                flags: c.flags,
                 has_ctor: c.ctor.is_some(),
                 builtin: c.builtin,
                 counters: c.counters,

@@ -97,8 +97,8 @@ pub(super) fn snapshot(mm: &mut MemoryManager, view: View, out: &mut MmStats) {
         View::Slabinfo => {
             for (slot, s) in out.slabs.iter_mut().zip(mm.slabinfo()) {
                 let mut name = [0u8; memd_mm::CACHE_NAME_LEN];
-                let n = s.name.len().min(name.len());
-                name[..n].copy_from_slice(&s.name.as_bytes()[..n]);
+                let n = s.name.as_str().len().min(name.len());
+                name[..n].copy_from_slice(&s.name.as_str().as_bytes()[..n]);
                 *slot = Some(SlabSnap {
                     name,
                     name_len: n,
@@ -110,7 +110,7 @@ pub(super) fn snapshot(mm: &mut MemoryManager, view: View, out: &mut MmStats) {
                     pagesperslab: s.pagesperslab,
                     active_slabs: s.active_slabs,
                     num_slabs: s.num_slabs,
-                    flags: s.flags,
+                    flags: s.flags.bits(),
                     has_ctor: s.has_ctor,
                     builtin: s.builtin,
                     counters: s.counters,
