@@ -214,3 +214,17 @@ impl MemoryManager {
         self.bytes_of(buf.virt, buf.span())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_bits_round_trip() {
+        for m in [DmaMask::Bits24, DmaMask::Bits32, DmaMask::Bits64] {
+            assert_eq!(DmaMask::from_bits(m.bits()), Some(m));
+        }
+        assert_eq!(DmaMask::from_bits(31), None);
+        assert_eq!(DmaMask::Bits32.limit(), DMA32_LIMIT);
+    }
+}

@@ -641,6 +641,31 @@ fn slab_order(stride: usize, max_order: u32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::string::ToString;
+
+    #[test]
+    fn flags_parse_and_print() {
+        assert_eq!(
+            SlabFlags::parse("SLAB_HWCACHE_ALIGN|poison"),
+            Some(SlabFlags::HWCACHE_ALIGN | SlabFlags::POISON)
+        );
+        assert_eq!(SlabFlags::parse("none"), Some(SlabFlags::NONE));
+        assert_eq!(SlabFlags::parse("gfp_poison"), None);
+        assert_eq!(
+            (SlabFlags::POISON | SlabFlags(1 << 9)).to_string(),
+            "POISON|0x200"
+        );
+        assert_eq!(SlabFlags::NONE.to_string(), "NONE");
+        assert_eq!(SlabFlags(1 << 9).unknown_bits(), 1 << 9);
+    }
+
+    #[test]
+    fn cache_name_is_cut_at_a_character_boundary() {
+        let long = "\u{e9}".repeat(CACHE_NAME_LEN);
+        let n = CacheName::new(&long);
+        assert_eq!(n.as_str(), &long[..CACHE_NAME_LEN]);
+        assert_eq!(CacheName::new("dentry").to_string(), "dentry");
+    }
 
     #[test]
     fn layout_puts_free_pointer_outside_when_contents_must_survive() {
