@@ -1,8 +1,14 @@
-//! Statistics views, as the wire carries them.
+//! Statistics views, as the wire carries them. Sizes are in bytes unless a
+//! field says pages.
 //!
-//! These are the protocol's own copies of the memory manager's views, so
-//! the protocol does not change when memd-mm's internals do; the service
-//! converts. Sizes are in bytes unless a field says pages.
+//! Where memd-mm's view carries the same information it is the wire's type
+//! too, re-exported here: [`MemInfo`], [`DmaSource`], and the parts the
+//! views below embed ([`Watermarks`], [`ZoneCounters`], [`CacheCounters`]).
+//! The other views are the wire's own, because they carry owned,
+//! display-ready data (zone and cache names as strings, lists as vectors);
+//! the service builds them from memd-mm's in one place. Their field order is
+//! their encoding: postcard writes a struct's fields, nested ones included,
+//! in order and without names.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -10,6 +16,9 @@ use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 use crate::flags::DmaMask;
+
+pub use memd_mm::stats::MemInfo;
+pub use memd_mm::{CacheCounters, DmaSource, Watermarks, ZoneCounters};
 
 /// A resource owned by one connection: pages, an object, a cache, a pool or
 /// a DMA buffer. Handles are never reused within a service's lifetime.
@@ -66,45 +75,6 @@ pub struct Status {
     pub loop_passes: Option<crate::LoopPasses>,
 }
 
-/// `/proc/meminfo`, in bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Meminfo {
-    /// Memory the manager owns: managed zone pages plus the CMA region.
-    pub total: u64,
-    /// Buddy free + per-CPU lists + CMA free.
-    pub free: u64,
-    /// On the buddy free lists.
-    pub buddy_free: u64,
-    /// On the per-CPU page lists.
-    pub pcp: u64,
-    /// Pages held by slab caches.
-    pub slab: u64,
-    /// Slab memory reclaimable on demand (per-CPU arrays, empty slabs).
-    pub slab_reclaimable: u64,
-    /// kmalloc allocations served straight from the buddy.
-    pub kmalloc_large: u64,
-    /// Pages charged to owners (all page allocations).
-    pub pages_allocated: u64,
-    /// Idle mempool reserves.
-    pub mempool_reserve: u64,
-    /// DMA buffers served by the buddy.
-    pub dma_buddy: u64,
-    /// Contiguous-memory region.
-    pub cma_total: u64,
-    /// Free in the contiguous-memory region.
-    pub cma_free: u64,
-    /// Reserved at boot (kernel image, boot tables, frame table, CMA).
-    pub reserved: u64,
-    /// Frame table (`struct page` array).
-    pub frame_table: u64,
-    /// The kernel's vmalloc window (0 where there is none).
-    pub vmalloc_total: u64,
-    /// Pages mapped in vmalloc areas: the kernel heap's large allocations.
-    pub vmalloc_used: u64,
-    /// Largest free range of the vmalloc window.
-    pub vmalloc_chunk: u64,
-}
-
 /// One zone of `/proc/zoneinfo`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ZoneInfo {
@@ -120,12 +90,8 @@ pub struct ZoneInfo {
     pub managed: u64,
     /// Free frames.
     pub free: u64,
-    /// `min` watermark, pages.
-    pub min: u64,
-    /// `low` watermark, pages.
-    pub low: u64,
-    /// `high` watermark, pages.
-    pub high: u64,
+    /// Watermarks, pages.
+    pub watermark: Watermarks,
     /// Pages held back per requesting zone.
     pub lowmem_reserve: Vec<u64>,
     /// Free blocks per order.
@@ -136,18 +102,8 @@ pub struct ZoneInfo {
     pub pcp_high: u64,
     /// Per-CPU list batch.
     pub pcp_batch: u64,
-    /// Successful allocations.
-    pub alloc_success: u64,
-    /// Failed allocations.
-    pub alloc_fail: u64,
-    /// Allocations served from the ATOMIC reserve.
-    pub atomic_reserve_used: u64,
-    /// Allocations that fell back to this zone.
-    pub fallback: u64,
-    /// Per-CPU list refills.
-    pub pcp_refill: u64,
-    /// Per-CPU list drains.
-    pub pcp_drain: u64,
+    /// Event counters.
+    pub counters: ZoneCounters,
 }
 
 /// One line of `/proc/buddyinfo`.
@@ -188,18 +144,8 @@ pub struct SlabInfo {
     pub has_ctor: bool,
     /// kmalloc's own cache (cannot be destroyed).
     pub builtin: bool,
-    /// Allocations.
-    pub allocs: u64,
-    /// Frees.
-    pub frees: u64,
-    /// Slabs added.
-    pub grows: u64,
-    /// Pages returned by shrinking.
-    pub pages_shrunk: u64,
-    /// Failed allocations.
-    pub alloc_fail: u64,
-    /// Corruptions found by the debug checks.
-    pub corruptions: u64,
+    /// Activity counters.
+    pub counters: CacheCounters,
 }
 
 /// One mempool.
@@ -273,15 +219,6 @@ pub struct ClientInfo {
     pub errors: u64,
     /// Its limits.
     pub quota: Option<Quota>,
-}
-
-/// Where a DMA buffer came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DmaSource {
-    /// The buddy allocator (fits an order).
-    Buddy,
-    /// The contiguous-memory region.
-    Cma,
 }
 
 /// A DMA buffer.

@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 
 use memd_mm::stats::{CmaInfo as MmCma, MemInfo, MempoolInfo as MmPool, ZoneInfo as MmZone};
 use memd_mm::MemoryManager;
-use memd_wire::{BuddyZone, CmaInfo, Meminfo, MempoolInfo, Reply, SlabFlags, SlabInfo, ZoneInfo};
+use memd_wire::{BuddyZone, CmaInfo, MempoolInfo, Reply, SlabFlags, SlabInfo, ZoneInfo};
 
 use crate::memory::View;
 
@@ -63,20 +63,13 @@ fn zone_info(z: &MmZone) -> ZoneInfo {
         spanned: z.end_pfn.saturating_sub(z.start_pfn),
         managed: z.managed,
         free: z.free,
-        min: z.watermark.min,
-        low: z.watermark.low,
-        high: z.watermark.high,
+        watermark: z.watermark,
         lowmem_reserve: z.lowmem_reserve.to_vec(),
         free_blocks: z.nr_free[..z.max_order as usize].to_vec(),
         pcp_count: z.pcp_count,
         pcp_high: z.pcp_high,
         pcp_batch: z.pcp_batch,
-        alloc_success: z.counters.alloc_success,
-        alloc_fail: z.counters.alloc_fail,
-        atomic_reserve_used: z.counters.atomic_reserve_used,
-        fallback: z.counters.fallback,
-        pcp_refill: z.counters.pcp_refill,
-        pcp_drain: z.counters.pcp_drain,
+        counters: z.counters,
     }
 }
 
@@ -129,28 +122,7 @@ pub(super) fn snapshot(mm: &mut MemoryManager, view: View, out: &mut MmStats) {
 /// The reply for `view` from the snapshot `s`.
 pub(super) fn render(view: View, s: &MmStats) -> Reply {
     match view {
-        View::Meminfo => {
-            let m = s.meminfo.unwrap_or_default();
-            Reply::Meminfo(Box::new(Meminfo {
-                total: m.total,
-                free: m.free,
-                buddy_free: m.buddy_free,
-                pcp: m.pcp,
-                slab: m.slab,
-                slab_reclaimable: m.slab_reclaimable,
-                kmalloc_large: m.kmalloc_large,
-                pages_allocated: m.pages_allocated,
-                mempool_reserve: m.mempool_reserve,
-                dma_buddy: m.dma_buddy,
-                cma_total: m.cma_total,
-                cma_free: m.cma_free,
-                reserved: m.reserved,
-                frame_table: m.frame_table,
-                vmalloc_total: m.vmalloc_total,
-                vmalloc_used: m.vmalloc_used,
-                vmalloc_chunk: m.vmalloc_chunk,
-            }))
-        }
+        View::Meminfo => Reply::Meminfo(Box::new(s.meminfo.unwrap_or_default())),
         View::Zoneinfo => Reply::Zoneinfo(s.zones.iter().flatten().map(zone_info).collect()),
         View::Buddyinfo => Reply::Buddyinfo(
             s.zones
@@ -181,12 +153,7 @@ pub(super) fn render(view: View, s: &MmStats) -> Reply {
                     flags: SlabFlags(c.flags),
                     has_ctor: c.has_ctor,
                     builtin: c.builtin,
-                    allocs: c.counters.allocs,
-                    frees: c.counters.frees,
-                    grows: c.counters.grows,
-                    pages_shrunk: c.counters.pages_shrunk,
-                    alloc_fail: c.counters.alloc_fail,
-                    corruptions: c.counters.corruptions,
+                    counters: c.counters,
                 })
                 .collect(),
         ),
