@@ -12,7 +12,7 @@ use crate::memory::{Backing, DmaFacts, MemError, Memory, Obj, View};
 
 mod stats;
 
-pub use stats::{MmStats, SlabSnap};
+pub use stats::MmStats;
 
 fn mm_err(e: MmError) -> MemError {
     let code = match e {
