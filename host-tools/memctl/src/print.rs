@@ -266,12 +266,12 @@ pub(crate) fn print_reply(r: &Reply) {
                 format!("{:#x}", c.base),
                 c.zone.clone(),
                 kb(c.total).to_string(),
-                kb(c.used).to_string(),
-                kb(c.free).to_string(),
-                kb(c.largest_free).to_string(),
-                c.buffers.to_string(),
-                c.allocs.to_string(),
-                c.failures.to_string(),
+                kb(c.usage.used).to_string(),
+                kb(c.usage.free).to_string(),
+                kb(c.usage.largest_free).to_string(),
+                c.usage.buffers.to_string(),
+                c.usage.allocs.to_string(),
+                c.usage.failures.to_string(),
             ]);
             println!("{t}");
         }

@@ -242,10 +242,10 @@ pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
             if s.cma.present {
                 format!(
                     "{}/{} in {} buffer(s), largest free {}",
-                    human(s.cma.used),
+                    human(s.cma.usage.used),
                     human(s.cma.total),
-                    s.cma.buffers,
-                    human(s.cma.largest_free)
+                    s.cma.usage.buffers,
+                    human(s.cma.usage.largest_free)
                 )
             } else {
                 "none".to_string()

@@ -172,7 +172,7 @@ pub struct CacheCounters {
 
 /// A cache's name, kept inline (at most [`CACHE_NAME_LEN`] bytes), so that
 /// views of the cache need not borrow it.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheName {
     bytes: [u8; CACHE_NAME_LEN],
     len: u8,

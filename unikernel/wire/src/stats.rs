@@ -2,13 +2,14 @@
 //! field says pages.
 //!
 //! Where memd-mm's view carries the same information it is the wire's type
-//! too, re-exported here: [`MemInfo`], [`DmaSource`], and the parts the
-//! views below embed ([`Watermarks`], [`ZoneCounters`], [`CacheCounters`]).
-//! The other views are the wire's own, because they carry owned,
-//! display-ready data (zone and cache names as strings, lists as vectors);
-//! the service builds them from memd-mm's in one place. Their field order is
-//! their encoding: postcard writes a struct's fields, nested ones included,
-//! in order and without names.
+//! too, re-exported here: [`MemInfo`], [`DmaSource`], [`SlabInfo`] (with
+//! the cache's name as a `String`), and the parts the views below embed
+//! ([`Watermarks`], [`ZoneCounters`], [`CacheCounters`], [`CmaUsage`]). The other views
+//! are the wire's own, because they carry owned, display-ready data (zone
+//! names as strings, per-order arrays as vectors, a pool's backing for
+//! humans); the service builds them from memd-mm's in one place. Field
+//! order is encoding: postcard writes a struct's fields, nested ones
+//! included, in order and without names.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -17,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::flags::DmaMask;
 
-pub use memd_mm::stats::MemInfo;
+pub use memd_mm::stats::{CmaUsage, MemInfo};
 pub use memd_mm::{CacheCounters, DmaSource, Watermarks, ZoneCounters};
 
 /// A resource owned by one connection: pages, an object, a cache, a pool or
@@ -117,36 +118,9 @@ pub struct BuddyZone {
     pub free: Vec<u64>,
 }
 
-/// One line of `/proc/slabinfo`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct SlabInfo {
-    /// Cache name.
-    pub name: String,
-    /// Objects in use.
-    pub active_objs: u64,
-    /// Object slots in all slabs.
-    pub num_objs: u64,
-    /// Object size as requested.
-    pub objsize: u64,
-    /// Stride between objects (size plus alignment and red zones).
-    pub stride: u64,
-    /// Objects per slab.
-    pub objperslab: u64,
-    /// Pages per slab.
-    pub pagesperslab: u64,
-    /// Slabs with at least one object in use.
-    pub active_slabs: u64,
-    /// All slabs.
-    pub num_slabs: u64,
-    /// SLAB_* flags.
-    pub flags: crate::SlabFlags,
-    /// Has a constructor.
-    pub has_ctor: bool,
-    /// kmalloc's own cache (cannot be destroyed).
-    pub builtin: bool,
-    /// Activity counters.
-    pub counters: CacheCounters,
-}
+/// One line of `/proc/slabinfo`: memd-mm's line with the cache's name as
+/// a `String`.
+pub type SlabInfo = memd_mm::stats::SlabInfo<String>;
 
 /// One mempool.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -184,18 +158,8 @@ pub struct CmaInfo {
     pub total: u64,
     /// The zone it lies in.
     pub zone: String,
-    /// Bytes in buffers.
-    pub used: u64,
-    /// Free bytes.
-    pub free: u64,
-    /// Largest free contiguous range.
-    pub largest_free: u64,
-    /// Live buffers.
-    pub buffers: u64,
-    /// Allocations made.
-    pub allocs: u64,
-    /// Allocations that failed.
-    pub failures: u64,
+    /// What is in it.
+    pub usage: CmaUsage,
 }
 
 /// One connection in the per-client view.

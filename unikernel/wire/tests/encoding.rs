@@ -1,13 +1,14 @@
 //! The bytes of the views whose types memd-mm defines.
 //!
-//! memd-wire carries memd-mm's [`MemInfo`], [`FaultAttr`], [`RunKind`],
-//! [`DmaSource`], [`DmaMask`], [`Gfp`], [`SlabFlags`] and the counters its
-//! own views embed as they are (docs/design-notes.md). postcard encodes a
-//! struct as its fields in order, without names, so reordering, retyping,
-//! adding or removing a field of one of those types in memd-mm changes the
-//! protocol. These tests pin the bytes: if one fails, the change to memd-mm
-//! is a change to the protocol, and wants a new `PROTOCOL_VERSION` (and the
-//! new bytes here).
+//! memd-wire carries memd-mm's [`MemInfo`], [`SlabInfo`] (with a `String`
+//! name), [`FaultAttr`], [`RunKind`], [`DmaSource`], [`DmaMask`], [`Gfp`],
+//! [`SlabFlags`], and the parts its own views embed ([`Watermarks`],
+//! [`ZoneCounters`], [`CacheCounters`], [`CmaUsage`]), as they are
+//! (docs/design-notes.md). postcard encodes a struct as its fields in
+//! order, without names, so reordering, retyping, adding or removing a
+//! field of one of those types in memd-mm changes the protocol. These tests
+//! pin the bytes: if one fails, the change to memd-mm is a change to the
+//! protocol, and wants a new `PROTOCOL_VERSION` (and the new bytes here).
 
 use memd_wire::*;
 
@@ -171,5 +172,27 @@ fn slabinfo() {
     assert_eq!(
         bytes(&s),
         [1, b'x', 1, 2, 3, 4, 5, 6, 7, 8, 2, 1, 0, 9, 10, 11, 12, 13, 14]
+    );
+}
+
+#[test]
+fn cma() {
+    let c = CmaInfo {
+        present: true,
+        base: 1,
+        total: 2,
+        zone: "DMA32".into(),
+        usage: CmaUsage {
+            used: 3,
+            free: 4,
+            largest_free: 5,
+            buffers: 6,
+            allocs: 7,
+            failures: 8,
+        },
+    };
+    assert_eq!(
+        bytes(&c),
+        [1, 1, 2, 5, b'D', b'M', b'A', b'3', b'2', 3, 4, 5, 6, 7, 8]
     );
 }

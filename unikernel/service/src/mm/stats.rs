@@ -3,11 +3,12 @@
 //! into the protocol's after.
 //!
 //! This is the one place where memd-mm's views become the wire's. `MemInfo`
-//! is one type on both sides and goes out as it is; the zone, cache and
-//! counter parts the wire's views embed are memd-mm's types too. What is
-//! built here is only the wire's owned, display-ready form: names as
-//! strings, per-order and per-zone arrays as vectors, a mempool's backing
-//! for humans, the CMA region's presence (docs/design-notes.md).
+//! is one type on both sides and goes out as it is, a slabinfo line only
+//! changes the form of its name, and the watermarks and counters the wire's
+//! zone view embeds are memd-mm's types too. What is built here is only the
+//! wire's owned, display-ready form: names as strings, per-order and
+//! per-zone arrays as vectors, a mempool's backing for humans, the CMA
+//! region's presence (docs/design-notes.md).
 
 use alloc::boxed::Box;
 use alloc::format;
@@ -49,7 +50,7 @@ pub(super) fn snapshot(mm: &mut MemoryManager, view: View, out: &mut MmStats) {
         View::Meminfo => out.meminfo = Some(mm.meminfo()),
         View::Zoneinfo | View::Buddyinfo => out.zones = Some(mm.zoneinfo()),
         View::Slabinfo => {
-            for (slot, s) in out.slabs.iter_mut().zip(mm.slabinfo()) {
+            for (slot, (_, s)) in out.slabs.iter_mut().zip(mm.slabinfo()) {
                 *slot = Some(s);
             }
         }
@@ -113,21 +114,7 @@ fn buddy(z: &mm::ZoneInfo) -> BuddyZone {
 }
 
 fn slab(c: &mm::SlabInfo) -> SlabInfo {
-    SlabInfo {
-        name: c.name.as_str().to_string(),
-        active_objs: c.active_objs,
-        num_objs: c.num_objs,
-        objsize: c.objsize,
-        stride: c.stride,
-        objperslab: c.objperslab,
-        pagesperslab: c.pagesperslab,
-        active_slabs: c.active_slabs,
-        num_slabs: c.num_slabs,
-        flags: c.flags,
-        has_ctor: c.has_ctor,
-        builtin: c.builtin,
-        counters: c.counters,
-    }
+    c.with_name(c.name.as_str().to_string())
 }
 
 /// A pool's backing for humans: "cache 3", "kmalloc 256", "pages order 2".
@@ -160,11 +147,6 @@ fn cma(c: &mm::CmaInfo) -> CmaInfo {
         base: c.base,
         total: c.size,
         zone: c.zone.name().to_string(),
-        used: c.used,
-        free: c.free,
-        largest_free: c.largest_free,
-        buffers: c.buffers,
-        allocs: c.allocs,
-        failures: c.failures,
+        usage: c.usage,
     }
 }

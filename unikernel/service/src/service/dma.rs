@@ -68,7 +68,7 @@ impl<M: Memory> Service<M> {
                         "no free {} contiguous below the {}-bit mask: the DMA reservation's largest free range is {}",
                         size(len),
                         mask.bits(),
-                        size(c.largest_free)
+                        size(c.usage.largest_free)
                     )
                 } else {
                     format!(
