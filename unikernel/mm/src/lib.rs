@@ -82,9 +82,11 @@ mod pcp;
 mod prandom;
 mod slab;
 // Public as a namespace: its types are the Linux views (`stats::MemInfo`
-// is /proc/meminfo, `stats::ZoneInfo` one zone of /proc/zoneinfo, ...),
-// and memd-wire has types of the same names (`ZoneInfo`, `CmaInfo`, ...)
-// that the service converts these into, so callers name them by module.
+// is /proc/meminfo, `stats::ZoneInfo` one zone of /proc/zoneinfo, ...).
+// memd-wire carries some of them as they are (`MemInfo`, `SlabInfo`) and
+// has its own types of the same names for the others (`ZoneInfo`,
+// `CmaInfo`, ...), which the service builds from these, so callers name
+// them by module (docs/design-notes.md).
 pub mod stats;
 mod vmalloc;
 mod zone;

@@ -1,6 +1,10 @@
 //! Statistics as typed values: the views kernel engineers already read
 //! (/proc/meminfo, /proc/zoneinfo, /proc/buddyinfo, /proc/slabinfo) plus
 //! mempools, CMA and per-owner usage.
+//!
+//! The protocol carries [`MemInfo`], [`SlabInfo`] and [`CmaUsage`] as
+//! they are (feature `serde`): their field order is the order of the bytes
+//! on the wire, pinned by memd-wire's `tests/encoding.rs`.
 
 use crate::memblock::PAGE_SIZE;
 use crate::owner::{Owner, MAX_OWNERS};
