@@ -4,12 +4,12 @@
 //! Where memd-mm's view carries the same information it is the wire's type
 //! too, re-exported here: [`MemInfo`], [`DmaSource`], [`SlabInfo`] (with
 //! the cache's name as a `String`), and the parts the views below embed
-//! ([`Watermarks`], [`ZoneCounters`], [`CacheCounters`], [`CmaUsage`]). The other views
-//! are the wire's own, because they carry owned, display-ready data (zone
-//! names as strings, per-order arrays as vectors, a pool's backing for
-//! humans); the service builds them from memd-mm's in one place. Field
-//! order is encoding: postcard writes a struct's fields, nested ones
-//! included, in order and without names.
+//! ([`Watermarks`], [`ZoneCounters`], [`CacheCounters`], [`CmaUsage`]).
+//! The other views are the wire's own, because they carry owned,
+//! display-ready data (zone names as strings, per-order arrays as vectors,
+//! a pool's backing for humans); the service builds them from memd-mm's in
+//! one place. Field order is encoding: postcard writes a struct's fields,
+//! nested ones included, in order and without names.
 
 use alloc::string::String;
 use alloc::vec::Vec;
