@@ -473,7 +473,7 @@ impl Client {
     view!(/// Service status.
         status, Status, Status, Status);
     view!(/// `/proc/meminfo`.
-        meminfo, Meminfo, Meminfo, Meminfo);
+        meminfo, Meminfo, Meminfo, MemInfo);
     view!(/// `/proc/zoneinfo`.
         zoneinfo, Zoneinfo, Zoneinfo, Vec<ZoneInfo>);
     view!(/// `/proc/buddyinfo`.

@@ -16,7 +16,7 @@
 
 use std::fmt::Write as _;
 
-use memd_wire::{MapKind, MemMap};
+use memd_wire::{MemMap, RunKind};
 
 /// Picture width in pixels.
 pub const DEFAULT_WIDTH: u32 = 1200;
@@ -115,9 +115,9 @@ impl Axis {
 
 /// A colour per kind: free blocks from pale (order 0, fragmented) to deep
 /// green (the largest orders).
-pub fn color(kind: MapKind, max_order: u32) -> String {
+pub fn color(kind: RunKind, max_order: u32) -> String {
     match kind {
-        MapKind::Free(o) => {
+        RunKind::Free(o) => {
             let t = o as f64 / (max_order.max(2) - 1) as f64;
             let t = t.clamp(0.0, 1.0);
             // #d9f2d0 → #1b7f3b
@@ -129,13 +129,13 @@ pub fn color(kind: MapKind, max_order: u32) -> String {
                 lerp(208.0, 59.0)
             )
         }
-        MapKind::Pcp => "#b7e4f9".into(),
-        MapKind::Allocated => "#3b6fd6".into(),
-        MapKind::Slab => "#f08c2e".into(),
-        MapKind::Large => "#9b59b6".into(),
-        MapKind::Pool => "#e5c22b".into(),
-        MapKind::Reserved => "#7f7f7f".into(),
-        MapKind::Absent => "#ffffff".into(),
+        RunKind::Pcp => "#b7e4f9".into(),
+        RunKind::Allocated => "#3b6fd6".into(),
+        RunKind::Slab => "#f08c2e".into(),
+        RunKind::Large => "#9b59b6".into(),
+        RunKind::Pool => "#e5c22b".into(),
+        RunKind::Reserved => "#7f7f7f".into(),
+        RunKind::Absent => "#ffffff".into(),
     }
 }
 
@@ -185,7 +185,7 @@ fn orders(map: &MemMap) -> u32 {
     map.runs
         .iter()
         .filter_map(|r| match r.kind {
-            MapKind::Free(o) => Some(o as u32 + 1),
+            RunKind::Free(o) => Some(o as u32 + 1),
             _ => None,
         })
         .max()
@@ -194,15 +194,15 @@ fn orders(map: &MemMap) -> u32 {
 }
 
 /// Bytes per kind over the whole map, in a fixed order for the legend.
-pub fn totals(map: &MemMap) -> Vec<(MapKind, u64)> {
-    let mut kinds: Vec<MapKind> = (0..orders(map) as u8).map(MapKind::Free).collect();
+pub fn totals(map: &MemMap) -> Vec<(RunKind, u64)> {
+    let mut kinds: Vec<RunKind> = (0..orders(map) as u8).map(RunKind::Free).collect();
     kinds.extend([
-        MapKind::Pcp,
-        MapKind::Allocated,
-        MapKind::Slab,
-        MapKind::Large,
-        MapKind::Pool,
-        MapKind::Reserved,
+        RunKind::Pcp,
+        RunKind::Allocated,
+        RunKind::Slab,
+        RunKind::Large,
+        RunKind::Pool,
+        RunKind::Reserved,
     ]);
     kinds
         .into_iter()
@@ -381,7 +381,7 @@ pub fn svg(map: &MemMap, width: u32) -> String {
         faxis.scale
     );
     for r in &map.runs {
-        if r.kind == MapKind::Absent {
+        if r.kind == RunKind::Absent {
             continue;
         }
         for (a, b, x, pw) in faxis.pieces(r.start, r.start + r.len) {
@@ -393,7 +393,7 @@ pub fn svg(map: &MemMap, width: u32) -> String {
                     y + row as f64 * (row_h + 2.0),
                     len,
                     color(r.kind, max_order),
-                    kind = r.kind.label(),
+                    kind = r.kind,
                     size = human(b - a),
                 );
             }
@@ -445,7 +445,7 @@ pub fn svg(map: &MemMap, width: u32) -> String {
         let lx = MARGIN + (i % cols) as f64 * col_w;
         let ly = y + (i / cols) as f64 * 18.0;
         let extra = match k {
-            MapKind::Free(o) => {
+            RunKind::Free(o) => {
                 let block = map.page_size << o;
                 format!(" ({} blocks)", bytes / block.max(1))
             }
@@ -454,11 +454,11 @@ pub fn svg(map: &MemMap, width: u32) -> String {
         let _ = writeln!(
             body,
             r##"<rect class="legend" data-kind="{}" x="{lx:.1}" y="{ly:.1}" width="12" height="12" fill="{}" stroke="#555" stroke-width="0.5"/><text x="{:.1}" y="{:.1}" font-size="11">{}: {}{}</text>"##,
-            k.label(),
+            k,
             color(*k, max_order),
             lx + 16.0,
             ly + 10.0,
-            k.label(),
+            k,
             human(*bytes),
             extra
         );
@@ -583,7 +583,7 @@ pub fn text(map: &MemMap) -> String {
     }
     for (k, b) in totals(map) {
         if b > 0 {
-            let _ = writeln!(s, "{:<16} {:>10}", k.label(), human(b));
+            let _ = writeln!(s, "{:<16} {:>10}", k, human(b));
         }
     }
     s

@@ -37,7 +37,7 @@ pub(crate) fn kb(b: u64) -> u64 {
     b / 1024
 }
 
-fn print_meminfo(m: &Meminfo) {
+fn print_meminfo(m: &MemInfo) {
     let rows = [
         ("MemTotal", m.total),
         ("MemFree", m.free),
@@ -66,9 +66,9 @@ fn print_zoneinfo(zones: &[ZoneInfo]) {
     for z in zones {
         println!("Node {}, zone {:>8}", z.node, z.name);
         println!("  pages free     {}", z.free);
-        println!("        min      {}", z.min);
-        println!("        low      {}", z.low);
-        println!("        high     {}", z.high);
+        println!("        min      {}", z.watermark.min);
+        println!("        low      {}", z.watermark.low);
+        println!("        high     {}", z.watermark.high);
         println!("        spanned  {}", z.spanned);
         println!("        managed  {}", z.managed);
         let lr: Vec<String> = z.lowmem_reserve.iter().map(|v| v.to_string()).collect();
@@ -80,12 +80,12 @@ fn print_zoneinfo(zones: &[ZoneInfo]) {
         println!("    count: {}", z.pcp_count);
         println!("    high:  {}", z.pcp_high);
         println!("    batch: {}", z.pcp_batch);
-        println!("  alloc_success {}", z.alloc_success);
-        println!("  alloc_fail    {}", z.alloc_fail);
-        println!("  atomic_reserve_used {}", z.atomic_reserve_used);
-        println!("  fallback      {}", z.fallback);
-        println!("  pcp_refill    {}", z.pcp_refill);
-        println!("  pcp_drain     {}", z.pcp_drain);
+        println!("  alloc_success {}", z.counters.alloc_success);
+        println!("  alloc_fail    {}", z.counters.alloc_fail);
+        println!("  atomic_reserve_used {}", z.counters.atomic_reserve_used);
+        println!("  fallback      {}", z.counters.fallback);
+        println!("  pcp_refill    {}", z.counters.pcp_refill);
+        println!("  pcp_drain     {}", z.counters.pcp_drain);
         println!("  start_pfn:    {}", z.start_pfn);
     }
 }
@@ -266,12 +266,12 @@ pub(crate) fn print_reply(r: &Reply) {
                 format!("{:#x}", c.base),
                 c.zone.clone(),
                 kb(c.total).to_string(),
-                kb(c.used).to_string(),
-                kb(c.free).to_string(),
-                kb(c.largest_free).to_string(),
-                c.buffers.to_string(),
-                c.allocs.to_string(),
-                c.failures.to_string(),
+                kb(c.usage.used).to_string(),
+                kb(c.usage.free).to_string(),
+                kb(c.usage.largest_free).to_string(),
+                c.usage.buffers.to_string(),
+                c.usage.allocs.to_string(),
+                c.usage.failures.to_string(),
             ]);
             println!("{t}");
         }

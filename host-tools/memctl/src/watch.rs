@@ -145,10 +145,14 @@ fn watermark_bar(z: &ZoneInfo, width: usize) -> Line<'static> {
     } else {
         ((((z.free + 1) as f64).ln() / top * width as f64).round() as usize).min(width)
     };
-    let (lo_c, low_c, hi_c) = (cell(z.min), cell(z.low), cell(z.high));
-    let color = if z.free <= z.min {
+    let (lo_c, low_c, hi_c) = (
+        cell(z.watermark.min),
+        cell(z.watermark.low),
+        cell(z.watermark.high),
+    );
+    let color = if z.free <= z.watermark.min {
         Color::Red
-    } else if z.free <= z.low {
+    } else if z.free <= z.watermark.low {
         Color::Yellow
     } else {
         Color::Green
@@ -238,10 +242,10 @@ pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
             if s.cma.present {
                 format!(
                     "{}/{} in {} buffer(s), largest free {}",
-                    human(s.cma.used),
+                    human(s.cma.usage.used),
                     human(s.cma.total),
-                    s.cma.buffers,
-                    human(s.cma.largest_free)
+                    s.cma.usage.buffers,
+                    human(s.cma.usage.largest_free)
                 )
             } else {
                 "none".to_string()
@@ -258,9 +262,9 @@ pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
             Row::new(vec![
                 Cell::from(z.name.clone()),
                 Cell::from(z.free.to_string()),
-                Cell::from(z.min.to_string()),
-                Cell::from(z.low.to_string()),
-                Cell::from(z.high.to_string()),
+                Cell::from(z.watermark.min.to_string()),
+                Cell::from(z.watermark.low.to_string()),
+                Cell::from(z.watermark.high.to_string()),
                 Cell::from(z.managed.to_string()),
                 Cell::from(watermark_bar(z, bar_w)),
             ])
@@ -328,7 +332,7 @@ pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
                 c.num_objs.to_string(),
                 c.objsize.to_string(),
                 (c.num_slabs * c.pagesperslab).to_string(),
-                c.allocs.to_string(),
+                c.counters.allocs.to_string(),
             ])
         })
         .collect();
@@ -490,9 +494,11 @@ mod tests {
             name: name.into(),
             managed,
             free,
-            min: managed / 20,
-            low: managed / 16,
-            high: managed / 12,
+            watermark: Watermarks {
+                min: managed / 20,
+                low: managed / 16,
+                high: managed / 12,
+            },
             free_blocks: vec![3, 1, 0, 2],
             ..Default::default()
         }

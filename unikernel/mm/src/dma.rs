@@ -11,16 +11,22 @@ use crate::memblock::PAGE_SIZE;
 use crate::zone::{ZoneType, DMA32_LIMIT, DMA_LIMIT};
 use crate::{access, MemoryManager, MmError};
 
-/// A device's addressing limit (`dma_set_mask`).
+/// A device's addressing limit (`dma_set_mask`): the address a DMA buffer
+/// must sit under. Shared with the protocol (memd-wire re-exports it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum DmaMask {
+    /// Below 16 MiB (ISA-style devices).
     Bits24,
+    /// Below 4 GiB.
     Bits32,
+    /// Anywhere.
     Bits64,
 }
 
 impl DmaMask {
-    pub fn from_bits(bits: u8) -> Option<DmaMask> {
+    /// The mask for a width of 24, 32 or 64 bits.
+    pub const fn from_bits(bits: u32) -> Option<DmaMask> {
         match bits {
             24 => Some(DmaMask::Bits24),
             32 => Some(DmaMask::Bits32),
@@ -29,7 +35,8 @@ impl DmaMask {
         }
     }
 
-    pub fn bits(self) -> u8 {
+    /// The mask width in bits.
+    pub const fn bits(self) -> u32 {
         match self {
             DmaMask::Bits24 => 24,
             DmaMask::Bits32 => 32,
@@ -38,7 +45,7 @@ impl DmaMask {
     }
 
     /// One past the highest address the device reaches.
-    pub fn limit(self) -> u64 {
+    pub const fn limit(self) -> u64 {
         match self {
             DmaMask::Bits24 => DMA_LIMIT,
             DmaMask::Bits32 => DMA32_LIMIT,
@@ -55,19 +62,31 @@ impl DmaMask {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where a DMA buffer came from. Shared with the protocol (memd-wire
+/// re-exports it); the buddy block's order is [`DmaBuffer::order`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum DmaSource {
-    Buddy { order: u32 },
+    /// The buddy allocator: one block, when the request fits an order.
+    Buddy,
+    /// The contiguous-memory region (`memd.dma_reserve=`).
     Cma,
 }
 
 /// A DMA buffer: where the device sees it and where the CPU does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DmaBuffer {
+    /// Physical address, for the device.
     pub phys: u64,
+    /// Direct-map address, for the CPU.
     pub virt: usize,
+    /// Bytes asked for.
     pub len: usize,
+    /// Where it came from.
     pub source: DmaSource,
+    /// The order of the buddy block a [`DmaSource::Buddy`] buffer is (it
+    /// is freed as that block); 0 for a [`DmaSource::Cma`] buffer.
+    pub order: u32,
 }
 
 impl DmaBuffer {
@@ -79,7 +98,7 @@ impl DmaBuffer {
     /// from the reservation.
     pub fn span(&self) -> usize {
         match self.source {
-            DmaSource::Buddy { order } => (PAGE_SIZE as usize) << order,
+            DmaSource::Buddy => (PAGE_SIZE as usize) << self.order,
             DmaSource::Cma => self.len.next_multiple_of(PAGE_SIZE as usize),
         }
     }
@@ -129,7 +148,8 @@ impl MemoryManager {
                     phys,
                     virt,
                     len,
-                    source: DmaSource::Buddy { order },
+                    source: DmaSource::Buddy,
+                    order,
                 });
             }
         }
@@ -148,15 +168,16 @@ impl MemoryManager {
             virt,
             len,
             source: DmaSource::Cma,
+            order: 0,
         })
     }
 
     /// Frees a buffer from [`MemoryManager::dma_alloc`].
     pub fn dma_free(&mut self, buf: &DmaBuffer) -> Result<(), MmError> {
         match buf.source {
-            DmaSource::Buddy { order } => {
-                self.free_pages(buf.phys, order)?;
-                self.counters.dma_buddy_pages -= 1 << order;
+            DmaSource::Buddy => {
+                self.free_pages(buf.phys, buf.order)?;
+                self.counters.dma_buddy_pages -= 1 << buf.order;
             }
             DmaSource::Cma => {
                 let cma = self
@@ -191,5 +212,19 @@ impl MemoryManager {
             return Err(MmError::Invalid("dma: not a live buffer"));
         }
         self.bytes_of(buf.virt, buf.span())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_bits_round_trip() {
+        for m in [DmaMask::Bits24, DmaMask::Bits32, DmaMask::Bits64] {
+            assert_eq!(DmaMask::from_bits(m.bits()), Some(m));
+        }
+        assert_eq!(DmaMask::from_bits(31), None);
+        assert_eq!(DmaMask::Bits32.limit(), DMA32_LIMIT);
     }
 }

@@ -6,8 +6,11 @@
 
 use crate::Prandom;
 
-/// One fault attribute (`/sys/kernel/debug/fail_*`).
+/// One fault attribute (`/sys/kernel/debug/fail_*`): the rule as it
+/// stands, with its counters. Shared with the protocol (memd-wire
+/// re-exports it and reports both attributes in `FaultStatus`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct FaultAttr {
     /// Percent chance that an eligible call fails (0..=100).
     pub probability: u8,
@@ -22,6 +25,7 @@ pub struct FaultAttr {
 }
 
 impl FaultAttr {
+    /// An attribute that never fails anything.
     pub const fn disabled() -> Self {
         FaultAttr {
             probability: 0,
@@ -32,14 +36,16 @@ impl FaultAttr {
         }
     }
 
+    /// Whether the attribute may still fail a call.
     pub fn enabled(&self) -> bool {
         self.probability > 0 && self.times != 0
     }
 }
 
-/// Both attributes and the generator they draw from.
+/// Both attributes and the generator they draw from: the manager's fault
+/// injection state.
 #[derive(Clone, Copy, Debug)]
-pub struct FaultConfig {
+pub(crate) struct Faults {
     pub page: FaultAttr,
     pub slab: FaultAttr,
     /// Cached `page.enabled() || slab.enabled()` for the hot paths.
@@ -48,15 +54,15 @@ pub struct FaultConfig {
     rng: Prandom,
 }
 
-impl Default for FaultConfig {
+impl Default for Faults {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl FaultConfig {
+impl Faults {
     pub const fn new() -> Self {
-        FaultConfig {
+        Faults {
             page: FaultAttr::disabled(),
             slab: FaultAttr::disabled(),
             armed_page: false,

@@ -15,8 +15,10 @@ use crate::frame::FrameState;
 use crate::memblock::PAGE_SIZE;
 use crate::MemoryManager;
 
-/// What a run of frames is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a run of frames is. Shared with the protocol: memd-wire's memory
+/// map (`MapRun`) carries it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum RunKind {
     /// Free blocks of this order on the buddy free lists.
     Free(u8),
@@ -35,6 +37,33 @@ pub enum RunKind {
     Reserved,
     /// Not memory the manager was given.
     Absent,
+}
+
+/// A short name for legends and tables ("free order 3", "slab", ...); a
+/// width pads it.
+impl core::fmt::Display for RunKind {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.pad(match *self {
+            RunKind::Free(o) => {
+                // "free order " and the order's digits, on the stack.
+                let mut label = *b"free order 000";
+                let digits = 1 + (o >= 10) as usize + (o >= 100) as usize;
+                let mut n = o;
+                for d in label[11..11 + digits].iter_mut().rev() {
+                    *d = b'0' + n % 10;
+                    n /= 10;
+                }
+                return f.pad(core::str::from_utf8(&label[..11 + digits]).unwrap_or("free"));
+            }
+            RunKind::Pcp => "per-cpu free",
+            RunKind::Allocated => "allocated",
+            RunKind::Slab => "slab",
+            RunKind::Large => "kmalloc large",
+            RunKind::Pool => "mempool reserve",
+            RunKind::Reserved => "reserved",
+            RunKind::Absent => "not RAM",
+        })
+    }
 }
 
 /// `pages` frames of one kind starting at frame `start_pfn`.
@@ -183,6 +212,17 @@ mod tests {
 
     fn runs(mm: &MemoryManager) -> std::vec::Vec<FrameRun> {
         mm.frame_runs().collect()
+    }
+
+    #[test]
+    fn labels() {
+        use std::format;
+        assert_eq!(format!("{}", RunKind::Free(0)), "free order 0");
+        assert_eq!(format!("{}", RunKind::Free(10)), "free order 10");
+        assert_eq!(format!("{}", RunKind::Free(255)), "free order 255");
+        assert_eq!(format!("[{:<14}]", RunKind::Free(3)), "[free order 3  ]");
+        assert_eq!(format!("[{:>6}]", RunKind::Slab), "[  slab]");
+        assert_eq!(format!("{}", RunKind::Absent), "not RAM");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Get-free-page flags: what a request may do and where it may be served.
 
+use crate::flag_names;
 use crate::zone::ZoneType;
 
 /// A set of GFP flags, as in Linux's `gfp_t`.
@@ -8,8 +9,14 @@ use crate::zone::ZoneType;
 /// failing; `ATOMIC` never reclaims but may dip below the `min` watermark
 /// into the reserve kept for exactly such callers. A request with neither is
 /// Linux's `GFP_NOWAIT`: no reclaim and no reserve.
+///
+/// Shared with the protocol: memd-wire re-exports it and requests carry it
+/// as its `u32`, so a decoded `Gfp` may hold any bits. Whoever takes one
+/// from outside passes it through [`Gfp::from_bits`], which refuses unknown
+/// bits and the kernel's own [`Gfp::MEMALLOC`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Gfp(u32);
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Gfp(pub u32);
 
 impl Gfp {
     const RECLAIM: u32 = 1 << 0;
@@ -21,6 +28,19 @@ impl Gfp {
     const MEMALLOC_BIT: u32 = 1 << 6;
     /// Flags a request from outside (the wire) may carry.
     const ALL: u32 = (1 << 6) - 1;
+    /// Every flag with its name, MEMALLOC last.
+    const NAMES: &'static [(&'static str, Gfp)] = &[
+        ("KERNEL", Gfp::KERNEL),
+        ("ATOMIC", Gfp::ATOMIC),
+        ("DMA", Gfp::DMA),
+        ("DMA32", Gfp::DMA32),
+        ("ZERO", Gfp::ZERO),
+        ("NOWARN", Gfp::NOWARN),
+        ("MEMALLOC", Gfp::MEMALLOC),
+    ];
+    /// Every flag a request may carry, with its name (not MEMALLOC, which
+    /// is the kernel's own).
+    pub const NAMED: &'static [(&'static str, Gfp)] = Self::NAMES.split_at(Self::NAMES.len() - 1).0;
 
     /// Normal kernel allocation: may reclaim.
     pub const KERNEL: Gfp = Gfp(Self::RECLAIM);
@@ -42,11 +62,13 @@ impl Gfp {
     /// to keep answering them.
     pub const MEMALLOC: Gfp = Gfp(Self::MEMALLOC_BIT);
 
+    /// The raw bits.
     pub const fn bits(self) -> u32 {
         self.0
     }
 
-    /// Parses flags from the wire; unknown bits are rejected.
+    /// Flags from outside (the wire): `None` for unknown bits and for
+    /// MEMALLOC, which only the kernel may use.
     pub const fn from_bits(bits: u32) -> Option<Gfp> {
         if bits & !Self::ALL != 0 {
             None
@@ -55,6 +77,19 @@ impl Gfp {
         }
     }
 
+    /// Bits set here that no flag defines.
+    pub const fn unknown_bits(self) -> u32 {
+        self.0 & !(Self::ALL | Self::MEMALLOC_BIT)
+    }
+
+    /// Parses `"KERNEL|ZERO"`: names of [`Gfp::NAMED`], case-insensitive,
+    /// with or without `GFP_`, `|` or `,` separated (`NOWAIT` or nothing
+    /// for none), or a number. `None` for an unknown name.
+    pub fn parse(s: &str) -> Option<Gfp> {
+        flag_names::parse(s, Self::NAMED, Gfp::bits, "GFP_", "NOWAIT").map(Gfp)
+    }
+
+    /// Both sets' flags.
     pub const fn union(self, other: Gfp) -> Gfp {
         Gfp(self.0 | other.0)
     }
@@ -106,30 +141,47 @@ impl core::ops::BitOr for Gfp {
     }
 }
 
+/// Names `|` separated (`KERNEL|ZERO`), unknown bits in hex, `NOWAIT` for
+/// none.
+impl core::fmt::Display for Gfp {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        flag_names::write(f, self.0, Self::NAMES, Gfp::bits, "NOWAIT")
+    }
+}
+
 impl core::fmt::Debug for Gfp {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        let names = [
-            (Self::RECLAIM, "KERNEL"),
-            (Self::HIGH, "ATOMIC"),
-            (Self::ZONE_DMA, "DMA"),
-            (Self::ZONE_DMA32, "DMA32"),
-            (Self::ZERO_BIT, "ZERO"),
-            (Self::NOWARN_BIT, "NOWARN"),
-            (Self::MEMALLOC_BIT, "MEMALLOC"),
-        ];
-        let mut first = true;
-        for (bit, name) in names {
-            if self.0 & bit != 0 {
-                if !first {
-                    f.write_str("|")?;
-                }
-                f.write_str(name)?;
-                first = false;
-            }
-        }
-        if first {
-            f.write_str("NOWAIT")?;
-        }
-        Ok(())
+        core::fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::string::ToString;
+
+    #[test]
+    fn parse_and_print() {
+        assert_eq!(Gfp::parse("KERNEL|ZERO"), Some(Gfp::KERNEL | Gfp::ZERO));
+        assert_eq!(
+            Gfp::parse("gfp_atomic, dma32"),
+            Some(Gfp::ATOMIC | Gfp::DMA32)
+        );
+        assert_eq!(Gfp::parse("nowait"), Some(Gfp(0)));
+        assert_eq!(Gfp::parse("GFP_NOWAIT"), Some(Gfp(0)));
+        assert_eq!(Gfp::parse("0x3"), Some(Gfp(3)));
+        assert_eq!(Gfp::parse("BOGUS"), None);
+        assert_eq!(Gfp::parse("MEMALLOC"), None, "not a request's flag");
+        assert_eq!(Gfp::parse("gfp\u{e9}"), None, "no panic inside a character");
+        assert_eq!((Gfp::KERNEL | Gfp::ZERO).to_string(), "KERNEL|ZERO");
+        assert_eq!(Gfp(0).to_string(), "NOWAIT");
+        assert_eq!(
+            (Gfp::MEMALLOC | Gfp(1 << 20)).to_string(),
+            "MEMALLOC|0x100000"
+        );
+        assert_eq!(Gfp(1 << 20).unknown_bits(), 1 << 20);
+        assert_eq!(Gfp::MEMALLOC.unknown_bits(), 0);
+        assert_eq!(Gfp::from_bits(Gfp::MEMALLOC.bits()), None);
+        assert_eq!(Gfp::NAMED.len(), 6);
     }
 }

@@ -66,6 +66,7 @@ mod cmdline;
 mod dma;
 mod error;
 mod fault;
+mod flag_names;
 mod frame;
 mod frame_runs;
 mod gfp;
@@ -81,9 +82,11 @@ mod pcp;
 mod prandom;
 mod slab;
 // Public as a namespace: its types are the Linux views (`stats::MemInfo`
-// is /proc/meminfo, `stats::ZoneInfo` one zone of /proc/zoneinfo, ...),
-// and memd-wire has types of the same names (`ZoneInfo`, `CmaInfo`, ...)
-// that the service converts these into, so callers name them by module.
+// is /proc/meminfo, `stats::ZoneInfo` one zone of /proc/zoneinfo, ...).
+// memd-wire carries some of them as they are (`MemInfo`, `SlabInfo`) and
+// has its own types of the same names for the others (`ZoneInfo`,
+// `CmaInfo`, ...), which the service builds from these, so callers name
+// them by module (docs/design-notes.md).
 pub mod stats;
 mod vmalloc;
 mod zone;
@@ -96,7 +99,7 @@ pub use cma::{Cma, Extent};
 pub use cmdline::{DmaReserve, MmOptions};
 pub use dma::{DmaBuffer, DmaMask, DmaSource};
 pub use error::MmError;
-pub use fault::{FaultAttr, FaultConfig};
+pub use fault::FaultAttr;
 pub use frame::{Frame, FrameList, FrameListIter, FrameState, FRAME_DESCRIPTOR_BYTES};
 pub use frame_runs::{FrameRun, FrameRuns, RunKind};
 pub use gfp::Gfp;
@@ -107,8 +110,8 @@ pub use mempool::{Mempool, PoolBacking, PoolCounters, PoolElement, PoolId, MAX_P
 pub use owner::{Owner, MAX_OWNERS};
 pub use prandom::Prandom;
 pub use slab::{
-    CacheCounters, CacheId, Corruption, CorruptionKind, Ctor, KmemCache, SlabFlags, CACHE_NAME_LEN,
-    MAX_CACHES,
+    CacheCounters, CacheId, CacheName, Corruption, CorruptionKind, Ctor, KmemCache, SlabFlags,
+    CACHE_NAME_LEN, MAX_CACHES,
 };
 pub use vmalloc::{PgtableAlloc, VmallocArea, VmapOps};
 pub use zone::{Watermarks, ZoneCounters, ZoneType, DEFAULT_MAX_ORDER, MAX_ORDER_LIMIT, NR_ZONES};
@@ -147,7 +150,7 @@ pub struct MemoryManager {
     pub(crate) cma: Option<Cma>,
     pub(crate) vmalloc: vmalloc::Vmalloc,
     pub(crate) owners: owner::OwnerTable,
-    pub(crate) fault: FaultConfig,
+    pub(crate) fault: fault::Faults,
     pub(crate) counters: stats::MmCounters,
     pub(crate) corruption_log: stats::CorruptionLog,
     initialized: bool,
@@ -180,7 +183,7 @@ impl MemoryManager {
             cma: None,
             vmalloc: vmalloc::Vmalloc::new(),
             owners: owner::OwnerTable::new(),
-            fault: FaultConfig::new(),
+            fault: fault::Faults::new(),
             counters: stats::MmCounters::new(),
             corruption_log: stats::CorruptionLog::new(),
             initialized: false,

@@ -15,6 +15,7 @@ use crate::memblock::PAGE_SIZE;
 /// of each of 64 clients and then some. The table is inline (a cache is
 /// about 1 KiB), so this is its memory.
 pub const MAX_CACHES: usize = 128;
+/// Longest cache name kept (longer names are cut at a character boundary).
 pub const CACHE_NAME_LEN: usize = 32;
 /// Objects held in a cache's per-CPU array.
 pub const AC_LIMIT: usize = 120;
@@ -38,11 +39,15 @@ const NO_OBJECT: u16 = u16::MAX;
 /// come out of the cache already initialised (and must go back that way).
 pub type Ctor = fn(&mut [u8]);
 
-/// Cache creation flags (`SLAB_*`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Cache creation flags (`SLAB_*`). Shared with the protocol: memd-wire
+/// re-exports it, so a decoded `SlabFlags` may hold any bits; whoever takes
+/// one from outside passes it through [`SlabFlags::from_bits`].
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct SlabFlags(pub u32);
 
 impl SlabFlags {
+    /// No flag.
     pub const NONE: SlabFlags = SlabFlags(0);
     /// Align objects to cache lines (64 bytes).
     pub const HWCACHE_ALIGN: SlabFlags = SlabFlags(1 << 0);
@@ -51,7 +56,14 @@ impl SlabFlags {
     /// Guard each object with a red zone to catch overruns and double frees.
     pub const RED_ZONE: SlabFlags = SlabFlags(1 << 2);
     const ALL: u32 = 0b111;
+    /// Every flag, with its name.
+    pub const NAMED: &'static [(&'static str, SlabFlags)] = &[
+        ("HWCACHE_ALIGN", SlabFlags::HWCACHE_ALIGN),
+        ("POISON", SlabFlags::POISON),
+        ("RED_ZONE", SlabFlags::RED_ZONE),
+    ];
 
+    /// Flags from outside (the wire): `None` for unknown bits.
     pub const fn from_bits(bits: u32) -> Option<SlabFlags> {
         if bits & !Self::ALL != 0 {
             None
@@ -60,16 +72,51 @@ impl SlabFlags {
         }
     }
 
+    /// The raw bits.
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// Bits set here that no flag defines.
+    pub const fn unknown_bits(self) -> u32 {
+        self.0 & !Self::ALL
+    }
+
+    /// Parses `"HWCACHE_ALIGN|POISON"`: names of [`SlabFlags::NAMED`],
+    /// case-insensitive, with or without `SLAB_`, `|` or `,` separated
+    /// (`NONE` or nothing for none), or a number. `None` for an unknown
+    /// name.
+    pub fn parse(s: &str) -> Option<SlabFlags> {
+        crate::flag_names::parse(s, Self::NAMED, SlabFlags::bits, "SLAB_", "NONE").map(SlabFlags)
+    }
+
+    /// Whether every flag of `other` is set.
     pub const fn contains(self, other: SlabFlags) -> bool {
         self.0 & other.0 == other.0
     }
 
+    /// Both sets' flags.
     pub const fn union(self, other: SlabFlags) -> SlabFlags {
         SlabFlags(self.0 | other.0)
     }
 
+    /// Whether objects are checked on every free (poison or red zone).
     pub const fn is_debug(self) -> bool {
         self.0 & (Self::POISON.0 | Self::RED_ZONE.0) != 0
+    }
+}
+
+/// Names `|` separated (`POISON|RED_ZONE`), unknown bits in hex, `NONE` for
+/// none.
+impl core::fmt::Display for SlabFlags {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        crate::flag_names::write(f, self.0, Self::NAMED, SlabFlags::bits, "NONE")
+    }
+}
+
+impl core::fmt::Debug for SlabFlags {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        core::fmt::Display::fmt(self, f)
     }
 }
 
@@ -104,15 +151,64 @@ pub struct Corruption {
     pub offset: usize,
 }
 
-/// Counters per cache (slabinfo's columns plus activity).
+/// Counters per cache (slabinfo's columns plus activity). Shared with the
+/// protocol: memd-wire's `SlabInfo` carries it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct CacheCounters {
+    /// Allocations.
     pub allocs: u64,
+    /// Frees.
     pub frees: u64,
+    /// Slabs added.
     pub grows: u64,
+    /// Pages returned by shrinking.
     pub pages_shrunk: u64,
+    /// Failed allocations.
     pub alloc_fail: u64,
+    /// Corruptions found by the debug checks.
     pub corruptions: u64,
+}
+
+/// A cache's name, kept inline (at most [`CACHE_NAME_LEN`] bytes), so that
+/// views of the cache need not borrow it.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheName {
+    bytes: [u8; CACHE_NAME_LEN],
+    len: u8,
+}
+
+impl CacheName {
+    /// `name`, cut at a character boundary to fit.
+    pub fn new(name: &str) -> CacheName {
+        let mut n = name.len().min(CACHE_NAME_LEN);
+        while !name.is_char_boundary(n) {
+            n -= 1;
+        }
+        let mut bytes = [0; CACHE_NAME_LEN];
+        bytes[..n].copy_from_slice(&name.as_bytes()[..n]);
+        CacheName {
+            bytes,
+            len: n as u8,
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("?")
+    }
+}
+
+impl core::fmt::Display for CacheName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl core::fmt::Debug for CacheName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        core::fmt::Debug::fmt(self.as_str(), f)
+    }
 }
 
 pub(crate) struct ArrayCache {
@@ -121,8 +217,7 @@ pub(crate) struct ArrayCache {
 }
 
 pub struct KmemCache {
-    name: [u8; CACHE_NAME_LEN],
-    name_len: usize,
+    name: CacheName,
     pub object_size: usize,
     pub align: usize,
     /// Distance between objects in a slab (object + red zone + free pointer,
@@ -193,9 +288,8 @@ impl KmemCache {
         let stride = offset.next_multiple_of(align);
         let order = slab_order(stride, max_order)?;
         let objs = ((PAGE_SIZE as usize) << order) / stride;
-        let mut cache = KmemCache {
-            name: [0; CACHE_NAME_LEN],
-            name_len: 0,
+        Some(KmemCache {
+            name: CacheName::new(name),
             object_size: size,
             align,
             stride,
@@ -215,18 +309,16 @@ impl KmemCache {
             },
             counters: CacheCounters::default(),
             builtin: false,
-        };
-        let mut n = name.len().min(CACHE_NAME_LEN);
-        while !name.is_char_boundary(n) {
-            n -= 1;
-        }
-        cache.name[..n].copy_from_slice(&name.as_bytes()[..n]);
-        cache.name_len = n;
-        Some(cache)
+        })
     }
 
     pub fn name(&self) -> &str {
-        core::str::from_utf8(&self.name[..self.name_len]).unwrap_or("?")
+        self.name.as_str()
+    }
+
+    /// The name, by value (for views that outlive the borrow).
+    pub fn cache_name(&self) -> CacheName {
+        self.name
     }
 
     pub fn slab_bytes(&self) -> usize {
@@ -549,6 +641,31 @@ fn slab_order(stride: usize, max_order: u32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::string::ToString;
+
+    #[test]
+    fn flags_parse_and_print() {
+        assert_eq!(
+            SlabFlags::parse("SLAB_HWCACHE_ALIGN|poison"),
+            Some(SlabFlags::HWCACHE_ALIGN | SlabFlags::POISON)
+        );
+        assert_eq!(SlabFlags::parse("none"), Some(SlabFlags::NONE));
+        assert_eq!(SlabFlags::parse("gfp_poison"), None);
+        assert_eq!(
+            (SlabFlags::POISON | SlabFlags(1 << 9)).to_string(),
+            "POISON|0x200"
+        );
+        assert_eq!(SlabFlags::NONE.to_string(), "NONE");
+        assert_eq!(SlabFlags(1 << 9).unknown_bits(), 1 << 9);
+    }
+
+    #[test]
+    fn cache_name_is_cut_at_a_character_boundary() {
+        let long = "\u{e9}".repeat(CACHE_NAME_LEN);
+        let n = CacheName::new(&long);
+        assert_eq!(n.as_str(), &long[..CACHE_NAME_LEN]);
+        assert_eq!(CacheName::new("dentry").to_string(), "dentry");
+    }
 
     #[test]
     fn layout_puts_free_pointer_outside_when_contents_must_survive() {

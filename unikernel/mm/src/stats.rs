@@ -1,10 +1,14 @@
 //! Statistics as typed values: the views kernel engineers already read
 //! (/proc/meminfo, /proc/zoneinfo, /proc/buddyinfo, /proc/slabinfo) plus
 //! mempools, CMA and per-owner usage.
+//!
+//! The protocol carries [`MemInfo`], [`SlabInfo`] and [`CmaUsage`] as
+//! they are (feature `serde`): their field order is the order of the bytes
+//! on the wire, pinned by memd-wire's `tests/encoding.rs`.
 
 use crate::memblock::PAGE_SIZE;
 use crate::owner::{Owner, MAX_OWNERS};
-use crate::slab::{CacheCounters, Corruption};
+use crate::slab::{CacheCounters, CacheId, CacheName, Corruption, SlabFlags};
 use crate::zone::{Watermarks, ZoneCounters, ZoneType, MAX_ORDER_LIMIT, NR_ZONES};
 use crate::MemoryManager;
 
@@ -78,29 +82,49 @@ impl CorruptionLog {
 }
 
 /// /proc/meminfo, in bytes.
+///
+/// Shared with the protocol: memd-wire re-exports this type and the
+/// service sends it as it is, so the order of the fields is the order of
+/// the bytes on the wire (memd-wire pins it in a test). A new field goes
+/// at the end.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct MemInfo {
     /// Memory the manager owns: managed zone pages plus the CMA region.
     pub total: u64,
-    /// Buddy free + pcp lists + CMA free.
+    /// Buddy free + per-CPU lists + CMA free.
     pub free: u64,
+    /// On the buddy free lists.
     pub buddy_free: u64,
+    /// On the per-CPU page lists.
     pub pcp: u64,
+    /// Pages held by slab caches.
     pub slab: u64,
     /// Objects parked in slab caches' per-CPU arrays and empty slabs:
     /// reclaimable on demand.
     pub slab_reclaimable: u64,
+    /// kmalloc allocations too large for the size classes, served straight
+    /// from the buddy.
     pub kmalloc_large: u64,
+    /// Pages charged to owners (all page allocations).
     pub pages_allocated: u64,
+    /// Idle mempool reserves.
     pub mempool_reserve: u64,
+    /// DMA buffers served by the buddy.
     pub dma_buddy: u64,
+    /// The contiguous-memory region.
     pub cma_total: u64,
+    /// Free in the contiguous-memory region.
     pub cma_free: u64,
+    /// Reserved at boot (kernel image, boot tables, frame table, CMA),
+    /// holes of the memory map excluded.
     pub reserved: u64,
+    /// The frame table (`struct page` array).
     pub frame_table: u64,
     /// The vmalloc window's size (0 without vmalloc).
     pub vmalloc_total: u64,
-    /// Pages mapped in vmalloc areas (guard pages are not).
+    /// Pages mapped in vmalloc areas (guard pages are not): the kernel
+    /// heap's large allocations.
     pub vmalloc_used: u64,
     /// The largest free range of the window: a vmalloc of up to this
     /// less its guard page finds room.
@@ -125,24 +149,65 @@ pub struct ZoneInfo {
     pub counters: ZoneCounters,
 }
 
-/// One line of /proc/slabinfo.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SlabInfo<'a> {
-    pub id: u16,
-    pub name: &'a str,
+/// One line of /proc/slabinfo, generic over the form of the cache's name.
+///
+/// memd-mm's view ([`MemoryManager::slabinfo`]) holds the name inline, a
+/// [`CacheName`], so a snapshot needs no borrow of the manager; the
+/// protocol's (`memd_wire::SlabInfo`) is this type with a `String`, and
+/// [`SlabInfo::with_name`] turns one into the other. The order of the
+/// fields is the order of the bytes on the wire (memd-wire pins it in a
+/// test): a new field goes at the end.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct SlabInfo<Name = CacheName> {
+    /// The cache's name.
+    pub name: Name,
+    /// Objects in use.
     pub active_objs: u64,
+    /// Object slots in all slabs.
     pub num_objs: u64,
+    /// Object size as requested.
     pub objsize: u64,
+    /// Distance between objects in a slab: the size plus alignment, red
+    /// zone and an outside free pointer.
     pub stride: u64,
+    /// Objects per slab.
     pub objperslab: u64,
+    /// Pages per slab.
     pub pagesperslab: u64,
+    /// Slabs with at least one object in use.
     pub active_slabs: u64,
+    /// All slabs.
     pub num_slabs: u64,
-    pub array_avail: u64,
-    pub flags: u32,
+    /// `SLAB_*` creation flags.
+    pub flags: SlabFlags,
+    /// Has a constructor.
     pub has_ctor: bool,
+    /// kmalloc's own cache (cannot be destroyed).
     pub builtin: bool,
+    /// Activity counters.
     pub counters: CacheCounters,
+}
+
+impl<N> SlabInfo<N> {
+    /// The same line with the name in another form.
+    pub fn with_name<M>(self, name: M) -> SlabInfo<M> {
+        SlabInfo {
+            name,
+            active_objs: self.active_objs,
+            num_objs: self.num_objs,
+            objsize: self.objsize,
+            stride: self.stride,
+            objperslab: self.objperslab,
+            pagesperslab: self.pagesperslab,
+            active_slabs: self.active_slabs,
+            num_slabs: self.num_slabs,
+            flags: self.flags,
+            has_ctor: self.has_ctor,
+            builtin: self.builtin,
+            counters: self.counters,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,16 +223,35 @@ pub struct MempoolInfo {
     pub counters: crate::mempool::PoolCounters,
 }
 
+/// The contiguous-memory region: where it is and how it is used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CmaInfo {
+    /// First physical address.
     pub base: u64,
+    /// Bytes reserved.
     pub size: u64,
+    /// The zone it lies in.
     pub zone: ZoneType,
+    /// What is in it.
+    pub usage: CmaUsage,
+}
+
+/// How the contiguous-memory region is used, in bytes. Shared with the
+/// protocol: memd-wire's `CmaInfo` carries it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct CmaUsage {
+    /// In buffers.
     pub used: u64,
+    /// Free.
     pub free: u64,
+    /// The largest free contiguous range.
     pub largest_free: u64,
+    /// Live buffers.
     pub buffers: u64,
+    /// Allocations made.
     pub allocs: u64,
+    /// Allocations that failed.
     pub failures: u64,
 }
 
@@ -257,12 +341,12 @@ impl MemoryManager {
         self.zoneinfo().map(|z| (z.zone, z.nr_free))
     }
 
-    pub fn slabinfo(&self) -> impl Iterator<Item = SlabInfo<'_>> {
+    /// /proc/slabinfo: each cache's line, with its id.
+    pub fn slabinfo(&self) -> impl Iterator<Item = (CacheId, SlabInfo)> + '_ {
         self.caches().map(|(id, c)| {
             let slabs = c.nr_slabs();
-            SlabInfo {
-                id: id.0,
-                name: c.name(),
+            let line = SlabInfo {
+                name: c.cache_name(),
                 active_objs: c.active_objects(),
                 num_objs: slabs * c.objs_per_slab as u64,
                 objsize: c.object_size as u64,
@@ -271,12 +355,12 @@ impl MemoryManager {
                 pagesperslab: 1 << c.order,
                 active_slabs: (c.partial.len + c.full.len) as u64,
                 num_slabs: slabs,
-                array_avail: c.ac.avail as u64,
-                flags: c.flags.0,
+                flags: c.flags,
                 has_ctor: c.ctor.is_some(),
                 builtin: c.builtin,
                 counters: c.counters,
-            }
+            };
+            (id, line)
         })
     }
 
@@ -298,12 +382,14 @@ impl MemoryManager {
             base: c.base,
             size: c.pages * PAGE_SIZE,
             zone: c.zone,
-            used: c.used_pages * PAGE_SIZE,
-            free: c.free_pages() * PAGE_SIZE,
-            largest_free: c.largest_free(),
-            buffers: c.extents().len() as u64,
-            allocs: c.allocs,
-            failures: c.failures,
+            usage: CmaUsage {
+                used: c.used_pages * PAGE_SIZE,
+                free: c.free_pages() * PAGE_SIZE,
+                largest_free: c.largest_free(),
+                buffers: c.extents().len() as u64,
+                allocs: c.allocs,
+                failures: c.failures,
+            },
         })
     }
 

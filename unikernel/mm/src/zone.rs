@@ -65,11 +65,18 @@ impl ZoneType {
     }
 }
 
-/// Watermarks in pages (Linux's `pages_min/low/high`).
+/// Watermarks in pages (Linux's `pages_min/low/high`). Shared with the
+/// protocol: memd-wire's `ZoneInfo` carries it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Watermarks {
+    /// `min`: after reclaim a request may take the zone down to this; only
+    /// the kernel's own requests go below it (to a quarter of it).
     pub min: u64,
+    /// `low`: a first attempt keeps the zone above this (`min * 5/4`).
     pub low: u64,
+    /// `high` (`min * 3/2`), as Linux reports it; memd has no kswapd to
+    /// reclaim up to it.
     pub high: u64,
 }
 
@@ -83,15 +90,21 @@ pub enum Mark {
 }
 
 /// Event counters per zone (the interesting lines of /proc/vmstat).
+/// Shared with the protocol: memd-wire's `ZoneInfo` carries it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ZoneCounters {
+    /// Successful allocations.
     pub alloc_success: u64,
+    /// Failed allocations.
     pub alloc_fail: u64,
     /// Allocations served below `min` (ATOMIC reserve).
     pub atomic_reserve_used: u64,
     /// Allocations that fell back to this zone from a higher one.
     pub fallback: u64,
+    /// Per-CPU list refills from the buddy.
     pub pcp_refill: u64,
+    /// Per-CPU list drains back to the buddy.
     pub pcp_drain: u64,
 }
 

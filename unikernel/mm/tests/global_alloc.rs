@@ -22,7 +22,7 @@ fn std_collections_run_on_memd() {
     // allocates its message, which would wait on the held lock forever.
     let (used_slab, large, checked) = {
         let mm = MEMD.lock();
-        let used: u64 = mm.slabinfo().map(|s| s.active_objs).sum();
+        let used: u64 = mm.slabinfo().map(|(_, s)| s.active_objs).sum();
         (used, mm.meminfo().kmalloc_large, mm.check())
     };
     assert!(

@@ -127,7 +127,12 @@ fn kernel_requests_reclaim_slab_before_failing() {
     for o in objs {
         mm.cache_free(cache, o).unwrap();
     }
-    let held = mm.slabinfo().find(|s| s.id == cache.0).unwrap().num_slabs;
+    let held = mm
+        .slabinfo()
+        .find(|(id, _)| *id == cache)
+        .unwrap()
+        .1
+        .num_slabs;
     assert!(held > 0, "freed objects leave empty slabs behind");
     // Exhaust without reclaim: NOWAIT cannot get the slab memory back.
     let mut pages = fill_zone(&mut mm, Gfp::NOWAIT);
@@ -136,7 +141,11 @@ fn kernel_requests_reclaim_slab_before_failing() {
     assert!(mm.counters().reclaim_runs > before);
     assert!(mm.counters().reclaimed_pages > 0);
     assert_eq!(
-        mm.slabinfo().find(|s| s.id == cache.0).unwrap().num_slabs,
+        mm.slabinfo()
+            .find(|(id, _)| *id == cache)
+            .unwrap()
+            .1
+            .num_slabs,
         0
     );
     mm.check().unwrap();
@@ -478,7 +487,7 @@ fn contiguous_buffers_beyond_max_order_after_fragmentation() {
     mm.check().unwrap();
     mm.dma_free(&buf).unwrap();
     assert!(mm.dma_bytes(&buf).is_err(), "freed buffers are refused");
-    assert_eq!(mm.cma_info().unwrap().largest_free, 24 * MIB);
+    assert_eq!(mm.cma_info().unwrap().usage.largest_free, 24 * MIB);
     for p in kept {
         mm.free_pages(p, 0).unwrap();
     }
@@ -489,7 +498,7 @@ fn contiguous_buffers_beyond_max_order_after_fragmentation() {
 fn small_dma_buffers_come_from_the_buddy_below_the_mask() {
     let mut mm = machine("");
     let b = mm.dma_alloc(10_000, 4096, DmaMask::Bits24).unwrap();
-    assert_eq!(b.source, DmaSource::Buddy { order: 2 });
+    assert_eq!((b.source, b.order), (DmaSource::Buddy, 2));
     assert_eq!(b.zone(), ZoneType::Dma);
     let c = mm.dma_alloc(4096, 64 << 10, DmaMask::Bits32).unwrap();
     assert_eq!(c.phys % (64 << 10), 0);

@@ -42,7 +42,11 @@ impl HostService {
     /// fragmentation.
     pub fn available(&self) -> u64 {
         let m = self.mm.meminfo();
-        let live: u64 = self.mm.slabinfo().map(|s| s.active_objs * s.stride).sum();
+        let live: u64 = self
+            .mm
+            .slabinfo()
+            .map(|(_, s)| s.active_objs * s.stride)
+            .sum();
         m.free + m.slab - live
     }
 

@@ -11,8 +11,9 @@ use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 
+use memd_mm::FrameRun;
 use memd_wire::{
-    MapCma, MapDma, MapKind, MapRange, MapReservation, MapRun, MapZone, MemMap, MAX_MAP_DMA,
+    MapCma, MapDma, MapRange, MapReservation, MapRun, MapZone, MemMap, RunKind, MAX_MAP_DMA,
     MAX_MAP_RUNS,
 };
 
@@ -25,21 +26,10 @@ pub const MAP_MAX_RANGES: usize = 64;
 /// Most CMA extents a snapshot keeps.
 pub const MAP_MAX_EXTENTS: usize = 256;
 
-/// A run in pages, as the snapshot stores it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageRun {
-    /// First frame number.
-    pub start_pfn: u64,
-    /// Frames.
-    pub pages: u64,
-    /// What they are.
-    pub kind: MapKind,
-}
-
-const EMPTY_RUN: PageRun = PageRun {
+const EMPTY_RUN: FrameRun = FrameRun {
     start_pfn: 0,
     pages: 0,
-    kind: MapKind::Absent,
+    kind: RunKind::Absent,
 };
 
 /// A heap-free snapshot of the memory map. Every buffer is allocated by
@@ -72,7 +62,7 @@ pub struct MapSnapshot {
     /// Valid entries of `cma_extents`.
     pub nr_cma_extents: usize,
     /// Runs; `nr_runs` are valid.
-    pub runs: Vec<PageRun>,
+    pub runs: Vec<FrameRun>,
     /// Valid entries of `runs`.
     pub nr_runs: usize,
 }

@@ -205,7 +205,7 @@ pub trait Memory {
     /// to `take` (no heap allocation): a map is walked a window at a time,
     /// and `from` may fall inside a block after the table changed. Nothing
     /// by default.
-    fn memmap_runs(&mut self, from: u64, to: u64, take: &mut dyn FnMut(crate::memmap::PageRun)) {
+    fn memmap_runs(&mut self, from: u64, to: u64, take: &mut dyn FnMut(memd_mm::FrameRun)) {
         let _ = (from, to, take);
     }
     /// Set a fault-injection rule.

@@ -2,13 +2,12 @@
 
 use core::ptr::NonNull;
 
-use memd_mm::{CacheId, DmaBuffer, MemoryManager, MmError, Owner, PoolElement, PoolId};
+use memd_mm::{CacheId, DmaBuffer, FrameRun, MemoryManager, MmError, Owner, PoolElement, PoolId};
 use memd_wire::{
-    errno, Ctor, DmaMask, DmaSource, FaultConfig, FaultState, FaultStatus, FaultTarget, Gfp, Reply,
-    SlabFlags,
+    errno, Ctor, DmaMask, FaultConfig, FaultStatus, FaultTarget, Gfp, Reply, SlabFlags,
 };
 
-use crate::memmap::{MapSnapshot, PageRun, MAP_MAX_EXTENTS, MAP_MAX_RANGES};
+use crate::memmap::{MapSnapshot, MAP_MAX_EXTENTS, MAP_MAX_RANGES};
 use crate::memory::{Backing, DmaFacts, MemError, Memory, Obj, View};
 
 mod stats;
@@ -35,22 +34,10 @@ fn mm_err(e: MmError) -> MemError {
     }
 }
 
-fn gfp(g: Gfp) -> Result<memd_mm::Gfp, MemError> {
-    if g.unknown_bits() != 0 {
-        return Err(MemError::new(errno::EINVAL, "unknown GFP flag bits"));
-    }
-    let map = [
-        (Gfp::KERNEL, memd_mm::Gfp::KERNEL),
-        (Gfp::ATOMIC, memd_mm::Gfp::ATOMIC),
-        (Gfp::DMA, memd_mm::Gfp::DMA),
-        (Gfp::DMA32, memd_mm::Gfp::DMA32),
-        (Gfp::ZERO, memd_mm::Gfp::ZERO),
-        (Gfp::NOWARN, memd_mm::Gfp::NOWARN),
-    ];
-    Ok(map
-        .iter()
-        .filter(|(w, _)| g.contains(*w))
-        .fold(memd_mm::Gfp::NOWAIT, |acc, (_, m)| acc | *m))
+/// GFP flags from a request: unknown bits, and the kernel's own MEMALLOC,
+/// are refused.
+fn gfp(g: Gfp) -> Result<Gfp, MemError> {
+    Gfp::from_bits(g.bits()).ok_or(MemError::new(errno::EINVAL, "unknown GFP flag bits"))
 }
 
 fn ptr(addr: u64) -> Result<NonNull<u8>, MemError> {
@@ -141,7 +128,7 @@ impl Memory for MemoryManager {
         flags: SlabFlags,
         ctor: Ctor,
     ) -> Result<CacheId, MemError> {
-        let flags = memd_mm::SlabFlags::from_bits(flags.bits())
+        let flags = SlabFlags::from_bits(flags.bits())
             .ok_or(MemError::new(errno::EINVAL, "unknown slab flag bits"))?;
         let ctor = match ctor {
             Ctor::None => None,
@@ -238,11 +225,6 @@ impl Memory for MemoryManager {
             align
         };
         let align = usize::try_from(align).map_err(|_| too_big)?;
-        let mask = match mask {
-            DmaMask::Bits24 => memd_mm::DmaMask::Bits24,
-            DmaMask::Bits32 => memd_mm::DmaMask::Bits32,
-            DmaMask::Bits64 => memd_mm::DmaMask::Bits64,
-        };
         MemoryManager::dma_alloc_unzeroed(self, len, align, mask).map_err(mm_err)
     }
 
@@ -250,10 +232,7 @@ impl Memory for MemoryManager {
         DmaFacts {
             phys: buf.phys,
             len: buf.len as u64,
-            source: match buf.source {
-                memd_mm::DmaSource::Buddy { .. } => DmaSource::Buddy,
-                memd_mm::DmaSource::Cma => DmaSource::Cma,
-            },
+            source: buf.source,
         }
     }
 
@@ -313,25 +292,8 @@ impl Memory for MemoryManager {
         Ok(())
     }
 
-    fn memmap_runs(&mut self, from: u64, to: u64, take: &mut dyn FnMut(PageRun)) {
-        use memd_mm::RunKind;
-        use memd_wire::MapKind;
-        for r in self.frame_runs_in(from, to) {
-            take(PageRun {
-                start_pfn: r.start_pfn,
-                pages: r.pages,
-                kind: match r.kind {
-                    RunKind::Free(o) => MapKind::Free(o),
-                    RunKind::Pcp => MapKind::Pcp,
-                    RunKind::Allocated => MapKind::Allocated,
-                    RunKind::Slab => MapKind::Slab,
-                    RunKind::Large => MapKind::Large,
-                    RunKind::Pool => MapKind::Pool,
-                    RunKind::Reserved => MapKind::Reserved,
-                    RunKind::Absent => MapKind::Absent,
-                },
-            });
-        }
+    fn memmap_runs(&mut self, from: u64, to: u64, take: &mut dyn FnMut(FrameRun)) {
+        self.frame_runs_in(from, to).for_each(take);
     }
 
     fn check(&mut self) -> Result<(), (&'static str, u64)> {
@@ -351,17 +313,7 @@ impl Memory for MemoryManager {
     }
 
     fn faults(&self) -> FaultStatus {
-        let state = |a: memd_mm::FaultAttr| FaultState {
-            probability: a.probability,
-            interval: a.interval,
-            times: a.times,
-            calls: a.calls,
-            injected: a.injected,
-        };
-        let (page, slab) = MemoryManager::faults(self);
-        FaultStatus {
-            slab: state(slab),
-            pages: state(page),
-        }
+        let (pages, slab) = MemoryManager::faults(self);
+        FaultStatus { slab, pages }
     }
 }

@@ -112,7 +112,7 @@ fn map_shows_zones_reservations_cma_and_buffers() {
     assert!(base
         .runs
         .iter()
-        .any(|r| r.kind == MapKind::Absent && r.start <= 64 << 20 && r.start + r.len >= 4 << 30));
+        .any(|r| r.kind == RunKind::Absent && r.start <= 64 << 20 && r.start + r.len >= 4 << 30));
 
     // A large DMA buffer lands in CMA; a small one in the buddy.
     let big = match h.ok(
@@ -178,13 +178,13 @@ fn map_shows_zones_reservations_cma_and_buffers() {
     want.sort_by_key(|w| w.0);
     assert_eq!(phys, want);
     // The buddy-served buffer is allocated memory in the map.
-    assert!(m.runs.iter().any(|r| r.kind == MapKind::Allocated
+    assert!(m.runs.iter().any(|r| r.kind == RunKind::Allocated
         && r.start <= small.phys
         && r.start + r.len >= small.phys + small.len));
     let slab = |m: &MemMap| -> u64 {
         m.runs
             .iter()
-            .filter(|r| r.kind == MapKind::Slab)
+            .filter(|r| r.kind == RunKind::Slab)
             .map(|r| r.len)
             .sum()
     };
@@ -319,13 +319,13 @@ fn a_map_walked_over_turns_covers_memory_while_it_changes() {
     let allocated: u64 = m
         .runs
         .iter()
-        .filter(|r| r.kind == MapKind::Allocated)
+        .filter(|r| r.kind == RunKind::Allocated)
         .map(|r| r.len)
         .sum();
     let before: u64 = whole
         .runs
         .iter()
-        .filter(|r| r.kind == MapKind::Allocated)
+        .filter(|r| r.kind == RunKind::Allocated)
         .map(|r| r.len)
         .sum();
     assert!(allocated > before, "{allocated} <= {before}");

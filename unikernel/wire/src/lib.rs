@@ -7,6 +7,12 @@
 //! - [`stats`]: the statistics views.
 //! - [`memmap`]: the physical memory map.
 //! - [`flags`]: GFP flags, slab flags, DMA masks.
+//!
+//! Where memd-mm's type carries what the wire does (`MemInfo`, `SlabInfo`,
+//! `FaultAttr`, `RunKind`, `DmaSource`, the flag sets, the counters the
+//! views embed) the wire carries memd-mm's, re-exported here; its field
+//! order is the protocol's, pinned by `tests/encoding.rs`
+//! (docs/design-notes.md).
 //! - [`error`]: errno-style [`WireError`]s (numbers from hermit-abi).
 //! - [`pattern`]: the DMA fill pattern and checksum, so clients can verify.
 //! - [`passes`]: how long the service loop's passes took.

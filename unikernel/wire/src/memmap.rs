@@ -14,48 +14,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::stats::{DmaSource, Handle};
 
+/// What a run of frames is: memd-mm's own type, which prints its label
+/// (`free order 3`, `slab`, ...).
+pub use memd_mm::RunKind;
+
 /// Most runs one map carries.
 pub const MAX_MAP_RUNS: usize = 8192;
 /// Most DMA buffers one map lists (the rest are counted in
 /// [`MemMap::dma_omitted`]).
 pub const MAX_MAP_DMA: usize = 4096;
-
-/// What a run of frames is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum MapKind {
-    /// Free buddy blocks of this order.
-    Free(u8),
-    /// Free pages on the per-CPU lists.
-    Pcp,
-    /// Pages from `alloc_pages` (also DMA buffers served by the buddy).
-    Allocated,
-    /// Slab pages.
-    Slab,
-    /// Large kmalloc allocations.
-    Large,
-    /// Mempool reserves.
-    Pool,
-    /// Reserved at boot (see [`MemMap::reservations`]).
-    Reserved,
-    /// Not RAM the manager was given.
-    Absent,
-}
-
-impl MapKind {
-    /// A short name for legends and tables.
-    pub fn label(self) -> String {
-        match self {
-            MapKind::Free(o) => alloc::format!("free order {o}"),
-            MapKind::Pcp => "per-cpu free".into(),
-            MapKind::Allocated => "allocated".into(),
-            MapKind::Slab => "slab".into(),
-            MapKind::Large => "kmalloc large".into(),
-            MapKind::Pool => "mempool reserve".into(),
-            MapKind::Reserved => "reserved".into(),
-            MapKind::Absent => "not RAM".into(),
-        }
-    }
-}
 
 /// `[start, start+len)` of one kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,7 +32,7 @@ pub struct MapRun {
     /// Bytes.
     pub len: u64,
     /// What it is.
-    pub kind: MapKind,
+    pub kind: RunKind,
 }
 
 /// A physical range `[start, end)`.
@@ -201,7 +168,7 @@ mod tests {
                 MapRun {
                     start: big,
                     len: big,
-                    kind: MapKind::Free(255),
+                    kind: RunKind::Free(255),
                 };
                 MAX_MAP_RUNS
             ],

@@ -117,28 +117,16 @@ pub struct FaultConfig {
 }
 
 /// One fault-injection rule as it stands, with its counters (Linux's
-/// `/sys/kernel/debug/fail*/` attributes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct FaultState {
-    /// Percent chance (0..=100) that an eligible allocation fails.
-    pub probability: u8,
-    /// Only every `interval`-th eligible allocation may fail.
-    pub interval: u32,
-    /// Failures left (-1 = no limit, 0 = off).
-    pub times: i64,
-    /// Allocations seen while the rule was armed.
-    pub calls: u64,
-    /// Failures injected since the rule was set.
-    pub injected: u64,
-}
+/// `/sys/kernel/debug/fail*/` attributes): memd-mm's own type.
+pub use memd_mm::FaultAttr;
 
 /// [`Op::Faults`]: both rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct FaultStatus {
     /// `failslab`.
-    pub slab: FaultState,
+    pub slab: FaultAttr,
     /// `fail_page_alloc`.
-    pub pages: FaultState,
+    pub pages: FaultAttr,
 }
 
 /// One operation.
@@ -445,7 +433,7 @@ pub enum Reply {
     /// [`Op::Status`].
     Status(Box<Status>),
     /// [`Op::Meminfo`].
-    Meminfo(Box<Meminfo>),
+    Meminfo(Box<MemInfo>),
     /// [`Op::Zoneinfo`].
     Zoneinfo(Vec<ZoneInfo>),
     /// [`Op::Buddyinfo`].

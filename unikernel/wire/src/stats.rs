@@ -1,8 +1,15 @@
-//! Statistics views, as the wire carries them.
+//! Statistics views, as the wire carries them. Sizes are in bytes unless a
+//! field says pages.
 //!
-//! These are the protocol's own copies of the memory manager's views, so
-//! the protocol does not change when memd-mm's internals do; the service
-//! converts. Sizes are in bytes unless a field says pages.
+//! Where memd-mm's view carries the same information it is the wire's type
+//! too, re-exported here: [`MemInfo`], [`DmaSource`], [`SlabInfo`] (with
+//! the cache's name as a `String`), and the parts the views below embed
+//! ([`Watermarks`], [`ZoneCounters`], [`CacheCounters`], [`CmaUsage`]).
+//! The other views are the wire's own, because they carry owned,
+//! display-ready data (zone names as strings, per-order arrays as vectors,
+//! a pool's backing for humans); the service builds them from memd-mm's in
+//! one place. Field order is encoding: postcard writes a struct's fields,
+//! nested ones included, in order and without names.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -10,6 +17,9 @@ use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 use crate::flags::DmaMask;
+
+pub use memd_mm::stats::{CmaUsage, MemInfo};
+pub use memd_mm::{CacheCounters, DmaSource, Watermarks, ZoneCounters};
 
 /// A resource owned by one connection: pages, an object, a cache, a pool or
 /// a DMA buffer. Handles are never reused within a service's lifetime.
@@ -66,45 +76,6 @@ pub struct Status {
     pub loop_passes: Option<crate::LoopPasses>,
 }
 
-/// `/proc/meminfo`, in bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Meminfo {
-    /// Memory the manager owns: managed zone pages plus the CMA region.
-    pub total: u64,
-    /// Buddy free + per-CPU lists + CMA free.
-    pub free: u64,
-    /// On the buddy free lists.
-    pub buddy_free: u64,
-    /// On the per-CPU page lists.
-    pub pcp: u64,
-    /// Pages held by slab caches.
-    pub slab: u64,
-    /// Slab memory reclaimable on demand (per-CPU arrays, empty slabs).
-    pub slab_reclaimable: u64,
-    /// kmalloc allocations served straight from the buddy.
-    pub kmalloc_large: u64,
-    /// Pages charged to owners (all page allocations).
-    pub pages_allocated: u64,
-    /// Idle mempool reserves.
-    pub mempool_reserve: u64,
-    /// DMA buffers served by the buddy.
-    pub dma_buddy: u64,
-    /// Contiguous-memory region.
-    pub cma_total: u64,
-    /// Free in the contiguous-memory region.
-    pub cma_free: u64,
-    /// Reserved at boot (kernel image, boot tables, frame table, CMA).
-    pub reserved: u64,
-    /// Frame table (`struct page` array).
-    pub frame_table: u64,
-    /// The kernel's vmalloc window (0 where there is none).
-    pub vmalloc_total: u64,
-    /// Pages mapped in vmalloc areas: the kernel heap's large allocations.
-    pub vmalloc_used: u64,
-    /// Largest free range of the vmalloc window.
-    pub vmalloc_chunk: u64,
-}
-
 /// One zone of `/proc/zoneinfo`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ZoneInfo {
@@ -120,12 +91,8 @@ pub struct ZoneInfo {
     pub managed: u64,
     /// Free frames.
     pub free: u64,
-    /// `min` watermark, pages.
-    pub min: u64,
-    /// `low` watermark, pages.
-    pub low: u64,
-    /// `high` watermark, pages.
-    pub high: u64,
+    /// Watermarks, pages.
+    pub watermark: Watermarks,
     /// Pages held back per requesting zone.
     pub lowmem_reserve: Vec<u64>,
     /// Free blocks per order.
@@ -136,18 +103,8 @@ pub struct ZoneInfo {
     pub pcp_high: u64,
     /// Per-CPU list batch.
     pub pcp_batch: u64,
-    /// Successful allocations.
-    pub alloc_success: u64,
-    /// Failed allocations.
-    pub alloc_fail: u64,
-    /// Allocations served from the ATOMIC reserve.
-    pub atomic_reserve_used: u64,
-    /// Allocations that fell back to this zone.
-    pub fallback: u64,
-    /// Per-CPU list refills.
-    pub pcp_refill: u64,
-    /// Per-CPU list drains.
-    pub pcp_drain: u64,
+    /// Event counters.
+    pub counters: ZoneCounters,
 }
 
 /// One line of `/proc/buddyinfo`.
@@ -161,46 +118,9 @@ pub struct BuddyZone {
     pub free: Vec<u64>,
 }
 
-/// One line of `/proc/slabinfo`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct SlabInfo {
-    /// Cache name.
-    pub name: String,
-    /// Objects in use.
-    pub active_objs: u64,
-    /// Object slots in all slabs.
-    pub num_objs: u64,
-    /// Object size as requested.
-    pub objsize: u64,
-    /// Stride between objects (size plus alignment and red zones).
-    pub stride: u64,
-    /// Objects per slab.
-    pub objperslab: u64,
-    /// Pages per slab.
-    pub pagesperslab: u64,
-    /// Slabs with at least one object in use.
-    pub active_slabs: u64,
-    /// All slabs.
-    pub num_slabs: u64,
-    /// SLAB_* flags.
-    pub flags: crate::SlabFlags,
-    /// Has a constructor.
-    pub has_ctor: bool,
-    /// kmalloc's own cache (cannot be destroyed).
-    pub builtin: bool,
-    /// Allocations.
-    pub allocs: u64,
-    /// Frees.
-    pub frees: u64,
-    /// Slabs added.
-    pub grows: u64,
-    /// Pages returned by shrinking.
-    pub pages_shrunk: u64,
-    /// Failed allocations.
-    pub alloc_fail: u64,
-    /// Corruptions found by the debug checks.
-    pub corruptions: u64,
-}
+/// One line of `/proc/slabinfo`: memd-mm's line with the cache's name as
+/// a `String`.
+pub type SlabInfo = memd_mm::stats::SlabInfo<String>;
 
 /// One mempool.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -238,18 +158,8 @@ pub struct CmaInfo {
     pub total: u64,
     /// The zone it lies in.
     pub zone: String,
-    /// Bytes in buffers.
-    pub used: u64,
-    /// Free bytes.
-    pub free: u64,
-    /// Largest free contiguous range.
-    pub largest_free: u64,
-    /// Live buffers.
-    pub buffers: u64,
-    /// Allocations made.
-    pub allocs: u64,
-    /// Allocations that failed.
-    pub failures: u64,
+    /// What is in it.
+    pub usage: CmaUsage,
 }
 
 /// One connection in the per-client view.
@@ -273,15 +183,6 @@ pub struct ClientInfo {
     pub errors: u64,
     /// Its limits.
     pub quota: Option<Quota>,
-}
-
-/// Where a DMA buffer came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DmaSource {
-    /// The buddy allocator (fits an order).
-    Buddy,
-    /// The contiguous-memory region.
-    Cma,
 }
 
 /// A DMA buffer.

@@ -93,10 +93,10 @@ pub(super) fn dma_disk_check(port: u16, token: &str) -> Result<(), String> {
             .filter(|b| matches!(b.owner, DmaOwner::Client { .. }))
             .count();
         let cma = c.cma().map_err(|e| format!("cma: {e}"))?;
-        if clients != 0 || cma.used != 0 || cma.buffers != 0 {
+        if clients != 0 || cma.usage.used != 0 || cma.usage.buffers != 0 {
             return Err(format!(
                 "after {what}: {clients} client buffer(s) listed, {} bytes of the reservation used",
-                cma.used
+                cma.usage.used
             ));
         }
         Ok(())

@@ -31,7 +31,7 @@ pub(crate) fn available(c: &mut Client) -> Result<u64> {
 
 /// meminfo and the live bytes of every slab cache, for diagnosis.
 pub(super) struct Snapshot {
-    pub meminfo: wire::Meminfo,
+    pub meminfo: wire::MemInfo,
     live: BTreeMap<String, u64>,
 }
 
@@ -51,8 +51,8 @@ impl Snapshot {
     fn diff(&self, later: &Snapshot) -> Vec<(String, u64, u64)> {
         let mut out = Vec::new();
         if let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) = (
-            serde_json::to_value(&self.meminfo),
-            serde_json::to_value(&later.meminfo),
+            serde_json::to_value(self.meminfo),
+            serde_json::to_value(later.meminfo),
         ) {
             for (k, va) in &a {
                 if let (Some(x), Some(y)) = (va.as_u64(), b.get(k).and_then(|v| v.as_u64())) {

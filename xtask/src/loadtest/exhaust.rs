@@ -260,8 +260,8 @@ pub(super) fn exhaust(
     fig.heap_growth_pages = kernel_now.saturating_sub(kernel_base) / page;
     for z in zones.iter().filter(|z| z.managed > 0) {
         let free = z.free + z.pcp_count;
-        fig.zones.push((z.name.clone(), free, z.min));
-        fig.reserve_deficit_pages += z.min.saturating_sub(free);
+        fig.zones.push((z.name.clone(), free, z.watermark.min));
+        fig.reserve_deficit_pages += z.watermark.min.saturating_sub(free);
     }
     // The kernel's use cannot be told apart per zone from outside (its
     // heap also gives back cached slabs when memory runs out), so what is
@@ -270,10 +270,10 @@ pub(super) fn exhaust(
     // may touch, and no client ATOMIC request was granted (above).
     for z in zones.iter().filter(|z| z.managed > 0) {
         let free = z.free + z.pcp_count;
-        if free < z.min / 4 {
+        if free < z.watermark.min / 4 {
             fig.problems.push(format!(
                 "zone {} has {} free pages, below a quarter of its min watermark {}: the reserve is gone",
-                z.name, free, z.min
+                z.name, free, z.watermark.min
             ));
         }
     }

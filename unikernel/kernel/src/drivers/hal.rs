@@ -110,16 +110,17 @@ fn dma_buffer(paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> DmaBuffer {
     let in_cma = mm
         .cma_info()
         .is_some_and(|c| paddr >= c.base && paddr < c.base + c.size);
-    let order = pages.next_power_of_two().trailing_zeros();
+    let (source, order) = if in_cma {
+        (DmaSource::Cma, 0)
+    } else {
+        (DmaSource::Buddy, pages.next_power_of_two().trailing_zeros())
+    };
     DmaBuffer {
         phys: paddr,
         virt: vaddr.as_ptr() as usize,
         len: pages * PAGE_SIZE as usize,
-        source: if in_cma {
-            DmaSource::Cma
-        } else {
-            DmaSource::Buddy { order }
-        },
+        source,
+        order,
     }
 }
 

@@ -4,37 +4,37 @@
 //! [`RunWalk`] takes the runs a window of frames at a time and picks the
 //! granule.
 
-use memd_wire::MapKind;
+use memd_wire::RunKind;
 
-use super::PageRun;
+use memd_mm::FrameRun;
 
-/// Number of distinct [`MapKind`]s a cell tally tells apart: free orders
+/// Number of distinct [`RunKind`]s a cell tally tells apart: free orders
 /// 0..32 and the seven other kinds.
 const KINDS: usize = 32 + 7;
 
-fn kind_index(k: MapKind) -> usize {
+fn kind_index(k: RunKind) -> usize {
     match k {
-        MapKind::Free(o) => (o as usize).min(31),
-        MapKind::Pcp => 32,
-        MapKind::Allocated => 33,
-        MapKind::Slab => 34,
-        MapKind::Large => 35,
-        MapKind::Pool => 36,
-        MapKind::Reserved => 37,
-        MapKind::Absent => 38,
+        RunKind::Free(o) => (o as usize).min(31),
+        RunKind::Pcp => 32,
+        RunKind::Allocated => 33,
+        RunKind::Slab => 34,
+        RunKind::Large => 35,
+        RunKind::Pool => 36,
+        RunKind::Reserved => 37,
+        RunKind::Absent => 38,
     }
 }
 
-fn kind_of(i: usize) -> MapKind {
+fn kind_of(i: usize) -> RunKind {
     match i {
-        0..=31 => MapKind::Free(i as u8),
-        32 => MapKind::Pcp,
-        33 => MapKind::Allocated,
-        34 => MapKind::Slab,
-        35 => MapKind::Large,
-        36 => MapKind::Pool,
-        37 => MapKind::Reserved,
-        _ => MapKind::Absent,
+        0..=31 => RunKind::Free(i as u8),
+        32 => RunKind::Pcp,
+        33 => RunKind::Allocated,
+        34 => RunKind::Slab,
+        35 => RunKind::Large,
+        36 => RunKind::Pool,
+        37 => RunKind::Reserved,
+        _ => RunKind::Absent,
     }
 }
 
@@ -71,17 +71,17 @@ impl SinkState {
 /// `granule` pages (1 = exact), from where `st` says the sink stands.
 /// Never allocates.
 pub struct RunSink<'a> {
-    out: &'a mut [PageRun],
+    out: &'a mut [FrameRun],
     st: &'a mut SinkState,
 }
 
 impl<'a> RunSink<'a> {
     /// A sink writing into `out` from where `st` stands.
-    pub fn new(out: &'a mut [PageRun], st: &'a mut SinkState) -> Self {
+    pub fn new(out: &'a mut [FrameRun], st: &'a mut SinkState) -> Self {
         RunSink { out, st }
     }
 
-    fn emit(&mut self, start_pfn: u64, pages: u64, kind: MapKind) -> Result<(), Full> {
+    fn emit(&mut self, start_pfn: u64, pages: u64, kind: RunKind) -> Result<(), Full> {
         if let Some(last) = self.st.len.checked_sub(1).map(|i| &mut self.out[i]) {
             if last.kind == kind && last.start_pfn + last.pages == start_pfn {
                 last.pages += pages;
@@ -89,7 +89,7 @@ impl<'a> RunSink<'a> {
             }
         }
         let slot = self.out.get_mut(self.st.len).ok_or(Full)?;
-        *slot = PageRun {
+        *slot = FrameRun {
             start_pfn,
             pages,
             kind,
@@ -116,7 +116,7 @@ impl<'a> RunSink<'a> {
 
     /// Adds `pages` frames of `kind` at `start_pfn`; runs must come in
     /// address order without gaps.
-    pub fn push(&mut self, start_pfn: u64, pages: u64, kind: MapKind) -> Result<(), Full> {
+    pub fn push(&mut self, start_pfn: u64, pages: u64, kind: RunKind) -> Result<(), Full> {
         if self.st.granule == 1 {
             return self.emit(start_pfn, pages, kind);
         }
@@ -197,7 +197,7 @@ impl RunWalk {
     }
 
     /// Takes the window's next run, in address order, into `out`.
-    pub fn push(&mut self, out: &mut [PageRun], r: PageRun) {
+    pub fn push(&mut self, out: &mut [FrameRun], r: FrameRun) {
         if self.full {
             return;
         }
@@ -213,7 +213,7 @@ impl RunWalk {
     /// runs outgrew `out`).
     pub fn end_window(
         &mut self,
-        out: &mut [PageRun],
+        out: &mut [FrameRun],
         to: u64,
         nr_frames: u64,
     ) -> Option<(usize, u64)> {
@@ -262,8 +262,8 @@ mod tests {
     use crate::memmap::EMPTY_RUN;
     use alloc::vec;
 
-    fn run(start_pfn: u64, pages: u64, kind: MapKind) -> PageRun {
-        PageRun {
+    fn run(start_pfn: u64, pages: u64, kind: RunKind) -> FrameRun {
+        FrameRun {
             start_pfn,
             pages,
             kind,
@@ -271,14 +271,14 @@ mod tests {
     }
 
     /// Alternating single pages: a fragmented table.
-    fn checkerboard(n: u64) -> impl Fn() -> std::vec::IntoIter<PageRun> {
+    fn checkerboard(n: u64) -> impl Fn() -> std::vec::IntoIter<FrameRun> {
         move || {
             (0..n)
                 .map(|p| {
                     let k = if p % 2 == 0 {
-                        MapKind::Free(0)
+                        RunKind::Free(0)
                     } else {
-                        MapKind::Allocated
+                        RunKind::Allocated
                     };
                     run(p, 1, k)
                 })
@@ -289,7 +289,7 @@ mod tests {
 
     extern crate std;
 
-    fn assert_cover(out: &[PageRun], n: u64) {
+    fn assert_cover(out: &[FrameRun], n: u64) {
         let mut pfn = 0;
         for r in out {
             assert_eq!(r.start_pfn, pfn, "contiguous");
@@ -303,8 +303,8 @@ mod tests {
 
     /// The runs of `runs()` (the whole table's, each time the walk starts
     /// again) taken in one window.
-    fn collect<I: Iterator<Item = PageRun>>(
-        out: &mut [PageRun],
+    fn collect<I: Iterator<Item = FrameRun>>(
+        out: &mut [FrameRun],
         nr_frames: u64,
         runs: impl Fn() -> I,
     ) -> (usize, u64) {
@@ -327,16 +327,16 @@ mod tests {
         let mut out = [EMPTY_RUN; 16];
         let runs = || {
             [
-                run(0, 1, MapKind::Reserved),
-                run(1, 255, MapKind::Absent),
-                run(256, 512, MapKind::Free(9)),
-                run(768, 3, MapKind::Slab),
+                run(0, 1, RunKind::Reserved),
+                run(1, 255, RunKind::Absent),
+                run(256, 512, RunKind::Free(9)),
+                run(768, 3, RunKind::Slab),
             ]
             .into_iter()
         };
         let (n, g) = collect(&mut out, 771, runs);
         assert_eq!((n, g), (4, 1));
-        assert_eq!(out[3], run(768, 3, MapKind::Slab));
+        assert_eq!(out[3], run(768, 3, RunKind::Slab));
     }
 
     #[test]
@@ -345,8 +345,8 @@ mod tests {
         // 4096 alternating pages then a long slab run: cannot be exact.
         let n = 4096u64;
         let runs = || {
-            let mut v: std::vec::Vec<PageRun> = checkerboard(n)().collect();
-            v.push(run(n, 4096, MapKind::Slab));
+            let mut v: std::vec::Vec<FrameRun> = checkerboard(n)().collect();
+            v.push(run(n, 4096, RunKind::Slab));
             v.into_iter()
         };
         let (len, g) = collect(&mut out, 2 * n, runs);
@@ -356,7 +356,7 @@ mod tests {
         // The slab half stays slab, exactly.
         let slab: u64 = out[..len]
             .iter()
-            .filter(|r| r.kind == MapKind::Slab)
+            .filter(|r| r.kind == RunKind::Slab)
             .map(|r| r.pages)
             .sum();
         assert_eq!(slab, 4096);
@@ -368,14 +368,14 @@ mod tests {
         let mut st = SinkState::new(4);
         let mut sink = RunSink::new(&mut out, &mut st);
         // Cell 0: 3 allocated + 1 free; cell 1: 1 slab + 3 free.
-        sink.push(0, 3, MapKind::Allocated).unwrap();
-        sink.push(3, 1, MapKind::Free(0)).unwrap();
-        sink.push(4, 1, MapKind::Slab).unwrap();
-        sink.push(5, 3, MapKind::Free(0)).unwrap();
+        sink.push(0, 3, RunKind::Allocated).unwrap();
+        sink.push(3, 1, RunKind::Free(0)).unwrap();
+        sink.push(4, 1, RunKind::Slab).unwrap();
+        sink.push(5, 3, RunKind::Free(0)).unwrap();
         let n = sink.finish().unwrap();
         assert_eq!(
             &out[..n],
-            &[run(0, 4, MapKind::Allocated), run(4, 4, MapKind::Free(0))]
+            &[run(0, 4, RunKind::Allocated), run(4, 4, RunKind::Free(0))]
         );
     }
 

@@ -1,120 +1,57 @@
-//! The statistics views of a `MemoryManager`: [`snapshot`] copies them
-//! into a heap-free [`MmStats`] under the lock, [`render`] turns that into
-//! the protocol's types after.
+//! The statistics views of a `MemoryManager`: [`snapshot`] copies memd-mm's
+//! views into a heap-free [`MmStats`] under the lock, [`render`] turns them
+//! into the protocol's after.
+//!
+//! This is the one place where memd-mm's views become the wire's. `MemInfo`
+//! is one type on both sides and goes out as it is, a slabinfo line only
+//! changes the form of its name, and the watermarks and counters the wire's
+//! zone view embeds are memd-mm's types too. What is built here is only the
+//! wire's owned, display-ready form: names as strings, per-order and
+//! per-zone arrays as vectors, a mempool's backing for humans, the CMA
+//! region's presence (docs/design-notes.md).
 
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use memd_mm::stats::{CmaInfo as MmCma, MemInfo, MempoolInfo as MmPool, ZoneInfo as MmZone};
-use memd_mm::MemoryManager;
-use memd_wire::{BuddyZone, CmaInfo, Meminfo, MempoolInfo, Reply, SlabFlags, SlabInfo, ZoneInfo};
+use memd_mm::stats::{self as mm, MemInfo};
+use memd_mm::{MemoryManager, PoolBacking, MAX_CACHES, MAX_POOLS, NR_ZONES};
+use memd_wire::{BuddyZone, CmaInfo, MempoolInfo, Reply, SlabInfo, ZoneInfo};
 
 use crate::memory::View;
 
-/// A slabinfo line copied out of the manager (the name is borrowed there).
-#[derive(Clone, Copy)]
-pub struct SlabSnap {
-    name: [u8; memd_mm::CACHE_NAME_LEN],
-    name_len: usize,
-    active_objs: u64,
-    num_objs: u64,
-    objsize: u64,
-    stride: u64,
-    objperslab: u64,
-    pagesperslab: u64,
-    active_slabs: u64,
-    num_slabs: u64,
-    flags: u32,
-    has_ctor: bool,
-    builtin: bool,
-    counters: memd_mm::CacheCounters,
-}
-
-/// Heap-free statistics snapshot of a `MemoryManager`.
+/// Heap-free statistics snapshot of a `MemoryManager`: memd-mm's views,
+/// copied (they hold no references into the manager).
 pub struct MmStats {
-    max_order: u32,
     meminfo: Option<MemInfo>,
-    zones: Option<[MmZone; memd_mm::NR_ZONES]>,
-    slabs: [Option<SlabSnap>; memd_mm::MAX_CACHES],
-    pools: [Option<MmPool>; memd_mm::MAX_POOLS],
-    cma: Option<MmCma>,
+    zones: Option<[mm::ZoneInfo; NR_ZONES]>,
+    slabs: [Option<mm::SlabInfo>; MAX_CACHES],
+    pools: [Option<mm::MempoolInfo>; MAX_POOLS],
+    cma: Option<mm::CmaInfo>,
 }
 
 impl Default for MmStats {
     fn default() -> Self {
         MmStats {
-            max_order: 0,
             meminfo: None,
             zones: None,
-            slabs: [None; memd_mm::MAX_CACHES],
-            pools: [None; memd_mm::MAX_POOLS],
+            slabs: [None; MAX_CACHES],
+            pools: [None; MAX_POOLS],
             cma: None,
         }
     }
 }
 
-fn zone_info(z: &MmZone) -> ZoneInfo {
-    ZoneInfo {
-        node: 0,
-        name: z.zone.name().to_string(),
-        start_pfn: z.start_pfn,
-        spanned: z.end_pfn.saturating_sub(z.start_pfn),
-        managed: z.managed,
-        free: z.free,
-        min: z.watermark.min,
-        low: z.watermark.low,
-        high: z.watermark.high,
-        lowmem_reserve: z.lowmem_reserve.to_vec(),
-        free_blocks: z.nr_free[..z.max_order as usize].to_vec(),
-        pcp_count: z.pcp_count,
-        pcp_high: z.pcp_high,
-        pcp_batch: z.pcp_batch,
-        alloc_success: z.counters.alloc_success,
-        alloc_fail: z.counters.alloc_fail,
-        atomic_reserve_used: z.counters.atomic_reserve_used,
-        fallback: z.counters.fallback,
-        pcp_refill: z.counters.pcp_refill,
-        pcp_drain: z.counters.pcp_drain,
-    }
-}
-
-fn backing_name(b: memd_mm::PoolBacking) -> String {
-    match b {
-        memd_mm::PoolBacking::Cache(c) => format!("cache {}", c.0),
-        memd_mm::PoolBacking::Kmalloc(s) => format!("kmalloc {s}"),
-        memd_mm::PoolBacking::Pages(o) => format!("pages order {o}"),
-    }
-}
-
-/// Copies `view`'s data out of `mm` into `out`, without touching the heap.
+/// Copies `view`'s data out of `mm` into `out` (a fresh snapshot), without
+/// touching the heap.
 pub(super) fn snapshot(mm: &mut MemoryManager, view: View, out: &mut MmStats) {
-    out.max_order = MemoryManager::max_order(mm);
     match view {
         View::Meminfo => out.meminfo = Some(mm.meminfo()),
         View::Zoneinfo | View::Buddyinfo => out.zones = Some(mm.zoneinfo()),
         View::Slabinfo => {
-            for (slot, s) in out.slabs.iter_mut().zip(mm.slabinfo()) {
-                let mut name = [0u8; memd_mm::CACHE_NAME_LEN];
-                let n = s.name.len().min(name.len());
-                name[..n].copy_from_slice(&s.name.as_bytes()[..n]);
-                *slot = Some(SlabSnap {
-                    name,
-                    name_len: n,
-                    active_objs: s.active_objs,
-                    num_objs: s.num_objs,
-                    objsize: s.objsize,
-                    stride: s.stride,
-                    objperslab: s.objperslab,
-                    pagesperslab: s.pagesperslab,
-                    active_slabs: s.active_slabs,
-                    num_slabs: s.num_slabs,
-                    flags: s.flags,
-                    has_ctor: s.has_ctor,
-                    builtin: s.builtin,
-                    counters: s.counters,
-                });
+            for (slot, (_, s)) in out.slabs.iter_mut().zip(mm.slabinfo()) {
+                *slot = Some(s);
             }
         }
         View::Mempools => {
@@ -129,99 +66,87 @@ pub(super) fn snapshot(mm: &mut MemoryManager, view: View, out: &mut MmStats) {
 /// The reply for `view` from the snapshot `s`.
 pub(super) fn render(view: View, s: &MmStats) -> Reply {
     match view {
-        View::Meminfo => {
-            let m = s.meminfo.unwrap_or_default();
-            Reply::Meminfo(Box::new(Meminfo {
-                total: m.total,
-                free: m.free,
-                buddy_free: m.buddy_free,
-                pcp: m.pcp,
-                slab: m.slab,
-                slab_reclaimable: m.slab_reclaimable,
-                kmalloc_large: m.kmalloc_large,
-                pages_allocated: m.pages_allocated,
-                mempool_reserve: m.mempool_reserve,
-                dma_buddy: m.dma_buddy,
-                cma_total: m.cma_total,
-                cma_free: m.cma_free,
-                reserved: m.reserved,
-                frame_table: m.frame_table,
-                vmalloc_total: m.vmalloc_total,
-                vmalloc_used: m.vmalloc_used,
-                vmalloc_chunk: m.vmalloc_chunk,
-            }))
-        }
-        View::Zoneinfo => Reply::Zoneinfo(s.zones.iter().flatten().map(zone_info).collect()),
+        View::Meminfo => Reply::Meminfo(Box::new(s.meminfo.unwrap_or_default())),
+        View::Zoneinfo => Reply::Zoneinfo(s.zones.iter().flatten().map(zone).collect()),
         View::Buddyinfo => Reply::Buddyinfo(
             s.zones
                 .iter()
                 .flatten()
                 .filter(|z| z.managed > 0)
-                .map(|z| BuddyZone {
-                    node: 0,
-                    zone: z.zone.name().to_string(),
-                    free: z.nr_free[..s.max_order as usize].to_vec(),
-                })
+                .map(buddy)
                 .collect(),
         ),
-        View::Slabinfo => Reply::Slabinfo(
-            s.slabs
-                .iter()
-                .flatten()
-                .map(|c| SlabInfo {
-                    name: String::from_utf8_lossy(&c.name[..c.name_len]).into_owned(),
-                    active_objs: c.active_objs,
-                    num_objs: c.num_objs,
-                    objsize: c.objsize,
-                    stride: c.stride,
-                    objperslab: c.objperslab,
-                    pagesperslab: c.pagesperslab,
-                    active_slabs: c.active_slabs,
-                    num_slabs: c.num_slabs,
-                    flags: SlabFlags(c.flags),
-                    has_ctor: c.has_ctor,
-                    builtin: c.builtin,
-                    allocs: c.counters.allocs,
-                    frees: c.counters.frees,
-                    grows: c.counters.grows,
-                    pages_shrunk: c.counters.pages_shrunk,
-                    alloc_fail: c.counters.alloc_fail,
-                    corruptions: c.counters.corruptions,
-                })
-                .collect(),
-        ),
-        View::Mempools => Reply::Mempools(
-            s.pools
-                .iter()
-                .flatten()
-                .map(|p| MempoolInfo {
-                    id: p.id as u32,
-                    backing: backing_name(p.backing),
-                    elem_size: p.element_size,
-                    min_nr: p.min_nr,
-                    curr_nr: p.curr_nr,
-                    reserve_bytes: p.idle_bytes,
-                    in_use: p.outstanding,
-                    allocs: p.counters.allocs,
-                    reserve_hits: p.counters.from_reserve,
-                    failures: p.counters.failures,
-                })
-                .collect::<Vec<_>>(),
-        ),
-        View::Cma => Reply::Cma(Box::new(match &s.cma {
-            None => CmaInfo::default(),
-            Some(c) => CmaInfo {
-                present: true,
-                base: c.base,
-                total: c.size,
-                zone: c.zone.name().to_string(),
-                used: c.used,
-                free: c.free,
-                largest_free: c.largest_free,
-                buffers: c.buffers,
-                allocs: c.allocs,
-                failures: c.failures,
-            },
-        })),
+        View::Slabinfo => Reply::Slabinfo(s.slabs.iter().flatten().map(slab).collect()),
+        View::Mempools => Reply::Mempools(s.pools.iter().flatten().map(mempool).collect()),
+        View::Cma => Reply::Cma(Box::new(s.cma.as_ref().map_or_else(CmaInfo::default, cma))),
+    }
+}
+
+/// Free blocks per order, for the orders the manager uses.
+fn free_blocks(z: &mm::ZoneInfo) -> Vec<u64> {
+    z.nr_free[..z.max_order as usize].to_vec()
+}
+
+fn zone(z: &mm::ZoneInfo) -> ZoneInfo {
+    ZoneInfo {
+        node: 0,
+        name: z.zone.name().to_string(),
+        start_pfn: z.start_pfn,
+        spanned: z.end_pfn.saturating_sub(z.start_pfn),
+        managed: z.managed,
+        free: z.free,
+        watermark: z.watermark,
+        lowmem_reserve: z.lowmem_reserve.to_vec(),
+        free_blocks: free_blocks(z),
+        pcp_count: z.pcp_count,
+        pcp_high: z.pcp_high,
+        pcp_batch: z.pcp_batch,
+        counters: z.counters,
+    }
+}
+
+fn buddy(z: &mm::ZoneInfo) -> BuddyZone {
+    BuddyZone {
+        node: 0,
+        zone: z.zone.name().to_string(),
+        free: free_blocks(z),
+    }
+}
+
+fn slab(c: &mm::SlabInfo) -> SlabInfo {
+    c.with_name(c.name.as_str().to_string())
+}
+
+/// A pool's backing for humans: "cache 3", "kmalloc 256", "pages order 2".
+fn backing_name(b: PoolBacking) -> String {
+    match b {
+        PoolBacking::Cache(c) => format!("cache {}", c.0),
+        PoolBacking::Kmalloc(s) => format!("kmalloc {s}"),
+        PoolBacking::Pages(o) => format!("pages order {o}"),
+    }
+}
+
+fn mempool(p: &mm::MempoolInfo) -> MempoolInfo {
+    MempoolInfo {
+        id: p.id as u32,
+        backing: backing_name(p.backing),
+        elem_size: p.element_size,
+        min_nr: p.min_nr,
+        curr_nr: p.curr_nr,
+        reserve_bytes: p.idle_bytes,
+        in_use: p.outstanding,
+        allocs: p.counters.allocs,
+        reserve_hits: p.counters.from_reserve,
+        failures: p.counters.failures,
+    }
+}
+
+fn cma(c: &mm::CmaInfo) -> CmaInfo {
+    CmaInfo {
+        present: true,
+        base: c.base,
+        total: c.size,
+        zone: c.zone.name().to_string(),
+        usage: c.usage,
     }
 }

@@ -68,14 +68,14 @@ impl<M: Memory> Service<M> {
                         "no free {} contiguous below the {}-bit mask: the DMA reservation's largest free range is {}",
                         size(len),
                         mask.bits(),
-                        size(c.largest_free)
+                        size(c.usage.largest_free)
                     )
                 } else {
                     format!(
                         "no free {} block below the {}-bit mask ({:#x}) in the buddy, and the DMA reservation cannot serve it",
                         size(len.next_power_of_two().max(page)),
                         mask.bits(),
-                        mask_limit(mask)
+                        mask.limit()
                     )
                 };
                 err(errno::ENOMEM, why)
@@ -154,15 +154,6 @@ fn cma_info<E: Env>(env: &mut E) -> memd_wire::CmaInfo {
     }
 }
 
-/// One past the highest address a device with `mask` reaches.
-fn mask_limit(mask: DmaMask) -> u64 {
-    match mask.bits() {
-        24 => 1 << 24,
-        32 => 1 << 32,
-        _ => u64::MAX,
-    }
-}
-
 /// Bytes as "N MiB" (or KiB, GiB, bytes) for messages.
 fn size(b: u64) -> String {
     if b >= 1 << 30 && b.is_multiple_of(1 << 30) {
@@ -199,7 +190,7 @@ fn dma_refusal(
             cma.base
         ));
     }
-    let limit = mask_limit(mask);
+    let limit = mask.limit();
     if cma.base.saturating_add(len) > limit {
         return Some(format!(
             "the DMA reservation [{:#x}-{:#x}) does not reach below the {}-bit mask ({:#x}) far enough for {}",

@@ -304,7 +304,7 @@ impl Memory for Model {
     }
     fn snapshot(&mut self, view: View, out: &mut Option<Reply>) {
         *out = Some(match view {
-            View::Meminfo => Reply::Meminfo(Box::new(Meminfo {
+            View::Meminfo => Reply::Meminfo(Box::new(MemInfo {
                 total: self.capacity,
                 free: self.capacity - self.used,
                 ..Default::default()
@@ -346,16 +346,14 @@ impl Memory for Model {
     /// failed by the model.
     fn faults(&self) -> FaultStatus {
         FaultStatus {
-            slab: self
-                .fault_slab
-                .map_or(FaultState::default(), |f| FaultState {
-                    probability: f.probability,
-                    interval: f.interval,
-                    times: f.times,
-                    calls: 0,
-                    injected: 0,
-                }),
-            pages: FaultState::default(),
+            slab: self.fault_slab.map_or(FaultAttr::default(), |f| FaultAttr {
+                probability: f.probability,
+                interval: f.interval,
+                times: f.times,
+                calls: 0,
+                injected: 0,
+            }),
+            pages: FaultAttr::default(),
         }
     }
 }
