@@ -270,19 +270,7 @@ impl World {
                 offset,
                 len,
             },
-            T::View(v) => [
-                Op::Status,
-                Op::Meminfo,
-                Op::Zoneinfo,
-                Op::Buddyinfo,
-                Op::Slabinfo,
-                Op::Mempools,
-                Op::Cma,
-                Op::Clients,
-                Op::DmaBuffers { start: 0 },
-                Op::Faults,
-            ][v as usize % 10]
-                .clone(),
+            T::View(v) => Op::VIEWS[v as usize % Op::VIEWS.len()].clone(),
             T::Check => Op::Check,
             T::Stress(ops, seed) => Op::Stress {
                 ops: ops as u64,

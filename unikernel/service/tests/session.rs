@@ -385,25 +385,11 @@ fn dma_buffer_io() {
     let mut expect = vec![0u8; 8192];
     fill_pattern(7, 0, &mut expect);
     assert_eq!(
-        h.ok(
-            c,
-            Op::DmaChecksum {
-                handle: buf,
-                offset: 0,
-                len: 0
-            }
-        ),
+        h.dma_checksum(c, buf, 0, 0),
         Reply::Checksum(checksum(&expect))
     );
     assert_eq!(
-        h.ok(
-            c,
-            Op::DmaChecksum {
-                handle: buf,
-                offset: 4096,
-                len: 100
-            }
-        ),
+        h.dma_checksum(c, buf, 4096, 100),
         Reply::Checksum(checksum(&expect[4096..4196]))
     );
     assert!(
@@ -474,14 +460,7 @@ fn dma_buffer_io() {
         },
     );
     assert_eq!(
-        h.ok(
-            c,
-            Op::DmaChecksum {
-                handle: buf,
-                offset: 0,
-                len: 0
-            }
-        ),
+        h.dma_checksum(c, buf, 0, 0),
         Reply::Checksum(checksum(&expect))
     );
     assert_eq!(

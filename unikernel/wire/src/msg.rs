@@ -340,6 +340,22 @@ pub enum Op {
 }
 
 impl Op {
+    /// Every view a client may read, each as its first request (the DMA
+    /// listing's first page): what a fuzzer or a warm-up asks for when it
+    /// wants all of them.
+    pub const VIEWS: [Op; 10] = [
+        Op::Status,
+        Op::Meminfo,
+        Op::Zoneinfo,
+        Op::Buddyinfo,
+        Op::Slabinfo,
+        Op::Mempools,
+        Op::Cma,
+        Op::Clients,
+        Op::DmaBuffers { start: 0 },
+        Op::Faults,
+    ];
+
     /// Whether only the operator may run this: it stops the service, or
     /// affects, or takes the loop from, every client.
     pub fn operator_only(&self) -> bool {

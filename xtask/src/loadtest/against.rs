@@ -46,21 +46,8 @@ pub fn run_against(addr: &str, tokens: &Tokens, args: &Args) -> Result<Report> {
     }
     // Every view once on the control connection, so its buffers have
     // grown to the largest reply before the baseline.
-    ctl.batch(
-        vec![
-            Op::Status,
-            Op::Meminfo,
-            Op::Zoneinfo,
-            Op::Buddyinfo,
-            Op::Slabinfo,
-            Op::Mempools,
-            Op::Cma,
-            Op::Clients,
-            Op::Faults,
-        ],
-        false,
-    )
-    .context("warming up the control connection")?;
+    ctl.batch(Op::VIEWS.to_vec(), false)
+        .context("warming up the control connection")?;
     if args.profile == Profile::Exhaust {
         // As many connections as the test holds at once (the clients and
         // the late one), so the connection table has grown already.

@@ -490,6 +490,19 @@ impl<M: Memory> Harness<M> {
             .unwrap_or_else(|e| panic!("{name}: {e}"))
     }
 
+    /// The checksum of `len` bytes of DMA buffer `handle` from `offset`
+    /// (0: to the end), as the service computes it.
+    pub fn dma_checksum(&mut self, conn: ConnId, handle: u64, offset: u64, len: u64) -> Reply {
+        self.ok(
+            conn,
+            Op::DmaChecksum {
+                handle,
+                offset,
+                len,
+            },
+        )
+    }
+
     pub fn code(&mut self, conn: ConnId, op: Op) -> i32 {
         match self.call(conn, op) {
             Err(e) => e.code,
