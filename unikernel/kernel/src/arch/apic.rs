@@ -16,16 +16,21 @@ const APIC_BASE_MSR: u32 = 0x1b;
 const APIC_BASE_ENABLE: u64 = 1 << 11;
 const APIC_BASE_X2APIC: u64 = 1 << 10;
 
-const REG_TASK_PRIORITY: u64 = 0x80;
-const REG_EOI: u64 = 0xb0;
-const REG_SPURIOUS: u64 = 0xf0;
-const REG_LVT_TIMER: u64 = 0x320;
-const REG_LVT_LINT0: u64 = 0x350;
-const REG_LVT_LINT1: u64 = 0x360;
-const REG_LVT_ERROR: u64 = 0x370;
-const REG_INITIAL_COUNT: u64 = 0x380;
-const REG_CURRENT_COUNT: u64 = 0x390;
-const REG_DIVIDE: u64 = 0x3e0;
+/// The registers memd touches, by their offset in the register page.
+#[derive(Clone, Copy)]
+#[repr(u64)]
+enum Reg {
+    TaskPriority = 0x80,
+    Eoi = 0xb0,
+    Spurious = 0xf0,
+    LvtTimer = 0x320,
+    LvtLint0 = 0x350,
+    LvtLint1 = 0x360,
+    LvtError = 0x370,
+    InitialCount = 0x380,
+    CurrentCount = 0x390,
+    Divide = 0x3e0,
+}
 
 const LVT_MASKED: u32 = 1 << 16;
 const SOFTWARE_ENABLE: u32 = 1 << 8;
@@ -62,16 +67,16 @@ fn wrmsr(msr: u32, value: u64) {
     };
 }
 
-fn write(regs: u64, reg: u64, value: u32) {
+fn write(regs: u64, reg: Reg, value: u32) {
     // SAFETY: `regs` is the APIC's register page, mapped uncached in the
     // direct map at boot (the 32-bit device hole); `reg` is one of its
     // 16-byte-aligned registers.
-    unsafe { core::ptr::write_volatile((regs + reg) as *mut u32, value) }
+    unsafe { core::ptr::write_volatile((regs + reg as u64) as *mut u32, value) }
 }
 
-fn read(regs: u64, reg: u64) -> u32 {
+fn read(regs: u64, reg: Reg) -> u32 {
     // SAFETY: as for `write`.
-    unsafe { core::ptr::read_volatile((regs + reg) as *const u32) }
+    unsafe { core::ptr::read_volatile((regs + reg as u64) as *const u32) }
 }
 
 /// Why the idle halt is not available.
@@ -103,25 +108,25 @@ pub fn init() -> Result<u64, NoTimer> {
     let regs = DIRECT_MAP_OFFSET + (base & 0x000f_ffff_ffff_f000);
     // Accept every vector: firmware may have left a priority that would
     // hold the timer's back, and the halt would last until the next NMI.
-    write(regs, REG_TASK_PRIORITY, 0);
-    write(regs, REG_SPURIOUS, SOFTWARE_ENABLE | SPURIOUS_VECTOR);
-    for lvt in [REG_LVT_LINT0, REG_LVT_LINT1, REG_LVT_ERROR] {
+    write(regs, Reg::TaskPriority, 0);
+    write(regs, Reg::Spurious, SOFTWARE_ENABLE | SPURIOUS_VECTOR);
+    for lvt in [Reg::LvtLint0, Reg::LvtLint1, Reg::LvtError] {
         write(regs, lvt, LVT_MASKED);
     }
-    write(regs, REG_DIVIDE, DIVIDE_BY_1);
-    write(regs, REG_LVT_TIMER, LVT_MASKED | WAKE_VECTOR);
-    write(regs, REG_INITIAL_COUNT, u32::MAX);
+    write(regs, Reg::Divide, DIVIDE_BY_1);
+    write(regs, Reg::LvtTimer, LVT_MASKED | WAKE_VECTOR);
+    write(regs, Reg::InitialCount, u32::MAX);
     let start = time::uptime_ns();
     while time::uptime_ns() - start < CALIBRATION_NS {
         core::hint::spin_loop();
     }
-    let counted = u32::MAX - read(regs, REG_CURRENT_COUNT);
+    let counted = u32::MAX - read(regs, Reg::CurrentCount);
     let elapsed = time::uptime_ns() - start;
-    write(regs, REG_INITIAL_COUNT, 0);
+    write(regs, Reg::InitialCount, 0);
     if counted == 0 {
         return Err(NoTimer::Stopped);
     }
-    write(regs, REG_LVT_TIMER, WAKE_VECTOR);
+    write(regs, Reg::LvtTimer, WAKE_VECTOR);
     let hz = counted as u64 * 1_000_000_000 / elapsed.max(1);
     TICKS_PER_NS.store(((counted as u64) << 32) / elapsed.max(1), Ordering::Relaxed);
     REGS.store(regs, Ordering::Relaxed);
@@ -139,7 +144,7 @@ pub fn halt_for(ns: u64) {
     let ticks = (ns as u128 * TICKS_PER_NS.load(Ordering::Relaxed) as u128) >> 32;
     write(
         regs,
-        REG_INITIAL_COUNT,
+        Reg::InitialCount,
         ticks.clamp(1, u32::MAX as u128) as u32,
     );
     // SAFETY: interrupts are enabled only for the HLT (STI's shadow covers
@@ -147,6 +152,6 @@ pub fn halt_for(ns: u64) {
     // taken before it); every vector's gate is valid (`idt::init`). Not
     // `nomem`: the asm orders the timer's register writes around the halt.
     unsafe { core::arch::asm!("sti", "hlt", "cli", options(nostack)) };
-    write(regs, REG_INITIAL_COUNT, 0);
-    write(regs, REG_EOI, 0);
+    write(regs, Reg::InitialCount, 0);
+    write(regs, Reg::Eoi, 0);
 }
