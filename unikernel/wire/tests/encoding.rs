@@ -10,8 +10,8 @@
 //! pin the bytes: if one fails, the change to memd-mm is a change to the
 //! protocol, and wants a new `PROTOCOL_VERSION` (and the new bytes here).
 //!
-//! They also pin [`Op::CacheCreate`], whose fields are about to move into
-//! one struct without changing a byte.
+//! They also pin [`Op::CacheCreate`]: its fields moved from a struct
+//! variant into [`CacheSpec`] without changing a byte.
 
 use memd_wire::*;
 
@@ -200,19 +200,20 @@ fn cma() {
     );
 }
 
-/// `Op::CacheCreate`: the variant's index, then its fields in order. postcard
+/// `Op::CacheCreate`: the variant's index, then its [`CacheSpec`]'s fields
+/// in order. It was a struct variant with these five fields; postcard
 /// writes a newtype variant holding a struct just as it writes a struct
-/// variant with that struct's fields, so moving the fields into one struct
-/// must leave these bytes as they are.
+/// variant with that struct's fields, and these bytes, written for the
+/// struct variant, still hold.
 #[test]
 fn cache_create() {
-    let op = Op::CacheCreate {
+    let op = Op::CacheCreate(CacheSpec {
         name: "dentry".into(),
         size: 300,
         align: 64,
         flags: SlabFlags::HWCACHE_ALIGN | SlabFlags::POISON,
         ctor: Ctor::Fill(0xa5),
-    };
+    });
     let old = [
         14, // Op::CacheCreate
         6, b'd', b'e', b'n', b't', b'r', b'y', // name
@@ -227,12 +228,12 @@ fn cache_create() {
     call.extend_from_slice(&old);
     assert_eq!(bytes(&Request::Call(op)), call);
 
-    let plain = Op::CacheCreate {
+    let plain = Op::CacheCreate(CacheSpec {
         name: "t".into(),
         size: 48,
         align: 0,
         flags: SlabFlags::default(),
         ctor: Ctor::None,
-    };
+    });
     assert_eq!(bytes(&plain), [14, 1, b't', 48, 0, 0, 0]);
 }
