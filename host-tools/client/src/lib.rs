@@ -527,22 +527,9 @@ impl Client {
     pub fn kfree(&mut self, handle: Handle) -> Result<()> {
         done(self.call(Op::Kfree { handle })?)
     }
-    /// Create a slab cache.
-    pub fn cache_create(
-        &mut self,
-        name: &str,
-        size: u32,
-        align: u32,
-        flags: SlabFlags,
-        ctor: Ctor,
-    ) -> Result<Handle> {
-        created(self.call(Op::CacheCreate {
-            name: name.into(),
-            size,
-            align,
-            flags,
-            ctor,
-        })?)
+    /// Create a slab cache shaped as `spec` says.
+    pub fn cache_create(&mut self, spec: CacheSpec) -> Result<Handle> {
+        created(self.call(Op::CacheCreate(spec))?)
     }
     /// Allocate from a cache.
     pub fn cache_alloc(&mut self, cache: Handle, gfp: Gfp) -> Result<Object> {

@@ -55,7 +55,13 @@ fn typed_calls_over_tcp_and_memory_returns() {
     let obj = c.kmalloc(1000, Gfp::KERNEL).unwrap();
     assert_eq!(obj.size, 1024);
     let cache = c
-        .cache_create("tcp", 48, 0, SlabFlags::default(), Ctor::None)
+        .cache_create(CacheSpec {
+            name: "tcp".into(),
+            size: 48,
+            align: 0,
+            flags: SlabFlags::default(),
+            ctor: Ctor::None,
+        })
         .unwrap();
     let o = c.cache_alloc(cache, Gfp::KERNEL).unwrap();
     assert!(c

@@ -67,13 +67,13 @@ fn to_op(cmd: Cmd) -> Result<Op, Fail> {
             align,
             flags,
             ctor_fill,
-        } => Op::CacheCreate {
+        } => Op::CacheCreate(CacheSpec {
             name,
             size: u32::try_from(size).map_err(|_| Fail::Usage("object size too large".into()))?,
             align,
             flags,
             ctor: ctor_fill.map_or(Ctor::None, Ctor::Fill),
-        },
+        }),
         Cmd::CacheAlloc { cache, gfp } => Op::CacheAlloc { cache, gfp },
         Cmd::CacheFree { cache, object } => Op::CacheFree { cache, object },
         Cmd::CacheShrink { cache } => Op::CacheShrink { cache },

@@ -12,9 +12,7 @@
 //! allocated beforehand, and [`Memory::render`] turns it into protocol
 //! types after the lock is released.
 
-use memd_wire::{
-    Ctor, DmaMask, DmaSource, FaultConfig, FaultStatus, FaultTarget, Gfp, Reply, SlabFlags,
-};
+use memd_wire::{CacheSpec, DmaMask, DmaSource, FaultConfig, FaultStatus, FaultTarget, Gfp, Reply};
 
 /// A statistics view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,15 +120,8 @@ pub trait Memory {
     /// names the cache, so nothing is looked up.
     fn kfree(&mut self, obj: Obj) -> Result<(), MemError>;
 
-    /// Create a slab cache.
-    fn cache_create(
-        &mut self,
-        name: &str,
-        size: u32,
-        align: u32,
-        flags: SlabFlags,
-        ctor: Ctor,
-    ) -> Result<Self::CacheId, MemError>;
+    /// Create a slab cache shaped as `spec` says.
+    fn cache_create(&mut self, spec: &CacheSpec) -> Result<Self::CacheId, MemError>;
     /// Allocate from a cache.
     fn cache_alloc(&mut self, cache: Self::CacheId, gfp: Gfp) -> Result<Obj, MemError>;
     /// Free to a cache.

@@ -4,7 +4,7 @@ use core::ptr::NonNull;
 
 use memd_mm::{CacheId, DmaBuffer, FrameRun, MemoryManager, MmError, Owner, PoolElement, PoolId};
 use memd_wire::{
-    errno, Ctor, DmaMask, FaultConfig, FaultStatus, FaultTarget, Gfp, Reply, SlabFlags,
+    errno, CacheSpec, Ctor, DmaMask, FaultConfig, FaultStatus, FaultTarget, Gfp, Reply, SlabFlags,
 };
 
 use crate::memmap::{MapSnapshot, MAP_MAX_EXTENTS, MAP_MAX_RANGES};
@@ -120,23 +120,21 @@ impl Memory for MemoryManager {
         Ok(())
     }
 
-    fn cache_create(
-        &mut self,
-        name: &str,
-        size: u32,
-        align: u32,
-        flags: SlabFlags,
-        ctor: Ctor,
-    ) -> Result<CacheId, MemError> {
-        let flags = SlabFlags::from_bits(flags.bits())
+    fn cache_create(&mut self, spec: &CacheSpec) -> Result<CacheId, MemError> {
+        let flags = SlabFlags::from_bits(spec.flags.bits())
             .ok_or(MemError::new(errno::EINVAL, "unknown slab flag bits"))?;
-        let ctor = match ctor {
+        let ctor = match spec.ctor {
             Ctor::None => None,
             Ctor::Fill(b) => Some(FILL_CTORS[b as usize]),
         };
         // 0 means the default alignment: a machine word, as in Linux.
-        let align = if align == 0 { 8 } else { align as usize };
-        MemoryManager::cache_create(self, name, size as usize, align, flags, ctor).map_err(mm_err)
+        let align = if spec.align == 0 {
+            8
+        } else {
+            spec.align as usize
+        };
+        MemoryManager::cache_create(self, &spec.name, spec.size as usize, align, flags, ctor)
+            .map_err(mm_err)
     }
 
     fn cache_alloc(&mut self, cache: CacheId, g: Gfp) -> Result<Obj, MemError> {

@@ -299,13 +299,7 @@ impl<M: Memory> Service<M> {
             Op::Kmalloc { size, gfp } => self.kmalloc(env, conn, size, gfp, page),
             Op::Kfree { handle } => self.kfree(env, conn, handle, page),
 
-            Op::CacheCreate {
-                name,
-                size,
-                align,
-                flags,
-                ctor,
-            } => self.cache_create(env, conn, &name, size, align, flags, ctor),
+            Op::CacheCreate(spec) => self.cache_create(env, conn, &spec),
             Op::CacheAlloc { cache, gfp } => {
                 self.alloc_child(env, conn, Parent::Cache, cache, gfp, page)
             }

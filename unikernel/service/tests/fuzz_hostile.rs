@@ -483,13 +483,13 @@ impl World {
             O::Kfree(h) => Op::Kfree {
                 handle: self.handle(*h),
             },
-            O::CacheCreate(name, size) => Op::CacheCreate {
+            O::CacheCreate(name, size) => Op::CacheCreate(CacheSpec {
                 name: name.string(),
                 size: *size,
                 align: 0,
                 flags: SlabFlags::default(),
                 ctor: Ctor::None,
-            },
+            }),
             O::DmaAlloc(len, align, mask) => Op::DmaAlloc {
                 len: *len,
                 align: *align,
@@ -851,7 +851,7 @@ impl World {
             Op::FreePages { handle } | Op::Kfree { handle } | Op::DmaFree { handle } => {
                 unknown(handle)
             }
-            Op::CacheCreate { name, .. } => name.is_empty() || name.len() > MAX_NAME_LEN,
+            Op::CacheCreate(CacheSpec { name, .. }) => name.is_empty() || name.len() > MAX_NAME_LEN,
             Op::Stress { ops, .. } => *ops > MAX_STRESS,
             _ => false,
         }
@@ -910,7 +910,7 @@ fn describe(op: &Op) -> String {
             "DmaWrite {{ handle: {handle}, offset: {offset}, {} bytes }}",
             data.len()
         ),
-        Op::CacheCreate { name, size, .. } => {
+        Op::CacheCreate(CacheSpec { name, size, .. }) => {
             format!("CacheCreate {{ {}-byte name, size: {size} }}", name.len())
         }
         op => format!("{op:?}"),
@@ -1038,13 +1038,13 @@ fn exactly(len: usize, make: impl Fn(usize) -> Vec<u8>) -> Vec<u8> {
 fn frames_at_the_frame_limit() {
     let mut w = World::new();
     let name = |n: usize| {
-        encoded(&Request::Call(Op::CacheCreate {
+        encoded(&Request::Call(Op::CacheCreate(CacheSpec {
             name: "n".repeat(n),
             size: 64,
             align: 0,
             flags: SlabFlags::default(),
             ctor: Ctor::None,
-        }))
+        })))
     };
     let write = |n: usize| {
         encoded(&Request::Call(Op::DmaWrite {

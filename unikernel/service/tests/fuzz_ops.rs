@@ -201,7 +201,7 @@ impl World {
             T::FreePages(x) => Op::FreePages { handle: self.h(x) },
             T::Kmalloc(size, gfp) => Op::Kmalloc { size, gfp },
             T::Kfree(x) => Op::Kfree { handle: self.h(x) },
-            T::CacheCreate(size, align, flags, ctor) => Op::CacheCreate {
+            T::CacheCreate(size, align, flags, ctor) => Op::CacheCreate(CacheSpec {
                 name: format!("fz{size}"),
                 size,
                 align,
@@ -211,7 +211,7 @@ impl World {
                     .filter(|(i, _)| flags & (1 << i) != 0)
                     .fold(SlabFlags::default(), |a, (_, (_, f))| a | *f),
                 ctor: ctor.map_or(Ctor::None, Ctor::Fill),
-            },
+            }),
             T::CacheAlloc(c, gfp) => Op::CacheAlloc {
                 cache: self.h(c),
                 gfp,

@@ -140,13 +140,13 @@ fn map_shows_zones_reservations_cma_and_buffers() {
     };
     let cache = match h.ok(
         c,
-        Op::CacheCreate {
+        Op::CacheCreate(CacheSpec {
             name: "maptest".into(),
             size: 512,
             align: 0,
             flags: SlabFlags(0),
             ctor: Ctor::None,
-        },
+        }),
     ) {
         Reply::Created { handle } => handle,
         r => panic!("{r:?}"),

@@ -190,13 +190,13 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
     );
     let cache = h(&t.ok(
         a,
-        Op::CacheCreate {
+        Op::CacheCreate(CacheSpec {
             name: "svc-test".into(),
             size: 200,
             align: 64,
             flags: SlabFlags::HWCACHE_ALIGN,
             ctor: Ctor::Fill(0x5a),
-        },
+        }),
     ));
     let objs: Vec<u64> = (0..50)
         .map(|_| {

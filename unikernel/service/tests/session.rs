@@ -147,13 +147,13 @@ fn every_resource_is_released_on_close() {
     );
     let cache = handle(&h.ok(
         c,
-        Op::CacheCreate {
+        Op::CacheCreate(CacheSpec {
             name: "foo".into(),
             size: 96,
             align: 8,
             flags: SlabFlags::POISON,
             ctor: Ctor::Fill(0x5a),
-        },
+        }),
     ));
     for _ in 0..10 {
         h.ok(
@@ -201,13 +201,13 @@ fn cache_and_pool_lifecycles() {
     let c = h.login();
     let cache = handle(&h.ok(
         c,
-        Op::CacheCreate {
+        Op::CacheCreate(CacheSpec {
             name: "obj".into(),
             size: 64,
             align: 0,
             flags: SlabFlags::default(),
             ctor: Ctor::None,
-        },
+        }),
     ));
     let o = handle(&h.ok(
         c,
@@ -257,13 +257,13 @@ fn cache_and_pool_lifecycles() {
     assert_eq!(
         h.code(
             c,
-            Op::CacheCreate {
+            Op::CacheCreate(CacheSpec {
                 name: long,
                 size: 8,
                 align: 0,
                 flags: SlabFlags::default(),
                 ctor: Ctor::None
-            }
+            })
         ),
         errno::EINVAL
     );
@@ -726,13 +726,13 @@ fn stress_fault_check_shutdown() {
     assert_eq!(h.mem.used, 0, "stress frees what it allocated");
     let cache = handle(&h.ok(
         c,
-        Op::CacheCreate {
+        Op::CacheCreate(CacheSpec {
             name: "f".into(),
             size: 32,
             align: 0,
             flags: SlabFlags::default(),
             ctor: Ctor::None,
-        },
+        }),
     ));
     h.ok(
         c,
@@ -788,13 +788,13 @@ fn arb_op(handles: u64) -> impl Strategy<Value = Op> {
             gfp: Gfp::KERNEL
         }),
         h.clone().prop_map(|handle| Op::Kfree { handle }),
-        (1u32..512).prop_map(|size| Op::CacheCreate {
+        (1u32..512).prop_map(|size| Op::CacheCreate(CacheSpec {
             name: "c".into(),
             size,
             align: 0,
             flags: SlabFlags::default(),
             ctor: Ctor::None
-        }),
+        })),
         h.clone().prop_map(|cache| Op::CacheAlloc {
             cache,
             gfp: Gfp::KERNEL
@@ -879,13 +879,13 @@ fn objects_go_back_only_to_their_own_parent() {
     let mk_cache = |h: &mut Harness<Model>, name: &str| {
         handle(&h.ok(
             c,
-            Op::CacheCreate {
+            Op::CacheCreate(CacheSpec {
                 name: name.into(),
                 size: 32,
                 align: 0,
                 flags: SlabFlags::default(),
                 ctor: Ctor::None,
-            },
+            }),
         ))
     };
     let a = mk_cache(&mut h, "a");
@@ -1165,13 +1165,13 @@ fn caches_and_pools_count_against_the_quota_and_a_global_cap() {
     let create = |h: &mut Harness<Model>, c, i: usize| {
         h.call(
             c,
-            Op::CacheCreate {
+            Op::CacheCreate(CacheSpec {
                 name: format!("c{i}"),
                 size: 64,
                 align: 8,
                 flags: SlabFlags(0),
                 ctor: Ctor::None,
-            },
+            }),
         )
     };
     let a = h.login();

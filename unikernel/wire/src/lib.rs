@@ -80,13 +80,13 @@ mod tests {
                 order: 3,
                 gfp: Gfp::KERNEL | Gfp::ZERO,
             },
-            Op::CacheCreate {
+            Op::CacheCreate(CacheSpec {
                 name: "foo".into(),
                 size: 96,
                 align: 8,
                 flags: SlabFlags::POISON,
                 ctor: Ctor::Fill(0xa5),
-            },
+            }),
             Op::PoolCreate {
                 backing: PoolBacking::Pages { order: 1 },
                 min_nr: 4,
@@ -203,13 +203,13 @@ mod tests {
                 .prop_map(|(order, g)| Op::AllocPages { order, gfp: Gfp(g) }),
             (any::<u64>(), any::<u32>()).prop_map(|(size, g)| Op::Kmalloc { size, gfp: Gfp(g) }),
             (".{0,40}", any::<u32>(), any::<u32>(), any::<u8>()).prop_map(
-                |(name, size, align, b)| Op::CacheCreate {
+                |(name, size, align, b)| Op::CacheCreate(CacheSpec {
                     name,
                     size,
                     align,
                     flags: SlabFlags(align),
                     ctor: Ctor::Fill(b),
-                }
+                })
             ),
             (
                 any::<u64>(),

@@ -95,6 +95,27 @@ pub enum Ctor {
     Fill(u8),
 }
 
+/// What a slab cache is made of: the arguments of Linux's
+/// `kmem_cache_create`, carried by [`Op::CacheCreate`].
+///
+/// postcard writes a struct as its fields in order, without names, so
+/// `Op::CacheCreate(CacheSpec { .. })` has the bytes a struct variant with
+/// these fields had: the field order is the protocol's (pinned by
+/// `tests/encoding.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheSpec {
+    /// Name (at most [`MAX_NAME_LEN`] bytes).
+    pub name: String,
+    /// Object size in bytes.
+    pub size: u32,
+    /// Alignment in bytes (0 = default).
+    pub align: u32,
+    /// SLAB_* flags.
+    pub flags: SlabFlags,
+    /// Constructor.
+    pub ctor: Ctor,
+}
+
 /// Which allocations a fault-injection rule applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FaultTarget {
@@ -186,18 +207,7 @@ pub enum Op {
     },
 
     /// Create a slab cache.
-    CacheCreate {
-        /// Name (at most [`MAX_NAME_LEN`] bytes).
-        name: String,
-        /// Object size.
-        size: u32,
-        /// Alignment (0 = default).
-        align: u32,
-        /// SLAB_* flags.
-        flags: SlabFlags,
-        /// Constructor.
-        ctor: Ctor,
-    },
+    CacheCreate(CacheSpec),
     /// Allocate an object from a cache.
     CacheAlloc {
         /// The cache.
@@ -382,7 +392,7 @@ impl Op {
             Op::FreePages { .. } => "free-pages",
             Op::Kmalloc { .. } => "kmalloc",
             Op::Kfree { .. } => "kfree",
-            Op::CacheCreate { .. } => "cache-create",
+            Op::CacheCreate(_) => "cache-create",
             Op::CacheAlloc { .. } => "cache-alloc",
             Op::CacheFree { .. } => "cache-free",
             Op::CacheShrink { .. } => "cache-shrink",

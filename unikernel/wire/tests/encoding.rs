@@ -9,6 +9,9 @@
 //! field of one of those types in memd-mm changes the protocol. These tests
 //! pin the bytes: if one fails, the change to memd-mm is a change to the
 //! protocol, and wants a new `PROTOCOL_VERSION` (and the new bytes here).
+//!
+//! They also pin [`Op::CacheCreate`]: its fields moved from a struct
+//! variant into [`CacheSpec`] without changing a byte.
 
 use memd_wire::*;
 
@@ -195,4 +198,42 @@ fn cma() {
         bytes(&c),
         [1, 1, 2, 5, b'D', b'M', b'A', b'3', b'2', 3, 4, 5, 6, 7, 8]
     );
+}
+
+/// `Op::CacheCreate`: the variant's index, then its [`CacheSpec`]'s fields
+/// in order. It was a struct variant with these five fields; postcard
+/// writes a newtype variant holding a struct just as it writes a struct
+/// variant with that struct's fields, and these bytes, written for the
+/// struct variant, still hold.
+#[test]
+fn cache_create() {
+    let op = Op::CacheCreate(CacheSpec {
+        name: "dentry".into(),
+        size: 300,
+        align: 64,
+        flags: SlabFlags::HWCACHE_ALIGN | SlabFlags::POISON,
+        ctor: Ctor::Fill(0xa5),
+    });
+    let old = [
+        14, // Op::CacheCreate
+        6, b'd', b'e', b'n', b't', b'r', b'y', // name
+        0xac, 0x02, // size 300
+        64,   // align
+        3,    // flags HWCACHE_ALIGN | POISON
+        1, 0xa5, // Ctor::Fill(0xa5)
+    ];
+    assert_eq!(bytes(&op), old);
+    assert_eq!(postcard::from_bytes::<Op>(&old).unwrap(), op);
+    let mut call = vec![1]; // Request::Call
+    call.extend_from_slice(&old);
+    assert_eq!(bytes(&Request::Call(op)), call);
+
+    let plain = Op::CacheCreate(CacheSpec {
+        name: "t".into(),
+        size: 48,
+        align: 0,
+        flags: SlabFlags::default(),
+        ctor: Ctor::None,
+    });
+    assert_eq!(bytes(&plain), [14, 1, b't', 48, 0, 0, 0]);
 }

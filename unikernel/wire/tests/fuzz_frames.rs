@@ -200,13 +200,13 @@ fn seeds() -> Vec<Request> {
             order: 3,
             gfp: Gfp::KERNEL | Gfp::ZERO,
         }),
-        Request::Call(Op::CacheCreate {
+        Request::Call(Op::CacheCreate(CacheSpec {
             name: "fuzz".into(),
             size: 96,
             align: 8,
             flags: SlabFlags::POISON,
             ctor: Ctor::Fill(7),
-        }),
+        })),
         Request::Call(Op::DmaWrite {
             handle: 9,
             offset: 4096,
@@ -376,13 +376,13 @@ fn hostile_op(max_len: usize) -> impl Strategy<Value = Op> {
         (any::<u8>(), any::<u32>()).prop_map(|(order, g)| Op::AllocPages { order, gfp: Gfp(g) }),
         (extreme_u64(), any::<u32>()).prop_map(|(size, g)| Op::Kmalloc { size, gfp: Gfp(g) }),
         extreme_u64().prop_map(|handle| Op::Kfree { handle }),
-        (len(), extreme_u32()).prop_map(|(n, size)| Op::CacheCreate {
+        (len(), extreme_u32()).prop_map(|(n, size)| Op::CacheCreate(CacheSpec {
             name: "é".repeat(n / 2),
             size,
             align: 0,
             flags: SlabFlags::default(),
             ctor: Ctor::None,
-        }),
+        })),
         (extreme_u64(), extreme_u64(), 0u8..3).prop_map(|(len, align, m)| Op::DmaAlloc {
             len,
             align,

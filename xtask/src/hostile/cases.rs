@@ -307,13 +307,13 @@ pub(super) fn cases() -> Vec<Case> {
             run: |t| {
                 let mut c = t.client("cacher")?;
                 for i in 0.. {
-                    match c.cache_create(
-                        &format!("h{i}"),
-                        64,
-                        8,
-                        wire::SlabFlags(0),
-                        wire::Ctor::None,
-                    ) {
+                    match c.cache_create(wire::CacheSpec {
+                        name: format!("h{i}"),
+                        size: 64,
+                        align: 8,
+                        flags: wire::SlabFlags(0),
+                        ctor: wire::Ctor::None,
+                    }) {
                         Ok(_) => {}
                         Err(memd_client::Error::Server(e)) if e.code == errno::EDQUOT => {
                             return Ok(format!("EDQUOT after {i}"))

@@ -14,7 +14,8 @@
 use std::time::Instant;
 
 use memd_client::wire::{
-    errno, fill_pattern, Checksum, Ctor, DmaMask, Handle, Op, PoolBacking, Reply, SlabFlags,
+    errno, fill_pattern, CacheSpec, Checksum, Ctor, DmaMask, Handle, Op, PoolBacking, Reply,
+    SlabFlags,
 };
 use memd_client::{Client, Error as ClientError, Options};
 
@@ -229,7 +230,13 @@ impl<'a> Noisy<'a> {
         for _ in 0..STORM {
             let size = 16 + self.rng.below(4000) as u32;
             match self.timed("cache-create", |c| {
-                c.cache_create("lt-noisy", size, 0, SlabFlags::HWCACHE_ALIGN, Ctor::None)
+                c.cache_create(CacheSpec {
+                    name: "lt-noisy".into(),
+                    size,
+                    align: 0,
+                    flags: SlabFlags::HWCACHE_ALIGN,
+                    ctor: Ctor::None,
+                })
             })? {
                 Ok(h) => caches.push(h),
                 Err(errno::ENOSPC | errno::EDQUOT) => break,

@@ -92,7 +92,13 @@ impl<'a> Worker<'a> {
                     wire::Ctor::None
                 };
                 self.cache = self.timed("cache-create", |c| {
-                    c.cache_create("lt", size, 0, flags, ctor)
+                    c.cache_create(wire::CacheSpec {
+                        name: "lt".into(),
+                        size,
+                        align: 0,
+                        flags,
+                        ctor,
+                    })
                 })?;
                 if self.cache.is_none() && self.last_error == Some(errno::ENOSPC) {
                     cache_full = true;

@@ -4,7 +4,7 @@
 
 use alloc::format;
 
-use memd_wire::{errno, Ctor, Reply, SlabFlags, WireError, MAX_NAME_LEN};
+use memd_wire::{errno, CacheSpec, Reply, WireError, MAX_NAME_LEN};
 
 use super::res::{wrong_kind, Res};
 use super::{err, mem_err, Service};
@@ -14,19 +14,14 @@ use crate::ConnId;
 
 impl<M: Memory> Service<M> {
     /// A slab cache for `conn`, named and shaped as Linux's
-    /// `kmem_cache_create` takes one: the operation's fields as they are.
-    #[allow(clippy::too_many_arguments)]
+    /// `kmem_cache_create` takes one: the operation's spec as it is.
     pub(super) fn cache_create<E: Env<Mem = M>>(
         &mut self,
         env: &mut E,
         conn: ConnId,
-        name: &str,
-        size: u32,
-        align: u32,
-        flags: SlabFlags,
-        ctor: Ctor,
+        spec: &CacheSpec,
     ) -> Result<Reply, WireError> {
-        if name.is_empty() || name.len() > MAX_NAME_LEN {
+        if spec.name.is_empty() || spec.name.len() > MAX_NAME_LEN {
             return Err(err(
                 errno::EINVAL,
                 format!("cache name must be 1..={MAX_NAME_LEN} bytes"),
@@ -34,12 +29,10 @@ impl<M: Memory> Service<M> {
         }
         self.check_quota(conn, 0, 0)?;
         self.check_table_quota(conn, false)?;
-        let id = env
-            .with_mem(|m, _| m.cache_create(name, size, align, flags, ctor))
-            .map_err(mem_err)?;
+        let id = env.with_mem(|m, _| m.cache_create(spec)).map_err(mem_err)?;
         let res = Res::Cache {
             id,
-            size: size as u64,
+            size: spec.size as u64,
             objects: 0,
             pools: 0,
         };

@@ -188,20 +188,13 @@ impl Memory for Model {
     fn kfree(&mut self, obj: Obj) -> Result<(), MemError> {
         self.give(obj.addr, "kmalloc").map(|_| ())
     }
-    fn cache_create(
-        &mut self,
-        _name: &str,
-        size: u32,
-        _align: u32,
-        _flags: SlabFlags,
-        _ctor: Ctor,
-    ) -> Result<u32, MemError> {
-        if size == 0 {
+    fn cache_create(&mut self, spec: &CacheSpec) -> Result<u32, MemError> {
+        if spec.size == 0 {
             return Err(MemError::new(errno::EINVAL, "zero size"));
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.caches.insert(id, (size as u64, 0));
+        self.caches.insert(id, (spec.size as u64, 0));
         Ok(id)
     }
     fn cache_alloc(&mut self, cache: u32, _gfp: Gfp) -> Result<Obj, MemError> {
