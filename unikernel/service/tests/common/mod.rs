@@ -421,8 +421,13 @@ pub struct Harness<M: Memory> {
 
 impl<M: Memory> Harness<M> {
     pub fn new(mem: M) -> Self {
+        Self::with_config(mem, Config::new(TOKEN))
+    }
+
+    /// A harness whose service has `config` (give it [`TOKEN`] to log in).
+    pub fn with_config(mem: M, config: Config) -> Self {
         Harness {
-            svc: Service::new(Config::new(TOKEN)),
+            svc: Service::new(config),
             mem,
             disk: None,
         }
@@ -484,10 +489,90 @@ impl<M: Memory> Harness<M> {
         }
     }
 
+    /// Sends `ops` as one batch; returns the per-op results and the flow.
+    pub fn batch_flow(
+        &mut self,
+        conn: ConnId,
+        ops: Vec<Op>,
+        stop_on_error: bool,
+    ) -> (Vec<Result<Reply, WireError>>, Flow) {
+        match self.request(conn, &Request::Batch(Batch { stop_on_error, ops })) {
+            (Response::Batch(results), flow) => (results, flow),
+            other => panic!("a batch gets a batch reply, got {other:?}"),
+        }
+    }
+
+    /// Sends `ops` as one batch; returns the per-op results.
+    pub fn batch(
+        &mut self,
+        conn: ConnId,
+        ops: Vec<Op>,
+        stop_on_error: bool,
+    ) -> Vec<Result<Reply, WireError>> {
+        self.batch_flow(conn, ops, stop_on_error).0
+    }
+
     pub fn ok(&mut self, conn: ConnId, op: Op) -> Reply {
         let name = op.name();
         self.call(conn, op)
             .unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    /// A slab cache `name` of `size`-byte objects (no alignment, flags or
+    /// constructor); its handle.
+    pub fn cache_create(&mut self, conn: ConnId, name: &str, size: u32) -> u64 {
+        handle(&self.ok(
+            conn,
+            Op::CacheCreate {
+                name: name.into(),
+                size,
+                align: 0,
+                flags: SlabFlags::default(),
+                ctor: Ctor::None,
+            },
+        ))
+    }
+
+    /// An object of `cache` (GFP_KERNEL); its handle.
+    pub fn cache_alloc(&mut self, conn: ConnId, cache: u64) -> u64 {
+        handle(&self.ok(
+            conn,
+            Op::CacheAlloc {
+                cache,
+                gfp: Gfp::KERNEL,
+            },
+        ))
+    }
+
+    /// A mempool over `backing` holding `min_nr` elements in reserve; its
+    /// handle.
+    pub fn pool_create(&mut self, conn: ConnId, backing: PoolBacking, min_nr: u32) -> u64 {
+        handle(&self.ok(conn, Op::PoolCreate { backing, min_nr }))
+    }
+
+    /// An element of `pool`; its handle.
+    pub fn pool_alloc(&mut self, conn: ConnId, pool: u64, gfp: Gfp) -> u64 {
+        handle(&self.ok(conn, Op::PoolAlloc { pool, gfp }))
+    }
+
+    /// Frees `object` through `cache`, as [`Harness::call`].
+    pub fn cache_free(
+        &mut self,
+        conn: ConnId,
+        cache: u64,
+        object: u64,
+    ) -> Result<Reply, WireError> {
+        self.call(conn, Op::CacheFree { cache, object })
+    }
+
+    /// Frees `object` through `pool`, as [`Harness::call`].
+    pub fn pool_free(&mut self, conn: ConnId, pool: u64, object: u64) -> Result<Reply, WireError> {
+        self.call(conn, Op::PoolFree { pool, object })
+    }
+
+    /// A DMA buffer; its handle.
+    pub fn dma_alloc(&mut self, conn: ConnId, len: u64, align: u64, mask: DmaMask) -> u64 {
+        handle(&self.ok(conn, Op::DmaAlloc { len, align, mask }))
     }
 
     /// The checksum of `len` bytes of DMA buffer `handle` from `offset`
