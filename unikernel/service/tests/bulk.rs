@@ -101,7 +101,7 @@ impl Side {
         let mut out = Vec::new();
         let frame = to_frame(req).unwrap();
         self.svc
-            .on_bytes(&mut LockEnv(&mut self.mm), self.conn, &frame, &mut out);
+            .on_bytes(&mut LockEnv::new(&mut self.mm), self.conn, &frame, &mut out);
         let mut d = FrameDecoder::new();
         let mut input = &out[..];
         let body = d.feed(&mut input).unwrap().expect("one whole frame");

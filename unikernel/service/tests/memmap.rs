@@ -43,7 +43,7 @@ impl Harness {
     fn send(&mut self, c: ConnId, req: &Request) -> Response {
         let mut out = Vec::new();
         self.svc.on_bytes(
-            &mut LockEnv(&mut self.mm),
+            &mut LockEnv::new(&mut self.mm),
             c,
             &to_frame(req).unwrap(),
             &mut out,

@@ -354,19 +354,10 @@ fn dma_buffer_io() {
         ),
         errno::E2BIG
     );
-    h.ok(
-        c,
-        Op::DmaFill {
-            handle: buf,
-            seed: 7,
-        },
-    );
+    h.dma_fill(c, buf, 7);
     let mut expect = vec![0u8; 8192];
     fill_pattern(7, 0, &mut expect);
-    assert_eq!(
-        h.dma_checksum(c, buf, 0, 0),
-        Reply::Checksum(checksum(&expect))
-    );
+    h.assert_dma_holds(c, buf, &expect);
     assert_eq!(
         h.dma_checksum(c, buf, 4096, 100),
         Reply::Checksum(checksum(&expect[4096..4196]))
@@ -408,13 +399,7 @@ fn dma_buffer_io() {
         errno::ENODEV
     );
     h.disk = Some(RamDisk::new(vec![0; 64 * 512]));
-    match h.ok(
-        c,
-        Op::DmaWriteDisk {
-            handle: buf,
-            sector: 3,
-        },
-    ) {
+    match h.write_disk(c, buf, 3) {
         Reply::Transfer(t) => {
             assert_eq!((t.bytes, t.sector, t.requests), (8192, 3, 1), "{t:?}")
         }
@@ -424,24 +409,9 @@ fn dma_buffer_io() {
         &h.disk.as_ref().unwrap().0[3 * 512..3 * 512 + 8192],
         &expect[..]
     );
-    h.ok(
-        c,
-        Op::DmaFill {
-            handle: buf,
-            seed: 8,
-        },
-    );
-    h.ok(
-        c,
-        Op::DmaReadDisk {
-            handle: buf,
-            sector: 3,
-        },
-    );
-    assert_eq!(
-        h.dma_checksum(c, buf, 0, 0),
-        Reply::Checksum(checksum(&expect))
-    );
+    h.dma_fill(c, buf, 8);
+    h.read_disk(c, buf, 3);
+    h.assert_dma_holds(c, buf, &expect);
     assert_eq!(
         h.code(
             c,
