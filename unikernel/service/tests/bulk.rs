@@ -16,6 +16,7 @@ use common::{LockEnv, ALLOCS_UNDER_LOCK};
 use memd_mm::HostMm;
 use memd_mm::MemoryManager;
 use memd_service::{Config, ConnId, Service};
+use memd_wire::testing::proptest_cases;
 use memd_wire::*;
 use proptest::prelude::*;
 
@@ -100,7 +101,7 @@ impl Side {
         let mut out = Vec::new();
         let frame = to_frame(req).unwrap();
         self.svc
-            .on_bytes(&mut LockEnv(&mut self.mm), self.conn, &frame, &mut out);
+            .on_bytes(&mut LockEnv::new(&mut self.mm), self.conn, &frame, &mut out);
         let mut d = FrameDecoder::new();
         let mut input = &out[..];
         let body = d.feed(&mut input).unwrap().expect("one whole frame");
@@ -214,11 +215,9 @@ fn compare(batches: &[(Vec<T>, bool)], quota: Quota, arena: u64) -> Result<(), T
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        // Overridden by PROPTEST_CASES (cargo xtask fuzz).
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(64),
-        ..ProptestConfig::default()
-    })]
+    // PROPTEST_CASES overrides the count (cargo xtask fuzz); failures are
+    // kept in bulk.proptest-regressions.
+    #![proptest_config(ProptestConfig::with_cases(proptest_cases(64)))]
 
     #[test]
     fn a_batch_answers_as_its_ops_one_by_one(

@@ -42,6 +42,7 @@ static HEAP: KernelHeap = KernelHeap::new();
 use memd_mm::HostMm;
 use memd_service::host::HostService;
 use memd_service::{Config, ConnId, Flow};
+use memd_wire::testing::{batch_counts, proptest_config};
 use memd_wire::*;
 use proptest::prelude::*;
 
@@ -72,13 +73,6 @@ const SMALL_HELLO: usize = 128;
 /// message, the reply's value and bookkeeping. A batch of more than a few
 /// dozen decoded operations takes more than this.
 const REFUSAL_SLACK: usize = 2048;
-
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A request's body, or one operation as it sits inside a call or a
 /// batch, as postcard writes it (with no frame limit: some tests need
@@ -288,18 +282,6 @@ fn small_op() -> impl Strategy<Value = O> {
     ]
 }
 
-/// Batch counts: at, just around, and far above the limit, up to
-/// `u64::MAX`.
-fn count() -> impl Strategy<Value = u64> {
-    let max = MAX_BATCH_OPS as u64;
-    prop_oneof![
-        0..=max,
-        (max + 1)..=(max + 3),
-        prop::sample::select(vec![max, max + 1, u32::MAX as u64, 1 << 63, u64::MAX]),
-        (max + 1)..=u64::MAX,
-    ]
-}
-
 /// Repeat counts: at and around the limit, and up to what a frame holds of
 /// one-byte operations.
 fn repeat() -> impl Strategy<Value = usize> {
@@ -320,7 +302,7 @@ fn body() -> impl Strategy<Value = B> {
     prop_oneof![
         4 => op(MAX_FRAME).prop_map(B::Call),
         2 => (any::<bool>(), prop::collection::vec(op(BATCH_TEXT), 0..8)).prop_map(|(s, v)| B::Batch(s, v)),
-        3 => (any::<bool>(), count(), prop::collection::vec(op(BATCH_TEXT), 0..6), prop::collection::vec(any::<u8>(), 0..24))
+        3 => (any::<bool>(), batch_counts(), prop::collection::vec(op(BATCH_TEXT), 0..6), prop::collection::vec(any::<u8>(), 0..24))
             .prop_map(|(stop, count, ops, tail)| B::Claimed { stop, count, ops, tail }),
         2 => (any::<bool>(), repeat(), small_op()).prop_map(|(stop, n, op)| B::Repeated { stop, n, op }),
         2 => (
@@ -959,12 +941,8 @@ fn the_hello_tag_is_postcards() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        // Overridden by PROPTEST_CASES (cargo xtask fuzz).
-        cases: cases(24),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    // PROPTEST_CASES overrides the count (cargo xtask fuzz).
+    #![proptest_config(proptest_config(24))]
 
     /// Frames of every hostile shape, before and after a hello.
     #[test]
@@ -981,7 +959,7 @@ proptest! {
     #[test]
     fn batch_counts_claim_what_is_not_there(
         batches in prop::collection::vec(
-            (any::<bool>(), count(), prop::collection::vec(op(BATCH_TEXT), 0..4), prop::collection::vec(any::<u8>(), 0..8), feed()),
+            (any::<bool>(), batch_counts(), prop::collection::vec(op(BATCH_TEXT), 0..4), prop::collection::vec(any::<u8>(), 0..8), feed()),
             1..8,
         )
     ) {
@@ -998,7 +976,7 @@ proptest! {
     fn small_frames_split_at_every_byte(b in prop_oneof![
         small_op().prop_map(B::Call),
         (any::<bool>(), prop::collection::vec(small_op(), 0..6)).prop_map(|(s, v)| B::Batch(s, v)),
-        (any::<bool>(), count(), prop::collection::vec(small_op(), 0..3), prop::collection::vec(any::<u8>(), 0..4))
+        (any::<bool>(), batch_counts(), prop::collection::vec(small_op(), 0..3), prop::collection::vec(any::<u8>(), 0..4))
             .prop_map(|(stop, count, ops, tail)| B::Claimed { stop, count, ops, tail }),
         (any::<bool>(), text(64), text(64)).prop_map(|(good_token, token, client)| B::Hello {
             version: PROTOCOL_VERSION, good_token, token, client,

@@ -22,6 +22,7 @@ static HEAP: kernel_heap::KernelHeap = kernel_heap::KernelHeap::new();
 use memd_mm::HostMm;
 use memd_service::host::HostService;
 use memd_service::{Config, ConnId, Flow};
+use memd_wire::testing::proptest_config;
 use memd_wire::*;
 use proptest::prelude::*;
 
@@ -482,12 +483,8 @@ fn the_heap_has_the_kernels_limits() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        // Overridden by PROPTEST_CASES (cargo xtask fuzz).
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(64),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    // PROPTEST_CASES overrides the count (cargo xtask fuzz).
+    #![proptest_config(proptest_config(64))]
 
     #[test]
     fn random_sessions_keep_invariants_and_baseline(steps in proptest::collection::vec(step(), 1..120)) {

@@ -6,73 +6,35 @@ mod common;
 
 use std::sync::atomic::Ordering;
 
-use common::{LockEnv, ALLOCS_UNDER_LOCK};
+use common::{Harness, ALLOCS_UNDER_LOCK};
 
 use memd_mm::HostMm;
 use memd_mm::MemoryManager;
-use memd_service::{Config, ConnId, Service};
+use memd_service::ConnId;
 use memd_wire::*;
 
 #[global_allocator]
 static GLOBAL: common::Guard = common::Guard;
 
-struct Harness {
-    mm: HostMm,
-    svc: Service<MemoryManager>,
+/// The service over a fresh memd-mm (64 MiB below 4 GiB, 32 MiB above),
+/// booted with `cmdline`, lent through [`common::LockEnv`].
+fn harness(cmdline: &str) -> Harness<HostMm> {
+    Harness::new(HostMm::three_zones(64 << 20, 32 << 20, cmdline).unwrap())
 }
 
-impl Harness {
-    fn new(cmdline: &str) -> Self {
-        Harness {
-            mm: HostMm::three_zones(64 << 20, 32 << 20, cmdline).unwrap(),
-            svc: Service::new(Config::new("t")),
-        }
-    }
-
-    fn connect(&mut self) -> ConnId {
-        let c = self.svc.on_connect();
-        let hello = Request::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            token: "t".into(),
-            client: "map-test".into(),
-        });
-        assert!(matches!(self.send(c, &hello), Response::Hello(_)));
-        c
-    }
-
-    fn send(&mut self, c: ConnId, req: &Request) -> Response {
-        let mut out = Vec::new();
-        self.svc.on_bytes(
-            &mut LockEnv(&mut self.mm),
-            c,
-            &to_frame(req).unwrap(),
-            &mut out,
-        );
-        let mut d = FrameDecoder::new();
-        let mut input = &out[..];
-        let body = d.feed(&mut input).unwrap().expect("one whole frame");
-        decode_body(&body).unwrap()
-    }
-
-    fn ok(&mut self, c: ConnId, op: Op) -> Reply {
-        match self.send(c, &Request::Call(op.clone())) {
-            Response::Call(Ok(r)) => r,
-            r => panic!("{op:?}: {r:?}"),
-        }
-    }
-
-    fn map(&mut self, c: ConnId) -> MemMap {
-        ALLOCS_UNDER_LOCK.store(0, Ordering::Relaxed);
-        let r = self.ok(c, Op::MemMap);
-        assert_eq!(
-            ALLOCS_UNDER_LOCK.load(Ordering::Relaxed),
-            0,
-            "the map allocated while the memory manager was borrowed"
-        );
-        match r {
-            Reply::MemMap(m) => *m,
-            r => panic!("{r:?}"),
-        }
+/// The memory map, as connection `c` asks for it; nothing may be
+/// allocated while the memory manager is borrowed.
+fn map(h: &mut Harness<HostMm>, c: ConnId) -> MemMap {
+    ALLOCS_UNDER_LOCK.store(0, Ordering::Relaxed);
+    let r = h.ok(c, Op::MemMap);
+    assert_eq!(
+        ALLOCS_UNDER_LOCK.load(Ordering::Relaxed),
+        0,
+        "the map allocated while the memory manager was borrowed"
+    );
+    match r {
+        Reply::MemMap(m) => *m,
+        r => panic!("{r:?}"),
     }
 }
 
@@ -89,9 +51,9 @@ fn covered(map: &MemMap) {
 
 #[test]
 fn map_shows_zones_reservations_cma_and_buffers() {
-    let mut h = Harness::new("memd.dma_reserve=8M@dma32");
-    let c = h.connect();
-    let base = h.map(c);
+    let mut h = harness("memd.dma_reserve=8M@dma32");
+    let c = h.login();
+    let base = map(&mut h, c);
     assert_eq!(base.granule, 1, "a fresh manager fits exactly");
     covered(&base);
     let names: Vec<&str> = base.zones.iter().map(|z| z.name.as_str()).collect();
@@ -159,7 +121,7 @@ fn map_shows_zones_reservations_cma_and_buffers() {
         },
     );
 
-    let m = h.map(c);
+    let m = map(&mut h, c);
     covered(&m);
     let cma = m.cma.clone().unwrap();
     assert_eq!(
@@ -193,8 +155,8 @@ fn map_shows_zones_reservations_cma_and_buffers() {
 
 #[test]
 fn fragmented_memory_is_summarised_within_bounds() {
-    let mut h = Harness::new("");
-    let c = h.connect();
+    let mut h = harness("");
+    let c = h.login();
     // 12 000 single pages, every other one freed again: more runs than a
     // map may carry.
     let n = 12_000;
@@ -203,22 +165,17 @@ fn fragmented_memory_is_summarised_within_bounds() {
     while left > 0 {
         let chunk = left.min(memd_wire::MAX_BATCH_OPS);
         left -= chunk;
-        match h.send(
+        replies.extend(h.batch(
             c,
-            &Request::Batch(Batch {
-                stop_on_error: true,
-                ops: vec![
-                    Op::AllocPages {
-                        order: 0,
-                        gfp: Gfp::KERNEL,
-                    };
-                    chunk
-                ],
-            }),
-        ) {
-            Response::Batch(r) => replies.extend(r),
-            r => panic!("{r:?}"),
-        }
+            vec![
+                Op::AllocPages {
+                    order: 0,
+                    gfp: Gfp::KERNEL,
+                };
+                chunk
+            ],
+            true,
+        ));
     }
     let mut pages: Vec<(u64, Handle)> = replies
         .into_iter()
@@ -234,15 +191,9 @@ fn fragmented_memory_is_summarised_within_bounds() {
         .map(|&(_, handle)| Op::FreePages { handle })
         .collect();
     for chunk in frees.chunks(memd_wire::MAX_BATCH_OPS) {
-        h.send(
-            c,
-            &Request::Batch(Batch {
-                stop_on_error: true,
-                ops: chunk.to_vec(),
-            }),
-        );
+        h.batch(c, chunk.to_vec(), true);
     }
-    let m = h.map(c);
+    let m = map(&mut h, c);
     covered(&m);
     assert!(m.granule > 1, "summarised");
     assert!(m.granule.is_power_of_two());
@@ -275,12 +226,12 @@ impl memd_service::Env for SteppingEnv<'_> {
 
 #[test]
 fn a_map_walked_over_turns_covers_memory_while_it_changes() {
-    let mut h = Harness::new("memd.dma_reserve=8M@dma32");
-    let c = h.connect();
-    let other = h.connect();
-    let whole = h.map(c);
+    let mut h = harness("memd.dma_reserve=8M@dma32");
+    let c = h.login();
+    let other = h.login();
+    let whole = map(&mut h, c);
     let frame = to_frame(&Request::Call(Op::MemMap)).unwrap();
-    let mut env = SteppingEnv(&mut h.mm, 0);
+    let mut env = SteppingEnv(&mut h.mem, 0);
     let mut out = Vec::new();
     let (taken, _) = h
         .svc

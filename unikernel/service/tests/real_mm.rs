@@ -6,147 +6,35 @@ mod common;
 
 use std::sync::atomic::Ordering;
 
-use common::{under_lock, RamDisk, ALLOCS_UNDER_LOCK};
+use common::{handle, Harness, RamDisk, ALLOCS_UNDER_LOCK};
 
 use memd_mm::HostMm;
 use memd_mm::MemoryManager;
-use memd_service::{BlockDevice, Config, ConnId, Env, Flow, Service};
 use memd_wire::*;
 
 #[global_allocator]
 static GLOBAL: common::Guard = common::Guard;
 
-/// Like the kernel's: lends the manager, flags the borrow.
-struct LockEnv<'a> {
-    mm: &'a mut MemoryManager,
-    disk: Option<&'a mut RamDisk>,
+/// The service over a fresh memd-mm (64 MiB, a 16 MiB DMA reservation in
+/// DMA32), lent through [`common::LockEnv`].
+fn harness() -> Harness<HostMm> {
+    Harness::new(HostMm::three_zones(64 << 20, 0, "memd.dma_reserve=16M@dma32").expect("boot"))
 }
 
-impl Env for LockEnv<'_> {
-    type Mem = MemoryManager;
-    fn with_mem<R>(
-        &mut self,
-        f: impl FnOnce(&mut MemoryManager, Option<&mut dyn BlockDevice>) -> R,
-    ) -> R {
-        under_lock(|| match self.disk.as_deref_mut() {
-            Some(d) => f(self.mm, Some(d)),
-            None => f(self.mm, None),
-        })
-    }
-    fn now_ns(&mut self) -> u64 {
-        std::time::Instant::now().elapsed().as_nanos() as u64 + 1
-    }
-
-    /// One ring a pretend device holds, for the DMA list.
-    fn device_dma(&mut self) -> Vec<memd_service::DeviceDma> {
-        vec![memd_service::DeviceDma {
-            owner: "virtio-test queue 0 ring".into(),
-            phys: 0x20_0000,
-            len: 8192,
-            cma: false,
-        }]
-    }
-}
-
-struct T {
-    svc: Service<MemoryManager>,
-    mm: HostMm,
-    disk: Option<RamDisk>,
-}
-
-impl T {
-    fn new() -> T {
-        let mm = HostMm::three_zones(64 << 20, 0, "memd.dma_reserve=16M@dma32").expect("boot");
-        T {
-            svc: Service::new(Config::new("tok")),
-            mm,
-            disk: None,
-        }
-    }
-
-    fn send(&mut self, c: ConnId, req: &Request) -> (Response, Flow) {
-        let mut out = Vec::new();
-        let mut env = LockEnv {
-            mm: &mut self.mm,
-            disk: self.disk.as_mut(),
-        };
-        let flow = self
-            .svc
-            .on_bytes(&mut env, c, &to_frame(req).unwrap(), &mut out);
-        let mut d = FrameDecoder::new();
-        let mut input = &out[..];
-        let body = d.feed(&mut input).unwrap().expect("a reply");
-        (decode_body(&body).unwrap(), flow)
-    }
-
-    fn login(&mut self) -> ConnId {
-        let c = self.svc.on_connect();
-        let hello = Request::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            token: "tok".into(),
-            client: "t".into(),
-        });
-        assert!(matches!(self.send(c, &hello).0, Response::Hello(_)));
-        c
-    }
-
-    fn call(&mut self, c: ConnId, op: Op) -> Result<Reply, WireError> {
-        match self.send(c, &Request::Call(op)).0 {
-            Response::Call(r) => r,
-            r => panic!("{r:?}"),
-        }
-    }
-
-    fn ok(&mut self, c: ConnId, op: Op) -> Reply {
-        let n = op.name();
-        self.call(c, op).unwrap_or_else(|e| panic!("{n}: {e}"))
-    }
-
-    /// The checksum of `len` bytes of DMA buffer `handle` from `offset`
-    /// (0: to the end), as the service computes it.
-    fn dma_checksum(&mut self, conn: ConnId, handle: u64, offset: u64, len: u64) -> Reply {
-        self.ok(
-            conn,
-            Op::DmaChecksum {
-                handle,
-                offset,
-                len,
-            },
-        )
-    }
-
-    fn close(&mut self, c: ConnId) {
-        let mut env = LockEnv {
-            mm: &mut self.mm,
-            disk: None,
-        };
-        self.svc.on_close_now(&mut env, c);
-    }
-
-    fn free(&mut self) -> u64 {
-        self.mm.meminfo().free
-    }
-}
-
-fn h(r: &Reply) -> u64 {
-    match r {
-        Reply::Pages { handle, .. } | Reply::Object { handle, .. } | Reply::Created { handle } => {
-            *handle
-        }
-        Reply::Dma(i) => i.handle,
-        r => panic!("{r:?}"),
-    }
+/// Free memory now.
+fn free(t: &Harness<HostMm>) -> u64 {
+    t.mem.meminfo().free
 }
 
 #[test]
 fn every_operation_over_memd_mm_and_back_to_baseline() {
-    let mut t = T::new();
+    let mut t = harness();
     let a = t.login();
     // Warm up kmalloc caches the service itself does not use, then take
     // the baseline after a shrink-free state: the service's own heap is the
     // host's here, so free memory must return exactly.
-    t.mm.reclaim();
-    let base = t.free();
+    t.mem.reclaim();
+    let base = free(&t);
     let b = t.login();
 
     match t.ok(a, Op::Status) {
@@ -188,7 +76,7 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
             gfp: Gfp::KERNEL,
         },
     );
-    let cache = h(&t.ok(
+    let cache = handle(&t.ok(
         a,
         Op::CacheCreate(CacheSpec {
             name: "svc-test".into(),
@@ -198,17 +86,7 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
             ctor: Ctor::Fill(0x5a),
         }),
     ));
-    let objs: Vec<u64> = (0..50)
-        .map(|_| {
-            h(&t.ok(
-                a,
-                Op::CacheAlloc {
-                    cache,
-                    gfp: Gfp::KERNEL,
-                },
-            ))
-        })
-        .collect();
+    let objs: Vec<u64> = (0..50).map(|_| t.cache_alloc(a, cache)).collect();
     match t.ok(a, Op::Slabinfo) {
         Reply::Slabinfo(s) => {
             let c = s.iter().find(|c| c.name == "svc-test").unwrap();
@@ -222,54 +100,17 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
     for o in &objs[..25] {
         t.ok(a, Op::CacheFree { cache, object: *o });
     }
-    let pool = h(&t.ok(
-        a,
-        Op::PoolCreate {
-            backing: PoolBacking::Pages { order: 1 },
-            min_nr: 4,
-        },
-    ));
-    t.ok(
-        a,
-        Op::PoolAlloc {
-            pool,
-            gfp: Gfp::ATOMIC,
-        },
-    );
-    let kpool = h(&t.ok(
-        a,
-        Op::PoolCreate {
-            backing: PoolBacking::Cache(cache),
-            min_nr: 2,
-        },
-    ));
-    let el = h(&t.ok(
-        a,
-        Op::PoolAlloc {
-            pool: kpool,
-            gfp: Gfp::KERNEL,
-        },
-    ));
+    let pool = t.pool_create(a, PoolBacking::Pages { order: 1 }, 4);
+    t.pool_alloc(a, pool, Gfp::ATOMIC);
+    let kpool = t.pool_create(a, PoolBacking::Cache(cache), 2);
+    let el = t.pool_alloc(a, kpool, Gfp::KERNEL);
     assert!(
         matches!(t.ok(a, Op::Mempools), Reply::Mempools(v) if v.len() == 2 && v.iter().any(|p| p.min_nr == 4))
     );
-    t.ok(
-        a,
-        Op::PoolFree {
-            pool: kpool,
-            object: el,
-        },
-    );
+    t.pool_free(a, kpool, el).unwrap();
 
     // DMA: buddy-sized and CMA-sized, with I/O and the disk.
-    let small = h(&t.ok(
-        a,
-        Op::DmaAlloc {
-            len: 3 * 4096,
-            align: 0,
-            mask: DmaMask::Bits24,
-        },
-    ));
+    let small = t.dma_alloc(a, 3 * 4096, 0, DmaMask::Bits24);
     let big = match t.ok(
         a,
         Op::DmaAlloc {
@@ -304,19 +145,10 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
         ),
         Reply::Data(b"memd".to_vec())
     );
-    t.ok(
-        a,
-        Op::DmaFill {
-            handle: big,
-            seed: 99,
-        },
-    );
+    t.dma_fill(a, big, 99);
     let mut expect = vec![0u8; 8 << 20];
     fill_pattern(99, 0, &mut expect);
-    assert_eq!(
-        t.dma_checksum(a, big, 0, 0),
-        Reply::Checksum(checksum(&expect))
-    );
+    t.assert_dma_holds(a, big, &expect);
     assert_eq!(
         t.call(
             a,
@@ -330,31 +162,10 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
         errno::ENODEV
     );
     t.disk = Some(RamDisk::new(vec![0; 16 << 20]));
-    t.ok(
-        a,
-        Op::DmaWriteDisk {
-            handle: big,
-            sector: 8,
-        },
-    );
-    t.ok(
-        a,
-        Op::DmaFill {
-            handle: big,
-            seed: 1,
-        },
-    );
-    t.ok(
-        a,
-        Op::DmaReadDisk {
-            handle: big,
-            sector: 8,
-        },
-    );
-    assert_eq!(
-        t.dma_checksum(a, big, 0, 0),
-        Reply::Checksum(checksum(&expect))
-    );
+    t.write_disk(a, big, 8);
+    t.dma_fill(a, big, 1);
+    t.read_disk(a, big, 8);
+    t.assert_dma_holds(a, big, &expect);
     let Reply::DmaBuffers(listed) = t.ok(b, Op::DmaBuffers { start: 0 }) else {
         panic!("dma list")
     };
@@ -426,16 +237,16 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
 
     t.close(a);
     t.close(b);
-    assert!(matches!(MemoryManager::check(&t.mm), Ok(())));
+    assert!(matches!(MemoryManager::check(&t.mem), Ok(())));
     // Empty slabs the connection's caches grew are gone with the caches;
     // kmalloc's own caches may keep empty slabs and per-CPU objects:
     // shrink them before comparing.
-    t.mm.reclaim();
+    t.mem.reclaim();
     let c = t.login();
     assert!(matches!(t.ok(c, Op::Clients), Reply::Clients(v) if v.len() == 1));
     t.close(c);
-    t.mm.reclaim();
-    assert_eq!(t.free(), base, "free memory back to the baseline");
+    t.mem.reclaim();
+    assert_eq!(free(&t), base, "free memory back to the baseline");
     assert_eq!(
         ALLOCS_UNDER_LOCK.load(Ordering::Relaxed),
         0,
@@ -447,26 +258,26 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
 /// kernel owns the memory manager again between calls.
 #[test]
 fn allocations_are_charged_to_the_client_and_the_kernel_owns_the_rest() {
-    let mut t = T::new();
+    let mut t = harness();
     let c = t.login();
-    let kernel = t.mm.owner_pages(memd_mm::Owner::KERNEL);
+    let kernel = t.mem.owner_pages(memd_mm::Owner::KERNEL);
     let clients = |mm: &MemoryManager| -> u64 {
         mm.owners()
             .filter(|(o, _)| *o != memd_mm::Owner::KERNEL)
             .map(|(_, pages)| pages)
             .sum()
     };
-    let p = h(&t.ok(
+    let p = handle(&t.ok(
         c,
         Op::AllocPages {
             order: 2,
             gfp: Gfp::KERNEL,
         },
     ));
-    assert_eq!(t.mm.owner(), memd_mm::Owner::KERNEL);
-    assert_eq!(clients(&t.mm), 4);
-    assert_eq!(t.mm.owner_pages(memd_mm::Owner::KERNEL), kernel);
+    assert_eq!(t.mem.owner(), memd_mm::Owner::KERNEL);
+    assert_eq!(clients(&t.mem), 4);
+    assert_eq!(t.mem.owner_pages(memd_mm::Owner::KERNEL), kernel);
     t.ok(c, Op::FreePages { handle: p });
-    assert_eq!(clients(&t.mm), 0);
+    assert_eq!(clients(&t.mem), 0);
     t.close(c);
 }

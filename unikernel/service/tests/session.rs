@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use memd_service::{Config, DirectEnv, Flow, Service};
+use memd_service::{Config, DirectEnv, Flow};
 use memd_wire::*;
 use proptest::prelude::*;
 
@@ -18,6 +18,18 @@ fn hello_req(version: u32, token: &str) -> Request {
         token: token.into(),
         client: "x".into(),
     })
+}
+
+/// Fault injection: every slab allocation fails from now on.
+fn fail_every_slab_alloc() -> Op {
+    Op::FaultInject {
+        target: FaultTarget::Slab,
+        config: FaultConfig {
+            probability: 100,
+            interval: 1,
+            times: -1,
+        },
+    }
 }
 
 fn closing_code(r: &Response) -> i32 {
@@ -164,13 +176,7 @@ fn every_resource_is_released_on_close() {
             },
         );
     }
-    let pool = handle(&h.ok(
-        c,
-        Op::PoolCreate {
-            backing: PoolBacking::Cache(cache),
-            min_nr: 4,
-        },
-    ));
+    let pool = h.pool_create(c, PoolBacking::Cache(cache), 4);
     h.ok(
         c,
         Op::PoolAlloc {
@@ -199,33 +205,12 @@ fn every_resource_is_released_on_close() {
 fn cache_and_pool_lifecycles() {
     let mut h = harness();
     let c = h.login();
-    let cache = handle(&h.ok(
-        c,
-        Op::CacheCreate(CacheSpec {
-            name: "obj".into(),
-            size: 64,
-            align: 0,
-            flags: SlabFlags::default(),
-            ctor: Ctor::None,
-        }),
-    ));
-    let o = handle(&h.ok(
-        c,
-        Op::CacheAlloc {
-            cache,
-            gfp: Gfp::KERNEL,
-        },
-    ));
+    let cache = h.cache_create(c, "obj", 64);
+    let o = h.cache_alloc(c, cache);
     let e = h.call(c, Op::CacheDestroy { cache }).unwrap_err();
     assert_eq!(e.code, errno::EBUSY);
     assert!(e.message.contains("1 live"), "{}", e.message);
-    let pool = handle(&h.ok(
-        c,
-        Op::PoolCreate {
-            backing: PoolBacking::Cache(cache),
-            min_nr: 2,
-        },
-    ));
+    let pool = h.pool_create(c, PoolBacking::Cache(cache), 2);
     // The object must go back to its own cache, through the right call.
     assert_eq!(h.code(c, Op::Kfree { handle: o }), errno::EINVAL);
     assert_eq!(h.code(c, Op::PoolFree { pool, object: o }), errno::EINVAL);
@@ -235,13 +220,7 @@ fn cache_and_pool_lifecycles() {
         errno::EBUSY,
         "a pool still uses it"
     );
-    let el = handle(&h.ok(
-        c,
-        Op::PoolAlloc {
-            pool,
-            gfp: Gfp::KERNEL,
-        },
-    ));
+    let el = h.pool_alloc(c, pool, Gfp::KERNEL);
     assert_eq!(h.code(c, Op::PoolDestroy { pool }), errno::EBUSY);
     h.ok(c, Op::PoolFree { pool, object: el });
     h.ok(c, Op::PoolDestroy { pool });
@@ -375,19 +354,10 @@ fn dma_buffer_io() {
         ),
         errno::E2BIG
     );
-    h.ok(
-        c,
-        Op::DmaFill {
-            handle: buf,
-            seed: 7,
-        },
-    );
+    h.dma_fill(c, buf, 7);
     let mut expect = vec![0u8; 8192];
     fill_pattern(7, 0, &mut expect);
-    assert_eq!(
-        h.dma_checksum(c, buf, 0, 0),
-        Reply::Checksum(checksum(&expect))
-    );
+    h.assert_dma_holds(c, buf, &expect);
     assert_eq!(
         h.dma_checksum(c, buf, 4096, 100),
         Reply::Checksum(checksum(&expect[4096..4196]))
@@ -429,13 +399,7 @@ fn dma_buffer_io() {
         errno::ENODEV
     );
     h.disk = Some(RamDisk::new(vec![0; 64 * 512]));
-    match h.ok(
-        c,
-        Op::DmaWriteDisk {
-            handle: buf,
-            sector: 3,
-        },
-    ) {
+    match h.write_disk(c, buf, 3) {
         Reply::Transfer(t) => {
             assert_eq!((t.bytes, t.sector, t.requests), (8192, 3, 1), "{t:?}")
         }
@@ -445,24 +409,9 @@ fn dma_buffer_io() {
         &h.disk.as_ref().unwrap().0[3 * 512..3 * 512 + 8192],
         &expect[..]
     );
-    h.ok(
-        c,
-        Op::DmaFill {
-            handle: buf,
-            seed: 8,
-        },
-    );
-    h.ok(
-        c,
-        Op::DmaReadDisk {
-            handle: buf,
-            sector: 3,
-        },
-    );
-    assert_eq!(
-        h.dma_checksum(c, buf, 0, 0),
-        Reply::Checksum(checksum(&expect))
-    );
+    h.dma_fill(c, buf, 8);
+    h.read_disk(c, buf, 3);
+    h.assert_dma_holds(c, buf, &expect);
     assert_eq!(
         h.code(
             c,
@@ -481,18 +430,18 @@ fn dma_buffer_io() {
 
 #[test]
 fn quotas_bound_one_client_only() {
-    let mut cfg = Config::new(TOKEN);
-    cfg.quota = Quota {
-        pages: 8,
-        bytes: 64 << 10,
-        handles: 4,
-        caches: 8,
-    };
-    let mut h = Harness {
-        svc: Service::new(cfg),
-        mem: Model::new(64 << 20),
-        disk: None,
-    };
+    let mut h = Harness::with_config(
+        Model::new(64 << 20),
+        Config {
+            quota: Quota {
+                pages: 8,
+                bytes: 64 << 10,
+                handles: 4,
+                caches: 8,
+            },
+            ..Config::new(TOKEN)
+        },
+    );
     let a = h.login();
     assert_eq!(
         h.code(
@@ -582,16 +531,7 @@ fn batches_report_per_op_results() {
             gfp: Gfp::KERNEL,
         })
         .collect();
-    let (r, _) = h.request(
-        c,
-        &Request::Batch(Batch {
-            stop_on_error: false,
-            ops,
-        }),
-    );
-    let Response::Batch(results) = r else {
-        panic!()
-    };
+    let results = h.batch(c, ops, false);
     assert_eq!(results.len(), 1000);
     let handles: Vec<u64> = results
         .iter()
@@ -604,32 +544,14 @@ fn batches_report_per_op_results() {
             handle: 123_456_789,
         },
     );
-    let (r, _) = h.request(
-        c,
-        &Request::Batch(Batch {
-            stop_on_error: false,
-            ops: ops.clone(),
-        }),
-    );
-    let Response::Batch(results) = r else {
-        panic!()
-    };
+    let results = h.batch(c, ops.clone(), false);
     assert_eq!(results.len(), 1001);
     assert_eq!(results.iter().filter(|r| r.is_err()).count(), 1);
     assert_eq!(results[500].as_ref().unwrap_err().code, errno::ENOENT);
     assert_eq!(h.mem.used, 0);
     // stop_on_error: everything already freed, so the first op fails and
     // nothing else runs.
-    let (r, _) = h.request(
-        c,
-        &Request::Batch(Batch {
-            stop_on_error: true,
-            ops,
-        }),
-    );
-    let Response::Batch(results) = r else {
-        panic!()
-    };
+    let results = h.batch(c, ops, true);
     assert_eq!(results.len(), 1);
 }
 
@@ -637,14 +559,7 @@ fn batches_report_per_op_results() {
 fn batch_reads_are_bounded_by_the_frame() {
     let mut h = harness();
     let c = h.login();
-    let buf = handle(&h.ok(
-        c,
-        Op::DmaAlloc {
-            len: 1 << 20,
-            align: 0,
-            mask: DmaMask::Bits64,
-        },
-    ));
+    let buf = h.dma_alloc(c, 1 << 20, 0, DmaMask::Bits64);
     let ops = vec![
         Op::DmaRead {
             handle: buf,
@@ -653,16 +568,7 @@ fn batch_reads_are_bounded_by_the_frame() {
         };
         3
     ];
-    let (r, _) = h.request(
-        c,
-        &Request::Batch(Batch {
-            stop_on_error: false,
-            ops,
-        }),
-    );
-    let Response::Batch(results) = r else {
-        panic!()
-    };
+    let results = h.batch(c, ops, false);
     assert!(results[0].is_ok());
     assert_eq!(results[1].as_ref().unwrap_err().code, errno::E2BIG);
 }
@@ -672,17 +578,8 @@ fn huge_batches_of_errors_still_fit_a_frame() {
     let mut h = harness();
     let c = h.login();
     let ops = vec![Op::Kfree { handle: 77 }; MAX_BATCH_OPS];
-    let (r, flow) = h.request(
-        c,
-        &Request::Batch(Batch {
-            stop_on_error: false,
-            ops,
-        }),
-    );
+    let (results, flow) = h.batch_flow(c, ops, false);
     assert_eq!(flow, Flow::Continue);
-    let Response::Batch(results) = r else {
-        panic!()
-    };
     assert_eq!(
         results.len(),
         MAX_BATCH_OPS,
@@ -692,16 +589,7 @@ fn huge_batches_of_errors_still_fit_a_frame() {
         .iter()
         .all(|r| r.as_ref().is_err_and(|e| e.code == errno::ENOENT)));
     let ops = vec![Op::Kfree { handle: 77 }; MAX_BATCH_OPS + 1];
-    let (r, _) = h.request(
-        c,
-        &Request::Batch(Batch {
-            stop_on_error: false,
-            ops,
-        }),
-    );
-    let Response::Batch(results) = r else {
-        panic!("a batch gets a batch reply")
-    };
+    let results = h.batch(c, ops, false);
     assert_eq!(results.len(), 1, "one op too many is refused whole");
     assert_eq!(results[0].as_ref().unwrap_err().code, errno::E2BIG);
 }
@@ -724,27 +612,8 @@ fn stress_fault_check_shutdown() {
         r => panic!("{r:?}"),
     }
     assert_eq!(h.mem.used, 0, "stress frees what it allocated");
-    let cache = handle(&h.ok(
-        c,
-        Op::CacheCreate(CacheSpec {
-            name: "f".into(),
-            size: 32,
-            align: 0,
-            flags: SlabFlags::default(),
-            ctor: Ctor::None,
-        }),
-    ));
-    h.ok(
-        c,
-        Op::FaultInject {
-            target: FaultTarget::Slab,
-            config: FaultConfig {
-                probability: 100,
-                interval: 1,
-                times: -1,
-            },
-        },
-    );
+    let cache = h.cache_create(c, "f", 32);
+    h.ok(c, fail_every_slab_alloc());
     assert_eq!(
         h.code(
             c,
@@ -876,36 +745,10 @@ proptest! {
 fn objects_go_back_only_to_their_own_parent() {
     let mut h = harness();
     let c = h.login();
-    let mk_cache = |h: &mut Harness<Model>, name: &str| {
-        handle(&h.ok(
-            c,
-            Op::CacheCreate(CacheSpec {
-                name: name.into(),
-                size: 32,
-                align: 0,
-                flags: SlabFlags::default(),
-                ctor: Ctor::None,
-            }),
-        ))
-    };
-    let a = mk_cache(&mut h, "a");
-    let b = mk_cache(&mut h, "b");
-    let o = handle(&h.ok(
-        c,
-        Op::CacheAlloc {
-            cache: a,
-            gfp: Gfp::KERNEL,
-        },
-    ));
-    let e = h
-        .call(
-            c,
-            Op::CacheFree {
-                cache: b,
-                object: o,
-            },
-        )
-        .unwrap_err();
+    let a = h.cache_create(c, "a", 32);
+    let b = h.cache_create(c, "b", 32);
+    let o = h.cache_alloc(c, a);
+    let e = h.cache_free(c, b, o).unwrap_err();
     assert_eq!(e.code, errno::EINVAL);
     assert!(
         e.message
@@ -913,82 +756,27 @@ fn objects_go_back_only_to_their_own_parent() {
         "{}",
         e.message
     );
-    let e = h
-        .call(
-            c,
-            Op::CacheFree {
-                cache: o,
-                object: o,
-            },
-        )
-        .unwrap_err();
+    let e = h.cache_free(c, o, o).unwrap_err();
     assert_eq!(
         e.code,
         errno::EINVAL,
         "a cache object is not a cache: {}",
         e.message
     );
-    let p = handle(&h.ok(
-        c,
-        Op::PoolCreate {
-            backing: PoolBacking::Cache(a),
-            min_nr: 1,
-        },
-    ));
-    let q = handle(&h.ok(
-        c,
-        Op::PoolCreate {
-            backing: PoolBacking::Cache(b),
-            min_nr: 1,
-        },
-    ));
-    let el = handle(&h.ok(
-        c,
-        Op::PoolAlloc {
-            pool: p,
-            gfp: Gfp::KERNEL,
-        },
-    ));
-    let e = h
-        .call(
-            c,
-            Op::PoolFree {
-                pool: q,
-                object: el,
-            },
-        )
-        .unwrap_err();
+    let p = h.pool_create(c, PoolBacking::Cache(a), 1);
+    let q = h.pool_create(c, PoolBacking::Cache(b), 1);
+    let el = h.pool_alloc(c, p, Gfp::KERNEL);
+    let e = h.pool_free(c, q, el).unwrap_err();
     assert_eq!(e.code, errno::EINVAL);
     assert!(
         e.message.contains(&format!("belongs to pool {p}, not {q}")),
         "{}",
         e.message
     );
-    assert_eq!(
-        h.code(
-            c,
-            Op::CacheFree {
-                cache: a,
-                object: el
-            }
-        ),
-        errno::EINVAL
-    );
+    assert_eq!(h.cache_free(c, a, el).unwrap_err().code, errno::EINVAL);
     // Nothing was released by the refused calls.
-    h.ok(
-        c,
-        Op::CacheFree {
-            cache: a,
-            object: o,
-        },
-    );
-    h.ok(
-        c,
-        Op::PoolFree {
-            pool: p,
-            object: el,
-        },
-    );
+    h.cache_free(c, a, o).unwrap();
+    h.pool_free(c, p, el).unwrap();
     for pool in [p, q] {
         h.ok(c, Op::PoolDestroy { pool });
     }
@@ -1048,14 +836,7 @@ fn an_oversized_batch_count_is_refused_before_it_is_reserved() {
 fn output_is_bounded_and_the_rest_of_the_input_waits() {
     let mut h = harness();
     let c = h.login();
-    let buf = handle(&h.ok(
-        c,
-        Op::DmaAlloc {
-            len: 64 << 10,
-            align: 4096,
-            mask: DmaMask::Bits64,
-        },
-    ));
+    let buf = h.dma_alloc(c, 64 << 10, 4096, DmaMask::Bits64);
     // Eight pipelined reads of 64 KiB: 512 KiB of replies.
     let read = to_frame(&Request::Call(Op::DmaRead {
         handle: buf,
@@ -1106,8 +887,10 @@ fn output_is_bounded_and_the_rest_of_the_input_waits() {
 
 #[test]
 fn the_client_token_cannot_run_operator_operations() {
-    let mut h = harness();
-    h.svc = Service::new(Config::new(TOKEN).with_client_token("client-tok"));
+    let mut h = Harness::with_config(
+        Model::new(64 << 20),
+        Config::new(TOKEN).with_client_token("client-tok"),
+    );
     let c = h.connect();
     let (r, _) = h.request(
         c,
@@ -1126,14 +909,7 @@ fn the_client_token_cannot_run_operator_operations() {
         Op::Check,
         Op::DropCaches,
         Op::Stress { ops: 10, seed: 1 },
-        Op::FaultInject {
-            target: FaultTarget::Slab,
-            config: FaultConfig {
-                probability: 100,
-                interval: 1,
-                times: -1,
-            },
-        },
+        fail_every_slab_alloc(),
     ] {
         assert_eq!(h.code(c, op), errno::EPERM);
     }
@@ -1156,12 +932,11 @@ fn the_client_token_cannot_run_operator_operations() {
 
 #[test]
 fn caches_and_pools_count_against_the_quota_and_a_global_cap() {
-    let mut h = harness();
     let mut cfg = Config::new(TOKEN);
     cfg.quota.caches = 3;
     cfg.max_client_caches = 4;
     cfg.max_client_pools = 100;
-    h.svc = Service::new(cfg);
+    let mut h = Harness::with_config(Model::new(64 << 20), cfg);
     let create = |h: &mut Harness<Model>, c, i: usize| {
         h.call(
             c,

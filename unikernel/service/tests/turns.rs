@@ -10,9 +10,7 @@ use std::cell::Cell;
 use std::collections::HashSet;
 
 use common::*;
-use memd_service::{
-    BlockDevice, Config, ConnId, DirectEnv, Flow, Memory, Service, DEFAULT_BUDGET_NS,
-};
+use memd_service::{BlockDevice, Config, ConnId, DirectEnv, Flow, Memory, DEFAULT_BUDGET_NS};
 use memd_wire::*;
 
 /// How far the fake clock moves at every reading.
@@ -47,9 +45,7 @@ fn harness() -> Harness<Model> {
 
 /// A harness whose service has `config` (the token stays the harness's).
 fn harness_with(config: Config) -> Harness<Model> {
-    let mut h = harness();
-    h.svc = Service::new(config);
-    h
+    Harness::with_config(Model::new(64 << 20), config)
 }
 
 fn call_frame(op: Op) -> Vec<u8> {

@@ -16,6 +16,8 @@
 //! - [`error`]: errno-style [`WireError`]s (numbers from hermit-abi).
 //! - [`pattern`]: the DMA fill pattern and checksum, so clients can verify.
 //! - [`passes`]: how long the service loop's passes took.
+//! - `testing` (feature `proptest`): test support for the property tests
+//!   of memd-wire and memd-service, not part of the protocol.
 //!
 //! A session: the client sends `Request::Hello` with [`PROTOCOL_VERSION`]
 //! and the token; the service answers `Response::Hello` or
@@ -25,6 +27,8 @@
 #![deny(missing_docs)]
 
 extern crate alloc;
+#[cfg(feature = "proptest")]
+extern crate std;
 
 pub mod batch;
 pub mod batch_decode;
@@ -36,6 +40,8 @@ pub mod msg;
 pub mod passes;
 pub mod pattern;
 pub mod stats;
+#[cfg(feature = "proptest")]
+pub mod testing;
 
 pub use batch::{BatchReplyMark, BatchReplyWriter, PLAIN_RESULT_MAX};
 pub use batch_decode::{batch_count, batch_prefix, decode_request};

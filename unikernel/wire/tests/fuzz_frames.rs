@@ -22,6 +22,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
+use memd_wire::testing::{batch_counts, proptest_config};
 use memd_wire::*;
 use proptest::prelude::*;
 
@@ -235,12 +236,8 @@ fn seeds() -> Vec<Request> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        // Overridden by PROPTEST_CASES (cargo xtask fuzz).
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(512),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    // PROPTEST_CASES overrides the count (cargo xtask fuzz).
+    #![proptest_config(proptest_config(512))]
 
     /// Random bytes in random chunks.
     #[test]
@@ -421,17 +418,6 @@ fn hostile_op(max_len: usize) -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Batch counts: at, around and far past the limit, up to `u64::MAX`.
-fn count() -> impl Strategy<Value = u64> {
-    let max = MAX_BATCH_OPS as u64;
-    prop_oneof![
-        0..=max,
-        (max + 1)..=(max + 3),
-        prop::sample::select(vec![max, max + 1, u32::MAX as u64, 1 << 63, u64::MAX]),
-        (max + 1)..=u64::MAX,
-    ]
-}
-
 /// A batch header claiming `count` operations, then `ops` (however many
 /// that is), then `tail`.
 fn claimed_batch(stop: bool, count: u64, ops: &[Op], tail: &[u8]) -> Vec<u8> {
@@ -467,19 +453,15 @@ fn feed_frame(body: &[u8], chunks: &[usize]) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        // Overridden by PROPTEST_CASES (cargo xtask fuzz).
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(64),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    // PROPTEST_CASES overrides the count (cargo xtask fuzz).
+    #![proptest_config(proptest_config(64))]
 
     /// Batches whose count claims anything up to `u64::MAX`, with a few
     /// hostile operations behind it and garbage after.
     #[test]
     fn batch_counts_claim_what_is_not_there(
         stop: bool,
-        count in count(),
+        count in batch_counts(),
         ops in prop::collection::vec(hostile_op(MAX_FRAME / 16), 0..6),
         tail in prop::collection::vec(any::<u8>(), 0..16),
         chunks in prop::collection::vec(1usize..5000, 0..8),

@@ -1,5 +1,7 @@
 //! Test helpers: a model memory manager (a bookkeeping double that checks
-//! every free against what it handed out) and a client-side driver.
+//! every free against what it handed out), an environment over the real
+//! memd-mm that flags every borrow like the kernel's lock, and a
+//! client-side driver over either.
 #![allow(dead_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -7,9 +9,10 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use memd_mm::{HostMm, MemoryManager};
 use memd_service::{
-    Backing, BlockDevice, Config, ConnId, DirectEnv, DmaFacts, Flow, MemError, Memory, Obj,
-    Service, Transfer, View,
+    Backing, BlockDevice, Config, ConnId, DeviceDma, DirectEnv, DmaFacts, Env, Flow, MemError,
+    Memory, Obj, Service, Transfer, View,
 };
 use memd_wire::*;
 
@@ -55,20 +58,44 @@ pub fn under_lock<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// An [`Env`] over the real memd-mm that flags every borrow like the
-/// kernel's lock, so [`Guard`] counts heap use inside it.
-pub struct LockEnv<'a>(pub &'a mut memd_mm::MemoryManager);
+/// An [`Env`] over the real memd-mm, like the kernel's: it lends the
+/// manager (and the disk, if any) flagged as under the lock, so [`Guard`]
+/// counts heap use inside, and it reports one ring a pretend device holds
+/// for the DMA list.
+pub struct LockEnv<'a> {
+    pub mm: &'a mut MemoryManager,
+    pub disk: Option<&'a mut RamDisk>,
+}
 
-impl memd_service::Env for LockEnv<'_> {
-    type Mem = memd_mm::MemoryManager;
+impl<'a> LockEnv<'a> {
+    /// The manager alone, no disk.
+    pub fn new(mm: &'a mut MemoryManager) -> Self {
+        LockEnv { mm, disk: None }
+    }
+}
+
+impl Env for LockEnv<'_> {
+    type Mem = MemoryManager;
     fn with_mem<R>(
         &mut self,
-        f: impl FnOnce(&mut memd_mm::MemoryManager, Option<&mut dyn BlockDevice>) -> R,
+        f: impl FnOnce(&mut MemoryManager, Option<&mut dyn BlockDevice>) -> R,
     ) -> R {
-        under_lock(|| f(self.0, None))
+        under_lock(|| match self.disk.as_deref_mut() {
+            Some(d) => f(self.mm, Some(d)),
+            None => f(self.mm, None),
+        })
     }
     fn now_ns(&mut self) -> u64 {
         1
+    }
+    /// One ring a pretend device holds, for the DMA list.
+    fn device_dma(&mut self) -> Vec<DeviceDma> {
+        vec![DeviceDma {
+            owner: "virtio-test queue 0 ring".into(),
+            phys: 0x20_0000,
+            len: 8192,
+            cma: false,
+        }]
     }
 }
 
@@ -405,17 +432,54 @@ pub fn clock() -> u64 {
         .as_nanos() as u64
 }
 
-/// Drives one connection of a service as a client would, decoding replies.
-pub struct Harness<M: Memory> {
-    pub svc: Service<M>,
-    pub mem: M,
+/// What a [`Harness`] runs the service over, and the [`Env`] it lends the
+/// service for each call.
+pub trait Backend {
+    type Mem: Memory;
+    type Env<'a>: Env<Mem = Self::Mem>
+    where
+        Self: 'a;
+    fn env<'a>(&'a mut self, disk: Option<&'a mut RamDisk>) -> Self::Env<'a>;
+}
+
+/// The model, lent as it is ([`DirectEnv`], the host's clock).
+impl Backend for Model {
+    type Mem = Model;
+    type Env<'a> = DirectEnv<'a, Model>;
+    fn env<'a>(&'a mut self, disk: Option<&'a mut RamDisk>) -> DirectEnv<'a, Model> {
+        DirectEnv {
+            mem: self,
+            block: disk.map(|d| d as &mut dyn BlockDevice),
+            clock,
+        }
+    }
+}
+
+/// The real memd-mm over a host arena, lent through [`LockEnv`].
+impl Backend for HostMm {
+    type Mem = MemoryManager;
+    type Env<'a> = LockEnv<'a>;
+    fn env<'a>(&'a mut self, disk: Option<&'a mut RamDisk>) -> LockEnv<'a> {
+        LockEnv { mm: self, disk }
+    }
+}
+
+/// Drives connections of a service as clients would, decoding replies.
+pub struct Harness<B: Backend> {
+    pub svc: Service<B::Mem>,
+    pub mem: B,
     pub disk: Option<RamDisk>,
 }
 
-impl<M: Memory> Harness<M> {
-    pub fn new(mem: M) -> Self {
+impl<B: Backend> Harness<B> {
+    pub fn new(mem: B) -> Self {
+        Self::with_config(mem, Config::new(TOKEN))
+    }
+
+    /// A harness whose service has `config` (give it [`TOKEN`] to log in).
+    pub fn with_config(mem: B, config: Config) -> Self {
         Harness {
-            svc: Service::new(Config::new(TOKEN)),
+            svc: Service::new(config),
             mem,
             disk: None,
         }
@@ -428,11 +492,7 @@ impl<M: Memory> Harness<M> {
     /// Send raw bytes; returns the decoded responses and the flow.
     pub fn send_raw(&mut self, conn: ConnId, bytes: &[u8]) -> (Vec<Response>, Flow) {
         let mut out = Vec::new();
-        let mut env = DirectEnv {
-            mem: &mut self.mem,
-            block: self.disk.as_mut().map(|d| d as &mut dyn BlockDevice),
-            clock,
-        };
+        let mut env = self.mem.env(self.disk.as_mut());
         let flow = self.svc.on_bytes(&mut env, conn, bytes, &mut out);
         let mut dec = FrameDecoder::new();
         let mut input = &out[..];
@@ -477,10 +537,115 @@ impl<M: Memory> Harness<M> {
         }
     }
 
+    /// Sends `ops` as one batch; returns the per-op results and the flow.
+    pub fn batch_flow(
+        &mut self,
+        conn: ConnId,
+        ops: Vec<Op>,
+        stop_on_error: bool,
+    ) -> (Vec<Result<Reply, WireError>>, Flow) {
+        match self.request(conn, &Request::Batch(Batch { stop_on_error, ops })) {
+            (Response::Batch(results), flow) => (results, flow),
+            other => panic!("a batch gets a batch reply, got {other:?}"),
+        }
+    }
+
+    /// Sends `ops` as one batch; returns the per-op results.
+    pub fn batch(
+        &mut self,
+        conn: ConnId,
+        ops: Vec<Op>,
+        stop_on_error: bool,
+    ) -> Vec<Result<Reply, WireError>> {
+        self.batch_flow(conn, ops, stop_on_error).0
+    }
+
     pub fn ok(&mut self, conn: ConnId, op: Op) -> Reply {
         let name = op.name();
         self.call(conn, op)
             .unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    /// A slab cache `name` of `size`-byte objects (no alignment, flags or
+    /// constructor); its handle.
+    pub fn cache_create(&mut self, conn: ConnId, name: &str, size: u32) -> u64 {
+        handle(&self.ok(
+            conn,
+            Op::CacheCreate(CacheSpec {
+                name: name.into(),
+                size,
+                align: 0,
+                flags: SlabFlags::default(),
+                ctor: Ctor::None,
+            }),
+        ))
+    }
+
+    /// An object of `cache` (GFP_KERNEL); its handle.
+    pub fn cache_alloc(&mut self, conn: ConnId, cache: u64) -> u64 {
+        handle(&self.ok(
+            conn,
+            Op::CacheAlloc {
+                cache,
+                gfp: Gfp::KERNEL,
+            },
+        ))
+    }
+
+    /// A mempool over `backing` holding `min_nr` elements in reserve; its
+    /// handle.
+    pub fn pool_create(&mut self, conn: ConnId, backing: PoolBacking, min_nr: u32) -> u64 {
+        handle(&self.ok(conn, Op::PoolCreate { backing, min_nr }))
+    }
+
+    /// An element of `pool`; its handle.
+    pub fn pool_alloc(&mut self, conn: ConnId, pool: u64, gfp: Gfp) -> u64 {
+        handle(&self.ok(conn, Op::PoolAlloc { pool, gfp }))
+    }
+
+    /// Frees `object` through `cache`, as [`Harness::call`].
+    pub fn cache_free(
+        &mut self,
+        conn: ConnId,
+        cache: u64,
+        object: u64,
+    ) -> Result<Reply, WireError> {
+        self.call(conn, Op::CacheFree { cache, object })
+    }
+
+    /// Frees `object` through `pool`, as [`Harness::call`].
+    pub fn pool_free(&mut self, conn: ConnId, pool: u64, object: u64) -> Result<Reply, WireError> {
+        self.call(conn, Op::PoolFree { pool, object })
+    }
+
+    /// A DMA buffer; its handle.
+    pub fn dma_alloc(&mut self, conn: ConnId, len: u64, align: u64, mask: DmaMask) -> u64 {
+        handle(&self.ok(conn, Op::DmaAlloc { len, align, mask }))
+    }
+
+    /// Fills DMA buffer `handle` with the pattern of `seed`.
+    pub fn dma_fill(&mut self, conn: ConnId, handle: u64, seed: u64) -> Reply {
+        self.ok(conn, Op::DmaFill { handle, seed })
+    }
+
+    /// Writes DMA buffer `handle` to the disk at `sector`.
+    pub fn write_disk(&mut self, conn: ConnId, handle: u64, sector: u64) -> Reply {
+        self.ok(conn, Op::DmaWriteDisk { handle, sector })
+    }
+
+    /// Reads DMA buffer `handle` from the disk at `sector`.
+    pub fn read_disk(&mut self, conn: ConnId, handle: u64, sector: u64) -> Reply {
+        self.ok(conn, Op::DmaReadDisk { handle, sector })
+    }
+
+    /// Asserts that the service's checksum of all of DMA buffer `handle` is
+    /// that of `expect`.
+    #[track_caller]
+    pub fn assert_dma_holds(&mut self, conn: ConnId, handle: u64, expect: &[u8]) {
+        assert_eq!(
+            self.dma_checksum(conn, handle, 0, 0),
+            Reply::Checksum(checksum(expect))
+        );
     }
 
     /// The checksum of `len` bytes of DMA buffer `handle` from `offset`
@@ -503,12 +668,9 @@ impl<M: Memory> Harness<M> {
         }
     }
 
+    /// Closes `conn` at once (no disk: nothing waits for a device).
     pub fn close(&mut self, conn: ConnId) {
-        let mut env = DirectEnv {
-            mem: &mut self.mem,
-            block: None,
-            clock,
-        };
+        let mut env = self.mem.env(None);
         self.svc.on_close_now(&mut env, conn);
     }
 }
