@@ -196,14 +196,7 @@ fn orders(map: &MemMap) -> u32 {
 /// Bytes per kind over the whole map, in a fixed order for the legend.
 pub fn totals(map: &MemMap) -> Vec<(RunKind, u64)> {
     let mut kinds: Vec<RunKind> = (0..orders(map) as u8).map(RunKind::Free).collect();
-    kinds.extend([
-        RunKind::Pcp,
-        RunKind::Allocated,
-        RunKind::Slab,
-        RunKind::Large,
-        RunKind::Pool,
-        RunKind::Reserved,
-    ]);
+    kinds.extend(RunKind::NOT_ON_FREE_LISTS);
     kinds
         .into_iter()
         .map(|k| {

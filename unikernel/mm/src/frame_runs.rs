@@ -39,6 +39,19 @@ pub enum RunKind {
     Absent,
 }
 
+impl RunKind {
+    /// Every kind of RAM that is not on the buddy's free lists, in the
+    /// order legends list them (after the free orders).
+    pub const NOT_ON_FREE_LISTS: [RunKind; 6] = [
+        RunKind::Pcp,
+        RunKind::Allocated,
+        RunKind::Slab,
+        RunKind::Large,
+        RunKind::Pool,
+        RunKind::Reserved,
+    ];
+}
+
 /// A short name for legends and tables ("free order 3", "slab", ...); a
 /// width pads it.
 impl core::fmt::Display for RunKind {

@@ -63,16 +63,14 @@ fn faults() {
 
 #[test]
 fn map_runs() {
-    let kinds = [
-        RunKind::Free(3),
-        RunKind::Pcp,
-        RunKind::Allocated,
-        RunKind::Slab,
-        RunKind::Large,
-        RunKind::Pool,
-        RunKind::Reserved,
-        RunKind::Absent,
-    ];
+    // Every variant: a free order, the rest of RAM, then what is not RAM.
+    let kinds: [RunKind; 8] = [RunKind::Free(3)]
+        .into_iter()
+        .chain(RunKind::NOT_ON_FREE_LISTS)
+        .chain([RunKind::Absent])
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap();
     assert_eq!(bytes(&kinds), [0, 3, 1, 2, 3, 4, 5, 6, 7]);
     let run = MapRun {
         start: 4096,
