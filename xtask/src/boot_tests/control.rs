@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::tokens::GuestTokens;
 
-/// Clients this check holds at once (issue 4 asks for at least 64).
+/// Clients this check holds at once (the control plane must serve at least 64).
 const CLIENTS: usize = 64;
 
 /// Through the host forward, across virtio-net, smoltcp and memd-service:

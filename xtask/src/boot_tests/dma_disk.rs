@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::{GIB, MIB};
 
-/// Large contiguous DMA buffers and the disk (issue 5), on a 1 GiB guest
+/// Large contiguous DMA buffers and the disk, on a 1 GiB guest
 /// with `memd.dma_reserve=64M@dma32` and a 32 MiB disk:
 ///
 /// - the DMA list names the kernel's device buffers with their device

@@ -1,4 +1,4 @@
-//! The boot test matrix (issue 3): boot with `memd.selftest=1` on microvm and
+//! The boot test matrix: boot with `memd.selftest=1` on microvm and
 //! q35, with 64 MiB, 1 GiB and 5 GiB, with and without
 //! `memd.dma_reserve=64M@dma32`, and check from the console that
 //!
