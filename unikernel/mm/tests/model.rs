@@ -275,7 +275,11 @@ fn baseline() -> u64 {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    // 64 cases unless PROPTEST_CASES says otherwise (`cargo xtask fuzz`).
+    #![proptest_config(ProptestConfig::with_cases(match std::env::var_os("PROPTEST_CASES") {
+        Some(_) => ProptestConfig::default().cases,
+        None => 64,
+    }))]
 
     #[test]
     fn random_operations_keep_every_invariant(ops in prop::collection::vec(op(), 1..400)) {

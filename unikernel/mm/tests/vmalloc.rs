@@ -461,7 +461,11 @@ fn largest_gap(live: &[(u64, u64)], window: (u64, u64)) -> u64 {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    // 64 cases unless PROPTEST_CASES says otherwise (`cargo xtask fuzz`).
+    #![proptest_config(ProptestConfig::with_cases(match std::env::var_os("PROPTEST_CASES") {
+        Some(_) => ProptestConfig::default().cases,
+        None => 64,
+    }))]
 
     /// Random vmalloc/vfree sequences in a 16 MiB window against a model
     /// of the live areas: every placement is first fit, the chunk is the
