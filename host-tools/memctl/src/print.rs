@@ -148,15 +148,21 @@ fn secs(ns: u64) -> String {
     }
 }
 
-/// The service loop's passes in one line: the last interval's count, 99th
-/// percentile and longest, the longest since boot, and the turn budget.
+/// The service loop's busy passes in one line: the last whole interval's
+/// count, 99th percentile and longest (or that it had none: an idle memd
+/// answering one request), the longest since boot, and the turn budget.
 pub(crate) fn loop_passes(p: &LoopPasses) -> String {
+    let last = match p.last.passes() {
+        0 => format!("none in the last {}", secs(p.interval_ns)),
+        n => format!(
+            "last {}: {n} passes, p99 {}, max {}",
+            secs(p.interval_ns),
+            ms(p.last.quantile(990)),
+            ms(p.last.max_ns)
+        ),
+    };
     format!(
-        "last {}: {} passes, p99 {}, max {}; since boot max {} (budget {} per turn)",
-        secs(p.interval_ns),
-        p.last.passes(),
-        ms(p.last.quantile(990)),
-        ms(p.last.max_ns),
+        "{last}; since boot max {} (budget {} per turn)",
         ms(p.since_boot.max_ns),
         ms(p.budget_ns)
     )
@@ -453,6 +459,10 @@ mod tests {
             interval_ns: 500_000_000,
             ..LoopPasses::default()
         };
-        assert!(loop_passes(&half).starts_with("last 0.5 s: 0 passes, p99 0 ms"));
+        assert!(
+            loop_passes(&half).starts_with("none in the last 0.5 s; since boot max 0 ms"),
+            "{}",
+            loop_passes(&half)
+        );
     }
 }
