@@ -146,7 +146,7 @@ impl<M: Memory> Service<M> {
 
     /// Handles held by `conn` (None when it does not exist).
     pub fn handles_of(&self, conn: ConnId) -> Option<usize> {
-        self.conns.get(&conn).map(|c| c.handles.len())
+        self.conns.get(&conn).map(|c| c.holdings.handles.len())
     }
 
     /// Whether a shutdown was requested.
@@ -207,7 +207,7 @@ impl<M: Memory> Service<M> {
             Some(Job::Batch(mut b)) => b.take_work(),
             None => None,
         };
-        let mut handles = c.handles;
+        let mut handles = c.holdings.handles;
         if let Some(f) = work.and_then(|w| w.abandon(env)) {
             // The device holds that buffer: it is freed when it gives it back.
             if let Some(Res::Dma { buf, .. }) = handles.remove(f.handle) {

@@ -21,8 +21,7 @@
 
 use memd_wire::{BatchReplyWriter, Gfp, Op};
 
-use super::conn::Conn;
-use super::res::Res;
+use super::res::{Holdings, Res};
 use super::Service;
 use crate::env::Env;
 use crate::handles::HandleTable;
@@ -143,14 +142,14 @@ impl<M: Memory> Service<M> {
         let Some(c) = self.conns.get_mut(&conn) else {
             return run;
         };
-        c.handles.reserve(stretch.allocs, stretch.frees);
+        c.holdings.handles.reserve(stretch.allocs, stretch.frees);
         reply.reserve_plain(stretch.left);
         env.with_mem_as(conn, |m, _| {
             for op in ops[..stretch.left.min(limit)].iter().map_while(BulkOp::of) {
                 if !reply.plain_fits(FINAL_ENTRY_ROOM) {
                     break;
                 }
-                let step = step(m, c, &quota, page, op, reply);
+                let step = step(m, &mut c.holdings, &quota, page, op, reply);
                 if matches!(step, Step::Leave) {
                     break;
                 }
@@ -174,7 +173,7 @@ impl<M: Memory> Service<M> {
 /// of the service's own.
 fn step<M: Memory>(
     m: &mut M,
-    c: &mut Conn<M>,
+    c: &mut Holdings<M>,
     quota: &memd_wire::Quota,
     page: u64,
     op: BulkOp,

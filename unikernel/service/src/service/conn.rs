@@ -1,5 +1,5 @@
-//! A connection: where it is in its session, its handles and what they
-//! charge, its counters, and the request in progress.
+//! A connection: where it is in its session, what it holds, its counters,
+//! and the request in progress.
 
 use alloc::boxed::Box;
 use alloc::string::String;
@@ -8,10 +8,9 @@ use alloc::vec::Vec;
 use memd_wire::{FrameDecoder, Request, Role};
 
 use super::batch::BatchJob;
-use super::res::Res;
+use super::res::Holdings;
 use super::work::Work;
 use super::ConnId;
-use crate::handles::HandleTable;
 use crate::memory::Memory;
 
 /// Where a connection is in its session.
@@ -54,13 +53,8 @@ pub(super) struct Conn<M: Memory> {
     pub(super) role: Role,
     pub(super) decoder: FrameDecoder,
     pub(super) name: String,
-    pub(super) handles: HandleTable<Res<M>>,
-    pub(super) pages: u64,
-    pub(super) bytes: u64,
-    /// Slab caches held.
-    pub(super) caches: u64,
-    /// Mempools held.
-    pub(super) pools: u64,
+    /// Its handles and what they charge.
+    pub(super) holdings: Holdings<M>,
     pub(super) requests: u64,
     pub(super) errors: u64,
     /// The request in progress.
@@ -70,9 +64,6 @@ pub(super) struct Conn<M: Memory> {
     /// A request that waits for `job` to end (a long one, or a batch).
     pub(super) waiting: Option<Request>,
 }
-
-/// [`HandleTable::insert`] or [`HandleTable::insert_reserved`].
-pub(super) type Inserter<M> = fn(&mut HandleTable<Res<M>>, Res<M>) -> Result<u64, Res<M>>;
 
 impl<M: Memory> Conn<M> {
     /// Connection `id`, awaiting its hello.
@@ -84,41 +75,12 @@ impl<M: Memory> Conn<M> {
             role: Role::Client,
             decoder,
             name: String::new(),
-            handles: HandleTable::new(id),
-            pages: 0,
-            bytes: 0,
-            caches: 0,
-            pools: 0,
+            holdings: Holdings::new(id),
             requests: 0,
             errors: 0,
             job: None,
             held: Vec::new(),
             waiting: None,
         }
-    }
-
-    /// Files `res` under a new handle by `insert` (which may or may not
-    /// grow the table) and charges it; None when the table is full.
-    pub(super) fn file(&mut self, res: Res<M>, page: u64, insert: Inserter<M>) -> Option<u64> {
-        let (pages, bytes) = res.charge(page);
-        let (caches, pools) = res.tables();
-        let handle = insert(&mut self.handles, res).ok()?;
-        self.pages += pages;
-        self.bytes += bytes;
-        self.caches += caches;
-        self.pools += pools;
-        Some(handle)
-    }
-
-    /// Takes `handle`'s resource out and uncharges it.
-    pub(super) fn unfile(&mut self, handle: u64, page: u64) -> Option<Res<M>> {
-        let res = self.handles.remove(handle)?;
-        let (pages, bytes) = res.charge(page);
-        let (caches, pools) = res.tables();
-        self.pages -= pages;
-        self.bytes -= bytes;
-        self.caches -= caches;
-        self.pools -= pools;
-        Some(res)
     }
 }

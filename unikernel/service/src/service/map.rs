@@ -78,7 +78,7 @@ impl<M: Memory> Service<M> {
         let bufs = || {
             self.conns
                 .values()
-                .flat_map(|c| c.handles.values())
+                .flat_map(|c| c.holdings.handles.values())
                 .filter_map(|r| match r {
                     Res::Dma { info, .. } => Some(MapDma {
                         handle: info.handle,

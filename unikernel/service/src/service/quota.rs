@@ -3,9 +3,8 @@
 
 use alloc::format;
 
-use memd_wire::{errno, Quota, WireError};
+use memd_wire::{errno, WireError};
 
-use super::conn::Conn;
 use super::{err, ConnId, Service};
 use crate::memory::Memory;
 
@@ -14,23 +13,6 @@ pub(super) enum Over {
     Handles,
     Pages,
     Bytes,
-}
-
-impl<M: Memory> Conn<M> {
-    /// Which limit of `q` one more handle charging (pages, bytes) would
-    /// pass, if any. Allocates nothing, so it may run under the memory
-    /// manager's lock.
-    pub(super) fn over_quota(&self, q: &Quota, pages: u64, bytes: u64) -> Option<Over> {
-        if self.handles.len() as u64 >= q.handles {
-            Some(Over::Handles)
-        } else if self.pages.saturating_add(pages) > q.pages {
-            Some(Over::Pages)
-        } else if self.bytes.saturating_add(bytes) > q.bytes {
-            Some(Over::Bytes)
-        } else {
-            None
-        }
-    }
 }
 
 impl<M: Memory> Service<M> {
@@ -46,7 +28,7 @@ impl<M: Memory> Service<M> {
             .get(&conn)
             .ok_or_else(|| err(errno::EBADF, "no connection"))?;
         let q = &self.config.quota;
-        match c.over_quota(q, pages, bytes) {
+        match c.holdings.over_quota(q, pages, bytes) {
             None => Ok(()),
             Some(Over::Handles) => Err(err(
                 errno::EDQUOT,
@@ -54,11 +36,17 @@ impl<M: Memory> Service<M> {
             )),
             Some(Over::Pages) => Err(err(
                 errno::EDQUOT,
-                format!("page quota: {} held + {pages} > {}", c.pages, q.pages),
+                format!(
+                    "page quota: {} held + {pages} > {}",
+                    c.holdings.pages, q.pages
+                ),
             )),
             Some(Over::Bytes) => Err(err(
                 errno::EDQUOT,
-                format!("byte quota: {} held + {bytes} > {}", c.bytes, q.bytes),
+                format!(
+                    "byte quota: {} held + {bytes} > {}",
+                    c.holdings.bytes, q.bytes
+                ),
             )),
         }
     }
@@ -72,17 +60,17 @@ impl<M: Memory> Service<M> {
             .get(&conn)
             .ok_or_else(|| err(errno::EBADF, "no connection"))?;
         let q = self.config.quota.caches;
-        if c.caches + c.pools >= q {
+        if c.holdings.caches + c.holdings.pools >= q {
             return Err(err(
                 errno::EDQUOT,
                 format!("cache and mempool quota of {q} reached"),
             ));
         }
         let (held, cap, what) = if pool {
-            let held = self.conns.values().map(|c| c.pools).sum::<u64>();
+            let held = self.conns.values().map(|c| c.holdings.pools).sum::<u64>();
             (held, self.config.max_client_pools, "mempools")
         } else {
-            let held = self.conns.values().map(|c| c.caches).sum::<u64>();
+            let held = self.conns.values().map(|c| c.holdings.caches).sum::<u64>();
             (held, self.config.max_client_caches, "slab caches")
         };
         if held >= cap {

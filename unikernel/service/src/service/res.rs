@@ -1,11 +1,13 @@
-//! What a handle holds, what it charges against the quota, and the
-//! lookups of a connection's handles.
+//! What a handle holds and what it charges, what a connection holds
+//! (its handles and their charges against its quota), and the lookups of
+//! a connection's handles.
 
 use alloc::boxed::Box;
 use alloc::format;
 
-use memd_wire::{errno, DmaBufferInfo, WireError};
+use memd_wire::{errno, DmaBufferInfo, Quota, WireError};
 
+use super::quota::Over;
 use super::{err, ConnId, Service};
 use crate::handles::HandleTable;
 use crate::memory::{Memory, Obj};
@@ -88,12 +90,81 @@ impl<M: Memory> Res<M> {
     }
 }
 
+/// What a connection holds: its handles, and the pages, bytes, slab caches
+/// and mempools they charge against its quota.
+pub(super) struct Holdings<M: Memory> {
+    pub(super) handles: HandleTable<Res<M>>,
+    pub(super) pages: u64,
+    pub(super) bytes: u64,
+    /// Slab caches held.
+    pub(super) caches: u64,
+    /// Mempools held.
+    pub(super) pools: u64,
+}
+
+/// [`HandleTable::insert`] or [`HandleTable::insert_reserved`].
+pub(super) type Inserter<M> = fn(&mut HandleTable<Res<M>>, Res<M>) -> Result<u64, Res<M>>;
+
+impl<M: Memory> Holdings<M> {
+    /// Nothing yet, for connection `id`.
+    pub(super) fn new(id: ConnId) -> Self {
+        Holdings {
+            handles: HandleTable::new(id),
+            pages: 0,
+            bytes: 0,
+            caches: 0,
+            pools: 0,
+        }
+    }
+
+    /// Files `res` under a new handle by `insert` (which may or may not
+    /// grow the table) and charges it; None when the table is full.
+    pub(super) fn file(&mut self, res: Res<M>, page: u64, insert: Inserter<M>) -> Option<u64> {
+        let (pages, bytes) = res.charge(page);
+        let (caches, pools) = res.tables();
+        let handle = insert(&mut self.handles, res).ok()?;
+        self.pages += pages;
+        self.bytes += bytes;
+        self.caches += caches;
+        self.pools += pools;
+        Some(handle)
+    }
+
+    /// Takes `handle`'s resource out and uncharges it.
+    pub(super) fn unfile(&mut self, handle: u64, page: u64) -> Option<Res<M>> {
+        let res = self.handles.remove(handle)?;
+        let (pages, bytes) = res.charge(page);
+        let (caches, pools) = res.tables();
+        self.pages -= pages;
+        self.bytes -= bytes;
+        self.caches -= caches;
+        self.pools -= pools;
+        Some(res)
+    }
+
+    /// Which limit of `q` one more handle charging (pages, bytes) would
+    /// pass, if any. Allocates nothing, so it may run under the memory
+    /// manager's lock.
+    pub(super) fn over_quota(&self, q: &Quota, pages: u64, bytes: u64) -> Option<Over> {
+        if self.handles.len() as u64 >= q.handles {
+            Some(Over::Handles)
+        } else if self.pages.saturating_add(pages) > q.pages {
+            Some(Over::Pages)
+        } else if self.bytes.saturating_add(bytes) > q.bytes {
+            Some(Over::Bytes)
+        } else {
+            None
+        }
+    }
+}
+
 impl<M: Memory> Service<M> {
     /// Files `res` under a new handle of `conn`. Callers checked the quota
     /// first, and the quota is at most what a table holds.
     pub(super) fn insert(&mut self, conn: ConnId, res: Res<M>, page: u64) -> u64 {
         match self.conns.get_mut(&conn) {
             Some(c) => c
+                .holdings
                 .file(res, page, HandleTable::insert)
                 .unwrap_or_else(|| unreachable!("check_quota keeps tables below MAX_HANDLES")),
             None => 0,
@@ -102,20 +173,20 @@ impl<M: Memory> Service<M> {
 
     /// Takes `h`'s resource out of `conn`'s table and uncharges it.
     pub(super) fn remove(&mut self, conn: ConnId, h: u64, page: u64) -> Option<Res<M>> {
-        self.conns.get_mut(&conn)?.unfile(h, page)
+        self.conns.get_mut(&conn)?.holdings.unfile(h, page)
     }
 
     /// `h`'s resource, or ENOENT.
     pub(super) fn get(&self, conn: ConnId, h: u64) -> Result<&Res<M>, WireError> {
         self.conns
             .get(&conn)
-            .and_then(|c| c.handles.get(h))
+            .and_then(|c| c.holdings.handles.get(h))
             .ok_or_else(|| no_handle(h))
     }
 
     /// `h`'s resource, to change its counts.
     pub(super) fn get_mut(&mut self, conn: ConnId, h: u64) -> Option<&mut Res<M>> {
-        self.conns.get_mut(&conn)?.handles.get_mut(h)
+        self.conns.get_mut(&conn)?.holdings.handles.get_mut(h)
     }
 }
 

@@ -46,9 +46,9 @@ impl<M: Memory> Service<M> {
                 conn: *id,
                 name: c.name.clone(),
                 authenticated: c.state == State::Ready,
-                handles: c.handles.len() as u64,
-                pages: c.pages,
-                bytes: c.bytes,
+                handles: c.holdings.handles.len() as u64,
+                pages: c.holdings.pages,
+                bytes: c.holdings.bytes,
                 requests: c.requests,
                 errors: c.errors,
                 quota: (c.state == State::Ready).then_some(self.config.quota),
@@ -69,7 +69,7 @@ impl<M: Memory> Service<M> {
         let clients = self
             .conns
             .values()
-            .flat_map(|c| c.handles.values())
+            .flat_map(|c| c.holdings.handles.values())
             .filter_map(|r| match r {
                 Res::Dma { info, .. } => Some(info),
                 _ => None,
