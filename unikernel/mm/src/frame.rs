@@ -6,8 +6,6 @@
 //! first frame of a block (its head) carries state, the rest read `None`
 //! (or `SlabTail`, pointing back at the head).
 
-use crate::zone::ZoneType;
-
 /// Frame number used as "no frame" in links.
 pub const NIL: u32 = u32::MAX;
 
@@ -101,15 +99,17 @@ impl Frame {
         self.flags & 0xf == state as u8
     }
 
+    /// The index of the zone this frame belongs to (`Frame::zone`, in
+    /// zone.rs, gives it its type).
     #[inline(always)]
-    pub fn zone(&self) -> ZoneType {
-        ZoneType::from_index(((self.flags >> 4) & 3) as usize)
+    pub(crate) fn zone_index(&self) -> usize {
+        ((self.flags >> 4) & 3) as usize
     }
 
-    /// Makes this frame the head of a block.
+    /// Makes this frame the head of a block in zone `zone_index`.
     #[inline(always)]
-    pub fn set(&mut self, state: FrameState, zone: ZoneType, order: u32) {
-        self.flags = state as u8 | ((zone as u8) << 4);
+    pub(crate) fn set_head(&mut self, state: FrameState, zone_index: u8, order: u32) {
+        self.flags = state as u8 | (zone_index << 4);
         self.order = order as u8;
     }
 

@@ -3,7 +3,7 @@
 //! As on x86-64 Linux: ZONE_DMA below 16 MiB (ISA devices, 24-bit masks),
 //! ZONE_DMA32 below 4 GiB (32-bit masks), ZONE_NORMAL above.
 
-use crate::frame::FrameList;
+use crate::frame::{Frame, FrameList, FrameState};
 use crate::pcp::Pcp;
 
 pub const DMA_LIMIT: u64 = 16 << 20;
@@ -21,6 +21,21 @@ pub enum ZoneType {
     Dma = 0,
     Dma32 = 1,
     Normal = 2,
+}
+
+/// The zone a frame carries in its flags.
+impl Frame {
+    /// The zone this frame belongs to.
+    #[inline(always)]
+    pub fn zone(&self) -> ZoneType {
+        ZoneType::from_index(self.zone_index())
+    }
+
+    /// Makes this frame the head of a block of `order` in `zone`.
+    #[inline(always)]
+    pub fn set(&mut self, state: FrameState, zone: ZoneType, order: u32) {
+        self.set_head(state, zone as u8, order);
+    }
 }
 
 impl ZoneType {
