@@ -191,20 +191,9 @@ impl<T: Objects> Pages for PagesVia<T> {
     }
 }
 
-/// The traces are the same for every allocator and every run.
-struct Rng(Prandom);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0.next_u64()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        self.0.below(n as u64) as usize
-    }
-}
-
 /// Sizes log-uniform in 8..=4096.
-fn log_uniform_size(rng: &mut Rng) -> usize {
-    let log = 3.0 + (rng.next() >> 11) as f64 / (1u64 << 53) as f64 * 9.0;
+fn log_uniform_size(rng: &mut Prandom) -> usize {
+    let log = 3.0 + (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 9.0;
     (2f64.powf(log) as usize).clamp(8, 4096)
 }
 
@@ -213,8 +202,9 @@ struct SteadyTrace {
     steps: Vec<(u32, u32)>,
 }
 
+/// The same trace for every allocator and every run of one seed.
 fn steady_trace(seed: u64, sizes: bool) -> SteadyTrace {
-    let mut rng = Rng(Prandom::new(seed));
+    let mut rng = Prandom::new(seed);
     let initial = (0..LIVE)
         .map(|_| {
             if sizes {
@@ -227,7 +217,7 @@ fn steady_trace(seed: u64, sizes: bool) -> SteadyTrace {
     let steps = (0..STEPS)
         .map(|_| {
             (
-                rng.below(LIVE) as u32,
+                rng.below(LIVE as u64) as u32,
                 if sizes {
                     log_uniform_size(&mut rng) as u32
                 } else {
@@ -325,9 +315,9 @@ fn frag_rate(
             break;
         }
     }
-    let mut rng = Rng(Prandom::new(42));
+    let mut rng = Prandom::new(42);
     for i in (1..pages.len()).rev() {
-        pages.swap(i, rng.below(i + 1));
+        pages.swap(i, rng.below(i as u64 + 1) as usize);
     }
     let half = pages.len() / 2;
     for p in pages.drain(..half) {
