@@ -3,7 +3,7 @@
 //! A batch is mostly `Kmalloc`, `Kfree`, `AllocPages` and `FreePages`.
 //! Through serde, each costs about 150 guest instructions to decode
 //! (measured under QEMU `-icount`), more than the allocation it asks for.
-//! Here their variant tags are taken from postcard itself, and their
+//! Here their variant tags are taken from postcard itself (once), and their
 //! fields are read as postcard writes them (LEB128 varints, raw bytes).
 //! Every other operation goes through postcard. The reader accepts only
 //! what postcard accepts, with the same values: anything unusual (an
@@ -12,6 +12,7 @@
 //! produces the error, if any.
 
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::flags::Gfp;
 use crate::framing::{decode_body, encode_into, leading_bytes, FrameError};
@@ -58,15 +59,67 @@ pub fn batch_prefix(stop_on_error: bool, count: u64) -> Vec<u8> {
 /// batch does (its tag, its flag, a varint of up to ten bytes as postcard
 /// writes it), whatever follows.
 pub fn batch_count(body: &[u8]) -> Option<u64> {
-    let empty = Request::Batch(Batch {
-        stop_on_error: false,
-        ops: Vec::new(),
-    });
     let mut r = Reader { rest: body };
-    if r.byte()? != tag_of(&empty, 2)? || r.byte()? > 1 {
+    if r.byte()? != tags()?.batch || r.byte()? > 1 {
         return None;
     }
     r.varint(10)
+}
+
+/// The one-byte variant tags the reader looks for, as postcard writes
+/// them.
+#[derive(Clone, Copy)]
+struct Tags {
+    batch: u8,
+    kmalloc: u8,
+    kfree: u8,
+    alloc_pages: u8,
+    free_pages: u8,
+}
+
+/// [`Tags`] packed in bytes 0–4, bit 63 set once they are known: taken
+/// from postcard on first use and kept, not encoded again for every
+/// request. Two first callers store the same value.
+static TAGS: AtomicU64 = AtomicU64::new(0);
+
+fn tags() -> Option<Tags> {
+    let packed = TAGS.load(Ordering::Relaxed);
+    let t = if packed != 0 {
+        let b = packed.to_le_bytes();
+        Tags {
+            batch: b[0],
+            kmalloc: b[1],
+            kfree: b[2],
+            alloc_pages: b[3],
+            free_pages: b[4],
+        }
+    } else {
+        let gfp = Gfp(0);
+        let empty = Request::Batch(Batch {
+            stop_on_error: false,
+            ops: Vec::new(),
+        });
+        let t = Tags {
+            batch: tag_of(&empty, 2)?,
+            kmalloc: tag_of(&Op::Kmalloc { size: 0, gfp }, 2)?,
+            kfree: tag_of(&Op::Kfree { handle: 0 }, 1)?,
+            alloc_pages: tag_of(&Op::AllocPages { order: 0, gfp }, 2)?,
+            free_pages: tag_of(&Op::FreePages { handle: 0 }, 1)?,
+        };
+        let b = [
+            t.batch,
+            t.kmalloc,
+            t.kfree,
+            t.alloc_pages,
+            t.free_pages,
+            0,
+            0,
+            0x80,
+        ];
+        TAGS.store(u64::from_le_bytes(b), Ordering::Relaxed);
+        t
+    };
+    Some(t)
 }
 
 /// The byte postcard writes before the fields of `sample`, whose fields
@@ -113,12 +166,15 @@ impl<'a> Reader<'a> {
 }
 
 fn read_batch(body: &[u8]) -> Option<Batch> {
-    let empty = Request::Batch(Batch {
-        stop_on_error: false,
-        ops: Vec::new(),
-    });
+    let Tags {
+        batch,
+        kmalloc,
+        kfree,
+        alloc_pages,
+        free_pages,
+    } = tags()?;
     let mut r = Reader { rest: body };
-    if r.byte()? != tag_of(&empty, 2)? {
+    if r.byte()? != batch {
         return None;
     }
     let stop_on_error = match r.byte()? {
@@ -127,17 +183,6 @@ fn read_batch(body: &[u8]) -> Option<Batch> {
         _ => return None,
     };
     let count = r.u64()? as usize;
-    let gfp0 = Gfp(0);
-    let kmalloc = tag_of(&Op::Kmalloc { size: 0, gfp: gfp0 }, 2)?;
-    let kfree = tag_of(&Op::Kfree { handle: 0 }, 1)?;
-    let alloc_pages = tag_of(
-        &Op::AllocPages {
-            order: 0,
-            gfp: gfp0,
-        },
-        2,
-    )?;
-    let free_pages = tag_of(&Op::FreePages { handle: 0 }, 1)?;
     // Each op takes a byte at least: a larger count cannot be honest.
     let mut ops = Vec::with_capacity(count.min(r.rest.len()));
     for _ in 0..count {
