@@ -40,6 +40,18 @@ fn gfp(g: Gfp) -> Result<Gfp, MemError> {
     Gfp::from_bits(g.bits()).ok_or(MemError::new(errno::EINVAL, "unknown GFP flag bits"))
 }
 
+/// A DMA request's length and alignment (0: a page) as memd-mm takes them.
+fn dma_shape(len: u64, align: u64) -> Result<(usize, usize), MemError> {
+    let too_big = MemError::new(errno::EINVAL, "length or alignment too large");
+    let len = usize::try_from(len).map_err(|_| too_big)?;
+    let align = if align == 0 {
+        memd_mm::PAGE_SIZE
+    } else {
+        align
+    };
+    Ok((len, usize::try_from(align).map_err(|_| too_big)?))
+}
+
 fn ptr(addr: u64) -> Result<NonNull<u8>, MemError> {
     NonNull::new(addr as usize as *mut u8).ok_or(MemError::new(errno::EINVAL, "null address"))
 }
@@ -202,11 +214,8 @@ impl Memory for MemoryManager {
     }
 
     fn dma_alloc(&mut self, len: u64, align: u64, mask: DmaMask) -> Result<DmaBuffer, MemError> {
-        let buf = Memory::dma_alloc_unzeroed(self, len, align, mask)?;
-        if let Ok(bytes) = MemoryManager::dma_span_bytes(self, &buf) {
-            bytes.fill(0);
-        }
-        Ok(buf)
+        let (len, align) = dma_shape(len, align)?;
+        MemoryManager::dma_alloc(self, len, align, mask).map_err(mm_err)
     }
 
     fn dma_alloc_unzeroed(
@@ -215,14 +224,7 @@ impl Memory for MemoryManager {
         align: u64,
         mask: DmaMask,
     ) -> Result<DmaBuffer, MemError> {
-        let too_big = MemError::new(errno::EINVAL, "length or alignment too large");
-        let len = usize::try_from(len).map_err(|_| too_big)?;
-        let align = if align == 0 {
-            memd_mm::PAGE_SIZE
-        } else {
-            align
-        };
-        let align = usize::try_from(align).map_err(|_| too_big)?;
+        let (len, align) = dma_shape(len, align)?;
         MemoryManager::dma_alloc_unzeroed(self, len, align, mask).map_err(mm_err)
     }
 
