@@ -77,11 +77,6 @@ impl Gfp {
         }
     }
 
-    /// Bits set here that no flag defines.
-    pub const fn unknown_bits(self) -> u32 {
-        self.0 & !(Self::ALL | Self::MEMALLOC_BIT)
-    }
-
     /// Parses `"KERNEL|ZERO"`: names of [`Gfp::NAMED`], case-insensitive,
     /// with or without `GFP_`, `|` or `,` separated (`NOWAIT` or nothing
     /// for none), or a number. `None` for an unknown name.
@@ -179,8 +174,6 @@ mod tests {
             (Gfp::MEMALLOC | Gfp(1 << 20)).to_string(),
             "MEMALLOC|0x100000"
         );
-        assert_eq!(Gfp(1 << 20).unknown_bits(), 1 << 20);
-        assert_eq!(Gfp::MEMALLOC.unknown_bits(), 0);
         assert_eq!(Gfp::from_bits(Gfp::MEMALLOC.bits()), None);
         assert_eq!(Gfp::NAMED.len(), 6);
     }

@@ -77,11 +77,6 @@ impl SlabFlags {
         self.0
     }
 
-    /// Bits set here that no flag defines.
-    pub const fn unknown_bits(self) -> u32 {
-        self.0 & !Self::ALL
-    }
-
     /// Parses `"HWCACHE_ALIGN|POISON"`: names of [`SlabFlags::NAMED`],
     /// case-insensitive, with or without `SLAB_`, `|` or `,` separated
     /// (`NONE` or nothing for none), or a number. `None` for an unknown
@@ -656,7 +651,6 @@ mod tests {
             "POISON|0x200"
         );
         assert_eq!(SlabFlags::NONE.to_string(), "NONE");
-        assert_eq!(SlabFlags(1 << 9).unknown_bits(), 1 << 9);
     }
 
     #[test]

@@ -188,14 +188,6 @@ impl<T> HandleTable<T> {
         self.iter().map(|(_, v)| v)
     }
 
-    /// Every value, emptying the table chunk by chunk.
-    #[cfg(test)]
-    pub fn into_values(self) -> impl Iterator<Item = T> {
-        self.chunks
-            .into_iter()
-            .flat_map(|c| c.into_vec().into_iter().filter_map(|s| s.value))
-    }
-
     /// The table's values, to be taken out a few at a time: each chunk's
     /// memory goes back as soon as it is empty.
     pub fn drain(self) -> Drain<T> {
@@ -301,7 +293,7 @@ mod tests {
         let left: Vec<u32> = t.values().copied().collect();
         assert_eq!(left.len(), t.len());
         assert!(left.iter().all(|v| v % 2 == 1));
-        let mut all: Vec<u32> = t.into_values().collect();
+        let mut all: Vec<u32> = t.drain().collect();
         all.sort();
         assert_eq!(all, left);
     }
