@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 
@@ -25,13 +26,25 @@ pub fn kernel_elf() -> PathBuf {
 /// Builds the kernel (its own workspace, target and flags come from
 /// unikernel/kernel/.cargo/config.toml) and returns the ELF's path.
 pub fn build_kernel() -> Result<PathBuf> {
-    build_kernel_in(None)
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    build_once(&BUILT, None)
 }
 
 /// The release kernel with line tables, for `cargo xtask profile`: the
 /// same code, built in its own target directory so the plain build stays.
 pub fn build_kernel_with_lines() -> Result<PathBuf> {
-    build_kernel_in(Some(kernel_dir().join("target/lines")))
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    build_once(&BUILT, Some(kernel_dir().join("target/lines")))
+}
+
+/// Builds at most once per xtask run (the sources do not change while it
+/// runs): `cargo xtask test` boots the kernel from five places.
+fn build_once(built: &OnceLock<PathBuf>, target_dir: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(elf) = built.get() {
+        return Ok(elf.clone());
+    }
+    let elf = build_kernel_in(target_dir)?;
+    Ok(built.get_or_init(|| elf).clone())
 }
 
 fn build_kernel_in(target_dir: Option<PathBuf>) -> Result<PathBuf> {
