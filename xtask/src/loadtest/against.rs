@@ -22,9 +22,9 @@ pub struct Tokens {
     pub operator: String,
 }
 
-/// Runs the load test against a service at `addr`.
+/// Runs the load test against a service at `addr` (`args` validated by
+/// the caller).
 pub fn run_against(addr: &str, tokens: &Tokens, args: &Args) -> Result<Report> {
-    args.validate()?;
     let mut opts = Options::new(addr, &tokens.client);
     opts.client = "loadtest".into();
     opts.ready_timeout = Duration::from_secs(30);

@@ -199,13 +199,13 @@ impl Args {
 pub fn run(args: &Args) -> Result<()> {
     let report = match &args.addr {
         Some(addr) => {
+            args.validate()?;
             let client = memd_client::discover_token(args.token.as_deref())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let operator = match (&args.operator_token, &args.token) {
-                (Some(t), _) | (None, Some(t)) => t.clone(),
-                (None, None) => memd_client::discover_operator_token(None)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
-            };
+            let operator = memd_client::discover_operator_token(
+                args.operator_token.as_deref().or(args.token.as_deref()),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
             run_against(addr, &Tokens { client, operator }, args)?
         }
         None => boot_and_run(args)?,
