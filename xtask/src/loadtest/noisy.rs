@@ -11,13 +11,11 @@
 //! The disk transfers overwrite the disk from sector 0 on: a service with a
 //! disk whose contents matter is no target for `--noisy`.
 
-use std::time::Instant;
-
 use memd_client::wire::{
     errno, fill_pattern, CacheSpec, Checksum, Ctor, DmaMask, Handle, Op, PoolBacking, Reply,
     SlabFlags,
 };
-use memd_client::{Client, Error as ClientError, Options};
+use memd_client::{Client, Options};
 
 use super::tally::{Shared, Tally};
 use crate::rng::Rng;
@@ -88,17 +86,9 @@ impl<'a> Noisy<'a> {
         kind: &'static str,
         f: impl FnOnce(&mut Client) -> memd_client::Result<T>,
     ) -> Call<T> {
-        let t = Instant::now();
-        let r = f(&mut self.c);
-        let ns = t.elapsed().as_nanos() as u64;
-        self.out.tally.lat.entry(kind).or_default().push(ns);
-        self.out.tally.ops += 1;
-        match r {
-            Ok(v) => Ok(Ok(v)),
-            Err(ClientError::Server(e)) => {
-                self.out.tally.record_error(kind, &e);
-                Ok(Err(e.code))
-            }
+        let c = &mut self.c;
+        match self.out.tally.timed(kind, || f(c)) {
+            Ok(r) => Ok(r.map_err(|e| e.code)),
             Err(e) => Err(format!("{kind}: {e}")),
         }
     }

@@ -26,6 +26,31 @@ pub(super) struct Tally {
 }
 
 impl Tally {
+    /// Times `f` as one operation of `kind`, keeping its latency and, when
+    /// the server refused it, the error; a server error comes back as
+    /// `Ok(Err(e))`, a connection or protocol failure as `Err`.
+    pub fn timed<T>(
+        &mut self,
+        kind: &'static str,
+        f: impl FnOnce() -> memd_client::Result<T>,
+    ) -> Result<Result<T, wire::WireError>, memd_client::Error> {
+        let t = Instant::now();
+        let r = f();
+        self.lat
+            .entry(kind)
+            .or_default()
+            .push(t.elapsed().as_nanos() as u64);
+        self.ops += 1;
+        match r {
+            Ok(v) => Ok(Ok(v)),
+            Err(memd_client::Error::Server(e)) => {
+                self.record_error(kind, &e);
+                Ok(Err(e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Percentiles of every operation together, and of each kind (by name).
     pub fn latencies(&mut self) -> (Lat, Vec<(&'static str, Lat)>) {
         let mut all: Vec<u64> = self.lat.values().flatten().copied().collect();

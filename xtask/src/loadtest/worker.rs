@@ -2,11 +2,10 @@
 //! profile (mixed, batch, single), timed per operation kind.
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use anyhow::Result;
 use memd_client::wire::{errno, DmaMask, Gfp, Handle, Op, PoolBacking, Reply, SlabFlags};
-use memd_client::{wire, Client, Error as ClientError, Options};
+use memd_client::{wire, Client, Options};
 
 use super::tally::{Shared, Tally};
 use super::Profile;
@@ -51,16 +50,11 @@ impl<'a> Worker<'a> {
         kind: &'static str,
         f: impl FnOnce(&mut Client) -> memd_client::Result<T>,
     ) -> Result<Option<T>, Fatal> {
-        let t = Instant::now();
-        let r = f(&mut self.c);
-        let ns = t.elapsed().as_nanos() as u64;
-        self.tally.lat.entry(kind).or_default().push(ns);
-        self.tally.ops += 1;
-        match r {
-            Ok(v) => Ok(Some(v)),
-            Err(ClientError::Server(e)) => {
+        let c = &mut self.c;
+        match self.tally.timed(kind, || f(c)) {
+            Ok(Ok(v)) => Ok(Some(v)),
+            Ok(Err(e)) => {
                 self.last_error = Some(e.code);
-                self.tally.record_error(kind, &e);
                 self.shared.errors.fetch_add(1, Ordering::Relaxed);
                 Ok(None)
             }
