@@ -236,10 +236,10 @@ impl<M: Memory> Service<M> {
         budget: &Budget,
     ) -> Outcome {
         self.requests += 1;
-        if let Some(c) = self.conns.get_mut(&conn) {
+        let role = self.conns.get_mut(&conn).map(|c| {
             c.requests += 1;
-        }
-        let role = self.conns.get(&conn).map(|c| c.role);
+            c.role
+        });
         let r = if op.operator_only() && role != Some(Role::Operator) {
             Err(err(
                 errno::EPERM,
@@ -262,7 +262,14 @@ impl<M: Memory> Service<M> {
 
     /// Counts a failed request against `conn`.
     fn count_result(&mut self, conn: ConnId, r: &Result<Reply, WireError>) {
-        if let (Some(c), true) = (self.conns.get_mut(&conn), r.is_err()) {
+        if r.is_err() {
+            self.count_error(conn);
+        }
+    }
+
+    /// Counts an error reply against `conn`.
+    fn count_error(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
             c.errors += 1;
         }
     }

@@ -7,7 +7,7 @@ use alloc::format;
 use alloc::string::ToString;
 use alloc::vec::Vec;
 
-use memd_wire::{decode_request, errno, FrameError, Request, Response, MAX_BATCH_OPS, MAX_IO};
+use memd_wire::{decode_request, errno, FrameError, Request, Response, WireError, MAX_IO};
 
 use super::batch::BatchJob;
 use super::budget::Budget;
@@ -243,27 +243,14 @@ impl<M: Memory> Service<M> {
         e: FrameError,
         out: &mut Vec<u8>,
     ) -> Flow {
-        if let FrameError::TooManyOps { count } = e {
-            if let Some(c) = self.conns.get_mut(&conn) {
-                c.errors += 1;
-            }
-            // A batch reply of one refusal, as for any batch refused whole.
-            write_response(
-                out,
-                &Response::Batch(alloc::vec![Err(err(
-                    errno::E2BIG,
-                    format!("batch of {count} ops exceeds {MAX_BATCH_OPS}"),
-                ))]),
-            );
-            return Flow::Continue;
+        if let FrameError::TooManyOps { .. } = e {
+            return self.refuse_batch(conn, err(errno::E2BIG, e.to_string()), out);
         }
         let error = err(errno::EPROTO, format!("bad request: {e}"));
         if state == State::AwaitHello {
             return self.close_with(conn, out, error);
         }
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.errors += 1;
-        }
+        self.count_error(conn);
         write_response(
             out,
             &Response::Error {
@@ -271,6 +258,13 @@ impl<M: Memory> Service<M> {
                 closing: false,
             },
         );
+        Flow::Continue
+    }
+
+    /// Refuses a batch whole: a batch reply of the one error.
+    fn refuse_batch(&mut self, conn: ConnId, error: WireError, out: &mut Vec<u8>) -> Flow {
+        self.count_error(conn);
+        write_response(out, &Response::Batch(alloc::vec![Err(error)]));
         Flow::Continue
     }
 
@@ -317,11 +311,7 @@ impl<M: Memory> Service<M> {
             }
             (_, Request::Batch(batch)) => {
                 if let Err(e) = self.check_batch_work(conn, &batch) {
-                    if let Some(c) = self.conns.get_mut(&conn) {
-                        c.errors += 1;
-                    }
-                    write_response(out, &Response::Batch(alloc::vec![Err(e)]));
-                    return Flow::Continue;
+                    return self.refuse_batch(conn, e, out);
                 }
                 self.served_at = budget.start();
                 let mut job = Box::new(BatchJob::new(batch));
