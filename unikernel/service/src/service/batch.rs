@@ -27,16 +27,15 @@ const BULK_SLICE: usize = 256;
 /// A batch in progress.
 pub(super) struct BatchJob {
     state: State,
-    /// The reply so far once the batch has waited for a turn; before that
-    /// it is built straight into the connection's output.
+    /// The reply so far once the batch has waited for a turn (its
+    /// `state.mark` is set then); before that it is built straight into
+    /// the connection's output.
     reply: Vec<u8>,
-    moved: bool,
 }
 
 struct State {
     ops: alloc::vec::IntoIter<Op>,
     total: usize,
-    done: usize,
     stop_on_error: bool,
     stretch: Stretch,
     /// Reply bytes DMA reads may still take.
@@ -46,6 +45,13 @@ struct State {
     work: Option<Work>,
 }
 
+impl State {
+    /// Operations taken from the batch so far (run, or the one running).
+    fn done(&self) -> usize {
+        self.total - self.ops.len()
+    }
+}
+
 impl BatchJob {
     /// `batch`, not started.
     pub(super) fn new(batch: Batch) -> Self {
@@ -53,7 +59,6 @@ impl BatchJob {
             state: State {
                 total: batch.ops.len(),
                 ops: batch.ops.into_iter(),
-                done: 0,
                 stop_on_error: batch.stop_on_error,
                 stretch: Stretch::default(),
                 io_budget: MAX_IO,
@@ -61,7 +66,6 @@ impl BatchJob {
                 work: None,
             },
             reply: Vec::new(),
-            moved: false,
         }
     }
 
@@ -135,7 +139,9 @@ impl<M: Memory> Service<M> {
         out: &mut Vec<u8>,
         budget: &Budget,
     ) -> Result<bool, FrameError> {
-        let buf = if job.moved { &mut job.reply } else { &mut *out };
+        // Set aside after an earlier turn: its frame is in `job.reply`.
+        let moved = job.state.mark.is_some();
+        let buf = if moved { &mut job.reply } else { &mut *out };
         let st = &mut job.state;
         let mut reply = match st.mark {
             Some(mark) => BatchReplyWriter::resume(buf, mark),
@@ -159,7 +165,7 @@ impl<M: Memory> Service<M> {
         let finished = self.batch_ops(env, conn, st, &mut reply, budget);
         if finished {
             reply.finish()?;
-            if job.moved {
+            if moved {
                 if out.is_empty() {
                     core::mem::swap(out, &mut job.reply);
                 } else {
@@ -173,21 +179,19 @@ impl<M: Memory> Service<M> {
             return Ok(true);
         }
         let mark = reply.suspend();
-        if !job.moved && mark.start() == 0 {
+        if !moved && mark.start() == 0 {
             // Set aside: the output buffer is sent as it is, so the partial
             // frame moves to the batch's own buffer; alone there, it moves
             // whole, uncopied.
             core::mem::swap(out, &mut job.reply);
-            job.moved = true;
             st.mark = Some(mark);
-        } else if !job.moved {
+        } else if !moved {
             let part = &out[mark.start()..];
             job.reply
                 .try_reserve_exact(part.len())
                 .map_err(|_| FrameError::NoMemory { len: part.len() })?;
             job.reply.extend_from_slice(part);
             out.truncate(mark.start());
-            job.moved = true;
             st.mark = Some(mark.rebased(0));
         } else {
             st.mark = Some(mark);
@@ -212,7 +216,7 @@ impl<M: Memory> Service<M> {
             };
             st.work = None;
             self.count_result(conn, &r);
-            if !push_result(reply, &r, st.done - 1, total) || (r.is_err() && st.stop_on_error) {
+            if !push_result(reply, &r, st.done() - 1, total) || (r.is_err() && st.stop_on_error) {
                 return true;
             }
         }
@@ -234,10 +238,9 @@ impl<M: Memory> Service<M> {
             );
             if run.ran > 0 {
                 st.ops.nth(run.ran - 1);
-                st.done += run.ran;
                 if let Some(e) = run.refused {
                     let r = Err(mem_err(e));
-                    if !push_result(reply, &r, st.done - 1, total) || st.stop_on_error {
+                    if !push_result(reply, &r, st.done() - 1, total) || st.stop_on_error {
                         return true;
                     }
                 }
@@ -247,7 +250,6 @@ impl<M: Memory> Service<M> {
                 return true;
             };
             st.stretch.consume(&op);
-            st.done += 1;
             let r = match self.run_op(env, conn, op, &mut st.io_budget, budget) {
                 Outcome::Done(r) => r,
                 Outcome::Pending(work) => {
@@ -255,7 +257,7 @@ impl<M: Memory> Service<M> {
                     return false;
                 }
             };
-            if !push_result(reply, &r, st.done - 1, total) || (r.is_err() && st.stop_on_error) {
+            if !push_result(reply, &r, st.done() - 1, total) || (r.is_err() && st.stop_on_error) {
                 return true;
             }
         }
