@@ -12,7 +12,6 @@ use alloc::vec::Vec;
 
 use memd_wire::{errno, MapDma, Reply, WireError};
 
-use super::res::Res;
 use super::{err, mem_err, Service};
 use crate::env::Env;
 use crate::memmap::{MapSnapshot, RunWalk};
@@ -76,19 +75,13 @@ impl<M: Memory> Service<M> {
         // Counted first, then collected into a vector reserved fallibly: a
         // client may hold tens of thousands.
         let bufs = || {
-            self.conns
-                .values()
-                .flat_map(|c| c.holdings.handles.values())
-                .filter_map(|r| match r {
-                    Res::Dma { info, .. } => Some(MapDma {
-                        handle: info.handle,
-                        conn: info.conn,
-                        phys: info.phys,
-                        len: info.len,
-                        source: info.source,
-                    }),
-                    _ => None,
-                })
+            self.client_dma().map(|info| MapDma {
+                handle: info.handle,
+                conn: info.conn,
+                phys: info.phys,
+                len: info.len,
+                source: info.source,
+            })
         };
         let mut dma = Vec::new();
         dma.try_reserve_exact(bufs().count())

@@ -159,6 +159,17 @@ impl<M: Memory> Holdings<M> {
 }
 
 impl<M: Memory> Service<M> {
+    /// Every client's DMA buffers, connection by connection.
+    pub(super) fn client_dma(&self) -> impl Iterator<Item = &DmaBufferInfo> {
+        self.conns
+            .values()
+            .flat_map(|c| c.holdings.handles.values())
+            .filter_map(|r| match r {
+                Res::Dma { info, .. } => Some(&**info),
+                _ => None,
+            })
+    }
+
     /// Files `res` under a new handle of `conn`. Callers checked the quota
     /// first, and the quota is at most what a table holds.
     pub(super) fn insert(&mut self, conn: ConnId, res: Res<M>, page: u64) -> u64 {

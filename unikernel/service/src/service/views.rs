@@ -10,7 +10,6 @@ use memd_wire::{
 };
 
 use super::conn::State;
-use super::res::Res;
 use super::{err, Service};
 use crate::env::Env;
 use crate::memory::{Memory, View};
@@ -66,14 +65,7 @@ impl<M: Memory> Service<M> {
         let page = memd_mm::PAGE_SIZE;
         let start = usize::try_from(start).unwrap_or(usize::MAX);
         let devices = env.device_dma();
-        let clients = self
-            .conns
-            .values()
-            .flat_map(|c| c.holdings.handles.values())
-            .filter_map(|r| match r {
-                Res::Dma { info, .. } => Some(info),
-                _ => None,
-            });
+        let clients = self.client_dma();
         let mut list = Vec::new();
         list.try_reserve_exact(DMA_LIST_PAGE)
             .map_err(|_| err(errno::ENOMEM, "no memory to list the DMA buffers"))?;
@@ -94,7 +86,7 @@ impl<M: Memory> Service<M> {
         });
         list.extend(
             device_infos
-                .chain(clients.map(|i| DmaBufferInfo::clone(i)))
+                .chain(clients.cloned())
                 .skip(start)
                 .take(DMA_LIST_PAGE),
         );
