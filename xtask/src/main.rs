@@ -131,7 +131,7 @@ fn main() -> Result<()> {
                 boot_tests::run(&args.boot)?;
             }
             if smoke("hostile") {
-                hostile::run(qemu::Accel::Tcg)?;
+                hostile::run()?;
             }
             if smoke("loadtest") {
                 loadtest::smoke()?;
