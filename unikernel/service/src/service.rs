@@ -326,7 +326,9 @@ impl<M: Memory> Service<M> {
             }
             Op::PoolDestroy { pool } => self.pool_destroy(env, conn, pool, page),
 
-            Op::DmaAlloc { len, align, mask } => self.dma_alloc(env, conn, len, align, mask, true),
+            Op::DmaAlloc { len, align, mask } => self
+                .dma_alloc(env, conn, len, align, mask, true)
+                .map(Reply::Dma),
             Op::DmaFree { handle } => self.dma_free(env, conn, handle, page),
 
             Op::Check => Ok(self.check(env)),

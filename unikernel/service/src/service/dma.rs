@@ -30,7 +30,7 @@ impl<M: Memory> Service<M> {
         align: u64,
         mask: DmaMask,
         zeroed: bool,
-    ) -> Result<Reply, WireError> {
+    ) -> Result<Box<DmaBufferInfo>, WireError> {
         let page = self.page_size(env);
         if len == 0 {
             return Err(err(errno::EINVAL, "zero-length DMA buffer"));
@@ -107,7 +107,7 @@ impl<M: Memory> Service<M> {
         if let Some(Res::Dma { info: filed, .. }) = self.get_mut(conn, info.handle) {
             filed.handle = info.handle;
         }
-        Ok(Reply::Dma(Box::new(info)))
+        Ok(Box::new(info))
     }
 
     /// Frees the DMA buffer of `handle`.

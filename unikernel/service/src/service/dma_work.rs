@@ -161,9 +161,7 @@ impl<M: Memory> Service<M> {
         };
         match op {
             Op::DmaAlloc { len, align, mask } => {
-                let Reply::Dma(info) = self.dma_alloc(env, conn, len, align, mask, false)? else {
-                    return Err(err(errno::EINVAL, "not a DMA buffer"));
-                };
+                let info = self.dma_alloc(env, conn, len, align, mask, false)?;
                 let (buf, _) = self.dma(conn, info.handle)?;
                 let span = env
                     .with_mem(|m, _| m.dma_span_bytes(buf).map(|b| b.len()))
