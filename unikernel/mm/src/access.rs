@@ -98,3 +98,14 @@ pub unsafe fn frame_table(virt: usize, len: usize) -> &'static mut [Frame] {
     // SAFETY: forwarded to the caller.
     unsafe { core::slice::from_raw_parts_mut(virt as *mut Frame, len) }
 }
+
+/// Turns the memory reserved for the pageblock counts into a slice.
+///
+/// # Safety
+/// As for [`frame_table`]: `virt` must point to `len` entries' worth of
+/// writable memory, aligned, owned by the memory manager for as long as the
+/// slice is used.
+pub unsafe fn pageblock_table(virt: usize, len: usize) -> &'static mut [crate::pageblock::Counts] {
+    // SAFETY: forwarded to the caller.
+    unsafe { core::slice::from_raw_parts_mut(virt as *mut crate::pageblock::Counts, len) }
+}

@@ -6,13 +6,20 @@
 //! through the frame table, so any block can be unlinked by its number.
 
 use crate::frame::{Frame, FrameState};
+use crate::pageblock::{Held, Pageblocks};
 use crate::zone::{Zone, ZoneType};
 
 /// Takes a block of exactly `order` from the zone, splitting a larger one
 /// when needed (Linux's `__rmqueue_smallest` + `expand`). The returned head
 /// is unlinked and still marked `Buddy`; the caller gives it its new state.
 #[inline]
-pub fn take(zone: &mut Zone, frames: &mut [Frame], order: u32, max_order: u32) -> Option<u32> {
+pub fn take(
+    zone: &mut Zone,
+    frames: &mut [Frame],
+    blocks: &mut Pageblocks,
+    order: u32,
+    max_order: u32,
+) -> Option<u32> {
     let mut current = order;
     while current < max_order {
         let area = &mut zone.free_area[current as usize];
@@ -26,6 +33,7 @@ pub fn take(zone: &mut Zone, frames: &mut [Frame], order: u32, max_order: u32) -
             }
             frames[pfn as usize].order = order as u8;
             zone.free -= 1 << order;
+            blocks.sub(pfn, Held::Free, 1 << order);
             return Some(pfn);
         }
         current += 1;
@@ -36,8 +44,16 @@ pub fn take(zone: &mut Zone, frames: &mut [Frame], order: u32, max_order: u32) -
 /// Returns a block to the zone, merging with free buddies as far as they
 /// go (Linux's `__free_one_page`).
 #[inline]
-pub fn give(zone: &mut Zone, frames: &mut [Frame], pfn: u32, order: u32, max_order: u32) {
+pub fn give(
+    zone: &mut Zone,
+    frames: &mut [Frame],
+    blocks: &mut Pageblocks,
+    pfn: u32,
+    order: u32,
+    max_order: u32,
+) {
     zone.free += 1 << order;
+    blocks.add(pfn, Held::Free, 1 << order);
     let mut pfn = pfn;
     let mut order = order;
     while order + 1 < max_order {
@@ -63,7 +79,14 @@ pub fn give(zone: &mut Zone, frames: &mut [Frame], pfn: u32, order: u32, max_ord
 /// Hands a range of frames to the buddy at boot, in the largest aligned
 /// blocks that fit (Linux's `__free_pages_memory`). Only block heads are
 /// written.
-pub fn give_range(zone: &mut Zone, frames: &mut [Frame], start: u64, end: u64, max_order: u32) {
+pub fn give_range(
+    zone: &mut Zone,
+    frames: &mut [Frame],
+    blocks: &mut Pageblocks,
+    start: u64,
+    end: u64,
+    max_order: u32,
+) {
     let mut pfn = start;
     while pfn < end {
         let mut order = (max_order - 1).min(pfn.trailing_zeros());
@@ -71,7 +94,7 @@ pub fn give_range(zone: &mut Zone, frames: &mut [Frame], start: u64, end: u64, m
             order -= 1;
         }
         debug_assert_eq!(ZoneType::of_pfn(pfn), zone.ty);
-        give(zone, frames, pfn as u32, order, max_order);
+        give(zone, frames, blocks, pfn as u32, order, max_order);
         pfn += 1 << order;
     }
 }

@@ -1,14 +1,17 @@
 //! The invariant checker: every structure agrees with every other.
 //!
 //! Tests run it after every step; the in-guest self-test runs it on real
-//! memory. It walks the frame table once and each list once, so it costs
-//! O(frames) and is meant for tests and on-demand checks, not hot paths.
+//! memory. [`MemoryManager::check`] walks the frame table once and each
+//! list once, in one piece: O(frames), for tests. [`CheckWalk`] does most
+//! of it a few pageblocks at a time, for the service, whose loop must not
+//! stop that long.
 
 use crate::frame::{FrameState, NIL};
 use crate::memblock::PAGE_SIZE;
 use crate::mempool::PoolId;
+use crate::pageblock::{Held, HELD_KINDS};
 use crate::pcp::PCP_HIGH;
-use crate::zone::ZoneType;
+use crate::zone::{ZoneType, NR_ZONES};
 use crate::MemoryManager;
 
 /// What was wrong, and where.
@@ -28,19 +31,56 @@ fn fail<T>(what: &'static str, pfn: u64) -> Result<T, CheckError> {
     Err(CheckError { what, pfn })
 }
 
+/// What a walk of the frame table found.
+#[derive(Default)]
 struct Tally {
-    managed: [u64; 3],
-    owner_pages: [u64; crate::MAX_OWNERS],
-    slab: u64,
-    large: u64,
-    pool: u64,
-    vmalloc: u64,
+    managed: [u64; NR_ZONES],
+    /// Allocated pages by owner; kept only by [`MemoryManager::check`],
+    /// whose walk is one instant (an owner's pages are not counted per
+    /// pageblock).
+    owner_pages: Option<[u64; crate::MAX_OWNERS]>,
     /// vmalloc pages that begin an area.
     vmalloc_heads: u64,
 }
 
+/// A check of memd-mm done a few pageblocks at a time, for a caller that
+/// must not stop for a whole walk of the frame table (the service's loop):
+/// start it with [`CheckWalk::new`], call
+/// [`MemoryManager::check_step`] until it answers `Ok(true)`. Memory may
+/// change between steps.
+///
+/// Each pageblock is held against its own counts at the moment it is
+/// walked (see `pageblock.rs`), and free and slab blocks against their
+/// neighbours in their lists; the last step holds the counts' sums against
+/// the global counters and checks the structures that are small (pcp
+/// lists, per-CPU arrays, mempools, the CMA region, vmalloc's areas). What
+/// only holds for one instant of the whole table is left to
+/// [`MemoryManager::check`]: each owner's charge against its frames, each
+/// cache's in-use count against its slabs, and the slab lists' fill
+/// levels.
+#[derive(Clone, Debug, Default)]
+pub struct CheckWalk {
+    next: usize,
+    managed: [u64; NR_ZONES],
+}
+
+impl CheckWalk {
+    /// A walk from the first pageblock.
+    pub const fn new() -> Self {
+        CheckWalk {
+            next: 0,
+            managed: [0; NR_ZONES],
+        }
+    }
+
+    /// Pageblocks walked so far.
+    pub fn walked(&self) -> usize {
+        self.next
+    }
+}
+
 impl MemoryManager {
-    /// Checks every invariant; returns the first violation.
+    /// Checks every invariant, in one piece; returns the first violation.
     pub fn check(&self) -> Result<(), CheckError> {
         self.check_free_lists()?;
         let tally = self.check_frames()?;
@@ -54,6 +94,39 @@ impl MemoryManager {
             );
         }
         self.check_caches()?;
+        self.check_small()
+    }
+
+    /// Checks the next `pageblocks` pageblocks of `walk` (each
+    /// `2^(max_order - 1)` frames); after the last, the sums and the small
+    /// structures. `Ok(true)` when the walk is over and everything agreed.
+    pub fn check_step(&self, walk: &mut CheckWalk, pageblocks: usize) -> Result<bool, CheckError> {
+        let all = self.pageblocks.counts.len();
+        let end = walk.next.saturating_add(pageblocks).min(all);
+        while walk.next < end {
+            let mut tally = Tally::default();
+            self.check_pageblock(walk.next, &mut tally, true)?;
+            for (sum, n) in walk.managed.iter_mut().zip(tally.managed) {
+                *sum += n;
+            }
+            walk.next += 1;
+        }
+        if walk.next < all {
+            return Ok(false);
+        }
+        self.check_managed(&walk.managed)?;
+        self.check_sums()?;
+        self.check_vmalloc()
+            .map_err(|what| CheckError { what, pfn: 0 })?;
+        self.check_small()?;
+        Ok(true)
+    }
+
+    /// The small structures both checks hold whole: pcp lists, per-CPU
+    /// arrays, mempools and the CMA region.
+    fn check_small(&self) -> Result<(), CheckError> {
+        self.check_pcp()?;
+        self.check_array_caches()?;
         self.check_pools()?;
         if let Some(cma) = &self.cma {
             cma.check().map_err(|what| CheckError {
@@ -65,7 +138,7 @@ impl MemoryManager {
     }
 
     /// Buddy lists: linked both ways, heads of the right order and zone,
-    /// aligned, counts matching; pcp lists hold only pcp frames.
+    /// aligned, counts matching.
     fn check_free_lists(&self) -> Result<(), CheckError> {
         for zone in &self.zones {
             let mut free = 0;
@@ -104,6 +177,14 @@ impl MemoryManager {
                     zone.start_pfn,
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// pcp lists hold only pcp frames of their zone, no more than the high
+    /// mark.
+    fn check_pcp(&self) -> Result<(), CheckError> {
+        for zone in &self.zones {
             if zone.pcp.count > PCP_HIGH {
                 return fail("pcp list over its high mark", zone.start_pfn);
             }
@@ -120,48 +201,117 @@ impl MemoryManager {
         Ok(())
     }
 
-    /// One pass over each zone's span of the frame table: blocks do not
+    /// One pass over the frame table, a pageblock at a time: blocks do not
     /// overlap, every managed frame is accounted for exactly once, counters
-    /// add up. Holes between zones (q35's PCI hole, sparse test layouts)
-    /// hold no blocks and are skipped.
+    /// add up.
     fn check_frames(&self) -> Result<Tally, CheckError> {
         let mut tally = Tally {
-            managed: [0; 3],
-            owner_pages: [0; crate::MAX_OWNERS],
-            slab: 0,
-            large: 0,
-            pool: 0,
-            vmalloc: 0,
-            vmalloc_heads: 0,
+            owner_pages: Some([0; crate::MAX_OWNERS]),
+            ..Tally::default()
         };
-        for zone in self.zones.iter().filter(|z| z.managed > 0) {
-            self.check_span(zone.start_pfn as usize, zone.end_pfn as usize, &mut tally)?;
+        for i in 0..self.pageblocks.counts.len() {
+            self.check_pageblock(i, &mut tally, false)?;
         }
+        self.check_managed(&tally.managed)?;
+        if tally.owner_pages != Some(self.owners.pages) {
+            return fail("per-owner page counts differ from the frame table", 0);
+        }
+        self.check_sums()?;
+        Ok(tally)
+    }
+
+    fn check_managed(&self, managed: &[u64; NR_ZONES]) -> Result<(), CheckError> {
         for zone in &self.zones {
-            if tally.managed[zone.ty as usize] != zone.managed {
+            if managed[zone.ty as usize] != zone.managed {
                 return fail(
                     "zone's blocks do not add up to its managed pages",
                     zone.start_pfn,
                 );
             }
         }
-        if tally.owner_pages != self.owners.pages {
-            return fail("per-owner page counts differ from the frame table", 0);
-        }
+        Ok(())
+    }
+
+    /// The pageblocks' counts against the global counters, and the pages
+    /// nobody counts per pageblock (allocated and pcp) against the owners'
+    /// charges: both hold at every instant, so the walk can check them at
+    /// its end.
+    fn check_sums(&self) -> Result<(), CheckError> {
+        let [free, slab, large, pool, vmalloc] = self.pageblocks.totals();
         let c = &self.counters;
-        if (tally.slab, tally.large, tally.pool) != (c.slab_pages, c.large_pages, c.pool_pages) {
+        let zone_free: u64 = self.zones.iter().map(|z| z.free).sum();
+        if free != zone_free {
+            return fail("pageblock free counts differ from the zones' free", 0);
+        }
+        for zone in &self.zones {
+            let listed: u64 = (0..self.max_order)
+                .map(|o| (zone.free_area[o as usize].list.len as u64) << o)
+                .sum();
+            if listed != zone.free {
+                return fail(
+                    "zone free count differs from its free lists",
+                    zone.start_pfn,
+                );
+            }
+        }
+        if (slab, large, pool) != (c.slab_pages, c.large_pages, c.pool_pages) {
             return fail(
                 "slab/large/pool page counters differ from the frame table",
                 0,
             );
         }
-        if tally.vmalloc != c.vmalloc_pages {
+        if vmalloc != c.vmalloc_pages {
             return fail("vmalloc page counter differs from the frame table", 0);
         }
-        Ok(tally)
+        let slabs: u64 = self
+            .caches()
+            .map(|(_, k)| ((k.partial.len + k.full.len + k.empty.len) as u64) << k.order)
+            .sum();
+        if slabs != c.slab_pages {
+            return fail(
+                "the caches' slab lists differ from the slab page counter",
+                0,
+            );
+        }
+        let managed: u64 = self.zones.iter().map(|z| z.managed).sum();
+        let pcp: u64 = self.zones.iter().map(|z| z.pcp.count as u64).sum();
+        let charged: u64 = self.owners.pages.iter().sum();
+        if charged + pcp + free + slab + large + pool + vmalloc != managed {
+            return fail(
+                "owners' charges and pcp frames differ from the frames not otherwise held",
+                0,
+            );
+        }
+        Ok(())
     }
 
-    fn check_span(&self, start: usize, end: usize, tally: &mut Tally) -> Result<(), CheckError> {
+    /// Pageblock `i`: its blocks do not overlap, carry their zone, and add
+    /// up to its counts. With `linked`, each free block's and slab's own
+    /// links are checked too (a walk in steps cannot walk whole lists).
+    fn check_pageblock(&self, i: usize, tally: &mut Tally, linked: bool) -> Result<(), CheckError> {
+        let (start, end) = self.pageblocks.span(i);
+        let mut held = [0u32; HELD_KINDS];
+        for zone in self.zones.iter().filter(|z| z.managed > 0) {
+            let from = start.max(zone.start_pfn as usize);
+            let to = end.min(zone.end_pfn as usize);
+            if from < to {
+                self.check_span(from, to, tally, &mut held, linked)?;
+            }
+        }
+        if held != self.pageblocks.counts[i] {
+            return fail("pageblock counts differ from its frames", start as u64);
+        }
+        Ok(())
+    }
+
+    fn check_span(
+        &self,
+        start: usize,
+        end: usize,
+        tally: &mut Tally,
+        held: &mut [u32; HELD_KINDS],
+        linked: bool,
+    ) -> Result<(), CheckError> {
         let n = end.min(self.frames.len());
         let mut pfn = start;
         while pfn < n {
@@ -193,32 +343,95 @@ impl MemoryManager {
             if f.zone() != ZoneType::of_pfn(pfn as u64) {
                 return fail("frame carries the wrong zone", pfn as u64);
             }
-            let pages64 = pages as u64;
-            tally.managed[f.zone() as usize] += pages64;
-            match state {
+            tally.managed[f.zone() as usize] += pages as u64;
+            let kind = match state {
                 FrameState::Allocated => {
-                    tally.owner_pages[f.owner as usize % crate::MAX_OWNERS] += pages64
+                    if let Some(owners) = &mut tally.owner_pages {
+                        owners[f.owner as usize % crate::MAX_OWNERS] += pages as u64;
+                    }
+                    None
                 }
-                FrameState::Slab => tally.slab += pages64,
-                FrameState::Large => tally.large += pages64,
-                FrameState::Pool => tally.pool += pages64,
+                FrameState::Buddy => Some(Held::Free),
+                FrameState::Slab => Some(Held::Slab),
+                FrameState::Large => Some(Held::Large),
+                FrameState::Pool => Some(Held::Pool),
                 FrameState::Vmalloc if f.order != 0 => {
                     return fail("vmalloc page with a non-zero order", pfn as u64)
                 }
                 FrameState::Vmalloc => {
-                    tally.vmalloc += 1;
                     tally.vmalloc_heads += (f.count == 1) as u64;
+                    Some(Held::Vmalloc)
                 }
-                _ => {}
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                held[kind as usize] += pages as u32;
+            }
+            if linked {
+                match state {
+                    FrameState::Buddy => self.check_buddy_links(pfn as u32)?,
+                    FrameState::Slab => self.check_slab(pfn as u32)?,
+                    _ => {}
+                }
             }
             pfn += pages;
         }
         Ok(())
     }
 
+    /// A free block is aligned to its order, and its list neighbours are
+    /// free blocks of the same order and zone that link back to it; the
+    /// first of a list is its list's head.
+    fn check_buddy_links(&self, pfn: u32) -> Result<(), CheckError> {
+        let f = &self.frames[pfn as usize];
+        let order = f.order as u32;
+        if order >= self.max_order || pfn & ((1 << order) - 1) != 0 {
+            return fail("free block not aligned to its order", pfn as u64);
+        }
+        let same = |other: u32| {
+            self.frames.get(other as usize).is_some_and(|o| {
+                o.is(FrameState::Buddy) && o.order == f.order && o.zone() == f.zone()
+            })
+        };
+        if f.next != NIL && !(same(f.next) && self.frames[f.next as usize].prev == pfn) {
+            return fail("free list forward link broken", pfn as u64);
+        }
+        let head = self.zones[f.zone() as usize].free_area[order as usize]
+            .list
+            .head;
+        let linked_back = if f.prev == NIL {
+            head == pfn
+        } else {
+            same(f.prev) && self.frames[f.prev as usize].next == pfn
+        };
+        if !linked_back {
+            return fail("free list back link broken", pfn as u64);
+        }
+        Ok(())
+    }
+
+    /// A slab belongs to a cache of its order, and its free list is as long
+    /// as its in-use count leaves room for.
+    fn check_slab(&self, head: u32) -> Result<(), CheckError> {
+        let f = &self.frames[head as usize];
+        let Some(Some(cache)) = self.caches.get(f.owner as usize) else {
+            return fail("slab of a cache that does not exist", head as u64);
+        };
+        if cache.order != f.order as u32 || f.count as u32 > cache.objs_per_slab {
+            return fail("slab does not fit its cache", head as u64);
+        }
+        let free = cache.for_each_free_object(self.frames, self.dmap, head, |_| {});
+        if free as u64 != (cache.objs_per_slab - f.count as u32) as u64 {
+            return fail(
+                "slab free list length differs from its in-use count",
+                head as u64,
+            );
+        }
+        Ok(())
+    }
+
     /// Slab lists hold slabs of the right fill level; free lists inside each
-    /// slab are as long as the slab says; per-CPU arrays hold this cache's
-    /// objects.
+    /// slab are as long as the slab says.
     fn check_caches(&self) -> Result<(), CheckError> {
         for (id, cache) in self.caches() {
             let mut inuse = 0u64;
@@ -261,6 +474,13 @@ impl MemoryManager {
             if inuse != cache.slab_inuse {
                 return fail("cache in-use count differs from its slabs", 0);
             }
+        }
+        Ok(())
+    }
+
+    /// Per-CPU arrays hold their own cache's objects.
+    fn check_array_caches(&self) -> Result<(), CheckError> {
+        for (id, cache) in self.caches() {
             for &obj in &cache.ac.entry[..cache.ac.avail] {
                 if cache.owning_slab(self.frames, self.dmap, id, obj).is_none() {
                     return fail(
@@ -286,5 +506,130 @@ impl MemoryManager {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arena::HostMm;
+    use crate::Gfp;
+
+    fn walk_to_end(mm: &MemoryManager) -> Result<usize, CheckError> {
+        let mut walk = CheckWalk::new();
+        let mut steps = 0;
+        while !mm.check_step(&mut walk, 1)? {
+            steps += 1;
+        }
+        Ok(steps + 1)
+    }
+
+    fn boot() -> HostMm {
+        HostMm::three_zones(48 << 20, 16 << 20, "memd.dma_reserve=8M@dma32").unwrap()
+    }
+
+    #[test]
+    fn a_walk_in_steps_holds_while_memory_changes() {
+        let mut host = boot();
+        let mm: &mut MemoryManager = &mut host;
+        let mut walk = CheckWalk::new();
+        let mut live = std::vec::Vec::new();
+        let mut rng = crate::Prandom::new(7);
+        let mut walks = 0;
+        for i in 0..2000u64 {
+            match rng.below(3) {
+                0 => live.extend(
+                    mm.alloc_pages(rng.below(6) as u32, Gfp::KERNEL)
+                        .ok()
+                        .map(|p| (p, None)),
+                ),
+                1 => {
+                    let size = 8 + rng.below(20_000) as usize;
+                    live.extend(mm.kmalloc(size, Gfp::KERNEL).ok().map(|p| (0, Some(p))));
+                }
+                _ if !live.is_empty() => {
+                    let (phys, ptr) = live.swap_remove(rng.below(live.len() as u64) as usize);
+                    match ptr {
+                        Some(p) => mm.kfree(p).unwrap(),
+                        None => {
+                            let order = mm.frame(phys).unwrap().order as u32;
+                            mm.free_pages(phys, order).unwrap();
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if i % 3 == 0 && mm.check_step(&mut walk, 64).unwrap() {
+                walks += 1;
+                walk = CheckWalk::new();
+            }
+        }
+        assert!(walks > 10, "only {walks} walks ended");
+        mm.check().unwrap();
+        assert_eq!(walk_to_end(mm).unwrap(), mm.pageblocks.counts.len());
+    }
+
+    #[test]
+    fn a_walk_in_steps_finds_what_the_whole_check_finds() {
+        // A pageblock's count off by one.
+        let mut host = boot();
+        let mm: &mut MemoryManager = &mut host;
+        mm.pageblocks.counts[3][Held::Slab as usize] += 1;
+        assert_eq!(
+            mm.check().unwrap_err().what,
+            "pageblock counts differ from its frames"
+        );
+        assert_eq!(
+            walk_to_end(mm).unwrap_err().what,
+            "pageblock counts differ from its frames"
+        );
+
+        // A free block whose list neighbour does not link back.
+        let mut host = boot();
+        let mm: &mut MemoryManager = &mut host;
+        let pages: std::vec::Vec<u64> = (0..64)
+            .map(|_| mm.alloc_pages(0, Gfp::KERNEL).unwrap() / PAGE_SIZE)
+            .collect();
+        // Free the even frames whose odd buddy stays allocated: order-0
+        // blocks that cannot merge.
+        for &pfn in pages
+            .iter()
+            .filter(|&&p| p % 2 == 0 && pages.contains(&(p + 1)))
+        {
+            mm.free_pages(pfn * PAGE_SIZE, 0).unwrap();
+        }
+        mm.drain_all_pages();
+        let zone = mm.frames[pages[0] as usize].zone();
+        let list = mm.zones[zone as usize].free_area[0].list;
+        assert!(list.len >= 2, "order-0 blocks listed together");
+        let second = mm.frames[list.head as usize].next;
+        mm.frames[second as usize].prev = second + 2;
+        assert!(mm.check().is_err());
+        assert!(walk_to_end(mm).unwrap_err().what.ends_with("link broken"));
+
+        // A slab whose in-use count disagrees with its free list.
+        let mut host = boot();
+        let mm: &mut MemoryManager = &mut host;
+        let p = mm.kmalloc(64, Gfp::KERNEL).unwrap();
+        let pfn = (mm.dmap.phys(p.as_ptr() as usize) / PAGE_SIZE) as usize;
+        mm.frames[pfn].count += 1;
+        assert!(mm.check().is_err());
+        assert_eq!(
+            walk_to_end(mm).unwrap_err().what,
+            "slab free list length differs from its in-use count"
+        );
+
+        // An owner charged for a page nobody holds.
+        let mut host = boot();
+        let mm: &mut MemoryManager = &mut host;
+        mm.owners.charge(5, 1);
+        assert_eq!(
+            mm.check().unwrap_err().what,
+            "per-owner page counts differ from the frame table"
+        );
+        assert_eq!(
+            walk_to_end(mm).unwrap_err().what,
+            "owners' charges and pcp frames differ from the frames not otherwise held"
+        );
     }
 }

@@ -7,6 +7,7 @@
 use crate::frame::FrameState;
 use crate::gfp::Gfp;
 use crate::memblock::PAGE_SIZE;
+use crate::pageblock::Held;
 use crate::slab::{self, CacheId, KmemCache, SlabFlags};
 use crate::{MemoryManager, MmError};
 use core::alloc::Layout;
@@ -133,6 +134,7 @@ impl MemoryManager {
         f.set_state(FrameState::Large);
         f.count = 1;
         self.counters.large_pages += 1 << order;
+        self.pageblocks.add(pfn, Held::Large, 1 << order);
         let virt = self.dmap.virt(pfn as u64 * PAGE_SIZE);
         Ok(NonNull::new(virt as *mut u8).expect("direct map maps frame at 0"))
     }
@@ -150,6 +152,7 @@ impl MemoryManager {
                 let order = f.order as u32;
                 self.frames[pfn].count = 0;
                 self.counters.large_pages -= 1 << order;
+                self.pageblocks.sub(pfn as u32, Held::Large, 1 << order);
                 self.free_frames(pfn as u32, order);
                 Ok(())
             }

@@ -3,6 +3,7 @@
 
 use crate::frame::FrameState;
 use crate::gfp::Gfp;
+use crate::pageblock::Held;
 use crate::slab::{self, CacheId, CorruptionKind, Ctor, KmemCache, SlabFlags, AC_BATCH, AC_LIMIT};
 use crate::{MemoryManager, MmError};
 use core::ptr::NonNull;
@@ -123,6 +124,7 @@ impl MemoryManager {
         let pfn = self.alloc_frames(order, gfp.without(Gfp::ZERO))?;
         self.frames[pfn as usize].set_state(FrameState::Slab);
         self.counters.slab_pages += 1 << order;
+        self.pageblocks.add(pfn, Held::Slab, 1 << order);
         let dmap = self.dmap;
         let cache = self.caches[id.0 as usize]
             .as_mut()
@@ -258,6 +260,7 @@ impl MemoryManager {
         f.owner = 0;
         f.aux = 0;
         self.counters.slab_pages -= 1 << order;
+        self.pageblocks.sub(head, Held::Slab, 1 << order);
         self.free_frames(head, order);
     }
 

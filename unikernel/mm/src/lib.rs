@@ -78,6 +78,7 @@ mod memblock;
 mod mempool;
 mod owner;
 mod page_alloc;
+mod pageblock;
 mod pcp;
 mod prandom;
 mod slab;
@@ -94,7 +95,7 @@ mod zone;
 pub use access::{slice_mut, DirectMap};
 #[cfg(feature = "std")]
 pub use arena::{HostGlobal, HostMm};
-pub use check::CheckError;
+pub use check::{CheckError, CheckWalk};
 pub use cma::{Cma, Extent};
 pub use cmdline::{DmaReserve, MmOptions};
 pub use dma::{DmaBuffer, DmaMask, DmaSource};
@@ -138,6 +139,7 @@ pub struct BootInfo<'a> {
 /// hangs off it.
 pub struct MemoryManager {
     pub(crate) frames: &'static mut [Frame],
+    pub(crate) pageblocks: pageblock::Pageblocks,
     pub(crate) dmap: DirectMap,
     pub(crate) max_order: u32,
     pub(crate) zones: [zone::Zone; NR_ZONES],
@@ -169,6 +171,7 @@ impl MemoryManager {
     pub const fn new() -> Self {
         MemoryManager {
             frames: &mut [],
+            pageblocks: pageblock::Pageblocks::new(),
             dmap: DirectMap::new(0),
             max_order: DEFAULT_MAX_ORDER as u32,
             zones: [
@@ -251,6 +254,25 @@ impl MemoryManager {
         if !boot.zeroed {
             self.frames.fill(Frame::EMPTY);
         }
+        let pageblock_order = self.max_order - 1;
+        let nr_blocks = pageblock::Pageblocks::needed(nr_frames, pageblock_order);
+        let counts = mb
+            .alloc(
+                nr_blocks * core::mem::size_of::<pageblock::Counts>() as u64,
+                PAGE_SIZE,
+                0,
+                u64::MAX,
+                ReserveKind::FrameTable,
+            )
+            .ok_or(MmError::NoMemory)?;
+        // SAFETY: as for the frame table: carved out of the caller's usable
+        // RAM just now, reserved, and page aligned.
+        self.pageblocks.counts =
+            unsafe { access::pageblock_table(self.dmap.virt(counts), nr_blocks as usize) };
+        self.pageblocks.order = pageblock_order;
+        if !boot.zeroed {
+            self.pageblocks.counts.fill([0; pageblock::HELD_KINDS]);
+        }
         // Zeroed RAM reads as `FrameState::None` everywhere, which is what an
         // untouched frame must be; only the link fields differ, and they are
         // only read on list members.
@@ -275,6 +297,7 @@ impl MemoryManager {
         }
 
         let frames = &mut *self.frames;
+        let blocks = &mut self.pageblocks;
         let zones = &mut self.zones;
         let max_order = self.max_order;
         self.memblock.for_each_free(|start, end| {
@@ -289,7 +312,7 @@ impl MemoryManager {
                 }
                 zone.end_pfn = zone_end;
                 zone.managed += zone_end - pfn;
-                buddy::give_range(zone, frames, pfn, zone_end, max_order);
+                buddy::give_range(zone, frames, blocks, pfn, zone_end, max_order);
                 pfn = zone_end;
             }
         });

@@ -15,6 +15,7 @@ use crate::access;
 use crate::frame::FrameState;
 use crate::gfp::Gfp;
 use crate::memblock::PAGE_SIZE;
+use crate::pageblock::Held;
 use crate::slab::CacheId;
 use crate::{MemoryManager, MmError};
 use core::ptr::NonNull;
@@ -152,6 +153,7 @@ impl MemoryManager {
                 f.set_state(FrameState::Pool);
                 f.count = 1;
                 self.counters.pool_pages += 1 << order;
+                self.pageblocks.add(pfn, Held::Pool, 1 << order);
                 self.dmap.virt(pfn as u64 * PAGE_SIZE)
             }
         };
@@ -170,6 +172,7 @@ impl MemoryManager {
                 let pfn = (e.phys / PAGE_SIZE) as u32;
                 self.frames[pfn as usize].count = 0;
                 self.counters.pool_pages -= 1 << order;
+                self.pageblocks.sub(pfn, Held::Pool, 1 << order);
                 self.free_frames(pfn, order);
                 Ok(())
             }

@@ -131,6 +131,7 @@ impl MemoryManager {
             buddy::give(
                 &mut self.zones[zone_ty as usize],
                 self.frames,
+                &mut self.pageblocks,
                 pfn,
                 order,
                 max_order,
@@ -156,7 +157,7 @@ impl MemoryManager {
                 }
             } else {
                 let max_order = self.max_order;
-                buddy::take(zone, self.frames, order, max_order)
+                buddy::take(zone, self.frames, &mut self.pageblocks, order, max_order)
             };
             if let Some(pfn) = pfn {
                 let zone = &mut self.zones[z];
@@ -231,7 +232,8 @@ impl MemoryManager {
         let zone = &mut self.zones[z];
         zone.counters.pcp_refill += 1;
         for _ in 0..(PCP_BATCH as u64).min(budget) {
-            let Some(pfn) = buddy::take(zone, self.frames, 0, max_order) else {
+            let Some(pfn) = buddy::take(zone, self.frames, &mut self.pageblocks, 0, max_order)
+            else {
                 break;
             };
             self.frames[pfn as usize].set_state(FrameState::Pcp);
@@ -251,7 +253,7 @@ impl MemoryManager {
         zone.counters.pcp_drain += 1;
         for i in 0..count {
             let pfn = zone.pcp.frames[i];
-            buddy::give(zone, self.frames, pfn, 0, max_order);
+            buddy::give(zone, self.frames, &mut self.pageblocks, pfn, 0, max_order);
         }
         zone.pcp.frames.copy_within(count..zone.pcp.count, 0);
         zone.pcp.count -= count;

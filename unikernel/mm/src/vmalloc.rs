@@ -31,6 +31,7 @@ use core::ptr::NonNull;
 use crate::frame::{FrameState, NIL};
 use crate::gfp::Gfp;
 use crate::memblock::PAGE_SIZE;
+use crate::pageblock::Held;
 use crate::{access, MemoryManager, MmError, Owner};
 
 /// Page-table frames handed to the architecture.
@@ -327,6 +328,7 @@ impl MemoryManager {
             return Err(e);
         }
         self.counters.vmalloc_pages += 1;
+        self.pageblocks.add(pfn, Held::Vmalloc, 1);
         Ok(pfn as u64)
     }
 
@@ -348,6 +350,7 @@ impl MemoryManager {
                     f.next = NIL;
                     f.prev = NIL;
                     self.counters.vmalloc_pages -= 1;
+                    self.pageblocks.sub(pfn, Held::Vmalloc, 1);
                     self.free_frames(pfn, 0);
                 }
                 // Not a vmalloc frame: the page tables disagree with the

@@ -2,7 +2,8 @@
 //! with the invariant checker after every step.
 //!
 //! The model is the set of live allocations as physical ranges. After every
-//! step: `check()` passes, no two live allocations overlap, every address
+//! step: `check()` passes (and a check in steps, `check_step`, advances
+//! without finding anything), no two live allocations overlap, every address
 //! obeys its request's zone or DMA mask, and every allocation still holds
 //! the tag written into it. At the end everything is freed and free memory
 //! must equal the baseline exactly.
@@ -285,9 +286,17 @@ proptest! {
     fn random_operations_keep_every_invariant(ops in prop::collection::vec(op(), 1..400)) {
         let mut h = Harness::new();
         h.verify();
+        // A check in steps runs alongside, a few pageblocks per operation,
+        // while memory changes under it.
+        let mut walk = CheckWalk::new();
         for op in &ops {
             h.apply(op);
             h.verify();
+            match h.mm.check_step(&mut walk, 128) {
+                Ok(true) => walk = CheckWalk::new(),
+                Ok(false) => {}
+                Err(e) => panic!("invariant broken, found by a check in steps: {e}"),
+            }
         }
         h.free_everything();
         prop_assert_eq!(h.mm.meminfo().free, baseline(), "free memory returns to its baseline");

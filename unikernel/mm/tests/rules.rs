@@ -33,9 +33,11 @@ fn boot_builds_zones_from_the_map() {
     assert_eq!(zi[0].end_pfn, 4096);
     assert_eq!(zi[1].start_pfn, 4096);
     assert_eq!(zi[2].start_pfn, (4 << 30) / PAGE_SIZE);
-    // The frame table (16 bytes per frame up to the end of memory) is
+    // The frame table (16 bytes per frame up to the end of memory) and the
+    // pageblock counts (20 bytes per 1024 frames, in whole pages) are
     // carved top-down from Normal.
-    let table = ((4 << 30) + 32 * MIB) / PAGE_SIZE * 16;
+    let frames = ((4 << 30) + 32 * MIB) / PAGE_SIZE;
+    let table = frames * 16 + (frames / 1024 * 20).next_multiple_of(PAGE_SIZE);
     assert_eq!(zi[2].managed * PAGE_SIZE, 32 * MIB - table);
     assert_eq!(zi[0].managed, 4096 - 256, "DMA: 1-16 MiB");
     assert!(mm

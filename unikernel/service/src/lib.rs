@@ -27,6 +27,7 @@ extern crate alloc;
 #[cfg(feature = "host")]
 extern crate std;
 
+mod check;
 mod conns;
 mod env;
 mod handles;

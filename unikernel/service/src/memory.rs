@@ -176,9 +176,15 @@ pub trait Memory {
     fn snapshot(&mut self, view: View, out: &mut Self::Stats);
     /// Turn a snapshot into the reply for `view` (runs without the lock).
     fn render(view: View, stats: &Self::Stats) -> Reply;
-    /// Every invariant checker: the first violation and where (a frame
-    /// number or address).
-    fn check(&mut self) -> Result<(), (&'static str, u64)>;
+    /// The next `pageblocks` of a check of every invariant done in steps
+    /// (`walk`, from [`memd_mm::CheckWalk::new`]): `Ok(true)` once it has
+    /// ended with nothing found, else the first violation and where (a
+    /// frame number or address).
+    fn check_step(
+        &mut self,
+        walk: &mut memd_mm::CheckWalk,
+        pageblocks: usize,
+    ) -> Result<bool, (&'static str, u64)>;
     /// Copy the physical memory map's layout into `out` (memory ranges,
     /// zones, reservations, the CMA region; the frame runs come from
     /// [`Memory::memmap_runs`]), whose buffers the service allocated

@@ -296,8 +296,12 @@ impl Memory for MemoryManager {
         self.frame_runs_in(from, to).for_each(take);
     }
 
-    fn check(&mut self) -> Result<(), (&'static str, u64)> {
-        MemoryManager::check(self).map_err(|e| (e.what, e.pfn))
+    fn check_step(
+        &mut self,
+        walk: &mut memd_mm::CheckWalk,
+        pageblocks: usize,
+    ) -> Result<bool, (&'static str, u64)> {
+        MemoryManager::check_step(self, walk, pageblocks).map_err(|e| (e.what, e.pfn))
     }
 
     fn set_fault(&mut self, target: FaultTarget, c: FaultConfig) -> Result<(), MemError> {

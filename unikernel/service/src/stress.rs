@@ -1,11 +1,14 @@
 //! The in-guest stress run: random page and kmalloc allocations and frees,
 //! timed inside the guest.
 
+use alloc::format;
+use alloc::string::String;
 use alloc::vec;
 
 use memd_mm::Prandom;
 use memd_wire::{Gfp, StressReport};
 
+use crate::check::CheckRun;
 use crate::env::Env;
 use crate::memory::{Memory, Obj};
 
@@ -25,8 +28,9 @@ enum Slot {
 pub const SLICE_OPS: u64 = 64;
 
 /// A stress run in progress: `ops` operations (each an allocation or a
-/// free) for one owner, run a slice at a time by [`Run::step`], then
-/// [`Run::finish`] frees what is left and checks the invariants.
+/// free) for one owner, run a slice at a time by [`Run::step`], then what
+/// is left freed and the invariants checked, a slice at a time too;
+/// [`Run::finish`] reports.
 ///
 /// Each step picks one of [`SLOTS`] slots: a full slot is freed, an empty
 /// one gets an order-0..=3 page block or a kmalloc of 8..=4096 bytes. The
@@ -41,6 +45,8 @@ pub struct Run {
     /// Time spent inside steps: the run's own time, not the passes it
     /// waited for.
     elapsed_ns: u64,
+    /// The check that ends the run, once its operations are done.
+    check: Option<CheckRun>,
 }
 
 impl Run {
@@ -53,6 +59,7 @@ impl Run {
             done: 0,
             failed: 0,
             elapsed_ns: 0,
+            check: None,
         }
     }
 
@@ -61,9 +68,24 @@ impl Run {
         self.ops - self.done
     }
 
-    /// Runs up to [`SLICE_OPS`] operations for `owner`; true when none are
-    /// left.
+    /// How far the run got, for messages.
+    pub fn describe(&self) -> String {
+        match &self.check {
+            Some(check) => format!(
+                "a stress run ({} pageblocks of its check walked)",
+                check.walked()
+            ),
+            None => format!("a stress run ({} ops left)", self.left()),
+        }
+    }
+
+    /// Runs up to [`SLICE_OPS`] operations for `owner`, or once they are
+    /// done a slice of the check that ends the run; true when the run is
+    /// over.
     pub fn step<E: Env>(&mut self, env: &mut E, owner: u64) -> bool {
+        if let Some(check) = &mut self.check {
+            return check.step(env);
+        }
         let n = self.left().min(SLICE_OPS);
         let start = env.now_ns();
         let (slots, rng, failed) = (&mut self.slots, &mut self.rng, &mut self.failed);
@@ -74,7 +96,13 @@ impl Run {
         });
         self.elapsed_ns += env.now_ns().saturating_sub(start);
         self.done += n;
-        self.left() == 0
+        if self.left() == 0 {
+            // What is left is freed before the check, which then sees
+            // memory as the run leaves it.
+            self.release(env);
+            self.check = Some(CheckRun::new());
+        }
+        false
     }
 
     /// Frees what the run still holds (for a run cut short, too).
@@ -88,17 +116,15 @@ impl Run {
         });
     }
 
-    /// Frees what is left, checks the invariants, and reports.
-    pub fn finish<E: Env>(&mut self, env: &mut E) -> StressReport {
-        self.release(env);
-        let check_ok = env.with_mem(|m, _| m.check().is_ok());
+    /// The report of a run that is over.
+    pub fn finish(&self) -> StressReport {
         let elapsed_ns = self.elapsed_ns.max(1);
         StressReport {
             ops: self.ops,
             failed_allocs: self.failed,
             elapsed_ns,
             ops_per_sec: ((self.ops as u128 * 1_000_000_000) / elapsed_ns as u128) as u64,
-            check_ok,
+            check_ok: self.check.as_ref().is_some_and(CheckRun::ok),
         }
     }
 }

@@ -637,6 +637,92 @@ fn a_stress_run_is_work_over_turns() {
     assert_eq!(h.mem.bad_frees, 0);
 }
 
+/// As [`drive_raw`], over the real memd-mm; `between` runs after each
+/// turn that did not end the request, with the turns so far.
+fn drive_mm(
+    h: &mut Harness<memd_mm::HostMm>,
+    conn: ConnId,
+    input: &[u8],
+    mut between: impl FnMut(&mut memd_mm::HostMm, usize),
+) -> Vec<Vec<u8>> {
+    let (mut taken, mut outs) = (0, Vec::new());
+    loop {
+        assert!(outs.len() < MAX_TURNS, "no end after {MAX_TURNS} turns");
+        let mut env = DirectEnv {
+            mem: &mut *h.mem,
+            block: None,
+            clock: fake_clock,
+        };
+        let mut out = Vec::new();
+        let (n, flow) =
+            h.svc
+                .on_bytes_bounded(&mut env, conn, &input[taken..], &mut out, usize::MAX);
+        assert_eq!(flow, Flow::Continue);
+        taken += n;
+        outs.push(out);
+        if taken == input.len() && !h.svc.has_work(conn) {
+            return outs;
+        }
+        between(&mut h.mem, outs.len());
+    }
+}
+
+#[test]
+fn a_check_walks_memory_over_turns_while_it_changes() {
+    // 512 MiB: 128 pageblocks of 4 MiB, two a slice.
+    let mut h = Harness::new(memd_mm::HostMm::three_zones(512 * MIB, 0, "").unwrap());
+    let c = h.login();
+    let mut held = Vec::new();
+    let outs = drive_mm(&mut h, c, &call_frame(Op::Check), |mm, turns| {
+        // Memory changes between the check's turns.
+        held.push(mm.alloc_pages(turns as u32 % 4, Gfp::KERNEL).unwrap());
+        if turns % 3 == 0 {
+            let p = held.remove(0);
+            let order = mm.frame(p).unwrap().order as u32;
+            mm.free_pages(p, order).unwrap();
+        }
+    });
+    assert!(
+        outs.len() > 4,
+        "a check of 512 MiB took {} turn(s)",
+        outs.len()
+    );
+    match only_call(decode_all(&outs.concat())) {
+        Ok(Reply::Check(r)) => assert!(r.ok && r.violations.is_empty(), "{r:?}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_small_dma_buffer_with_a_large_alignment_is_zeroed_over_turns() {
+    // 4 KiB aligned to 4 MiB is a whole order-10 block from the buddy:
+    // 4 MiB to zero, a slice a turn.
+    let mut h = Harness::new(memd_mm::HostMm::three_zones(64 * MIB, 0, "").unwrap());
+    let c = h.login();
+    // Leave stale bytes in the memory the buffer will take.
+    let stale = h.mem.alloc_pages(10, Gfp::KERNEL).unwrap();
+    let virt = h.mem.direct_map().virt(stale);
+    // SAFETY: the block was just allocated to this test, 4 MiB long.
+    unsafe { std::ptr::write_bytes(virt as *mut u8, 0xa5, 4 * MIB as usize) };
+    h.mem.free_pages(stale, 10).unwrap();
+    let op = Op::DmaAlloc {
+        len: 4096,
+        align: 4 * MIB,
+        mask: DmaMask::Bits64,
+    };
+    let outs = drive_mm(&mut h, c, &call_frame(op), |_, _| {});
+    assert!(outs.len() > 2, "4 MiB zeroed in {} turn(s)", outs.len());
+    let info = match only_call(decode_all(&outs.concat())) {
+        Ok(Reply::Dma(info)) => info,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(info.phys % (4 * MIB), 0);
+    let virt = h.mem.direct_map().virt(info.phys);
+    // SAFETY: the buffer is the client's, 4 MiB of block, not yet freed.
+    let block = unsafe { std::slice::from_raw_parts(virt as *const u8, 4 * MIB as usize) };
+    assert!(block.iter().all(|&b| b == 0), "the whole block is zeroed");
+}
+
 #[test]
 fn a_batch_with_a_long_op_runs_over_turns_in_order() {
     let mut h = harness();

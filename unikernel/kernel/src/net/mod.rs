@@ -127,8 +127,10 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, timeouts: Timeouts, handler: &m
         let packets = dev.stats.rx_packets + dev.stats.tx_packets;
         let t = instant(pass);
         iface.poll_maintenance(t);
-        while iface.poll_ingress_single(t, &mut Phy(&mut dev), &mut sockets.set)
-            != PollIngressSingleResult::None
+        sockets.begin_pass(pass);
+        while sockets.listening()
+            && iface.poll_ingress_single(t, &mut Phy(&mut dev), &mut sockets.set)
+                != PollIngressSingleResult::None
         {
             if sockets.listener_taken() {
                 sockets.top_up_listeners(pass);
@@ -140,7 +142,8 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, timeouts: Timeouts, handler: &m
             // ACKs first (they open the window for the rest of a reply),
             // stopping at a SYN that took a listener: it is replaced later.
             let t = now();
-            while !listener_taken(set, listeners)
+            while !listeners.is_empty()
+                && !listener_taken(set, listeners)
                 && iface.poll_ingress_single(t, &mut Phy(&mut dev), set)
                     != PollIngressSingleResult::None
             {}

@@ -48,12 +48,19 @@ pub(super) struct Sockets {
     slots: usize,
     port: u16,
     timeouts: Timeouts,
+    /// Listeners this pass may still open.
+    may_open: usize,
 }
 
 /// Listening sockets kept beyond the connected ones. Packets are taken in
 /// one at a time and the listeners topped up after each, so a burst of SYNs
 /// never finds none while a slot is free.
 const SPARE_LISTENERS: usize = 2;
+
+/// Listeners a pass may open: each costs its 192 KiB of buffers, a few
+/// hundred microseconds under TCG, so a burst of connections is taken in
+/// over as many passes instead of one pass of milliseconds.
+const NEW_LISTENERS_PER_PASS: usize = 1;
 
 /// A client whose requests took longer than this has its replies sent
 /// before the next client is served (a batch of 4096 operations takes
@@ -69,6 +76,7 @@ impl Sockets {
             slots,
             port,
             timeouts,
+            may_open: SPARE_LISTENERS,
         };
         sockets.top_up_listeners(time::uptime_ns());
         sockets
@@ -79,11 +87,27 @@ impl Sockets {
         listener_taken(&self.set, &self.listeners)
     }
 
-    /// Moves listeners that took a SYN to the clients and opens new ones.
-    /// Listeners are kept even when every slot is taken: a new connection
-    /// then takes the slot of one that is not using it (see `make_room`).
-    /// Their buffers are allocated fallibly: near exhaustion there are
-    /// simply fewer listeners until memory returns.
+    /// Starts a pass: it may open [`NEW_LISTENERS_PER_PASS`] listeners,
+    /// the first of them now if some are missing.
+    pub(super) fn begin_pass(&mut self, now: u64) {
+        self.may_open = NEW_LISTENERS_PER_PASS;
+        if self.listeners.len() < SPARE_LISTENERS {
+            self.top_up_listeners(now);
+        }
+    }
+
+    /// Whether a listener is waiting: with none, a SYN taken in would be
+    /// refused, so packets are left in the device for the next pass.
+    pub(super) fn listening(&self) -> bool {
+        !self.listeners.is_empty()
+    }
+
+    /// Moves listeners that took a SYN to the clients and opens new ones,
+    /// as many as the pass may still open. Listeners are kept even when
+    /// every slot is taken: a new connection then takes the slot of one
+    /// that is not using it (see `make_room`). Their buffers are allocated
+    /// fallibly: near exhaustion there are simply fewer listeners until
+    /// memory returns.
     pub(super) fn top_up_listeners(&mut self, now: u64) {
         let mut i = 0;
         while i < self.listeners.len() {
@@ -95,7 +119,8 @@ impl Sockets {
                 self.clients.push(Client::new(handle, now));
             }
         }
-        while self.listeners.len() < SPARE_LISTENERS {
+        while self.listeners.len() < SPARE_LISTENERS && self.may_open > 0 {
+            self.may_open -= 1;
             let (Some(rx), Some(tx)) = (zeroed(SOCKET_BUF), zeroed(TX_BUF)) else {
                 return;
             };

@@ -1,10 +1,9 @@
-//! The operator's operations: checking the memory manager's invariants,
-//! a stress run, fault injection, dropping the caches, and shutting down.
+//! The operator's operations: a stress run (the invariant check, also
+//! run as work, is `crate::check`), fault injection, dropping the caches, and shutting down.
 
 use alloc::format;
-use alloc::vec::Vec;
 
-use memd_wire::{errno, CheckReport, FaultConfig, FaultTarget, Reply, WireError};
+use memd_wire::{errno, FaultConfig, FaultTarget, Reply, WireError};
 
 use super::work::Work;
 use super::{err, mem_err, Service};
@@ -13,20 +12,6 @@ use crate::memory::Memory;
 use crate::stress;
 
 impl<M: Memory> Service<M> {
-    /// Runs every invariant checker.
-    pub(super) fn check<E: Env<Mem = M>>(&mut self, env: &mut E) -> Reply {
-        Reply::Check(match env.with_mem(|m, _| m.check()) {
-            Ok(()) => CheckReport {
-                ok: true,
-                violations: Vec::new(),
-            },
-            Err((what, at)) => CheckReport {
-                ok: false,
-                violations: alloc::vec![format!("{what} (at {at:#x})")],
-            },
-        })
-    }
-
     /// A stress run of `ops` operations with `seed`'s sequence, to run as
     /// work.
     pub(super) fn start_stress(&self, ops: u64, seed: u64) -> Result<Work, WireError> {

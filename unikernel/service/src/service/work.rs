@@ -18,6 +18,7 @@ use super::budget::Budget;
 use super::dma_work::{DmaWork, Slice, ZERO_SLICE};
 use super::map::MapWork;
 use super::{err, Service};
+use crate::check::CheckRun;
 use crate::env::Env;
 use crate::memory::Memory;
 use crate::stress;
@@ -25,7 +26,9 @@ use crate::ConnId;
 
 /// Whether `op` runs as [`Work`], in slices.
 pub(super) fn is_long(op: &Op) -> bool {
-    matches!(op, Op::DmaAlloc { len, .. } if *len > ZERO_SLICE as u64)
+    // A buffer from the buddy is a whole block, as large as its alignment:
+    // that span is what gets zeroed.
+    matches!(op, Op::DmaAlloc { len, align, .. } if (*len).max(*align) > ZERO_SLICE as u64)
         || matches!(
             op,
             Op::MemMap
@@ -36,6 +39,7 @@ pub(super) fn is_long(op: &Op) -> bool {
                 | Op::DmaWriteDisk { .. }
                 | Op::DmaReadDisk { .. }
                 | Op::Stress { .. }
+                | Op::Check
         )
 }
 
@@ -43,6 +47,7 @@ pub(super) fn is_long(op: &Op) -> bool {
 pub(super) enum Work {
     Dma(DmaWork),
     Stress(stress::Run),
+    Check(CheckRun),
     Map(Box<MapWork>),
 }
 
@@ -59,7 +64,7 @@ impl Work {
     pub(super) fn leases(&self) -> Option<u64> {
         match self {
             Work::Dma(w) => Some(w.handle),
-            Work::Stress(_) | Work::Map(_) => None,
+            Work::Stress(_) | Work::Check(_) | Work::Map(_) => None,
         }
     }
 
@@ -67,7 +72,8 @@ impl Work {
     pub(super) fn describe(&self) -> String {
         match self {
             Work::Dma(w) => w.describe(),
-            Work::Stress(r) => format!("a stress run ({} ops left)", r.left()),
+            Work::Stress(r) => r.describe(),
+            Work::Check(c) => format!("a check ({} pageblocks walked)", c.walked()),
             Work::Map(m) => format!(
                 "a memory map ({} of {} frames walked)",
                 m.walked(),
@@ -91,7 +97,7 @@ impl Work {
                 from,
                 to,
             }),
-            Work::Map(_) => None,
+            Work::Check(_) | Work::Map(_) => None,
         }
     }
 }
@@ -116,6 +122,7 @@ impl<M: Memory> Service<M> {
         match op {
             Op::MemMap => self.start_map(env).map(Work::Map),
             Op::Stress { ops, seed } => self.start_stress(ops, seed),
+            Op::Check => Ok(Work::Check(CheckRun::new())),
             op => self.start_dma_work(env, conn, op, io_budget).map(Work::Dma),
         }
     }
@@ -167,6 +174,7 @@ impl<M: Memory> Service<M> {
         loop {
             let done = match work {
                 Work::Stress(run) => run.step(env, conn),
+                Work::Check(check) => check.step(env),
                 Work::Map(map) => self.map_slice(env, map),
                 Work::Dma(w) => match self.dma_slice(env, conn, w) {
                     Ok(Slice::Done) => true,
@@ -180,7 +188,7 @@ impl<M: Memory> Service<M> {
                 },
             };
             if done {
-                return Some(self.finish_work(env, work));
+                return Some(self.finish_work(work));
             }
             if budget.work_spent(env) {
                 return None;
@@ -189,14 +197,11 @@ impl<M: Memory> Service<M> {
     }
 
     /// The reply of work that has run to its end.
-    fn finish_work<E: Env<Mem = M>>(
-        &mut self,
-        env: &mut E,
-        work: &mut Work,
-    ) -> Result<Reply, WireError> {
+    fn finish_work(&mut self, work: &mut Work) -> Result<Reply, WireError> {
         match work {
             Work::Map(map) => self.finish_map(map),
-            Work::Stress(run) => Ok(Reply::Stress(run.finish(env))),
+            Work::Stress(run) => Ok(Reply::Stress(run.finish())),
+            Work::Check(check) => Ok(Reply::Check(check.report())),
             Work::Dma(w) => Ok(w.finish()),
         }
     }

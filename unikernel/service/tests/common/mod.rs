@@ -349,9 +349,13 @@ impl Memory for Model {
     fn render(_view: View, stats: &Option<Reply>) -> Reply {
         stats.clone().unwrap()
     }
-    fn check(&mut self) -> Result<(), (&'static str, u64)> {
+    fn check_step(
+        &mut self,
+        _walk: &mut memd_mm::CheckWalk,
+        _pageblocks: usize,
+    ) -> Result<bool, (&'static str, u64)> {
         if self.bad_frees == 0 {
-            Ok(())
+            Ok(true)
         } else {
             Err(("bad frees", self.bad_frees))
         }
