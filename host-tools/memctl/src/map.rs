@@ -136,6 +136,8 @@ pub fn color(kind: RunKind, max_order: u32) -> String {
         RunKind::Pool => "#e5c22b".into(),
         RunKind::Reserved => "#7f7f7f".into(),
         RunKind::Absent => "#ffffff".into(),
+        // Free memory still to come: the free colour, washed out.
+        RunKind::Uninitialised => "#eef7ea".into(),
     }
 }
 

@@ -56,6 +56,7 @@ fn print_meminfo(m: &MemInfo) {
         ("VmallocTotal", m.vmalloc_total),
         ("VmallocUsed", m.vmalloc_used),
         ("VmallocChunk", m.vmalloc_chunk),
+        ("Uninitialised", m.deferred),
     ];
     for (k, v) in rows {
         println!("{:<16}{:>10} kB", format!("{k}:"), kb(v));
@@ -71,6 +72,9 @@ fn print_zoneinfo(zones: &[ZoneInfo]) {
         println!("        high     {}", z.watermark.high);
         println!("        spanned  {}", z.spanned);
         println!("        managed  {}", z.managed);
+        if z.deferred > 0 {
+            println!("        uninitialised {}", z.deferred);
+        }
         let lr: Vec<String> = z.lowmem_reserve.iter().map(|v| v.to_string()).collect();
         println!("        protection: ({})", lr.join(", "));
         println!("  nr_free_pages {}", z.free);

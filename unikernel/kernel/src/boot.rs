@@ -358,6 +358,9 @@ pub fn hand_over_memory(
         // Firmware may have used RAM it reports usable (SeaBIOS does):
         // the frame table is cleared.
         zeroed: false,
+        // Boot initialises the first `BOOT_INIT_BYTES`; the net loop does
+        // the rest (`memd.deferred_init=off` initialises all at boot).
+        deferred_init: true,
     };
     // SAFETY: the regions are the firmware's map, whose usable ranges are
     // RAM; after `read_start_info` copied what it needed, nothing but the

@@ -299,11 +299,12 @@ fn log_memory_summary() {
     }
     for z in mm.zoneinfo() {
         info!(
-            "mm: zone {} pfn [{:#x}-{:#x}) managed={} free={} min={} low={} high={}",
+            "mm: zone {} pfn [{:#x}-{:#x}) managed={} to_come={} free={} min={} low={} high={}",
             z.zone.name(),
             z.start_pfn,
             z.end_pfn,
             z.managed,
+            z.deferred,
             z.free,
             z.watermark.min,
             z.watermark.low,
@@ -312,9 +313,10 @@ fn log_memory_summary() {
     }
     let m = mm.meminfo();
     info!(
-        "mm: {} MiB managed, {} MiB free, frame table {} KiB, max order {}",
+        "mm: {} MiB managed, {} MiB free, {} MiB to come, frame table {} KiB, max order {}",
         m.total >> 20,
         m.free >> 20,
+        m.deferred >> 20,
         m.frame_table >> 10,
         mm.max_order()
     );

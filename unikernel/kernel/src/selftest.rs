@@ -80,6 +80,45 @@ fn check_invariants(when: &str) -> TestResult {
         .map_err(|e| fail(format_args!("memd-mm invariant broken {when}: {e}")))
 }
 
+/// The memory boot left uninitialised arrives 64 MiB at a time, with
+/// the invariants checked whole at every step and in steps alongside; it
+/// adds up to what the boot map promised. The tests after it run on all
+/// of memory.
+fn deferred_init() -> TestResult {
+    let mut mm = ALLOC.lock();
+    let m = mm.meminfo();
+    let promised = m.total + m.deferred;
+    let mut walk = memd_mm::CheckWalk::new();
+    let mut steps = 0u32;
+    loop {
+        let done = mm.deferred_init_step(16);
+        steps += 1;
+        mm.check()
+            .map_err(|e| fail(format_args!("invariant broken after step {steps}: {e}")))?;
+        if mm
+            .check_step(&mut walk, 3)
+            .map_err(|e| fail(format_args!("a check in steps broke at step {steps}: {e}")))?
+        {
+            walk = memd_mm::CheckWalk::new();
+        }
+        let m = mm.meminfo();
+        if m.total + m.deferred != promised {
+            return Err(fail(format_args!(
+                "step {steps}: {} managed + {} to come, not the {promised} promised",
+                m.total, m.deferred
+            )));
+        }
+        if done {
+            break;
+        }
+    }
+    if mm.meminfo().deferred != 0 {
+        return Err(fail("memory left uninitialised after the last step"));
+    }
+    info!("selftest: {steps} deferred steps, {} MiB in all", promised >> 20);
+    Ok(())
+}
+
 /// Fills `len` bytes at `virt` with a position-dependent pattern and reads
 /// it back.
 fn scribble(mm: &mut MemoryManager, virt: usize, len: usize, seed: u8) -> TestResult {
@@ -385,8 +424,9 @@ fn dma() -> TestResult {
 
 /// Runs every test; the first failure is returned.
 pub fn run() -> TestResult {
-    let tests: [Test; 10] = [
+    let tests: [Test; 11] = [
         ("invariants at boot", || check_invariants("at boot")),
+        ("deferred initialisation", deferred_init),
         ("pages of every order", pages),
         ("kmalloc size classes", kmalloc),
         ("Rust collections on the global allocator", rust_alloc),

@@ -89,14 +89,64 @@ pub unsafe fn slice_mut<'a>(virt: usize, len: usize) -> &'a mut [u8] {
     unsafe { core::slice::from_raw_parts_mut(virt as *mut u8, len) }
 }
 
-/// Turns the memory reserved for the frame table into a slice.
-///
-/// # Safety
-/// `virt` must point to `len` frames' worth of writable memory, 16-byte
-/// aligned, owned by the memory manager for as long as the slice is used.
-pub unsafe fn frame_table(virt: usize, len: usize) -> &'static mut [Frame] {
-    // SAFETY: forwarded to the caller.
-    unsafe { core::slice::from_raw_parts_mut(virt as *mut Frame, len) }
+/// The memory reserved for the frame table, lent out as a prefix that grows
+/// as memory is initialised (see `deferred.rs`).
+pub(crate) struct FrameTable {
+    base: *mut Frame,
+    carved: usize,
+}
+
+// SAFETY: the table is plain memory owned by the memory manager, which is
+// itself moved between threads only behind its lock.
+unsafe impl Send for FrameTable {}
+
+impl FrameTable {
+    pub(crate) const fn empty() -> Self {
+        FrameTable {
+            base: core::ptr::null_mut(),
+            carved: 0,
+        }
+    }
+
+    /// The table of `carved` frames at `virt`, and its first `len` frames.
+    ///
+    /// # Safety
+    /// `virt` must point to `carved` frames' worth of writable memory,
+    /// 16-byte aligned, owned by the memory manager for as long as the
+    /// table is used.
+    pub(crate) unsafe fn new(
+        virt: usize,
+        carved: usize,
+        len: usize,
+    ) -> (Self, &'static mut [Frame]) {
+        assert!(len <= carved);
+        let table = FrameTable {
+            base: virt as *mut Frame,
+            carved,
+        };
+        // SAFETY: forwarded to the caller; `len <= carved`.
+        let prefix = unsafe { core::slice::from_raw_parts_mut(table.base, len) };
+        (table, prefix)
+    }
+
+    /// Frames the table has room for.
+    pub(crate) fn carved(&self) -> usize {
+        self.carved
+    }
+
+    /// Gives back `prefix`, this table's current prefix, and lends its first
+    /// `len` frames instead.
+    pub(crate) fn grow(&self, prefix: &'static mut [Frame], len: usize) -> &'static mut [Frame] {
+        assert!(
+            (prefix.is_empty() || core::ptr::eq(prefix.as_ptr(), self.base))
+                && prefix.len() <= len
+                && len <= self.carved
+        );
+        // SAFETY: `new`'s contract covers `carved` frames from `base`; the
+        // only slice lent from them, `prefix`, is consumed here, so the new
+        // one aliases nothing.
+        unsafe { core::slice::from_raw_parts_mut(self.base, len) }
+    }
 }
 
 /// Turns the memory reserved for the pageblock counts into a slice.

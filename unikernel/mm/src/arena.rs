@@ -64,6 +64,7 @@ impl HostMm {
             direct_map_offset: page_align(base) as u64,
             reserved: &[],
             zeroed: true,
+            deferred_init: false,
         };
         // SAFETY: `base..base+end` is a fresh, zeroed, exclusively owned host
         // allocation that covers every range, and it outlives `mm` (see Drop).
@@ -201,6 +202,7 @@ impl HostGlobal {
                     direct_map_offset: base as u64,
                     reserved: &[],
                     zeroed: true,
+                    deferred_init: false,
                 };
                 // SAFETY: the arena is fresh, zeroed, owned by us forever.
                 unsafe { self.mm.init(&boot) }.ok().map(|()| base)

@@ -76,9 +76,9 @@ pub fn give(
     zone.free_area[order as usize].list.push(frames, pfn);
 }
 
-/// Hands a range of frames to the buddy at boot, in the largest aligned
-/// blocks that fit (Linux's `__free_pages_memory`). Only block heads are
-/// written.
+/// Hands a range of frames to the buddy at initialisation, in the largest
+/// aligned blocks that fit (Linux's `__free_pages_memory`), counting them
+/// as the pageblocks' managed frames. Only block heads are written.
 pub fn give_range(
     zone: &mut Zone,
     frames: &mut [Frame],
@@ -94,6 +94,7 @@ pub fn give_range(
             order -= 1;
         }
         debug_assert_eq!(ZoneType::of_pfn(pfn), zone.ty);
+        blocks.add_managed(pfn as u32, 1 << order);
         give(zone, frames, blocks, pfn as u32, order, max_order);
         pfn += 1 << order;
     }

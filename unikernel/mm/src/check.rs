@@ -9,7 +9,7 @@
 use crate::frame::{FrameState, NIL};
 use crate::memblock::PAGE_SIZE;
 use crate::mempool::PoolId;
-use crate::pageblock::{Held, HELD_KINDS};
+use crate::pageblock::{Counts, Held, HELD_KINDS};
 use crate::pcp::PCP_HIGH;
 use crate::zone::{ZoneType, NR_ZONES};
 use crate::MemoryManager;
@@ -61,16 +61,12 @@ struct Tally {
 #[derive(Clone, Debug, Default)]
 pub struct CheckWalk {
     next: usize,
-    managed: [u64; NR_ZONES],
 }
 
 impl CheckWalk {
     /// A walk from the first pageblock.
     pub const fn new() -> Self {
-        CheckWalk {
-            next: 0,
-            managed: [0; NR_ZONES],
-        }
+        CheckWalk { next: 0 }
     }
 
     /// Pageblocks walked so far.
@@ -104,17 +100,14 @@ impl MemoryManager {
         let all = self.pageblocks.counts.len();
         let end = walk.next.saturating_add(pageblocks).min(all);
         while walk.next < end {
-            let mut tally = Tally::default();
-            self.check_pageblock(walk.next, &mut tally, true)?;
-            for (sum, n) in walk.managed.iter_mut().zip(tally.managed) {
-                *sum += n;
-            }
+            self.check_pageblock(walk.next, &mut Tally::default(), true)?;
             walk.next += 1;
         }
         if walk.next < all {
             return Ok(false);
         }
-        self.check_managed(&walk.managed)?;
+        // Pageblocks initialised behind the walk were not walked: the
+        // managed frames are held per pageblock, and summed in `check_sums`.
         self.check_sums()?;
         self.check_vmalloc()
             .map_err(|what| CheckError { what, pfn: 0 })?;
@@ -237,7 +230,7 @@ impl MemoryManager {
     /// charges: both hold at every instant, so the walk can check them at
     /// its end.
     fn check_sums(&self) -> Result<(), CheckError> {
-        let [free, slab, large, pool, vmalloc] = self.pageblocks.totals();
+        let ([free, slab, large, pool, vmalloc], block_managed) = self.pageblocks.totals();
         let c = &self.counters;
         let zone_free: u64 = self.zones.iter().map(|z| z.free).sum();
         if free != zone_free {
@@ -274,6 +267,9 @@ impl MemoryManager {
             );
         }
         let managed: u64 = self.zones.iter().map(|z| z.managed).sum();
+        if block_managed != managed {
+            return fail("pageblocks' managed frames differ from the zones'", 0);
+        }
         let pcp: u64 = self.zones.iter().map(|z| z.pcp.count as u64).sum();
         let charged: u64 = self.owners.pages.iter().sum();
         if charged + pcp + free + slab + large + pool + vmalloc != managed {
@@ -290,15 +286,17 @@ impl MemoryManager {
     /// links are checked too (a walk in steps cannot walk whole lists).
     fn check_pageblock(&self, i: usize, tally: &mut Tally, linked: bool) -> Result<(), CheckError> {
         let (start, end) = self.pageblocks.span(i);
-        let mut held = [0u32; HELD_KINDS];
+        let mut found = Counts::default();
+        let before: u64 = tally.managed.iter().sum();
         for zone in self.zones.iter().filter(|z| z.managed > 0) {
             let from = start.max(zone.start_pfn as usize);
             let to = end.min(zone.end_pfn as usize);
             if from < to {
-                self.check_span(from, to, tally, &mut held, linked)?;
+                self.check_span(from, to, tally, &mut found.held, linked)?;
             }
         }
-        if held != self.pageblocks.counts[i] {
+        found.managed = (tally.managed.iter().sum::<u64>() - before) as u32;
+        if found != self.pageblocks.counts[i] {
             return fail("pageblock counts differ from its frames", start as u64);
         }
         Ok(())
@@ -574,7 +572,7 @@ mod tests {
         // A pageblock's count off by one.
         let mut host = boot();
         let mm: &mut MemoryManager = &mut host;
-        mm.pageblocks.counts[3][Held::Slab as usize] += 1;
+        mm.pageblocks.counts[3].held[Held::Slab as usize] += 1;
         assert_eq!(
             mm.check().unwrap_err().what,
             "pageblock counts differ from its frames"

@@ -5,6 +5,9 @@
 //!   `cma=SIZE[@START[-END]]`), served by [`crate::cma`].
 //! - `memmap=SIZE$ADDR`: a hole; the range is never used.
 //! - `memd.max_order=N`: number of buddy free lists (orders `0..N`).
+//! - `memd.deferred_init=on|off`: initialise only the start of memory at
+//!   boot and the rest afterwards (`deferred.rs`); the kernel's default is
+//!   on, the host arena's off.
 //!
 //! Sizes take Linux's `memparse` suffixes K, M, G, T (powers of 1024).
 
@@ -25,6 +28,8 @@ pub struct MmOptions {
     pub holes: [(u64, u64); MAX_HOLES],
     pub nr_holes: usize,
     pub max_order: Option<usize>,
+    /// `memd.deferred_init=on|off`, when given.
+    pub deferred_init: Option<bool>,
 }
 
 impl MmOptions {
@@ -73,6 +78,13 @@ impl MmOptions {
                         return Err(MmError::Invalid("memd.max_order: must be 1..=18"));
                     }
                     opts.max_order = Some(n);
+                }
+                "memd.deferred_init" => {
+                    opts.deferred_init = Some(match value {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(MmError::Invalid("memd.deferred_init: on or off")),
+                    });
                 }
                 _ => {}
             }

@@ -37,6 +37,9 @@ pub enum RunKind {
     Reserved,
     /// Not memory the manager was given.
     Absent,
+    /// Memory whose frames are not initialised yet (deferred
+    /// initialisation, `deferred.rs`): free memory still to come.
+    Uninitialised,
 }
 
 impl RunKind {
@@ -75,6 +78,7 @@ impl core::fmt::Display for RunKind {
             RunKind::Pool => "mempool reserve",
             RunKind::Reserved => "reserved",
             RunKind::Absent => "not RAM",
+            RunKind::Uninitialised => "not initialised yet",
         })
     }
 }
@@ -164,11 +168,20 @@ impl Iterator for FrameRuns<'_> {
     type Item = FrameRun;
 
     fn next(&mut self) -> Option<FrameRun> {
-        let n = self.end;
-        if self.pfn >= n {
+        if self.pfn >= self.end {
             return None;
         }
         let start = self.pfn;
+        // Frames past the initialised prefix are not read: one run.
+        let n = self.end.min(self.mm.frames.len() as u64);
+        if start >= n {
+            self.pfn = self.end;
+            return Some(FrameRun {
+                start_pfn: start,
+                pages: self.end - start,
+                kind: RunKind::Uninitialised,
+            });
+        }
         let first = match core::mem::take(&mut self.resumed) {
             true => self.covering(start),
             false => None,
@@ -197,7 +210,7 @@ impl MemoryManager {
         FrameRuns {
             mm: self,
             pfn: 0,
-            end: self.frames.len() as u64,
+            end: self.nr_frames() as u64,
             resumed: false,
         }
     }
@@ -207,7 +220,7 @@ impl MemoryManager {
     /// `from` may be inside a block, whose frames from there on count as
     /// the block's kind, and a run crossing `to` is cut there.
     pub fn frame_runs_in(&self, from: u64, to: u64) -> FrameRuns<'_> {
-        let end = to.min(self.frames.len() as u64);
+        let end = to.min(self.nr_frames() as u64);
         FrameRuns {
             mm: self,
             pfn: from.min(end),

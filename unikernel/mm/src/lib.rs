@@ -63,6 +63,7 @@ mod bytes;
 mod check;
 mod cma;
 mod cmdline;
+mod deferred;
 mod dma;
 mod error;
 mod fault;
@@ -98,6 +99,7 @@ pub use arena::{HostGlobal, HostMm};
 pub use check::{CheckError, CheckWalk};
 pub use cma::{Cma, Extent};
 pub use cmdline::{DmaReserve, MmOptions};
+pub use deferred::BOOT_INIT_BYTES;
 pub use dma::{DmaBuffer, DmaMask, DmaSource};
 pub use error::MmError;
 pub use fault::FaultAttr;
@@ -133,12 +135,22 @@ pub struct BootInfo<'a> {
     /// frame table need not be cleared; clearing 16 bytes per frame is the
     /// largest fixed cost of booting a big guest.
     pub zeroed: bool,
+    /// Initialise only the first `BOOT_INIT_BYTES` of memory at boot and
+    /// the rest with [`MemoryManager::deferred_init_step`] (the command
+    /// line's `memd.deferred_init=on|off` overrides it).
+    pub deferred_init: bool,
 }
 
 /// The memory manager: Linux's node (`pglist_data`) with everything that
 /// hangs off it.
 pub struct MemoryManager {
+    /// The frame table's initialised prefix: every frame below
+    /// `frames.len()` is valid, the rest waits for `deferred_init_step`.
     pub(crate) frames: &'static mut [Frame],
+    /// All of the frame table's memory.
+    pub(crate) table: access::FrameTable,
+    /// Whether the table's memory read as zero at boot.
+    pub(crate) table_zeroed: bool,
     pub(crate) pageblocks: pageblock::Pageblocks,
     pub(crate) dmap: DirectMap,
     pub(crate) max_order: u32,
@@ -171,6 +183,8 @@ impl MemoryManager {
     pub const fn new() -> Self {
         MemoryManager {
             frames: &mut [],
+            table: access::FrameTable::empty(),
+            table_zeroed: false,
             pageblocks: pageblock::Pageblocks::new(),
             dmap: DirectMap::new(0),
             max_order: DEFAULT_MAX_ORDER as u32,
@@ -247,14 +261,29 @@ impl MemoryManager {
         let table = mb
             .alloc(table_bytes, PAGE_SIZE, 0, u64::MAX, ReserveKind::FrameTable)
             .ok_or(MmError::NoMemory)?;
+        let pageblock_order = self.max_order - 1;
+        // With deferred initialisation, the frames below the boot amount
+        // (whole pageblocks); the rest come with `deferred_init_step`.
+        let boot_frames = if opts.deferred_init.unwrap_or(boot.deferred_init) {
+            (deferred::BOOT_INIT_BYTES / PAGE_SIZE)
+                .next_multiple_of(1 << pageblock_order)
+                .min(nr_frames)
+        } else {
+            nr_frames
+        };
         // SAFETY: `table` was just carved out of usable RAM that the caller
         // gave us (see this function's contract) and reserved, so nothing else
         // will use it; it is page aligned.
-        self.frames = unsafe { access::frame_table(self.dmap.virt(table), nr_frames as usize) };
-        if !boot.zeroed {
-            self.frames.fill(Frame::EMPTY);
-        }
-        let pageblock_order = self.max_order - 1;
+        let (table, frames) = unsafe {
+            access::FrameTable::new(
+                self.dmap.virt(table),
+                nr_frames as usize,
+                boot_frames as usize,
+            )
+        };
+        self.table = table;
+        self.frames = frames;
+        self.table_zeroed = boot.zeroed;
         let nr_blocks = pageblock::Pageblocks::needed(nr_frames, pageblock_order);
         let counts = mb
             .alloc(
@@ -271,7 +300,7 @@ impl MemoryManager {
             unsafe { access::pageblock_table(self.dmap.virt(counts), nr_blocks as usize) };
         self.pageblocks.order = pageblock_order;
         if !boot.zeroed {
-            self.pageblocks.counts.fill([0; pageblock::HELD_KINDS]);
+            self.pageblocks.counts.fill(pageblock::Counts::default());
         }
         // Zeroed RAM reads as `FrameState::None` everywhere, which is what an
         // untouched frame must be; only the link fields differ, and they are
@@ -288,18 +317,9 @@ impl MemoryManager {
             self.cma = Some(Cma::new(base, reserve.size, reserve.zone));
         }
 
-        for r in self.memblock.reserved() {
-            let first = r.start / PAGE_SIZE;
-            let last = (r.end / PAGE_SIZE).min(nr_frames);
-            for pfn in first..last {
-                self.frames[pfn as usize].set(FrameState::Reserved, ZoneType::of_pfn(pfn), 0);
-            }
-        }
-
-        let frames = &mut *self.frames;
-        let blocks = &mut self.pageblocks;
+        // Each zone's span, from all of its free memory (initialised or
+        // not): first and one-past-last frame.
         let zones = &mut self.zones;
-        let max_order = self.max_order;
         self.memblock.for_each_free(|start, end| {
             let mut pfn = start / PAGE_SIZE;
             let end_pfn = end / PAGE_SIZE;
@@ -307,24 +327,14 @@ impl MemoryManager {
                 let ty = ZoneType::of_pfn(pfn);
                 let zone_end = (ty.span().1 / PAGE_SIZE).min(end_pfn);
                 let zone = &mut zones[ty as usize];
-                if zone.managed == 0 {
+                if zone.end_pfn == 0 {
                     zone.start_pfn = pfn;
                 }
                 zone.end_pfn = zone_end;
-                zone.managed += zone_end - pfn;
-                buddy::give_range(zone, frames, blocks, pfn, zone_end, max_order);
                 pfn = zone_end;
             }
         });
-        zone::set_watermarks(&mut self.zones);
-        for highest in ZoneType::ALL {
-            self.preferred_zone[highest as usize] = ZoneType::ALL[..=highest as usize]
-                .iter()
-                .rev()
-                .copied()
-                .find(|&z| self.zones[z as usize].is_populated())
-                .unwrap_or(highest);
-        }
+        self.init_frames(0, boot_frames);
         self.initialized = true;
         self.create_kmalloc_caches()?;
         Ok(())
@@ -355,8 +365,14 @@ impl MemoryManager {
         self.frames.get((phys / PAGE_SIZE) as usize)
     }
 
-    /// Number of frames the frame table describes.
+    /// Number of frames the frame table describes (initialised or not).
     pub fn nr_frames(&self) -> usize {
+        self.table.carved()
+    }
+
+    /// Frames initialised so far: the rest of the table waits for
+    /// [`MemoryManager::deferred_init_step`].
+    pub fn initialised_frames(&self) -> usize {
         self.frames.len()
     }
 }

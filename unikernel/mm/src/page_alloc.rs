@@ -176,6 +176,12 @@ impl MemoryManager {
 
     #[cold]
     fn alloc_slowpath(&mut self, order: u32, gfp: Gfp, highest: ZoneType) -> Result<u32, MmError> {
+        // Memory not initialised yet is free memory all the same.
+        while self.deferred_grow(highest) {
+            if let Some(pfn) = self.get_page_from_freelist(order, highest, Mark::Low) {
+                return Ok(pfn);
+            }
+        }
         if gfp.can_reclaim() {
             self.reclaim();
             if let Some(pfn) = self.get_page_from_freelist(order, highest, Mark::Min) {

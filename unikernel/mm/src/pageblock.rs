@@ -24,8 +24,13 @@ pub(crate) enum Held {
 
 pub(crate) const HELD_KINDS: usize = 5;
 
-/// One pageblock's frames, by [`Held`].
-pub(crate) type Counts = [u32; HELD_KINDS];
+/// One pageblock's frames: by [`Held`], and how many it handed to the
+/// buddy when it was initialised (its managed frames, fixed from then on).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub(crate) held: [u32; HELD_KINDS],
+    pub(crate) managed: u32,
+}
 
 /// The counts of every pageblock, indexed by `pfn >> order`.
 pub(crate) struct Pageblocks {
@@ -50,14 +55,21 @@ impl Pageblocks {
     #[inline(always)]
     pub(crate) fn add(&mut self, pfn: u32, held: Held, pages: u32) {
         if let Some(c) = self.counts.get_mut((pfn >> self.order) as usize) {
-            c[held as usize] += pages;
+            c.held[held as usize] += pages;
         }
     }
 
     #[inline(always)]
     pub(crate) fn sub(&mut self, pfn: u32, held: Held, pages: u32) {
         if let Some(c) = self.counts.get_mut((pfn >> self.order) as usize) {
-            c[held as usize] -= pages;
+            c.held[held as usize] -= pages;
+        }
+    }
+
+    /// Counts `pages` from `pfn` as handed to the buddy at initialisation.
+    pub(crate) fn add_managed(&mut self, pfn: u32, pages: u32) {
+        if let Some(c) = self.counts.get_mut((pfn >> self.order) as usize) {
+            c.managed += pages;
         }
     }
 
@@ -66,14 +78,16 @@ impl Pageblocks {
         (i << self.order, (i + 1) << self.order)
     }
 
-    /// Each kind's count summed over all pageblocks.
-    pub(crate) fn totals(&self) -> [u64; HELD_KINDS] {
-        let mut t = [0u64; HELD_KINDS];
+    /// Each kind's count, and the managed frames, summed over all
+    /// pageblocks.
+    pub(crate) fn totals(&self) -> ([u64; HELD_KINDS], u64) {
+        let (mut t, mut managed) = ([0u64; HELD_KINDS], 0);
         for c in self.counts.iter() {
-            for (sum, n) in t.iter_mut().zip(c) {
-                *sum += *n as u64;
+            for (sum, n) in t.iter_mut().zip(c.held) {
+                *sum += n as u64;
             }
+            managed += c.managed as u64;
         }
-        t
+        (t, managed)
     }
 }

@@ -129,6 +129,10 @@ pub struct MemInfo {
     /// The largest free range of the window: a vmalloc of up to this
     /// less its guard page finds room.
     pub vmalloc_chunk: u64,
+    /// Usable memory whose frames are not initialised yet (deferred
+    /// initialisation): not in `total` until it arrives. Linux reports
+    /// none of this.
+    pub deferred: u64,
 }
 
 /// One zone of /proc/zoneinfo.
@@ -147,6 +151,9 @@ pub struct ZoneInfo {
     pub nr_free: [u64; MAX_ORDER_LIMIT],
     pub max_order: u32,
     pub counters: ZoneCounters,
+    /// Usable frames of the zone not initialised yet (deferred
+    /// initialisation): they join `managed` as they arrive.
+    pub deferred: u64,
 }
 
 /// One line of /proc/slabinfo, generic over the form of the cache's name.
@@ -308,6 +315,7 @@ impl MemoryManager {
             vmalloc_total,
             vmalloc_used: self.counters.vmalloc_pages * page,
             vmalloc_chunk,
+            deferred: self.deferred_pages() * page,
         }
     }
 
@@ -332,6 +340,10 @@ impl MemoryManager {
                 nr_free,
                 max_order: self.max_order,
                 counters: z.counters,
+                deferred: {
+                    let (lo, hi) = ty.span();
+                    self.deferred_in(lo / PAGE_SIZE, hi / PAGE_SIZE)
+                },
             }
         })
     }

@@ -38,6 +38,10 @@ enum Op {
     },
     Shrink,
     Reclaim,
+    /// Initialise more of a manager booted with deferred initialisation.
+    DeferredStep {
+        pageblocks: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -50,6 +54,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => any::<usize>().prop_map(|pick| Op::Free { pick }),
         1 => Just(Op::Shrink),
         1 => Just(Op::Reclaim),
+        1 => (1usize..64).prop_map(|pageblocks| Op::DeferredStep { pageblocks }),
     ]
 }
 
@@ -78,8 +83,16 @@ struct Harness {
 }
 
 impl Harness {
-    fn new() -> Harness {
-        let mut mm = HostMm::three_zones(48 * MIB, 24 * MIB, "memd.dma_reserve=16M@dma32").unwrap();
+    /// With `deferred`, only the first `BOOT_INIT_BYTES` are initialised at
+    /// boot: here all of DMA32 (48 MiB), none of Normal (at 4 GiB) and the
+    /// hole between them.
+    fn new(deferred: bool) -> Harness {
+        let cmdline = if deferred {
+            "memd.dma_reserve=16M@dma32 memd.deferred_init=on"
+        } else {
+            "memd.dma_reserve=16M@dma32"
+        };
+        let mut mm = HostMm::three_zones(48 * MIB, 24 * MIB, cmdline).unwrap();
         let plain = mm
             .cache_create("model-plain", 72, 8, SlabFlags::NONE, None)
             .unwrap();
@@ -197,6 +210,9 @@ impl Harness {
             Op::Reclaim => {
                 self.mm.reclaim();
             }
+            Op::DeferredStep { pageblocks } => {
+                self.mm.deferred_init_step(pageblocks);
+            }
         }
     }
 
@@ -283,8 +299,8 @@ proptest! {
     }))]
 
     #[test]
-    fn random_operations_keep_every_invariant(ops in prop::collection::vec(op(), 1..400)) {
-        let mut h = Harness::new();
+    fn random_operations_keep_every_invariant(ops in prop::collection::vec(op(), 1..400), deferred in any::<bool>()) {
+        let mut h = Harness::new(deferred);
         h.verify();
         // A check in steps runs alongside, a few pageblocks per operation,
         // while memory changes under it.
@@ -298,6 +314,9 @@ proptest! {
                 Err(e) => panic!("invariant broken, found by a check in steps: {e}"),
             }
         }
+        // Deferred memory arrives whole, whenever it is initialised.
+        while !h.mm.deferred_init_step(1024) {}
+        prop_assert_eq!(h.mm.deferred_pages(), 0);
         h.free_everything();
         prop_assert_eq!(h.mm.meminfo().free, baseline(), "free memory returns to its baseline");
         prop_assert_eq!(h.mm.owners().count(), 0);

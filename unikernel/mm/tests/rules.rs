@@ -34,10 +34,10 @@ fn boot_builds_zones_from_the_map() {
     assert_eq!(zi[1].start_pfn, 4096);
     assert_eq!(zi[2].start_pfn, (4 << 30) / PAGE_SIZE);
     // The frame table (16 bytes per frame up to the end of memory) and the
-    // pageblock counts (20 bytes per 1024 frames, in whole pages) are
+    // pageblock counts (24 bytes per 1024 frames, in whole pages) are
     // carved top-down from Normal.
     let frames = ((4 << 30) + 32 * MIB) / PAGE_SIZE;
-    let table = frames * 16 + (frames / 1024 * 20).next_multiple_of(PAGE_SIZE);
+    let table = frames * 16 + (frames / 1024 * 24).next_multiple_of(PAGE_SIZE);
     assert_eq!(zi[2].managed * PAGE_SIZE, 32 * MIB - table);
     assert_eq!(zi[0].managed, 4096 - 256, "DMA: 1-16 MiB");
     assert!(mm
@@ -667,4 +667,68 @@ fn cache_and_pool_tables_fill_then_free_a_slot() {
         mm.cache_destroy(id).unwrap();
     }
     assert!(mm.check().is_ok());
+}
+
+#[test]
+fn deferred_memory_is_initialised_on_demand_before_any_allocation_fails() {
+    // 512 MiB of DMA32: 128 MiB initialised at boot, the rest deferred.
+    let full = HostMm::three_zones(512 * MIB, 0, "").unwrap();
+    let mut mm = HostMm::three_zones(512 * MIB, 0, "memd.deferred_init=on").unwrap();
+    assert_eq!(mm.initialised_frames() as u64, BOOT_INIT_BYTES / PAGE_SIZE);
+    let deferred = mm.deferred_pages();
+    assert!(
+        deferred > (300 * MIB) / PAGE_SIZE,
+        "{deferred} pages deferred"
+    );
+    assert_eq!(
+        mm.meminfo().total + deferred * PAGE_SIZE,
+        full.meminfo().total,
+        "memory counts as it arrives"
+    );
+    mm.check().unwrap();
+    // Every order-9 block a fully initialised manager would give.
+    let mut full = full;
+    let want = fill(&mut full, 9);
+    let got = fill(&mut mm, 9);
+    // Watermarks grow as memory arrives, so a block taken early may be
+    // one a fully initialised manager keeps back: at least as many.
+    assert!(
+        got >= want,
+        "{got} blocks where a fully initialised memd gives {want}"
+    );
+    assert_eq!(mm.deferred_pages(), 0);
+    mm.check().unwrap();
+}
+
+#[test]
+fn deferred_steps_hand_memory_over_and_keep_every_invariant() {
+    let full = HostMm::three_zones(512 * MIB, 0, "").unwrap();
+    let mut mm = HostMm::three_zones(512 * MIB, 0, "memd.deferred_init=on").unwrap();
+    let mut steps = 0;
+    let mut walk = CheckWalk::new();
+    while !mm.deferred_init_step(3) {
+        steps += 1;
+        mm.check().unwrap();
+        if mm.check_step(&mut walk, 5).unwrap() {
+            walk = CheckWalk::new();
+        }
+    }
+    assert!(steps > 10, "{steps} steps");
+    assert_eq!(mm.deferred_pages(), 0);
+    assert_eq!(mm.initialised_frames(), mm.nr_frames());
+    assert_eq!(mm.meminfo().free, full.meminfo().free);
+    assert_eq!(
+        mm.zoneinfo(),
+        full.zoneinfo(),
+        "zones and watermarks as if at boot"
+    );
+    mm.check().unwrap();
+}
+
+fn fill(mm: &mut HostMm, order: u32) -> usize {
+    let mut n = 0;
+    while mm.alloc_pages(order, Gfp::KERNEL).is_ok() {
+        n += 1;
+    }
+    n
 }

@@ -18,7 +18,7 @@ use crate::stats::*;
 
 /// Protocol version spoken by this crate. 2: `Status` carries `busy_ns`
 /// and `halted_ns`.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Most operations one batch may carry. The decoded operations are held
 /// while the batch runs, and every result must fit the one reply frame

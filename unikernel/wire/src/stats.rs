@@ -105,6 +105,8 @@ pub struct ZoneInfo {
     pub pcp_batch: u64,
     /// Event counters.
     pub counters: ZoneCounters,
+    /// Usable frames not initialised yet (deferred initialisation).
+    pub deferred: u64,
 }
 
 /// One line of `/proc/buddyinfo`.

@@ -39,10 +39,11 @@ fn meminfo() {
         vmalloc_total: 15,
         vmalloc_used: 16,
         vmalloc_chunk: 17,
+        deferred: 18,
     };
     assert_eq!(
         bytes(&m),
-        [0xac, 0x02, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]
+        [0xac, 0x02, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]
     );
 }
 
@@ -63,15 +64,16 @@ fn faults() {
 
 #[test]
 fn map_runs() {
-    // Every variant: a free order, the rest of RAM, then what is not RAM.
-    let kinds: [RunKind; 8] = [RunKind::Free(3)]
+    // Every variant: a free order, the rest of RAM, then what is not RAM
+    // and what is not initialised yet.
+    let kinds: [RunKind; 9] = [RunKind::Free(3)]
         .into_iter()
         .chain(RunKind::NOT_ON_FREE_LISTS)
-        .chain([RunKind::Absent])
+        .chain([RunKind::Absent, RunKind::Uninitialised])
         .collect::<Vec<_>>()
         .try_into()
         .unwrap();
-    assert_eq!(bytes(&kinds), [0, 3, 1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(bytes(&kinds), [0, 3, 1, 2, 3, 4, 5, 6, 7, 8]);
     let run = MapRun {
         start: 4096,
         len: 8192,
@@ -136,12 +138,13 @@ fn zoneinfo() {
             pcp_refill: 18,
             pcp_drain: 19,
         },
+        deferred: 20,
     };
     assert_eq!(
         bytes(&z),
         [
             0, 3, b'D', b'M', b'A', 1, 2, 3, 4, 5, 6, 7, 1, 8, 2, 9, 10, 11, 12, 13, 14, 15, 16,
-            17, 18, 19
+            17, 18, 19, 20
         ]
     );
 }

@@ -57,10 +57,13 @@ pub(super) fn parse_report(console: &str) -> Report {
         } else if let Some(i) = line.find("mm: zone ") {
             let rest = &line[i + "mm: zone ".len()..];
             let name = rest.split_whitespace().next().unwrap_or("").to_string();
+            // Managed at boot, and the frames still to come with deferred
+            // initialisation: together, what the memory map gives.
             if let (Some((s, e, _)), Some(managed)) =
                 (parse_range(rest, "pfn "), field(rest, "managed"))
             {
-                r.zones.push((name, s, e, managed));
+                let to_come = field(rest, "to_come").unwrap_or(0);
+                r.zones.push((name, s, e, managed + to_come));
             }
         }
     }
@@ -197,7 +200,7 @@ mod tests {
 [   0.005] INFO  mm: reserved [0x000000000000-0x000000001000) zero
 [   0.005] INFO  mm: reserved [0x000000100000-0x000000200000) kernel
 [   0.005] INFO  mm: zone DMA pfn [0x1-0x1000) managed=3710 free=3710
-[   0.005] INFO  mm: zone DMA32 pfn [0x1000-0x4000) managed=12288 free=12000
+[   0.005] INFO  mm: zone DMA32 pfn [0x1000-0x4000) managed=8192 to_come=4096 free=7900
 ";
 
     fn case() -> Case {

@@ -27,6 +27,11 @@ pub const GUEST_FAILURE: i32 = (0x11 << 1) | 1;
 /// The line the kernel prints once it is up.
 pub const READY_LINE: &str = "memd: ready";
 
+/// The line the kernel prints once every frame is initialised (right after
+/// `READY_LINE` when boot initialised them all). Clients in tests start
+/// then, so memory does not grow under their baselines.
+pub const INITIALISED_LINE: &str = "memd: all memory initialised";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Machine {
     /// `-M microvm`: qboot, virtio-mmio (the default).

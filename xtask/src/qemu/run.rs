@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use super::{QemuConfig, READY_LINE};
+use super::{QemuConfig, INITIALISED_LINE, READY_LINE};
 
 /// What a bounded run saw.
 #[derive(Debug)]
@@ -21,6 +21,8 @@ pub struct RunOutcome {
     pub timed_out: bool,
     /// Time from spawn to the `memd: ready` line.
     pub ready_after: Option<Duration>,
+    /// Time from spawn to the `memd: all memory initialised` line.
+    pub initialised_after: Option<Duration>,
     /// What the `on_ready` action returned, if it ran.
     pub action: Option<Result<(), String>>,
 }
@@ -66,15 +68,16 @@ impl QemuConfig {
         run(self, false, None)
     }
 
-    /// As [`Self::run_to_exit`], but QEMU is killed as soon as
-    /// `memd: ready` appears.
+    /// As [`Self::run_to_exit`], but QEMU is killed as soon as `memd:
+    /// ready` and `memd: all memory initialised` have appeared.
     pub fn run_until_ready(&self) -> Result<RunOutcome> {
         run(self, true, None)
     }
 
-    /// As [`Self::run_to_exit`]; when `memd: ready` appears, runs
-    /// `on_ready` (a client talking to the guest), records its result in
-    /// [`RunOutcome::action`] and stops QEMU.
+    /// As [`Self::run_to_exit`]; when `memd: ready` has appeared and all
+    /// memory is initialised, runs `on_ready` (a client talking to the
+    /// guest), records its result in [`RunOutcome::action`] and stops
+    /// QEMU.
     pub fn run_then(&self, on_ready: &mut dyn FnMut() -> Result<(), String>) -> Result<RunOutcome> {
         run(self, false, Some(on_ready))
     }
@@ -102,8 +105,9 @@ impl QemuConfig {
 }
 
 /// Runs `cfg`'s guest for at most its time bound, collecting its console.
-/// If `stop_at_ready` is set, QEMU is killed as soon as `memd: ready`
-/// appears; if `on_ready` is given, it runs then and QEMU is stopped after.
+/// If `stop_at_ready` is set, QEMU is killed as soon as `memd: ready` and
+/// `memd: all memory initialised` have appeared; if `on_ready` is given, it
+/// runs then and QEMU is stopped after.
 fn run(
     cfg: &QemuConfig,
     stop_at_ready: bool,
@@ -144,6 +148,7 @@ fn run(
         status: None,
         timed_out: false,
         ready_after: None,
+        initialised_after: None,
         action: None,
     };
     let deadline = start + timeout;
@@ -155,12 +160,15 @@ fn run(
         }
         match rx.recv_timeout(deadline - now) {
             Ok((t, line)) => {
-                let ready = line.contains(READY_LINE);
-                if ready && out.ready_after.is_none() {
+                if line.contains(READY_LINE) && out.ready_after.is_none() {
                     out.ready_after = Some(t);
                 }
+                let settled = line.contains(INITIALISED_LINE) && out.initialised_after.is_none();
+                if settled {
+                    out.initialised_after = Some(t);
+                }
                 out.lines.push((t, line));
-                if ready {
+                if settled && out.ready_after.is_some() {
                     if let Some(action) = on_ready.as_mut() {
                         out.action = Some(action());
                         break;

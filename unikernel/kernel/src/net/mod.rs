@@ -44,6 +44,14 @@ pub const IDLE_BEFORE_HALT_NS: u64 = 1_000_000;
 /// waits before it is seen (the device does not interrupt; the timer wakes
 /// the loop).
 const MAX_HALT_NS: u64 = 1_000_000;
+/// Pageblocks (4 MiB each) of deferred frame-table initialisation per
+/// pass: about 100 µs under TCG, most of it the host faulting in the
+/// table's pages on first write.
+const DEFERRED_PAGEBLOCKS: usize = 2;
+
+/// Printed once every frame is initialised (at once when boot did it all).
+pub const INITIALISED_LINE: &str = "memd: all memory initialised";
+
 /// Nanoseconds halted while idle.
 static HALTED_NS: AtomicU64 = AtomicU64::new(0);
 
@@ -106,7 +114,11 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, timeouts: Timeouts, handler: &m
     {
         warn!("net: could not add the default route via {}", cfg.gateway);
     }
-    let slots = client_slots(crate::ALLOC.lock().meminfo().total);
+    // Sized for all of memory, what is initialised and what is to come.
+    let slots = {
+        let m = crate::ALLOC.lock().meminfo();
+        client_slots(m.total + m.deferred)
+    };
     let mut sockets = Sockets::new(slots, cfg.port, timeouts);
     info!(
         "net: {} mac {mac} ip {} gw {}, TCP port {} ({slots} client slots)",
@@ -122,6 +134,7 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, timeouts: Timeouts, handler: &m
     // (a client that never reads must not keep the service up).
     let mut shutdown: Option<u64> = None;
     let mut last_work = time::uptime_ns();
+    let mut initialised = false;
     loop {
         let pass = time::uptime_ns();
         let packets = dev.stats.rx_packets + dev.stats.tx_packets;
@@ -150,7 +163,18 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, timeouts: Timeouts, handler: &m
             send_queued(&mut iface, &mut dev, set);
         });
         // What departed connections held, a turn's worth per pass.
-        let background = handler.background();
+        let mut background = handler.background();
+        // The frame table not initialised at boot, a few pageblocks a pass.
+        if !initialised {
+            initialised = crate::ALLOC.lock().deferred_init_step(DEFERRED_PAGEBLOCKS);
+            if initialised {
+                crate::logger::always(format_args!(
+                    "{INITIALISED_LINE} after {} ms",
+                    time::uptime_ns() / 1_000_000
+                ));
+            }
+            background = true;
+        }
         send_queued(&mut iface, &mut dev, &mut sockets.set);
         let end = time::uptime_ns();
         if dev.stats.rx_packets + dev.stats.tx_packets != packets || turns || background {

@@ -9,8 +9,8 @@ use memd_wire::RunKind;
 use memd_mm::FrameRun;
 
 /// Number of distinct [`RunKind`]s a cell tally tells apart: free orders
-/// 0..32 and the seven other kinds.
-const KINDS: usize = 32 + 7;
+/// 0..32 and the eight other kinds.
+const KINDS: usize = 32 + 8;
 
 fn kind_index(k: RunKind) -> usize {
     match k {
@@ -22,6 +22,7 @@ fn kind_index(k: RunKind) -> usize {
         RunKind::Pool => 36,
         RunKind::Reserved => 37,
         RunKind::Absent => 38,
+        RunKind::Uninitialised => 39,
     }
 }
 
@@ -34,7 +35,8 @@ fn kind_of(i: usize) -> RunKind {
         35 => RunKind::Large,
         36 => RunKind::Pool,
         37 => RunKind::Reserved,
-        _ => RunKind::Absent,
+        38 => RunKind::Absent,
+        _ => RunKind::Uninitialised,
     }
 }
 

@@ -102,6 +102,7 @@ fn zone(z: &mm::ZoneInfo) -> ZoneInfo {
         pcp_high: z.pcp_high,
         pcp_batch: z.pcp_batch,
         counters: z.counters,
+        deferred: z.deferred,
     }
 }
 
