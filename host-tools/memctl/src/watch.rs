@@ -235,10 +235,14 @@ pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
             )),
         ]),
         Line::from(format!(
-            "memory {} total, {} used, {} free   CMA {}",
+            "memory {} total, {} used, {} free{}   CMA {}",
             human(st.total_bytes),
             human(used),
             human(st.free_bytes),
+            match s.zones.iter().map(|z| z.deferred).sum::<u64>() {
+                0 => String::new(),
+                pages => format!(", {} not initialised yet", human(pages * 4096)),
+            },
             if s.cma.present {
                 format!(
                     "{}/{} in {} buffer(s), largest free {}",
