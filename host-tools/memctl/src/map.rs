@@ -199,6 +199,10 @@ fn orders(map: &MemMap) -> u32 {
 pub fn totals(map: &MemMap) -> Vec<(RunKind, u64)> {
     let mut kinds: Vec<RunKind> = (0..orders(map) as u8).map(RunKind::Free).collect();
     kinds.extend(RunKind::NOT_ON_FREE_LISTS);
+    // Memory still to come, only while some is.
+    if map.runs.iter().any(|r| r.kind == RunKind::Uninitialised) {
+        kinds.push(RunKind::Uninitialised);
+    }
     kinds
         .into_iter()
         .map(|k| {

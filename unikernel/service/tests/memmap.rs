@@ -285,3 +285,59 @@ fn a_map_walked_over_turns_covers_memory_while_it_changes() {
         "the other client waited"
     );
 }
+
+#[test]
+fn memory_not_initialised_yet_is_shown_until_it_arrives() {
+    // DMA32 up to 64 MiB, Normal at 4 GiB: boot initialises the first
+    // 128 MiB, so the hole and all of Normal are still to come.
+    let mut h = harness("memd.deferred_init=on");
+    let c = h.login();
+    let before = match h.ok(c, Op::Meminfo) {
+        Reply::Meminfo(m) => m,
+        r => panic!("{r:?}"),
+    };
+    // All of Normal but the frame table carved from its top.
+    assert!(
+        before.deferred > 8 << 20,
+        "{} bytes to come",
+        before.deferred
+    );
+    match h.ok(c, Op::Zoneinfo) {
+        Reply::Zoneinfo(z) => {
+            let normal = z
+                .iter()
+                .find(|z| z.name == "Normal")
+                .expect("Normal listed");
+            assert_eq!(
+                (normal.managed, normal.deferred),
+                (0, before.deferred / 4096)
+            );
+        }
+        r => panic!("{r:?}"),
+    }
+    let m = map(&mut h, c);
+    covered(&m);
+    let last = m.runs.last().unwrap();
+    assert_eq!(last.kind, RunKind::Uninitialised);
+    assert_eq!(
+        last.start + last.len,
+        m.end,
+        "the rest of the table is to come"
+    );
+
+    while !h.mem.deferred_init_step(64) {}
+    let after = match h.ok(c, Op::Meminfo) {
+        Reply::Meminfo(m) => m,
+        r => panic!("{r:?}"),
+    };
+    assert_eq!(after.deferred, 0);
+    assert_eq!(
+        after.total,
+        before.total + before.deferred,
+        "it arrived whole"
+    );
+    let m = map(&mut h, c);
+    covered(&m);
+    assert!(m.runs.iter().all(|r| r.kind != RunKind::Uninitialised));
+    assert!(h.mem.check().is_ok());
+}
