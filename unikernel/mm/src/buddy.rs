@@ -31,7 +31,9 @@ pub fn take(
                 frames[half as usize].set(FrameState::Buddy, zone.ty, size_order);
                 zone.free_area[size_order as usize].list.push(frames, half);
             }
-            frames[pfn as usize].order = order as u8;
+            // Rewritten whole: a reported mark does not follow the block
+            // out of the free lists.
+            frames[pfn as usize].set(FrameState::Buddy, zone.ty, order);
             zone.free -= 1 << order;
             blocks.sub(pfn, Held::Free, 1 << order);
             return Some(pfn);

@@ -230,11 +230,15 @@ impl MemoryManager {
     /// charges: both hold at every instant, so the walk can check them at
     /// its end.
     fn check_sums(&self) -> Result<(), CheckError> {
-        let ([free, slab, large, pool, vmalloc], block_managed) = self.pageblocks.totals();
+        let ([free, slab, large, pool, vmalloc, isolated], block_managed) = self.pageblocks.totals();
         let c = &self.counters;
         let zone_free: u64 = self.zones.iter().map(|z| z.free).sum();
         if free != zone_free {
             return fail("pageblock free counts differ from the zones' free", 0);
+        }
+        let zone_isolated: u64 = self.zones.iter().map(|z| z.isolated).sum();
+        if isolated != zone_isolated {
+            return fail("pageblock isolated counts differ from the zones'", 0);
         }
         for zone in &self.zones {
             let listed: u64 = (0..self.max_order)
@@ -272,7 +276,7 @@ impl MemoryManager {
         }
         let pcp: u64 = self.zones.iter().map(|z| z.pcp.count as u64).sum();
         let charged: u64 = self.owners.pages.iter().sum();
-        if charged + pcp + free + slab + large + pool + vmalloc != managed {
+        if charged + pcp + free + isolated + slab + large + pool + vmalloc != managed {
             return fail(
                 "owners' charges and pcp frames differ from the frames not otherwise held",
                 0,
@@ -350,6 +354,7 @@ impl MemoryManager {
                     None
                 }
                 FrameState::Buddy => Some(Held::Free),
+                FrameState::Isolated => Some(Held::Isolated),
                 FrameState::Slab => Some(Held::Slab),
                 FrameState::Large => Some(Held::Large),
                 FrameState::Pool => Some(Held::Pool),

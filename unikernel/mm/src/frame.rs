@@ -35,6 +35,9 @@ pub enum FrameState {
     /// A page of a vmalloc area (order 0). The area's first page has
     /// `count` 1 and holds the address of the area's record in its links.
     Vmalloc = 9,
+    /// Head of a free block taken off the free lists while a device is
+    /// told about it (free page reporting, `page_reporting.rs`).
+    Isolated = 10,
 }
 
 impl FrameState {
@@ -49,10 +52,14 @@ impl FrameState {
             7 => Self::Reserved,
             8 => Self::Pool,
             9 => Self::Vmalloc,
+            10 => Self::Isolated,
             _ => Self::None,
         }
     }
 }
+
+/// `Frame::flags` bit of a free block reported to the host.
+const REPORTED: u8 = 0x40;
 
 /// One frame descriptor. 16 bytes, checked at compile time below.
 #[derive(Clone, Copy, Debug)]
@@ -65,7 +72,8 @@ pub struct Frame {
     pub count: u16,
     /// Owner tag for pages (who allocated it), cache id for slabs.
     pub owner: u16,
-    /// State (bits 0-3) and zone (bits 4-5).
+    /// State (bits 0-3), zone (bits 4-5) and, on a free block's head,
+    /// whether the host was told it is free (bit 6, Linux's `PageReported`).
     flags: u8,
     /// Block order for heads.
     pub order: u8,
@@ -116,6 +124,18 @@ impl Frame {
     #[inline(always)]
     pub fn set_state(&mut self, state: FrameState) {
         self.flags = (self.flags & 0xf0) | state as u8;
+    }
+
+    /// Whether this free block's memory was reported to the host (and so
+    /// may have been discarded by it). Any `set` clears it: a block that is
+    /// split, merged or allocated is no longer the block reported.
+    #[inline(always)]
+    pub(crate) fn reported(&self) -> bool {
+        self.flags & REPORTED != 0
+    }
+
+    pub(crate) fn mark_reported(&mut self) {
+        self.flags |= REPORTED;
     }
 
     /// Returns the frame to "not a head".

@@ -151,7 +151,8 @@ impl FrameRuns<'_> {
         match f.state() {
             FrameState::None => (RunKind::Absent, 1),
             FrameState::Reserved => (RunKind::Reserved, 1),
-            FrameState::Buddy => head(RunKind::Free(f.order)),
+            // Free memory the host is being told about is free memory.
+            FrameState::Buddy | FrameState::Isolated => head(RunKind::Free(f.order)),
             FrameState::Pcp => (RunKind::Pcp, 1),
             FrameState::Allocated => head(RunKind::Allocated),
             FrameState::Slab => head(RunKind::Slab),

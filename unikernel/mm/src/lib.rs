@@ -79,6 +79,7 @@ mod memblock;
 mod mempool;
 mod owner;
 mod page_alloc;
+mod page_reporting;
 mod pageblock;
 mod pcp;
 mod prandom;
@@ -111,6 +112,7 @@ pub use kmalloc::kmalloc_size_roundup;
 pub use memblock::{MemRegion, Memblock, RegionKind, Reservation, ReserveKind, PAGE_SIZE};
 pub use mempool::{Mempool, PoolBacking, PoolCounters, PoolElement, PoolId, MAX_POOLS};
 pub use owner::{Owner, MAX_OWNERS};
+pub use page_reporting::{ReportBlock, REPORT_ORDER};
 pub use prandom::Prandom;
 pub use slab::{
     CacheCounters, CacheId, CacheName, Corruption, CorruptionKind, Ctor, KmemCache, SlabFlags,

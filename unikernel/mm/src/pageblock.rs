@@ -20,9 +20,11 @@ pub(crate) enum Held {
     Large = 2,
     Pool = 3,
     Vmalloc = 4,
+    /// Free, but off the free lists while the host is told about it.
+    Isolated = 5,
 }
 
-pub(crate) const HELD_KINDS: usize = 5;
+pub(crate) const HELD_KINDS: usize = 6;
 
 /// One pageblock's frames: by [`Held`], and how many it handed to the
 /// buddy when it was initialised (its managed frames, fixed from then on).

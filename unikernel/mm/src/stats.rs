@@ -265,7 +265,8 @@ pub struct CmaUsage {
 impl MemoryManager {
     pub fn meminfo(&self) -> MemInfo {
         let page = PAGE_SIZE;
-        let buddy_free: u64 = self.zones.iter().map(|z| z.free).sum();
+        // Free blocks lent to a reporting device are free memory too.
+        let buddy_free: u64 = self.zones.iter().map(|z| z.free + z.isolated).sum();
         let pcp: u64 = self.zones.iter().map(|z| z.pcp.count as u64).sum();
         let managed: u64 = self.zones.iter().map(|z| z.managed).sum();
         let (cma_total, cma_free) = self

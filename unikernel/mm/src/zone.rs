@@ -138,6 +138,8 @@ pub struct Zone {
     pub managed: u64,
     /// Frames on the buddy free lists.
     pub free: u64,
+    /// Free frames taken off the lists while the host is told about them.
+    pub isolated: u64,
     pub free_area: [FreeArea; MAX_ORDER_LIMIT],
     pub watermark: Watermarks,
     /// Pages this zone keeps back from requests that could have been served
@@ -155,6 +157,7 @@ impl Zone {
             end_pfn: 0,
             managed: 0,
             free: 0,
+            isolated: 0,
             free_area: [FreeArea {
                 list: FrameList::new(),
             }; MAX_ORDER_LIMIT],

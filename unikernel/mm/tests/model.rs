@@ -42,6 +42,11 @@ enum Op {
     DeferredStep {
         pageblocks: usize,
     },
+    /// Free page reporting: take blocks, check, put them back.
+    Report {
+        blocks: usize,
+        reported: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -55,6 +60,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Shrink),
         1 => Just(Op::Reclaim),
         1 => (1usize..64).prop_map(|pageblocks| Op::DeferredStep { pageblocks }),
+        1 => (1usize..16, any::<bool>()).prop_map(|(blocks, reported)| Op::Report { blocks, reported }),
     ]
 }
 
@@ -212,6 +218,14 @@ impl Harness {
             }
             Op::DeferredStep { pageblocks } => {
                 self.mm.deferred_init_step(pageblocks);
+            }
+            Op::Report { blocks, reported } => {
+                let mut taken = [ReportBlock::default(); 16];
+                let n = self.mm.report_take(&mut taken[..blocks]);
+                if let Err(e) = self.mm.check() {
+                    panic!("invariant broken with {n} blocks isolated: {e}");
+                }
+                self.mm.report_put(&taken[..n], reported);
             }
         }
     }

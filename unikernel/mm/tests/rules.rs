@@ -34,10 +34,10 @@ fn boot_builds_zones_from_the_map() {
     assert_eq!(zi[1].start_pfn, 4096);
     assert_eq!(zi[2].start_pfn, (4 << 30) / PAGE_SIZE);
     // The frame table (16 bytes per frame up to the end of memory) and the
-    // pageblock counts (24 bytes per 1024 frames, in whole pages) are
+    // pageblock counts (28 bytes per 1024 frames, in whole pages) are
     // carved top-down from Normal.
     let frames = ((4 << 30) + 32 * MIB) / PAGE_SIZE;
-    let table = frames * 16 + (frames / 1024 * 24).next_multiple_of(PAGE_SIZE);
+    let table = frames * 16 + (frames / 1024 * 28).next_multiple_of(PAGE_SIZE);
     assert_eq!(zi[2].managed * PAGE_SIZE, 32 * MIB - table);
     assert_eq!(zi[0].managed, 4096 - 256, "DMA: 1-16 MiB");
     assert!(mm
@@ -731,4 +731,42 @@ fn fill(mm: &mut HostMm, order: u32) -> usize {
         n += 1;
     }
     n
+}
+
+#[test]
+fn free_blocks_are_reported_once_and_used_again_as_they_are() {
+    let mut mm = machine("");
+    mm.drain_all_pages();
+    let (unreported, reported) = mm.reportable_bytes();
+    assert!(unreported >= 16 * MIB && reported == 0);
+    let free = mm.meminfo().free;
+    let mut blocks = [ReportBlock::default(); 8];
+    let n = mm.report_take(&mut blocks);
+    assert_eq!(n, 8);
+    assert!(blocks.iter().all(|b| b.order >= REPORT_ORDER));
+    // Isolated blocks are still free memory, but not on the free lists.
+    assert_eq!(mm.meminfo().free, free);
+    mm.check().unwrap();
+    let taken: u64 = blocks.iter().map(|b| b.bytes()).sum();
+    assert_eq!(mm.reportable_bytes().0, unreported - taken);
+    mm.report_put(&blocks[..n], true);
+    mm.check().unwrap();
+    assert_eq!(mm.reportable_bytes(), (unreported - taken, taken));
+    // The next report takes other blocks.
+    let mut again = [ReportBlock::default(); 64];
+    let m = mm.report_take(&mut again);
+    assert!(again[..m].iter().all(|b| !blocks.contains(b)));
+    mm.report_put(&again[..m], false);
+    assert_eq!(mm.reportable_bytes().1, taken, "blocks put back unreported stay so");
+    // Allocating (down to the watermarks) uses reported memory as it is,
+    // and what was allocated is no longer marked.
+    let mut got = Vec::new();
+    while let Ok(p) = mm.alloc_pages(REPORT_ORDER, Gfp::KERNEL) {
+        got.push(p);
+    }
+    assert!(mm.reportable_bytes().1 < taken, "reported blocks were allocated");
+    for p in got {
+        mm.free_pages(p, REPORT_ORDER).unwrap();
+    }
+    mm.check().unwrap();
 }

@@ -1,0 +1,116 @@
+//! Free page reporting (Linux's `mm/page_reporting.c`): telling the host
+//! which free memory it may take back.
+//!
+//! A reporting device (virtio-balloon's reporting queue) is lent free
+//! buddy blocks of at least [`REPORT_ORDER`]: [`MemoryManager::report_take`]
+//! takes unreported ones off the free lists (they become `Isolated`, so
+//! nothing allocates or merges them meanwhile), the device discards their
+//! memory, and [`MemoryManager::report_put`] returns them, marked reported
+//! (Linux's `PageReported`) so they are not reported again. Their contents
+//! are never touched. A reported block that is allocated, split or merged
+//! loses the mark (any `Frame::set` clears it): it is simply used, and the
+//! host faults its memory back in.
+
+use crate::buddy;
+use crate::frame::FrameState;
+use crate::memblock::PAGE_SIZE;
+use crate::pageblock::Held;
+use crate::zone::ZoneType;
+use crate::MemoryManager;
+
+/// The smallest block reported: 2 MiB (Linux's `pageblock_order` on x86).
+pub const REPORT_ORDER: u32 = 9;
+
+/// A free block lent to the reporting device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReportBlock {
+    pub phys: u64,
+    pub order: u32,
+}
+
+impl ReportBlock {
+    pub fn bytes(&self) -> u64 {
+        PAGE_SIZE << self.order
+    }
+}
+
+impl MemoryManager {
+    fn report_order(&self) -> u32 {
+        REPORT_ORDER.min(self.max_order - 1)
+    }
+
+    /// Free memory in blocks large enough to report: `(unreported,
+    /// reported)` bytes. Walks the free lists of those orders only.
+    pub fn reportable_bytes(&self) -> (u64, u64) {
+        let (mut unreported, mut reported) = (0, 0);
+        for zone in &self.zones {
+            for order in self.report_order()..self.max_order {
+                for pfn in zone.free_area[order as usize].list.iter(self.frames) {
+                    match self.frames[pfn as usize].reported() {
+                        true => reported += PAGE_SIZE << order,
+                        false => unreported += PAGE_SIZE << order,
+                    }
+                }
+            }
+        }
+        (unreported, reported)
+    }
+
+    /// Takes up to `out.len()` unreported free blocks of at least
+    /// [`REPORT_ORDER`] off the free lists, largest first, for the device;
+    /// they stay isolated until [`MemoryManager::report_put`]. Returns how
+    /// many it took.
+    pub fn report_take(&mut self, out: &mut [ReportBlock]) -> usize {
+        let mut n = 0;
+        for z in ZoneType::ALL {
+            for order in (self.report_order()..self.max_order).rev() {
+                while n < out.len() {
+                    let list = self.zones[z as usize].free_area[order as usize].list;
+                    let Some(pfn) = list.iter(self.frames).find(|&p| !self.frames[p as usize].reported())
+                    else {
+                        break;
+                    };
+                    let zone = &mut self.zones[z as usize];
+                    zone.free_area[order as usize].list.remove(self.frames, pfn);
+                    zone.free -= 1 << order;
+                    zone.isolated += 1 << order;
+                    self.pageblocks.sub(pfn, Held::Free, 1 << order);
+                    self.pageblocks.add(pfn, Held::Isolated, 1 << order);
+                    self.frames[pfn as usize].set(FrameState::Isolated, z, order);
+                    out[n] = ReportBlock {
+                        phys: pfn as u64 * PAGE_SIZE,
+                        order,
+                    };
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Returns blocks from [`MemoryManager::report_take`] to the free lists;
+    /// with `reported`, the device took their memory and they are marked so.
+    /// Blocks that are not isolated blocks of that order are left alone.
+    pub fn report_put(&mut self, blocks: &[ReportBlock], reported: bool) {
+        let max_order = self.max_order;
+        for b in blocks {
+            let pfn = (b.phys / PAGE_SIZE) as u32;
+            let Some(f) = self.frames.get(pfn as usize) else {
+                continue;
+            };
+            if !f.is(FrameState::Isolated) || f.order as u32 != b.order {
+                continue;
+            }
+            let z = f.zone();
+            let zone = &mut self.zones[z as usize];
+            zone.isolated -= 1 << b.order;
+            self.pageblocks.sub(pfn, Held::Isolated, 1 << b.order);
+            buddy::give(zone, self.frames, &mut self.pageblocks, pfn, b.order, max_order);
+            // Still the block reported (not merged into a larger one).
+            let f = &mut self.frames[pfn as usize];
+            if reported && f.is(FrameState::Buddy) && f.order as u32 == b.order {
+                f.mark_reported();
+            }
+        }
+    }
+}
