@@ -20,6 +20,7 @@ mod hermit;
 mod logger;
 mod net;
 mod passes;
+mod reporting;
 mod selftest;
 mod service;
 
@@ -234,9 +235,20 @@ pub fn kmain(start_info: u64) -> ! {
                     None
                 }
             };
+            let balloon = match drivers::virtio_balloon::BalloonDevice::probe() {
+                Ok(b) => {
+                    info!("balloon: free page reporting on {}", b.location);
+                    Some(b)
+                }
+                Err(e) => {
+                    info!("balloon: {e}; free memory stays with the guest");
+                    None
+                }
+            };
             let mut service = service::MemdService::new(operator_token, client_token, disk);
+            let mut reporter = reporting::Reporter::new(balloon);
             // `serve` prints `memd: ready` once the port listens.
-            net::serve(dev, net_config, timeouts, &mut service);
+            net::serve(dev, net_config, timeouts, &mut service, &mut reporter);
             logger::always(format_args!("memd: shut down by a client"));
             arch::exit::success();
         }

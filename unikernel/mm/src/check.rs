@@ -230,7 +230,8 @@ impl MemoryManager {
     /// charges: both hold at every instant, so the walk can check them at
     /// its end.
     fn check_sums(&self) -> Result<(), CheckError> {
-        let ([free, slab, large, pool, vmalloc, isolated], block_managed) = self.pageblocks.totals();
+        let ([free, slab, large, pool, vmalloc, isolated], block_managed) =
+            self.pageblocks.totals();
         let c = &self.counters;
         let zone_free: u64 = self.zones.iter().map(|z| z.free).sum();
         if free != zone_free {

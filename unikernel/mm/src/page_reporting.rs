@@ -66,7 +66,9 @@ impl MemoryManager {
             for order in (self.report_order()..self.max_order).rev() {
                 while n < out.len() {
                     let list = self.zones[z as usize].free_area[order as usize].list;
-                    let Some(pfn) = list.iter(self.frames).find(|&p| !self.frames[p as usize].reported())
+                    let Some(pfn) = list
+                        .iter(self.frames)
+                        .find(|&p| !self.frames[p as usize].reported())
                     else {
                         break;
                     };
@@ -105,7 +107,14 @@ impl MemoryManager {
             let zone = &mut self.zones[z as usize];
             zone.isolated -= 1 << b.order;
             self.pageblocks.sub(pfn, Held::Isolated, 1 << b.order);
-            buddy::give(zone, self.frames, &mut self.pageblocks, pfn, b.order, max_order);
+            buddy::give(
+                zone,
+                self.frames,
+                &mut self.pageblocks,
+                pfn,
+                b.order,
+                max_order,
+            );
             // Still the block reported (not merged into a larger one).
             let f = &mut self.frames[pfn as usize];
             if reported && f.is(FrameState::Buddy) && f.order as u32 == b.order {

@@ -757,14 +757,21 @@ fn free_blocks_are_reported_once_and_used_again_as_they_are() {
     let m = mm.report_take(&mut again);
     assert!(again[..m].iter().all(|b| !blocks.contains(b)));
     mm.report_put(&again[..m], false);
-    assert_eq!(mm.reportable_bytes().1, taken, "blocks put back unreported stay so");
+    assert_eq!(
+        mm.reportable_bytes().1,
+        taken,
+        "blocks put back unreported stay so"
+    );
     // Allocating (down to the watermarks) uses reported memory as it is,
     // and what was allocated is no longer marked.
     let mut got = Vec::new();
     while let Ok(p) = mm.alloc_pages(REPORT_ORDER, Gfp::KERNEL) {
         got.push(p);
     }
-    assert!(mm.reportable_bytes().1 < taken, "reported blocks were allocated");
+    assert!(
+        mm.reportable_bytes().1 < taken,
+        "reported blocks were allocated"
+    );
     for p in got {
         mm.free_pages(p, REPORT_ORDER).unwrap();
     }

@@ -190,6 +190,16 @@ impl QemuConfig {
                     "virtio-net-device,netdev=n0"
                 },
             ]);
+            // The balloon, for free page reporting: memd gives the host
+            // back the memory it does not use.
+            c.args([
+                "-device",
+                if pci {
+                    "virtio-balloon-pci,free-page-reporting=on"
+                } else {
+                    "virtio-balloon-device,free-page-reporting=on"
+                },
+            ]);
         }
         if self.icount && !self.kvm {
             c.args(["-icount", "shift=0,sleep=off"]);

@@ -1,7 +1,7 @@
 //! Devices: virtio-drivers' `Hal` on memd-mm's DMA API, transport discovery
 //! (PCI through port-I/O configuration access on q35, virtio-mmio slots on
-//! microvm, PCIe through ECAM on `microvm,pcie=on`), the virtio-net and
-//! virtio-blk devices, and QEMU's fw_cfg files.
+//! microvm, PCIe through ECAM on `microvm,pcie=on`), the virtio-net,
+//! virtio-blk and virtio-balloon devices, and QEMU's fw_cfg files.
 //!
 //! One of the kernel's `unsafe` modules: virtio hands buffers to devices.
 
@@ -11,6 +11,7 @@ pub mod fw_cfg;
 pub mod hal;
 pub mod notify;
 pub mod pci;
+pub mod virtio_balloon;
 pub mod virtio_blk;
 pub mod virtio_net;
 

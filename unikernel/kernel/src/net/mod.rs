@@ -97,7 +97,13 @@ fn send_queued(iface: &mut Interface, dev: &mut NetDevice, set: &mut SocketSet<'
 }
 
 /// Serves forever (or until a handler asks for shutdown).
-pub fn serve(mut dev: NetDevice, cfg: NetConfig, timeouts: Timeouts, handler: &mut dyn Handler) {
+pub fn serve(
+    mut dev: NetDevice,
+    cfg: NetConfig,
+    timeouts: Timeouts,
+    handler: &mut dyn Handler,
+    reporter: &mut crate::reporting::Reporter,
+) {
     let mac = EthernetAddress(dev.mac());
     let mut iface = Interface::new(
         Config::new(HardwareAddress::Ethernet(mac)),
@@ -175,6 +181,8 @@ pub fn serve(mut dev: NetDevice, cfg: NetConfig, timeouts: Timeouts, handler: &m
             }
             background = true;
         }
+        // Free memory to tell the host about.
+        background |= reporter.pass(time::uptime_ns());
         send_queued(&mut iface, &mut dev, &mut sockets.set);
         let end = time::uptime_ns();
         if dev.stats.rx_packets + dev.stats.tx_packets != packets || turns || background {
