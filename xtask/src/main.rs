@@ -1,5 +1,6 @@
 //! `cargo xtask`: build, run, test and benchmark memd.
 
+mod bench_balloon;
 mod bench_boot;
 mod bench_disk;
 mod boot_tests;
@@ -60,8 +61,12 @@ struct TestArgs {
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Time from starting QEMU to `memd: ready`.
+    /// Time from starting QEMU to `memd: ready` and to all memory
+    /// initialised, beside QEMU's floor, for one or more guest sizes.
     Boot(bench_boot::BootBenchArgs),
+    /// QEMU's resident memory before, with and after clients fill and free
+    /// memory: what free page reporting gives back, and how soon.
+    Balloon(bench_balloon::BalloonBenchArgs),
     /// virtio-blk MiB/s: one 64 MiB contiguous DMA buffer against 4 KiB buffers.
     Disk(bench_disk::DiskBenchArgs),
     /// memd-mm against buddy_system_allocator, talc, rlsf and the system
@@ -150,6 +155,9 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: BenchCmd::Disk(args),
         } => bench_disk::run(&args),
+        Cmd::Bench {
+            which: BenchCmd::Balloon(args),
+        } => bench_balloon::run(&args),
         Cmd::Bench {
             which: BenchCmd::Mm { json },
         } => bench_mm(json),

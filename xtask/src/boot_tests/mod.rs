@@ -21,7 +21,9 @@
 //!   kernel assigns on microvm,pcie=on) the control port works
 //!   end to end (see `control_port_check`), each role's token allows
 //!   what it should, and neither token is on QEMU's command line (they
-//!   reach the guest as fw_cfg files);
+//!   reach the guest as fw_cfg files); memory clients touch and free goes
+//!   back to the host through the balloon's free page reporting (see
+//!   `reporting_check`);
 //! - without a PIT (`microvm,pit=off`) boot completes and says so;
 //! - two deliberate crashes (`memd.selftest=panic` on microvm, a page fault
 //!   with `memd.selftest=fault` on q35) are seen as failures: the harness
@@ -41,6 +43,7 @@ mod dma_disk;
 mod matrix;
 mod memctl;
 mod memory;
+mod reporting;
 mod verdict;
 
 use control::control_port_check;
@@ -48,6 +51,7 @@ use disk::{disk_check, TempDisk};
 use dma_disk::dma_disk_check;
 use matrix::{matrix, mem_arg, Case, Reserve};
 use memctl::memctl_check;
+use reporting::reporting_check;
 use verdict::judge;
 
 const MIB: u64 = 1 << 20;
@@ -184,7 +188,8 @@ fn served(case: &Case) -> anyhow::Result<(Endpoint, TempDisk)> {
 
 /// What a served case checks once the guest is ready: no token on QEMU's
 /// command line (any local user can read one in /proc), the control port,
-/// the disk, large DMA buffers through the disk when the case reserves
+/// free page reporting (memory clients freed goes back to the host), the
+/// disk, large DMA buffers through the disk when the case reserves
 /// DMA32 memory, and memctl.
 fn serve_checks(
     case: &Case,
@@ -197,6 +202,7 @@ fn serve_checks(
         return Err("a token is on QEMU's command line".into());
     }
     control_port_check(port, tokens)?;
+    reporting_check(port, tokens)?;
     disk_check(port, &tokens.client, &disk.path)?;
     if case.dma_reserve == Some(Reserve::Dma32) {
         dma_disk_check(port, &tokens.client)?;
