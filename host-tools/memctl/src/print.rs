@@ -57,6 +57,7 @@ fn print_meminfo(m: &MemInfo) {
         ("VmallocUsed", m.vmalloc_used),
         ("VmallocChunk", m.vmalloc_chunk),
         ("Uninitialised", m.deferred),
+        ("Reported", m.reported),
     ];
     for (k, v) in rows {
         println!("{:<16}{:>10} kB", format!("{k}:"), kb(v));
@@ -213,9 +214,10 @@ pub(crate) fn print_reply(r: &Reply) {
             t.add_row(vec![
                 "memory".to_string(),
                 format!(
-                    "{} kB total, {} kB free",
+                    "{} kB total, {} kB free, {} kB of it given back to the host",
                     kb(s.total_bytes),
-                    kb(s.free_bytes)
+                    kb(s.free_bytes),
+                    kb(s.reported_bytes)
                 ),
             ]);
             t.add_row(vec![

@@ -242,6 +242,9 @@ pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
             match s.zones.iter().map(|z| z.deferred).sum::<u64>() {
                 0 => String::new(),
                 pages => format!(", {} not initialised yet", human(pages * 4096)),
+            } + &match st.reported_bytes {
+                0 => String::new(),
+                b => format!(", {} given back to the host", human(b)),
             },
             if s.cma.present {
                 format!(

@@ -133,6 +133,9 @@ pub struct MemInfo {
     /// initialisation): not in `total` until it arrives. Linux reports
     /// none of this.
     pub deferred: u64,
+    /// Free memory in blocks reported to the host (free page reporting):
+    /// the host may have taken it back; it is still free for memd.
+    pub reported: u64,
 }
 
 /// One zone of /proc/zoneinfo.
@@ -317,6 +320,7 @@ impl MemoryManager {
             vmalloc_used: self.counters.vmalloc_pages * page,
             vmalloc_chunk,
             deferred: self.deferred_pages() * page,
+            reported: self.reportable_bytes().1,
         }
     }
 

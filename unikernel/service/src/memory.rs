@@ -105,6 +105,11 @@ pub trait Memory {
     fn total_bytes(&mut self) -> u64;
     /// Bytes free in the page allocator.
     fn free_bytes(&mut self) -> u64;
+    /// Free bytes reported to the host (free page reporting); none where
+    /// nothing reports.
+    fn reported_bytes(&mut self) -> u64 {
+        0
+    }
     /// Runs `f` with what it allocates charged to `owner` (a connection
     /// id); everything outside `f` is the kernel's. Through
     /// [`crate::Env::with_mem_as`].

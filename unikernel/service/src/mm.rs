@@ -94,6 +94,10 @@ impl Memory for MemoryManager {
         self.meminfo().free
     }
 
+    fn reported_bytes(&mut self) -> u64 {
+        self.reportable_bytes().1
+    }
+
     fn as_owner<R>(&mut self, owner: u64, f: impl FnOnce(&mut Self) -> R) -> R {
         // Cannot fail: both tags are below MAX_OWNERS.
         let _ = MemoryManager::set_owner(self, owner_of(owner));

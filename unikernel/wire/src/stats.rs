@@ -74,6 +74,9 @@ pub struct Status {
     /// How long the service loop's passes took. `None` where the
     /// environment has no loop of its own.
     pub loop_passes: Option<crate::LoopPasses>,
+    /// Free memory reported to the host (free page reporting through the
+    /// balloon): the host may have taken it back; memd may use it again.
+    pub reported_bytes: u64,
 }
 
 /// One zone of `/proc/zoneinfo`.

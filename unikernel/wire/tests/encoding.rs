@@ -40,10 +40,11 @@ fn meminfo() {
         vmalloc_used: 16,
         vmalloc_chunk: 17,
         deferred: 18,
+        reported: 19,
     };
     assert_eq!(
         bytes(&m),
-        [0xac, 0x02, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]
+        [0xac, 0x02, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
     );
 }
 

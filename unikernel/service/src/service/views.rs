@@ -18,8 +18,15 @@ impl<M: Memory> Service<M> {
     /// The service's status.
     pub(super) fn status<E: Env<Mem = M>>(&mut self, env: &mut E, page: u64) -> Reply {
         let now = env.now_ns();
-        let (total, free, max_order, has_block) =
-            env.with_mem(|m, b| (m.total_bytes(), m.free_bytes(), m.max_order(), b.is_some()));
+        let (total, free, reported, max_order, has_block) = env.with_mem(|m, b| {
+            (
+                m.total_bytes(),
+                m.free_bytes(),
+                m.reported_bytes(),
+                m.max_order(),
+                b.is_some(),
+            )
+        });
         Reply::Status(Box::new(Status {
             version: PROTOCOL_VERSION,
             server: self.config.server.clone(),
@@ -34,6 +41,7 @@ impl<M: Memory> Service<M> {
             busy_ns: env.busy_ns(),
             halted_ns: env.halted_ns(),
             loop_passes: env.loop_passes(),
+            reported_bytes: reported,
         }))
     }
 
