@@ -189,14 +189,12 @@ pub fn run() -> Result<()> {
     };
     let (out, result) = cfg.run_client(|| run_against(&target))?;
     if out.panicked() {
+        // The console's last 20 lines, in order.
+        let console = out.console();
+        let lines: Vec<&str> = console.lines().collect();
         bail!(
-            "memd crashed under hostile clients:\n{}",
-            out.console()
-                .lines()
-                .rev()
-                .take(20)
-                .collect::<Vec<_>>()
-                .join("\n")
+            "memd crashed under hostile clients; the console's last lines:\n{}",
+            lines[lines.len().saturating_sub(20)..].join("\n")
         );
     }
     match result {
