@@ -1,8 +1,9 @@
 //! Free page reporting from the poll loop: once a second, free memory in
 //! blocks of 2 MiB or more that the host was not told about yet goes to
-//! the balloon's reporting queue, a batch at a time until none is left;
-//! the batch in flight is completed on the next passes. Memory freed and
-//! allocated again within the second is never reported (Linux waits 2 s).
+//! the balloon's reporting queue, a batch at a time back to back until none
+//! is left; the batch in flight is completed on the next passes. A block
+//! freed and allocated again between two looks is never reported (Linux
+//! looks 2 s after a free).
 
 use crate::drivers::virtio_balloon::BalloonDevice;
 

@@ -94,6 +94,8 @@ pub unsafe fn slice_mut<'a>(virt: usize, len: usize) -> &'a mut [u8] {
 pub(crate) struct FrameTable {
     base: *mut Frame,
     carved: usize,
+    /// Frames lent out so far: the one live slice is `base[..lent]`.
+    lent: usize,
 }
 
 // SAFETY: the table is plain memory owned by the memory manager, which is
@@ -105,6 +107,7 @@ impl FrameTable {
         FrameTable {
             base: core::ptr::null_mut(),
             carved: 0,
+            lent: 0,
         }
     }
 
@@ -123,6 +126,7 @@ impl FrameTable {
         let table = FrameTable {
             base: virt as *mut Frame,
             carved,
+            lent: len,
         };
         // SAFETY: forwarded to the caller; `len <= carved`.
         let prefix = unsafe { core::slice::from_raw_parts_mut(table.base, len) };
@@ -134,17 +138,24 @@ impl FrameTable {
         self.carved
     }
 
-    /// Gives back `prefix`, this table's current prefix, and lends its first
-    /// `len` frames instead.
-    pub(crate) fn grow(&self, prefix: &'static mut [Frame], len: usize) -> &'static mut [Frame] {
+    /// Gives back `prefix`, the slice this table lent last, and lends its
+    /// first `len` frames instead. Anything but that slice is refused (a
+    /// panic): two live slices of the table can never exist.
+    pub(crate) fn grow(
+        &mut self,
+        prefix: &'static mut [Frame],
+        len: usize,
+    ) -> &'static mut [Frame] {
         assert!(
-            (prefix.is_empty() || core::ptr::eq(prefix.as_ptr(), self.base))
-                && prefix.len() <= len
+            prefix.len() == self.lent
+                && (self.lent == 0 || core::ptr::eq(prefix.as_ptr(), self.base))
+                && len >= self.lent
                 && len <= self.carved
         );
+        self.lent = len;
         // SAFETY: `new`'s contract covers `carved` frames from `base`; the
-        // only slice lent from them, `prefix`, is consumed here, so the new
-        // one aliases nothing.
+        // only slice lent from them, `prefix` (checked above by its address
+        // and length), is consumed here, so the new one aliases nothing.
         unsafe { core::slice::from_raw_parts_mut(self.base, len) }
     }
 }
@@ -152,7 +163,7 @@ impl FrameTable {
 /// Turns the memory reserved for the pageblock counts into a slice.
 ///
 /// # Safety
-/// As for [`frame_table`]: `virt` must point to `len` entries' worth of
+/// As for [`FrameTable::new`]: `virt` must point to `len` entries' worth of
 /// writable memory, aligned, owned by the memory manager for as long as the
 /// slice is used.
 pub unsafe fn pageblock_table(virt: usize, len: usize) -> &'static mut [crate::pageblock::Counts] {

@@ -29,6 +29,20 @@ impl MemoryManager {
     /// The direct-map extent of the live allocation containing `virt`.
     fn live_extent(&self, virt: usize) -> Option<(usize, usize)> {
         let phys = self.dmap.phys(virt);
+        // The CMA region keeps its own books: its buffers are found there,
+        // whether or not its frames are initialised yet (deferred.rs).
+        if let Some(cma) = self
+            .cma
+            .as_ref()
+            .filter(|c| phys >= c.base && phys < c.end())
+        {
+            let e = cma
+                .extents()
+                .iter()
+                .find(|e| phys >= e.start && phys < e.start + e.pages * PAGE_SIZE)?;
+            let start = self.dmap.virt(e.start);
+            return Some((start, start + (e.pages * PAGE_SIZE) as usize));
+        }
         let pfn = (phys / PAGE_SIZE) as usize;
         let f = self.frames.get(pfn)?;
         match f.state() {
@@ -43,15 +57,7 @@ impl MemoryManager {
                 let obj = base + index * cache.stride;
                 Some((obj, obj + cache.object_size))
             }
-            FrameState::Reserved => {
-                let cma = self.cma.as_ref()?;
-                let e = cma
-                    .extents()
-                    .iter()
-                    .find(|e| phys >= e.start && phys < e.start + e.pages * PAGE_SIZE)?;
-                let start = self.dmap.virt(e.start);
-                Some((start, start + (e.pages * PAGE_SIZE) as usize))
-            }
+            FrameState::Reserved => None,
             _ => {
                 // A page block: its head is the frame itself or the nearest
                 // aligned frame below whose order covers this one.

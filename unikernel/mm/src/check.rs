@@ -346,6 +346,9 @@ impl MemoryManager {
             if f.zone() != ZoneType::of_pfn(pfn as u64) {
                 return fail("frame carries the wrong zone", pfn as u64);
             }
+            if f.reported() && state != FrameState::Buddy {
+                return fail("a block that is not free is marked reported", pfn as u64);
+            }
             tally.managed[f.zone() as usize] += pages as u64;
             let kind = match state {
                 FrameState::Allocated => {

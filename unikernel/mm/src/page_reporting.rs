@@ -57,15 +57,23 @@ impl MemoryManager {
     }
 
     /// Takes up to `out.len()` unreported free blocks of at least
-    /// [`REPORT_ORDER`] off the free lists, largest first, for the device;
-    /// they stay isolated until [`MemoryManager::report_put`]. Returns how
+    /// [`REPORT_ORDER`] off the free lists, highest zone and largest block
+    /// first, for the device; they stay isolated until
+    /// [`MemoryManager::report_put`]. A zone gives only what keeps it above
+    /// its `high` watermark and its reserve for higher zones' requests, so
+    /// reporting never makes an allocation fail or fall back. Returns how
     /// many it took.
     pub fn report_take(&mut self, out: &mut [ReportBlock]) -> usize {
         let mut n = 0;
-        for z in ZoneType::ALL {
+        for z in ZoneType::ALL.into_iter().rev() {
             for order in (self.report_order()..self.max_order).rev() {
                 while n < out.len() {
-                    let list = self.zones[z as usize].free_area[order as usize].list;
+                    let zone = &self.zones[z as usize];
+                    let keep = zone.watermark.high + zone.lowmem_reserve[ZoneType::Normal as usize];
+                    if zone.free < keep + (1 << order) {
+                        break;
+                    }
+                    let list = zone.free_area[order as usize].list;
                     let Some(pfn) = list
                         .iter(self.frames)
                         .find(|&p| !self.frames[p as usize].reported())

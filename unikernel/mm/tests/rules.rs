@@ -777,3 +777,29 @@ fn free_blocks_are_reported_once_and_used_again_as_they_are() {
     }
     mm.check().unwrap();
 }
+
+#[test]
+fn dma_reserve_buffers_work_before_their_frames_are_initialised() {
+    // The reservation is carved top-down from DMA32, far past the 128 MiB
+    // initialised at boot.
+    let mut mm = HostMm::three_zones(
+        512 * MIB,
+        0,
+        "memd.deferred_init=on memd.dma_reserve=32M@dma32",
+    )
+    .unwrap();
+    let base = mm.cma().unwrap().base;
+    assert!(
+        base / PAGE_SIZE >= mm.initialised_frames() as u64,
+        "the reservation is still to come"
+    );
+    let b = mm.dma_alloc(8 * MIB_USIZE, 4096, DmaMask::Bits32).unwrap();
+    assert_eq!(b.source, DmaSource::Cma);
+    let bytes = mm.dma_bytes(&b).unwrap();
+    assert!(bytes.iter().all(|&x| x == 0));
+    bytes.fill(7);
+    assert_eq!(mm.dma_span_bytes(&b).unwrap().len(), 8 * MIB_USIZE);
+    mm.dma_free(&b).unwrap();
+    assert!(mm.dma_bytes(&b).is_err(), "a freed buffer is not live");
+    mm.check().unwrap();
+}

@@ -127,11 +127,19 @@ impl BalloonDevice {
         let mut bufs = buffers(&f.blocks[..f.n], mm.direct_map());
         // SAFETY: the same buffers `start` added with this token.
         let done = unsafe { self.queue.pop_used(f.token, &[], &mut bufs[..f.n]) };
-        let ok = done.is_ok();
-        mm.report_put(&f.blocks[..f.n], ok);
-        if ok {
-            self.reported_bytes += f.blocks[..f.n].iter().map(ReportBlock::bytes).sum::<u64>();
-            self.reports += 1;
+        match done {
+            Ok(_) => {
+                mm.report_put(&f.blocks[..f.n], true);
+                self.reported_bytes += f.blocks[..f.n].iter().map(ReportBlock::bytes).sum::<u64>();
+                self.reports += 1;
+            }
+            // The device gave back something else: it may still hold these
+            // blocks, so they stay isolated (lost to memd) rather than be
+            // used while the host may discard them.
+            Err(e) => log::warn!(
+                "balloon: report of {} block(s) not returned ({e:?}); they stay set aside",
+                f.n
+            ),
         }
         self.in_flight = None;
         true

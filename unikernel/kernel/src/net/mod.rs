@@ -157,11 +157,12 @@ pub fn serve(
         }
         // Receive buffers re-posted while taking packets in.
         dev.kick();
-        let turns = sockets.serve(handler, &mut shutdown, pass, |set, listeners| {
+        let turns = sockets.serve(handler, &mut shutdown, pass, |set, listeners, starved| {
             // ACKs first (they open the window for the rest of a reply),
-            // stopping at a SYN that took a listener: it is replaced later.
+            // stopping at a SYN that took a listener: it is replaced later
+            // (see `Sockets::listening` for when there is none).
             let t = now();
-            while !listeners.is_empty()
+            while (!listeners.is_empty() || starved)
                 && !listener_taken(set, listeners)
                 && iface.poll_ingress_single(t, &mut Phy(&mut dev), set)
                     != PollIngressSingleResult::None

@@ -50,6 +50,8 @@ pub(super) struct Sockets {
     timeouts: Timeouts,
     /// Listeners this pass may still open.
     may_open: usize,
+    /// This pass could not make a listener: memory is short.
+    starved: bool,
 }
 
 /// Listening sockets kept beyond the connected ones. Packets are taken in
@@ -77,6 +79,7 @@ impl Sockets {
             port,
             timeouts,
             may_open: SPARE_LISTENERS,
+            starved: false,
         };
         sockets.top_up_listeners(time::uptime_ns());
         sockets
@@ -91,15 +94,20 @@ impl Sockets {
     /// the first of them now if some are missing.
     pub(super) fn begin_pass(&mut self, now: u64) {
         self.may_open = NEW_LISTENERS_PER_PASS;
+        self.starved = false;
         if self.listeners.len() < SPARE_LISTENERS {
             self.top_up_listeners(now);
         }
     }
 
-    /// Whether a listener is waiting: with none, a SYN taken in would be
-    /// refused, so packets are left in the device for the next pass.
+    /// Whether packets may be taken in: a listener is waiting, or none
+    /// could be made for want of memory (a SYN then gets a reset, and
+    /// everyone else's packets, the frees that give memory back among
+    /// them, still arrive). With none only because this pass opened its
+    /// share, packets wait in the device for the next pass, so no SYN is
+    /// refused.
     pub(super) fn listening(&self) -> bool {
-        !self.listeners.is_empty()
+        !self.listeners.is_empty() || self.starved
     }
 
     /// Moves listeners that took a SYN to the clients and opens new ones,
@@ -120,10 +128,11 @@ impl Sockets {
             }
         }
         while self.listeners.len() < SPARE_LISTENERS && self.may_open > 0 {
-            self.may_open -= 1;
             let (Some(rx), Some(tx)) = (zeroed(SOCKET_BUF), zeroed(TX_BUF)) else {
+                self.starved = true;
                 return;
             };
+            self.may_open -= 1;
             let mut s = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
             s.set_nagle_enabled(false);
             if s.listen(self.port).is_err() {
@@ -190,7 +199,7 @@ impl Sockets {
         handler: &mut dyn Handler,
         shutdown: &mut Option<u64>,
         now: u64,
-        mut flush: impl FnMut(&mut SocketSet<'static>, &[SocketHandle]),
+        mut flush: impl FnMut(&mut SocketSet<'static>, &[SocketHandle], bool),
     ) -> bool {
         self.make_room(handler, now);
         let mut turns = false;
@@ -205,7 +214,7 @@ impl Sockets {
             turns |= start.is_some();
             // A turn that wrote nothing (work set aside) has nothing to send.
             if wrote && start.is_some_and(|t| time::uptime_ns() - t > FLUSH_AFTER_NS) {
-                flush(&mut self.set, &self.listeners);
+                flush(&mut self.set, &self.listeners, self.starved);
             }
             let c = &mut self.clients[i];
             let s = self.set.get_mut::<tcp::Socket>(c.handle);

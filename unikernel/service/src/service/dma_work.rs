@@ -163,10 +163,16 @@ impl<M: Memory> Service<M> {
             Op::DmaAlloc { len, align, mask } => {
                 let info = self.dma_alloc(env, conn, len, align, mask, false)?;
                 let (buf, _) = self.dma(conn, info.handle)?;
-                let span = env
-                    .with_mem(|m, _| m.dma_span_bytes(buf).map(|b| b.len()))
-                    .map_err(mem_err)?;
-                dma(info.handle, 0, span, DmaKind::Zero(info))
+                let span = env.with_mem(|m, _| m.dma_span_bytes(buf).map(|b| b.len()));
+                match span {
+                    Ok(span) => dma(info.handle, 0, span, DmaKind::Zero(info)),
+                    // Never given out unzeroed: the buffer goes back at once.
+                    Err(e) => {
+                        let page = self.page_size(env);
+                        let _ = self.dma_free(env, conn, info.handle, page);
+                        Err(mem_err(e))
+                    }
+                }
             }
             Op::DmaFill { handle, seed } => {
                 let (_, len) = self.dma(conn, handle)?;
