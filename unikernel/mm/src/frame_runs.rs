@@ -173,14 +173,16 @@ impl Iterator for FrameRuns<'_> {
             return None;
         }
         let start = self.pfn;
-        // Frames past the initialised prefix are not read: one run.
+        // Frames past the initialised prefix are not read: what they are
+        // comes from the boot map.
         let n = self.end.min(self.mm.frames.len() as u64);
         if start >= n {
-            self.pfn = self.end;
+            let (kind, until) = self.mm.uninitialised_run(start);
+            self.pfn = until.min(self.end);
             return Some(FrameRun {
                 start_pfn: start,
-                pages: self.end - start,
-                kind: RunKind::Uninitialised,
+                pages: self.pfn - start,
+                kind,
             });
         }
         let first = match core::mem::take(&mut self.resumed) {
@@ -205,6 +207,54 @@ impl Iterator for FrameRuns<'_> {
 }
 
 impl MemoryManager {
+    /// What frame `pfn`, not initialised yet, is by the boot map, and the
+    /// first frame after it that may differ: a boot reservation, memory
+    /// still to come, or no memory at all.
+    fn uninitialised_run(&self, pfn: u64) -> (RunKind, u64) {
+        let at = pfn * PAGE_SIZE;
+        let page = |b: u64| b.div_ceil(PAGE_SIZE);
+        if let Some(r) = self
+            .memblock
+            .reserved()
+            .iter()
+            .find(|r| r.start <= at && at < r.end)
+        {
+            return (RunKind::Reserved, page(r.end));
+        }
+        match self
+            .memblock
+            .memory()
+            .iter()
+            .find(|&&(s, e)| s <= at && at < e)
+        {
+            Some(&(_, end)) => {
+                let next_reserved = self
+                    .memblock
+                    .reserved()
+                    .iter()
+                    .map(|r| r.start)
+                    .filter(|&s| s > at && s < end)
+                    .min()
+                    .unwrap_or(end);
+                (
+                    RunKind::Uninitialised,
+                    (next_reserved / PAGE_SIZE).max(pfn + 1),
+                )
+            }
+            None => {
+                let next_memory = self
+                    .memblock
+                    .memory()
+                    .iter()
+                    .map(|&(s, _)| s)
+                    .filter(|&s| s > at)
+                    .min()
+                    .unwrap_or(u64::MAX);
+                (RunKind::Absent, (next_memory / PAGE_SIZE).max(pfn + 1))
+            }
+        }
+    }
+
     /// Every frame of the table as maximal runs of one kind, in address
     /// order, covering `0..nr_frames()` without gaps.
     pub fn frame_runs(&self) -> FrameRuns<'_> {
