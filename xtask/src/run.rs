@@ -138,7 +138,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
         None if !disk.exists() => ensure_disk(&disk, DEFAULT_DISK_BYTES)?,
         None => {}
     }
-    let cfg = cfg.serve(args.port, &tokens.files).disk(disk);
+    // QMP beside `.memd/addr`: `memctl balloon` sets the balloon's target.
+    let qmp = dir.join("qmp.sock");
+    let _ = std::fs::remove_file(&qmp);
+    let cfg = cfg.serve(args.port, &tokens.files).disk(disk).qmp(qmp);
     eprintln!("xtask: {}", cfg.describe());
     eprintln!(
         "xtask: host 127.0.0.1:{} is forwarded to the guest's port; Ctrl-C stops QEMU",

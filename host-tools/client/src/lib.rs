@@ -24,6 +24,8 @@
 //! The address: explicit (`--addr`), `MEMD_ADDR`, a file `.memd/addr`
 //! found the same way, else `127.0.0.1:5555`.
 
+pub mod qmp;
+
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};

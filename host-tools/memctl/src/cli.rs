@@ -300,4 +300,15 @@ pub(crate) enum Cmd {
     Session,
     /// Stop the service
     Shutdown,
+    /// The balloon: the guest's size as the host sees it, what memd holds
+    /// in the balloon and has reported; with SIZE, set the guest's target
+    /// size first (QEMU's QMP, like `virsh setmem`)
+    Balloon {
+        /// Target guest memory (e.g. 1G); omitted: just show
+        #[arg(value_parser = parse_size)]
+        size: Option<u64>,
+        /// QEMU's QMP socket [default: .memd/qmp.sock]
+        #[arg(long)]
+        qmp: Option<PathBuf>,
+    },
 }

@@ -18,6 +18,7 @@ use memd_client::{Client, Error, Options};
 use memd_wire::*;
 use serde::Serialize;
 
+mod balloon;
 mod cli;
 mod histogram;
 mod map;
@@ -140,7 +141,11 @@ fn to_op(cmd: Cmd) -> Result<Op, Fail> {
         Cmd::Stress { ops, seed } => Op::Stress { ops, seed },
         Cmd::Shutdown => Op::Shutdown,
         Cmd::Fault { .. } => Op::Faults,
-        Cmd::Batch { .. } | Cmd::Session | Cmd::Watch { .. } | Cmd::Completions { .. } => {
+        Cmd::Batch { .. }
+        | Cmd::Session
+        | Cmd::Watch { .. }
+        | Cmd::Completions { .. }
+        | Cmd::Balloon { .. } => {
             unreachable!("handled by the caller")
         }
     })
@@ -154,7 +159,9 @@ fn wants_operator(cmd: &Cmd) -> bool {
         Cmd::Session => true,
         // Setting a rule is fault injection; without a target it only shows.
         Cmd::Fault { slab, page, .. } => *slab || *page,
-        Cmd::Batch { .. } | Cmd::Watch { .. } | Cmd::Completions { .. } => false,
+        Cmd::Batch { .. } | Cmd::Watch { .. } | Cmd::Completions { .. } | Cmd::Balloon { .. } => {
+            false
+        }
         cmd => to_op(cmd.clone()).is_ok_and(|op| op.operator_only()),
     }
 }
@@ -253,6 +260,9 @@ fn completions(shell: clap_complete::Shell) {
 fn run(c: &mut Client, cmd: Cmd, as_json: bool) -> Result<Option<Handle>, Fail> {
     match cmd {
         Cmd::Batch { count, size } => run_batch(c, count, size, as_json).map(|()| None),
+        Cmd::Balloon { size, qmp } => balloon::balloon(c, size, qmp, as_json)
+            .map(|()| None)
+            .map_err(Fail::Usage),
         Cmd::Fault {
             slab,
             page,
@@ -480,12 +490,18 @@ mod tests {
             "batch 100 --size 32",
             "session",
             "shutdown",
+            "balloon",
+            "balloon 1G --qmp /tmp/q.sock",
         ] {
             let args = std::iter::once("memctl").chain(line.split_whitespace());
             let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{line}: {e}"));
             if !matches!(
                 cli.cmd,
-                Cmd::Batch { .. } | Cmd::Session | Cmd::Watch { .. } | Cmd::Completions { .. }
+                Cmd::Batch { .. }
+                    | Cmd::Session
+                    | Cmd::Watch { .. }
+                    | Cmd::Completions { .. }
+                    | Cmd::Balloon { .. }
             ) {
                 to_op(cli.cmd).unwrap_or_else(|_| panic!("{line}"));
             }

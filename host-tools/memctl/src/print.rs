@@ -58,6 +58,7 @@ fn print_meminfo(m: &MemInfo) {
         ("VmallocChunk", m.vmalloc_chunk),
         ("Uninitialised", m.deferred),
         ("Reported", m.reported),
+        ("Balloon", m.balloon),
     ];
     for (k, v) in rows {
         println!("{:<16}{:>10} kB", format!("{k}:"), kb(v));
@@ -214,10 +215,11 @@ pub(crate) fn print_reply(r: &Reply) {
             t.add_row(vec![
                 "memory".to_string(),
                 format!(
-                    "{} kB total, {} kB free, {} kB of it given back to the host",
+                    "{} kB total, {} kB free, {} kB of it given back to the host; {} kB in the balloon",
                     kb(s.total_bytes),
                     kb(s.free_bytes),
-                    kb(s.reported_bytes)
+                    kb(s.reported_bytes),
+                    kb(s.balloon_bytes)
                 ),
             ]);
             t.add_row(vec![

@@ -245,6 +245,9 @@ pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
             } + &match st.reported_bytes {
                 0 => String::new(),
                 b => format!(", {} given back to the host", human(b)),
+            } + &match st.balloon_bytes {
+                0 => String::new(),
+                b => format!(", {} in the balloon", human(b)),
             },
             if s.cma.present {
                 format!(

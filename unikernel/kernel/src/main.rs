@@ -13,6 +13,7 @@
 extern crate alloc;
 
 mod arch;
+mod balloon;
 mod boot;
 mod cmdline;
 mod drivers;
@@ -20,7 +21,6 @@ mod hermit;
 mod logger;
 mod net;
 mod passes;
-mod reporting;
 mod selftest;
 mod service;
 
@@ -237,7 +237,10 @@ pub fn kmain(start_info: u64) -> ! {
             };
             let balloon = match drivers::virtio_balloon::BalloonDevice::probe() {
                 Ok(b) => {
-                    info!("balloon: free page reporting on {}", b.location);
+                    info!(
+                        "balloon: host targets and free page reporting on {}",
+                        b.location
+                    );
                     Some(b)
                 }
                 Err(e) => {
@@ -246,9 +249,9 @@ pub fn kmain(start_info: u64) -> ! {
                 }
             };
             let mut service = service::MemdService::new(operator_token, client_token, disk);
-            let mut reporter = reporting::Reporter::new(balloon);
+            let mut balloon = balloon::Balloon::new(balloon);
             // `serve` prints `memd: ready` once the port listens.
-            net::serve(dev, net_config, timeouts, &mut service, &mut reporter);
+            net::serve(dev, net_config, timeouts, &mut service, &mut balloon);
             logger::always(format_args!("memd: shut down by a client"));
             arch::exit::success();
         }

@@ -115,7 +115,10 @@ fn deferred_init() -> TestResult {
     if mm.meminfo().deferred != 0 {
         return Err(fail("memory left uninitialised after the last step"));
     }
-    info!("selftest: {steps} deferred steps, {} MiB in all", promised >> 20);
+    info!(
+        "selftest: {steps} deferred steps, {} MiB in all",
+        promised >> 20
+    );
     Ok(())
 }
 

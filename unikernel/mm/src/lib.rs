@@ -58,6 +58,7 @@ mod access;
 #[cfg(feature = "std")]
 #[allow(unsafe_code)]
 mod arena;
+mod balloon;
 mod buddy;
 mod bytes;
 mod check;
@@ -97,6 +98,7 @@ mod zone;
 pub use access::{slice_mut, DirectMap};
 #[cfg(feature = "std")]
 pub use arena::{HostGlobal, HostMm};
+pub use balloon::BALLOON_ORDER;
 pub use check::{CheckError, CheckWalk};
 pub use cma::{Cma, Extent};
 pub use cmdline::{DmaReserve, MmOptions};

@@ -13,6 +13,8 @@ pub struct Owner(pub u16);
 
 impl Owner {
     pub const KERNEL: Owner = Owner(0);
+    /// Pages in the balloon: the host's until it gives them back.
+    pub const BALLOON: Owner = Owner(MAX_OWNERS as u16 - 1);
 }
 
 pub(crate) struct OwnerTable {

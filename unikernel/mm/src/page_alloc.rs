@@ -140,7 +140,12 @@ impl MemoryManager {
     }
 
     #[inline(always)]
-    fn get_page_from_freelist(&mut self, order: u32, highest: ZoneType, mark: Mark) -> Option<u32> {
+    pub(crate) fn get_page_from_freelist(
+        &mut self,
+        order: u32,
+        highest: ZoneType,
+        mark: Mark,
+    ) -> Option<u32> {
         let mut z = highest as usize + 1;
         while z > 0 {
             z -= 1;

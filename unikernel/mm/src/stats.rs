@@ -29,6 +29,8 @@ pub struct MmCounters {
     pub pgtable_pages: u64,
     /// vmalloc requests refused (no room in the window, no memory).
     pub vmalloc_failures: u64,
+    /// Pages in the balloon (given to the host on its request).
+    pub balloon_pages: u64,
 }
 
 impl MmCounters {
@@ -45,6 +47,7 @@ impl MmCounters {
             vmalloc_pages: 0,
             pgtable_pages: 0,
             vmalloc_failures: 0,
+            balloon_pages: 0,
         }
     }
 }
@@ -136,6 +139,8 @@ pub struct MemInfo {
     /// Free memory in blocks reported to the host (free page reporting):
     /// the host may have taken it back; it is still free for memd.
     pub reported: u64,
+    /// Memory in the balloon: given to the host on its request.
+    pub balloon: u64,
 }
 
 /// One zone of /proc/zoneinfo.
@@ -321,6 +326,7 @@ impl MemoryManager {
             vmalloc_chunk,
             deferred: self.deferred_pages() * page,
             reported: self.reportable_bytes().1,
+            balloon: self.counters.balloon_pages * page,
         }
     }
 

@@ -98,6 +98,8 @@ pub struct Watermarks {
 /// Which watermark a request must stay above.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mark {
+    /// What a balloon takes: only memory above `high`.
+    High,
     Low,
     Min,
     /// ATOMIC requests: a quarter of `min`.
@@ -186,6 +188,7 @@ impl Zone {
     /// The level of free pages an allocation of `order` must leave behind.
     pub fn mark_pages(&self, mark: Mark, highest: ZoneType) -> u64 {
         let base = match mark {
+            Mark::High => self.watermark.high,
             Mark::Low => self.watermark.low,
             Mark::Min => self.watermark.min,
             Mark::Atomic => self.watermark.min / 4,

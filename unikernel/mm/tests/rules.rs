@@ -803,3 +803,43 @@ fn dma_reserve_buffers_work_before_their_frames_are_initialised() {
     assert!(mm.dma_bytes(&b).is_err(), "a freed buffer is not live");
     mm.check().unwrap();
 }
+
+#[test]
+fn the_balloon_takes_only_memory_above_high_and_gives_it_back() {
+    let mut mm = machine("");
+    mm.drain_all_pages();
+    let free = mm.meminfo().free;
+    let mut blocks = Vec::new();
+    while let Some(p) = mm.balloon_take() {
+        blocks.push(p);
+    }
+    assert!(!blocks.is_empty());
+    for z in mm.zoneinfo() {
+        assert!(
+            z.free >= z.watermark.high,
+            "{:?} below high: {} < {}",
+            z.zone,
+            z.free,
+            z.watermark.high
+        );
+    }
+    let taken = blocks.len() as u64 * (PAGE_SIZE << BALLOON_ORDER);
+    assert_eq!(mm.meminfo().balloon, taken);
+    assert_eq!(mm.owner_pages(Owner::BALLOON) * PAGE_SIZE, taken);
+    assert_eq!(mm.meminfo().free, free - taken);
+    mm.check().unwrap();
+    // Ordinary allocations still find what lies between min and high.
+    let p = mm.alloc_pages(0, Gfp::KERNEL).unwrap();
+    mm.free_pages(p, 0).unwrap();
+    assert!(
+        mm.balloon_give(p).is_err(),
+        "only balloon blocks go back as such"
+    );
+    for b in blocks {
+        mm.balloon_give(b).unwrap();
+    }
+    mm.drain_all_pages();
+    assert_eq!(mm.meminfo().balloon, 0);
+    assert_eq!(mm.meminfo().free, free);
+    mm.check().unwrap();
+}

@@ -110,6 +110,10 @@ pub trait Memory {
     fn reported_bytes(&mut self) -> u64 {
         0
     }
+    /// Bytes in the balloon; none where there is no balloon.
+    fn balloon_bytes(&mut self) -> u64 {
+        0
+    }
     /// Runs `f` with what it allocates charged to `owner` (a connection
     /// id); everything outside `f` is the kernel's. Through
     /// [`crate::Env::with_mem_as`].

@@ -69,7 +69,8 @@ static FILL_CTORS: [memd_mm::Ctor; 256] = fill_table!(0 1 2 3 4 5 6 7 8 9 10 11 
 
 /// The owner tag for a connection (memd-mm keeps 256 tags; 0 is the kernel).
 fn owner_of(conn: u64) -> Owner {
-    Owner((conn % (memd_mm::MAX_OWNERS as u64 - 1) + 1) as u16)
+    // Tags 1..=254: 0 is the kernel's, the last the balloon's.
+    Owner((conn % (memd_mm::MAX_OWNERS as u64 - 2) + 1) as u16)
 }
 
 impl Memory for MemoryManager {
@@ -96,6 +97,10 @@ impl Memory for MemoryManager {
 
     fn reported_bytes(&mut self) -> u64 {
         self.reportable_bytes().1
+    }
+
+    fn balloon_bytes(&mut self) -> u64 {
+        self.meminfo().balloon
     }
 
     fn as_owner<R>(&mut self, owner: u64, f: impl FnOnce(&mut Self) -> R) -> R {

@@ -77,6 +77,9 @@ pub struct Status {
     /// Free memory reported to the host (free page reporting through the
     /// balloon): the host may have taken it back; memd may use it again.
     pub reported_bytes: u64,
+    /// Memory in the balloon: the host's, on its request, until it gives
+    /// it back.
+    pub balloon_bytes: u64,
 }
 
 /// One zone of `/proc/zoneinfo`.

@@ -42,6 +42,9 @@ pub struct QemuConfig {
     tokens: Option<TokenFiles>,
     /// A raw disk image attached as virtio-blk.
     disk: Option<PathBuf>,
+    /// A Unix socket for QEMU's machine protocol (QMP): the balloon's
+    /// target (`memctl balloon`).
+    qmp: Option<PathBuf>,
     /// A Unix socket for QEMU's monitor (`cargo xtask profile` reads the
     /// vCPU's registers through it).
     monitor: Option<PathBuf>,
@@ -80,6 +83,7 @@ impl QemuConfig {
             tokens: None,
             disk: None,
             monitor: None,
+            qmp: None,
             icount: false,
             time_bound: DEFAULT_TIME_BOUND,
         }
@@ -120,6 +124,12 @@ impl QemuConfig {
     /// `image`, a raw disk image, as the guest's virtio-blk disk.
     pub fn disk(mut self, image: PathBuf) -> QemuConfig {
         self.disk = Some(image);
+        self
+    }
+
+    /// QEMU's QMP on the Unix socket `sock`.
+    pub fn qmp(mut self, sock: PathBuf) -> QemuConfig {
+        self.qmp = Some(sock);
         self
     }
 
@@ -203,6 +213,12 @@ impl QemuConfig {
         }
         if self.icount && !self.kvm {
             c.args(["-icount", "shift=0,sleep=off"]);
+        }
+        if let Some(sock) = &self.qmp {
+            let mut arg = std::ffi::OsString::from("unix:");
+            arg.push(sock);
+            arg.push(",server=on,wait=off");
+            c.arg("-qmp").arg(arg);
         }
         if let Some(sock) = &self.monitor {
             let mut arg = std::ffi::OsString::from("unix:");

@@ -1,22 +1,34 @@
-//! virtio-balloon's free page reporting (`VIRTIO_BALLOON_F_FREE_PAGE_REPORTING`):
-//! memd lends the host free blocks of 2 MiB or more (memd-mm's
-//! `report_take`), the host discards their memory, and the blocks come back
-//! marked reported (`report_put`), so the host's copy of memd's free memory
-//! is given back without memd touching it. The queue is QEMU 7.2's index 3:
-//! QEMU numbers the balloon's queues as it creates them (inflate, deflate,
-//! stats, then reporting while free page hinting is off), not as the
-//! specification's 4. Page poisoning is not negotiated: the host may hand a
-//! discarded page back as zeroes, which memd never relies on either way.
+//! virtio-balloon: the host's target and free page reporting.
 //!
-//! One report is in flight at a time; the poll loop starts one when some
-//! unreported free memory has gathered and completes it without waiting.
+//! - **Target.** The host sets `num_pages` in the device's configuration;
+//!   memd inflates by taking 2 MiB blocks above its zones' `high`
+//!   watermarks (memd-mm's `balloon_take`) and sending their frame numbers
+//!   on the inflate queue (0), deflates by sending them on the deflate queue
+//!   (1) and giving them back (`balloon_give`), and keeps `actual` up to
+//!   date. `VIRTIO_BALLOON_F_MUST_TELL_HOST` is not negotiated.
+//! - **Free page reporting** (`VIRTIO_BALLOON_F_FREE_PAGE_REPORTING`):
+//!   memd lends the host free blocks of 2 MiB or more (`report_take`), the
+//!   host discards their memory, and the blocks come back marked reported
+//!   (`report_put`), so the host's copy of memd's free memory is given back
+//!   without memd touching it. The queue is QEMU 7.2's index 3: QEMU
+//!   numbers the balloon's queues as it creates them (inflate, deflate,
+//!   stats, then reporting while free page hinting is off), not as the
+//!   specification's 4. Page poisoning is not negotiated: the host may hand
+//!   a discarded page back as zeroes, which memd never relies on either
+//!   way.
+//!
+//! One request (a balloon block or a report) is in flight at a time; the
+//! poll loop starts the next and completes it without waiting.
 
 use alloc::string::String;
 
+use alloc::boxed::Box;
+use alloc::vec::Vec;
 use bitflags::bitflags;
 use memd_mm::{MemoryManager, ReportBlock};
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::{DeviceType, SomeTransport, Transport};
+use zerocopy::IntoBytes;
 
 use super::hal::MemdHal;
 
@@ -29,24 +41,47 @@ bitflags! {
     }
 }
 
+const INFLATE_QUEUE: u16 = 0;
+const DEFLATE_QUEUE: u16 = 1;
 /// The reporting queue's index on QEMU 7.2 (see the module comment).
 const REPORTING_QUEUE: u16 = 3;
+/// Configuration: the host's target and the driver's count, in 4 KiB pages.
+const CONFIG_NUM_PAGES: usize = 0;
+const CONFIG_ACTUAL: usize = 4;
+/// Frame numbers per balloon block (2 MiB of 4 KiB pages).
+const BLOCK_PFNS: usize = 512;
 /// Descriptors in the queue: one per block reported.
 const QUEUE_SIZE: usize = 32;
 /// Blocks per report (Linux's `PAGE_REPORTING_CAPACITY` is 32): up to
 /// 64 MiB of 4 MiB blocks.
 pub const BATCH: usize = 16;
 
-/// The report the device holds.
-struct InFlight {
-    token: u16,
-    blocks: [ReportBlock; BATCH],
-    n: usize,
+/// The request the device holds (one at a time, kept inline: a report's
+/// blocks are a few hundred bytes).
+#[allow(clippy::large_enum_variant)]
+enum InFlight {
+    Report {
+        token: u16,
+        blocks: [ReportBlock; BATCH],
+        n: usize,
+    },
+    /// A balloon block going to the host (inflate) or coming back.
+    Block {
+        token: u16,
+        phys: u64,
+        inflate: bool,
+    },
 }
 
 pub struct BalloonDevice {
     transport: SomeTransport<'static>,
     queue: VirtQueue<MemdHal, QUEUE_SIZE>,
+    inflate: VirtQueue<MemdHal, 8>,
+    deflate: VirtQueue<MemdHal, 8>,
+    /// The frame numbers of the block in flight (the device reads them).
+    pfns: Box<[u32; BLOCK_PFNS]>,
+    /// The balloon's blocks, by physical address.
+    blocks: Vec<u64>,
     in_flight: Option<InFlight>,
     /// Where the device was found.
     pub location: String,
@@ -64,14 +99,22 @@ impl BalloonDevice {
         if !features.contains(Features::FREE_PAGE_REPORTING) {
             return Err("the balloon offers no free page reporting (QEMU: free-page-reporting=on)");
         }
-        let queue = super::hal::with_device("virtio-balloon", || {
-            VirtQueue::new(&mut transport, REPORTING_QUEUE, false, false)
+        let (queue, inflate, deflate) = super::hal::with_device("virtio-balloon", || {
+            Ok::<_, virtio_drivers::Error>((
+                VirtQueue::new(&mut transport, REPORTING_QUEUE, false, false)?,
+                VirtQueue::new(&mut transport, INFLATE_QUEUE, false, false)?,
+                VirtQueue::new(&mut transport, DEFLATE_QUEUE, false, false)?,
+            ))
         })
-        .map_err(|_| "virtio-balloon: the reporting queue could not be set up")?;
+        .map_err(|_| "virtio-balloon: the queues could not be set up")?;
         transport.finish_init();
         Ok(BalloonDevice {
             transport,
             queue,
+            inflate,
+            deflate,
+            pfns: Box::new([0; BLOCK_PFNS]),
+            blocks: Vec::new(),
             in_flight: None,
             location,
             reported_bytes: 0,
@@ -111,35 +154,142 @@ impl BalloonDevice {
         if self.queue.should_notify() {
             self.transport.notify(REPORTING_QUEUE);
         }
-        self.in_flight = Some(InFlight { token, blocks, n });
+        self.in_flight = Some(InFlight::Report { token, blocks, n });
         blocks[..n].iter().map(ReportBlock::bytes).sum()
     }
 
-    /// Completes the report in flight once the device has used it, giving
-    /// the blocks back to `mm` marked reported; true when one completed.
-    pub fn poll(&mut self, mm: &mut MemoryManager) -> bool {
-        let Some(f) = &self.in_flight else {
-            return false;
-        };
-        if !self.queue.can_pop() {
+    /// The host's target, in balloon blocks (rounded down), and the
+    /// balloon's size.
+    pub fn target(&self) -> (usize, usize) {
+        let pages = self
+            .transport
+            .read_config_space::<u32>(CONFIG_NUM_PAGES)
+            .unwrap_or(0);
+        (pages as usize / BLOCK_PFNS, self.blocks.len())
+    }
+
+    /// Makes room for one more block in the balloon's list: call it before
+    /// taking the allocator's lock, under which the list must not grow (its
+    /// memory comes from that allocator). False when there is no memory for
+    /// it.
+    pub fn make_room(&mut self) -> bool {
+        self.blocks.try_reserve(1).is_ok()
+    }
+
+    /// Moves the balloon one block towards the host's target (after
+    /// [`BalloonDevice::make_room`]): takes a block
+    /// above the watermarks and sends it (inflate), or sends one back
+    /// (deflate). False when it is at the target or no block can be taken.
+    pub fn step(&mut self, mm: &mut MemoryManager) -> bool {
+        if self.in_flight.is_some() {
             return false;
         }
-        let mut bufs = buffers(&f.blocks[..f.n], mm.direct_map());
-        // SAFETY: the same buffers `start` added with this token.
-        let done = unsafe { self.queue.pop_used(f.token, &[], &mut bufs[..f.n]) };
-        match done {
-            Ok(_) => {
-                mm.report_put(&f.blocks[..f.n], true);
-                self.reported_bytes += f.blocks[..f.n].iter().map(ReportBlock::bytes).sum::<u64>();
-                self.reports += 1;
+        let (target, actual) = self.target();
+        let (phys, inflate) = if target > actual {
+            match mm.balloon_take() {
+                Some(phys) => (phys, true),
+                None => return false,
             }
-            // The device gave back something else: it may still hold these
-            // blocks, so they stay isolated (lost to memd) rather than be
-            // used while the host may discard them.
-            Err(e) => log::warn!(
-                "balloon: report of {} block(s) not returned ({e:?}); they stay set aside",
-                f.n
-            ),
+        } else if target < actual {
+            (self.blocks.pop().expect("actual > target >= 0"), false)
+        } else {
+            return false;
+        };
+        let first = (phys / 4096) as u32;
+        for (i, pfn) in self.pfns.iter_mut().enumerate() {
+            *pfn = first + i as u32;
+        }
+        let queue = if inflate {
+            &mut self.inflate
+        } else {
+            &mut self.deflate
+        };
+        // SAFETY: `pfns` is boxed and only written when no request is in
+        // flight; it stays valid until `pop_used` in `poll`.
+        let token = match unsafe { queue.add(&[self.pfns.as_bytes()], &mut []) } {
+            Ok(token) => token,
+            Err(_) => {
+                if inflate {
+                    let _ = mm.balloon_give(phys);
+                } else {
+                    self.blocks.push(phys);
+                }
+                return false;
+            }
+        };
+        if queue.should_notify() {
+            self.transport.notify(if inflate {
+                INFLATE_QUEUE
+            } else {
+                DEFLATE_QUEUE
+            });
+        }
+        self.in_flight = Some(InFlight::Block {
+            token,
+            phys,
+            inflate,
+        });
+        true
+    }
+
+    /// Completes the request in flight once the device has used it: a
+    /// report's blocks go back to `mm` marked reported, an inflated block
+    /// joins the balloon, a deflated one goes back to `mm`; true when one
+    /// completed.
+    pub fn poll(&mut self, mm: &mut MemoryManager) -> bool {
+        match self.in_flight {
+            Some(InFlight::Report { token, blocks, n }) => {
+                if !self.queue.can_pop() {
+                    return false;
+                }
+                let mut bufs = buffers(&blocks[..n], mm.direct_map());
+                // SAFETY: the same buffers `start` added with this token.
+                match unsafe { self.queue.pop_used(token, &[], &mut bufs[..n]) } {
+                    Ok(_) => {
+                        mm.report_put(&blocks[..n], true);
+                        self.reported_bytes +=
+                            blocks[..n].iter().map(ReportBlock::bytes).sum::<u64>();
+                        self.reports += 1;
+                    }
+                    // The device gave back something else: it may still
+                    // hold these blocks, so they stay isolated (lost to
+                    // memd) rather than be used while the host may discard
+                    // them.
+                    Err(e) => log::warn!(
+                        "balloon: report of {n} block(s) not returned ({e:?}); they stay set aside"
+                    ),
+                }
+            }
+            Some(InFlight::Block {
+                token,
+                phys,
+                inflate,
+            }) => {
+                let queue = if inflate {
+                    &mut self.inflate
+                } else {
+                    &mut self.deflate
+                };
+                if !queue.can_pop() {
+                    return false;
+                }
+                // SAFETY: the buffer `step` added with this token.
+                let done = unsafe { queue.pop_used(token, &[self.pfns.as_bytes()], &mut []) };
+                match (done, inflate) {
+                    (Ok(_), true) => self.blocks.push(phys),
+                    (Ok(_), false) => {
+                        let _ = mm.balloon_give(phys);
+                    }
+                    // Not returned: the block stays the host's.
+                    (Err(e), _) => {
+                        log::warn!("balloon: block {phys:#x} not returned ({e:?})");
+                        self.blocks.push(phys);
+                    }
+                }
+                let actual = (self.blocks.len() * BLOCK_PFNS) as u32;
+                let _ = self.transport.write_config_space(CONFIG_ACTUAL, actual);
+            }
+            None => return false,
         }
         self.in_flight = None;
         true

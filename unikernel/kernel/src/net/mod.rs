@@ -102,7 +102,7 @@ pub fn serve(
     cfg: NetConfig,
     timeouts: Timeouts,
     handler: &mut dyn Handler,
-    reporter: &mut crate::reporting::Reporter,
+    balloon: &mut crate::balloon::Balloon,
 ) {
     let mac = EthernetAddress(dev.mac());
     let mut iface = Interface::new(
@@ -182,8 +182,8 @@ pub fn serve(
             }
             background = true;
         }
-        // Free memory to tell the host about.
-        background |= reporter.pass(time::uptime_ns());
+        // The host's balloon target, and free memory to tell it about.
+        background |= balloon.pass(time::uptime_ns());
         send_queued(&mut iface, &mut dev, &mut sockets.set);
         let end = time::uptime_ns();
         if dev.stats.rx_packets + dev.stats.tx_packets != packets || turns || background {

@@ -18,11 +18,12 @@ impl<M: Memory> Service<M> {
     /// The service's status.
     pub(super) fn status<E: Env<Mem = M>>(&mut self, env: &mut E, page: u64) -> Reply {
         let now = env.now_ns();
-        let (total, free, reported, max_order, has_block) = env.with_mem(|m, b| {
+        let (total, free, reported, balloon, max_order, has_block) = env.with_mem(|m, b| {
             (
                 m.total_bytes(),
                 m.free_bytes(),
                 m.reported_bytes(),
+                m.balloon_bytes(),
                 m.max_order(),
                 b.is_some(),
             )
@@ -42,6 +43,7 @@ impl<M: Memory> Service<M> {
             halted_ns: env.halted_ns(),
             loop_passes: env.loop_passes(),
             reported_bytes: reported,
+            balloon_bytes: balloon,
         }))
     }
 

@@ -1,0 +1,83 @@
+//! QEMU's machine protocol (QMP) over its Unix socket: enough for the
+//! balloon (`query-balloon`, `balloon`), which `memctl balloon` and the
+//! tests drive. Replies are JSON lines; events on the way are skipped.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// A QMP connection, past its greeting and capabilities negotiation.
+pub struct Qmp {
+    out: UnixStream,
+    input: BufReader<UnixStream>,
+}
+
+impl Qmp {
+    /// Connects and negotiates capabilities.
+    pub fn connect(path: &Path) -> Result<Qmp, String> {
+        let s =
+            UnixStream::connect(path).map_err(|e| format!("QMP socket {}: {e}", path.display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        let mut q = Qmp {
+            out: s.try_clone().map_err(|e| e.to_string())?,
+            input: BufReader::new(s),
+        };
+        q.line()?; // greeting
+        q.call("qmp_capabilities", None)?;
+        Ok(q)
+    }
+
+    fn line(&mut self) -> Result<Value, String> {
+        let mut l = String::new();
+        if self
+            .input
+            .read_line(&mut l)
+            .map_err(|e| format!("QMP: {e}"))?
+            == 0
+        {
+            return Err("QMP: connection closed".into());
+        }
+        serde_json::from_str(&l).map_err(|e| format!("QMP: {e}"))
+    }
+
+    /// Runs `command`; its `return` value. Events on the way are skipped.
+    pub fn call(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, String> {
+        let mut msg = json!({ "execute": command });
+        if let Some(a) = arguments {
+            msg["arguments"] = a;
+        }
+        writeln!(self.out, "{msg}").map_err(|e| format!("QMP: {e}"))?;
+        loop {
+            let v = self.line()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(format!(
+                    "QMP {command}: {}",
+                    e.get("desc").and_then(Value::as_str).unwrap_or("error")
+                ));
+            }
+        }
+    }
+}
+
+impl Qmp {
+    /// The guest's memory as the host counts it: RAM less the balloon.
+    pub fn balloon_actual(&mut self) -> Result<u64, String> {
+        self.call("query-balloon", None)?
+            .get("actual")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| "QMP query-balloon: no actual size".to_string())
+    }
+
+    /// Asks the guest to make its memory `bytes` (`virsh setmem`).
+    pub fn set_balloon(&mut self, bytes: u64) -> Result<(), String> {
+        self.call("balloon", Some(json!({ "value": bytes })))
+            .map(|_| ())
+    }
+}

@@ -1,0 +1,95 @@
+//! `memctl balloon [SIZE]`: the guest's balloon as the host sees it (QEMU's
+//! QMP, `query-balloon`) beside what memd holds in it and has reported
+//! (memd's meminfo); with SIZE, first sets the guest's target size through
+//! QMP's `balloon`, as `virsh setmem` does. The QMP socket is `--qmp`, or
+//! `.memd/qmp.sock`, which `cargo xtask run` opens.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use memd_client::qmp::Qmp;
+use memd_client::Client;
+use serde::Serialize;
+
+/// `.memd/qmp.sock` in the current directory or a parent.
+fn find_socket() -> Option<PathBuf> {
+    std::env::current_dir()
+        .ok()?
+        .ancestors()
+        .map(|d| d.join(".memd").join("qmp.sock"))
+        .find(|p| p.exists())
+}
+
+#[derive(Serialize)]
+struct BalloonView {
+    /// The guest's memory as the host counts it: RAM less the balloon.
+    guest_bytes: u64,
+    /// The target just set, if any.
+    target_bytes: Option<u64>,
+    /// What memd holds in the balloon (the host's memory meanwhile).
+    balloon_bytes: u64,
+    /// Free memory memd reported to the host (free page reporting).
+    reported_bytes: u64,
+    /// memd's managed and free memory.
+    memd_total_bytes: u64,
+    memd_free_bytes: u64,
+}
+
+/// Sets the target (when given), waits briefly for the balloon to move, and
+/// shows where it stands.
+pub(crate) fn balloon(
+    c: &mut Client,
+    size: Option<u64>,
+    qmp: Option<PathBuf>,
+    as_json: bool,
+) -> Result<(), String> {
+    let path = qmp
+        .or_else(find_socket)
+        .ok_or("no QMP socket: pass --qmp, or start memd with `cargo xtask run`")?;
+    let mut q = Qmp::connect(&path)?;
+    if let Some(size) = size {
+        q.set_balloon(size)?;
+        // memd moves 2 MiB a request; give it a moment to arrive.
+        for _ in 0..50 {
+            if q.balloon_actual()? == size {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let m = c.meminfo().map_err(|e| e.to_string())?;
+    let v = BalloonView {
+        guest_bytes: q.balloon_actual()?,
+        target_bytes: size,
+        balloon_bytes: m.balloon,
+        reported_bytes: m.reported,
+        memd_total_bytes: m.total,
+        memd_free_bytes: m.free,
+    };
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    let mib = |b: u64| format!("{} MiB", b >> 20);
+    println!("guest memory (host's view)   {}", mib(v.guest_bytes));
+    if let Some(t) = v.target_bytes {
+        println!("target                       {}", mib(t));
+    }
+    println!("in the balloon (memd)        {}", mib(v.balloon_bytes));
+    println!("free, reported to the host   {}", mib(v.reported_bytes));
+    println!(
+        "memd                         {} managed, {} free",
+        mib(v.memd_total_bytes),
+        mib(v.memd_free_bytes)
+    );
+    if v.target_bytes.is_some_and(|t| v.guest_bytes > t) {
+        println!(
+            "memd keeps {} above the target: the balloon takes only memory above its zones' high watermarks",
+            mib(v.guest_bytes - v.target_bytes.unwrap_or(0))
+        );
+    }
+    Ok(())
+}
