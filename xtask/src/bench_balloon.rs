@@ -1,11 +1,14 @@
 //! `cargo xtask bench balloon`: how much of the memory memd's clients
 //! touched and freed the host gets back through free page reporting, and
-//! how soon. QEMU's resident memory (VmRSS) is read before the clients
-//! fill memory, once they have, and every 100 ms after they disconnect.
+//! how soon (QEMU's resident memory, VmRSS, read before the clients fill
+//! memory, once they have, and every 100 ms after they disconnect); then
+//! how long the balloon takes to follow a host target through QMP:
+//! inflate by the same amount, and deflate back.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use memd_client::qmp::Qmp;
 use memd_client::wire::Gfp;
 use memd_client::{Client, Options};
 
@@ -43,6 +46,10 @@ struct Figures {
     /// Time from the clients' leaving until 90 % of what they touched was
     /// back with the host, if it came back.
     to_90_ms: Option<f64>,
+    /// Time for the balloon to take the fill size from the guest, and to
+    /// give it back, host target to `actual`.
+    inflate_ms: f64,
+    deflate_ms: f64,
 }
 
 pub fn run(args: &BalloonBenchArgs) -> Result<()> {
@@ -55,16 +62,23 @@ pub fn run(args: &BalloonBenchArgs) -> Result<()> {
         eprintln!("xtask: accelerator {}: {}", accel.name(), accel.reason);
     }
     let endpoint = Endpoint::temporary("bench-balloon")?;
-    let cfg = endpoint.serve(cfg).time_bound(Duration::from_secs(300));
+    let qmp = std::env::temp_dir().join(format!("memd-bench-balloon-{}.qmp", std::process::id()));
+    let cfg = endpoint
+        .serve(cfg)
+        .qmp(qmp.clone())
+        .time_bound(Duration::from_secs(300));
     let port = endpoint.port;
     let (out, figures) = cfg.run_client(|| {
-        measure(
+        let mut f = measure(
             port,
             &endpoint.tokens.client,
             args.fill_mib * MIB,
             args.clients,
-        )
+        )?;
+        (f.inflate_ms, f.deflate_ms) = follow(&qmp, args.fill_mib * MIB)?;
+        Ok(f)
     })?;
+    let _ = std::fs::remove_file(&qmp);
     let f = figures
         .unwrap_or_else(|| Err(anyhow!("the guest never became ready")))
         .map_err(|e| anyhow!("{e:#}\n--- console ---\n{}", out.console()))?;
@@ -73,7 +87,7 @@ pub fn run(args: &BalloonBenchArgs) -> Result<()> {
     let share = returned as f64 / touched.max(1) as f64;
     if args.json {
         println!(
-            "{{\"machine\": \"{}\", \"mem\": \"{}\", \"fill_mib\": {}, \"rss_before\": {}, \"rss_filled\": {}, \"rss_after\": {}, \"returned_share\": {:.3}, \"to_90_percent_ms\": {}}}",
+            "{{\"machine\": \"{}\", \"mem\": \"{}\", \"fill_mib\": {}, \"rss_before\": {}, \"rss_filled\": {}, \"rss_after\": {}, \"returned_share\": {:.3}, \"to_90_percent_ms\": {}, \"inflate_ms\": {:.0}, \"deflate_ms\": {:.0}}}",
             args.guest.machine.name(),
             args.guest.mem,
             args.fill_mib,
@@ -81,7 +95,9 @@ pub fn run(args: &BalloonBenchArgs) -> Result<()> {
             f.filled,
             f.after,
             share,
-            f.to_90_ms.map_or("null".into(), |t| format!("{t:.0}"))
+            f.to_90_ms.map_or("null".into(), |t| format!("{t:.0}")),
+            f.inflate_ms,
+            f.deflate_ms
         );
     } else {
         println!(
@@ -94,6 +110,10 @@ pub fn run(args: &BalloonBenchArgs) -> Result<()> {
             share * 100.0,
             f.to_90_ms
                 .map_or(String::new(), |t| format!(", 90 % within {t:.0} ms"))
+        );
+        println!(
+            "balloon: {} MiB taken (host target to actual) in {:.0} ms, given back in {:.0} ms",
+            args.fill_mib, f.inflate_ms, f.deflate_ms
         );
     }
     Ok(())
@@ -134,7 +154,30 @@ fn measure(port: u16, token: &str, bytes: u64, clients: usize) -> Result<Figures
         filled,
         after,
         to_90_ms,
+        inflate_ms: 0.0,
+        deflate_ms: 0.0,
     })
+}
+
+/// Milliseconds for the balloon to take `bytes` from the guest after the
+/// host asks (QMP `balloon`), and to give them back.
+fn follow(qmp: &std::path::Path, bytes: u64) -> Result<(f64, f64)> {
+    let mut q = Qmp::connect(qmp).map_err(|e| anyhow!(e))?;
+    let ram = q.balloon_actual().map_err(|e| anyhow!(e))?;
+    let mut timed = |target: u64| -> Result<f64> {
+        let asked = Instant::now();
+        q.set_balloon(target).map_err(|e| anyhow!(e))?;
+        while q.balloon_actual().map_err(|e| anyhow!(e))? != target {
+            if asked.elapsed() > Duration::from_secs(60) {
+                bail!("the balloon did not reach {} MiB in 60 s", target / MIB);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(asked.elapsed().as_secs_f64() * 1000.0)
+    };
+    let inflate = timed(ram - bytes)?;
+    let deflate = timed(ram)?;
+    Ok((inflate, deflate))
 }
 
 /// The QEMU process forwarding `port` (its command line names it).

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 /// A sparse disk image removed when dropped.
 pub(super) struct TempDisk {
     pub path: PathBuf,
+    /// QEMU's QMP socket for the same guest.
+    pub qmp: PathBuf,
 }
 
 impl TempDisk {
@@ -13,13 +15,15 @@ impl TempDisk {
         let path =
             std::env::temp_dir().join(format!("memd-boot-test-{}-{name}.img", std::process::id()));
         std::fs::File::create(&path)?.set_len(DISK_BYTES)?;
-        Ok(TempDisk { path })
+        let qmp = path.with_extension("qmp");
+        Ok(TempDisk { path, qmp })
     }
 }
 
 impl Drop for TempDisk {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(&self.qmp);
     }
 }
 

@@ -37,21 +37,21 @@ use anyhow::{bail, Result};
 use crate::guest::Endpoint;
 use crate::qemu::{self, QemuConfig};
 
+mod balloon;
 mod control;
 mod disk;
 mod dma_disk;
 mod matrix;
 mod memctl;
 mod memory;
-mod reporting;
 mod verdict;
 
+use balloon::{balloon_check, reporting_check};
 use control::control_port_check;
 use disk::{disk_check, TempDisk};
 use dma_disk::dma_disk_check;
 use matrix::{matrix, mem_arg, Case, Reserve};
 use memctl::memctl_check;
-use reporting::reporting_check;
 use verdict::judge;
 
 const MIB: u64 = 1 << 20;
@@ -129,7 +129,10 @@ pub fn run(args: &BootTestArgs) -> Result<()> {
                     .append(&case.cmdline())
                     .time_bound(Duration::from_secs(args.timeout));
                 if let Some((endpoint, disk)) = &served {
-                    cfg = endpoint.serve(cfg).disk(disk.path.clone());
+                    cfg = endpoint
+                        .serve(cfg)
+                        .disk(disk.path.clone())
+                        .qmp(disk.qmp.clone());
                 }
                 let t = Instant::now();
                 let verdict = match &served {
@@ -189,7 +192,7 @@ fn served(case: &Case) -> anyhow::Result<(Endpoint, TempDisk)> {
 /// What a served case checks once the guest is ready: no token on QEMU's
 /// command line (any local user can read one in /proc), the control port,
 /// free page reporting (memory clients freed goes back to the host), the
-/// disk, large DMA buffers through the disk when the case reserves
+/// balloon following the host's targets, the disk, large DMA buffers through the disk when the case reserves
 /// DMA32 memory, and memctl.
 fn serve_checks(
     case: &Case,
@@ -203,6 +206,7 @@ fn serve_checks(
     }
     control_port_check(port, tokens)?;
     reporting_check(port, tokens)?;
+    balloon_check(case.mem, port, tokens, &disk.qmp)?;
     disk_check(port, &tokens.client, &disk.path)?;
     if case.dma_reserve == Some(Reserve::Dma32) {
         dma_disk_check(port, &tokens.client)?;

@@ -1,8 +1,10 @@
-//! Free page reporting end to end: memory two clients touched and freed
-//! goes back to the host (QEMU's resident memory falls again).
+//! The balloon end to end: memory two clients touched and freed goes back
+//! to the host (QEMU's resident memory falls again), and the balloon
+//! follows the host's targets through QMP.
 
 use std::time::{Duration, Instant};
 
+use memd_client::qmp::Qmp;
 use memd_client::wire::Gfp;
 use memd_client::{Client, Options};
 
@@ -60,4 +62,50 @@ pub(super) fn reporting_check(port: u16, tokens: &GuestTokens) -> Result<(), Str
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// What the host takes back in the target check.
+const TAKEN: u64 = 256 * MIB;
+
+/// The host sets the guest to its RAM less 256 MiB: the balloon holds
+/// 256 MiB (memd's meminfo and QEMU's `query-balloon` agree); set back to
+/// all of its RAM, the balloon empties and memd has its memory again.
+pub(super) fn balloon_check(
+    ram: u64,
+    port: u16,
+    tokens: &GuestTokens,
+    qmp: &std::path::Path,
+) -> Result<(), String> {
+    let mut q = Qmp::connect(qmp)?;
+    let mut c = Client::connect(&Options::new(format!("127.0.0.1:{port}"), &tokens.client))
+        .map_err(|e| format!("balloon: connect: {e}"))?;
+    let mut balloon = || -> Result<u64, String> {
+        c.meminfo()
+            .map(|m| m.balloon)
+            .map_err(|e| format!("balloon: meminfo: {e}"))
+    };
+    if q.balloon_actual()? != ram || balloon()? != 0 {
+        return Err("balloon: not empty at the start".into());
+    }
+    for (target, held) in [(ram - TAKEN, TAKEN), (ram, 0)] {
+        q.set_balloon(target)?;
+        let asked = Instant::now();
+        loop {
+            let (actual, inside) = (q.balloon_actual()?, balloon()?);
+            if actual == target && inside == held {
+                break;
+            }
+            if asked.elapsed() > BOUND {
+                return Err(format!(
+                    "balloon: target {} MiB, after {} s QEMU sees {} MiB and memd holds {} MiB in the balloon",
+                    target / MIB,
+                    BOUND.as_secs(),
+                    actual / MIB,
+                    inside / MIB
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
 }
