@@ -75,6 +75,45 @@ impl Qmp {
             .ok_or_else(|| "QMP query-balloon: no actual size".to_string())
     }
 
+    /// The guest's own statistics through the balloon (`virsh dommemstat`):
+    /// `stat-*` name and value pairs, once the guest has sent some. Asks
+    /// for them every 2 s if nobody asked yet (the first come a moment
+    /// later). The balloon must have QOM id `balloon0`, as xtask gives it.
+    pub fn guest_stats(&mut self) -> Result<Vec<(String, u64)>, String> {
+        let path = "/machine/peripheral/balloon0";
+        let interval = self.call(
+            "qom-get",
+            Some(json!({ "path": path, "property": "guest-stats-polling-interval" })),
+        )?;
+        if interval.as_u64() == Some(0) {
+            self.call(
+                "qom-set",
+                Some(
+                    json!({ "path": path, "property": "guest-stats-polling-interval", "value": 2 }),
+                ),
+            )?;
+        }
+        let v = self.call(
+            "qom-get",
+            Some(json!({ "path": path, "property": "guest-stats" })),
+        )?;
+        if v.get("last-update").and_then(Value::as_u64).unwrap_or(0) == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(v.get("stats")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| {
+                        v.as_i64()
+                            .filter(|&n| n >= 0)
+                            .map(|n| (k.clone(), n as u64))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
     /// Asks the guest to make its memory `bytes` (`virsh setmem`).
     pub fn set_balloon(&mut self, bytes: u64) -> Result<(), String> {
         self.call("balloon", Some(json!({ "value": bytes })))

@@ -1,6 +1,7 @@
 //! `memctl balloon [SIZE]`: the guest's balloon as the host sees it (QEMU's
 //! QMP, `query-balloon`) beside what memd holds in it and has reported
-//! (memd's meminfo); with SIZE, first sets the guest's target size through
+//! (memd's meminfo) and the statistics memd sends the host (`virsh
+//! dommemstat`); with SIZE, first sets the guest's target size through
 //! QMP's `balloon`, as `virsh setmem` does. The QMP socket is `--qmp`, or
 //! `.memd/qmp.sock`, which `cargo xtask run` opens.
 
@@ -33,6 +34,9 @@ struct BalloonView {
     /// memd's managed and free memory.
     memd_total_bytes: u64,
     memd_free_bytes: u64,
+    /// What the guest told the host through the balloon's statistics
+    /// (`virsh dommemstat`), by QEMU's names; empty until the first come.
+    guest_stats: std::collections::BTreeMap<String, u64>,
 }
 
 /// Sets the target (when given), waits briefly for the balloon to move, and
@@ -65,6 +69,7 @@ pub(crate) fn balloon(
         reported_bytes: m.reported,
         memd_total_bytes: m.total,
         memd_free_bytes: m.free,
+        guest_stats: q.guest_stats()?.into_iter().collect(),
     };
     if as_json {
         println!(
@@ -85,6 +90,12 @@ pub(crate) fn balloon(
         mib(v.memd_total_bytes),
         mib(v.memd_free_bytes)
     );
+    if v.guest_stats.is_empty() {
+        println!("guest statistics             none yet (asked for every 2 s)");
+    }
+    for (name, value) in &v.guest_stats {
+        println!("{:<29}{}", format!("{name}"), mib(*value));
+    }
     if v.target_bytes.is_some_and(|t| v.guest_bytes > t) {
         println!(
             "memd keeps {} above the target: the balloon takes only memory above its zones' high watermarks",

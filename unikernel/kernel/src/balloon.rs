@@ -8,6 +8,7 @@
 //!   back to back until none is left. A block freed and allocated again
 //!   between two looks is never reported (Linux looks 2 s after a free).
 //!
+//! Statistics are refreshed whenever the host has taken the last ones.
 //! The request in flight is completed on the next passes.
 
 use crate::drivers::virtio_balloon::BalloonDevice;
@@ -42,6 +43,11 @@ impl Balloon {
         let Some(dev) = &mut self.dev else {
             return false;
         };
+        // Statistics, when the host took the last ones.
+        if dev.stats_wanted() {
+            let mm = crate::ALLOC.lock();
+            dev.refresh_stats(&mm);
+        }
         // The balloon's list grows outside the allocator's lock.
         if !dev.make_room() {
             return dev.busy();

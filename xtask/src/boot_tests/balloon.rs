@@ -69,7 +69,8 @@ const TAKEN: u64 = 256 * MIB;
 
 /// The host sets the guest to its RAM less 256 MiB: the balloon holds
 /// 256 MiB (memd's meminfo and QEMU's `query-balloon` agree); set back to
-/// all of its RAM, the balloon empties and memd has its memory again.
+/// all of its RAM, the balloon empties and memd has its memory again. The
+/// statistics memd sends the host (QMP `guest-stats`) give memd's total.
 pub(super) fn balloon_check(
     ram: u64,
     port: u16,
@@ -107,5 +108,24 @@ pub(super) fn balloon_check(
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    Ok(())
+    // The guest's statistics reach the host and agree with memd's own.
+    let total = c
+        .meminfo()
+        .map_err(|e| format!("balloon: meminfo: {e}"))?
+        .total;
+    let asked = Instant::now();
+    loop {
+        let stats = q.guest_stats()?;
+        let stat = |name: &str| stats.iter().find(|(k, _)| k == name).map(|&(_, v)| v);
+        if stat("stat-total-memory") == Some(total) && stat("stat-free-memory").is_some() {
+            return Ok(());
+        }
+        if asked.elapsed() > BOUND {
+            return Err(format!(
+                "balloon: guest statistics {stats:?} after {} s, memd's total is {total}",
+                BOUND.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

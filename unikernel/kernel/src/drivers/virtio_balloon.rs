@@ -17,6 +17,10 @@
 //!   a discarded page back as zeroes, which memd never relies on either
 //!   way.
 //!
+//! - **Statistics** (`VIRTIO_BALLOON_F_STATS_VQ`): free, total and available
+//!   memory and reclaimable caches, refreshed whenever the host takes them
+//!   (`guest-stats` in QMP, `virsh dommemstat`).
+//!
 //! One request (a balloon block or a report) is in flight at a time; the
 //! poll loop starts the next and completes it without waiting.
 
@@ -36,6 +40,7 @@ bitflags! {
     /// The balloon's feature bits memd knows.
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     struct Features: u64 {
+        const STATS_VQ = 1 << 1;
         const FREE_PAGE_REPORTING = 1 << 5;
         const VERSION_1 = 1 << 32;
     }
@@ -43,6 +48,13 @@ bitflags! {
 
 const INFLATE_QUEUE: u16 = 0;
 const DEFLATE_QUEUE: u16 = 1;
+const STATS_QUEUE: u16 = 2;
+/// The statistics memd reports, as the specification tags them: free
+/// memory, total memory, available memory (free plus the slab caches'
+/// reclaimable part) and disk caches (memd has none but its reclaimable
+/// slab memory). Each is a little-endian `u16` tag and `u64` value.
+const STAT_TAGS: [u16; 4] = [4, 5, 6, 7];
+const STAT_BYTES: usize = 10;
 /// The reporting queue's index on QEMU 7.2 (see the module comment).
 const REPORTING_QUEUE: u16 = 3;
 /// Configuration: the host's target and the driver's count, in 4 KiB pages.
@@ -78,6 +90,11 @@ pub struct BalloonDevice {
     queue: VirtQueue<MemdHal, QUEUE_SIZE>,
     inflate: VirtQueue<MemdHal, 8>,
     deflate: VirtQueue<MemdHal, 8>,
+    /// The statistics buffer, held by the device until the host asks
+    /// (its stats polling interval) and then refilled: its token, if
+    /// negotiated and given.
+    stats: Option<(VirtQueue<MemdHal, 2>, Option<u16>)>,
+    stat_buf: Box<[u8; STAT_TAGS.len() * STAT_BYTES]>,
     /// The frame numbers of the block in flight (the device reads them).
     pfns: Box<[u32; BLOCK_PFNS]>,
     /// The balloon's blocks, by physical address.
@@ -95,15 +112,24 @@ impl BalloonDevice {
     pub fn probe() -> Result<BalloonDevice, &'static str> {
         let (mut transport, location) =
             super::find(DeviceType::MemoryBalloon).ok_or("no virtio-balloon device")?;
-        let features = transport.begin_init(Features::FREE_PAGE_REPORTING | Features::VERSION_1);
+        let features = transport
+            .begin_init(Features::FREE_PAGE_REPORTING | Features::STATS_VQ | Features::VERSION_1);
         if !features.contains(Features::FREE_PAGE_REPORTING) {
             return Err("the balloon offers no free page reporting (QEMU: free-page-reporting=on)");
         }
-        let (queue, inflate, deflate) = super::hal::with_device("virtio-balloon", || {
+        let stats_vq = features.contains(Features::STATS_VQ);
+        let (queue, inflate, deflate, stats) = super::hal::with_device("virtio-balloon", || {
             Ok::<_, virtio_drivers::Error>((
                 VirtQueue::new(&mut transport, REPORTING_QUEUE, false, false)?,
                 VirtQueue::new(&mut transport, INFLATE_QUEUE, false, false)?,
                 VirtQueue::new(&mut transport, DEFLATE_QUEUE, false, false)?,
+                match stats_vq {
+                    true => Some((
+                        VirtQueue::new(&mut transport, STATS_QUEUE, false, false)?,
+                        None,
+                    )),
+                    false => None,
+                },
             ))
         })
         .map_err(|_| "virtio-balloon: the queues could not be set up")?;
@@ -113,6 +139,8 @@ impl BalloonDevice {
             queue,
             inflate,
             deflate,
+            stats,
+            stat_buf: Box::new([0; STAT_TAGS.len() * STAT_BYTES]),
             pfns: Box::new([0; BLOCK_PFNS]),
             blocks: Vec::new(),
             in_flight: None,
@@ -166,6 +194,53 @@ impl BalloonDevice {
             .read_config_space::<u32>(CONFIG_NUM_PAGES)
             .unwrap_or(0);
         (pages as usize / BLOCK_PFNS, self.blocks.len())
+    }
+
+    /// Whether the device wants statistics: it has used the last ones, or
+    /// has none yet.
+    pub fn stats_wanted(&self) -> bool {
+        match &self.stats {
+            Some((queue, Some(_))) => queue.can_pop(),
+            Some((_, None)) => true,
+            None => false,
+        }
+    }
+
+    /// Hands the device fresh statistics when it has used the last ones
+    /// (the host asked for them), or the first ones; true when it did.
+    pub fn refresh_stats(&mut self, mm: &MemoryManager) -> bool {
+        let Some((queue, token)) = &mut self.stats else {
+            return false;
+        };
+        if let Some(t) = *token {
+            if !queue.can_pop() {
+                return false;
+            }
+            // SAFETY: the buffer added with this token.
+            let _ = unsafe { queue.pop_used(t, &[self.stat_buf.as_slice()], &mut []) };
+            *token = None;
+        }
+        let m = mm.meminfo();
+        let values = [
+            m.free,
+            m.total,
+            m.free + m.slab_reclaimable,
+            m.slab_reclaimable,
+        ];
+        for (i, (tag, value)) in STAT_TAGS.iter().zip(values).enumerate() {
+            let at = &mut self.stat_buf[i * STAT_BYTES..(i + 1) * STAT_BYTES];
+            at[..2].copy_from_slice(&tag.to_le_bytes());
+            at[2..].copy_from_slice(&value.to_le_bytes());
+        }
+        // SAFETY: `stat_buf` is boxed and written only when the device
+        // does not hold it; it stays valid until `pop_used` above.
+        if let Ok(t) = unsafe { queue.add(&[self.stat_buf.as_slice()], &mut []) } {
+            *token = Some(t);
+            if queue.should_notify() {
+                self.transport.notify(STATS_QUEUE);
+            }
+        }
+        true
     }
 
     /// Makes room for one more block in the balloon's list: call it before
