@@ -48,10 +48,6 @@ impl Balloon {
             let mm = crate::ALLOC.lock();
             dev.refresh_stats(&mm);
         }
-        // The balloon's list grows outside the allocator's lock.
-        if !dev.make_room() {
-            return dev.busy();
-        }
         if dev.busy() {
             let mut mm = crate::ALLOC.lock();
             if dev.poll(&mut mm) {

@@ -1,9 +1,11 @@
 //! Balloon pages (Linux's `mm/balloon_compaction.c`): memory the host asked
 //! for back through a balloon device. memd takes it in blocks of
-//! [`BALLOON_ORDER`], owned by [`Owner::BALLOON`], only from what lies
-//! above a zone's `high` watermark: no reserve (`min`, atomic, lowmem) is
-//! ever given away, and a balloon never makes an allocation fail that
-//! would have succeeded.
+//! [`BALLOON_ORDER`], owned by [`Owner::BALLOON`] and listed through their
+//! head frames, only from what lies above a zone's `high` watermark: no
+//! reserve (`min`, atomic, lowmem) is ever given away. With
+//! [`MemoryManager::set_balloon_deflate_on_oom`] (the device's
+//! `DEFLATE_ON_OOM`), an allocation that would fail takes blocks back from
+//! the balloon first; the driver sees the balloon shrink and tells the host.
 
 use crate::memblock::PAGE_SIZE;
 use crate::zone::{Mark, ZoneType};
@@ -25,6 +27,8 @@ impl MemoryManager {
     /// Takes one block for the balloon, from memory above the zones' `high`
     /// watermarks (initialising more of it first if some is still to
     /// come); its physical address, or None when there is no such block.
+    /// It joins the balloon's list with [`MemoryManager::balloon_keep`] once
+    /// the host has it: until then nothing may take it back.
     pub fn balloon_take(&mut self) -> Option<u64> {
         let order = self.balloon_order();
         let pfn = loop {
@@ -39,17 +43,82 @@ impl MemoryManager {
         let current = self.owners.current;
         self.owners.current = Owner::BALLOON;
         self.stamp_allocated(pfn, zone, order);
+        // Not listed yet (`aux` says whether it is; a page block's `aux`
+        // may hold what its last use left there).
+        self.frames[pfn as usize].aux = 0;
         self.owners.current = current;
         self.counters.balloon_pages += 1 << order;
         Some(pfn as u64 * PAGE_SIZE)
     }
 
-    /// Gives a block from [`MemoryManager::balloon_take`] back to memd.
+    /// Blocks in the balloon (those on their way back to memd not counted).
+    pub fn balloon_blocks(&self) -> u64 {
+        self.balloon.len as u64
+    }
+
+    /// Takes a block off the balloon's list for the driver to send back to
+    /// the host; [`MemoryManager::balloon_give`] frees it once the host
+    /// knows, [`MemoryManager::balloon_keep`] lists it again if the host
+    /// never learns.
+    pub fn balloon_pop(&mut self) -> Option<u64> {
+        let pfn = self.balloon.pop(self.frames)?;
+        self.frames[pfn as usize].aux = 0;
+        Some(pfn as u64 * PAGE_SIZE)
+    }
+
+    /// Lists a block the host now has: one just taken, or one from
+    /// [`MemoryManager::balloon_pop`] the host never got back.
+    pub fn balloon_keep(&mut self, phys: u64) {
+        let pfn = (phys / PAGE_SIZE) as u32;
+        if self.is_balloon_block(pfn) && self.frames[pfn as usize].aux == 0 {
+            self.list_balloon_block(pfn);
+        }
+    }
+
+    /// A block's head says it is listed with `aux` 1 (unused by page
+    /// blocks otherwise), so a block can be unlisted by its number.
+    fn list_balloon_block(&mut self, pfn: u32) {
+        self.frames[pfn as usize].aux = 1;
+        self.balloon.push(self.frames, pfn);
+    }
+
+    fn is_balloon_block(&self, pfn: u32) -> bool {
+        self.frames.get(pfn as usize).is_some_and(|f| {
+            f.is(crate::frame::FrameState::Allocated)
+                && f.owner == Owner::BALLOON.0
+                && f.order as u32 == self.balloon_order()
+        })
+    }
+
+    /// Lets allocations that would fail take blocks back from the balloon.
+    pub fn set_balloon_deflate_on_oom(&mut self, on: bool) {
+        self.balloon_deflate_on_oom = on;
+    }
+
+    /// For an allocation about to fail: gives one balloon block back to
+    /// memd (when allowed); false when there is none.
+    pub(crate) fn balloon_deflate_for_oom(&mut self) -> bool {
+        if !self.balloon_deflate_on_oom {
+            return false;
+        }
+        let Some(phys) = self.balloon_pop() else {
+            return false;
+        };
+        self.counters.balloon_oom_deflates += 1;
+        self.balloon_give(phys).is_ok()
+    }
+
+    /// Frees a balloon block back to memd (unlisting it first if it is
+    /// still listed).
     pub fn balloon_give(&mut self, phys: u64) -> Result<(), MmError> {
         let order = self.balloon_order();
-        match self.frame(phys) {
-            Some(f) if f.owner == Owner::BALLOON.0 && f.order as u32 == order => {}
-            _ => return Err(MmError::Invalid("not a balloon block")),
+        let pfn = (phys / PAGE_SIZE) as u32;
+        if !phys.is_multiple_of(PAGE_SIZE) || !self.is_balloon_block(pfn) {
+            return Err(MmError::Invalid("not a balloon block"));
+        }
+        if self.frames[pfn as usize].aux == 1 {
+            self.balloon.remove(self.frames, pfn);
+            self.frames[pfn as usize].aux = 0;
         }
         self.free_pages(phys, order)?;
         self.counters.balloon_pages -= 1 << order;

@@ -119,6 +119,7 @@ impl MemoryManager {
     /// arrays, mempools and the CMA region.
     fn check_small(&self) -> Result<(), CheckError> {
         self.check_pcp()?;
+        self.check_balloon()?;
         self.check_array_caches()?;
         self.check_pools()?;
         if let Some(cma) = &self.cma {
@@ -170,6 +171,27 @@ impl MemoryManager {
                     zone.start_pfn,
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// The balloon's list holds allocated blocks of the balloon's owner,
+    /// no more than its page count (blocks on their way back are off the
+    /// list but still counted).
+    fn check_balloon(&self) -> Result<(), CheckError> {
+        let mut pages = 0;
+        for pfn in self.balloon.iter(self.frames) {
+            let f = &self.frames[pfn as usize];
+            if !f.is(FrameState::Allocated) || f.owner != crate::Owner::BALLOON.0 || f.aux != 1 {
+                return fail(
+                    "balloon list holds a block that is not the balloon's",
+                    pfn as u64,
+                );
+            }
+            pages += 1u64 << f.order;
+        }
+        if pages > self.counters.balloon_pages {
+            return fail("balloon list holds more than the balloon's page count", 0);
         }
         Ok(())
     }

@@ -166,6 +166,9 @@ pub struct MemoryManager {
     pub(crate) caches: [Option<KmemCache>; slab::MAX_CACHES],
     pub(crate) pools: [Option<mempool::Mempool>; mempool::MAX_POOLS],
     pub(crate) cma: Option<Cma>,
+    /// The balloon's blocks (`balloon.rs`), linked through their heads.
+    pub(crate) balloon: FrameList,
+    pub(crate) balloon_deflate_on_oom: bool,
     pub(crate) vmalloc: vmalloc::Vmalloc,
     pub(crate) owners: owner::OwnerTable,
     pub(crate) fault: fault::Faults,
@@ -202,6 +205,8 @@ impl MemoryManager {
             caches: [const { None }; slab::MAX_CACHES],
             pools: [const { None }; mempool::MAX_POOLS],
             cma: None,
+            balloon: FrameList::new(),
+            balloon_deflate_on_oom: false,
             vmalloc: vmalloc::Vmalloc::new(),
             owners: owner::OwnerTable::new(),
             fault: fault::Faults::new(),

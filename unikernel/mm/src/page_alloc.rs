@@ -207,6 +207,12 @@ impl MemoryManager {
                 return Ok(pfn);
             }
         }
+        // The balloon's memory, when the host lets memd take it back.
+        while self.balloon_deflate_for_oom() {
+            if let Some(pfn) = self.get_page_from_freelist(order, highest, Mark::Min) {
+                return Ok(pfn);
+            }
+        }
         for z in 0..=highest as usize {
             self.zones[z].counters.alloc_fail += 1;
         }

@@ -31,6 +31,8 @@ pub struct MmCounters {
     pub vmalloc_failures: u64,
     /// Pages in the balloon (given to the host on its request).
     pub balloon_pages: u64,
+    /// Balloon blocks taken back for allocations that would have failed.
+    pub balloon_oom_deflates: u64,
 }
 
 impl MmCounters {
@@ -48,6 +50,7 @@ impl MmCounters {
             pgtable_pages: 0,
             vmalloc_failures: 0,
             balloon_pages: 0,
+            balloon_oom_deflates: 0,
         }
     }
 }

@@ -47,6 +47,12 @@ enum Op {
         blocks: usize,
         reported: bool,
     },
+    /// The balloon: take a block, or give one back (popped for the host,
+    /// or straight from the list).
+    Balloon {
+        take: bool,
+        pop: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -61,6 +67,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Reclaim),
         1 => (1usize..64).prop_map(|pageblocks| Op::DeferredStep { pageblocks }),
         1 => (1usize..16, any::<bool>()).prop_map(|(blocks, reported)| Op::Report { blocks, reported }),
+        1 => (any::<bool>(), any::<bool>()).prop_map(|(take, pop)| Op::Balloon { take, pop }),
     ]
 }
 
@@ -88,6 +95,8 @@ struct Harness {
     next_tag: u8,
     /// Free blocks taken for a report and not put back yet.
     isolated: Vec<ReportBlock>,
+    /// Blocks in the balloon.
+    balloon: Vec<u64>,
 }
 
 impl Harness {
@@ -121,6 +130,7 @@ impl Harness {
             pool,
             next_tag: 1,
             isolated: Vec::new(),
+            balloon: Vec::new(),
         }
     }
 
@@ -222,6 +232,23 @@ impl Harness {
             Op::DeferredStep { pageblocks } => {
                 self.mm.deferred_init_step(pageblocks);
             }
+            Op::Balloon { take: true, .. } => {
+                if let Some(p) = self.mm.balloon_take() {
+                    self.mm.balloon_keep(p);
+                    self.balloon.push(p);
+                }
+            }
+            Op::Balloon { take: false, pop } => {
+                let p = if pop {
+                    self.mm.balloon_pop()
+                } else {
+                    self.balloon.last().copied()
+                };
+                if let Some(p) = p {
+                    self.balloon.retain(|&b| b != p);
+                    self.mm.balloon_give(p).unwrap();
+                }
+            }
             // Blocks stay isolated across the operations that follow, as
             // they do while the host works on a report.
             Op::Report { blocks, reported } => {
@@ -295,6 +322,9 @@ impl Harness {
     fn free_everything(&mut self) {
         self.mm.report_put(&self.isolated, false);
         self.isolated.clear();
+        for p in std::mem::take(&mut self.balloon) {
+            self.mm.balloon_give(p).unwrap();
+        }
         while let Some(l) = self.live.pop() {
             self.release(l);
         }

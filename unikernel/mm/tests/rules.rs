@@ -843,3 +843,31 @@ fn the_balloon_takes_only_memory_above_high_and_gives_it_back() {
     assert_eq!(mm.meminfo().free, free);
     mm.check().unwrap();
 }
+
+#[test]
+fn with_deflate_on_oom_allocations_take_the_balloon_back_before_failing() {
+    let mut mm = machine("");
+    let mut taken = 0;
+    while let Some(p) = mm.balloon_take() {
+        // The host acknowledged it.
+        mm.balloon_keep(p);
+        taken += 1;
+    }
+    assert!(taken > 4);
+    // Without it, memory runs out with the balloon full.
+    let mut got = fill_zone(&mut mm, Gfp::KERNEL);
+    assert_eq!(mm.balloon_blocks(), taken);
+    mm.set_balloon_deflate_on_oom(true);
+    got.extend(fill_zone(&mut mm, Gfp::KERNEL));
+    assert_eq!(
+        mm.balloon_blocks(),
+        0,
+        "every block went back before ENOMEM"
+    );
+    assert_eq!(mm.meminfo().balloon, 0);
+    mm.check().unwrap();
+    for p in got {
+        mm.free_pages(p, 0).unwrap();
+    }
+    mm.check().unwrap();
+}

@@ -108,11 +108,53 @@ pub(super) fn balloon_check(
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    // The host asks for nearly everything: the balloon takes what lies
+    // above memd's watermarks; a client's allocations then take blocks back
+    // (DEFLATE_ON_OOM) instead of failing, and the host sees it.
+    q.set_balloon(64 * MIB)?;
+    let asked = Instant::now();
+    let mut full = 0;
+    while asked.elapsed() < Duration::from_secs(2) {
+        full = balloon()?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if full < ram / 2 {
+        return Err(format!(
+            "balloon: asked for all but 64 MiB, it holds {} MiB",
+            full / MIB
+        ));
+    }
+    let free = grab_meminfo(port, tokens)?.free;
+    let mut grabber = Client::connect(&Options::new(format!("127.0.0.1:{port}"), &tokens.client))
+        .map_err(|e| format!("balloon: connect: {e}"))?;
+    let want = (free + 64 * MIB).min(192 * MIB);
+    for i in 0..want / (4 * MIB) {
+        grabber.alloc_pages(10, Gfp::KERNEL).map_err(|e| {
+            format!(
+                "balloon: allocation {i} failed with the balloon full ({} MiB free before): {e}",
+                free / MIB
+            )
+        })?;
+    }
+    let after = balloon()?;
+    if after >= full {
+        return Err(format!(
+            "balloon: {} MiB allocated past free memory, the balloon still holds {} MiB",
+            want / MIB,
+            after / MIB
+        ));
+    }
+    drop(grabber);
+    q.set_balloon(ram)?;
+    let asked = Instant::now();
+    while q.balloon_actual()? != ram || balloon()? != 0 {
+        if asked.elapsed() > BOUND {
+            return Err("balloon: did not empty after the allocations".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // The guest's statistics reach the host and agree with memd's own.
-    let total = c
-        .meminfo()
-        .map_err(|e| format!("balloon: meminfo: {e}"))?
-        .total;
+    let total = grab_meminfo(port, tokens)?.total;
     let asked = Instant::now();
     loop {
         let stats = q.guest_stats()?;
@@ -128,4 +170,11 @@ pub(super) fn balloon_check(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// memd's meminfo on a connection of its own.
+fn grab_meminfo(port: u16, tokens: &GuestTokens) -> Result<memd_client::wire::MemInfo, String> {
+    Client::connect(&Options::new(format!("127.0.0.1:{port}"), &tokens.client))
+        .and_then(|mut c| c.meminfo())
+        .map_err(|e| format!("balloon: meminfo: {e}"))
 }

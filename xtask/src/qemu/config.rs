@@ -205,9 +205,9 @@ impl QemuConfig {
             c.args([
                 "-device",
                 if pci {
-                    "virtio-balloon-pci,id=balloon0,free-page-reporting=on"
+                    "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on"
                 } else {
-                    "virtio-balloon-device,id=balloon0,free-page-reporting=on"
+                    "virtio-balloon-device,id=balloon0,free-page-reporting=on,deflate-on-oom=on"
                 },
             ]);
         }

@@ -5,7 +5,10 @@
 //!   watermarks (memd-mm's `balloon_take`) and sending their frame numbers
 //!   on the inflate queue (0), deflates by sending them on the deflate queue
 //!   (1) and giving them back (`balloon_give`), and keeps `actual` up to
-//!   date. `VIRTIO_BALLOON_F_MUST_TELL_HOST` is not negotiated.
+//!   date. `VIRTIO_BALLOON_F_MUST_TELL_HOST` is not negotiated;
+//!   `DEFLATE_ON_OOM` is, and then an allocation that would fail takes
+//!   blocks back from the balloon first (memd-mm lists the balloon's
+//!   blocks), and `actual` follows.
 //! - **Free page reporting** (`VIRTIO_BALLOON_F_FREE_PAGE_REPORTING`):
 //!   memd lends the host free blocks of 2 MiB or more (`report_take`), the
 //!   host discards their memory, and the blocks come back marked reported
@@ -27,7 +30,6 @@
 use alloc::string::String;
 
 use alloc::boxed::Box;
-use alloc::vec::Vec;
 use bitflags::bitflags;
 use memd_mm::{MemoryManager, ReportBlock};
 use virtio_drivers::queue::VirtQueue;
@@ -41,6 +43,7 @@ bitflags! {
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     struct Features: u64 {
         const STATS_VQ = 1 << 1;
+        const DEFLATE_ON_OOM = 1 << 2;
         const FREE_PAGE_REPORTING = 1 << 5;
         const VERSION_1 = 1 << 32;
     }
@@ -97,8 +100,11 @@ pub struct BalloonDevice {
     stat_buf: Box<[u8; STAT_TAGS.len() * STAT_BYTES]>,
     /// The frame numbers of the block in flight (the device reads them).
     pfns: Box<[u32; BLOCK_PFNS]>,
-    /// The balloon's blocks, by physical address.
-    blocks: Vec<u64>,
+    /// `DEFLATE_ON_OOM` was negotiated: memd-mm is told once, on the first
+    /// step.
+    deflate_on_oom: Option<bool>,
+    /// The `actual` last written to the device.
+    actual: u32,
     in_flight: Option<InFlight>,
     /// Where the device was found.
     pub location: String,
@@ -112,8 +118,12 @@ impl BalloonDevice {
     pub fn probe() -> Result<BalloonDevice, &'static str> {
         let (mut transport, location) =
             super::find(DeviceType::MemoryBalloon).ok_or("no virtio-balloon device")?;
-        let features = transport
-            .begin_init(Features::FREE_PAGE_REPORTING | Features::STATS_VQ | Features::VERSION_1);
+        let features = transport.begin_init(
+            Features::FREE_PAGE_REPORTING
+                | Features::STATS_VQ
+                | Features::DEFLATE_ON_OOM
+                | Features::VERSION_1,
+        );
         if !features.contains(Features::FREE_PAGE_REPORTING) {
             return Err("the balloon offers no free page reporting (QEMU: free-page-reporting=on)");
         }
@@ -142,7 +152,8 @@ impl BalloonDevice {
             stats,
             stat_buf: Box::new([0; STAT_TAGS.len() * STAT_BYTES]),
             pfns: Box::new([0; BLOCK_PFNS]),
-            blocks: Vec::new(),
+            deflate_on_oom: Some(features.contains(Features::DEFLATE_ON_OOM)),
+            actual: 0,
             in_flight: None,
             location,
             reported_bytes: 0,
@@ -186,14 +197,23 @@ impl BalloonDevice {
         blocks[..n].iter().map(ReportBlock::bytes).sum()
     }
 
-    /// The host's target, in balloon blocks (rounded down), and the
-    /// balloon's size.
-    pub fn target(&self) -> (usize, usize) {
+    /// The host's target, in balloon blocks (rounded down).
+    fn target(&self) -> u64 {
         let pages = self
             .transport
             .read_config_space::<u32>(CONFIG_NUM_PAGES)
             .unwrap_or(0);
-        (pages as usize / BLOCK_PFNS, self.blocks.len())
+        pages as u64 / BLOCK_PFNS as u64
+    }
+
+    /// Tells the device the balloon's size when it changed (a step, or
+    /// memd-mm taking blocks back for allocations that would have failed).
+    fn write_actual(&mut self, mm: &MemoryManager) {
+        let actual = (mm.balloon_blocks() * BLOCK_PFNS as u64) as u32;
+        if actual != self.actual {
+            let _ = self.transport.write_config_space(CONFIG_ACTUAL, actual);
+            self.actual = actual;
+        }
     }
 
     /// Whether the device wants statistics: it has used the last ones, or
@@ -243,30 +263,28 @@ impl BalloonDevice {
         true
     }
 
-    /// Makes room for one more block in the balloon's list: call it before
-    /// taking the allocator's lock, under which the list must not grow (its
-    /// memory comes from that allocator). False when there is no memory for
-    /// it.
-    pub fn make_room(&mut self) -> bool {
-        self.blocks.try_reserve(1).is_ok()
-    }
-
-    /// Moves the balloon one block towards the host's target (after
-    /// [`BalloonDevice::make_room`]): takes a block
+    /// Moves the balloon one block towards the host's target: takes a block
     /// above the watermarks and sends it (inflate), or sends one back
     /// (deflate). False when it is at the target or no block can be taken.
     pub fn step(&mut self, mm: &mut MemoryManager) -> bool {
+        if let Some(on) = self.deflate_on_oom.take() {
+            mm.set_balloon_deflate_on_oom(on);
+        }
+        self.write_actual(mm);
         if self.in_flight.is_some() {
             return false;
         }
-        let (target, actual) = self.target();
+        let (target, actual) = (self.target(), mm.balloon_blocks());
         let (phys, inflate) = if target > actual {
             match mm.balloon_take() {
                 Some(phys) => (phys, true),
                 None => return false,
             }
         } else if target < actual {
-            (self.blocks.pop().expect("actual > target >= 0"), false)
+            match mm.balloon_pop() {
+                Some(phys) => (phys, false),
+                None => return false,
+            }
         } else {
             return false;
         };
@@ -287,7 +305,7 @@ impl BalloonDevice {
                 if inflate {
                     let _ = mm.balloon_give(phys);
                 } else {
-                    self.blocks.push(phys);
+                    mm.balloon_keep(phys);
                 }
                 return false;
             }
@@ -351,18 +369,19 @@ impl BalloonDevice {
                 // SAFETY: the buffer `step` added with this token.
                 let done = unsafe { queue.pop_used(token, &[self.pfns.as_bytes()], &mut []) };
                 match (done, inflate) {
-                    (Ok(_), true) => self.blocks.push(phys),
+                    // The host has it: now memd-mm lists it (and may take
+                    // it back for an allocation that would fail).
+                    (Ok(_), true) => mm.balloon_keep(phys),
                     (Ok(_), false) => {
                         let _ = mm.balloon_give(phys);
                     }
                     // Not returned: the block stays the host's.
                     (Err(e), _) => {
                         log::warn!("balloon: block {phys:#x} not returned ({e:?})");
-                        self.blocks.push(phys);
+                        mm.balloon_keep(phys);
                     }
                 }
-                let actual = (self.blocks.len() * BLOCK_PFNS) as u32;
-                let _ = self.transport.write_config_space(CONFIG_ACTUAL, actual);
+                self.write_actual(mm);
             }
             None => return false,
         }
