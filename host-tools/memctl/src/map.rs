@@ -138,6 +138,8 @@ pub fn color(kind: RunKind, max_order: u32) -> String {
         RunKind::Absent => "#ffffff".into(),
         // Free memory still to come: the free colour, washed out.
         RunKind::Uninitialised => "#eef7ea".into(),
+        // The host's, until it gives it back: grey-blue.
+        RunKind::Balloon => "#9fb3c8".into(),
     }
 }
 
@@ -199,9 +201,11 @@ fn orders(map: &MemMap) -> u32 {
 pub fn totals(map: &MemMap) -> Vec<(RunKind, u64)> {
     let mut kinds: Vec<RunKind> = (0..orders(map) as u8).map(RunKind::Free).collect();
     kinds.extend(RunKind::NOT_ON_FREE_LISTS);
-    // Memory still to come, only while some is.
-    if map.runs.iter().any(|r| r.kind == RunKind::Uninitialised) {
-        kinds.push(RunKind::Uninitialised);
+    // Memory still to come and the balloon, only while there is some.
+    for k in [RunKind::Uninitialised, RunKind::Balloon] {
+        if map.runs.iter().any(|r| r.kind == k) {
+            kinds.push(k);
+        }
     }
     kinds
         .into_iter()

@@ -40,6 +40,8 @@ pub enum RunKind {
     /// Memory whose frames are not initialised yet (deferred
     /// initialisation, `deferred.rs`): free memory still to come.
     Uninitialised,
+    /// Blocks in the balloon: the host's memory until it gives it back.
+    Balloon,
 }
 
 impl RunKind {
@@ -79,6 +81,7 @@ impl core::fmt::Display for RunKind {
             RunKind::Reserved => "reserved",
             RunKind::Absent => "not RAM",
             RunKind::Uninitialised => "not initialised yet",
+            RunKind::Balloon => "balloon",
         })
     }
 }
@@ -154,6 +157,7 @@ impl FrameRuns<'_> {
             // Free memory the host is being told about is free memory.
             FrameState::Buddy | FrameState::Isolated => head(RunKind::Free(f.order)),
             FrameState::Pcp => (RunKind::Pcp, 1),
+            FrameState::Allocated if f.owner == crate::Owner::BALLOON.0 => head(RunKind::Balloon),
             FrameState::Allocated => head(RunKind::Allocated),
             FrameState::Slab => head(RunKind::Slab),
             // Only seen if a slab's head was lost; count the frame as slab.

@@ -826,6 +826,12 @@ fn the_balloon_takes_only_memory_above_high_and_gives_it_back() {
     let taken = blocks.len() as u64 * (PAGE_SIZE << BALLOON_ORDER);
     assert_eq!(mm.meminfo().balloon, taken);
     assert_eq!(mm.owner_pages(Owner::BALLOON) * PAGE_SIZE, taken);
+    let in_map: u64 = mm
+        .frame_runs()
+        .filter(|r| r.kind == RunKind::Balloon)
+        .map(|r| r.pages * PAGE_SIZE)
+        .sum();
+    assert_eq!(in_map, taken, "the memory map shows the balloon");
     assert_eq!(mm.meminfo().free, free - taken);
     mm.check().unwrap();
     // Ordinary allocations still find what lies between min and high.

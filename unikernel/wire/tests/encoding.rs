@@ -68,14 +68,14 @@ fn faults() {
 fn map_runs() {
     // Every variant: a free order, the rest of RAM, then what is not RAM
     // and what is not initialised yet.
-    let kinds: [RunKind; 9] = [RunKind::Free(3)]
+    let kinds: [RunKind; 10] = [RunKind::Free(3)]
         .into_iter()
         .chain(RunKind::NOT_ON_FREE_LISTS)
-        .chain([RunKind::Absent, RunKind::Uninitialised])
+        .chain([RunKind::Absent, RunKind::Uninitialised, RunKind::Balloon])
         .collect::<Vec<_>>()
         .try_into()
         .unwrap();
-    assert_eq!(bytes(&kinds), [0, 3, 1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(bytes(&kinds), [0, 3, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
     let run = MapRun {
         start: 4096,
         len: 8192,

@@ -9,8 +9,8 @@ use memd_wire::RunKind;
 use memd_mm::FrameRun;
 
 /// Number of distinct [`RunKind`]s a cell tally tells apart: free orders
-/// 0..32 and the eight other kinds.
-const KINDS: usize = 32 + 8;
+/// 0..32 and the nine other kinds.
+const KINDS: usize = 32 + 9;
 
 fn kind_index(k: RunKind) -> usize {
     match k {
@@ -23,6 +23,7 @@ fn kind_index(k: RunKind) -> usize {
         RunKind::Reserved => 37,
         RunKind::Absent => 38,
         RunKind::Uninitialised => 39,
+        RunKind::Balloon => 40,
     }
 }
 
@@ -36,7 +37,8 @@ fn kind_of(i: usize) -> RunKind {
         36 => RunKind::Pool,
         37 => RunKind::Reserved,
         38 => RunKind::Absent,
-        _ => RunKind::Uninitialised,
+        39 => RunKind::Uninitialised,
+        _ => RunKind::Balloon,
     }
 }
 
