@@ -306,6 +306,14 @@ fn run(c: &mut Client, cmd: Cmd, as_json: bool) -> Result<Option<Handle>, Fail> 
             completions(shell);
             Ok(None)
         }
+        // memd's figures, and beside them what its QEMU holds on this host.
+        Cmd::Status if !as_json => {
+            print_reply(&c.call(Op::Status)?);
+            if let Some((pid, rss)) = balloon::qemu_resident() {
+                println!("QEMU (pid {pid}) resident on the host: {} MiB", rss >> 20);
+            }
+            Ok(None)
+        }
         // Every page of the listing, printed as one.
         Cmd::DmaList => {
             let all = Reply::DmaBuffers(c.dma_buffers()?);
