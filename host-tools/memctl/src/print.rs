@@ -77,6 +77,9 @@ fn print_zoneinfo(zones: &[ZoneInfo]) {
         if z.deferred > 0 {
             println!("        uninitialised {}", z.deferred);
         }
+        if z.balloon > 0 {
+            println!("        balloon  {}", z.balloon);
+        }
         let lr: Vec<String> = z.lowmem_reserve.iter().map(|v| v.to_string()).collect();
         println!("        protection: ({})", lr.join(", "));
         println!("  nr_free_pages {}", z.free);

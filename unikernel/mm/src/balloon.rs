@@ -48,6 +48,7 @@ impl MemoryManager {
         self.frames[pfn as usize].aux = 0;
         self.owners.current = current;
         self.counters.balloon_pages += 1 << order;
+        self.zones[zone as usize].balloon += 1 << order;
         Some(pfn as u64 * PAGE_SIZE)
     }
 
@@ -120,7 +121,9 @@ impl MemoryManager {
             self.balloon.remove(self.frames, pfn);
             self.frames[pfn as usize].aux = 0;
         }
+        let zone = self.frames[pfn as usize].zone();
         self.free_pages(phys, order)?;
+        self.zones[zone as usize].balloon -= 1 << order;
         self.counters.balloon_pages -= 1 << order;
         Ok(())
     }

@@ -165,6 +165,8 @@ pub struct ZoneInfo {
     /// Usable frames of the zone not initialised yet (deferred
     /// initialisation): they join `managed` as they arrive.
     pub deferred: u64,
+    /// Frames of the zone in the balloon.
+    pub balloon: u64,
 }
 
 /// One line of /proc/slabinfo, generic over the form of the cache's name.
@@ -354,6 +356,7 @@ impl MemoryManager {
                 nr_free,
                 max_order: self.max_order,
                 counters: z.counters,
+                balloon: z.balloon,
                 deferred: {
                     let (lo, hi) = ty.span();
                     self.deferred_in(lo / PAGE_SIZE, hi / PAGE_SIZE)

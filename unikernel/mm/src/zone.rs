@@ -142,6 +142,8 @@ pub struct Zone {
     pub free: u64,
     /// Free frames taken off the lists while the host is told about them.
     pub isolated: u64,
+    /// Frames in the balloon (the host's, on its request).
+    pub balloon: u64,
     pub free_area: [FreeArea; MAX_ORDER_LIMIT],
     pub watermark: Watermarks,
     /// Pages this zone keeps back from requests that could have been served
@@ -160,6 +162,7 @@ impl Zone {
             managed: 0,
             free: 0,
             isolated: 0,
+            balloon: 0,
             free_area: [FreeArea {
                 list: FrameList::new(),
             }; MAX_ORDER_LIMIT],

@@ -826,6 +826,8 @@ fn the_balloon_takes_only_memory_above_high_and_gives_it_back() {
     let taken = blocks.len() as u64 * (PAGE_SIZE << BALLOON_ORDER);
     assert_eq!(mm.meminfo().balloon, taken);
     assert_eq!(mm.owner_pages(Owner::BALLOON) * PAGE_SIZE, taken);
+    let in_zones: u64 = mm.zoneinfo().iter().map(|z| z.balloon).sum();
+    assert_eq!(in_zones * PAGE_SIZE, taken, "zoneinfo shows the balloon");
     let in_map: u64 = mm
         .frame_runs()
         .filter(|r| r.kind == RunKind::Balloon)

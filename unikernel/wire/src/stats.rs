@@ -113,6 +113,8 @@ pub struct ZoneInfo {
     pub counters: ZoneCounters,
     /// Usable frames not initialised yet (deferred initialisation).
     pub deferred: u64,
+    /// Frames in the balloon.
+    pub balloon: u64,
 }
 
 /// One line of `/proc/buddyinfo`.

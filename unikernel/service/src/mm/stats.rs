@@ -103,6 +103,7 @@ fn zone(z: &mm::ZoneInfo) -> ZoneInfo {
         pcp_batch: z.pcp_batch,
         counters: z.counters,
         deferred: z.deferred,
+        balloon: z.balloon,
     }
 }
 
