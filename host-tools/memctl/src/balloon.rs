@@ -27,6 +27,9 @@ struct BalloonView {
     guest_bytes: u64,
     /// The target just set, if any.
     target_bytes: Option<u64>,
+    /// What the host asks the balloon to hold (memd reads it from the
+    /// device), if memd has a balloon.
+    asked_bytes: Option<u64>,
     /// What memd holds in the balloon (the host's memory meanwhile).
     balloon_bytes: u64,
     /// Free memory memd reported to the host (free page reporting).
@@ -62,9 +65,11 @@ pub(crate) fn balloon(
         }
     }
     let m = c.meminfo().map_err(|e| e.to_string())?;
+    let asked = c.status().map_err(|e| e.to_string())?.balloon_target_bytes;
     let v = BalloonView {
         guest_bytes: q.balloon_actual()?,
         target_bytes: size,
+        asked_bytes: asked,
         balloon_bytes: m.balloon,
         reported_bytes: m.reported,
         memd_total_bytes: m.total,
@@ -83,6 +88,10 @@ pub(crate) fn balloon(
     if let Some(t) = v.target_bytes {
         println!("target                       {}", mib(t));
     }
+    match v.asked_bytes {
+        Some(a) => println!("asked of the balloon         {}", mib(a)),
+        None => println!("asked of the balloon         memd has no balloon device"),
+    }
     println!("in the balloon (memd)        {}", mib(v.balloon_bytes));
     println!("free, reported to the host   {}", mib(v.reported_bytes));
     println!(
@@ -96,11 +105,13 @@ pub(crate) fn balloon(
     for (name, value) in &v.guest_stats {
         println!("{:<29}{}", format!("{name}"), mib(*value));
     }
-    if v.target_bytes.is_some_and(|t| v.guest_bytes > t) {
-        println!(
-            "memd keeps {} above the target: the balloon takes only memory above its zones' high watermarks",
-            mib(v.guest_bytes - v.target_bytes.unwrap_or(0))
-        );
+    if let Some(short) = v.asked_bytes.and_then(|a| a.checked_sub(v.balloon_bytes)) {
+        if short > 0 {
+            println!(
+                "memd keeps {} the host asked for: the balloon takes only memory above its zones' high watermarks",
+                mib(short)
+            );
+        }
     }
     Ok(())
 }

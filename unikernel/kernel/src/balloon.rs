@@ -11,7 +11,18 @@
 //! Statistics are refreshed whenever the host has taken the last ones.
 //! The request in flight is completed on the next passes.
 
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use crate::drivers::virtio_balloon::BalloonDevice;
+
+/// What the host asks the balloon to hold, in bytes, as last read
+/// (`u64::MAX`: no balloon device).
+static TARGET_BYTES: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// [`TARGET_BYTES`], for the status view.
+pub fn target_bytes() -> Option<u64> {
+    Some(TARGET_BYTES.load(Ordering::Relaxed)).filter(|&b| b != u64::MAX)
+}
 
 /// How often unreported free memory is looked for.
 const REPORT_PERIOD_NS: u64 = 1_000_000_000;
@@ -57,6 +68,7 @@ impl Balloon {
             return dev.busy();
         }
         if now >= self.next_target {
+            TARGET_BYTES.store(dev.target_bytes(), Ordering::Relaxed);
             let mut mm = crate::ALLOC.lock();
             if dev.step(&mut mm) {
                 return true;

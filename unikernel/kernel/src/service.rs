@@ -51,6 +51,10 @@ impl Env for KernelEnv {
         Some(crate::net::halted_ns())
     }
 
+    fn balloon_target_bytes(&mut self) -> Option<u64> {
+        crate::balloon::target_bytes()
+    }
+
     fn loop_passes(&mut self) -> Option<memd_wire::LoopPasses> {
         Some(crate::passes::snapshot(self.budget_ns, time::uptime_ns()))
     }

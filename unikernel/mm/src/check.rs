@@ -194,7 +194,10 @@ impl MemoryManager {
             return fail("balloon list holds more than the balloon's page count", 0);
         }
         if self.zones.iter().map(|z| z.balloon).sum::<u64>() != self.counters.balloon_pages {
-            return fail("the zones' balloon pages differ from the balloon's count", 0);
+            return fail(
+                "the zones' balloon pages differ from the balloon's count",
+                0,
+            );
         }
         Ok(())
     }

@@ -95,6 +95,13 @@ pub trait Env {
         None
     }
 
+    /// What the host asks the balloon to hold, in bytes
+    /// ([`memd_wire::Status::balloon_target_bytes`]); `None` by default
+    /// (no balloon device).
+    fn balloon_target_bytes(&mut self) -> Option<u64> {
+        None
+    }
+
     /// How long the loop's passes took ([`memd_wire::Status::loop_passes`]);
     /// `None` by default (host environments have no loop of their own).
     fn loop_passes(&mut self) -> Option<memd_wire::LoopPasses> {

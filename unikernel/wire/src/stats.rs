@@ -80,6 +80,9 @@ pub struct Status {
     /// Memory in the balloon: the host's, on its request, until it gives
     /// it back.
     pub balloon_bytes: u64,
+    /// What the host asks the balloon to hold, in bytes (its target);
+    /// `None` without a balloon device.
+    pub balloon_target_bytes: Option<u64>,
 }
 
 /// One zone of `/proc/zoneinfo`.

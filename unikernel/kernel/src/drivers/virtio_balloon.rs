@@ -197,13 +197,18 @@ impl BalloonDevice {
         blocks[..n].iter().map(ReportBlock::bytes).sum()
     }
 
-    /// The host's target, in balloon blocks (rounded down).
-    fn target(&self) -> u64 {
+    /// What the host asks the balloon to hold (`num_pages`), in bytes.
+    pub fn target_bytes(&self) -> u64 {
         let pages = self
             .transport
             .read_config_space::<u32>(CONFIG_NUM_PAGES)
             .unwrap_or(0);
-        pages as u64 / BLOCK_PFNS as u64
+        pages as u64 * 4096
+    }
+
+    /// The host's target, in balloon blocks (rounded down).
+    fn target(&self) -> u64 {
+        self.target_bytes() / (BLOCK_PFNS as u64 * 4096)
     }
 
     /// Tells the device the balloon's size when it changed (a step, or

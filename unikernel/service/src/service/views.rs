@@ -44,6 +44,7 @@ impl<M: Memory> Service<M> {
             loop_passes: env.loop_passes(),
             reported_bytes: reported,
             balloon_bytes: balloon,
+            balloon_target_bytes: env.balloon_target_bytes(),
         }))
     }
 
