@@ -70,7 +70,11 @@ fn memctl(
 /// (handles live as long as their connection). memctl is given both
 /// tokens and picks the operator's for `check` and sessions; given only
 /// the client's, `check` is refused with EPERM.
-pub(super) fn memctl_check(port: u16, tokens: &GuestTokens) -> Result<(), String> {
+pub(super) fn memctl_check(
+    port: u16,
+    tokens: &GuestTokens,
+    qmp: &std::path::Path,
+) -> Result<(), String> {
     let both = [
         ("MEMD_TOKEN", tokens.client.as_str()),
         ("MEMD_OPERATOR_TOKEN", tokens.operator.as_str()),
@@ -108,6 +112,30 @@ pub(super) fn memctl_check(port: u16, tokens: &GuestTokens) -> Result<(), String
         expect(&["--json", view], "", "")?;
     }
     expect(&["buddy", "--histogram"], "", "DMA32")?;
+    // The balloon through QMP and memd: 128 MiB taken, then given back.
+    let qmp_arg = qmp.display().to_string();
+    expect(
+        &["balloon", "--qmp", &qmp_arg],
+        "",
+        "asked of the balloon         0 MiB",
+    )?;
+    let ram = expect(&["--json", "balloon", "--qmp", &qmp_arg], "", "guest_bytes")?;
+    let ram: serde_json::Value = serde_json::from_str(&ram).map_err(|e| e.to_string())?;
+    let ram = ram["guest_bytes"]
+        .as_u64()
+        .ok_or("memctl balloon --json: no guest_bytes")?;
+    let less = format!("{}", ram - (128 << 20));
+    expect(
+        &["balloon", &less, "--qmp", &qmp_arg],
+        "",
+        "in the balloon (memd)        128 MiB",
+    )?;
+    expect(&["zoneinfo"], "", "balloon")?;
+    expect(
+        &["balloon", &ram.to_string(), "--qmp", &qmp_arg],
+        "",
+        "in the balloon (memd)        0 MiB",
+    )?;
     let svg = std::env::temp_dir().join(format!("memd-boot-map-{port}.svg"));
     let svg_arg = svg.display().to_string();
     expect(&["map", "--out", &svg_arg], "", "")?;

@@ -211,5 +211,5 @@ fn serve_checks(
     if case.dma_reserve == Some(Reserve::Dma32) {
         dma_disk_check(port, &tokens.client)?;
     }
-    memctl_check(port, tokens)
+    memctl_check(port, tokens, &disk.qmp)
 }
