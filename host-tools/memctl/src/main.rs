@@ -307,10 +307,25 @@ fn run(c: &mut Client, cmd: Cmd, as_json: bool) -> Result<Option<Handle>, Fail> 
             Ok(None)
         }
         // memd's figures, and beside them what its QEMU holds on this host.
-        Cmd::Status if !as_json => {
-            print_reply(&c.call(Op::Status)?);
-            if let Some((pid, rss)) = balloon::qemu_resident() {
-                println!("QEMU (pid {pid}) resident on the host: {} MiB", rss >> 20);
+        Cmd::Status => {
+            let reply = c.call(Op::Status)?;
+            let qemu = balloon::qemu_resident();
+            match (&reply, as_json) {
+                (Reply::Status(s), true) => {
+                    let mut v = serde_json::to_value(s).map_err(|e| Fail::Usage(e.to_string()))?;
+                    if let (Some((pid, rss)), Some(o)) = (qemu, v.as_object_mut()) {
+                        o.insert("qemu_pid".into(), pid.into());
+                        o.insert("qemu_resident_bytes".into(), rss.into());
+                    }
+                    json(&v);
+                }
+                (_, true) => reply_json(&reply),
+                (_, false) => {
+                    print_reply(&reply);
+                    if let Some((pid, rss)) = qemu {
+                        println!("QEMU (pid {pid}) resident on the host: {} MiB", rss >> 20);
+                    }
+                }
             }
             Ok(None)
         }
