@@ -56,12 +56,17 @@ pub(crate) fn balloon(
     let mut q = Qmp::connect(&path)?;
     if let Some(size) = size {
         q.set_balloon(size)?;
-        // memd moves 2 MiB a request; give it a moment to arrive.
+        // memd moves 2 MiB a request: wait (up to 5 s) until the size is
+        // met or stops moving (a target memd rounds, or only partly meets).
+        let (mut last, mut still) = (q.balloon_actual()?, 0);
         for _ in 0..50 {
-            if q.balloon_actual()? == size {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = q.balloon_actual()?;
+            still = if now == last { still + 1 } else { 0 };
+            last = now;
+            if now == size || still >= 5 {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(100));
         }
     }
     let m = c.meminfo().map_err(|e| e.to_string())?;
@@ -74,7 +79,8 @@ pub(crate) fn balloon(
         reported_bytes: m.reported,
         memd_total_bytes: m.total,
         memd_free_bytes: m.free,
-        guest_stats: q.guest_stats()?.into_iter().collect(),
+        // Best effort: a balloon without statistics still has a size.
+        guest_stats: q.guest_stats().unwrap_or_default().into_iter().collect(),
     };
     if as_json {
         println!(

@@ -14,6 +14,10 @@ use crate::{MemoryManager, MmError, Owner};
 /// Blocks of 2 MiB (512 frames).
 pub const BALLOON_ORDER: u32 = 9;
 
+/// Most blocks one failing allocation takes back (Linux gives back 256
+/// pages per OOM notification; memd, 32 MiB).
+pub(crate) const OOM_DEFLATE_BLOCKS: usize = 16;
+
 impl MemoryManager {
     fn balloon_order(&self) -> u32 {
         BALLOON_ORDER.min(self.max_order - 1)
@@ -96,17 +100,23 @@ impl MemoryManager {
         self.balloon_deflate_on_oom = on;
     }
 
-    /// For an allocation about to fail: gives one balloon block back to
-    /// memd (when allowed); false when there is none.
-    pub(crate) fn balloon_deflate_for_oom(&mut self) -> bool {
+    /// For an allocation about to fail that may use zones up to `highest`:
+    /// gives back one balloon block of such a zone (when allowed); false
+    /// when there is none.
+    pub(crate) fn balloon_deflate_for_oom(&mut self, highest: ZoneType) -> bool {
         if !self.balloon_deflate_on_oom {
             return false;
         }
-        let Some(phys) = self.balloon_pop() else {
+        let frames = &*self.frames;
+        let Some(pfn) = self
+            .balloon
+            .iter(frames)
+            .find(|&p| frames[p as usize].zone() <= highest)
+        else {
             return false;
         };
         self.counters.balloon_oom_deflates += 1;
-        self.balloon_give(phys).is_ok()
+        self.balloon_give(pfn as u64 * PAGE_SIZE).is_ok()
     }
 
     /// Frees a balloon block back to memd (unlisting it first if it is

@@ -179,8 +179,9 @@ impl MemoryManager {
     /// no more than its page count (blocks on their way back are off the
     /// list but still counted).
     fn check_balloon(&self) -> Result<(), CheckError> {
-        let mut pages = 0;
+        let (mut pages, mut listed) = (0, 0);
         for pfn in self.balloon.iter(self.frames) {
+            listed += 1;
             let f = &self.frames[pfn as usize];
             if !f.is(FrameState::Allocated) || f.owner != crate::Owner::BALLOON.0 || f.aux != 1 {
                 return fail(
@@ -190,8 +191,14 @@ impl MemoryManager {
             }
             pages += 1u64 << f.order;
         }
+        if listed != self.balloon.len {
+            return fail("balloon list length differs from its count", 0);
+        }
         if pages > self.counters.balloon_pages {
             return fail("balloon list holds more than the balloon's page count", 0);
+        }
+        if self.owner_pages(crate::Owner::BALLOON) != self.counters.balloon_pages {
+            return fail("the balloon's owner charge differs from its page count", 0);
         }
         if self.zones.iter().map(|z| z.balloon).sum::<u64>() != self.counters.balloon_pages {
             return fail(

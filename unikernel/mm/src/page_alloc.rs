@@ -207,9 +207,19 @@ impl MemoryManager {
                 return Ok(pfn);
             }
         }
-        // The balloon's memory, when the host lets memd take it back.
-        while self.balloon_deflate_for_oom() {
-            if let Some(pfn) = self.get_page_from_freelist(order, highest, Mark::Min) {
+        // The balloon's memory, when the host lets memd take it back: a few
+        // blocks of the zones this request may use, at the mark it may
+        // reach.
+        let mark = if gfp.memalloc() || (gfp.is_atomic() && kernel) {
+            Mark::Atomic
+        } else {
+            Mark::Min
+        };
+        for _ in 0..crate::balloon::OOM_DEFLATE_BLOCKS {
+            if !self.balloon_deflate_for_oom(highest) {
+                break;
+            }
+            if let Some(pfn) = self.get_page_from_freelist(order, highest, mark) {
                 return Ok(pfn);
             }
         }

@@ -112,11 +112,14 @@ pub(super) fn balloon_check(
     // above memd's watermarks; a client's allocations then take blocks back
     // (DEFLATE_ON_OOM) instead of failing, and the host sees it.
     q.set_balloon(64 * MIB)?;
+    // Full once it stops growing (five readings alike), within the bound.
     let asked = Instant::now();
-    let mut full = 0;
-    while asked.elapsed() < Duration::from_secs(2) {
-        full = balloon()?;
+    let (mut full, mut still) = (balloon()?, 0);
+    while still < 5 && asked.elapsed() < BOUND {
         std::thread::sleep(Duration::from_millis(100));
+        let now = balloon()?;
+        still = if now == full { still + 1 } else { 0 };
+        full = now;
     }
     if full < ram / 2 {
         return Err(format!(

@@ -63,7 +63,8 @@ const REPORTING_QUEUE: u16 = 3;
 /// Configuration: the host's target and the driver's count, in 4 KiB pages.
 const CONFIG_NUM_PAGES: usize = 0;
 const CONFIG_ACTUAL: usize = 4;
-/// Frame numbers per balloon block (2 MiB of 4 KiB pages).
+/// Most frame numbers per balloon block: 2 MiB of 4 KiB pages (memd-mm's
+/// blocks are that size, or smaller with a small `memd.max_order`).
 const BLOCK_PFNS: usize = 512;
 /// Descriptors in the queue: one per block reported.
 const QUEUE_SIZE: usize = 32;
@@ -105,6 +106,10 @@ pub struct BalloonDevice {
     deflate_on_oom: Option<bool>,
     /// The `actual` last written to the device.
     actual: u32,
+    /// Pages in one of memd-mm's balloon blocks (learnt on the first step).
+    block_pages: u64,
+    /// The device gave back something it was not given: no more requests.
+    failed: bool,
     in_flight: Option<InFlight>,
     /// Where the device was found.
     pub location: String,
@@ -154,6 +159,8 @@ impl BalloonDevice {
             pfns: Box::new([0; BLOCK_PFNS]),
             deflate_on_oom: Some(features.contains(Features::DEFLATE_ON_OOM)),
             actual: 0,
+            block_pages: BLOCK_PFNS as u64,
+            failed: false,
             in_flight: None,
             location,
             reported_bytes: 0,
@@ -161,15 +168,22 @@ impl BalloonDevice {
         })
     }
 
-    /// Whether a report is in flight.
+    /// Whether a request is in flight.
     pub fn busy(&self) -> bool {
-        self.in_flight.is_some()
+        self.in_flight.is_some() && !self.failed
+    }
+
+    /// Stops using a device that returned what it was not given: whatever
+    /// it holds stays set aside.
+    fn fail(&mut self, what: core::fmt::Arguments) {
+        log::warn!("balloon: {what}; the balloon is no longer used");
+        self.failed = true;
     }
 
     /// Lends the device up to [`BATCH`] unreported free blocks of `mm`, if
     /// no report is in flight; the bytes lent.
     pub fn start(&mut self, mm: &mut MemoryManager) -> u64 {
-        if self.in_flight.is_some() {
+        if self.in_flight.is_some() || self.failed {
             return 0;
         }
         let mut blocks = [ReportBlock::default(); BATCH];
@@ -208,13 +222,13 @@ impl BalloonDevice {
 
     /// The host's target, in balloon blocks (rounded down).
     fn target(&self) -> u64 {
-        self.target_bytes() / (BLOCK_PFNS as u64 * 4096)
+        self.target_bytes() / (self.block_pages * 4096)
     }
 
     /// Tells the device the balloon's size when it changed (a step, or
     /// memd-mm taking blocks back for allocations that would have failed).
     fn write_actual(&mut self, mm: &MemoryManager) {
-        let actual = (mm.balloon_blocks() * BLOCK_PFNS as u64) as u32;
+        let actual = (mm.balloon_blocks() * self.block_pages) as u32;
         if actual != self.actual {
             let _ = self.transport.write_config_space(CONFIG_ACTUAL, actual);
             self.actual = actual;
@@ -274,6 +288,10 @@ impl BalloonDevice {
     pub fn step(&mut self, mm: &mut MemoryManager) -> bool {
         if let Some(on) = self.deflate_on_oom.take() {
             mm.set_balloon_deflate_on_oom(on);
+            self.block_pages = mm.balloon_block_pages().min(BLOCK_PFNS as u64);
+        }
+        if self.failed {
+            return false;
         }
         self.write_actual(mm);
         if self.in_flight.is_some() {
@@ -294,7 +312,8 @@ impl BalloonDevice {
             return false;
         };
         let first = (phys / 4096) as u32;
-        for (i, pfn) in self.pfns.iter_mut().enumerate() {
+        let n = self.block_pages as usize;
+        for (i, pfn) in self.pfns[..n].iter_mut().enumerate() {
             *pfn = first + i as u32;
         }
         let queue = if inflate {
@@ -304,7 +323,7 @@ impl BalloonDevice {
         };
         // SAFETY: `pfns` is boxed and only written when no request is in
         // flight; it stays valid until `pop_used` in `poll`.
-        let token = match unsafe { queue.add(&[self.pfns.as_bytes()], &mut []) } {
+        let token = match unsafe { queue.add(&[self.pfns[..n].as_bytes()], &mut []) } {
             Ok(token) => token,
             Err(_) => {
                 if inflate {
@@ -335,6 +354,9 @@ impl BalloonDevice {
     /// joins the balloon, a deflated one goes back to `mm`; true when one
     /// completed.
     pub fn poll(&mut self, mm: &mut MemoryManager) -> bool {
+        if self.failed {
+            return false;
+        }
         match self.in_flight {
             Some(InFlight::Report { token, blocks, n }) => {
                 if !self.queue.can_pop() {
@@ -352,10 +374,11 @@ impl BalloonDevice {
                     // The device gave back something else: it may still
                     // hold these blocks, so they stay isolated (lost to
                     // memd) rather than be used while the host may discard
-                    // them.
-                    Err(e) => log::warn!(
-                        "balloon: report of {n} block(s) not returned ({e:?}); they stay set aside"
-                    ),
+                    // them, and the device is not trusted again.
+                    Err(e) => {
+                        self.fail(format_args!("report of {n} block(s) not returned ({e:?})"));
+                        return true;
+                    }
                 }
             }
             Some(InFlight::Block {
@@ -372,7 +395,8 @@ impl BalloonDevice {
                     return false;
                 }
                 // SAFETY: the buffer `step` added with this token.
-                let done = unsafe { queue.pop_used(token, &[self.pfns.as_bytes()], &mut []) };
+                let n = self.block_pages as usize;
+                let done = unsafe { queue.pop_used(token, &[self.pfns[..n].as_bytes()], &mut []) };
                 match (done, inflate) {
                     // The host has it: now memd-mm lists it (and may take
                     // it back for an allocation that would fail).
@@ -380,10 +404,12 @@ impl BalloonDevice {
                     (Ok(_), false) => {
                         let _ = mm.balloon_give(phys);
                     }
-                    // Not returned: the block stays the host's.
+                    // Not returned: the block stays the host's, and the
+                    // device is not trusted again.
                     (Err(e), _) => {
-                        log::warn!("balloon: block {phys:#x} not returned ({e:?})");
                         mm.balloon_keep(phys);
+                        self.fail(format_args!("block {phys:#x} not returned ({e:?})"));
+                        return true;
                     }
                 }
                 self.write_actual(mm);
