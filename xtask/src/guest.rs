@@ -34,6 +34,11 @@ pub struct GuestArgs {
     /// of the host's noise.
     #[arg(long)]
     pub icount: bool,
+    /// QEMU's `-mem-prealloc`: the host backs all guest RAM before boot, so
+    /// measurements do not include the host faulting pages in on first
+    /// touch (boot takes longer).
+    #[arg(long)]
+    pub mem_prealloc: bool,
 }
 
 impl Default for GuestArgs {
@@ -45,6 +50,7 @@ impl Default for GuestArgs {
             mem: "1G".into(),
             cmdline: String::new(),
             icount: false,
+            mem_prealloc: false,
         }
     }
 }
@@ -63,7 +69,8 @@ impl GuestArgs {
             .mem(&self.mem)
             .append(words)
             .append(&self.cmdline)
-            .icount(self.icount);
+            .icount(self.icount)
+            .mem_prealloc(self.mem_prealloc);
         Ok((cfg, accel))
     }
 }

@@ -51,6 +51,8 @@ pub struct QemuConfig {
     /// `-icount shift=0` (TCG): the guest's clock counts instructions, one
     /// nanosecond each, so guest-measured times are instruction counts.
     icount: bool,
+    /// `-mem-prealloc`.
+    mem_prealloc: bool,
     /// The longest a run of this guest may take before QEMU is killed.
     pub(super) time_bound: Duration,
 }
@@ -85,6 +87,7 @@ impl QemuConfig {
             monitor: None,
             qmp: None,
             icount: false,
+            mem_prealloc: false,
             time_bound: DEFAULT_TIME_BOUND,
         }
     }
@@ -139,6 +142,12 @@ impl QemuConfig {
         self
     }
 
+    /// Backs all guest RAM before boot (`-mem-prealloc`).
+    pub fn mem_prealloc(mut self, on: bool) -> QemuConfig {
+        self.mem_prealloc = on;
+        self
+    }
+
     /// `-icount shift=0,sleep=off` when `icount` (TCG only; ignored under
     /// KVM).
     pub fn icount(mut self, icount: bool) -> QemuConfig {
@@ -172,6 +181,9 @@ impl QemuConfig {
         c.args(["-M", self.machine.qemu_machine()]);
         c.args(accel_args(self.kvm));
         c.args(["-m", &self.mem]);
+        if self.mem_prealloc {
+            c.arg("-mem-prealloc");
+        }
         c.arg("-kernel").arg(&self.kernel);
         c.args(["-append", &self.kernel_cmdline()]);
         c.args([
@@ -339,6 +351,10 @@ mod tests {
         assert_eq!(disk(Machine::Q35), "virtio-blk-pci,drive=d0");
         let a = args(&bare().icount(true).mem("256M"));
         assert_eq!(values(&a, "-icount"), ["shift=0,sleep=off"]);
+        assert!(!a.iter().any(|x| x == "-mem-prealloc"));
+        assert!(args(&bare().mem_prealloc(true))
+            .iter()
+            .any(|x| x == "-mem-prealloc"));
         assert_eq!(values(&a, "-m"), ["256M"]);
         assert_eq!(values(&a, "-cpu"), ["max"]);
         let kvm = args(&bare().icount(true).kvm(true));
