@@ -414,10 +414,20 @@ pub(crate) fn print_reply(r: &Reply) {
             }
         }
         Reply::Checksum(c) => println!("{c:016x}"),
-        Reply::Check(r) if r.ok => println!("all invariants hold"),
         Reply::Check(r) => {
+            match r.ok {
+                true if r.left_out.is_empty() => println!("all invariants hold"),
+                true => println!("all invariants checked hold"),
+                false => {}
+            }
             for v in &r.violations {
                 println!("VIOLATION: {v}");
+            }
+            if !r.left_out.is_empty() {
+                println!(
+                    "checked a few pageblocks at a time while memd serves; left to the one-piece check its tests and self-test run: {}",
+                    r.left_out.join("; ")
+                );
             }
         }
         Reply::Stress(s) => println!(

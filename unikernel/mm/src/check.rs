@@ -64,6 +64,14 @@ pub struct CheckWalk {
 }
 
 impl CheckWalk {
+    /// What a walk in steps does not hold (only [`MemoryManager::check`],
+    /// in one piece, does).
+    pub const LEFT_OUT: [&'static str; 3] = [
+        "each owner's charge against its own frames",
+        "each cache's in-use count against its slabs",
+        "the slab lists' fill levels",
+    ];
+
     /// A walk from the first pageblock.
     pub const fn new() -> Self {
         CheckWalk { next: 0 }

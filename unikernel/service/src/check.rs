@@ -59,11 +59,18 @@ impl CheckRun {
             Some(Err((what, at))) => CheckReport {
                 ok: false,
                 violations: alloc::vec![format!("{what} (at {at:#x})")],
+                left_out: left_out(),
             },
             _ => CheckReport {
                 ok: self.ok(),
                 violations: Vec::new(),
+                left_out: left_out(),
             },
         }
     }
+}
+
+/// [`CheckWalk::LEFT_OUT`], for the report.
+fn left_out() -> Vec<alloc::string::String> {
+    CheckWalk::LEFT_OUT.iter().map(|s| (*s).into()).collect()
 }

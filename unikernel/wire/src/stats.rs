@@ -243,6 +243,10 @@ pub struct CheckReport {
     pub ok: bool,
     /// What was violated.
     pub violations: Vec<String>,
+    /// Invariants this check did not hold (a check made in steps while
+    /// memory is in use leaves out what holds only for one instant of the
+    /// whole frame table).
+    pub left_out: Vec<String>,
 }
 
 /// [`crate::Op::Stress`].
