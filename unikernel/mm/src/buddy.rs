@@ -24,6 +24,9 @@ pub fn take(
     while current < max_order {
         let area = &mut zone.free_area[current as usize];
         if let Some(pfn) = area.list.pop(frames) {
+            if frames[pfn as usize].reported() {
+                zone.reported -= 1 << current;
+            }
             let mut size_order = current;
             while size_order > order {
                 size_order -= 1;
@@ -67,6 +70,9 @@ pub fn give(
         // or in a hole reads as not free.
         if !b.is(FrameState::Buddy) || b.order as u32 != order || b.zone() != zone.ty {
             break;
+        }
+        if b.reported() {
+            zone.reported -= 1 << order;
         }
         zone.free_area[order as usize].list.remove(frames, buddy);
         frames[buddy as usize].clear();

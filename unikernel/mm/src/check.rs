@@ -143,7 +143,7 @@ impl MemoryManager {
     /// aligned, counts matching.
     fn check_free_lists(&self) -> Result<(), CheckError> {
         for zone in &self.zones {
-            let mut free = 0;
+            let (mut free, mut reported) = (0, 0);
             for order in 0..self.max_order {
                 let list = &zone.free_area[order as usize].list;
                 let mut prev = NIL;
@@ -167,6 +167,9 @@ impl MemoryManager {
                     }
                     prev = pfn;
                     n += 1;
+                    if f.reported() {
+                        reported += 1u64 << order;
+                    }
                 }
                 if n != list.len {
                     return fail("free list length differs from its count", zone.start_pfn);
@@ -176,6 +179,12 @@ impl MemoryManager {
             if free != zone.free {
                 return fail(
                     "zone free count differs from its free lists",
+                    zone.start_pfn,
+                );
+            }
+            if reported != zone.reported {
+                return fail(
+                    "zone reported count differs from its reported free blocks",
                     zone.start_pfn,
                 );
             }

@@ -39,8 +39,15 @@ impl MemoryManager {
         REPORT_ORDER.min(self.max_order - 1)
     }
 
+    /// Free memory reported to the host and still free, in bytes (kept as
+    /// blocks change, like Linux's `zone->reported_pages`).
+    pub fn reported_bytes(&self) -> u64 {
+        self.zones.iter().map(|z| z.reported).sum::<u64>() * PAGE_SIZE
+    }
+
     /// Free memory in blocks large enough to report: `(unreported,
-    /// reported)` bytes. Walks the free lists of those orders only.
+    /// reported)` bytes. Walks the free lists of those orders (for tests
+    /// and checks; [`MemoryManager::reported_bytes`] is the counter).
     pub fn reportable_bytes(&self) -> (u64, u64) {
         let (mut unreported, mut reported) = (0, 0);
         for zone in &self.zones {
@@ -127,6 +134,7 @@ impl MemoryManager {
             let f = &mut self.frames[pfn as usize];
             if reported && f.is(FrameState::Buddy) && f.order as u32 == b.order {
                 f.mark_reported();
+                self.zones[z as usize].reported += 1 << b.order;
             }
         }
     }

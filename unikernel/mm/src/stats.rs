@@ -330,7 +330,7 @@ impl MemoryManager {
             vmalloc_used: self.counters.vmalloc_pages * page,
             vmalloc_chunk,
             deferred: self.deferred_pages() * page,
-            reported: self.reportable_bytes().1,
+            reported: self.reported_bytes(),
             balloon: self.counters.balloon_pages * page,
         }
     }

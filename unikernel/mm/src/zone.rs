@@ -142,6 +142,10 @@ pub struct Zone {
     pub free: u64,
     /// Free frames taken off the lists while the host is told about them.
     pub isolated: u64,
+    /// Free frames on the lists in blocks reported to the host (Linux's
+    /// `zone->reported_pages`): counted as blocks are marked, uncounted as
+    /// marked blocks leave the lists.
+    pub reported: u64,
     /// Frames in the balloon (the host's, on its request).
     pub balloon: u64,
     pub free_area: [FreeArea; MAX_ORDER_LIMIT],
@@ -162,6 +166,7 @@ impl Zone {
             managed: 0,
             free: 0,
             isolated: 0,
+            reported: 0,
             balloon: 0,
             free_area: [FreeArea {
                 list: FrameList::new(),

@@ -96,7 +96,7 @@ impl Memory for MemoryManager {
     }
 
     fn reported_bytes(&mut self) -> u64 {
-        self.reportable_bytes().1
+        MemoryManager::reported_bytes(self)
     }
 
     fn balloon_bytes(&mut self) -> u64 {
