@@ -68,9 +68,10 @@ impl Balloon {
             return dev.busy();
         }
         if now >= self.next_target {
-            TARGET_BYTES.store(dev.target_bytes(), Ordering::Relaxed);
+            let target = dev.target_bytes();
+            TARGET_BYTES.store(target, Ordering::Relaxed);
             let mut mm = crate::ALLOC.lock();
-            if dev.step(&mut mm) {
+            if dev.step(&mut mm, target) {
                 return true;
             }
             self.next_target = now + TARGET_PERIOD_NS;

@@ -220,11 +220,6 @@ impl BalloonDevice {
         pages as u64 * 4096
     }
 
-    /// The host's target, in balloon blocks (rounded down).
-    fn target(&self) -> u64 {
-        self.target_bytes() / (self.block_pages * 4096)
-    }
-
     /// Tells the device the balloon's size when it changed (a step, or
     /// memd-mm taking blocks back for allocations that would have failed).
     fn write_actual(&mut self, mm: &MemoryManager) {
@@ -282,10 +277,11 @@ impl BalloonDevice {
         true
     }
 
-    /// Moves the balloon one block towards the host's target: takes a block
-    /// above the watermarks and sends it (inflate), or sends one back
-    /// (deflate). False when it is at the target or no block can be taken.
-    pub fn step(&mut self, mm: &mut MemoryManager) -> bool {
+    /// Moves the balloon one block towards the host's target (`target_bytes`,
+    /// as [`BalloonDevice::target_bytes`] read it): takes a block above the
+    /// watermarks and sends it (inflate), or sends one back (deflate).
+    /// False when it is at the target or no block can be taken.
+    pub fn step(&mut self, mm: &mut MemoryManager, target_bytes: u64) -> bool {
         if let Some(on) = self.deflate_on_oom.take() {
             mm.set_balloon_deflate_on_oom(on);
             self.block_pages = mm.balloon_block_pages().min(BLOCK_PFNS as u64);
@@ -297,7 +293,9 @@ impl BalloonDevice {
         if self.in_flight.is_some() {
             return false;
         }
-        let (target, actual) = (self.target(), mm.balloon_blocks());
+        // In blocks, rounded down.
+        let target = target_bytes / (self.block_pages * 4096);
+        let actual = mm.balloon_blocks();
         let (phys, inflate) = if target > actual {
             match mm.balloon_take() {
                 Some(phys) => (phys, true),
