@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use memd_client::qmp::Qmp;
+use memd_client::qmp::{self, Qmp};
 use memd_client::wire::Gfp;
 use memd_client::{Client, Options};
 
@@ -182,29 +182,11 @@ fn follow(qmp: &std::path::Path, bytes: u64) -> Result<(f64, f64)> {
 
 /// The QEMU process forwarding `port` (its command line names it).
 pub fn qemu_pid(port: u16) -> Result<u32> {
-    let needle = format!("hostfwd=tcp:127.0.0.1:{port}-");
-    for entry in std::fs::read_dir("/proc")? {
-        let entry = entry?;
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        if String::from_utf8_lossy(&cmdline).contains(&needle) {
-            return Ok(pid);
-        }
-    }
-    bail!("no QEMU process forwarding port {port}")
+    qmp::qemu_process(&format!("hostfwd=tcp:127.0.0.1:{port}-"))
+        .ok_or_else(|| anyhow!("no QEMU process forwarding port {port}"))
 }
 
 /// A process's resident memory, in bytes.
 pub fn rss(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .ok_or_else(|| anyhow!("no VmRSS for process {pid}"))?;
-    Ok(kb * 1024)
+    qmp::resident_bytes(pid).ok_or_else(|| anyhow!("no resident memory for process {pid}"))
 }

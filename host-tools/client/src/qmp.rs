@@ -1,6 +1,9 @@
 //! QEMU's machine protocol (QMP) over its Unix socket: enough for the
 //! balloon (`query-balloon`, `balloon`), which `memctl balloon` and the
 //! tests drive. Replies are JSON lines; events on the way are skipped.
+//! Beside it, what the host's `/proc` says of a local QEMU process: which
+//! one it is ([`qemu_process`]) and its resident memory
+//! ([`resident_bytes`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -119,4 +122,33 @@ impl Qmp {
         self.call("balloon", Some(json!({ "value": bytes })))
             .map(|_| ())
     }
+}
+
+/// The process on this host whose command line contains `word` (a QEMU's
+/// QMP socket path or port forward).
+pub fn qemu_process(word: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .contains(word)
+                .then_some(pid)
+        })
+}
+
+/// A process's resident memory (`VmRSS`), in bytes.
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }

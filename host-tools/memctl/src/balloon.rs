@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use memd_client::qmp::Qmp;
+use memd_client::qmp::{self, Qmp};
 use memd_client::Client;
 use serde::Serialize;
 
@@ -126,27 +126,6 @@ pub(crate) fn balloon(
 /// socket) and its resident memory in bytes, when it runs on this host.
 pub(crate) fn qemu_resident() -> Option<(u32, u64)> {
     let sock = find_socket()?;
-    let needle = sock.to_string_lossy().into_owned();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        if !String::from_utf8_lossy(&cmdline).contains(&needle) {
-            continue;
-        }
-        let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        return Some((pid, kb * 1024));
-    }
-    None
+    let pid = qmp::qemu_process(&sock.to_string_lossy())?;
+    Some((pid, qmp::resident_bytes(pid)?))
 }
