@@ -74,30 +74,36 @@ impl MemoryManager {
         let mut n = 0;
         for z in ZoneType::ALL.into_iter().rev() {
             for order in (self.report_order()..self.max_order).rev() {
-                while n < out.len() {
-                    let zone = &self.zones[z as usize];
+                // One walk of the list finds the candidates (reported blocks
+                // sit at its head after a report, so walking it again for
+                // each block would pass them again and again).
+                let list = self.zones[z as usize].free_area[order as usize].list;
+                let mut found = n;
+                for pfn in list.iter(self.frames) {
+                    if found == out.len() {
+                        break;
+                    }
+                    if !self.frames[pfn as usize].reported() {
+                        out[found].phys = pfn as u64 * PAGE_SIZE;
+                        found += 1;
+                    }
+                }
+                // Taken in order while the zone stays above its marks; the
+                // candidates not taken are overwritten later.
+                while n < found {
+                    let zone = &mut self.zones[z as usize];
                     let keep = zone.watermark.high + zone.lowmem_reserve[ZoneType::Normal as usize];
                     if zone.free < keep + (1 << order) {
                         break;
                     }
-                    let list = zone.free_area[order as usize].list;
-                    let Some(pfn) = list
-                        .iter(self.frames)
-                        .find(|&p| !self.frames[p as usize].reported())
-                    else {
-                        break;
-                    };
-                    let zone = &mut self.zones[z as usize];
+                    let pfn = (out[n].phys / PAGE_SIZE) as u32;
                     zone.free_area[order as usize].list.remove(self.frames, pfn);
                     zone.free -= 1 << order;
                     zone.isolated += 1 << order;
                     self.pageblocks.sub(pfn, Held::Free, 1 << order);
                     self.pageblocks.add(pfn, Held::Isolated, 1 << order);
                     self.frames[pfn as usize].set(FrameState::Isolated, z, order);
-                    out[n] = ReportBlock {
-                        phys: pfn as u64 * PAGE_SIZE,
-                        order,
-                    };
+                    out[n].order = order;
                     n += 1;
                 }
             }
