@@ -113,9 +113,6 @@ pub struct BalloonDevice {
     in_flight: Option<InFlight>,
     /// Where the device was found.
     pub location: String,
-    /// Bytes reported to the host so far, and reports made.
-    pub reported_bytes: u64,
-    pub reports: u64,
 }
 
 impl BalloonDevice {
@@ -163,8 +160,6 @@ impl BalloonDevice {
             failed: false,
             in_flight: None,
             location,
-            reported_bytes: 0,
-            reports: 0,
         })
     }
 
@@ -363,12 +358,7 @@ impl BalloonDevice {
                 let mut bufs = buffers(&blocks[..n], mm.direct_map());
                 // SAFETY: the same buffers `start` added with this token.
                 match unsafe { self.queue.pop_used(token, &[], &mut bufs[..n]) } {
-                    Ok(_) => {
-                        mm.report_put(&blocks[..n], true);
-                        self.reported_bytes +=
-                            blocks[..n].iter().map(ReportBlock::bytes).sum::<u64>();
-                        self.reports += 1;
-                    }
+                    Ok(_) => mm.report_put(&blocks[..n], true),
                     // The device gave back something else: it may still
                     // hold these blocks, so they stay isolated (lost to
                     // memd) rather than be used while the host may discard
