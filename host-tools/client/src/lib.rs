@@ -480,30 +480,63 @@ impl Client {
         zoneinfo, Zoneinfo, Zoneinfo, Vec<ZoneInfo>);
     view!(/// `/proc/buddyinfo`.
         buddyinfo, Buddyinfo, Buddyinfo, Vec<BuddyZone>);
-    view!(/// `/proc/slabinfo`.
-        slabinfo, Slabinfo, Slabinfo, Vec<SlabInfo>);
-    view!(/// Mempools.
-        mempools, Mempools, Mempools, Vec<MempoolInfo>);
+    /// `/proc/slabinfo`, every cache, fetched a page
+    /// ([`memd_wire::VIEW_PAGE`]) at a time.
+    pub fn slabinfo(&mut self) -> Result<Vec<SlabInfo>> {
+        self.pages(
+            memd_wire::VIEW_PAGE,
+            |start| Op::Slabinfo { start },
+            |r| match r {
+                Reply::Slabinfo(page) => Ok(page),
+                r => unexpected(r),
+            },
+        )
+    }
+    /// Every mempool, fetched a page at a time.
+    pub fn mempools(&mut self) -> Result<Vec<MempoolInfo>> {
+        self.pages(
+            memd_wire::VIEW_PAGE,
+            |start| Op::Mempools { start },
+            |r| match r {
+                Reply::Mempools(page) => Ok(page),
+                r => unexpected(r),
+            },
+        )
+    }
     view!(/// The contiguous region.
         cma, Cma, Cma, CmaInfo);
     view!(/// Per-client usage.
         clients, Clients, Clients, Vec<ClientInfo>);
     /// Every DMA buffer, fetched a page ([`memd_wire::DMA_LIST_PAGE`]) at
-    /// a time. Buffers allocated or freed meanwhile may be missed or seen
-    /// twice, as with a /proc file read in pieces.
+    /// a time.
     pub fn dma_buffers(&mut self) -> Result<Vec<DmaBufferInfo>> {
+        self.pages(
+            memd_wire::DMA_LIST_PAGE,
+            |start| Op::DmaBuffers { start },
+            |r| match r {
+                Reply::DmaBuffers(page) => Ok(page),
+                r => unexpected(r),
+            },
+        )
+    }
+
+    /// Every page of a paged listing: `op(start)` asks for the page from
+    /// `start`, and a page shorter than `full` entries is the last.
+    /// Entries created or freed meanwhile may be missed or seen twice, as
+    /// with a /proc file read in pieces.
+    fn pages<T>(
+        &mut self,
+        full: usize,
+        op: impl Fn(u64) -> Op,
+        page: impl Fn(Reply) -> Result<Vec<T>>,
+    ) -> Result<Vec<T>> {
         let mut all = Vec::new();
         loop {
-            let start = all.len() as u64;
-            match self.call(Op::DmaBuffers { start })? {
-                Reply::DmaBuffers(page) => {
-                    let last = page.len() < memd_wire::DMA_LIST_PAGE;
-                    all.extend(page);
-                    if last {
-                        return Ok(all);
-                    }
-                }
-                r => return unexpected(r),
+            let got = page(self.call(op(all.len() as u64))?)?;
+            let last = got.len() < full;
+            all.extend(got);
+            if last {
+                return Ok(all);
             }
         }
     }

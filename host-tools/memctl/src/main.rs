@@ -51,8 +51,8 @@ fn to_op(cmd: Cmd) -> Result<Op, Fail> {
         Cmd::Meminfo => Op::Meminfo,
         Cmd::Zoneinfo => Op::Zoneinfo,
         Cmd::Buddyinfo => Op::Buddyinfo,
-        Cmd::Slabinfo => Op::Slabinfo,
-        Cmd::Mempools => Op::Mempools,
+        Cmd::Slabinfo => Op::Slabinfo { start: 0 },
+        Cmd::Mempools => Op::Mempools { start: 0 },
         Cmd::Cma => Op::Cma,
         Cmd::Clients => Op::Clients,
         Cmd::DmaList => Op::DmaBuffers { start: 0 },
@@ -329,9 +329,13 @@ fn run(c: &mut Client, cmd: Cmd, as_json: bool) -> Result<Option<Handle>, Fail> 
             }
             Ok(None)
         }
-        // Every page of the listing, printed as one.
-        Cmd::DmaList => {
-            let all = Reply::DmaBuffers(c.dma_buffers()?);
+        // Every page of a listing, printed as one.
+        Cmd::DmaList | Cmd::Slabinfo | Cmd::Mempools => {
+            let all = match cmd {
+                Cmd::Slabinfo => Reply::Slabinfo(c.slabinfo()?),
+                Cmd::Mempools => Reply::Mempools(c.mempools()?),
+                _ => Reply::DmaBuffers(c.dma_buffers()?),
+            };
             if as_json {
                 reply_json(&all);
             } else {

@@ -293,8 +293,20 @@ pub(crate) fn print_reply(r: &Reply) {
             println!("{t}");
         }
         Reply::Clients(cs) => {
+            // "pages" is what the service accounts to the client (objects
+            // by their footprint too); "owner"'s pages are what memd-mm's
+            // frame table charges to the client's owner id.
             let mut t = table(&[
-                "conn", "name", "auth", "handles", "pages", "bytes", "requests", "errors",
+                "conn",
+                "name",
+                "auth",
+                "handles",
+                "owner",
+                "owner pages",
+                "pages",
+                "bytes",
+                "requests",
+                "errors",
             ]);
             for c in cs {
                 t.add_row(vec![
@@ -302,6 +314,8 @@ pub(crate) fn print_reply(r: &Reply) {
                     c.name.clone(),
                     c.authenticated.to_string(),
                     c.handles.to_string(),
+                    c.owner.to_string(),
+                    c.charged_pages.to_string(),
                     c.pages.to_string(),
                     c.bytes.to_string(),
                     c.requests.to_string(),

@@ -91,13 +91,14 @@ impl IntervalPasses {
     }
 }
 
-/// Fetches a snapshot in one batch frame.
+/// Fetches a snapshot in one batch frame: the first page of the cache and
+/// pool listings, which `watch` shows the top of.
 pub fn fetch(c: &mut Client) -> Result<Snapshot, memd_client::Error> {
     let ops = vec![
         Op::Status,
         Op::Zoneinfo,
-        Op::Slabinfo,
-        Op::Mempools,
+        Op::Slabinfo { start: 0 },
+        Op::Mempools { start: 0 },
         Op::Cma,
         Op::Clients,
     ];

@@ -170,3 +170,38 @@ pub unsafe fn pageblock_table(virt: usize, len: usize) -> &'static mut [crate::p
     // SAFETY: forwarded to the caller.
     unsafe { core::slice::from_raw_parts_mut(virt as *mut crate::pageblock::Counts, len) }
 }
+
+/// Turns `len` entries' worth of memory at `virt` into a table, every entry
+/// set to `init()` first (memd-mm's own tables: the ids of caches and
+/// mempools, the owners' charges).
+///
+/// Callers pass memory they just allocated for the table from the memory
+/// manager (`MemoryManager::table_alloc`), `len` entries' worth, aligned
+/// for `T`, and give it back only after dropping the table.
+pub(crate) fn table<T>(virt: usize, len: usize, init: impl Fn() -> T) -> &'static mut [T] {
+    let base = virt as *mut T;
+    for i in 0..len {
+        // SAFETY: see above: entry `i < len` is writable, aligned and holds
+        // nothing yet, so nothing is dropped.
+        unsafe { base.add(i).write(init()) };
+    }
+    // SAFETY: see above; every entry was just initialised, and the memory is
+    // the table's alone until it is given back.
+    unsafe { core::slice::from_raw_parts_mut(base, len) }
+}
+
+/// Moves `value` into the memory at `virt` and borrows it there: an object
+/// memd-mm keeps in memory it allocated from itself (a slab cache's
+/// descriptor, a mempool's).
+///
+/// Callers pass memory they just allocated for the object from the memory
+/// manager, aligned for `T`, and free it only after dropping the reference.
+pub(crate) fn object<T>(virt: usize, value: T) -> &'static mut T {
+    let p = virt as *mut T;
+    // SAFETY: see above: the memory is the object's alone and holds no `T`
+    // yet, so nothing is dropped by the write.
+    unsafe {
+        p.write(value);
+        &mut *p
+    }
+}

@@ -27,6 +27,9 @@ impl core::fmt::Display for CheckError {
     }
 }
 
+/// Owners tallied per pass of [`MemoryManager::check_owner_charges`].
+const OWNER_CHUNK: usize = 512;
+
 fn fail<T>(what: &'static str, pfn: u64) -> Result<T, CheckError> {
     Err(CheckError { what, pfn })
 }
@@ -35,10 +38,6 @@ fn fail<T>(what: &'static str, pfn: u64) -> Result<T, CheckError> {
 #[derive(Default)]
 struct Tally {
     managed: [u64; NR_ZONES],
-    /// Allocated pages by owner; kept only by [`MemoryManager::check`],
-    /// whose walk is one instant (an owner's pages are not counted per
-    /// pageblock).
-    owner_pages: Option<[u64; crate::MAX_OWNERS]>,
     /// vmalloc pages that begin an area.
     vmalloc_heads: u64,
 }
@@ -250,19 +249,46 @@ impl MemoryManager {
     /// overlap, every managed frame is accounted for exactly once, counters
     /// add up.
     fn check_frames(&self) -> Result<Tally, CheckError> {
-        let mut tally = Tally {
-            owner_pages: Some([0; crate::MAX_OWNERS]),
-            ..Tally::default()
-        };
+        let mut tally = Tally::default();
         for i in 0..self.pageblocks.counts.len() {
             self.check_pageblock(i, &mut tally, false)?;
         }
         self.check_managed(&tally.managed)?;
-        if tally.owner_pages != Some(self.owners.pages) {
-            return fail("per-owner page counts differ from the frame table", 0);
-        }
+        self.check_owner_charges()?;
         self.check_sums()?;
         Ok(tally)
+    }
+
+    /// Each owner's charge against the allocated blocks stamped with its
+    /// id, [`OWNER_CHUNK`] owners per pass over the table (the tally lives
+    /// on the stack; a check must not allocate from what it checks).
+    fn check_owner_charges(&self) -> Result<(), CheckError> {
+        let slots = &self.owners.slots;
+        for base in (0..slots.len()).step_by(OWNER_CHUNK) {
+            let mut tally = [0u64; OWNER_CHUNK];
+            for (pfn, f) in self.frames.iter().enumerate() {
+                if !f.is(FrameState::Allocated) {
+                    continue;
+                }
+                let owner = f.owner as usize;
+                if owner >= slots.len() {
+                    return fail(
+                        "allocated block stamped with an owner id never handed out",
+                        pfn as u64,
+                    );
+                }
+                if let Some(t) = owner.checked_sub(base).and_then(|i| tally.get_mut(i)) {
+                    *t += 1 << f.order;
+                }
+            }
+            let end = (base + OWNER_CHUNK).min(slots.len());
+            for (i, s) in slots[base..end].iter().enumerate() {
+                if s.pages != tally[i] {
+                    return fail("per-owner page counts differ from the frame table", 0);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn check_managed(&self, managed: &[u64; NR_ZONES]) -> Result<(), CheckError> {
@@ -328,7 +354,7 @@ impl MemoryManager {
             return fail("pageblocks' managed frames differ from the zones'", 0);
         }
         let pcp: u64 = self.zones.iter().map(|z| z.pcp.count as u64).sum();
-        let charged: u64 = self.owners.pages.iter().sum();
+        let charged: u64 = self.owners.charged();
         if charged + pcp + free + isolated + slab + large + pool + vmalloc != managed {
             return fail(
                 "owners' charges and pcp frames differ from the frames not otherwise held",
@@ -403,12 +429,7 @@ impl MemoryManager {
             }
             tally.managed[f.zone() as usize] += pages as u64;
             let kind = match state {
-                FrameState::Allocated => {
-                    if let Some(owners) = &mut tally.owner_pages {
-                        owners[f.owner as usize % crate::MAX_OWNERS] += pages as u64;
-                    }
-                    None
-                }
+                FrameState::Allocated => None,
                 FrameState::Buddy => Some(Held::Free),
                 FrameState::Isolated => Some(Held::Isolated),
                 FrameState::Slab => Some(Held::Slab),
@@ -473,7 +494,7 @@ impl MemoryManager {
     /// as its in-use count leaves room for.
     fn check_slab(&self, head: u32) -> Result<(), CheckError> {
         let f = &self.frames[head as usize];
-        let Some(Some(cache)) = self.caches.get(f.owner as usize) else {
+        let Some(cache) = self.caches.get(f.owner as usize) else {
             return fail("slab of a cache that does not exist", head as u64);
         };
         if cache.order != f.order as u32 || f.count as u32 > cache.objs_per_slab {

@@ -88,7 +88,9 @@ impl MemoryManager {
             let mut cache = KmemCache::new(name, size, 8, SlabFlags::NONE, None, self.max_order)
                 .ok_or(MmError::Invalid("kmalloc cache layout"))?;
             cache.builtin = true;
-            self.caches[i] = Some(cache);
+            if self.cache_register(cache)? != CacheId(i as u16) {
+                return Err(MmError::Invalid("kmalloc caches must take the first ids"));
+            }
         }
         Ok(())
     }
@@ -120,7 +122,11 @@ impl MemoryManager {
     }
 
     #[cold]
-    fn kmalloc_large(&mut self, layout: Layout, gfp: Gfp) -> Result<NonNull<u8>, MmError> {
+    pub(crate) fn kmalloc_large(
+        &mut self,
+        layout: Layout,
+        gfp: Gfp,
+    ) -> Result<NonNull<u8>, MmError> {
         let bytes = layout.size().max(layout.align()) as u64;
         let pages = bytes.div_ceil(PAGE_SIZE);
         let order = pages.next_power_of_two().trailing_zeros();

@@ -21,24 +21,15 @@ impl MemoryManager {
         let cache = KmemCache::new(name, size, align, flags, ctor, self.max_order).ok_or(
             MmError::Invalid("cache: size must be 1..=128 KiB, align a power of two <= 4096, no constructor with poison"),
         )?;
-        let slot = self
-            .caches
-            .iter()
-            .position(|c| c.is_none())
-            .ok_or(MmError::TableFull)?;
-        self.caches[slot] = Some(cache);
-        Ok(CacheId(slot as u16))
+        self.cache_register(cache)
     }
 
     pub fn cache(&self, id: CacheId) -> Option<&KmemCache> {
-        self.caches.get(id.0 as usize)?.as_ref()
+        self.caches.get(id.0 as usize)
     }
 
     fn cache_mut(&mut self, id: CacheId) -> Result<&mut KmemCache, MmError> {
-        self.caches
-            .get_mut(id.0 as usize)
-            .and_then(|c| c.as_mut())
-            .ok_or(MmError::NotFound)
+        self.caches.get_mut(id.0 as usize).ok_or(MmError::NotFound)
     }
 
     /// `kmem_cache_alloc`.
@@ -61,9 +52,7 @@ impl MemoryManager {
     #[inline(always)]
     fn finish_alloc(&mut self, obj: usize, gfp: Gfp, id: CacheId) -> NonNull<u8> {
         if gfp.zero() {
-            let size = self.caches[id.0 as usize]
-                .as_ref()
-                .map_or(0, |c| c.object_size);
+            let size = self.caches.get(id.0 as usize).map_or(0, |c| c.object_size);
             crate::access::fill(obj, size, 0);
         }
         // Objects live in managed memory, which never includes address 0.
@@ -83,8 +72,9 @@ impl MemoryManager {
         let mut last = 0;
         while got < want {
             let dmap = self.dmap;
-            let cache = self.caches[id.0 as usize]
-                .as_mut()
+            let cache = self
+                .caches
+                .get_mut(id.0 as usize)
                 .ok_or(MmError::NotFound)?;
             match cache.slab_take(self.frames, dmap) {
                 Some(obj) => {
@@ -105,8 +95,9 @@ impl MemoryManager {
                 }
             }
         }
-        let cache = self.caches[id.0 as usize]
-            .as_mut()
+        let cache = self
+            .caches
+            .get_mut(id.0 as usize)
             .ok_or(MmError::NotFound)?;
         cache.counters.allocs += 1;
         if want > 1 {
@@ -126,8 +117,9 @@ impl MemoryManager {
         self.counters.slab_pages += 1 << order;
         self.pageblocks.add(pfn, Held::Slab, 1 << order);
         let dmap = self.dmap;
-        let cache = self.caches[id.0 as usize]
-            .as_mut()
+        let cache = self
+            .caches
+            .get_mut(id.0 as usize)
             .ok_or(MmError::NotFound)?;
         cache.init_slab(self.frames, dmap, pfn, id);
         Ok(())
@@ -142,7 +134,6 @@ impl MemoryManager {
         let cache = self
             .caches
             .get_mut(id.0 as usize)
-            .and_then(|c| c.as_mut())
             .ok_or(MmError::NotFound)?;
         let head = cache
             .owning_slab(self.frames, dmap, id, obj)
@@ -175,7 +166,7 @@ impl MemoryManager {
     /// is full. The caller has established that `obj` belongs to cache `id`.
     #[inline(always)]
     pub(crate) fn free_to_array(&mut self, id: CacheId, obj: usize) {
-        let Some(cache) = self.caches[id.0 as usize].as_mut() else {
+        let Some(cache) = self.caches.get_mut(id.0 as usize) else {
             return;
         };
         cache.counters.frees += 1;
@@ -190,7 +181,7 @@ impl MemoryManager {
     #[inline(never)]
     fn free_to_array_slow(&mut self, id: CacheId, obj: usize) {
         self.flush_array(id.0 as usize, AC_BATCH);
-        if let Some(cache) = self.caches[id.0 as usize].as_mut() {
+        if let Some(cache) = self.caches.get_mut(id.0 as usize) {
             cache.ac.entry[cache.ac.avail] = obj;
             cache.ac.avail += 1;
         }
@@ -200,7 +191,7 @@ impl MemoryManager {
     /// the caller to [`MemoryManager::cache_alloc`]'s full path.
     #[inline(always)]
     pub(crate) fn alloc_from_array(&mut self, index: usize) -> Option<NonNull<u8>> {
-        let cache = self.caches.get_mut(index)?.as_mut()?;
+        let cache = self.caches.get_mut(index)?;
         let avail = cache.ac.avail.checked_sub(1)?;
         cache.ac.avail = avail;
         cache.counters.allocs += 1;
@@ -210,7 +201,7 @@ impl MemoryManager {
     /// Returns the `count` oldest objects of a cache's array to their slabs.
     fn flush_array(&mut self, index: usize, count: usize) {
         let dmap = self.dmap;
-        let Some(cache) = self.caches[index].as_mut() else {
+        let Some(cache) = self.caches.get_mut(index) else {
             return;
         };
         let count = count.min(cache.ac.avail);
@@ -231,11 +222,11 @@ impl MemoryManager {
     }
 
     pub(crate) fn shrink_cache_index(&mut self, index: usize) -> u64 {
-        let avail = self.caches[index].as_ref().map_or(0, |c| c.ac.avail);
+        let avail = self.caches.get(index).map_or(0, |c| c.ac.avail);
         self.flush_array(index, avail);
         let mut freed = 0;
         loop {
-            let Some(cache) = self.caches[index].as_mut() else {
+            let Some(cache) = self.caches.get_mut(index) else {
                 return freed;
             };
             let order = cache.order;
@@ -277,8 +268,9 @@ impl MemoryManager {
         let avail = cache.ac.avail;
         self.flush_array(id.0 as usize, avail);
         let dmap = self.dmap;
-        let cache = self.caches[id.0 as usize]
-            .as_mut()
+        let cache = self
+            .caches
+            .get_mut(id.0 as usize)
             .ok_or(MmError::NotFound)?;
         if cache.slab_inuse > 0 {
             return Err(MmError::Busy {
@@ -287,7 +279,7 @@ impl MemoryManager {
         }
         let damage = cache.first_poison_damage(self.frames, dmap, id, &[cache.empty]);
         self.shrink_cache_index(id.0 as usize);
-        self.caches[id.0 as usize] = None;
+        self.cache_unregister(id);
         if let Some(c) = damage {
             self.corruption_log.record(c);
             return Err(MmError::Corrupted(c));
@@ -312,9 +304,6 @@ impl MemoryManager {
 
     /// Iterates the live caches.
     pub fn caches(&self) -> impl Iterator<Item = (CacheId, &KmemCache)> {
-        self.caches
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| c.as_ref().map(|c| (CacheId(i as u16), c)))
+        self.caches.iter().map(|(i, c)| (CacheId(i as u16), c))
     }
 }

@@ -74,6 +74,7 @@ mod frame_runs;
 mod gfp;
 #[allow(unsafe_code)]
 mod global;
+mod idr;
 mod kmalloc;
 mod kmem_cache;
 mod memblock;
@@ -85,6 +86,7 @@ mod pageblock;
 mod pcp;
 mod prandom;
 mod slab;
+mod slab_common;
 // Public as a namespace: its types are the Linux views (`stats::MemInfo`
 // is /proc/meminfo, `stats::ZoneInfo` one zone of /proc/zoneinfo, ...).
 // memd-wire carries some of them as they are (`MemInfo`, `SlabInfo`) and
@@ -112,13 +114,13 @@ pub use gfp::Gfp;
 pub use global::GlobalMm;
 pub use kmalloc::kmalloc_size_roundup;
 pub use memblock::{MemRegion, Memblock, RegionKind, Reservation, ReserveKind, PAGE_SIZE};
-pub use mempool::{Mempool, PoolBacking, PoolCounters, PoolElement, PoolId, MAX_POOLS};
-pub use owner::{Owner, MAX_OWNERS};
+pub use mempool::{Mempool, PoolBacking, PoolCounters, PoolElement, PoolId};
+pub use owner::Owner;
 pub use page_reporting::{ReportBlock, REPORT_ORDER};
 pub use prandom::Prandom;
 pub use slab::{
     CacheCounters, CacheId, CacheName, Corruption, CorruptionKind, Ctor, KmemCache, SlabFlags,
-    CACHE_NAME_LEN, MAX_CACHES,
+    CACHE_NAME_LEN,
 };
 pub use vmalloc::{PgtableAlloc, VmallocArea, VmapOps};
 pub use zone::{Watermarks, ZoneCounters, ZoneType, DEFAULT_MAX_ORDER, MAX_ORDER_LIMIT, NR_ZONES};
@@ -163,8 +165,11 @@ pub struct MemoryManager {
     /// Normal request on a machine without Normal memory starts at DMA32.
     pub(crate) preferred_zone: [ZoneType; NR_ZONES],
     pub(crate) memblock: Memblock,
-    pub(crate) caches: [Option<KmemCache>; slab::MAX_CACHES],
-    pub(crate) pools: [Option<mempool::Mempool>; mempool::MAX_POOLS],
+    /// Slab caches by id; their descriptors are objects of the cache of
+    /// caches (`slab_common.rs`).
+    pub(crate) caches: idr::Idr<KmemCache>,
+    /// Mempools by id; their descriptors are kmalloc'd.
+    pub(crate) pools: idr::Idr<mempool::Mempool>,
     pub(crate) cma: Option<Cma>,
     /// The balloon's blocks (`balloon.rs`), linked through their heads.
     pub(crate) balloon: FrameList,
@@ -202,8 +207,8 @@ impl MemoryManager {
             ],
             preferred_zone: ZoneType::ALL,
             memblock: Memblock::new(),
-            caches: [const { None }; slab::MAX_CACHES],
-            pools: [const { None }; mempool::MAX_POOLS],
+            caches: idr::Idr::new(),
+            pools: idr::Idr::new(),
             cma: None,
             balloon: FrameList::new(),
             balloon_deflate_on_oom: false,
@@ -222,7 +227,8 @@ impl MemoryManager {
 
     /// Takes ownership of the machine's memory: builds the memblock view,
     /// places the frame table and the DMA reservation, releases the rest to
-    /// the zones and creates kmalloc's caches.
+    /// the zones, and creates the owner table, the cache of caches and
+    /// kmalloc's caches.
     ///
     /// # Safety
     /// Every `Usable` range in `boot.regions`, minus `boot.reserved`, must be
@@ -345,7 +351,8 @@ impl MemoryManager {
         });
         self.init_frames(0, boot_frames);
         self.initialized = true;
-        self.create_kmalloc_caches()?;
+        self.owners_init()?;
+        self.kmem_cache_init()?;
         Ok(())
     }
 

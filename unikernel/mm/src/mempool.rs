@@ -9,19 +9,20 @@
 //! must not fail), so the statistics show them as idle bytes.
 //!
 //! Parked elements are linked through their own first word, so the reserve
-//! costs no memory beyond the elements themselves.
+//! costs no memory beyond the elements themselves. A pool's descriptor is
+//! kmalloc'd, as in Linux, and named by an id (`idr.rs`).
 
 use crate::access;
 use crate::frame::FrameState;
 use crate::gfp::Gfp;
+use crate::idr::Idr;
 use crate::memblock::PAGE_SIZE;
 use crate::pageblock::Held;
 use crate::slab::CacheId;
 use crate::{MemoryManager, MmError};
+use core::alloc::Layout;
 use core::ptr::NonNull;
 
-/// Mempools at once: three for each of 64 clients and then some.
-pub const MAX_POOLS: usize = 256;
 /// Largest reserve one pool may hold.
 pub const MAX_MIN_NR: usize = 1 << 16;
 const END: u64 = 0;
@@ -70,6 +71,10 @@ pub struct Mempool {
     pub counters: PoolCounters,
 }
 
+fn pools(mm: &mut MemoryManager) -> &mut Idr<Mempool> {
+    &mut mm.pools
+}
+
 impl MemoryManager {
     /// `mempool_create`: fills the reserve with `min_nr` elements, or fails
     /// and frees what it took.
@@ -94,20 +99,21 @@ impl MemoryManager {
                 return Err(MmError::Invalid("mempool: order is not below max_order"))
             }
         };
-        let slot = self
-            .pools
-            .iter()
-            .position(|p| p.is_none())
-            .ok_or(MmError::TableFull)?;
-        self.pools[slot] = Some(Mempool {
-            backing,
-            min_nr,
-            curr_nr: 0,
-            head: END,
-            element_size,
-            outstanding: 0,
-            counters: PoolCounters::default(),
-        });
+        let slot = self.idr_reserve(pools)?;
+        let desc = self.kmalloc_layout(Layout::new::<Mempool>(), Gfp::KERNEL)?;
+        let pool = access::object(
+            desc.as_ptr() as usize,
+            Mempool {
+                backing,
+                min_nr,
+                curr_nr: 0,
+                head: END,
+                element_size,
+                outstanding: 0,
+                counters: PoolCounters::default(),
+            },
+        );
+        self.pools.insert(slot, pool);
         let id = PoolId(slot as u16);
         for _ in 0..min_nr {
             match self.pool_backing_alloc(backing, Gfp::KERNEL) {
@@ -122,21 +128,15 @@ impl MemoryManager {
     }
 
     pub fn mempool(&self, id: PoolId) -> Option<&Mempool> {
-        self.pools.get(id.0 as usize)?.as_ref()
+        self.pools.get(id.0 as usize)
     }
 
     pub fn mempools(&self) -> impl Iterator<Item = (PoolId, &Mempool)> {
-        self.pools
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| p.as_ref().map(|p| (PoolId(i as u16), p)))
+        self.pools.iter().map(|(i, p)| (PoolId(i as u16), p))
     }
 
     fn pool_mut(&mut self, id: PoolId) -> Result<&mut Mempool, MmError> {
-        self.pools
-            .get_mut(id.0 as usize)
-            .and_then(|p| p.as_mut())
-            .ok_or(MmError::NotFound)
+        self.pools.get_mut(id.0 as usize).ok_or(MmError::NotFound)
     }
 
     fn pool_backing_alloc(
@@ -180,7 +180,7 @@ impl MemoryManager {
     }
 
     fn pool_park(&mut self, id: PoolId, e: PoolElement) {
-        if let Some(pool) = self.pools[id.0 as usize].as_mut() {
+        if let Some(pool) = self.pools.get_mut(id.0 as usize) {
             access::write_link(e.virt, pool.head);
             pool.head = e.virt as u64;
             pool.curr_nr += 1;
@@ -188,7 +188,7 @@ impl MemoryManager {
     }
 
     fn pool_unpark(&mut self, id: PoolId) -> Option<PoolElement> {
-        let pool = self.pools[id.0 as usize].as_mut()?;
+        let pool = self.pools.get_mut(id.0 as usize)?;
         if pool.head == END {
             return None;
         }
@@ -290,13 +290,16 @@ impl MemoryManager {
     }
 
     fn mempool_drop(&mut self, id: PoolId) {
-        let Some(backing) = self.pools[id.0 as usize].as_ref().map(|p| p.backing) else {
+        let Some(backing) = self.pools.get(id.0 as usize).map(|p| p.backing) else {
             return;
         };
         while let Some(e) = self.pool_unpark(id) {
             self.pool_backing_free(backing, e);
         }
-        self.pools[id.0 as usize] = None;
+        if let Some(pool) = self.pools.remove(id.0 as usize) {
+            let _ = self.kfree(NonNull::from(pool).cast::<u8>());
+        }
+        self.idr_shrink(pools);
     }
 
     /// Walks a pool's reserve list (for the checker).

@@ -1,54 +1,160 @@
-//! Owner tags: who holds which pages.
+//! Owners: who holds which pages.
 //!
 //! Every page block handed out by `alloc_pages` is stamped with the
 //! manager's current owner (the service sets it to the client it is
 //! serving), so usage can be reported per client, like a memory cgroup's
 //! page counter.
+//!
+//! Owner ids come from [`MemoryManager::owner_alloc`] and go back with
+//! [`MemoryManager::owner_free`]. An id is handed out again only once it is
+//! free and charged nothing, so a page's owner tag always names the one
+//! owner that took it, however many owners come and go. The charges live in
+//! a table memd-mm allocates from itself, doubling when every id is taken
+//! and halving back as ids free up; ids are 16 bits wide, as in the frame.
 
-pub const MAX_OWNERS: usize = 256;
+use crate::MmError;
 
-/// An owner tag. 0 is the kernel itself.
+/// Ids of the smallest table: a page of entries.
+const OWNERS_MIN: usize = 256;
+/// Ids are 16 bits wide.
+const OWNERS_MAX: usize = 1 << 16;
+
+/// An owner tag. 0 is the kernel itself, 1 the balloon.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Owner(pub u16);
 
 impl Owner {
     pub const KERNEL: Owner = Owner(0);
     /// Pages in the balloon: the host's until it gives them back.
-    pub const BALLOON: Owner = Owner(MAX_OWNERS as u16 - 1);
+    pub const BALLOON: Owner = Owner(1);
+}
+
+/// One id's entry.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct OwnerSlot {
+    /// Pages charged.
+    pub pages: u64,
+    /// Handed out and not yet freed.
+    pub live: bool,
 }
 
 pub(crate) struct OwnerTable {
     pub current: Owner,
-    pub pages: [u64; MAX_OWNERS],
+    pub slots: &'static mut [OwnerSlot],
 }
 
 impl OwnerTable {
     pub const fn new() -> Self {
         OwnerTable {
             current: Owner::KERNEL,
-            pages: [0; MAX_OWNERS],
+            slots: &mut [],
         }
     }
 
     #[inline(always)]
     pub fn charge(&mut self, owner: u16, pages: u64) {
-        self.pages[owner as usize % MAX_OWNERS] += pages;
+        self.slots[owner as usize].pages += pages;
     }
 
     #[inline(always)]
     pub fn uncharge(&mut self, owner: u16, pages: u64) {
-        self.pages[owner as usize % MAX_OWNERS] -= pages;
+        self.slots[owner as usize].pages -= pages;
+    }
+
+    /// Pages charged to every owner together.
+    pub fn charged(&self) -> u64 {
+        self.slots.iter().map(|s| s.pages).sum()
+    }
+
+    /// One past the highest id live or charged.
+    fn used_end(&self) -> usize {
+        self.slots
+            .iter()
+            .rposition(|s| s.live || s.pages > 0)
+            .map_or(0, |i| i + 1)
     }
 }
 
 impl crate::MemoryManager {
-    /// Sets the owner stamped on subsequent page allocations.
-    pub fn set_owner(&mut self, owner: Owner) -> Result<(), crate::MmError> {
-        if owner.0 as usize >= MAX_OWNERS {
-            return Err(crate::MmError::Invalid("owner tag out of range"));
-        }
-        self.owners.current = owner;
+    /// The owner table at boot: the kernel's and the balloon's ids.
+    pub(crate) fn owners_init(&mut self) -> Result<(), MmError> {
+        let slots = self.table_alloc(OWNERS_MIN, OwnerSlot::default)?;
+        slots[Owner::KERNEL.0 as usize].live = true;
+        slots[Owner::BALLOON.0 as usize].live = true;
+        self.owners.slots = slots;
         Ok(())
+    }
+
+    /// A new owner id: the lowest that is free and charged nothing, the
+    /// table doubling when there is none. `TableFull` only when all 65 536
+    /// ids are live or still charged.
+    pub fn owner_alloc(&mut self) -> Result<Owner, MmError> {
+        let free = |s: &OwnerSlot| !s.live && s.pages == 0;
+        let id = match self.owners.slots.iter().position(free) {
+            Some(id) => id,
+            None => {
+                let cap = self.owners.slots.len();
+                if cap >= OWNERS_MAX {
+                    return Err(MmError::TableFull);
+                }
+                let slots = self.table_alloc((cap * 2).min(OWNERS_MAX), OwnerSlot::default)?;
+                slots[..cap].copy_from_slice(self.owners.slots);
+                let old = core::mem::replace(&mut self.owners.slots, slots);
+                self.table_free(old);
+                cap
+            }
+        };
+        self.owners.slots[id].live = true;
+        Ok(Owner(id as u16))
+    }
+
+    /// Gives `owner` back. Its id is handed out again once the pages
+    /// charged to it are freed. The kernel's and the balloon's ids are
+    /// never freed.
+    pub fn owner_free(&mut self, owner: Owner) -> Result<(), MmError> {
+        if owner == Owner::KERNEL || owner == Owner::BALLOON {
+            return Err(MmError::NotPermitted);
+        }
+        match self.owners.slots.get_mut(owner.0 as usize) {
+            Some(s) if s.live => s.live = false,
+            _ => return Err(MmError::Invalid("owner id is not live")),
+        }
+        if self.owners.current == owner {
+            self.owners.current = Owner::KERNEL;
+        }
+        self.owners_shrink();
+        Ok(())
+    }
+
+    /// Halves the table while the ids in use fit in a quarter of it (best
+    /// effort, as for the id tables).
+    fn owners_shrink(&mut self) {
+        let cap = self.owners.slots.len();
+        let want = (self.owners.used_end().next_power_of_two() * 2).max(OWNERS_MIN);
+        if want > cap / 2 {
+            return;
+        }
+        let Ok(slots) = self.table_alloc(want, OwnerSlot::default) else {
+            return;
+        };
+        slots.copy_from_slice(&self.owners.slots[..want]);
+        let old = core::mem::replace(&mut self.owners.slots, slots);
+        self.table_free(old);
+    }
+
+    /// Sets the owner stamped on subsequent page allocations: a live id.
+    pub fn set_owner(&mut self, owner: Owner) -> Result<(), MmError> {
+        match self.owners.slots.get(owner.0 as usize) {
+            _ if owner == Owner::KERNEL => {
+                self.owners.current = owner;
+                Ok(())
+            }
+            Some(s) if s.live => {
+                self.owners.current = owner;
+                Ok(())
+            }
+            _ => Err(MmError::Invalid("owner id is not live")),
+        }
     }
 
     pub fn owner(&self) -> Owner {
@@ -57,6 +163,14 @@ impl crate::MemoryManager {
 
     /// Pages currently charged to `owner`.
     pub fn owner_pages(&self, owner: Owner) -> u64 {
-        self.owners.pages[owner.0 as usize % MAX_OWNERS]
+        self.owners
+            .slots
+            .get(owner.0 as usize)
+            .map_or(0, |s| s.pages)
+    }
+
+    /// Owner ids the table has room for now.
+    pub fn owner_capacity(&self) -> usize {
+        self.owners.slots.len()
     }
 }

@@ -238,8 +238,8 @@ impl MemoryManager {
     pub fn reclaim(&mut self) -> u64 {
         self.counters.reclaim_runs += 1;
         let mut freed = 0;
-        for id in 0..self.caches.len() {
-            if self.caches[id].is_some() {
+        for id in 0..self.caches.capacity() {
+            if self.caches.get(id).is_some() {
                 freed += self.shrink_cache_index(id);
             }
         }

@@ -11,10 +11,6 @@ use crate::access::{self, DirectMap};
 use crate::frame::{Frame, FrameList, FrameState};
 use crate::memblock::PAGE_SIZE;
 
-/// Slab caches at once, the 13 kmalloc caches included: room for a cache
-/// of each of 64 clients and then some. The table is inline (a cache is
-/// about 1 KiB), so this is its memory.
-pub const MAX_CACHES: usize = 128;
 /// Longest cache name kept (longer names are cut at a character boundary).
 pub const CACHE_NAME_LEN: usize = 32;
 /// Objects held in a cache's per-CPU array.
@@ -206,11 +202,13 @@ impl core::fmt::Debug for CacheName {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct ArrayCache {
     pub avail: usize,
     pub entry: [usize; AC_LIMIT],
 }
 
+#[derive(Clone)]
 pub struct KmemCache {
     name: CacheName,
     pub object_size: usize,

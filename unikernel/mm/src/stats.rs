@@ -7,7 +7,7 @@
 //! on the wire, pinned by memd-wire's `tests/encoding.rs`.
 
 use crate::memblock::PAGE_SIZE;
-use crate::owner::{Owner, MAX_OWNERS};
+use crate::owner::Owner;
 use crate::slab::{CacheCounters, CacheId, CacheName, Corruption, SlabFlags};
 use crate::zone::{Watermarks, ZoneCounters, ZoneType, MAX_ORDER_LIMIT, NR_ZONES};
 use crate::MemoryManager;
@@ -295,7 +295,7 @@ impl MemoryManager {
             .mempools()
             .map(|(_, p)| p.curr_nr as u64 * p.element_size as u64)
             .sum();
-        let pages_allocated: u64 = self.owners.pages.iter().sum();
+        let pages_allocated: u64 = self.owners.charged();
         let reserved = self
             .memblock
             .reserved()
@@ -424,9 +424,12 @@ impl MemoryManager {
 
     /// Owners holding pages, with their page counts.
     pub fn owners(&self) -> impl Iterator<Item = (Owner, u64)> + '_ {
-        (0..MAX_OWNERS)
-            .filter(|&i| self.owners.pages[i] > 0)
-            .map(|i| (Owner(i as u16), self.owners.pages[i]))
+        self.owners
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.pages > 0)
+            .map(|(i, s)| (Owner(i as u16), s.pages))
     }
 
     pub fn counters(&self) -> MmCounters {

@@ -53,6 +53,22 @@ enum Op {
         take: bool,
         pop: bool,
     },
+    /// Create a slab cache (and take an object from it), or destroy one.
+    Cache {
+        create: bool,
+        size: usize,
+        pick: usize,
+    },
+    /// Create a mempool (and take an element from it), or destroy one.
+    Pool {
+        create: bool,
+        min_nr: usize,
+        pick: usize,
+    },
+    /// Serve a new owner, or free the one being served.
+    Owner {
+        fresh: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -68,6 +84,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (1usize..64).prop_map(|pageblocks| Op::DeferredStep { pageblocks }),
         1 => (1usize..16, any::<bool>()).prop_map(|(blocks, reported)| Op::Report { blocks, reported }),
         1 => (any::<bool>(), any::<bool>()).prop_map(|(take, pop)| Op::Balloon { take, pop }),
+        3 => (any::<bool>(), 1usize..5000, any::<usize>()).prop_map(|(create, size, pick)| Op::Cache { create, size, pick }),
+        3 => (any::<bool>(), 1usize..8, any::<usize>()).prop_map(|(create, min_nr, pick)| Op::Pool { create, min_nr, pick }),
+        2 => any::<bool>().prop_map(|fresh| Op::Owner { fresh }),
     ]
 }
 
@@ -85,6 +104,8 @@ struct Live {
     limit: u64,
     tag: u8,
     kind: Kind,
+    /// Whom the manager was serving when it was allocated.
+    owner: Owner,
 }
 
 struct Harness {
@@ -92,6 +113,9 @@ struct Harness {
     live: Vec<Live>,
     caches: [CacheId; 2],
     pool: PoolId,
+    /// Caches and pools the operations made, not yet destroyed.
+    made_caches: Vec<CacheId>,
+    made_pools: Vec<PoolId>,
     next_tag: u8,
     /// Free blocks taken for a report and not put back yet.
     isolated: Vec<ReportBlock>,
@@ -128,6 +152,8 @@ impl Harness {
             live: Vec::new(),
             caches: [plain, debug],
             pool,
+            made_caches: Vec::new(),
+            made_pools: Vec::new(),
             next_tag: 1,
             isolated: Vec::new(),
             balloon: Vec::new(),
@@ -146,12 +172,14 @@ impl Harness {
             *self.virt(start) = tag;
             *self.virt(start + len - 1) = tag;
         }
+        let owner = self.mm.owner();
         self.live.push(Live {
             start,
             len,
             limit,
             tag,
             kind,
+            owner,
         });
     }
 
@@ -249,6 +277,105 @@ impl Harness {
                     self.mm.balloon_give(p).unwrap();
                 }
             }
+            Op::Cache {
+                create: true, size, ..
+            } => {
+                let id = self
+                    .mm
+                    .cache_create("model-made", size, 8, SlabFlags::NONE, None)
+                    .unwrap();
+                assert!(
+                    !self.made_caches.contains(&id) && !self.caches.contains(&id),
+                    "id {id:?} of a live cache handed out again"
+                );
+                self.made_caches.push(id);
+                if let Ok(p) = self.mm.cache_alloc(id, Gfp::KERNEL) {
+                    let phys = self.phys(p);
+                    self.add(phys, size as u64, u64::MAX, Kind::Cache(id));
+                }
+            }
+            Op::Cache {
+                create: false,
+                pick,
+                ..
+            } => {
+                if self.made_caches.is_empty() {
+                    return;
+                }
+                let id = self.made_caches[pick % self.made_caches.len()];
+                let live = self
+                    .live
+                    .iter()
+                    .filter(|l| matches!(l.kind, Kind::Cache(c) if c == id))
+                    .count() as u64;
+                match self.mm.cache_destroy(id) {
+                    Ok(()) => {
+                        assert_eq!(live, 0, "a cache with live objects destroyed");
+                        assert!(self.mm.cache(id).is_none());
+                        self.made_caches.retain(|&c| c != id);
+                    }
+                    Err(e) => assert_eq!(e, MmError::Busy { live }),
+                }
+            }
+            Op::Pool {
+                create: true,
+                min_nr,
+                ..
+            } => {
+                let Ok(id) = self.mm.mempool_create(PoolBacking::Kmalloc(200), min_nr) else {
+                    return;
+                };
+                assert!(
+                    !self.made_pools.contains(&id) && id != self.pool,
+                    "id {id:?} of a live pool handed out again"
+                );
+                self.made_pools.push(id);
+                if let Ok(e) = self.mm.mempool_alloc(id, Gfp::KERNEL) {
+                    self.add(e.phys, 200, u64::MAX, Kind::Pool(id, e));
+                }
+            }
+            Op::Pool {
+                create: false,
+                pick,
+                ..
+            } => {
+                if self.made_pools.is_empty() {
+                    return;
+                }
+                let id = self.made_pools[pick % self.made_pools.len()];
+                let live = self
+                    .live
+                    .iter()
+                    .filter(|l| matches!(l.kind, Kind::Pool(p, _) if p == id))
+                    .count() as u64;
+                match self.mm.mempool_destroy(id) {
+                    Ok(()) => {
+                        assert_eq!(live, 0, "a pool with elements out destroyed");
+                        assert!(self.mm.mempool(id).is_none());
+                        self.made_pools.retain(|&p| p != id);
+                    }
+                    Err(e) => assert_eq!(e, MmError::Busy { live }),
+                }
+            }
+            Op::Owner { fresh: true } => {
+                let o = self.mm.owner_alloc().unwrap();
+                assert!(
+                    !self
+                        .live
+                        .iter()
+                        .any(|l| l.owner == o && matches!(l.kind, Kind::Pages(_))),
+                    "owner id {} handed out while its pages are live",
+                    o.0
+                );
+                self.mm.set_owner(o).unwrap();
+            }
+            Op::Owner { fresh: false } => {
+                let o = self.mm.owner();
+                if o != Owner::KERNEL {
+                    self.mm.owner_free(o).unwrap();
+                    assert_eq!(self.mm.owner(), Owner::KERNEL);
+                }
+            }
             // Blocks stay isolated across the operations that follow, as
             // they do while the host works on a report.
             Op::Report { blocks, reported } => {
@@ -309,6 +436,14 @@ impl Harness {
             );
         }
         for l in &self.live {
+            if matches!(l.kind, Kind::Pages(_)) {
+                assert_eq!(
+                    self.mm.frame(l.start).unwrap().owner,
+                    l.owner.0,
+                    "block at {:#x} stamped with another owner",
+                    l.start
+                );
+            }
             assert!(
                 l.start + l.len <= l.limit,
                 "{:#x}+{:#x} beyond its limit {:#x}",
@@ -328,10 +463,23 @@ impl Harness {
         while let Some(l) = self.live.pop() {
             self.release(l);
         }
-        for id in self.caches {
+        for id in self
+            .caches
+            .into_iter()
+            .chain(std::mem::take(&mut self.made_caches))
+        {
             self.mm.cache_destroy(id).unwrap();
         }
-        self.mm.mempool_destroy(self.pool).unwrap();
+        for id in std::mem::take(&mut self.made_pools)
+            .into_iter()
+            .chain([self.pool])
+        {
+            self.mm.mempool_destroy(id).unwrap();
+        }
+        let o = self.mm.owner();
+        if o != Owner::KERNEL {
+            self.mm.owner_free(o).unwrap();
+        }
         self.mm.reclaim();
         self.mm.drain_all_pages();
         self.verify();

@@ -356,6 +356,8 @@ fn red_zone_catches_overrun_and_double_free() {
 #[test]
 fn kmalloc_classes_ksize_large_and_bad_pointers() {
     let mut mm = machine("");
+    // The manager's own tables are kmalloc'd too.
+    let tables = mm.meminfo().kmalloc_large;
     let mut ptrs = Vec::new();
     for size in [
         1,
@@ -389,7 +391,7 @@ fn kmalloc_classes_ksize_large_and_bad_pointers() {
     for p in ptrs {
         mm.kfree(p).unwrap();
     }
-    assert_eq!(mm.meminfo().kmalloc_large, 0);
+    assert_eq!(mm.meminfo().kmalloc_large, tables);
     let stack = 5u64;
     assert!(mm.kfree(core::ptr::NonNull::from(&stack).cast()).is_err());
     mm.check().unwrap();
@@ -539,23 +541,69 @@ fn fault_injection_fails_exactly_as_configured() {
 #[test]
 fn owners_are_charged_per_page() {
     let mut mm = machine("");
-    mm.set_owner(Owner(7)).unwrap();
+    let (seven, nine) = (mm.owner_alloc().unwrap(), mm.owner_alloc().unwrap());
+    assert_ne!(seven, nine);
+    mm.set_owner(seven).unwrap();
     let a = mm.alloc_pages(3, Gfp::KERNEL).unwrap();
-    mm.set_owner(Owner(9)).unwrap();
+    mm.set_owner(nine).unwrap();
     let b = mm.alloc_pages(0, Gfp::KERNEL).unwrap();
-    assert_eq!(mm.owner_pages(Owner(7)), 8);
-    assert_eq!(mm.owner_pages(Owner(9)), 1);
+    assert_eq!(mm.owner_pages(seven), 8);
+    assert_eq!(mm.owner_pages(nine), 1);
     mm.check().unwrap();
     mm.free_pages(a, 3).unwrap();
     mm.free_pages(b, 0).unwrap();
     assert_eq!(mm.owners().count(), 0);
-    assert!(mm.set_owner(Owner(MAX_OWNERS as u16)).is_err());
+    mm.owner_free(seven).unwrap();
+    assert!(mm.set_owner(seven).is_err(), "a freed id is not live");
+    assert!(mm.owner_free(seven).is_err(), "freed twice");
+    assert!(mm.owner_free(Owner::KERNEL).is_err());
+    assert!(mm.set_owner(Owner(60_000)).is_err(), "never handed out");
+}
+
+#[test]
+fn an_owner_id_is_not_reused_while_it_holds_pages() {
+    let mut mm = machine("");
+    let gone = mm.owner_alloc().unwrap();
+    mm.set_owner(gone).unwrap();
+    let page = mm.alloc_pages(0, Gfp::KERNEL).unwrap();
+    mm.set_owner(Owner::KERNEL).unwrap();
+    mm.owner_free(gone).unwrap();
+    // Thousands of owners come and go; none gets the id that still holds
+    // a page, and each one's charge is its own.
+    let mut live = Vec::new();
+    for i in 0..3000u64 {
+        let o = mm.owner_alloc().unwrap();
+        assert_ne!(o, gone, "id {} handed out while it holds a page", gone.0);
+        mm.set_owner(o).unwrap();
+        let order = (i % 3) as u32;
+        live.push((o, mm.alloc_pages(order, Gfp::KERNEL).unwrap(), order));
+    }
+    mm.set_owner(Owner::KERNEL).unwrap();
+    assert!(mm.owner_capacity() >= 3002);
+    assert_eq!(mm.owner_pages(gone), 1);
+    for &(o, _, order) in &live {
+        assert_eq!(mm.owner_pages(o), 1 << order);
+    }
+    mm.check().unwrap();
+    for (o, phys, order) in live {
+        mm.free_pages(phys, order).unwrap();
+        mm.owner_free(o).unwrap();
+    }
+    mm.free_pages(page, 0).unwrap();
+    assert_eq!(
+        mm.owner_alloc().unwrap(),
+        gone,
+        "free and charged nothing: reused"
+    );
+    assert_eq!(mm.owner_capacity(), 256, "the table shrank back");
+    mm.check().unwrap();
 }
 
 #[test]
 fn clients_never_reach_the_kernel_reserve() {
     let mut mm = machine("");
-    mm.set_owner(Owner(5)).unwrap();
+    let client = mm.owner_alloc().unwrap();
+    mm.set_owner(client).unwrap();
     let client = fill_zone(&mut mm, Gfp::ATOMIC);
     assert!(!client.is_empty());
     for z in mm.zoneinfo() {
@@ -632,41 +680,62 @@ fn kmalloc_size_roundup_is_what_ksize_reports() {
     mm.check().unwrap();
 }
 
+/// Free pages once the caches have given back what nobody uses.
+fn settled_free(mm: &mut MemoryManager) -> u64 {
+    mm.reclaim();
+    mm.meminfo().free
+}
+
 #[test]
-fn cache_and_pool_tables_fill_then_free_a_slot() {
+fn caches_and_pools_are_limited_by_memory_alone_and_leave_nothing_behind() {
     let mut mm = machine("");
     let builtin = mm.caches().count();
-    let mut caches = Vec::new();
-    let refused = loop {
-        match mm.cache_create("t", 64, 8, SlabFlags::NONE, None) {
-            Ok(id) => caches.push(id),
-            Err(e) => break e,
-        }
+    let before = settled_free(&mut mm);
+    let descriptors = |mm: &MemoryManager| {
+        mm.slabinfo()
+            .find(|(_, s)| s.name.as_str() == "kmem_cache")
+            .map(|(_, s)| s.active_objs)
+            .unwrap()
     };
-    assert_eq!(refused, MmError::TableFull);
-    assert_eq!(builtin + caches.len(), MAX_CACHES);
-    mm.cache_destroy(caches.pop().unwrap()).unwrap();
-    caches.push(
-        mm.cache_create("again", 64, 8, SlabFlags::NONE, None)
-            .unwrap(),
+    let boot_descriptors = descriptors(&mm);
+    assert_eq!(
+        boot_descriptors as usize, builtin,
+        "every cache's descriptor is an object of kmem_cache"
     );
+    let caches: Vec<CacheId> = (0..3000)
+        .map(|i| {
+            mm.cache_create(&format!("c{i}"), 64 + i % 512, 8, SlabFlags::NONE, None)
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(mm.caches().count(), builtin + 3000);
+    assert_eq!(descriptors(&mm), boot_descriptors + 3000);
+    let pools: Vec<PoolId> = (0..3000)
+        .map(|_| mm.mempool_create(PoolBacking::Kmalloc(32), 1).unwrap())
+        .collect();
+    assert_eq!(mm.mempools().count(), 3000);
+    mm.check().unwrap();
 
-    let mut pools = Vec::new();
-    let refused = loop {
-        match mm.mempool_create(PoolBacking::Kmalloc(32), 1) {
-            Ok(id) => pools.push(id),
-            Err(e) => break e,
-        }
-    };
-    assert_eq!(refused, MmError::TableFull);
-    assert_eq!(pools.len(), MAX_POOLS);
+    // A destroyed cache's id is the next one handed out.
+    let freed = caches[1234];
+    mm.cache_destroy(freed).unwrap();
+    let again = mm
+        .cache_create("again", 64, 8, SlabFlags::NONE, None)
+        .unwrap();
+    assert_eq!(again, freed);
+    let freed = pools[77];
+    mm.mempool_destroy(freed).unwrap();
+    assert_eq!(mm.mempool_create(PoolBacking::Pages(0), 1).unwrap(), freed);
+
     for id in pools {
         mm.mempool_destroy(id).unwrap();
     }
     for id in caches {
         mm.cache_destroy(id).unwrap();
     }
-    assert!(mm.check().is_ok());
+    mm.check().unwrap();
+    assert_eq!(descriptors(&mm), boot_descriptors);
+    assert_eq!(settled_free(&mut mm), before, "every page back");
 }
 
 #[test]
@@ -717,9 +786,18 @@ fn deferred_steps_hand_memory_over_and_keep_every_invariant() {
     assert_eq!(mm.deferred_pages(), 0);
     assert_eq!(mm.initialised_frames(), mm.nr_frames());
     assert_eq!(mm.meminfo().free, full.meminfo().free);
+    // The boot's own allocations (the owner and cache tables, the cache
+    // of caches) split different blocks when less memory was there to
+    // choose from: free blocks per order may differ, nothing else.
+    let unsplit = |zones: [stats::ZoneInfo; NR_ZONES]| {
+        zones.map(|z| stats::ZoneInfo {
+            nr_free: Default::default(),
+            ..z
+        })
+    };
     assert_eq!(
-        mm.zoneinfo(),
-        full.zoneinfo(),
+        unsplit(mm.zoneinfo()),
+        unsplit(full.zoneinfo()),
         "zones and watermarks as if at boot"
     );
     mm.check().unwrap();

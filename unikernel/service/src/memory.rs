@@ -7,10 +7,12 @@
 //!
 //! **No method may allocate from the heap.** In the kernel the memory
 //! manager *is* the heap, behind one lock that [`crate::Env::with_mem`]
-//! holds while these methods run. That is why statistics come in two steps:
-//! [`Memory::snapshot`] copies plain data into a buffer the service
-//! allocated beforehand, and [`Memory::render`] turns it into protocol
-//! types after the lock is released.
+//! holds while these methods run. That is why statistics come in three
+//! steps: [`Memory::view_len`] counts what a view will list, the service
+//! allocates room for that many ([`Memory::stats_room`]) with the lock
+//! released, [`Memory::snapshot`] copies plain data into it, and
+//! [`Memory::render`] turns it into protocol types after the lock is
+//! released again.
 
 use memd_wire::{CacheSpec, DmaMask, DmaSource, FaultConfig, FaultStatus, FaultTarget, Gfp, Reply};
 
@@ -23,10 +25,17 @@ pub enum View {
     Zoneinfo,
     /// `/proc/buddyinfo`.
     Buddyinfo,
-    /// `/proc/slabinfo`.
-    Slabinfo,
-    /// Mempools.
-    Mempools,
+    /// `/proc/slabinfo`: at most [`memd_wire::VIEW_PAGE`] caches from
+    /// position `start`.
+    Slabinfo {
+        /// Position of the first cache listed.
+        start: usize,
+    },
+    /// Mempools, paged as `Slabinfo` is.
+    Mempools {
+        /// Position of the first pool listed.
+        start: usize,
+    },
     /// The contiguous region.
     Cma,
 }
@@ -95,7 +104,7 @@ pub trait Memory {
     type DmaBuf;
     /// A heap-free snapshot of the statistics (allocated by the service
     /// before the memory manager is borrowed).
-    type Stats: Default;
+    type Stats;
 
     /// Page size in bytes.
     fn page_size(&self) -> u64;
@@ -114,10 +123,17 @@ pub trait Memory {
     fn balloon_bytes(&mut self) -> u64 {
         0
     }
-    /// Runs `f` with what it allocates charged to `owner` (a connection
-    /// id); everything outside `f` is the kernel's. Through
-    /// [`crate::Env::with_mem_as`].
+    /// Runs `f` with what it allocates charged to `owner` (from
+    /// [`Memory::owner_new`]); everything outside `f` is the kernel's.
+    /// Through [`crate::Env::with_mem_as`].
     fn as_owner<R>(&mut self, owner: u64, f: impl FnOnce(&mut Self) -> R) -> R;
+    /// A new owner id for a client, never one whose pages are still
+    /// charged.
+    fn owner_new(&mut self) -> Result<u64, MemError>;
+    /// `owner`'s client is gone and what it held is freed.
+    fn owner_free(&mut self, owner: u64);
+    /// Pages charged to `owner` now.
+    fn owner_pages(&mut self, owner: u64) -> u64;
 
     /// Allocate `2^order` pages; returns the physical address.
     fn alloc_pages(&mut self, order: u8, gfp: Gfp) -> Result<u64, MemError>;
@@ -181,7 +197,13 @@ pub trait Memory {
     /// Free it.
     fn dma_free(&mut self, buf: Self::DmaBuf) -> Result<(), MemError>;
 
-    /// Copy the data of `view` into `out` (no heap allocation).
+    /// Entries `view` lists now (caches, pools; 0 for the other views).
+    fn view_len(&mut self, view: View) -> usize;
+    /// A snapshot with room for `entries` entries of `view` (allocated
+    /// with the lock released, fallibly).
+    fn stats_room(view: View, entries: usize) -> Result<Self::Stats, MemError>;
+    /// Copy the data of `view` into `out`, as much as its room holds (no
+    /// heap allocation).
     fn snapshot(&mut self, view: View, out: &mut Self::Stats);
     /// Turn a snapshot into the reply for `view` (runs without the lock).
     fn render(view: View, stats: &Self::Stats) -> Reply;

@@ -67,12 +67,6 @@ macro_rules! fill_table {
 /// One constructor per fill byte: memd-mm constructors are plain `fn`s.
 static FILL_CTORS: [memd_mm::Ctor; 256] = fill_table!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63 64 65 66 67 68 69 70 71 72 73 74 75 76 77 78 79 80 81 82 83 84 85 86 87 88 89 90 91 92 93 94 95 96 97 98 99 100 101 102 103 104 105 106 107 108 109 110 111 112 113 114 115 116 117 118 119 120 121 122 123 124 125 126 127 128 129 130 131 132 133 134 135 136 137 138 139 140 141 142 143 144 145 146 147 148 149 150 151 152 153 154 155 156 157 158 159 160 161 162 163 164 165 166 167 168 169 170 171 172 173 174 175 176 177 178 179 180 181 182 183 184 185 186 187 188 189 190 191 192 193 194 195 196 197 198 199 200 201 202 203 204 205 206 207 208 209 210 211 212 213 214 215 216 217 218 219 220 221 222 223 224 225 226 227 228 229 230 231 232 233 234 235 236 237 238 239 240 241 242 243 244 245 246 247 248 249 250 251 252 253 254 255);
 
-/// The owner tag for a connection (memd-mm keeps 256 tags; 0 is the kernel).
-fn owner_of(conn: u64) -> Owner {
-    // Tags 1..=254: 0 is the kernel's, the last the balloon's.
-    Owner((conn % (memd_mm::MAX_OWNERS as u64 - 2) + 1) as u16)
-}
-
 impl Memory for MemoryManager {
     type CacheId = CacheId;
     type PoolId = PoolId;
@@ -104,14 +98,36 @@ impl Memory for MemoryManager {
     }
 
     fn as_owner<R>(&mut self, owner: u64, f: impl FnOnce(&mut Self) -> R) -> R {
-        // Cannot fail: both tags are below MAX_OWNERS.
-        let _ = MemoryManager::set_owner(self, owner_of(owner));
+        // An id from `owner_new` is live until `owner_free`; anything else
+        // leaves the kernel as the owner.
+        let _ = MemoryManager::set_owner(self, Owner(owner as u16));
         let r = f(self);
         // Pages the kernel takes next (virtio buffers, its heap) are its
         // own, and only kernel-owned ATOMIC requests may use the reserve
         // below `min`.
         let _ = MemoryManager::set_owner(self, Owner::KERNEL);
         r
+    }
+
+    fn owner_new(&mut self) -> Result<u64, MemError> {
+        match MemoryManager::owner_alloc(self) {
+            Ok(o) => Ok(o.0 as u64),
+            Err(MmError::TableFull) => Err(MemError::new(
+                errno::ENOSPC,
+                "every owner id is live or still charged with pages",
+            )),
+            Err(e) => Err(mm_err(e)),
+        }
+    }
+
+    fn owner_free(&mut self, owner: u64) {
+        if let Ok(owner) = u16::try_from(owner) {
+            let _ = MemoryManager::owner_free(self, Owner(owner));
+        }
+    }
+
+    fn owner_pages(&mut self, owner: u64) -> u64 {
+        u16::try_from(owner).map_or(0, |o| MemoryManager::owner_pages(self, Owner(o)))
     }
 
     fn alloc_pages(&mut self, order: u8, g: Gfp) -> Result<u64, MemError> {
@@ -255,6 +271,15 @@ impl Memory for MemoryManager {
 
     fn dma_free(&mut self, buf: DmaBuffer) -> Result<(), MemError> {
         MemoryManager::dma_free(self, &buf).map_err(mm_err)
+    }
+
+    fn view_len(&mut self, view: View) -> usize {
+        stats::view_len(self, view)
+    }
+
+    fn stats_room(view: View, entries: usize) -> Result<MmStats, MemError> {
+        MmStats::with_room(view, entries)
+            .ok_or(MemError::new(errno::ENOMEM, "no memory for the listing"))
     }
 
     fn snapshot(&mut self, view: View, out: &mut MmStats) {

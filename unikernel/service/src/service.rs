@@ -195,6 +195,12 @@ impl<M: Memory> Service<M> {
             .is_some_and(|c| c.state == State::Ready)
     }
 
+    /// The owner id `conn`'s allocations are charged to (the kernel's, 0,
+    /// for a connection that has not said hello).
+    fn owner(&self, conn: ConnId) -> u64 {
+        self.conns.get(&conn).map_or(0, |c| c.owner)
+    }
+
     /// `conn` is gone: what it held is queued for [`Service::background`]
     /// to free, after the long operation it was in the middle of (if any)
     /// has given back what it holds of its own.
@@ -214,7 +220,11 @@ impl<M: Memory> Service<M> {
                 self.releases.push_in_flight(buf, f.from, f.to);
             }
         }
-        self.releases.push(handles);
+        if let Some(owner) = self.releases.push(handles, c.owner) {
+            if owner != 0 {
+                env.with_mem(|m, _| m.owner_free(owner));
+            }
+        }
     }
 
     /// [`Service::on_close`], and everything `conn` held freed before it
@@ -291,13 +301,23 @@ impl<M: Memory> Service<M> {
         let page = self.page_size(env);
         match op {
             Op::Status => Ok(self.status(env, page)),
-            Op::Meminfo => Ok(stats(env, View::Meminfo)),
-            Op::Zoneinfo => Ok(stats(env, View::Zoneinfo)),
-            Op::Buddyinfo => Ok(stats(env, View::Buddyinfo)),
-            Op::Slabinfo => Ok(stats(env, View::Slabinfo)),
-            Op::Mempools => Ok(stats(env, View::Mempools)),
-            Op::Cma => Ok(stats(env, View::Cma)),
-            Op::Clients => Ok(Reply::Clients(self.clients())),
+            Op::Meminfo => stats(env, View::Meminfo),
+            Op::Zoneinfo => stats(env, View::Zoneinfo),
+            Op::Buddyinfo => stats(env, View::Buddyinfo),
+            Op::Slabinfo { start } => stats(
+                env,
+                View::Slabinfo {
+                    start: index(start),
+                },
+            ),
+            Op::Mempools { start } => stats(
+                env,
+                View::Mempools {
+                    start: index(start),
+                },
+            ),
+            Op::Cma => stats(env, View::Cma),
+            Op::Clients => Ok(Reply::Clients(self.clients(env))),
             Op::DmaBuffers { start } => self.dma_list(env, start),
             Op::Faults => Ok(views::faults(env)),
 
@@ -347,4 +367,9 @@ impl<M: Memory> Service<M> {
             | Op::Check => Err(err(errno::EINVAL, "a long operation out of turn")),
         }
     }
+}
+
+/// A listing position from the wire: past any listing when it does not fit.
+fn index(start: u64) -> usize {
+    usize::try_from(start).unwrap_or(usize::MAX)
 }

@@ -7,6 +7,7 @@ mod common;
 use std::sync::atomic::Ordering;
 
 use common::{handle, Harness, RamDisk, ALLOCS_UNDER_LOCK};
+use memd_service::ConnId;
 
 use memd_mm::HostMm;
 use memd_mm::MemoryManager;
@@ -50,7 +51,9 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
     assert!(
         matches!(t.ok(a, Op::Buddyinfo), Reply::Buddyinfo(z) if !z.is_empty() && z[0].free.len() == 11)
     );
-    assert!(matches!(t.ok(a, Op::Slabinfo), Reply::Slabinfo(s) if s.iter().any(|c| c.builtin)));
+    assert!(
+        matches!(t.ok(a, Op::Slabinfo { start: 0 }), Reply::Slabinfo(s) if s.iter().any(|c| c.builtin))
+    );
     assert!(matches!(t.ok(a, Op::Cma), Reply::Cma(c) if c.present && c.total == 16 << 20));
 
     let p = t.ok(
@@ -87,7 +90,7 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
         }),
     ));
     let objs: Vec<u64> = (0..50).map(|_| t.cache_alloc(a, cache)).collect();
-    match t.ok(a, Op::Slabinfo) {
+    match t.ok(a, Op::Slabinfo { start: 0 }) {
         Reply::Slabinfo(s) => {
             let c = s.iter().find(|c| c.name == "svc-test").unwrap();
             assert_eq!(c.active_objs, 50);
@@ -105,7 +108,7 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
     let kpool = t.pool_create(a, PoolBacking::Cache(cache), 2);
     let el = t.pool_alloc(a, kpool, Gfp::KERNEL);
     assert!(
-        matches!(t.ok(a, Op::Mempools), Reply::Mempools(v) if v.len() == 2 && v.iter().any(|p| p.min_nr == 4))
+        matches!(t.ok(a, Op::Mempools { start: 0 }), Reply::Mempools(v) if v.len() == 2 && v.iter().any(|p| p.min_nr == 4))
     );
     t.pool_free(a, kpool, el).unwrap();
 
@@ -280,4 +283,78 @@ fn allocations_are_charged_to_the_client_and_the_kernel_owns_the_rest() {
     t.ok(c, Op::FreePages { handle: p });
     assert_eq!(clients(&t.mem), 0);
     t.close(c);
+}
+
+/// 300 clients: each one's pages are charged to an owner id of its own
+/// and the clients view shows them exactly; the 600 caches and 300 pools
+/// they hold together fill no table and are listed page by page. Once they
+/// leave, memd-mm holds what it held before they came.
+#[test]
+fn three_hundred_clients_are_charged_exactly_and_leave_nothing_behind() {
+    let mut t = Harness::new(HostMm::three_zones(256 << 20, 0, "").expect("boot"));
+    let viewer = t.login();
+    t.mem.reclaim();
+    let base = free(&t);
+    let owner_ids = t.mem.owner_capacity();
+    let clients: Vec<ConnId> = (0..300).map(|_| t.login()).collect();
+    for (i, &c) in clients.iter().enumerate() {
+        for _ in 0..i % 5 + 1 {
+            t.ok(
+                c,
+                Op::AllocPages {
+                    order: 1,
+                    gfp: Gfp::KERNEL,
+                },
+            );
+        }
+        t.cache_create(c, "per-client", 48 + i as u32);
+        t.cache_create(c, "per-client-2", 1000 + i as u32);
+        t.pool_create(c, PoolBacking::Kmalloc { size: 100 }, 2);
+    }
+    let Reply::Clients(view) = t.ok(viewer, Op::Clients) else {
+        panic!("clients view")
+    };
+    let mut owners: Vec<u64> = view.iter().map(|c| c.owner).collect();
+    owners.sort_unstable();
+    owners.dedup();
+    assert_eq!(owners.len(), 301, "one owner id per client");
+    for (i, &c) in clients.iter().enumerate() {
+        let line = view.iter().find(|l| l.conn == c).expect("listed");
+        assert_eq!(line.charged_pages, 2 * (i as u64 % 5 + 1), "client {i}");
+    }
+    // 600 caches beside the kernel's: more than a page of the listing.
+    let mut caches = 0;
+    while let Reply::Slabinfo(page) = t.ok(
+        viewer,
+        Op::Slabinfo {
+            start: caches as u64,
+        },
+    ) {
+        caches += page.len();
+        if page.len() < VIEW_PAGE {
+            break;
+        }
+    }
+    assert!(caches > VIEW_PAGE);
+    assert_eq!(caches, t.mem.caches().count());
+    let Reply::Mempools(pools) = t.ok(viewer, Op::Mempools { start: 0 }) else {
+        panic!("mempools view")
+    };
+    assert_eq!(pools.len(), 300);
+    for c in clients {
+        t.close(c);
+    }
+    t.mem.reclaim();
+    assert_eq!(free(&t), base, "free memory back to the baseline");
+    assert_eq!(
+        t.mem.owner_capacity(),
+        owner_ids,
+        "owner table back to its size"
+    );
+    assert!(matches!(MemoryManager::check(&t.mem), Ok(())));
+    assert_eq!(
+        ALLOCS_UNDER_LOCK.load(Ordering::Relaxed),
+        0,
+        "heap used while the memory manager was borrowed"
+    );
 }

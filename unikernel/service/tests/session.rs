@@ -931,11 +931,9 @@ fn the_client_token_cannot_run_operator_operations() {
 }
 
 #[test]
-fn caches_and_pools_count_against_the_quota_and_a_global_cap() {
+fn caches_and_pools_count_against_the_quota() {
     let mut cfg = Config::new(TOKEN);
     cfg.quota.caches = 3;
-    cfg.max_client_caches = 4;
-    cfg.max_client_pools = 100;
     let mut h = Harness::with_config(Model::new(64 << 20), cfg);
     let create = |h: &mut Harness<Model>, c, i: usize| {
         h.call(
@@ -969,12 +967,14 @@ fn caches_and_pools_count_against_the_quota_and_a_global_cap() {
         },
     );
     create(&mut h, a, 3).unwrap();
-    // Another client takes the fourth cache of the global cap, then finds
-    // the cap reached.
+    // Another client has a quota of its own: what all hold together is
+    // limited by memory alone.
     let b = h.login();
-    create(&mut h, b, 4).unwrap();
-    assert_eq!(create(&mut h, b, 5).unwrap_err().code, errno::ENOSPC);
-    // When the first client leaves, its caches are counted out.
-    h.close(a);
-    create(&mut h, b, 6).unwrap();
+    let held: Vec<u64> = (4..7)
+        .map(|i| handle(&create(&mut h, b, i).unwrap()))
+        .collect();
+    assert_eq!(create(&mut h, b, 7).unwrap_err().code, errno::EDQUOT);
+    // A cache destroyed is counted out.
+    h.ok(b, Op::CacheDestroy { cache: held[0] });
+    create(&mut h, b, 8).unwrap();
 }

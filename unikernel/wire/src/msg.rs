@@ -16,9 +16,10 @@ use crate::error::WireError;
 use crate::flags::{DmaMask, Gfp, SlabFlags};
 use crate::stats::*;
 
-/// Protocol version spoken by this crate. 2: `Status` carries `busy_ns`
-/// and `halted_ns`.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// Protocol version spoken by this crate. 6: the slab and mempool
+/// listings come in pages, and a client's line carries its owner id and
+/// the pages memd-mm charges to it.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Most operations one batch may carry. The decoded operations are held
 /// while the batch runs, and every result must fit the one reply frame
@@ -28,6 +29,10 @@ pub const MAX_BATCH_OPS: usize = 4096;
 /// Entries in one page of [`Op::DmaBuffers`]: a page's reply stays far
 /// below a frame.
 pub const DMA_LIST_PAGE: usize = 2048;
+
+/// Entries in one page of [`Op::Slabinfo`] and [`Op::Mempools`]: clients
+/// may hold thousands of caches and pools between them.
+pub const VIEW_PAGE: usize = 512;
 
 /// Longest name accepted for a cache or a client.
 pub const MAX_NAME_LEN: usize = 32;
@@ -161,10 +166,18 @@ pub enum Op {
     Zoneinfo,
     /// `/proc/buddyinfo`.
     Buddyinfo,
-    /// `/proc/slabinfo`.
-    Slabinfo,
-    /// Every mempool.
-    Mempools,
+    /// `/proc/slabinfo`, a page at a time: at most [`VIEW_PAGE`] caches
+    /// from position `start`, in id order. A page shorter than
+    /// [`VIEW_PAGE`] is the last.
+    Slabinfo {
+        /// Position of the first entry wanted.
+        start: u64,
+    },
+    /// The mempools, paged as [`Op::Slabinfo`] is.
+    Mempools {
+        /// Position of the first entry wanted.
+        start: u64,
+    },
     /// The contiguous-memory region.
     Cma,
     /// Per-connection usage.
@@ -358,8 +371,8 @@ impl Op {
         Op::Meminfo,
         Op::Zoneinfo,
         Op::Buddyinfo,
-        Op::Slabinfo,
-        Op::Mempools,
+        Op::Slabinfo { start: 0 },
+        Op::Mempools { start: 0 },
         Op::Cma,
         Op::Clients,
         Op::DmaBuffers { start: 0 },
@@ -382,8 +395,8 @@ impl Op {
             Op::Meminfo => "meminfo",
             Op::Zoneinfo => "zoneinfo",
             Op::Buddyinfo => "buddyinfo",
-            Op::Slabinfo => "slabinfo",
-            Op::Mempools => "mempools",
+            Op::Slabinfo { .. } => "slabinfo",
+            Op::Mempools { .. } => "mempools",
             Op::Cma => "cma",
             Op::Clients => "clients",
             Op::DmaBuffers { .. } => "dma-list",

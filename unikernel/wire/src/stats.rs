@@ -34,8 +34,7 @@ pub struct Quota {
     pub bytes: u64,
     /// Handles held at once.
     pub handles: u64,
-    /// Slab caches and mempools held at once (they take entries of the
-    /// memory manager's tables, which all clients share).
+    /// Slab caches and mempools held at once.
     pub caches: u64,
 }
 
@@ -186,6 +185,11 @@ pub struct ClientInfo {
     pub authenticated: bool,
     /// Handles held.
     pub handles: u64,
+    /// Its owner id in the memory manager (0 before its hello).
+    pub owner: u64,
+    /// Pages the memory manager charges to that owner: page blocks and
+    /// DMA buffers from the buddy allocator, counted in the frame table.
+    pub charged_pages: u64,
     /// Pages accounted (page blocks, DMA buffers, object footprints).
     pub pages: u64,
     /// Bytes accounted.

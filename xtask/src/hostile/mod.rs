@@ -86,7 +86,7 @@ fn bystander(t: &Target, stop: &AtomicBool, done: &AtomicU64) -> Result<()> {
 pub fn run_against(t: &Target) -> Result<()> {
     let mut ctl = t.client("hostile-control")?;
     // Views once, so the control connection's buffers have grown first.
-    for op in [Op::Meminfo, Op::Slabinfo, Op::Clients] {
+    for op in [Op::Meminfo, Op::Slabinfo { start: 0 }, Op::Clients] {
         ctl.call(op)?;
     }
     let baseline = settle(&mut ctl, None, Duration::from_secs(10))?;

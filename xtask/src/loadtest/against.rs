@@ -134,7 +134,7 @@ pub fn run_against(addr: &str, tokens: &Tokens, args: &Args) -> Result<Report> {
     // ENOMEM is explained by injected faults, one failed request per
     // injection at most; any other code is unexplained.
     let total_errors: u64 = tally.errors.values().sum();
-    let other = total_errors - tally.enomem - tally.table_full;
+    let other = total_errors - tally.enomem;
     let unexplained = other + tally.enomem.saturating_sub(injected);
     Ok(Report {
         fatal,

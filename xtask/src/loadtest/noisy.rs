@@ -213,8 +213,8 @@ impl<'a> Noisy<'a> {
         Ok(())
     }
 
-    /// Creates caches and kmalloc-backed pools, then destroys them. A full
-    /// table (ENOSPC) or quota (EDQUOT) ends the creations of that kind.
+    /// Creates caches and kmalloc-backed pools, then destroys them. The
+    /// quota (EDQUOT) ends the creations of that kind.
     fn storm(&mut self) -> Result<(), String> {
         let mut caches = Vec::new();
         for _ in 0..STORM {
@@ -229,7 +229,7 @@ impl<'a> Noisy<'a> {
                 })
             })? {
                 Ok(h) => caches.push(h),
-                Err(errno::ENOSPC | errno::EDQUOT) => break,
+                Err(errno::EDQUOT) => break,
                 Err(_) => {}
             }
         }
@@ -241,7 +241,7 @@ impl<'a> Noisy<'a> {
             let min_nr = 1 + self.rng.below(8) as u32;
             match self.timed("pool-create", |c| c.pool_create(backing, min_nr))? {
                 Ok(h) => pools.push(h),
-                Err(errno::ENOSPC | errno::EDQUOT) => break,
+                Err(errno::EDQUOT) => break,
                 Err(_) => {}
             }
         }

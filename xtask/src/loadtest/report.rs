@@ -27,8 +27,6 @@ pub struct Report {
     /// The clients' figures (the noisy neighbours' are in `noisy`).
     pub load: Figures,
     pub enomem: u64,
-    /// ENOSPC from a full global cache or pool table (explained).
-    pub table_full: u64,
     /// Errors no injected fault explains.
     pub unexplained: u64,
     pub fatal: Vec<String>,
@@ -72,7 +70,6 @@ impl Report {
         Report {
             profile: args.profile,
             enomem: tally.enomem,
-            table_full: tally.table_full,
             load: Figures::new(args.clients, elapsed, tally),
             unexplained,
             fatal: Vec::new(),
@@ -114,7 +111,6 @@ impl Report {
             "loop_passes": self.loop_passes.map(PassFigures::to_json),
             "noisy": self.noisy.as_ref().map(|n| n.to_json()),
             "enomem": self.enomem,
-            "table_full": self.table_full,
             "unexplained_errors": self.unexplained,
             "client_failures": self.fatal,
             "faults": self.faults.as_ref().map(|f| json!({"probability": f.probability, "injected": f.injected, "calls": f.calls})),
@@ -176,12 +172,6 @@ impl Report {
             for ((k, c), n) in &load.errors {
                 println!("  {k:<20} {c:<8} {n}");
             }
-        }
-        if self.table_full > 0 {
-            println!(
-                "ENOSPC from full global cache/pool tables: {}",
-                self.table_full
-            );
         }
         println!("unexplained errors: {}", self.unexplained);
         if let Some(f) = &self.faults {

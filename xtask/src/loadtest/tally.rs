@@ -18,10 +18,6 @@ pub(super) struct Tally {
     /// ENOMEM replies (explained only by injected faults in the mixed
     /// profile).
     pub enomem: u64,
-    /// ENOSPC from cache-create / pool-create: the service's global cache
-    /// or pool table is full (128 caches, 256 mempools), a documented limit with many
-    /// clients; the client goes on with fewer caches and pools.
-    pub table_full: u64,
     pub ops: u64,
 }
 
@@ -83,7 +79,6 @@ impl Tally {
             *self.errors.entry(k).or_default() += n;
         }
         self.enomem += o.enomem;
-        self.table_full += o.table_full;
         self.ops += o.ops;
     }
 }

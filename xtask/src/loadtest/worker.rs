@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use anyhow::Result;
-use memd_client::wire::{errno, DmaMask, Gfp, Handle, Op, PoolBacking, Reply, SlabFlags};
+use memd_client::wire::{DmaMask, Gfp, Handle, Op, PoolBacking, Reply, SlabFlags};
 use memd_client::{wire, Client, Options};
 
 use super::tally::{Shared, Tally};
@@ -62,16 +62,15 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Creates the client's cache and up to three pools, retrying injected
-    /// failures (ENOMEM); a full global table (ENOSPC) leaves the client
-    /// with fewer.
+    /// Creates the client's cache and three pools, retrying injected
+    /// failures (ENOMEM). Any other refusal is an error of the run: caches
+    /// and pools are limited by memory and the quota (8) alone.
     fn setup(&mut self) -> Result<(), Fatal> {
-        let (mut cache_full, mut pools_full) = (false, false);
         for _ in 0..100 {
-            if (self.cache.is_some() || cache_full) && (self.pools.len() == 3 || pools_full) {
+            if self.cache.is_some() && self.pools.len() == 3 {
                 return Ok(());
             }
-            if self.cache.is_none() && !cache_full {
+            if self.cache.is_none() {
                 let size = 24 + self.rng.below(1000) as u32;
                 let flags = if self.rng.chance(50) {
                     SlabFlags::HWCACHE_ALIGN
@@ -94,10 +93,6 @@ impl<'a> Worker<'a> {
                         ctor,
                     })
                 })?;
-                if self.cache.is_none() && self.last_error == Some(errno::ENOSPC) {
-                    cache_full = true;
-                    self.tally.table_full += 1;
-                }
                 continue;
             }
             let backing = match (self.pools.len(), self.cache) {
@@ -110,13 +105,8 @@ impl<'a> Worker<'a> {
                 },
             };
             let min_nr = 1 + self.rng.below(4) as u32;
-            match self.timed("pool-create", |c| c.pool_create(backing, min_nr))? {
-                Some(h) => self.pools.push((h, Vec::new())),
-                None if self.last_error == Some(errno::ENOSPC) => {
-                    pools_full = true;
-                    self.tally.table_full += 1;
-                }
-                None => {}
+            if let Some(h) = self.timed("pool-create", |c| c.pool_create(backing, min_nr))? {
+                self.pools.push((h, Vec::new()));
             }
         }
         Err(Fatal(

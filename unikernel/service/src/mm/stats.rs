@@ -1,6 +1,7 @@
-//! The statistics views of a `MemoryManager`: [`snapshot`] copies memd-mm's
-//! views into a heap-free [`MmStats`] under the lock, [`render`] turns them
-//! into the protocol's after.
+//! The statistics views of a `MemoryManager`: [`view_len`] counts a
+//! listing's entries under the lock, [`MmStats::with_room`] makes room for
+//! them outside it, [`snapshot`] copies memd-mm's views into that room
+//! under the lock, [`render`] turns them into the protocol's after.
 //!
 //! This is the one place where memd-mm's views become the wire's. `MemInfo`
 //! is one type on both sides and goes out as it is, a slabinfo line only
@@ -16,47 +17,63 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use memd_mm::stats::{self as mm, MemInfo};
-use memd_mm::{MemoryManager, PoolBacking, MAX_CACHES, MAX_POOLS, NR_ZONES};
-use memd_wire::{BuddyZone, CmaInfo, MempoolInfo, Reply, SlabInfo, ZoneInfo};
+use memd_mm::{MemoryManager, PoolBacking, NR_ZONES};
+use memd_wire::{BuddyZone, CmaInfo, MempoolInfo, Reply, SlabInfo, ZoneInfo, VIEW_PAGE};
 
 use crate::memory::View;
 
-/// Heap-free statistics snapshot of a `MemoryManager`: memd-mm's views,
-/// copied (they hold no references into the manager).
+/// Statistics snapshot of a `MemoryManager`: memd-mm's views, copied
+/// (they hold no references into the manager) into room made beforehand.
+#[derive(Default)]
 pub struct MmStats {
     meminfo: Option<MemInfo>,
     zones: Option<[mm::ZoneInfo; NR_ZONES]>,
-    slabs: [Option<mm::SlabInfo>; MAX_CACHES],
-    pools: [Option<mm::MempoolInfo>; MAX_POOLS],
+    slabs: Vec<mm::SlabInfo>,
+    pools: Vec<mm::MempoolInfo>,
     cma: Option<mm::CmaInfo>,
 }
 
-impl Default for MmStats {
-    fn default() -> Self {
-        MmStats {
-            meminfo: None,
-            zones: None,
-            slabs: [None; MAX_CACHES],
-            pools: [None; MAX_POOLS],
-            cma: None,
+impl MmStats {
+    /// A snapshot with room for `entries` of a listing (none without the
+    /// memory for them).
+    pub(super) fn with_room(view: View, entries: usize) -> Option<MmStats> {
+        let mut s = MmStats::default();
+        match view {
+            View::Slabinfo { .. } => s.slabs.try_reserve_exact(entries).ok()?,
+            View::Mempools { .. } => s.pools.try_reserve_exact(entries).ok()?,
+            _ => {}
         }
+        Some(s)
     }
 }
 
+/// Entries of `view`'s page: caches or pools from its start, at most a
+/// page.
+pub(super) fn view_len(mm: &mut MemoryManager, view: View) -> usize {
+    let (all, start) = match view {
+        View::Slabinfo { start } => (mm.caches().count(), start),
+        View::Mempools { start } => (mm.mempools().count(), start),
+        _ => return 0,
+    };
+    all.saturating_sub(start).min(VIEW_PAGE)
+}
+
 /// Copies `view`'s data out of `mm` into `out` (a fresh snapshot), without
-/// touching the heap.
+/// touching the heap: listings fill the room made for them and stop.
 pub(super) fn snapshot(mm: &mut MemoryManager, view: View, out: &mut MmStats) {
     match view {
         View::Meminfo => out.meminfo = Some(mm.meminfo()),
         View::Zoneinfo | View::Buddyinfo => out.zones = Some(mm.zoneinfo()),
-        View::Slabinfo => {
-            for (slot, (_, s)) in out.slabs.iter_mut().zip(mm.slabinfo()) {
-                *slot = Some(s);
+        View::Slabinfo { start } => {
+            let room = out.slabs.capacity();
+            for (_, s) in mm.slabinfo().skip(start).take(room) {
+                out.slabs.push(s);
             }
         }
-        View::Mempools => {
-            for (slot, p) in out.pools.iter_mut().zip(mm.mempool_info()) {
-                *slot = Some(p);
+        View::Mempools { start } => {
+            let room = out.pools.capacity();
+            for p in mm.mempool_info().skip(start).take(room) {
+                out.pools.push(p);
             }
         }
         View::Cma => out.cma = mm.cma_info(),
@@ -76,8 +93,8 @@ pub(super) fn render(view: View, s: &MmStats) -> Reply {
                 .map(buddy)
                 .collect(),
         ),
-        View::Slabinfo => Reply::Slabinfo(s.slabs.iter().flatten().map(slab).collect()),
-        View::Mempools => Reply::Mempools(s.pools.iter().flatten().map(mempool).collect()),
+        View::Slabinfo { .. } => Reply::Slabinfo(s.slabs.iter().map(slab).collect()),
+        View::Mempools { .. } => Reply::Mempools(s.pools.iter().map(mempool).collect()),
         View::Cma => Reply::Cma(Box::new(s.cma.as_ref().map_or_else(CmaInfo::default, cma))),
     }
 }

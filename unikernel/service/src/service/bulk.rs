@@ -139,12 +139,13 @@ impl<M: Memory> Service<M> {
         }
         let page = self.page_size(env);
         let quota = self.config.quota;
+        let owner = self.owner(conn);
         let Some(c) = self.conns.get_mut(&conn) else {
             return run;
         };
         c.holdings.handles.reserve(stretch.allocs, stretch.frees);
         reply.reserve_plain(stretch.left);
-        env.with_mem_as(conn, |m, _| {
+        env.with_mem_as(owner, |m, _| {
             for op in ops[..stretch.left.min(limit)].iter().map_while(BulkOp::of) {
                 if !reply.plain_fits(FINAL_ENTRY_ROOM) {
                     break;

@@ -28,7 +28,7 @@ impl<M: Memory> Service<M> {
             ));
         }
         self.check_quota(conn, 0, 0)?;
-        self.check_table_quota(conn, false)?;
+        self.check_table_quota(conn)?;
         let id = env.with_mem(|m, _| m.cache_create(spec)).map_err(mem_err)?;
         let res = Res::Cache {
             id,

@@ -23,11 +23,6 @@ pub struct Config {
     pub started_ns: u64,
     /// Most operations one stress request may run.
     pub max_stress_ops: u64,
-    /// Most slab caches all clients together may hold: the memory
-    /// manager's cache table is shared with the kernel's own caches.
-    pub max_client_caches: u64,
-    /// Most mempools all clients together may hold.
-    pub max_client_pools: u64,
     /// Most work one request may ask for: a stress operation counts one,
     /// a DMA buffer one per 64 bytes it covers, anything else one. A
     /// batch's operations count together.
@@ -53,8 +48,6 @@ impl Config {
             server: format!("memd {}", env!("CARGO_PKG_VERSION")),
             started_ns: 0,
             max_stress_ops: 50_000_000,
-            max_client_caches: 96,
-            max_client_pools: 192,
             max_request_work: 50_000_000,
             budget_ns: DEFAULT_BUDGET_NS,
         }

@@ -53,6 +53,9 @@ pub(super) struct Conn<M: Memory> {
     pub(super) role: Role,
     pub(super) decoder: FrameDecoder,
     pub(super) name: String,
+    /// Its owner id in the memory manager, from the hello on (0, the
+    /// kernel's, before).
+    pub(super) owner: u64,
     /// Its handles and what they charge.
     pub(super) holdings: Holdings<M>,
     pub(super) requests: u64,
@@ -75,6 +78,7 @@ impl<M: Memory> Conn<M> {
             role: Role::Client,
             decoder,
             name: String::new(),
+            owner: 0,
             holdings: Holdings::new(id),
             requests: 0,
             errors: 0,

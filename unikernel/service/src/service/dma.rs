@@ -51,7 +51,7 @@ impl<M: Memory> Service<M> {
         }
         self.check_quota(conn, len.div_ceil(page), len)?;
         let buf = env
-            .with_mem_as(conn, |m, _| {
+            .with_mem_as(self.owner(conn), |m, _| {
                 if zeroed {
                     m.dma_alloc(len, align, mask)
                 } else {
@@ -149,7 +149,7 @@ impl<M: Memory> Service<M> {
 
 fn cma_info<E: Env>(env: &mut E) -> memd_wire::CmaInfo {
     match stats(env, View::Cma) {
-        Reply::Cma(c) => *c,
+        Ok(Reply::Cma(c)) => *c,
         _ => memd_wire::CmaInfo::default(),
     }
 }

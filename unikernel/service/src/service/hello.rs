@@ -9,12 +9,20 @@ use memd_wire::{errno, Hello, HelloAck, Request, Response, Role, MAX_NAME_LEN, P
 
 use super::conn::State;
 use super::reply::write_response;
-use super::{err, Config, ConnId, Flow, Service};
+use super::{err, mem_err, Config, ConnId, Flow, Service};
+use crate::env::Env;
 use crate::memory::Memory;
 
 impl<M: Memory> Service<M> {
-    /// Accepts the hello `h` of `conn`, or closes the connection.
-    pub(super) fn hello(&mut self, conn: ConnId, h: Hello, out: &mut Vec<u8>) -> Flow {
+    /// Accepts the hello `h` of `conn` and gives it an owner id, or closes
+    /// the connection.
+    pub(super) fn hello<E: Env<Mem = M>>(
+        &mut self,
+        env: &mut E,
+        conn: ConnId,
+        h: Hello,
+        out: &mut Vec<u8>,
+    ) -> Flow {
         if h.version != PROTOCOL_VERSION {
             let e = err(
                 errno::EPROTO,
@@ -28,9 +36,17 @@ impl<M: Memory> Service<M> {
         let Some(role) = role_of(&self.config, &h.token) else {
             return self.close_with(conn, out, err(errno::EACCES, "wrong token"));
         };
+        if self.conns.get(&conn).is_none() {
+            return Flow::Close;
+        }
+        let owner = match env.with_mem(|m, _| m.owner_new()) {
+            Ok(owner) => owner,
+            Err(e) => return self.close_with(conn, out, mem_err(e)),
+        };
         let Some(c) = self.conns.get_mut(&conn) else {
             return Flow::Close;
         };
+        c.owner = owner;
         c.state = State::Ready;
         c.role = role;
         c.decoder.set_limit(memd_wire::MAX_FRAME);

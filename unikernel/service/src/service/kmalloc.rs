@@ -20,7 +20,7 @@ impl<M: Memory> Service<M> {
     ) -> Result<Reply, WireError> {
         self.check_quota(conn, 0, size)?;
         let obj = env
-            .with_mem_as(conn, |m, _| m.kmalloc(size, gfp))
+            .with_mem_as(self.owner(conn), |m, _| m.kmalloc(size, gfp))
             .map_err(mem_err)?;
         let handle = self.insert(conn, Res::Kmalloc(obj), page);
         Ok(Reply::Object {

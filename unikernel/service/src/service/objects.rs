@@ -142,7 +142,7 @@ impl<M: Memory> Service<M> {
         };
         self.check_quota(conn, 0, size)?;
         let obj = env
-            .with_mem_as(conn, |m, _| id.alloc(m, gfp))
+            .with_mem_as(self.owner(conn), |m, _| id.alloc(m, gfp))
             .map_err(mem_err)?;
         if let Some(objects) = self.get_mut(conn, parent).and_then(|r| kind.objects(r)) {
             *objects += 1;

@@ -25,7 +25,7 @@ impl<M: Memory> Service<M> {
         }
         self.check_quota(conn, 1u64 << order, page << order)?;
         let phys = env
-            .with_mem_as(conn, |m, _| m.alloc_pages(order, gfp))
+            .with_mem_as(self.owner(conn), |m, _| m.alloc_pages(order, gfp))
             .map_err(mem_err)?;
         let handle = self.insert(conn, Res::Pages { phys, order }, page);
         Ok(Reply::Pages {

@@ -37,9 +37,9 @@ impl<M: Memory> Service<M> {
         };
         let reserve = elem.saturating_mul(min_nr as u64);
         self.check_quota(conn, 0, reserve)?;
-        self.check_table_quota(conn, true)?;
+        self.check_table_quota(conn)?;
         let (id, elem) = env
-            .with_mem_as(conn, |m, _| m.pool_create(backing, min_nr))
+            .with_mem_as(self.owner(conn), |m, _| m.pool_create(backing, min_nr))
             .map_err(mem_err)?;
         if let Some(h) = cache {
             if let Some(Res::Cache { pools, .. }) = self.get_mut(conn, h) {

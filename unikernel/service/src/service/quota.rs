@@ -1,5 +1,6 @@
-//! A connection's limits: the handles, pages and bytes of its quota, and
-//! its share of the slab caches and mempools all clients hold together.
+//! A connection's limits: the handles, pages, bytes, slab caches and
+//! mempools of its quota. Nothing else limits what clients hold together
+//! but memory: the memory manager allocates caches and pools from itself.
 
 use alloc::format;
 
@@ -51,10 +52,9 @@ impl<M: Memory> Service<M> {
         }
     }
 
-    /// Checks that `conn` may create one more slab cache (`pool` false) or
-    /// mempool: its own quota (EDQUOT), then what all clients hold
-    /// together (ENOSPC), so no one client fills the shared tables.
-    pub(super) fn check_table_quota(&self, conn: ConnId, pool: bool) -> Result<(), WireError> {
+    /// Checks that `conn` may create one more slab cache or mempool
+    /// (EDQUOT past its quota).
+    pub(super) fn check_table_quota(&self, conn: ConnId) -> Result<(), WireError> {
         let c = self
             .conns
             .get(&conn)
@@ -64,19 +64,6 @@ impl<M: Memory> Service<M> {
             return Err(err(
                 errno::EDQUOT,
                 format!("cache and mempool quota of {q} reached"),
-            ));
-        }
-        let (held, cap, what) = if pool {
-            let held = self.conns.values().map(|c| c.holdings.pools).sum::<u64>();
-            (held, self.config.max_client_pools, "mempools")
-        } else {
-            let held = self.conns.values().map(|c| c.holdings.caches).sum::<u64>();
-            (held, self.config.max_client_caches, "slab caches")
-        };
-        if held >= cap {
-            return Err(err(
-                errno::ENOSPC,
-                format!("clients hold {held} {what}, the most allowed"),
             ));
         }
         Ok(())

@@ -24,6 +24,8 @@ const SLICE: usize = 64;
 /// One departed connection's handles, being freed.
 pub(super) struct Departed<M: Memory> {
     rest: Drain<Res<M>>,
+    /// Its owner id, freed once everything is.
+    owner: u64,
     /// Pools and caches, destroyed when everything else is gone.
     pools: Vec<M::PoolId>,
     caches: Vec<M::CacheId>,
@@ -51,16 +53,19 @@ impl<M: Memory> Releases<M> {
         }
     }
 
-    /// Queues `handles` for freeing.
-    pub(super) fn push(&mut self, handles: HandleTable<Res<M>>) {
+    /// Queues `handles` for freeing, and `owner` for freeing after them;
+    /// gives `owner` back when there is nothing to wait for.
+    pub(super) fn push(&mut self, handles: HandleTable<Res<M>>, owner: u64) -> Option<u64> {
         if handles.is_empty() {
-            return;
+            return Some(owner);
         }
         self.queue.push_back(Departed {
             rest: handles.drain(),
+            owner,
             pools: Vec::new(),
             caches: Vec::new(),
         });
+        None
     }
 
     /// Queues a DMA buffer the device holds, to be freed when it gives it
@@ -126,7 +131,7 @@ impl<M: Memory> Service<M> {
             }
             let last = d.rest.is_empty();
             let (slice, dma) = (&mut r.slice, &mut r.dma);
-            let (pools, caches) = (&mut d.pools, &mut d.caches);
+            let (pools, caches, owner) = (&mut d.pools, &mut d.caches, d.owner);
             // Freeing cannot fail for memory the connection really held; an
             // error here would be a memory-manager bug, reported by `check`.
             env.with_mem(|m, _| {
@@ -142,6 +147,9 @@ impl<M: Memory> Service<M> {
                     }
                     for id in caches.drain(..) {
                         let _ = m.cache_destroy(id);
+                    }
+                    if owner != 0 {
+                        m.owner_free(owner);
                     }
                 }
             });

@@ -282,7 +282,7 @@ impl<M: Memory> Service<M> {
             return Flow::Close;
         };
         match (state, req) {
-            (State::AwaitHello, Request::Hello(h)) => self.hello(conn, h, out),
+            (State::AwaitHello, Request::Hello(h)) => self.hello(env, conn, h, out),
             (State::AwaitHello, _) => {
                 self.close_with(conn, out, err(errno::EACCES, "hello with the token first"))
             }

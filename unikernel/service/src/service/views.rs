@@ -10,7 +10,7 @@ use memd_wire::{
 };
 
 use super::conn::State;
-use super::{err, Service};
+use super::{err, mem_err, Service};
 use crate::env::Env;
 use crate::memory::{Memory, View};
 
@@ -48,22 +48,32 @@ impl<M: Memory> Service<M> {
         }))
     }
 
-    /// Every connection, for the clients view.
-    pub(super) fn clients(&self) -> Vec<ClientInfo> {
-        self.conns
+    /// Every connection, for the clients view, with the pages the memory
+    /// manager charges to each one's owner id.
+    pub(super) fn clients<E: Env<Mem = M>>(&self, env: &mut E) -> Vec<ClientInfo> {
+        let mut list: Vec<ClientInfo> = self
+            .conns
             .iter()
             .map(|(id, c)| ClientInfo {
                 conn: *id,
                 name: c.name.clone(),
                 authenticated: c.state == State::Ready,
                 handles: c.holdings.handles.len() as u64,
+                owner: c.owner,
+                charged_pages: 0,
                 pages: c.holdings.pages,
                 bytes: c.holdings.bytes,
                 requests: c.requests,
                 errors: c.errors,
                 quota: (c.state == State::Ready).then_some(self.config.quota),
             })
-            .collect()
+            .collect();
+        env.with_mem(|m, _| {
+            for c in list.iter_mut().filter(|c| c.owner != 0) {
+                c.charged_pages = m.owner_pages(c.owner);
+            }
+        });
+        list
     }
 
     /// One page of the DMA listing: the devices' buffers, then every
@@ -105,12 +115,15 @@ impl<M: Memory> Service<M> {
     }
 }
 
-/// A statistics reply: snapshot under the lock into a buffer allocated
-/// before it, render after.
-pub(super) fn stats<E: Env>(env: &mut E, view: View) -> Reply {
-    let mut snap = Box::<<E::Mem as Memory>::Stats>::default();
+/// A statistics reply: the entries counted under the lock, room for them
+/// made outside it, the snapshot taken under it again, rendered after.
+pub(super) fn stats<E: Env>(env: &mut E, view: View) -> Result<Reply, WireError> {
+    let entries = env.with_mem(|m, _| m.view_len(view));
+    let mut snap = <E::Mem as Memory>::stats_room(view, entries)
+        .map(Box::new)
+        .map_err(mem_err)?;
     env.with_mem(|m, _| m.snapshot(view, &mut snap));
-    <E::Mem as Memory>::render(view, &snap)
+    Ok(<E::Mem as Memory>::render(view, &snap))
 }
 
 /// Both fault-injection rules with their counters.

@@ -173,7 +173,7 @@ impl<M: Memory> Service<M> {
     ) -> Option<Result<Reply, WireError>> {
         loop {
             let done = match work {
-                Work::Stress(run) => run.step(env, conn),
+                Work::Stress(run) => run.step(env, self.owner(conn)),
                 Work::Check(check) => check.step(env),
                 Work::Map(map) => self.map_slice(env, map),
                 Work::Dma(w) => match self.dma_slice(env, conn, w) {

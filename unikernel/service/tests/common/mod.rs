@@ -115,8 +115,11 @@ pub struct Model {
     dma: BTreeMap<u64, Vec<u8>>,
     pub bad_frees: u64,
     pub fault_slab: Option<FaultConfig>,
-    /// The connection allocations are charged to; 0 is the kernel.
+    /// The owner allocations are charged to; 0 is the kernel.
     pub owner: u64,
+    /// Owner ids handed out and not freed.
+    pub owners: std::collections::BTreeSet<u64>,
+    next_owner: u64,
 }
 
 impl Model {
@@ -133,6 +136,8 @@ impl Model {
             bad_frees: 0,
             fault_slab: None,
             owner: 0,
+            owners: Default::default(),
+            next_owner: 1,
         }
     }
 
@@ -184,8 +189,27 @@ impl Memory for Model {
     fn free_bytes(&mut self) -> u64 {
         self.capacity - self.used
     }
+    fn owner_new(&mut self) -> Result<u64, MemError> {
+        let id = self.next_owner;
+        self.next_owner += 1;
+        self.owners.insert(id);
+        Ok(id)
+    }
+    fn owner_free(&mut self, owner: u64) {
+        assert!(
+            self.owners.remove(&owner),
+            "owner {owner} freed but not live"
+        );
+    }
+    fn owner_pages(&mut self, _owner: u64) -> u64 {
+        0
+    }
     fn as_owner<R>(&mut self, owner: u64, f: impl FnOnce(&mut Self) -> R) -> R {
         assert_eq!(self.owner, 0, "as_owner inside as_owner");
+        assert!(
+            self.owners.contains(&owner),
+            "allocation for owner {owner}, not live"
+        );
         self.owner = owner;
         let r = f(self);
         self.owner = 0;
@@ -329,9 +353,11 @@ impl Memory for Model {
                 free: self.capacity - self.used,
                 ..Default::default()
             })),
-            View::Slabinfo => Reply::Slabinfo(
+            View::Slabinfo { start } => Reply::Slabinfo(
                 self.caches
                     .iter()
+                    .skip(start)
+                    .take(memd_wire::VIEW_PAGE)
                     .map(|(id, (size, live))| SlabInfo {
                         name: format!("c{id}"),
                         objsize: *size,
@@ -342,9 +368,15 @@ impl Memory for Model {
             ),
             View::Zoneinfo => Reply::Zoneinfo(vec![]),
             View::Buddyinfo => Reply::Buddyinfo(vec![]),
-            View::Mempools => Reply::Mempools(vec![]),
+            View::Mempools { .. } => Reply::Mempools(vec![]),
             View::Cma => Reply::Cma(Box::default()),
         });
+    }
+    fn view_len(&mut self, _view: View) -> usize {
+        0
+    }
+    fn stats_room(_view: View, _entries: usize) -> Result<Option<Reply>, MemError> {
+        Ok(None)
     }
     fn render(_view: View, stats: &Option<Reply>) -> Reply {
         stats.clone().unwrap()

@@ -1,0 +1,76 @@
+//! Where caches come from (Linux's `mm/slab_common.c`): the cache of
+//! caches, boot-strapped the way Linux's `kmem_cache_init` does it, and the
+//! registration of every other cache as an object of it.
+//!
+//! A cache's descriptor (`KmemCache`, about 1 KiB) is an object of the
+//! `kmem_cache` cache, so a manager holds as many caches as memory allows,
+//! and destroying one gives its memory back. The cache of caches cannot
+//! hold its own descriptor before it exists: it starts in a block of its
+//! own, allocates one of its objects and moves there, as Linux's
+//! `bootstrap()` moves `boot_kmem_cache`.
+
+use core::alloc::Layout;
+
+use crate::gfp::Gfp;
+use crate::idr::Idr;
+use crate::kmalloc::NR_KMALLOC;
+use crate::slab::{CacheId, KmemCache, SlabFlags};
+use crate::{access, MemoryManager, MmError};
+
+/// The cache of caches: the id after kmalloc's, so that a kmalloc size
+/// class is its cache's id.
+pub(crate) const KMEM_CACHE: CacheId = CacheId(NR_KMALLOC as u16);
+
+fn caches(mm: &mut MemoryManager) -> &mut Idr<KmemCache> {
+    &mut mm.caches
+}
+
+impl MemoryManager {
+    /// Creates the cache of caches in an object of its own, then kmalloc's
+    /// caches.
+    pub(crate) fn kmem_cache_init(&mut self) -> Result<(), MmError> {
+        let size = core::mem::size_of::<KmemCache>();
+        let align = core::mem::align_of::<KmemCache>();
+        let mut boot = KmemCache::new(
+            "kmem_cache",
+            size,
+            align,
+            SlabFlags::NONE,
+            None,
+            self.max_order,
+        )
+        .ok_or(MmError::Invalid("kmem_cache layout"))?;
+        boot.builtin = true;
+        self.idr_reserve(caches)?;
+        let first = self.kmalloc_large(Layout::new::<KmemCache>(), Gfp::KERNEL)?;
+        let at = KMEM_CACHE.0 as usize;
+        self.caches
+            .insert(at, access::object(first.as_ptr() as usize, boot));
+        let home = self.cache_alloc(KMEM_CACHE, Gfp::KERNEL)?;
+        let boot = self.caches.remove(at).ok_or(MmError::NotFound)?;
+        let moved = access::object(home.as_ptr() as usize, boot.clone());
+        self.caches.insert(at, moved);
+        let _ = self.kfree(first);
+        self.create_kmalloc_caches()
+    }
+
+    /// Gives `cache` a descriptor from the cache of caches and the lowest
+    /// free id.
+    pub(crate) fn cache_register(&mut self, cache: KmemCache) -> Result<CacheId, MmError> {
+        let id = self.idr_reserve(caches)?;
+        let obj = self.cache_alloc(KMEM_CACHE, Gfp::KERNEL)?;
+        self.caches
+            .insert(id, access::object(obj.as_ptr() as usize, cache));
+        Ok(CacheId(id as u16))
+    }
+
+    /// Frees the descriptor of cache `id`, which holds no slabs any more.
+    pub(crate) fn cache_unregister(&mut self, id: CacheId) {
+        let Some(cache) = self.caches.remove(id.0 as usize) else {
+            return;
+        };
+        let obj = core::ptr::NonNull::from(cache).cast::<u8>();
+        let _ = self.cache_free(KMEM_CACHE, obj);
+        self.idr_shrink(caches);
+    }
+}
