@@ -31,7 +31,7 @@ fn memctl_binary() -> Result<std::path::PathBuf, String> {
 /// Runs memctl against the guest with the token variables `env` (memctl
 /// picks the role's token itself; none goes on its command line): returns
 /// (exit code, stdout, stderr).
-fn memctl(
+pub(super) fn memctl(
     port: u16,
     env: &[(&str, &str)],
     args: &[&str],

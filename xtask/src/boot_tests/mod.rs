@@ -44,6 +44,7 @@ mod dma_disk;
 mod matrix;
 mod memctl;
 mod memory;
+mod owners;
 mod verdict;
 
 use balloon::{balloon_check, reporting_check};
@@ -52,6 +53,7 @@ use disk::{disk_check, TempDisk};
 use dma_disk::dma_disk_check;
 use matrix::{matrix, mem_arg, Case, Reserve};
 use memctl::memctl_check;
+use owners::owners_check;
 use verdict::judge;
 
 const MIB: u64 = 1 << 20;
@@ -191,9 +193,10 @@ fn served(case: &Case) -> anyhow::Result<(Endpoint, TempDisk)> {
 
 /// What a served case checks once the guest is ready: no token on QEMU's
 /// command line (any local user can read one in /proc), the control port,
-/// free page reporting (memory clients freed goes back to the host), the
-/// balloon following the host's targets, the disk, large DMA buffers through the disk when the case reserves
-/// DMA32 memory, and memctl.
+/// clients past 255 each charged exactly, free page reporting (memory
+/// clients freed goes back to the host), the balloon following the host's
+/// targets, the disk, large DMA buffers through the disk when the
+/// case reserves DMA32 memory, and memctl.
 fn serve_checks(
     case: &Case,
     cfg: &QemuConfig,
@@ -205,6 +208,7 @@ fn serve_checks(
         return Err("a token is on QEMU's command line".into());
     }
     control_port_check(port, tokens)?;
+    owners_check(port, tokens)?;
     reporting_check(port, tokens)?;
     balloon_check(case.mem, port, tokens, &disk.qmp)?;
     disk_check(port, &tokens.client, &disk.path)?;
