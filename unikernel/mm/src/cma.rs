@@ -8,13 +8,15 @@
 //! Allocations are kept as a sorted list of extents; a request takes the
 //! first gap that fits after alignment and below the caller's address
 //! limit. The region is never lent to the buddy, so fragmentation of
-//! ordinary memory cannot reach it.
+//! ordinary memory cannot reach it. The list is a table memd-mm allocates
+//! from itself when the first buffer comes: it doubles when full, halves
+//! as it empties and is freed with the last buffer.
 
 use crate::memblock::PAGE_SIZE;
 use crate::zone::ZoneType;
 
-/// Buffers the region can hold at once.
-pub const MAX_EXTENTS: usize = 256;
+/// Extents of the smallest table: a page.
+const EXTENTS_MIN: usize = 256;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Extent {
@@ -26,7 +28,7 @@ pub struct Cma {
     pub base: u64,
     pub pages: u64,
     pub zone: ZoneType,
-    extents: [Extent; MAX_EXTENTS],
+    extents: &'static mut [Extent],
     nr: usize,
     pub used_pages: u64,
     pub allocs: u64,
@@ -39,7 +41,7 @@ impl Cma {
             base,
             pages: size.div_ceil(PAGE_SIZE),
             zone,
-            extents: [Extent::default(); MAX_EXTENTS],
+            extents: &mut [],
             nr: 0,
             used_pages: 0,
             allocs: 0,
@@ -83,7 +85,7 @@ impl Cma {
     pub fn alloc(&mut self, bytes: u64, align: u64, limit: u64) -> Option<u64> {
         let pages = bytes.div_ceil(PAGE_SIZE).max(1);
         let align = align.max(PAGE_SIZE);
-        if self.nr == MAX_EXTENTS || !align.is_power_of_two() {
+        if self.nr == self.extents.len() || !align.is_power_of_two() {
             self.failures += 1;
             return None;
         }
@@ -127,6 +129,29 @@ impl Cma {
         Some(pages)
     }
 
+    /// The size the extent table should have now, when it is not the one
+    /// it has: twice as large when full, none when empty, half when a
+    /// quarter full.
+    pub(crate) fn table_wanted(&self) -> Option<usize> {
+        let cap = self.extents.len();
+        if self.nr == cap {
+            Some((cap * 2).max(EXTENTS_MIN))
+        } else if self.nr == 0 {
+            Some(0)
+        } else if cap > EXTENTS_MIN && self.nr <= cap / 4 {
+            Some(cap / 2)
+        } else {
+            None
+        }
+    }
+
+    /// Moves the extents into `table`, which has room for them, and
+    /// returns the old table.
+    pub(crate) fn replace_table(&mut self, table: &'static mut [Extent]) -> &'static mut [Extent] {
+        table[..self.nr].copy_from_slice(&self.extents[..self.nr]);
+        core::mem::replace(&mut self.extents, table)
+    }
+
     /// Extents sorted, disjoint, inside the region, and adding up.
     pub fn check(&self) -> Result<(), &'static str> {
         let mut cursor = self.base;
@@ -155,6 +180,12 @@ mod tests {
     #[test]
     fn first_fit_with_alignment_limit_and_reuse() {
         let mut c = Cma::new(0x1000_0000, 64 << 20, ZoneType::Dma32);
+        assert!(
+            c.alloc(4096, 4096, u64::MAX).is_none(),
+            "no extent table yet"
+        );
+        assert_eq!(c.table_wanted(), Some(EXTENTS_MIN));
+        c.replace_table(std::vec![Extent::default(); EXTENTS_MIN].leak());
         let a = c.alloc(5 << 20, 4096, u64::MAX).unwrap();
         assert_eq!(a, 0x1000_0000);
         let b = c.alloc(8 << 20, 8 << 20, u64::MAX).unwrap();

@@ -153,14 +153,20 @@ impl MemoryManager {
                 });
             }
         }
-        let cma = self.cma.as_mut().ok_or(if order < self.max_order {
-            MmError::NoMemory
-        } else {
-            MmError::Invalid("dma: larger than a buddy block and no memd.dma_reserve region")
-        })?;
-        let phys = cma
-            .alloc(len as u64, align as u64, mask.limit())
-            .ok_or(MmError::NoMemory)?;
+        if self.cma.is_none() {
+            return Err(if order < self.max_order {
+                MmError::NoMemory
+            } else {
+                MmError::Invalid("dma: larger than a buddy block and no memd.dma_reserve region")
+            });
+        }
+        self.cma_table_resize();
+        let cma = self.cma.as_mut().ok_or(MmError::NoMemory)?;
+        let phys = cma.alloc(len as u64, align as u64, mask.limit());
+        if phys.is_none() {
+            self.cma_table_resize();
+        }
+        let phys = phys.ok_or(MmError::NoMemory)?;
         self.counters.dma_buffers += 1;
         let virt = self.dmap.virt(phys);
         Ok(DmaBuffer {
@@ -186,6 +192,7 @@ impl MemoryManager {
                     .ok_or(MmError::Invalid("dma: no CMA region"))?;
                 cma.free(buf.phys)
                     .ok_or(MmError::Invalid("dma: not a CMA buffer"))?;
+                self.cma_table_resize();
             }
         }
         self.counters.dma_buffers -= 1;
@@ -194,6 +201,26 @@ impl MemoryManager {
 
     pub fn cma(&self) -> Option<&crate::Cma> {
         self.cma.as_ref()
+    }
+
+    /// Gives the contiguous region's extent table the size it wants (best
+    /// effort: without memory for a larger one, the region is full).
+    fn cma_table_resize(&mut self) {
+        let Some(want) = self.cma.as_ref().and_then(|c| c.table_wanted()) else {
+            return;
+        };
+        let table = if want == 0 {
+            &mut []
+        } else {
+            match self.table_alloc(want, crate::Extent::default) {
+                Ok(t) => t,
+                Err(_) => return,
+            }
+        };
+        if let Some(cma) = self.cma.as_mut() {
+            let old = cma.replace_table(table);
+            self.table_free(old);
+        }
     }
 
     /// Borrows a DMA buffer's bytes for the CPU. A stale or made-up

@@ -1,6 +1,6 @@
-//! More clients than memd-mm once had owner tags: each is charged under an
-//! owner id of its own, and what the clients view and `memctl clients`
-//! show for it is exact; the caches they hold together fill no table.
+//! More than 255 clients at once: each is charged under an owner id of its
+//! own, and what the clients view and `memctl clients` show for it is
+//! exact; the caches they hold together fill no table.
 
 use memd_client::wire::{CacheSpec, Ctor, Gfp, SlabFlags, VIEW_PAGE};
 use memd_client::{Client, Options};
@@ -8,9 +8,8 @@ use memd_client::{Client, Options};
 use super::memctl::memctl;
 use crate::tokens::GuestTokens;
 
-/// Clients held at once: past the 255 owner tags memd-mm used to fold
-/// owners into, within the 264 slots of a 1 GiB guest (the operator's
-/// connection and memctl's take two more).
+/// Clients held at once: more than 255, within the 264 slots of a 1 GiB
+/// guest (the operator's connection and memctl's take two more).
 const CLIENTS: usize = 258;
 
 /// Connects [`CLIENTS`] clients; client `i` holds `i % 4 + 1` pages and two
