@@ -957,3 +957,35 @@ fn with_deflate_on_oom_allocations_take_the_balloon_back_before_failing() {
     }
     mm.check().unwrap();
 }
+
+#[test]
+fn the_contiguous_region_holds_as_many_buffers_as_fit() {
+    // Blocks of at most 16 KiB, so every 32 KiB buffer comes from the
+    // region: 1000 of them, far past a page of extents.
+    let mut mm = machine("memd.dma_reserve=40M memd.max_order=3");
+    let tables = mm.meminfo().kmalloc_large;
+    let bufs: Vec<DmaBuffer> = (0..1000)
+        .map(|i| {
+            let b = mm
+                .dma_alloc(32 << 10, 4096, DmaMask::Bits64)
+                .unwrap_or_else(|e| panic!("buffer {i}: {e:?}"));
+            assert_eq!(b.source, DmaSource::Cma);
+            b
+        })
+        .collect();
+    assert_eq!(mm.cma_info().unwrap().usage.buffers, 1000);
+    assert!(
+        mm.meminfo().kmalloc_large > tables,
+        "the extent table is memd-mm's own memory"
+    );
+    mm.check().unwrap();
+    for b in &bufs {
+        mm.dma_free(b).unwrap();
+    }
+    mm.check().unwrap();
+    assert_eq!(
+        mm.meminfo().kmalloc_large,
+        tables,
+        "the table goes with the last buffer"
+    );
+}
