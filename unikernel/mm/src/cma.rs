@@ -129,14 +129,18 @@ impl Cma {
         Some(pages)
     }
 
-    /// The size the extent table should have now, when it is not the one
-    /// it has: twice as large when full, none when empty, half when a
-    /// quarter full.
-    pub(crate) fn table_wanted(&self) -> Option<usize> {
+    /// The size the extent table must grow to before one more buffer,
+    /// when it is full.
+    pub(crate) fn table_to_grow(&self) -> Option<usize> {
         let cap = self.extents.len();
-        if self.nr == cap {
-            Some((cap * 2).max(EXTENTS_MIN))
-        } else if self.nr == 0 {
+        (self.nr == cap).then_some((cap * 2).max(EXTENTS_MIN))
+    }
+
+    /// The size the extent table may shrink to: none when empty, half
+    /// when a quarter full.
+    pub(crate) fn table_to_shrink(&self) -> Option<usize> {
+        let cap = self.extents.len();
+        if self.nr == 0 && cap > 0 {
             Some(0)
         } else if cap > EXTENTS_MIN && self.nr <= cap / 4 {
             Some(cap / 2)
@@ -184,7 +188,8 @@ mod tests {
             c.alloc(4096, 4096, u64::MAX).is_none(),
             "no extent table yet"
         );
-        assert_eq!(c.table_wanted(), Some(EXTENTS_MIN));
+        assert_eq!(c.table_to_grow(), Some(EXTENTS_MIN));
+        assert_eq!(c.table_to_shrink(), None);
         c.replace_table(std::vec![Extent::default(); EXTENTS_MIN].leak());
         let a = c.alloc(5 << 20, 4096, u64::MAX).unwrap();
         assert_eq!(a, 0x1000_0000);

@@ -160,11 +160,11 @@ impl MemoryManager {
                 MmError::Invalid("dma: larger than a buddy block and no memd.dma_reserve region")
             });
         }
-        self.cma_table_resize();
+        self.cma_table_resize(crate::Cma::table_to_grow);
         let cma = self.cma.as_mut().ok_or(MmError::NoMemory)?;
         let phys = cma.alloc(len as u64, align as u64, mask.limit());
         if phys.is_none() {
-            self.cma_table_resize();
+            self.cma_table_resize(crate::Cma::table_to_shrink);
         }
         let phys = phys.ok_or(MmError::NoMemory)?;
         self.counters.dma_buffers += 1;
@@ -192,7 +192,7 @@ impl MemoryManager {
                     .ok_or(MmError::Invalid("dma: no CMA region"))?;
                 cma.free(buf.phys)
                     .ok_or(MmError::Invalid("dma: not a CMA buffer"))?;
-                self.cma_table_resize();
+                self.cma_table_resize(crate::Cma::table_to_shrink);
             }
         }
         self.counters.dma_buffers -= 1;
@@ -203,10 +203,11 @@ impl MemoryManager {
         self.cma.as_ref()
     }
 
-    /// Gives the contiguous region's extent table the size it wants (best
-    /// effort: without memory for a larger one, the region is full).
-    fn cma_table_resize(&mut self) {
-        let Some(want) = self.cma.as_ref().and_then(|c| c.table_wanted()) else {
+    /// Gives the contiguous region's extent table the size `wanted` asks
+    /// for (best effort: without memory for a larger one, the region is
+    /// full).
+    fn cma_table_resize(&mut self, wanted: fn(&crate::Cma) -> Option<usize>) {
+        let Some(want) = self.cma.as_ref().and_then(wanted) else {
             return;
         };
         let table = if want == 0 {

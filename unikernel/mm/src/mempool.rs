@@ -100,7 +100,14 @@ impl MemoryManager {
             }
         };
         let slot = self.idr_reserve(pools)?;
-        let desc = self.kmalloc_layout(Layout::new::<Mempool>(), Gfp::KERNEL)?;
+        let desc = match self.kmalloc_layout(Layout::new::<Mempool>(), Gfp::KERNEL) {
+            Ok(desc) => desc,
+            Err(e) => {
+                // The table may have been made or grown for this id.
+                self.idr_shrink(pools);
+                return Err(e);
+            }
+        };
         let pool = access::object(
             desc.as_ptr() as usize,
             Mempool {

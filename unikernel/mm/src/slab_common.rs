@@ -58,7 +58,14 @@ impl MemoryManager {
     /// free id.
     pub(crate) fn cache_register(&mut self, cache: KmemCache) -> Result<CacheId, MmError> {
         let id = self.idr_reserve(caches)?;
-        let obj = self.cache_alloc(KMEM_CACHE, Gfp::KERNEL)?;
+        let obj = match self.cache_alloc(KMEM_CACHE, Gfp::KERNEL) {
+            Ok(obj) => obj,
+            Err(e) => {
+                // The table may have grown for this id.
+                self.idr_shrink(caches);
+                return Err(e);
+            }
+        };
         self.caches
             .insert(id, access::object(obj.as_ptr() as usize, cache));
         Ok(CacheId(id as u16))
