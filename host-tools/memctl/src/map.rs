@@ -330,7 +330,7 @@ pub fn svg(map: &MemMap, width: u32) -> String {
                 c.base,
                 c.end,
                 human(c.end - c.base),
-                c.extents.len()
+                c.buffers
             );
         }
     }
@@ -562,15 +562,14 @@ pub fn text(map: &MemMap) -> String {
         );
     }
     if let Some(c) = &map.cma {
-        let used: u64 = c.extents.iter().map(|e| e.end - e.start).sum();
         let _ = writeln!(
             s,
             "cma {:#014x}-{:#014x} {:>10}  {} in {} buffer(s)",
             c.base,
             c.end,
             human(c.end - c.base),
-            human(used),
-            c.extents.len()
+            human(c.used),
+            c.buffers
         );
     }
     for d in &map.dma {

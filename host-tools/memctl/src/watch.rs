@@ -91,24 +91,19 @@ impl IntervalPasses {
     }
 }
 
-/// Fetches a snapshot in one batch frame: the first page of the cache and
-/// pool listings, which `watch` shows the top of.
+/// Fetches a snapshot: one batch frame, then the cache and pool listings a
+/// page at a time (the busiest are picked from all of them).
 pub fn fetch(c: &mut Client) -> Result<Snapshot, memd_client::Error> {
-    let ops = vec![
-        Op::Status,
-        Op::Zoneinfo,
-        Op::Slabinfo { start: 0 },
-        Op::Mempools { start: 0 },
-        Op::Cma,
-        Op::Clients,
-    ];
-    let mut s = Snapshot::default();
+    let ops = vec![Op::Status, Op::Zoneinfo, Op::Cma, Op::Clients];
+    let mut s = Snapshot {
+        slabs: c.slabinfo()?,
+        pools: c.mempools()?,
+        ..Snapshot::default()
+    };
     for r in c.batch(ops, false)? {
         match r.map_err(memd_client::Error::Server)? {
             Reply::Status(v) => s.status = *v,
             Reply::Zoneinfo(v) => s.zones = v,
-            Reply::Slabinfo(v) => s.slabs = v,
-            Reply::Mempools(v) => s.pools = v,
             Reply::Cma(v) => s.cma = *v,
             Reply::Clients(v) => s.clients = v,
             _ => {}

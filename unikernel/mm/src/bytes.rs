@@ -3,10 +3,11 @@
 //!
 //! A range is accepted only when it lies inside one block or object that
 //! is allocated right now: a page block, a large kmalloc block, a mempool
-//! page, one slab object, or a CMA buffer. The borrow is tied to the
+//! page, one slab object, or a CMA buffer; never one of memd-mm's own
+//! structures (its tables, cache and mempool descriptors). The borrow is tied to the
 //! manager, so it cannot outlive a later free.
 
-use crate::frame::FrameState;
+use crate::frame::{FrameState, TABLE_AUX};
 use crate::memblock::PAGE_SIZE;
 use crate::slab::slab_head;
 use crate::{access, MemoryManager, MmError};
@@ -48,7 +49,11 @@ impl MemoryManager {
         match f.state() {
             FrameState::Slab | FrameState::SlabTail => {
                 let head = slab_head(self.frames, self.dmap, virt)?;
-                let cache = self.cache(crate::CacheId(self.frames[head as usize].owner))?;
+                let id = crate::CacheId(self.frames[head as usize].owner);
+                if crate::slab_common::is_internal(id) {
+                    return None;
+                }
+                let cache = self.cache(id)?;
                 let base = self.dmap.virt(head as u64 * PAGE_SIZE);
                 let index = (virt - base) / cache.stride;
                 if index >= cache.objs_per_slab as usize {
@@ -65,7 +70,7 @@ impl MemoryManager {
                     let head = pfn & !((1usize << order) - 1);
                     let h = &self.frames[head];
                     let live = h.is(FrameState::Allocated)
-                        || h.is(FrameState::Large)
+                        || (h.is(FrameState::Large) && h.aux != TABLE_AUX)
                         || h.is(FrameState::Pool);
                     let covers = head + (1usize << h.order) > pfn;
                     (live && h.order as u32 >= order && covers).then(|| {

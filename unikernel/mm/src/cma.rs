@@ -9,14 +9,14 @@
 //! first gap that fits after alignment and below the caller's address
 //! limit. The region is never lent to the buddy, so fragmentation of
 //! ordinary memory cannot reach it. The list is a table memd-mm allocates
-//! from itself when the first buffer comes: it doubles when full, halves
-//! as it empties and is freed with the last buffer.
+//! from itself at boot, a page of it, that doubles when full and halves
+//! back as it empties.
 
 use crate::memblock::PAGE_SIZE;
 use crate::zone::ZoneType;
 
-/// Extents of the smallest table: a page.
-const EXTENTS_MIN: usize = 256;
+/// Extents of the table at boot, its smallest: a page.
+pub(crate) const EXTENTS_MIN: usize = 256;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Extent {
@@ -136,17 +136,16 @@ impl Cma {
         (self.nr == cap).then_some((cap * 2).max(EXTENTS_MIN))
     }
 
-    /// The size the extent table may shrink to: none when empty, half
-    /// when a quarter full.
+    /// The size the extent table may shrink to: half, when a quarter full
+    /// and larger than at boot.
     pub(crate) fn table_to_shrink(&self) -> Option<usize> {
         let cap = self.extents.len();
-        if self.nr == 0 && cap > 0 {
-            Some(0)
-        } else if cap > EXTENTS_MIN && self.nr <= cap / 4 {
-            Some(cap / 2)
-        } else {
-            None
-        }
+        (cap > EXTENTS_MIN && self.nr <= cap / 4).then_some(cap / 2)
+    }
+
+    /// Entries the extent table has room for.
+    pub(crate) fn capacity(&self) -> usize {
+        self.extents.len()
     }
 
     /// Moves the extents into `table`, which has room for them, and
@@ -189,7 +188,6 @@ mod tests {
             "no extent table yet"
         );
         assert_eq!(c.table_to_grow(), Some(EXTENTS_MIN));
-        assert_eq!(c.table_to_shrink(), None);
         c.replace_table(std::vec![Extent::default(); EXTENTS_MIN].leak());
         let a = c.alloc(5 << 20, 4096, u64::MAX).unwrap();
         assert_eq!(a, 0x1000_0000);

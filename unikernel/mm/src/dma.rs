@@ -160,11 +160,16 @@ impl MemoryManager {
                 MmError::Invalid("dma: larger than a buddy block and no memd.dma_reserve region")
             });
         }
-        self.cma_table_resize(crate::Cma::table_to_grow);
+        // A full extent table doubles for this buffer, and goes back to
+        // its size if the buffer cannot be had after all.
+        let before = self.cma.as_ref().map_or(0, |c| c.capacity());
+        if let Some(want) = self.cma.as_ref().and_then(|c| c.table_to_grow()) {
+            self.cma_table_set(want);
+        }
         let cma = self.cma.as_mut().ok_or(MmError::NoMemory)?;
         let phys = cma.alloc(len as u64, align as u64, mask.limit());
-        if phys.is_none() {
-            self.cma_table_resize(crate::Cma::table_to_shrink);
+        if phys.is_none() && cma.capacity() != before {
+            self.cma_table_set(before);
         }
         let phys = phys.ok_or(MmError::NoMemory)?;
         self.counters.dma_buffers += 1;
@@ -192,7 +197,9 @@ impl MemoryManager {
                     .ok_or(MmError::Invalid("dma: no CMA region"))?;
                 cma.free(buf.phys)
                     .ok_or(MmError::Invalid("dma: not a CMA buffer"))?;
-                self.cma_table_resize(crate::Cma::table_to_shrink);
+                if let Some(want) = cma.table_to_shrink() {
+                    self.cma_table_set(want);
+                }
             }
         }
         self.counters.dma_buffers -= 1;
@@ -203,24 +210,18 @@ impl MemoryManager {
         self.cma.as_ref()
     }
 
-    /// Gives the contiguous region's extent table the size `wanted` asks
-    /// for (best effort: without memory for a larger one, the region is
+    /// Gives the contiguous region's extent table room for `want` buffers
+    /// (best effort: without memory for a larger table, the region is
     /// full).
-    fn cma_table_resize(&mut self, wanted: fn(&crate::Cma) -> Option<usize>) {
-        let Some(want) = self.cma.as_ref().and_then(wanted) else {
+    pub(crate) fn cma_table_set(&mut self, want: usize) {
+        let Ok(table) = self.table_alloc(want, crate::Extent::default) else {
             return;
-        };
-        let table = if want == 0 {
-            &mut []
-        } else {
-            match self.table_alloc(want, crate::Extent::default) {
-                Ok(t) => t,
-                Err(_) => return,
-            }
         };
         if let Some(cma) = self.cma.as_mut() {
             let old = cma.replace_table(table);
             self.table_free(old);
+        } else {
+            self.table_free(table);
         }
     }
 

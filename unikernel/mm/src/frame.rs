@@ -58,6 +58,10 @@ impl FrameState {
     }
 }
 
+/// `Frame::aux` of a `Large` block that holds one of memd-mm's own tables
+/// (`idr.rs`): `kfree`, `ksize` and `bytes_of` refuse it.
+pub(crate) const TABLE_AUX: u16 = 1;
+
 /// `Frame::flags` bit of a free block reported to the host.
 const REPORTED: u8 = 0x40;
 

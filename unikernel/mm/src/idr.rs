@@ -10,8 +10,11 @@
 //! manager holds what it held at boot. The lowest free id is taken first.
 
 use core::alloc::Layout;
+use core::ptr::NonNull;
 
+use crate::frame::{FrameState, TABLE_AUX};
 use crate::gfp::Gfp;
+use crate::memblock::PAGE_SIZE;
 use crate::{access, MemoryManager, MmError};
 
 /// Slots of the smallest table: a page of pointers.
@@ -22,11 +25,17 @@ pub(crate) const IDR_MAX: usize = 1 << 16;
 /// Objects by id.
 pub(crate) struct Idr<T: 'static> {
     slots: &'static mut [Option<&'static mut T>],
+    /// One past the highest id in use: walks stop there (views and reclaim
+    /// run often, and the table is mostly empty).
+    end: usize,
 }
 
 impl<T> Idr<T> {
     pub(crate) const fn new() -> Self {
-        Idr { slots: &mut [] }
+        Idr {
+            slots: &mut [],
+            end: 0,
+        }
     }
 
     #[inline(always)]
@@ -44,8 +53,13 @@ impl<T> Idr<T> {
         self.slots.len()
     }
 
+    /// One past the highest id in use.
+    pub(crate) fn end(&self) -> usize {
+        self.end
+    }
+
     pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, &T)> {
-        self.slots
+        self.slots[..self.end]
             .iter()
             .enumerate()
             .filter_map(|(i, s)| s.as_deref().map(|t| (i, t)))
@@ -55,19 +69,19 @@ impl<T> Idr<T> {
     pub(crate) fn insert(&mut self, id: usize, obj: &'static mut T) {
         debug_assert!(self.slots[id].is_none());
         self.slots[id] = Some(obj);
+        self.end = self.end.max(id + 1);
     }
 
     /// Takes the object at `id` out; its memory is the caller's to free.
     pub(crate) fn remove(&mut self, id: usize) -> Option<&'static mut T> {
-        self.slots.get_mut(id)?.take()
-    }
-
-    /// One past the highest id in use.
-    fn used_end(&self) -> usize {
-        self.slots
-            .iter()
-            .rposition(|s| s.is_some())
-            .map_or(0, |i| i + 1)
+        let obj = self.slots.get_mut(id)?.take();
+        if id + 1 == self.end {
+            self.end = self.slots[..id]
+                .iter()
+                .rposition(|s| s.is_some())
+                .map_or(0, |i| i + 1);
+        }
+        obj
     }
 
     /// Moves every object into `slots` (which has room for each) and
@@ -89,24 +103,45 @@ impl<T> Idr<T> {
 pub(crate) type Pick<T> = fn(&mut MemoryManager) -> &mut Idr<T>;
 
 impl MemoryManager {
-    /// A table of `len` entries in memory from the manager itself (a
-    /// kmalloc'd block, counted as kernel memory like any other).
+    /// A block of memory for one of the manager's own structures: a large
+    /// kmalloc block (kernel memory like any other), marked so that `kfree`,
+    /// `ksize` and `bytes_of` refuse it.
+    pub(crate) fn table_block(&mut self, layout: Layout) -> Result<NonNull<u8>, MmError> {
+        let block = self.kmalloc_large(layout, Gfp::KERNEL)?;
+        let pfn = self.dmap.phys(block.as_ptr() as usize) / PAGE_SIZE;
+        self.frames[pfn as usize].aux = TABLE_AUX;
+        Ok(block)
+    }
+
+    /// Gives back a block from [`MemoryManager::table_block`].
+    pub(crate) fn table_free_block(&mut self, block: NonNull<u8>) {
+        let pfn = self.dmap.phys(block.as_ptr() as usize) / PAGE_SIZE;
+        if let Some(f) = self.frames.get_mut(pfn as usize) {
+            if f.is(FrameState::Large) && f.aux == TABLE_AUX {
+                f.aux = 0;
+                let _ = self.kfree(block);
+            }
+        }
+    }
+
+    /// A table of `len` entries in a [`MemoryManager::table_block`].
     pub(crate) fn table_alloc<T>(
         &mut self,
         len: usize,
         init: impl Fn() -> T,
     ) -> Result<&'static mut [T], MmError> {
         let layout = Layout::array::<T>(len).map_err(|_| MmError::NoMemory)?;
-        let block = self.kmalloc_large(layout, Gfp::KERNEL)?;
+        let block = self.table_block(layout)?;
         Ok(access::table(block.as_ptr() as usize, len, init))
     }
 
     /// Gives back a table from [`MemoryManager::table_alloc`].
     pub(crate) fn table_free<T>(&mut self, table: &'static mut [T]) {
-        if let Some(block) = core::ptr::NonNull::new(table.as_mut_ptr() as *mut u8) {
-            if !table.is_empty() {
-                let _ = self.kfree(block);
-            }
+        if table.is_empty() {
+            return;
+        }
+        if let Some(block) = NonNull::new(table.as_mut_ptr() as *mut u8) {
+            self.table_free_block(block);
         }
     }
 
@@ -133,7 +168,7 @@ impl MemoryManager {
     pub(crate) fn idr_shrink<T>(&mut self, pick: Pick<T>) {
         let idr = pick(self);
         let cap = idr.capacity();
-        let used = idr.used_end();
+        let used = idr.end;
         if used == 0 {
             let old = idr.replace(&mut []);
             self.table_free(old);

@@ -4,7 +4,7 @@
 //! common structures); anything larger, or aligned beyond a page, comes
 //! straight from the buddy allocator as a `Large` block.
 
-use crate::frame::FrameState;
+use crate::frame::{FrameState, TABLE_AUX};
 use crate::gfp::Gfp;
 use crate::memblock::PAGE_SIZE;
 use crate::pageblock::Held;
@@ -115,7 +115,7 @@ impl MemoryManager {
                         return Ok(obj);
                     }
                 }
-                self.cache_alloc(CacheId(class as u16), gfp)
+                self.slab_alloc(CacheId(class as u16), gfp)
             }
             None => self.kmalloc_large(layout, gfp),
         }
@@ -139,6 +139,7 @@ impl MemoryManager {
         let f = &mut self.frames[pfn as usize];
         f.set_state(FrameState::Large);
         f.count = 1;
+        f.aux = 0;
         self.counters.large_pages += 1 << order;
         self.pageblocks.add(pfn, Held::Large, 1 << order);
         let virt = self.dmap.virt(pfn as u64 * PAGE_SIZE);
@@ -154,6 +155,9 @@ impl MemoryManager {
             return Err(MmError::Invalid("kfree: not a kmalloc pointer"));
         };
         match f.state() {
+            FrameState::Large if f.aux == TABLE_AUX => {
+                Err(MmError::Invalid("kfree: memd-mm's own table"))
+            }
             FrameState::Large if self.dmap.phys(virt).is_multiple_of(PAGE_SIZE) => {
                 let order = f.order as u32;
                 self.frames[pfn].count = 0;
@@ -168,7 +172,7 @@ impl MemoryManager {
                 if id as usize >= NR_KMALLOC {
                     return Err(MmError::Invalid("kfree: object belongs to a named cache"));
                 }
-                self.cache_free(CacheId(id), ptr)
+                self.slab_free(CacheId(id), ptr)
             }
             _ => Err(MmError::Invalid("kfree: not a kmalloc pointer")),
         }
@@ -196,7 +200,7 @@ impl MemoryManager {
             .get(pfn)
             .ok_or(MmError::Invalid("ksize: not a kmalloc pointer"))?;
         match f.state() {
-            FrameState::Large => Ok((PAGE_SIZE as usize) << f.order),
+            FrameState::Large if f.aux != TABLE_AUX => Ok((PAGE_SIZE as usize) << f.order),
             FrameState::Slab | FrameState::SlabTail => {
                 let head = slab::slab_head(self.frames, self.dmap, virt).unwrap_or(pfn as u32);
                 let cache = self

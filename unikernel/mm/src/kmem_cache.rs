@@ -5,6 +5,7 @@ use crate::frame::FrameState;
 use crate::gfp::Gfp;
 use crate::pageblock::Held;
 use crate::slab::{self, CacheId, CorruptionKind, Ctor, KmemCache, SlabFlags, AC_BATCH, AC_LIMIT};
+use crate::slab_common::is_internal;
 use crate::{MemoryManager, MmError};
 use core::ptr::NonNull;
 
@@ -32,9 +33,18 @@ impl MemoryManager {
         self.caches.get_mut(id.0 as usize).ok_or(MmError::NotFound)
     }
 
-    /// `kmem_cache_alloc`.
-    #[inline(never)]
+    /// `kmem_cache_alloc`. memd-mm's own caches (`slab_common.rs`) are
+    /// refused: their objects are its structures.
     pub fn cache_alloc(&mut self, id: CacheId, gfp: Gfp) -> Result<NonNull<u8>, MmError> {
+        if is_internal(id) {
+            return Err(MmError::NotPermitted);
+        }
+        self.slab_alloc(id, gfp)
+    }
+
+    /// [`MemoryManager::cache_alloc`] for any cache, memd-mm's own included.
+    #[inline(never)]
+    pub(crate) fn slab_alloc(&mut self, id: CacheId, gfp: Gfp) -> Result<NonNull<u8>, MmError> {
         if self.fault.fail_slab() {
             self.cache_mut(id)?.counters.alloc_fail += 1;
             return Err(MmError::InjectedFault);
@@ -127,8 +137,17 @@ impl MemoryManager {
 
     /// `kmem_cache_free`. The pointer is checked to be an object of this
     /// cache; debug caches also check red zones (double free, overrun).
-    #[inline]
+    /// memd-mm's own caches are refused, as by `cache_alloc`.
     pub fn cache_free(&mut self, id: CacheId, obj: NonNull<u8>) -> Result<(), MmError> {
+        if is_internal(id) {
+            return Err(MmError::NotPermitted);
+        }
+        self.slab_free(id, obj)
+    }
+
+    /// [`MemoryManager::cache_free`] for any cache, memd-mm's own included.
+    #[inline]
+    pub(crate) fn slab_free(&mut self, id: CacheId, obj: NonNull<u8>) -> Result<(), MmError> {
         let obj = obj.as_ptr() as usize;
         let dmap = self.dmap;
         let cache = self

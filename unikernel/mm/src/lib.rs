@@ -353,6 +353,9 @@ impl MemoryManager {
         self.initialized = true;
         self.owners_init()?;
         self.kmem_cache_init()?;
+        if self.cma.is_some() {
+            self.cma_table_set(cma::EXTENTS_MIN);
+        }
         Ok(())
     }
 

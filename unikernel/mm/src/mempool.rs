@@ -10,7 +10,8 @@
 //!
 //! Parked elements are linked through their own first word, so the reserve
 //! costs no memory beyond the elements themselves. A pool's descriptor is
-//! kmalloc'd, as in Linux, and named by an id (`idr.rs`).
+//! an object of memd-mm's `mempool_t` cache (`slab_common.rs`), named by an
+//! id (`idr.rs`).
 
 use crate::access;
 use crate::frame::FrameState;
@@ -19,8 +20,8 @@ use crate::idr::Idr;
 use crate::memblock::PAGE_SIZE;
 use crate::pageblock::Held;
 use crate::slab::CacheId;
+use crate::slab_common::{is_internal, MEMPOOL_CACHE};
 use crate::{MemoryManager, MmError};
-use core::alloc::Layout;
 use core::ptr::NonNull;
 
 /// Largest reserve one pool may hold.
@@ -87,6 +88,7 @@ impl MemoryManager {
             return Err(MmError::Invalid("mempool: min_nr must be 1..=65536"));
         }
         let element_size = match backing {
+            PoolBacking::Cache(id) if is_internal(id) => return Err(MmError::NotPermitted),
             PoolBacking::Cache(id) => self.cache(id).ok_or(MmError::NotFound)?.object_size,
             PoolBacking::Kmalloc(size)
                 if (1..=(PAGE_SIZE as usize) << (self.max_order - 1)).contains(&size) =>
@@ -100,7 +102,7 @@ impl MemoryManager {
             }
         };
         let slot = self.idr_reserve(pools)?;
-        let desc = match self.kmalloc_layout(Layout::new::<Mempool>(), Gfp::KERNEL) {
+        let desc = match self.slab_alloc(MEMPOOL_CACHE, Gfp::KERNEL) {
             Ok(desc) => desc,
             Err(e) => {
                 // The table may have been made or grown for this id.
@@ -304,7 +306,7 @@ impl MemoryManager {
             self.pool_backing_free(backing, e);
         }
         if let Some(pool) = self.pools.remove(id.0 as usize) {
-            let _ = self.kfree(NonNull::from(pool).cast::<u8>());
+            let _ = self.slab_free(MEMPOOL_CACHE, NonNull::from(pool).cast::<u8>());
         }
         self.idr_shrink(pools);
     }

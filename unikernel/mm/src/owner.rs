@@ -51,14 +51,22 @@ impl OwnerTable {
         }
     }
 
+    /// `owner` is a live id (`set_owner` checks) or one a frame carries,
+    /// which stays in the table while it is charged.
     #[inline(always)]
     pub fn charge(&mut self, owner: u16, pages: u64) {
-        self.slots[owner as usize].pages += pages;
+        debug_assert!((owner as usize) < self.slots.len());
+        if let Some(s) = self.slots.get_mut(owner as usize) {
+            s.pages += pages;
+        }
     }
 
     #[inline(always)]
     pub fn uncharge(&mut self, owner: u16, pages: u64) {
-        self.slots[owner as usize].pages -= pages;
+        debug_assert!((owner as usize) < self.slots.len());
+        if let Some(s) = self.slots.get_mut(owner as usize) {
+            s.pages -= pages;
+        }
     }
 
     /// Pages charged to every owner together.
@@ -127,7 +135,9 @@ impl crate::MemoryManager {
     }
 
     /// Halves the table while the ids in use fit in a quarter of it (best
-    /// effort, as for the id tables).
+    /// effort, as for the id tables). Runs when an owner is freed: an id
+    /// still charged then (a buffer a device holds past its client) is
+    /// counted in until a later free finds it empty.
     fn owners_shrink(&mut self) {
         let cap = self.owners.slots.len();
         let want = (self.owners.used_end().next_power_of_two() * 2).max(OWNERS_MIN);

@@ -238,7 +238,7 @@ impl MemoryManager {
     pub fn reclaim(&mut self) -> u64 {
         self.counters.reclaim_runs += 1;
         let mut freed = 0;
-        for id in 0..self.caches.capacity() {
+        for id in 0..self.caches.end() {
             if self.caches.get(id).is_some() {
                 freed += self.shrink_cache_index(id);
             }

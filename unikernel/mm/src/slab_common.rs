@@ -7,7 +7,8 @@
 //! and destroying one gives its memory back. The cache of caches cannot
 //! hold its own descriptor before it exists: it starts in a block of its
 //! own, allocates one of its objects and moves there, as Linux's
-//! `bootstrap()` moves `boot_kmem_cache`.
+//! `bootstrap()` moves `boot_kmem_cache`. Mempool descriptors come from a
+//! second cache of memd-mm's own, `mempool_t`.
 
 use core::alloc::Layout;
 
@@ -20,6 +21,16 @@ use crate::{access, MemoryManager, MmError};
 /// The cache of caches: the id after kmalloc's, so that a kmalloc size
 /// class is its cache's id.
 pub(crate) const KMEM_CACHE: CacheId = CacheId(NR_KMALLOC as u16);
+/// Mempool descriptors: a cache of their own rather than kmalloc's, so
+/// that `kfree` cannot reach them.
+pub(crate) const MEMPOOL_CACHE: CacheId = CacheId(NR_KMALLOC as u16 + 1);
+
+/// Whether `id` is one of memd-mm's own caches, whose objects are its
+/// structures: the public cache calls, pools and `bytes_of` refuse them.
+#[inline(always)]
+pub(crate) fn is_internal(id: CacheId) -> bool {
+    id == KMEM_CACHE || id == MEMPOOL_CACHE
+}
 
 fn caches(mm: &mut MemoryManager) -> &mut Idr<KmemCache> {
     &mut mm.caches
@@ -42,23 +53,41 @@ impl MemoryManager {
         .ok_or(MmError::Invalid("kmem_cache layout"))?;
         boot.builtin = true;
         self.idr_reserve(caches)?;
-        let first = self.kmalloc_large(Layout::new::<KmemCache>(), Gfp::KERNEL)?;
+        let first = self.table_block(Layout::new::<KmemCache>())?;
         let at = KMEM_CACHE.0 as usize;
         self.caches
             .insert(at, access::object(first.as_ptr() as usize, boot));
-        let home = self.cache_alloc(KMEM_CACHE, Gfp::KERNEL)?;
+        let home = self.slab_alloc(KMEM_CACHE, Gfp::KERNEL)?;
         let boot = self.caches.remove(at).ok_or(MmError::NotFound)?;
         let moved = access::object(home.as_ptr() as usize, boot.clone());
         self.caches.insert(at, moved);
-        let _ = self.kfree(first);
-        self.create_kmalloc_caches()
+        self.table_free_block(first);
+        self.create_kmalloc_caches()?;
+        let size = core::mem::size_of::<crate::Mempool>();
+        let align = core::mem::align_of::<crate::Mempool>();
+        let mut pools = KmemCache::new(
+            "mempool_t",
+            size,
+            align,
+            SlabFlags::NONE,
+            None,
+            self.max_order,
+        )
+        .ok_or(MmError::Invalid("mempool_t layout"))?;
+        pools.builtin = true;
+        if self.cache_register(pools)? != MEMPOOL_CACHE {
+            return Err(MmError::Invalid(
+                "the mempool cache must follow the cache of caches",
+            ));
+        }
+        Ok(())
     }
 
     /// Gives `cache` a descriptor from the cache of caches and the lowest
     /// free id.
     pub(crate) fn cache_register(&mut self, cache: KmemCache) -> Result<CacheId, MmError> {
         let id = self.idr_reserve(caches)?;
-        let obj = match self.cache_alloc(KMEM_CACHE, Gfp::KERNEL) {
+        let obj = match self.slab_alloc(KMEM_CACHE, Gfp::KERNEL) {
             Ok(obj) => obj,
             Err(e) => {
                 // The table may have grown for this id.
@@ -77,7 +106,7 @@ impl MemoryManager {
             return;
         };
         let obj = core::ptr::NonNull::from(cache).cast::<u8>();
-        let _ = self.cache_free(KMEM_CACHE, obj);
+        let _ = self.slab_free(KMEM_CACHE, obj);
         self.idr_shrink(caches);
     }
 }

@@ -280,10 +280,13 @@ impl Harness {
             Op::Cache {
                 create: true, size, ..
             } => {
-                let id = self
+                let id = match self
                     .mm
                     .cache_create("model-made", size, 8, SlabFlags::NONE, None)
-                    .unwrap();
+                {
+                    Ok(id) => id,
+                    Err(e) => return assert_eq!(e, MmError::NoMemory),
+                };
                 assert!(
                     !self.made_caches.contains(&id) && !self.caches.contains(&id),
                     "id {id:?} of a live cache handed out again"

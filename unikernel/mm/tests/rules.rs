@@ -1,6 +1,7 @@
 //! One test per rule of the memory manager, each on a small host machine.
 
 use memd_mm::*;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 const MIB: u64 = 1 << 20;
@@ -986,6 +987,58 @@ fn the_contiguous_region_holds_as_many_buffers_as_fit() {
     assert_eq!(
         mm.meminfo().kmalloc_large,
         tables,
-        "the table goes with the last buffer"
+        "the table is back to its boot size"
     );
+}
+
+#[test]
+fn memd_mms_own_structures_are_out_of_callers_reach() {
+    let mut mm = machine("memd.dma_reserve=8M");
+    let user = mm
+        .cache_create("user", 64, 8, SlabFlags::NONE, None)
+        .unwrap();
+    let pool = mm.mempool_create(PoolBacking::Kmalloc(64), 1).unwrap();
+    // A cache's descriptor is an object of the cache of caches, a pool's
+    // of `mempool_t`: neither is reachable through the public calls.
+    let internal: Vec<CacheId> = mm
+        .slabinfo()
+        .filter(|(_, s)| ["kmem_cache", "mempool_t"].contains(&s.name.as_str()))
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(internal.len(), 2);
+    let descriptors = [
+        NonNull::from(mm.cache(user).unwrap()).cast::<u8>(),
+        NonNull::from(mm.mempool(pool).unwrap()).cast::<u8>(),
+    ];
+    for (&id, &d) in internal.iter().zip(&descriptors) {
+        assert_eq!(mm.cache_free(id, d), Err(MmError::NotPermitted));
+        assert_eq!(mm.cache_alloc(id, Gfp::KERNEL), Err(MmError::NotPermitted));
+        assert_eq!(mm.cache_destroy(id), Err(MmError::NotPermitted));
+        assert_eq!(
+            mm.mempool_create(PoolBacking::Cache(id), 1),
+            Err(MmError::NotPermitted)
+        );
+        assert!(mm.kfree(d).is_err());
+        assert!(mm.bytes_of(d.as_ptr() as usize, 8).is_err());
+    }
+    // The tables (ids, owners, the contiguous region's buffers) are the
+    // only large kmalloc blocks now: kfree, ksize and bytes_of refuse each.
+    let large = mm.meminfo().kmalloc_large;
+    assert!(large > 0);
+    let dmap = mm.direct_map();
+    let tables: Vec<u64> = (0..mm.initialised_frames() as u64)
+        .map(|pfn| pfn * PAGE_SIZE)
+        .filter(|&p| mm.frame(p).is_some_and(|f| f.is(FrameState::Large)))
+        .collect();
+    assert!(tables.len() >= 3, "{} tables", tables.len());
+    for p in tables {
+        let ptr = NonNull::new(dmap.virt(p) as *mut u8).unwrap();
+        assert!(mm.kfree(ptr).is_err());
+        assert!(mm.ksize(ptr).is_err());
+        assert!(mm.bytes_of(dmap.virt(p), 8).is_err());
+    }
+    assert_eq!(mm.meminfo().kmalloc_large, large);
+    mm.mempool_destroy(pool).unwrap();
+    mm.cache_destroy(user).unwrap();
+    mm.check().unwrap();
 }

@@ -79,7 +79,11 @@ impl World {
                 } else {
                     SlabFlags::NONE
                 };
-                let id = self.mm.cache_create("t", size, 8, flags, None).unwrap();
+                let id = match self.mm.cache_create("t", size, 8, flags, None) {
+                    Ok(id) => id,
+                    // Memory, and nothing else, may refuse a cache.
+                    Err(e) => return assert_eq!(e, MmError::NoMemory),
+                };
                 assert!(
                     self.caches.insert(id, size).is_none(),
                     "{id:?} handed out while live"
@@ -115,7 +119,9 @@ impl World {
                 let Some(id) = nth(&self.caches, pick) else {
                     return;
                 };
-                let p = self.mm.cache_alloc(id, Gfp::KERNEL).unwrap();
+                let Ok(p) = self.mm.cache_alloc(id, Gfp::KERNEL) else {
+                    return;
+                };
                 assert_eq!(self.mm.cache(id).unwrap().object_size, self.caches[&id]);
                 self.held.push(Held::Object(id, p));
             }
@@ -125,7 +131,10 @@ impl World {
                     (1, _) => (PoolBacking::Pages(1), None),
                     _ => (PoolBacking::Kmalloc(1 + pick % 5000), None),
                 };
-                let id = self.mm.mempool_create(backing, min_nr).unwrap();
+                let id = match self.mm.mempool_create(backing, min_nr) {
+                    Ok(id) => id,
+                    Err(e) => return assert_eq!(e, MmError::NoMemory),
+                };
                 assert!(
                     self.pools.insert(id, cache).is_none(),
                     "{id:?} handed out while live"
@@ -153,7 +162,9 @@ impl World {
                 let Some(id) = nth(&self.pools, pick) else {
                     return;
                 };
-                let e = self.mm.mempool_alloc(id, Gfp::KERNEL).unwrap();
+                let Ok(e) = self.mm.mempool_alloc(id, Gfp::KERNEL) else {
+                    return;
+                };
                 self.held.push(Held::Element(id, e));
             }
             Op::Free { pick } => {

@@ -13,8 +13,8 @@ use alloc::vec::Vec;
 
 use memd_mm::FrameRun;
 use memd_wire::{
-    MapCma, MapDma, MapRange, MapReservation, MapRun, MapZone, MemMap, RunKind, MAX_MAP_DMA,
-    MAX_MAP_RUNS,
+    MapCma, MapDma, MapRange, MapReservation, MapRun, MapZone, MemMap, RunKind, MAX_MAP_CMA,
+    MAX_MAP_DMA, MAX_MAP_RUNS,
 };
 
 mod runs;
@@ -23,8 +23,6 @@ pub use runs::RunWalk;
 
 /// Most memory ranges, reservations and zones a snapshot keeps.
 pub const MAP_MAX_RANGES: usize = 64;
-/// Most CMA extents a snapshot keeps.
-pub const MAP_MAX_EXTENTS: usize = 256;
 
 const EMPTY_RUN: FrameRun = FrameRun {
     start_pfn: 0,
@@ -58,9 +56,11 @@ pub struct MapSnapshot {
     /// The CMA region `[base, end)`.
     pub cma: Option<(u64, u64)>,
     /// CMA extents `[start, end)`.
-    pub cma_extents: [(u64, u64); MAP_MAX_EXTENTS],
+    pub cma_extents: [(u64, u64); MAX_MAP_CMA],
     /// Valid entries of `cma_extents`.
     pub nr_cma_extents: usize,
+    /// The region's buffers and bytes in use, listed or not.
+    pub cma_used: (u64, u64),
     /// Runs; `nr_runs` are valid.
     pub runs: Vec<FrameRun>,
     /// Valid entries of `runs`.
@@ -81,8 +81,9 @@ impl MapSnapshot {
             reservations: [("", 0, 0); MAP_MAX_RANGES],
             nr_reservations: 0,
             cma: None,
-            cma_extents: [(0, 0); MAP_MAX_EXTENTS],
+            cma_extents: [(0, 0); MAX_MAP_CMA],
             nr_cma_extents: 0,
+            cma_used: (0, 0),
             runs: vec![EMPTY_RUN; MAX_MAP_RUNS],
             nr_runs: 0,
         }
@@ -128,6 +129,8 @@ impl MapSnapshot {
                     .iter()
                     .map(|&(start, end)| MapRange { start, end })
                     .collect(),
+                buffers: self.cma_used.0,
+                used: self.cma_used.1,
             }),
             runs: self.runs[..self.nr_runs]
                 .iter()

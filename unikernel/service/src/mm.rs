@@ -7,7 +7,7 @@ use memd_wire::{
     errno, CacheSpec, Ctor, DmaMask, FaultConfig, FaultStatus, FaultTarget, Gfp, Reply, SlabFlags,
 };
 
-use crate::memmap::{MapSnapshot, MAP_MAX_EXTENTS, MAP_MAX_RANGES};
+use crate::memmap::{MapSnapshot, MAP_MAX_RANGES};
 use crate::memory::{Backing, DmaFacts, MemError, Memory, Obj, View};
 
 mod stats;
@@ -316,7 +316,8 @@ impl Memory for MemoryManager {
         out.cma = self.cma().map(|c| (c.base, c.end()));
         out.nr_cma_extents = 0;
         if let Some(c) = self.cma() {
-            out.nr_cma_extents = c.extents().len().min(MAP_MAX_EXTENTS);
+            out.nr_cma_extents = c.extents().len().min(out.cma_extents.len());
+            out.cma_used = (c.extents().len() as u64, c.used_pages * page);
             for (slot, e) in out.cma_extents.iter_mut().zip(c.extents()) {
                 *slot = (e.start, e.start + e.pages * page);
             }

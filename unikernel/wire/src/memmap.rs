@@ -23,6 +23,9 @@ pub const MAX_MAP_RUNS: usize = 8192;
 /// Most DMA buffers one map lists (the rest are counted in
 /// [`MemMap::dma_omitted`]).
 pub const MAX_MAP_DMA: usize = 4096;
+/// Most buffers of the CMA region one map draws (all are counted in
+/// [`MapCma::buffers`] and [`MapCma::used`]).
+pub const MAX_MAP_CMA: usize = 256;
 
 /// `[start, start+len)` of one kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,8 +80,12 @@ pub struct MapCma {
     pub base: u64,
     /// One past the last byte.
     pub end: u64,
-    /// Allocated extents, in address order.
+    /// Allocated extents, in address order: the first [`MAX_MAP_CMA`].
     pub extents: Vec<MapRange>,
+    /// Buffers allocated, listed or not.
+    pub buffers: u64,
+    /// Bytes allocated.
+    pub used: u64,
 }
 
 /// A DMA buffer held by a client.
@@ -162,7 +169,9 @@ mod tests {
             cma: Some(MapCma {
                 base: big,
                 end: big,
-                extents: vec![range; 256],
+                extents: vec![range; MAX_MAP_CMA],
+                buffers: big,
+                used: big,
             }),
             runs: vec![
                 MapRun {
