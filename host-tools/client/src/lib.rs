@@ -24,6 +24,7 @@
 //! The address: explicit (`--addr`), `MEMD_ADDR`, a file `.memd/addr`
 //! found the same way, else `127.0.0.1:5555`.
 
+pub mod fleet;
 pub mod qmp;
 
 use std::fmt;
@@ -49,6 +50,8 @@ pub enum Error {
     Protocol(String),
     /// No token was given or found.
     NoToken,
+    /// A fleet file or a token file it names cannot be read or written.
+    Fleet(String),
 }
 
 impl Error {
@@ -67,6 +70,7 @@ impl fmt::Display for Error {
             Error::Server(e) => write!(f, "memd: {e}"),
             Error::Connect(e) => write!(f, "connection: {e}"),
             Error::Protocol(e) => write!(f, "protocol: {e}"),
+            Error::Fleet(e) => write!(f, "fleet: {e}"),
             Error::NoToken => f.write_str(
                 "no token: pass --token, set MEMD_TOKEN (MEMD_OPERATOR_TOKEN for the operator), or run `cargo xtask run` (it writes .memd/token and .memd/operator-token)",
             ),
@@ -275,7 +279,9 @@ impl Client {
         loop {
             match Self::try_connect(addr, opts) {
                 Ok(c) => return Ok(c),
-                Err(e @ (Error::Server(_) | Error::Protocol(_) | Error::NoToken)) => return Err(e),
+                Err(
+                    e @ (Error::Server(_) | Error::Protocol(_) | Error::NoToken | Error::Fleet(_)),
+                ) => return Err(e),
                 Err(Error::Connect(e)) => {
                     if Instant::now() + delay > deadline {
                         return Err(Error::Connect(format!(

@@ -1,9 +1,11 @@
 //! PCI for virtio: configuration space through the legacy port-I/O
 //! mechanism (0xcf8/0xcfc: q35 under SeaBIOS), or, where no host bridge
 //! answers there, through the ECAM window of microvm's PCIe host
-//! (`-M microvm,pcie=on`, ECAM at 0xe0000000); BAR assignment where the
-//! firmware left BARs at zero (qboot does), memory decoding and bus
-//! mastering switched on, then virtio-drivers' PCI transport.
+//! (`-M microvm,pcie=on`, ECAM at 0xe0000000); the buses behind bridges
+//! too (libvirt puts its devices behind PCIe root ports, whose buses the
+//! firmware numbered); BAR assignment on bus 0 where the firmware left
+//! BARs at zero (qboot does), memory decoding and bus mastering switched
+//! on, then virtio-drivers' PCI transport.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -12,7 +14,8 @@ use core::ops::Range;
 
 use log::{info, warn};
 use virtio_drivers::transport::pci::bus::{
-    BarInfo, Cam, Command, ConfigurationAccess, DeviceFunction, MemoryBarType, MmioCam, PciRoot,
+    BarInfo, Cam, Command, ConfigurationAccess, DeviceFunction, DeviceFunctionInfo, HeaderType,
+    MemoryBarType, MmioCam, PciRoot,
 };
 use virtio_drivers::transport::pci::{virtio_device_type, PciTransport};
 use virtio_drivers::transport::{DeviceType, SomeTransport};
@@ -102,7 +105,11 @@ fn assign_bars<C: ConfigurationAccess>(
     Ok(())
 }
 
-/// The first virtio PCI device of type `want` on bus 0 behind the port-I/O
+/// Configuration offset of a bridge's primary, secondary and subordinate
+/// bus numbers (header type 1).
+const BRIDGE_BUSES: u8 = 0x18;
+
+/// The first virtio PCI device of type `want` behind the port-I/O
 /// configuration mechanism (q35).
 pub fn find(want: DeviceType) -> Option<(SomeTransport<'static>, String)> {
     // No host bridge at 00:00.0 (microvm has no port-I/O PCI): skip the scan.
@@ -110,7 +117,9 @@ pub fn find(want: DeviceType) -> Option<(SomeTransport<'static>, String)> {
     if id == 0 || id == u32::MAX {
         return None;
     }
-    find_on(PciRoot::new(PortIoCam), want, &Q35_BAR_WINDOW, "PCI")
+    let probe = PortIoCam;
+    let buses = move |df: DeviceFunction| probe.read_word(df, BRIDGE_BUSES);
+    find_on(PciRoot::new(PortIoCam), &buses, want, &Q35_BAR_WINDOW, "PCI")
 }
 
 /// As `find`, behind microvm's PCIe ECAM, if that host bridge exists.
@@ -128,27 +137,73 @@ pub fn find_ecam(want: DeviceType) -> Option<(SomeTransport<'static>, String)> {
     // no host bridge decodes it, reads return all-ones and enumeration finds
     // no device.
     let cam = unsafe { MmioCam::new(virt as *mut u8, Cam::Ecam) };
-    find_on(PciRoot::new(cam), want, &MICROVM_BAR_WINDOW, "PCIe (ECAM)")
+    // SAFETY: the clone only reads bridges' bus-number registers, which
+    // nothing writes while the scan runs.
+    let probe = unsafe { cam.unsafe_clone() };
+    let buses = move |df: DeviceFunction| probe.read_word(df, BRIDGE_BUSES);
+    find_on(
+        PciRoot::new(cam),
+        &buses,
+        want,
+        &MICROVM_BAR_WINDOW,
+        "PCIe (ECAM)",
+    )
+}
+
+/// Every function on bus 0 and on the buses behind its bridges, bus 0's
+/// first. `buses` reads a bridge's bus-number register.
+fn functions<C: ConfigurationAccess>(
+    root: &PciRoot<C>,
+    buses: &dyn Fn(DeviceFunction) -> u32,
+) -> Vec<(DeviceFunction, DeviceFunctionInfo)> {
+    let mut all = Vec::new();
+    let mut seen = [false; 256];
+    let mut queue = alloc::vec![0u8];
+    seen[0] = true;
+    let mut next = 0;
+    while let Some(&bus) = queue.get(next) {
+        next += 1;
+        for (df, info) in root.enumerate_bus(bus) {
+            if info.header_type == HeaderType::PciPciBridge {
+                let secondary = (buses(df) >> 8) as u8;
+                if secondary != 0 && !seen[secondary as usize] {
+                    seen[secondary as usize] = true;
+                    queue.push(secondary);
+                }
+            }
+            all.push((df, info));
+        }
+    }
+    all
 }
 
 fn find_on<C: ConfigurationAccess>(
     mut root: PciRoot<C>,
+    buses: &dyn Fn(DeviceFunction) -> u32,
     want: DeviceType,
     window: &Range<u64>,
     bus_name: &str,
 ) -> Option<(SomeTransport<'static>, String)> {
-    let all: Vec<(DeviceFunction, _)> = root.enumerate_bus(0).collect();
+    let all = functions(&root, buses);
     if all.is_empty() {
         return None;
     }
-    let functions: Vec<DeviceFunction> = all.iter().map(|(df, _)| *df).collect();
+    let on_bus0: Vec<DeviceFunction> = all
+        .iter()
+        .map(|(df, _)| *df)
+        .filter(|df| df.bus == 0)
+        .collect();
     let (df, info) = all
         .into_iter()
         .find(|(_, info)| virtio_device_type(info) == Some(want))?;
-    let mut next = assigned_top(&mut root, &functions, window);
-    if let Err(e) = assign_bars(&mut root, df, &mut next, window) {
-        warn!("pci {df}: {e}");
-        return None;
+    // Behind a bridge, BARs must sit in its window: only the firmware that
+    // set the windows assigns them there.
+    if df.bus == 0 {
+        let mut next = assigned_top(&mut root, &on_bus0, window);
+        if let Err(e) = assign_bars(&mut root, df, &mut next, window) {
+            warn!("pci {df}: {e}");
+            return None;
+        }
     }
     let (_, command) = root.get_status_command(df);
     root.set_command(df, command | Command::MEMORY_SPACE | Command::BUS_MASTER);
