@@ -8,6 +8,7 @@ mod build;
 mod fuzz;
 mod guest;
 mod hostile;
+mod libvirt;
 mod loadtest;
 mod profile;
 mod qemu;
@@ -43,6 +44,8 @@ enum Cmd {
     Profile(profile::ProfileArgs),
     /// The proptest fuzz targets with many cases.
     Fuzz(fuzz::Args),
+    /// memd as libvirt domains: print a definition, start, stop, list.
+    Libvirt(libvirt::Args),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -149,6 +152,7 @@ fn main() -> Result<()> {
         Cmd::Loadtest(args) => loadtest::run(&args),
         Cmd::Profile(args) => profile::run(&args),
         Cmd::Fuzz(args) => fuzz::run(&args),
+        Cmd::Libvirt(args) => libvirt::run(&args),
         Cmd::Bench {
             which: BenchCmd::Boot(args),
         } => bench_boot::run(&args),

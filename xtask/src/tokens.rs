@@ -59,6 +59,15 @@ pub fn write_secret(path: &Path, contents: &str) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// Makes `dir` (and its parents) if missing and sets it to mode 0700: a
+/// directory that keeps tokens.
+pub fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting {} to mode 700", dir.display()))
+}
+
 /// A new directory under the system's temporary directory that only this
 /// user may enter (mode 0700), removed with its contents when dropped.
 #[derive(Debug)]

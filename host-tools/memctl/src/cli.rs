@@ -64,6 +64,10 @@ pub(crate) struct Cli {
     /// Seconds to wait for the service to become ready
     #[arg(long, global = true, default_value_t = 10)]
     pub(crate) wait: u64,
+    /// Run a view (status, meminfo, watch) across every memd of a fleet
+    /// file (`cargo xtask libvirt start` keeps .memd/fleet.json)
+    #[arg(long, global = true)]
+    pub(crate) fleet: Option<PathBuf>,
     #[command(subcommand)]
     pub(crate) cmd: Cmd,
 }

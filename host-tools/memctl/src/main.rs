@@ -20,6 +20,7 @@ use serde::Serialize;
 
 mod balloon;
 mod cli;
+mod fleet;
 mod histogram;
 mod map;
 mod print;
@@ -423,6 +424,10 @@ fn main() -> ExitCode {
         completions(shell);
         return ExitCode::SUCCESS;
     }
+    if let Some(path) = &cli.fleet {
+        let wait = std::time::Duration::from_secs(cli.wait);
+        return exit(fleet::run(path, cli.cmd, cli.json, wait), cli.json);
+    }
     let operator = wants_operator(&cli.cmd);
     let mut opts = match Options::discover_for(cli.addr.as_deref(), cli.token.as_deref(), operator)
     {
@@ -440,10 +445,15 @@ fn main() -> ExitCode {
             Cmd::Session => session::session(&mut c, cli.json),
             cmd => run(&mut c, cmd, cli.json).map(|_| ()),
         });
+    exit(result, cli.json)
+}
+
+/// The exit status for `result`, its error said on stderr.
+fn exit(result: Result<(), Fail>, as_json: bool) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Fail::Server(e)) => {
-            if cli.json {
+            if as_json {
                 json(&e);
             }
             eprintln!("memctl: {} ({}): {}", e.code_name(), e.code, e.message);

@@ -96,7 +96,7 @@ pub fn find_in_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -109,6 +109,30 @@ fn is_root() -> bool {
 
 /// Finds `qemu-system-x86_64`, installing the `qemu-system-x86` package with
 /// apt-get when it is missing and we are root.
+/// Installs Debian `packages` with apt-get (without recommends), updating
+/// the package lists and trying again when the first attempt fails.
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    let install = |update: bool| -> Result<bool> {
+        if update {
+            Command::new("apt-get")
+                .args(["update", "-q"])
+                .status()
+                .context("running apt-get update")?;
+        }
+        Ok(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get install")?
+            .success())
+    };
+    if !install(false)? && !install(true)? {
+        bail!("apt-get install {} failed", packages.join(" "));
+    }
+    Ok(())
+}
+
 pub fn ensure_qemu() -> Result<PathBuf> {
     if let Some(p) = find_in_path(QEMU) {
         return Ok(p);
@@ -121,29 +145,7 @@ pub fn ensure_qemu() -> Result<PathBuf> {
         );
     }
     eprintln!("xtask: {QEMU} missing; installing {QEMU_PACKAGE} with apt-get");
-    let install = |update: bool| -> Result<bool> {
-        if update {
-            Command::new("apt-get")
-                .args(["update", "-q"])
-                .status()
-                .context("running apt-get update")?;
-        }
-        Ok(Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-q",
-                "--no-install-recommends",
-                QEMU_PACKAGE,
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .context("running apt-get install")?
-            .success())
-    };
-    if !install(false)? && !install(true)? {
-        bail!("apt-get install {QEMU_PACKAGE} failed");
-    }
+    apt_install(&[QEMU_PACKAGE])?;
     find_in_path(QEMU)
         .with_context(|| format!("{QEMU_PACKAGE} installed but {QEMU} still not in PATH"))
 }

@@ -1,0 +1,181 @@
+//! `cargo xtask libvirt`: memd as libvirt domains, driven by `virsh` and
+//! watched as a fleet by `memctl --fleet`.
+//!
+//! Each domain's tokens and console log live in `.memd/libvirt/NAME/`
+//! (mode 0700, the tokens 0600); `start` adds the domain to the fleet file
+//! `.memd/fleet.json` and `stop` takes it out.
+
+mod domain;
+mod virsh;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use memd_client::fleet::{Fleet, Member};
+
+pub use domain::Domain;
+pub use virsh::ensure_libvirt;
+
+use crate::qemu::{self, Accel, Machine};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Print the domain definition (and write the instance's tokens).
+    Xml(DomainArgs),
+    /// Define and start a memd domain, wait until it is ready, and add it
+    /// to the fleet file.
+    Start(DomainArgs),
+    /// Stop and undefine memd domains, and take them out of the fleet file.
+    Stop {
+        /// Domain names (default: every domain of the fleet file).
+        names: Vec<String>,
+    },
+    /// The memd domains libvirt knows, with their state and address.
+    List,
+}
+
+/// One memd domain. Only q35: libvirt does not model QEMU's microvm
+/// machine.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DomainArgs {
+    /// Domain name.
+    #[arg(long, default_value = "memd-1")]
+    pub name: String,
+    /// Control port: 127.0.0.1:PORT is forwarded to the guest.
+    #[arg(long, default_value_t = 5601)]
+    pub port: u16,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub mem_mib: u64,
+    /// Extra kernel command line.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Accelerator (auto never takes a kvm_pvm /dev/kvm).
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
+    pub accel: Accel,
+}
+
+/// `.memd/fleet.json` at the repository's root.
+pub fn fleet_file() -> PathBuf {
+    crate::build::repo_root().join(".memd/fleet.json")
+}
+
+/// The domain `args` describe, its directory made and its tokens written
+/// (fresh ones for a new instance; an existing instance keeps its own).
+pub fn prepare(args: &DomainArgs) -> Result<Domain> {
+    if args.name.is_empty()
+        || !args
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        bail!("a domain name is letters, digits and '-'");
+    }
+    let qemu_path = qemu::ensure_qemu()?;
+    let accel = qemu::choose_accel(args.accel, &qemu_path, Machine::Q35)?;
+    eprintln!(
+        "xtask: libvirt domain type {}: {}",
+        if accel.kvm { "kvm" } else { "qemu (TCG)" },
+        accel.reason
+    );
+    let kernel = crate::build::build_kernel()?;
+    let dir = crate::build::repo_root()
+        .join(".memd/libvirt")
+        .join(&args.name);
+    crate::tokens::private_dir(&dir)?;
+    if !dir.join("token").exists() || !dir.join("operator-token").exists() {
+        crate::tokens::GuestTokens::write_in(&dir)?;
+    }
+    let meta = std::fs::metadata(&dir).with_context(|| dir.display().to_string())?;
+    Ok(Domain {
+        name: args.name.clone(),
+        port: args.port,
+        mem_mib: args.mem_mib,
+        kernel,
+        dir,
+        kvm: accel.kvm,
+        cmdline: args.cmdline.clone(),
+        uid: meta.uid(),
+        gid: meta.gid(),
+    })
+}
+
+/// Starts `d` and adds it to the fleet file.
+pub fn start(d: &Domain) -> Result<()> {
+    virsh::start(d, Duration::from_secs(90))?;
+    let path = fleet_file();
+    let mut fleet = Fleet::load(&path)?;
+    fleet.put(Member {
+        name: d.name.clone(),
+        addr: d.addr(),
+        token_file: d.token_file(),
+        operator_token_file: d.operator_token_file(),
+    });
+    fleet.save(&path)?;
+    Ok(())
+}
+
+/// Stops and undefines domain `name`, and takes it out of the fleet file.
+pub fn stop(name: &str) -> Result<()> {
+    let result = virsh::stop(name);
+    let path = fleet_file();
+    let mut fleet = Fleet::load(&path)?;
+    if fleet.remove(name) {
+        fleet.save(&path)?;
+    }
+    result
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    match &args.cmd {
+        Cmd::Xml(a) => {
+            print!("{}", prepare(a)?.xml());
+            Ok(())
+        }
+        Cmd::Start(a) => {
+            ensure_libvirt()?;
+            let d = prepare(a)?;
+            start(&d)?;
+            println!(
+                "{} is ready on {} (tokens in {}); `memctl --fleet {} status` shows the fleet",
+                d.name,
+                d.addr(),
+                d.dir.display(),
+                fleet_file().display()
+            );
+            Ok(())
+        }
+        Cmd::Stop { names } => {
+            ensure_libvirt()?;
+            let names = if names.is_empty() {
+                Fleet::load(&fleet_file())?
+                    .members
+                    .into_iter()
+                    .map(|m| m.name)
+                    .collect()
+            } else {
+                names.clone()
+            };
+            for name in names {
+                stop(&name)?;
+                println!("{name} stopped and undefined");
+            }
+            Ok(())
+        }
+        Cmd::List => {
+            ensure_libvirt()?;
+            for (name, state, addr) in virsh::list()? {
+                println!("{name:<16} {state:<12} {addr}");
+            }
+            Ok(())
+        }
+    }
+}
