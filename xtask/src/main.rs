@@ -134,7 +134,10 @@ fn main() -> Result<()> {
             let filter = args.boot.filter.as_deref();
             let smoke = |name: &str| filter.is_none_or(|f| name.contains(f));
             if !filter.is_some_and(|f| {
-                "loadtest".contains(f) || "profile".contains(f) || "hostile".contains(f)
+                "loadtest".contains(f)
+                    || "profile".contains(f)
+                    || "hostile".contains(f)
+                    || "libvirt".contains(f)
             }) {
                 boot_tests::run(&args.boot)?;
             }
@@ -146,6 +149,9 @@ fn main() -> Result<()> {
             }
             if smoke("profile") {
                 profile::smoke()?;
+            }
+            if smoke("libvirt") {
+                libvirt::smoke()?;
             }
             Ok(())
         }

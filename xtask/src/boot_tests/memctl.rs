@@ -5,7 +5,7 @@ use crate::tokens::GuestTokens;
 
 /// The memctl binary the host tests built (`cargo test --workspace` builds
 /// it; built here too so `--boot-only` works on its own).
-fn memctl_binary() -> Result<std::path::PathBuf, String> {
+pub(crate) fn memctl_binary() -> Result<std::path::PathBuf, String> {
     static BUILT: std::sync::OnceLock<Result<std::path::PathBuf, String>> =
         std::sync::OnceLock::new();
     BUILT

@@ -42,7 +42,7 @@ mod control;
 mod disk;
 mod dma_disk;
 mod matrix;
-mod memctl;
+pub(crate) mod memctl;
 mod memory;
 mod owners;
 mod verdict;

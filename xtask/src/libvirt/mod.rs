@@ -5,6 +5,7 @@
 //! (mode 0700, the tokens 0600); `start` adds the domain to the fleet file
 //! `.memd/fleet.json` and `stop` takes it out.
 
+mod check;
 mod domain;
 mod virsh;
 
@@ -15,6 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use memd_client::fleet::{Fleet, Member};
 
+pub use check::smoke;
 pub use domain::Domain;
 pub use virsh::ensure_libvirt;
 
@@ -68,9 +70,15 @@ pub fn fleet_file() -> PathBuf {
     crate::build::repo_root().join(".memd/fleet.json")
 }
 
-/// The domain `args` describe, its directory made and its tokens written
-/// (fresh ones for a new instance; an existing instance keeps its own).
-pub fn prepare(args: &DomainArgs) -> Result<Domain> {
+/// Where instances keep their tokens and console: `.memd/libvirt/`.
+fn instances_dir() -> PathBuf {
+    crate::build::repo_root().join(".memd/libvirt")
+}
+
+/// The domain `args` describe, its directory (in `base`) made and its
+/// tokens written (fresh ones for a new instance; an existing instance
+/// keeps its own).
+pub fn prepare(args: &DomainArgs, base: &std::path::Path) -> Result<Domain> {
     if args.name.is_empty()
         || !args
             .name
@@ -87,9 +95,7 @@ pub fn prepare(args: &DomainArgs) -> Result<Domain> {
         accel.reason
     );
     let kernel = crate::build::build_kernel()?;
-    let dir = crate::build::repo_root()
-        .join(".memd/libvirt")
-        .join(&args.name);
+    let dir = base.join(&args.name);
     crate::tokens::private_dir(&dir)?;
     if !dir.join("token").exists() || !dir.join("operator-token").exists() {
         crate::tokens::GuestTokens::write_in(&dir)?;
@@ -108,28 +114,28 @@ pub fn prepare(args: &DomainArgs) -> Result<Domain> {
     })
 }
 
-/// Starts `d` and adds it to the fleet file.
-pub fn start(d: &Domain) -> Result<()> {
+/// Starts `d` and adds it to the fleet file `fleet`.
+pub fn start(d: &Domain, fleet: &std::path::Path) -> Result<()> {
     virsh::start(d, Duration::from_secs(90))?;
-    let path = fleet_file();
-    let mut fleet = Fleet::load(&path)?;
+    let path = fleet;
+    let mut fleet = Fleet::load(path)?;
     fleet.put(Member {
         name: d.name.clone(),
         addr: d.addr(),
         token_file: d.token_file(),
         operator_token_file: d.operator_token_file(),
     });
-    fleet.save(&path)?;
+    fleet.save(path)?;
     Ok(())
 }
 
-/// Stops and undefines domain `name`, and takes it out of the fleet file.
-pub fn stop(name: &str) -> Result<()> {
+/// Stops and undefines domain `name`, and takes it out of the fleet file
+/// `fleet`.
+pub fn stop(name: &str, fleet: &std::path::Path) -> Result<()> {
     let result = virsh::stop(name);
-    let path = fleet_file();
-    let mut fleet = Fleet::load(&path)?;
-    if fleet.remove(name) {
-        fleet.save(&path)?;
+    let mut members = Fleet::load(fleet)?;
+    if members.remove(name) {
+        members.save(fleet)?;
     }
     result
 }
@@ -137,13 +143,13 @@ pub fn stop(name: &str) -> Result<()> {
 pub fn run(args: &Args) -> Result<()> {
     match &args.cmd {
         Cmd::Xml(a) => {
-            print!("{}", prepare(a)?.xml());
+            print!("{}", prepare(a, &instances_dir())?.xml());
             Ok(())
         }
         Cmd::Start(a) => {
             ensure_libvirt()?;
-            let d = prepare(a)?;
-            start(&d)?;
+            let d = prepare(a, &instances_dir())?;
+            start(&d, &fleet_file())?;
             println!(
                 "{} is ready on {} (tokens in {}); `memctl --fleet {} status` shows the fleet",
                 d.name,
@@ -165,7 +171,7 @@ pub fn run(args: &Args) -> Result<()> {
                 names.clone()
             };
             for name in names {
-                stop(&name)?;
+                stop(&name, &fleet_file())?;
                 println!("{name} stopped and undefined");
             }
             Ok(())

@@ -54,6 +54,7 @@ pub fn ensure_libvirt() -> Result<()> {
         );
         qemu::apt_install(&PACKAGES)?;
     }
+    kvm_group()?;
     if virsh(&["version"]).is_ok() {
         return Ok(());
     }
@@ -81,6 +82,35 @@ pub fn ensure_libvirt() -> Result<()> {
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
+}
+
+/// Gives a root-only `/dev/kvm` the group and mode Debian's udev rule
+/// gives it (`kvm`, 0660), where no udev ran (containers). libvirt checks
+/// KVM as its QEMU user: with a device that user cannot open, it finds its
+/// probe of QEMU out of date at every domain definition and probes again,
+/// about a minute each time.
+fn kvm_group() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata("/dev/kvm") else {
+        return Ok(());
+    };
+    let has_group = std::fs::read_to_string("/etc/group")
+        .is_ok_and(|g| g.lines().any(|l| l.starts_with("kvm:")));
+    if meta.gid() != 0 || meta.mode() & 0o060 != 0 || !has_group || !qemu::is_root() {
+        return Ok(());
+    }
+    eprintln!("xtask: /dev/kvm is root's alone (no udev here): giving it group kvm and mode 0660, as Debian's udev rule does, so libvirt keeps its probe of QEMU");
+    for (cmd, arg) in [("chgrp", "kvm"), ("chmod", "0660")] {
+        let ok = Command::new(cmd)
+            .args([arg, "/dev/kvm"])
+            .status()
+            .with_context(|| format!("running {cmd}"))?
+            .success();
+        if !ok {
+            bail!("{cmd} {arg} /dev/kvm failed");
+        }
+    }
+    Ok(())
 }
 
 /// Defines and starts `d`, then waits (at most `timeout`) until its
