@@ -36,6 +36,7 @@ mod boot;
 mod drive;
 mod exhaust;
 mod figures;
+mod fleet;
 mod latency;
 mod noisy;
 mod passes;
@@ -86,6 +87,11 @@ pub struct Args {
     /// guest options are then unused).
     #[arg(long)]
     pub addr: Option<String>,
+    /// Spread the clients over every memd of this fleet file (`cargo
+    /// xtask libvirt start` keeps .memd/fleet.json), each run with its own
+    /// baseline.
+    #[arg(long, conflicts_with = "addr")]
+    pub fleet: Option<std::path::PathBuf>,
     /// Client token for `--addr` (default: MEMD_TOKEN or .memd/token).
     #[arg(long)]
     pub token: Option<String>,
@@ -145,6 +151,7 @@ impl Args {
     pub fn smoke(clients: u32, secs: u64, fault_probability: Option<u8>) -> Args {
         Args {
             addr: None,
+            fleet: None,
             token: None,
             operator_token: None,
             clients,
@@ -197,6 +204,13 @@ impl Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    if let Some(path) = &args.fleet {
+        args.validate()?;
+        if !fleet::run_fleet(path, args)? {
+            bail!("load test failed");
+        }
+        return Ok(());
+    }
     let report = match &args.addr {
         Some(addr) => {
             args.validate()?;
