@@ -65,7 +65,8 @@ impl Fleet {
         Ok(Fleet { members })
     }
 
-    /// Writes the fleet file (mode 0600: it names where tokens are).
+    /// Writes the fleet file, mode 0600 (it names where tokens are), whole:
+    /// a temporary file beside it renamed over it.
     pub fn save(&self, path: &Path) -> Result<()> {
         let members: Vec<Value> = self
             .members
@@ -83,15 +84,19 @@ impl Fleet {
             .map_err(|e| Error::Fleet(e.to_string()))?;
         let io = |e: std::io::Error| Error::Fleet(format!("{}: {e}", path.display()));
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(path)
+            .open(&tmp)
             .map_err(io)?;
-        f.write_all(text.as_bytes()).map_err(io)
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io)?;
+        f.write_all(text.as_bytes()).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
     }
 
     /// Adds `member`, replacing one of the same name.
@@ -109,19 +114,23 @@ impl Fleet {
 }
 
 impl Member {
-    /// Connects with its client token (`operator` false) or its operator
-    /// token, giving up after `timeout` so that one memd that does not
-    /// answer cannot hold a view of all of them.
-    pub fn connect(&self, operator: bool, timeout: Duration) -> Result<Client> {
-        let file = if operator {
-            &self.operator_token_file
-        } else {
-            &self.token_file
+    /// Its client token and its operator token, read from their files.
+    pub fn tokens(&self) -> Result<(String, String)> {
+        let read = |file: &Path| {
+            std::fs::read_to_string(file)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| Error::Fleet(format!("{}: {e}", file.display())))
         };
-        let token = std::fs::read_to_string(file)
-            .map_err(|e| Error::Fleet(format!("{}: {e}", file.display())))?;
-        let mut opts = Options::new(self.addr.clone(), token.trim());
-        opts.ready_timeout = timeout;
+        Ok((read(&self.token_file)?, read(&self.operator_token_file)?))
+    }
+
+    /// Connects once with its client token (`operator` false) or its
+    /// operator token, each read waiting `timeout` at most: a memd that is
+    /// down is not retried.
+    pub fn connect(&self, operator: bool, timeout: Duration) -> Result<Client> {
+        let (client, op) = self.tokens()?;
+        let mut opts = Options::new(self.addr.clone(), if operator { op } else { client });
+        opts.ready_timeout = Duration::ZERO;
         opts.io_timeout = Some(timeout);
         Client::connect(&opts)
     }

@@ -1,7 +1,8 @@
 //! `memctl --fleet FILE`: the read-only views across many memds (the file
 //! `cargo xtask libvirt start` keeps, see memd-client's `fleet`). Every
-//! member is asked at once, each within `--wait` seconds at most, so one
-//! that does not answer is shown as down and never holds the view.
+//! member is asked at once, once, and the view waits `--wait` seconds in
+//! all: a member that has not answered by then is shown as down and never
+//! holds the view.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -20,35 +21,44 @@ struct Answer<T> {
     got: Result<T, String>,
 }
 
-/// Asks every member of `fleet` at once with `ask`, each within `timeout`.
-fn ask_all<T: Send>(
+/// Asks every member of `fleet` at once with `ask` and waits `timeout` in
+/// all. A member still silent then is answered for as down; its thread is
+/// left to end on its own read timeout.
+fn ask_all<T: Send + 'static>(
     fleet: &Fleet,
     timeout: Duration,
-    ask: impl Fn(&mut memd_client::Client) -> memd_client::Result<T> + Sync,
+    ask: fn(&mut memd_client::Client) -> memd_client::Result<T>,
 ) -> Vec<Answer<T>> {
-    std::thread::scope(|s| {
-        let handles: Vec<_> = fleet
-            .members
-            .iter()
-            .map(|m| {
-                let ask = &ask;
-                s.spawn(move || {
-                    let got = m
-                        .connect(false, timeout)
-                        .and_then(|mut c| ask(&mut c))
-                        .map_err(|e| e.to_string());
-                    Answer {
-                        member: m.clone(),
-                        got,
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("fleet query thread"))
-            .collect()
-    })
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (i, m) in fleet.members.iter().enumerate() {
+        let (tx, m) = (tx.clone(), m.clone());
+        std::thread::spawn(move || {
+            let got = m
+                .connect(false, timeout)
+                .and_then(|mut c| ask(&mut c))
+                .map_err(|e| e.to_string());
+            let _ = tx.send((i, got));
+        });
+    }
+    drop(tx);
+    let mut got: Vec<Option<Result<T, String>>> = fleet.members.iter().map(|_| None).collect();
+    let deadline = Instant::now() + timeout;
+    while got.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((i, answer)) => got[i] = Some(answer),
+            Err(_) => break,
+        }
+    }
+    fleet
+        .members
+        .iter()
+        .zip(got)
+        .map(|(m, got)| Answer {
+            member: m.clone(),
+            got: got.unwrap_or_else(|| Err(format!("no answer within {timeout:?}"))),
+        })
+        .collect()
 }
 
 pub(crate) fn run(path: &Path, cmd: Cmd, as_json: bool, wait: Duration) -> Result<(), Fail> {
@@ -56,7 +66,7 @@ pub(crate) fn run(path: &Path, cmd: Cmd, as_json: bool, wait: Duration) -> Resul
     if fleet.members.is_empty() {
         return Err(Fail::Usage(format!("{}: no members", path.display())));
     }
-    let timeout = wait.clamp(Duration::from_millis(200), Duration::from_secs(5));
+    let timeout = wait.max(Duration::from_millis(200));
     match cmd {
         Cmd::Status => {
             status(&ask_all(&fleet, timeout, |c| c.status()), as_json);
@@ -135,7 +145,7 @@ fn status(answers: &[Answer<Status>], as_json: bool) {
     println!("{t}");
 }
 
-/// A meminfo's fields by name, in its order.
+/// A meminfo's fields, by name.
 fn fields(m: &MemInfo) -> Vec<(String, u64)> {
     match serde_json::to_value(m) {
         Ok(Value::Object(o)) => o

@@ -65,8 +65,7 @@ pub fn smoke() -> Result<()> {
         bail!("memctl --fleet status: want both memds up, got {both:?}");
     }
     let a = &names[0];
-    let balloon = setmem_check(a, &fleet)?;
-    let stats = dommemstat_check(a, &fleet)?;
+    let (balloon, stats) = setmem_check(a, &fleet)?;
 
     virsh(&["destroy", &names[1]])?;
     let after = fleet_status(&fleet)?;
@@ -130,15 +129,17 @@ fn meminfo(name: &str, fleet: &Path) -> Result<memd_client::wire::MemInfo> {
     Ok(m.connect(false, Duration::from_secs(5))?.meminfo()?)
 }
 
-/// `virsh setmem` to [`TARGET_MIB`], then back: memd's balloon holds the
-/// difference, then nothing. Returns the balloon's size at the target.
-fn setmem_check(name: &str, fleet: &Path) -> Result<u64> {
+/// `virsh setmem` to [`TARGET_MIB`], `dommemstat` there, then back: memd's
+/// balloon holds the difference, then nothing. Returns the balloon's size
+/// at the target and what `dommemstat` showed.
+fn setmem_check(name: &str, fleet: &Path) -> Result<(u64, String)> {
     let want = (GUEST_MIB - TARGET_MIB) * MIB;
     virsh(&["setmem", name, &format!("{TARGET_MIB}M"), "--live"])?;
     let held = wait_balloon(name, fleet, want)?;
+    let stats = dommemstat_check(name, fleet)?;
     virsh(&["setmem", name, &format!("{GUEST_MIB}M"), "--live"])?;
     wait_balloon(name, fleet, 0)?;
-    Ok(held)
+    Ok((held, stats))
 }
 
 fn wait_balloon(name: &str, fleet: &Path, want: u64) -> Result<u64> {
@@ -156,9 +157,10 @@ fn wait_balloon(name: &str, fleet: &Path, want: u64) -> Result<u64> {
 }
 
 /// `virsh dommemstat` against memd's meminfo, once a statistics period has
-/// passed with nothing else happening: the total is memd's to the kB, the
-/// balloon's `actual` is the guest less memd's balloon, and free memory
-/// agrees within what memd's own serving of the two reads moves.
+/// passed with nothing else happening: `available` (libvirt's name for the
+/// total) is memd's to the kB, `actual` is the guest less memd's balloon,
+/// and `unused` (free) and `usable` (free and reclaimable slab) agree
+/// within what memd's own serving of the two reads moves.
 fn dommemstat_check(name: &str, fleet: &Path) -> Result<String> {
     std::thread::sleep(Duration::from_secs(3));
     let m = meminfo(name, fleet)?;
@@ -182,11 +184,18 @@ fn dommemstat_check(name: &str, fleet: &Path) -> Result<String> {
             m.balloon / 1024
         );
     }
+    // Free memory moves by what memd's serving of the two reads takes:
+    // within 1 MiB.
     let free = m.free / 1024;
     if unused.abs_diff(free) > 1024 {
         bail!("dommemstat unused {unused} kB, memd's free {free} kB");
     }
+    let usable = stat("usable ")?;
+    let reclaimable = (m.free + m.slab_reclaimable) / 1024;
+    if usable.abs_diff(reclaimable) > 1024 {
+        bail!("dommemstat usable {usable} kB, memd's free and reclaimable slab {reclaimable} kB");
+    }
     Ok(format!(
-        "available {available} kB = memd's total, unused {unused} kB ~ free {free} kB"
+        "available {available} kB = memd's total, actual {actual} kB = guest - balloon, unused {unused} kB ~ free {free} kB"
     ))
 }

@@ -114,28 +114,37 @@ pub fn prepare(args: &DomainArgs, base: &std::path::Path) -> Result<Domain> {
     })
 }
 
-/// Starts `d` and adds it to the fleet file `fleet`.
-pub fn start(d: &Domain, fleet: &std::path::Path) -> Result<()> {
-    virsh::start(d, Duration::from_secs(90))?;
-    let path = fleet;
+/// Starts `d` and adds it to the fleet file `path`; a domain that cannot
+/// be listed there is stopped again.
+pub fn start(d: &Domain, path: &std::path::Path) -> Result<()> {
     let mut fleet = Fleet::load(path)?;
+    virsh::start(d, Duration::from_secs(90))?;
     fleet.put(Member {
         name: d.name.clone(),
         addr: d.addr(),
         token_file: d.token_file(),
         operator_token_file: d.operator_token_file(),
     });
-    fleet.save(path)?;
+    if let Err(e) = fleet.save(path) {
+        let _ = virsh::stop(&d.name);
+        return Err(e.into());
+    }
     Ok(())
 }
 
-/// Stops and undefines domain `name`, and takes it out of the fleet file
-/// `fleet`.
-pub fn stop(name: &str, fleet: &std::path::Path) -> Result<()> {
-    let result = virsh::stop(name);
-    let mut members = Fleet::load(fleet)?;
-    if members.remove(name) {
-        members.save(fleet)?;
+/// Stops and undefines memd domain `name` (a domain without memd's
+/// metadata is refused), and takes it out of the fleet file `path`.
+pub fn stop(name: &str, path: &std::path::Path) -> Result<()> {
+    let result = if virsh::is_memd(name) {
+        virsh::stop(name)
+    } else {
+        Err(anyhow::anyhow!(
+            "{name} is not a memd domain (no memd metadata)"
+        ))
+    };
+    let mut fleet = Fleet::load(path)?;
+    if fleet.remove(name) {
+        fleet.save(path)?;
     }
     result
 }
@@ -170,9 +179,18 @@ pub fn run(args: &Args) -> Result<()> {
             } else {
                 names.clone()
             };
+            let mut failed = 0;
             for name in names {
-                stop(&name, &fleet_file())?;
-                println!("{name} stopped and undefined");
+                match stop(&name, &fleet_file()) {
+                    Ok(()) => println!("{name} stopped and undefined"),
+                    Err(e) => {
+                        eprintln!("{name}: {e:#}");
+                        failed += 1;
+                    }
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} domain(s) not stopped");
             }
             Ok(())
         }

@@ -62,15 +62,13 @@ pub fn ensure_libvirt() -> Result<()> {
         bail!("libvirtd is not answering on {URI}; start it (as root: `libvirtd -d`)");
     }
     eprintln!("xtask: libvirtd not answering; starting virtlogd and libvirtd");
+    // virtlogd may be running already (it then refuses a second one):
+    // whether libvirtd came up is what the loop below checks.
     for daemon in ["/usr/sbin/virtlogd", "/usr/sbin/libvirtd"] {
-        let ok = Command::new(daemon)
+        Command::new(daemon)
             .arg("-d")
             .status()
-            .with_context(|| format!("starting {daemon}"))?
-            .success();
-        if !ok {
-            bail!("{daemon} -d failed");
-        }
+            .with_context(|| format!("starting {daemon}"))?;
     }
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -117,6 +115,9 @@ fn kvm_group() -> Result<()> {
 /// console says all its memory is initialised. A domain that does not get
 /// there is stopped and undefined, and the console's end is in the error.
 pub fn start(d: &Domain, timeout: Duration) -> Result<()> {
+    if virsh(&["domstate", &d.name]).is_ok() {
+        bail!("a domain named {} is defined already", d.name);
+    }
     let xml = d.dir.join("domain.xml");
     std::fs::write(&xml, d.xml()).with_context(|| format!("writing {}", xml.display()))?;
     let _ = std::fs::remove_file(d.console());
@@ -147,11 +148,15 @@ pub fn start(d: &Domain, timeout: Duration) -> Result<()> {
     }
 }
 
-/// Stops (if running) and undefines domain `name`.
+/// Whether domain `name` is one of memd's (carries its metadata).
+pub fn is_memd(name: &str) -> bool {
+    virsh(&["metadata", name, "--uri", METADATA_URI]).is_ok()
+}
+
+/// Stops and undefines domain `name`: destroyed whatever its state (an
+/// error there is a domain not running), then undefined.
 pub fn stop(name: &str) -> Result<()> {
-    if virsh(&["domstate", name]).is_ok_and(|s| s.trim() == "running") {
-        virsh(&["destroy", name])?;
-    }
+    let _ = virsh(&["destroy", name]);
     virsh(&["undefine", name]).map(|_| ())
 }
 

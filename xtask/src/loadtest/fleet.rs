@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use memd_client::fleet::Fleet;
 
 use super::against::{run_against, Tokens};
@@ -34,16 +34,12 @@ pub fn run_fleet(path: &Path, args: &Args) -> Result<bool> {
                 let mut a = args.clone();
                 a.clients = args.clients / n + u32::from((i as u32) < args.clients % n);
                 s.spawn(move || {
-                    let read = |f: &Path| {
-                        std::fs::read_to_string(f)
-                            .map(|t| t.trim().to_string())
-                            .with_context(|| f.display().to_string())
-                    };
-                    let report = read(&m.token_file)
-                        .and_then(|client| Ok((client, read(&m.operator_token_file)?)))
-                        .and_then(|(client, operator)| {
-                            run_against(&m.addr, &Tokens { client, operator }, &a)
-                        });
+                    let report =
+                        m.tokens()
+                            .map_err(anyhow::Error::from)
+                            .and_then(|(client, operator)| {
+                                run_against(&m.addr, &Tokens { client, operator }, &a)
+                            });
                     (m.name.clone(), report)
                 })
             })
