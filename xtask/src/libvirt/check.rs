@@ -56,6 +56,7 @@ pub fn smoke() -> Result<()> {
             mem_mib: GUEST_MIB,
             cmdline: String::new(),
             accel: Accel::Auto,
+            hotplug_mib: None,
         };
         let d = prepare(&args, &dir.path)?;
         start(&d, &fleet).with_context(|| format!("starting {name}"))?;

@@ -63,6 +63,10 @@ pub struct DomainArgs {
     /// Accelerator (auto never takes a kvm_pvm /dev/kvm).
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
     pub accel: Accel,
+    /// A virtio-mem region of this many MiB (`<memory model='virtio-mem'>`):
+    /// refused, memd has no virtio-mem driver yet.
+    #[arg(long)]
+    pub hotplug_mib: Option<u64>,
 }
 
 /// `.memd/fleet.json` at the repository's root.
@@ -79,6 +83,9 @@ fn instances_dir() -> PathBuf {
 /// tokens written (fresh ones for a new instance; an existing instance
 /// keeps its own).
 pub fn prepare(args: &DomainArgs, base: &std::path::Path) -> Result<Domain> {
+    if args.hotplug_mib.is_some() {
+        bail!("--hotplug-mib: memd has no virtio-mem driver yet, so a virtio-mem region would sit unplugged and `virsh update-memory-device` would change nothing");
+    }
     if args.name.is_empty()
         || !args
             .name
