@@ -8,11 +8,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use memd_client::fleet::{Fleet, Member};
-use memd_client::wire::{MemInfo, Status};
+use memd_client::wire::{MemInfo, Op, Reply, Status};
 use serde_json::{json, Map, Value};
 
 use crate::cli::Cmd;
-use crate::print::{human_bytes, table};
+use crate::print::{human_bytes, print_reply, table};
 use crate::Fail;
 
 /// What one member answered.
@@ -27,11 +27,12 @@ struct Answer<T> {
 fn ask_all<T: Send + 'static>(
     fleet: &Fleet,
     timeout: Duration,
-    ask: fn(&mut memd_client::Client) -> memd_client::Result<T>,
+    ask: impl Fn(&mut memd_client::Client) -> memd_client::Result<T> + Send + Sync + 'static,
 ) -> Vec<Answer<T>> {
+    let ask = std::sync::Arc::new(ask);
     let (tx, rx) = std::sync::mpsc::channel();
     for (i, m) in fleet.members.iter().enumerate() {
-        let (tx, m) = (tx.clone(), m.clone());
+        let (tx, m, ask) = (tx.clone(), m.clone(), ask.clone());
         std::thread::spawn(move || {
             let got = m
                 .connect(false, timeout)
@@ -88,9 +89,61 @@ pub(crate) fn run(path: &Path, cmd: Cmd, as_json: bool, wait: Duration) -> Resul
             );
             Ok(())
         }
-        _ => Err(Fail::Usage(
-            "--fleet runs the views status, meminfo and watch".into(),
-        )),
+        cmd => {
+            let op = crate::to_op(cmd.clone())?;
+            let view = Op::VIEWS
+                .iter()
+                .any(|v| std::mem::discriminant(v) == std::mem::discriminant(&op));
+            if !view || crate::wants_operator(&cmd) {
+                return Err(Fail::Usage(
+                    "--fleet runs the read-only views (status, meminfo, watch, zoneinfo, buddyinfo, slabinfo, mempools, cma, clients, dma-list, fault)".into(),
+                ));
+            }
+            each(
+                &ask_all(&fleet, timeout, move |c| fetch(c, op.clone())),
+                as_json,
+            );
+            Ok(())
+        }
+    }
+}
+
+/// A view's whole reply: every page of a paged listing.
+fn fetch(c: &mut memd_client::Client, op: Op) -> memd_client::Result<Reply> {
+    Ok(match op {
+        Op::Slabinfo { .. } => Reply::Slabinfo(c.slabinfo()?),
+        Op::Mempools { .. } => Reply::Mempools(c.mempools()?),
+        Op::DmaBuffers { .. } => Reply::DmaBuffers(c.dma_buffers()?),
+        op => c.call(op)?,
+    })
+}
+
+/// Each member's view under its name, or why it is down.
+fn each(answers: &[Answer<Reply>], as_json: bool) {
+    if as_json {
+        let rows: Vec<Value> = answers
+            .iter()
+            .map(|a| match &a.got {
+                Ok(r) => {
+                    json!({"name": a.member.name, "addr": a.member.addr, "up": true, "reply": r})
+                }
+                Err(e) => {
+                    json!({"name": a.member.name, "addr": a.member.addr, "up": false, "error": e})
+                }
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        );
+        return;
+    }
+    for a in answers {
+        println!("=== {} ({})", a.member.name, a.member.addr);
+        match &a.got {
+            Ok(r) => print_reply(r),
+            Err(e) => println!("down: {e}"),
+        }
     }
 }
 

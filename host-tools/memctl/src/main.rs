@@ -46,7 +46,7 @@ impl From<Error> for Fail {
     }
 }
 
-fn to_op(cmd: Cmd) -> Result<Op, Fail> {
+pub(crate) fn to_op(cmd: Cmd) -> Result<Op, Fail> {
     Ok(match cmd {
         Cmd::Status => Op::Status,
         Cmd::Meminfo => Op::Meminfo,
@@ -155,7 +155,7 @@ fn to_op(cmd: Cmd) -> Result<Op, Fail> {
 /// Whether `cmd` connects with the operator's token: it runs an operation
 /// only the operator may ([`Op::operator_only`]), or it is a session, whose
 /// commands are read after it connects.
-fn wants_operator(cmd: &Cmd) -> bool {
+pub(crate) fn wants_operator(cmd: &Cmd) -> bool {
     match cmd {
         Cmd::Session => true,
         // Setting a rule is fault injection; without a target it only shows.
