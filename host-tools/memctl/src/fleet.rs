@@ -118,25 +118,36 @@ fn fetch(c: &mut memd_client::Client, op: Op) -> memd_client::Result<Reply> {
     })
 }
 
+/// The answers as a JSON array: each member's name, address, whether it
+/// answered, and its answer under `key` or its error.
+fn print_rows<T: serde::Serialize>(answers: &[Answer<T>], key: &str) {
+    let rows: Vec<Value> = answers
+        .iter()
+        .map(|a| {
+            let mut row = json!({"name": a.member.name, "addr": a.member.addr});
+            match &a.got {
+                Ok(v) => {
+                    row["up"] = json!(true);
+                    row[key] = json!(v);
+                }
+                Err(e) => {
+                    row["up"] = json!(false);
+                    row["error"] = json!(e);
+                }
+            }
+            row
+        })
+        .collect();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&rows).unwrap_or_default()
+    );
+}
+
 /// Each member's view under its name, or why it is down.
 fn each(answers: &[Answer<Reply>], as_json: bool) {
     if as_json {
-        let rows: Vec<Value> = answers
-            .iter()
-            .map(|a| match &a.got {
-                Ok(r) => {
-                    json!({"name": a.member.name, "addr": a.member.addr, "up": true, "reply": r})
-                }
-                Err(e) => {
-                    json!({"name": a.member.name, "addr": a.member.addr, "up": false, "error": e})
-                }
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).unwrap_or_default()
-        );
-        return;
+        return print_rows(answers, "reply");
     }
     for a in answers {
         println!("=== {} ({})", a.member.name, a.member.addr);
@@ -149,22 +160,7 @@ fn each(answers: &[Answer<Reply>], as_json: bool) {
 
 fn status(answers: &[Answer<Status>], as_json: bool) {
     if as_json {
-        let rows: Vec<Value> = answers
-            .iter()
-            .map(|a| match &a.got {
-                Ok(s) => {
-                    json!({"name": a.member.name, "addr": a.member.addr, "up": true, "status": s})
-                }
-                Err(e) => {
-                    json!({"name": a.member.name, "addr": a.member.addr, "up": false, "error": e})
-                }
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).unwrap_or_default()
-        );
-        return;
+        return print_rows(answers, "status");
     }
     let mut t = table(&[
         "name", "addr", "state", "uptime", "total", "free", "balloon", "reported", "clients",
