@@ -14,7 +14,8 @@ pub enum MmError {
     Busy { live: u64 },
     /// No such cache or pool (ENOENT).
     NotFound,
-    /// A fixed table (caches, pools, CMA extents) is full (ENOSPC).
+    /// Every id is taken (65 536 live caches, pools or owners), or a boot
+    /// table (memblock's regions) is full (ENOSPC).
     TableFull,
     /// The object cannot be changed this way, e.g. destroying a kmalloc
     /// cache (EPERM).
@@ -31,7 +32,7 @@ impl MmError {
             MmError::Invalid(why) => why,
             MmError::Busy { .. } => "objects still in use",
             MmError::NotFound => "no such cache or pool",
-            MmError::TableFull => "table full",
+            MmError::TableFull => "every id of its kind is taken, or a boot table is full",
             MmError::NotPermitted => "operation not permitted on this object",
             MmError::Corrupted(c) => match c.kind {
                 crate::slab::CorruptionKind::UseAfterFree => "poison overwritten: use after free",

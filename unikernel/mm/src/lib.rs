@@ -168,7 +168,7 @@ pub struct MemoryManager {
     /// Slab caches by id; their descriptors are objects of the cache of
     /// caches (`slab_common.rs`).
     pub(crate) caches: idr::Idr<KmemCache>,
-    /// Mempools by id; their descriptors are kmalloc'd.
+    /// Mempools by id; their descriptors are objects of `mempool_t`.
     pub(crate) pools: idr::Idr<mempool::Mempool>,
     pub(crate) cma: Option<Cma>,
     /// The balloon's blocks (`balloon.rs`), linked through their heads.
