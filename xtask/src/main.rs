@@ -78,29 +78,51 @@ enum BenchCmd {
         /// Print one JSON array of rows instead of the table.
         #[arg(long)]
         json: bool,
+        /// Also kmalloc-steady and page0-steady from this many threads at
+        /// once (e.g. 1,2), memd-mm beside glibc's malloc and mimalloc:
+        /// rows {workload, allocator, threads, ops_per_sec}.
+        #[arg(long)]
+        threads: Option<String>,
     },
 }
 
-fn bench_mm(json: bool) -> Result<()> {
+/// One of memd-mm's benchmark programs, with `args`: its output.
+fn mm_bench(bench: &str, args: &[&str]) -> Result<String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(build::repo_root()).args([
-        "bench",
-        "--quiet",
-        "-p",
-        "memd-mm",
-        "--features",
-        "std",
-        "--bench",
-        "compare",
-    ]);
-    if json {
-        cmd.args(["--", "--json"]);
+    let out = Command::new(cargo)
+        .current_dir(build::repo_root())
+        .args(["bench", "--quiet", "-p", "memd-mm", "--features", "std"])
+        .args(["--bench", bench, "--"])
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running the memd-mm benchmark {bench}"))?;
+    if !out.status.success() {
+        bail!("memd-mm benchmark {bench} failed");
     }
-    let status = cmd.status().context("running the memd-mm benchmark")?;
-    if !status.success() {
-        bail!("memd-mm benchmark failed");
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn bench_mm(json: bool, threads: Option<&str>) -> Result<()> {
+    let flag: &[&str] = if json { &["--json"] } else { &[] };
+    let compare = mm_bench("compare", flag)?;
+    let Some(threads) = threads else {
+        print!("{compare}");
+        return Ok(());
+    };
+    let mut args = vec!["--threads", threads];
+    args.extend_from_slice(flag);
+    let threaded = mm_bench("threads", &args)?;
+    if !json {
+        print!("{compare}\n{threaded}");
+        return Ok(());
     }
+    // One array: the single-threaded rows, then the threaded ones.
+    let mut rows: Vec<serde_json::Value> =
+        serde_json::from_str(&compare).context("compare's JSON")?;
+    let more: Vec<serde_json::Value> = serde_json::from_str(&threaded).context("threads' JSON")?;
+    rows.extend(more);
+    println!("{}", serde_json::Value::Array(rows));
     Ok(())
 }
 
@@ -169,8 +191,8 @@ fn main() -> Result<()> {
             which: BenchCmd::Balloon(args),
         } => bench_balloon::run(&args),
         Cmd::Bench {
-            which: BenchCmd::Mm { json },
-        } => bench_mm(json),
+            which: BenchCmd::Mm { json, threads },
+        } => bench_mm(json, threads.as_deref()),
     }
 }
 

@@ -1,0 +1,135 @@
+//! Allocation from several threads at once: `kmalloc-steady` (each thread
+//! keeps 10k live objects of 8 to 4096 bytes, about log-uniform, and
+//! replaces a random one per step) and `page0-steady` (the same with 4 KiB pages),
+//! with 1, 2, ... threads; aggregate operations per second (an operation
+//! is one allocation or one free), best of 3 rounds. memd-mm through
+//! `HostGlobal` (its `GlobalAlloc`, one manager behind its lock), glibc's
+//! malloc and mimalloc, side by side in one process.
+//!
+//! `cargo xtask bench mm --threads 1,2 [--json]`.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Barrier;
+use std::time::Instant;
+
+use memd_mm::{HostGlobal, Prandom};
+
+const LIVE: usize = 10_000;
+const STEPS: usize = 300_000;
+const ROUNDS: usize = 3;
+
+static MEMD: HostGlobal = HostGlobal::new(2 << 30);
+static MIMALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn layout(rng: &mut Prandom, pages: bool) -> Layout {
+    if pages {
+        return Layout::from_size_align(4096, 4096).expect("page layout");
+    }
+    // A power of two from 8 to 4096, plus up to as much again (cut at 4096).
+    let bits = 3 + rng.below(10) as u32;
+    let size = (1usize << bits) + rng.below(1 << bits) as usize;
+    Layout::from_size_align(size.clamp(8, 4096), 8).expect("object layout")
+}
+
+/// One thread's run: fill, wait for the others, then `STEPS` replacements.
+fn worker(a: &dyn GlobalAlloc, seed: u64, pages: bool, start: &Barrier, done: &Barrier) {
+    let mut rng = Prandom::new(seed);
+    let mut live: Vec<(*mut u8, Layout)> = (0..LIVE)
+        .map(|_| {
+            let l = layout(&mut rng, pages);
+            // SAFETY: a non-zero-sized layout.
+            let p = unsafe { a.alloc(l) };
+            assert!(!p.is_null(), "allocation failed while filling");
+            (p, l)
+        })
+        .collect();
+    start.wait();
+    for _ in 0..STEPS {
+        let i = rng.below(LIVE as u64) as usize;
+        let (p, l) = live[i];
+        // SAFETY: `p` came from `a.alloc(l)` and is freed once.
+        unsafe { a.dealloc(p, l) };
+        let l = layout(&mut rng, pages);
+        // SAFETY: a non-zero-sized layout.
+        let p = unsafe { a.alloc(l) };
+        assert!(!p.is_null(), "allocation failed");
+        live[i] = (p, l);
+    }
+    done.wait();
+    for (p, l) in live {
+        // SAFETY: as above.
+        unsafe { a.dealloc(p, l) };
+    }
+}
+
+/// Aggregate operations per second of `threads` threads on `a`.
+fn round(a: &'static (dyn GlobalAlloc + Sync), pages: bool, threads: usize) -> f64 {
+    let (start, done) = (Barrier::new(threads + 1), Barrier::new(threads + 1));
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (start, done) = (&start, &done);
+            s.spawn(move || worker(a, 0x5eed + t as u64, pages, start, done));
+        }
+        start.wait();
+        let t0 = Instant::now();
+        done.wait();
+        (2 * STEPS * threads) as f64 / t0.elapsed().as_secs_f64()
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let json = args.iter().any(|a| a == "--json");
+    let threads: Vec<usize> = args
+        .iter()
+        .position(|a| a == "--threads")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.split(',').filter_map(|t| t.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2]);
+    let allocators: [(&str, &'static (dyn GlobalAlloc + Sync)); 3] =
+        [("memd", &MEMD), ("glibc", &System), ("mimalloc", &MIMALLOC)];
+    let mut rows = Vec::new();
+    for (workload, pages) in [("kmalloc-steady", false), ("page0-steady", true)] {
+        for (name, a) in allocators {
+            for &n in &threads {
+                let best = (0..ROUNDS).map(|_| round(a, pages, n)).fold(0.0, f64::max);
+                if !json {
+                    println!(
+                        "  {workload:<16} {name:<10} {n} thread(s) {:>8.1} M ops/s",
+                        best / 1e6
+                    );
+                }
+                rows.push((workload, name, n, best));
+            }
+        }
+    }
+    if json {
+        let rows: Vec<String> = rows
+            .iter()
+            .map(|(w, a, n, ops)| {
+                format!(
+                    "{{\"workload\":\"{w}\",\"allocator\":\"{a}\",\"threads\":{n},\"ops_per_sec\":{ops:.0}}}"
+                )
+            })
+            .collect();
+        println!("[{}]", rows.join(","));
+        return;
+    }
+    for workload in ["kmalloc-steady", "page0-steady"] {
+        for (name, _) in allocators {
+            let at = |n: usize| {
+                rows.iter()
+                    .find(|r| r.0 == workload && r.1 == name && r.2 == n)
+                    .map(|r| r.3)
+            };
+            if let (Some(one), Some(&last)) = (at(1), threads.iter().max()) {
+                if let Some(many) = at(last) {
+                    println!(
+                        "  {workload:<16} {name:<10} {last} threads / 1: {:.2}x",
+                        many / one
+                    );
+                }
+            }
+        }
+    }
+}
