@@ -64,9 +64,9 @@ pub(crate) struct Cli {
     /// Seconds to wait for the service to become ready
     #[arg(long, global = true, default_value_t = 10)]
     pub(crate) wait: u64,
-    /// Run a view (status, meminfo, watch) across every memd of a fleet
-    /// file (`cargo xtask libvirt start` keeps .memd/fleet.json); --wait is
-    /// how long the view waits for them all
+    /// Run a read-only view (status, meminfo, watch, or any other view)
+    /// across every memd of a fleet file (`cargo xtask libvirt start` keeps
+    /// .memd/fleet.json); --wait is how long the view waits for them all
     #[arg(long, global = true, conflicts_with_all = ["addr", "token"])]
     pub(crate) fleet: Option<PathBuf>,
     #[command(subcommand)]

@@ -68,15 +68,25 @@ pub(crate) fn run(path: &Path, cmd: Cmd, as_json: bool, wait: Duration) -> Resul
         return Err(Fail::Usage(format!("{}: no members", path.display())));
     }
     let timeout = wait.max(Duration::from_millis(200));
+    const VIEWS: &str = "--fleet runs the read-only views (status, meminfo, watch, zoneinfo, buddyinfo, slabinfo, mempools, cma, clients, dma-list, fault)";
     match cmd {
         Cmd::Status => {
-            status(&ask_all(&fleet, timeout, |c| c.status()), as_json);
-            Ok(())
+            let answers = ask_all(&fleet, timeout, |c| c.status());
+            status(&answers, as_json);
+            any_up(&answers)
         }
         Cmd::Meminfo => {
-            meminfo(&ask_all(&fleet, timeout, |c| c.meminfo()), as_json);
-            Ok(())
+            let answers = ask_all(&fleet, timeout, |c| c.meminfo());
+            meminfo(&answers, as_json);
+            any_up(&answers)
         }
+        Cmd::Batch { .. }
+        | Cmd::Session
+        | Cmd::Balloon { .. }
+        | Cmd::Completions { .. }
+        | Cmd::Buddy {
+            histogram: true, ..
+        } => Err(Fail::Usage(VIEWS.into())),
         Cmd::Watch {
             interval_ms,
             iterations,
@@ -95,16 +105,21 @@ pub(crate) fn run(path: &Path, cmd: Cmd, as_json: bool, wait: Duration) -> Resul
                 .iter()
                 .any(|v| std::mem::discriminant(v) == std::mem::discriminant(&op));
             if !view || crate::wants_operator(&cmd) {
-                return Err(Fail::Usage(
-                    "--fleet runs the read-only views (status, meminfo, watch, zoneinfo, buddyinfo, slabinfo, mempools, cma, clients, dma-list, fault)".into(),
-                ));
+                return Err(Fail::Usage(VIEWS.into()));
             }
-            each(
-                &ask_all(&fleet, timeout, move |c| fetch(c, op.clone())),
-                as_json,
-            );
-            Ok(())
+            let answers = ask_all(&fleet, timeout, move |c| fetch(c, op.clone()));
+            each(&answers, as_json);
+            any_up(&answers)
         }
+    }
+}
+
+/// Fails (exit 3) when no member answered.
+fn any_up<T>(answers: &[Answer<T>]) -> Result<(), Fail> {
+    if answers.iter().any(|a| a.got.is_ok()) {
+        Ok(())
+    } else {
+        Err(Fail::Conn("no memd of the fleet answered".into()))
     }
 }
 

@@ -95,8 +95,22 @@ fn fleet_views_show_every_member_and_never_wait_for_a_silent_one() {
     assert!(out.contains("=== big") && out.contains("=== gone") && out.contains("down:"));
     let (code, _, err) = memctl(&path, &["--wait", "1", "watch", "--iterations", "1"]);
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = memctl(&path, &["kmalloc", "64"]);
-    assert_eq!(code, 2, "an operation is not a view: {err}");
+    for op in [
+        &["kmalloc", "64"][..],
+        &["balloon", "1G"],
+        &["session"],
+        &["drop-caches"],
+    ] {
+        let (code, _, err) = memctl(&path, op);
+        assert_eq!(code, 2, "{op:?} is not a view: {err}");
+    }
+    let down = Fleet {
+        members: fleet.members[2..].to_vec(),
+    };
+    let down_path = dir.join("down.json");
+    down.save(&down_path).unwrap();
+    let (code, _, err) = memctl(&down_path, &["--wait", "1", "status"]);
+    assert_eq!(code, 3, "no member answered: {err}");
     drop(silent);
     std::fs::remove_dir_all(&dir).unwrap();
 }
