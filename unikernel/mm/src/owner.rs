@@ -135,10 +135,10 @@ impl crate::MemoryManager {
     }
 
     /// Halves the table while the ids in use fit in a quarter of it (best
-    /// effort, as for the id tables). Runs when an owner is freed: an id
-    /// still charged then (a buffer a device holds past its client) is
-    /// counted in until a later free finds it empty.
-    fn owners_shrink(&mut self) {
+    /// effort, as for the id tables). Runs when an owner is freed; a caller
+    /// that frees the last pages of an owner freed before (a buffer a device
+    /// held past its client) runs it too.
+    pub fn owners_shrink(&mut self) {
         let cap = self.owners.slots.len();
         let want = (self.owners.used_end().next_power_of_two() * 2).max(OWNERS_MIN);
         if want > cap / 2 {

@@ -1042,3 +1042,21 @@ fn memd_mms_own_structures_are_out_of_callers_reach() {
     mm.cache_destroy(user).unwrap();
     mm.check().unwrap();
 }
+
+#[test]
+fn the_owner_table_shrinks_once_a_freed_owners_last_page_goes() {
+    let mut mm = machine("");
+    let owners: Vec<Owner> = (0..600).map(|_| mm.owner_alloc().unwrap()).collect();
+    let last = *owners.last().unwrap();
+    mm.set_owner(last).unwrap();
+    let page = mm.alloc_pages(0, Gfp::KERNEL).unwrap();
+    mm.set_owner(Owner::KERNEL).unwrap();
+    for o in owners {
+        mm.owner_free(o).unwrap();
+    }
+    assert!(mm.owner_capacity() > 600, "still charged: its id stays");
+    mm.free_pages(page, 0).unwrap();
+    mm.owners_shrink();
+    assert_eq!(mm.owner_capacity(), 256);
+    mm.check().unwrap();
+}

@@ -134,6 +134,9 @@ pub trait Memory {
     fn owner_free(&mut self, owner: u64);
     /// Pages charged to `owner` now.
     fn owner_pages(&mut self, owner: u64) -> u64;
+    /// Gives back owner-table room that ids freed earlier, and charged
+    /// until now, held.
+    fn owners_tidy(&mut self) {}
 
     /// Allocate `2^order` pages; returns the physical address.
     fn alloc_pages(&mut self, order: u8, gfp: Gfp) -> Result<u64, MemError>;

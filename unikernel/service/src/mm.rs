@@ -126,6 +126,10 @@ impl Memory for MemoryManager {
         }
     }
 
+    fn owners_tidy(&mut self) {
+        MemoryManager::owners_shrink(self)
+    }
+
     fn owner_pages(&mut self, owner: u64) -> u64 {
         u16::try_from(owner).map_or(0, |o| MemoryManager::owner_pages(self, Owner(o)))
     }

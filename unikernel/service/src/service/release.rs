@@ -93,6 +93,7 @@ impl<M: Memory> Service<M> {
         if !r.in_flight.is_empty() {
             let in_flight = &mut r.in_flight;
             env.with_mem(|m, mut block| {
+                let mut freed = false;
                 let mut i = 0;
                 while i < in_flight.len() {
                     let (buf, from, to) = &in_flight[i];
@@ -105,9 +106,15 @@ impl<M: Memory> Service<M> {
                     if done {
                         let (buf, ..) = in_flight.swap_remove(i);
                         let _ = m.dma_free(buf);
+                        freed = true;
                     } else {
                         i += 1;
                     }
+                }
+                // The buffer's owner was freed when its connection's
+                // release ended: its id's room goes now.
+                if freed {
+                    m.owners_tidy();
                 }
             });
         }
