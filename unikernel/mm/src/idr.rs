@@ -15,6 +15,7 @@ use core::ptr::NonNull;
 use crate::frame::{FrameState, TABLE_AUX};
 use crate::gfp::Gfp;
 use crate::memblock::PAGE_SIZE;
+use crate::slab::CacheId;
 use crate::{access, MemoryManager, MmError};
 
 /// Slots of the smallest table: a page of pointers.
@@ -102,6 +103,15 @@ impl<T> Idr<T> {
 /// Which of the manager's id tables an operation is on.
 pub(crate) type Pick<T> = fn(&mut MemoryManager) -> &mut Idr<T>;
 
+/// The length a table of `cap` entries, `used` of them in use up to the
+/// highest, shrinks to (at least `min`): half or less once the entries in
+/// use fit in a quarter of it; `None` while they do not. The id tables and
+/// the owner table share this policy.
+pub(crate) fn shrunk_len(used: usize, cap: usize, min: usize) -> Option<usize> {
+    let want = (used.next_power_of_two() * 2).max(min);
+    (want <= cap / 2).then_some(want)
+}
+
 impl MemoryManager {
     /// A block of memory for one of the manager's own structures: a large
     /// kmalloc block (kernel memory like any other), marked so that `kfree`,
@@ -174,14 +184,46 @@ impl MemoryManager {
             self.table_free(old);
             return;
         }
-        let want = (used.next_power_of_two() * 2).max(IDR_MIN);
-        if want > cap / 2 {
+        let Some(want) = shrunk_len(used, cap, IDR_MIN) else {
             return;
-        }
+        };
         let Ok(slots) = self.table_alloc(want, || None) else {
             return;
         };
         let old = pick(self).replace(slots);
         self.table_free(old);
+    }
+
+    /// Puts `value` in an object of memd-mm's own cache `cache` and gives it
+    /// the lowest free id of the table `pick` chooses (a descriptor: a
+    /// cache's, a mempool's). Without memory for the object, the table is
+    /// shrunk back from any growth made for the id.
+    pub(crate) fn idr_alloc_object<T>(
+        &mut self,
+        pick: Pick<T>,
+        cache: CacheId,
+        value: T,
+    ) -> Result<usize, MmError> {
+        let id = self.idr_reserve(pick)?;
+        let obj = match self.slab_alloc(cache, Gfp::KERNEL) {
+            Ok(obj) => obj,
+            Err(e) => {
+                self.idr_shrink(pick);
+                return Err(e);
+            }
+        };
+        pick(self).insert(id, access::object(obj.as_ptr() as usize, value));
+        Ok(id)
+    }
+
+    /// Takes the object at `id` out of the table `pick` chooses and gives
+    /// its memory back to `cache`, the one [`MemoryManager::idr_alloc_object`]
+    /// took it from.
+    pub(crate) fn idr_free_object<T>(&mut self, pick: Pick<T>, cache: CacheId, id: usize) {
+        let Some(obj) = pick(self).remove(id) else {
+            return;
+        };
+        let _ = self.slab_free(cache, NonNull::from(obj).cast::<u8>());
+        self.idr_shrink(pick);
     }
 }

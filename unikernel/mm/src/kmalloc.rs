@@ -8,7 +8,7 @@ use crate::frame::{FrameState, TABLE_AUX};
 use crate::gfp::Gfp;
 use crate::memblock::PAGE_SIZE;
 use crate::pageblock::Held;
-use crate::slab::{self, CacheId, KmemCache, SlabFlags};
+use crate::slab::{self, CacheId};
 use crate::{MemoryManager, MmError};
 use core::alloc::Layout;
 use core::ptr::NonNull;
@@ -85,9 +85,9 @@ pub fn kmalloc_size_roundup(size: usize) -> usize {
 impl MemoryManager {
     pub(crate) fn create_kmalloc_caches(&mut self) -> Result<(), MmError> {
         for (i, (&size, name)) in KMALLOC_SIZES.iter().zip(KMALLOC_NAMES).enumerate() {
-            let mut cache = KmemCache::new(name, size, 8, SlabFlags::NONE, None, self.max_order)
-                .ok_or(MmError::Invalid("kmalloc cache layout"))?;
-            cache.builtin = true;
+            let layout = Layout::from_size_align(size, 8)
+                .map_err(|_| MmError::Invalid("built-in cache layout"))?;
+            let cache = self.builtin_cache(name, layout)?;
             if self.cache_register(cache)? != CacheId(i as u16) {
                 return Err(MmError::Invalid("kmalloc caches must take the first ids"));
             }

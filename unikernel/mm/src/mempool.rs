@@ -101,28 +101,16 @@ impl MemoryManager {
                 return Err(MmError::Invalid("mempool: order is not below max_order"))
             }
         };
-        let slot = self.idr_reserve(pools)?;
-        let desc = match self.slab_alloc(MEMPOOL_CACHE, Gfp::KERNEL) {
-            Ok(desc) => desc,
-            Err(e) => {
-                // The table may have been made or grown for this id.
-                self.idr_shrink(pools);
-                return Err(e);
-            }
+        let pool = Mempool {
+            backing,
+            min_nr,
+            curr_nr: 0,
+            head: END,
+            element_size,
+            outstanding: 0,
+            counters: PoolCounters::default(),
         };
-        let pool = access::object(
-            desc.as_ptr() as usize,
-            Mempool {
-                backing,
-                min_nr,
-                curr_nr: 0,
-                head: END,
-                element_size,
-                outstanding: 0,
-                counters: PoolCounters::default(),
-            },
-        );
-        self.pools.insert(slot, pool);
+        let slot = self.idr_alloc_object(pools, MEMPOOL_CACHE, pool)?;
         let id = PoolId(slot as u16);
         for _ in 0..min_nr {
             match self.pool_backing_alloc(backing, Gfp::KERNEL) {
@@ -305,10 +293,7 @@ impl MemoryManager {
         while let Some(e) = self.pool_unpark(id) {
             self.pool_backing_free(backing, e);
         }
-        if let Some(pool) = self.pools.remove(id.0 as usize) {
-            let _ = self.slab_free(MEMPOOL_CACHE, NonNull::from(pool).cast::<u8>());
-        }
-        self.idr_shrink(pools);
+        self.idr_free_object(pools, MEMPOOL_CACHE, id.0 as usize);
     }
 
     /// Walks a pool's reserve list (for the checker).

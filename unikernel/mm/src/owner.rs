@@ -140,10 +140,9 @@ impl crate::MemoryManager {
     /// held past its client) runs it too.
     pub fn owners_shrink(&mut self) {
         let cap = self.owners.slots.len();
-        let want = (self.owners.used_end().next_power_of_two() * 2).max(OWNERS_MIN);
-        if want > cap / 2 {
+        let Some(want) = crate::idr::shrunk_len(self.owners.used_end(), cap, OWNERS_MIN) else {
             return;
-        }
+        };
         let Ok(slots) = self.table_alloc(want, OwnerSlot::default) else {
             return;
         };

@@ -40,18 +40,7 @@ impl MemoryManager {
     /// Creates the cache of caches in an object of its own, then kmalloc's
     /// caches.
     pub(crate) fn kmem_cache_init(&mut self) -> Result<(), MmError> {
-        let size = core::mem::size_of::<KmemCache>();
-        let align = core::mem::align_of::<KmemCache>();
-        let mut boot = KmemCache::new(
-            "kmem_cache",
-            size,
-            align,
-            SlabFlags::NONE,
-            None,
-            self.max_order,
-        )
-        .ok_or(MmError::Invalid("kmem_cache layout"))?;
-        boot.builtin = true;
+        let boot = self.builtin_cache("kmem_cache", Layout::new::<KmemCache>())?;
         self.idr_reserve(caches)?;
         let first = self.table_block(Layout::new::<KmemCache>())?;
         let at = KMEM_CACHE.0 as usize;
@@ -63,18 +52,7 @@ impl MemoryManager {
         self.caches.insert(at, moved);
         self.table_free_block(first);
         self.create_kmalloc_caches()?;
-        let size = core::mem::size_of::<crate::Mempool>();
-        let align = core::mem::align_of::<crate::Mempool>();
-        let mut pools = KmemCache::new(
-            "mempool_t",
-            size,
-            align,
-            SlabFlags::NONE,
-            None,
-            self.max_order,
-        )
-        .ok_or(MmError::Invalid("mempool_t layout"))?;
-        pools.builtin = true;
+        let pools = self.builtin_cache("mempool_t", Layout::new::<crate::Mempool>())?;
         if self.cache_register(pools)? != MEMPOOL_CACHE {
             return Err(MmError::Invalid(
                 "the mempool cache must follow the cache of caches",
@@ -83,30 +61,31 @@ impl MemoryManager {
         Ok(())
     }
 
+    /// A cache of memd-mm's own (kmalloc's, the cache of caches,
+    /// `mempool_t`): plain objects of `layout`, never destroyed.
+    pub(crate) fn builtin_cache(&self, name: &str, layout: Layout) -> Result<KmemCache, MmError> {
+        let mut cache = KmemCache::new(
+            name,
+            layout.size(),
+            layout.align(),
+            SlabFlags::NONE,
+            None,
+            self.max_order,
+        )
+        .ok_or(MmError::Invalid("built-in cache layout"))?;
+        cache.builtin = true;
+        Ok(cache)
+    }
+
     /// Gives `cache` a descriptor from the cache of caches and the lowest
     /// free id.
     pub(crate) fn cache_register(&mut self, cache: KmemCache) -> Result<CacheId, MmError> {
-        let id = self.idr_reserve(caches)?;
-        let obj = match self.slab_alloc(KMEM_CACHE, Gfp::KERNEL) {
-            Ok(obj) => obj,
-            Err(e) => {
-                // The table may have grown for this id.
-                self.idr_shrink(caches);
-                return Err(e);
-            }
-        };
-        self.caches
-            .insert(id, access::object(obj.as_ptr() as usize, cache));
+        let id = self.idr_alloc_object(caches, KMEM_CACHE, cache)?;
         Ok(CacheId(id as u16))
     }
 
     /// Frees the descriptor of cache `id`, which holds no slabs any more.
     pub(crate) fn cache_unregister(&mut self, id: CacheId) {
-        let Some(cache) = self.caches.remove(id.0 as usize) else {
-            return;
-        };
-        let obj = core::ptr::NonNull::from(cache).cast::<u8>();
-        let _ = self.slab_free(KMEM_CACHE, obj);
-        self.idr_shrink(caches);
+        self.idr_free_object(caches, KMEM_CACHE, id.0 as usize);
     }
 }
