@@ -119,34 +119,31 @@ fn memctl(fleet: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The member `name`'s meminfo, through memd-client.
-fn meminfo(name: &str, fleet: &Path) -> Result<memd_client::wire::MemInfo> {
+/// `virsh setmem` to [`TARGET_MIB`], `dommemstat` there, then back: memd's
+/// balloon holds the difference, then nothing. Returns the balloon's size
+/// at the target and what `dommemstat` showed. memd is read through one
+/// connection of its own.
+fn setmem_check(name: &str, fleet: &Path) -> Result<(u64, String)> {
     let fleet = Fleet::load(fleet)?;
-    let m = fleet
+    let member = fleet
         .members
         .iter()
         .find(|m| m.name == name)
         .context("not in the fleet file")?;
-    Ok(m.connect(false, Duration::from_secs(5))?.meminfo()?)
-}
-
-/// `virsh setmem` to [`TARGET_MIB`], `dommemstat` there, then back: memd's
-/// balloon holds the difference, then nothing. Returns the balloon's size
-/// at the target and what `dommemstat` showed.
-fn setmem_check(name: &str, fleet: &Path) -> Result<(u64, String)> {
+    let mut c = member.connect(false, Duration::from_secs(5))?;
     let want = (GUEST_MIB - TARGET_MIB) * MIB;
     virsh(&["setmem", name, &format!("{TARGET_MIB}M"), "--live"])?;
-    let held = wait_balloon(name, fleet, want)?;
-    let stats = dommemstat_check(name, fleet)?;
+    let held = wait_balloon(name, &mut c, want)?;
+    let stats = dommemstat_check(name, &mut c)?;
     virsh(&["setmem", name, &format!("{GUEST_MIB}M"), "--live"])?;
-    wait_balloon(name, fleet, 0)?;
+    wait_balloon(name, &mut c, 0)?;
     Ok((held, stats))
 }
 
-fn wait_balloon(name: &str, fleet: &Path, want: u64) -> Result<u64> {
+fn wait_balloon(name: &str, c: &mut memd_client::Client, want: u64) -> Result<u64> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let balloon = meminfo(name, fleet)?.balloon;
+        let balloon = c.meminfo()?.balloon;
         if balloon == want {
             return Ok(balloon);
         }
@@ -162,9 +159,9 @@ fn wait_balloon(name: &str, fleet: &Path, want: u64) -> Result<u64> {
 /// total) is memd's to the kB, `actual` is the guest less memd's balloon,
 /// and `unused` (free) and `usable` (free and reclaimable slab) agree
 /// within what memd's own serving of the two reads moves.
-fn dommemstat_check(name: &str, fleet: &Path) -> Result<String> {
+fn dommemstat_check(name: &str, c: &mut memd_client::Client) -> Result<String> {
     std::thread::sleep(Duration::from_secs(3));
-    let m = meminfo(name, fleet)?;
+    let m = c.meminfo()?;
     let stats = virsh(&["dommemstat", name])?;
     let stat = |key: &str| -> Result<u64> {
         stats
