@@ -43,7 +43,23 @@ unsafe impl Send for HostMm {}
 impl HostMm {
     /// Boots a manager over `ranges` (physical `[start, end)`), with `cmdline`.
     pub fn boot(ranges: &[(u64, u64)], cmdline: &str) -> Result<HostMm, MmError> {
-        let end = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+        Self::boot_with_hotplug(ranges, None, cmdline)
+    }
+
+    /// Boots over `ranges` with a hot-plug region `(start, size)` beyond
+    /// them declared (`MemoryManager::add_memory_region`): its memory is
+    /// part of the arena, so what is plugged there is real memory.
+    pub fn boot_with_hotplug(
+        ranges: &[(u64, u64)],
+        region: Option<(u64, u64)>,
+        cmdline: &str,
+    ) -> Result<HostMm, MmError> {
+        let end = ranges
+            .iter()
+            .map(|r| r.1)
+            .chain(region.map(|(s, n)| s + n))
+            .max()
+            .unwrap_or(0);
         let (base, layout) = if end == 0 {
             (core::ptr::null_mut(), Layout::new::<u8>())
         } else {
@@ -69,8 +85,12 @@ impl HostMm {
         // SAFETY: `base..base+end` is a fresh, zeroed, exclusively owned host
         // allocation that covers every range, and it outlives `mm` (see Drop).
         let result = unsafe { mm.init(&boot) };
-        let host = HostMm { mm, base, layout };
-        result.map(|()| host)
+        let mut host = HostMm { mm, base, layout };
+        result?;
+        if let Some((start, size)) = region {
+            host.add_memory_region(start, size)?;
+        }
+        Ok(host)
     }
 
     /// All three zones: DMA 1-16 MiB, DMA32 16 MiB-`dma32_end`, Normal from

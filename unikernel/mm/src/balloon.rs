@@ -66,7 +66,7 @@ impl MemoryManager {
     /// knows, [`MemoryManager::balloon_keep`] lists it again if the host
     /// never learns.
     pub fn balloon_pop(&mut self) -> Option<u64> {
-        let pfn = self.balloon.pop(self.frames)?;
+        let pfn = self.balloon.pop(&mut self.frames)?;
         self.frames[pfn as usize].aux = 0;
         Some(pfn as u64 * PAGE_SIZE)
     }
@@ -84,7 +84,7 @@ impl MemoryManager {
     /// blocks otherwise), so a block can be unlisted by its number.
     fn list_balloon_block(&mut self, pfn: u32) {
         self.frames[pfn as usize].aux = 1;
-        self.balloon.push(self.frames, pfn);
+        self.balloon.push(&mut self.frames, pfn);
     }
 
     fn is_balloon_block(&self, pfn: u32) -> bool {
@@ -107,7 +107,7 @@ impl MemoryManager {
         if !self.balloon_deflate_on_oom {
             return false;
         }
-        let frames = &*self.frames;
+        let frames = &self.frames;
         let Some(pfn) = self
             .balloon
             .iter(frames)
@@ -128,7 +128,7 @@ impl MemoryManager {
             return Err(MmError::Invalid("not a balloon block"));
         }
         if self.frames[pfn as usize].aux == 1 {
-            self.balloon.remove(self.frames, pfn);
+            self.balloon.remove(&mut self.frames, pfn);
             self.frames[pfn as usize].aux = 0;
         }
         let zone = self.frames[pfn as usize].zone();

@@ -5,8 +5,9 @@
 //! coalescing are O(1) per order because the free lists are doubly linked
 //! through the frame table, so any block can be unlinked by its number.
 
-use crate::frame::{Frame, FrameState};
+use crate::frame::FrameState;
 use crate::pageblock::{Held, Pageblocks};
+use crate::sparse::Frames;
 use crate::zone::{Zone, ZoneType};
 
 /// Takes a block of exactly `order` from the zone, splitting a larger one
@@ -15,7 +16,7 @@ use crate::zone::{Zone, ZoneType};
 #[inline]
 pub fn take(
     zone: &mut Zone,
-    frames: &mut [Frame],
+    frames: &mut Frames,
     blocks: &mut Pageblocks,
     order: u32,
     max_order: u32,
@@ -51,7 +52,7 @@ pub fn take(
 #[inline]
 pub fn give(
     zone: &mut Zone,
-    frames: &mut [Frame],
+    frames: &mut Frames,
     blocks: &mut Pageblocks,
     pfn: u32,
     order: u32,
@@ -89,21 +90,49 @@ pub fn give(
 /// as the pageblocks' managed frames. Only block heads are written.
 pub fn give_range(
     zone: &mut Zone,
-    frames: &mut [Frame],
+    frames: &mut Frames,
     blocks: &mut Pageblocks,
     start: u64,
     end: u64,
     max_order: u32,
 ) {
+    for (pfn, order) in aligned_blocks(start, end, max_order) {
+        debug_assert!(zone.ty == ZoneType::Movable || ZoneType::of_pfn(pfn as u64) == zone.ty);
+        blocks.add_managed(pfn, 1 << order);
+        give(zone, frames, blocks, pfn, order, max_order);
+    }
+}
+
+/// Returns free frames `[start, end)`, already the zone's managed frames, to
+/// the buddy in the largest aligned blocks that fit (what is left of a
+/// block split around memory going offline).
+pub fn free_range(
+    zone: &mut Zone,
+    frames: &mut Frames,
+    blocks: &mut Pageblocks,
+    start: u64,
+    end: u64,
+    max_order: u32,
+) {
+    for (pfn, order) in aligned_blocks(start, end, max_order) {
+        give(zone, frames, blocks, pfn, order, max_order);
+    }
+}
+
+/// `[start, end)` as the largest aligned blocks below `max_order` that fit:
+/// each head and order.
+fn aligned_blocks(start: u64, end: u64, max_order: u32) -> impl Iterator<Item = (u32, u32)> {
     let mut pfn = start;
-    while pfn < end {
+    core::iter::from_fn(move || {
+        if pfn >= end {
+            return None;
+        }
         let mut order = (max_order - 1).min(pfn.trailing_zeros());
         while pfn + (1 << order) > end {
             order -= 1;
         }
-        debug_assert_eq!(ZoneType::of_pfn(pfn), zone.ty);
-        blocks.add_managed(pfn as u32, 1 << order);
-        give(zone, frames, blocks, pfn as u32, order, max_order);
+        let head = pfn as u32;
         pfn += 1 << order;
-    }
+        Some((head, order))
+    })
 }

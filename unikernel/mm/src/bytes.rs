@@ -48,7 +48,7 @@ impl MemoryManager {
         let f = self.frames.get(pfn)?;
         match f.state() {
             FrameState::Slab | FrameState::SlabTail => {
-                let head = slab_head(self.frames, self.dmap, virt)?;
+                let head = slab_head(&self.frames, self.dmap, virt)?;
                 let id = crate::CacheId(self.frames[head as usize].owner);
                 if crate::slab_common::is_internal(id) {
                     return None;

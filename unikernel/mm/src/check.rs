@@ -104,10 +104,12 @@ impl MemoryManager {
     /// `2^(max_order - 1)` frames); after the last, the sums and the small
     /// structures. `Ok(true)` when the walk is over and everything agreed.
     pub fn check_step(&self, walk: &mut CheckWalk, pageblocks: usize) -> Result<bool, CheckError> {
-        let all = self.pageblocks.counts.len();
+        let all = self.pageblocks.positions();
         let end = walk.next.saturating_add(pageblocks).min(all);
         while walk.next < end {
-            self.check_pageblock(walk.next, &mut Tally::default(), true)?;
+            if let Some(i) = self.pageblocks.at_position(walk.next) {
+                self.check_pageblock(i, &mut Tally::default(), true)?;
+            }
             walk.next += 1;
         }
         if walk.next < all {
@@ -147,7 +149,7 @@ impl MemoryManager {
                 let list = &zone.free_area[order as usize].list;
                 let mut prev = NIL;
                 let mut n = 0;
-                for pfn in list.iter(self.frames) {
+                for pfn in list.iter(&self.frames) {
                     let f = &self.frames[pfn as usize];
                     if !f.is(FrameState::Buddy) || f.order as u32 != order {
                         return fail(
@@ -155,7 +157,7 @@ impl MemoryManager {
                             pfn as u64,
                         );
                     }
-                    if f.zone() != zone.ty || ZoneType::of_pfn(pfn as u64) != zone.ty {
+                    if f.zone() != zone.ty || self.pfn_zone(pfn as u64) != zone.ty {
                         return fail("free block in the wrong zone", pfn as u64);
                     }
                     if pfn & ((1 << order) - 1) != 0 {
@@ -196,7 +198,7 @@ impl MemoryManager {
     /// list but still counted).
     fn check_balloon(&self) -> Result<(), CheckError> {
         let (mut pages, mut listed) = (0, 0);
-        for pfn in self.balloon.iter(self.frames) {
+        for pfn in self.balloon.iter(&self.frames) {
             listed += 1;
             let f = &self.frames[pfn as usize];
             if !f.is(FrameState::Allocated) || f.owner != crate::Owner::BALLOON.0 || f.aux != 1 {
@@ -250,8 +252,10 @@ impl MemoryManager {
     /// add up.
     fn check_frames(&self) -> Result<Tally, CheckError> {
         let mut tally = Tally::default();
-        for i in 0..self.pageblocks.counts.len() {
-            self.check_pageblock(i, &mut tally, false)?;
+        for p in 0..self.pageblocks.positions() {
+            if let Some(i) = self.pageblocks.at_position(p) {
+                self.check_pageblock(i, &mut tally, false)?;
+            }
         }
         self.check_managed(&tally.managed)?;
         self.check_owner_charges()?;
@@ -266,7 +270,7 @@ impl MemoryManager {
         let slots = &self.owners.slots;
         for base in (0..slots.len()).step_by(OWNER_CHUNK) {
             let mut tally = [0u64; OWNER_CHUNK];
-            for (pfn, f) in self.frames.iter().enumerate() {
+            for (pfn, f) in self.frames.iter() {
                 if !f.is(FrameState::Allocated) {
                     continue;
                 }
@@ -379,7 +383,7 @@ impl MemoryManager {
             }
         }
         found.managed = (tally.managed.iter().sum::<u64>() - before) as u32;
-        if found != self.pageblocks.counts[i] {
+        if Some(&found) != self.pageblocks.get(i) {
             return fail("pageblock counts differ from its frames", start as u64);
         }
         Ok(())
@@ -393,7 +397,7 @@ impl MemoryManager {
         held: &mut [u32; HELD_KINDS],
         linked: bool,
     ) -> Result<(), CheckError> {
-        let n = end.min(self.frames.len());
+        let n = end.min(self.frames.run_end(start));
         let mut pfn = start;
         while pfn < n {
             let f = &self.frames[pfn];
@@ -421,8 +425,19 @@ impl MemoryManager {
                     return fail("blocks overlap", inner as u64);
                 }
             }
-            if f.zone() != ZoneType::of_pfn(pfn as u64) {
+            if f.zone() != self.pfn_zone(pfn as u64) {
                 return fail("frame carries the wrong zone", pfn as u64);
+            }
+            if f.zone() == ZoneType::Movable
+                && !matches!(
+                    state,
+                    FrameState::Buddy
+                        | FrameState::Pcp
+                        | FrameState::Allocated
+                        | FrameState::Isolated
+                )
+            {
+                return fail("memd-mm's own memory in ZONE_MOVABLE", pfn as u64);
             }
             if f.reported() && state != FrameState::Buddy {
                 return fail("a block that is not free is marked reported", pfn as u64);
@@ -500,7 +515,7 @@ impl MemoryManager {
         if cache.order != f.order as u32 || f.count as u32 > cache.objs_per_slab {
             return fail("slab does not fit its cache", head as u64);
         }
-        let free = cache.for_each_free_object(self.frames, self.dmap, head, |_| {});
+        let free = cache.for_each_free_object(&self.frames, self.dmap, head, |_| {});
         if free as u64 != (cache.objs_per_slab - f.count as u32) as u64 {
             return fail(
                 "slab free list length differs from its in-use count",
@@ -518,7 +533,7 @@ impl MemoryManager {
             let objs = cache.objs_per_slab as u64;
             for (list, want) in [(&cache.partial, 1u8), (&cache.full, 2), (&cache.empty, 0)] {
                 let mut n = 0;
-                for head in list.iter(self.frames) {
+                for head in list.iter(&self.frames) {
                     n += 1;
                     let f = &self.frames[head as usize];
                     if !f.is(FrameState::Slab) || f.owner != id.0 || f.order as u32 != cache.order {
@@ -538,7 +553,7 @@ impl MemoryManager {
                     if level != want {
                         return fail("slab on the wrong list for its fill level", head as u64);
                     }
-                    let free = cache.for_each_free_object(self.frames, self.dmap, head, |_| {});
+                    let free = cache.for_each_free_object(&self.frames, self.dmap, head, |_| {});
                     if free as u64 != objs - count {
                         return fail(
                             "slab free list length differs from its in-use count",
@@ -562,7 +577,10 @@ impl MemoryManager {
     fn check_array_caches(&self) -> Result<(), CheckError> {
         for (id, cache) in self.caches() {
             for &obj in &cache.ac.entry[..cache.ac.avail] {
-                if cache.owning_slab(self.frames, self.dmap, id, obj).is_none() {
+                if cache
+                    .owning_slab(&self.frames, self.dmap, id, obj)
+                    .is_none()
+                {
                     return fail(
                         "per-CPU array holds a foreign object",
                         self.dmap.phys(obj) / PAGE_SIZE,

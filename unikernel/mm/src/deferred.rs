@@ -34,7 +34,7 @@ impl MemoryManager {
     /// zones' buddy.
     pub(crate) fn init_frames(&mut self, from: u64, to: u64) {
         if !self.table_zeroed {
-            self.frames[from as usize..to as usize].fill(Frame::EMPTY);
+            self.frames.boot[from as usize..to as usize].fill(Frame::EMPTY);
         }
         for r in self.memblock.reserved() {
             let first = (r.start / PAGE_SIZE).max(from);
@@ -43,7 +43,7 @@ impl MemoryManager {
                 self.frames[pfn as usize].set(FrameState::Reserved, ZoneType::of_pfn(pfn), 0);
             }
         }
-        let frames = &mut *self.frames;
+        let frames = &mut self.frames;
         let blocks = &mut self.pageblocks;
         let zones = &mut self.zones;
         let max_order = self.max_order;
@@ -60,20 +60,13 @@ impl MemoryManager {
             }
         });
         zone::set_watermarks(&mut self.zones);
-        for highest in ZoneType::ALL {
-            self.preferred_zone[highest as usize] = ZoneType::ALL[..=highest as usize]
-                .iter()
-                .rev()
-                .copied()
-                .find(|&z| self.zones[z as usize].is_populated())
-                .unwrap_or(highest);
-        }
+        self.preferred_zone = zone::preferred_zones(&self.zones);
     }
 
     /// Initialises the next `pageblocks` pageblocks of the frame table;
     /// true once the whole table is initialised.
     pub fn deferred_init_step(&mut self, pageblocks: usize) -> bool {
-        let from = self.frames.len();
+        let from = self.frames.boot_len();
         let all = self.table.carved();
         if from == all {
             return true;
@@ -81,8 +74,8 @@ impl MemoryManager {
         let to = from
             .saturating_add(pageblocks.max(1) << self.pageblocks.order)
             .min(all);
-        let prefix = core::mem::take(&mut self.frames);
-        self.frames = self.table.grow(prefix, to);
+        let prefix = core::mem::take(&mut self.frames.boot);
+        self.frames.boot = self.table.grow(prefix, to);
         self.init_frames(from as u64, to as u64);
         to == all
     }
@@ -94,7 +87,7 @@ impl MemoryManager {
 
     /// Frames of usable memory in pfns `[lo, hi)` not initialised yet.
     pub(crate) fn deferred_in(&self, lo: u64, hi: u64) -> u64 {
-        let from = (self.frames.len() as u64).max(lo);
+        let from = (self.frames.boot_len() as u64).max(lo);
         let mut pages = 0;
         self.memblock.for_each_free(|start, end| {
             pages += (end / PAGE_SIZE)
@@ -109,7 +102,7 @@ impl MemoryManager {
     /// false when nothing below that zone's end is left to initialise.
     pub(crate) fn deferred_grow(&mut self, highest: ZoneType) -> bool {
         let reach = ((highest.span().1 / PAGE_SIZE) as usize).min(self.table.carved());
-        if self.frames.len() >= reach {
+        if self.frames.boot_len() >= reach {
             return false;
         }
         self.deferred_init_step(GROW_PAGEBLOCKS);

@@ -6,6 +6,8 @@
 //! first frame of a block (its head) carries state, the rest read `None`
 //! (or `SlabTail`, pointing back at the head).
 
+use crate::sparse::Frames;
+
 /// Frame number used as "no frame" in links.
 pub const NIL: u32 = u32::MAX;
 
@@ -174,7 +176,7 @@ impl FrameList {
 
     /// Pushes `pfn` at the front.
     #[inline(always)]
-    pub fn push(&mut self, frames: &mut [Frame], pfn: u32) {
+    pub fn push(&mut self, frames: &mut Frames, pfn: u32) {
         let head = self.head;
         frames[pfn as usize].next = head;
         frames[pfn as usize].prev = NIL;
@@ -187,7 +189,7 @@ impl FrameList {
 
     /// Unlinks `pfn`, which must be on this list.
     #[inline(always)]
-    pub fn remove(&mut self, frames: &mut [Frame], pfn: u32) {
+    pub fn remove(&mut self, frames: &mut Frames, pfn: u32) {
         let Frame { next, prev, .. } = frames[pfn as usize];
         if prev == NIL {
             self.head = next;
@@ -204,7 +206,7 @@ impl FrameList {
 
     /// Removes and returns the first frame.
     #[inline(always)]
-    pub fn pop(&mut self, frames: &mut [Frame]) -> Option<u32> {
+    pub fn pop(&mut self, frames: &mut Frames) -> Option<u32> {
         let head = self.head;
         if head == NIL {
             return None;
@@ -214,7 +216,7 @@ impl FrameList {
     }
 
     /// Iterates the list's frame numbers (for statistics and checks).
-    pub fn iter<'a>(&self, frames: &'a [Frame]) -> FrameListIter<'a> {
+    pub fn iter<'a>(&self, frames: &'a Frames) -> FrameListIter<'a> {
         FrameListIter {
             frames,
             cur: self.head,
@@ -226,7 +228,7 @@ impl FrameList {
 /// Iterator over a [`FrameList`]; stops after `len + 1` steps so that a
 /// corrupted (cyclic) list cannot hang the invariant checker.
 pub struct FrameListIter<'a> {
-    frames: &'a [Frame],
+    frames: &'a Frames,
     cur: u32,
     budget: usize,
 }
@@ -234,7 +236,7 @@ pub struct FrameListIter<'a> {
 impl Iterator for FrameListIter<'_> {
     type Item = u32;
     fn next(&mut self) -> Option<u32> {
-        if self.cur == NIL || self.budget == 0 || self.cur as usize >= self.frames.len() {
+        if self.cur == NIL || self.budget == 0 || self.frames.get(self.cur as usize).is_none() {
             return None;
         }
         self.budget -= 1;

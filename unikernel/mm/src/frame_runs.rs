@@ -13,6 +13,7 @@
 
 use crate::frame::FrameState;
 use crate::memblock::PAGE_SIZE;
+use crate::zone::ZoneType;
 use crate::MemoryManager;
 
 /// What a run of frames is. Shared with the protocol: memd-wire's memory
@@ -148,11 +149,13 @@ impl FrameRuns<'_> {
     /// table, so a corrupt order cannot run past it).
     fn block(&self, pfn: u64) -> (RunKind, u64) {
         let frames = &self.mm.frames;
-        let n = frames.len() as u64;
+        let n = frames.run_end(pfn as usize) as u64;
         let f = &frames[pfn as usize];
         let head = |kind| (kind, (1u64 << f.order.min(63)).min(n - pfn));
         match f.state() {
             FrameState::None => (RunKind::Absent, 1),
+            // Frames of the hot-plug region read Reserved until plugged.
+            FrameState::Reserved if f.zone() == ZoneType::Movable => (RunKind::Absent, 1),
             FrameState::Reserved => (RunKind::Reserved, 1),
             // Free memory the host is being told about is free memory.
             FrameState::Buddy | FrameState::Isolated => head(RunKind::Free(f.order)),
@@ -179,9 +182,17 @@ impl Iterator for FrameRuns<'_> {
         let start = self.pfn;
         // Frames past the initialised prefix are not read: what they are
         // comes from the boot map.
-        let n = self.end.min(self.mm.frames.len() as u64);
+        let n = self.end.min(self.mm.frames.run_end(start as usize) as u64);
         if start >= n {
-            let (kind, until) = self.mm.uninitialised_run(start);
+            let (kind, until) = if start >= self.mm.table.carved() as u64 {
+                // Hot-plug region without frames yet: nothing plugged.
+                (
+                    RunKind::Absent,
+                    self.mm.frames.next_present(start as usize) as u64,
+                )
+            } else {
+                self.mm.uninitialised_run(start)
+            };
             self.pfn = until.min(self.end);
             return Some(FrameRun {
                 start_pfn: start,

@@ -26,8 +26,9 @@ impl Gfp {
     const ZERO_BIT: u32 = 1 << 4;
     const NOWARN_BIT: u32 = 1 << 5;
     const MEMALLOC_BIT: u32 = 1 << 6;
+    const MOVABLE_BIT: u32 = 1 << 7;
     /// Flags a request from outside (the wire) may carry.
-    const ALL: u32 = (1 << 6) - 1;
+    const ALL: u32 = ((1 << 6) - 1) | Self::MOVABLE_BIT;
     /// Every flag with its name, MEMALLOC last.
     const NAMES: &'static [(&'static str, Gfp)] = &[
         ("KERNEL", Gfp::KERNEL),
@@ -36,6 +37,7 @@ impl Gfp {
         ("DMA32", Gfp::DMA32),
         ("ZERO", Gfp::ZERO),
         ("NOWARN", Gfp::NOWARN),
+        ("MOVABLE", Gfp::MOVABLE),
         ("MEMALLOC", Gfp::MEMALLOC),
     ];
     /// Every flag a request may carry, with its name (not MEMALLOC, which
@@ -56,6 +58,10 @@ impl Gfp {
     pub const ZERO: Gfp = Gfp(Self::ZERO_BIT);
     /// Do not count the failure as a warning.
     pub const NOWARN: Gfp = Gfp(Self::NOWARN_BIT);
+    /// The memory may be taken back: it may come from ZONE_MOVABLE, memory
+    /// plugged at run time that is unplugged once free (Linux's
+    /// `__GFP_MOVABLE`). Ignored with DMA or DMA32.
+    pub const MOVABLE: Gfp = Gfp(Self::MOVABLE_BIT);
     /// The kernel's own heap (Linux's `__GFP_MEMALLOC`): may use the
     /// reserve below `min` whoever the current owner is. Never accepted
     /// from the wire, so clients cannot take the memory the kernel needs
@@ -123,6 +129,8 @@ impl Gfp {
             ZoneType::Dma
         } else if self.0 & Self::ZONE_DMA32 != 0 {
             ZoneType::Dma32
+        } else if self.0 & Self::MOVABLE_BIT != 0 {
+            ZoneType::Movable
         } else {
             ZoneType::Normal
         }
@@ -175,6 +183,11 @@ mod tests {
             "MEMALLOC|0x100000"
         );
         assert_eq!(Gfp::from_bits(Gfp::MEMALLOC.bits()), None);
-        assert_eq!(Gfp::NAMED.len(), 6);
+        assert_eq!(Gfp::NAMED.len(), 7);
+        assert_eq!(
+            Gfp::parse("KERNEL|MOVABLE").map(Gfp::highest_zone),
+            Some(ZoneType::Movable)
+        );
+        assert_eq!((Gfp::MOVABLE | Gfp::DMA32).highest_zone(), ZoneType::Dma32);
     }
 }

@@ -135,7 +135,7 @@ impl MemoryManager {
                 "kmalloc: larger than the largest buddy block",
             ));
         }
-        let pfn = self.alloc_frames(order, gfp)?;
+        let pfn = self.alloc_frames(order, gfp.without(Gfp::MOVABLE))?;
         let f = &mut self.frames[pfn as usize];
         f.set_state(FrameState::Large);
         f.count = 1;
@@ -167,7 +167,7 @@ impl MemoryManager {
                 Ok(())
             }
             FrameState::Slab | FrameState::SlabTail => {
-                let head = slab::slab_head(self.frames, self.dmap, virt).unwrap_or(pfn as u32);
+                let head = slab::slab_head(&self.frames, self.dmap, virt).unwrap_or(pfn as u32);
                 let id = self.frames[head as usize].owner;
                 if id as usize >= NR_KMALLOC {
                     return Err(MmError::Invalid("kfree: object belongs to a named cache"));
@@ -202,7 +202,7 @@ impl MemoryManager {
         match f.state() {
             FrameState::Large if f.aux != TABLE_AUX => Ok((PAGE_SIZE as usize) << f.order),
             FrameState::Slab | FrameState::SlabTail => {
-                let head = slab::slab_head(self.frames, self.dmap, virt).unwrap_or(pfn as u32);
+                let head = slab::slab_head(&self.frames, self.dmap, virt).unwrap_or(pfn as u32);
                 let cache = self
                     .cache(CacheId(self.frames[head as usize].owner))
                     .ok_or(MmError::Invalid("ksize: not a kmalloc pointer"))?;

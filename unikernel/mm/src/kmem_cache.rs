@@ -86,7 +86,7 @@ impl MemoryManager {
                 .caches
                 .get_mut(id.0 as usize)
                 .ok_or(MmError::NotFound)?;
-            match cache.slab_take(self.frames, dmap) {
+            match cache.slab_take(&mut self.frames, dmap) {
                 Some(obj) => {
                     if want > 1 {
                         cache.ac.entry[cache.ac.avail] = obj;
@@ -122,7 +122,7 @@ impl MemoryManager {
     /// Adds one slab to a cache (Linux's `cache_grow`).
     fn cache_grow(&mut self, id: CacheId, gfp: Gfp) -> Result<(), MmError> {
         let order = self.cache_mut(id)?.order;
-        let pfn = self.alloc_frames(order, gfp.without(Gfp::ZERO))?;
+        let pfn = self.alloc_frames(order, gfp.without(Gfp::ZERO).without(Gfp::MOVABLE))?;
         self.frames[pfn as usize].set_state(FrameState::Slab);
         self.counters.slab_pages += 1 << order;
         self.pageblocks.add(pfn, Held::Slab, 1 << order);
@@ -131,7 +131,7 @@ impl MemoryManager {
             .caches
             .get_mut(id.0 as usize)
             .ok_or(MmError::NotFound)?;
-        cache.init_slab(self.frames, dmap, pfn, id);
+        cache.init_slab(&mut self.frames, dmap, pfn, id);
         Ok(())
     }
 
@@ -155,7 +155,7 @@ impl MemoryManager {
             .get_mut(id.0 as usize)
             .ok_or(MmError::NotFound)?;
         let head = cache
-            .owning_slab(self.frames, dmap, id, obj)
+            .owning_slab(&self.frames, dmap, id, obj)
             .ok_or(MmError::Invalid("pointer is not an object of this cache"))?;
         if cache.uses_array() {
             self.free_to_array(id, obj);
@@ -172,7 +172,7 @@ impl MemoryManager {
         }
         cache.counters.frees += 1;
         cache.debug_release(obj);
-        cache.slab_put(self.frames, dmap, obj, head);
+        cache.slab_put(&mut self.frames, dmap, obj, head);
         if let Err(c) = checked {
             cache.counters.corruptions += 1;
             self.corruption_log.record(c);
@@ -226,8 +226,8 @@ impl MemoryManager {
         let count = count.min(cache.ac.avail);
         for i in 0..count {
             let obj = cache.ac.entry[i];
-            if let Some(head) = slab::slab_head(self.frames, dmap, obj) {
-                cache.slab_put(self.frames, dmap, obj, head);
+            if let Some(head) = slab::slab_head(&self.frames, dmap, obj) {
+                cache.slab_put(&mut self.frames, dmap, obj, head);
             }
         }
         cache.ac.entry.copy_within(count..cache.ac.avail, 0);
@@ -249,7 +249,7 @@ impl MemoryManager {
                 return freed;
             };
             let order = cache.order;
-            let Some(head) = cache.empty.pop(self.frames) else {
+            let Some(head) = cache.empty.pop(&mut self.frames) else {
                 break;
             };
             cache.counters.pages_shrunk += 1 << order;
@@ -296,7 +296,7 @@ impl MemoryManager {
                 live: cache.slab_inuse,
             });
         }
-        let damage = cache.first_poison_damage(self.frames, dmap, id, &[cache.empty]);
+        let damage = cache.first_poison_damage(&self.frames, dmap, id, &[cache.empty]);
         self.shrink_cache_index(id.0 as usize);
         self.cache_unregister(id);
         if let Some(c) = damage {
@@ -311,7 +311,7 @@ impl MemoryManager {
         let dmap = self.dmap;
         let cache = self.cache(id).ok_or(MmError::NotFound)?;
         let damage =
-            cache.first_poison_damage(self.frames, dmap, id, &[cache.partial, cache.empty]);
+            cache.first_poison_damage(&self.frames, dmap, id, &[cache.partial, cache.empty]);
         match damage {
             Some(c) => {
                 self.corruption_log.record(c);

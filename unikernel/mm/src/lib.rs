@@ -78,6 +78,7 @@ mod idr;
 mod kmalloc;
 mod kmem_cache;
 mod memblock;
+mod memory_hotplug;
 mod mempool;
 mod owner;
 mod page_alloc;
@@ -87,6 +88,7 @@ mod pcp;
 mod prandom;
 mod slab;
 mod slab_common;
+mod sparse;
 // Public as a namespace: its types are the Linux views (`stats::MemInfo`
 // is /proc/meminfo, `stats::ZoneInfo` one zone of /proc/zoneinfo, ...).
 // memd-wire carries some of them as they are (`MemInfo`, `SlabInfo`) and
@@ -114,6 +116,7 @@ pub use gfp::Gfp;
 pub use global::GlobalMm;
 pub use kmalloc::kmalloc_size_roundup;
 pub use memblock::{MemRegion, Memblock, RegionKind, Reservation, ReserveKind, PAGE_SIZE};
+pub use memory_hotplug::HotplugRegion;
 pub use mempool::{Mempool, PoolBacking, PoolCounters, PoolElement, PoolId};
 pub use owner::Owner;
 pub use page_reporting::{ReportBlock, REPORT_ORDER};
@@ -152,7 +155,7 @@ pub struct BootInfo<'a> {
 pub struct MemoryManager {
     /// The frame table's initialised prefix: every frame below
     /// `frames.len()` is valid, the rest waits for `deferred_init_step`.
-    pub(crate) frames: &'static mut [Frame],
+    pub(crate) frames: sparse::Frames,
     /// All of the frame table's memory.
     pub(crate) table: access::FrameTable,
     /// Whether the table's memory read as zero at boot.
@@ -171,6 +174,8 @@ pub struct MemoryManager {
     /// Mempools by id; their descriptors are objects of `mempool_t`.
     pub(crate) pools: idr::Idr<mempool::Mempool>,
     pub(crate) cma: Option<Cma>,
+    /// The hot-plug region, once declared (`memory_hotplug.rs`).
+    pub(crate) hotplug: Option<HotplugRegion>,
     /// The balloon's blocks (`balloon.rs`), linked through their heads.
     pub(crate) balloon: FrameList,
     pub(crate) balloon_deflate_on_oom: bool,
@@ -194,7 +199,7 @@ impl MemoryManager {
     /// small stack).
     pub const fn new() -> Self {
         MemoryManager {
-            frames: &mut [],
+            frames: sparse::Frames::new(),
             table: access::FrameTable::empty(),
             table_zeroed: false,
             pageblocks: pageblock::Pageblocks::new(),
@@ -204,12 +209,14 @@ impl MemoryManager {
                 zone::Zone::new(ZoneType::Dma),
                 zone::Zone::new(ZoneType::Dma32),
                 zone::Zone::new(ZoneType::Normal),
+                zone::Zone::new(ZoneType::Movable),
             ],
             preferred_zone: ZoneType::ALL,
             memblock: Memblock::new(),
             caches: idr::Idr::new(),
             pools: idr::Idr::new(),
             cma: None,
+            hotplug: None,
             balloon: FrameList::new(),
             balloon_deflate_on_oom: false,
             vmalloc: vmalloc::Vmalloc::new(),
@@ -297,7 +304,7 @@ impl MemoryManager {
             )
         };
         self.table = table;
-        self.frames = frames;
+        self.frames.boot = frames;
         self.table_zeroed = boot.zeroed;
         let nr_blocks = pageblock::Pageblocks::needed(nr_frames, pageblock_order);
         let counts = mb
@@ -384,14 +391,15 @@ impl MemoryManager {
         self.frames.get((phys / PAGE_SIZE) as usize)
     }
 
-    /// Number of frames the frame table describes (initialised or not).
+    /// Number of frames the frame table may describe: boot memory
+    /// (initialised or not), and the hot-plug region once declared.
     pub fn nr_frames(&self) -> usize {
-        self.table.carved()
+        self.table.carved().max(self.frames.end())
     }
 
     /// Frames initialised so far: the rest of the table waits for
     /// [`MemoryManager::deferred_init_step`].
     pub fn initialised_frames(&self) -> usize {
-        self.frames.len()
+        self.frames.boot_len()
     }
 }

@@ -145,7 +145,7 @@ impl MemoryManager {
             PoolBacking::Cache(id) => self.cache_alloc(id, gfp)?.as_ptr() as usize,
             PoolBacking::Kmalloc(size) => self.kmalloc(size, gfp)?.as_ptr() as usize,
             PoolBacking::Pages(order) => {
-                let pfn = self.alloc_frames(order, gfp)?;
+                let pfn = self.alloc_frames(order, gfp.without(Gfp::MOVABLE))?;
                 let f = &mut self.frames[pfn as usize];
                 f.set_state(FrameState::Pool);
                 f.count = 1;
@@ -264,7 +264,7 @@ impl MemoryManager {
         match backing {
             PoolBacking::Cache(id) => self
                 .cache(id)
-                .is_some_and(|c| c.owning_slab(self.frames, self.dmap, id, e.virt).is_some()),
+                .is_some_and(|c| c.owning_slab(&self.frames, self.dmap, id, e.virt).is_some()),
             PoolBacking::Kmalloc(size) => self.ksize(ptr).is_ok_and(|k| k >= size),
             PoolBacking::Pages(order) => self.frame(e.phys).is_some_and(|f| {
                 f.is(FrameState::Pool)

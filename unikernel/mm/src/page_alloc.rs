@@ -130,7 +130,7 @@ impl MemoryManager {
             let max_order = self.max_order;
             buddy::give(
                 &mut self.zones[zone_ty as usize],
-                self.frames,
+                &mut self.frames,
                 &mut self.pageblocks,
                 pfn,
                 order,
@@ -162,7 +162,13 @@ impl MemoryManager {
                 }
             } else {
                 let max_order = self.max_order;
-                buddy::take(zone, self.frames, &mut self.pageblocks, order, max_order)
+                buddy::take(
+                    zone,
+                    &mut self.frames,
+                    &mut self.pageblocks,
+                    order,
+                    max_order,
+                )
             };
             if let Some(pfn) = pfn {
                 let zone = &mut self.zones[z];
@@ -259,7 +265,7 @@ impl MemoryManager {
         let zone = &mut self.zones[z];
         zone.counters.pcp_refill += 1;
         for _ in 0..(PCP_BATCH as u64).min(budget) {
-            let Some(pfn) = buddy::take(zone, self.frames, &mut self.pageblocks, 0, max_order)
+            let Some(pfn) = buddy::take(zone, &mut self.frames, &mut self.pageblocks, 0, max_order)
             else {
                 break;
             };
@@ -280,7 +286,14 @@ impl MemoryManager {
         zone.counters.pcp_drain += 1;
         for i in 0..count {
             let pfn = zone.pcp.frames[i];
-            buddy::give(zone, self.frames, &mut self.pageblocks, pfn, 0, max_order);
+            buddy::give(
+                zone,
+                &mut self.frames,
+                &mut self.pageblocks,
+                pfn,
+                0,
+                max_order,
+            );
         }
         zone.pcp.frames.copy_within(count..zone.pcp.count, 0);
         zone.pcp.count -= count;

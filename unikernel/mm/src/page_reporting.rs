@@ -52,7 +52,7 @@ impl MemoryManager {
         let (mut unreported, mut reported) = (0, 0);
         for zone in &self.zones {
             for order in self.report_order()..self.max_order {
-                for pfn in zone.free_area[order as usize].list.iter(self.frames) {
+                for pfn in zone.free_area[order as usize].list.iter(&self.frames) {
                     match self.frames[pfn as usize].reported() {
                         true => reported += PAGE_SIZE << order,
                         false => unreported += PAGE_SIZE << order,
@@ -79,7 +79,7 @@ impl MemoryManager {
                 // each block would pass them again and again).
                 let list = self.zones[z as usize].free_area[order as usize].list;
                 let mut found = n;
-                for pfn in list.iter(self.frames) {
+                for pfn in list.iter(&self.frames) {
                     if found == out.len() {
                         break;
                     }
@@ -97,7 +97,9 @@ impl MemoryManager {
                         break;
                     }
                     let pfn = (out[n].phys / PAGE_SIZE) as u32;
-                    zone.free_area[order as usize].list.remove(self.frames, pfn);
+                    zone.free_area[order as usize]
+                        .list
+                        .remove(&mut self.frames, pfn);
                     zone.free -= 1 << order;
                     zone.isolated += 1 << order;
                     self.pageblocks.sub(pfn, Held::Free, 1 << order);
@@ -130,7 +132,7 @@ impl MemoryManager {
             self.pageblocks.sub(pfn, Held::Isolated, 1 << b.order);
             buddy::give(
                 zone,
-                self.frames,
+                &mut self.frames,
                 &mut self.pageblocks,
                 pfn,
                 b.order,

@@ -8,8 +8,9 @@
 //! (poison or red zone) bypass the array so that every free is checked.
 
 use crate::access::{self, DirectMap};
-use crate::frame::{Frame, FrameList, FrameState};
+use crate::frame::{FrameList, FrameState};
 use crate::memblock::PAGE_SIZE;
+use crate::sparse::Frames;
 
 /// Longest cache name kept (longer names are cut at a character boundary).
 pub const CACHE_NAME_LEN: usize = 32;
@@ -351,7 +352,7 @@ impl KmemCache {
     /// linked into its free list and constructed (poisoned, red-zoned).
     pub(crate) fn init_slab(
         &mut self,
-        frames: &mut [Frame],
+        frames: &mut Frames,
         dmap: DirectMap,
         head: u32,
         id: CacheId,
@@ -386,7 +387,7 @@ impl KmemCache {
 
     /// Takes one object from the slabs: partial ones first, then empty ones
     /// (Linux's `____cache_alloc` refill order).
-    pub(crate) fn slab_take(&mut self, frames: &mut [Frame], dmap: DirectMap) -> Option<usize> {
+    pub(crate) fn slab_take(&mut self, frames: &mut Frames, dmap: DirectMap) -> Option<usize> {
         let (head, from_empty) = if !self.partial.is_empty() {
             (self.partial.head, false)
         } else if !self.empty.is_empty() {
@@ -418,13 +419,7 @@ impl KmemCache {
     }
 
     /// Returns an object to its slab.
-    pub(crate) fn slab_put(
-        &mut self,
-        frames: &mut [Frame],
-        dmap: DirectMap,
-        obj: usize,
-        head: u32,
-    ) {
+    pub(crate) fn slab_put(&mut self, frames: &mut Frames, dmap: DirectMap, obj: usize, head: u32) {
         let base = self.slab_base(dmap, head);
         let idx = self.index_of(obj - base);
         let f = &mut frames[head as usize];
@@ -451,7 +446,7 @@ impl KmemCache {
     /// boundary of this cache.
     pub(crate) fn owning_slab(
         &self,
-        frames: &[Frame],
+        frames: &Frames,
         dmap: DirectMap,
         id: CacheId,
         obj: usize,
@@ -552,7 +547,7 @@ impl KmemCache {
     /// damaged (destroy and validate scan with this).
     pub(crate) fn first_poison_damage(
         &self,
-        frames: &[Frame],
+        frames: &Frames,
         dmap: DirectMap,
         id: CacheId,
         lists: &[FrameList],
@@ -578,7 +573,7 @@ impl KmemCache {
     /// Every object index on a slab's free list (for checks and destroy).
     pub(crate) fn for_each_free_object(
         &self,
-        frames: &[Frame],
+        frames: &Frames,
         dmap: DirectMap,
         head: u32,
         mut f: impl FnMut(usize),
@@ -604,7 +599,7 @@ fn frames_zone(head: u32) -> crate::zone::ZoneType {
 }
 
 /// The slab head frame of an address, if the address is in a slab.
-pub(crate) fn slab_head(frames: &[Frame], dmap: DirectMap, obj: usize) -> Option<u32> {
+pub(crate) fn slab_head(frames: &Frames, dmap: DirectMap, obj: usize) -> Option<u32> {
     let pfn = (dmap.phys(obj) / PAGE_SIZE) as usize;
     let f = frames.get(pfn)?;
     match f.state() {

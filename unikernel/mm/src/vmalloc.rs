@@ -196,7 +196,10 @@ struct Tables<'a> {
 
 impl PgtableAlloc for Tables<'_> {
     fn alloc_table(&mut self) -> Option<u64> {
-        let pfn = self.mm.alloc_frames(0, self.gfp | Gfp::ZERO).ok()?;
+        let pfn = self
+            .mm
+            .alloc_frames(0, self.gfp.without(Gfp::MOVABLE) | Gfp::ZERO)
+            .ok()?;
         let zone = self.mm.frames[pfn as usize].zone();
         let f = &mut self.mm.frames[pfn as usize];
         f.set(FrameState::Allocated, zone, 0);
@@ -312,7 +315,7 @@ impl MemoryManager {
 
     /// One frame, mapped at `virt`; returns its frame number.
     fn vmap_page(&mut self, virt: u64, gfp: Gfp, ops: &dyn VmapOps) -> Result<u64, MmError> {
-        let pfn = self.alloc_frames(0, gfp)?;
+        let pfn = self.alloc_frames(0, gfp.without(Gfp::MOVABLE))?;
         let f = &mut self.frames[pfn as usize];
         f.set_state(FrameState::Vmalloc);
         f.count = 0;
@@ -544,7 +547,7 @@ impl MemoryManager {
                 return Err("vmalloc area list longer than its record count");
             }
             // Read a record only once it is known to be a slab object.
-            if crate::slab::slab_head(self.frames, self.dmap, va.0).is_none() {
+            if crate::slab::slab_head(&self.frames, self.dmap, va.0).is_none() {
                 return Err("vmalloc area record is not a slab object");
             }
             n += 1;

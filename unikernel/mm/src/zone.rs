@@ -1,14 +1,17 @@
 //! Zones: physical address ranges with their own free lists and watermarks.
 //!
 //! As on x86-64 Linux: ZONE_DMA below 16 MiB (ISA devices, 24-bit masks),
-//! ZONE_DMA32 below 4 GiB (32-bit masks), ZONE_NORMAL above.
+//! ZONE_DMA32 below 4 GiB (32-bit masks), ZONE_NORMAL above, and
+//! ZONE_MOVABLE for memory plugged at run time (`memory_hotplug.rs`): only
+//! requests that say `MOVABLE` are served there, so that what it holds can
+//! be freed and the memory given back.
 
 use crate::frame::{Frame, FrameList, FrameState};
 use crate::pcp::Pcp;
 
 pub const DMA_LIMIT: u64 = 16 << 20;
 pub const DMA32_LIMIT: u64 = 4 << 30;
-pub const NR_ZONES: usize = 3;
+pub const NR_ZONES: usize = 4;
 /// The most free-list orders `memd.max_order=` may ask for (order 17 =
 /// 512 MiB blocks).
 pub const MAX_ORDER_LIMIT: usize = 18;
@@ -21,6 +24,7 @@ pub enum ZoneType {
     Dma = 0,
     Dma32 = 1,
     Normal = 2,
+    Movable = 3,
 }
 
 /// The zone a frame carries in its flags.
@@ -39,13 +43,19 @@ impl Frame {
 }
 
 impl ZoneType {
-    pub const ALL: [ZoneType; NR_ZONES] = [ZoneType::Dma, ZoneType::Dma32, ZoneType::Normal];
+    pub const ALL: [ZoneType; NR_ZONES] = [
+        ZoneType::Dma,
+        ZoneType::Dma32,
+        ZoneType::Normal,
+        ZoneType::Movable,
+    ];
 
     pub const fn from_index(i: usize) -> ZoneType {
         match i {
             0 => ZoneType::Dma,
             1 => ZoneType::Dma32,
-            _ => ZoneType::Normal,
+            2 => ZoneType::Normal,
+            _ => ZoneType::Movable,
         }
     }
 
@@ -54,10 +64,12 @@ impl ZoneType {
             ZoneType::Dma => "DMA",
             ZoneType::Dma32 => "DMA32",
             ZoneType::Normal => "Normal",
+            ZoneType::Movable => "Movable",
         }
     }
 
-    /// The zone a physical frame belongs to.
+    /// The zone a frame of boot memory belongs to (memory plugged at run
+    /// time is Movable wherever it is).
     #[inline(always)]
     pub const fn of_pfn(pfn: u64) -> ZoneType {
         let addr = pfn << 12;
@@ -76,6 +88,7 @@ impl ZoneType {
             ZoneType::Dma => (0, DMA_LIMIT),
             ZoneType::Dma32 => (DMA_LIMIT, DMA32_LIMIT),
             ZoneType::Normal => (DMA32_LIMIT, u64::MAX),
+            ZoneType::Movable => (0, u64::MAX),
         }
     }
 }
@@ -246,6 +259,20 @@ pub fn set_watermarks(zones: &mut [Zone; NR_ZONES]) {
     }
 }
 
+/// Each zonelist's first populated zone (Linux's preferred zone), by the
+/// request's highest zone: a Normal request on a machine without Normal
+/// memory starts at DMA32, a Movable one without plugged memory at Normal.
+pub fn preferred_zones(zones: &[Zone; NR_ZONES]) -> [ZoneType; NR_ZONES] {
+    ZoneType::ALL.map(|highest| {
+        ZoneType::ALL[..=highest as usize]
+            .iter()
+            .rev()
+            .copied()
+            .find(|&z| zones[z as usize].is_populated())
+            .unwrap_or(highest)
+    })
+}
+
 fn isqrt(n: u64) -> u64 {
     if n < 2 {
         return n;
@@ -285,18 +312,29 @@ mod tests {
             Zone::new(ZoneType::Dma),
             Zone::new(ZoneType::Dma32),
             Zone::new(ZoneType::Normal),
+            Zone::new(ZoneType::Movable),
         ];
         zones[0].managed = 3840;
         zones[1].managed = 1 << 18;
         zones[2].managed = 1 << 19;
         set_watermarks(&mut zones);
-        for z in &zones {
+        for z in &zones[..3] {
             assert!(z.watermark.min < z.watermark.low && z.watermark.low < z.watermark.high);
         }
         assert!(zones[2].watermark.min > zones[1].watermark.min);
         assert_eq!(zones[0].lowmem_reserve[0], 0);
         assert_eq!(zones[0].lowmem_reserve[2], ((1 << 18) + (1 << 19)) / 256);
         assert_eq!(zones[1].lowmem_reserve[2], (1 << 19) / 256);
-        assert_eq!(zones[2].lowmem_reserve, [0, 0, 0]);
+        assert_eq!(zones[2].lowmem_reserve, [0, 0, 0, 0]);
+        assert_eq!(
+            zones[3].watermark,
+            Watermarks::default(),
+            "no memory plugged"
+        );
+        zones[3].managed = 1 << 19;
+        set_watermarks(&mut zones);
+        assert_eq!(zones[3].watermark.min, zones[2].watermark.min);
+        assert_eq!(zones[2].lowmem_reserve[3], (1 << 19) / 256);
+        assert_eq!(zones[0].lowmem_reserve[3], ((1 << 18) + (1 << 20)) / 256);
     }
 }
