@@ -18,6 +18,7 @@ mod boot;
 mod cmdline;
 mod drivers;
 mod hermit;
+mod hotplug;
 mod logger;
 mod net;
 mod passes;
@@ -248,10 +249,18 @@ pub fn kmain(start_info: u64) -> ! {
                     None
                 }
             };
+            let mut hotplug = hotplug::Hotplug::new(drivers::virtio_mem::MemDevice::probe());
             let mut service = service::MemdService::new(operator_token, client_token, disk);
             let mut balloon = balloon::Balloon::new(balloon);
             // `serve` prints `memd: ready` once the port listens.
-            net::serve(dev, net_config, timeouts, &mut service, &mut balloon);
+            net::serve(
+                dev,
+                net_config,
+                timeouts,
+                &mut service,
+                &mut balloon,
+                &mut hotplug,
+            );
             logger::always(format_args!("memd: shut down by a client"));
             arch::exit::success();
         }

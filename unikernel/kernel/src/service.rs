@@ -55,6 +55,10 @@ impl Env for KernelEnv {
         crate::balloon::target_bytes()
     }
 
+    fn hotplug(&mut self) -> Option<memd_wire::Hotplug> {
+        crate::hotplug::snapshot()
+    }
+
     fn loop_passes(&mut self) -> Option<memd_wire::LoopPasses> {
         Some(crate::passes::snapshot(self.budget_ns, time::uptime_ns()))
     }

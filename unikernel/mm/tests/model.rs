@@ -7,12 +7,20 @@
 //! obeys its request's zone or DMA mask, and every allocation still holds
 //! the tag written into it. At the end everything is freed and free memory
 //! must equal the baseline exactly.
+//!
+//! The machine has a hot-plug region: blocks are plugged and unplugged at
+//! random, and unplugging must succeed exactly when no live allocation
+//! touches the block.
 
 use memd_mm::*;
 use proptest::prelude::*;
 use std::ptr::NonNull;
 
 const MIB: u64 = 1 << 20;
+/// The hot-plug region: 2 MiB blocks across a section boundary.
+const REGION: u64 = (8 << 30) - 32 * MIB;
+const BLOCK: u64 = 2 * MIB;
+const BLOCKS: usize = 32;
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -69,11 +77,16 @@ enum Op {
     Owner {
         fresh: bool,
     },
+    /// Plug (online) or unplug (offline) a block of the hot-plug region.
+    Hotplug {
+        block: usize,
+        plug: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0u32..6, 0u8..3, any::<bool>()).prop_map(|(order, zone, atomic)| Op::Pages { order, zone, atomic }),
+        4 => (0u32..6, 0u8..4, any::<bool>()).prop_map(|(order, zone, atomic)| Op::Pages { order, zone, atomic }),
         4 => prop_oneof![1usize..256, 1usize..9000, 1usize..200_000].prop_map(|size| Op::Kmalloc { size }),
         3 => any::<bool>().prop_map(|debug| Op::CacheAlloc { debug }),
         2 => (1usize..(12 << 20), 12u32..22, 0u8..3).prop_map(|(len, align_log, mask)| Op::Dma { len, align_log, mask }),
@@ -87,6 +100,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (any::<bool>(), 1usize..5000, any::<usize>()).prop_map(|(create, size, pick)| Op::Cache { create, size, pick }),
         3 => (any::<bool>(), 1usize..8, any::<usize>()).prop_map(|(create, min_nr, pick)| Op::Pool { create, min_nr, pick }),
         2 => any::<bool>().prop_map(|fresh| Op::Owner { fresh }),
+        3 => (0..BLOCKS, any::<bool>()).prop_map(|(block, plug)| Op::Hotplug { block, plug }),
     ]
 }
 
@@ -121,6 +135,23 @@ struct Harness {
     isolated: Vec<ReportBlock>,
     /// Blocks in the balloon.
     balloon: Vec<u64>,
+    /// Hot-plug blocks online.
+    plugged: [bool; BLOCKS],
+}
+
+/// The model's machine: DMA, DMA32 to 48 MiB, 24 MiB of Normal at 4 GiB,
+/// and the hot-plug region.
+fn machine(cmdline: &str) -> HostMm {
+    HostMm::boot_with_hotplug(
+        &[
+            (MIB, 16 * MIB),
+            (16 * MIB, 48 * MIB),
+            (4 << 30, (4 << 30) + 24 * MIB),
+        ],
+        Some((REGION, BLOCKS as u64 * BLOCK)),
+        cmdline,
+    )
+    .unwrap()
 }
 
 impl Harness {
@@ -133,7 +164,7 @@ impl Harness {
         } else {
             "memd.dma_reserve=16M@dma32"
         };
-        let mut mm = HostMm::three_zones(48 * MIB, 24 * MIB, cmdline).unwrap();
+        let mut mm = machine(cmdline);
         let plain = mm
             .cache_create("model-plain", 72, 8, SlabFlags::NONE, None)
             .unwrap();
@@ -157,6 +188,7 @@ impl Harness {
             next_tag: 1,
             isolated: Vec::new(),
             balloon: Vec::new(),
+            plugged: [false; BLOCKS],
         }
     }
 
@@ -197,7 +229,8 @@ impl Harness {
                 let (gfp, limit) = match zone {
                     0 => (Gfp::NOWAIT, u64::MAX),
                     1 => (Gfp::DMA32, 4 << 30),
-                    _ => (Gfp::DMA, 16 * MIB),
+                    2 => (Gfp::DMA, 16 * MIB),
+                    _ => (Gfp::MOVABLE, u64::MAX),
                 };
                 let gfp = gfp | if atomic { Gfp::ATOMIC } else { Gfp::KERNEL };
                 if let Ok(p) = self.mm.alloc_pages(order, gfp) {
@@ -360,6 +393,7 @@ impl Harness {
                     Err(e) => assert_eq!(e, MmError::Busy { live }),
                 }
             }
+            Op::Hotplug { block, plug } => self.hotplug(block, plug),
             Op::Owner { fresh: true } => {
                 let o = self.mm.owner_alloc().unwrap();
                 assert!(
@@ -420,6 +454,40 @@ impl Harness {
         }
     }
 
+    fn hotplug(&mut self, block: usize, plug: bool) {
+        let start = REGION + block as u64 * BLOCK;
+        if plug {
+            let r = self.mm.online_pages(start, BLOCK);
+            assert_eq!(r.is_ok(), !self.plugged[block], "online {start:#x}: {r:?}");
+            self.plugged[block] = true;
+            return;
+        }
+        // Live allocations, and free blocks the host is being told about,
+        // keep a block in.
+        let used = self
+            .live
+            .iter()
+            .map(|l| (l.start, l.len))
+            .chain(self.isolated.iter().map(|b| (b.phys, b.bytes())))
+            .any(|(s, len)| s < start + BLOCK && start < s + len);
+        let r = self.mm.offline_pages(start, BLOCK);
+        match (self.plugged[block], used) {
+            (false, _) => assert!(matches!(r, Err(MmError::Invalid(_))), "{r:?}"),
+            (true, true) => assert!(matches!(r, Err(MmError::Busy { .. })), "{r:?}"),
+            (true, false) => {
+                assert_eq!(r, Ok(()), "offline free block {start:#x}");
+                self.plugged[block] = false;
+            }
+        }
+    }
+
+    /// Every allocation outside the hot-plug region unless it asked for
+    /// MOVABLE memory.
+    fn movable_only_where_asked(&self, l: &Live) -> bool {
+        let in_region = l.start < REGION + BLOCKS as u64 * BLOCK && REGION < l.start + l.len;
+        !in_region || matches!(l.kind, Kind::Pages(_))
+    }
+
     fn verify(&self) {
         if let Err(e) = self.mm.check() {
             panic!("invariant broken: {e}");
@@ -439,6 +507,11 @@ impl Harness {
             );
         }
         for l in &self.live {
+            assert!(
+                self.movable_only_where_asked(l),
+                "{:#x} in ZONE_MOVABLE without asking for it",
+                l.start
+            );
             if matches!(l.kind, Kind::Pages(_)) {
                 assert_eq!(
                     self.mm.frame(l.start).unwrap().owner,
@@ -485,12 +558,19 @@ impl Harness {
         }
         self.mm.reclaim();
         self.mm.drain_all_pages();
+        for b in 0..BLOCKS {
+            if self.plugged[b] {
+                self.hotplug(b, false);
+            }
+        }
+        let r = self.mm.hotplug_region().unwrap();
+        assert_eq!((r.plugged, r.sections, r.memmap_bytes), (0, 0, 0));
         self.verify();
     }
 }
 
 fn baseline() -> u64 {
-    let mut h = HostMm::three_zones(48 * MIB, 24 * MIB, "memd.dma_reserve=16M@dma32").unwrap();
+    let mut h = machine("memd.dma_reserve=16M@dma32");
     h.reclaim();
     h.meminfo().free
 }

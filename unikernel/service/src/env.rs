@@ -102,6 +102,12 @@ pub trait Env {
         None
     }
 
+    /// The virtio-mem device's state ([`memd_wire::Status::hotplug`]);
+    /// `None` by default (no device).
+    fn hotplug(&mut self) -> Option<memd_wire::Hotplug> {
+        None
+    }
+
     /// How long the loop's passes took ([`memd_wire::Status::loop_passes`]);
     /// `None` by default (host environments have no loop of their own).
     fn loop_passes(&mut self) -> Option<memd_wire::LoopPasses> {

@@ -82,6 +82,33 @@ pub struct Status {
     /// What the host asks the balloon to hold, in bytes (its target);
     /// `None` without a balloon device.
     pub balloon_target_bytes: Option<u64>,
+    /// The virtio-mem device and the memory it plugged; `None` without one.
+    pub hotplug: Option<Hotplug>,
+}
+
+/// Memory plugged at run time through virtio-mem, in ZONE_MOVABLE.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Hotplug {
+    /// Physical address of the device's region.
+    pub region_start: u64,
+    /// Size of the region: the most that can be plugged.
+    pub region_size: u64,
+    /// What the device plugs and unplugs at a time.
+    pub block_size: u64,
+    /// What the host asks to be plugged.
+    pub requested_bytes: u64,
+    /// Plugged and online in ZONE_MOVABLE.
+    pub plugged_bytes: u64,
+    /// Of the plugged memory, what is in use (allocated or on per-CPU
+    /// lists): it cannot be unplugged until it is freed.
+    pub used_bytes: u64,
+    /// Plugged beyond the request that could not be unplugged because it
+    /// is in use; memd keeps trying as clients free memory.
+    pub shortfall_bytes: u64,
+    /// Frame descriptors of the plugged memory's sections.
+    pub memmap_bytes: u64,
+    /// The device's last refusal or failure, if any.
+    pub error: Option<String>,
 }
 
 /// One zone of `/proc/zoneinfo`.

@@ -103,6 +103,7 @@ pub fn serve(
     timeouts: Timeouts,
     handler: &mut dyn Handler,
     balloon: &mut crate::balloon::Balloon,
+    hotplug: &mut crate::hotplug::Hotplug,
 ) {
     let mac = EthernetAddress(dev.mac());
     let mut iface = Interface::new(
@@ -184,6 +185,8 @@ pub fn serve(
         }
         // The host's balloon target, and free memory to tell it about.
         background |= balloon.pass(time::uptime_ns());
+        // The host's requested size for hot-plugged memory.
+        background |= hotplug.pass(time::uptime_ns());
         send_queued(&mut iface, &mut dev, &mut sockets.set);
         let end = time::uptime_ns();
         if dev.stats.rx_packets + dev.stats.tx_packets != packets || turns || background {

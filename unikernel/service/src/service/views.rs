@@ -45,6 +45,7 @@ impl<M: Memory> Service<M> {
             reported_bytes: reported,
             balloon_bytes: balloon,
             balloon_target_bytes: env.balloon_target_bytes(),
+            hotplug: env.hotplug(),
         }))
     }
 
