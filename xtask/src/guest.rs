@@ -39,6 +39,12 @@ pub struct GuestArgs {
     /// touch (boot takes longer).
     #[arg(long)]
     pub mem_prealloc: bool,
+    /// Hot-pluggable memory: a virtio-mem device with a region of SIZE
+    /// (QEMU size syntax: 512M, 4G; a multiple of 2 MiB), none of it
+    /// plugged at boot, maxmem raised to --mem + SIZE. The host grows the
+    /// guest with QMP `qom-set vm0 requested-size`. q35 only.
+    #[arg(long, value_name = "SIZE")]
+    pub hotplug: Option<String>,
 }
 
 impl Default for GuestArgs {
@@ -51,6 +57,7 @@ impl Default for GuestArgs {
             cmdline: String::new(),
             icount: false,
             mem_prealloc: false,
+            hotplug: None,
         }
     }
 }
@@ -62,6 +69,8 @@ impl GuestArgs {
     /// is the subcommand's `words`, then `--cmdline`'s: the kernel takes a
     /// key's last value, so the user's words win.
     pub fn config(&self, kernel: PathBuf, words: &str) -> Result<(QemuConfig, AccelChoice)> {
+        // Refused before QEMU is looked for (or installed).
+        let hotplug = self.hotplug_bytes()?;
         let qemu_path = qemu::ensure_qemu()?;
         let accel = qemu::choose_accel(self.accel, &qemu_path, self.machine)?;
         let cfg = QemuConfig::new(qemu_path, kernel, self.machine)
@@ -71,7 +80,24 @@ impl GuestArgs {
             .append(&self.cmdline)
             .icount(self.icount)
             .mem_prealloc(self.mem_prealloc);
+        let cfg = match hotplug {
+            Some(bytes) => cfg.hotplug(bytes)?,
+            None => cfg,
+        };
         Ok((cfg, accel))
+    }
+
+    /// `--hotplug`'s size in bytes, checked against the machine and the
+    /// 2 MiB granularity; `None` without the flag.
+    pub fn hotplug_bytes(&self) -> Result<Option<u64>> {
+        let Some(size) = &self.hotplug else {
+            return Ok(None);
+        };
+        let bytes = crate::run::parse_size(size).map_err(|_| {
+            anyhow::anyhow!("--hotplug {size:?} is not a size (QEMU syntax: 512M, 4G)")
+        })?;
+        qemu::check_hotplug(self.machine, bytes)?;
+        Ok(Some(bytes))
     }
 }
 
@@ -123,6 +149,38 @@ mod tests {
             (d.machine, d.accel, &d.mem, &d.cmdline)
         );
         assert_eq!(parsed.icount, d.icount);
+        assert_eq!(parsed.hotplug, d.hotplug);
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn hotplug_is_checked_before_qemu_is_looked_for() {
+        let guest =
+            |args: &[&str]| Cli::parse_from(std::iter::once("x").chain(args.iter().copied())).guest;
+        assert_eq!(guest(&[]).hotplug_bytes().unwrap(), None);
+        assert_eq!(
+            guest(&["--machine", "q35", "--hotplug", "4G"])
+                .hotplug_bytes()
+                .unwrap(),
+            Some(4 << 30)
+        );
+        // microvm (the default machine) is refused, saying why.
+        let e = guest(&["--hotplug", "4G"]).hotplug_bytes().unwrap_err();
+        assert!(e.to_string().contains("no PCI bus"), "{e}");
+        let e = guest(&["--machine", "microvm-pcie", "--hotplug", "4G"])
+            .hotplug_bytes()
+            .unwrap_err();
+        assert!(e.to_string().contains("device-memory"), "{e}");
+        for bad in ["3M", "1X", "0"] {
+            let e = guest(&["--machine", "q35", "--hotplug", bad])
+                .hotplug_bytes()
+                .unwrap_err();
+            assert!(e.to_string().starts_with("--hotplug"), "{bad}: {e}");
+        }
+        // `config` refuses before it looks for QEMU.
+        let e = guest(&["--hotplug", "4G"])
+            .config(PathBuf::from("/nonexistent"), "")
+            .unwrap_err();
+        assert!(e.to_string().contains("--machine q35"), "{e}");
     }
 }

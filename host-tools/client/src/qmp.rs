@@ -1,6 +1,7 @@
 //! QEMU's machine protocol (QMP) over its Unix socket: enough for the
 //! balloon (`query-balloon`, `balloon`), which `memctl balloon` and the
-//! tests drive. Replies are JSON lines; events on the way are skipped.
+//! tests drive, and for the virtio-mem device (`query-memory-devices`,
+//! `qom-set ... requested-size`). Replies are JSON lines; events on the way are skipped.
 //! Beside it, what the host's `/proc` says of a local QEMU process: which
 //! one it is ([`qemu_process`]) and its resident memory
 //! ([`resident_bytes`]).
@@ -124,6 +125,76 @@ impl Qmp {
     }
 }
 
+/// The QOM id xtask gives the virtio-mem device (`--hotplug`).
+pub const VIRTIO_MEM_ID: &str = "vm0";
+
+/// The virtio-mem device as QEMU reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VirtioMemQmp {
+    /// Guest-physical start of the region (`memaddr`).
+    pub memaddr: u64,
+    /// Bytes in the region (`max-size`: the memory backend's size).
+    pub region_size: u64,
+    /// Bytes in a block (`block-size`).
+    pub block_size: u64,
+    /// Bytes the guest has plugged (`size`).
+    pub plugged_size: u64,
+    /// Bytes the host asks the guest to plug (`requested-size`).
+    pub requested_size: u64,
+}
+
+impl Qmp {
+    /// The virtio-mem device with QOM id [`VIRTIO_MEM_ID`], read in one
+    /// `query-memory-devices` (one consistent answer, and the only one
+    /// that has the region's size; `qom-get` on `/machine/peripheral/vm0`
+    /// reads the same properties one at a time).
+    pub fn virtio_mem(&mut self) -> Result<VirtioMemQmp, String> {
+        let devices = self.call("query-memory-devices", None)?;
+        virtio_mem_in(&devices, VIRTIO_MEM_ID)
+    }
+
+    /// Asks the guest to plug `bytes` of the virtio-mem device's region
+    /// (`qom-set vm0 requested-size`): a multiple of the block size, at
+    /// most the region's size (QEMU refuses other values, saying why).
+    pub fn set_virtio_mem_requested_size(&mut self, bytes: u64) -> Result<(), String> {
+        self.call(
+            "qom-set",
+            Some(json!({
+                "path": format!("/machine/peripheral/{VIRTIO_MEM_ID}"),
+                "property": "requested-size",
+                "value": bytes,
+            })),
+        )
+        .map(|_| ())
+    }
+}
+
+/// The virtio-mem device `id` in a `query-memory-devices` answer.
+fn virtio_mem_in(devices: &Value, id: &str) -> Result<VirtioMemQmp, String> {
+    let data = devices
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d.get("type").and_then(Value::as_str) == Some("virtio-mem"))
+        .filter_map(|d| d.get("data"))
+        .find(|d| d.get("id").and_then(Value::as_str) == Some(id))
+        .ok_or_else(|| {
+            format!("QMP: no virtio-mem device {id:?} (QEMU started without --hotplug?)")
+        })?;
+    let field = |name: &str| {
+        data.get(name)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| format!("QMP: virtio-mem {id:?} has no {name}"))
+    };
+    Ok(VirtioMemQmp {
+        memaddr: field("memaddr")?,
+        region_size: field("max-size")?,
+        block_size: field("block-size")?,
+        plugged_size: field("size")?,
+        requested_size: field("requested-size")?,
+    })
+}
+
 /// The process on this host whose command line contains `word` (a QEMU's
 /// QMP socket path or port forward).
 pub fn qemu_process(word: &str) -> Option<u32> {
@@ -151,4 +222,39 @@ pub fn resident_bytes(pid: u32) -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_mem_is_read_from_query_memory_devices() {
+        // QEMU 7.2's answer for `-m 1G,maxmem=5G` and a 4 GiB region with
+        // 2 MiB plugged, beside a DIMM.
+        let answer = json!([
+            { "type": "dimm", "data": { "id": "d0", "addr": 1 } },
+            { "type": "virtio-mem", "data": {
+                "memdev": "/objects/vmem0", "memaddr": 4294967296u64,
+                "block-size": 2097152, "size": 2097152, "node": 0,
+                "max-size": 4294967296u64, "requested-size": 2097152, "id": "vm0" } }
+        ]);
+        assert_eq!(
+            virtio_mem_in(&answer, "vm0"),
+            Ok(VirtioMemQmp {
+                memaddr: 4 << 30,
+                region_size: 4 << 30,
+                block_size: 2 << 20,
+                plugged_size: 2 << 20,
+                requested_size: 2 << 20,
+            })
+        );
+        let e = virtio_mem_in(&answer, "vm1").unwrap_err();
+        assert!(e.contains("no virtio-mem device"), "{e}");
+        assert!(virtio_mem_in(&json!([]), "vm0").is_err());
+        let partial = json!([{ "type": "virtio-mem", "data": { "id": "vm0", "memaddr": 0 } }]);
+        assert!(virtio_mem_in(&partial, "vm0")
+            .unwrap_err()
+            .contains("no max-size"));
+    }
 }

@@ -13,7 +13,7 @@ use memd_client::Client;
 use serde::Serialize;
 
 /// `.memd/qmp.sock` in the current directory or a parent.
-fn find_socket() -> Option<PathBuf> {
+pub(crate) fn find_socket() -> Option<PathBuf> {
     std::env::current_dir()
         .ok()?
         .ancestors()

@@ -316,4 +316,18 @@ pub(crate) enum Cmd {
         #[arg(long)]
         qmp: Option<PathBuf>,
     },
+    /// Memory plugged at run time (virtio-mem, ZONE_MOVABLE): region,
+    /// block size, requested, plugged and in-use bytes; with SIZE, set the
+    /// requested size first (QEMU's QMP) and wait for memd to follow
+    Hotplug {
+        /// Memory to plug (e.g. 2G, 0 to unplug all); omitted: just show
+        #[arg(value_parser = parse_size)]
+        size: Option<u64>,
+        /// QEMU's QMP socket [default: .memd/qmp.sock]
+        #[arg(long)]
+        qmp: Option<PathBuf>,
+        /// Seconds to wait for memd to reach SIZE
+        #[arg(long = "for", default_value = "10")]
+        for_secs: u64,
+    },
 }

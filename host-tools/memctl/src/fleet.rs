@@ -83,6 +83,7 @@ pub(crate) fn run(path: &Path, cmd: Cmd, as_json: bool, wait: Duration) -> Resul
         Cmd::Batch { .. }
         | Cmd::Session
         | Cmd::Balloon { .. }
+        | Cmd::Hotplug { .. }
         | Cmd::Completions { .. }
         | Cmd::Buddy {
             histogram: true, ..

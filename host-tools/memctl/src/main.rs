@@ -22,6 +22,7 @@ mod balloon;
 mod cli;
 mod fleet;
 mod histogram;
+mod hotplug;
 mod map;
 mod print;
 mod progress;
@@ -146,7 +147,8 @@ pub(crate) fn to_op(cmd: Cmd) -> Result<Op, Fail> {
         | Cmd::Session
         | Cmd::Watch { .. }
         | Cmd::Completions { .. }
-        | Cmd::Balloon { .. } => {
+        | Cmd::Balloon { .. }
+        | Cmd::Hotplug { .. } => {
             unreachable!("handled by the caller")
         }
     })
@@ -160,9 +162,11 @@ pub(crate) fn wants_operator(cmd: &Cmd) -> bool {
         Cmd::Session => true,
         // Setting a rule is fault injection; without a target it only shows.
         Cmd::Fault { slab, page, .. } => *slab || *page,
-        Cmd::Batch { .. } | Cmd::Watch { .. } | Cmd::Completions { .. } | Cmd::Balloon { .. } => {
-            false
-        }
+        Cmd::Batch { .. }
+        | Cmd::Watch { .. }
+        | Cmd::Completions { .. }
+        | Cmd::Balloon { .. }
+        | Cmd::Hotplug { .. } => false,
         cmd => to_op(cmd.clone()).is_ok_and(|op| op.operator_only()),
     }
 }
@@ -262,6 +266,13 @@ fn run(c: &mut Client, cmd: Cmd, as_json: bool) -> Result<Option<Handle>, Fail> 
     match cmd {
         Cmd::Batch { count, size } => run_batch(c, count, size, as_json).map(|()| None),
         Cmd::Balloon { size, qmp } => balloon::balloon(c, size, qmp, as_json)
+            .map(|()| None)
+            .map_err(Fail::Usage),
+        Cmd::Hotplug {
+            size,
+            qmp,
+            for_secs,
+        } => hotplug::hotplug(c, size, qmp, Duration::from_secs(for_secs), as_json)
             .map(|()| None)
             .map_err(Fail::Usage),
         Cmd::Fault {
@@ -529,6 +540,8 @@ mod tests {
             "shutdown",
             "balloon",
             "balloon 1G --qmp /tmp/q.sock",
+            "hotplug",
+            "hotplug 2G --qmp /tmp/q.sock --for 5",
         ] {
             let args = std::iter::once("memctl").chain(line.split_whitespace());
             let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{line}: {e}"));
@@ -539,6 +552,7 @@ mod tests {
                     | Cmd::Watch { .. }
                     | Cmd::Completions { .. }
                     | Cmd::Balloon { .. }
+                    | Cmd::Hotplug { .. }
             ) {
                 to_op(cli.cmd).unwrap_or_else(|_| panic!("{line}"));
             }

@@ -26,7 +26,7 @@ use spin::Mutex;
 
 use crate::arch::paging;
 use crate::drivers::hal;
-use crate::drivers::virtio_mem::{MemConfig, MemDevice};
+use crate::drivers::virtio_mem::{BlockState, MemConfig, MemDevice};
 use crate::ALLOC;
 
 /// Most memory plugged or unplugged in one pass (one 128 MiB section's
@@ -83,17 +83,26 @@ impl Hotplug {
             }
         }
         let blocks = (cfg.region_size / cfg.block_size) as usize;
+        match dev.state(cfg.addr, blocks as u64) {
+            Ok(BlockState::Unplugged) => {}
+            other => {
+                warn!("hotplug: the region is not unplugged at start ({other:?}); the device is not used");
+                return none;
+            }
+        }
         let plugged = vec![0u64; blocks.div_ceil(64)];
         if let Err(e) = ALLOC.lock().add_memory_region(cfg.addr, cfg.region_size) {
             warn!("hotplug: memd-mm refused the region: {e}; the device is not used");
             return none;
         }
         info!(
-            "hotplug: virtio-mem region [{:#x}-{:#x}) in blocks of {} KiB on {}, ZONE_MOVABLE",
+            "hotplug: virtio-mem region [{:#x}-{:#x}) in blocks of {} KiB on {} (features {:#x} of {:#x}), ZONE_MOVABLE",
             cfg.addr,
             cfg.addr + cfg.region_size,
             cfg.block_size >> 10,
-            dev.location
+            dev.location,
+            dev.negotiated,
+            dev.offered
         );
         *SHOWN.lock() = Some(Shown {
             config: cfg,
@@ -130,13 +139,15 @@ impl Hotplug {
     /// One pass at `now`: true while there is more to do at once (the loop
     /// then does not halt).
     pub fn pass(&mut self, now: u64) -> bool {
-        if self.dev.is_none() || now < self.next_look {
+        let Some(dev) = self.dev.as_mut() else {
+            return false;
+        };
+        // A new requested size is looked at at once (the configuration's
+        // generation is one register); otherwise every `LOOK_NS`.
+        if now < self.next_look && !dev.config_changed() {
             return false;
         }
-        let cfg = match &self.dev {
-            Some(d) => d.config(),
-            None => return false,
-        };
+        let cfg = dev.config();
         let plugged = self.plugged_blocks() * cfg.block_size;
         let requested = cfg.requested_size.min(cfg.region_size);
         let (more, error) = if plugged < requested {

@@ -50,7 +50,7 @@ impl MemoryManager {
         let end = start
             .checked_add(size)
             .ok_or(MmError::Invalid("hot-plug region past the address space"))?;
-        if size == 0 || start % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+        if size == 0 || !start.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
             return Err(MmError::Invalid(
                 "hot-plug region empty or not page aligned",
             ));
@@ -104,7 +104,7 @@ impl MemoryManager {
         let region = self
             .hotplug
             .ok_or(MmError::Invalid("no hot-plug region declared"))?;
-        if size == 0 || start % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+        if size == 0 || !start.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
             return Err(MmError::Invalid("range empty or not page aligned"));
         }
         if start < region.start || start.saturating_add(size) > region.start + region.size {

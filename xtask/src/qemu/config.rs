@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use anyhow::{bail, Result};
+
 use super::accel::accel_args;
 use super::Machine;
 use crate::tokens::TokenFiles;
@@ -19,6 +21,75 @@ pub const FW_CFG_OPERATOR_TOKEN: &str = "opt/memd/operator-token";
 
 /// The time bound of a configuration that sets none.
 const DEFAULT_TIME_BOUND: Duration = Duration::from_secs(60);
+
+/// What a hot-plug region's size must be a multiple of: QEMU's default
+/// virtio-mem block size on x86 hosts, and the 2 MiB pages memd maps
+/// hot-plugged memory with.
+pub const HOTPLUG_ALIGN: u64 = 2 << 20;
+
+/// The QOM ids of the hot-plug device and its memory backend: QMP reaches
+/// the device as `vm0` (`/machine/peripheral/vm0`).
+pub const HOTPLUG_DEVICE_ID: &str = "vm0";
+pub const HOTPLUG_BACKEND_ID: &str = "vmem0";
+
+/// Why `machine` cannot take a virtio-mem region of `bytes`, if it cannot.
+pub fn check_hotplug(machine: Machine, bytes: u64) -> Result<()> {
+    match machine {
+        Machine::Q35 => {}
+        Machine::Microvm | Machine::MicrovmNoPit => bail!(
+            "--hotplug needs --machine q35: microvm has no PCI bus, and QEMU 7.2 has virtio-mem \
+             only as virtio-mem-pci (there is no virtio-mem-device for virtio-mmio)"
+        ),
+        Machine::MicrovmPcie => bail!(
+            "--hotplug needs --machine q35: microvm has no device-memory region for hot-plugged \
+             memory; with pcie=on QEMU 7.2 accepts virtio-mem-pci but leaves its region \
+             unmapped at address 0"
+        ),
+    }
+    if bytes == 0 || !bytes.is_multiple_of(HOTPLUG_ALIGN) {
+        bail!(
+            "--hotplug {bytes} bytes: the region must be a non-zero multiple of 2 MiB (virtio-mem's block size)"
+        );
+    }
+    Ok(())
+}
+
+/// Bytes in a QEMU `-m` size: a whole number with an optional suffix
+/// (B, K, M, G, T; case-insensitive), MiB without one, optionally written
+/// `size=...`. QEMU also takes fractions (`1.5G`); these are refused here.
+pub fn qemu_mem_bytes(mem: &str) -> Result<u64> {
+    let t = mem.trim();
+    let t = t.strip_prefix("size=").unwrap_or(t);
+    if t.contains(',') {
+        bail!("--mem {mem:?}: only the size, xtask sets maxmem itself");
+    }
+    let (num, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('B') => (&t[..t.len() - 1], 0),
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 20),
+    };
+    match num
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+    {
+        Some(b) if b > 0 => Ok(b),
+        _ => bail!("--mem {mem:?} is not a whole size (256M, 1G, 1536M)"),
+    }
+}
+
+/// `bytes` in QEMU's size syntax, in the largest unit that divides it.
+fn qemu_size(bytes: u64) -> String {
+    for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
 
 /// One guest: QEMU, the kernel, the machine and what is attached to it.
 /// [`QemuConfig::new`] gives a TCG guest with 1 GiB, no devices and an
@@ -53,6 +124,9 @@ pub struct QemuConfig {
     icount: bool,
     /// `-mem-prealloc`.
     mem_prealloc: bool,
+    /// A virtio-mem device with a region of this many bytes (`maxmem`
+    /// raised to match), none plugged at boot.
+    hotplug: Option<u64>,
     /// The longest a run of this guest may take before QEMU is killed.
     pub(super) time_bound: Duration,
 }
@@ -88,6 +162,7 @@ impl QemuConfig {
             qmp: None,
             icount: false,
             mem_prealloc: false,
+            hotplug: None,
             time_bound: DEFAULT_TIME_BOUND,
         }
     }
@@ -148,6 +223,19 @@ impl QemuConfig {
         self
     }
 
+    /// A virtio-mem device (`virtio-mem-pci`, QOM id `vm0`) with a region of
+    /// `bytes` backed by `memory-backend-ram` `vmem0`, `requested-size=0`,
+    /// and `-m MEM,maxmem=MEM+bytes`: the host grows the guest with QMP
+    /// `qom-set vm0 requested-size`. q35 only, `bytes` a multiple of 2 MiB,
+    /// and the memory already set (`mem`) a whole QEMU size: refused
+    /// otherwise, with the reason.
+    pub fn hotplug(mut self, bytes: u64) -> Result<QemuConfig> {
+        check_hotplug(self.machine, bytes)?;
+        qemu_mem_bytes(&self.mem)?;
+        self.hotplug = Some(bytes);
+        Ok(self)
+    }
+
     /// `-icount shift=0,sleep=off` when `icount` (TCG only; ignored under
     /// KVM).
     pub fn icount(mut self, icount: bool) -> QemuConfig {
@@ -180,7 +268,16 @@ impl QemuConfig {
         let mut c = Command::new(&self.qemu);
         c.args(["-M", self.machine.qemu_machine()]);
         c.args(accel_args(self.kvm));
-        c.args(["-m", &self.mem]);
+        match self.hotplug {
+            Some(bytes) => {
+                // `hotplug` checked that `mem` parses.
+                let maxmem = qemu_mem_bytes(&self.mem).unwrap_or(0) + bytes;
+                c.args(["-m", &format!("{},maxmem={}", self.mem, qemu_size(maxmem))]);
+            }
+            None => {
+                c.args(["-m", &self.mem]);
+            }
+        }
         if self.mem_prealloc {
             c.arg("-mem-prealloc");
         }
@@ -256,6 +353,29 @@ impl QemuConfig {
                 } else {
                     "virtio-blk-device,drive=d0"
                 },
+            ]);
+        }
+        if let Some(bytes) = self.hotplug {
+            // Last, so the other devices keep their PCI slots.
+            // -mem-prealloc would make every memory backend preallocate,
+            // the whole region included; the device preallocates each
+            // block as it is plugged instead.
+            let (backend, device) = match self.mem_prealloc {
+                true => (",prealloc=off", ",prealloc=on"),
+                false => ("", ""),
+            };
+            c.args([
+                "-object",
+                &format!(
+                    "memory-backend-ram,id={HOTPLUG_BACKEND_ID},size={}{backend}",
+                    qemu_size(bytes)
+                ),
+            ]);
+            c.args([
+                "-device",
+                &format!(
+                    "virtio-mem-pci,id={HOTPLUG_DEVICE_ID},memdev={HOTPLUG_BACKEND_ID},requested-size=0{device}"
+                ),
             ]);
         }
         c
@@ -404,6 +524,78 @@ mod tests {
         // The directory and the files go with the tokens.
         drop(t);
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn hotplug_attaches_virtio_mem_and_raises_maxmem() {
+        let q35 = |mem: &str| {
+            QemuConfig::new(PathBuf::from(QEMU), PathBuf::from("/k"), Machine::Q35).mem(mem)
+        };
+        let a = args(&q35("1G").hotplug(4 << 30).unwrap());
+        assert_eq!(values(&a, "-m"), ["1G,maxmem=5G"]);
+        assert_eq!(
+            values(&a, "-object"),
+            ["memory-backend-ram,id=vmem0,size=4G"]
+        );
+        assert_eq!(
+            values(&a, "-device")[1],
+            "virtio-mem-pci,id=vm0,memdev=vmem0,requested-size=0"
+        );
+        // QEMU's -m takes MiB without a suffix; maxmem is written exactly.
+        let a = args(&q35("1536").hotplug(514 << 20).unwrap());
+        assert_eq!(values(&a, "-m"), ["1536,maxmem=2050M"]);
+        assert_eq!(
+            values(&a, "-object"),
+            ["memory-backend-ram,id=vmem0,size=514M"]
+        );
+        // With -mem-prealloc the region is not preallocated at start: the
+        // device preallocates what it plugs.
+        let a = args(&q35("1G").mem_prealloc(true).hotplug(2 << 30).unwrap());
+        assert!(a.iter().any(|x| x == "-mem-prealloc"));
+        assert_eq!(
+            values(&a, "-object"),
+            ["memory-backend-ram,id=vmem0,size=2G,prealloc=off"]
+        );
+        assert!(values(&a, "-device")[1].ends_with("requested-size=0,prealloc=on"));
+        // Without it, nothing changes.
+        let a = args(&q35("1G"));
+        assert_eq!(values(&a, "-m"), ["1G"]);
+        assert!(values(&a, "-object").is_empty());
+        assert!(!a.iter().any(|x| x.contains("virtio-mem")));
+    }
+
+    #[test]
+    fn hotplug_is_refused_on_microvm_and_for_odd_sizes() {
+        for m in [
+            Machine::Microvm,
+            Machine::MicrovmNoPit,
+            Machine::MicrovmPcie,
+        ] {
+            let c = QemuConfig::new(PathBuf::from(QEMU), PathBuf::from("/k"), m);
+            let e = c.hotplug(4 << 30).unwrap_err().to_string();
+            assert!(e.contains("--machine q35") && e.contains("microvm"), "{e}");
+        }
+        let q35 = || QemuConfig::new(PathBuf::from(QEMU), PathBuf::from("/k"), Machine::Q35);
+        for bad in [0, 1 << 20, (4 << 30) + 4096] {
+            let e = q35().hotplug(bad).unwrap_err().to_string();
+            assert!(e.contains("multiple of 2 MiB"), "{bad}: {e}");
+        }
+        assert!(q35().mem("1.5G").hotplug(2 << 20).is_err());
+        assert!(q35().mem("1G,maxmem=2G").hotplug(2 << 20).is_err());
+    }
+
+    #[test]
+    fn qemu_memory_sizes() {
+        assert_eq!(qemu_mem_bytes("1G").unwrap(), 1 << 30);
+        assert_eq!(qemu_mem_bytes("256m").unwrap(), 256 << 20);
+        assert_eq!(qemu_mem_bytes("1024").unwrap(), 1 << 30);
+        assert_eq!(qemu_mem_bytes("size=2G").unwrap(), 2 << 30);
+        assert_eq!(qemu_mem_bytes("1048576K").unwrap(), 1 << 30);
+        assert!(qemu_mem_bytes("0").is_err());
+        assert!(qemu_mem_bytes("1X").is_err());
+        assert_eq!(qemu_size(5 << 30), "5G");
+        assert_eq!(qemu_size(2050 << 20), "2050M");
+        assert_eq!(qemu_size(4097), "4097");
     }
 
     #[test]

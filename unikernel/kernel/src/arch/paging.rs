@@ -3,7 +3,10 @@
 //! pages), the device windows below 4 GiB mapped uncached in the same direct
 //! map (microvm's virtio-mmio slots, IOAPIC and LAPIC; q35's ECAM and 32-bit
 //! PCI BAR window: everything in the 32-bit hole above RAM), and an identity
-//! map of the kernel image, which is linked at 1 MiB.
+//! map of the kernel image, which is linked at 1 MiB. RAM that arrives
+//! after boot (virtio-mem's hot-plugged blocks) joins the direct map with
+//! 2 MiB write-back pages ([`map_ram`]) and leaves it before it goes back
+//! to the host ([`unmap_ram`]).
 //!
 //! Page-table frames come from a bump allocator over the usable RAM right
 //! after the kernel image; the range it used is handed to the memory manager
@@ -56,6 +59,9 @@ static PML4: AtomicU64 = AtomicU64::new(0);
 static MAP_LOCK: spin::Mutex<()> = spin::Mutex::new(());
 /// Physical address of the vmalloc window's PDPT (0 before `init`).
 static VMALLOC_PDPT: AtomicU64 = AtomicU64::new(0);
+/// End of the RAM the boot map covers (`init`'s E820 RAM): `unmap_ram`
+/// never goes below it.
+static BOOT_RAM_END: AtomicU64 = AtomicU64::new(u64::MAX);
 
 /// The result of `init`.
 #[derive(Clone, Debug)]
@@ -243,14 +249,21 @@ pub fn init(map: &[E820Entry], kernel: Range<u64>) -> PagingInfo {
     TABLE_OFFSET.store(DIRECT_MAP_OFFSET, Ordering::Relaxed);
     PML4.store(pml4, Ordering::Relaxed);
     VMALLOC_PDPT.store(vmalloc_pdpt, Ordering::Relaxed);
+    BOOT_RAM_END.store(ram_end, Ordering::Relaxed);
     info
 }
 
-/// Why `map_mmio` refused.
+/// Why `map_mmio`, `map_ram` or `unmap_ram` refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MapError {
-    /// The range overlaps RAM in the direct map (cached): not a device.
+    /// The range overlaps RAM in the direct map (cached): not a device; or,
+    /// for `unmap_ram`, the RAM the boot map covers.
     OverlapsRam,
+    /// The range overlaps a device window (uncached) or a mapping of other
+    /// pages: not RAM to map write-back.
+    OverlapsDevice,
+    /// `map_ram` / `unmap_ram`: start or length not a multiple of 2 MiB.
+    Unaligned,
     /// Beyond the direct map's reach.
     TooHigh,
     /// No frame for a new page table.
@@ -305,12 +318,193 @@ pub fn map_mmio(
     if changed {
         // Only not-present entries were filled: no stale translation can
         // exist for them, but flush anyway to drop cached walks.
-        // SAFETY: reloading CR3 with its current value only flushes the TLB.
-        unsafe {
-            asm!("mov {0}, cr3", "mov cr3, {0}", out(reg) _, options(nostack, preserves_flags))
-        };
+        flush_tlb_all();
     }
     Ok(DIRECT_MAP_OFFSET + phys)
+}
+
+/// Reloads CR3 with its current value: flushes every non-global TLB entry
+/// and cached walk.
+fn flush_tlb_all() {
+    // SAFETY: reloading CR3 with its current value only flushes the TLB.
+    unsafe { asm!("mov {0}, cr3", "mov cr3, {0}", out(reg) _, options(nostack, preserves_flags)) };
+}
+
+/// What the direct map holds for the 2 MiB chunk at `chunk` (physical).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Chunk {
+    /// Nothing: no entry, or no table above it.
+    Unmapped,
+    /// `chunk` itself, write-back, as `map_ram` (or the boot map, for RAM)
+    /// maps it: a 2 MiB page, or inside a 1 GiB page.
+    RamHere,
+    /// Something else: uncached (a device window), 4 KiB pages, or a
+    /// frame other than `chunk`.
+    Other,
+}
+
+/// Walks the direct map for `chunk` without changing it.
+fn direct_chunk(pml4: u64, chunk: u64) -> Chunk {
+    let virt = DIRECT_MAP_OFFSET + chunk;
+    let e = entry(pml4, index(virt, 39));
+    if e & P == 0 {
+        return Chunk::Unmapped;
+    }
+    let e = entry(e & ADDR_MASK, index(virt, 30));
+    if e & P == 0 {
+        return Chunk::Unmapped;
+    }
+    let cached = e & (PCD | PWT) == 0;
+    if e & PS != 0 {
+        let gib = chunk & !(GIB - 1);
+        return match cached && e & ADDR_MASK & !(GIB - 1) == gib {
+            true => Chunk::RamHere,
+            false => Chunk::Other,
+        };
+    }
+    let e = entry(e & ADDR_MASK, index(virt, 21));
+    if e & P == 0 {
+        Chunk::Unmapped
+    } else if e & PS != 0 && e & (PCD | PWT) == 0 && e & ADDR_MASK == chunk {
+        Chunk::RamHere
+    } else {
+        Chunk::Other
+    }
+}
+
+/// `[phys, phys + len)` checked for `map_ram` / `unmap_ram`: 2 MiB
+/// aligned, non-empty, within the direct map's reach; its end.
+fn ram_range(phys: u64, len: u64) -> Result<u64, MapError> {
+    if len == 0 || !phys.is_multiple_of(MIB2) || !len.is_multiple_of(MIB2) {
+        return Err(MapError::Unaligned);
+    }
+    let end = phys.checked_add(len).ok_or(MapError::TooHigh)?;
+    if end > MAX_PHYS {
+        return Err(MapError::TooHigh);
+    }
+    Ok(end)
+}
+
+/// Makes the RAM `[phys, phys + len)` reachable, write-back (no PCD/PWT),
+/// in the direct map with 2 MiB pages, and returns its virtual address:
+/// memory that arrives after boot (virtio-mem's hot-plugged blocks, whose
+/// region on q35 starts at 4 GiB or above the RAM above 4 GiB, 1 GiB
+/// aligned). `phys` and `len` are multiples of 2 MiB. `alloc_table`
+/// provides zeroed 4 KiB frames for new page tables (one per GiB touched
+/// that has none yet); the caller must not hold what `alloc_table` locks.
+///
+/// Chunks already mapped write-back to themselves (by an earlier `map_ram`
+/// or as boot RAM) are left as they are; the whole range is checked before
+/// anything changes, and any chunk mapped otherwise (uncached device
+/// window, 4 KiB pages) refuses the call with `OverlapsDevice`. When a
+/// table frame runs out (`NoMemory`), the chunks mapped so far stay mapped
+/// (harmless: the range's own frames, and a retry maps the rest).
+pub fn map_ram(
+    phys: u64,
+    len: u64,
+    alloc_table: &mut dyn FnMut() -> Option<u64>,
+) -> Result<u64, MapError> {
+    let end = ram_range(phys, len)?;
+    let _guard = MAP_LOCK.lock();
+    let pml4 = PML4.load(Ordering::Relaxed);
+    assert!(pml4 != 0, "map_ram before paging::init");
+    let mut chunk = phys;
+    while chunk < end {
+        if direct_chunk(pml4, chunk) == Chunk::Other {
+            return Err(MapError::OverlapsDevice);
+        }
+        chunk += MIB2;
+    }
+    let mut changed = false;
+    let mut result = Ok(DIRECT_MAP_OFFSET + phys);
+    chunk = phys;
+    'chunks: while chunk < end {
+        if direct_chunk(pml4, chunk) == Chunk::RamHere {
+            chunk += MIB2;
+            continue;
+        }
+        // Checked above: every level present on the way is a table (a
+        // 1 GiB page here would be `RamHere` or `Other`).
+        let virt = DIRECT_MAP_OFFSET + chunk;
+        let mut table = pml4;
+        for shift in [39, 30] {
+            let i = index(virt, shift);
+            let e = entry(table, i);
+            table = if e & P != 0 {
+                e & ADDR_MASK
+            } else {
+                let Some(t) = alloc_table() else {
+                    result = Err(MapError::NoMemory);
+                    break 'chunks;
+                };
+                set_entry(table, i, t | P | RW);
+                t
+            };
+        }
+        set_entry(table, index(virt, 21), chunk | P | RW | PS);
+        changed = true;
+        chunk += MIB2;
+    }
+    if changed {
+        // Only not-present entries were filled: no stale translation can
+        // exist for them, but flush anyway to drop cached walks.
+        flush_tlb_all();
+    }
+    result
+}
+
+/// Removes `[phys, phys + len)` from the direct map again (a virtio-mem
+/// block before it is unplugged: the host may discard it, and nothing must
+/// reach it by accident), and flushes the TLB. Only for what [`map_ram`]
+/// mapped: the range must lie above the RAM the boot map covers
+/// (`OverlapsRam` otherwise) and be 2 MiB aligned; chunks not mapped are
+/// skipped, and a chunk mapped any other way refuses the call before
+/// anything changes (`OverlapsDevice`). The page tables `map_ram` added stay
+/// (4 KiB a GiB), ready for the next plug.
+pub fn unmap_ram(phys: u64, len: u64) -> Result<(), MapError> {
+    let end = ram_range(phys, len)?;
+    if phys < BOOT_RAM_END.load(Ordering::Relaxed) {
+        return Err(MapError::OverlapsRam);
+    }
+    let _guard = MAP_LOCK.lock();
+    let pml4 = PML4.load(Ordering::Relaxed);
+    assert!(pml4 != 0, "unmap_ram before paging::init");
+    let mut chunk = phys;
+    while chunk < end {
+        let virt = DIRECT_MAP_OFFSET + chunk;
+        match direct_chunk(pml4, chunk) {
+            Chunk::Unmapped => {}
+            // `map_ram` never makes 1 GiB pages, and the boot map makes
+            // them only below `BOOT_RAM_END`.
+            Chunk::RamHere if entry_pdpt(pml4, virt) & PS == 0 => {}
+            _ => return Err(MapError::OverlapsDevice),
+        }
+        chunk += MIB2;
+    }
+    chunk = phys;
+    while chunk < end {
+        let virt = DIRECT_MAP_OFFSET + chunk;
+        let pdpt_entry = entry_pdpt(pml4, virt);
+        if pdpt_entry & P != 0 {
+            let pd = pdpt_entry & ADDR_MASK;
+            if entry(pd, index(virt, 21)) & P != 0 {
+                set_entry(pd, index(virt, 21), 0);
+                // One CPU: no other TLB to shoot down.
+                invlpg(virt);
+            }
+        }
+        chunk += MIB2;
+    }
+    Ok(())
+}
+
+/// The PDPT entry above `virt` (0 when its PML4 entry is empty).
+fn entry_pdpt(pml4: u64, virt: u64) -> u64 {
+    let e = entry(pml4, index(virt, 39));
+    if e & P == 0 {
+        return 0;
+    }
+    entry(e & ADDR_MASK, index(virt, 30))
 }
 
 /// memd-mm as the kernel heap, with vmalloc over [`VMALLOC_START`]

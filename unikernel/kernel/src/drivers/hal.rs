@@ -94,6 +94,17 @@ pub fn map_device(phys: u64, len: u64) -> Result<u64, MapError> {
     })
 }
 
+/// Maps hot-plugged RAM write-back into the direct map (2 MiB pages,
+/// page-table frames from memd-mm) and returns its virtual address; see
+/// [`paging::map_ram`]. Takes memd-mm's lock for table frames: the caller
+/// must not hold `ALLOC`.
+pub fn map_ram(phys: u64, len: u64) -> Result<u64, MapError> {
+    paging::map_ram(phys, len, &mut || {
+        let mut mm = ALLOC.lock();
+        mm.alloc_pages(0, Gfp::KERNEL | Gfp::ZERO).ok()
+    })
+}
+
 /// Physical address of memory the kernel can name: the direct map, or the
 /// kernel image (identity-mapped).
 pub fn virt_to_phys(virt: u64) -> u64 {

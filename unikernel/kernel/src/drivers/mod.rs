@@ -1,7 +1,8 @@
 //! Devices: virtio-drivers' `Hal` on memd-mm's DMA API, transport discovery
 //! (PCI through port-I/O configuration access on q35, virtio-mmio slots on
 //! microvm, PCIe through ECAM on `microvm,pcie=on`), the virtio-net,
-//! virtio-blk and virtio-balloon devices, and QEMU's fw_cfg files.
+//! virtio-blk, virtio-balloon and virtio-mem devices, and QEMU's fw_cfg
+//! files.
 //!
 //! One of the kernel's `unsafe` modules: virtio hands buffers to devices.
 
@@ -13,6 +14,7 @@ pub mod notify;
 pub mod pci;
 pub mod virtio_balloon;
 pub mod virtio_blk;
+pub mod virtio_mem;
 pub mod virtio_net;
 
 use alloc::string::String;
