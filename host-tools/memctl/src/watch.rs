@@ -182,7 +182,7 @@ pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
     let rows = Layout::default()
         .direction(Direction::Vertical)
         .constraints([
-            Constraint::Length(2),
+            Constraint::Length(2 + s.status.hotplug.is_some() as u16),
             Constraint::Length(zones.len() as u16 + 3),
             Constraint::Length(zones.len() as u16 + 3),
             Constraint::Min(6),
@@ -258,6 +258,19 @@ pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
             }
         )),
     ];
+    let mut head = head;
+    if let Some(h) = &st.hotplug {
+        head.push(Line::from(format!(
+            "hot-plug {} of {} requested, {} in use{}",
+            human(h.plugged_bytes),
+            human(h.requested_bytes),
+            human(h.used_bytes),
+            match h.shortfall_bytes {
+                0 => String::new(),
+                b => format!(", {} in use past the request", human(b)),
+            }
+        )));
+    }
     f.render_widget(Paragraph::new(head), rows[0]);
 
     // Zones with watermarks.
@@ -517,12 +530,20 @@ mod tests {
                 server: "memd test".into(),
                 total_bytes: 64 << 20,
                 free_bytes: 60 << 20,
+                hotplug: Some(memd_wire::Hotplug {
+                    requested_bytes: 32 << 20,
+                    plugged_bytes: 36 << 20,
+                    used_bytes: 4 << 20,
+                    shortfall_bytes: 4 << 20,
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
             zones: vec![
                 zone("DMA", 3840, 3000),
                 zone("DMA32", 12000, 500),
                 zone("Normal", 0, 0),
+                zone("Movable", 9216, 8000),
             ],
             slabs: vec![
                 SlabInfo {
@@ -572,6 +593,8 @@ mod tests {
             "pages order 2",
             "walkthrough",
             "CMA 0 B/8 MiB in 0 buffer(s)",
+            "hot-plug 36 MiB of 32 MiB requested, 4 MiB in use, 4 MiB in use past the request",
+            "Movable",
             "cpu busy 3% halted 95%  812 passes, p99 0.41 ms max 0.63 ms",
             "q quits",
         ] {

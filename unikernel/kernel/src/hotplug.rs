@@ -83,9 +83,11 @@ impl Hotplug {
             }
         }
         let blocks = (cfg.region_size / cfg.block_size) as usize;
-        match dev.state(cfg.addr, blocks as u64) {
-            Ok(BlockState::Unplugged) => {}
-            other => {
+        // Only the usable part of the region has a state to ask about.
+        let usable = dev.config().usable_region_size / cfg.block_size;
+        match (usable, dev.state(cfg.addr, usable)) {
+            (0, _) | (_, Ok(BlockState::Unplugged)) => {}
+            (_, other) => {
                 warn!("hotplug: the region is not unplugged at start ({other:?}); the device is not used");
                 return none;
             }
@@ -187,7 +189,10 @@ impl Hotplug {
             .take(want)
             .take_while(|&b| !self.is_plugged(b))
             .count();
-        let (addr, len) = (cfg.addr + first as u64 * cfg.block_size, n as u64 * cfg.block_size);
+        let (addr, len) = (
+            cfg.addr + first as u64 * cfg.block_size,
+            n as u64 * cfg.block_size,
+        );
         let Some(dev) = self.dev.as_mut() else {
             return (false, None);
         };
@@ -205,7 +210,10 @@ impl Hotplug {
             warn!("hotplug: online [{addr:#x}+{len:#x}): {e}");
             let _ = paging::unmap_ram(addr, len);
             let _ = dev.unplug(addr, n as u64);
-            return (false, Some("no memory for the frame descriptors of plugged memory"));
+            return (
+                false,
+                Some("no memory for the frame descriptors of plugged memory"),
+            );
         }
         self.set_plugged(first, n, true);
         (true, None)
@@ -260,7 +268,10 @@ impl Hotplug {
     /// Unplugs blocks `[lo, hi)`, offline already; on a refusal they go
     /// back online.
     fn unplug_run(&mut self, cfg: &MemConfig, lo: usize, hi: usize) -> Option<&'static str> {
-        let (addr, len) = (cfg.addr + lo as u64 * cfg.block_size, (hi - lo) as u64 * cfg.block_size);
+        let (addr, len) = (
+            cfg.addr + lo as u64 * cfg.block_size,
+            (hi - lo) as u64 * cfg.block_size,
+        );
         let dev = self.dev.as_mut()?;
         if let Err(e) = dev.unplug(addr, (hi - lo) as u64) {
             warn!("hotplug: unplug [{addr:#x}+{len:#x}): {e}");
@@ -280,7 +291,10 @@ pub fn snapshot() -> Option<memd_wire::Hotplug> {
     let (region, used) = {
         let mm = ALLOC.lock();
         let z = &mm.zoneinfo()[ZoneType::Movable as usize];
-        (mm.hotplug_region()?, z.managed.saturating_sub(z.free + z.pcp_count))
+        (
+            mm.hotplug_region()?,
+            z.managed.saturating_sub(z.free + z.pcp_count),
+        )
     };
     let c = shown.config;
     Some(memd_wire::Hotplug {

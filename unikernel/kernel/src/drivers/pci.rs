@@ -119,7 +119,13 @@ pub fn find(want: DeviceType) -> Option<(SomeTransport<'static>, String)> {
     }
     let probe = PortIoCam;
     let buses = move |df: DeviceFunction| probe.read_word(df, BRIDGE_BUSES);
-    find_on(PciRoot::new(PortIoCam), &buses, want, &Q35_BAR_WINDOW, "PCI")
+    find_on(
+        PciRoot::new(PortIoCam),
+        &buses,
+        want,
+        &Q35_BAR_WINDOW,
+        "PCI",
+    )
 }
 
 /// As `find`, behind microvm's PCIe ECAM, if that host bridge exists.
