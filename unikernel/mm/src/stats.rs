@@ -357,9 +357,13 @@ impl MemoryManager {
                 max_order: self.max_order,
                 counters: z.counters,
                 balloon: z.balloon,
-                deferred: {
-                    let (lo, hi) = ty.span();
-                    self.deferred_in(lo / PAGE_SIZE, hi / PAGE_SIZE)
+                // Plugged memory is never deferred.
+                deferred: match ty {
+                    ZoneType::Movable => 0,
+                    _ => {
+                        let (lo, hi) = ty.span();
+                        self.deferred_in(lo / PAGE_SIZE, hi / PAGE_SIZE)
+                    }
                 },
             }
         })

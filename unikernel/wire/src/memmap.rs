@@ -50,7 +50,7 @@ pub struct MapRange {
 /// A zone's extent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MapZone {
-    /// "DMA", "DMA32" or "Normal".
+    /// "DMA", "DMA32", "Normal" or "Movable".
     pub name: String,
     /// First byte spanned.
     pub start: u64,

@@ -116,7 +116,7 @@ pub struct Hotplug {
 pub struct ZoneInfo {
     /// NUMA node (always 0 today).
     pub node: u32,
-    /// "DMA", "DMA32" or "Normal".
+    /// "DMA", "DMA32", "Normal" or "Movable".
     pub name: String,
     /// First frame number spanned.
     pub start_pfn: u64,

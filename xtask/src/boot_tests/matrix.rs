@@ -43,6 +43,8 @@ pub(super) struct Case {
     pub net: bool,
     /// `memmap=64M$512M memd.max_order=13`: a hole and a larger buddy.
     pub memmap: bool,
+    /// A virtio-mem device with a region of this many bytes (q35).
+    pub hotplug: Option<u64>,
 }
 
 impl Case {
@@ -55,6 +57,7 @@ impl Case {
             crash: None,
             net: false,
             memmap: false,
+            hotplug: None,
         }
     }
 
@@ -73,6 +76,10 @@ impl Case {
                 .unwrap_or_default()
         ) + if self.net { "-virtio-net" } else { "" }
             + if self.memmap { "-memmap-max_order" } else { "" }
+            + &self
+                .hotplug
+                .map(|b| format!("-hotplug{}", mem_arg(b)))
+                .unwrap_or_default()
     }
 
     /// Whether the reservation cannot fit: DMA32 below the guest's RAM top
@@ -149,6 +156,12 @@ pub(super) fn matrix() -> Vec<Case> {
     v.push(Case {
         dma_reserve: Some(Reserve::Normal),
         ..Case::new(Machine::Microvm, 6 * GIB)
+    });
+    // Memory plugged and unplugged at run time (see `hotplug_check`).
+    v.push(Case {
+        net: true,
+        hotplug: Some(4 * GIB),
+        ..Case::new(Machine::Q35, GIB)
     });
     // Large DMA buffers through virtio-blk (see `dma_disk_check`).
     v.push(Case {

@@ -24,6 +24,10 @@
 //!   reach the guest as fw_cfg files); memory clients touch and free goes
 //!   back to the host through the balloon's free page reporting (see
 //!   `reporting_check`);
+//! - with a virtio-mem device (q35), memory the host asks for is plugged
+//!   into ZONE_MOVABLE, serves movable requests beyond the boot memory, is
+//!   never unplugged while in use, and is unplugged once freed (see
+//!   `hotplug_check`);
 //! - without a PIT (`microvm,pit=off`) boot completes and says so;
 //! - two deliberate crashes (`memd.selftest=panic` on microvm, a page fault
 //!   with `memd.selftest=fault` on q35) are seen as failures: the harness
@@ -41,6 +45,7 @@ mod balloon;
 mod control;
 mod disk;
 mod dma_disk;
+mod hotplug;
 mod matrix;
 pub(crate) mod memctl;
 mod memory;
@@ -51,6 +56,7 @@ use balloon::{balloon_check, reporting_check};
 use control::control_port_check;
 use disk::{disk_check, TempDisk};
 use dma_disk::dma_disk_check;
+use hotplug::hotplug_check;
 use matrix::{matrix, mem_arg, Case, Reserve};
 use memctl::memctl_check;
 use owners::owners_check;
@@ -130,6 +136,19 @@ pub fn run(args: &BootTestArgs) -> Result<()> {
                     .mem(&mem_arg(case.mem))
                     .append(&case.cmdline())
                     .time_bound(Duration::from_secs(args.timeout));
+                if let Some(bytes) = case.hotplug {
+                    cfg = match cfg.hotplug(bytes) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            eprintln!("  FAIL  {:<28}", case.name());
+                            failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("{}: {e:#}", case.name()));
+                            continue;
+                        }
+                    };
+                }
                 if let Some((endpoint, disk)) = &served {
                     cfg = endpoint
                         .serve(cfg)
@@ -214,6 +233,9 @@ fn serve_checks(
     disk_check(port, &tokens.client, &disk.path)?;
     if case.dma_reserve == Some(Reserve::Dma32) {
         dma_disk_check(port, &tokens.client)?;
+    }
+    if let Some(region) = case.hotplug {
+        hotplug_check(region, port, tokens, &disk.qmp)?;
     }
     memctl_check(port, tokens, &disk.qmp)
 }
