@@ -3,6 +3,7 @@
 mod bench_balloon;
 mod bench_boot;
 mod bench_disk;
+mod bench_hotplug;
 mod boot_tests;
 mod build;
 mod fuzz;
@@ -70,6 +71,9 @@ enum BenchCmd {
     /// QEMU's resident memory before, with and after clients fill and free
     /// memory: what free page reporting gives back, and how soon.
     Balloon(bench_balloon::BalloonBenchArgs),
+    /// How fast memd follows a virtio-mem device (q35): plug 2 GiB, take
+    /// 1.5 GiB of movable pages from it, unplug it again.
+    Hotplug(bench_hotplug::HotplugBenchArgs),
     /// virtio-blk MiB/s: one 64 MiB contiguous DMA buffer against 4 KiB buffers.
     Disk(bench_disk::DiskBenchArgs),
     /// memd-mm against buddy_system_allocator, talc, rlsf and the system
@@ -190,6 +194,9 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: BenchCmd::Balloon(args),
         } => bench_balloon::run(&args),
+        Cmd::Bench {
+            which: BenchCmd::Hotplug(args),
+        } => bench_hotplug::run(&args),
         Cmd::Bench {
             which: BenchCmd::Mm { json, threads },
         } => bench_mm(json, threads.as_deref()),
