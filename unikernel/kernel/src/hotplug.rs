@@ -24,7 +24,6 @@ use log::{info, warn};
 use memd_mm::ZoneType;
 use spin::Mutex;
 
-use crate::arch::paging;
 use crate::drivers::hal;
 use crate::drivers::virtio_mem::{BlockState, MemConfig, MemDevice};
 use crate::ALLOC;
@@ -208,7 +207,7 @@ impl Hotplug {
         let online = ALLOC.lock().online_pages(addr, len);
         if let Err(e) = online {
             warn!("hotplug: online [{addr:#x}+{len:#x}): {e}");
-            let _ = paging::unmap_ram(addr, len);
+            let _ = hal::unmap_ram(addr, len);
             let _ = dev.unplug(addr, n as u64);
             return (
                 false,
@@ -278,7 +277,7 @@ impl Hotplug {
             let _ = ALLOC.lock().online_pages(addr, len);
             return Some("the device refused to unplug");
         }
-        let _ = paging::unmap_ram(addr, len);
+        let _ = hal::unmap_ram(addr, len);
         self.set_plugged(lo, hi - lo, false);
         None
     }

@@ -2,6 +2,7 @@
 //! warm-up and the baseline, fault injection around the measured run, and
 //! the report once memory has settled back.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -11,6 +12,7 @@ use memd_client::{Client, Options};
 use super::baseline::{warm_up, Baseline};
 use super::drive::{drive, Driven, Load, WARM_UP_OPS_PER_CLIENT};
 use super::exhaust::exhaust;
+use super::hotplug;
 use super::worker::LARGE_DMA;
 use super::{Args, FaultFigures, FaultWhich, NoisyFigures, PassFigures, Profile, Report};
 
@@ -93,13 +95,30 @@ pub fn run_against(addr: &str, tokens: &Tokens, args: &Args) -> Result<Report> {
     }
 
     let before = ctl.status().ok();
+    let qmp = args.hotplug_cycle.map(|_| {
+        args.qmp
+            .clone()
+            .unwrap_or_else(|| std::path::PathBuf::from(".memd/qmp.sock"))
+    });
+    let cycling_done = AtomicBool::new(false);
+    let (driven, hotplug) = std::thread::scope(|s| {
+        let cycler = qmp.as_ref().zip(args.hotplug_cycle).map(|(path, secs)| {
+            let done = &cycling_done;
+            s.spawn(move || hotplug::cycle(path, Duration::from_secs(secs), done))
+        });
+        let driven = drive(&load, args, args.ops, args.time_bound(), large_slots, true);
+        cycling_done.store(true, Ordering::Relaxed);
+        let hotplug = cycler.map(|t| t.join().expect("the hot-plug cycler panicked"));
+        (driven, hotplug)
+    });
+    let hotplug = hotplug.transpose().context("hot-plug cycling")?;
     let Driven {
         tally,
         fatal,
         elapsed,
         noisy,
         noisy_elapsed,
-    } = drive(&load, args, args.ops, args.time_bound(), large_slots, true);
+    } = driven;
     let after = ctl.status().ok();
     let grew = |field: fn(&wire::Status) -> Option<u64>| {
         Some(field(after.as_ref()?)?.saturating_sub(field(before.as_ref()?)?))
@@ -143,6 +162,7 @@ pub fn run_against(addr: &str, tokens: &Tokens, args: &Args) -> Result<Report> {
         halted_ns,
         noisy,
         loop_passes,
+        hotplug,
         ..Report::new(args, elapsed, tally, unexplained, end)
     })
 }

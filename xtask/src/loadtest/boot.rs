@@ -47,6 +47,18 @@ pub fn boot_and_run_with(args: &Args, mut alongside: Option<Alongside>) -> Resul
     if let Some(a) = &alongside {
         cfg = cfg.monitor(a.monitor.clone());
     }
+    // The hot-plug cycling talks to this guest's own QMP socket.
+    let mut args = args.clone();
+    if args.hotplug_cycle.is_some() {
+        let sock = std::env::temp_dir().join(format!(
+            "memd-loadtest-{}-{}.qmp",
+            std::process::id(),
+            endpoint.port
+        ));
+        cfg = cfg.qmp(sock.clone());
+        args.qmp = Some(sock);
+    }
+    let args = &args;
     if !args.json {
         eprintln!("loadtest: accelerator {}: {}", accel.name(), accel.reason);
         eprintln!("loadtest: booting memd on {}", endpoint.addr());

@@ -37,6 +37,7 @@ mod drive;
 mod exhaust;
 mod figures;
 mod fleet;
+mod hotplug;
 mod latency;
 mod noisy;
 mod passes;
@@ -49,6 +50,7 @@ pub use against::{run_against, Tokens};
 pub(crate) use baseline::{available, settle};
 pub use boot::{boot_and_run, boot_and_run_with, Alongside};
 pub use exhaust::ExhaustFigures;
+pub use hotplug::HotplugFigures;
 pub use passes::PassFigures;
 pub use report::{FaultFigures, NoisyFigures, Report};
 pub use smoke::smoke;
@@ -140,6 +142,15 @@ pub struct Args {
     /// Seconds to wait for free memory to settle back to its baseline.
     #[arg(long, default_value_t = 20)]
     pub settle: u64,
+    /// While the clients run, grow the virtio-mem device to half its
+    /// region and shrink it to nothing, in turn, every this many seconds
+    /// (the guest needs --hotplug; with --addr, QMP at --qmp).
+    #[arg(long, value_name = "SECS")]
+    pub hotplug_cycle: Option<u64>,
+    /// QEMU's QMP socket for --hotplug-cycle with --addr [default:
+    /// .memd/qmp.sock]; a booted guest uses its own.
+    #[arg(long, requires = "addr")]
+    pub qmp: Option<std::path::PathBuf>,
     /// The guest booted unless `--addr` is given; its `--cmdline` defaults
     /// to a DMA reservation (DEFAULT_CMDLINE).
     #[command(flatten)]
@@ -166,6 +177,8 @@ impl Args {
             fault_interval: 1,
             json: true,
             settle: 20,
+            hotplug_cycle: None,
+            qmp: None,
             guest: GuestArgs {
                 accel: Accel::Tcg,
                 cmdline: DEFAULT_CMDLINE.into(),
@@ -190,6 +203,17 @@ impl Args {
         }
         if self.fault_probability.is_some_and(|p| p > 100) {
             bail!("--fault-probability is a percentage (0..=100)");
+        }
+        if self.hotplug_cycle.is_some() {
+            if self.addr.is_none() && self.guest.hotplug.is_none() {
+                bail!("--hotplug-cycle needs a guest with a virtio-mem device: --machine q35 --hotplug SIZE");
+            }
+            if self.hotplug_cycle == Some(0)
+                || self.profile == Profile::Exhaust
+                || self.fleet.is_some()
+            {
+                bail!("--hotplug-cycle takes a period of 1 s or more, and not with --profile exhaust or --fleet");
+            }
         }
         Ok(())
     }

@@ -53,6 +53,8 @@ pub struct Report {
     pub noisy: Option<NoisyFigures>,
     /// The service loop's passes during the run, if it reports them.
     pub loop_passes: Option<PassFigures>,
+    /// What `--hotplug-cycle` did.
+    pub hotplug: Option<super::HotplugFigures>,
 }
 
 impl Report {
@@ -85,6 +87,7 @@ impl Report {
             icount: args.guest.icount,
             noisy: None,
             loop_passes: None,
+            hotplug: None,
         }
     }
 
@@ -110,6 +113,7 @@ impl Report {
             "icount": self.icount,
             "loop_passes": self.loop_passes.map(PassFigures::to_json),
             "noisy": self.noisy.as_ref().map(|n| n.to_json()),
+            "hotplug": self.hotplug.as_ref().map(|h| h.to_json()),
             "enomem": self.enomem,
             "unexplained_errors": self.unexplained,
             "client_failures": self.fatal,
@@ -164,6 +168,9 @@ impl Report {
         }
         if let Some(n) = &self.noisy {
             n.print();
+        }
+        if let Some(h) = &self.hotplug {
+            println!("{}", h.line());
         }
         if load.errors.is_empty() {
             println!("errors: none");

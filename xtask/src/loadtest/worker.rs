@@ -144,11 +144,16 @@ impl<'a> Worker<'a> {
             0 => {
                 if Self::alloc_or_free(&mut self.rng, self.pages.len()) {
                     let order = self.rng.weighted(&ORDER_W) as u8;
-                    let gfp = if self.rng.chance(20) {
+                    let mut gfp = if self.rng.chance(20) {
                         Gfp::KERNEL | Gfp::ZERO
                     } else {
                         Gfp::KERNEL
                     };
+                    // Half of the pages are movable, as user memory is:
+                    // hot-plugged memory (ZONE_MOVABLE) may serve them.
+                    if self.rng.chance(50) {
+                        gfp = gfp | Gfp::MOVABLE;
+                    }
                     if let Some((h, _)) =
                         self.timed("alloc-pages", |c| c.alloc_pages(order, gfp))?
                     {

@@ -459,9 +459,10 @@ pub fn map_ram(
 /// mapped: the range must lie above the RAM the boot map covers
 /// (`OverlapsRam` otherwise) and be 2 MiB aligned; chunks not mapped are
 /// skipped, and a chunk mapped any other way refuses the call before
-/// anything changes (`OverlapsDevice`). The page tables `map_ram` added stay
-/// (4 KiB a GiB), ready for the next plug.
-pub fn unmap_ram(phys: u64, len: u64) -> Result<(), MapError> {
+/// anything changes (`OverlapsDevice`). A page directory `map_ram` added
+/// that maps nothing any more is taken out and handed to `free_table`, as
+/// Linux frees page tables on memory removal.
+pub fn unmap_ram(phys: u64, len: u64, free_table: &mut dyn FnMut(u64)) -> Result<(), MapError> {
     let end = ram_range(phys, len)?;
     if phys < BOOT_RAM_END.load(Ordering::Relaxed) {
         return Err(MapError::OverlapsRam);
@@ -491,6 +492,17 @@ pub fn unmap_ram(phys: u64, len: u64) -> Result<(), MapError> {
                 set_entry(pd, index(virt, 21), 0);
                 // One CPU: no other TLB to shoot down.
                 invlpg(virt);
+            }
+            // The last chunk of this GiB, or of the range: an empty page
+            // directory goes (only `map_ram` made directories up here).
+            let gib_end = (chunk | (GIB - 1)) + 1;
+            if (chunk + MIB2 == gib_end || chunk + MIB2 >= end)
+                && (0..512).all(|i| entry(pd, i) == 0)
+            {
+                let pdpt = entry(pml4, index(virt, 39)) & ADDR_MASK;
+                set_entry(pdpt, index(virt, 30), 0);
+                flush_tlb_all();
+                free_table(pd);
             }
         }
         chunk += MIB2;

@@ -105,6 +105,15 @@ pub fn map_ram(phys: u64, len: u64) -> Result<u64, MapError> {
     })
 }
 
+/// Takes hot-plugged RAM out of the direct map again, giving page tables
+/// left empty back to memd-mm; see [`paging::unmap_ram`]. The caller must
+/// not hold `ALLOC`.
+pub fn unmap_ram(phys: u64, len: u64) -> Result<(), MapError> {
+    paging::unmap_ram(phys, len, &mut |table| {
+        let _ = ALLOC.lock().free_pages(table, 0);
+    })
+}
+
 /// Physical address of memory the kernel can name: the direct map, or the
 /// kernel image (identity-mapped).
 pub fn virt_to_phys(virt: u64) -> u64 {
