@@ -49,7 +49,11 @@ fn typed_calls_over_tcp_and_memory_returns() {
     assert_eq!(c.hello().version, PROTOCOL_VERSION);
     let st = c.status().unwrap();
     assert!(st.free_bytes > 0 && st.connections == 1);
-    assert_eq!(c.zoneinfo().unwrap().len(), 3);
+    assert_eq!(
+        c.zoneinfo().unwrap().len(),
+        4,
+        "DMA, DMA32, Normal, Movable"
+    );
     assert!(!c.buddyinfo().unwrap().is_empty());
     let (pages, _) = c.alloc_pages(2, Gfp::KERNEL).unwrap();
     let obj = c.kmalloc(1000, Gfp::KERNEL).unwrap();

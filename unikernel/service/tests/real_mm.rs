@@ -46,7 +46,7 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
         matches!(t.ok(a, Op::Meminfo), Reply::Meminfo(m) if m.total > 0 && m.cma_total == 16 << 20)
     );
     assert!(
-        matches!(t.ok(a, Op::Zoneinfo), Reply::Zoneinfo(z) if z.len() == 3 && z[0].name == "DMA")
+        matches!(t.ok(a, Op::Zoneinfo), Reply::Zoneinfo(z) if z.len() == 4 && z[0].name == "DMA" && z[3].name == "Movable")
     );
     assert!(
         matches!(t.ok(a, Op::Buddyinfo), Reply::Buddyinfo(z) if !z.is_empty() && z[0].free.len() == 11)

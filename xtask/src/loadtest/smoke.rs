@@ -1,6 +1,7 @@
 //! The load-test runs of `cargo xtask test`: short, under TCG, each
-//! asserted: the mixed profile with injected faults, the exhaustion test,
-//! and the noisy-neighbour run.
+//! asserted: the mixed profile with injected faults, the mixed profile
+//! while memory is plugged and unplugged, the exhaustion test, and the
+//! noisy-neighbour run.
 
 use std::time::Instant;
 
@@ -10,8 +11,9 @@ use super::boot::boot_and_run;
 use super::{Args, Profile};
 
 /// The short end-to-end run of `cargo xtask test` (TCG): 8 clients for a
-/// few seconds with 3 % injected faults, then the exhaustion test in a
-/// 256 MiB guest. Each must pass: no crash, no unexplained error, free
+/// few seconds with 3 % injected faults, the same on q35 while the host
+/// grows and shrinks a virtio-mem device every second, then the exhaustion
+/// test in a 256 MiB guest. Each must pass: no crash, no unexplained error, free
 /// memory back at its baseline, invariants clean.
 pub fn smoke() -> Result<()> {
     let mixed = Args::smoke(8, 4, Some(3));
@@ -23,7 +25,17 @@ pub fn smoke() -> Result<()> {
     };
     exhaust.guest.mem = "256M".into();
     exhaust.guest.cmdline = String::new();
-    for (name, args) in [("mixed+faults", mixed), ("exhaust", exhaust)] {
+    let mut hotplug = Args {
+        hotplug_cycle: Some(1),
+        ..Args::smoke(8, 4, None)
+    };
+    hotplug.guest.machine = crate::qemu::Machine::Q35;
+    hotplug.guest.hotplug = Some("1G".into());
+    for (name, args) in [
+        ("mixed+faults", mixed),
+        ("mixed+hotplug", hotplug),
+        ("exhaust", exhaust),
+    ] {
         let t = Instant::now();
         let r = boot_and_run(&args).with_context(|| format!("loadtest smoke {name}"))?;
         let line = format!(
@@ -39,6 +51,18 @@ pub fn smoke() -> Result<()> {
         if !r.passed() {
             r.print();
             bail!("loadtest smoke {line}");
+        }
+        // Memory was really plugged during the run, and unplugged again
+        // (the baseline above holds only then).
+        if args.hotplug_cycle.is_some()
+            && !r
+                .hotplug
+                .is_some_and(|h| h.changes >= 2 && h.max_plugged > 0)
+        {
+            bail!(
+                "loadtest smoke {name}: nothing was plugged: {:?}",
+                r.hotplug
+            );
         }
         eprintln!(
             "  ok    loadtest {line} ({:.1} s)",
