@@ -1,8 +1,9 @@
 //! What `cargo xtask test` checks under libvirt, when it runs as root (as
 //! CI does): two memd domains started through libvirt, `memctl --fleet`
 //! across them, `virsh setmem` moving memd's balloon and `virsh
-//! dommemstat` showing memd's own figures, and a stopped domain shown down
-//! while the other stays up. Every domain it defined is undefined, even
+//! dommemstat` showing memd's own figures, `virsh update-memory-device`
+//! growing and shrinking the second through its virtio-mem device, and a
+//! stopped domain shown down while the other stays up. Every domain it defined is undefined, even
 //! when a step fails.
 
 use std::path::{Path, PathBuf};
@@ -23,6 +24,9 @@ const MIB: u64 = 1 << 20;
 const GUEST_MIB: u64 = 512;
 /// What `virsh setmem` asks the first domain to shrink to.
 const TARGET_MIB: u64 = 256;
+/// The second domain's virtio-mem region, and what is plugged into it.
+const HOTPLUG_MIB: u64 = 1024;
+const PLUG_MIB: u64 = 512;
 
 /// Stops and undefines the domains when dropped.
 struct Defined(Vec<String>);
@@ -49,14 +53,14 @@ pub fn smoke() -> Result<()> {
         .map(|s| format!("memd-test-{}-{s}", std::process::id()))
         .collect();
     let defined = Defined(names.clone());
-    for name in &names {
+    for (i, name) in names.iter().enumerate() {
         let args = DomainArgs {
             name: name.clone(),
             port: qemu::free_port()?,
             mem_mib: GUEST_MIB,
             cmdline: String::new(),
             accel: Accel::Auto,
-            hotplug_mib: None,
+            hotplug_mib: (i == 1).then_some(HOTPLUG_MIB),
         };
         let d = prepare(&args, &dir.path)?;
         start(&d, &fleet).with_context(|| format!("starting {name}"))?;
@@ -67,6 +71,7 @@ pub fn smoke() -> Result<()> {
     }
     let a = &names[0];
     let (balloon, stats) = setmem_check(a, &fleet)?;
+    hotplug_check(&names[1], &fleet)?;
 
     virsh(&["destroy", &names[1]])?;
     let after = fleet_status(&fleet)?;
@@ -87,7 +92,7 @@ pub fn smoke() -> Result<()> {
         }
     }
     println!(
-        "  ok    libvirt: 2 domains, fleet status; virsh setmem {TARGET_MIB}M: memd's balloon {} MiB; dommemstat {stats}; one stopped shown down ({:.1} s)",
+        "  ok    libvirt: 2 domains, fleet status; virsh setmem {TARGET_MIB}M: memd's balloon {} MiB; dommemstat {stats}; update-memory-device {PLUG_MIB}M plugged and back; one stopped shown down ({:.1} s)",
         balloon / MIB,
         t.elapsed().as_secs_f64()
     );
@@ -138,6 +143,42 @@ fn setmem_check(name: &str, fleet: &Path) -> Result<(u64, String)> {
     virsh(&["setmem", name, &format!("{GUEST_MIB}M"), "--live"])?;
     wait_balloon(name, &mut c, 0)?;
     Ok((held, stats))
+}
+
+/// `virsh update-memory-device --requested-size` to [`PLUG_MIB`] and back
+/// to nothing: memd plugs it into ZONE_MOVABLE, then unplugs it.
+fn hotplug_check(name: &str, fleet: &Path) -> Result<()> {
+    let fleet = Fleet::load(fleet)?;
+    let member = fleet
+        .members
+        .iter()
+        .find(|m| m.name == name)
+        .context("not in the fleet file")?;
+    let mut c = member.connect(false, Duration::from_secs(5))?;
+    for mib in [PLUG_MIB, 0] {
+        virsh(&[
+            "update-memory-device",
+            name,
+            "--requested-size",
+            &format!("{mib}MiB"),
+            "--live",
+        ])?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let h = c
+                .status()?
+                .hotplug
+                .with_context(|| format!("{name}: memd reports no virtio-mem device"))?;
+            if h.plugged_bytes == mib * MIB && h.region_size == HOTPLUG_MIB * MIB {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{name}: virsh asked for {mib} MiB plugged, memd says {h:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
 }
 
 fn wait_balloon(name: &str, c: &mut memd_client::Client, want: u64) -> Result<u64> {

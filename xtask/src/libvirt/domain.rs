@@ -25,6 +25,8 @@ pub struct Domain {
     /// without their mode being widened.
     pub uid: u32,
     pub gid: u32,
+    /// A virtio-mem region of this many MiB, nothing plugged at start.
+    pub hotplug_mib: Option<u64>,
 }
 
 impl Domain {
@@ -52,15 +54,33 @@ impl Domain {
     /// - the serial console to a file;
     /// - libvirt's own virtio balloon, with statistics every 2 s, free page
     ///   reporting and deflate on OOM;
+    /// - with `hotplug_mib`, a virtio-mem device (`<memory
+    ///   model='virtio-mem'>`, 2 MiB blocks, nothing requested), which
+    ///   libvirt takes only with `<maxMemory>` and a NUMA cell for the
+    ///   boot memory; `virsh update-memory-device --requested-size` resizes
+    ///   it;
     /// - virtio-net on QEMU's user-mode network with the control port
     ///   forwarded from 127.0.0.1, through `<qemu:commandline>`: libvirt's
     ///   `<interface type='user'>` forwards ports only with the passt
     ///   backend.
     pub fn xml(&self) -> String {
-        let (ty, cpu) = if self.kvm {
-            ("kvm", "<cpu mode='host-passthrough'/>")
+        let (ty, cpu_mode) = if self.kvm {
+            ("kvm", "mode='host-passthrough'")
         } else {
-            ("qemu", "<cpu mode='maximum' migratable='off'/>")
+            ("qemu", "mode='maximum' migratable='off'")
+        };
+        let cpu = match self.hotplug_mib {
+            None => format!("<cpu {cpu_mode}/>"),
+            Some(_) => format!(
+                "<cpu {cpu_mode}>\n    <numa>\n      <cell id='0' cpus='0' memory='{}' unit='MiB'/>\n    </numa>\n  </cpu>",
+                self.mem_mib
+            ),
+        };
+        let virtio_mem = match self.hotplug_mib {
+            None => String::new(),
+            Some(mib) => format!(
+                "\n    <memory model='virtio-mem'>\n      <target>\n        <size unit='MiB'>{mib}</size>\n        <node>0</node>\n        <block unit='KiB'>2048</block>\n        <requested unit='MiB'>0</requested>\n      </target>\n    </memory>"
+            ),
         };
         let cmdline = format!("memd.port={} {}", self.port, self.cmdline);
         let mut x = String::new();
@@ -75,6 +95,13 @@ impl Domain {
             self.addr(),
             esc(&self.dir.display().to_string())
         );
+        if let Some(mib) = self.hotplug_mib {
+            let _ = writeln!(
+                x,
+                "  <maxMemory slots='1' unit='MiB'>{}</maxMemory>",
+                self.mem_mib + mib
+            );
+        }
         let _ = writeln!(x, "  <memory unit='MiB'>{}</memory>", self.mem_mib);
         let _ = writeln!(x, "  <vcpu>1</vcpu>");
         let _ = writeln!(
@@ -101,7 +128,7 @@ impl Domain {
         );
         let _ = writeln!(
             x,
-            "  <devices>\n    <serial type='file'>\n      <source path='{}'/>\n      <target port='0'/>\n    </serial>\n    <memballoon model='virtio' autodeflate='on' freePageReporting='on'>\n      <stats period='2'/>\n    </memballoon>\n  </devices>",
+            "  <devices>\n    <serial type='file'>\n      <source path='{}'/>\n      <target port='0'/>\n    </serial>\n    <memballoon model='virtio' autodeflate='on' freePageReporting='on'>\n      <stats period='2'/>\n    </memballoon>{virtio_mem}\n  </devices>",
             esc(&self.console().display().to_string())
         );
         let _ = writeln!(
@@ -139,6 +166,7 @@ mod tests {
             cmdline: "memd.log=info".into(),
             uid: 0,
             gid: 0,
+            hotplug_mib: None,
         };
         let x = d.xml();
         assert!(x.contains("<domain type='qemu'"));
@@ -148,5 +176,16 @@ mod tests {
         assert!(x.contains("<memd:addr>127.0.0.1:5601</memd:addr>"));
         assert!(x.contains("<stats period='2'/>"));
         assert!(!x.contains("token=") && !x.contains("memd.token"));
+        assert!(!x.contains("virtio-mem") && !x.contains("maxMemory"));
+        let x = Domain {
+            hotplug_mib: Some(2048),
+            ..d
+        }
+        .xml();
+        assert!(x.contains("<maxMemory slots='1' unit='MiB'>3072</maxMemory>"));
+        assert!(x.contains("<cell id='0' cpus='0' memory='1024' unit='MiB'/>"));
+        assert!(x.contains("<memory model='virtio-mem'>"));
+        assert!(x.contains("<size unit='MiB'>2048</size>"));
+        assert!(x.contains("<requested unit='MiB'>0</requested>"));
     }
 }

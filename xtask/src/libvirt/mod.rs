@@ -63,8 +63,10 @@ pub struct DomainArgs {
     /// Accelerator (auto never takes a kvm_pvm /dev/kvm).
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
     pub accel: Accel,
-    /// A virtio-mem region of this many MiB (`<memory model='virtio-mem'>`):
-    /// refused, memd has no virtio-mem driver yet.
+    /// A virtio-mem region of this many MiB (`<memory model='virtio-mem'>`,
+    /// a multiple of 2), nothing plugged at start: `virsh
+    /// update-memory-device NAME --requested-size SIZE --live` grows and
+    /// shrinks the running memd.
     #[arg(long)]
     pub hotplug_mib: Option<u64>,
 }
@@ -83,8 +85,11 @@ fn instances_dir() -> PathBuf {
 /// tokens written (fresh ones for a new instance; an existing instance
 /// keeps its own).
 pub fn prepare(args: &DomainArgs, base: &std::path::Path) -> Result<Domain> {
-    if args.hotplug_mib.is_some() {
-        bail!("--hotplug-mib: memd has no virtio-mem driver yet, so a virtio-mem region would sit unplugged and `virsh update-memory-device` would change nothing");
+    if args
+        .hotplug_mib
+        .is_some_and(|m| m == 0 || !m.is_multiple_of(2))
+    {
+        bail!("--hotplug-mib: a region of whole 2 MiB blocks, more than none");
     }
     if args.name.is_empty()
         || !args
@@ -118,6 +123,7 @@ pub fn prepare(args: &DomainArgs, base: &std::path::Path) -> Result<Domain> {
         cmdline: args.cmdline.clone(),
         uid: meta.uid(),
         gid: meta.gid(),
+        hotplug_mib: args.hotplug_mib,
     })
 }
 
