@@ -26,7 +26,7 @@ pub struct HotplugFigures {
 }
 
 impl HotplugFigures {
-    pub fn to_json(&self) -> serde_json::Value {
+    pub fn to_json(self) -> serde_json::Value {
         serde_json::json!({
             "changes": self.changes,
             "max_plugged_bytes": self.max_plugged,

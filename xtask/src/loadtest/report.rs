@@ -10,6 +10,7 @@ use super::figures::Figures;
 use super::latency::{kind_header, kind_row};
 use super::noisy::Outcome;
 use super::tally::Tally;
+use super::HotplugFigures;
 use super::{Args, ExhaustFigures, PassFigures, Profile};
 
 /// Fault counters after a run (both targets).
@@ -54,7 +55,7 @@ pub struct Report {
     /// The service loop's passes during the run, if it reports them.
     pub loop_passes: Option<PassFigures>,
     /// What `--hotplug-cycle` did.
-    pub hotplug: Option<super::HotplugFigures>,
+    pub hotplug: Option<HotplugFigures>,
 }
 
 impl Report {
@@ -113,7 +114,7 @@ impl Report {
             "icount": self.icount,
             "loop_passes": self.loop_passes.map(PassFigures::to_json),
             "noisy": self.noisy.as_ref().map(|n| n.to_json()),
-            "hotplug": self.hotplug.as_ref().map(|h| h.to_json()),
+            "hotplug": self.hotplug.map(HotplugFigures::to_json),
             "enomem": self.enomem,
             "unexplained_errors": self.unexplained,
             "client_failures": self.fatal,
