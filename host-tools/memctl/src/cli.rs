@@ -14,6 +14,7 @@ Examples:
   memctl map --out mem.svg            picture of physical memory (also .png)
   memctl dma-alloc 64M --mask 32      a contiguous buffer below 4 GiB (from CMA)
   memctl stress 1000000               random allocator work inside the guest
+  memctl hotplug 2G                   plug 2 GiB into ZONE_MOVABLE (xtask run --machine q35 --hotplug 4G)
   memctl --json zoneinfo | jq .       JSON for scripts
   printf 'kmalloc 4k\\nslabinfo\\n' | memctl session
   memctl completions bash > /etc/bash_completion.d/memctl
