@@ -147,6 +147,7 @@ fn measure(port: u16, token: &str, bytes: u64, runs: usize) -> Result<Vec<Row>, 
             len: SMALL,
             align: 0,
             mask: DmaMask::Bits64,
+            movable: false,
         })
         .collect();
     for chunk in allocs.chunks(BATCH) {

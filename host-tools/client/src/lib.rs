@@ -616,7 +616,23 @@ impl Client {
     }
     /// Allocate a DMA buffer.
     pub fn dma_alloc(&mut self, len: u64, align: u64, mask: DmaMask) -> Result<DmaBufferInfo> {
-        match self.call(Op::DmaAlloc { len, align, mask })? {
+        self.dma_alloc_in(len, align, mask, false)
+    }
+    /// Allocate a DMA buffer that, when `movable`, may come from
+    /// ZONE_MOVABLE (memory plugged at run time).
+    pub fn dma_alloc_in(
+        &mut self,
+        len: u64,
+        align: u64,
+        mask: DmaMask,
+        movable: bool,
+    ) -> Result<DmaBufferInfo> {
+        match self.call(Op::DmaAlloc {
+            len,
+            align,
+            mask,
+            movable,
+        })? {
             Reply::Dma(i) => Ok(*i),
             r => unexpected(r),
         }

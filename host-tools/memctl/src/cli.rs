@@ -236,6 +236,10 @@ pub(crate) enum Cmd {
         /// Address limit in bits: 24, 32 or 64
         #[arg(long, default_value = "64", value_parser = parse_mask)]
         mask: DmaMask,
+        /// May come from ZONE_MOVABLE, memory plugged at run time
+        /// (`memctl hotplug`), which is unplugged once the buffer is freed
+        #[arg(long)]
+        movable: bool,
     },
     /// Free a DMA buffer
     DmaFree { handle: Handle },

@@ -106,7 +106,17 @@ pub(crate) fn to_op(cmd: Cmd) -> Result<Op, Fail> {
         Cmd::PoolAlloc { pool, gfp } => Op::PoolAlloc { pool, gfp },
         Cmd::PoolFree { pool, object } => Op::PoolFree { pool, object },
         Cmd::PoolDestroy { pool } => Op::PoolDestroy { pool },
-        Cmd::DmaAlloc { len, align, mask } => Op::DmaAlloc { len, align, mask },
+        Cmd::DmaAlloc {
+            len,
+            align,
+            mask,
+            movable,
+        } => Op::DmaAlloc {
+            len,
+            align,
+            mask,
+            movable,
+        },
         Cmd::DmaFree { handle } => Op::DmaFree { handle },
         Cmd::DmaWrite {
             handle,

@@ -113,7 +113,20 @@ impl MemoryManager {
         align: usize,
         mask: DmaMask,
     ) -> Result<DmaBuffer, MmError> {
-        let buf = self.dma_alloc_unzeroed(len, align, mask)?;
+        self.dma_alloc_zeroed(len, align, mask, false)
+    }
+
+    /// As [`MemoryManager::dma_alloc`], from ZONE_MOVABLE too when
+    /// `movable` (memory plugged at run time, which is unplugged once
+    /// free: a buffer a client holds for a while, not a device ring).
+    pub fn dma_alloc_zeroed(
+        &mut self,
+        len: usize,
+        align: usize,
+        mask: DmaMask,
+        movable: bool,
+    ) -> Result<DmaBuffer, MmError> {
+        let buf = self.dma_alloc_unzeroed(len, align, mask, movable)?;
         access::fill(buf.virt, buf.span(), 0);
         Ok(buf)
     }
@@ -126,6 +139,7 @@ impl MemoryManager {
         len: usize,
         align: usize,
         mask: DmaMask,
+        movable: bool,
     ) -> Result<DmaBuffer, MmError> {
         if len == 0 || !align.is_power_of_two() {
             return Err(MmError::Invalid(
@@ -136,7 +150,10 @@ impl MemoryManager {
         let pages = bytes.div_ceil(PAGE_SIZE);
         let order = pages.next_power_of_two().trailing_zeros();
         if order < self.max_order {
-            let gfp = mask.gfp().union(Gfp::KERNEL).union(Gfp::NOWARN);
+            let mut gfp = mask.gfp().union(Gfp::KERNEL).union(Gfp::NOWARN);
+            if movable {
+                gfp = gfp.union(Gfp::MOVABLE);
+            }
             if let Ok(pfn) = self.alloc_frames(order, gfp) {
                 let phys = pfn as u64 * PAGE_SIZE;
                 let zone = self.frames[pfn as usize].zone();

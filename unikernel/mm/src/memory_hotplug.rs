@@ -354,7 +354,7 @@ impl MemoryManager {
 mod tests {
     use super::*;
     use crate::arena::HostMm;
-    use crate::Gfp;
+    use crate::{DmaMask, Gfp};
     use std::vec::Vec;
 
     const MIB: u64 = 1 << 20;
@@ -398,9 +398,26 @@ mod tests {
             mm.direct_map().phys(k.as_ptr() as usize) < 64 * MIB,
             "kmalloc ignores MOVABLE"
         );
-        // Movable ones go to the plugged memory first.
+        // Movable ones go to the plugged memory first, DMA buffers that
+        // ask for it too.
         let p = mm.alloc_pages(9, Gfp::KERNEL | Gfp::MOVABLE).unwrap();
         assert!((REGION + 128 * MIB..REGION + 134 * MIB).contains(&p));
+        let d = mm
+            .dma_alloc_zeroed(MIB as usize, 4096, DmaMask::Bits64, true)
+            .unwrap();
+        assert!((REGION + 128 * MIB..REGION + 134 * MIB).contains(&d.phys));
+        let k = mm.dma_alloc(MIB as usize, 4096, DmaMask::Bits64).unwrap();
+        assert!(
+            k.phys < 64 * MIB,
+            "a device's buffer stays in the boot zones"
+        );
+        let d32 = mm
+            .dma_alloc_zeroed(MIB as usize, 4096, DmaMask::Bits32, true)
+            .unwrap();
+        assert!(
+            d32.phys < 64 * MIB,
+            "a 32-bit mask never reaches the region"
+        );
         mm.check().unwrap();
     }
 

@@ -39,6 +39,7 @@ enum Op {
         len: usize,
         align_log: u32,
         mask: u8,
+        movable: bool,
     },
     PoolAlloc,
     Free {
@@ -89,7 +90,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0u32..6, 0u8..4, any::<bool>()).prop_map(|(order, zone, atomic)| Op::Pages { order, zone, atomic }),
         4 => prop_oneof![1usize..256, 1usize..9000, 1usize..200_000].prop_map(|size| Op::Kmalloc { size }),
         3 => any::<bool>().prop_map(|debug| Op::CacheAlloc { debug }),
-        2 => (1usize..(12 << 20), 12u32..22, 0u8..3).prop_map(|(len, align_log, mask)| Op::Dma { len, align_log, mask }),
+        2 => (1usize..(12 << 20), 12u32..22, 0u8..3, any::<bool>()).prop_map(|(len, align_log, mask, movable)| Op::Dma { len, align_log, mask, movable }),
         1 => Just(Op::PoolAlloc),
         6 => any::<usize>().prop_map(|pick| Op::Free { pick }),
         1 => Just(Op::Shrink),
@@ -120,6 +121,8 @@ struct Live {
     kind: Kind,
     /// Whom the manager was serving when it was allocated.
     owner: Owner,
+    /// Whether the request allowed ZONE_MOVABLE.
+    movable: bool,
 }
 
 struct Harness {
@@ -212,6 +215,7 @@ impl Harness {
             tag,
             kind,
             owner,
+            movable: false,
         });
     }
 
@@ -235,6 +239,7 @@ impl Harness {
                 let gfp = gfp | if atomic { Gfp::ATOMIC } else { Gfp::KERNEL };
                 if let Ok(p) = self.mm.alloc_pages(order, gfp) {
                     self.add(p, PAGE_SIZE << order, limit, Kind::Pages(order));
+                    self.live.last_mut().unwrap().movable = gfp.contains(Gfp::MOVABLE);
                 }
             }
             Op::Kmalloc { size } => {
@@ -256,9 +261,10 @@ impl Harness {
                 len,
                 align_log,
                 mask,
+                movable,
             } => {
                 let mask = [DmaMask::Bits24, DmaMask::Bits32, DmaMask::Bits64][mask as usize];
-                if let Ok(b) = self.mm.dma_alloc(len, 1 << align_log, mask) {
+                if let Ok(b) = self.mm.dma_alloc_zeroed(len, 1 << align_log, mask, movable) {
                     assert_eq!(b.phys % (1 << align_log), 0, "DMA alignment");
                     assert!(self
                         .mm
@@ -268,6 +274,7 @@ impl Harness {
                         .step_by(4096)
                         .all(|&x| x == 0));
                     self.add(b.phys, len as u64, mask.limit(), Kind::Dma(b));
+                    self.live.last_mut().unwrap().movable = movable;
                 }
             }
             Op::PoolAlloc => {
@@ -485,7 +492,7 @@ impl Harness {
     /// MOVABLE memory.
     fn movable_only_where_asked(&self, l: &Live) -> bool {
         let in_region = l.start < REGION + BLOCKS as u64 * BLOCK && REGION < l.start + l.len;
-        !in_region || matches!(l.kind, Kind::Pages(_))
+        !in_region || l.movable
     }
 
     fn verify(&self) {

@@ -175,8 +175,15 @@ pub trait Memory {
     /// Destroy a pool (its reserve goes back to the backing allocator).
     fn pool_destroy(&mut self, pool: Self::PoolId) -> Result<(), MemError>;
 
-    /// Allocate a physically contiguous buffer.
-    fn dma_alloc(&mut self, len: u64, align: u64, mask: DmaMask) -> Result<Self::DmaBuf, MemError>;
+    /// Allocate a physically contiguous buffer; with `movable`, it may come
+    /// from ZONE_MOVABLE.
+    fn dma_alloc(
+        &mut self,
+        len: u64,
+        align: u64,
+        mask: DmaMask,
+        movable: bool,
+    ) -> Result<Self::DmaBuf, MemError>;
     /// As [`Memory::dma_alloc`], but the bytes may be left as they were:
     /// the caller zeroes [`Memory::dma_span_bytes`] before anyone sees
     /// them. By default, zeroed anyway.
@@ -185,8 +192,9 @@ pub trait Memory {
         len: u64,
         align: u64,
         mask: DmaMask,
+        movable: bool,
     ) -> Result<Self::DmaBuf, MemError> {
-        self.dma_alloc(len, align, mask)
+        self.dma_alloc(len, align, mask, movable)
     }
     /// Its public facts.
     fn dma_facts(&self, buf: &Self::DmaBuf) -> DmaFacts;

@@ -242,9 +242,15 @@ impl Memory for MemoryManager {
         self.mempool_destroy(pool).map_err(mm_err)
     }
 
-    fn dma_alloc(&mut self, len: u64, align: u64, mask: DmaMask) -> Result<DmaBuffer, MemError> {
+    fn dma_alloc(
+        &mut self,
+        len: u64,
+        align: u64,
+        mask: DmaMask,
+        movable: bool,
+    ) -> Result<DmaBuffer, MemError> {
         let (len, align) = dma_shape(len, align)?;
-        MemoryManager::dma_alloc(self, len, align, mask).map_err(mm_err)
+        MemoryManager::dma_alloc_zeroed(self, len, align, mask, movable).map_err(mm_err)
     }
 
     fn dma_alloc_unzeroed(
@@ -252,9 +258,10 @@ impl Memory for MemoryManager {
         len: u64,
         align: u64,
         mask: DmaMask,
+        movable: bool,
     ) -> Result<DmaBuffer, MemError> {
         let (len, align) = dma_shape(len, align)?;
-        MemoryManager::dma_alloc_unzeroed(self, len, align, mask).map_err(mm_err)
+        MemoryManager::dma_alloc_unzeroed(self, len, align, mask, movable).map_err(mm_err)
     }
 
     fn dma_facts(&self, buf: &DmaBuffer) -> DmaFacts {

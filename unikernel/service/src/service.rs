@@ -346,8 +346,13 @@ impl<M: Memory> Service<M> {
             }
             Op::PoolDestroy { pool } => self.pool_destroy(env, conn, pool, page),
 
-            Op::DmaAlloc { len, align, mask } => self
-                .dma_alloc(env, conn, len, align, mask, true)
+            Op::DmaAlloc {
+                len,
+                align,
+                mask,
+                movable,
+            } => self
+                .dma_alloc(env, conn, len, align, mask, movable, true)
                 .map(Reply::Dma),
             Op::DmaFree { handle } => self.dma_free(env, conn, handle, page),
 

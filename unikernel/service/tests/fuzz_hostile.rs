@@ -476,6 +476,7 @@ impl World {
                 len: *len,
                 align: *align,
                 mask: [DmaMask::Bits24, DmaMask::Bits32, DmaMask::Bits64][*mask as usize % 3],
+                movable: false,
             },
             O::DmaFree(h) => Op::DmaFree {
                 handle: self.handle(*h),

@@ -250,6 +250,7 @@ impl World {
                     1 => DmaMask::Bits32,
                     _ => DmaMask::Bits64,
                 },
+                movable: false,
             },
             T::DmaFree(b) => Op::DmaFree { handle: self.h(b) },
             T::DmaWrite(b, offset, data) => Op::DmaWrite {

@@ -83,6 +83,7 @@ fn map_shows_zones_reservations_cma_and_buffers() {
             len: 6 << 20,
             align: 0,
             mask: DmaMask::Bits32,
+            movable: false,
         },
     ) {
         Reply::Dma(b) => b,
@@ -95,6 +96,7 @@ fn map_shows_zones_reservations_cma_and_buffers() {
             len: 64 << 10,
             align: 0,
             mask: DmaMask::Bits64,
+            movable: false,
         },
     ) {
         Reply::Dma(b) => b,

@@ -120,6 +120,7 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
             len: 8 << 20,
             align: 1 << 20,
             mask: DmaMask::Bits32,
+            movable: false,
         },
     ) {
         Reply::Dma(i) => {

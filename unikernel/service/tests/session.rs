@@ -190,6 +190,7 @@ fn every_resource_is_released_on_close() {
             len: 1 << 20,
             align: 0,
             mask: DmaMask::Bits32,
+            movable: false,
         },
     );
     assert!(h.mem.used > 0);
@@ -294,6 +295,7 @@ fn dma_buffer_io() {
             len: 8192,
             align: 4096,
             mask: DmaMask::Bits24,
+            movable: false,
         },
     ) {
         Reply::Dma(info) => {
@@ -371,7 +373,8 @@ fn dma_buffer_io() {
             Op::DmaAlloc {
                 len: 4096,
                 align: 3,
-                mask: DmaMask::Bits64
+                mask: DmaMask::Bits64,
+                movable: false
             }
         ),
         errno::EINVAL
@@ -382,7 +385,8 @@ fn dma_buffer_io() {
             Op::DmaAlloc {
                 len: 0,
                 align: 0,
-                mask: DmaMask::Bits64
+                mask: DmaMask::Bits64,
+                movable: false
             }
         ),
         errno::EINVAL
@@ -687,7 +691,8 @@ fn arb_op(handles: u64) -> impl Strategy<Value = Op> {
         (1u64..20000).prop_map(|len| Op::DmaAlloc {
             len,
             align: 0,
-            mask: DmaMask::Bits32
+            mask: DmaMask::Bits32,
+            movable: false
         }),
         h.clone().prop_map(|handle| Op::DmaFree { handle }),
         (h.clone(), 0u64..30000).prop_map(|(handle, offset)| Op::DmaWrite {

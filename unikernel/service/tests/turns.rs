@@ -183,6 +183,7 @@ fn dma_alloc(h: &mut Harness<Model>, conn: ConnId, len: u64) -> (u64, usize) {
             len,
             align: 0,
             mask: DmaMask::Bits64,
+            movable: false,
         }),
     );
     let reply = only_call(r).expect("DMA alloc");
@@ -709,6 +710,7 @@ fn a_small_dma_buffer_with_a_large_alignment_is_zeroed_over_turns() {
         len: 4096,
         align: 4 * MIB,
         mask: DmaMask::Bits64,
+        movable: false,
     };
     let outs = drive_mm(&mut h, c, &call_frame(op), |_, _| {});
     assert!(outs.len() > 2, "4 MiB zeroed in {} turn(s)", outs.len());

@@ -101,6 +101,7 @@ mod tests {
                 len: 64 << 20,
                 align: 4096,
                 mask: DmaMask::Bits32,
+                movable: false,
             },
             Op::DmaWrite {
                 handle: 9,

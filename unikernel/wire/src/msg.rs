@@ -281,6 +281,9 @@ pub enum Op {
         align: u64,
         /// Address limit.
         mask: DmaMask,
+        /// May come from ZONE_MOVABLE, memory plugged at run time (with a
+        /// 64-bit mask; never from the contiguous region).
+        movable: bool,
     },
     /// Free a DMA buffer.
     DmaFree {

@@ -384,6 +384,7 @@ fn hostile_op(max_len: usize) -> impl Strategy<Value = Op> {
             len,
             align,
             mask: [DmaMask::Bits24, DmaMask::Bits32, DmaMask::Bits64][m as usize],
+            movable: false,
         }),
         (extreme_u64(), extreme_u64(), len()).prop_map(|(handle, offset, n)| Op::DmaWrite {
             handle,

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use memd_client::qmp::Qmp;
-use memd_client::wire::{Gfp, Hotplug, MemMap, Op, Reply};
+use memd_client::wire::{DmaMask, Gfp, Hotplug, MemMap, Op, Reply};
 use memd_client::{Client, Options};
 
 use super::memctl::memctl;
@@ -99,6 +99,22 @@ pub(super) fn hotplug_check(
         return Err(format!(
             "hotplug: views after plugging: Movable managed {managed} pages, in buddyinfo {buddy}, in the map {in_map}, meminfo total {total} (before {total_before})"
         ));
+    }
+
+    // A DMA buffer that asks for it comes from there too; one that does
+    // not, never.
+    for movable in [true, false] {
+        let b = c
+            .dma_alloc_in(4 * MIB, 0, DmaMask::Bits64, movable)
+            .map_err(|e| format!("hotplug: DMA buffer (movable {movable}): {e}"))?;
+        if (b.phys >= start.region_start) != movable {
+            return Err(format!(
+                "hotplug: DMA buffer (movable {movable}) at {:#x}",
+                b.phys
+            ));
+        }
+        c.dma_free(b.handle)
+            .map_err(|e| format!("hotplug: DMA free: {e}"))?;
     }
 
     // 1.5 GiB of movable pages, more than the guest's 1 GiB, all in the

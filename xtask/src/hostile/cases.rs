@@ -251,6 +251,7 @@ pub(super) fn cases() -> Vec<Case> {
                     len: 4096,
                     align: 4096,
                     mask: DmaMask::Bits64,
+                    movable: false,
                 };
                 let mut left = n;
                 while left > 0 {

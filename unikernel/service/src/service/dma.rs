@@ -29,6 +29,7 @@ impl<M: Memory> Service<M> {
         len: u64,
         align: u64,
         mask: DmaMask,
+        movable: bool,
         zeroed: bool,
     ) -> Result<Box<DmaBufferInfo>, WireError> {
         let page = self.page_size(env);
@@ -53,9 +54,9 @@ impl<M: Memory> Service<M> {
         let buf = env
             .with_mem_as(self.owner(conn), |m, _| {
                 if zeroed {
-                    m.dma_alloc(len, align, mask)
+                    m.dma_alloc(len, align, mask, movable)
                 } else {
-                    m.dma_alloc_unzeroed(len, align, mask)
+                    m.dma_alloc_unzeroed(len, align, mask, movable)
                 }
             })
             .map_err(|e| {

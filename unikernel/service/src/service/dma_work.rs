@@ -160,8 +160,13 @@ impl<M: Memory> Service<M> {
             })
         };
         match op {
-            Op::DmaAlloc { len, align, mask } => {
-                let info = self.dma_alloc(env, conn, len, align, mask, false)?;
+            Op::DmaAlloc {
+                len,
+                align,
+                mask,
+                movable,
+            } => {
+                let info = self.dma_alloc(env, conn, len, align, mask, movable, false)?;
                 let (buf, _) = self.dma(conn, info.handle)?;
                 let span = env.with_mem(|m, _| m.dma_span_bytes(buf).map(|b| b.len()));
                 match span {

@@ -323,7 +323,13 @@ impl Memory for Model {
         self.live.remove(&key.unwrap());
         Ok(())
     }
-    fn dma_alloc(&mut self, len: u64, _align: u64, _mask: DmaMask) -> Result<ModelDma, MemError> {
+    fn dma_alloc(
+        &mut self,
+        len: u64,
+        _align: u64,
+        _mask: DmaMask,
+        _movable: bool,
+    ) -> Result<ModelDma, MemError> {
         let addr = self.take(len, "dma")?;
         self.dma.insert(addr, vec![0; len as usize]);
         Ok(ModelDma(addr, len))
@@ -656,7 +662,15 @@ impl<B: Backend> Harness<B> {
 
     /// A DMA buffer; its handle.
     pub fn dma_alloc(&mut self, conn: ConnId, len: u64, align: u64, mask: DmaMask) -> u64 {
-        handle(&self.ok(conn, Op::DmaAlloc { len, align, mask }))
+        handle(&self.ok(
+            conn,
+            Op::DmaAlloc {
+                len,
+                align,
+                mask,
+                movable: false,
+            },
+        ))
     }
 
     /// Fills DMA buffer `handle` with the pattern of `seed`.
