@@ -352,7 +352,14 @@ impl<M: Memory> Service<M> {
                 mask,
                 movable,
             } => self
-                .dma_alloc(env, conn, len, align, mask, movable, true)
+                .dma_alloc(
+                    env,
+                    conn,
+                    len,
+                    align,
+                    dma::Placement { mask, movable },
+                    true,
+                )
                 .map(Reply::Dma),
             Op::DmaFree { handle } => self.dma_free(env, conn, handle, page),
 

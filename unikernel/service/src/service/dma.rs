@@ -19,6 +19,14 @@ use crate::env::Env;
 use crate::memory::{Memory, View};
 use crate::ConnId;
 
+/// Where a client's DMA buffer may lie: below `mask`, and in ZONE_MOVABLE
+/// (memory plugged at run time) only when `movable`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Placement {
+    pub(super) mask: DmaMask,
+    pub(super) movable: bool,
+}
+
 impl<M: Memory> Service<M> {
     /// A DMA buffer for `conn`, zeroed unless `zeroed` is false (the
     /// caller zeroes it, see `dma_work`).
@@ -28,10 +36,10 @@ impl<M: Memory> Service<M> {
         conn: ConnId,
         len: u64,
         align: u64,
-        mask: DmaMask,
-        movable: bool,
+        at: Placement,
         zeroed: bool,
     ) -> Result<Box<DmaBufferInfo>, WireError> {
+        let Placement { mask, movable } = at;
         let page = self.page_size(env);
         if len == 0 {
             return Err(err(errno::EINVAL, "zero-length DMA buffer"));
