@@ -73,6 +73,9 @@ impl Frames {
         self.hot_mut(pfn)
     }
 
+    // Out of line and cold: boot memory's frames, the common case, keep a
+    // slice access and one compare.
+    #[cold]
     #[inline(never)]
     fn hot(&self, pfn: usize) -> Option<&Frame> {
         let rel = pfn.checked_sub(self.hot_start)?;
@@ -80,6 +83,7 @@ impl Frames {
         section.get(rel & ((1 << self.shift) - 1))
     }
 
+    #[cold]
     #[inline(never)]
     fn hot_mut(&mut self, pfn: usize) -> Option<&mut Frame> {
         let rel = pfn.checked_sub(self.hot_start)?;
