@@ -240,6 +240,37 @@ impl MemoryManager {
         Ok(())
     }
 
+    /// The plugged ranges `[start, end)` of the hot-plug region, in address
+    /// order (for the memory map: plugged memory is RAM too). Walks the
+    /// frames of the sections that have descriptors.
+    pub fn plugged_ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let (first, last) = self.hotplug.map_or((0, 0), |r| {
+            (r.start / PAGE_SIZE, (r.start + r.size) / PAGE_SIZE)
+        });
+        let mut pfn = first;
+        core::iter::from_fn(move || {
+            let plugged = |pfn: u64| {
+                self.frames
+                    .get(pfn as usize)
+                    .is_some_and(|f| !f.is(FrameState::Reserved))
+            };
+            while pfn < last && !plugged(pfn) {
+                pfn = match self.frames.get(pfn as usize) {
+                    Some(_) => pfn + 1,
+                    None => (self.frames.next_present(pfn as usize) as u64).max(pfn + 1),
+                };
+            }
+            if pfn >= last {
+                return None;
+            }
+            let start = pfn;
+            while pfn < last && plugged(pfn) {
+                pfn += 1;
+            }
+            Some((start * PAGE_SIZE, pfn * PAGE_SIZE))
+        })
+    }
+
     /// Frames of `[start, start + size)` that are online and not free
     /// (what keeps it from going offline).
     pub fn hotplug_busy_pages(&self, start: u64, size: u64) -> Result<u64, MmError> {
@@ -378,6 +409,16 @@ mod tests {
             "no descriptors before a plug"
         );
         mm.online_pages(REGION + 128 * MIB, 6 * MIB).unwrap();
+        mm.online_pages(REGION + 300 * MIB, 2 * MIB).unwrap();
+        let ranges: Vec<(u64, u64)> = mm.plugged_ranges().collect();
+        assert_eq!(
+            ranges,
+            [
+                (REGION + 128 * MIB, REGION + 134 * MIB),
+                (REGION + 300 * MIB, REGION + 302 * MIB)
+            ]
+        );
+        mm.offline_pages(REGION + 300 * MIB, 2 * MIB).unwrap();
         mm.check().unwrap();
         let r = mm.hotplug_region().unwrap();
         assert_eq!((r.plugged, r.sections), (6 * MIB, 1));

@@ -308,6 +308,14 @@ impl Memory for MemoryManager {
         let mem = self.memory_ranges();
         out.nr_memory = mem.len().min(MAP_MAX_RANGES);
         out.memory[..out.nr_memory].copy_from_slice(&mem[..out.nr_memory]);
+        // Memory plugged at run time is RAM too.
+        for r in self.plugged_ranges() {
+            if out.nr_memory == MAP_MAX_RANGES {
+                break;
+            }
+            out.memory[out.nr_memory] = r;
+            out.nr_memory += 1;
+        }
         out.nr_zones = 0;
         for z in self.zoneinfo().iter().filter(|z| z.managed > 0) {
             out.zones[out.nr_zones] = (
