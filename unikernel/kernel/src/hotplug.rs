@@ -15,6 +15,12 @@
 //! The device is unplugged whole at start, as Linux does, so what memd
 //! holds is what it plugged. Device requests and mapping run outside the
 //! allocator's lock; memd-mm's calls inside it.
+//!
+//! When a step fails half way (the device refuses to unplug blocks memd
+//! took offline and memd cannot put them online again, or refuses to
+//! unplug blocks memd could not put online), the blocks are plugged on the
+//! device but not memd's: they are kept apart as stranded, and every
+//! shrink tries to unplug them first.
 
 use alloc::string::String;
 use alloc::vec;
@@ -49,10 +55,36 @@ struct Shown {
 
 static SHOWN: Mutex<Option<Shown>> = Mutex::new(None);
 
+/// One bit per block of the region.
+struct Blocks(Vec<u64>);
+
+impl Blocks {
+    fn get(&self, b: usize) -> bool {
+        self.0[b / 64] & (1 << (b % 64)) != 0
+    }
+
+    fn set(&mut self, first: usize, n: usize, on: bool) {
+        for b in first..first + n {
+            if on {
+                self.0[b / 64] |= 1 << (b % 64);
+            } else {
+                self.0[b / 64] &= !(1 << (b % 64));
+            }
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.0.iter().map(|w| w.count_ones() as u64).sum()
+    }
+}
+
 pub struct Hotplug {
     dev: Option<MemDevice>,
-    /// One bit per block: plugged and online.
-    plugged: Vec<u64>,
+    /// Blocks plugged on the device.
+    plugged: Blocks,
+    /// Of those, blocks memd-mm does not have online (see the module
+    /// comment).
+    stranded: Blocks,
     blocks: usize,
     /// Where the next unplug scan starts (block index, scanning down).
     scan_from: usize,
@@ -66,7 +98,8 @@ impl Hotplug {
     pub fn new(dev: Option<MemDevice>) -> Hotplug {
         let none = Hotplug {
             dev: None,
-            plugged: Vec::new(),
+            plugged: Blocks(Vec::new()),
+            stranded: Blocks(Vec::new()),
             blocks: 0,
             scan_from: 0,
             next_look: 0,
@@ -75,6 +108,15 @@ impl Hotplug {
             return none;
         };
         let cfg = dev.config();
+        // Plugged memory is mapped and unmapped in 2 MiB pages.
+        if cfg.block_size < 2 << 20 || !cfg.addr.is_multiple_of(2 << 20) {
+            warn!(
+                "hotplug: blocks of {} KiB at {:#x}: memd maps plugged memory in aligned 2 MiB pages; the device is not used",
+                cfg.block_size >> 10,
+                cfg.addr
+            );
+            return none;
+        }
         if cfg.plugged_size > 0 {
             if let Err(e) = dev.unplug_all() {
                 warn!("hotplug: unplug all at start: {e}; the device is not used");
@@ -91,7 +133,8 @@ impl Hotplug {
                 return none;
             }
         }
-        let plugged = vec![0u64; blocks.div_ceil(64)];
+        let words = blocks.div_ceil(64);
+        let (plugged, stranded) = (Blocks(vec![0; words]), Blocks(vec![0; words]));
         if let Err(e) = ALLOC.lock().add_memory_region(cfg.addr, cfg.region_size) {
             warn!("hotplug: memd-mm refused the region: {e}; the device is not used");
             return none;
@@ -113,28 +156,11 @@ impl Hotplug {
         Hotplug {
             dev: Some(dev),
             plugged,
+            stranded,
             blocks,
             scan_from: blocks,
             next_look: 0,
         }
-    }
-
-    fn is_plugged(&self, b: usize) -> bool {
-        self.plugged[b / 64] & (1 << (b % 64)) != 0
-    }
-
-    fn set_plugged(&mut self, first: usize, n: usize, on: bool) {
-        for b in first..first + n {
-            if on {
-                self.plugged[b / 64] |= 1 << (b % 64);
-            } else {
-                self.plugged[b / 64] &= !(1 << (b % 64));
-            }
-        }
-    }
-
-    fn plugged_blocks(&self) -> u64 {
-        self.plugged.iter().map(|w| w.count_ones() as u64).sum()
     }
 
     /// One pass at `now`: true while there is more to do at once (the loop
@@ -149,8 +175,9 @@ impl Hotplug {
             return false;
         }
         let cfg = dev.config();
-        let plugged = self.plugged_blocks() * cfg.block_size;
-        let requested = cfg.requested_size.min(cfg.region_size);
+        let plugged = self.plugged.count() * cfg.block_size;
+        // Whole blocks (the specification requires that of the device).
+        let requested = cfg.requested_size.min(cfg.region_size) / cfg.block_size * cfg.block_size;
         let (more, error) = if plugged < requested {
             self.grow(&cfg, (requested - plugged).min(STEP_BYTES))
         } else if plugged > requested {
@@ -158,7 +185,7 @@ impl Hotplug {
         } else {
             (false, None)
         };
-        let plugged = self.plugged_blocks() * cfg.block_size;
+        let plugged = self.plugged.count() * cfg.block_size;
         let shortfall = plugged.saturating_sub(requested);
         self.next_look = match (more, error.is_some() || shortfall > 0) {
             (true, _) => now,
@@ -180,13 +207,13 @@ impl Hotplug {
     /// (plugged any, what failed).
     fn grow(&mut self, cfg: &MemConfig, bytes: u64) -> (bool, Option<&'static str>) {
         let usable = ((cfg.usable_region_size / cfg.block_size) as usize).min(self.blocks);
-        let Some(first) = (0..usable).find(|&b| !self.is_plugged(b)) else {
+        let Some(first) = (0..usable).find(|&b| !self.plugged.get(b)) else {
             return (false, Some("no unplugged block in the usable region"));
         };
         let want = (bytes / cfg.block_size).max(1) as usize;
         let n = (first..usable)
             .take(want)
-            .take_while(|&b| !self.is_plugged(b))
+            .take_while(|&b| !self.plugged.get(b))
             .count();
         let (addr, len) = (
             cfg.addr + first as u64 * cfg.block_size,
@@ -199,23 +226,26 @@ impl Hotplug {
             warn!("hotplug: plug [{addr:#x}+{len:#x}): {e}");
             return (false, Some("the device refused to plug"));
         }
-        if let Err(e) = hal::map_ram(addr, len) {
-            warn!("hotplug: mapping [{addr:#x}+{len:#x}): {e:?}");
-            let _ = dev.unplug(addr, n as u64);
-            return (false, Some("no page tables to map plugged memory"));
-        }
-        let online = ALLOC.lock().online_pages(addr, len);
-        if let Err(e) = online {
-            warn!("hotplug: online [{addr:#x}+{len:#x}): {e}");
+        let failed = match hal::map_ram(addr, len) {
+            Err(e) => {
+                warn!("hotplug: mapping [{addr:#x}+{len:#x}): {e:?}");
+                Some("no page tables to map plugged memory")
+            }
+            Ok(_) => match ALLOC.lock().online_pages(addr, len) {
+                Err(e) => {
+                    warn!("hotplug: online [{addr:#x}+{len:#x}): {e}");
+                    Some("no memory for the frame descriptors of plugged memory")
+                }
+                Ok(()) => None,
+            },
+        };
+        self.plugged.set(first, n, true);
+        if failed.is_some() {
             let _ = hal::unmap_ram(addr, len);
-            let _ = dev.unplug(addr, n as u64);
-            return (
-                false,
-                Some("no memory for the frame descriptors of plugged memory"),
-            );
+            self.stranded.set(first, n, true);
+            let _ = self.unplug_run(cfg, first, first + n);
         }
-        self.set_plugged(first, n, true);
-        (true, None)
+        (failed.is_none(), failed)
     }
 
     /// Unplugs up to `bytes` of plugged blocks that are wholly free,
@@ -231,11 +261,25 @@ impl Hotplug {
         if self.scan_from == 0 {
             self.scan_from = self.blocks;
         }
+        // Stranded blocks first: they need no taking offline.
+        let mut b = self.blocks;
+        while b > 0 {
+            b -= 1;
+            if self.stranded.get(b) {
+                let lo = (0..b)
+                    .rev()
+                    .take_while(|&x| self.stranded.get(x))
+                    .last()
+                    .unwrap_or(b);
+                error = error.or(self.unplug_run(cfg, lo, b + 1));
+                b = lo;
+            }
+        }
         while self.scan_from > 0 && looked < SCAN_BLOCKS && done < want {
             let b = self.scan_from - 1;
             self.scan_from -= 1;
             looked += 1;
-            if !self.is_plugged(b) {
+            if !self.plugged.get(b) || self.stranded.get(b) {
                 continue;
             }
             let addr = cfg.addr + b as u64 * cfg.block_size;
@@ -264,8 +308,8 @@ impl Hotplug {
         (more, error)
     }
 
-    /// Unplugs blocks `[lo, hi)`, offline already; on a refusal they go
-    /// back online.
+    /// Unplugs blocks `[lo, hi)`, offline already; on a refusal, blocks
+    /// memd had online go back online, or else are stranded.
     fn unplug_run(&mut self, cfg: &MemConfig, lo: usize, hi: usize) -> Option<&'static str> {
         let (addr, len) = (
             cfg.addr + lo as u64 * cfg.block_size,
@@ -274,11 +318,14 @@ impl Hotplug {
         let dev = self.dev.as_mut()?;
         if let Err(e) = dev.unplug(addr, (hi - lo) as u64) {
             warn!("hotplug: unplug [{addr:#x}+{len:#x}): {e}");
-            let _ = ALLOC.lock().online_pages(addr, len);
+            if !self.stranded.get(lo) && ALLOC.lock().online_pages(addr, len).is_err() {
+                self.stranded.set(lo, hi - lo, true);
+            }
             return Some("the device refused to unplug");
         }
         let _ = hal::unmap_ram(addr, len);
-        self.set_plugged(lo, hi - lo, false);
+        self.plugged.set(lo, hi - lo, false);
+        self.stranded.set(lo, hi - lo, false);
         None
     }
 }

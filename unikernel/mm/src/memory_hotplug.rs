@@ -41,7 +41,9 @@ pub struct HotplugRegion {
 
 impl MemoryManager {
     /// Declares the hot-plug region `[start, start + size)`: above the boot
-    /// memory, page aligned, once. No memory is online until
+    /// memory (with a whole section between: the region's first section
+    /// starts on a section boundary, below the region if it must), page
+    /// aligned, once. No memory is online until
     /// [`MemoryManager::online_pages`].
     pub fn add_memory_region(&mut self, start: u64, size: u64) -> Result<(), MmError> {
         if self.hotplug.is_some() {
@@ -55,14 +57,17 @@ impl MemoryManager {
                 "hot-plug region empty or not page aligned",
             ));
         }
-        if start / PAGE_SIZE < self.table.carved() as u64 || end / PAGE_SIZE >= u32::MAX as u64 {
-            return Err(MmError::Invalid(
-                "hot-plug region overlaps boot memory or is past 32-bit frame numbers",
-            ));
-        }
         let order = self.pageblocks.order;
         let shift = SECTION_SHIFT.max(order);
         let first = ((start / PAGE_SIZE) >> shift) << shift;
+        // The boot table (and its pageblock counts) ends below the first
+        // section: no frame is both a boot frame and a section's.
+        let boot_end = (self.table.carved() as u64).next_multiple_of(1 << order);
+        if first < boot_end || end / PAGE_SIZE >= u32::MAX as u64 {
+            return Err(MmError::Invalid(
+                "hot-plug region shares a section with boot memory or is past 32-bit frame numbers",
+            ));
+        }
         let nr = ((end / PAGE_SIZE) - first).div_ceil(1 << shift) as usize;
         let sections = self.table_alloc(nr, || None)?;
         let counts = match self.table_alloc(nr, || None) {
@@ -247,16 +252,33 @@ impl MemoryManager {
         let (first, last) = self.hotplug.map_or((0, 0), |r| {
             (r.start / PAGE_SIZE, (r.start + r.size) / PAGE_SIZE)
         });
+        let order = self.pageblocks.order;
+        let block = 1u64 << order;
+        // A pageblock's managed count says whether it is all plugged, not
+        // at all, or in part: only the last kind has its frames read.
+        let managed = move |pfn: u64| {
+            self.pageblocks
+                .get((pfn >> order) as usize)
+                .map_or(0, |c| c.managed as u64)
+        };
+        let plugged = move |pfn: u64| match managed(pfn) {
+            0 => false,
+            m if m == block => true,
+            _ => self
+                .frames
+                .get(pfn as usize)
+                .is_some_and(|f| !f.is(FrameState::Reserved)),
+        };
+        // The next frame at or after `pfn` that may differ from it.
+        let step = move |pfn: u64| match managed(pfn) {
+            m if m == 0 || m == block => (pfn | (block - 1)) + 1,
+            _ => pfn + 1,
+        };
         let mut pfn = first;
         core::iter::from_fn(move || {
-            let plugged = |pfn: u64| {
-                self.frames
-                    .get(pfn as usize)
-                    .is_some_and(|f| !f.is(FrameState::Reserved))
-            };
             while pfn < last && !plugged(pfn) {
                 pfn = match self.frames.get(pfn as usize) {
-                    Some(_) => pfn + 1,
+                    Some(_) => step(pfn),
                     None => (self.frames.next_present(pfn as usize) as u64).max(pfn + 1),
                 };
             }
@@ -265,9 +287,10 @@ impl MemoryManager {
             }
             let start = pfn;
             while pfn < last && plugged(pfn) {
-                pfn += 1;
+                pfn = step(pfn);
             }
-            Some((start * PAGE_SIZE, pfn * PAGE_SIZE))
+            let end = pfn.min(last);
+            Some((start * PAGE_SIZE, end * PAGE_SIZE))
         })
     }
 
@@ -580,6 +603,34 @@ mod tests {
             plain.add_memory_region(32 * MIB, 2 * MIB).is_err(),
             "boot memory"
         );
+        // Past the boot memory, but in the section that holds its end.
+        assert!(
+            plain.add_memory_region(96 * MIB, 2 * MIB).is_err(),
+            "boot memory's section"
+        );
+        mm.check().unwrap();
+    }
+
+    #[test]
+    fn a_region_inside_pageblocks_at_both_ends() {
+        let (start, size) = (128 * MIB + 6 * MIB, 20 * MIB);
+        let mut mm =
+            HostMm::boot_with_hotplug(&[(MIB, 64 * MIB)], Some((start, size)), "").unwrap();
+        mm.online_pages(start, size).unwrap();
+        mm.check().unwrap();
+        assert_eq!(
+            mm.plugged_ranges().collect::<Vec<_>>(),
+            [(start, start + size)]
+        );
+        mm.offline_pages(start + 2 * MIB, 4 * MIB).unwrap();
+        mm.check().unwrap();
+        assert_eq!(
+            mm.plugged_ranges().collect::<Vec<_>>(),
+            [(start, start + 2 * MIB), (start + 6 * MIB, start + size)]
+        );
+        mm.offline_pages(start, 2 * MIB).unwrap();
+        mm.offline_pages(start + 6 * MIB, size - 6 * MIB).unwrap();
+        assert_eq!(mm.hotplug_region().unwrap().sections, 0);
         mm.check().unwrap();
     }
 }

@@ -226,10 +226,14 @@ impl Zone {
 }
 
 /// Linux's `min_free_kbytes` rule: `sqrt(lowmem_kbytes * 16)`, clamped to
-/// 128 KiB .. 256 MiB, shared among zones by size; low = min * 5/4,
-/// high = min * 3/2.
+/// 128 KiB .. 256 MiB, shared among the kernel's zones by size; low =
+/// min * 5/4, high = min * 3/2. ZONE_MOVABLE is not lowmem: plugging
+/// memory leaves the kernel's reserve as it was, and the zone gets a small
+/// `min` of its own, 1/1024 of it within 32..=128 pages (Linux's rule for
+/// zones the kernel cannot use).
 pub fn set_watermarks(zones: &mut [Zone; NR_ZONES]) {
-    let total: u64 = zones.iter().map(|z| z.managed).sum();
+    let lowmem = |z: &Zone| z.ty != ZoneType::Movable;
+    let total: u64 = zones.iter().filter(|z| lowmem(z)).map(|z| z.managed).sum();
     if total == 0 {
         return;
     }
@@ -237,7 +241,11 @@ pub fn set_watermarks(zones: &mut [Zone; NR_ZONES]) {
     let min_free_kbytes = isqrt(kbytes * 16).clamp(128, 256 * 1024);
     let min_free_pages = min_free_kbytes / 4;
     for zone in zones.iter_mut() {
-        let min = min_free_pages * zone.managed / total;
+        let min = match zone.ty {
+            ZoneType::Movable if zone.managed == 0 => 0,
+            ZoneType::Movable => (zone.managed / 1024).clamp(32, 128),
+            _ => min_free_pages * zone.managed / total,
+        };
         zone.watermark = Watermarks {
             min,
             low: min + min / 4,
@@ -331,9 +339,14 @@ mod tests {
             Watermarks::default(),
             "no memory plugged"
         );
+        let normal = zones[2].watermark;
         zones[3].managed = 1 << 19;
         set_watermarks(&mut zones);
-        assert_eq!(zones[3].watermark.min, zones[2].watermark.min);
+        assert_eq!(
+            zones[2].watermark, normal,
+            "plugging leaves the kernel's reserve"
+        );
+        assert_eq!(zones[3].watermark.min, 128);
         assert_eq!(zones[2].lowmem_reserve[3], (1 << 19) / 256);
         assert_eq!(zones[0].lowmem_reserve[3], ((1 << 18) + (1 << 20)) / 256);
     }
