@@ -83,10 +83,7 @@ pub(crate) fn balloon(
         guest_stats: q.guest_stats().unwrap_or_default().into_iter().collect(),
     };
     if as_json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
-        );
+        crate::print::json(&v);
         return Ok(());
     }
     let mib = |b: u64| format!("{} MiB", b >> 20);

@@ -108,10 +108,7 @@ pub(crate) fn hotplug(
         },
     };
     if as_json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
-        );
+        crate::print::json(&v);
         return Ok(());
     }
     let mib = |b: u64| format!("{} MiB", b >> 20);

@@ -124,18 +124,23 @@ fn memctl(fleet: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `virsh setmem` to [`TARGET_MIB`], `dommemstat` there, then back: memd's
-/// balloon holds the difference, then nothing. Returns the balloon's size
-/// at the target and what `dommemstat` showed. memd is read through one
-/// connection of its own.
-fn setmem_check(name: &str, fleet: &Path) -> Result<(u64, String)> {
+/// A client connection to the fleet member `name`.
+fn connect(name: &str, fleet: &Path) -> Result<memd_client::Client> {
     let fleet = Fleet::load(fleet)?;
     let member = fleet
         .members
         .iter()
         .find(|m| m.name == name)
         .context("not in the fleet file")?;
-    let mut c = member.connect(false, Duration::from_secs(5))?;
+    Ok(member.connect(false, Duration::from_secs(5))?)
+}
+
+/// `virsh setmem` to [`TARGET_MIB`], `dommemstat` there, then back: memd's
+/// balloon holds the difference, then nothing. Returns the balloon's size
+/// at the target and what `dommemstat` showed. memd is read through one
+/// connection of its own.
+fn setmem_check(name: &str, fleet: &Path) -> Result<(u64, String)> {
+    let mut c = connect(name, fleet)?;
     let want = (GUEST_MIB - TARGET_MIB) * MIB;
     virsh(&["setmem", name, &format!("{TARGET_MIB}M"), "--live"])?;
     let held = wait_balloon(name, &mut c, want)?;
@@ -148,13 +153,7 @@ fn setmem_check(name: &str, fleet: &Path) -> Result<(u64, String)> {
 /// `virsh update-memory-device --requested-size` to [`PLUG_MIB`] and back
 /// to nothing: memd plugs it into ZONE_MOVABLE, then unplugs it.
 fn hotplug_check(name: &str, fleet: &Path) -> Result<()> {
-    let fleet = Fleet::load(fleet)?;
-    let member = fleet
-        .members
-        .iter()
-        .find(|m| m.name == name)
-        .context("not in the fleet file")?;
-    let mut c = member.connect(false, Duration::from_secs(5))?;
+    let mut c = connect(name, fleet)?;
     for mib in [PLUG_MIB, 0] {
         virsh(&[
             "update-memory-device",
