@@ -8,7 +8,9 @@
 //! above 4 GiB costs address space, not memory.
 
 use crate::{BootInfo, MemRegion, MemoryManager, MmError, RegionKind, MAX_ORDER_LIMIT, PAGE_SIZE};
+use core::cell::Cell;
 use core::ops::{Deref, DerefMut};
+use core::sync::atomic::{AtomicBool, Ordering};
 use std::alloc::Layout;
 use std::boxed::Box;
 
@@ -130,8 +132,98 @@ impl Drop for HostMm {
     }
 }
 
+/// Per-CPU arrays a host program's threads may hold at once: a thread
+/// takes a free "CPU" on its first allocation and gives it back when it
+/// exits (threads beyond these take the manager's lock every time).
+pub const HOST_CPUS: usize = 16;
+
+/// Which host CPU slots are held.
+static HELD: [AtomicBool; HOST_CPUS] = [const { AtomicBool::new(false) }; HOST_CPUS];
+
+const UNSET: usize = usize::MAX;
+
+/// Gives a thread's CPU slot back when the thread exits.
+struct ThreadCpu(Cell<usize>);
+
+impl Drop for ThreadCpu {
+    fn drop(&mut self) {
+        let k = self.0.get();
+        if k < HOST_CPUS {
+            // From here on the thread has no CPU: what it frees late in its
+            // exit takes the lock. The slot's objects stay for its next
+            // holder.
+            THREAD_CPU.with(|c| c.set(HOST_CPUS));
+            HELD[k].store(false, Ordering::Release);
+        }
+    }
+}
+
+std::thread_local! {
+    /// The thread's CPU slot: `UNSET` before its first allocation,
+    /// `HOST_CPUS` when none was free. No destructor, so reading it is a
+    /// plain thread-local load.
+    static THREAD_CPU: Cell<usize> = const { Cell::new(UNSET) };
+    // Registered once, when the thread takes a slot (a destructor
+    // registered with the C library's own memory, not this allocator's).
+    static RELEASE: ThreadCpu = const { ThreadCpu(Cell::new(UNSET)) };
+}
+
+/// Threads as CPUs (see [`HOST_CPUS`]).
+pub struct HostCpus;
+
+// SAFETY: a slot is handed to one thread at a time: `current` takes it with
+// a compare-exchange (acquire) and keeps it in the thread's own
+// `THREAD_CPU` until the thread's exit releases it (release); `try_hold`
+// takes only a slot no thread holds, by the same compare-exchange. A thread
+// whose `THREAD_CPU` is gone (late in its exit) gets None.
+unsafe impl crate::CpuIds for HostCpus {
+    #[inline(always)]
+    fn current(&self) -> Option<usize> {
+        let k = THREAD_CPU.with(Cell::get);
+        if k == UNSET {
+            return take_cpu();
+        }
+        (k < HOST_CPUS).then_some(k)
+    }
+
+    fn try_hold(&self, k: usize) -> bool {
+        k < HOST_CPUS
+            && HELD[k]
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    fn release(&self, k: usize) {
+        if k < HOST_CPUS {
+            HELD[k].store(false, Ordering::Release);
+        }
+    }
+}
+
+/// A thread's first allocation: takes a free slot, if any, and arranges
+/// for its release at the thread's exit.
+#[cold]
+fn take_cpu() -> Option<usize> {
+    let k = (0..HOST_CPUS)
+        .find(|&k| {
+            HELD[k]
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        })
+        .unwrap_or(HOST_CPUS);
+    // Late in a thread's exit its destructors are gone: no slot then.
+    if k < HOST_CPUS && RELEASE.try_with(|r| r.0.set(k)).is_err() {
+        HELD[k].store(false, Ordering::Release);
+        THREAD_CPU.with(|c| c.set(HOST_CPUS));
+        return None;
+    }
+    THREAD_CPU.with(|c| c.set(k));
+    (k < HOST_CPUS).then_some(k)
+}
+
 /// A `#[global_allocator]` for host programs: memd-mm over an arena taken
-/// from the system allocator on first use.
+/// from the system allocator on first use, with per-CPU arrays for up to
+/// [`HOST_CPUS`] threads at once.
 ///
 /// ```ignore
 /// #[global_allocator]
@@ -141,7 +233,7 @@ impl Drop for HostMm {
 /// The arena never grows: once its `bytes` are taken, allocations fail
 /// (null), as the kernel's heap does when memory is short.
 pub struct HostGlobal {
-    mm: crate::GlobalMm,
+    mm: crate::GlobalMm<HOST_CPUS, HostCpus>,
     /// The arena's page-aligned start (physical 0 of the made-up machine),
     /// once it is had; None when it could not be.
     ready: spin::Once<Option<usize>>,
@@ -190,7 +282,7 @@ impl HostGlobal {
             "max_order must be 1..=MAX_ORDER_LIMIT"
         );
         HostGlobal {
-            mm: crate::GlobalMm::new(),
+            mm: crate::GlobalMm::with_cpus(HostCpus),
             ready: spin::Once::new(),
             bytes,
             max_order,
@@ -242,6 +334,12 @@ impl HostGlobal {
     /// The manager, for statistics.
     pub fn lock(&self) -> spin::MutexGuard<'_, MemoryManager> {
         self.mm.lock()
+    }
+
+    /// Gives the objects in the per-CPU arrays of threads that have exited
+    /// back to the manager (before a check or a baseline); how many.
+    pub fn drain_cpu_arrays(&self) -> usize {
+        self.mm.drain_cpu_arrays()
     }
 }
 

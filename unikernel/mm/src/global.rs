@@ -1,5 +1,7 @@
 //! `GlobalAlloc` over kmalloc, the buddy and vmalloc, behind a spin lock
-//! (Linux's `kvmalloc` / `kvfree`).
+//! (Linux's `kvmalloc` / `kvfree`), with per-CPU arrays of kmalloc objects
+//! in front of the lock when the environment says which CPU runs
+//! ([`CpuIds`], `cpu_cache.rs`).
 //!
 //! The kernel's `#[global_allocator]` is this; so can a host program's be
 //! (see the `arena` module), which is how memd-mm is benchmarked against
@@ -7,12 +9,61 @@
 //! [`GlobalMm::with_vmalloc`] has vmalloc; without it (the host) large
 //! requests are buddy blocks.
 
+use crate::cpu_cache::CpuArrays;
 use crate::gfp::Gfp;
+use crate::kmalloc::size_class;
 use crate::vmalloc::VmapOps;
 use crate::{BootInfo, MemoryManager, MmError};
 use core::alloc::{GlobalAlloc, Layout};
+use core::cell::UnsafeCell;
 use core::ptr::{null_mut, NonNull};
 use spin::{Mutex, MutexGuard};
+
+/// Which CPU the caller runs on: the key to the per-CPU arrays.
+///
+/// # Safety
+/// An implementation promises exclusive holding: while [`CpuIds::current`]
+/// returns `Some(k)` to one thread (or CPU, with whatever keeps it from
+/// being preempted by code that allocates), no other thread gets `k` from
+/// `current` or [`CpuIds::try_hold`] until the holder stops allocating for
+/// good (a thread's exit) or calls [`CpuIds::release`]; a hand-over
+/// between holders is a release/acquire pair, so the next holder sees the
+/// arrays as the last one left them.
+pub unsafe trait CpuIds: Sync {
+    /// The CPU the caller holds, if any (taking a free one on first use).
+    fn current(&self) -> Option<usize>;
+    /// Takes CPU `k` if no one holds it (to drain its arrays).
+    fn try_hold(&self, k: usize) -> bool;
+    /// Gives back a CPU taken with [`CpuIds::try_hold`].
+    fn release(&self, k: usize);
+}
+
+/// No CPUs: every request takes the lock (the kernel's heap today).
+pub struct NoCpus;
+
+// SAFETY: never hands out a CPU.
+unsafe impl CpuIds for NoCpus {
+    #[inline(always)]
+    fn current(&self) -> Option<usize> {
+        None
+    }
+
+    fn try_hold(&self, _: usize) -> bool {
+        false
+    }
+
+    fn release(&self, _: usize) {}
+}
+
+/// One CPU's arrays, on cache lines of their own.
+#[repr(align(128))]
+struct CpuSlot(UnsafeCell<CpuArrays>);
+
+impl CpuSlot {
+    const fn new() -> Self {
+        CpuSlot(UnsafeCell::new(CpuArrays::new()))
+    }
+}
 
 /// Requests larger than this (128 KiB, order 5) go straight to vmalloc:
 /// the kernel's large buffers (reply frames, listings, tables) need only
@@ -27,11 +78,21 @@ use spin::{Mutex, MutexGuard};
 /// its baseline to the byte.
 pub const VMALLOC_THRESHOLD: usize = 128 << 10;
 
-pub struct GlobalMm {
+/// memd-mm as a `GlobalAlloc`, with per-CPU arrays for `CPUS` CPUs as `I`
+/// tells them apart (none by default).
+pub struct GlobalMm<const CPUS: usize = 0, I: CpuIds = NoCpus> {
     inner: Mutex<MemoryManager>,
     /// The architecture's page tables for vmalloc, if it has any.
     vmap: Option<&'static dyn VmapOps>,
+    cpus: [CpuSlot; CPUS],
+    /// Who runs where.
+    ids: I,
 }
+
+// SAFETY: the manager is behind its lock; CPU `k`'s arrays are only touched
+// by whoever holds `k` (`CpuIds`' contract), so no two threads reach one
+// slot at once, and hand-overs are ordered by the implementation.
+unsafe impl<const CPUS: usize, I: CpuIds> Sync for GlobalMm<CPUS, I> {}
 
 impl Default for GlobalMm {
     fn default() -> Self {
@@ -40,11 +101,13 @@ impl Default for GlobalMm {
 }
 
 impl GlobalMm {
-    /// Without vmalloc.
+    /// Without vmalloc and without per-CPU arrays.
     pub const fn new() -> Self {
         GlobalMm {
             inner: Mutex::new(MemoryManager::new()),
             vmap: None,
+            cpus: [],
+            ids: NoCpus,
         }
     }
 
@@ -60,7 +123,100 @@ impl GlobalMm {
         GlobalMm {
             inner: Mutex::new(MemoryManager::new()),
             vmap: Some(ops),
+            cpus: [],
+            ids: NoCpus,
         }
+    }
+}
+
+impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
+    /// Without vmalloc, with per-CPU arrays for the CPUs `ids` hands out
+    /// (those below `CPUS`; others take the lock every time).
+    pub const fn with_cpus(ids: I) -> Self {
+        GlobalMm {
+            inner: Mutex::new(MemoryManager::new()),
+            vmap: None,
+            cpus: [const { CpuSlot::new() }; CPUS],
+            ids,
+        }
+    }
+
+    /// The caller's CPU arrays and the kmalloc class of `layout`, when
+    /// both exist.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    fn cpu_arrays(&self, layout: Layout) -> Option<(&mut CpuArrays, usize)> {
+        if CPUS == 0 {
+            return None;
+        }
+        let class = size_class(layout.size(), layout.align())?;
+        let k = self.ids.current().filter(|&k| k < CPUS)?;
+        // SAFETY: the caller holds CPU `k` (`CpuIds`' contract), so no one
+        // else touches its arrays; the reference lives only within one
+        // allocation or free, which never re-enters the allocator.
+        Some((unsafe { &mut *self.cpus[k].0.get() }, class))
+    }
+
+    /// An object from the caller's CPU arrays (refilled under the lock
+    /// when empty); `None` to take the full path.
+    #[inline(always)]
+    fn cpu_alloc(&self, layout: Layout) -> Option<*mut u8> {
+        let (a, class) = self.cpu_arrays(layout)?;
+        let obj = match a.pop(class) {
+            Some(obj) => obj,
+            None => {
+                let mut mm = self.inner.lock();
+                if !mm.is_initialized() {
+                    return None;
+                }
+                mm.without_faults(|mm| a.refill(class, mm, Gfp::KERNEL | Gfp::MEMALLOC))?
+            }
+        };
+        Some(obj as *mut u8)
+    }
+
+    /// Keeps a freed kmalloc object in the caller's CPU arrays (giving a
+    /// batch back under the lock when full); false to take the full path.
+    #[inline(always)]
+    fn cpu_free(&self, ptr: NonNull<u8>, layout: Layout) -> bool {
+        let Some((a, class)) = self.cpu_arrays(layout) else {
+            return false;
+        };
+        if let Some(ops) = self.vmap {
+            let (start, size) = ops.window();
+            if (start..start + size).contains(&(ptr.as_ptr() as u64)) {
+                return false;
+            }
+        }
+        let obj = ptr.as_ptr() as usize;
+        if !a.push(class, obj) {
+            a.flush(class, &mut self.inner.lock());
+            a.push(class, obj);
+        }
+        true
+    }
+
+    /// Gives every object in the CPU arrays back to the manager: the
+    /// caller's own CPU's, and those of every CPU no one holds now; the
+    /// objects given back.
+    pub fn drain_cpu_arrays(&self) -> usize {
+        let ids = &self.ids;
+        let mine = ids.current();
+        let mut drained = 0;
+        for (k, slot) in self.cpus.iter().enumerate() {
+            let held = Some(k) == mine;
+            if held || ids.try_hold(k) {
+                // SAFETY: we hold CPU `k` (it is ours, or `try_hold` just
+                // took it), so no one else touches its arrays meanwhile.
+                let a = unsafe { &mut *slot.0.get() };
+                drained += a.held();
+                a.flush_all(&mut self.inner.lock());
+                if !held {
+                    ids.release(k);
+                }
+            }
+        }
+        drained
     }
 
     /// Initialises the manager in place, and vmalloc's window if there is
@@ -90,6 +246,14 @@ impl GlobalMm {
     /// request's flags (`Gfp::ZERO` for zeroed memory).
     #[inline(always)]
     fn kvmalloc(&self, layout: Layout, extra: Gfp) -> *mut u8 {
+        if let Some(p) = self.cpu_alloc(layout) {
+            if extra.zero() {
+                // SAFETY: `p` is a fresh object of at least `layout.size()`
+                // bytes.
+                unsafe { p.write_bytes(0, layout.size()) };
+            }
+            return p;
+        }
         let mut mm = self.inner.lock();
         if !mm.is_initialized() {
             return null_mut();
@@ -135,7 +299,7 @@ impl GlobalMm {
 // whoever the current owner tag is (the service leaves it at the last
 // client). Clients' requests stop at `min`, so they cannot take the
 // kernel's lifeline.
-unsafe impl GlobalAlloc for GlobalMm {
+unsafe impl<const CPUS: usize, I: CpuIds> GlobalAlloc for GlobalMm<CPUS, I> {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         self.kvmalloc(layout, Gfp::default())
     }
@@ -148,6 +312,9 @@ unsafe impl GlobalAlloc for GlobalMm {
         let Some(ptr) = NonNull::new(ptr) else {
             return;
         };
+        if self.cpu_free(ptr, layout) {
+            return;
+        }
         let mut mm = self.inner.lock();
         match self.vmap {
             Some(ops) if mm.is_vmalloc_addr(ptr.as_ptr() as usize) => {

@@ -64,6 +64,7 @@ mod bytes;
 mod check;
 mod cma;
 mod cmdline;
+mod cpu_cache;
 mod deferred;
 mod dma;
 mod error;
@@ -101,7 +102,7 @@ mod zone;
 
 pub use access::{slice_mut, DirectMap};
 #[cfg(feature = "std")]
-pub use arena::{HostGlobal, HostMm};
+pub use arena::{HostCpus, HostGlobal, HostMm, HOST_CPUS};
 pub use balloon::BALLOON_ORDER;
 pub use check::{CheckError, CheckWalk};
 pub use cma::{Cma, Extent};
@@ -113,7 +114,7 @@ pub use fault::FaultAttr;
 pub use frame::{Frame, FrameList, FrameListIter, FrameState, FRAME_DESCRIPTOR_BYTES};
 pub use frame_runs::{FrameRun, FrameRuns, RunKind};
 pub use gfp::Gfp;
-pub use global::GlobalMm;
+pub use global::{CpuIds, GlobalMm, NoCpus};
 pub use kmalloc::kmalloc_size_roundup;
 pub use memblock::{MemRegion, Memblock, RegionKind, Reservation, ReserveKind, PAGE_SIZE};
 pub use memory_hotplug::HotplugRegion;

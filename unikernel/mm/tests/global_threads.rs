@@ -1,0 +1,122 @@
+//! memd-mm's `HostGlobal` from many threads: each thread allocates from
+//! and frees to its own CPU's arrays, frees what other threads allocated,
+//! and more threads than CPU slots run at once (the rest take the lock).
+//! Once they are gone and the arrays drained, every invariant holds and
+//! free memory is back where it was.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::mpsc;
+
+use memd_mm::{HostGlobal, Prandom, HOST_CPUS};
+
+static MEMD: HostGlobal = HostGlobal::new(256 << 20);
+
+/// Objects (address, layout) one thread hands another to free.
+struct Batch(Vec<(usize, Layout)>);
+
+fn layout(rng: &mut Prandom) -> Layout {
+    let size = 1 + rng.below(3000) as usize;
+    let align = 1 << rng.below(7);
+    Layout::from_size_align(size, align).unwrap()
+}
+
+fn worker(seed: u64, to_next: mpsc::Sender<Batch>, from_prev: mpsc::Receiver<Batch>) {
+    let mut rng = Prandom::new(seed);
+    let mut live: Vec<(usize, Layout)> = Vec::new();
+    for round in 0..20 {
+        for _ in 0..2_000 {
+            if live.len() > 500 && rng.below(2) == 0 {
+                let (p, l) = live.swap_remove(rng.below(live.len() as u64) as usize);
+                // SAFETY: allocated below with `l`, freed once.
+                unsafe { MEMD.dealloc(p as *mut u8, l) };
+            } else {
+                let l = layout(&mut rng);
+                // SAFETY: a non-zero layout.
+                let p = unsafe { MEMD.alloc(l) };
+                assert!(!p.is_null());
+                assert_eq!(p as usize % l.align(), 0);
+                // SAFETY: `p` has `l.size()` bytes.
+                unsafe { p.write_bytes(seed as u8, l.size()) };
+                live.push((p as usize, l));
+            }
+        }
+        // Half of what is live goes to the next thread to free.
+        let give: Vec<_> = live.drain(..live.len() / 2).collect();
+        to_next.send(Batch(give)).unwrap();
+        if round > 0 {
+            for (p, l) in from_prev.recv().unwrap().0 {
+                // SAFETY: allocated by the previous thread with `l`, handed
+                // over whole, freed once here.
+                unsafe { MEMD.dealloc(p as *mut u8, l) };
+            }
+        }
+    }
+    for (p, l) in live {
+        // SAFETY: as above.
+        unsafe { MEMD.dealloc(p as *mut u8, l) };
+    }
+    // The last batch the previous thread sent.
+    for (p, l) in from_prev.recv().unwrap().0 {
+        // SAFETY: as above.
+        unsafe { MEMD.dealloc(p as *mut u8, l) };
+    }
+}
+
+#[test]
+fn threads_share_objects_through_their_cpu_arrays() {
+    // First use boots the arena; then the baseline.
+    let l = Layout::new::<u64>();
+    // SAFETY: a non-zero layout; freed at once with it.
+    unsafe { MEMD.dealloc(MEMD.alloc(l), l) };
+    MEMD.drain_cpu_arrays();
+    let before = {
+        let mut mm = MEMD.lock();
+        mm.reclaim();
+        mm.meminfo().free
+    };
+    let threads = HOST_CPUS + 4;
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..threads).map(|_| mpsc::channel()).unzip();
+    let mut receivers: Vec<Option<mpsc::Receiver<Batch>>> =
+        receivers.into_iter().map(Some).collect();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let to_next = senders[(t + 1) % threads].clone();
+            let from_prev = receivers[t].take().unwrap();
+            s.spawn(move || worker(0x5eed + t as u64, to_next, from_prev));
+        }
+    });
+    drop(senders);
+    let drained = MEMD.drain_cpu_arrays();
+    let (check, after) = {
+        let mut mm = MEMD.lock();
+        let check = mm.check();
+        mm.reclaim();
+        (check, mm.meminfo().free)
+    };
+    assert!(drained > 0, "the threads' CPU arrays held objects");
+    check.unwrap();
+    assert_eq!(
+        after, before,
+        "free memory is back once the arrays are drained"
+    );
+}
+
+#[global_allocator]
+static GLOBAL: Forward = Forward;
+
+/// The test binary's own allocations (the harness, channels, vectors) go
+/// to the system allocator, so that the figures above are only the
+/// workers'.
+struct Forward;
+
+// SAFETY: forwards to the system allocator.
+unsafe impl GlobalAlloc for Forward {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: forwarded.
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: forwarded.
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+}
