@@ -45,6 +45,10 @@ pub struct GuestArgs {
     /// guest with QMP `qom-set vm0 requested-size`. q35 only.
     #[arg(long, value_name = "SIZE")]
     pub hotplug: Option<String>,
+    /// Virtual CPUs (QEMU `-smp`, 1 to 8): memd starts the others from the
+    /// ACPI MADT; they idle with `hlt` while CPU 0 serves.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub smp: u32,
 }
 
 impl Default for GuestArgs {
@@ -58,6 +62,7 @@ impl Default for GuestArgs {
             icount: false,
             mem_prealloc: false,
             hotplug: None,
+            smp: 1,
         }
     }
 }
@@ -79,7 +84,8 @@ impl GuestArgs {
             .append(words)
             .append(&self.cmdline)
             .icount(self.icount)
-            .mem_prealloc(self.mem_prealloc);
+            .mem_prealloc(self.mem_prealloc)
+            .smp(self.smp);
         let cfg = match hotplug {
             Some(bytes) => cfg.hotplug(bytes)?,
             None => cfg,

@@ -211,6 +211,18 @@ pub(crate) fn print_reply(r: &Reply) {
             if let Some(p) = &s.loop_passes {
                 t.add_row(vec!["loop passes".to_string(), loop_passes(p)]);
             }
+            for (k, c) in s.cpus.iter().enumerate() {
+                let up = (c.busy_ns + c.halted_ns).max(1) as f64;
+                t.add_row(vec![
+                    format!("cpu {k}"),
+                    format!(
+                        "APIC id {}, {}: halted {:.1} %",
+                        c.apic_id,
+                        c.role,
+                        c.halted_ns as f64 * 100.0 / up
+                    ),
+                ]);
+            }
             t.add_row(vec!["connections".to_string(), s.connections.to_string()]);
             t.add_row(vec!["requests".to_string(), s.requests.to_string()]);
             t.add_row(vec!["page size".to_string(), s.page_size.to_string()]);

@@ -191,6 +191,8 @@ pub const MAX_CMDLINE: usize = 4096;
 /// can be handed to the memory manager.
 pub struct BootData {
     pub start_info: u64,
+    /// The ACPI RSDP's physical address, if the firmware gave one.
+    pub rsdp: u64,
     pub map: [E820Entry; MAX_E820],
     pub map_len: usize,
     /// Entries dropped: zero-sized (qboot ends its map with one) or beyond
@@ -264,6 +266,7 @@ pub fn read_start_info(phys: u64, out: &mut BootData) -> Result<(), &'static str
         return Err("memory map above 4 GiB");
     }
     out.start_info = phys;
+    out.rsdp = si.rsdp_paddr;
     out.map_len = 0;
     out.map_dropped = 0;
     for i in 0..si.memmap_entries as usize {
@@ -335,6 +338,7 @@ pub fn hand_over_memory(
     data: &BootData,
     direct_map_offset: u64,
     table_frames: core::ops::Range<u64>,
+    trampoline: Option<core::ops::Range<u64>>,
 ) -> Result<(), MmError> {
     let map = data.memory_map();
     let mut regions = [MemRegion {
@@ -349,7 +353,7 @@ pub fn hand_over_memory(
             kind: region_kind(e.kind),
         };
     }
-    let reserved = [kernel_image(), table_frames];
+    let reserved = [kernel_image(), table_frames, trampoline.unwrap_or(0..0)];
     let info = BootInfo {
         regions: &regions[..map.len()],
         cmdline: data.cmdline(),

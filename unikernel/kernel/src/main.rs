@@ -42,6 +42,7 @@ static ALLOC: GlobalMm = arch::paging::kernel_heap();
 
 static BOOT_DATA: Mutex<BootData> = Mutex::new(BootData {
     start_info: 0,
+    rsdp: 0,
     map: [E820Entry {
         addr: 0,
         size: 0,
@@ -154,16 +155,40 @@ pub fn kmain(start_info: u64) -> ! {
         Err(e) => warn!("idle: no APIC timer ({e:?}): the poll loop never halts"),
     }
 
+    arch::smpboot::boot_cpu();
+    // The CPUs, from the ACPI MADT; with more than one, the page their
+    // start-up code runs from is kept out of the memory manager's hands.
+    let cpus = match arch::acpi::cpus(boot.rsdp) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            info!("smp: {e}; running on the boot CPU alone");
+            None
+        }
+    };
+    let others = cpus.as_ref().is_some_and(|c| c.count > 1);
     if let Err(e) = boot::hand_over_memory(
         &ALLOC,
         &boot,
         paging.direct_map_offset,
         paging.table_frames.clone(),
+        others.then(arch::smpboot::trampoline_range),
     ) {
         error!("memd-mm: initialisation failed: {e}");
         arch::exit::failure();
     }
     log_memory_summary();
+    if let Some(c) = cpus.as_ref().filter(|_| others) {
+        let online = arch::smpboot::start_aps(c.ids());
+        info!(
+            "smp: {online} of {} CPUs online (APIC ids {:?}){}",
+            c.count,
+            c.ids(),
+            match c.left_out {
+                0 => alloc::string::String::new(),
+                n => alloc::format!("; {n} more left out"),
+            }
+        );
+    }
 
     let selftest = cmdline::flag(cmdline, "memd.selftest");
     // Deliberate failures, so the host harness can prove it catches them.

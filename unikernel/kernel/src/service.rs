@@ -55,6 +55,34 @@ impl Env for KernelEnv {
         crate::balloon::target_bytes()
     }
 
+    fn cpus(&mut self) -> Vec<memd_wire::Cpu> {
+        let now = time::uptime_ns();
+        let mut cpus = Vec::new();
+        for k in 0..crate::arch::acpi::MAX_CPUS {
+            let Some((apic_id, since)) = crate::arch::smpboot::cpu(k) else {
+                continue;
+            };
+            cpus.push(if k == 0 {
+                let halted = crate::net::halted_ns();
+                memd_wire::Cpu {
+                    apic_id,
+                    role: "network loop".into(),
+                    busy_ns: now.saturating_sub(halted),
+                    halted_ns: halted,
+                }
+            } else {
+                // The others halt from the moment they are up.
+                memd_wire::Cpu {
+                    apic_id,
+                    role: "idle".into(),
+                    busy_ns: 0,
+                    halted_ns: now.saturating_sub(since),
+                }
+            });
+        }
+        cpus
+    }
+
     fn hotplug(&mut self) -> Option<memd_wire::Hotplug> {
         crate::hotplug::snapshot()
     }

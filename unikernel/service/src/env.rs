@@ -102,6 +102,11 @@ pub trait Env {
         None
     }
 
+    /// The CPUs ([`memd_wire::Status::cpus`]); none by default.
+    fn cpus(&mut self) -> alloc::vec::Vec<memd_wire::Cpu> {
+        alloc::vec::Vec::new()
+    }
+
     /// The virtio-mem device's state ([`memd_wire::Status::hotplug`]);
     /// `None` by default (no device).
     fn hotplug(&mut self) -> Option<memd_wire::Hotplug> {

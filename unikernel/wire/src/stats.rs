@@ -84,6 +84,23 @@ pub struct Status {
     pub balloon_target_bytes: Option<u64>,
     /// The virtio-mem device and the memory it plugged; `None` without one.
     pub hotplug: Option<Hotplug>,
+    /// The CPUs running, the boot CPU first; empty where the environment
+    /// does not say.
+    pub cpus: Vec<Cpu>,
+}
+
+/// One CPU of [`Status::cpus`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Cpu {
+    /// Its local APIC id.
+    pub apic_id: u32,
+    /// What it does: "network loop" on the boot CPU, "idle" on the others
+    /// while nothing hands them work.
+    pub role: String,
+    /// Time it worked since it came up.
+    pub busy_ns: u64,
+    /// Time it halted since it came up.
+    pub halted_ns: u64,
 }
 
 /// Memory plugged at run time through virtio-mem, in ZONE_MOVABLE.

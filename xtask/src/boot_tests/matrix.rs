@@ -45,6 +45,8 @@ pub(super) struct Case {
     pub memmap: bool,
     /// A virtio-mem device with a region of this many bytes (q35).
     pub hotplug: Option<u64>,
+    /// Virtual CPUs.
+    pub smp: u32,
 }
 
 impl Case {
@@ -58,6 +60,7 @@ impl Case {
             net: false,
             memmap: false,
             hotplug: None,
+            smp: 1,
         }
     }
 
@@ -80,6 +83,10 @@ impl Case {
                 .hotplug
                 .map(|b| format!("-hotplug{}", mem_arg(b)))
                 .unwrap_or_default()
+            + &match self.smp {
+                1 => String::new(),
+                n => format!("-smp{n}"),
+            }
     }
 
     /// Whether the reservation cannot fit: DMA32 below the guest's RAM top
@@ -145,11 +152,15 @@ pub(super) fn matrix() -> Vec<Case> {
     }
     // No PIT: boot must not hang, and must say where the TSC rate came from.
     v.push(Case::new(Machine::MicrovmNoPit, GIB));
-    for machine in [Machine::Microvm, Machine::Q35, Machine::MicrovmPcie] {
-        v.push(Case {
-            net: true,
-            ..Case::new(machine, GIB)
-        });
+    // The control plane, also with a second CPU started (and idle).
+    for smp in [1, 2] {
+        for machine in [Machine::Microvm, Machine::Q35, Machine::MicrovmPcie] {
+            v.push(Case {
+                net: true,
+                smp,
+                ..Case::new(machine, GIB)
+            });
+        }
     }
     // A contiguous region above 4 GiB: the self-test's large buffer comes
     // from it under a 64-bit mask, and a 32-bit request is refused.

@@ -134,6 +134,7 @@ pub fn run(args: &BootTestArgs) -> Result<()> {
                 };
                 let mut cfg = QemuConfig::new(qemu_path.clone(), kernel.clone(), case.machine)
                     .mem(&mem_arg(case.mem))
+                    .smp(case.smp)
                     .append(&case.cmdline())
                     .time_bound(Duration::from_secs(args.timeout));
                 if let Some(bytes) = case.hotplug {
@@ -203,6 +204,34 @@ pub fn run(args: &BootTestArgs) -> Result<()> {
     Ok(())
 }
 
+/// Every CPU QEMU was given is up: the status view lists them, the boot
+/// CPU serving and the others idle (halted since they came up).
+fn cpus_check(smp: u32, port: u16, tokens: &crate::tokens::GuestTokens) -> Result<(), String> {
+    let opts = memd_client::Options::new(format!("127.0.0.1:{port}"), &tokens.client);
+    let mut c = memd_client::Client::connect(&opts).map_err(|e| format!("cpus: {e}"))?;
+    let cpus = c.status().map_err(|e| format!("cpus: {e}"))?.cpus;
+    let roles: Vec<&str> = cpus.iter().map(|c| c.role.as_str()).collect();
+    let mut ids: Vec<u32> = cpus.iter().map(|c| c.apic_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let want_roles: Vec<&str> = (0..smp)
+        .map(|k| if k == 0 { "network loop" } else { "idle" })
+        .collect();
+    if roles != want_roles || ids.len() != smp as usize {
+        return Err(format!(
+            "cpus: want {smp} CPUs online, the status view lists {cpus:?}"
+        ));
+    }
+    if cpus
+        .iter()
+        .skip(1)
+        .any(|c| c.busy_ns != 0 || c.halted_ns == 0)
+    {
+        return Err(format!("cpus: the started CPUs should be halted: {cpus:?}"));
+    }
+    Ok(())
+}
+
 /// A served case's endpoint and disk image.
 fn served(case: &Case) -> anyhow::Result<(Endpoint, TempDisk)> {
     let endpoint = Endpoint::temporary("boot-test")?;
@@ -227,6 +256,7 @@ fn serve_checks(
         return Err("a token is on QEMU's command line".into());
     }
     control_port_check(port, tokens)?;
+    cpus_check(case.smp, port, tokens)?;
     owners_check(port, tokens)?;
     reporting_check(port, tokens)?;
     balloon_check(case.mem, port, tokens, &disk.qmp)?;

@@ -124,6 +124,8 @@ pub struct QemuConfig {
     icount: bool,
     /// `-mem-prealloc`.
     mem_prealloc: bool,
+    /// Virtual CPUs (`-smp`).
+    smp: u32,
     /// A virtio-mem device with a region of this many bytes (`maxmem`
     /// raised to match), none plugged at boot.
     hotplug: Option<u64>,
@@ -162,6 +164,7 @@ impl QemuConfig {
             qmp: None,
             icount: false,
             mem_prealloc: false,
+            smp: 1,
             hotplug: None,
             time_bound: DEFAULT_TIME_BOUND,
         }
@@ -214,6 +217,13 @@ impl QemuConfig {
     /// QEMU's monitor on the Unix socket `sock`.
     pub fn monitor(mut self, sock: PathBuf) -> QemuConfig {
         self.monitor = Some(sock);
+        self
+    }
+
+    /// `cpus` virtual CPUs (`-smp`); memd starts the ones after the first
+    /// from the ACPI MADT.
+    pub fn smp(mut self, cpus: u32) -> QemuConfig {
+        self.smp = cpus.max(1);
         self
     }
 
@@ -277,6 +287,9 @@ impl QemuConfig {
             None => {
                 c.args(["-m", &self.mem]);
             }
+        }
+        if self.smp > 1 {
+            c.args(["-smp", &self.smp.to_string()]);
         }
         if self.mem_prealloc {
             c.arg("-mem-prealloc");

@@ -20,6 +20,7 @@ const APIC_BASE_X2APIC: u64 = 1 << 10;
 #[derive(Clone, Copy)]
 #[repr(u64)]
 enum Reg {
+    Id = 0x20,
     TaskPriority = 0x80,
     Eoi = 0xb0,
     Spurious = 0xf0,
@@ -30,6 +31,8 @@ enum Reg {
     InitialCount = 0x380,
     CurrentCount = 0x390,
     Divide = 0x3e0,
+    IcrLow = 0x300,
+    IcrHigh = 0x310,
 }
 
 const LVT_MASKED: u32 = 1 << 16;
@@ -154,4 +157,69 @@ pub fn halt_for(ns: u64) {
     unsafe { core::arch::asm!("sti", "hlt", "cli", options(nostack)) };
     write(regs, Reg::InitialCount, 0);
     write(regs, Reg::Eoi, 0);
+}
+
+/// This CPU's local APIC id (xAPIC: bits 24-31 of the ID register); 0
+/// before `init`.
+pub fn id() -> u32 {
+    match REGS.load(Ordering::Relaxed) {
+        0 => 0,
+        regs => read(regs, Reg::Id) >> 24,
+    }
+}
+
+/// An application processor's APIC, as `init` set up the boot CPU's: on,
+/// every vector accepted, the local interrupt pins and the timer masked
+/// (the CPU idles in `hlt` with interrupts off until there is work for
+/// it). The register page is the same physical page on every CPU.
+pub fn init_ap() {
+    let regs = REGS.load(Ordering::Relaxed);
+    if regs == 0 {
+        return;
+    }
+    let base = rdmsr(APIC_BASE_MSR);
+    wrmsr(APIC_BASE_MSR, base | APIC_BASE_ENABLE);
+    write(regs, Reg::TaskPriority, 0);
+    write(regs, Reg::Spurious, SOFTWARE_ENABLE | SPURIOUS_VECTOR);
+    for lvt in [Reg::LvtLint0, Reg::LvtLint1, Reg::LvtError] {
+        write(regs, lvt, LVT_MASKED);
+    }
+    write(regs, Reg::LvtTimer, LVT_MASKED | WAKE_VECTOR);
+}
+
+/// ICR delivery modes and flags (Intel SDM 10.6.1).
+const ICR_INIT: u32 = 0b101 << 8;
+const ICR_STARTUP: u32 = 0b110 << 8;
+const ICR_ASSERT: u32 = 1 << 14;
+const ICR_PENDING: u32 = 1 << 12;
+
+/// Sends INIT, then STARTUP twice with `vector` (the start page's number:
+/// the CPU starts in real mode at `vector << 12`), to the CPU with APIC id
+/// `apic_id`, with the specification's waits (10 ms, 200 us). False when
+/// `init` found no usable APIC.
+pub fn start_cpu(apic_id: u8, vector: u8) -> bool {
+    let regs = REGS.load(Ordering::Relaxed);
+    if regs == 0 {
+        return false;
+    }
+    let send = |low: u32| {
+        write(regs, Reg::IcrHigh, (apic_id as u32) << 24);
+        write(regs, Reg::IcrLow, low);
+        while read(regs, Reg::IcrLow) & ICR_PENDING != 0 {
+            core::hint::spin_loop();
+        }
+    };
+    let wait = |ns: u64| {
+        let start = time::uptime_ns();
+        while time::uptime_ns() - start < ns {
+            core::hint::spin_loop();
+        }
+    };
+    send(ICR_INIT | ICR_ASSERT);
+    wait(10_000_000);
+    for _ in 0..2 {
+        send(ICR_STARTUP | ICR_ASSERT | vector as u32);
+        wait(200_000);
+    }
+    true
 }

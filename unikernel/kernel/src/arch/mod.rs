@@ -3,11 +3,13 @@
 
 #![allow(unsafe_code)]
 
+pub mod acpi;
 pub mod apic;
 pub mod exit;
 pub mod idt;
 pub mod paging;
 pub mod serial;
+pub mod smpboot;
 pub mod time;
 
 use core::arch::asm;

@@ -519,6 +519,13 @@ fn entry_pdpt(pml4: u64, virt: u64) -> u64 {
     entry(e & ADDR_MASK, index(virt, 30))
 }
 
+/// Physical address of the kernel's top page table (what CR3 holds): the
+/// application processors load it (it lies below 4 GiB, after the kernel
+/// image).
+pub fn kernel_cr3() -> u64 {
+    PML4.load(Ordering::Relaxed)
+}
+
 /// memd-mm as the kernel heap, with vmalloc over [`VMALLOC_START`]
 /// (for `main`'s `#[global_allocator]`).
 pub const fn kernel_heap() -> GlobalMm {

@@ -46,6 +46,7 @@ impl<M: Memory> Service<M> {
             balloon_bytes: balloon,
             balloon_target_bytes: env.balloon_target_bytes(),
             hotplug: env.hotplug(),
+            cpus: env.cpus(),
         }))
     }
 
