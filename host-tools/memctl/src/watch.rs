@@ -182,7 +182,9 @@ pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
     let rows = Layout::default()
         .direction(Direction::Vertical)
         .constraints([
-            Constraint::Length(2 + s.status.hotplug.is_some() as u16),
+            Constraint::Length(
+                2 + s.status.hotplug.is_some() as u16 + (s.status.cpus.len() > 1) as u16,
+            ),
             Constraint::Length(zones.len() as u16 + 3),
             Constraint::Length(zones.len() as u16 + 3),
             Constraint::Min(6),
@@ -259,6 +261,22 @@ pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
         )),
     ];
     let mut head = head;
+    if st.cpus.len() > 1 {
+        let cpus: Vec<String> = st
+            .cpus
+            .iter()
+            .enumerate()
+            .map(|(k, c)| {
+                let up = (c.busy_ns + c.halted_ns).max(1) as f64;
+                format!(
+                    "{k} {} {:.0} % halted",
+                    c.role,
+                    c.halted_ns as f64 * 100.0 / up
+                )
+            })
+            .collect();
+        head.push(Line::from(format!("cpus: {}", cpus.join(" · "))));
+    }
     if let Some(h) = &st.hotplug {
         head.push(Line::from(format!(
             "hot-plug {} of {} requested, {} in use{}",
@@ -530,6 +548,20 @@ mod tests {
                 server: "memd test".into(),
                 total_bytes: 64 << 20,
                 free_bytes: 60 << 20,
+                cpus: vec![
+                    memd_wire::Cpu {
+                        apic_id: 0,
+                        role: "network loop".into(),
+                        busy_ns: 1,
+                        halted_ns: 3,
+                    },
+                    memd_wire::Cpu {
+                        apic_id: 1,
+                        role: "idle".into(),
+                        busy_ns: 0,
+                        halted_ns: 4,
+                    },
+                ],
                 hotplug: Some(memd_wire::Hotplug {
                     requested_bytes: 32 << 20,
                     plugged_bytes: 36 << 20,
@@ -595,6 +627,7 @@ mod tests {
             "CMA 0 B/8 MiB in 0 buffer(s)",
             "hot-plug 36 MiB of 32 MiB requested, 4 MiB in use, 4 MiB in use past the request",
             "Movable",
+            "cpus: 0 network loop 75 % halted · 1 idle 100 % halted",
             "cpu busy 3% halted 95%  812 passes, p99 0.41 ms max 0.63 ms",
             "q quits",
         ] {
