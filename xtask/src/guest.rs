@@ -99,7 +99,7 @@ impl GuestArgs {
         let Some(size) = &self.hotplug else {
             return Ok(None);
         };
-        let bytes = crate::run::parse_size(size).map_err(|_| {
+        let bytes = qemu::qemu_mem_bytes(size).map_err(|_| {
             anyhow::anyhow!("--hotplug {size:?} is not a size (QEMU syntax: 512M, 4G)")
         })?;
         qemu::check_hotplug(self.machine, bytes)?;

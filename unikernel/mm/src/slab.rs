@@ -8,7 +8,8 @@
 //! (poison or red zone) bypass the array so that every free is checked.
 
 use crate::access::{self, DirectMap};
-use crate::frame::{FrameList, FrameState};
+use crate::frame::FrameState;
+use crate::list::FrameList;
 use crate::memblock::PAGE_SIZE;
 use crate::sparse::Frames;
 

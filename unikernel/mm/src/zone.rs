@@ -6,7 +6,8 @@
 //! requests that say `MOVABLE` are served there, so that what it holds can
 //! be freed and the memory given back.
 
-use crate::frame::{Frame, FrameList, FrameState};
+use crate::frame::{Frame, FrameState};
+use crate::list::FrameList;
 use crate::pcp::Pcp;
 
 pub const DMA_LIMIT: u64 = 16 << 20;

@@ -16,6 +16,16 @@
 
 use memd_wire::{CacheSpec, DmaMask, DmaSource, FaultConfig, FaultStatus, FaultTarget, Gfp, Reply};
 
+/// Where a DMA buffer may lie: below `mask`, and in ZONE_MOVABLE (memory
+/// plugged at run time) only when `movable`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// The device's address limit.
+    pub mask: DmaMask,
+    /// Whether memory plugged at run time may serve it.
+    pub movable: bool,
+}
+
 /// A statistics view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum View {

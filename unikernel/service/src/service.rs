@@ -357,7 +357,7 @@ impl<M: Memory> Service<M> {
                     conn,
                     len,
                     align,
-                    dma::Placement { mask, movable },
+                    crate::memory::Placement { mask, movable },
                     true,
                 )
                 .map(Reply::Dma),

@@ -13,7 +13,7 @@ mod config;
 mod run;
 
 pub use accel::{choose_accel, Accel, AccelChoice};
-pub use config::{check_hotplug, QemuConfig};
+pub use config::{check_hotplug, qemu_mem_bytes, QemuConfig};
 pub use run::{free_port, RunOutcome};
 
 pub const QEMU: &str = "qemu-system-x86_64";

@@ -16,16 +16,8 @@ use super::res::{no_handle, wrong_kind, Res};
 use super::views::stats;
 use super::{err, mem_err, Service};
 use crate::env::Env;
-use crate::memory::{Memory, View};
+use crate::memory::{Memory, Placement, View};
 use crate::ConnId;
-
-/// Where a client's DMA buffer may lie: below `mask`, and in ZONE_MOVABLE
-/// (memory plugged at run time) only when `movable`.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Placement {
-    pub(super) mask: DmaMask,
-    pub(super) movable: bool,
-}
 
 impl<M: Memory> Service<M> {
     /// A DMA buffer for `conn`, zeroed unless `zeroed` is false (the

@@ -166,7 +166,7 @@ impl<M: Memory> Service<M> {
                 mask,
                 movable,
             } => {
-                let at = super::dma::Placement { mask, movable };
+                let at = crate::memory::Placement { mask, movable };
                 let info = self.dma_alloc(env, conn, len, align, at, false)?;
                 let (buf, _) = self.dma(conn, info.handle)?;
                 let span = env.with_mem(|m, _| m.dma_span_bytes(buf).map(|b| b.len()));
