@@ -336,8 +336,10 @@ impl HostGlobal {
         self.mm.lock()
     }
 
-    /// Gives the objects in the per-CPU arrays of threads that have exited
-    /// back to the manager (before a check or a baseline); how many.
+    /// Gives the objects in the per-CPU arrays of threads that are gone
+    /// (joined: a thread gives its CPU slot back as it exits, after its
+    /// closure returns) and the caller's own back to the manager, before a
+    /// check or a baseline; how many.
     pub fn drain_cpu_arrays(&self) -> usize {
         self.mm.drain_cpu_arrays()
     }

@@ -1,13 +1,15 @@
-//! memd-mm's `HostGlobal` from many threads: each thread allocates from
-//! and frees to its own CPU's arrays, frees what other threads allocated,
-//! and more threads than CPU slots run at once (the rest take the lock).
-//! Once they are gone and the arrays drained, every invariant holds and
-//! free memory is back where it was.
+//! memd-mm's `HostGlobal` from many threads, as a property test: each
+//! thread allocates from and frees to its own CPU's arrays, frees what
+//! other threads allocated, and up to more threads than CPU slots run at
+//! once (the rest take the lock). At the quiescent point after they are
+//! gone and the arrays are drained, every invariant holds and free memory
+//! is back where it was.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::mpsc;
 
 use memd_mm::{HostGlobal, Prandom, HOST_CPUS};
+use proptest::prelude::*;
 
 static MEMD: HostGlobal = HostGlobal::new(256 << 20);
 
@@ -20,12 +22,18 @@ fn layout(rng: &mut Prandom) -> Layout {
     Layout::from_size_align(size, align).unwrap()
 }
 
-fn worker(seed: u64, to_next: mpsc::Sender<Batch>, from_prev: mpsc::Receiver<Batch>) {
+fn worker(
+    seed: u64,
+    rounds: usize,
+    steps: usize,
+    to_next: mpsc::Sender<Batch>,
+    from_prev: mpsc::Receiver<Batch>,
+) {
     let mut rng = Prandom::new(seed);
     let mut live: Vec<(usize, Layout)> = Vec::new();
-    for round in 0..20 {
-        for _ in 0..2_000 {
-            if live.len() > 500 && rng.below(2) == 0 {
+    for round in 0..rounds {
+        for _ in 0..steps {
+            if live.len() > steps / 4 && rng.below(2) == 0 {
                 let (p, l) = live.swap_remove(rng.below(live.len() as u64) as usize);
                 // SAFETY: allocated below with `l`, freed once.
                 unsafe { MEMD.dealloc(p as *mut u8, l) };
@@ -62,8 +70,12 @@ fn worker(seed: u64, to_next: mpsc::Sender<Batch>, from_prev: mpsc::Receiver<Bat
     }
 }
 
-#[test]
-fn threads_share_objects_through_their_cpu_arrays() {
+/// One run: `threads` workers of `rounds` rounds of `steps` steps each.
+fn run(seed: u64, threads: usize, rounds: usize, steps: usize) -> Result<(), TestCaseError> {
+    // One run at a time: the tests share `MEMD`, and each compares its
+    // free memory against its own baseline.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // First use boots the arena; then the baseline.
     let l = Layout::new::<u64>();
     // SAFETY: a non-zero layout; freed at once with it.
@@ -74,17 +86,21 @@ fn threads_share_objects_through_their_cpu_arrays() {
         mm.reclaim();
         mm.meminfo().free
     };
-    let threads = HOST_CPUS + 4;
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..threads).map(|_| mpsc::channel()).unzip();
     let mut receivers: Vec<Option<mpsc::Receiver<Batch>>> =
         receivers.into_iter().map(Some).collect();
-    std::thread::scope(|s| {
-        for t in 0..threads {
+    // Joined by handle: a join returns once the thread is gone, its CPU
+    // slot given back (a scope's end does not wait for that).
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
             let to_next = senders[(t + 1) % threads].clone();
             let from_prev = receivers[t].take().unwrap();
-            s.spawn(move || worker(0x5eed + t as u64, to_next, from_prev));
-        }
-    });
+            std::thread::spawn(move || worker(seed + t as u64, rounds, steps, to_next, from_prev))
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
     drop(senders);
     let drained = MEMD.drain_cpu_arrays();
     let (check, after) = {
@@ -93,12 +109,36 @@ fn threads_share_objects_through_their_cpu_arrays() {
         mm.reclaim();
         (check, mm.meminfo().free)
     };
-    assert!(drained > 0, "the threads' CPU arrays held objects");
-    check.unwrap();
-    assert_eq!(
-        after, before,
+    prop_assert!(drained > 0, "the threads' CPU arrays held objects");
+    prop_assert!(check.is_ok(), "{check:?}");
+    prop_assert_eq!(
+        after,
+        before,
         "free memory is back once the arrays are drained"
     );
+    Ok(())
+}
+
+#[test]
+fn more_threads_than_cpu_slots() {
+    run(0x5eed, HOST_CPUS + 4, 20, 2_000).unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(match std::env::var_os("PROPTEST_CASES") {
+        Some(_) => ProptestConfig::default().cases,
+        None => 24,
+    }))]
+
+    #[test]
+    fn threads_share_objects_through_their_cpu_arrays(
+        seed in any::<u64>(),
+        threads in 1usize..=HOST_CPUS + 2,
+        rounds in 1usize..6,
+        steps in 50usize..1500,
+    ) {
+        run(seed, threads, rounds, steps)?;
+    }
 }
 
 #[global_allocator]
