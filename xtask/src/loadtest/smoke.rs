@@ -12,8 +12,8 @@ use super::{Args, Profile};
 
 /// The short end-to-end run of `cargo xtask test` (TCG): 8 clients for a
 /// few seconds with 3 % injected faults, the same on q35 while the host
-/// grows and shrinks a virtio-mem device every second, then the exhaustion
-/// test in a 256 MiB guest. Each must pass: no crash, no unexplained error, free
+/// grows and shrinks a virtio-mem device every second, the same with a
+/// second CPU started, then the exhaustion test in a 256 MiB guest. Each must pass: no crash, no unexplained error, free
 /// memory back at its baseline, invariants clean.
 pub fn smoke() -> Result<()> {
     let mixed = Args::smoke(8, 4, Some(3));
@@ -31,9 +31,12 @@ pub fn smoke() -> Result<()> {
     };
     hotplug.guest.machine = crate::qemu::Machine::Q35;
     hotplug.guest.hotplug = Some("1G".into());
+    let mut smp = Args::smoke(8, 4, None);
+    smp.guest.smp = 2;
     for (name, args) in [
         ("mixed+faults", mixed),
         ("mixed+hotplug", hotplug),
+        ("mixed+smp2", smp),
         ("exhaust", exhaust),
     ] {
         let t = Instant::now();
