@@ -1,7 +1,7 @@
 //! The load-test runs of `cargo xtask test`: short, under TCG, each
 //! asserted: the mixed profile with injected faults, the mixed profile
-//! while memory is plugged and unplugged, the exhaustion test, and the
-//! noisy-neighbour run.
+//! while memory is plugged and unplugged, the mixed profile on two CPUs,
+//! the exhaustion test, and the noisy-neighbour run.
 
 use std::time::Instant;
 
