@@ -32,6 +32,9 @@ pub struct Snapshot {
     pub clients: Vec<ClientInfo>,
     /// The guest CPU's busy and halted shares since the previous snapshot.
     pub cpu: Option<CpuShare>,
+    /// Each CPU's halted share since the previous snapshot (empty on the
+    /// first).
+    pub cpus_halted: Vec<f64>,
     /// The service loop's passes since the previous snapshot.
     pub passes: Option<IntervalPasses>,
 }
@@ -43,6 +46,20 @@ pub struct CpuShare {
     pub busy: f64,
     /// Halted while idle.
     pub halted: f64,
+}
+
+/// Each CPU's halted share between two status replies, by position.
+pub fn cpus_halted(before: &Status, after: &Status) -> Vec<f64> {
+    before
+        .cpus
+        .iter()
+        .zip(&after.cpus)
+        .take_while(|(b, a)| b.apic_id == a.apic_id)
+        .map(|(b, a)| {
+            let span = (a.busy_ns + a.halted_ns).saturating_sub(b.busy_ns + b.halted_ns);
+            a.halted_ns.saturating_sub(b.halted_ns) as f64 / span.max(1) as f64
+        })
+        .collect()
 }
 
 impl CpuShare {
@@ -267,12 +284,14 @@ pub fn draw(f: &mut Frame, s: &Snapshot, refreshed: u64, error: Option<&str>) {
             .iter()
             .enumerate()
             .map(|(k, c)| {
+                // Over the last interval, or since boot on the first draw.
                 let up = (c.busy_ns + c.halted_ns).max(1) as f64;
-                format!(
-                    "{k} {} {:.0} % halted",
-                    c.role,
-                    c.halted_ns as f64 * 100.0 / up
-                )
+                let halted = s
+                    .cpus_halted
+                    .get(k)
+                    .copied()
+                    .unwrap_or(c.halted_ns as f64 / up);
+                format!("{k} {} {:.0} % halted", c.role, halted * 100.0)
             })
             .collect();
         head.push(Line::from(format!("cpus: {}", cpus.join(" · "))));
@@ -465,6 +484,7 @@ pub fn run(c: &mut Client, interval: Duration, iterations: Option<u64>) -> io::R
             let error = match fetch(c) {
                 Ok(mut s) => {
                     s.cpu = CpuShare::between(&snap.status, &s.status);
+                    s.cpus_halted = cpus_halted(&snap.status, &s.status);
                     s.passes = IntervalPasses::between(&snap.status, &s.status);
                     snap = s;
                     None
@@ -610,6 +630,7 @@ mod tests {
                 busy: 0.031,
                 halted: 0.952,
             }),
+            cpus_halted: vec![0.5, 1.0],
             passes: Some(IntervalPasses {
                 passes: 812,
                 p99_ns: 410_000,
@@ -627,7 +648,7 @@ mod tests {
             "CMA 0 B/8 MiB in 0 buffer(s)",
             "hot-plug 36 MiB of 32 MiB requested, 4 MiB in use, 4 MiB in use past the request",
             "Movable",
-            "cpus: 0 network loop 75 % halted · 1 idle 100 % halted",
+            "cpus: 0 network loop 50 % halted · 1 idle 100 % halted",
             "cpu busy 3% halted 95%  812 passes, p99 0.41 ms max 0.63 ms",
             "q quits",
         ] {
@@ -654,6 +675,35 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(CpuShare::between(&at(1_000, 0, 0), &unmeasured), None);
+    }
+
+    #[test]
+    fn each_cpu_halted_share_is_over_the_interval() {
+        let cpus = |a: (u64, u64), b: (u64, u64), second_id: u32| Status {
+            cpus: vec![
+                memd_wire::Cpu {
+                    apic_id: 0,
+                    busy_ns: a.0,
+                    halted_ns: a.1,
+                    ..Default::default()
+                },
+                memd_wire::Cpu {
+                    apic_id: second_id,
+                    busy_ns: b.0,
+                    halted_ns: b.1,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let shares = cpus_halted(
+            &cpus((100, 900), (0, 1000), 1),
+            &cpus((400, 1600), (0, 2000), 1),
+        );
+        assert_eq!(shares, [0.7, 1.0]);
+        // A CPU list that changed is compared only as far as it agrees.
+        let shares = cpus_halted(&cpus((0, 0), (0, 0), 1), &cpus((0, 10), (0, 10), 2));
+        assert_eq!(shares, [1.0]);
     }
 
     #[test]
