@@ -36,7 +36,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::guest::Endpoint;
 use crate::qemu::{self, QemuConfig};
@@ -119,43 +119,17 @@ pub fn run(args: &BootTestArgs) -> Result<()> {
                 let Some(case) = queue.lock().unwrap().next() else {
                     break;
                 };
-                // Fresh tokens for each guest that serves, in a private
-                // directory: only their paths go on QEMU's command line.
-                let served = match case.net.then(|| served(case)).transpose() {
-                    Ok(s) => s,
+                let (cfg, served) = match prepare(case, &qemu_path, &kernel, args.timeout) {
+                    Ok(p) => p,
                     Err(e) => {
                         eprintln!("  FAIL  {:<28}", case.name());
                         failures
                             .lock()
                             .unwrap()
-                            .push(format!("{}: setting up the service: {e:#}", case.name()));
+                            .push(format!("{}: {e:#}", case.name()));
                         continue;
                     }
                 };
-                let mut cfg = QemuConfig::new(qemu_path.clone(), kernel.clone(), case.machine)
-                    .mem(&mem_arg(case.mem))
-                    .smp(case.smp)
-                    .append(&case.cmdline())
-                    .time_bound(Duration::from_secs(args.timeout));
-                if let Some(bytes) = case.hotplug {
-                    cfg = match cfg.hotplug(bytes) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            eprintln!("  FAIL  {:<28}", case.name());
-                            failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("{}: {e:#}", case.name()));
-                            continue;
-                        }
-                    };
-                }
-                if let Some((endpoint, disk)) = &served {
-                    cfg = endpoint
-                        .serve(cfg)
-                        .disk(disk.path.clone())
-                        .qmp(disk.qmp.clone());
-                }
                 let t = Instant::now();
                 let verdict = match &served {
                     Some((endpoint, disk)) => {
@@ -237,6 +211,37 @@ fn served(case: &Case) -> anyhow::Result<(Endpoint, TempDisk)> {
     let endpoint = Endpoint::temporary("boot-test")?;
     let disk = TempDisk::new(&case.name())?;
     Ok((endpoint, disk))
+}
+
+/// QEMU's configuration for `case`, within `timeout` seconds, and, for a
+/// case that serves, its endpoint and disk: fresh tokens for each guest,
+/// in a private directory, so only their paths go on QEMU's command line.
+fn prepare(
+    case: &Case,
+    qemu_path: &std::path::Path,
+    kernel: &std::path::Path,
+    timeout: u64,
+) -> anyhow::Result<(QemuConfig, Option<(Endpoint, TempDisk)>)> {
+    let served = case
+        .net
+        .then(|| served(case))
+        .transpose()
+        .context("setting up the service")?;
+    let mut cfg = QemuConfig::new(qemu_path.to_path_buf(), kernel.to_path_buf(), case.machine)
+        .mem(&mem_arg(case.mem))
+        .smp(case.smp)
+        .append(&case.cmdline())
+        .time_bound(Duration::from_secs(timeout));
+    if let Some(bytes) = case.hotplug {
+        cfg = cfg.hotplug(bytes)?;
+    }
+    if let Some((endpoint, disk)) = &served {
+        cfg = endpoint
+            .serve(cfg)
+            .disk(disk.path.clone())
+            .qmp(disk.qmp.clone());
+    }
+    Ok((cfg, served))
 }
 
 /// What a served case checks once the guest is ready: no token on QEMU's
