@@ -177,8 +177,9 @@ pub struct MemoryManager {
     /// Mempools by id; their descriptors are objects of `mempool_t`.
     pub(crate) pools: idr::Idr<mempool::Mempool>,
     pub(crate) cma: Option<Cma>,
-    /// The hot-plug region, once declared (`memory_hotplug.rs`).
-    pub(crate) hotplug: Option<HotplugRegion>,
+    /// The hot-plug region `(start, size)`, once declared
+    /// (`memory_hotplug.rs`).
+    pub(crate) hotplug: Option<(u64, u64)>,
     /// The balloon's blocks (`balloon.rs`), linked through their heads.
     pub(crate) balloon: FrameList,
     pub(crate) balloon_deflate_on_oom: bool,

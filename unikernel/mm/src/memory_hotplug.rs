@@ -32,7 +32,7 @@ pub struct HotplugRegion {
     /// Physical address of the region's first byte.
     pub start: u64,
     pub size: u64,
-    /// Bytes online in ZONE_MOVABLE.
+    /// Bytes online in ZONE_MOVABLE (all of the zone: nothing else feeds it).
     pub plugged: u64,
     /// Sections with frame descriptors, and their descriptors' bytes.
     pub sections: u64,
@@ -80,11 +80,7 @@ impl MemoryManager {
         self.frames.set_region(first as usize, shift, sections);
         self.pageblocks
             .set_region((first >> order) as usize, shift - order, counts);
-        self.hotplug = Some(HotplugRegion {
-            start,
-            size,
-            ..HotplugRegion::default()
-        });
+        self.hotplug = Some((start, size));
         Ok(())
     }
 
@@ -100,19 +96,28 @@ impl MemoryManager {
 
     /// The hot-plug region, if one is declared.
     pub fn hotplug_region(&self) -> Option<HotplugRegion> {
-        self.hotplug
+        let (start, size) = self.hotplug?;
+        let sections = self.frames.sections_present() as u64;
+        Some(HotplugRegion {
+            start,
+            size,
+            plugged: self.zones[ZoneType::Movable as usize].managed * PAGE_SIZE,
+            sections,
+            memmap_bytes: sections
+                * (self.frames.section_frames() * core::mem::size_of::<Frame>()) as u64,
+        })
     }
 
     /// The frames `[first, last)` of `[start, start + size)`, checked to lie
     /// in the region.
     fn hotplug_range(&self, start: u64, size: u64) -> Result<(u64, u64), MmError> {
-        let region = self
+        let (region_start, region_size) = self
             .hotplug
             .ok_or(MmError::Invalid("no hot-plug region declared"))?;
         if size == 0 || !start.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
             return Err(MmError::Invalid("range empty or not page aligned"));
         }
-        if start < region.start || start.saturating_add(size) > region.start + region.size {
+        if start < region_start || start.saturating_add(size) > region_start + region_size {
             return Err(MmError::Invalid("range outside the hot-plug region"));
         }
         Ok((start / PAGE_SIZE, (start + size) / PAGE_SIZE))
@@ -170,9 +175,6 @@ impl MemoryManager {
             self.max_order,
         );
         self.zones_changed();
-        if let Some(r) = &mut self.hotplug {
-            r.plugged += size;
-        }
         Ok(())
     }
 
@@ -239,9 +241,6 @@ impl MemoryManager {
         }
         self.sections_tidy(first, last);
         self.zones_changed();
-        if let Some(r) = &mut self.hotplug {
-            r.plugged -= size;
-        }
         Ok(())
     }
 
@@ -249,8 +248,8 @@ impl MemoryManager {
     /// order (for the memory map: plugged memory is RAM too). Walks the
     /// frames of the sections that have descriptors.
     pub fn plugged_ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let (first, last) = self.hotplug.map_or((0, 0), |r| {
-            (r.start / PAGE_SIZE, (r.start + r.size) / PAGE_SIZE)
+        let (first, last) = self.hotplug.map_or((0, 0), |(start, size)| {
+            (start / PAGE_SIZE, (start + size) / PAGE_SIZE)
         });
         let order = self.pageblocks.order;
         let block = 1u64 << order;
@@ -292,13 +291,6 @@ impl MemoryManager {
             let end = pfn.min(last);
             Some((start * PAGE_SIZE, end * PAGE_SIZE))
         })
-    }
-
-    /// Frames of `[start, start + size)` that are online and not free
-    /// (what keeps it from going offline).
-    pub fn hotplug_busy_pages(&self, start: u64, size: u64) -> Result<u64, MmError> {
-        let (first, last) = self.hotplug_range(start, size)?;
-        self.movable_busy(first, last)
     }
 
     /// Frames of `[first, last)` not covered by a free buddy block: in use,
@@ -354,22 +346,13 @@ impl MemoryManager {
         };
         self.frames.section_add(s, frames);
         self.pageblocks.section_add(s, counts);
-        if let Some(r) = &mut self.hotplug {
-            r.sections += 1;
-            r.memmap_bytes += (n * core::mem::size_of::<Frame>()) as u64;
-        }
         Ok(())
     }
 
     /// Frees section `s`'s descriptors and counts.
     fn section_depopulate(&mut self, s: usize) {
         if let Some(frames) = self.frames.section_remove(s) {
-            let bytes = core::mem::size_of_val(frames) as u64;
             self.table_free(frames);
-            if let Some(r) = &mut self.hotplug {
-                r.sections -= 1;
-                r.memmap_bytes -= bytes;
-            }
         }
         if let Some(counts) = self.pageblocks.section_remove(s) {
             self.table_free(counts);

@@ -158,6 +158,11 @@ impl Frames {
         1 << self.shift
     }
 
+    /// Sections with frames.
+    pub(crate) fn sections_present(&self) -> usize {
+        self.sections.iter().filter(|s| s.is_some()).count()
+    }
+
     /// Whether section `s` has frames.
     pub(crate) fn section_present(&self, s: usize) -> bool {
         self.sections.get(s).is_some_and(|x| x.is_some())
