@@ -125,15 +125,22 @@ fn set_entry(table: u64, index: u64, value: u64) {
     unsafe { table_ptr(table).add(index as usize).write(value) }
 }
 
-/// Returns the next-level table under `table[index]`, allocating it.
-fn next_table(bump: &mut Bump, table: u64, index: u64) -> u64 {
+/// The next-level table under `table[index]`: the one there, or a new one
+/// from `alloc` (a zeroed frame, so it maps nothing); `None` when `alloc`
+/// has no frame.
+fn table_under(table: u64, index: u64, alloc: impl FnOnce() -> Option<u64>) -> Option<u64> {
     let e = entry(table, index);
     if e & P != 0 {
-        return e & ADDR_MASK;
+        return Some(e & ADDR_MASK);
     }
-    let t = bump.alloc();
+    let t = alloc()?;
     set_entry(table, index, t | P | RW);
-    t
+    Some(t)
+}
+
+/// Returns the next-level table under `table[index]`, allocating it.
+fn next_table(bump: &mut Bump, table: u64, index: u64) -> u64 {
+    table_under(table, index, || Some(bump.alloc())).expect("the bump allocator always has a frame")
 }
 
 fn classify(chunk: u64, map: &[E820Entry], low_top: u64) -> Kind {
@@ -292,23 +299,17 @@ pub fn map_mmio(
         let virt = DIRECT_MAP_OFFSET + chunk;
         let mut table = pml4;
         for (shift, leaf_ok) in [(39, false), (30, true)] {
-            let index = (virt >> shift) & 511;
-            let e = entry(table, index);
-            if e & P == 0 {
-                let t = alloc_table().ok_or(MapError::NoMemory)?;
-                set_entry(table, index, t | P | RW);
-                table = t;
-            } else if e & PS != 0 && leaf_ok {
+            let i = index(virt, shift);
+            if leaf_ok && entry(table, i) & (P | PS) == P | PS {
                 // A 1 GiB page: the boot map only uses those for RAM.
                 return Err(MapError::OverlapsRam);
-            } else {
-                table = e & ADDR_MASK;
             }
+            table = table_under(table, i, &mut *alloc_table).ok_or(MapError::NoMemory)?;
         }
-        let index = (virt >> 21) & 511;
-        let e = entry(table, index);
+        let i = index(virt, 21);
+        let e = entry(table, i);
         if e & P == 0 {
-            set_entry(table, index, chunk | P | RW | PS | PCD | PWT);
+            set_entry(table, i, chunk | P | RW | PS | PCD | PWT);
             changed = true;
         } else if e & PCD == 0 {
             return Err(MapError::OverlapsRam);
@@ -428,18 +429,11 @@ pub fn map_ram(
         let virt = DIRECT_MAP_OFFSET + chunk;
         let mut table = pml4;
         for shift in [39, 30] {
-            let i = index(virt, shift);
-            let e = entry(table, i);
-            table = if e & P != 0 {
-                e & ADDR_MASK
-            } else {
-                let Some(t) = alloc_table() else {
-                    result = Err(MapError::NoMemory);
-                    break 'chunks;
-                };
-                set_entry(table, i, t | P | RW);
-                t
+            let Some(t) = table_under(table, index(virt, shift), &mut *alloc_table) else {
+                result = Err(MapError::NoMemory);
+                break 'chunks;
             };
+            table = t;
         }
         set_entry(table, index(virt, 21), chunk | P | RW | PS);
         changed = true;
@@ -604,16 +598,9 @@ impl VmapOps for KernelVmalloc {
         }
         let mut table = pdpt;
         for shift in [30, 21] {
-            let i = index(virt, shift);
-            let e = entry(table, i);
-            table = if e & P != 0 {
-                e & ADDR_MASK
-            } else {
-                // memd-mm hands out zeroed frames: a new table maps nothing.
-                let t = tables.alloc_table().ok_or(MmError::NoMemory)?;
-                set_entry(table, i, t | P | RW);
-                t
-            };
+            // memd-mm hands out zeroed frames: a new table maps nothing.
+            table = table_under(table, index(virt, shift), || tables.alloc_table())
+                .ok_or(MmError::NoMemory)?;
         }
         let i = index(virt, 12);
         if entry(table, i) & P != 0 {
