@@ -689,9 +689,13 @@ impl Client {
             r => unexpected(r),
         }
     }
-    /// In-guest stress run.
+    /// In-guest stress run on one CPU.
     pub fn stress(&mut self, ops: u64, seed: u64) -> Result<StressReport> {
-        match self.call(Op::Stress { ops, seed })? {
+        self.stress_on(ops, seed, 1)
+    }
+    /// In-guest stress run on `cpus` CPUs at once.
+    pub fn stress_on(&mut self, ops: u64, seed: u64, cpus: u32) -> Result<StressReport> {
+        match self.call(Op::Stress { ops, seed, cpus })? {
             Reply::Stress(s) => Ok(s),
             r => unexpected(r),
         }

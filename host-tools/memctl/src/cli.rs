@@ -277,6 +277,10 @@ pub(crate) enum Cmd {
         ops: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// CPUs to run on at once (the network loop's among them; `memctl
+        /// status` lists them).
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
     },
     /// Fault injection (failslab / fail_page_alloc): with --slab and/or
     /// --page, set those rules; then show both with their counters (calls

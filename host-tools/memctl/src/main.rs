@@ -150,7 +150,7 @@ pub(crate) fn to_op(cmd: Cmd) -> Result<Op, Fail> {
         Cmd::DmaReadDisk { handle, sector } => Op::DmaReadDisk { handle, sector },
         Cmd::Check => Op::Check,
         Cmd::DropCaches => Op::DropCaches,
-        Cmd::Stress { ops, seed } => Op::Stress { ops, seed },
+        Cmd::Stress { ops, seed, cpus } => Op::Stress { ops, seed, cpus },
         Cmd::Shutdown => Op::Shutdown,
         Cmd::Fault { .. } => Op::Faults,
         Cmd::Batch { .. }

@@ -66,7 +66,11 @@ mod tests {
         let pb = bar(10, "x", true);
         pb.inc(4);
         assert_eq!(pb.position(), 4);
-        assert!(is_long(&Op::Stress { ops: 1, seed: 1 }));
+        assert!(is_long(&Op::Stress {
+            ops: 1,
+            seed: 1,
+            cpus: 1
+        }));
         assert!(!is_long(&Op::Status));
     }
 }

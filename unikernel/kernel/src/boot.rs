@@ -11,7 +11,7 @@
 
 use core::arch::global_asm;
 
-use memd_mm::{BootInfo, GlobalMm, MemRegion, MmError, RegionKind};
+use memd_mm::{BootInfo, MemRegion, MmError, RegionKind};
 
 /// `XEN_ELFNOTE_PHYS32_ENTRY`: the note type holding the 32-bit entry point.
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
@@ -334,7 +334,7 @@ fn region_kind(e820: u32) -> RegionKind {
 /// from `data`, the direct map at `direct_map_offset`, and the kernel image
 /// (with its stack and statics) and the page tables' frames as reserved.
 pub fn hand_over_memory(
-    mm: &GlobalMm,
+    mm: &crate::arch::paging::KernelHeap,
     data: &BootData,
     direct_map_offset: u64,
     table_frames: core::ops::Range<u64>,

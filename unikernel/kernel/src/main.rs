@@ -24,12 +24,12 @@ mod net;
 mod passes;
 mod selftest;
 mod service;
+mod workqueue;
 
 use alloc::string::String;
 use core::fmt::Write;
 
 use log::{error, info, warn};
-use memd_mm::GlobalMm;
 use spin::Mutex;
 
 use crate::arch::time::TscSource;
@@ -38,7 +38,7 @@ use crate::boot::{BootData, E820Entry, MAX_CMDLINE, MAX_E820};
 /// memd-mm is the kernel's allocator (kmalloc + buddy behind a spin lock,
 /// vmalloc for large requests).
 #[global_allocator]
-static ALLOC: GlobalMm = arch::paging::kernel_heap();
+static ALLOC: arch::paging::KernelHeap = arch::paging::kernel_heap();
 
 static BOOT_DATA: Mutex<BootData> = Mutex::new(BootData {
     start_info: 0,
@@ -68,6 +68,7 @@ fn e820_name(kind: u32) -> &'static str {
 
 /// The kernel proper, entered from `boot` in 64-bit mode on the boot stack.
 pub fn kmain(start_info: u64) -> ! {
+    arch::percpu::init(0);
     arch::time::mark_boot();
     arch::serial::init();
     logger::init();
@@ -178,7 +179,7 @@ pub fn kmain(start_info: u64) -> ! {
     }
     log_memory_summary();
     if let Some(c) = cpus.as_ref().filter(|_| others) {
-        let online = arch::smpboot::start_aps(c.ids());
+        let online = arch::smpboot::start_aps(c.ids(), workqueue::worker);
         info!(
             "smp: {online} of {} CPUs online (APIC ids {:?}){}",
             c.count,

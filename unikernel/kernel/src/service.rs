@@ -6,7 +6,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use memd_mm::MemoryManager;
-use memd_service::{BlockDevice, Config, DeviceDma, Env, Service};
+use memd_service::{BlockDevice, Config, DeviceDma, Env, Job, PerCpuMemory, Service};
 
 use crate::arch::time;
 use crate::drivers::hal;
@@ -43,6 +43,18 @@ impl Env for KernelEnv {
         time::uptime_ns()
     }
 
+    fn percpu(&mut self) -> Option<&'static dyn PerCpuMemory> {
+        Some(&ALLOC)
+    }
+
+    fn work_cpus(&mut self) -> usize {
+        crate::arch::smpboot::online().saturating_sub(1) as usize
+    }
+
+    fn queue_on(&mut self, cpu: usize, job: Job) -> Result<(), Job> {
+        crate::workqueue::queue_work_on(cpu, job)
+    }
+
     fn busy_ns(&mut self) -> Option<u64> {
         Some(crate::net::busy_ns())
     }
@@ -71,12 +83,19 @@ impl Env for KernelEnv {
                     halted_ns: halted,
                 }
             } else {
-                // The others halt from the moment they are up.
+                // The others halt from the moment they are up but for the
+                // jobs they run.
+                let busy = crate::workqueue::busy_ns(k);
                 memd_wire::Cpu {
                     apic_id,
-                    role: "idle".into(),
-                    busy_ns: 0,
-                    halted_ns: now.saturating_sub(since),
+                    role: if crate::workqueue::busy(k) {
+                        "worker (running a job)"
+                    } else {
+                        "worker"
+                    }
+                    .into(),
+                    busy_ns: busy,
+                    halted_ns: now.saturating_sub(since).saturating_sub(busy),
                 }
             });
         }

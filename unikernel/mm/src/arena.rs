@@ -336,12 +336,32 @@ impl HostGlobal {
         self.mm.lock()
     }
 
-    /// Gives the objects in the per-CPU arrays of threads that are gone
-    /// (joined: a thread gives its CPU slot back as it exits, after its
-    /// closure returns) and the caller's own back to the manager, before a
-    /// check or a baseline; how many.
-    pub fn drain_cpu_arrays(&self) -> usize {
-        self.mm.drain_cpu_arrays()
+    /// Gives what the per-CPU caches of threads that are gone (joined: a
+    /// thread gives its CPU slot back as it exits, after its closure
+    /// returns) and the caller's own hold back to the manager, before a
+    /// check or a baseline.
+    pub fn drain_cpu_caches(&self) -> crate::Drained {
+        self.mm.drain_cpu_caches()
+    }
+
+    /// `2^order` pages ([`crate::GlobalMm::alloc_pages`]: through the
+    /// caller's CPU page list).
+    pub fn alloc_pages(&self, order: u32) -> Option<crate::PageBlock> {
+        if !self.ensure() {
+            return None;
+        }
+        self.mm.alloc_pages(order)
+    }
+
+    /// Frees what [`HostGlobal::alloc_pages`] returned.
+    pub fn free_pages(&self, block: crate::PageBlock) {
+        self.mm.free_pages(block);
+    }
+
+    /// Where `block`'s bytes are in the arena.
+    pub fn page_ptr(&self, block: &crate::PageBlock) -> Option<core::ptr::NonNull<u8>> {
+        let base = (*self.ready.get()?)?;
+        core::ptr::NonNull::new((base as u64 + block.phys()) as *mut u8)
     }
 }
 

@@ -1,17 +1,24 @@
-//! Per-CPU arrays of free kmalloc objects in front of the manager's lock
-//! (Linux SLAB's `kmem_cache->cpu_cache`, SLUB's `kmem_cache_cpu`).
+//! Per-CPU caches in front of the manager's lock: arrays of free kmalloc
+//! objects (Linux SLAB's `kmem_cache->cpu_cache`, SLUB's
+//! `kmem_cache_cpu`) and lists of free page blocks of orders up to
+//! [`PCP_MAX_ORDER`] (Linux's `per_cpu_pages`, which since 5.14 holds
+//! orders up to `PAGE_ALLOC_COSTLY_ORDER` too).
 //!
-//! [`crate::GlobalMm`] keeps one [`CpuArrays`] per CPU. A CPU allocates
-//! from and frees to its own arrays without taking the manager's lock;
-//! only when an array runs empty or full does it move [`CPU_BATCH`]
-//! objects from or to the kmalloc caches, under the lock. Objects in these
-//! arrays are allocated as far as the manager is concerned (its checker,
-//! its statistics): they are the CPU's, as in Linux, until
-//! [`CpuArrays::flush_all`] gives them back.
+//! [`crate::GlobalMm`] keeps one [`CpuArrays`] and one [`CpuPages`] per
+//! CPU. A CPU allocates from and frees to its own caches without taking
+//! the manager's lock; only when one runs empty or full does it move a
+//! batch from or to the manager, under the lock. What these caches hold is
+//! allocated as far as the manager is concerned (its checker, its
+//! statistics: page blocks are the kernel's, like the frames on Linux's
+//! pcp lists, which `MemFree` does not count): it is the CPU's until
+//! `flush_all` gives it back.
 
 use crate::gfp::Gfp;
 use crate::kmalloc::NR_KMALLOC;
+use crate::owner::Owner;
+use crate::pcp::PCP_BATCH;
 use crate::MemoryManager;
+use spin::Mutex;
 
 /// Objects an array holds at most, per size class.
 pub(crate) const CPU_LIMIT: usize = 64;
@@ -87,6 +94,101 @@ impl CpuArrays {
     /// Objects held, all classes.
     pub(crate) fn held(&self) -> usize {
         self.avail.iter().map(|&n| n as usize).sum()
+    }
+}
+
+/// The highest order a CPU's page lists hold (Linux's
+/// `PAGE_ALLOC_COSTLY_ORDER`).
+pub const PCP_MAX_ORDER: usize = 3;
+/// Blocks a CPU's list of one order holds at most: four batches.
+const PAGES_LIMIT: usize = 4 * PCP_BATCH;
+
+/// Blocks of `order` moved between a list and the manager at a time: a
+/// batch of [`PCP_BATCH`] frames' worth, at least one block.
+const fn page_batch(order: usize) -> usize {
+    let n = PCP_BATCH >> order;
+    if n == 0 {
+        1
+    } else {
+        n
+    }
+}
+
+/// One CPU's free page blocks, by order (physical addresses).
+pub(crate) struct CpuPages {
+    count: [u8; PCP_MAX_ORDER + 1],
+    blocks: [[u64; PAGES_LIMIT]; PCP_MAX_ORDER + 1],
+}
+
+impl CpuPages {
+    pub(crate) const fn new() -> Self {
+        CpuPages {
+            count: [0; PCP_MAX_ORDER + 1],
+            blocks: [[0; PAGES_LIMIT]; PCP_MAX_ORDER + 1],
+        }
+    }
+
+    /// A block of `order` (at most [`PCP_MAX_ORDER`]), refilled with a
+    /// batch from the manager when the list is empty; `None` when the
+    /// manager has none. Refills are the kernel's pages.
+    pub(crate) fn alloc(&mut self, order: usize, inner: &Mutex<MemoryManager>) -> Option<u64> {
+        if let Some(n) = self.count[order].checked_sub(1) {
+            self.count[order] = n;
+            return Some(self.blocks[order][n as usize]);
+        }
+        let mut mm = inner.lock();
+        if !mm.is_initialized() {
+            return None;
+        }
+        let was = mm.owner();
+        mm.owners.current = Owner::KERNEL;
+        let mut got = 0usize;
+        for slot in &mut self.blocks[order][..page_batch(order)] {
+            match mm.alloc_pages(order as u32, Gfp::KERNEL) {
+                Ok(phys) => *slot = phys,
+                Err(_) => break,
+            }
+            got += 1;
+        }
+        mm.owners.current = was;
+        let n = got.checked_sub(1)?;
+        self.count[order] = n as u8;
+        Some(self.blocks[order][n])
+    }
+
+    /// Keeps block `phys` of `order`; when the list is full, first gives
+    /// its oldest batch back to the manager.
+    pub(crate) fn free(&mut self, phys: u64, order: usize, inner: &Mutex<MemoryManager>) {
+        let n = self.count[order] as usize;
+        if n == PAGES_LIMIT {
+            let batch = page_batch(order);
+            let mut mm = inner.lock();
+            for &b in &self.blocks[order][..batch] {
+                let freed = mm.free_pages(b, order as u32);
+                debug_assert!(freed.is_ok(), "a CPU list's block: {freed:?}");
+            }
+            self.blocks[order].copy_within(batch..n, 0);
+            self.count[order] = (n - batch) as u8;
+        }
+        let n = self.count[order] as usize;
+        self.blocks[order][n] = phys;
+        self.count[order] += 1;
+    }
+
+    /// Gives every block back to the manager.
+    pub(crate) fn flush_all(&mut self, mm: &mut MemoryManager) {
+        for order in 0..=PCP_MAX_ORDER {
+            for &b in &self.blocks[order][..self.count[order] as usize] {
+                let freed = mm.free_pages(b, order as u32);
+                debug_assert!(freed.is_ok(), "a CPU list's block: {freed:?}");
+            }
+            self.count[order] = 0;
+        }
+    }
+
+    /// Blocks held, by order.
+    pub(crate) fn held(&self) -> [u8; PCP_MAX_ORDER + 1] {
+        self.count
     }
 }
 

@@ -1,7 +1,7 @@
 //! `GlobalAlloc` over kmalloc, the buddy and vmalloc, behind a spin lock
 //! (Linux's `kvmalloc` / `kvfree`), with per-CPU arrays of kmalloc objects
-//! in front of the lock when the environment says which CPU runs
-//! ([`CpuIds`], `cpu_cache.rs`).
+//! and per-CPU page lists in front of the lock when the environment says
+//! which CPU runs ([`CpuIds`], `cpu_cache.rs`).
 //!
 //! The kernel's `#[global_allocator]` is this; so can a host program's be
 //! (see the `arena` module), which is how memd-mm is benchmarked against
@@ -9,14 +9,16 @@
 //! [`GlobalMm::with_vmalloc`] has vmalloc; without it (the host) large
 //! requests are buddy blocks.
 
-use crate::cpu_cache::CpuArrays;
+use crate::cpu_cache::{CpuArrays, CpuPages, PCP_MAX_ORDER};
 use crate::gfp::Gfp;
 use crate::kmalloc::size_class;
+use crate::owner::Owner;
 use crate::vmalloc::VmapOps;
 use crate::{BootInfo, MemoryManager, MmError};
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::ptr::{null_mut, NonNull};
+use core::sync::atomic::{AtomicU32, Ordering};
 use spin::{Mutex, MutexGuard};
 
 /// Which CPU the caller runs on: the key to the per-CPU arrays.
@@ -36,6 +38,14 @@ pub unsafe trait CpuIds: Sync {
     fn try_hold(&self, k: usize) -> bool;
     /// Gives back a CPU taken with [`CpuIds::try_hold`].
     fn release(&self, k: usize);
+    /// For environments that use the caches only on request: turns the
+    /// caller's CPU's on, so that `current` names it until `leave`. The
+    /// kernel does, so that the CPU running its network loop keeps exact
+    /// counts outside work that asks for the caches. Nothing by default.
+    fn enter(&self) {}
+    /// Turns them off again (after [`GlobalMm::cpu_leave`] has emptied
+    /// them). Nothing by default.
+    fn leave(&self) {}
 }
 
 /// No CPUs: every request takes the lock (the kernel's heap today).
@@ -55,14 +65,88 @@ unsafe impl CpuIds for NoCpus {
     fn release(&self, _: usize) {}
 }
 
-/// One CPU's arrays, on cache lines of their own.
+/// One CPU's caches.
+struct CpuCaches {
+    arrays: CpuArrays,
+    pages: CpuPages,
+}
+
+/// One CPU's caches, on cache lines of their own, and the frames its page
+/// lists hold, published for readers on other CPUs.
 #[repr(align(128))]
-struct CpuSlot(UnsafeCell<CpuArrays>);
+struct CpuSlot {
+    caches: UnsafeCell<CpuCaches>,
+    frames: AtomicU32,
+}
 
 impl CpuSlot {
     const fn new() -> Self {
-        CpuSlot(UnsafeCell::new(CpuArrays::new()))
+        CpuSlot {
+            caches: UnsafeCell::new(CpuCaches {
+                arrays: CpuArrays::new(),
+                pages: CpuPages::new(),
+            }),
+            frames: AtomicU32::new(0),
+        }
     }
+
+    /// Publishes the frames the page lists hold.
+    fn publish(&self, pages: &CpuPages) {
+        let frames = (0..=PCP_MAX_ORDER)
+            .map(|o| (pages.held()[o] as u32) << o)
+            .sum();
+        self.frames.store(frames, Ordering::Relaxed);
+    }
+}
+
+/// A page block from [`GlobalMm::alloc_pages`]: it frees only through
+/// [`GlobalMm::free_pages`], once.
+#[derive(Debug)]
+pub struct PageBlock {
+    phys: u64,
+    order: u32,
+    from: usize,
+}
+
+impl PageBlock {
+    /// The block's physical address.
+    pub fn phys(&self) -> u64 {
+        self.phys
+    }
+
+    /// Its order: `2^order` pages.
+    pub fn order(&self) -> u32 {
+        self.order
+    }
+}
+
+/// An object from [`GlobalMm::kmalloc`]: it frees only through
+/// [`GlobalMm::kfree`], once.
+#[derive(Debug)]
+pub struct KObj {
+    ptr: NonNull<u8>,
+    layout: Layout,
+    from: usize,
+}
+
+// SAFETY: a `KObj` is the right to free one object, which any CPU may do;
+// it gives no access to the object's bytes.
+unsafe impl Send for KObj {}
+
+impl KObj {
+    /// The object's address.
+    pub fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+}
+
+/// What a drain gave back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// kmalloc objects from the per-CPU arrays.
+    pub objects: usize,
+    /// Page blocks from the per-CPU page lists.
+    pub blocks: usize,
 }
 
 /// Requests larger than this (128 KiB, order 5) go straight to vmalloc:
@@ -141,6 +225,30 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
         }
     }
 
+    /// With vmalloc over `ops`' window (as [`GlobalMm::with_vmalloc`]) and
+    /// per-CPU caches for the CPUs `ids` hands out.
+    ///
+    /// # Safety
+    /// As for [`GlobalMm::with_vmalloc`].
+    pub const unsafe fn with_vmalloc_cpus(ops: &'static dyn VmapOps, ids: I) -> Self {
+        GlobalMm {
+            inner: Mutex::new(MemoryManager::new()),
+            vmap: Some(ops),
+            cpus: [const { CpuSlot::new() }; CPUS],
+            ids,
+        }
+    }
+
+    /// The caller's CPU's slot, if it holds one.
+    #[inline(always)]
+    fn cpu_slot(&self) -> Option<&CpuSlot> {
+        if CPUS == 0 {
+            return None;
+        }
+        let k = self.ids.current().filter(|&k| k < CPUS)?;
+        Some(&self.cpus[k])
+    }
+
     /// The caller's CPU arrays and the kmalloc class of `layout`, when
     /// both exist.
     #[inline(always)]
@@ -150,11 +258,123 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
             return None;
         }
         let class = size_class(layout.size(), layout.align())?;
-        let k = self.ids.current().filter(|&k| k < CPUS)?;
-        // SAFETY: the caller holds CPU `k` (`CpuIds`' contract), so no one
-        // else touches its arrays; the reference lives only within one
+        let slot = self.cpu_slot()?;
+        // SAFETY: the caller holds this CPU (`CpuIds`' contract), so no
+        // one else touches its caches; the reference lives only within one
         // allocation or free, which never re-enters the allocator.
-        Some((unsafe { &mut *self.cpus[k].0.get() }, class))
+        Some((unsafe { &mut (*slot.caches.get()).arrays }, class))
+    }
+
+    /// `2^order` pages for the kernel: from the caller's CPU page list
+    /// for orders up to [`PCP_MAX_ORDER`] (refilled in a batch under the
+    /// lock when empty), otherwise from the manager under the lock. `None`
+    /// when memory is short.
+    pub fn alloc_pages(&self, order: u32) -> Option<PageBlock> {
+        let phys = match self.cpu_slot().filter(|_| order as usize <= PCP_MAX_ORDER) {
+            Some(slot) => {
+                // SAFETY: as in `cpu_arrays`; the refill takes the lock,
+                // which never reaches back into these caches.
+                let pages = unsafe { &mut (*slot.caches.get()).pages };
+                let got = pages.alloc(order as usize, &self.inner);
+                slot.publish(pages);
+                got?
+            }
+            None => {
+                let mut mm = self.inner.lock();
+                if !mm.is_initialized() {
+                    return None;
+                }
+                let was = mm.owner();
+                mm.owners.current = Owner::KERNEL;
+                let got = mm.alloc_pages(order, Gfp::KERNEL).ok();
+                mm.owners.current = was;
+                got?
+            }
+        };
+        Some(PageBlock {
+            phys,
+            order,
+            from: self.brand(),
+        })
+    }
+
+    /// Frees a block [`GlobalMm::alloc_pages`] returned: to the caller's
+    /// CPU page list (a batch going back under the lock when it is full),
+    /// or to the manager.
+    ///
+    /// # Panics
+    /// When `block` came from another allocator.
+    pub fn free_pages(&self, block: PageBlock) {
+        assert_eq!(block.from, self.brand(), "a block of another allocator");
+        let PageBlock { phys, order, .. } = block;
+        if let Some(slot) = self.cpu_slot().filter(|_| order as usize <= PCP_MAX_ORDER) {
+            // SAFETY: as in `alloc_pages`.
+            let pages = unsafe { &mut (*slot.caches.get()).pages };
+            pages.free(phys, order as usize, &self.inner);
+            slot.publish(pages);
+            return;
+        }
+        let freed = self.inner.lock().free_pages(phys, order);
+        debug_assert!(freed.is_ok(), "free_pages({phys:#x}, {order}): {freed:?}");
+    }
+
+    /// `size` bytes (at least 1) from kmalloc, through the caller's CPU
+    /// arrays ([`GlobalAlloc::alloc`] with 8-byte alignment).
+    pub fn kmalloc(&self, size: usize) -> Option<KObj> {
+        let layout = Layout::from_size_align(size.max(1), 8).ok()?;
+        let ptr = NonNull::new(self.kvmalloc(layout, Gfp::default()))?;
+        Some(KObj {
+            ptr,
+            layout,
+            from: self.brand(),
+        })
+    }
+
+    /// Frees an object [`GlobalMm::kmalloc`] returned.
+    ///
+    /// # Panics
+    /// When `obj` came from another allocator.
+    pub fn kfree(&self, obj: KObj) {
+        assert_eq!(obj.from, self.brand(), "an object of another allocator");
+        // SAFETY: `obj` is this allocator's, allocated with `obj.layout`,
+        // and is consumed here, so it is freed once.
+        unsafe { self.dealloc(obj.ptr.as_ptr(), obj.layout) };
+    }
+
+    /// What tells this allocator's blocks and objects from others'.
+    fn brand(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    /// Turns the caller's CPU caches on for the calls that follow, where
+    /// the environment uses them only on request ([`CpuIds::enter`]).
+    pub fn cpu_enter(&self) {
+        self.ids.enter();
+    }
+
+    /// Turns the caller's CPU caches off again, keeping what they hold
+    /// ([`CpuIds::leave`]).
+    pub fn cpu_pause(&self) {
+        self.ids.leave();
+    }
+
+    /// Gives back what the caller's CPU caches hold and turns them off
+    /// again ([`CpuIds::leave`]); what was given back.
+    pub fn cpu_leave(&self) -> Drained {
+        let drained = match self.cpu_slot() {
+            Some(slot) => self.drain_slot(slot),
+            None => Drained::default(),
+        };
+        self.ids.leave();
+        drained
+    }
+
+    /// Frames each CPU's page lists hold now (Linux's pagesets'
+    /// `count`), as last published by the CPU itself.
+    pub fn cpu_frames(&self) -> impl Iterator<Item = u64> + '_ {
+        self.cpus
+            .iter()
+            .map(|slot| slot.frames.load(Ordering::Relaxed) as u64)
     }
 
     /// An object from the caller's CPU arrays (refilled under the lock
@@ -196,26 +416,41 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
         true
     }
 
-    /// Gives every object in the CPU arrays back to the manager: the
-    /// caller's own CPU's, and those of every CPU no one holds now; the
-    /// objects given back.
-    pub fn drain_cpu_arrays(&self) -> usize {
+    /// Gives everything in the per-CPU caches back to the manager: the
+    /// caller's own CPU's, and those of every CPU no one holds now.
+    pub fn drain_cpu_caches(&self) -> Drained {
         let ids = &self.ids;
         let mine = ids.current();
-        let mut drained = 0;
+        let mut drained = Drained::default();
         for (k, slot) in self.cpus.iter().enumerate() {
             let held = Some(k) == mine;
             if held || ids.try_hold(k) {
-                // SAFETY: we hold CPU `k` (it is ours, or `try_hold` just
-                // took it), so no one else touches its arrays meanwhile.
-                let a = unsafe { &mut *slot.0.get() };
-                drained += a.held();
-                a.flush_all(&mut self.inner.lock());
+                // We hold CPU `k`: it is ours, or `try_hold` just took it.
+                let d = self.drain_slot(slot);
+                drained.objects += d.objects;
+                drained.blocks += d.blocks;
                 if !held {
                     ids.release(k);
                 }
             }
         }
+        drained
+    }
+
+    /// Gives back what `slot`'s caches hold; the caller holds its CPU.
+    fn drain_slot(&self, slot: &CpuSlot) -> Drained {
+        // SAFETY: the caller holds the slot's CPU, so no one else touches
+        // its caches meanwhile.
+        let c = unsafe { &mut *slot.caches.get() };
+        let drained = Drained {
+            objects: c.arrays.held(),
+            blocks: c.pages.held().iter().map(|&n| n as usize).sum(),
+        };
+        let mut mm = self.inner.lock();
+        c.arrays.flush_all(&mut mm);
+        c.pages.flush_all(&mut mm);
+        drop(mm);
+        slot.publish(&c.pages);
         drained
     }
 

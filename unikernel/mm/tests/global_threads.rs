@@ -1,25 +1,59 @@
 //! memd-mm's `HostGlobal` from many threads, as a property test: each
-//! thread allocates from and frees to its own CPU's arrays, frees what
-//! other threads allocated, and up to more threads than CPU slots run at
-//! once (the rest take the lock). At the quiescent point after they are
-//! gone and the arrays are drained, every invariant holds and free memory
-//! is back where it was.
+//! thread allocates objects and page blocks from and frees them to its own
+//! CPU's caches, frees what other threads allocated, and up to more
+//! threads than CPU slots run at once (the rest take the lock). At the
+//! quiescent point after they are gone and the caches are drained, every
+//! invariant holds and free memory is back where it was.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::mpsc;
 
-use memd_mm::{HostGlobal, Prandom, HOST_CPUS};
+use memd_mm::{HostGlobal, Prandom, HOST_CPUS, PCP_MAX_ORDER};
 use proptest::prelude::*;
 
 static MEMD: HostGlobal = HostGlobal::new(256 << 20);
 
-/// Objects (address, layout) one thread hands another to free.
-struct Batch(Vec<(usize, Layout)>);
+/// Something allocated: a heap object or a page block.
+enum Item {
+    Object(usize, Layout),
+    Pages(memd_mm::PageBlock),
+}
 
-fn layout(rng: &mut Prandom) -> Layout {
+/// Items one thread hands another to free.
+struct Batch(Vec<Item>);
+
+/// A new item: one in four a page block of order up to `PCP_MAX_ORDER + 1`
+/// (the last past the CPU lists, so it takes the lock), filled with
+/// `fill`.
+fn alloc(rng: &mut Prandom, fill: u8) -> Item {
+    if rng.below(4) == 0 {
+        let order = rng.below(PCP_MAX_ORDER as u64 + 2) as u32;
+        let b = MEMD.alloc_pages(order).expect("page block");
+        assert_eq!(b.phys() % (4096 << order), 0, "aligned to its size");
+        let p = MEMD.page_ptr(&b).unwrap();
+        // SAFETY: a fresh block of `4096 << order` bytes.
+        unsafe { p.as_ptr().write_bytes(fill, 4096 << order) };
+        return Item::Pages(b);
+    }
     let size = 1 + rng.below(3000) as usize;
     let align = 1 << rng.below(7);
-    Layout::from_size_align(size, align).unwrap()
+    let l = Layout::from_size_align(size, align).unwrap();
+    // SAFETY: a non-zero layout.
+    let p = unsafe { MEMD.alloc(l) };
+    assert!(!p.is_null());
+    assert_eq!(p as usize % l.align(), 0);
+    // SAFETY: `p` has `l.size()` bytes.
+    unsafe { p.write_bytes(fill, l.size()) };
+    Item::Object(p as usize, l)
+}
+
+/// Frees `item`, allocated by `alloc` and freed once.
+fn free(item: Item) {
+    match item {
+        // SAFETY: allocated with `l`, freed once.
+        Item::Object(p, l) => unsafe { MEMD.dealloc(p as *mut u8, l) },
+        Item::Pages(b) => MEMD.free_pages(b),
+    }
 }
 
 fn worker(
@@ -30,44 +64,26 @@ fn worker(
     from_prev: mpsc::Receiver<Batch>,
 ) {
     let mut rng = Prandom::new(seed);
-    let mut live: Vec<(usize, Layout)> = Vec::new();
+    let mut live: Vec<Item> = Vec::new();
     for round in 0..rounds {
         for _ in 0..steps {
             if live.len() > steps / 4 && rng.below(2) == 0 {
-                let (p, l) = live.swap_remove(rng.below(live.len() as u64) as usize);
-                // SAFETY: allocated below with `l`, freed once.
-                unsafe { MEMD.dealloc(p as *mut u8, l) };
+                free(live.swap_remove(rng.below(live.len() as u64) as usize));
             } else {
-                let l = layout(&mut rng);
-                // SAFETY: a non-zero layout.
-                let p = unsafe { MEMD.alloc(l) };
-                assert!(!p.is_null());
-                assert_eq!(p as usize % l.align(), 0);
-                // SAFETY: `p` has `l.size()` bytes.
-                unsafe { p.write_bytes(seed as u8, l.size()) };
-                live.push((p as usize, l));
+                live.push(alloc(&mut rng, seed as u8));
             }
         }
         // Half of what is live goes to the next thread to free.
         let give: Vec<_> = live.drain(..live.len() / 2).collect();
         to_next.send(Batch(give)).unwrap();
         if round > 0 {
-            for (p, l) in from_prev.recv().unwrap().0 {
-                // SAFETY: allocated by the previous thread with `l`, handed
-                // over whole, freed once here.
-                unsafe { MEMD.dealloc(p as *mut u8, l) };
-            }
+            // Allocated by the previous thread, handed over whole.
+            from_prev.recv().unwrap().0.into_iter().for_each(free);
         }
     }
-    for (p, l) in live {
-        // SAFETY: as above.
-        unsafe { MEMD.dealloc(p as *mut u8, l) };
-    }
+    live.into_iter().for_each(free);
     // The last batch the previous thread sent.
-    for (p, l) in from_prev.recv().unwrap().0 {
-        // SAFETY: as above.
-        unsafe { MEMD.dealloc(p as *mut u8, l) };
-    }
+    from_prev.recv().unwrap().0.into_iter().for_each(free);
 }
 
 /// One run: `threads` workers of `rounds` rounds of `steps` steps each.
@@ -80,7 +96,7 @@ fn run(seed: u64, threads: usize, rounds: usize, steps: usize) -> Result<(), Tes
     let l = Layout::new::<u64>();
     // SAFETY: a non-zero layout; freed at once with it.
     unsafe { MEMD.dealloc(MEMD.alloc(l), l) };
-    MEMD.drain_cpu_arrays();
+    MEMD.drain_cpu_caches();
     let before = {
         let mut mm = MEMD.lock();
         mm.reclaim();
@@ -102,14 +118,18 @@ fn run(seed: u64, threads: usize, rounds: usize, steps: usize) -> Result<(), Tes
         w.join().unwrap();
     }
     drop(senders);
-    let drained = MEMD.drain_cpu_arrays();
+    let drained = MEMD.drain_cpu_caches();
     let (check, after) = {
         let mut mm = MEMD.lock();
         let check = mm.check();
         mm.reclaim();
         (check, mm.meminfo().free)
     };
-    prop_assert!(drained > 0, "the threads' CPU arrays held objects");
+    prop_assert!(drained.objects > 0, "the threads' CPU arrays held objects");
+    prop_assert!(
+        drained.blocks > 0,
+        "the threads' CPU page lists held blocks"
+    );
     prop_assert!(check.is_ok(), "{check:?}");
     prop_assert_eq!(
         after,

@@ -3,6 +3,7 @@
 //! and an optional block device.
 
 use crate::memory::Memory;
+use crate::percpu::{Job, PerCpuMemory};
 
 /// How a [`BlockDevice`] moved a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -117,6 +118,25 @@ pub trait Env {
     /// `None` by default (host environments have no loop of their own).
     fn loop_passes(&mut self) -> Option<memd_wire::LoopPasses> {
         None
+    }
+
+    /// The kernel heap's per-CPU caches, for work that runs on several
+    /// CPUs; `None` by default (the manager only behind `with_mem`).
+    fn percpu(&mut self) -> Option<&'static dyn PerCpuMemory> {
+        None
+    }
+
+    /// CPUs besides the caller's that take jobs ([`Env::queue_on`]),
+    /// numbered `1..=work_cpus()`; none by default.
+    fn work_cpus(&mut self) -> usize {
+        0
+    }
+
+    /// Runs `job` on CPU `cpu` (one of [`Env::work_cpus`]); gives it back
+    /// when that CPU is busy with an earlier job.
+    fn queue_on(&mut self, cpu: usize, job: Job) -> Result<(), Job> {
+        let _ = cpu;
+        Err(job)
     }
 
     /// The DMA buffers devices hold now. Called outside [`Env::with_mem`]:

@@ -130,7 +130,7 @@ enum O {
     DmaWrite(Hd, u64, Text),
     DmaRead(Hd, u64, u32),
     DmaChecksum(Hd, u64, u64),
-    Stress(u64, u64),
+    Stress(u64, u64, u32),
 }
 
 /// A frame body.
@@ -267,7 +267,8 @@ fn op(max_text: usize) -> impl Strategy<Value = O> {
         2 => (hd(), extreme_u64(), text(max_text)).prop_map(|(h, o, d)| O::DmaWrite(h, o, d)),
         2 => (hd(), extreme_u64(), extreme_u32()).prop_map(|(h, o, l)| O::DmaRead(h, o, l)),
         1 => (hd(), extreme_u64(), extreme_u64()).prop_map(|(h, o, l)| O::DmaChecksum(h, o, l)),
-        1 => (prop_oneof![0..=MAX_STRESS, extreme_u64()], any::<u64>()).prop_map(|(n, s)| O::Stress(n, s)),
+        1 => (prop_oneof![0..=MAX_STRESS, extreme_u64()], any::<u64>(), prop_oneof![0..=2u32, any::<u32>()])
+            .prop_map(|(n, s, c)| O::Stress(n, s, c)),
     ]
 }
 
@@ -496,9 +497,10 @@ impl World {
                 offset: *offset,
                 len: *len,
             },
-            O::Stress(ops, seed) => Op::Stress {
+            O::Stress(ops, seed, cpus) => Op::Stress {
                 ops: *ops,
                 seed: *seed,
+                cpus: *cpus,
             },
         }
     }
@@ -835,7 +837,8 @@ impl World {
                 unknown(handle)
             }
             Op::CacheCreate(CacheSpec { name, .. }) => name.is_empty() || name.len() > MAX_NAME_LEN,
-            Op::Stress { ops, .. } => *ops > MAX_STRESS,
+            // The host has one CPU for stress.
+            Op::Stress { ops, cpus, .. } => *ops > MAX_STRESS || *cpus > 1,
             _ => false,
         }
     }

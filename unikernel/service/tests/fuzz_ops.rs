@@ -277,6 +277,7 @@ impl World {
             T::Stress(ops, seed) => Op::Stress {
                 ops: ops as u64,
                 seed,
+                cpus: 1,
             },
             T::Fault(slab, probability, interval, times) => Op::FaultInject {
                 target: if slab {

@@ -209,6 +209,7 @@ fn every_operation_over_memd_mm_and_back_to_baseline() {
         Op::Stress {
             ops: 20_000,
             seed: 5,
+            cpus: 1,
         },
     ) {
         Reply::Stress(s) => assert!(s.check_ok && s.ops_per_sec > 0),

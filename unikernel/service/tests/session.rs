@@ -607,6 +607,7 @@ fn stress_fault_check_shutdown() {
         Op::Stress {
             ops: 20_000,
             seed: 1,
+            cpus: 1,
         },
     ) {
         Reply::Stress(s) => {
@@ -913,7 +914,11 @@ fn the_client_token_cannot_run_operator_operations() {
         Op::Shutdown,
         Op::Check,
         Op::DropCaches,
-        Op::Stress { ops: 10, seed: 1 },
+        Op::Stress {
+            ops: 10,
+            seed: 1,
+            cpus: 1,
+        },
         fail_every_slab_alloc(),
     ] {
         assert_eq!(h.code(c, op), errno::EPERM);

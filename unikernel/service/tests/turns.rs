@@ -504,7 +504,11 @@ fn a_batch_over_the_work_cap_is_refused_whole() {
         Reply::Status(s) => s.requests,
         r => panic!("{r:?}"),
     };
-    let stress = |ops| Op::Stress { ops, seed: 4 };
+    let stress = |ops| Op::Stress {
+        ops,
+        seed: 4,
+        cpus: 1,
+    };
     let before = requests(&mut h);
     let batch = batch_frame(vec![
         Op::Kmalloc {
@@ -549,8 +553,16 @@ fn two_maximal_stress_ops_in_a_batch_are_refused_whole() {
             size: 64,
             gfp: Gfp::KERNEL,
         },
-        Op::Stress { ops: max, seed: 1 },
-        Op::Stress { ops: max, seed: 2 },
+        Op::Stress {
+            ops: max,
+            seed: 1,
+            cpus: 1,
+        },
+        Op::Stress {
+            ops: max,
+            seed: 2,
+            cpus: 1,
+        },
     ]);
     refused_whole(&mut h, c, &batch);
 }
@@ -618,6 +630,7 @@ fn a_stress_run_is_work_over_turns() {
     let stress = call_frame(Op::Stress {
         ops: 20_000,
         seed: 11,
+        cpus: 1,
     });
     let t = turn(&mut h, c, &stress);
     assert_eq!(t.taken, stress.len());

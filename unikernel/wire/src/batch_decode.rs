@@ -230,7 +230,11 @@ mod tests {
                 .prop_map(|(order, g)| Op::AllocPages { order, gfp: Gfp(g) }),
             any::<u64>().prop_map(|handle| Op::FreePages { handle }),
             Just(Op::Meminfo),
-            (any::<u64>(), any::<u64>()).prop_map(|(ops, seed)| Op::Stress { ops, seed }),
+            (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(ops, seed, cpus)| Op::Stress {
+                ops,
+                seed,
+                cpus
+            }),
         ]
     }
 

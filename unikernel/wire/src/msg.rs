@@ -19,7 +19,7 @@ use crate::stats::*;
 /// Protocol version spoken by this crate. 6: the slab and mempool
 /// listings come in pages, and a client's line carries its owner id and
 /// the pages memd-mm charges to it.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Most operations one batch may carry. The decoded operations are held
 /// while the batch runs, and every result must fit the one reply frame
@@ -347,6 +347,9 @@ pub enum Op {
         ops: u64,
         /// PRNG seed.
         seed: u64,
+        /// CPUs to run them on at once, the network loop's among them (0
+        /// counts as 1).
+        cpus: u32,
     },
     /// Set a fault-injection rule.
     FaultInject {

@@ -310,4 +310,8 @@ pub struct StressReport {
     pub ops_per_sec: u64,
     /// Whether the invariant check after the run passed.
     pub check_ok: bool,
+    /// CPUs the run used.
+    pub cpus: u32,
+    /// Operations each of them ran, the network loop's CPU first.
+    pub cpu_ops: Vec<u64>,
 }

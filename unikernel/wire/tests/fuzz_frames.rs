@@ -405,7 +405,11 @@ fn hostile_op(max_len: usize) -> impl Strategy<Value = Op> {
                 len,
             }
         }),
-        (extreme_u64(), any::<u64>()).prop_map(|(ops, seed)| Op::Stress { ops, seed }),
+        (extreme_u64(), any::<u64>(), any::<u32>()).prop_map(|(ops, seed, cpus)| Op::Stress {
+            ops,
+            seed,
+            cpus
+        }),
         (any::<u8>(), any::<u32>(), any::<i64>()).prop_map(|(probability, interval, times)| {
             Op::FaultInject {
                 target: FaultTarget::Slab,

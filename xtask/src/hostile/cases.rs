@@ -284,6 +284,7 @@ pub(super) fn cases() -> Vec<Case> {
                     Op::Stress {
                         ops: 1_000_000,
                         seed: 1,
+                        cpus: 1,
                     },
                     Op::FaultInject {
                         target: wire::FaultTarget::Pages,

@@ -196,6 +196,7 @@ impl<'a> Noisy<'a> {
             .map(|_| Op::Stress {
                 ops: BATCH_STRESS_OPS,
                 seed: self.rng.next(),
+                cpus: 1,
             })
             .collect();
         let Ok(results) = self.timed("batch-stress", |c| c.batch(ops, false))? else {

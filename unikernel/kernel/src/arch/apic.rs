@@ -187,6 +187,34 @@ pub fn init_ap() {
     write(regs, Reg::LvtTimer, LVT_MASKED | WAKE_VECTOR);
 }
 
+/// Sends the wake-up vector to the CPU with APIC id `apic_id`: it ends
+/// that CPU's [`wait_for_wakeup`]. Nothing when `init` found no usable
+/// APIC.
+pub fn send_wakeup(apic_id: u32) {
+    let regs = REGS.load(Ordering::Relaxed);
+    if regs == 0 {
+        return;
+    }
+    write(regs, Reg::IcrHigh, apic_id << 24);
+    write(regs, Reg::IcrLow, ICR_ASSERT | WAKE_VECTOR);
+    while read(regs, Reg::IcrLow) & ICR_PENDING != 0 {
+        core::hint::spin_loop();
+    }
+}
+
+/// Halts until an interrupt (another CPU's [`send_wakeup`]); one that
+/// arrived while interrupts were off, since the caller last looked for
+/// work, ends it at once.
+pub fn wait_for_wakeup() {
+    // SAFETY: as in `halt_for`: interrupts are on for the HLT alone, and
+    // every vector's gate is valid.
+    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nostack)) };
+    let regs = REGS.load(Ordering::Relaxed);
+    if regs != 0 {
+        write(regs, Reg::Eoi, 0);
+    }
+}
+
 /// ICR delivery modes and flags (Intel SDM 10.6.1).
 const ICR_INIT: u32 = 0b101 << 8;
 const ICR_STARTUP: u32 = 0b110 << 8;

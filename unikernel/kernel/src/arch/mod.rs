@@ -8,6 +8,7 @@ pub mod apic;
 pub mod exit;
 pub mod idt;
 pub mod paging;
+pub mod percpu;
 pub mod serial;
 pub mod smpboot;
 pub mod time;

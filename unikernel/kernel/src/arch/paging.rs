@@ -520,15 +520,19 @@ pub fn kernel_cr3() -> u64 {
     PML4.load(Ordering::Relaxed)
 }
 
-/// memd-mm as the kernel heap, with vmalloc over [`VMALLOC_START`]
-/// (for `main`'s `#[global_allocator]`).
-pub const fn kernel_heap() -> GlobalMm {
+/// The kernel heap: memd-mm with vmalloc and per-CPU caches.
+pub type KernelHeap = GlobalMm<{ super::acpi::MAX_CPUS }, super::percpu::KernelCpus>;
+
+/// memd-mm as the kernel heap, with vmalloc over [`VMALLOC_START`] and
+/// per-CPU caches for work that asks for them (for `main`'s
+/// `#[global_allocator]`).
+pub const fn kernel_heap() -> KernelHeap {
     // SAFETY: `KernelVmalloc::map_page` writes a present, writable 4 KiB
     // entry for the frame at the address given into the live page tables
     // (CR3 is loaded once, in `init`, and never changed), and only
     // `unmap_page` clears it. Nothing else maps anything in PML4 slot 402:
     // the direct map ends at slot 384 and the identity map is slot 0.
-    unsafe { GlobalMm::with_vmalloc(&KernelVmalloc) }
+    unsafe { GlobalMm::with_vmalloc_cpus(&KernelVmalloc, super::percpu::KernelCpus) }
 }
 
 /// The vmalloc window's page tables: PDPT (built at boot) → PD → PT, the

@@ -11,8 +11,8 @@
 //! are started one at a time: the trampoline's parameters (page tables,
 //! stack, CPU number) are one set.
 //!
-//! Started CPUs idle in `hlt` with interrupts off: the network loop stays
-//! on CPU 0, and nothing hands the others work yet.
+//! The network loop stays on CPU 0; a started CPU runs the function
+//! `start_aps` was given (the work queue's worker loop).
 
 use core::arch::{asm, global_asm};
 use core::ops::Range;
@@ -30,6 +30,8 @@ const START_TIMEOUT_NS: u64 = 500_000_000;
 
 /// CPUs running, the boot CPU included.
 static ONLINE: AtomicU32 = AtomicU32::new(1);
+/// What an application processor runs once it is up.
+static WORK: spin::Once<fn(usize) -> !> = spin::Once::new();
 /// Each CPU's APIC id, by CPU number (0: the boot CPU).
 static APIC_IDS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(u32::MAX) }; MAX_CPUS];
 /// When each CPU came up (uptime ns), by CPU number.
@@ -181,9 +183,10 @@ fn stack() -> Option<u64> {
     (!p.is_null()).then(|| p as u64 + AP_STACK as u64)
 }
 
-/// Starts every CPU of `apic_ids` but the boot CPU's, one at a time; the
-/// CPUs running afterwards.
-pub fn start_aps(apic_ids: &[u8]) -> u32 {
+/// Starts every CPU of `apic_ids` but the boot CPU's, one at a time, each
+/// to run `work` with its CPU number; the CPUs running afterwards.
+pub fn start_aps(apic_ids: &[u8], work: fn(usize) -> !) -> u32 {
+    WORK.call_once(|| work);
     let me = apic::id();
     let start = &raw const ap_trampoline_start as u64;
     let len = &raw const ap_trampoline_end as u64 - start;
@@ -234,18 +237,22 @@ pub fn start_aps(apic_ids: &[u8]) -> u32 {
     online()
 }
 
-/// An application processor, in long mode on its own stack: the IDT, its
-/// APIC, then idle.
+/// An application processor, in long mode on its own stack: its per-CPU
+/// area, the IDT, its APIC, then the work `start_aps` was given.
 extern "C" fn ap_main(cpu: u64) -> ! {
+    super::percpu::init(cpu as usize);
     idt::init();
     apic::init_ap();
     let cpu = cpu as usize;
     SINCE_NS[cpu].store(time::uptime_ns(), Ordering::Relaxed);
     APIC_IDS[cpu].store(apic::id(), Ordering::Release);
     ONLINE.fetch_add(1, Ordering::AcqRel);
-    loop {
-        // SAFETY: interrupts stay off: the CPU sleeps until an INIT or
-        // NMI; it touches no memory.
-        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+    match WORK.get() {
+        Some(work) => work(cpu),
+        None => loop {
+            // SAFETY: interrupts stay off: the CPU sleeps until an INIT or
+            // NMI; it touches no memory.
+            unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+        },
     }
 }

@@ -12,9 +12,15 @@ use crate::memory::Memory;
 use crate::stress;
 
 impl<M: Memory> Service<M> {
-    /// A stress run of `ops` operations with `seed`'s sequence, to run as
-    /// work.
-    pub(super) fn start_stress(&self, ops: u64, seed: u64) -> Result<Work, WireError> {
+    /// A stress run of `ops` operations with `seed`'s sequence on `cpus`
+    /// CPUs, to run as work.
+    pub(super) fn start_stress<E: Env<Mem = M>>(
+        &self,
+        env: &mut E,
+        ops: u64,
+        seed: u64,
+        cpus: u32,
+    ) -> Result<Work, WireError> {
         if ops > self.config.max_stress_ops {
             return Err(err(
                 errno::E2BIG,
@@ -24,7 +30,9 @@ impl<M: Memory> Service<M> {
                 ),
             ));
         }
-        Ok(Work::Stress(stress::Run::new(ops, seed)))
+        stress::Run::start(env, ops, seed, cpus)
+            .map(Work::Stress)
+            .map_err(|(code, message)| err(code, message))
     }
 
     /// Sets a fault-injection rule.

@@ -121,7 +121,7 @@ impl<M: Memory> Service<M> {
     ) -> Result<Work, WireError> {
         match op {
             Op::MemMap => self.start_map(env).map(Work::Map),
-            Op::Stress { ops, seed } => self.start_stress(ops, seed),
+            Op::Stress { ops, seed, cpus } => self.start_stress(env, ops, seed, cpus),
             Op::Check => Ok(Work::Check(CheckRun::new())),
             op => self.start_dma_work(env, conn, op, io_budget).map(Work::Dma),
         }
@@ -173,7 +173,11 @@ impl<M: Memory> Service<M> {
     ) -> Option<Result<Reply, WireError>> {
         loop {
             let done = match work {
-                Work::Stress(run) => run.step(env, self.owner(conn)),
+                Work::Stress(run) => match run.step(env, self.owner(conn)) {
+                    stress::Step::Done => true,
+                    stress::Step::Ran => false,
+                    stress::Step::Waiting => return None,
+                },
                 Work::Check(check) => check.step(env),
                 Work::Map(map) => self.map_slice(env, map),
                 Work::Dma(w) => match self.dma_slice(env, conn, w) {
