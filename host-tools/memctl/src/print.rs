@@ -456,14 +456,26 @@ pub(crate) fn print_reply(r: &Reply) {
                 );
             }
         }
-        Reply::Stress(s) => println!(
-            "{} ops in {:.3} ms: {} ops/s, {} failed allocations, invariants {}",
-            s.ops,
-            s.elapsed_ns as f64 / 1e6,
-            s.ops_per_sec,
-            s.failed_allocs,
-            if s.check_ok { "hold" } else { "VIOLATED" }
-        ),
+        Reply::Stress(s) => {
+            println!(
+                "{} ops in {:.3} ms on {} CPU(s): {} ops/s, {} failed allocations, invariants {}",
+                s.ops,
+                s.elapsed_ns as f64 / 1e6,
+                s.cpus.max(1),
+                s.ops_per_sec,
+                s.failed_allocs,
+                if s.check_ok { "hold" } else { "VIOLATED" }
+            );
+            if s.cpu_ops.len() > 1 {
+                let shares: Vec<String> = s
+                    .cpu_ops
+                    .iter()
+                    .enumerate()
+                    .map(|(k, n)| format!("cpu {k}: {n}"))
+                    .collect();
+                println!("ops per CPU: {}", shares.join(", "));
+            }
+        }
     }
 }
 

@@ -358,6 +358,12 @@ impl HostGlobal {
         self.mm.free_pages(block);
     }
 
+    /// The `GlobalMm` inside, once the arena is had: for code that takes
+    /// one (memd-service's per-CPU work).
+    pub fn global_mm(&self) -> Option<&crate::GlobalMm<HOST_CPUS, HostCpus>> {
+        self.ensure().then_some(&self.mm)
+    }
+
     /// Where `block`'s bytes are in the arena.
     pub fn page_ptr(&self, block: &crate::PageBlock) -> Option<core::ptr::NonNull<u8>> {
         let base = (*self.ready.get()?)?;

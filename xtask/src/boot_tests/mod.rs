@@ -179,7 +179,10 @@ pub fn run(args: &BootTestArgs) -> Result<()> {
 }
 
 /// Every CPU QEMU was given is up: the status view lists them, the boot
-/// CPU serving and the others idle (halted since they came up).
+/// CPU serving and the others halted since they came up. With several, a
+/// stress run on all of them at once: each runs a share, the invariants
+/// hold, free memory is back where it was, and a run on more CPUs than
+/// there are is refused.
 fn cpus_check(smp: u32, port: u16, tokens: &crate::tokens::GuestTokens) -> Result<(), String> {
     let opts = memd_client::Options::new(format!("127.0.0.1:{port}"), &tokens.client);
     let mut c = memd_client::Client::connect(&opts).map_err(|e| format!("cpus: {e}"))?;
@@ -189,7 +192,7 @@ fn cpus_check(smp: u32, port: u16, tokens: &crate::tokens::GuestTokens) -> Resul
     ids.sort_unstable();
     ids.dedup();
     let want_roles: Vec<&str> = (0..smp)
-        .map(|k| if k == 0 { "network loop" } else { "idle" })
+        .map(|k| if k == 0 { "network loop" } else { "worker" })
         .collect();
     if roles != want_roles || ids.len() != smp as usize {
         return Err(format!(
@@ -203,7 +206,49 @@ fn cpus_check(smp: u32, port: u16, tokens: &crate::tokens::GuestTokens) -> Resul
     {
         return Err(format!("cpus: the started CPUs should be halted: {cpus:?}"));
     }
-    Ok(())
+    if smp == 1 {
+        return Ok(());
+    }
+    let opts = memd_client::Options::new(format!("127.0.0.1:{port}"), &tokens.operator);
+    let mut op = memd_client::Client::connect(&opts).map_err(|e| format!("cpus: {e}"))?;
+    let settle = |c: &mut memd_client::Client, target| {
+        crate::loadtest::settle(c, target, std::time::Duration::from_secs(2))
+            .map_err(|e| format!("cpus: {e:#}"))
+    };
+    let before = settle(&mut op, None)?;
+    const OPS: u64 = 400_000;
+    let r = op
+        .stress_on(OPS, 7, smp)
+        .map_err(|e| format!("cpus: stress --cpus {smp}: {e}"))?;
+    if r.cpus != smp
+        || r.cpu_ops.len() != smp as usize
+        || r.cpu_ops.iter().sum::<u64>() != OPS
+        || r.cpu_ops.contains(&0)
+        || !r.check_ok
+    {
+        return Err(format!(
+            "cpus: stress --cpus {smp}: want every CPU to run a share of {OPS} ops and the check to pass: {r:?}"
+        ));
+    }
+    let after = settle(&mut op, Some(before))?;
+    if after != before {
+        return Err(format!(
+            "cpus: free memory after stress --cpus {smp} is {after} bytes, before {before}"
+        ));
+    }
+    let cpus = op.status().map_err(|e| format!("cpus: {e}"))?.cpus;
+    if cpus.iter().skip(1).any(|c| c.busy_ns == 0) {
+        return Err(format!(
+            "cpus: every worker CPU should have run a job: {cpus:?}"
+        ));
+    }
+    match op.stress_on(1000, 7, smp + 1) {
+        Err(e) if e.code() == Some(memd_client::wire::errno::EINVAL) => Ok(()),
+        r => Err(format!(
+            "cpus: stress --cpus {} should be refused with EINVAL: {r:?}",
+            smp + 1
+        )),
+    }
 }
 
 /// A served case's endpoint and disk image.

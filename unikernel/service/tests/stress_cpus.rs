@@ -1,0 +1,183 @@
+//! A stress run on several CPUs, over memd-mm's per-CPU caches: host
+//! threads stand in for the CPUs that take jobs, each with a CPU slot of
+//! its own (`HostGlobal`'s). Once a run is over, or cut short and its jobs
+//! ended, the invariants hold and free memory is back to the byte.
+
+mod common;
+
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use common::{Backend, Harness, RamDisk};
+use memd_mm::{HostGlobal, MemoryManager};
+use memd_service::{BlockDevice, Config, Env, Job, PerCpuMemory};
+use memd_wire::*;
+
+/// The manager the runs use (not this program's allocator).
+static MEMD: HostGlobal = HostGlobal::new(64 << 20);
+
+/// CPUs besides the test's own thread.
+const WORKERS: usize = 3;
+
+/// The jobs handed out, by CPU.
+static JOBS: Mutex<Vec<Option<JoinHandle<()>>>> = Mutex::new(Vec::new());
+
+/// Waits for every job handed out so far.
+fn join_jobs() {
+    let handles: Vec<_> = JOBS
+        .lock()
+        .unwrap()
+        .iter_mut()
+        .filter_map(Option::take)
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+/// The environment: the manager under `MEMD`'s lock, its per-CPU caches,
+/// and a thread per job.
+struct CpusEnv;
+
+impl Env for CpusEnv {
+    type Mem = MemoryManager;
+
+    fn with_mem<R>(
+        &mut self,
+        f: impl FnOnce(&mut MemoryManager, Option<&mut dyn BlockDevice>) -> R,
+    ) -> R {
+        f(&mut mm(), None)
+    }
+
+    fn now_ns(&mut self) -> u64 {
+        common::clock()
+    }
+
+    fn percpu(&mut self) -> Option<&'static dyn PerCpuMemory> {
+        Some(MEMD.global_mm().unwrap())
+    }
+
+    fn work_cpus(&mut self) -> usize {
+        WORKERS
+    }
+
+    fn queue_on(&mut self, cpu: usize, job: Job) -> Result<(), Job> {
+        let mut jobs = JOBS.lock().unwrap();
+        jobs.resize_with(WORKERS + 1, || None);
+        if jobs[cpu].as_ref().is_some_and(|h| !h.is_finished()) {
+            return Err(job);
+        }
+        if let Some(h) = jobs[cpu].take() {
+            h.join().unwrap();
+        }
+        jobs[cpu] = Some(std::thread::spawn(job));
+        Ok(())
+    }
+}
+
+struct Cpus;
+
+impl Backend for Cpus {
+    type Mem = MemoryManager;
+    type Env<'a> = CpusEnv;
+    fn env<'a>(&'a mut self, _: Option<&'a mut RamDisk>) -> CpusEnv {
+        CpusEnv
+    }
+}
+
+/// The manager, its arena had on first use.
+fn mm() -> spin::MutexGuard<'static, MemoryManager> {
+    MEMD.global_mm().expect("the arena").lock()
+}
+
+/// Free memory once the manager has given back what it caches.
+fn free() -> u64 {
+    let mut mm = mm();
+    mm.reclaim();
+    mm.meminfo().free
+}
+
+/// One test at a time: they share `MEMD` and compare free memory.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: Mutex<()> = Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn operator(t: &mut Harness<Cpus>) -> memd_service::ConnId {
+    t.login()
+}
+
+#[test]
+fn a_run_on_several_cpus_gives_everything_back() {
+    let _one = one_at_a_time();
+    let mut t = Harness::new(Cpus);
+    let c = operator(&mut t);
+    let before = free();
+    const OPS: u64 = 200_000;
+    match t.ok(
+        c,
+        Op::Stress {
+            ops: OPS,
+            seed: 3,
+            cpus: WORKERS as u32 + 1,
+        },
+    ) {
+        Reply::Stress(r) => {
+            assert!(r.check_ok, "{r:?}");
+            assert_eq!(r.cpus, WORKERS as u32 + 1);
+            assert_eq!(r.cpu_ops.len(), WORKERS + 1);
+            assert_eq!(r.cpu_ops.iter().sum::<u64>(), OPS, "{r:?}");
+        }
+        r => panic!("{r:?}"),
+    }
+    join_jobs();
+    assert_eq!(free(), before, "free memory is back once the run is over");
+    assert!(mm().check().is_ok());
+}
+
+#[test]
+fn more_cpus_than_there_are_is_refused() {
+    let _one = one_at_a_time();
+    let mut t = Harness::new(Cpus);
+    let c = operator(&mut t);
+    let stress = |cpus| Op::Stress {
+        ops: 1000,
+        seed: 1,
+        cpus,
+    };
+    assert_eq!(t.code(c, stress(WORKERS as u32 + 2)), errno::EINVAL);
+    assert_eq!(t.code(c, stress(u32::MAX)), errno::EINVAL);
+    assert!(matches!(t.ok(c, stress(0)), Reply::Stress(r) if r.cpus == 1 && r.check_ok));
+}
+
+#[test]
+fn a_run_cut_short_gives_everything_back_once_its_jobs_end() {
+    let _one = one_at_a_time();
+    let mut config = Config::new(common::TOKEN);
+    // One slice a turn: the run is still going when its client leaves.
+    config.budget_ns = 1;
+    let mut t = Harness::with_config(Cpus, config);
+    let c = operator(&mut t);
+    let before = free();
+    let frame = to_frame(&Request::Call(Op::Stress {
+        ops: 50_000_000,
+        seed: 9,
+        cpus: WORKERS as u32 + 1,
+    }))
+    .unwrap();
+    let mut out = Vec::new();
+    let mut env = CpusEnv;
+    let (taken, _) = t
+        .svc
+        .on_bytes_bounded(&mut env, c, &frame, &mut out, usize::MAX);
+    assert_eq!(taken, frame.len());
+    assert!(t.svc.has_work(c), "the run is still going");
+    t.svc.on_close_now(&mut env, c);
+    join_jobs();
+    assert_eq!(
+        free(),
+        before,
+        "free memory is back once the jobs have ended"
+    );
+    assert!(mm().check().is_ok());
+}
