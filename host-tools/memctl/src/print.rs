@@ -89,6 +89,12 @@ fn print_zoneinfo(zones: &[ZoneInfo]) {
         println!("    count: {}", z.pcp_count);
         println!("    high:  {}", z.pcp_high);
         println!("    batch: {}", z.pcp_batch);
+        for p in &z.cpu_pagesets {
+            println!("    cpu: {}", p.cpu);
+            println!("              count: {}", p.count);
+            println!("              high:  {}", p.high);
+            println!("              batch: {}", p.batch);
+        }
         println!("  alloc_success {}", z.counters.alloc_success);
         println!("  alloc_fail    {}", z.counters.alloc_fail);
         println!("  atomic_reserve_used {}", z.counters.atomic_reserve_used);

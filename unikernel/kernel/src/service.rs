@@ -47,6 +47,11 @@ impl Env for KernelEnv {
         Some(&ALLOC)
     }
 
+    fn cpu_pagesets(&mut self) -> Vec<[u64; memd_mm::NR_ZONES]> {
+        let online = crate::arch::smpboot::online() as usize;
+        ALLOC.cpu_pagesets().take(online).collect()
+    }
+
     fn work_cpus(&mut self) -> usize {
         crate::arch::smpboot::online().saturating_sub(1) as usize
     }

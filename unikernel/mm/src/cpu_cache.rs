@@ -17,8 +17,10 @@ use crate::gfp::Gfp;
 use crate::kmalloc::NR_KMALLOC;
 use crate::owner::Owner;
 use crate::pcp::PCP_BATCH;
+use crate::zone::{ZoneType, NR_ZONES};
 use crate::MemoryManager;
-use spin::Mutex;
+use crate::PAGE_SIZE;
+use core::ops::DerefMut;
 
 /// Objects an array holds at most, per size class.
 pub(crate) const CPU_LIMIT: usize = 64;
@@ -100,8 +102,26 @@ impl CpuArrays {
 /// The highest order a CPU's page lists hold (Linux's
 /// `PAGE_ALLOC_COSTLY_ORDER`).
 pub const PCP_MAX_ORDER: usize = 3;
-/// Blocks a CPU's list of one order holds at most: four batches.
-const PAGES_LIMIT: usize = 4 * PCP_BATCH;
+/// Blocks a CPU's list of one order has room for: four batches of order
+/// 0 (higher orders keep four of their smaller batches, [`pages_high`]).
+const PAGES_ROOM: usize = 4 * PCP_BATCH;
+
+/// Blocks of `order` a CPU's list holds at most: four batches.
+const fn pages_high(order: usize) -> usize {
+    4 * page_batch(order)
+}
+
+/// Frames a CPU's page lists hold at most, all orders (the per-CPU
+/// pageset's `high`).
+pub const CPU_PAGES_HIGH: u64 = {
+    let mut frames = 0;
+    let mut order = 0;
+    while order <= PCP_MAX_ORDER {
+        frames += (pages_high(order) as u64) << order;
+        order += 1;
+    }
+    frames
+};
 
 /// Blocks of `order` moved between a list and the manager at a time: a
 /// batch of [`PCP_BATCH`] frames' worth, at least one block.
@@ -114,29 +134,56 @@ const fn page_batch(order: usize) -> usize {
     }
 }
 
-/// One CPU's free page blocks, by order (physical addresses).
+/// One CPU's free page blocks, by order (physical addresses), and the
+/// frames they hold in each zone.
 pub(crate) struct CpuPages {
     count: [u8; PCP_MAX_ORDER + 1],
-    blocks: [[u64; PAGES_LIMIT]; PCP_MAX_ORDER + 1],
+    blocks: [[u64; PAGES_ROOM]; PCP_MAX_ORDER + 1],
+    zone_frames: [u32; NR_ZONES],
 }
 
 impl CpuPages {
     pub(crate) const fn new() -> Self {
         CpuPages {
             count: [0; PCP_MAX_ORDER + 1],
-            blocks: [[0; PAGES_LIMIT]; PCP_MAX_ORDER + 1],
+            blocks: [[0; PAGES_ROOM]; PCP_MAX_ORDER + 1],
+            zone_frames: [0; NR_ZONES],
         }
+    }
+
+    /// Counts block `phys` of `order` in (`add`) or out of its zone's
+    /// frames. The lists hold the kernel's pages, which never come from
+    /// ZONE_MOVABLE, so the address says the zone.
+    #[inline(always)]
+    fn count_zone(&mut self, phys: u64, order: usize, add: bool) {
+        let z = ZoneType::of_pfn(phys / PAGE_SIZE) as usize;
+        if add {
+            self.zone_frames[z] += 1 << order;
+        } else {
+            self.zone_frames[z] -= 1 << order;
+        }
+    }
+
+    /// Frames held, by zone.
+    pub(crate) fn zone_frames(&self) -> [u32; NR_ZONES] {
+        self.zone_frames
     }
 
     /// A block of `order` (at most [`PCP_MAX_ORDER`]), refilled with a
     /// batch from the manager when the list is empty; `None` when the
     /// manager has none. Refills are the kernel's pages.
-    pub(crate) fn alloc(&mut self, order: usize, inner: &Mutex<MemoryManager>) -> Option<u64> {
+    pub(crate) fn alloc<G: DerefMut<Target = MemoryManager>>(
+        &mut self,
+        order: usize,
+        lock: impl FnOnce() -> G,
+    ) -> Option<u64> {
         if let Some(n) = self.count[order].checked_sub(1) {
             self.count[order] = n;
-            return Some(self.blocks[order][n as usize]);
+            let phys = self.blocks[order][n as usize];
+            self.count_zone(phys, order, false);
+            return Some(phys);
         }
-        let mut mm = inner.lock();
+        let mut mm = lock();
         if !mm.is_initialized() {
             return None;
         }
@@ -153,19 +200,29 @@ impl CpuPages {
         mm.owners.current = was;
         let n = got.checked_sub(1)?;
         self.count[order] = n as u8;
+        for i in 0..n {
+            self.count_zone(self.blocks[order][i], order, true);
+        }
         Some(self.blocks[order][n])
     }
 
     /// Keeps block `phys` of `order`; when the list is full, first gives
     /// its oldest batch back to the manager.
-    pub(crate) fn free(&mut self, phys: u64, order: usize, inner: &Mutex<MemoryManager>) {
+    pub(crate) fn free<G: DerefMut<Target = MemoryManager>>(
+        &mut self,
+        phys: u64,
+        order: usize,
+        lock: impl FnOnce() -> G,
+    ) {
         let n = self.count[order] as usize;
-        if n == PAGES_LIMIT {
+        if n == pages_high(order) {
             let batch = page_batch(order);
-            let mut mm = inner.lock();
-            for &b in &self.blocks[order][..batch] {
+            let mut mm = lock();
+            for i in 0..batch {
+                let b = self.blocks[order][i];
                 let freed = mm.free_pages(b, order as u32);
                 debug_assert!(freed.is_ok(), "a CPU list's block: {freed:?}");
+                self.count_zone(b, order, false);
             }
             self.blocks[order].copy_within(batch..n, 0);
             self.count[order] = (n - batch) as u8;
@@ -173,6 +230,7 @@ impl CpuPages {
         let n = self.count[order] as usize;
         self.blocks[order][n] = phys;
         self.count[order] += 1;
+        self.count_zone(phys, order, true);
     }
 
     /// Gives every block back to the manager.
@@ -184,6 +242,7 @@ impl CpuPages {
             }
             self.count[order] = 0;
         }
+        self.zone_frames = [0; NR_ZONES];
     }
 
     /// Blocks held, by order.
@@ -248,6 +307,38 @@ mod tests {
         assert_eq!(a.held(), 0);
         mm.check().unwrap();
         mm.reclaim();
+        assert_eq!(mm.meminfo().free, free, "everything back");
+    }
+
+    #[test]
+    fn page_lists_move_blocks_in_batches_and_count_them_by_zone() {
+        let mut mm = HostMm::boot(&[(1 << 20, 64 << 20)], "").unwrap();
+        let free = mm.meminfo().free;
+        let mut p = CpuPages::new();
+        let b = p.alloc(1, || &mut *mm).unwrap();
+        assert_eq!(
+            p.held()[1] as usize,
+            page_batch(1) - 1,
+            "a batch, one handed out"
+        );
+        // Below 16 MiB when the allocator hands out low blocks first, else
+        // DMA32: one zone holds them all.
+        let held: u32 = p.zone_frames().iter().sum();
+        assert_eq!(held as usize, (page_batch(1) - 1) * 2);
+        p.free(b, 1, || &mut *mm);
+        let mut more = std::vec::Vec::new();
+        for _ in 0..pages_high(1) {
+            more.push(mm.alloc_pages(1, Gfp::KERNEL).unwrap());
+        }
+        for b in more {
+            p.free(b, 1, || &mut *mm);
+        }
+        assert!(p.held()[1] as usize <= pages_high(1), "never above high");
+        let held: u32 = p.zone_frames().iter().sum();
+        assert_eq!(held, p.held()[1] as u32 * 2);
+        mm.check().unwrap();
+        p.flush_all(&mut mm);
+        assert_eq!(p.zone_frames(), [0; NR_ZONES]);
         assert_eq!(mm.meminfo().free, free, "everything back");
     }
 }

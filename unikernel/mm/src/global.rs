@@ -14,6 +14,7 @@ use crate::gfp::Gfp;
 use crate::kmalloc::size_class;
 use crate::owner::Owner;
 use crate::vmalloc::VmapOps;
+use crate::zone::NR_ZONES;
 use crate::{BootInfo, MemoryManager, MmError};
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
@@ -72,11 +73,11 @@ struct CpuCaches {
 }
 
 /// One CPU's caches, on cache lines of their own, and the frames its page
-/// lists hold, published for readers on other CPUs.
+/// lists hold in each zone, published for readers on other CPUs.
 #[repr(align(128))]
 struct CpuSlot {
     caches: UnsafeCell<CpuCaches>,
-    frames: AtomicU32,
+    frames: [AtomicU32; NR_ZONES],
 }
 
 impl CpuSlot {
@@ -86,16 +87,16 @@ impl CpuSlot {
                 arrays: CpuArrays::new(),
                 pages: CpuPages::new(),
             }),
-            frames: AtomicU32::new(0),
+            frames: [const { AtomicU32::new(0) }; NR_ZONES],
         }
     }
 
     /// Publishes the frames the page lists hold.
+    #[inline(always)]
     fn publish(&self, pages: &CpuPages) {
-        let frames = (0..=PCP_MAX_ORDER)
-            .map(|o| (pages.held()[o] as u32) << o)
-            .sum();
-        self.frames.store(frames, Ordering::Relaxed);
+        for (f, n) in self.frames.iter().zip(pages.zone_frames()) {
+            f.store(n, Ordering::Relaxed);
+        }
     }
 }
 
@@ -275,7 +276,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
                 // SAFETY: as in `cpu_arrays`; the refill takes the lock,
                 // which never reaches back into these caches.
                 let pages = unsafe { &mut (*slot.caches.get()).pages };
-                let got = pages.alloc(order as usize, &self.inner);
+                let got = pages.alloc(order as usize, || self.inner.lock());
                 slot.publish(pages);
                 got?
             }
@@ -310,7 +311,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
         if let Some(slot) = self.cpu_slot().filter(|_| order as usize <= PCP_MAX_ORDER) {
             // SAFETY: as in `alloc_pages`.
             let pages = unsafe { &mut (*slot.caches.get()).pages };
-            pages.free(phys, order as usize, &self.inner);
+            pages.free(phys, order as usize, || self.inner.lock());
             slot.publish(pages);
             return;
         }
@@ -369,12 +370,12 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
         drained
     }
 
-    /// Frames each CPU's page lists hold now (Linux's pagesets'
-    /// `count`), as last published by the CPU itself.
-    pub fn cpu_frames(&self) -> impl Iterator<Item = u64> + '_ {
+    /// Frames each CPU's page lists hold now in each zone (the per-CPU
+    /// pagesets' `count`), as last published by the CPU itself.
+    pub fn cpu_pagesets(&self) -> impl Iterator<Item = [u64; NR_ZONES]> + '_ {
         self.cpus
             .iter()
-            .map(|slot| slot.frames.load(Ordering::Relaxed) as u64)
+            .map(|slot| core::array::from_fn(|z| slot.frames[z].load(Ordering::Relaxed) as u64))
     }
 
     /// An object from the caller's CPU arrays (refilled under the lock

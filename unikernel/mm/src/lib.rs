@@ -108,7 +108,7 @@ pub use balloon::BALLOON_ORDER;
 pub use check::{CheckError, CheckWalk};
 pub use cma::{Cma, Extent};
 pub use cmdline::{DmaReserve, MmOptions};
-pub use cpu_cache::PCP_MAX_ORDER;
+pub use cpu_cache::{CPU_PAGES_HIGH, PCP_MAX_ORDER};
 pub use deferred::BOOT_INIT_BYTES;
 pub use dma::{DmaBuffer, DmaMask, DmaSource};
 pub use error::MmError;
@@ -124,6 +124,7 @@ pub use memory_hotplug::HotplugRegion;
 pub use mempool::{Mempool, PoolBacking, PoolCounters, PoolElement, PoolId};
 pub use owner::Owner;
 pub use page_reporting::{ReportBlock, REPORT_ORDER};
+pub use pcp::PCP_BATCH;
 pub use prandom::Prandom;
 pub use slab::{
     CacheCounters, CacheId, CacheName, Corruption, CorruptionKind, Ctor, KmemCache, SlabFlags,

@@ -126,6 +126,13 @@ pub trait Env {
         None
     }
 
+    /// Frames each CPU's page lists hold in each zone, by CPU number
+    /// (memd-mm's `GlobalMm::cpu_pagesets`), for the zoneinfo view; none
+    /// by default.
+    fn cpu_pagesets(&mut self) -> alloc::vec::Vec<[u64; memd_mm::NR_ZONES]> {
+        alloc::vec::Vec::new()
+    }
+
     /// CPUs besides the caller's that take jobs ([`Env::queue_on`]),
     /// numbered `1..=work_cpus()`; none by default.
     fn work_cpus(&mut self) -> usize {

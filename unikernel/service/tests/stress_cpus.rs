@@ -61,6 +61,10 @@ impl Env for CpusEnv {
         WORKERS
     }
 
+    fn cpu_pagesets(&mut self) -> Vec<[u64; memd_mm::NR_ZONES]> {
+        MEMD.global_mm().unwrap().cpu_pagesets().collect()
+    }
+
     fn queue_on(&mut self, cpu: usize, job: Job) -> Result<(), Job> {
         let mut jobs = JOBS.lock().unwrap();
         jobs.resize_with(WORKERS + 1, || None);
@@ -95,6 +99,18 @@ fn free() -> u64 {
     let mut mm = mm();
     mm.reclaim();
     mm.meminfo().free
+}
+
+/// Frames the zoneinfo view shows in the CPUs' pagesets, all zones.
+fn pageset_frames(t: &mut Harness<Cpus>, conn: memd_service::ConnId) -> u64 {
+    match t.ok(conn, Op::Zoneinfo) {
+        Reply::Zoneinfo(zones) => zones
+            .iter()
+            .flat_map(|z| &z.cpu_pagesets)
+            .map(|p| p.count)
+            .sum(),
+        r => panic!("{r:?}"),
+    }
 }
 
 /// One test at a time: they share `MEMD` and compare free memory.
@@ -172,12 +188,22 @@ fn a_run_cut_short_gives_everything_back_once_its_jobs_end() {
         .on_bytes_bounded(&mut env, c, &frame, &mut out, usize::MAX);
     assert_eq!(taken, frame.len());
     assert!(t.svc.has_work(c), "the run is still going");
+    let watcher = t.login();
+    assert!(
+        pageset_frames(&mut t, watcher) > 0,
+        "zoneinfo shows the frames the CPUs' page lists hold"
+    );
     t.svc.on_close_now(&mut env, c);
     join_jobs();
     assert_eq!(
         free(),
         before,
         "free memory is back once the jobs have ended"
+    );
+    assert_eq!(
+        pageset_frames(&mut t, watcher),
+        0,
+        "every CPU's lists emptied"
     );
     assert!(mm().check().is_ok());
 }

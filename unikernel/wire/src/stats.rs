@@ -155,12 +155,28 @@ pub struct ZoneInfo {
     pub pcp_high: u64,
     /// Per-CPU list batch.
     pub pcp_batch: u64,
+    /// Each CPU's page lists in front of the zones (orders 0 to 3), as
+    /// far as they hold this zone's frames.
+    pub cpu_pagesets: Vec<CpuPageset>,
     /// Event counters.
     pub counters: ZoneCounters,
     /// Usable frames not initialised yet (deferred initialisation).
     pub deferred: u64,
     /// Frames in the balloon.
     pub balloon: u64,
+}
+
+/// One CPU's pageset in a zone of `/proc/zoneinfo`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CpuPageset {
+    /// The CPU's number.
+    pub cpu: u32,
+    /// The zone's frames its page lists hold.
+    pub count: u64,
+    /// Frames its page lists hold at most, all zones.
+    pub high: u64,
+    /// Frames moved to or from the zones at a time.
+    pub batch: u64,
 }
 
 /// One line of `/proc/buddyinfo`.

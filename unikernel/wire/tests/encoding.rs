@@ -132,6 +132,12 @@ fn zoneinfo() {
         pcp_count: 11,
         pcp_high: 12,
         pcp_batch: 13,
+        cpu_pagesets: vec![CpuPageset {
+            cpu: 22,
+            count: 23,
+            high: 24,
+            batch: 25,
+        }],
         counters: ZoneCounters {
             alloc_success: 14,
             alloc_fail: 15,
@@ -146,8 +152,8 @@ fn zoneinfo() {
     assert_eq!(
         bytes(&z),
         [
-            0, 3, b'D', b'M', b'A', 1, 2, 3, 4, 5, 6, 7, 1, 8, 2, 9, 10, 11, 12, 13, 14, 15, 16,
-            17, 18, 19, 20, 21
+            0, 3, b'D', b'M', b'A', 1, 2, 3, 4, 5, 6, 7, 1, 8, 2, 9, 10, 11, 12, 13, 1, 22, 23, 24,
+            25, 14, 15, 16, 17, 18, 19, 20, 21
         ]
     );
 }

@@ -206,6 +206,14 @@ fn cpus_check(smp: u32, port: u16, tokens: &crate::tokens::GuestTokens) -> Resul
     {
         return Err(format!("cpus: the started CPUs should be halted: {cpus:?}"));
     }
+    let zones = c.zoneinfo().map_err(|e| format!("cpus: {e}"))?;
+    if let Some(z) = zones.iter().find(|z| z.cpu_pagesets.len() != smp as usize) {
+        return Err(format!(
+            "cpus: zone {} lists {} CPU pagesets, want {smp}",
+            z.name,
+            z.cpu_pagesets.len()
+        ));
+    }
     if smp == 1 {
         return Ok(());
     }

@@ -118,6 +118,7 @@ fn zone(z: &mm::ZoneInfo) -> ZoneInfo {
         pcp_count: z.pcp_count,
         pcp_high: z.pcp_high,
         pcp_batch: z.pcp_batch,
+        cpu_pagesets: Vec::new(),
         counters: z.counters,
         deferred: z.deferred,
         balloon: z.balloon,

@@ -125,7 +125,33 @@ pub(super) fn stats<E: Env>(env: &mut E, view: View) -> Result<Reply, WireError>
         .map(Box::new)
         .map_err(mem_err)?;
     env.with_mem(|m, _| m.snapshot(view, &mut snap));
-    Ok(<E::Mem as Memory>::render(view, &snap))
+    let mut reply = <E::Mem as Memory>::render(view, &snap);
+    if let Reply::Zoneinfo(zones) = &mut reply {
+        add_cpu_pagesets(zones, &env.cpu_pagesets());
+    }
+    Ok(reply)
+}
+
+/// Each CPU's pageset in each zone, from the frames its page lists hold
+/// there.
+fn add_cpu_pagesets(zones: &mut [memd_wire::ZoneInfo], cpus: &[[u64; memd_mm::NR_ZONES]]) {
+    for zone in zones {
+        let Some(z) = memd_mm::ZoneType::ALL
+            .iter()
+            .position(|t| t.name() == zone.name)
+        else {
+            continue;
+        };
+        zone.cpu_pagesets = (0..)
+            .zip(cpus)
+            .map(|(cpu, frames)| memd_wire::CpuPageset {
+                cpu,
+                count: frames[z],
+                high: memd_mm::CPU_PAGES_HIGH,
+                batch: memd_mm::PCP_BATCH as u64,
+            })
+            .collect();
+    }
 }
 
 /// Both fault-injection rules with their counters.
