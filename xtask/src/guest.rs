@@ -46,7 +46,8 @@ pub struct GuestArgs {
     #[arg(long, value_name = "SIZE")]
     pub hotplug: Option<String>,
     /// Virtual CPUs (QEMU `-smp`, 1 to 8): memd starts the others from the
-    /// ACPI MADT; they idle with `hlt` while CPU 0 serves.
+    /// ACPI MADT; CPU 0 serves, the others run jobs (`memctl stress
+    /// --cpus N`) and halt between them.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub smp: u32,
 }

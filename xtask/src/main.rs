@@ -4,6 +4,7 @@ mod bench_balloon;
 mod bench_boot;
 mod bench_disk;
 mod bench_hotplug;
+mod bench_stress;
 mod boot_tests;
 mod build;
 mod fuzz;
@@ -76,6 +77,9 @@ enum BenchCmd {
     Hotplug(bench_hotplug::HotplugBenchArgs),
     /// virtio-blk MiB/s: one 64 MiB contiguous DMA buffer against 4 KiB buffers.
     Disk(bench_disk::DiskBenchArgs),
+    /// The in-guest stress run on one CPU against several at once
+    /// (`memctl stress --cpus N`), taking turns in one guest.
+    Stress(bench_stress::StressBenchArgs),
     /// memd-mm against buddy_system_allocator, talc, rlsf and the system
     /// allocator on the same traces, side by side in one process.
     Mm {
@@ -197,6 +201,9 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: BenchCmd::Hotplug(args),
         } => bench_hotplug::run(&args),
+        Cmd::Bench {
+            which: BenchCmd::Stress(args),
+        } => bench_stress::run(&args),
         Cmd::Bench {
             which: BenchCmd::Mm { json, threads },
         } => bench_mm(json, threads.as_deref()),

@@ -7,7 +7,7 @@
 //! The figure is aggregate operations per second (an operation is one
 //! allocation or one free, the random draws included) from the first
 //! worker's start to the last one's end, the median of 3 rounds. memd-mm
-//! through `HostGlobal` (one manager behind its lock), glibc's malloc and
+//! through `HostGlobal` (per-CPU caches in front of its lock), glibc's malloc and
 //! mimalloc, side by side in one process.
 //!
 //! `cargo xtask bench mm --threads 1,2 [--json]`.
