@@ -75,6 +75,40 @@ pub(crate) fn bytes_mut<'a>(virt: usize, len: usize) -> &'a mut [u8] {
     unsafe { core::slice::from_raw_parts_mut(virt as *mut u8, len) }
 }
 
+/// `len` bytes of managed memory at `virt` that one holder reaches at a
+/// time, wherever it runs: a DMA buffer's bytes lent out
+/// ([`crate::MemoryManager::dma_lend`]), which the manager refuses to
+/// hand out or free until they come back.
+#[derive(Debug)]
+pub(crate) struct Lent {
+    virt: usize,
+    len: usize,
+}
+
+impl Lent {
+    /// The manager builds this only for the bytes of a live DMA buffer it
+    /// has just marked lent.
+    pub(crate) fn new(virt: usize, len: usize) -> Self {
+        Lent { virt, len }
+    }
+
+    pub(crate) fn virt(&self) -> usize {
+        self.virt
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: the module contract; the bytes are one live allocation's
+        // that only this value reaches while it exists (see `new`), and
+        // the borrow is tied to it.
+        unsafe { core::slice::from_raw_parts(self.virt as *const u8, self.len) }
+    }
+
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `bytes`, exclusively through `&mut self`.
+        unsafe { core::slice::from_raw_parts_mut(self.virt as *mut u8, self.len) }
+    }
+}
+
 /// Borrows `len` bytes of managed memory at `virt`, for code outside
 /// memd-mm that keeps a buffer it owns (a driver's DMA ring) and cannot hold
 /// the manager while it uses it. Everyone else uses

@@ -89,6 +89,32 @@ pub struct DmaBuffer {
     pub order: u32,
 }
 
+/// Bytes of a DMA buffer lent out by [`MemoryManager::dma_lend`], for work
+/// on another CPU: until [`MemoryManager::dma_unlend`] takes them back, the
+/// manager refuses the buffer's bytes to anyone else and refuses to free
+/// it. Dropping this instead leaves the buffer lent for good.
+#[derive(Debug)]
+pub struct DmaLent {
+    bytes: access::Lent,
+    phys: u64,
+}
+
+impl core::ops::Deref for DmaLent {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.bytes.bytes()
+    }
+}
+
+impl core::ops::DerefMut for DmaLent {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.bytes.bytes_mut()
+    }
+}
+
+/// Buffers lent at once at most (one per CPU that works on one).
+pub const MAX_LENT: usize = 8;
+
 impl DmaBuffer {
     pub fn zone(&self) -> ZoneType {
         ZoneType::of_pfn(self.phys / PAGE_SIZE)
@@ -202,6 +228,7 @@ impl MemoryManager {
 
     /// Frees a buffer from [`MemoryManager::dma_alloc`].
     pub fn dma_free(&mut self, buf: &DmaBuffer) -> Result<(), MmError> {
+        self.not_lent(buf)?;
         match buf.source {
             DmaSource::Buddy => {
                 self.free_pages(buf.phys, buf.order)?;
@@ -245,15 +272,55 @@ impl MemoryManager {
     /// Borrows a DMA buffer's bytes for the CPU. A stale or made-up
     /// `DmaBuffer` is refused rather than aliasing someone else's memory.
     pub fn dma_bytes(&mut self, buf: &DmaBuffer) -> Result<&mut [u8], MmError> {
+        self.not_lent(buf)?;
         if buf.virt != self.dmap.virt(buf.phys) {
             return Err(MmError::Invalid("dma: not a live buffer"));
         }
         self.bytes_of(buf.virt, buf.len)
     }
 
+    /// Lends `buf`'s bytes (its length, or with `span` all it takes, as
+    /// [`MemoryManager::dma_span_bytes`]) out for work on another CPU.
+    pub fn dma_lend(&mut self, buf: &DmaBuffer, span: bool) -> Result<DmaLent, MmError> {
+        let len = if span { buf.span() } else { buf.len };
+        let virt = self.dma_span_bytes(buf)?[..len].as_ptr() as usize;
+        let slot = self
+            .dma_lent
+            .iter_mut()
+            .find(|s| s.is_none())
+            .ok_or(MmError::Invalid(
+                "dma: as many buffers lent as there can be",
+            ))?;
+        *slot = Some(buf.phys);
+        Ok(DmaLent {
+            bytes: access::Lent::new(virt, len),
+            phys: buf.phys,
+        })
+    }
+
+    /// Takes lent bytes back: the buffer is the manager's to hand out and
+    /// free again.
+    pub fn dma_unlend(&mut self, lent: DmaLent) {
+        debug_assert_eq!(self.dmap.phys(lent.bytes.virt()), lent.phys);
+        if let Some(slot) = self.dma_lent.iter_mut().find(|s| **s == Some(lent.phys)) {
+            *slot = None;
+        }
+    }
+
+    /// Refuses a buffer whose bytes are lent out.
+    fn not_lent(&self, buf: &DmaBuffer) -> Result<(), MmError> {
+        match self.dma_lent.contains(&Some(buf.phys)) {
+            true => Err(MmError::Invalid(
+                "dma: the buffer's bytes are lent to another CPU",
+            )),
+            false => Ok(()),
+        }
+    }
+
     /// All the bytes `buf` takes ([`DmaBuffer::span`]), its length and the
     /// rest of its block or pages: what zeroing it must cover.
     pub fn dma_span_bytes(&mut self, buf: &DmaBuffer) -> Result<&mut [u8], MmError> {
+        self.not_lent(buf)?;
         if buf.virt != self.dmap.virt(buf.phys) {
             return Err(MmError::Invalid("dma: not a live buffer"));
         }
@@ -272,5 +339,27 @@ mod tests {
         }
         assert_eq!(DmaMask::from_bits(31), None);
         assert_eq!(DmaMask::Bits32.limit(), DMA32_LIMIT);
+    }
+
+    #[test]
+    fn lent_bytes_are_refused_to_everyone_else_until_they_come_back() {
+        let mut mm = crate::arena::HostMm::boot(&[(1 << 20, 64 << 20)], "").unwrap();
+        let buf = mm.dma_alloc(256 << 10, 4096, DmaMask::Bits64).unwrap();
+        let mut lent = mm.dma_lend(&buf, false).unwrap();
+        assert_eq!(lent.len(), 256 << 10);
+        assert!(mm.dma_bytes(&buf).is_err(), "its bytes are lent");
+        assert!(mm.dma_span_bytes(&buf).is_err());
+        assert!(mm.dma_lend(&buf, true).is_err(), "lent once");
+        assert!(mm.dma_free(&buf).is_err(), "not freed while lent");
+        // Another CPU would do this.
+        let t = std::thread::spawn(move || {
+            lent.fill(0xa5);
+            lent
+        });
+        let lent = t.join().unwrap();
+        mm.dma_unlend(lent);
+        assert!(mm.dma_bytes(&buf).unwrap().iter().all(|&b| b == 0xa5));
+        mm.dma_free(&buf).unwrap();
+        mm.check().unwrap();
     }
 }

@@ -110,7 +110,7 @@ pub use cma::{Cma, Extent};
 pub use cmdline::{DmaReserve, MmOptions};
 pub use cpu_cache::{CPU_PAGES_HIGH, PCP_MAX_ORDER};
 pub use deferred::BOOT_INIT_BYTES;
-pub use dma::{DmaBuffer, DmaMask, DmaSource};
+pub use dma::{DmaBuffer, DmaLent, DmaMask, DmaSource, MAX_LENT};
 pub use error::MmError;
 pub use fault::FaultAttr;
 pub use frame::{Frame, FrameState, FRAME_DESCRIPTOR_BYTES};
@@ -167,6 +167,9 @@ pub struct MemoryManager {
     pub(crate) table_zeroed: bool,
     pub(crate) pageblocks: pageblock::Pageblocks,
     pub(crate) dmap: DirectMap,
+    /// DMA buffers whose bytes are lent out (`dma_lend`), by physical
+    /// address.
+    pub(crate) dma_lent: [Option<u64>; dma::MAX_LENT],
     pub(crate) max_order: u32,
     pub(crate) zones: [zone::Zone; NR_ZONES],
     /// First populated zone of each zonelist (Linux's preferred zone): a
@@ -210,6 +213,7 @@ impl MemoryManager {
             table_zeroed: false,
             pageblocks: pageblock::Pageblocks::new(),
             dmap: DirectMap::new(0),
+            dma_lent: [None; dma::MAX_LENT],
             max_order: DEFAULT_MAX_ORDER as u32,
             zones: [
                 zone::Zone::new(ZoneType::Dma),

@@ -112,6 +112,9 @@ pub trait Memory {
     type PoolId: Copy;
     /// A DMA buffer, given back to free it.
     type DmaBuf;
+    /// A DMA buffer's bytes lent out for work on another CPU
+    /// ([`Memory::dma_lend`]).
+    type Lent: core::ops::DerefMut<Target = [u8]> + Send + 'static;
     /// A heap-free snapshot of the statistics (allocated by the service
     /// before the memory manager is borrowed).
     type Stats;
@@ -217,6 +220,13 @@ pub trait Memory {
     fn dma_bytes<'a>(&'a mut self, buf: &'a Self::DmaBuf) -> Result<&'a mut [u8], MemError>;
     /// Free it.
     fn dma_free(&mut self, buf: Self::DmaBuf) -> Result<(), MemError>;
+    /// Lends its bytes (all it takes with `span`, as
+    /// [`Memory::dma_span_bytes`]) out for work on another CPU: until
+    /// [`Memory::dma_unlend`], its bytes are no one else's and it cannot
+    /// be freed.
+    fn dma_lend(&mut self, buf: &Self::DmaBuf, span: bool) -> Result<Self::Lent, MemError>;
+    /// Takes lent bytes back.
+    fn dma_unlend(&mut self, lent: Self::Lent);
 
     /// Entries `view` lists now (caches, pools; 0 for the other views).
     fn view_len(&mut self, view: View) -> usize;

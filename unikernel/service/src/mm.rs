@@ -71,6 +71,7 @@ impl Memory for MemoryManager {
     type CacheId = CacheId;
     type PoolId = PoolId;
     type DmaBuf = DmaBuffer;
+    type Lent = memd_mm::DmaLent;
     type Stats = MmStats;
 
     fn page_size(&self) -> u64 {
@@ -282,6 +283,14 @@ impl Memory for MemoryManager {
 
     fn dma_free(&mut self, buf: DmaBuffer) -> Result<(), MemError> {
         MemoryManager::dma_free(self, &buf).map_err(mm_err)
+    }
+
+    fn dma_lend(&mut self, buf: &DmaBuffer, span: bool) -> Result<memd_mm::DmaLent, MemError> {
+        MemoryManager::dma_lend(self, buf, span).map_err(mm_err)
+    }
+
+    fn dma_unlend(&mut self, lent: memd_mm::DmaLent) {
+        MemoryManager::dma_unlend(self, lent);
     }
 
     fn view_len(&mut self, view: View) -> usize {

@@ -43,6 +43,7 @@ mod hello;
 mod kmalloc;
 mod map;
 mod objects;
+mod offload;
 mod pages;
 mod pools;
 mod quota;
@@ -215,9 +216,10 @@ impl<M: Memory> Service<M> {
         };
         let mut handles = c.holdings.handles;
         if let Some(f) = work.and_then(|w| w.abandon(env)) {
-            // The device holds that buffer: it is freed when it gives it back.
+            // The device or another CPU holds that buffer: it is freed when
+            // it comes back.
             if let Some(Res::Dma { buf, .. }) = handles.remove(f.handle) {
-                self.releases.push_in_flight(buf, f.from, f.to);
+                self.releases.push_in_flight(buf, f.wait);
             }
         }
         if let Some(owner) = self.releases.push(handles, c.owner) {

@@ -1,7 +1,9 @@
 //! Work on a DMA buffer's bytes, a slice at a time: zeroing a new buffer,
 //! filling, checksumming, copying in and out, and moving it to and from
 //! the disk. The buffer is leased meanwhile: freeing it gets EBUSY until
-//! the work ends (see `Service::leased`).
+//! the work ends (see `Service::leased`). Zeroing, filling and
+//! checksumming a large buffer go whole to another CPU when there is one
+//! free (`offload`).
 
 use alloc::boxed::Box;
 use alloc::format;
@@ -10,6 +12,7 @@ use alloc::vec::Vec;
 
 use memd_wire::{errno, Checksum, DiskTransfer, DmaBufferInfo, Op, Reply, WireError};
 
+use super::offload::{self, ByteWork, Pending, OFFLOAD_MIN};
 use super::{err, mem_err, Service};
 use crate::env::{BlockDevice, Env, Transfer, SECTOR};
 use crate::memory::{MemError, Memory};
@@ -30,6 +33,8 @@ pub(super) struct DmaWork {
     pos: usize,
     end: usize,
     kind: DmaKind,
+    /// The work, whole, on another CPU.
+    pending: Option<Pending>,
 }
 
 /// What the work does to the buffer.
@@ -61,12 +66,34 @@ struct Disk {
 impl DmaWork {
     /// What the work is, and how far it got, for messages.
     pub(super) fn describe(&self) -> String {
-        format!(
-            "a {} ({} of {} bytes done)",
-            self.kind.name(),
-            self.pos - self.start,
-            self.end - self.start
-        )
+        match self.pending {
+            Some(_) => format!(
+                "a {} of {} bytes on another CPU",
+                self.kind.name(),
+                self.end - self.start
+            ),
+            None => format!(
+                "a {} ({} of {} bytes done)",
+                self.kind.name(),
+                self.pos - self.start,
+                self.end - self.start
+            ),
+        }
+    }
+
+    /// The job on another CPU that holds the buffer's bytes, if any.
+    pub(super) fn take_pending(&mut self) -> Option<Pending> {
+        self.pending.take()
+    }
+
+    /// What of the work can go whole to another CPU.
+    fn byte_work(&self) -> Option<ByteWork> {
+        match self.kind {
+            DmaKind::Zero(_) => Some(ByteWork::Zero),
+            DmaKind::Fill { seed } => Some(ByteWork::Fill { seed }),
+            DmaKind::Checksum(sum) => Some(ByteWork::Checksum(sum)),
+            _ => None,
+        }
     }
 
     /// The bytes `[from, to)` the device holds, if a disk request is in
@@ -157,6 +184,7 @@ impl<M: Memory> Service<M> {
                 pos: start,
                 end,
                 kind,
+                pending: None,
             })
         };
         match op {
@@ -283,6 +311,27 @@ impl<M: Memory> Service<M> {
         w: &mut DmaWork,
     ) -> Result<Slice, WireError> {
         let (buf, _) = self.dma(conn, w.handle)?;
+        if let Some(pending) = &w.pending {
+            let Some((bytes, sum)) = offload::finished::<M>(pending) else {
+                return Ok(Slice::Waiting);
+            };
+            env.with_mem(|m, _| m.dma_unlend(bytes));
+            w.pending = None;
+            if let (DmaKind::Checksum(c), Some(sum)) = (&mut w.kind, sum) {
+                *c = sum;
+            }
+            w.pos = w.end;
+            return Ok(Slice::Done);
+        }
+        if w.pos == w.start && w.end - w.start >= OFFLOAD_MIN {
+            if let Some(work) = w.byte_work() {
+                let span = matches!(w.kind, DmaKind::Zero(_));
+                w.pending = offload::start(env, buf, span, w.pos, w.end, work);
+                if w.pending.is_some() {
+                    return Ok(Slice::Waiting);
+                }
+            }
+        }
         let (from, base, end) = (w.pos, w.start, w.end);
         let to = end.min(from.saturating_add(w.kind.slice()));
         let now = env.now_ns();

@@ -10,7 +10,9 @@
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 
+use super::offload;
 use super::res::Res;
+use super::work::Wait;
 use super::Service;
 use crate::env::Env;
 use crate::handles::{Drain, HandleTable};
@@ -34,9 +36,9 @@ pub(super) struct Departed<M: Memory> {
 /// The departed connections, oldest first.
 pub(super) struct Releases<M: Memory> {
     queue: VecDeque<Departed<M>>,
-    /// DMA buffers a departed connection left with the disk: each is freed
-    /// once the device has completed the request on bytes `[from, to)`.
-    in_flight: Vec<(M::DmaBuf, usize, usize)>,
+    /// DMA buffers a departed connection left with the disk or a job on
+    /// another CPU: each is freed once it is back.
+    in_flight: Vec<(M::DmaBuf, Wait)>,
     /// The slice being freed: allocated once per burst of departures, so a
     /// turn's heap work stays outside the allocator's lock.
     slice: Vec<Res<M>>,
@@ -68,10 +70,10 @@ impl<M: Memory> Releases<M> {
         None
     }
 
-    /// Queues a DMA buffer the device holds, to be freed when it gives it
-    /// back.
-    pub(super) fn push_in_flight(&mut self, buf: M::DmaBuf, from: usize, to: usize) {
-        self.in_flight.push((buf, from, to));
+    /// Queues a DMA buffer the device or a job holds, to be freed when it
+    /// is back.
+    pub(super) fn push_in_flight(&mut self, buf: M::DmaBuf, wait: Wait) {
+        self.in_flight.push((buf, wait));
     }
 
     /// Handles still to be freed.
@@ -90,15 +92,40 @@ impl<M: Memory> Service<M> {
     /// `budget` is spent.
     pub(super) fn release_some<E: Env<Mem = M>>(&mut self, env: &mut E, budget: &Budget) -> bool {
         let r = &mut self.releases;
-        if !r.in_flight.is_empty() {
+        // Buffers back from jobs on other CPUs, sorted out off the lock (the
+        // job's record is freed here).
+        let mut back = Vec::new();
+        let mut i = 0;
+        while i < r.in_flight.len() {
+            match &r.in_flight[i].1 {
+                Wait::Job(job) => match offload::finished::<M>(job) {
+                    Some((bytes, _)) => {
+                        let (buf, _) = r.in_flight.swap_remove(i);
+                        back.push((buf, bytes));
+                    }
+                    None => i += 1,
+                },
+                Wait::Disk { .. } => i += 1,
+            }
+        }
+        if !r.in_flight.is_empty() || !back.is_empty() {
             let in_flight = &mut r.in_flight;
+            let back = &mut back;
             env.with_mem(|m, mut block| {
                 let mut freed = false;
+                for (buf, bytes) in back.drain(..) {
+                    m.dma_unlend(bytes);
+                    let _ = m.dma_free(buf);
+                    freed = true;
+                }
                 let mut i = 0;
                 while i < in_flight.len() {
-                    let (buf, from, to) = &in_flight[i];
-                    let done = match (block.as_deref_mut(), m.dma_bytes(buf)) {
-                        (Some(b), Ok(bytes)) => b.poll(&mut bytes[*from..*to]).is_some(),
+                    let Wait::Disk { from, to } = in_flight[i].1 else {
+                        i += 1;
+                        continue;
+                    };
+                    let done = match (block.as_deref_mut(), m.dma_bytes(&in_flight[i].0)) {
+                        (Some(b), Ok(bytes)) => b.poll(&mut bytes[from..to]).is_some(),
                         // No device, or not a live buffer: nothing can be
                         // in flight on it.
                         _ => true,

@@ -17,6 +17,7 @@ use memd_wire::{errno, Batch, Op, Reply, WireError};
 use super::budget::Budget;
 use super::dma_work::{DmaWork, Slice, ZERO_SLICE};
 use super::map::MapWork;
+use super::offload::Pending;
 use super::{err, Service};
 use crate::check::CheckRun;
 use crate::env::Env;
@@ -51,12 +52,19 @@ pub(super) enum Work {
     Map(Box<MapWork>),
 }
 
-/// A disk request a departed connection left in flight: bytes
-/// `[from, to)` of its DMA buffer `handle` are the device's.
+/// What a departed connection's DMA buffer `handle` is waiting for before
+/// it can be freed.
 pub(super) struct InFlight {
     pub(super) handle: u64,
-    pub(super) from: usize,
-    pub(super) to: usize,
+    pub(super) wait: Wait,
+}
+
+/// Who holds a departed connection's DMA buffer.
+pub(super) enum Wait {
+    /// The device: bytes `[from, to)` are in a request in flight.
+    Disk { from: usize, to: usize },
+    /// A job on another CPU, with the buffer's bytes.
+    Job(Pending),
 }
 
 impl Work {
@@ -84,19 +92,24 @@ impl Work {
 
     /// Gives back what the work holds of its own, for a connection that
     /// left before it ended (a stress run's allocations). A disk request
-    /// in flight is returned: its buffer is the device's until it
-    /// completes.
+    /// in flight, or a job on another CPU, is returned: the buffer is the
+    /// device's, or the job's, until it is done.
     pub(super) fn abandon<E: Env>(mut self, env: &mut E) -> Option<InFlight> {
         match &mut self {
             Work::Stress(r) => {
                 r.release(env);
                 None
             }
-            Work::Dma(w) => w.in_flight().map(|(from, to)| InFlight {
-                handle: w.handle,
-                from,
-                to,
-            }),
+            Work::Dma(w) => {
+                let wait = match w.take_pending() {
+                    Some(job) => Some(Wait::Job(job)),
+                    None => w.in_flight().map(|(from, to)| Wait::Disk { from, to }),
+                };
+                wait.map(|wait| InFlight {
+                    handle: w.handle,
+                    wait,
+                })
+            }
             Work::Check(_) | Work::Map(_) => None,
         }
     }

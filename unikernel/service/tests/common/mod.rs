@@ -171,10 +171,27 @@ impl Model {
 
 pub struct ModelDma(u64, u64);
 
+/// A model buffer's bytes, out of the model while lent.
+pub struct ModelLent(u64, Vec<u8>);
+
+impl std::ops::Deref for ModelLent {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.1
+    }
+}
+
+impl std::ops::DerefMut for ModelLent {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.1
+    }
+}
+
 impl Memory for Model {
     type CacheId = u32;
     type PoolId = u32;
     type DmaBuf = ModelDma;
+    type Lent = ModelLent;
     type Stats = Option<Reply>;
 
     fn page_size(&self) -> u64 {
@@ -348,9 +365,22 @@ impl Memory for Model {
             .ok_or(MemError::new(errno::EINVAL, "stale buffer"))
     }
     fn dma_free(&mut self, buf: ModelDma) -> Result<(), MemError> {
+        if self.live.contains_key(&buf.0) && !self.dma.contains_key(&buf.0) {
+            return Err(MemError::new(errno::EBUSY, "its bytes are lent"));
+        }
         self.give(buf.0, "dma")?;
         self.dma.remove(&buf.0);
         Ok(())
+    }
+    fn dma_lend(&mut self, buf: &ModelDma, _span: bool) -> Result<ModelLent, MemError> {
+        let bytes = self
+            .dma
+            .remove(&buf.0)
+            .ok_or(MemError::new(errno::EINVAL, "stale or lent buffer"))?;
+        Ok(ModelLent(buf.0, bytes))
+    }
+    fn dma_unlend(&mut self, lent: ModelLent) {
+        self.dma.insert(lent.0, lent.1);
     }
     fn snapshot(&mut self, view: View, out: &mut Option<Reply>) {
         *out = Some(match view {

@@ -1,7 +1,9 @@
-//! A stress run on several CPUs, over memd-mm's per-CPU caches: host
-//! threads stand in for the CPUs that take jobs, each with a CPU slot of
-//! its own (`HostGlobal`'s). Once a run is over, or cut short and its jobs
-//! ended, the invariants hold and free memory is back to the byte.
+//! Work on several CPUs, host threads standing in for the CPUs that take
+//! jobs: a stress run over memd-mm's per-CPU caches (each thread with a
+//! CPU slot of its own, `HostGlobal`'s), and DMA buffers zeroed, filled
+//! and checksummed whole by a job. Once the work is over, or cut short and
+//! its jobs ended, the invariants hold and free memory is back to the
+//! byte.
 
 mod common;
 
@@ -21,6 +23,8 @@ const WORKERS: usize = 3;
 
 /// The jobs handed out, by CPU.
 static JOBS: Mutex<Vec<Option<JoinHandle<()>>>> = Mutex::new(Vec::new());
+/// Jobs handed out in all.
+static JOBS_RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Waits for every job handed out so far.
 fn join_jobs() {
@@ -75,6 +79,7 @@ impl Env for CpusEnv {
             h.join().unwrap();
         }
         jobs[cpu] = Some(std::thread::spawn(job));
+        JOBS_RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }
@@ -205,5 +210,76 @@ fn a_run_cut_short_gives_everything_back_once_its_jobs_end() {
         0,
         "every CPU's lists emptied"
     );
+    assert!(mm().check().is_ok());
+}
+
+/// The checksum memd-wire computes over `bytes`.
+fn checksum(bytes: &[u8]) -> u64 {
+    let mut sum = Checksum::new();
+    sum.update(bytes);
+    sum.value()
+}
+
+/// Jobs handed out so far.
+fn jobs_run() -> u64 {
+    JOBS_RUN.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[test]
+fn large_buffers_are_zeroed_filled_and_checksummed_by_jobs() {
+    let _one = one_at_a_time();
+    let mut t = Harness::new(Cpus);
+    let c = t.login();
+    let before = free();
+    let jobs = jobs_run();
+    const LEN: usize = 1 << 20;
+    let h = t.dma_alloc(c, LEN as u64, 4096, DmaMask::Bits64);
+    assert!(
+        jobs_run() > jobs,
+        "zeroing a 1 MiB buffer went to another CPU"
+    );
+    let zeros = checksum(&vec![0; LEN]);
+    assert_eq!(t.dma_checksum(c, h, 0, 0), Reply::Checksum(zeros), "zeroed");
+    assert!(matches!(t.dma_fill(c, h, 42), Reply::Done));
+    let mut want = vec![0; LEN];
+    fill_pattern(42, 0, &mut want);
+    let sum = checksum(&want);
+    assert_eq!(t.dma_checksum(c, h, 0, 0), Reply::Checksum(sum), "filled");
+    assert_eq!(
+        t.dma_checksum(c, h, 4096, 8192),
+        Reply::Checksum(checksum(&want[4096..4096 + 8192])),
+        "a small range, checksummed here"
+    );
+    assert!(
+        jobs_run() >= jobs + 4,
+        "zero, fill and two checksums: {}",
+        jobs_run() - jobs
+    );
+    t.ok(c, Op::DmaFree { handle: h });
+    join_jobs();
+    assert_eq!(free(), before, "free memory is back");
+    assert!(mm().check().is_ok());
+}
+
+#[test]
+fn a_buffer_left_with_a_job_is_freed_once_the_job_ends() {
+    let _one = one_at_a_time();
+    let mut config = Config::new(common::TOKEN);
+    config.budget_ns = 1;
+    let mut t = Harness::with_config(Cpus, config);
+    let c = t.login();
+    let before = free();
+    let h = t.dma_alloc(c, 16 << 20, 4096, DmaMask::Bits64);
+    let frame = to_frame(&Request::Call(Op::DmaFill { handle: h, seed: 5 })).unwrap();
+    let mut out = Vec::new();
+    let mut env = CpusEnv;
+    let jobs = jobs_run();
+    t.svc
+        .on_bytes_bounded(&mut env, c, &frame, &mut out, usize::MAX);
+    assert!(t.svc.has_work(c), "the fill is on another CPU");
+    assert_eq!(jobs_run(), jobs + 1);
+    t.svc.on_close_now(&mut env, c);
+    join_jobs();
+    assert_eq!(free(), before, "the buffer is freed once its job is done");
     assert!(mm().check().is_ok());
 }
