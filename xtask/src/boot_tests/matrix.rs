@@ -152,7 +152,7 @@ pub(super) fn matrix() -> Vec<Case> {
     }
     // No PIT: boot must not hang, and must say where the TSC rate came from.
     v.push(Case::new(Machine::MicrovmNoPit, GIB));
-    // The control plane, also with a second CPU started (and idle).
+    // The control plane, also with a second CPU (a stress run on both).
     for smp in [1, 2] {
         for machine in [Machine::Microvm, Machine::Q35, Machine::MicrovmPcie] {
             v.push(Case {

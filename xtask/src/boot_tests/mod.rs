@@ -76,6 +76,10 @@ pub struct BootTestArgs {
     /// Time bound for each boot, in seconds.
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
+    /// Every case with at least this many CPUs (cases that differ only in
+    /// their CPUs then run once).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub smp: u32,
 }
 
 /// Runs the cases `--filter` keeps, `--jobs` guests at a time, each within
@@ -85,14 +89,20 @@ pub fn run(args: &BootTestArgs) -> Result<()> {
     let qemu_path = qemu::ensure_qemu()?;
     // The matrix runs under TCG (QemuConfig's default): it must behave the
     // same on every host.
-    let cases: Vec<Case> = matrix()
+    let mut cases: Vec<Case> = matrix()
         .into_iter()
+        .map(|c| Case {
+            smp: c.smp.max(args.smp),
+            ..c
+        })
         .filter(|c| {
             args.filter
                 .as_ref()
                 .is_none_or(|f| c.name().contains(f.as_str()))
         })
         .collect();
+    let mut seen = std::collections::HashSet::new();
+    cases.retain(|c| seen.insert(c.name()));
     if cases.is_empty() {
         bail!("no boot test matches the filter");
     }
