@@ -195,11 +195,7 @@ pub fn send_wakeup(apic_id: u32) {
     if regs == 0 {
         return;
     }
-    write(regs, Reg::IcrHigh, apic_id << 24);
-    write(regs, Reg::IcrLow, ICR_ASSERT | WAKE_VECTOR);
-    while read(regs, Reg::IcrLow) & ICR_PENDING != 0 {
-        core::hint::spin_loop();
-    }
+    send_ipi(regs, apic_id as u8, ICR_ASSERT | WAKE_VECTOR);
 }
 
 /// Halts until an interrupt (another CPU's [`send_wakeup`]); one that
@@ -221,33 +217,51 @@ const ICR_STARTUP: u32 = 0b110 << 8;
 const ICR_ASSERT: u32 = 1 << 14;
 const ICR_PENDING: u32 = 1 << 12;
 
-/// Sends INIT, then STARTUP twice with `vector` (the start page's number:
-/// the CPU starts in real mode at `vector << 12`), to the CPU with APIC id
-/// `apic_id`, with the specification's waits (10 ms, 200 us). False when
-/// `init` found no usable APIC.
-pub fn start_cpu(apic_id: u8, vector: u8) -> bool {
+/// Sends INIT to each CPU of `apic_ids`, then waits the specification's
+/// 10 ms once for all of them: each then waits for its STARTUP
+/// ([`startup_cpu`]). False when `init` found no usable APIC.
+pub fn init_cpus(apic_ids: impl Iterator<Item = u8>) -> bool {
     let regs = REGS.load(Ordering::Relaxed);
     if regs == 0 {
         return false;
     }
-    let send = |low: u32| {
-        write(regs, Reg::IcrHigh, (apic_id as u32) << 24);
-        write(regs, Reg::IcrLow, low);
-        while read(regs, Reg::IcrLow) & ICR_PENDING != 0 {
-            core::hint::spin_loop();
-        }
-    };
-    let wait = |ns: u64| {
-        let start = time::uptime_ns();
-        while time::uptime_ns() - start < ns {
-            core::hint::spin_loop();
-        }
-    };
-    send(ICR_INIT | ICR_ASSERT);
-    wait(10_000_000);
+    for id in apic_ids {
+        send_ipi(regs, id, ICR_INIT | ICR_ASSERT);
+    }
+    spin_for(10_000_000);
+    true
+}
+
+/// Sends STARTUP twice with `vector` (the start page's number: the CPU
+/// starts in real mode at `vector << 12`) to the CPU with APIC id
+/// `apic_id`, which had its INIT, with the specification's 200 us waits.
+/// False when `init` found no usable APIC.
+pub fn startup_cpu(apic_id: u8, vector: u8) -> bool {
+    let regs = REGS.load(Ordering::Relaxed);
+    if regs == 0 {
+        return false;
+    }
     for _ in 0..2 {
-        send(ICR_STARTUP | ICR_ASSERT | vector as u32);
-        wait(200_000);
+        send_ipi(regs, apic_id, ICR_STARTUP | ICR_ASSERT | vector as u32);
+        spin_for(200_000);
     }
     true
+}
+
+/// Sends an interprocessor interrupt (`low`: the ICR's low word) to the
+/// CPU with APIC id `apic_id` and waits until the APIC has sent it.
+fn send_ipi(regs: u64, apic_id: u8, low: u32) {
+    write(regs, Reg::IcrHigh, (apic_id as u32) << 24);
+    write(regs, Reg::IcrLow, low);
+    while read(regs, Reg::IcrLow) & ICR_PENDING != 0 {
+        core::hint::spin_loop();
+    }
+}
+
+/// Spins for `ns` nanoseconds.
+fn spin_for(ns: u64) {
+    let start = time::uptime_ns();
+    while time::uptime_ns() - start < ns {
+        core::hint::spin_loop();
+    }
 }

@@ -7,9 +7,9 @@
 //! memblock before the buddy exists); the trampoline switches to protected
 //! mode on a GDT of its own, then to long mode on the kernel's page tables
 //! (which identity-map the low 2 MiB), and jumps to `ap_entry64` in the
-//! kernel image, which loads the kernel's GDT and calls [`ap_main`]. CPUs
-//! are started one at a time: the trampoline's parameters (page tables,
-//! stack, CPU number) are one set.
+//! kernel image, which loads the kernel's GDT and calls [`ap_main`]. All
+//! CPUs get INIT at once; STARTUP goes to one at a time: the trampoline's
+//! parameters (page tables, stack, CPU number) are one set.
 //!
 //! The network loop stays on CPU 0; a started CPU runs the function
 //! `start_aps` was given (the work queue's worker loop).
@@ -183,8 +183,10 @@ fn stack() -> Option<u64> {
     (!p.is_null()).then(|| p as u64 + AP_STACK as u64)
 }
 
-/// Starts every CPU of `apic_ids` but the boot CPU's, one at a time, each
-/// to run `work` with its CPU number; the CPUs running afterwards.
+/// Starts every CPU of `apic_ids` but the boot CPU's, each to run `work`
+/// with its CPU number; the CPUs running afterwards. All get their INIT
+/// (and its 10 ms wait) together, then their STARTUP one at a time: the
+/// trampoline's parameters are one set.
 pub fn start_aps(apic_ids: &[u8], work: fn(usize) -> !) -> u32 {
     WORK.call_once(|| work);
     let me = apic::id();
@@ -198,10 +200,15 @@ pub fn start_aps(apic_ids: &[u8], work: fn(usize) -> !) -> u32 {
         core::ptr::copy_nonoverlapping(start as *const u8, TRAMPOLINE as *mut u8, len as usize)
     };
     let cr3 = paging::kernel_cr3();
-    for (cpu, &id) in (1..).zip(apic_ids.iter().filter(|&&id| id as u32 != me)) {
-        if cpu == MAX_CPUS {
-            break;
-        }
+    let others = || {
+        apic_ids
+            .iter()
+            .copied()
+            .filter(move |&id| id as u32 != me)
+            .take(MAX_CPUS - 1)
+    };
+    apic::init_cpus(others());
+    for (cpu, id) in (1..).zip(others()) {
         let Some(top) = stack() else {
             log::warn!("smp: no stack for the CPU with APIC id {id}");
             break;
@@ -220,7 +227,7 @@ pub fn start_aps(apic_ids: &[u8], work: fn(usize) -> !) -> u32 {
             unsafe { core::ptr::write_volatile(in_page(sym as *const u8) as *mut u64, value) };
         }
         let before = ONLINE.load(Ordering::Acquire);
-        apic::start_cpu(id, (TRAMPOLINE >> 12) as u8);
+        apic::startup_cpu(id, (TRAMPOLINE >> 12) as u8);
         let asked = time::uptime_ns();
         while ONLINE.load(Ordering::Acquire) == before {
             if time::uptime_ns() - asked > START_TIMEOUT_NS {
