@@ -333,8 +333,8 @@ fn region_kind(e820: u32) -> RegionKind {
 /// Hands the machine's memory to memd-mm: the firmware map and command line
 /// from `data`, the direct map at `direct_map_offset`, and the kernel image
 /// (with its stack and statics) and the page tables' frames as reserved.
-pub fn hand_over_memory(
-    mm: &crate::arch::paging::KernelHeap,
+pub fn hand_over_memory<const CPUS: usize, I: memd_mm::CpuIds>(
+    mm: &memd_mm::GlobalMm<CPUS, I>,
     data: &BootData,
     direct_map_offset: u64,
     table_frames: core::ops::Range<u64>,

@@ -75,7 +75,7 @@ impl Env for KernelEnv {
     fn cpus(&mut self) -> Vec<memd_wire::Cpu> {
         let now = time::uptime_ns();
         let mut cpus = Vec::new();
-        for k in 0..crate::arch::acpi::MAX_CPUS {
+        for k in 0..crate::arch::percpu::MAX_CPUS {
             let Some((apic_id, since)) = crate::arch::smpboot::cpu(k) else {
                 continue;
             };

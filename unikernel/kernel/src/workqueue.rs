@@ -13,7 +13,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use spin::Mutex;
 
-use crate::arch::acpi::MAX_CPUS;
+use crate::arch::percpu::MAX_CPUS;
 use crate::arch::{apic, smpboot, time};
 
 /// A job: runs once, on the CPU it was queued on.

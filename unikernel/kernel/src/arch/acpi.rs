@@ -5,9 +5,7 @@
 //! which covers everything below 4 GiB where firmware puts them.
 
 use super::paging::DIRECT_MAP_OFFSET;
-
-/// The most CPUs memd starts.
-pub const MAX_CPUS: usize = 8;
+use super::percpu::MAX_CPUS;
 
 /// The enabled CPUs' local APIC ids, in MADT order.
 pub struct Cpus {

@@ -521,7 +521,7 @@ pub fn kernel_cr3() -> u64 {
 }
 
 /// The kernel heap: memd-mm with vmalloc and per-CPU caches.
-pub type KernelHeap = GlobalMm<{ super::acpi::MAX_CPUS }, super::percpu::KernelCpus>;
+pub type KernelHeap = GlobalMm<{ super::percpu::MAX_CPUS }, super::percpu::KernelCpus>;
 
 /// memd-mm as the kernel heap, with vmalloc over [`VMALLOC_START`] and
 /// per-CPU caches for work that asks for them (for `main`'s

@@ -9,7 +9,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use memd_mm::CpuIds;
 
-use super::acpi::MAX_CPUS;
+/// The most CPUs memd starts.
+pub const MAX_CPUS: usize = 8;
 
 const IA32_GS_BASE: u32 = 0xc000_0101;
 

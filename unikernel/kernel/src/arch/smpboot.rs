@@ -18,7 +18,7 @@ use core::arch::{asm, global_asm};
 use core::ops::Range;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use super::acpi::MAX_CPUS;
+use super::percpu::MAX_CPUS;
 use super::{apic, idt, paging, time};
 
 /// Physical address of the trampoline page (SIPI vector 8).
