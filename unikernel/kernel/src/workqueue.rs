@@ -9,7 +9,7 @@
 //! it looked is not lost: it ends the `hlt` at once.
 
 use alloc::boxed::Box;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use spin::Mutex;
 
@@ -21,20 +21,28 @@ pub type Job = Box<dyn FnOnce() + Send>;
 
 struct Worker {
     job: Mutex<Option<Job>>,
-    /// Taken and not yet finished.
+    /// Taken and not yet finished (set under `job`'s lock).
     running: AtomicBool,
-    /// Time spent running jobs that ended.
-    busy_ns: AtomicU64,
-    /// When the running job started.
-    started_ns: AtomicU64,
+    /// Time spent on jobs: read and written whole, under its own lock.
+    time: Mutex<JobTime>,
+}
+
+#[derive(Clone, Copy)]
+struct JobTime {
+    /// Jobs that ended.
+    ended_ns: u64,
+    /// When the running job started, if one runs.
+    started_ns: Option<u64>,
 }
 
 static WORKERS: [Worker; MAX_CPUS] = [const {
     Worker {
         job: Mutex::new(None),
         running: AtomicBool::new(false),
-        busy_ns: AtomicU64::new(0),
-        started_ns: AtomicU64::new(0),
+        time: Mutex::new(JobTime {
+            ended_ns: 0,
+            started_ns: None,
+        }),
     }
 }; MAX_CPUS];
 
@@ -59,9 +67,10 @@ pub fn queue_work_on(cpu: usize, job: Job) -> Result<(), Job> {
 
 /// Whether CPU `cpu` runs a job, or has one queued.
 pub fn busy(cpu: usize) -> bool {
-    WORKERS
-        .get(cpu)
-        .is_some_and(|w| w.running.load(Ordering::Acquire) || w.job.lock().is_some())
+    WORKERS.get(cpu).is_some_and(|w| {
+        let slot = w.job.lock();
+        slot.is_some() || w.running.load(Ordering::Acquire)
+    })
 }
 
 /// Time CPU `cpu` has spent running jobs, the running one's so far
@@ -70,15 +79,15 @@ pub fn busy_ns(cpu: usize) -> u64 {
     let Some(w) = WORKERS.get(cpu) else {
         return 0;
     };
-    let ended = w.busy_ns.load(Ordering::Acquire);
-    if !w.running.load(Ordering::Acquire) {
-        return ended;
-    }
-    let started = w.started_ns.load(Ordering::Relaxed);
-    ended + time::uptime_ns().saturating_sub(started)
+    let t = *w.time.lock();
+    t.ended_ns
+        + t.started_ns
+            .map_or(0, |s| time::uptime_ns().saturating_sub(s))
 }
 
 /// CPU `cpu`'s worker loop (what `smpboot` runs on each CPU it starts).
+/// When a job ends, CPU 0 is woken: the network loop may be halted,
+/// waiting for it.
 pub fn worker(cpu: usize) -> ! {
     let w = &WORKERS[cpu];
     loop {
@@ -86,7 +95,7 @@ pub fn worker(cpu: usize) -> ! {
             let mut slot = w.job.lock();
             let job = slot.take();
             if job.is_some() {
-                w.started_ns.store(time::uptime_ns(), Ordering::Relaxed);
+                w.time.lock().started_ns = Some(time::uptime_ns());
                 w.running.store(true, Ordering::Release);
             }
             job
@@ -94,9 +103,15 @@ pub fn worker(cpu: usize) -> ! {
         match job {
             Some(job) => {
                 job();
-                let ran = time::uptime_ns() - w.started_ns.load(Ordering::Relaxed);
-                w.busy_ns.fetch_add(ran, Ordering::Release);
+                {
+                    let mut t = w.time.lock();
+                    let started = t.started_ns.take().unwrap_or(0);
+                    t.ended_ns += time::uptime_ns().saturating_sub(started);
+                }
                 w.running.store(false, Ordering::Release);
+                if let Some((loop_cpu, _)) = smpboot::cpu(0) {
+                    apic::send_wakeup(loop_cpu);
+                }
             }
             None => apic::wait_for_wakeup(),
         }

@@ -92,10 +92,6 @@ impl Lent {
         Lent { virt, len }
     }
 
-    pub(crate) fn virt(&self) -> usize {
-        self.virt
-    }
-
     pub(crate) fn bytes(&self) -> &[u8] {
         // SAFETY: the module contract; the bytes are one live allocation's
         // that only this value reaches while it exists (see `new`), and

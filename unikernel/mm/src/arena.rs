@@ -121,9 +121,11 @@ impl DerefMut for HostMm {
 
 impl Drop for HostMm {
     fn drop(&mut self) {
+        // Bytes lent out may still be in use: the arena stays.
+        let lending = self.mm.dma_lending();
         // Drop the manager's view first: it holds a slice into the arena.
         *self.mm = MemoryManager::new();
-        if !self.base.is_null() {
+        if !self.base.is_null() && !lending {
             // SAFETY: allocated in `boot` with this layout, freed once.
             unsafe {
                 std::alloc::GlobalAlloc::dealloc(&std::alloc::System, self.base, self.layout)

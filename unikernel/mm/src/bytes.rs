@@ -24,6 +24,10 @@ impl MemoryManager {
         if !fits || len == 0 {
             return Err(NOT_LIVE);
         }
+        let phys = self.dmap.phys(virt);
+        if self.lent_overlaps(phys, phys + len as u64) {
+            return Err(MmError::Invalid("the bytes are lent to another CPU"));
+        }
         Ok(access::bytes_mut(virt, len))
     }
 

@@ -218,12 +218,15 @@ impl CpuPages {
         if n == pages_high(order) {
             let batch = page_batch(order);
             let mut mm = lock();
+            let mut freed = Ok(());
             for i in 0..batch {
                 let b = self.blocks[order][i];
-                let freed = mm.free_pages(b, order as u32);
-                debug_assert!(freed.is_ok(), "a CPU list's block: {freed:?}");
+                freed = freed.and(mm.free_pages(b, order as u32));
                 self.count_zone(b, order, false);
             }
+            // Reported with the lock released: the message may allocate.
+            drop(mm);
+            debug_assert!(freed.is_ok(), "a CPU list's block: {freed:?}");
             self.blocks[order].copy_within(batch..n, 0);
             self.count[order] = (n - batch) as u8;
         }
@@ -233,16 +236,18 @@ impl CpuPages {
         self.count_zone(phys, order, true);
     }
 
-    /// Gives every block back to the manager.
-    pub(crate) fn flush_all(&mut self, mm: &mut MemoryManager) {
+    /// Gives every block back to the manager; the first refusal, for the
+    /// caller to report once it has let the manager go.
+    pub(crate) fn flush_all(&mut self, mm: &mut MemoryManager) -> Result<(), crate::MmError> {
+        let mut freed = Ok(());
         for order in 0..=PCP_MAX_ORDER {
             for &b in &self.blocks[order][..self.count[order] as usize] {
-                let freed = mm.free_pages(b, order as u32);
-                debug_assert!(freed.is_ok(), "a CPU list's block: {freed:?}");
+                freed = freed.and(mm.free_pages(b, order as u32));
             }
             self.count[order] = 0;
         }
         self.zone_frames = [0; NR_ZONES];
+        freed
     }
 
     /// Blocks held, by order.
@@ -337,7 +342,7 @@ mod tests {
         let held: u32 = p.zone_frames().iter().sum();
         assert_eq!(held, p.held()[1] as u32 * 2);
         mm.check().unwrap();
-        p.flush_all(&mut mm);
+        p.flush_all(&mut mm).unwrap();
         assert_eq!(p.zone_frames(), [0; NR_ZONES]);
         assert_eq!(mm.meminfo().free, free, "everything back");
     }

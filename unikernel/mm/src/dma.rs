@@ -97,6 +97,8 @@ pub struct DmaBuffer {
 pub struct DmaLent {
     bytes: access::Lent,
     phys: u64,
+    /// The manager that lent them.
+    from: usize,
 }
 
 impl core::ops::Deref for DmaLent {
@@ -291,25 +293,55 @@ impl MemoryManager {
             .ok_or(MmError::Invalid(
                 "dma: as many buffers lent as there can be",
             ))?;
-        *slot = Some(buf.phys);
+        // The whole span is kept from everyone else, whatever was lent.
+        *slot = Some((buf.phys, buf.phys + buf.span() as u64));
+        self.dma_lent_n += 1;
         Ok(DmaLent {
             bytes: access::Lent::new(virt, len),
             phys: buf.phys,
+            from: self as *const Self as usize,
         })
     }
 
     /// Takes lent bytes back: the buffer is the manager's to hand out and
     /// free again.
+    ///
+    /// # Panics
+    /// When `lent` came from another manager.
     pub fn dma_unlend(&mut self, lent: DmaLent) {
-        debug_assert_eq!(self.dmap.phys(lent.bytes.virt()), lent.phys);
-        if let Some(slot) = self.dma_lent.iter_mut().find(|s| **s == Some(lent.phys)) {
+        assert_eq!(
+            lent.from, self as *const Self as usize,
+            "bytes another manager lent"
+        );
+        if let Some(slot) = self
+            .dma_lent
+            .iter_mut()
+            .find(|s| s.is_some_and(|(start, _)| start == lent.phys))
+        {
             *slot = None;
+            self.dma_lent_n -= 1;
         }
+    }
+
+    /// Whether any of the physical range `[start, end)` is lent out.
+    #[inline(always)]
+    pub(crate) fn lent_overlaps(&self, start: u64, end: u64) -> bool {
+        self.dma_lent_n != 0
+            && self
+                .dma_lent
+                .iter()
+                .flatten()
+                .any(|&(s, e)| start < e && s < end)
+    }
+
+    /// Whether anything is lent out now.
+    pub fn dma_lending(&self) -> bool {
+        self.dma_lent_n != 0
     }
 
     /// Refuses a buffer whose bytes are lent out.
     fn not_lent(&self, buf: &DmaBuffer) -> Result<(), MmError> {
-        match self.dma_lent.contains(&Some(buf.phys)) {
+        match self.lent_overlaps(buf.phys, buf.phys + buf.span() as u64) {
             true => Err(MmError::Invalid(
                 "dma: the buffer's bytes are lent to another CPU",
             )),
@@ -359,6 +391,21 @@ mod tests {
         let lent = t.join().unwrap();
         mm.dma_unlend(lent);
         assert!(mm.dma_bytes(&buf).unwrap().iter().all(|&b| b == 0xa5));
+        // Every other way to the bytes or the block is refused while lent.
+        let lent = mm.dma_lend(&buf, true).unwrap();
+        assert!(
+            mm.bytes_of(buf.virt + 4096, 16).is_err(),
+            "bytes_of inside it"
+        );
+        let inside = DmaBuffer {
+            phys: buf.phys + 4096,
+            virt: buf.virt + 4096,
+            len: 4096,
+            ..buf
+        };
+        assert!(mm.dma_bytes(&inside).is_err(), "a made-up buffer inside it");
+        assert!(mm.free_pages(buf.phys, buf.order).is_err(), "its block");
+        mm.dma_unlend(lent);
         mm.dma_free(&buf).unwrap();
         mm.check().unwrap();
     }

@@ -49,7 +49,7 @@ pub unsafe trait CpuIds: Sync {
     fn leave(&self) {}
 }
 
-/// No CPUs: every request takes the lock (the kernel's heap today).
+/// No CPUs: every request takes the lock.
 pub struct NoCpus;
 
 // SAFETY: never hands out a CPU.
@@ -319,11 +319,23 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
         debug_assert!(freed.is_ok(), "free_pages({phys:#x}, {order}): {freed:?}");
     }
 
-    /// `size` bytes (at least 1) from kmalloc, through the caller's CPU
-    /// arrays ([`GlobalAlloc::alloc`] with 8-byte alignment).
+    /// `size` bytes (at least 1, 8-byte aligned) from kmalloc with
+    /// `GFP_KERNEL`, through the caller's CPU arrays: unlike the heap's own
+    /// requests it stops at the `min` watermark and never falls back to
+    /// vmalloc.
     pub fn kmalloc(&self, size: usize) -> Option<KObj> {
         let layout = Layout::from_size_align(size.max(1), 8).ok()?;
-        let ptr = NonNull::new(self.kvmalloc(layout, Gfp::default()))?;
+        let ptr = match self.cpu_alloc(layout, Gfp::KERNEL) {
+            Some(p) => p,
+            None => {
+                let mut mm = self.inner.lock();
+                if !mm.is_initialized() {
+                    return None;
+                }
+                mm.kmalloc_layout(layout, Gfp::KERNEL).ok()?.as_ptr()
+            }
+        };
+        let ptr = NonNull::new(ptr)?;
         Some(KObj {
             ptr,
             layout,
@@ -379,9 +391,9 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     }
 
     /// An object from the caller's CPU arrays (refilled under the lock
-    /// when empty); `None` to take the full path.
+    /// with `gfp` when empty); `None` to take the full path.
     #[inline(always)]
-    fn cpu_alloc(&self, layout: Layout) -> Option<*mut u8> {
+    fn cpu_alloc(&self, layout: Layout, gfp: Gfp) -> Option<*mut u8> {
         let (a, class) = self.cpu_arrays(layout)?;
         let obj = match a.pop(class) {
             Some(obj) => obj,
@@ -390,7 +402,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
                 if !mm.is_initialized() {
                     return None;
                 }
-                mm.without_faults(|mm| a.refill(class, mm, Gfp::KERNEL | Gfp::MEMALLOC))?
+                mm.without_faults(|mm| a.refill(class, mm, gfp))?
             }
         };
         Some(obj as *mut u8)
@@ -449,8 +461,9 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
         };
         let mut mm = self.inner.lock();
         c.arrays.flush_all(&mut mm);
-        c.pages.flush_all(&mut mm);
+        let freed = c.pages.flush_all(&mut mm);
         drop(mm);
+        debug_assert!(freed.is_ok(), "a CPU list's block: {freed:?}");
         slot.publish(&c.pages);
         drained
     }
@@ -482,7 +495,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     /// request's flags (`Gfp::ZERO` for zeroed memory).
     #[inline(always)]
     fn kvmalloc(&self, layout: Layout, extra: Gfp) -> *mut u8 {
-        if let Some(p) = self.cpu_alloc(layout) {
+        if let Some(p) = self.cpu_alloc(layout, Gfp::KERNEL | Gfp::MEMALLOC) {
             if extra.zero() {
                 // SAFETY: `p` is a fresh object of at least `layout.size()`
                 // bytes.

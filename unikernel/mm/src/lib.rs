@@ -169,7 +169,9 @@ pub struct MemoryManager {
     pub(crate) dmap: DirectMap,
     /// DMA buffers whose bytes are lent out (`dma_lend`), by physical
     /// address.
-    pub(crate) dma_lent: [Option<u64>; dma::MAX_LENT],
+    pub(crate) dma_lent: [Option<(u64, u64)>; dma::MAX_LENT],
+    /// How many of them.
+    pub(crate) dma_lent_n: usize,
     pub(crate) max_order: u32,
     pub(crate) zones: [zone::Zone; NR_ZONES],
     /// First populated zone of each zonelist (Linux's preferred zone): a
@@ -214,6 +216,7 @@ impl MemoryManager {
             pageblocks: pageblock::Pageblocks::new(),
             dmap: DirectMap::new(0),
             dma_lent: [None; dma::MAX_LENT],
+            dma_lent_n: 0,
             max_order: DEFAULT_MAX_ORDER as u32,
             zones: [
                 zone::Zone::new(ZoneType::Dma),

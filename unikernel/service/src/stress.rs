@@ -261,7 +261,7 @@ impl Run {
         for (cpu, mem) in (1..cpus as usize).filter_map(|k| Some((k, percpu?))) {
             let job_shared = Arc::clone(&shared);
             shared.running.fetch_add(1, Ordering::AcqRel);
-            let job = alloc::boxed::Box::new(move || job(mem, &job_shared, cpu, seed));
+            let job = alloc::boxed::Box::new(move || job(mem, job_shared, cpu, seed));
             if env.queue_on(cpu, job).is_err() {
                 shared.running.fetch_sub(1, Ordering::AcqRel);
                 // The jobs queued already find nothing left and end.
@@ -374,8 +374,9 @@ impl Run {
 }
 
 /// CPU `cpu`'s share, run whole on that CPU through its caches, which it
-/// empties before it ends.
-fn job(mem: &'static dyn PerCpuMemory, shared: &Shared, cpu: usize, seed: u64) {
+/// empties before it ends; it says it is done once it holds nothing of the
+/// heap's but its share of `shared`, which the run still holds too.
+fn job(mem: &'static dyn PerCpuMemory, shared: Arc<Shared>, cpu: usize, seed: u64) {
     let mut part = Part::new(seed ^ (cpu as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     mem.enter();
     loop {
@@ -389,5 +390,6 @@ fn job(mem: &'static dyn PerCpuMemory, shared: &Shared, cpu: usize, seed: u64) {
     mem.leave();
     shared.cpu_ops[cpu].store(part.ops, Ordering::Relaxed);
     shared.failed.fetch_add(part.failed, Ordering::Relaxed);
+    drop(part);
     shared.running.fetch_sub(1, Ordering::AcqRel);
 }

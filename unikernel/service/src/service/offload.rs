@@ -57,8 +57,9 @@ pub(super) type Pending = Arc<dyn Any + Send + Sync>;
 
 impl<L: core::ops::DerefMut<Target = [u8]> + Send + 'static> Offload<L> {
     fn run(&self) {
-        let (mut bytes, from, to, work) =
-            match core::mem::replace(&mut *self.state.lock(), State::Running) {
+        let (mut bytes, from, to, work) = {
+            let mut state = self.state.lock();
+            match core::mem::replace(&mut *state, State::Running) {
                 State::Queued {
                     bytes,
                     from,
@@ -66,10 +67,11 @@ impl<L: core::ops::DerefMut<Target = [u8]> + Send + 'static> Offload<L> {
                     work,
                 } => (bytes, from, to, work),
                 other => {
-                    *self.state.lock() = other;
+                    *state = other;
                     return;
                 }
-            };
+            }
+        };
         let span = &mut bytes[from..to];
         let sum = match work {
             ByteWork::Zero => {
