@@ -286,16 +286,21 @@ impl MemoryManager {
     pub fn dma_lend(&mut self, buf: &DmaBuffer, span: bool) -> Result<DmaLent, MmError> {
         let len = if span { buf.span() } else { buf.len };
         let virt = self.dma_span_bytes(buf)?[..len].as_ptr() as usize;
+        if self.dma_lent.is_empty() {
+            self.dma_lent = self.table_alloc(MAX_LENT, || (0, 0))?;
+        }
         let slot = self
             .dma_lent
             .iter_mut()
-            .find(|s| s.is_none())
+            .find(|s| s.1 == 0)
             .ok_or(MmError::Invalid(
                 "dma: as many buffers lent as there can be",
             ))?;
-        // The whole span is kept from everyone else, whatever was lent.
-        *slot = Some((buf.phys, buf.phys + buf.span() as u64));
+        // The whole span is kept from everyone else, whatever was lent; a
+        // buddy block's head says so to `free_pages`.
+        *slot = (buf.phys, buf.phys + buf.span() as u64);
         self.dma_lent_n += 1;
+        self.mark_lent(buf);
         Ok(DmaLent {
             bytes: access::Lent::new(virt, len),
             phys: buf.phys,
@@ -313,25 +318,37 @@ impl MemoryManager {
             lent.from, self as *const Self as usize,
             "bytes another manager lent"
         );
-        if let Some(slot) = self
+        let Some(slot) = self
             .dma_lent
             .iter_mut()
-            .find(|s| s.is_some_and(|(start, _)| start == lent.phys))
-        {
-            *slot = None;
-            self.dma_lent_n -= 1;
+            .find(|s| s.1 != 0 && s.0 == lent.phys)
+        else {
+            return;
+        };
+        *slot = (0, 0);
+        self.dma_lent_n -= 1;
+        if let Some(f) = self.frames.get_mut((lent.phys / PAGE_SIZE) as usize) {
+            f.set_lent(false);
+        }
+        if self.dma_lent_n == 0 {
+            let table = core::mem::take(&mut self.dma_lent);
+            self.table_free(table);
+        }
+    }
+
+    /// Marks the head frame of buddy buffer `buf` lent, for `free_pages`.
+    fn mark_lent(&mut self, buf: &DmaBuffer) {
+        if buf.source == DmaSource::Buddy {
+            if let Some(f) = self.frames.get_mut((buf.phys / PAGE_SIZE) as usize) {
+                f.set_lent(true);
+            }
         }
     }
 
     /// Whether any of the physical range `[start, end)` is lent out.
     #[inline(always)]
     pub(crate) fn lent_overlaps(&self, start: u64, end: u64) -> bool {
-        self.dma_lent_n != 0
-            && self
-                .dma_lent
-                .iter()
-                .flatten()
-                .any(|&(s, e)| start < e && s < end)
+        self.dma_lent_n != 0 && self.dma_lent.iter().any(|&(s, e)| start < e && s < end)
     }
 
     /// Whether anything is lent out now.
@@ -377,6 +394,7 @@ mod tests {
     fn lent_bytes_are_refused_to_everyone_else_until_they_come_back() {
         let mut mm = crate::arena::HostMm::boot(&[(1 << 20, 64 << 20)], "").unwrap();
         let buf = mm.dma_alloc(256 << 10, 4096, DmaMask::Bits64).unwrap();
+        let free = mm.meminfo().free;
         let mut lent = mm.dma_lend(&buf, false).unwrap();
         assert_eq!(lent.len(), 256 << 10);
         assert!(mm.dma_bytes(&buf).is_err(), "its bytes are lent");
@@ -406,6 +424,11 @@ mod tests {
         assert!(mm.dma_bytes(&inside).is_err(), "a made-up buffer inside it");
         assert!(mm.free_pages(buf.phys, buf.order).is_err(), "its block");
         mm.dma_unlend(lent);
+        assert_eq!(
+            mm.meminfo().free,
+            free,
+            "the lent table goes with the last lent buffer"
+        );
         mm.dma_free(&buf).unwrap();
         mm.check().unwrap();
     }

@@ -64,6 +64,9 @@ pub(crate) const TABLE_AUX: u16 = 1;
 
 /// `Frame::flags` bit of a free block reported to the host.
 const REPORTED: u8 = 0x40;
+/// `Frame::flags` bit of an allocated block whose bytes are lent out
+/// (`dma_lend`): `free_pages` refuses it.
+const LENT: u8 = 0x80;
 
 /// One frame descriptor. 16 bytes, checked at compile time below.
 #[derive(Clone, Copy, Debug)]
@@ -76,8 +79,9 @@ pub struct Frame {
     pub count: u16,
     /// Owner tag for pages (who allocated it), cache id for slabs.
     pub owner: u16,
-    /// State (bits 0-3), zone (bits 4-5) and, on a free block's head,
-    /// whether the host was told it is free (bit 6, Linux's `PageReported`).
+    /// State (bits 0-3), zone (bits 4-5), on a free block's head whether
+    /// the host was told it is free (bit 6, Linux's `PageReported`), on an
+    /// allocated block's head whether its bytes are lent out (bit 7).
     flags: u8,
     /// Block order for heads.
     pub order: u8,
@@ -140,6 +144,20 @@ impl Frame {
 
     pub(crate) fn mark_reported(&mut self) {
         self.flags |= REPORTED;
+    }
+
+    /// Whether this allocated block's bytes are lent out.
+    #[inline(always)]
+    pub(crate) fn lent(&self) -> bool {
+        self.flags & LENT != 0
+    }
+
+    #[inline(always)]
+    pub(crate) fn set_lent(&mut self, lent: bool) {
+        match lent {
+            true => self.flags |= LENT,
+            false => self.flags &= !LENT,
+        }
     }
 
     /// Returns the frame to "not a head".

@@ -103,6 +103,7 @@ impl CpuSlot {
 /// A page block from [`GlobalMm::alloc_pages`]: it frees only through
 /// [`GlobalMm::free_pages`], once.
 #[derive(Debug)]
+#[must_use = "a page block frees only through GlobalMm::free_pages"]
 pub struct PageBlock {
     phys: u64,
     order: u32,
@@ -124,6 +125,7 @@ impl PageBlock {
 /// An object from [`GlobalMm::kmalloc`]: it frees only through
 /// [`GlobalMm::kfree`], once.
 #[derive(Debug)]
+#[must_use = "an object frees only through GlobalMm::kfree"]
 pub struct KObj {
     ptr: NonNull<u8>,
     layout: Layout,

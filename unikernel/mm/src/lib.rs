@@ -167,9 +167,11 @@ pub struct MemoryManager {
     pub(crate) table_zeroed: bool,
     pub(crate) pageblocks: pageblock::Pageblocks,
     pub(crate) dmap: DirectMap,
-    /// DMA buffers whose bytes are lent out (`dma_lend`), by physical
-    /// address.
-    pub(crate) dma_lent: [Option<(u64, u64)>; dma::MAX_LENT],
+    /// DMA buffers whose bytes are lent out (`dma_lend`): their physical
+    /// ranges, `(0, 0)` for none. A table memd-mm allocates from itself
+    /// while anything is lent (out of line: it stays off the hot paths'
+    /// cache lines).
+    pub(crate) dma_lent: &'static mut [(u64, u64)],
     /// How many of them.
     pub(crate) dma_lent_n: usize,
     pub(crate) max_order: u32,
@@ -215,7 +217,7 @@ impl MemoryManager {
             table_zeroed: false,
             pageblocks: pageblock::Pageblocks::new(),
             dmap: DirectMap::new(0),
-            dma_lent: [None; dma::MAX_LENT],
+            dma_lent: &mut [],
             dma_lent_n: 0,
             max_order: DEFAULT_MAX_ORDER as u32,
             zones: [

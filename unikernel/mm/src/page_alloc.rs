@@ -61,16 +61,13 @@ impl MemoryManager {
     /// is refused instead of corrupting the free lists.
     #[inline(always)]
     pub fn free_pages(&mut self, phys: u64, order: u32) -> Result<(), MmError> {
-        if self.dma_lent_n != 0
-            && self.lent_overlaps(phys, phys.saturating_add(PAGE_SIZE << order.min(40)))
-        {
-            return Err(MmError::Invalid(
-                "the block's bytes are lent to another CPU",
-            ));
-        }
         let pfn = phys / PAGE_SIZE;
         let f = match self.frames.get_mut(pfn as usize) {
-            Some(f) if phys.is_multiple_of(PAGE_SIZE) && f.is(FrameState::Allocated) => f,
+            Some(f)
+                if phys.is_multiple_of(PAGE_SIZE) && f.is(FrameState::Allocated) && !f.lent() =>
+            {
+                f
+            }
             _ => return Err(MmError::Invalid("not the start of an allocated page block")),
         };
         if f.order as u32 != order {
