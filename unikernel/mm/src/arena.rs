@@ -346,22 +346,9 @@ impl HostGlobal {
         self.mm.drain_cpu_caches()
     }
 
-    /// `2^order` pages ([`crate::GlobalMm::alloc_pages`]: through the
-    /// caller's CPU page list).
-    pub fn alloc_pages(&self, order: u32) -> Option<crate::PageBlock> {
-        if !self.ensure() {
-            return None;
-        }
-        self.mm.alloc_pages(order)
-    }
-
-    /// Frees what [`HostGlobal::alloc_pages`] returned.
-    pub fn free_pages(&self, block: crate::PageBlock) {
-        self.mm.free_pages(block);
-    }
-
-    /// The `GlobalMm` inside, once the arena is had: for code that takes
-    /// one (memd-service's per-CPU work).
+    /// The `GlobalMm` inside, once the arena is had: for what only it
+    /// offers (page blocks through the caller's CPU page list, memd-service's
+    /// per-CPU work).
     pub fn global_mm(&self) -> Option<&crate::GlobalMm<HOST_CPUS, HostCpus>> {
         self.ensure().then_some(&self.mm)
     }

@@ -44,13 +44,10 @@ impl MemoryManager {
             }
         };
         let zone = self.frames[pfn as usize].zone();
-        let current = self.owners.current;
-        self.owners.current = Owner::BALLOON;
-        self.stamp_allocated(pfn, zone, order);
+        self.with_owner(Owner::BALLOON, |mm| mm.stamp_allocated(pfn, zone, order));
         // Not listed yet (`aux` says whether it is; a page block's `aux`
         // may hold what its last use left there).
         self.frames[pfn as usize].aux = 0;
-        self.owners.current = current;
         self.counters.balloon_pages += 1 << order;
         self.zones[zone as usize].balloon += 1 << order;
         Some(pfn as u64 * PAGE_SIZE)

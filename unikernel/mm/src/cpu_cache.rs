@@ -187,17 +187,18 @@ impl CpuPages {
         if !mm.is_initialized() {
             return None;
         }
-        let was = mm.owner();
-        mm.owners.current = Owner::KERNEL;
-        let mut got = 0usize;
-        for slot in &mut self.blocks[order][..page_batch(order)] {
-            match mm.alloc_pages(order as u32, Gfp::KERNEL) {
-                Ok(phys) => *slot = phys,
-                Err(_) => break,
+        let blocks = &mut self.blocks[order][..page_batch(order)];
+        let got = mm.with_owner(Owner::KERNEL, |mm| {
+            let mut got = 0usize;
+            for slot in blocks {
+                match mm.alloc_pages(order as u32, Gfp::KERNEL) {
+                    Ok(phys) => *slot = phys,
+                    Err(_) => break,
+                }
+                got += 1;
             }
-            got += 1;
-        }
-        mm.owners.current = was;
+            got
+        });
         let n = got.checked_sub(1)?;
         self.count[order] = n as u8;
         for i in 0..n {

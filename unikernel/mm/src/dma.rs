@@ -272,9 +272,9 @@ impl MemoryManager {
     }
 
     /// Borrows a DMA buffer's bytes for the CPU. A stale or made-up
-    /// `DmaBuffer` is refused rather than aliasing someone else's memory.
+    /// `DmaBuffer`, or one whose bytes are lent out, is refused rather
+    /// than aliasing someone else's memory (`bytes_of` checks).
     pub fn dma_bytes(&mut self, buf: &DmaBuffer) -> Result<&mut [u8], MmError> {
-        self.not_lent(buf)?;
         if buf.virt != self.dmap.virt(buf.phys) {
             return Err(MmError::Invalid("dma: not a live buffer"));
         }
@@ -299,7 +299,6 @@ impl MemoryManager {
         // The whole span is kept from everyone else, whatever was lent; a
         // buddy block's head says so to `free_pages`.
         *slot = (buf.phys, buf.phys + buf.span() as u64);
-        self.dma_lent_n += 1;
         self.mark_lent(buf);
         Ok(DmaLent {
             bytes: access::Lent::new(virt, len),
@@ -326,11 +325,10 @@ impl MemoryManager {
             return;
         };
         *slot = (0, 0);
-        self.dma_lent_n -= 1;
         if let Some(f) = self.frames.get_mut((lent.phys / PAGE_SIZE) as usize) {
             f.set_lent(false);
         }
-        if self.dma_lent_n == 0 {
+        if self.dma_lent.iter().all(|s| s.1 == 0) {
             let table = core::mem::take(&mut self.dma_lent);
             self.table_free(table);
         }
@@ -345,15 +343,16 @@ impl MemoryManager {
         }
     }
 
-    /// Whether any of the physical range `[start, end)` is lent out.
+    /// Whether any of the physical range `[start, end)` is lent out (the
+    /// table is empty unless something is).
     #[inline(always)]
     pub(crate) fn lent_overlaps(&self, start: u64, end: u64) -> bool {
-        self.dma_lent_n != 0 && self.dma_lent.iter().any(|&(s, e)| start < e && s < end)
+        self.dma_lent.iter().any(|&(s, e)| start < e && s < end)
     }
 
     /// Whether anything is lent out now.
     pub fn dma_lending(&self) -> bool {
-        self.dma_lent_n != 0
+        !self.dma_lent.is_empty()
     }
 
     /// Refuses a buffer whose bytes are lent out.
@@ -369,7 +368,6 @@ impl MemoryManager {
     /// All the bytes `buf` takes ([`DmaBuffer::span`]), its length and the
     /// rest of its block or pages: what zeroing it must cover.
     pub fn dma_span_bytes(&mut self, buf: &DmaBuffer) -> Result<&mut [u8], MmError> {
-        self.not_lent(buf)?;
         if buf.virt != self.dmap.virt(buf.phys) {
             return Err(MmError::Invalid("dma: not a live buffer"));
         }

@@ -115,11 +115,6 @@ impl PageBlock {
     pub fn phys(&self) -> u64 {
         self.phys
     }
-
-    /// Its order: `2^order` pages.
-    pub fn order(&self) -> u32 {
-        self.order
-    }
 }
 
 /// An object from [`GlobalMm::kmalloc`]: it frees only through
@@ -135,13 +130,6 @@ pub struct KObj {
 // SAFETY: a `KObj` is the right to free one object, which any CPU may do;
 // it gives no access to the object's bytes.
 unsafe impl Send for KObj {}
-
-impl KObj {
-    /// The object's address.
-    pub fn addr(&self) -> usize {
-        self.ptr.as_ptr() as usize
-    }
-}
 
 /// What a drain gave back.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -287,11 +275,8 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
                 if !mm.is_initialized() {
                     return None;
                 }
-                let was = mm.owner();
-                mm.owners.current = Owner::KERNEL;
-                let got = mm.alloc_pages(order, Gfp::KERNEL).ok();
-                mm.owners.current = was;
-                got?
+                mm.with_owner(Owner::KERNEL, |mm| mm.alloc_pages(order, Gfp::KERNEL))
+                    .ok()?
             }
         };
         Some(PageBlock {

@@ -172,8 +172,6 @@ pub struct MemoryManager {
     /// while anything is lent (out of line: it stays off the hot paths'
     /// cache lines).
     pub(crate) dma_lent: &'static mut [(u64, u64)],
-    /// How many of them.
-    pub(crate) dma_lent_n: usize,
     pub(crate) max_order: u32,
     pub(crate) zones: [zone::Zone; NR_ZONES],
     /// First populated zone of each zonelist (Linux's preferred zone): a
@@ -218,7 +216,6 @@ impl MemoryManager {
             pageblocks: pageblock::Pageblocks::new(),
             dmap: DirectMap::new(0),
             dma_lent: &mut [],
-            dma_lent_n: 0,
             max_order: DEFAULT_MAX_ORDER as u32,
             zones: [
                 zone::Zone::new(ZoneType::Dma),

@@ -170,6 +170,15 @@ impl crate::MemoryManager {
         self.owners.current
     }
 
+    /// Runs `f` with what it allocates stamped `owner` (any id, the
+    /// kernel's and the balloon's too), then puts the current owner back.
+    pub(crate) fn with_owner<T>(&mut self, owner: Owner, f: impl FnOnce(&mut Self) -> T) -> T {
+        let was = core::mem::replace(&mut self.owners.current, owner);
+        let r = f(self);
+        self.owners.current = was;
+        r
+    }
+
     /// Pages currently charged to `owner`.
     pub fn owner_pages(&self, owner: Owner) -> u64 {
         self.owners

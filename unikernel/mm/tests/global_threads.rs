@@ -28,7 +28,11 @@ struct Batch(Vec<Item>);
 fn alloc(rng: &mut Prandom, fill: u8) -> Item {
     if rng.below(4) == 0 {
         let order = rng.below(PCP_MAX_ORDER as u64 + 2) as u32;
-        let b = MEMD.alloc_pages(order).expect("page block");
+        let b = MEMD
+            .global_mm()
+            .unwrap()
+            .alloc_pages(order)
+            .expect("page block");
         assert_eq!(b.phys() % (4096 << order), 0, "aligned to its size");
         let p = MEMD.page_ptr(&b).unwrap();
         // SAFETY: a fresh block of `4096 << order` bytes.
@@ -52,7 +56,7 @@ fn free(item: Item) {
     match item {
         // SAFETY: allocated with `l`, freed once.
         Item::Object(p, l) => unsafe { MEMD.dealloc(p as *mut u8, l) },
-        Item::Pages(b) => MEMD.free_pages(b),
+        Item::Pages(b) => MEMD.global_mm().unwrap().free_pages(b),
     }
 }
 
