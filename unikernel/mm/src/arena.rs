@@ -334,7 +334,7 @@ impl HostGlobal {
     }
 
     /// The manager, for statistics.
-    pub fn lock(&self) -> spin::MutexGuard<'_, MemoryManager> {
+    pub fn lock(&self) -> crate::MmGuard<'_> {
         self.mm.lock()
     }
 

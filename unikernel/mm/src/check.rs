@@ -334,7 +334,7 @@ impl MemoryManager {
                 );
             }
         }
-        if (slab, large, pool) != (c.slab_pages, c.large_pages, c.pool_pages) {
+        if (slab, large, pool) != (self.slab_pages(), c.large_pages, c.pool_pages) {
             return fail(
                 "slab/large/pool page counters differ from the frame table",
                 0,
@@ -347,7 +347,7 @@ impl MemoryManager {
             .caches()
             .map(|(_, k)| ((k.partial.len + k.full.len + k.empty.len) as u64) << k.order)
             .sum();
-        if slabs != c.slab_pages {
+        if slabs != self.slab_pages() {
             return fail(
                 "the caches' slab lists differ from the slab page counter",
                 0,

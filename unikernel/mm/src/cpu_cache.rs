@@ -13,13 +13,19 @@
 //! pcp lists, which `MemFree` does not count): it is the CPU's until
 //! `flush_all` gives it back.
 
+use crate::access::DirectMap;
 use crate::gfp::Gfp;
 use crate::kmalloc::NR_KMALLOC;
+use crate::node::Node;
 use crate::owner::Owner;
+use crate::page_alloc::{stamp, ZoneParts};
 use crate::pcp::PCP_BATCH;
+use crate::slab::KmemCache;
+use crate::sparse::Frames;
+use crate::zone::Mark;
 use crate::zone::{ZoneType, NR_ZONES};
-use crate::MemoryManager;
 use crate::PAGE_SIZE;
+use crate::{MemoryManager, MmError};
 use core::ops::DerefMut;
 
 /// Objects an array holds at most, per size class.
@@ -74,12 +80,36 @@ impl CpuArrays {
         self.pop(class)
     }
 
+    /// [`CpuArrays::refill`] under the cache's lock alone (`node.rs`);
+    /// `None` when that could not serve it.
+    pub(crate) fn refill_shared(&mut self, class: usize, node: &Node, gfp: Gfp) -> Option<usize> {
+        let got = node.kmalloc_bulk(class, gfp, &mut self.entry[class][..CPU_BATCH]);
+        self.avail[class] = got as u8;
+        self.pop(class)
+    }
+
     /// Gives the [`CPU_BATCH`] oldest objects of the full array of `class`
     /// back to the caches.
     pub(crate) fn flush(&mut self, class: usize, mm: &mut MemoryManager) {
-        let n = self.avail[class] as usize;
-        let count = CPU_BATCH.min(n);
+        let count = CPU_BATCH.min(self.avail[class] as usize);
         mm.kfree_bulk(class, &self.entry[class][..count]);
+        self.flushed(class, count);
+    }
+
+    /// [`CpuArrays::flush`] under the cache's lock alone; false when it
+    /// must take the whole manager.
+    pub(crate) fn flush_shared(&mut self, class: usize, node: &Node) -> bool {
+        let count = CPU_BATCH.min(self.avail[class] as usize);
+        let done = node.kfree_bulk(class, &self.entry[class][..count]);
+        if done {
+            self.flushed(class, count);
+        }
+        done
+    }
+
+    /// Forgets the `count` oldest objects of `class`, given back.
+    fn flushed(&mut self, class: usize, count: usize) {
+        let n = self.avail[class] as usize;
         self.entry[class].copy_within(count..n, 0);
         self.avail[class] = (n - count) as u8;
     }
@@ -170,11 +200,13 @@ impl CpuPages {
     }
 
     /// A block of `order` (at most [`PCP_MAX_ORDER`]), refilled with a
-    /// batch from the manager when the list is empty; `None` when the
-    /// manager has none. Refills are the kernel's pages.
+    /// batch when the list is empty: from `bulk` (a zone under its own
+    /// lock), else from the manager; `None` when the manager has none.
+    /// Refills are the kernel's pages.
     pub(crate) fn alloc<G: DerefMut<Target = MemoryManager>>(
         &mut self,
         order: usize,
+        bulk: impl FnOnce(&mut [u64]) -> usize,
         lock: impl FnOnce() -> G,
     ) -> Option<u64> {
         if let Some(n) = self.count[order].checked_sub(1) {
@@ -183,11 +215,30 @@ impl CpuPages {
             self.count_zone(phys, order, false);
             return Some(phys);
         }
+        let blocks = &mut self.blocks[order][..page_batch(order)];
+        let got = match bulk(blocks) {
+            0 => Self::refill_locked(order, blocks, lock)?,
+            got => got,
+        };
+        let n = got.checked_sub(1)?;
+        self.count[order] = n as u8;
+        for i in 0..n {
+            self.count_zone(self.blocks[order][i], order, true);
+        }
+        Some(self.blocks[order][n])
+    }
+
+    /// Fills `blocks` with kernel blocks of `order` from the whole manager;
+    /// how many (`None` before it is initialised).
+    fn refill_locked<G: DerefMut<Target = MemoryManager>>(
+        order: usize,
+        blocks: &mut [u64],
+        lock: impl FnOnce() -> G,
+    ) -> Option<usize> {
         let mut mm = lock();
         if !mm.is_initialized() {
             return None;
         }
-        let blocks = &mut self.blocks[order][..page_batch(order)];
         let got = mm.with_owner(Owner::KERNEL, |mm| {
             let mut got = 0usize;
             for slot in blocks {
@@ -199,34 +250,35 @@ impl CpuPages {
             }
             got
         });
-        let n = got.checked_sub(1)?;
-        self.count[order] = n as u8;
-        for i in 0..n {
-            self.count_zone(self.blocks[order][i], order, true);
-        }
-        Some(self.blocks[order][n])
+        Some(got)
     }
 
     /// Keeps block `phys` of `order`; when the list is full, first gives
-    /// its oldest batch back to the manager.
+    /// its oldest batch back: to `bulk` (the zones under their own locks),
+    /// else to the manager.
     pub(crate) fn free<G: DerefMut<Target = MemoryManager>>(
         &mut self,
         phys: u64,
         order: usize,
+        bulk: impl FnOnce(&[u64]) -> Option<Result<(), MmError>>,
         lock: impl FnOnce() -> G,
     ) {
         let n = self.count[order] as usize;
         if n == pages_high(order) {
             let batch = page_batch(order);
-            let mut mm = lock();
-            let mut freed = Ok(());
+            let oldest = &self.blocks[order][..batch];
+            let freed = bulk(oldest).unwrap_or_else(|| {
+                let mut mm = lock();
+                let mut freed = Ok(());
+                for &b in oldest {
+                    freed = freed.and(mm.free_pages(b, order as u32));
+                }
+                freed
+            });
             for i in 0..batch {
-                let b = self.blocks[order][i];
-                freed = freed.and(mm.free_pages(b, order as u32));
-                self.count_zone(b, order, false);
+                self.count_zone(self.blocks[order][i], order, false);
             }
             // Reported with the lock released: the message may allocate.
-            drop(mm);
             debug_assert!(freed.is_ok(), "a CPU list's block: {freed:?}");
             self.blocks[order].copy_within(batch..n, 0);
             self.count[order] = (n - batch) as u8;
@@ -239,7 +291,7 @@ impl CpuPages {
 
     /// Gives every block back to the manager; the first refusal, for the
     /// caller to report once it has let the manager go.
-    pub(crate) fn flush_all(&mut self, mm: &mut MemoryManager) -> Result<(), crate::MmError> {
+    pub(crate) fn flush_all(&mut self, mm: &mut MemoryManager) -> Result<(), MmError> {
         let mut freed = Ok(());
         for order in 0..=PCP_MAX_ORDER {
             for &b in &self.blocks[order][..self.count[order] as usize] {
@@ -283,6 +335,78 @@ impl MemoryManager {
     }
 }
 
+/// Up to `out.len()` kernel blocks of `order` from `parts`' zone while it
+/// stays above `low` for a `GFP_KERNEL` request (Linux's `rmqueue_bulk`),
+/// under the zone's lock alone (`node.rs`); how many. The owner table is
+/// the caller's to charge.
+pub(crate) fn rmqueue_bulk(parts: &mut ZoneParts, order: u32, out: &mut [u64]) -> usize {
+    let mut got = 0;
+    for slot in out.iter_mut() {
+        let Some(pfn) = parts.rmqueue(order, Mark::Low, ZoneType::Normal) else {
+            break;
+        };
+        stamp(
+            &mut parts.frames[pfn as usize],
+            parts.zone.ty,
+            order,
+            Owner::KERNEL.0,
+        );
+        *slot = pfn as u64 * PAGE_SIZE;
+        got += 1;
+    }
+    parts.zone.counters.alloc_success += got as u64;
+    got
+}
+
+/// Up to `out.len()` objects of `cache`, from its array and then its slabs,
+/// `grow` adding a slab when they are full (false when it cannot), under
+/// the cache's lock alone (`node.rs`); how many. A debug cache takes the
+/// whole manager's path instead: none.
+pub(crate) fn cache_alloc_bulk(
+    cache: &mut KmemCache,
+    frames: &mut Frames,
+    dmap: DirectMap,
+    out: &mut [usize],
+    mut grow: impl FnMut(&mut KmemCache, &mut Frames) -> bool,
+) -> usize {
+    if !cache.uses_array() {
+        return 0;
+    }
+    let mut got = 0;
+    while got < out.len() {
+        let obj = match cache.ac.avail.checked_sub(1) {
+            Some(n) => {
+                cache.ac.avail = n;
+                Some(cache.ac.entry[n])
+            }
+            None => cache.slab_take(frames, dmap),
+        };
+        match obj {
+            Some(obj) => {
+                out[got] = obj;
+                got += 1;
+            }
+            None if grow(cache, frames) => {}
+            None => break,
+        }
+    }
+    cache.counters.allocs += got as u64;
+    got
+}
+
+/// Gives objects of `cache` back to its array (a batch going to the slabs
+/// when it is full), under the cache's lock alone.
+pub(crate) fn cache_free_bulk(
+    cache: &mut KmemCache,
+    frames: &mut Frames,
+    dmap: DirectMap,
+    objs: &[usize],
+) {
+    for &obj in objs {
+        cache.free_to_array(frames, dmap, obj);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,7 +445,7 @@ mod tests {
         let mut mm = HostMm::boot(&[(1 << 20, 64 << 20)], "").unwrap();
         let free = mm.meminfo().free;
         let mut p = CpuPages::new();
-        let b = p.alloc(1, || &mut *mm).unwrap();
+        let b = p.alloc(1, |_| 0, || &mut *mm).unwrap();
         assert_eq!(
             p.held()[1] as usize,
             page_batch(1) - 1,
@@ -331,13 +455,13 @@ mod tests {
         // DMA32: one zone holds them all.
         let held: u32 = p.zone_frames().iter().sum();
         assert_eq!(held as usize, (page_batch(1) - 1) * 2);
-        p.free(b, 1, || &mut *mm);
+        p.free(b, 1, |_| None, || &mut *mm);
         let mut more = std::vec::Vec::new();
         for _ in 0..pages_high(1) {
             more.push(mm.alloc_pages(1, Gfp::KERNEL).unwrap());
         }
         for b in more {
-            p.free(b, 1, || &mut *mm);
+            p.free(b, 1, |_| None, || &mut *mm);
         }
         assert!(p.held()[1] as usize <= pages_high(1), "never above high");
         let held: u32 = p.zone_frames().iter().sum();

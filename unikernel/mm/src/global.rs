@@ -12,15 +12,15 @@
 use crate::cpu_cache::{CpuArrays, CpuPages, PCP_MAX_ORDER};
 use crate::gfp::Gfp;
 use crate::kmalloc::size_class;
+use crate::node::{MmGuard, Node};
 use crate::owner::Owner;
 use crate::vmalloc::VmapOps;
 use crate::zone::NR_ZONES;
-use crate::{BootInfo, MemoryManager, MmError};
+use crate::{BootInfo, MmError};
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::ptr::{null_mut, NonNull};
 use core::sync::atomic::{AtomicU32, Ordering};
-use spin::{Mutex, MutexGuard};
 
 /// Which CPU the caller runs on: the key to the per-CPU arrays.
 ///
@@ -156,7 +156,8 @@ pub const VMALLOC_THRESHOLD: usize = 128 << 10;
 /// memd-mm as a `GlobalAlloc`, with per-CPU arrays for `CPUS` CPUs as `I`
 /// tells them apart (none by default).
 pub struct GlobalMm<const CPUS: usize = 0, I: CpuIds = NoCpus> {
-    inner: Mutex<MemoryManager>,
+    /// The manager behind its node, zone and cache locks.
+    node: Node,
     /// The architecture's page tables for vmalloc, if it has any.
     vmap: Option<&'static dyn VmapOps>,
     cpus: [CpuSlot; CPUS],
@@ -179,7 +180,7 @@ impl GlobalMm {
     /// Without vmalloc and without per-CPU arrays.
     pub const fn new() -> Self {
         GlobalMm {
-            inner: Mutex::new(MemoryManager::new()),
+            node: Node::new(),
             vmap: None,
             cpus: [],
             ids: NoCpus,
@@ -196,7 +197,7 @@ impl GlobalMm {
     /// vmalloc returns is only as real as those mappings.
     pub const unsafe fn with_vmalloc(ops: &'static dyn VmapOps) -> Self {
         GlobalMm {
-            inner: Mutex::new(MemoryManager::new()),
+            node: Node::new(),
             vmap: Some(ops),
             cpus: [],
             ids: NoCpus,
@@ -209,7 +210,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     /// (those below `CPUS`; others take the lock every time).
     pub const fn with_cpus(ids: I) -> Self {
         GlobalMm {
-            inner: Mutex::new(MemoryManager::new()),
+            node: Node::new(),
             vmap: None,
             cpus: [const { CpuSlot::new() }; CPUS],
             ids,
@@ -223,7 +224,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     /// As for [`GlobalMm::with_vmalloc`].
     pub const unsafe fn with_vmalloc_cpus(ops: &'static dyn VmapOps, ids: I) -> Self {
         GlobalMm {
-            inner: Mutex::new(MemoryManager::new()),
+            node: Node::new(),
             vmap: Some(ops),
             cpus: [const { CpuSlot::new() }; CPUS],
             ids,
@@ -266,12 +267,16 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
                 // SAFETY: as in `cpu_arrays`; the refill takes the lock,
                 // which never reaches back into these caches.
                 let pages = unsafe { &mut (*slot.caches.get()).pages };
-                let got = pages.alloc(order as usize, || self.inner.lock());
+                let got = pages.alloc(
+                    order as usize,
+                    |out| self.node.rmqueue_bulk(order, out),
+                    || self.node.lock(),
+                );
                 slot.publish(pages);
                 got?
             }
             None => {
-                let mut mm = self.inner.lock();
+                let mut mm = self.node.lock();
                 if !mm.is_initialized() {
                     return None;
                 }
@@ -298,11 +303,16 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
         if let Some(slot) = self.cpu_slot().filter(|_| order as usize <= PCP_MAX_ORDER) {
             // SAFETY: as in `alloc_pages`.
             let pages = unsafe { &mut (*slot.caches.get()).pages };
-            pages.free(phys, order as usize, || self.inner.lock());
+            pages.free(
+                phys,
+                order as usize,
+                |blocks| self.node.free_pcppages_bulk(order, blocks),
+                || self.node.lock(),
+            );
             slot.publish(pages);
             return;
         }
-        let freed = self.inner.lock().free_pages(phys, order);
+        let freed = self.node.lock().free_pages(phys, order);
         debug_assert!(freed.is_ok(), "free_pages({phys:#x}, {order}): {freed:?}");
     }
 
@@ -315,7 +325,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
         let ptr = match self.cpu_alloc(layout, Gfp::KERNEL) {
             Some(p) => p,
             None => {
-                let mut mm = self.inner.lock();
+                let mut mm = self.node.lock();
                 if !mm.is_initialized() {
                     return None;
                 }
@@ -382,10 +392,13 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     #[inline(always)]
     fn cpu_alloc(&self, layout: Layout, gfp: Gfp) -> Option<*mut u8> {
         let (a, class) = self.cpu_arrays(layout)?;
-        let obj = match a.pop(class) {
+        let obj = match a
+            .pop(class)
+            .or_else(|| a.refill_shared(class, &self.node, gfp))
+        {
             Some(obj) => obj,
             None => {
-                let mut mm = self.inner.lock();
+                let mut mm = self.node.lock();
                 if !mm.is_initialized() {
                     return None;
                 }
@@ -410,7 +423,9 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
         }
         let obj = ptr.as_ptr() as usize;
         if !a.push(class, obj) {
-            a.flush(class, &mut self.inner.lock());
+            if !a.flush_shared(class, &self.node) {
+                a.flush(class, &mut self.node.lock());
+            }
             a.push(class, obj);
         }
         true
@@ -446,7 +461,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
             objects: c.arrays.held(),
             blocks: c.pages.held().iter().map(|&n| n as usize).sum(),
         };
-        let mut mm = self.inner.lock();
+        let mut mm = self.node.lock();
         c.arrays.flush_all(&mut mm);
         let freed = c.pages.flush_all(&mut mm);
         drop(mm);
@@ -461,7 +476,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     /// # Safety
     /// As for [`MemoryManager::init`].
     pub unsafe fn init(&self, boot: &BootInfo) -> Result<(), MmError> {
-        let mut mm = self.inner.lock();
+        let mut mm = self.node.lock();
         // SAFETY: forwarded to the caller.
         unsafe { mm.init(boot) }?;
         if let Some(ops) = self.vmap {
@@ -490,7 +505,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
             }
             return p;
         }
-        let mut mm = self.inner.lock();
+        let mut mm = self.node.lock();
         if !mm.is_initialized() {
             return null_mut();
         }
@@ -513,9 +528,14 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
         .map_or(null_mut(), |p| p.as_ptr())
     }
 
+    #[cfg(test)]
+    pub(crate) fn node(&self) -> &Node {
+        &self.node
+    }
+
     /// The manager, for everything that is not plain allocation.
-    pub fn lock(&self) -> MutexGuard<'_, MemoryManager> {
-        self.inner.lock()
+    pub fn lock(&self) -> MmGuard<'_> {
+        self.node.lock()
     }
 }
 
@@ -551,7 +571,7 @@ unsafe impl<const CPUS: usize, I: CpuIds> GlobalAlloc for GlobalMm<CPUS, I> {
         if self.cpu_free(ptr, layout) {
             return;
         }
-        let mut mm = self.inner.lock();
+        let mut mm = self.node.lock();
         match self.vmap {
             Some(ops) if mm.is_vmalloc_addr(ptr.as_ptr() as usize) => {
                 let freed = mm.vfree(ptr, ops);

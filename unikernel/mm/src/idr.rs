@@ -49,6 +49,12 @@ impl<T> Idr<T> {
         self.slots.get_mut(id)?.as_deref_mut()
     }
 
+    /// Slot `id` itself, for `node.rs`, which reaches one entry while
+    /// others are in use elsewhere.
+    pub(crate) fn slot(&self, id: usize) -> Option<*const Option<&'static mut T>> {
+        self.slots.get(id).map(|s| s as *const _)
+    }
+
     /// Slots in the table.
     pub(crate) fn capacity(&self) -> usize {
         self.slots.len()

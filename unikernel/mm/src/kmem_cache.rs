@@ -1,11 +1,14 @@
 //! The `kmem_cache_*` API on the memory manager: create, alloc, free,
 //! shrink, destroy.
 
+use crate::access::DirectMap;
 use crate::frame::FrameState;
 use crate::gfp::Gfp;
+use crate::page_alloc::ZoneParts;
 use crate::pageblock::Held;
 use crate::slab::{self, CacheId, CorruptionKind, Ctor, KmemCache, SlabFlags, AC_BATCH, AC_LIMIT};
 use crate::slab_common::is_internal;
+use crate::sparse::Frames;
 use crate::{MemoryManager, MmError};
 use core::ptr::NonNull;
 
@@ -123,15 +126,15 @@ impl MemoryManager {
     fn cache_grow(&mut self, id: CacheId, gfp: Gfp) -> Result<(), MmError> {
         let order = self.cache_mut(id)?.order;
         let pfn = self.alloc_frames(order, gfp.without(Gfp::ZERO).without(Gfp::MOVABLE))?;
-        self.frames[pfn as usize].set_state(FrameState::Slab);
-        self.counters.slab_pages += 1 << order;
-        self.pageblocks.add(pfn, Held::Slab, 1 << order);
-        let dmap = self.dmap;
-        let cache = self
-            .caches
-            .get_mut(id.0 as usize)
-            .ok_or(MmError::NotFound)?;
-        cache.init_slab(&mut self.frames, dmap, pfn, id);
+        let z = self.frames[pfn as usize].zone() as usize;
+        let mut parts = ZoneParts {
+            zone: &mut self.zones[z],
+            frames: &mut self.frames,
+            blocks: &mut self.pageblocks,
+            max_order: self.max_order,
+        };
+        let cache = self.caches.get_mut(id.0 as usize).expect("checked above");
+        grow_slab(&mut parts, cache, self.dmap, pfn, id);
         Ok(())
     }
 
@@ -185,24 +188,8 @@ impl MemoryManager {
     /// is full. The caller has established that `obj` belongs to cache `id`.
     #[inline(always)]
     pub(crate) fn free_to_array(&mut self, id: CacheId, obj: usize) {
-        let Some(cache) = self.caches.get_mut(id.0 as usize) else {
-            return;
-        };
-        cache.counters.frees += 1;
-        if cache.ac.avail < AC_LIMIT {
-            cache.ac.entry[cache.ac.avail] = obj;
-            cache.ac.avail += 1;
-            return;
-        }
-        self.free_to_array_slow(id, obj);
-    }
-
-    #[inline(never)]
-    fn free_to_array_slow(&mut self, id: CacheId, obj: usize) {
-        self.flush_array(id.0 as usize, AC_BATCH);
         if let Some(cache) = self.caches.get_mut(id.0 as usize) {
-            cache.ac.entry[cache.ac.avail] = obj;
-            cache.ac.avail += 1;
+            cache.free_to_array(&mut self.frames, self.dmap, obj);
         }
     }
 
@@ -219,19 +206,9 @@ impl MemoryManager {
 
     /// Returns the `count` oldest objects of a cache's array to their slabs.
     fn flush_array(&mut self, index: usize, count: usize) {
-        let dmap = self.dmap;
-        let Some(cache) = self.caches.get_mut(index) else {
-            return;
-        };
-        let count = count.min(cache.ac.avail);
-        for i in 0..count {
-            let obj = cache.ac.entry[i];
-            if let Some(head) = slab::slab_head(&self.frames, dmap, obj) {
-                cache.slab_put(&mut self.frames, dmap, obj, head);
-            }
+        if let Some(cache) = self.caches.get_mut(index) {
+            cache.flush_array(&mut self.frames, self.dmap, count);
         }
-        cache.ac.entry.copy_within(count..cache.ac.avail, 0);
-        cache.ac.avail -= count;
     }
 
     /// `kmem_cache_shrink`: returns empty slabs to the page allocator.
@@ -269,7 +246,7 @@ impl MemoryManager {
         f.count = 0;
         f.owner = 0;
         f.aux = 0;
-        self.counters.slab_pages -= 1 << order;
+        self.zones[zone as usize].slab_pages -= 1 << order;
         self.pageblocks.sub(head, Held::Slab, 1 << order);
         self.free_frames(head, order);
     }
@@ -324,5 +301,50 @@ impl MemoryManager {
     /// Iterates the live caches.
     pub fn caches(&self) -> impl Iterator<Item = (CacheId, &KmemCache)> {
         self.caches.iter().map(|(i, c)| (CacheId(i as u16), c))
+    }
+}
+
+/// Makes the block at `pfn`, just taken from `parts`' zone, a fresh slab
+/// of `cache` (the rest of Linux's `cache_grow`): its frames' states and
+/// counts change under the zone's lock.
+pub(crate) fn grow_slab(
+    parts: &mut ZoneParts,
+    cache: &mut KmemCache,
+    dmap: DirectMap,
+    pfn: u32,
+    id: CacheId,
+) {
+    let pages = 1 << cache.order;
+    parts.frames[pfn as usize].set_state(FrameState::Slab);
+    parts.zone.slab_pages += pages as u64;
+    parts.blocks.add(pfn, Held::Slab, pages);
+    cache.init_slab(parts.frames, dmap, pfn, id);
+}
+
+impl KmemCache {
+    /// Pushes onto the cache's array, flushing a batch to the slabs when it
+    /// is full; `obj` is an object of this cache.
+    #[inline(always)]
+    pub(crate) fn free_to_array(&mut self, frames: &mut Frames, dmap: DirectMap, obj: usize) {
+        self.counters.frees += 1;
+        if self.ac.avail == AC_LIMIT {
+            self.flush_array(frames, dmap, AC_BATCH);
+        }
+        self.ac.entry[self.ac.avail] = obj;
+        self.ac.avail += 1;
+    }
+
+    /// Returns the `count` oldest objects of the array to their slabs.
+    #[inline(never)]
+    pub(crate) fn flush_array(&mut self, frames: &mut Frames, dmap: DirectMap, count: usize) {
+        let count = count.min(self.ac.avail);
+        for i in 0..count {
+            let obj = self.ac.entry[i];
+            if let Some(head) = slab::slab_head(frames, dmap, obj) {
+                self.slab_put(frames, dmap, obj, head);
+            }
+        }
+        self.ac.entry.copy_within(count..self.ac.avail, 0);
+        self.ac.avail -= count;
     }
 }

@@ -82,6 +82,8 @@ mod list;
 mod memblock;
 mod memory_hotplug;
 mod mempool;
+#[allow(unsafe_code)]
+mod node;
 mod owner;
 mod page_alloc;
 mod page_reporting;
@@ -122,6 +124,7 @@ pub use list::{FrameList, FrameListIter};
 pub use memblock::{MemRegion, Memblock, RegionKind, Reservation, ReserveKind, PAGE_SIZE};
 pub use memory_hotplug::HotplugRegion;
 pub use mempool::{Mempool, PoolBacking, PoolCounters, PoolElement, PoolId};
+pub use node::MmGuard;
 pub use owner::Owner;
 pub use page_reporting::{ReportBlock, REPORT_ORDER};
 pub use pcp::PCP_BATCH;

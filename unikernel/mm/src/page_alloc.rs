@@ -8,11 +8,13 @@
 //! ATOMIC request skips reclaim and may go below `min`.
 
 use crate::buddy;
-use crate::frame::FrameState;
+use crate::frame::{Frame, FrameState};
 use crate::gfp::Gfp;
 use crate::memblock::PAGE_SIZE;
+use crate::pageblock::Pageblocks;
 use crate::pcp::PCP_BATCH;
-use crate::zone::{Mark, ZoneType};
+use crate::sparse::Frames;
+use crate::zone::{Mark, Zone, ZoneType};
 use crate::{access, MemoryManager, MmError};
 
 impl MemoryManager {
@@ -49,10 +51,7 @@ impl MemoryManager {
     #[inline(always)]
     pub(crate) fn stamp_allocated(&mut self, pfn: u32, zone: ZoneType, order: u32) {
         let owner = self.owners.current.0;
-        let f = &mut self.frames[pfn as usize];
-        f.set(FrameState::Allocated, zone, order);
-        f.count = 1;
-        f.owner = owner;
+        stamp(&mut self.frames[pfn as usize], zone, order, owner);
         self.owners.charge(owner, 1 << order);
     }
 
@@ -62,17 +61,7 @@ impl MemoryManager {
     #[inline(always)]
     pub fn free_pages(&mut self, phys: u64, order: u32) -> Result<(), MmError> {
         let pfn = phys / PAGE_SIZE;
-        let f = match self.frames.get_mut(pfn as usize) {
-            Some(f)
-                if phys.is_multiple_of(PAGE_SIZE) && f.is(FrameState::Allocated) && !f.lent() =>
-            {
-                f
-            }
-            _ => return Err(MmError::Invalid("not the start of an allocated page block")),
-        };
-        if f.order as u32 != order {
-            return Err(MmError::Invalid("order does not match the allocation"));
-        }
+        let f = allocated_head(&mut self.frames, phys, order)?;
         let owner = f.owner;
         f.count = 0;
         if order == 0 {
@@ -124,23 +113,7 @@ impl MemoryManager {
     #[inline]
     pub(crate) fn free_frames(&mut self, pfn: u32, order: u32) {
         let zone_ty = self.frames[pfn as usize].zone();
-        if order == 0 {
-            if self.zones[zone_ty as usize].pcp.is_full() {
-                self.pcp_drain(zone_ty, PCP_BATCH);
-            }
-            self.frames[pfn as usize].set(FrameState::Pcp, zone_ty, 0);
-            self.zones[zone_ty as usize].pcp.push(pfn);
-        } else {
-            let max_order = self.max_order;
-            buddy::give(
-                &mut self.zones[zone_ty as usize],
-                &mut self.frames,
-                &mut self.pageblocks,
-                pfn,
-                order,
-                max_order,
-            );
-        }
+        self.zone_parts(zone_ty as usize).free_one(pfn, order);
     }
 
     #[inline(always)]
@@ -153,28 +126,7 @@ impl MemoryManager {
         let mut z = highest as usize + 1;
         while z > 0 {
             z -= 1;
-            let zone = &mut self.zones[z];
-            if !zone.watermark_ok(order, mark, highest) {
-                continue;
-            }
-            let pfn = if order == 0 {
-                // A refill may not take the zone below the mark either.
-                let budget = zone.free - zone.mark_pages(mark, highest);
-                match zone.pcp.pop() {
-                    Some(pfn) => Some(pfn),
-                    None => self.pcp_refill(z, budget),
-                }
-            } else {
-                let max_order = self.max_order;
-                buddy::take(
-                    zone,
-                    &mut self.frames,
-                    &mut self.pageblocks,
-                    order,
-                    max_order,
-                )
-            };
-            if let Some(pfn) = pfn {
+            if let Some(pfn) = self.zone_parts(z).rmqueue(order, mark, highest) {
                 let zone = &mut self.zones[z];
                 zone.counters.alloc_success += 1;
                 if z != self.preferred_zone[highest as usize] as usize {
@@ -187,6 +139,17 @@ impl MemoryManager {
             }
         }
         None
+    }
+
+    /// Zone `z` and what its lock covers, borrowed from the manager.
+    #[inline(always)]
+    pub(crate) fn zone_parts(&mut self, z: usize) -> ZoneParts<'_> {
+        ZoneParts {
+            zone: &mut self.zones[z],
+            frames: &mut self.frames,
+            blocks: &mut self.pageblocks,
+            max_order: self.max_order,
+        }
     }
 
     #[cold]
@@ -262,45 +225,9 @@ impl MemoryManager {
         freed
     }
 
-    /// Fills an empty pcp list with a batch from the buddy and pops one.
-    #[cold]
-    fn pcp_refill(&mut self, z: usize, budget: u64) -> Option<u32> {
-        let max_order = self.max_order;
-        let zone = &mut self.zones[z];
-        zone.counters.pcp_refill += 1;
-        for _ in 0..(PCP_BATCH as u64).min(budget) {
-            let Some(pfn) = buddy::take(zone, &mut self.frames, &mut self.pageblocks, 0, max_order)
-            else {
-                break;
-            };
-            self.frames[pfn as usize].set_state(FrameState::Pcp);
-            zone.pcp.push(pfn);
-        }
-        zone.pcp.pop()
-    }
-
     /// Returns the `count` coldest frames of a pcp list to the buddy.
     pub(crate) fn pcp_drain(&mut self, zone_ty: ZoneType, count: usize) {
-        let max_order = self.max_order;
-        let zone = &mut self.zones[zone_ty as usize];
-        let count = count.min(zone.pcp.count);
-        if count == 0 {
-            return;
-        }
-        zone.counters.pcp_drain += 1;
-        for i in 0..count {
-            let pfn = zone.pcp.frames[i];
-            buddy::give(
-                zone,
-                &mut self.frames,
-                &mut self.pageblocks,
-                pfn,
-                0,
-                max_order,
-            );
-        }
-        zone.pcp.frames.copy_within(count..zone.pcp.count, 0);
-        zone.pcp.count -= count;
+        self.zone_parts(zone_ty as usize).pcp_drain(count);
     }
 
     /// Drains every pcp list (before checks that want exact buddy counts).
@@ -309,5 +236,119 @@ impl MemoryManager {
             let count = self.zones[z as usize].pcp.count;
             self.pcp_drain(z, count);
         }
+    }
+}
+
+/// Makes a block head handed out to `owner`.
+#[inline(always)]
+pub(crate) fn stamp(f: &mut Frame, zone: ZoneType, order: u32, owner: u16) {
+    f.set(FrameState::Allocated, zone, order);
+    f.count = 1;
+    f.owner = owner;
+}
+
+/// The head frame of the block of `order` at `phys` that `alloc_pages`
+/// handed out, checked against the frame table, so a bad or repeated free
+/// is refused instead of corrupting the free lists.
+#[inline(always)]
+pub(crate) fn allocated_head(
+    frames: &mut Frames,
+    phys: u64,
+    order: u32,
+) -> Result<&mut Frame, MmError> {
+    let f = match frames.get_mut((phys / PAGE_SIZE) as usize) {
+        Some(f) if phys.is_multiple_of(PAGE_SIZE) && f.is(FrameState::Allocated) && !f.lent() => f,
+        _ => return Err(MmError::Invalid("not the start of an allocated page block")),
+    };
+    if f.order as u32 != order {
+        return Err(MmError::Invalid("order does not match the allocation"));
+    }
+    Ok(f)
+}
+
+/// One zone and what its lock covers: its free lists and pcp list, the
+/// frames on them and their pageblocks' counts. The manager's own paths
+/// borrow it from the manager ([`MemoryManager::zone_parts`]); the per-CPU
+/// batches build it under the zone's lock alone (`node.rs`).
+pub(crate) struct ZoneParts<'a> {
+    pub(crate) zone: &'a mut Zone,
+    pub(crate) frames: &'a mut Frames,
+    pub(crate) blocks: &'a mut Pageblocks,
+    pub(crate) max_order: u32,
+}
+
+impl ZoneParts<'_> {
+    /// A block of `order` while the zone stays above `mark` for a request
+    /// whose highest zone is `highest` (Linux's `rmqueue`): order 0 from
+    /// the pcp list, refilled from the buddy when empty. The head keeps its
+    /// zone and order; its state is left for the caller.
+    #[inline(always)]
+    pub(crate) fn rmqueue(&mut self, order: u32, mark: Mark, highest: ZoneType) -> Option<u32> {
+        if !self.zone.watermark_ok(order, mark, highest) {
+            return None;
+        }
+        if order == 0 {
+            // A refill may not take the zone below the mark either.
+            let budget = self.zone.free - self.zone.mark_pages(mark, highest);
+            match self.zone.pcp.pop() {
+                Some(pfn) => Some(pfn),
+                None => self.pcp_refill(budget),
+            }
+        } else {
+            buddy::take(self.zone, self.frames, self.blocks, order, self.max_order)
+        }
+    }
+
+    /// Returns a block head of this zone to the pcp list (order 0) or the
+    /// buddy.
+    #[inline]
+    pub(crate) fn free_one(&mut self, pfn: u32, order: u32) {
+        if order == 0 {
+            if self.zone.pcp.is_full() {
+                self.pcp_drain(PCP_BATCH);
+            }
+            self.frames[pfn as usize].set(FrameState::Pcp, self.zone.ty, 0);
+            self.zone.pcp.push(pfn);
+        } else {
+            buddy::give(
+                self.zone,
+                self.frames,
+                self.blocks,
+                pfn,
+                order,
+                self.max_order,
+            );
+        }
+    }
+
+    /// Fills an empty pcp list with a batch from the buddy and pops one.
+    #[cold]
+    fn pcp_refill(&mut self, budget: u64) -> Option<u32> {
+        self.zone.counters.pcp_refill += 1;
+        for _ in 0..(PCP_BATCH as u64).min(budget) {
+            let Some(pfn) = buddy::take(self.zone, self.frames, self.blocks, 0, self.max_order)
+            else {
+                break;
+            };
+            self.frames[pfn as usize].set_state(FrameState::Pcp);
+            self.zone.pcp.push(pfn);
+        }
+        self.zone.pcp.pop()
+    }
+
+    /// Returns the `count` coldest frames of the pcp list to the buddy.
+    pub(crate) fn pcp_drain(&mut self, count: usize) {
+        let zone = &mut *self.zone;
+        let count = count.min(zone.pcp.count);
+        if count == 0 {
+            return;
+        }
+        zone.counters.pcp_drain += 1;
+        for i in 0..count {
+            let pfn = zone.pcp.frames[i];
+            buddy::give(zone, self.frames, self.blocks, pfn, 0, self.max_order);
+        }
+        zone.pcp.frames.copy_within(count..zone.pcp.count, 0);
+        zone.pcp.count -= count;
     }
 }

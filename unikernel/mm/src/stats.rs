@@ -15,7 +15,6 @@ use crate::MemoryManager;
 /// Manager-wide counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MmCounters {
-    pub slab_pages: u64,
     pub large_pages: u64,
     pub pool_pages: u64,
     pub dma_buddy_pages: u64,
@@ -38,7 +37,6 @@ pub struct MmCounters {
 impl MmCounters {
     pub const fn new() -> Self {
         MmCounters {
-            slab_pages: 0,
             large_pages: 0,
             pool_pages: 0,
             dma_buddy_pages: 0,
@@ -276,6 +274,11 @@ pub struct CmaUsage {
 }
 
 impl MemoryManager {
+    /// Frames in slabs, all zones.
+    pub(crate) fn slab_pages(&self) -> u64 {
+        self.zones.iter().map(|z| z.slab_pages).sum()
+    }
+
     pub fn meminfo(&self) -> MemInfo {
         let page = PAGE_SIZE;
         // Free blocks lent to a reporting device are free memory too.
@@ -316,7 +319,7 @@ impl MemoryManager {
             free: (buddy_free + pcp) * page + cma_free,
             buddy_free: buddy_free * page,
             pcp: pcp * page,
-            slab: self.counters.slab_pages * page,
+            slab: self.slab_pages() * page,
             slab_reclaimable,
             kmalloc_large: self.counters.large_pages * page,
             pages_allocated: pages_allocated * page,

@@ -95,7 +95,7 @@ impl Backend for Cpus {
 }
 
 /// The manager, its arena had on first use.
-fn mm() -> spin::MutexGuard<'static, MemoryManager> {
+fn mm() -> memd_mm::MmGuard<'static> {
     MEMD.global_mm().expect("the arena").lock()
 }
 
