@@ -161,7 +161,7 @@ impl MemoryManager {
             .owning_slab(&self.frames, dmap, id, obj)
             .ok_or(MmError::Invalid("pointer is not an object of this cache"))?;
         if cache.uses_array() {
-            self.free_to_array(id, obj);
+            cache.free_to_array(&mut self.frames, dmap, obj);
             return Ok(());
         }
         let checked = cache.debug_check_free(id, obj);
@@ -327,15 +327,22 @@ impl KmemCache {
     #[inline(always)]
     pub(crate) fn free_to_array(&mut self, frames: &mut Frames, dmap: DirectMap, obj: usize) {
         self.counters.frees += 1;
-        if self.ac.avail == AC_LIMIT {
-            self.flush_array(frames, dmap, AC_BATCH);
+        if self.ac.avail < AC_LIMIT {
+            self.ac.entry[self.ac.avail] = obj;
+            self.ac.avail += 1;
+            return;
         }
+        self.free_to_array_slow(frames, dmap, obj);
+    }
+
+    #[inline(never)]
+    fn free_to_array_slow(&mut self, frames: &mut Frames, dmap: DirectMap, obj: usize) {
+        self.flush_array(frames, dmap, AC_BATCH);
         self.ac.entry[self.ac.avail] = obj;
         self.ac.avail += 1;
     }
 
     /// Returns the `count` oldest objects of the array to their slabs.
-    #[inline(never)]
     pub(crate) fn flush_array(&mut self, frames: &mut Frames, dmap: DirectMap, count: usize) {
         let count = count.min(self.ac.avail);
         for i in 0..count {

@@ -156,6 +156,10 @@ impl Node {
             // zone's lock.
             let (mut frames, mut pageblocks) = unsafe { handles(mm) };
             let mut freed = Ok(());
+            let mut kernel = 0;
+            let mut held: Option<(usize, spin::MutexGuard<()>)> = None;
+            // SAFETY: a field only the writer changes.
+            let max_order = unsafe { (*mm).max_order };
             for &phys in blocks {
                 let (z, owner) = match allocated_head(&mut frames, phys, order) {
                     Ok(f) => {
@@ -167,14 +171,23 @@ impl Node {
                         continue;
                     }
                 };
-                {
-                    let _zone = self.zone_lock(mm, z);
-                    // SAFETY: the zone's lock is held too.
-                    let mut parts = unsafe { zone_parts(mm, z, &mut frames, &mut pageblocks) };
-                    parts.free_one((phys / PAGE_SIZE) as u32, order);
+                // One lock for a run of blocks of one zone, the common case.
+                let lock = zone_lock(z, max_order);
+                if held.as_ref().map(|h| h.0) != Some(lock) {
+                    // Never two zones' locks at once.
+                    drop(held.take());
+                    held = Some((lock, self.zones[lock].lock()));
                 }
-                self.charge(mm, owner, 1 << order, false);
+                // SAFETY: the zone's lock is held too.
+                let mut parts = unsafe { zone_parts(mm, z, &mut frames, &mut pageblocks) };
+                parts.free_one((phys / PAGE_SIZE) as u32, order);
+                match owner {
+                    0 => kernel += 1 << order,
+                    owner => self.charge(mm, owner, 1 << order, false),
+                }
             }
+            drop(held);
+            self.charge(mm, Owner::KERNEL.0, kernel, false);
             freed
         })
     }
