@@ -112,15 +112,32 @@ fn print_buddyinfo(zones: &[BuddyZone]) {
     }
 }
 
+/// /proc/slabinfo as Linux SLAB prints it with statistics on: the
+/// `cpustat` columns (per-CPU arrays' hits and misses, all CPUs summed) on
+/// the caches that have arrays in front of them.
 fn print_slabinfo(caches: &[SlabInfo]) {
     println!("slabinfo - version: 2.1 (memd)");
-    println!("# name            <active_objs> <num_objs> <objsize> <objperslab> <pagesperslab> : tunables <limit> <batchcount> <sharedfactor> : slabdata <active_slabs> <num_slabs> <sharedavail>");
+    println!("# name            <active_objs> <num_objs> <objsize> <objperslab> <pagesperslab> : tunables <limit> <batchcount> <sharedfactor> : slabdata <active_slabs> <num_slabs> <sharedavail> : cpustat <allochit> <allocmiss> <freehit> <freemiss>");
     for c in caches {
+        let cpustat = c.cpustat.map_or_else(String::new, |s| {
+            format!(
+                " : cpustat {:>8} {:>6} {:>8} {:>6}",
+                s.allochit, s.allocmiss, s.freehit, s.freemiss
+            )
+        });
         println!(
-            "{:<17} {:>6} {:>6} {:>6} {:>4} {:>4} : tunables {:>4} {:>4} {:>4} : slabdata {:>6} {:>6} {:>6}",
+            "{:<17} {:>6} {:>6} {:>6} {:>4} {:>4} : tunables {:>4} {:>4} {:>4} : slabdata {:>6} {:>6} {:>6}{cpustat}",
             c.name, c.active_objs, c.num_objs, c.objsize, c.objperslab, c.pagesperslab, 0, 0, 0, c.active_slabs, c.num_slabs, 0
         );
     }
+}
+
+/// A per-CPU cache's hits and misses in a few words.
+fn cpustat(s: &memd_wire::CpuStat) -> String {
+    format!(
+        "alloc {} hit / {} miss, free {} hit / {} miss",
+        s.allochit, s.allocmiss, s.freehit, s.freemiss
+    )
 }
 
 /// Bytes as KiB/MiB/GiB when they divide evenly, else bytes.
@@ -222,10 +239,12 @@ pub(crate) fn print_reply(r: &Reply) {
                 t.add_row(vec![
                     format!("cpu {k}"),
                     format!(
-                        "APIC id {}, {}: halted {:.1} %",
+                        "APIC id {}, {}: halted {:.1} %; page lists {}; kmalloc arrays {}",
                         c.apic_id,
                         c.role,
-                        c.halted_ns as f64 * 100.0 / up
+                        c.halted_ns as f64 * 100.0 / up,
+                        cpustat(&c.pages),
+                        cpustat(&c.objects)
                     ),
                 ]);
             }

@@ -574,12 +574,14 @@ mod tests {
                         role: "network loop".into(),
                         busy_ns: 1,
                         halted_ns: 3,
+                        ..Default::default()
                     },
                     memd_wire::Cpu {
                         apic_id: 1,
                         role: "idle".into(),
                         busy_ns: 0,
                         halted_ns: 4,
+                        ..Default::default()
                     },
                 ],
                 hotplug: Some(memd_wire::Hotplug {

@@ -52,6 +52,11 @@ impl Env for KernelEnv {
         ALLOC.cpu_pagesets().take(online).collect()
     }
 
+    fn cpu_stats(&mut self) -> Vec<memd_mm::stats::CpuStats> {
+        let online = crate::arch::smpboot::online() as usize;
+        ALLOC.cpu_stats().take(online).collect()
+    }
+
     fn work_cpus(&mut self) -> usize {
         crate::arch::smpboot::online().saturating_sub(1) as usize
     }
@@ -75,10 +80,14 @@ impl Env for KernelEnv {
     fn cpus(&mut self) -> Vec<memd_wire::Cpu> {
         let now = time::uptime_ns();
         let mut cpus = Vec::new();
+        let stats: Vec<_> = ALLOC.cpu_stats().collect();
         for k in 0..crate::arch::percpu::MAX_CPUS {
             let Some((apic_id, since)) = crate::arch::smpboot::cpu(k) else {
                 continue;
             };
+            let (pages, objects) = stats
+                .get(k)
+                .map_or_else(Default::default, |s| (s.pages, s.objects_summed()));
             cpus.push(if k == 0 {
                 let halted = crate::net::halted_ns();
                 memd_wire::Cpu {
@@ -86,6 +95,8 @@ impl Env for KernelEnv {
                     role: "network loop".into(),
                     busy_ns: now.saturating_sub(halted),
                     halted_ns: halted,
+                    pages,
+                    objects,
                 }
             } else {
                 // The others halt from the moment they are up but for the
@@ -101,6 +112,8 @@ impl Env for KernelEnv {
                     .into(),
                     busy_ns: busy,
                     halted_ns: now.saturating_sub(since).saturating_sub(busy),
+                    pages,
+                    objects,
                 }
             });
         }

@@ -303,6 +303,11 @@ impl CpuPages {
         freed
     }
 
+    /// Whether the list of `order` is at its high mark.
+    pub(crate) fn is_full(&self, order: usize) -> bool {
+        self.count[order] as usize == pages_high(order)
+    }
+
     /// Blocks held, by order.
     pub(crate) fn held(&self) -> [u8; PCP_MAX_ORDER + 1] {
         self.count

@@ -11,16 +11,17 @@
 
 use crate::cpu_cache::{CpuArrays, CpuPages, PCP_MAX_ORDER};
 use crate::gfp::Gfp;
-use crate::kmalloc::size_class;
+use crate::kmalloc::{size_class, NR_KMALLOC};
 use crate::node::{MmGuard, Node};
 use crate::owner::Owner;
+use crate::stats::{CpuStat, CpuStats};
 use crate::vmalloc::VmapOps;
 use crate::zone::NR_ZONES;
 use crate::{BootInfo, MmError};
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::ptr::{null_mut, NonNull};
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Which CPU the caller runs on: the key to the per-CPU arrays.
 ///
@@ -72,12 +73,51 @@ struct CpuCaches {
     pages: CpuPages,
 }
 
-/// One CPU's caches, on cache lines of their own, and the frames its page
-/// lists hold in each zone, published for readers on other CPUs.
+/// One CPU's caches, on cache lines of their own, and what readers on
+/// other CPUs may see of them: the frames its page lists hold in each zone
+/// and its hit and miss counters, written by the CPU alone.
 #[repr(align(128))]
 struct CpuSlot {
     caches: UnsafeCell<CpuCaches>,
     frames: [AtomicU32; NR_ZONES],
+    pages: Counters,
+    objects: [Counters; NR_KMALLOC],
+}
+
+/// One cache's hits and misses ([`CpuStat`]), counted by one CPU: a load
+/// and a store, no locked instruction, as Linux's per-CPU event counters.
+struct Counters([AtomicU64; 4]);
+
+/// Which of [`Counters`].
+#[derive(Clone, Copy)]
+enum Event {
+    AllocHit,
+    AllocMiss,
+    FreeHit,
+    FreeMiss,
+}
+
+impl Counters {
+    const fn new() -> Self {
+        Counters([const { AtomicU64::new(0) }; 4])
+    }
+
+    /// Counts `e`; only the slot's CPU calls it.
+    #[inline(always)]
+    fn count(&self, e: Event) {
+        let c = &self.0[e as usize];
+        c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> CpuStat {
+        let r = |e: Event| self.0[e as usize].load(Ordering::Relaxed);
+        CpuStat {
+            allochit: r(Event::AllocHit),
+            allocmiss: r(Event::AllocMiss),
+            freehit: r(Event::FreeHit),
+            freemiss: r(Event::FreeMiss),
+        }
+    }
 }
 
 impl CpuSlot {
@@ -88,6 +128,8 @@ impl CpuSlot {
                 pages: CpuPages::new(),
             }),
             frames: [const { AtomicU32::new(0) }; NR_ZONES],
+            pages: Counters::new(),
+            objects: [const { Counters::new() }; NR_KMALLOC],
         }
     }
 
@@ -245,7 +287,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     /// both exist.
     #[inline(always)]
     #[allow(clippy::mut_from_ref)]
-    fn cpu_arrays(&self, layout: Layout) -> Option<(&mut CpuArrays, usize)> {
+    fn cpu_arrays(&self, layout: Layout) -> Option<(&mut CpuArrays, usize, &Counters)> {
         if CPUS == 0 {
             return None;
         }
@@ -254,7 +296,8 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
         // SAFETY: the caller holds this CPU (`CpuIds`' contract), so no
         // one else touches its caches; the reference lives only within one
         // allocation or free, which never re-enters the allocator.
-        Some((unsafe { &mut (*slot.caches.get()).arrays }, class))
+        let arrays = unsafe { &mut (*slot.caches.get()).arrays };
+        Some((arrays, class, &slot.objects[class]))
     }
 
     /// `2^order` pages for the kernel: from the caller's CPU page list
@@ -267,6 +310,10 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
                 // SAFETY: as in `cpu_arrays`; the refill takes the lock,
                 // which never reaches back into these caches.
                 let pages = unsafe { &mut (*slot.caches.get()).pages };
+                slot.pages.count(match pages.held()[order as usize] {
+                    0 => Event::AllocMiss,
+                    _ => Event::AllocHit,
+                });
                 let got = pages.alloc(
                     order as usize,
                     |out| self.node.rmqueue_bulk(order, out),
@@ -303,6 +350,10 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
         if let Some(slot) = self.cpu_slot().filter(|_| order as usize <= PCP_MAX_ORDER) {
             // SAFETY: as in `alloc_pages`.
             let pages = unsafe { &mut (*slot.caches.get()).pages };
+            slot.pages.count(match pages.is_full(order as usize) {
+                true => Event::FreeMiss,
+                false => Event::FreeHit,
+            });
             pages.free(
                 phys,
                 order as usize,
@@ -387,15 +438,26 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
             .map(|slot| core::array::from_fn(|z| slot.frames[z].load(Ordering::Relaxed) as u64))
     }
 
+    /// Each CPU's hit and miss counters, by CPU number, as last written by
+    /// the CPU itself (Linux SLAB's `cpustat`, per CPU: summing them is
+    /// the reader's).
+    pub fn cpu_stats(&self) -> impl Iterator<Item = CpuStats> + '_ {
+        self.cpus.iter().map(|slot| CpuStats {
+            pages: slot.pages.read(),
+            objects: core::array::from_fn(|c| slot.objects[c].read()),
+        })
+    }
+
     /// An object from the caller's CPU arrays (refilled under the lock
     /// with `gfp` when empty); `None` to take the full path.
     #[inline(always)]
     fn cpu_alloc(&self, layout: Layout, gfp: Gfp) -> Option<*mut u8> {
-        let (a, class) = self.cpu_arrays(layout)?;
-        let obj = match a
-            .pop(class)
-            .or_else(|| a.refill_shared(class, &self.node, gfp))
-        {
+        let (a, class, counters) = self.cpu_arrays(layout)?;
+        if let Some(obj) = a.pop(class) {
+            counters.count(Event::AllocHit);
+            return Some(obj as *mut u8);
+        }
+        let obj = match a.refill_shared(class, &self.node, gfp) {
             Some(obj) => obj,
             None => {
                 let mut mm = self.node.lock();
@@ -405,6 +467,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
                 mm.without_faults(|mm| a.refill(class, mm, gfp))?
             }
         };
+        counters.count(Event::AllocMiss);
         Some(obj as *mut u8)
     }
 
@@ -412,7 +475,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     /// batch back under the lock when full); false to take the full path.
     #[inline(always)]
     fn cpu_free(&self, ptr: NonNull<u8>, layout: Layout) -> bool {
-        let Some((a, class)) = self.cpu_arrays(layout) else {
+        let Some((a, class, counters)) = self.cpu_arrays(layout) else {
             return false;
         };
         if let Some(ops) = self.vmap {
@@ -422,12 +485,15 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
             }
         }
         let obj = ptr.as_ptr() as usize;
-        if !a.push(class, obj) {
-            if !a.flush_shared(class, &self.node) {
-                a.flush(class, &mut self.node.lock());
-            }
-            a.push(class, obj);
+        if a.push(class, obj) {
+            counters.count(Event::FreeHit);
+            return true;
         }
+        if !a.flush_shared(class, &self.node) {
+            a.flush(class, &mut self.node.lock());
+        }
+        a.push(class, obj);
+        counters.count(Event::FreeMiss);
         true
     }
 
@@ -581,5 +647,68 @@ unsafe impl<const CPUS: usize, I: CpuIds> GlobalAlloc for GlobalMm<CPUS, I> {
             }
             _ => mm.kfree_layout(ptr, layout),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arena::HostGlobal;
+    use crate::cpu_cache::CPU_BATCH;
+
+    static HOST: HostGlobal = HostGlobal::new(64 << 20);
+
+    /// Sums every CPU's counters of kmalloc class `class` and of the page
+    /// lists.
+    fn summed(class: usize) -> (CpuStat, CpuStat) {
+        let mut sum = (CpuStat::default(), CpuStat::default());
+        for s in HOST.global_mm().unwrap().cpu_stats() {
+            sum.0 += s.objects[class];
+            sum.1 += s.pages;
+        }
+        sum
+    }
+
+    #[test]
+    fn each_cpu_counts_its_hits_and_misses_and_readers_sum_them() {
+        let layout = Layout::from_size_align(64, 8).unwrap();
+        let class = size_class(64, 8).unwrap();
+        let gm = HOST.global_mm().unwrap();
+        let (objects, pages) = summed(class);
+        assert_eq!((objects, pages), Default::default(), "nothing yet");
+        // Both threads hold a CPU at once, so each starts with empty caches.
+        let both = std::sync::Barrier::new(2);
+        let run = || {
+            // SAFETY: allocated with `layout` and freed once, below.
+            let first = unsafe { HOST.alloc(layout) };
+            both.wait();
+            // SAFETY: as above.
+            let rest = (1..100).map(|_| unsafe { HOST.alloc(layout) });
+            let objs: std::vec::Vec<_> = core::iter::once(first).chain(rest).collect();
+            for p in objs {
+                // SAFETY: as above.
+                unsafe { HOST.dealloc(p, layout) };
+            }
+            let blocks: std::vec::Vec<_> = (0..40).map(|_| gm.alloc_pages(0).unwrap()).collect();
+            for b in blocks {
+                gm.free_pages(b);
+            }
+        };
+        std::thread::scope(|s| {
+            s.spawn(run);
+            s.spawn(run);
+        });
+        let (objects, pages) = summed(class);
+        // An empty array refills with a batch: one miss in CPU_BATCH.
+        let misses = 2 * 100usize.div_ceil(CPU_BATCH) as u64;
+        assert_eq!(objects.allocmiss, misses);
+        assert_eq!(objects.allochit, 200 - misses);
+        assert_eq!(objects.freehit + objects.freemiss, 200);
+        assert!(objects.freemiss > 0, "a full array gives a batch back");
+        assert_eq!(pages.allochit + pages.allocmiss, 80);
+        assert_eq!(pages.freehit + pages.freemiss, 80);
+        assert!(pages.allocmiss >= 2, "each CPU's list started empty");
+        gm.drain_cpu_caches();
+        gm.lock().check().unwrap();
     }
 }

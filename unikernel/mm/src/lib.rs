@@ -119,7 +119,7 @@ pub use frame::{Frame, FrameState, FRAME_DESCRIPTOR_BYTES};
 pub use frame_runs::{FrameRun, FrameRuns, RunKind};
 pub use gfp::Gfp;
 pub use global::{CpuIds, Drained, GlobalMm, KObj, NoCpus, PageBlock};
-pub use kmalloc::kmalloc_size_roundup;
+pub use kmalloc::{kmalloc_size_roundup, NR_KMALLOC};
 pub use list::{FrameList, FrameListIter};
 pub use memblock::{MemRegion, Memblock, RegionKind, Reservation, ReserveKind, PAGE_SIZE};
 pub use memory_hotplug::HotplugRegion;

@@ -205,6 +205,52 @@ pub struct SlabInfo<Name = CacheName> {
     pub builtin: bool,
     /// Activity counters.
     pub counters: CacheCounters,
+    /// The per-CPU arrays in front of the cache, all CPUs summed, where
+    /// there are any (a kmalloc cache of a `GlobalMm` with CPUs, filled in
+    /// by its owner: [`MemoryManager::slabinfo`] does not see them).
+    pub cpustat: Option<CpuStat>,
+}
+
+/// Hits and misses of a per-CPU cache, as Linux SLAB's `cpustat` columns
+/// of /proc/slabinfo: allocations it served, and those that found it
+/// empty and refilled it with a batch first; frees it kept, and those that
+/// found it full and gave a batch back first. Each CPU counts its own;
+/// readers sum them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct CpuStat {
+    pub allochit: u64,
+    pub allocmiss: u64,
+    pub freehit: u64,
+    pub freemiss: u64,
+}
+
+impl core::ops::AddAssign for CpuStat {
+    fn add_assign(&mut self, o: CpuStat) {
+        self.allochit += o.allochit;
+        self.allocmiss += o.allocmiss;
+        self.freehit += o.freehit;
+        self.freemiss += o.freemiss;
+    }
+}
+
+/// One CPU's counters ([`crate::GlobalMm::cpu_stats`]): its page lists',
+/// and its kmalloc arrays' by size class (the cache of the same id).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuStats {
+    pub pages: CpuStat,
+    pub objects: [CpuStat; crate::kmalloc::NR_KMALLOC],
+}
+
+impl CpuStats {
+    /// The kmalloc arrays' counters, all size classes together.
+    pub fn objects_summed(&self) -> CpuStat {
+        let mut sum = CpuStat::default();
+        for &c in &self.objects {
+            sum += c;
+        }
+        sum
+    }
 }
 
 impl<N> SlabInfo<N> {
@@ -224,6 +270,7 @@ impl<N> SlabInfo<N> {
             has_ctor: self.has_ctor,
             builtin: self.builtin,
             counters: self.counters,
+            cpustat: self.cpustat,
         }
     }
 }
@@ -395,6 +442,7 @@ impl MemoryManager {
                 has_ctor: c.ctor.is_some(),
                 builtin: c.builtin,
                 counters: c.counters,
+                cpustat: None,
             };
             (id, line)
         })

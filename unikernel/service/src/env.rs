@@ -133,6 +133,13 @@ pub trait Env {
         alloc::vec::Vec::new()
     }
 
+    /// Each CPU's hit and miss counters, by CPU number (memd-mm's
+    /// `GlobalMm::cpu_stats`), for the slabinfo view's `cpustat`; none by
+    /// default.
+    fn cpu_stats(&mut self) -> alloc::vec::Vec<memd_mm::stats::CpuStats> {
+        alloc::vec::Vec::new()
+    }
+
     /// CPUs besides the caller's that take jobs ([`Env::queue_on`]),
     /// numbered `1..=work_cpus()`; none by default.
     fn work_cpus(&mut self) -> usize {

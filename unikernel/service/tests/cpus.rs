@@ -69,6 +69,10 @@ impl Env for CpusEnv {
         MEMD.global_mm().unwrap().cpu_pagesets().collect()
     }
 
+    fn cpu_stats(&mut self) -> Vec<memd_mm::stats::CpuStats> {
+        MEMD.global_mm().unwrap().cpu_stats().collect()
+    }
+
     fn queue_on(&mut self, cpu: usize, job: Job) -> Result<(), Job> {
         let mut jobs = JOBS.lock().unwrap();
         jobs.resize_with(WORKERS + 1, || None);
@@ -118,6 +122,25 @@ fn pageset_frames(t: &mut Harness<Cpus>, conn: memd_service::ConnId) -> u64 {
     }
 }
 
+/// The slabinfo view's `cpustat` summed over the caches that have one,
+/// checking that exactly the kmalloc caches do.
+fn cpustat(t: &mut Harness<Cpus>, conn: memd_service::ConnId) -> memd_wire::CpuStat {
+    let Reply::Slabinfo(caches) = t.ok(conn, Op::Slabinfo { start: 0 }) else {
+        panic!("slabinfo");
+    };
+    let mut sum = memd_wire::CpuStat::default();
+    for c in &caches {
+        assert_eq!(
+            c.cpustat.is_some(),
+            c.name.starts_with("kmalloc-"),
+            "{}: per-CPU arrays are in front of the kmalloc caches only",
+            c.name
+        );
+        sum += c.cpustat.unwrap_or_default();
+    }
+    sum
+}
+
 /// One test at a time: they share `MEMD` and compare free memory.
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static ONE: Mutex<()> = Mutex::new(());
@@ -134,6 +157,7 @@ fn a_run_on_several_cpus_gives_everything_back() {
     let mut t = Harness::new(Cpus);
     let c = operator(&mut t);
     let before = free();
+    let stat = cpustat(&mut t, c);
     const OPS: u64 = 200_000;
     match t.ok(
         c,
@@ -154,6 +178,15 @@ fn a_run_on_several_cpus_gives_everything_back() {
     join_jobs();
     assert_eq!(free(), before, "free memory is back once the run is over");
     assert!(mm().check().is_ok());
+    let after = cpustat(&mut t, c);
+    assert!(
+        after.allochit > stat.allochit && after.freehit > stat.freehit,
+        "the CPUs' arrays served the run's kmallocs: {stat:?} then {after:?}"
+    );
+    assert!(
+        after.allocmiss > stat.allocmiss && after.freemiss > stat.freemiss,
+        "and refilled and flushed in batches"
+    );
 }
 
 #[test]

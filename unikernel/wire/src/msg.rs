@@ -19,7 +19,7 @@ use crate::stats::*;
 /// Protocol version spoken by this crate. 6: the slab and mempool
 /// listings come in pages, and a client's line carries its owner id and
 /// the pages memd-mm charges to it.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Most operations one batch may carry. The decoded operations are held
 /// while the batch runs, and every result must fit the one reply frame

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::flags::DmaMask;
 
-pub use memd_mm::stats::{CmaUsage, MemInfo};
+pub use memd_mm::stats::{CmaUsage, CpuStat, MemInfo};
 pub use memd_mm::{CacheCounters, DmaSource, Watermarks, ZoneCounters};
 
 /// A resource owned by one connection: pages, an object, a cache, a pool or
@@ -101,6 +101,10 @@ pub struct Cpu {
     pub busy_ns: u64,
     /// Time it halted since it came up.
     pub halted_ns: u64,
+    /// Its page lists' hits and misses.
+    pub pages: CpuStat,
+    /// Its kmalloc arrays' hits and misses, all size classes.
+    pub objects: CpuStat,
 }
 
 /// Memory plugged at run time through virtio-mem, in ZONE_MOVABLE.

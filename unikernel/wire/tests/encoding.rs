@@ -181,10 +181,16 @@ fn slabinfo() {
             alloc_fail: 13,
             corruptions: 14,
         },
+        cpustat: Some(CpuStat {
+            allochit: 15,
+            allocmiss: 16,
+            freehit: 17,
+            freemiss: 18,
+        }),
     };
     assert_eq!(
         bytes(&s),
-        [1, b'x', 1, 2, 3, 4, 5, 6, 7, 8, 2, 1, 0, 9, 10, 11, 12, 13, 14]
+        [1, b'x', 1, 2, 3, 4, 5, 6, 7, 8, 2, 1, 0, 9, 10, 11, 12, 13, 14, 1, 15, 16, 17, 18]
     );
 }
 

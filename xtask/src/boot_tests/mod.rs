@@ -255,9 +255,25 @@ fn cpus_check(smp: u32, port: u16, tokens: &crate::tokens::GuestTokens) -> Resul
         ));
     }
     let cpus = op.status().map_err(|e| format!("cpus: {e}"))?.cpus;
-    if cpus.iter().skip(1).any(|c| c.busy_ns == 0) {
+    if cpus
+        .iter()
+        .any(|c| c.objects.allochit == 0 || c.objects.freehit == 0 || c.pages.allochit == 0)
+        || cpus.iter().skip(1).any(|c| c.busy_ns == 0)
+    {
         return Err(format!(
-            "cpus: every worker CPU should have run a job: {cpus:?}"
+            "cpus: every CPU should have run a share through its own caches, the workers as jobs: {cpus:?}"
+        ));
+    }
+    let slabs = op.slabinfo().map_err(|e| format!("cpus: {e}"))?;
+    let hits: u64 = slabs
+        .iter()
+        .flat_map(|s| s.cpustat)
+        .map(|s| s.allochit)
+        .sum();
+    let per_cpu: u64 = cpus.iter().map(|c| c.objects.allochit).sum();
+    if hits != per_cpu {
+        return Err(format!(
+            "cpus: slabinfo's cpustat sums {hits} array hits, the CPUs count {per_cpu}"
         ));
     }
     match op.stress_on(1000, 7, smp + 1) {

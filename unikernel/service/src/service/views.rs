@@ -126,10 +126,36 @@ pub(super) fn stats<E: Env>(env: &mut E, view: View) -> Result<Reply, WireError>
         .map_err(mem_err)?;
     env.with_mem(|m, _| m.snapshot(view, &mut snap));
     let mut reply = <E::Mem as Memory>::render(view, &snap);
-    if let Reply::Zoneinfo(zones) = &mut reply {
-        add_cpu_pagesets(zones, &env.cpu_pagesets());
+    match (&mut reply, view) {
+        (Reply::Zoneinfo(zones), _) => add_cpu_pagesets(zones, &env.cpu_pagesets()),
+        (Reply::Slabinfo(caches), View::Slabinfo { start }) => {
+            add_cpustat(caches, start, &env.cpu_stats())
+        }
+        _ => {}
     }
     Ok(reply)
+}
+
+/// The kmalloc caches' `cpustat`, every CPU's arrays summed. They are the
+/// first caches listed, in size-class order (ids 0 to `NR_KMALLOC - 1`,
+/// made at boot and never destroyed); a listing from `start` begins with
+/// the cache of id `start`'s class, if any. Nothing without CPU caches.
+fn add_cpustat(
+    caches: &mut [memd_wire::SlabInfo],
+    start: usize,
+    cpus: &[memd_mm::stats::CpuStats],
+) {
+    if cpus.is_empty() {
+        return;
+    }
+    for (class, cache) in (start..memd_mm::NR_KMALLOC).zip(caches) {
+        let mut sum = memd_mm::stats::CpuStat::default();
+        for cpu in cpus {
+            sum += cpu.objects[class];
+        }
+        debug_assert!(cache.builtin, "kmalloc caches come first");
+        cache.cpustat = Some(sum);
+    }
 }
 
 /// Each CPU's pageset in each zone, from the frames its page lists hold
