@@ -301,9 +301,10 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     }
 
     /// `2^order` pages for the kernel: from the caller's CPU page list
-    /// for orders up to [`PCP_MAX_ORDER`] (refilled in a batch under the
-    /// lock when empty), otherwise from the manager under the lock. `None`
-    /// when memory is short.
+    /// for orders up to [`PCP_MAX_ORDER`] (refilled with a batch under the
+    /// zone's lock when empty), otherwise from the zone under its lock;
+    /// from the whole manager when the zone is low. `None` when memory is
+    /// short.
     pub fn alloc_pages(&self, order: u32) -> Option<PageBlock> {
         let phys = match self.cpu_slot().filter(|_| order as usize <= PCP_MAX_ORDER) {
             Some(slot) => {
@@ -323,12 +324,18 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
                 got?
             }
             None => {
-                let mut mm = self.node.lock();
-                if !mm.is_initialized() {
-                    return None;
+                let mut one = [0];
+                match self.node.rmqueue_bulk(order, &mut one) {
+                    1 => one[0],
+                    _ => {
+                        let mut mm = self.node.lock();
+                        if !mm.is_initialized() {
+                            return None;
+                        }
+                        mm.with_owner(Owner::KERNEL, |mm| mm.alloc_pages(order, Gfp::KERNEL))
+                            .ok()?
+                    }
                 }
-                mm.with_owner(Owner::KERNEL, |mm| mm.alloc_pages(order, Gfp::KERNEL))
-                    .ok()?
             }
         };
         Some(PageBlock {
@@ -339,8 +346,8 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     }
 
     /// Frees a block [`GlobalMm::alloc_pages`] returned: to the caller's
-    /// CPU page list (a batch going back under the lock when it is full),
-    /// or to the manager.
+    /// CPU page list (a batch going back under the zones' locks when it is
+    /// full), or to its zone under the zone's lock.
     ///
     /// # Panics
     /// When `block` came from another allocator.
@@ -363,7 +370,10 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
             slot.publish(pages);
             return;
         }
-        let freed = self.node.lock().free_pages(phys, order);
+        let freed = self
+            .node
+            .free_pcppages_bulk(order, &[phys])
+            .unwrap_or_else(|| self.node.lock().free_pages(phys, order));
         debug_assert!(freed.is_ok(), "free_pages({phys:#x}, {order}): {freed:?}");
     }
 

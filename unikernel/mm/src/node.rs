@@ -122,10 +122,15 @@ impl Node {
 
     /// Up to `out.len()` kernel page blocks of `order` from the preferred
     /// zone of `GFP_KERNEL` while it stays above `low`, under that zone's
-    /// lock; 0 sends the caller to the whole manager (another zone,
-    /// reclaim, memory not yet initialised).
+    /// lock (a CPU list's batch, or one block of a higher order); 0 sends
+    /// the caller to the whole manager (another zone, reclaim, memory not
+    /// yet initialised, page faults being injected).
     pub(crate) fn rmqueue_bulk(&self, order: u32, out: &mut [u64]) -> usize {
         self.shared(|mm| {
+            // SAFETY: a field only the writer changes.
+            if unsafe { (*mm).fault.armed_page } {
+                return 0;
+            }
             // SAFETY: a field only the writer changes.
             let z = unsafe { (*mm).preferred_zone[ZoneType::Normal as usize] } as usize;
             let got = {
@@ -142,9 +147,10 @@ impl Node {
         .unwrap_or(0)
     }
 
-    /// Gives page blocks of `order` from the CPU lists back to their zones,
-    /// each under its zone's lock (Linux's `free_pcppages_bulk`); `None`
-    /// sends the caller to the whole manager, else the first refusal.
+    /// Gives kernel page blocks of `order` (a CPU list's batch, or one
+    /// block of a higher order) back to their zones, each under its zone's
+    /// lock (Linux's `free_pcppages_bulk`); `None` sends the caller to the
+    /// whole manager, else the first refusal.
     pub(crate) fn free_pcppages_bulk(
         &self,
         order: u32,
