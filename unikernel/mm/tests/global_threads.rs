@@ -1,7 +1,8 @@
 //! memd-mm's `HostGlobal` from many threads, as a property test: each
 //! thread allocates objects and page blocks from and frees them to its own
 //! CPU's caches, frees what other threads allocated, and up to more
-//! threads than CPU slots run at once (the rest take the lock). At the
+//! threads than CPU slots run at once (the rest take the lock), while
+//! another thread checks every invariant under the manager's lock. At the
 //! quiescent point after they are gone and the caches are drained, every
 //! invariant holds and free memory is back where it was.
 
@@ -118,9 +119,29 @@ fn run(seed: u64, threads: usize, rounds: usize, steps: usize) -> Result<(), Tes
             std::thread::spawn(move || worker(seed + t as u64, rounds, steps, to_next, from_prev))
         })
         .collect();
-    for w in workers {
-        w.join().unwrap();
-    }
+    // Meanwhile the whole manager is checked again and again: its lock
+    // waits for batches in flight, so no check sees one half done.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let checks = std::thread::scope(|s| {
+        let checker = s.spawn(|| {
+            let mut checks = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) && checks.len() < 1000 {
+                checks.push(MEMD.lock().check());
+                std::thread::yield_now();
+            }
+            checks
+        });
+        for w in workers {
+            w.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        checker.join().unwrap()
+    });
+    prop_assert!(
+        checks.iter().all(|c| c.is_ok()),
+        "a check while the threads ran: {:?}",
+        checks.iter().find(|c| c.is_err())
+    );
     drop(senders);
     let drained = MEMD.drain_cpu_caches();
     let (check, after) = {
