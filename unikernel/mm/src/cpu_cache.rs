@@ -1,13 +1,15 @@
-//! Per-CPU caches in front of the manager's lock: arrays of free kmalloc
+//! Per-CPU caches in front of the manager: arrays of free kmalloc
 //! objects (Linux SLAB's `kmem_cache->cpu_cache`, SLUB's
 //! `kmem_cache_cpu`) and lists of free page blocks of orders up to
 //! [`PCP_MAX_ORDER`] (Linux's `per_cpu_pages`, which since 5.14 holds
 //! orders up to `PAGE_ALLOC_COSTLY_ORDER` too).
 //!
 //! [`crate::GlobalMm`] keeps one [`CpuArrays`] and one [`CpuPages`] per
-//! CPU. A CPU allocates from and frees to its own caches without taking
-//! the manager's lock; only when one runs empty or full does it move a
-//! batch from or to the manager, under the lock. What these caches hold is
+//! CPU. A CPU allocates from and frees to its own caches without taking a
+//! lock; only when one runs empty or full does it move a batch from or to
+//! the manager: under the zone's lock ([`rmqueue_bulk`]) or the cache's
+//! ([`cache_alloc_bulk`], [`cache_free_bulk`]) where it can (`node.rs`),
+//! else under the whole manager's. What these caches hold is
 //! allocated as far as the manager is concerned (its checker, its
 //! statistics: page blocks are the kernel's, like the frames on Linux's
 //! pcp lists, which `MemFree` does not count): it is the CPU's until
@@ -22,8 +24,7 @@ use crate::page_alloc::{stamp, ZoneParts};
 use crate::pcp::PCP_BATCH;
 use crate::slab::KmemCache;
 use crate::sparse::Frames;
-use crate::zone::Mark;
-use crate::zone::{ZoneType, NR_ZONES};
+use crate::zone::{Mark, ZoneType, NR_ZONES};
 use crate::PAGE_SIZE;
 use crate::{MemoryManager, MmError};
 use core::ops::DerefMut;

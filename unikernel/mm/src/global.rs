@@ -1,7 +1,8 @@
-//! `GlobalAlloc` over kmalloc, the buddy and vmalloc, behind a spin lock
-//! (Linux's `kvmalloc` / `kvfree`), with per-CPU arrays of kmalloc objects
-//! and per-CPU page lists in front of the lock when the environment says
-//! which CPU runs ([`CpuIds`], `cpu_cache.rs`).
+//! `GlobalAlloc` over kmalloc, the buddy and vmalloc (Linux's `kvmalloc` /
+//! `kvfree`), with per-CPU arrays of kmalloc objects and per-CPU page lists
+//! in front of the manager when the environment says which CPU runs
+//! ([`CpuIds`], `cpu_cache.rs`). Their batches take only their zone's or
+//! cache's lock; the rest takes the whole manager (`node.rs`).
 //!
 //! The kernel's `#[global_allocator]` is this; so can a host program's be
 //! (see the `arena` module), which is how memd-mm is benchmarked against
@@ -50,7 +51,7 @@ pub unsafe trait CpuIds: Sync {
     fn leave(&self) {}
 }
 
-/// No CPUs: every request takes the lock.
+/// No CPUs: every request goes to the manager.
 pub struct NoCpus;
 
 // SAFETY: never hands out a CPU.
@@ -249,7 +250,7 @@ impl GlobalMm {
 
 impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     /// Without vmalloc, with per-CPU arrays for the CPUs `ids` hands out
-    /// (those below `CPUS`; others take the lock every time).
+    /// (those below `CPUS`; others go to the manager every time).
     pub const fn with_cpus(ids: I) -> Self {
         GlobalMm {
             node: Node::new(),
@@ -308,7 +309,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     pub fn alloc_pages(&self, order: u32) -> Option<PageBlock> {
         let phys = match self.cpu_slot().filter(|_| order as usize <= PCP_MAX_ORDER) {
             Some(slot) => {
-                // SAFETY: as in `cpu_arrays`; the refill takes the lock,
+                // SAFETY: as in `cpu_arrays`; the refill takes locks,
                 // which never reaches back into these caches.
                 let pages = unsafe { &mut (*slot.caches.get()).pages };
                 slot.pages.count(match pages.held()[order as usize] {
@@ -458,7 +459,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
         })
     }
 
-    /// An object from the caller's CPU arrays (refilled under the lock
+    /// An object from the caller's CPU arrays (refilled under the cache's
     /// with `gfp` when empty); `None` to take the full path.
     #[inline(always)]
     fn cpu_alloc(&self, layout: Layout, gfp: Gfp) -> Option<*mut u8> {
@@ -482,7 +483,8 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     }
 
     /// Keeps a freed kmalloc object in the caller's CPU arrays (giving a
-    /// batch back under the lock when full); false to take the full path.
+    /// batch back under the cache's lock when full); false to take the full
+    /// path.
     #[inline(always)]
     fn cpu_free(&self, ptr: NonNull<u8>, layout: Layout) -> bool {
         let Some((a, class, counters)) = self.cpu_arrays(layout) else {

@@ -131,6 +131,7 @@ impl MemoryManager {
             zone: &mut self.zones[z],
             frames: &mut self.frames,
             blocks: &mut self.pageblocks,
+            slab_pages: &mut self.slab_pages[z],
             max_order: self.max_order,
         };
         let cache = self.caches.get_mut(id.0 as usize).expect("checked above");
@@ -161,7 +162,7 @@ impl MemoryManager {
             .owning_slab(&self.frames, dmap, id, obj)
             .ok_or(MmError::Invalid("pointer is not an object of this cache"))?;
         if cache.uses_array() {
-            cache.free_to_array(&mut self.frames, dmap, obj);
+            self.free_to_array(id, obj);
             return Ok(());
         }
         let checked = cache.debug_check_free(id, obj);
@@ -188,8 +189,24 @@ impl MemoryManager {
     /// is full. The caller has established that `obj` belongs to cache `id`.
     #[inline(always)]
     pub(crate) fn free_to_array(&mut self, id: CacheId, obj: usize) {
+        let Some(cache) = self.caches.get_mut(id.0 as usize) else {
+            return;
+        };
+        cache.counters.frees += 1;
+        if cache.ac.avail < AC_LIMIT {
+            cache.ac.entry[cache.ac.avail] = obj;
+            cache.ac.avail += 1;
+            return;
+        }
+        self.free_to_array_slow(id, obj);
+    }
+
+    #[inline(never)]
+    fn free_to_array_slow(&mut self, id: CacheId, obj: usize) {
+        self.flush_array(id.0 as usize, AC_BATCH);
         if let Some(cache) = self.caches.get_mut(id.0 as usize) {
-            cache.free_to_array(&mut self.frames, self.dmap, obj);
+            cache.ac.entry[cache.ac.avail] = obj;
+            cache.ac.avail += 1;
         }
     }
 
@@ -246,7 +263,7 @@ impl MemoryManager {
         f.count = 0;
         f.owner = 0;
         f.aux = 0;
-        self.zones[zone as usize].slab_pages -= 1 << order;
+        self.slab_pages[zone as usize] -= 1 << order;
         self.pageblocks.sub(head, Held::Slab, 1 << order);
         self.free_frames(head, order);
     }
@@ -316,30 +333,33 @@ pub(crate) fn grow_slab(
 ) {
     let pages = 1 << cache.order;
     parts.frames[pfn as usize].set_state(FrameState::Slab);
-    parts.zone.slab_pages += pages as u64;
+    *parts.slab_pages += pages as u64;
     parts.blocks.add(pfn, Held::Slab, pages);
     cache.init_slab(parts.frames, dmap, pfn, id);
 }
 
 impl KmemCache {
-    /// Pushes onto the cache's array, flushing a batch to the slabs when it
-    /// is full; `obj` is an object of this cache.
+    /// Keeps `obj`, an object of this cache, in its array; false when the
+    /// array is full.
     #[inline(always)]
-    pub(crate) fn free_to_array(&mut self, frames: &mut Frames, dmap: DirectMap, obj: usize) {
-        self.counters.frees += 1;
-        if self.ac.avail < AC_LIMIT {
-            self.ac.entry[self.ac.avail] = obj;
-            self.ac.avail += 1;
-            return;
+    fn array_push(&mut self, obj: usize) -> bool {
+        if self.ac.avail == AC_LIMIT {
+            return false;
         }
-        self.free_to_array_slow(frames, dmap, obj);
-    }
-
-    #[inline(never)]
-    fn free_to_array_slow(&mut self, frames: &mut Frames, dmap: DirectMap, obj: usize) {
-        self.flush_array(frames, dmap, AC_BATCH);
+        self.counters.frees += 1;
         self.ac.entry[self.ac.avail] = obj;
         self.ac.avail += 1;
+        true
+    }
+
+    /// Pushes onto the cache's array, flushing a batch to the slabs first
+    /// when it is full; `obj` is an object of this cache.
+    #[inline(always)]
+    pub(crate) fn free_to_array(&mut self, frames: &mut Frames, dmap: DirectMap, obj: usize) {
+        if !self.array_push(obj) {
+            self.flush_array(frames, dmap, AC_BATCH);
+            self.array_push(obj);
+        }
     }
 
     /// Returns the `count` oldest objects of the array to their slabs.

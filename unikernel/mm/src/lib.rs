@@ -9,7 +9,9 @@
 //! ([`MemoryManager::mempool_create`]) → `cma`, the boot-time contiguous
 //! region ([`Cma`]) → `dma`, the DMA API ([`MemoryManager::dma_alloc`]) →
 //! `vmalloc`, virtually contiguous memory from order-0 frames
-//! ([`MemoryManager::vmalloc`]) → `global`, a `GlobalAlloc` ([`GlobalMm`]).
+//! ([`MemoryManager::vmalloc`]) → `node`, the manager behind a node lock
+//! with a lock per zone and per kmalloc cache → `global`, a `GlobalAlloc`
+//! with per-CPU caches in front ([`GlobalMm`]).
 //! [`stats`] renders the Linux views; `check` verifies every invariant
 //! ([`MemoryManager::check`]).
 //!
@@ -22,7 +24,7 @@
 //!
 //! # Unsafe code
 //!
-//! The crate denies `unsafe_code`. Four places are allowed it, each marked
+//! The crate denies `unsafe_code`. Five places are allowed it, each marked
 //! `#[allow(unsafe_code)]` in this file:
 //!
 //! - the `access` module: raw reads and writes of managed memory through
@@ -32,6 +34,9 @@
 //! - the `global` module: [`GlobalMm`] implements the unsafe `GlobalAlloc`
 //!   trait, and takes the architecture's word, in the unsafe
 //!   [`GlobalMm::with_vmalloc`], that vmalloc's pages are really mapped.
+//! - the `node` module: the manager behind its node lock, with a lock per
+//!   zone and per kmalloc cache under it; the per-CPU caches' batches
+//!   reach the parts of the manager their locks own through raw pointers.
 //! - the host-only `arena` module (feature `std`): it borrows memory from
 //!   the host allocator and boots a manager over it, and its `HostGlobal`
 //!   implements `GlobalAlloc`.
@@ -159,31 +164,38 @@ pub struct BootInfo<'a> {
 }
 
 /// The memory manager: Linux's node (`pglist_data`) with everything that
-/// hangs off it.
+/// hangs off it. The fields every allocation and free reads come first,
+/// on the first three cache lines, in this order (`repr(C)`), wherever the
+/// rest grows.
+#[repr(C)]
 pub struct MemoryManager {
     /// The frame table's initialised prefix: every frame below
     /// `frames.len()` is valid, the rest waits for `deferred_init_step`.
     pub(crate) frames: sparse::Frames,
+    /// Slab caches by id; their descriptors are objects of the cache of
+    /// caches (`slab_common.rs`).
+    pub(crate) caches: idr::Idr<KmemCache>,
+    pub(crate) dmap: DirectMap,
+    pub(crate) owners: owner::OwnerTable,
+    pub(crate) max_order: u32,
+    /// First populated zone of each zonelist (Linux's preferred zone): a
+    /// Normal request on a machine without Normal memory starts at DMA32.
+    pub(crate) preferred_zone: [ZoneType; NR_ZONES],
+    pub(crate) fault: fault::Faults,
+    initialized: bool,
+    pub(crate) pageblocks: pageblock::Pageblocks,
+    pub(crate) counters: stats::MmCounters,
     /// All of the frame table's memory.
     pub(crate) table: access::FrameTable,
     /// Whether the table's memory read as zero at boot.
     pub(crate) table_zeroed: bool,
-    pub(crate) pageblocks: pageblock::Pageblocks,
-    pub(crate) dmap: DirectMap,
     /// DMA buffers whose bytes are lent out (`dma_lend`): their physical
     /// ranges, `(0, 0)` for none. A table memd-mm allocates from itself
     /// while anything is lent (out of line: it stays off the hot paths'
     /// cache lines).
     pub(crate) dma_lent: &'static mut [(u64, u64)],
-    pub(crate) max_order: u32,
     pub(crate) zones: [zone::Zone; NR_ZONES],
-    /// First populated zone of each zonelist (Linux's preferred zone): a
-    /// Normal request on a machine without Normal memory starts at DMA32.
-    pub(crate) preferred_zone: [ZoneType; NR_ZONES],
     pub(crate) memblock: Memblock,
-    /// Slab caches by id; their descriptors are objects of the cache of
-    /// caches (`slab_common.rs`).
-    pub(crate) caches: idr::Idr<KmemCache>,
     /// Mempools by id; their descriptors are objects of `mempool_t`.
     pub(crate) pools: idr::Idr<mempool::Mempool>,
     pub(crate) cma: Option<Cma>,
@@ -194,11 +206,10 @@ pub struct MemoryManager {
     pub(crate) balloon: FrameList,
     pub(crate) balloon_deflate_on_oom: bool,
     pub(crate) vmalloc: vmalloc::Vmalloc,
-    pub(crate) owners: owner::OwnerTable,
-    pub(crate) fault: fault::Faults,
-    pub(crate) counters: stats::MmCounters,
     pub(crate) corruption_log: stats::CorruptionLog,
-    initialized: bool,
+    /// Frames in slabs, by zone (Linux's `NR_SLAB_UNRECLAIMABLE`): a cache
+    /// grows under its zone's lock, and counts the slab under it too.
+    pub(crate) slab_pages: [u64; NR_ZONES],
 }
 
 impl Default for MemoryManager {
@@ -240,6 +251,7 @@ impl MemoryManager {
             counters: stats::MmCounters::new(),
             corruption_log: stats::CorruptionLog::new(),
             initialized: false,
+            slab_pages: [0; NR_ZONES],
         }
     }
 

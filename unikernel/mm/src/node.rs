@@ -313,10 +313,13 @@ unsafe fn zone_parts<'a>(
     blocks: &'a mut Pageblocks,
 ) -> ZoneParts<'a> {
     ZoneParts {
-        // SAFETY: the zone's lock makes the caller its one user.
-        zone: unsafe { &mut *core::ptr::addr_of_mut!((*mm).zones[z]) },
+        // SAFETY: the zone's lock makes the caller the one user of the
+        // zone and its count of slab pages.
+        zone: unsafe { &mut *addr_of_mut!((*mm).zones[z]) },
         frames,
         blocks,
+        // SAFETY: as above.
+        slab_pages: unsafe { &mut *addr_of_mut!((*mm).slab_pages[z]) },
         // SAFETY: a read-only field.
         max_order: unsafe { (*mm).max_order },
     }

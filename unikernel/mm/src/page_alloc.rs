@@ -148,6 +148,7 @@ impl MemoryManager {
             zone: &mut self.zones[z],
             frames: &mut self.frames,
             blocks: &mut self.pageblocks,
+            slab_pages: &mut self.slab_pages[z],
             max_order: self.max_order,
         }
     }
@@ -274,6 +275,8 @@ pub(crate) struct ZoneParts<'a> {
     pub(crate) zone: &'a mut Zone,
     pub(crate) frames: &'a mut Frames,
     pub(crate) blocks: &'a mut Pageblocks,
+    /// The zone's frames in slabs.
+    pub(crate) slab_pages: &'a mut u64,
     pub(crate) max_order: u32,
 }
 

@@ -323,7 +323,7 @@ pub struct CmaUsage {
 impl MemoryManager {
     /// Frames in slabs, all zones.
     pub(crate) fn slab_pages(&self) -> u64 {
-        self.zones.iter().map(|z| z.slab_pages).sum()
+        self.slab_pages.iter().sum()
     }
 
     pub fn meminfo(&self) -> MemInfo {

@@ -162,9 +162,6 @@ pub struct Zone {
     pub reported: u64,
     /// Frames in the balloon (the host's, on its request).
     pub balloon: u64,
-    /// Frames in slabs (Linux's `NR_SLAB_UNRECLAIMABLE`, per zone: the
-    /// slabs a cache grows under the zone's lock are counted under it too).
-    pub slab_pages: u64,
     pub free_area: [FreeArea; MAX_ORDER_LIMIT],
     pub watermark: Watermarks,
     /// Pages this zone keeps back from requests that could have been served
@@ -185,7 +182,6 @@ impl Zone {
             isolated: 0,
             reported: 0,
             balloon: 0,
-            slab_pages: 0,
             free_area: [FreeArea {
                 list: FrameList::new(),
             }; MAX_ORDER_LIMIT],
