@@ -83,8 +83,14 @@ impl CpuArrays {
 
     /// [`CpuArrays::refill`] under the cache's lock alone (`node.rs`);
     /// `None` when that could not serve it.
-    pub(crate) fn refill_shared(&mut self, class: usize, node: &Node, gfp: Gfp) -> Option<usize> {
-        let got = node.kmalloc_bulk(class, gfp, &mut self.entry[class][..CPU_BATCH]);
+    pub(crate) fn refill_shared(
+        &mut self,
+        cpu: usize,
+        class: usize,
+        node: &Node,
+        gfp: Gfp,
+    ) -> Option<usize> {
+        let got = node.kmalloc_bulk(Some(cpu), class, gfp, &mut self.entry[class][..CPU_BATCH]);
         self.avail[class] = got as u8;
         self.pop(class)
     }
@@ -99,9 +105,9 @@ impl CpuArrays {
 
     /// [`CpuArrays::flush`] under the cache's lock alone; false when it
     /// must take the whole manager.
-    pub(crate) fn flush_shared(&mut self, class: usize, node: &Node) -> bool {
+    pub(crate) fn flush_shared(&mut self, cpu: usize, class: usize, node: &Node) -> bool {
         let count = CPU_BATCH.min(self.avail[class] as usize);
-        let done = node.kfree_bulk(class, &self.entry[class][..count]);
+        let done = node.kfree_bulk(Some(cpu), class, &self.entry[class][..count]);
         if done {
             self.flushed(class, count);
         }

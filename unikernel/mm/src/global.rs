@@ -143,6 +143,15 @@ impl CpuSlot {
     }
 }
 
+/// The caller's CPU, its kmalloc arrays, a size class and that class's
+/// counters.
+struct CpuArraysOf<'a> {
+    cpu: usize,
+    arrays: &'a mut CpuArrays,
+    class: usize,
+    counters: &'a Counters,
+}
+
 /// A page block from [`GlobalMm::alloc_pages`]: it frees only through
 /// [`GlobalMm::free_pages`], once.
 #[derive(Debug)]
@@ -276,29 +285,34 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
 
     /// The caller's CPU's slot, if it holds one.
     #[inline(always)]
-    fn cpu_slot(&self) -> Option<&CpuSlot> {
+    fn cpu_slot(&self) -> Option<(usize, &CpuSlot)> {
         if CPUS == 0 {
             return None;
         }
         let k = self.ids.current().filter(|&k| k < CPUS)?;
-        Some(&self.cpus[k])
+        Some((k, &self.cpus[k]))
     }
 
-    /// The caller's CPU arrays and the kmalloc class of `layout`, when
-    /// both exist.
+    /// The caller's CPU, its arrays and the kmalloc class of `layout`,
+    /// when they exist.
     #[inline(always)]
     #[allow(clippy::mut_from_ref)]
-    fn cpu_arrays(&self, layout: Layout) -> Option<(&mut CpuArrays, usize, &Counters)> {
+    fn cpu_arrays(&self, layout: Layout) -> Option<CpuArraysOf<'_>> {
         if CPUS == 0 {
             return None;
         }
         let class = size_class(layout.size(), layout.align())?;
-        let slot = self.cpu_slot()?;
+        let (cpu, slot) = self.cpu_slot()?;
         // SAFETY: the caller holds this CPU (`CpuIds`' contract), so no
         // one else touches its caches; the reference lives only within one
         // allocation or free, which never re-enters the allocator.
         let arrays = unsafe { &mut (*slot.caches.get()).arrays };
-        Some((arrays, class, &slot.objects[class]))
+        Some(CpuArraysOf {
+            cpu,
+            arrays,
+            class,
+            counters: &slot.objects[class],
+        })
     }
 
     /// `2^order` pages for the kernel: from the caller's CPU page list
@@ -307,8 +321,9 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     /// from the whole manager when the zone is low. `None` when memory is
     /// short.
     pub fn alloc_pages(&self, order: u32) -> Option<PageBlock> {
-        let phys = match self.cpu_slot().filter(|_| order as usize <= PCP_MAX_ORDER) {
-            Some(slot) => {
+        let cpu = self.cpu_slot();
+        let phys = match cpu.filter(|_| order as usize <= PCP_MAX_ORDER) {
+            Some((k, slot)) => {
                 // SAFETY: as in `cpu_arrays`; the refill takes locks,
                 // which never reaches back into these caches.
                 let pages = unsafe { &mut (*slot.caches.get()).pages };
@@ -318,7 +333,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
                 });
                 let got = pages.alloc(
                     order as usize,
-                    |out| self.node.rmqueue_bulk(order, out),
+                    |out| self.node.rmqueue_bulk(Some(k), order, out),
                     || self.node.lock(),
                 );
                 slot.publish(pages);
@@ -326,7 +341,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
             }
             None => {
                 let mut one = [0];
-                match self.node.rmqueue_bulk(order, &mut one) {
+                match self.node.rmqueue_bulk(cpu.map(|c| c.0), order, &mut one) {
                     1 => one[0],
                     _ => {
                         let mut mm = self.node.lock();
@@ -355,7 +370,8 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     pub fn free_pages(&self, block: PageBlock) {
         assert_eq!(block.from, self.brand(), "a block of another allocator");
         let PageBlock { phys, order, .. } = block;
-        if let Some(slot) = self.cpu_slot().filter(|_| order as usize <= PCP_MAX_ORDER) {
+        let cpu = self.cpu_slot();
+        if let Some((k, slot)) = cpu.filter(|_| order as usize <= PCP_MAX_ORDER) {
             // SAFETY: as in `alloc_pages`.
             let pages = unsafe { &mut (*slot.caches.get()).pages };
             slot.pages.count(match pages.is_full(order as usize) {
@@ -365,7 +381,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
             pages.free(
                 phys,
                 order as usize,
-                |blocks| self.node.free_pcppages_bulk(order, blocks),
+                |blocks| self.node.free_pcppages_bulk(Some(k), order, blocks),
                 || self.node.lock(),
             );
             slot.publish(pages);
@@ -373,7 +389,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
         }
         let freed = self
             .node
-            .free_pcppages_bulk(order, &[phys])
+            .free_pcppages_bulk(cpu.map(|c| c.0), order, &[phys])
             .unwrap_or_else(|| self.node.lock().free_pages(phys, order));
         debug_assert!(freed.is_ok(), "free_pages({phys:#x}, {order}): {freed:?}");
     }
@@ -434,7 +450,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     /// again ([`CpuIds::leave`]); what was given back.
     pub fn cpu_leave(&self) -> Drained {
         let drained = match self.cpu_slot() {
-            Some(slot) => self.drain_slot(slot),
+            Some((_, slot)) => self.drain_slot(slot),
             None => Drained::default(),
         };
         self.ids.leave();
@@ -463,12 +479,17 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     /// with `gfp` when empty); `None` to take the full path.
     #[inline(always)]
     fn cpu_alloc(&self, layout: Layout, gfp: Gfp) -> Option<*mut u8> {
-        let (a, class, counters) = self.cpu_arrays(layout)?;
+        let CpuArraysOf {
+            cpu,
+            arrays: a,
+            class,
+            counters,
+        } = self.cpu_arrays(layout)?;
         if let Some(obj) = a.pop(class) {
             counters.count(Event::AllocHit);
             return Some(obj as *mut u8);
         }
-        let obj = match a.refill_shared(class, &self.node, gfp) {
+        let obj = match a.refill_shared(cpu, class, &self.node, gfp) {
             Some(obj) => obj,
             None => {
                 let mut mm = self.node.lock();
@@ -487,7 +508,13 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     /// path.
     #[inline(always)]
     fn cpu_free(&self, ptr: NonNull<u8>, layout: Layout) -> bool {
-        let Some((a, class, counters)) = self.cpu_arrays(layout) else {
+        let Some(CpuArraysOf {
+            cpu,
+            arrays: a,
+            class,
+            counters,
+        }) = self.cpu_arrays(layout)
+        else {
             return false;
         };
         if let Some(ops) = self.vmap {
@@ -501,7 +528,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
             counters.count(Event::FreeHit);
             return true;
         }
-        if !a.flush_shared(class, &self.node) {
+        if !a.flush_shared(cpu, class, &self.node) {
             a.flush(class, &mut self.node.lock());
         }
         a.push(class, obj);

@@ -94,6 +94,7 @@ mod page_alloc;
 mod page_reporting;
 mod pageblock;
 mod pcp;
+mod percpu_rwsem;
 mod prandom;
 mod slab;
 mod slab_common;

@@ -2,8 +2,9 @@
 //! (Linux's `zone->lock`) and per kmalloc cache (the slab's per-node
 //! `list_lock`).
 //!
-//! Everything except the per-CPU caches' batches takes the node lock for
-//! writing ([`Node::lock`]) and has the whole [`MemoryManager`], as
+//! The node lock is a reader-writer lock whose readers count on their own
+//! CPU (`percpu_rwsem.rs`). Everything except the per-CPU caches' batches
+//! takes it for writing ([`Node::lock`]) and has the whole [`MemoryManager`], as
 //! memd-mm's API always had it. A batch of kernel pages moving between a
 //! CPU's page lists and a zone takes the node lock for reading and that
 //! zone's lock; a batch of kmalloc objects moving between a CPU's arrays
@@ -36,7 +37,7 @@ use core::cell::UnsafeCell;
 use core::ops::{Deref, DerefMut};
 use core::ptr::{addr_of, addr_of_mut};
 
-use spin::{Mutex, RwLock, RwLockWriteGuard};
+use spin::Mutex;
 
 use crate::cpu_cache;
 use crate::gfp::Gfp;
@@ -45,6 +46,7 @@ use crate::kmem_cache::grow_slab;
 use crate::memblock::PAGE_SIZE;
 use crate::page_alloc::{allocated_head, ZoneParts};
 use crate::pageblock::Pageblocks;
+use crate::percpu_rwsem::{PercpuRwsem, WriteGuard};
 use crate::slab::{CacheId, KmemCache};
 use crate::sparse::Frames;
 use crate::zone::{Mark, ZoneType, DMA_LIMIT, NR_ZONES};
@@ -53,8 +55,9 @@ use crate::{MemoryManager, MmError, Owner};
 /// The manager and its locks.
 pub(crate) struct Node {
     mm: UnsafeCell<MemoryManager>,
-    /// Readers: the per-CPU batches; the writer: everything else.
-    whole: RwLock<()>,
+    /// Readers: the per-CPU batches, each counted on its CPU; the writer:
+    /// everything else.
+    whole: PercpuRwsem,
     zones: [Mutex<()>; NR_ZONES],
     caches: [Mutex<()>; NR_KMALLOC],
     /// The owner table's charges, which page batches of every zone make.
@@ -71,7 +74,7 @@ unsafe impl Send for Node {}
 
 /// The whole manager, under the node lock held for writing.
 pub struct MmGuard<'a> {
-    _lock: RwLockWriteGuard<'a, ()>,
+    _lock: WriteGuard<'a>,
     mm: &'a mut MemoryManager,
 }
 
@@ -93,7 +96,7 @@ impl Node {
     pub(crate) const fn new() -> Self {
         Node {
             mm: UnsafeCell::new(MemoryManager::new()),
-            whole: RwLock::new(()),
+            whole: PercpuRwsem::new(),
             zones: [const { Mutex::new(()) }; NR_ZONES],
             caches: [const { Mutex::new(()) }; NR_KMALLOC],
             owners: Mutex::new(()),
@@ -109,11 +112,12 @@ impl Node {
         MmGuard { _lock: lock, mm }
     }
 
-    /// Runs `f` on the manager under the read lock, if batches may run
+    /// Runs `f` on the manager under the read lock, counted on CPU `cpu`,
+    /// if batches may run
     /// beside each other now; `None` sends the caller to [`Node::lock`].
     #[inline(always)]
-    fn shared<T>(&self, f: impl FnOnce(*mut MemoryManager) -> T) -> Option<T> {
-        let _lock = self.whole.read();
+    fn shared<T>(&self, cpu: Option<usize>, f: impl FnOnce(*mut MemoryManager) -> T) -> Option<T> {
+        let _lock = self.whole.read(cpu);
         let mm = self.mm.get();
         // SAFETY: a field only the writer changes.
         let ok = unsafe { (*mm).is_initialized() };
@@ -125,8 +129,8 @@ impl Node {
     /// lock (a CPU list's batch, or one block of a higher order); 0 sends
     /// the caller to the whole manager (another zone, reclaim, memory not
     /// yet initialised, page faults being injected).
-    pub(crate) fn rmqueue_bulk(&self, order: u32, out: &mut [u64]) -> usize {
-        self.shared(|mm| {
+    pub(crate) fn rmqueue_bulk(&self, cpu: Option<usize>, order: u32, out: &mut [u64]) -> usize {
+        self.shared(cpu, |mm| {
             // SAFETY: a field only the writer changes.
             if unsafe { (*mm).fault.armed_page } {
                 return 0;
@@ -153,10 +157,11 @@ impl Node {
     /// whole manager, else the first refusal.
     pub(crate) fn free_pcppages_bulk(
         &self,
+        cpu: Option<usize>,
         order: u32,
         blocks: &[u64],
     ) -> Option<Result<(), MmError>> {
-        self.shared(|mm| {
+        self.shared(cpu, |mm| {
             // SAFETY: the node's read lock is held; each block's frame is
             // the caller's until it is freed, the rest is written under the
             // zone's lock.
@@ -224,8 +229,14 @@ impl Node {
     /// Up to `out.len()` objects of kmalloc class `class` under the
     /// cache's lock, growing it from the preferred zone of `gfp` under
     /// the zone's lock too; 0 sends the caller to the whole manager.
-    pub(crate) fn kmalloc_bulk(&self, class: usize, gfp: Gfp, out: &mut [usize]) -> usize {
-        self.shared(|mm| {
+    pub(crate) fn kmalloc_bulk(
+        &self,
+        cpu: Option<usize>,
+        class: usize,
+        gfp: Gfp,
+        out: &mut [usize],
+    ) -> usize {
+        self.shared(cpu, |mm| {
             let _cache = self.caches[class].lock();
             // SAFETY: the node's read lock and the cache's lock are held.
             let Some(cache) = (unsafe { cache_mut(mm, class) }) else {
@@ -255,8 +266,8 @@ impl Node {
 
     /// Gives kmalloc objects of class `class` back under the cache's lock;
     /// false sends the caller to the whole manager.
-    pub(crate) fn kfree_bulk(&self, class: usize, objs: &[usize]) -> bool {
-        self.shared(|mm| {
+    pub(crate) fn kfree_bulk(&self, cpu: Option<usize>, class: usize, objs: &[usize]) -> bool {
+        self.shared(cpu, |mm| {
             let _cache = self.caches[class].lock();
             // SAFETY: the node's read lock and the cache's lock are held.
             let Some(cache) = (unsafe { cache_mut(mm, class) }) else {
@@ -359,15 +370,15 @@ mod tests {
                 let mut objs = [0usize; 8];
                 let mut pages = [0u64; 4];
                 let got = (
-                    node.kmalloc_bulk(5, Gfp::KERNEL, &mut objs),
-                    node.rmqueue_bulk(0, &mut pages),
+                    node.kmalloc_bulk(Some(0), 5, Gfp::KERNEL, &mut objs),
+                    node.rmqueue_bulk(Some(0), 0, &mut pages),
                 );
                 (got, objs, pages)
             });
             let (tx, rx) = mpsc::channel();
             let same = s.spawn(move || {
                 let mut objs = [0usize; 8];
-                let got = node.kmalloc_bulk(3, Gfp::KERNEL, &mut objs);
+                let got = node.kmalloc_bulk(None, 3, Gfp::KERNEL, &mut objs);
                 tx.send(()).unwrap();
                 (got, objs)
             });
@@ -380,11 +391,11 @@ mod tests {
             assert_eq!(got, 8);
             ((objs5, objs3), pages)
         });
-        assert!(node.kfree_bulk(5, &objs.0));
-        assert!(node.kfree_bulk(3, &objs.1));
-        assert_eq!(node.free_pcppages_bulk(0, &pages), Some(Ok(())));
+        assert!(node.kfree_bulk(None, 5, &objs.0));
+        assert!(node.kfree_bulk(Some(1), 3, &objs.1));
+        assert_eq!(node.free_pcppages_bulk(None, 0, &pages), Some(Ok(())));
         assert_eq!(
-            node.free_pcppages_bulk(0, &pages[..1]),
+            node.free_pcppages_bulk(Some(2), 0, &pages[..1]),
             Some(Err(MmError::Invalid(
                 "not the start of an allocated page block"
             ))),
