@@ -7,24 +7,20 @@
 //! [`crate::GlobalMm`] keeps one [`CpuArrays`] and one [`CpuPages`] per
 //! CPU. A CPU allocates from and frees to its own caches without taking a
 //! lock; only when one runs empty or full does it move a batch from or to
-//! the manager: under the zone's lock ([`rmqueue_bulk`]) or the cache's
-//! ([`cache_alloc_bulk`], [`cache_free_bulk`]) where it can (`node.rs`),
+//! the manager: under the zone's lock (`ZoneParts::rmqueue_bulk`) or the
+//! cache's (`KmemCache::alloc_bulk`, `free_bulk`) where it can (`node.rs`),
 //! else under the whole manager's. What these caches hold is
 //! allocated as far as the manager is concerned (its checker, its
 //! statistics: page blocks are the kernel's, like the frames on Linux's
 //! pcp lists, which `MemFree` does not count): it is the CPU's until
 //! `flush_all` gives it back.
 
-use crate::access::DirectMap;
 use crate::gfp::Gfp;
 use crate::kmalloc::NR_KMALLOC;
 use crate::node::Node;
 use crate::owner::Owner;
-use crate::page_alloc::{stamp, ZoneParts};
 use crate::pcp::PCP_BATCH;
-use crate::slab::KmemCache;
-use crate::sparse::Frames;
-use crate::zone::{Mark, ZoneType, NR_ZONES};
+use crate::zone::{ZoneType, NR_ZONES};
 use crate::PAGE_SIZE;
 use crate::{MemoryManager, MmError};
 use core::ops::DerefMut;
@@ -344,78 +340,6 @@ impl MemoryManager {
         for &obj in objs {
             self.free_to_array(crate::CacheId(class as u16), obj);
         }
-    }
-}
-
-/// Up to `out.len()` kernel blocks of `order` from `parts`' zone while it
-/// stays above `low` for a `GFP_KERNEL` request (Linux's `rmqueue_bulk`),
-/// under the zone's lock alone (`node.rs`); how many. The owner table is
-/// the caller's to charge.
-pub(crate) fn rmqueue_bulk(parts: &mut ZoneParts, order: u32, out: &mut [u64]) -> usize {
-    let mut got = 0;
-    for slot in out.iter_mut() {
-        let Some(pfn) = parts.rmqueue(order, Mark::Low, ZoneType::Normal) else {
-            break;
-        };
-        stamp(
-            &mut parts.frames[pfn as usize],
-            parts.zone.ty,
-            order,
-            Owner::KERNEL.0,
-        );
-        *slot = pfn as u64 * PAGE_SIZE;
-        got += 1;
-    }
-    parts.zone.counters.alloc_success += got as u64;
-    got
-}
-
-/// Up to `out.len()` objects of `cache`, from its array and then its slabs,
-/// `grow` adding a slab when they are full (false when it cannot), under
-/// the cache's lock alone (`node.rs`); how many. A debug cache takes the
-/// whole manager's path instead: none.
-pub(crate) fn cache_alloc_bulk(
-    cache: &mut KmemCache,
-    frames: &mut Frames,
-    dmap: DirectMap,
-    out: &mut [usize],
-    mut grow: impl FnMut(&mut KmemCache, &mut Frames) -> bool,
-) -> usize {
-    if !cache.uses_array() {
-        return 0;
-    }
-    let mut got = 0;
-    while got < out.len() {
-        let obj = match cache.ac.avail.checked_sub(1) {
-            Some(n) => {
-                cache.ac.avail = n;
-                Some(cache.ac.entry[n])
-            }
-            None => cache.slab_take(frames, dmap),
-        };
-        match obj {
-            Some(obj) => {
-                out[got] = obj;
-                got += 1;
-            }
-            None if grow(cache, frames) => {}
-            None => break,
-        }
-    }
-    cache.counters.allocs += got as u64;
-    got
-}
-
-/// Gives objects of `cache` back to its array (a batch going to the slabs
-/// when it is full), under the cache's lock alone.
-pub(crate) fn cache_free_bulk(
-    cache: &mut KmemCache,
-    frames: &mut Frames,
-    dmap: DirectMap,
-    objs: &[usize],
-) {
-    for &obj in objs {
-        cache.free_to_array(frames, dmap, obj);
     }
 }
 

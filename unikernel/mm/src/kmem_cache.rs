@@ -339,6 +339,52 @@ pub(crate) fn grow_slab(
 }
 
 impl KmemCache {
+    /// Up to `out.len()` objects, from the cache's array and then its
+    /// slabs, `grow` adding a slab when they are full (false when it
+    /// cannot), under the cache's lock alone (`node.rs`; Linux's
+    /// `kmem_cache_alloc_bulk`); how many. A debug cache takes the whole
+    /// manager's path instead: none.
+    pub(crate) fn alloc_bulk(
+        &mut self,
+        frames: &mut Frames,
+        dmap: DirectMap,
+        out: &mut [usize],
+        mut grow: impl FnMut(&mut KmemCache, &mut Frames) -> bool,
+    ) -> usize {
+        if !self.uses_array() {
+            return 0;
+        }
+        let mut got = 0;
+        while got < out.len() {
+            let obj = match self.ac.avail.checked_sub(1) {
+                Some(n) => {
+                    self.ac.avail = n;
+                    Some(self.ac.entry[n])
+                }
+                None => self.slab_take(frames, dmap),
+            };
+            match obj {
+                Some(obj) => {
+                    out[got] = obj;
+                    got += 1;
+                }
+                None if grow(self, frames) => {}
+                None => break,
+            }
+        }
+        self.counters.allocs += got as u64;
+        got
+    }
+
+    /// Gives objects of this cache back to its array (a batch going to the
+    /// slabs when it is full), under the cache's lock alone (Linux's
+    /// `kmem_cache_free_bulk`).
+    pub(crate) fn free_bulk(&mut self, frames: &mut Frames, dmap: DirectMap, objs: &[usize]) {
+        for &obj in objs {
+            self.free_to_array(frames, dmap, obj);
+        }
+    }
+
     /// Keeps `obj`, an object of this cache, in its array; false when the
     /// array is full.
     #[inline(always)]

@@ -39,7 +39,6 @@ use core::ptr::{addr_of, addr_of_mut};
 
 use spin::Mutex;
 
-use crate::cpu_cache;
 use crate::gfp::Gfp;
 use crate::kmalloc::NR_KMALLOC;
 use crate::kmem_cache::grow_slab;
@@ -143,7 +142,7 @@ impl Node {
                 let (mut frames, mut blocks) = unsafe { handles(mm) };
                 // SAFETY: as above.
                 let mut parts = unsafe { zone_parts(mm, z, &mut frames, &mut blocks) };
-                cpu_cache::rmqueue_bulk(&mut parts, order, out)
+                parts.rmqueue_bulk(order, out)
             };
             self.charge(mm, Owner::KERNEL.0, (got as u64) << order, true);
             got
@@ -249,7 +248,7 @@ impl Node {
             let (dmap, z) =
                 unsafe { ((*mm).dmap, (*mm).preferred_zone[highest as usize] as usize) };
             let id = CacheId(class as u16);
-            cpu_cache::cache_alloc_bulk(cache, &mut frames, dmap, out, |cache, frames| {
+            cache.alloc_bulk(&mut frames, dmap, out, |cache, frames| {
                 let _zone = self.zone_lock(mm, z);
                 // SAFETY: the zone's lock is held too.
                 let mut parts = unsafe { zone_parts(mm, z, frames, &mut blocks) };
@@ -277,7 +276,7 @@ impl Node {
             let (mut frames, _) = unsafe { handles(mm) };
             // SAFETY: a field only the writer changes.
             let dmap = unsafe { (*mm).dmap };
-            cpu_cache::cache_free_bulk(cache, &mut frames, dmap, objs);
+            cache.free_bulk(&mut frames, dmap, objs);
             true
         })
         .unwrap_or(false)

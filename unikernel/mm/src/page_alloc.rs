@@ -302,6 +302,25 @@ impl ZoneParts<'_> {
         }
     }
 
+    /// Up to `out.len()` kernel blocks of `order` while the zone stays
+    /// above `low` for a `GFP_KERNEL` request (Linux's `rmqueue_bulk`),
+    /// under the zone's lock alone (`node.rs`); how many. The owner table
+    /// is the caller's to charge.
+    pub(crate) fn rmqueue_bulk(&mut self, order: u32, out: &mut [u64]) -> usize {
+        let mut got = 0;
+        for slot in out.iter_mut() {
+            let Some(pfn) = self.rmqueue(order, Mark::Low, ZoneType::Normal) else {
+                break;
+            };
+            let owner = crate::Owner::KERNEL.0;
+            stamp(&mut self.frames[pfn as usize], self.zone.ty, order, owner);
+            *slot = pfn as u64 * PAGE_SIZE;
+            got += 1;
+        }
+        self.zone.counters.alloc_success += got as u64;
+        got
+    }
+
     /// Returns a block head of this zone to the pcp list (order 0) or the
     /// buddy.
     #[inline]
