@@ -4,8 +4,8 @@
 //!
 //! The node lock is a reader-writer lock whose readers count on their own
 //! CPU (`percpu_rwsem.rs`). Everything except the per-CPU caches' batches
-//! takes it for writing ([`Node::lock`]) and has the whole [`MemoryManager`], as
-//! memd-mm's API always had it. A batch of kernel pages moving between a
+//! takes it for writing ([`Node::lock`]) and has the whole
+//! [`MemoryManager`], as memd-mm's API always had it. A batch of kernel pages moving between a
 //! CPU's page lists and a zone takes the node lock for reading and that
 //! zone's lock; a batch of kmalloc objects moving between a CPU's arrays
 //! and a cache takes it for reading and that cache's lock, plus the zone's
@@ -19,11 +19,12 @@
 //! what its locks own:
 //!
 //! - a zone's lock owns its free lists, its pcp list, every frame on them,
-//!   the pageblock counts of its memory, and the state and order bytes of
-//!   every frame in it (a buddy merge reads those of its neighbour, so
-//!   they change only under this lock);
-//! - a cache's lock owns the cache, its slabs' head frames (except those
-//!   two bytes) and the objects' memory;
+//!   the pageblock counts of its memory, its count of slab pages, and the
+//!   state and order bytes of every frame in it (a buddy merge reads those
+//!   of its neighbour, so they change only under this lock: a slab's
+//!   frames are stamped as it grows, with both locks held);
+//! - a cache's lock owns the cache, its slabs' frames (except those two
+//!   bytes) and the objects' memory;
 //! - a page block a batch takes out of a zone is the batch's until it is
 //!   given back.
 //!
