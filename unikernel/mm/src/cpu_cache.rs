@@ -17,13 +17,11 @@
 
 use crate::gfp::Gfp;
 use crate::kmalloc::NR_KMALLOC;
-use crate::node::Node;
 use crate::owner::Owner;
 use crate::pcp::PCP_BATCH;
 use crate::zone::{ZoneType, NR_ZONES};
 use crate::PAGE_SIZE;
 use crate::{MemoryManager, MmError};
-use core::ops::DerefMut;
 
 /// Objects an array holds at most, per size class.
 pub(crate) const CPU_LIMIT: usize = 64;
@@ -65,54 +63,24 @@ impl CpuArrays {
     }
 
     /// Fills the empty array of `class` with up to [`CPU_BATCH`] objects
-    /// from the caches and pops one; `None` when the caches have none.
+    /// from `fill` (which says how many it gave) and pops one; `None` when
+    /// it gave none.
     pub(crate) fn refill(
         &mut self,
         class: usize,
-        mm: &mut MemoryManager,
-        gfp: Gfp,
+        fill: impl FnOnce(&mut [usize]) -> usize,
     ) -> Option<usize> {
-        let got = mm.kmalloc_bulk(class, gfp, &mut self.entry[class][..CPU_BATCH]);
-        self.avail[class] = got as u8;
-        self.pop(class)
-    }
-
-    /// [`CpuArrays::refill`] under the cache's lock alone (`node.rs`);
-    /// `None` when that could not serve it.
-    pub(crate) fn refill_shared(
-        &mut self,
-        cpu: usize,
-        class: usize,
-        node: &Node,
-        gfp: Gfp,
-    ) -> Option<usize> {
-        let got = node.kmalloc_bulk(Some(cpu), class, gfp, &mut self.entry[class][..CPU_BATCH]);
+        let got = fill(&mut self.entry[class][..CPU_BATCH]);
         self.avail[class] = got as u8;
         self.pop(class)
     }
 
     /// Gives the [`CPU_BATCH`] oldest objects of the full array of `class`
-    /// back to the caches.
-    pub(crate) fn flush(&mut self, class: usize, mm: &mut MemoryManager) {
-        let count = CPU_BATCH.min(self.avail[class] as usize);
-        mm.kfree_bulk(class, &self.entry[class][..count]);
-        self.flushed(class, count);
-    }
-
-    /// [`CpuArrays::flush`] under the cache's lock alone; false when it
-    /// must take the whole manager.
-    pub(crate) fn flush_shared(&mut self, cpu: usize, class: usize, node: &Node) -> bool {
-        let count = CPU_BATCH.min(self.avail[class] as usize);
-        let done = node.kfree_bulk(Some(cpu), class, &self.entry[class][..count]);
-        if done {
-            self.flushed(class, count);
-        }
-        done
-    }
-
-    /// Forgets the `count` oldest objects of `class`, given back.
-    fn flushed(&mut self, class: usize, count: usize) {
+    /// back through `give`.
+    pub(crate) fn flush(&mut self, class: usize, give: impl FnOnce(&[usize])) {
         let n = self.avail[class] as usize;
+        let count = CPU_BATCH.min(n);
+        give(&self.entry[class][..count]);
         self.entry[class].copy_within(count..n, 0);
         self.avail[class] = (n - count) as u8;
     }
@@ -203,14 +171,13 @@ impl CpuPages {
     }
 
     /// A block of `order` (at most [`PCP_MAX_ORDER`]), refilled with a
-    /// batch when the list is empty: from `bulk` (a zone under its own
-    /// lock), else from the manager; `None` when the manager has none.
-    /// Refills are the kernel's pages.
-    pub(crate) fn alloc<G: DerefMut<Target = MemoryManager>>(
+    /// batch of the kernel's blocks from `fill` (which says how many it
+    /// gave, `None` when it cannot) when the list is empty; `None` when it
+    /// gave none.
+    pub(crate) fn alloc(
         &mut self,
         order: usize,
-        bulk: impl FnOnce(&mut [u64]) -> usize,
-        lock: impl FnOnce() -> G,
+        fill: impl FnOnce(&mut [u64]) -> Option<usize>,
     ) -> Option<u64> {
         if let Some(n) = self.count[order].checked_sub(1) {
             self.count[order] = n;
@@ -218,11 +185,7 @@ impl CpuPages {
             self.count_zone(phys, order, false);
             return Some(phys);
         }
-        let blocks = &mut self.blocks[order][..page_batch(order)];
-        let got = match bulk(blocks) {
-            0 => Self::refill_locked(order, blocks, lock)?,
-            got => got,
-        };
+        let got = fill(&mut self.blocks[order][..page_batch(order)])?;
         let n = got.checked_sub(1)?;
         self.count[order] = n as u8;
         for i in 0..n {
@@ -231,53 +194,19 @@ impl CpuPages {
         Some(self.blocks[order][n])
     }
 
-    /// Fills `blocks` with kernel blocks of `order` from the whole manager;
-    /// how many (`None` before it is initialised).
-    fn refill_locked<G: DerefMut<Target = MemoryManager>>(
-        order: usize,
-        blocks: &mut [u64],
-        lock: impl FnOnce() -> G,
-    ) -> Option<usize> {
-        let mut mm = lock();
-        if !mm.is_initialized() {
-            return None;
-        }
-        let got = mm.with_owner(Owner::KERNEL, |mm| {
-            let mut got = 0usize;
-            for slot in blocks {
-                match mm.alloc_pages(order as u32, Gfp::KERNEL) {
-                    Ok(phys) => *slot = phys,
-                    Err(_) => break,
-                }
-                got += 1;
-            }
-            got
-        });
-        Some(got)
-    }
-
     /// Keeps block `phys` of `order`; when the list is full, first gives
-    /// its oldest batch back: to `bulk` (the zones under their own locks),
-    /// else to the manager.
-    pub(crate) fn free<G: DerefMut<Target = MemoryManager>>(
+    /// its oldest batch back through `give`. Whether it did.
+    pub(crate) fn free(
         &mut self,
         phys: u64,
         order: usize,
-        bulk: impl FnOnce(&[u64]) -> Option<Result<(), MmError>>,
-        lock: impl FnOnce() -> G,
-    ) {
+        give: impl FnOnce(&[u64]) -> Result<(), MmError>,
+    ) -> bool {
         let n = self.count[order] as usize;
-        if n == pages_high(order) {
+        let full = n == pages_high(order);
+        if full {
             let batch = page_batch(order);
-            let oldest = &self.blocks[order][..batch];
-            let freed = bulk(oldest).unwrap_or_else(|| {
-                let mut mm = lock();
-                let mut freed = Ok(());
-                for &b in oldest {
-                    freed = freed.and(mm.free_pages(b, order as u32));
-                }
-                freed
-            });
+            let freed = give(&self.blocks[order][..batch]);
             for i in 0..batch {
                 self.count_zone(self.blocks[order][i], order, false);
             }
@@ -290,6 +219,7 @@ impl CpuPages {
         self.blocks[order][n] = phys;
         self.count[order] += 1;
         self.count_zone(phys, order, true);
+        full
     }
 
     /// Gives every block back to the manager; the first refusal, for the
@@ -297,18 +227,12 @@ impl CpuPages {
     pub(crate) fn flush_all(&mut self, mm: &mut MemoryManager) -> Result<(), MmError> {
         let mut freed = Ok(());
         for order in 0..=PCP_MAX_ORDER {
-            for &b in &self.blocks[order][..self.count[order] as usize] {
-                freed = freed.and(mm.free_pages(b, order as u32));
-            }
+            let blocks = &self.blocks[order][..self.count[order] as usize];
+            freed = freed.and(mm.free_pages_bulk(order as u32, blocks));
             self.count[order] = 0;
         }
         self.zone_frames = [0; NR_ZONES];
         freed
-    }
-
-    /// Whether the list of `order` is at its high mark.
-    pub(crate) fn is_full(&self, order: usize) -> bool {
-        self.count[order] as usize == pages_high(order)
     }
 
     /// Blocks held, by order.
@@ -318,6 +242,29 @@ impl CpuPages {
 }
 
 impl MemoryManager {
+    /// Up to `out.len()` of the kernel's page blocks of `order` (Linux's
+    /// `alloc_pages_bulk`); how many.
+    pub(crate) fn alloc_pages_bulk(&mut self, order: u32, out: &mut [u64]) -> usize {
+        self.with_owner(Owner::KERNEL, |mm| {
+            for (i, slot) in out.iter_mut().enumerate() {
+                match mm.alloc_pages(order, Gfp::KERNEL) {
+                    Ok(phys) => *slot = phys,
+                    Err(_) => return i,
+                }
+            }
+            out.len()
+        })
+    }
+
+    /// Frees page blocks of `order`, all of them; the first refusal.
+    pub(crate) fn free_pages_bulk(&mut self, order: u32, blocks: &[u64]) -> Result<(), MmError> {
+        let mut freed = Ok(());
+        for &b in blocks {
+            freed = freed.and(self.free_pages(b, order));
+        }
+        freed
+    }
+
     /// Up to `out.len()` objects of kmalloc class `class` (Linux's
     /// `kmem_cache_alloc_bulk`); how many.
     pub(crate) fn kmalloc_bulk(&mut self, class: usize, gfp: Gfp, out: &mut [usize]) -> usize {
@@ -354,7 +301,9 @@ mod tests {
         mm.reclaim();
         let free = mm.meminfo().free;
         let mut a = CpuArrays::new();
-        let first = a.refill(3, &mut mm, Gfp::KERNEL).unwrap();
+        let first = a
+            .refill(3, |out| mm.kmalloc_bulk(3, Gfp::KERNEL, out))
+            .unwrap();
         assert_eq!(a.held(), CPU_BATCH - 1);
         let size = mm.ksize(core::ptr::NonNull::new(first as *mut u8).unwrap());
         assert_eq!(size, Ok(64), "a kmalloc-64 object");
@@ -367,7 +316,7 @@ mod tests {
         assert_eq!(a.held(), CPU_LIMIT);
         assert!(!a.push(3, first), "full at CPU_LIMIT");
         mm.check().unwrap();
-        a.flush(3, &mut mm);
+        a.flush(3, |objs| mm.kfree_bulk(3, objs));
         assert_eq!(a.held(), CPU_LIMIT - CPU_BATCH);
         a.flush_all(&mut mm);
         assert_eq!(a.held(), 0);
@@ -381,7 +330,7 @@ mod tests {
         let mut mm = HostMm::boot(&[(1 << 20, 64 << 20)], "").unwrap();
         let free = mm.meminfo().free;
         let mut p = CpuPages::new();
-        let b = p.alloc(1, |_| 0, || &mut *mm).unwrap();
+        let b = p.alloc(1, |out| Some(mm.alloc_pages_bulk(1, out))).unwrap();
         assert_eq!(
             p.held()[1] as usize,
             page_batch(1) - 1,
@@ -391,13 +340,13 @@ mod tests {
         // DMA32: one zone holds them all.
         let held: u32 = p.zone_frames().iter().sum();
         assert_eq!(held as usize, (page_batch(1) - 1) * 2);
-        p.free(b, 1, |_| None, || &mut *mm);
+        p.free(b, 1, |blocks| mm.free_pages_bulk(1, blocks));
         let mut more = std::vec::Vec::new();
         for _ in 0..pages_high(1) {
             more.push(mm.alloc_pages(1, Gfp::KERNEL).unwrap());
         }
         for b in more {
-            p.free(b, 1, |_| None, || &mut *mm);
+            p.free(b, 1, |blocks| mm.free_pages_bulk(1, blocks));
         }
         assert!(p.held()[1] as usize <= pages_high(1), "never above high");
         let held: u32 = p.zone_frames().iter().sum();

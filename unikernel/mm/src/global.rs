@@ -14,7 +14,6 @@ use crate::cpu_cache::{CpuArrays, CpuPages, PCP_MAX_ORDER};
 use crate::gfp::Gfp;
 use crate::kmalloc::{size_class, NR_KMALLOC};
 use crate::node::{MmGuard, Node};
-use crate::owner::Owner;
 use crate::stats::{CpuStat, CpuStats};
 use crate::vmalloc::VmapOps;
 use crate::zone::NR_ZONES;
@@ -331,27 +330,15 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
                     0 => Event::AllocMiss,
                     _ => Event::AllocHit,
                 });
-                let got = pages.alloc(
-                    order as usize,
-                    |out| self.node.rmqueue_bulk(Some(k), order, out),
-                    || self.node.lock(),
-                );
+                let got = pages.alloc(order as usize, |out| self.fill_pages(Some(k), order, out));
                 slot.publish(pages);
                 got?
             }
             None => {
                 let mut one = [0];
-                match self.node.rmqueue_bulk(cpu.map(|c| c.0), order, &mut one) {
-                    1 => one[0],
-                    _ => {
-                        let mut mm = self.node.lock();
-                        if !mm.is_initialized() {
-                            return None;
-                        }
-                        mm.with_owner(Owner::KERNEL, |mm| mm.alloc_pages(order, Gfp::KERNEL))
-                            .ok()?
-                    }
-                }
+                self.fill_pages(cpu.map(|c| c.0), order, &mut one)
+                    .filter(|&n| n == 1)?;
+                one[0]
             }
         };
         Some(PageBlock {
@@ -374,24 +361,39 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
         if let Some((k, slot)) = cpu.filter(|_| order as usize <= PCP_MAX_ORDER) {
             // SAFETY: as in `alloc_pages`.
             let pages = unsafe { &mut (*slot.caches.get()).pages };
-            slot.pages.count(match pages.is_full(order as usize) {
+            let gave = pages.free(phys, order as usize, |blocks| {
+                self.give_pages(Some(k), order, blocks)
+            });
+            slot.pages.count(match gave {
                 true => Event::FreeMiss,
                 false => Event::FreeHit,
             });
-            pages.free(
-                phys,
-                order as usize,
-                |blocks| self.node.free_pcppages_bulk(Some(k), order, blocks),
-                || self.node.lock(),
-            );
             slot.publish(pages);
             return;
         }
-        let freed = self
-            .node
-            .free_pcppages_bulk(cpu.map(|c| c.0), order, &[phys])
-            .unwrap_or_else(|| self.node.lock().free_pages(phys, order));
+        let freed = self.give_pages(cpu.map(|c| c.0), order, &[phys]);
         debug_assert!(freed.is_ok(), "free_pages({phys:#x}, {order}): {freed:?}");
+    }
+
+    /// Fills `out` with the kernel's page blocks of `order`: from the zone
+    /// under its lock, else from the whole manager; how many (`None`
+    /// before the manager is initialised).
+    fn fill_pages(&self, cpu: Option<usize>, order: u32, out: &mut [u64]) -> Option<usize> {
+        match self.node.rmqueue_bulk(cpu, order, out) {
+            0 => {
+                let mut mm = self.node.lock();
+                mm.is_initialized().then(|| mm.alloc_pages_bulk(order, out))
+            }
+            got => Some(got),
+        }
+    }
+
+    /// Gives the kernel's page blocks of `order` back: to their zones
+    /// under their locks, else to the whole manager; the first refusal.
+    fn give_pages(&self, cpu: Option<usize>, order: u32, blocks: &[u64]) -> Result<(), MmError> {
+        self.node
+            .free_pcppages_bulk(cpu, order, blocks)
+            .unwrap_or_else(|| self.node.lock().free_pages_bulk(order, blocks))
     }
 
     /// `size` bytes (at least 1, 8-byte aligned) from kmalloc with
@@ -489,16 +491,18 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
             counters.count(Event::AllocHit);
             return Some(obj as *mut u8);
         }
-        let obj = match a.refill_shared(cpu, class, &self.node, gfp) {
-            Some(obj) => obj,
-            None => {
-                let mut mm = self.node.lock();
-                if !mm.is_initialized() {
-                    return None;
+        let obj = a.refill(class, |out| {
+            match self.node.kmalloc_bulk(Some(cpu), class, gfp, out) {
+                0 => {
+                    let mut mm = self.node.lock();
+                    match mm.is_initialized() {
+                        true => mm.without_faults(|mm| mm.kmalloc_bulk(class, gfp, out)),
+                        false => 0,
+                    }
                 }
-                mm.without_faults(|mm| a.refill(class, mm, gfp))?
+                got => got,
             }
-        };
+        })?;
         counters.count(Event::AllocMiss);
         Some(obj as *mut u8)
     }
@@ -528,9 +532,11 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
             counters.count(Event::FreeHit);
             return true;
         }
-        if !a.flush_shared(cpu, class, &self.node) {
-            a.flush(class, &mut self.node.lock());
-        }
+        a.flush(class, |objs| {
+            if !self.node.kfree_bulk(Some(cpu), class, objs) {
+                self.node.lock().kfree_bulk(class, objs);
+            }
+        });
         a.push(class, obj);
         counters.count(Event::FreeMiss);
         true

@@ -42,7 +42,6 @@ use spin::Mutex;
 
 use crate::gfp::Gfp;
 use crate::kmalloc::NR_KMALLOC;
-use crate::kmem_cache::grow_slab;
 use crate::memblock::PAGE_SIZE;
 use crate::page_alloc::{allocated_head, ZoneParts};
 use crate::pageblock::Pageblocks;
@@ -113,8 +112,8 @@ impl Node {
     }
 
     /// Runs `f` on the manager under the read lock, counted on CPU `cpu`,
-    /// if batches may run
-    /// beside each other now; `None` sends the caller to [`Node::lock`].
+    /// once the manager is initialised; `None` before, which sends the
+    /// caller to [`Node::lock`].
     #[inline(always)]
     fn shared<T>(&self, cpu: Option<usize>, f: impl FnOnce(*mut MemoryManager) -> T) -> Option<T> {
         let _lock = self.whole.read(cpu);
@@ -169,8 +168,6 @@ impl Node {
             let mut freed = Ok(());
             let mut kernel = 0;
             let mut held: Option<(usize, spin::MutexGuard<()>)> = None;
-            // SAFETY: a field only the writer changes.
-            let max_order = unsafe { (*mm).max_order };
             for &phys in blocks {
                 let (z, owner) = match allocated_head(&mut frames, phys, order) {
                     Ok(f) => {
@@ -183,7 +180,7 @@ impl Node {
                     }
                 };
                 // One lock for a run of blocks of one zone, the common case.
-                let lock = zone_lock(z, max_order);
+                let lock = self.lock_of(mm, z);
                 if held.as_ref().map(|h| h.0) != Some(lock) {
                     // Never two zones' locks at once.
                     drop(held.take());
@@ -205,9 +202,13 @@ impl Node {
 
     /// Takes the lock zone `z` is under.
     fn zone_lock(&self, mm: *mut MemoryManager, z: usize) -> spin::MutexGuard<'_, ()> {
+        self.zones[self.lock_of(mm, z)].lock()
+    }
+
+    /// Which of the zone locks zone `z` is under.
+    fn lock_of(&self, mm: *mut MemoryManager, z: usize) -> usize {
         // SAFETY: a field only the writer changes.
-        let max_order = unsafe { (*mm).max_order };
-        self.zones[zone_lock(z, max_order)].lock()
+        zone_lock(z, unsafe { (*mm).max_order })
     }
 
     /// Charges (or uncharges) `owner` for `pages` under the owners' lock.
@@ -257,7 +258,8 @@ impl Node {
                     return false;
                 };
                 parts.zone.counters.alloc_success += 1;
-                grow_slab(&mut parts, cache, dmap, pfn, id);
+                parts.stamp_slab(pfn, cache.order);
+                cache.init_slab(parts.frames, dmap, pfn, id);
                 true
             })
         })
