@@ -147,6 +147,13 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A service whose connections get one slice of long work a turn.
+fn one_slice_a_turn() -> Harness<Cpus> {
+    let mut config = Config::new(common::TOKEN);
+    config.budget_ns = 1;
+    Harness::with_config(Cpus, config)
+}
+
 fn operator(t: &mut Harness<Cpus>) -> memd_service::ConnId {
     t.login()
 }
@@ -207,10 +214,8 @@ fn more_cpus_than_there_are_is_refused() {
 #[test]
 fn a_run_cut_short_gives_everything_back_once_its_jobs_end() {
     let _one = one_at_a_time();
-    let mut config = Config::new(common::TOKEN);
     // One slice a turn: the run is still going when its client leaves.
-    config.budget_ns = 1;
-    let mut t = Harness::with_config(Cpus, config);
+    let mut t = one_slice_a_turn();
     let c = operator(&mut t);
     let before = free();
     let frame = to_frame(&Request::Call(Op::Stress {
@@ -297,9 +302,7 @@ fn large_buffers_are_zeroed_filled_and_checksummed_by_jobs() {
 #[test]
 fn a_buffer_left_with_a_job_is_freed_once_the_job_ends() {
     let _one = one_at_a_time();
-    let mut config = Config::new(common::TOKEN);
-    config.budget_ns = 1;
-    let mut t = Harness::with_config(Cpus, config);
+    let mut t = one_slice_a_turn();
     let c = t.login();
     let before = free();
     let h = t.dma_alloc(c, 16 << 20, 4096, DmaMask::Bits64);
