@@ -139,8 +139,17 @@ impl Cma {
     /// The size the extent table may shrink to: half, when a quarter full
     /// and larger than at boot.
     pub(crate) fn table_to_shrink(&self) -> Option<usize> {
+        self.shrink_at(self.nr)
+    }
+
+    /// Whether the table would shrink once one more buffer is freed.
+    pub(crate) fn shrinks_after_free(&self) -> bool {
+        self.shrink_at(self.nr.saturating_sub(1)).is_some()
+    }
+
+    fn shrink_at(&self, nr: usize) -> Option<usize> {
         let cap = self.extents.len();
-        (cap > EXTENTS_MIN && self.nr <= cap / 4).then_some(cap / 2)
+        (cap > EXTENTS_MIN && nr <= cap / 4).then_some(cap / 2)
     }
 
     /// Entries the extent table has room for.

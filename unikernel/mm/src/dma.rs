@@ -9,7 +9,7 @@
 use crate::gfp::Gfp;
 use crate::memblock::PAGE_SIZE;
 use crate::zone::{ZoneType, DMA32_LIMIT, DMA_LIMIT};
-use crate::{access, MemoryManager, MmError};
+use crate::{access, DirectMap, MemoryManager, MmError};
 
 /// A device's addressing limit (`dma_set_mask`): the address a DMA buffer
 /// must sit under. Shared with the protocol (memd-wire re-exports it).
@@ -53,11 +53,18 @@ impl DmaMask {
         }
     }
 
-    fn gfp(self) -> Gfp {
-        match self {
+    /// The flags a buddy block for this mask is asked with, from
+    /// ZONE_MOVABLE too when `movable`.
+    pub(crate) fn gfp(self, movable: bool) -> Gfp {
+        let zones = match self {
             DmaMask::Bits24 => Gfp::DMA,
             DmaMask::Bits32 => Gfp::DMA32,
             DmaMask::Bits64 => Gfp::NOWAIT,
+        };
+        let gfp = zones.union(Gfp::KERNEL).union(Gfp::NOWARN);
+        match movable {
+            true => gfp.union(Gfp::MOVABLE),
+            false => gfp,
         }
     }
 }
@@ -89,6 +96,22 @@ pub struct DmaBuffer {
     pub order: u32,
 }
 
+/// What a DMA buffer must be, for `GlobalMm::dma_alloc`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaRequest {
+    /// Bytes.
+    pub len: usize,
+    /// A power of two.
+    pub align: usize,
+    /// The device's addressing limit.
+    pub mask: DmaMask,
+    /// From ZONE_MOVABLE too ([`MemoryManager::dma_alloc_zeroed`]).
+    pub movable: bool,
+    /// Zeroed before it is returned; else the caller zeroes it before
+    /// anyone sees it.
+    pub zeroed: bool,
+}
+
 /// Bytes of a DMA buffer lent out by [`MemoryManager::dma_lend`], for work
 /// on another CPU: until [`MemoryManager::dma_unlend`] takes them back, the
 /// manager refuses the buffer's bytes to anyone else and refuses to free
@@ -118,6 +141,29 @@ impl core::ops::DerefMut for DmaLent {
 pub const MAX_LENT: usize = 8;
 
 impl DmaBuffer {
+    /// The buffer a buddy block of `order` at frame `pfn` makes.
+    pub(crate) fn buddy(dmap: DirectMap, pfn: u32, len: usize, order: u32) -> DmaBuffer {
+        let phys = pfn as u64 * PAGE_SIZE;
+        DmaBuffer {
+            phys,
+            virt: dmap.virt(phys),
+            len,
+            source: DmaSource::Buddy,
+            order,
+        }
+    }
+
+    /// The buffer a range of the contiguous region at `phys` makes.
+    pub(crate) fn cma(dmap: DirectMap, phys: u64, len: usize) -> DmaBuffer {
+        DmaBuffer {
+            phys,
+            virt: dmap.virt(phys),
+            len,
+            source: DmaSource::Cma,
+            order: 0,
+        }
+    }
+
     pub fn zone(&self) -> ZoneType {
         ZoneType::of_pfn(self.phys / PAGE_SIZE)
     }
@@ -169,33 +215,14 @@ impl MemoryManager {
         mask: DmaMask,
         movable: bool,
     ) -> Result<DmaBuffer, MmError> {
-        if len == 0 || !align.is_power_of_two() {
-            return Err(MmError::Invalid(
-                "dma: length must be non-zero and alignment a power of two",
-            ));
-        }
-        let bytes = (len as u64).max(align as u64);
-        let pages = bytes.div_ceil(PAGE_SIZE);
-        let order = pages.next_power_of_two().trailing_zeros();
+        let order = dma_order(len, align)?;
         if order < self.max_order {
-            let mut gfp = mask.gfp().union(Gfp::KERNEL).union(Gfp::NOWARN);
-            if movable {
-                gfp = gfp.union(Gfp::MOVABLE);
-            }
-            if let Ok(pfn) = self.alloc_frames(order, gfp) {
-                let phys = pfn as u64 * PAGE_SIZE;
+            if let Ok(pfn) = self.alloc_frames(order, mask.gfp(movable)) {
                 let zone = self.frames[pfn as usize].zone();
                 self.stamp_allocated(pfn, zone, order);
                 self.counters.dma_buddy_pages += 1 << order;
                 self.counters.dma_buffers += 1;
-                let virt = self.dmap.virt(phys);
-                return Ok(DmaBuffer {
-                    phys,
-                    virt,
-                    len,
-                    source: DmaSource::Buddy,
-                    order,
-                });
+                return Ok(DmaBuffer::buddy(self.dmap, pfn, len, order));
             }
         }
         if self.cma.is_none() {
@@ -218,14 +245,7 @@ impl MemoryManager {
         }
         let phys = phys.ok_or(MmError::NoMemory)?;
         self.counters.dma_buffers += 1;
-        let virt = self.dmap.virt(phys);
-        Ok(DmaBuffer {
-            phys,
-            virt,
-            len,
-            source: DmaSource::Cma,
-            order: 0,
-        })
+        Ok(DmaBuffer::cma(self.dmap, phys, len))
     }
 
     /// Frees a buffer from [`MemoryManager::dma_alloc`].
@@ -347,7 +367,7 @@ impl MemoryManager {
     /// table is empty unless something is).
     #[inline(always)]
     pub(crate) fn lent_overlaps(&self, start: u64, end: u64) -> bool {
-        self.dma_lent.iter().any(|&(s, e)| start < e && s < end)
+        lent_overlaps(self.dma_lent, start, end)
     }
 
     /// Whether anything is lent out now.
@@ -357,12 +377,7 @@ impl MemoryManager {
 
     /// Refuses a buffer whose bytes are lent out.
     fn not_lent(&self, buf: &DmaBuffer) -> Result<(), MmError> {
-        match self.lent_overlaps(buf.phys, buf.phys + buf.span() as u64) {
-            true => Err(MmError::Invalid(
-                "dma: the buffer's bytes are lent to another CPU",
-            )),
-            false => Ok(()),
-        }
+        not_lent(self.dma_lent, buf)
     }
 
     /// All the bytes `buf` takes ([`DmaBuffer::span`]), its length and the
@@ -372,6 +387,34 @@ impl MemoryManager {
             return Err(MmError::Invalid("dma: not a live buffer"));
         }
         self.bytes_of(buf.virt, buf.span())
+    }
+}
+
+/// The buddy order a request of `len` bytes aligned to `align` takes (a
+/// block of order k is aligned to its size), once its shape is checked.
+pub(crate) fn dma_order(len: usize, align: usize) -> Result<u32, MmError> {
+    if len == 0 || !align.is_power_of_two() {
+        return Err(MmError::Invalid(
+            "dma: length must be non-zero and alignment a power of two",
+        ));
+    }
+    let pages = (len as u64).max(align as u64).div_ceil(PAGE_SIZE);
+    Ok(pages.next_power_of_two().trailing_zeros())
+}
+
+/// Whether any of the physical range `[start, end)` is in the lent table.
+#[inline(always)]
+fn lent_overlaps(lent: &[(u64, u64)], start: u64, end: u64) -> bool {
+    lent.iter().any(|&(s, e)| start < e && s < end)
+}
+
+/// Refuses a buffer whose bytes are in the lent table.
+pub(crate) fn not_lent(lent: &[(u64, u64)], buf: &DmaBuffer) -> Result<(), MmError> {
+    match lent_overlaps(lent, buf.phys, buf.phys + buf.span() as u64) {
+        true => Err(MmError::Invalid(
+            "dma: the buffer's bytes are lent to another CPU",
+        )),
+        false => Ok(()),
     }
 }
 

@@ -17,7 +17,7 @@ use crate::node::{MmGuard, Node};
 use crate::stats::{CpuStat, CpuStats};
 use crate::vmalloc::VmapOps;
 use crate::zone::NR_ZONES;
-use crate::{BootInfo, MmError};
+use crate::{BootInfo, DmaBuffer, DmaRequest, MmError, Owner};
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::ptr::{null_mut, NonNull};
@@ -394,6 +394,51 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
         self.node
             .free_pcppages_bulk(cpu, order, blocks)
             .unwrap_or_else(|| self.node.lock().free_pages_bulk(order, blocks))
+    }
+
+    /// The DMA buffer `req` asks for (the rules of
+    /// [`MemoryManager::dma_alloc_zeroed`]), charged to `owner` when it is
+    /// live, else to the kernel: a buddy block under its zone's lock or a
+    /// range of the contiguous region under the DMA lock, else from the
+    /// whole manager; zeroed, when asked, outside every lock.
+    ///
+    /// [`MemoryManager::dma_alloc_zeroed`]: crate::MemoryManager::dma_alloc_zeroed
+    pub fn dma_alloc(&self, req: DmaRequest, owner: Owner) -> Result<DmaBuffer, MmError> {
+        let cpu = self.cpu_slot().map(|c| c.0);
+        let buf = match self.node.dma_alloc(cpu, &req, owner) {
+            Some(got) => got,
+            None => {
+                let mut mm = self.node.lock();
+                let owner = match mm.owners.is_live(owner) {
+                    true => owner,
+                    false => Owner::KERNEL,
+                };
+                mm.with_owner(owner, |mm| {
+                    mm.dma_alloc_unzeroed(req.len, req.align, req.mask, req.movable)
+                })
+            }
+        }?;
+        if req.zeroed {
+            crate::access::fill(buf.virt, buf.span(), 0);
+        }
+        Ok(buf)
+    }
+
+    /// Frees a buffer from [`GlobalMm::dma_alloc`] (or the manager's own
+    /// `dma_alloc`): under its zone's lock or the DMA lock, else under the
+    /// whole manager. A buffer the manager does not hold out is refused
+    /// when it is caught, as the manager's `dma_free` refuses it.
+    ///
+    /// # Safety
+    /// `buf` is a live buffer of this manager's, and no one else frees it:
+    /// its block's head frame is read before any lock is taken.
+    pub unsafe fn dma_free(&self, buf: &DmaBuffer) -> Result<(), MmError> {
+        let cpu = self.cpu_slot().map(|c| c.0);
+        // SAFETY: the caller's word.
+        match unsafe { self.node.dma_free(cpu, buf) } {
+            Some(freed) => freed,
+            None => self.node.lock().dma_free(buf),
+        }
     }
 
     /// `size` bytes (at least 1, 8-byte aligned) from kmalloc with

@@ -118,7 +118,7 @@ pub use cma::{Cma, Extent};
 pub use cmdline::{DmaReserve, MmOptions};
 pub use cpu_cache::{CPU_PAGES_HIGH, PCP_MAX_ORDER};
 pub use deferred::BOOT_INIT_BYTES;
-pub use dma::{DmaBuffer, DmaLent, DmaMask, DmaSource, MAX_LENT};
+pub use dma::{DmaBuffer, DmaLent, DmaMask, DmaRequest, DmaSource, MAX_LENT};
 pub use error::MmError;
 pub use fault::FaultAttr;
 pub use frame::{Frame, FrameState, FRAME_DESCRIPTOR_BYTES};

@@ -34,6 +34,8 @@
 //! `memd.max_order` above 13): then DMA and DMA32 share one lock.
 //! Lock order: node, then cache, then zone, then the owners' charges.
 
+mod dma;
+
 use core::cell::UnsafeCell;
 use core::ops::{Deref, DerefMut};
 use core::ptr::{addr_of, addr_of_mut};
@@ -61,6 +63,8 @@ pub(crate) struct Node {
     caches: [Mutex<()>; NR_KMALLOC],
     /// The owner table's charges, which page batches of every zone make.
     owners: Mutex<()>,
+    /// The contiguous region and the DMA counts (`dma.rs`).
+    dma: Mutex<()>,
 }
 
 // SAFETY: the manager is reached only under `whole`: whole for the writer,
@@ -99,6 +103,7 @@ impl Node {
             zones: [const { Mutex::new(()) }; NR_ZONES],
             caches: [const { Mutex::new(()) }; NR_KMALLOC],
             owners: Mutex::new(()),
+            dma: Mutex::new(()),
         }
     }
 

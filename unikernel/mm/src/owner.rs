@@ -69,6 +69,12 @@ impl OwnerTable {
         }
     }
 
+    /// Whether `owner` may be charged for new pages: the kernel, or an id
+    /// handed out and not yet freed.
+    pub fn is_live(&self, owner: Owner) -> bool {
+        owner == Owner::KERNEL || self.slots.get(owner.0 as usize).is_some_and(|s| s.live)
+    }
+
     /// Pages charged to every owner together.
     pub fn charged(&self) -> u64 {
         self.slots.iter().map(|s| s.pages).sum()
@@ -153,16 +159,12 @@ impl crate::MemoryManager {
 
     /// Sets the owner stamped on subsequent page allocations: a live id.
     pub fn set_owner(&mut self, owner: Owner) -> Result<(), MmError> {
-        match self.owners.slots.get(owner.0 as usize) {
-            _ if owner == Owner::KERNEL => {
+        match self.owners.is_live(owner) {
+            true => {
                 self.owners.current = owner;
                 Ok(())
             }
-            Some(s) if s.live => {
-                self.owners.current = owner;
-                Ok(())
-            }
-            _ => Err(MmError::Invalid("owner id is not live")),
+            false => Err(MmError::Invalid("owner id is not live")),
         }
     }
 

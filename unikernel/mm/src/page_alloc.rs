@@ -312,13 +312,19 @@ impl ZoneParts<'_> {
             let Some(pfn) = self.rmqueue(order, Mark::Low, ZoneType::Normal) else {
                 break;
             };
-            let owner = crate::Owner::KERNEL.0;
-            stamp(&mut self.frames[pfn as usize], self.zone.ty, order, owner);
+            self.stamp_allocated(pfn, order, crate::Owner::KERNEL.0);
             *slot = pfn as u64 * PAGE_SIZE;
             got += 1;
         }
         self.zone.counters.alloc_success += got as u64;
         got
+    }
+
+    /// Makes the block of `order` at `pfn`, just taken from this zone,
+    /// handed out to `owner`; charging the owner is the caller's.
+    #[inline(always)]
+    pub(crate) fn stamp_allocated(&mut self, pfn: u32, order: u32, owner: u16) {
+        stamp(&mut self.frames[pfn as usize], self.zone.ty, order, owner);
     }
 
     /// Returns a block head of this zone to the pcp list (order 0) or the

@@ -1,6 +1,7 @@
 //! memd-mm's `HostGlobal` from many threads, as a property test: each
 //! thread allocates objects and page blocks from and frees them to its own
-//! CPU's caches, frees what other threads allocated, and up to more
+//! CPU's caches, and DMA buffers charged to its own owner under the zones'
+//! locks, frees what other threads allocated, and up to more
 //! threads than CPU slots run at once (the rest take the lock), while
 //! another thread checks every invariant under the manager's lock. At the
 //! quiescent point after they are gone and the caches are drained, every
@@ -9,24 +10,56 @@
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::mpsc;
 
-use memd_mm::{HostGlobal, Prandom, HOST_CPUS, PCP_MAX_ORDER};
+use memd_mm::{
+    DmaBuffer, DmaMask, DmaRequest, HostGlobal, Owner, Prandom, HOST_CPUS, PCP_MAX_ORDER,
+};
 use proptest::prelude::*;
 
 static MEMD: HostGlobal = HostGlobal::new(256 << 20);
 
-/// Something allocated: a heap object or a page block.
+/// Something allocated: a heap object, a page block or a DMA buffer.
 enum Item {
     Object(usize, Layout),
     Pages(memd_mm::PageBlock),
+    Dma(DmaBuffer),
 }
 
 /// Items one thread hands another to free.
 struct Batch(Vec<Item>);
 
-/// A new item: one in four a page block of order up to `PCP_MAX_ORDER + 1`
-/// (the last past the CPU lists, so it takes the lock), filled with
-/// `fill`.
-fn alloc(rng: &mut Prandom, fill: u8) -> Item {
+/// A new item, filled with `fill`: one in eight a DMA buffer of up to
+/// 64 KiB (4 KiB below 16 MiB) under a random mask, charged to `owner`; one in four a page block
+/// of order up to `PCP_MAX_ORDER + 1` (the last past the CPU lists, so it
+/// takes the lock); else a heap object.
+fn alloc(rng: &mut Prandom, fill: u8, owner: Owner) -> Item {
+    if rng.below(8) == 0 {
+        let mask = [DmaMask::Bits24, DmaMask::Bits32, DmaMask::Bits64][rng.below(3) as usize];
+        // The DMA zone is 15 MiB: buffers below 16 MiB are small, so that
+        // every thread's fit in it at once.
+        let (most, align) = match mask {
+            DmaMask::Bits24 => (4 << 10, 13),
+            _ => (64 << 10, 17),
+        };
+        let req = DmaRequest {
+            len: 1 + rng.below(most) as usize,
+            align: 1 << rng.below(align),
+            mask,
+            movable: false,
+            zeroed: rng.below(2) == 0,
+        };
+        let b = MEMD
+            .global_mm()
+            .unwrap()
+            .dma_alloc(req, owner)
+            .expect("DMA buffer");
+        assert_eq!(b.phys % req.align as u64, 0, "aligned as asked");
+        assert!(b.phys + b.span() as u64 <= mask.limit(), "below the mask");
+        // SAFETY: a fresh buffer of `span()` bytes.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(b.virt as *mut u8, b.span()) };
+        assert!(!req.zeroed || bytes.iter().all(|&x| x == 0), "zeroed");
+        bytes.fill(fill);
+        return Item::Dma(b);
+    }
     if rng.below(4) == 0 {
         let order = rng.below(PCP_MAX_ORDER as u64 + 2) as u32;
         let b = MEMD
@@ -58,6 +91,8 @@ fn free(item: Item) {
         // SAFETY: allocated with `l`, freed once.
         Item::Object(p, l) => unsafe { MEMD.dealloc(p as *mut u8, l) },
         Item::Pages(b) => MEMD.global_mm().unwrap().free_pages(b),
+        // SAFETY: a live buffer, freed once.
+        Item::Dma(b) => assert_eq!(unsafe { MEMD.global_mm().unwrap().dma_free(&b) }, Ok(())),
     }
 }
 
@@ -67,15 +102,16 @@ fn worker(
     steps: usize,
     to_next: mpsc::Sender<Batch>,
     from_prev: mpsc::Receiver<Batch>,
-) {
+) -> Owner {
     let mut rng = Prandom::new(seed);
+    let owner = MEMD.lock().owner_alloc().unwrap();
     let mut live: Vec<Item> = Vec::new();
     for round in 0..rounds {
         for _ in 0..steps {
             if live.len() > steps / 4 && rng.below(2) == 0 {
                 free(live.swap_remove(rng.below(live.len() as u64) as usize));
             } else {
-                live.push(alloc(&mut rng, seed as u8));
+                live.push(alloc(&mut rng, seed as u8, owner));
             }
         }
         // Half of what is live goes to the next thread to free.
@@ -89,6 +125,7 @@ fn worker(
     live.into_iter().for_each(free);
     // The last batch the previous thread sent.
     from_prev.recv().unwrap().0.into_iter().for_each(free);
+    owner
 }
 
 /// One run: `threads` workers of `rounds` rounds of `steps` steps each.
@@ -131,12 +168,11 @@ fn run(seed: u64, threads: usize, rounds: usize, steps: usize) -> Result<(), Tes
             }
             checks
         });
-        for w in workers {
-            w.join().unwrap();
-        }
+        let owners: Vec<Owner> = workers.into_iter().map(|w| w.join().unwrap()).collect();
         done.store(true, std::sync::atomic::Ordering::Relaxed);
-        checker.join().unwrap()
+        (owners, checker.join().unwrap())
     });
+    let (owners, checks) = checks;
     prop_assert!(
         checks.iter().all(|c| c.is_ok()),
         "a check while the threads ran: {:?}",
@@ -144,12 +180,19 @@ fn run(seed: u64, threads: usize, rounds: usize, steps: usize) -> Result<(), Tes
     );
     drop(senders);
     let drained = MEMD.drain_cpu_caches();
-    let (check, after) = {
+    let (check, charged, dma, after) = {
         let mut mm = MEMD.lock();
         let check = mm.check();
+        let charged: Vec<u64> = owners.iter().map(|&o| mm.owner_pages(o)).collect();
+        owners.iter().for_each(|&o| mm.owner_free(o).unwrap());
         mm.reclaim();
-        (check, mm.meminfo().free)
+        (check, charged, mm.meminfo().dma_buddy, mm.meminfo().free)
     };
+    prop_assert!(
+        charged.iter().all(|&c| c == 0),
+        "owners still charged: {charged:?}"
+    );
+    prop_assert_eq!(dma, 0, "DMA buffers still counted");
     prop_assert!(drained.objects > 0, "the threads' CPU arrays held objects");
     prop_assert!(
         drained.blocks > 0,
