@@ -5,8 +5,10 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use memd_mm::MemoryManager;
-use memd_service::{BlockDevice, Config, DeviceDma, Env, Job, PerCpuMemory, Service};
+use memd_mm::{DmaBuffer, MemoryManager};
+use memd_service::{
+    BlockDevice, Config, DeviceDma, Env, Job, MemError, PerCpuMemory, Placement, Service,
+};
 
 use crate::arch::time;
 use crate::drivers::hal;
@@ -37,6 +39,21 @@ impl Env for KernelEnv {
             Some(d) => f(&mut mm, Some(d)),
             None => f(&mut mm, None),
         }
+    }
+
+    fn dma_alloc(
+        &mut self,
+        owner: u64,
+        len: u64,
+        align: u64,
+        at: Placement,
+        zeroed: bool,
+    ) -> Result<DmaBuffer, MemError> {
+        PerCpuMemory::dma_alloc(&ALLOC, owner, len, align, at, zeroed)
+    }
+
+    fn dma_free(&mut self, buf: DmaBuffer) -> Result<(), MemError> {
+        PerCpuMemory::dma_free(&ALLOC, &buf)
     }
 
     fn now_ns(&mut self) -> u64 {

@@ -425,17 +425,13 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
     }
 
     /// Frees a buffer from [`GlobalMm::dma_alloc`] (or the manager's own
-    /// `dma_alloc`): under its zone's lock or the DMA lock, else under the
-    /// whole manager. A buffer the manager does not hold out is refused
-    /// when it is caught, as the manager's `dma_free` refuses it.
-    ///
-    /// # Safety
-    /// `buf` is a live buffer of this manager's, and no one else frees it:
-    /// its block's head frame is read before any lock is taken.
-    pub unsafe fn dma_free(&self, buf: &DmaBuffer) -> Result<(), MmError> {
+    /// `dma_alloc`): a block under the zones' locks, a range under the DMA
+    /// lock, else under the whole manager. What the manager does not hold
+    /// out as a DMA buffer or page block is refused, as its `dma_free`
+    /// refuses it.
+    pub fn dma_free(&self, buf: &DmaBuffer) -> Result<(), MmError> {
         let cpu = self.cpu_slot().map(|c| c.0);
-        // SAFETY: the caller's word.
-        match unsafe { self.node.dma_free(cpu, buf) } {
+        match self.node.dma_free(cpu, buf) {
             Some(freed) => freed,
             None => self.node.lock().dma_free(buf),
         }

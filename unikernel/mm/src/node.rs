@@ -1,16 +1,18 @@
 //! The manager behind its locks: a node lock, and under it a lock per zone
-//! (Linux's `zone->lock`) and per kmalloc cache (the slab's per-node
-//! `list_lock`).
+//! (Linux's `zone->lock`), per kmalloc cache (the slab's per-node
+//! `list_lock`) and one for DMA (Linux's `cma->lock`).
 //!
 //! The node lock is a reader-writer lock whose readers count on their own
 //! CPU (`percpu_rwsem.rs`). Everything except the per-CPU caches' batches
-//! takes it for writing ([`Node::lock`]) and has the whole
-//! [`MemoryManager`], as memd-mm's API always had it. A batch of kernel pages moving between a
-//! CPU's page lists and a zone takes the node lock for reading and that
-//! zone's lock; a batch of kmalloc objects moving between a CPU's arrays
-//! and a cache takes it for reading and that cache's lock, plus the zone's
-//! while the cache grows. Batches for different zones and caches so run at
-//! once on different CPUs, and the rest of the manager waits for them.
+//! and DMA buffers takes it for writing ([`Node::lock`]) and has the whole
+//! [`MemoryManager`], as memd-mm's API always had it. A batch of kernel
+//! pages moving between a CPU's page lists and a zone takes the node lock
+//! for reading and that zone's lock; a batch of kmalloc objects moving
+//! between a CPU's arrays and a cache takes it for reading and that
+//! cache's lock, plus the zone's while the cache grows; a DMA buffer takes
+//! it for reading and its zone's lock or the DMA lock (`dma.rs`). Batches
+//! for different zones and caches so run at once on different CPUs, and
+//! the rest of the manager waits for them.
 //!
 //! # Frame ownership
 //!
@@ -26,13 +28,19 @@
 //! - a cache's lock owns the cache, its slabs' frames (except those two
 //!   bytes) and the objects' memory;
 //! - a page block a batch takes out of a zone is the batch's until it is
-//!   given back.
+//!   given back;
+//! - the DMA lock owns the contiguous region and the DMA counts (DMA
+//!   buffers, `dma.rs`: a buddy buffer is a zone's block like any other,
+//!   freed under every zone's lock, since its zone is known only once its
+//!   head is read).
 //!
 //! So batches touch disjoint fields and never the same byte. A buddy's
 //! neighbour and a pageblock's counts belong to one zone unless a
 //! pageblock holds two zones' memory (blocks larger than the DMA zone,
 //! `memd.max_order` above 13): then DMA and DMA32 share one lock.
-//! Lock order: node, then cache, then zone, then the owners' charges.
+//! Lock order: node, then cache, then zone (all of them in order, to free
+//! a DMA buffer), then the owners' charges; the DMA lock is taken alone
+//! under the node's.
 
 mod dma;
 

@@ -2,7 +2,7 @@
 //! through a closure, so the kernel can keep it behind its lock), a clock,
 //! and an optional block device.
 
-use crate::memory::Memory;
+use crate::memory::{MemError, Memory, Placement};
 use crate::percpu::{Job, PerCpuMemory};
 
 /// How a [`BlockDevice`] moved a buffer.
@@ -79,6 +79,33 @@ pub trait Env {
         f: impl FnOnce(&mut Self::Mem, Option<&mut dyn BlockDevice>) -> R,
     ) -> R {
         self.with_mem(|m, block| m.as_owner(owner, |m| f(m, block)))
+    }
+
+    /// A DMA buffer charged to `owner`, zeroed unless `zeroed` is false
+    /// (the caller zeroes it): by default [`Memory::dma_alloc`] (or
+    /// [`Memory::dma_alloc_unzeroed`]) under [`Env::with_mem_as`]. An
+    /// environment whose manager serves DMA under locks of its own
+    /// ([`PerCpuMemory::dma_alloc`]) passes the whole manager by.
+    fn dma_alloc(
+        &mut self,
+        owner: u64,
+        len: u64,
+        align: u64,
+        at: Placement,
+        zeroed: bool,
+    ) -> Result<<Self::Mem as Memory>::DmaBuf, MemError> {
+        let Placement { mask, movable } = at;
+        self.with_mem_as(owner, |m, _| match zeroed {
+            true => m.dma_alloc(len, align, mask, movable),
+            false => m.dma_alloc_unzeroed(len, align, mask, movable),
+        })
+    }
+
+    /// Frees a buffer [`Env::dma_alloc`] gave (the service frees each
+    /// once, by its handle): by default [`Memory::dma_free`] under
+    /// [`Env::with_mem`].
+    fn dma_free(&mut self, buf: <Self::Mem as Memory>::DmaBuf) -> Result<(), MemError> {
+        self.with_mem(|m, _| m.dma_free(buf))
     }
 
     /// A monotonic clock in nanoseconds.

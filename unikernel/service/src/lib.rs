@@ -42,6 +42,6 @@ mod stress;
 
 pub use env::{BlockDevice, DeviceDma, DirectEnv, Env, Transfer, SECTOR};
 pub use memmap::MapSnapshot;
-pub use memory::{Backing, DmaFacts, MemError, Memory, Obj, View};
+pub use memory::{Backing, DmaFacts, MemError, Memory, Obj, Placement, View};
 pub use percpu::{Job, PerCpuMemory};
 pub use service::{Config, ConnId, Flow, Service, DEFAULT_BUDGET_NS, MAX_HELLO_FRAME};

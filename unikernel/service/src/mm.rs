@@ -14,7 +14,7 @@ mod stats;
 
 pub use stats::MmStats;
 
-fn mm_err(e: MmError) -> MemError {
+pub(crate) fn mm_err(e: MmError) -> MemError {
     let code = match e {
         MmError::NoMemory | MmError::InjectedFault => errno::ENOMEM,
         MmError::Invalid(_) => errno::EINVAL,
@@ -41,7 +41,7 @@ fn gfp(g: Gfp) -> Result<Gfp, MemError> {
 }
 
 /// A DMA request's length and alignment (0: a page) as memd-mm takes them.
-fn dma_shape(len: u64, align: u64) -> Result<(usize, usize), MemError> {
+pub(crate) fn dma_shape(len: u64, align: u64) -> Result<(usize, usize), MemError> {
     let too_big = MemError::new(errno::EINVAL, "length or alignment too large");
     let len = usize::try_from(len).map_err(|_| too_big)?;
     let align = if align == 0 {

@@ -4,7 +4,10 @@
 
 use alloc::boxed::Box;
 
-use memd_mm::{CpuIds, GlobalMm, KObj, PageBlock};
+use memd_mm::{CpuIds, DmaBuffer, DmaRequest, GlobalMm, KObj, Owner, PageBlock};
+
+use crate::memory::{MemError, Placement};
+use crate::mm::{dma_shape, mm_err};
 
 /// A job for another CPU ([`crate::Env::queue_on`]).
 pub type Job = Box<dyn FnOnce() + Send>;
@@ -26,6 +29,19 @@ pub trait PerCpuMemory: Sync {
     fn kmalloc(&self, size: usize) -> Option<KObj>;
     /// Frees what [`PerCpuMemory::kmalloc`] gave.
     fn kfree(&self, obj: KObj);
+    /// A DMA buffer as [`crate::Env::dma_alloc`] asks for it, under the
+    /// manager's DMA and zone locks rather than the whole manager.
+    fn dma_alloc(
+        &self,
+        owner: u64,
+        len: u64,
+        align: u64,
+        at: Placement,
+        zeroed: bool,
+    ) -> Result<DmaBuffer, MemError>;
+    /// Frees what [`PerCpuMemory::dma_alloc`] (or the manager's own
+    /// `dma_alloc`) gave, refusing what is not a live buffer.
+    fn dma_free(&self, buf: &DmaBuffer) -> Result<(), MemError>;
 }
 
 impl<const CPUS: usize, I: CpuIds> PerCpuMemory for GlobalMm<CPUS, I> {
@@ -55,5 +71,31 @@ impl<const CPUS: usize, I: CpuIds> PerCpuMemory for GlobalMm<CPUS, I> {
 
     fn kfree(&self, obj: KObj) {
         GlobalMm::kfree(self, obj);
+    }
+
+    fn dma_alloc(
+        &self,
+        owner: u64,
+        len: u64,
+        align: u64,
+        at: Placement,
+        zeroed: bool,
+    ) -> Result<DmaBuffer, MemError> {
+        let (len, align) = dma_shape(len, align)?;
+        let req = DmaRequest {
+            len,
+            align,
+            mask: at.mask,
+            movable: at.movable,
+            zeroed,
+        };
+        // An id past 16 bits is no live owner's: the kernel's, as
+        // `Memory::as_owner` has it.
+        let owner = Owner(u16::try_from(owner).unwrap_or(0));
+        GlobalMm::dma_alloc(self, req, owner).map_err(mm_err)
+    }
+
+    fn dma_free(&self, buf: &DmaBuffer) -> Result<(), MemError> {
+        GlobalMm::dma_free(self, buf).map_err(mm_err)
     }
 }

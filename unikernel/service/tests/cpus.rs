@@ -11,8 +11,8 @@ use std::sync::Mutex;
 use std::thread::JoinHandle;
 
 use common::{Backend, Harness, RamDisk};
-use memd_mm::{HostGlobal, MemoryManager};
-use memd_service::{BlockDevice, Config, Env, Job, PerCpuMemory};
+use memd_mm::{DmaBuffer, HostGlobal, MemoryManager};
+use memd_service::{BlockDevice, Config, Env, Job, MemError, PerCpuMemory, Placement};
 use memd_wire::*;
 
 /// The manager the runs use (not this program's allocator).
@@ -55,6 +55,21 @@ impl Env for CpusEnv {
 
     fn now_ns(&mut self) -> u64 {
         common::clock()
+    }
+
+    fn dma_alloc(
+        &mut self,
+        owner: u64,
+        len: u64,
+        align: u64,
+        at: Placement,
+        zeroed: bool,
+    ) -> Result<DmaBuffer, MemError> {
+        PerCpuMemory::dma_alloc(MEMD.global_mm().unwrap(), owner, len, align, at, zeroed)
+    }
+
+    fn dma_free(&mut self, buf: DmaBuffer) -> Result<(), MemError> {
+        PerCpuMemory::dma_free(MEMD.global_mm().unwrap(), &buf)
     }
 
     fn percpu(&mut self) -> Option<&'static dyn PerCpuMemory> {
@@ -272,6 +287,13 @@ fn large_buffers_are_zeroed_filled_and_checksummed_by_jobs() {
     let jobs = jobs_run();
     const LEN: usize = 1 << 20;
     let h = t.dma_alloc(c, LEN as u64, 4096, DmaMask::Bits64);
+    let owners: Vec<_> = mm().owners().collect();
+    assert!(
+        owners
+            .iter()
+            .any(|&(o, pages)| o != memd_mm::Owner::KERNEL && pages == (LEN / 4096) as u64),
+        "the buffer, taken under the zone's lock, is charged to the client: {owners:?}"
+    );
     assert!(
         jobs_run() > jobs,
         "zeroing a 1 MiB buffer went to another CPU"

@@ -5,7 +5,7 @@
 
 use core::ptr::NonNull;
 
-use memd_mm::{DmaBuffer, DmaMask, DmaSource, Gfp, PAGE_SIZE};
+use memd_mm::{DmaBuffer, DmaMask, DmaRequest, DmaSource, Gfp, MmError, Owner, PAGE_SIZE};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
 
 use crate::arch::paging::{self, MapError, DIRECT_MAP_OFFSET};
@@ -124,6 +124,25 @@ pub fn virt_to_phys(virt: u64) -> u64 {
     }
 }
 
+/// A zeroed, page-aligned DMA buffer of `len` bytes anywhere in memory for
+/// a device the kernel drives: under memd-mm's DMA and zone locks
+/// (`GlobalMm::dma_alloc`), so CPUs in their batches go on meanwhile.
+pub fn dma_alloc(len: usize) -> Result<DmaBuffer, MmError> {
+    let req = DmaRequest {
+        len,
+        align: PAGE_SIZE as usize,
+        mask: DmaMask::Bits64,
+        movable: false,
+        zeroed: true,
+    };
+    ALLOC.dma_alloc(req, Owner::KERNEL)
+}
+
+/// Frees a buffer from [`dma_alloc`].
+pub fn dma_free(buf: &DmaBuffer) -> Result<(), MmError> {
+    ALLOC.dma_free(buf)
+}
+
 /// Rebuilds the `DmaBuffer` that `dma_alloc` returned for these pages.
 fn dma_buffer(paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> DmaBuffer {
     let mm = ALLOC.lock();
@@ -150,13 +169,7 @@ fn dma_buffer(paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> DmaBuffer {
 // of the buffer, which the device reaches directly (identity DMA).
 unsafe impl Hal for MemdHal {
     fn dma_alloc(pages: usize, direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
-        let buf = ALLOC
-            .lock()
-            .dma_alloc(
-                pages * PAGE_SIZE as usize,
-                PAGE_SIZE as usize,
-                DmaMask::Bits64,
-            )
+        let buf = dma_alloc(pages * PAGE_SIZE as usize)
             .unwrap_or_else(|e| panic!("virtio: no DMA memory for {pages} pages: {e}"));
         // virtio-drivers allocates only virtqueues through the Hal; the
         // direction tells which part (split rings: a legacy queue is one
@@ -175,7 +188,7 @@ unsafe impl Hal for MemdHal {
     unsafe fn dma_dealloc(paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
         let buf = dma_buffer(paddr, vaddr, pages);
         unregister_device_dma(paddr);
-        match ALLOC.lock().dma_free(&buf) {
+        match dma_free(&buf) {
             Ok(()) => 0,
             Err(e) => {
                 log::error!("virtio: freeing DMA buffer {paddr:#x}: {e}");

@@ -37,13 +37,12 @@ use core::hint::spin_loop;
 
 use bitflags::bitflags;
 use log::{debug, warn};
-use memd_mm::{DmaBuffer, DmaMask, PAGE_SIZE};
+use memd_mm::{DmaBuffer, PAGE_SIZE};
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::{DeviceStatus, DeviceType, SomeTransport, Transport};
 
 use super::hal::{self, MemdHal};
 use crate::arch::time::uptime_ns;
-use crate::ALLOC;
 
 bitflags! {
     /// The virtio-mem feature bits memd knows.
@@ -211,18 +210,14 @@ impl MemDevice {
             transport.set_status(DeviceStatus::FAILED);
             return None;
         }
-        let dma =
-            match ALLOC
-                .lock()
-                .dma_alloc(PAGE_SIZE as usize, PAGE_SIZE as usize, DmaMask::Bits64)
-            {
-                Ok(b) => b,
-                Err(e) => {
-                    warn!("virtio-mem: no DMA page for requests: {e}");
-                    transport.set_status(DeviceStatus::FAILED);
-                    return None;
-                }
-            };
+        let dma = match hal::dma_alloc(PAGE_SIZE as usize) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!("virtio-mem: no DMA page for requests: {e}");
+                transport.set_status(DeviceStatus::FAILED);
+                return None;
+            }
+        };
         let queue = match hal::with_device("virtio-mem", || {
             VirtQueue::new(&mut transport, REQUEST_QUEUE, false, false)
         }) {
@@ -230,7 +225,7 @@ impl MemDevice {
             Err(e) => {
                 warn!("virtio-mem: the request queue could not be set up: {e:?}");
                 transport.set_status(DeviceStatus::FAILED);
-                let _ = ALLOC.lock().dma_free(&dma);
+                let _ = hal::dma_free(&dma);
                 return None;
             }
         };
@@ -429,7 +424,7 @@ impl Drop for MemDevice {
             return;
         }
         hal::unregister_device_dma(self.dma.phys);
-        if let Err(e) = ALLOC.lock().dma_free(&self.dma) {
+        if let Err(e) = hal::dma_free(&self.dma) {
             warn!("virtio-mem: freeing the request page: {e}");
         }
     }

@@ -6,13 +6,12 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use memd_mm::{DmaBuffer, DmaMask};
+use memd_mm::DmaBuffer;
 use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::{DeviceType, SomeTransport};
 
 use super::hal::MemdHal;
 use super::notify::{Deferred, Notifier};
-use crate::ALLOC;
 
 /// The owner name in the device DMA list.
 const DEVICE: &str = "virtio-net";
@@ -72,19 +71,14 @@ impl NetDevice {
         let notifier = Notifier::leak(transport);
         let raw = super::hal::with_device(DEVICE, || Raw::new(Deferred(notifier)))
             .map_err(|_| "virtio-net initialisation failed")?;
-        let (rx, tx) = {
-            let mut mm = ALLOC.lock();
-            let rx = mm
-                .dma_alloc(QUEUE * SLOT, 4096, DmaMask::Bits64)
-                .map_err(|_| "no DMA memory for receive buffers")?;
-            let tx = match mm.dma_alloc(TX_SLOTS * SLOT, 4096, DmaMask::Bits64) {
-                Ok(tx) => tx,
-                Err(_) => {
-                    let _ = mm.dma_free(&rx);
-                    return Err("no DMA memory for transmit buffers");
-                }
-            };
-            (rx, tx)
+        let rx =
+            super::hal::dma_alloc(QUEUE * SLOT).map_err(|_| "no DMA memory for receive buffers")?;
+        let tx = match super::hal::dma_alloc(TX_SLOTS * SLOT) {
+            Ok(tx) => tx,
+            Err(_) => {
+                let _ = super::hal::dma_free(&rx);
+                return Err("no DMA memory for transmit buffers");
+            }
         };
         super::hal::register_device_dma(DEVICE, "receive buffers (queue 0)", &rx);
         super::hal::register_device_dma(DEVICE, "transmit buffers (queue 1)", &tx);

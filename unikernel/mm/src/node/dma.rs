@@ -13,7 +13,7 @@ use crate::dma::{dma_order, not_lent, DmaBuffer, DmaRequest, DmaSource};
 use crate::gfp::Gfp;
 use crate::memblock::PAGE_SIZE;
 use crate::page_alloc::allocated_head;
-use crate::zone::Mark;
+use crate::zone::{Mark, NR_ZONES};
 use crate::{MemoryManager, MmError, Owner};
 
 impl Node {
@@ -121,12 +121,9 @@ impl Node {
         }
     }
 
-    /// Frees `buf` as `MemoryManager::dma_free` would; `None` sends the
-    /// caller to the whole manager.
-    ///
-    /// # Safety
-    /// `buf` is a live buffer of this manager's, and no one else frees it.
-    pub(crate) unsafe fn dma_free(
+    /// Frees `buf` as `MemoryManager::dma_free` would, refusing what it
+    /// refuses; `None` sends the caller to the whole manager.
+    pub(crate) fn dma_free(
         &self,
         cpu: Option<usize>,
         buf: &DmaBuffer,
@@ -151,9 +148,13 @@ impl Node {
                 unsafe { *addr_of_mut!((*mm).counters.dma_buffers) -= 1 };
                 return Some(Ok(()));
             }
-            // SAFETY: the node's read lock is held; the block's head is the
-            // caller's (the contract), the rest is written under the
-            // zone's lock.
+            // Which zone's frame `buf` names is known only once its bytes
+            // are read, and any zone's lock may be changing them: the
+            // head is checked, and the block freed, under every zone's
+            // lock (in order; no one else holds two). A frame that is not
+            // an allocated head is refused before anything is written.
+            let _zones: [_; NR_ZONES] = core::array::from_fn(|z| self.zones[z].lock());
+            // SAFETY: the node's read lock and every zone's lock are held.
             let (mut frames, mut blocks) = unsafe { handles(mm) };
             let (z, owner) = match allocated_head(&mut frames, buf.phys, buf.order) {
                 Ok(f) => {
@@ -162,12 +163,10 @@ impl Node {
                 }
                 Err(e) => return Some(Err(e)),
             };
-            {
-                let _zone = self.zone_lock(mm, z);
-                // SAFETY: the zone's lock is held too.
-                let mut parts = unsafe { zone_parts(mm, z, &mut frames, &mut blocks) };
-                parts.free_one((buf.phys / PAGE_SIZE) as u32, buf.order);
-            }
+            // SAFETY: as above.
+            let mut parts = unsafe { zone_parts(mm, z, &mut frames, &mut blocks) };
+            parts.free_one((buf.phys / PAGE_SIZE) as u32, buf.order);
+            drop(_zones);
             self.charge(mm, owner, 1 << buf.order, false);
             self.count_dma(mm, false, 1 << buf.order);
             Some(Ok(()))
@@ -256,8 +255,7 @@ mod tests {
         assert_eq!((small.source, small.order), (DmaSource::Buddy, 4));
         assert!(small.phys + (64 << 10) <= 4 << 30 && isa.phys + (8 << 10) <= 16 << 20);
         assert_eq!(big.source, DmaSource::Cma);
-        // SAFETY: the buffers are live and freed once, here.
-        let freed = spawn(move || unsafe { mm.dma_free(&isa) })
+        let freed = spawn(move || mm.dma_free(&isa))
             .recv_timeout(Duration::from_secs(30))
             .expect("freed without the whole manager");
         assert_eq!(freed, Ok(()));
@@ -282,8 +280,7 @@ mod tests {
         // zone's batch does not, and comes back zeroed after the first
         // user's bytes.
         crate::access::fill(big.virt, big.len, 0xa5);
-        // SAFETY: `big` is live and freed once, here.
-        assert_eq!(unsafe { mm.dma_free(&big) }, Ok(()));
+        assert_eq!(mm.dma_free(&big), Ok(()));
         let held = node.dma.lock();
         let range = spawn(move || mm.dma_alloc(req(6 * MIB, DmaMask::Bits64), client));
         let pages = spawn(move || {
@@ -305,16 +302,34 @@ mod tests {
         assert_eq!(node.free_pcppages_bulk(None, 0, &pages.1), Some(Ok(())));
 
         for buf in [small, range] {
-            // SAFETY: each is live and freed once, here.
-            assert_eq!(unsafe { mm.dma_free(&buf) }, Ok(()));
+            assert_eq!(mm.dma_free(&buf), Ok(()));
         }
-        let fake = DmaBuffer {
-            phys: range.phys + 4096,
-            ..range
-        };
-        // SAFETY: a made-up buffer inside the region, which the region
-        // refuses without touching a frame.
-        assert!(unsafe { mm.dma_free(&fake) }.is_err());
+        // Made-up buffers are refused, and nothing changes: inside the
+        // region, a block freed already, the middle of a block, a slab's
+        // page.
+        let obj = mm.lock().kmalloc(64, crate::Gfp::KERNEL).unwrap();
+        let slab = mm.lock().dmap.phys(obj.as_ptr() as usize) & !4095;
+        let fakes = [
+            DmaBuffer {
+                phys: range.phys + 4096,
+                ..range
+            },
+            small,
+            DmaBuffer {
+                phys: small.phys + 4096,
+                order: 0,
+                ..small
+            },
+            DmaBuffer {
+                phys: slab,
+                order: 0,
+                ..small
+            },
+        ];
+        for fake in fakes {
+            assert!(mm.dma_free(&fake).is_err(), "{fake:?}");
+        }
+        mm.lock().kfree(obj).unwrap();
         let mut mm = mm.lock();
         mm.check().unwrap();
         assert_eq!(

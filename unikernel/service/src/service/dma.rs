@@ -31,7 +31,7 @@ impl<M: Memory> Service<M> {
         at: Placement,
         zeroed: bool,
     ) -> Result<Box<DmaBufferInfo>, WireError> {
-        let Placement { mask, movable } = at;
+        let mask = at.mask;
         let page = self.page_size(env);
         if len == 0 {
             return Err(err(errno::EINVAL, "zero-length DMA buffer"));
@@ -52,13 +52,7 @@ impl<M: Memory> Service<M> {
         }
         self.check_quota(conn, len.div_ceil(page), len)?;
         let buf = env
-            .with_mem_as(self.owner(conn), |m, _| {
-                if zeroed {
-                    m.dma_alloc(len, align, mask, movable)
-                } else {
-                    m.dma_alloc_unzeroed(len, align, mask, movable)
-                }
-            })
+            .dma_alloc(self.owner(conn), len, align, at, zeroed)
             .map_err(|e| {
                 if e.code != errno::ENOMEM {
                     return mem_err(e);
@@ -132,7 +126,7 @@ impl<M: Memory> Service<M> {
                 let Some(Res::Dma { buf, .. }) = self.remove(conn, handle, page) else {
                     return Err(no_handle(handle));
                 };
-                env.with_mem(|m, _| m.dma_free(buf)).map_err(mem_err)?;
+                env.dma_free(buf).map_err(mem_err)?;
                 Ok(Reply::Done)
             }
             r => Err(wrong_kind(handle, "DMA buffer", r.kind())),
