@@ -44,13 +44,16 @@ impl FaultAttr {
 
 /// Both attributes and the generator they draw from: the manager's fault
 /// injection state.
+/// The flags the hot paths read come first (`repr(C)`), on the manager's
+/// second cache line.
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 pub(crate) struct Faults {
-    pub page: FaultAttr,
-    pub slab: FaultAttr,
     /// Cached `page.enabled() || slab.enabled()` for the hot paths.
     pub(crate) armed_page: bool,
     pub(crate) armed_slab: bool,
+    pub page: FaultAttr,
+    pub slab: FaultAttr,
     rng: Prandom,
 }
 

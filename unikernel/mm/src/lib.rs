@@ -165,23 +165,25 @@ pub struct BootInfo<'a> {
 }
 
 /// The memory manager: Linux's node (`pglist_data`) with everything that
-/// hangs off it. The fields every allocation and free reads come first,
-/// on the first three cache lines, in this order (`repr(C)`), wherever the
-/// rest grows.
-#[repr(C)]
+/// hangs off it. The fields every allocation and free reads come first, in
+/// this order (`repr(C)`), from a cache line's start (`align(64)`, however
+/// the manager is placed): the frame table, the direct map and the zonelist
+/// on the first line, the caches, the owners and the fault flags on the
+/// second.
+#[repr(C, align(64))]
 pub struct MemoryManager {
     /// The frame table's initialised prefix: every frame below
     /// `frames.len()` is valid, the rest waits for `deferred_init_step`.
     pub(crate) frames: sparse::Frames,
-    /// Slab caches by id; their descriptors are objects of the cache of
-    /// caches (`slab_common.rs`).
-    pub(crate) caches: idr::Idr<KmemCache>,
     pub(crate) dmap: DirectMap,
-    pub(crate) owners: owner::OwnerTable,
     pub(crate) max_order: u32,
     /// First populated zone of each zonelist (Linux's preferred zone): a
     /// Normal request on a machine without Normal memory starts at DMA32.
     pub(crate) preferred_zone: [ZoneType; NR_ZONES],
+    /// Slab caches by id; their descriptors are objects of the cache of
+    /// caches (`slab_common.rs`).
+    pub(crate) caches: idr::Idr<KmemCache>,
+    pub(crate) owners: owner::OwnerTable,
     pub(crate) fault: fault::Faults,
     initialized: bool,
     pub(crate) pageblocks: pageblock::Pageblocks,

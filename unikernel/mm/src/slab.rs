@@ -388,7 +388,6 @@ impl KmemCache {
 
     /// Takes one object from the slabs: partial ones first, then empty ones
     /// (Linux's `____cache_alloc` refill order).
-    #[inline(always)]
     pub(crate) fn slab_take(&mut self, frames: &mut Frames, dmap: DirectMap) -> Option<usize> {
         let (head, from_empty) = if !self.partial.is_empty() {
             (self.partial.head, false)
