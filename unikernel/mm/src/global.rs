@@ -409,10 +409,7 @@ impl<const CPUS: usize, I: CpuIds> GlobalMm<CPUS, I> {
             Some(got) => got,
             None => {
                 let mut mm = self.node.lock();
-                let owner = match mm.owners.is_live(owner) {
-                    true => owner,
-                    false => Owner::KERNEL,
-                };
+                let owner = mm.owners.live_or_kernel(owner);
                 mm.with_owner(owner, |mm| {
                     mm.dma_alloc_unzeroed(req.len, req.align, req.mask, req.movable)
                 })

@@ -75,6 +75,15 @@ impl OwnerTable {
         owner == Owner::KERNEL || self.slots.get(owner.0 as usize).is_some_and(|s| s.live)
     }
 
+    /// `owner` when it is live, else the kernel: whom a request made for
+    /// `owner` is charged to (`set_owner`'s rule).
+    pub fn live_or_kernel(&self, owner: Owner) -> Owner {
+        match self.is_live(owner) {
+            true => owner,
+            false => Owner::KERNEL,
+        }
+    }
+
     /// Pages charged to every owner together.
     pub fn charged(&self) -> u64 {
         self.slots.iter().map(|s| s.pages).sum()

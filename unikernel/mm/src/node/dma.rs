@@ -90,15 +90,13 @@ impl Node {
         Some(pfn)
     }
 
-    /// `owner` when it is live, else the kernel (`set_owner`'s rule).
+    /// Whom a buffer for `owner` is charged to
+    /// (`OwnerTable::live_or_kernel`).
     fn live_owner(&self, mm: *mut MemoryManager, owner: Owner) -> u16 {
         let _owners = self.owners.lock();
         // SAFETY: the owners' lock makes the caller the table's one user.
         let owners = unsafe { &*addr_of!((*mm).owners) };
-        match owners.is_live(owner) {
-            true => owner.0,
-            false => Owner::KERNEL.0,
-        }
+        owners.live_or_kernel(owner).0
     }
 
     /// Counts a buffer in (or out) under the DMA lock, with the buddy pages
@@ -153,7 +151,7 @@ impl Node {
             // head is checked, and the block freed, under every zone's
             // lock (in order; no one else holds two). A frame that is not
             // an allocated head is refused before anything is written.
-            let _zones: [_; NR_ZONES] = core::array::from_fn(|z| self.zones[z].lock());
+            let zones: [_; NR_ZONES] = core::array::from_fn(|z| self.zones[z].lock());
             // SAFETY: the node's read lock and every zone's lock are held.
             let (mut frames, mut blocks) = unsafe { handles(mm) };
             let (z, owner) = match allocated_head(&mut frames, buf.phys, buf.order) {
@@ -166,7 +164,7 @@ impl Node {
             // SAFETY: as above.
             let mut parts = unsafe { zone_parts(mm, z, &mut frames, &mut blocks) };
             parts.free_one((buf.phys / PAGE_SIZE) as u32, buf.order);
-            drop(_zones);
+            drop(zones);
             self.charge(mm, owner, 1 << buf.order, false);
             self.count_dma(mm, false, 1 << buf.order);
             Some(Ok(()))
