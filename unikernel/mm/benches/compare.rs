@@ -4,7 +4,8 @@
 //! Every allocator gets its own arena from the host and the same sequence
 //! of operations. A workload is timed over several rounds and the median
 //! round is reported, so a noisy moment on the machine does not decide a
-//! ratio. `--json` prints one JSON array of rows for scripts.
+//! ratio. Each timed loop is a function of its own, never inlined into
+//! `main`, so the rest of `main` does not decide where its code lands. `--json` prints one JSON array of rows for scripts.
 
 use buddy_system_allocator::{FrameAllocator, Heap};
 use memd_mm::HostMm;
@@ -236,6 +237,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Steady state: `LIVE` objects, then free a random one and allocate a new
 /// one. ns per operation (each step is two).
+#[inline(never)]
 fn objects_steady<A: Objects>(a: &mut A, t: &SteadyTrace) -> f64 {
     let layout = |s: usize| Layout::from_size_align(s, 8).unwrap();
     let mut live: Vec<(*mut u8, usize)> =
@@ -256,6 +258,7 @@ fn objects_steady<A: Objects>(a: &mut A, t: &SteadyTrace) -> f64 {
     median(rounds)
 }
 
+#[inline(never)]
 fn objects_hot64<A: Objects>(a: &mut A) -> f64 {
     let layout = Layout::from_size_align(64, 8).unwrap();
     let mut rounds = Vec::new();
@@ -270,6 +273,7 @@ fn objects_hot64<A: Objects>(a: &mut A) -> f64 {
     median(rounds)
 }
 
+#[inline(never)]
 fn pages_steady<P: Pages>(p: &mut P, t: &SteadyTrace) -> f64 {
     let mut live: Vec<usize> = t.initial.iter().map(|_| p.alloc_page()).collect();
     let mut rounds = Vec::new();
@@ -288,6 +292,7 @@ fn pages_steady<P: Pages>(p: &mut P, t: &SteadyTrace) -> f64 {
     median(rounds)
 }
 
+#[inline(never)]
 fn pages_hot<P: Pages>(p: &mut P) -> f64 {
     let mut rounds = Vec::new();
     for _ in 0..ROUNDS {

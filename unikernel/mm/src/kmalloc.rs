@@ -45,16 +45,41 @@ const SIZE_INDEX: [u8; 24] = [
 /// the stride equals the size); 96 and 192 are only 32- and 64-aligned.
 #[inline(always)]
 pub fn size_class(size: usize, align: usize) -> Option<usize> {
-    if align <= 8 {
-        if size <= 192 {
-            return Some(SIZE_INDEX[size.saturating_sub(1) / 8] as usize);
-        }
-    } else if align > PAGE_SIZE as usize {
-        return None;
+    if align > 8 {
+        return aligned_class(size, align);
     }
-    let size = size.max(align).max(8);
     if size > KMALLOC_MAX_CACHE_SIZE {
         return None;
+    }
+    // Both answers, then a select: whether a size is at most 192 is a coin
+    // toss for a mixed workload, and a mispredicted branch costs more than
+    // the table read and the bit scan together.
+    let by_table = SIZE_INDEX[(size.saturating_sub(1) / 8).min(SIZE_INDEX.len() - 1)] as usize;
+    let by_log = (usize::BITS - size.saturating_sub(1).leading_zeros()) as usize;
+    Some(core::hint::select_unpredictable(
+        size <= 192,
+        by_table,
+        by_log.saturating_sub(1),
+    ))
+}
+
+/// [`size_class`] for alignments beyond 8 bytes: the smallest class at
+/// least as large as both, the odd classes only where they are aligned
+/// enough.
+fn aligned_class(size: usize, align: usize) -> Option<usize> {
+    if align > PAGE_SIZE as usize {
+        return None;
+    }
+    let size = size.max(align);
+    if size > KMALLOC_MAX_CACHE_SIZE {
+        return None;
+    }
+    if size <= 192 {
+        let class = SIZE_INDEX[(size - 1) / 8] as usize;
+        let bytes = KMALLOC_SIZES[class];
+        if bytes & bytes.wrapping_neg() >= align {
+            return Some(class);
+        }
     }
     // Classes 8,16,32,64 are 0..=3; 128 is 5; 256.. are 7..
     let log = usize::BITS - (size - 1).leading_zeros();
@@ -233,6 +258,11 @@ mod tests {
                     natural >= align.min(8) && (align <= 8 || natural % align == 0),
                     "size {size} align {align} -> {class}"
                 );
+                // The smallest such class: no smaller one holds the size
+                // at the alignment.
+                let holds = |k: usize| k >= size && (k & k.wrapping_neg()) >= align;
+                let smaller_fits = KMALLOC_SIZES[..c].iter().any(|&k| holds(k));
+                assert!(!smaller_fits, "size {size} align {align} -> {class}");
             }
         }
         assert_eq!(size_class(8193, 8), None);
