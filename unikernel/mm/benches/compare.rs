@@ -5,7 +5,8 @@
 //! of operations. A workload is timed over several rounds and the median
 //! round is reported, so a noisy moment on the machine does not decide a
 //! ratio. Each timed loop is a function of its own, never inlined into
-//! `main`, so the rest of `main` does not decide where its code lands. `--json` prints one JSON array of rows for scripts.
+//! `main`, so the rest of `main` does not decide where its code lands.
+//! `--json` prints one JSON array of rows for scripts.
 
 use buddy_system_allocator::{FrameAllocator, Heap};
 use memd_mm::HostMm;
