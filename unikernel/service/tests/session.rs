@@ -865,8 +865,9 @@ fn output_is_bounded_and_the_rest_of_the_input_waits() {
     // budget may end it after the first), the rest untouched.
     assert!(taken == read.len() * 2 || taken == read.len(), "{taken}");
     assert!(out.len() < (100 << 10) + (65 << 10));
-    out.clear();
-    // The rest, in as many turns as the budget makes of it.
+    // The rest, in as many turns as the budget makes of it (a slow turn
+    // may leave even the taken reads' replies for later turns: the clock
+    // is the host's).
     let mut taken2 = 0;
     for _ in 0..100 {
         let (n, _) =
@@ -878,7 +879,6 @@ fn output_is_bounded_and_the_rest_of_the_input_waits() {
         }
     }
     assert_eq!(taken + taken2, input.len());
-    let rest = 8 - taken / read.len();
     let mut dec = FrameDecoder::new();
     let mut o = &out[..];
     let mut n = 0;
@@ -888,7 +888,7 @@ fn output_is_bounded_and_the_rest_of_the_input_waits() {
         );
         n += 1;
     }
-    assert_eq!(n, rest, "every request answered once, in order");
+    assert_eq!(n, 8, "every request answered once, in order");
 }
 
 #[test]
